@@ -1,0 +1,19 @@
+//! Domain types and rules of picloud-router, shared by every other crate.
+//!
+//! Architecture invariant: this crate does no I/O. It has no database driver, no NATS client and
+//! no HTTP server in its dependency tree; everything here is a pure function of its inputs (the
+//! clock and the random generator aside, for ids, jitter and token secrets).
+
+pub mod auth;
+pub mod config;
+pub mod names;
+pub mod pattern;
+pub mod protocol;
+pub mod retry;
+pub mod token;
+
+pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
+pub use config::{ConfigError, TriggerConfig};
+pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueName, TopicName, TriggerName};
+pub use pattern::{CollectionPattern, collection_matches};
+pub use retry::{RetryOverrides, RetryPolicy};

@@ -1,0 +1,567 @@
+//! The NATS protocol of DESIGN §6 in one place: subjects and queue groups, the CloudEvents
+//! envelope with its `picloud…` attributes, and the answer headers.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The default subject prefix.
+pub const DEFAULT_PREFIX: &str = "picloud";
+
+/// Header with a handler's answer: `ok`, `retry` or `fail` (ingest answers `ok` or `error`).
+pub const STATUS_HEADER: &str = "Picloud-Status";
+/// Header with a handler's error text.
+pub const ERROR_HEADER: &str = "Picloud-Error";
+/// Header with the delay a handler asks for before the next attempt, in milliseconds.
+pub const RETRY_AFTER_HEADER: &str = "Picloud-Retry-After-Ms";
+/// The one header of a delivery.
+pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
+/// The content type of a delivery: structured-mode CloudEvents.
+pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// The header that carries the bearer token of an ingest request.
+pub const AUTHORIZATION_HEADER: &str = "Authorization";
+
+/// What a trigger fires on (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum TriggerKind {
+    Kv,
+    Pubsub,
+    Queue,
+    Cron,
+    DeadLetter,
+    Http,
+}
+
+impl TriggerKind {
+    /// Every trigger kind.
+    pub const ALL: [TriggerKind; 6] = [
+        TriggerKind::Kv,
+        TriggerKind::Pubsub,
+        TriggerKind::Queue,
+        TriggerKind::Cron,
+        TriggerKind::DeadLetter,
+        TriggerKind::Http,
+    ];
+
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        EventKind::from(self).as_str()
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<TriggerKind> {
+        TriggerKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// What an outbox row delivers: a trigger kind's event, or an email for the built-in executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum EventKind {
+    Kv,
+    Pubsub,
+    Queue,
+    Cron,
+    DeadLetter,
+    Http,
+    Email,
+}
+
+impl EventKind {
+    /// Every event kind.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Kv,
+        EventKind::Pubsub,
+        EventKind::Queue,
+        EventKind::Cron,
+        EventKind::DeadLetter,
+        EventKind::Http,
+        EventKind::Email,
+    ];
+
+    /// The wire and storage name (`picloudkind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Kv => "kv",
+            EventKind::Pubsub => "pubsub",
+            EventKind::Queue => "queue",
+            EventKind::Cron => "cron",
+            EventKind::DeadLetter => "dead_letter",
+            EventKind::Http => "http",
+            EventKind::Email => "email",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl From<TriggerKind> for EventKind {
+    fn from(kind: TriggerKind) -> Self {
+        match kind {
+            TriggerKind::Kv => EventKind::Kv,
+            TriggerKind::Pubsub => EventKind::Pubsub,
+            TriggerKind::Queue => EventKind::Queue,
+            TriggerKind::Cron => EventKind::Cron,
+            TriggerKind::DeadLetter => EventKind::DeadLetter,
+            TriggerKind::Http => EventKind::Http,
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for TriggerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// CloudEvents `type` values.
+pub mod event_type {
+    /// A KV put.
+    pub const KV_PUT: &str = "picloud.kv.put";
+    /// A KV delete.
+    pub const KV_DELETE: &str = "picloud.kv.delete";
+    /// A pubsub message.
+    pub const PUBSUB_MESSAGE: &str = "picloud.pubsub.message";
+    /// A queued job.
+    pub const QUEUE_JOB: &str = "picloud.queue.job";
+    /// A cron tick.
+    pub const CRON_TICK: &str = "picloud.cron.tick";
+    /// A dead letter was created.
+    pub const DEAD_LETTER_CREATED: &str = "picloud.dead_letter.created";
+    /// A sync invocation.
+    pub const HTTP_INVOKE: &str = "picloud.http.invoke";
+    /// An email for the built-in executor.
+    pub const EMAIL_SEND: &str = "picloud.email.send";
+}
+
+/// CloudEvents `source` values.
+pub mod source {
+    /// `/apps/<app>/kv/<collection>`
+    pub fn kv(app: &str, collection: &str) -> String {
+        format!("/apps/{app}/kv/{collection}")
+    }
+    /// `/apps/<app>/topics/<topic>`
+    pub fn topic(app: &str, topic: &str) -> String {
+        format!("/apps/{app}/topics/{topic}")
+    }
+    /// `/apps/<app>/queues/<queue>`
+    pub fn queue(app: &str, queue: &str) -> String {
+        format!("/apps/{app}/queues/{queue}")
+    }
+    /// `/apps/<app>/triggers/<trigger>` (cron ticks and sync invocations)
+    pub fn trigger(app: &str, trigger: &str) -> String {
+        format!("/apps/{app}/triggers/{trigger}")
+    }
+    /// `/apps/<app>/dead-letters`
+    pub fn dead_letters(app: &str) -> String {
+        format!("/apps/{app}/dead-letters")
+    }
+    /// `/apps/<app>/emails`
+    pub fn emails(app: &str) -> String {
+        format!("/apps/{app}/emails")
+    }
+}
+
+/// A handler's answer (`Picloud-Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyStatus {
+    /// Done: the delivery is deleted (a sync caller gets the body).
+    Ok,
+    /// Try again later, with backoff or the given retry-after.
+    Retry,
+    /// A permanent error: dead-letter at once.
+    Fail,
+}
+
+impl ReplyStatus {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyStatus::Ok => "ok",
+            ReplyStatus::Retry => "retry",
+            ReplyStatus::Fail => "fail",
+        }
+    }
+
+    /// Parses the header value (ASCII case-insensitive).
+    pub fn parse(s: &str) -> Option<ReplyStatus> {
+        [ReplyStatus::Ok, ReplyStatus::Retry, ReplyStatus::Fail]
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+/// What an ingest request asks for, parsed from its subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestOp {
+    /// `…kv.put`
+    KvPut,
+    /// `…kv.delete`
+    KvDelete,
+    /// `…pubsub.<topic>` (the topic may hold dots)
+    Pubsub(String),
+    /// `…queue.<queue>` (the queue may hold dots)
+    Queue(String),
+}
+
+/// The subjects and queue groups of one deployment, under its prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self { prefix: DEFAULT_PREFIX.to_owned() }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix`: one or more dot-separated tokens of `[A-Za-z0-9_-]`.
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        let valid = prefix
+            .split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        if valid {
+            Ok(Self { prefix: prefix.to_owned() })
+        } else {
+            Err(format!(
+                "invalid subject prefix {prefix:?}: expected dot-separated tokens of A-Z, a-z, 0-9, '_' and '-'"
+            ))
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>.v1.handle.<app>.<handler>`: where a function handler's deliveries go.
+    pub fn handle(&self, app: &str, handler: &str) -> String {
+        format!("{}.v1.handle.{app}.{handler}", self.prefix)
+    }
+
+    /// `<prefix>.<app>.<handler>`: the queue group a function handler's instances share.
+    pub fn handle_queue_group(&self, app: &str, handler: &str) -> String {
+        format!("{}.{app}.{handler}", self.prefix)
+    }
+
+    /// `<prefix>.v1.handle.<app>.>`: every delivery of one app (for tenant permissions).
+    pub fn handle_app_wildcard(&self, app: &str) -> String {
+        format!("{}.v1.handle.{app}.>", self.prefix)
+    }
+
+    /// `<prefix>.v1.builtin.webhook`, also its queue group.
+    pub fn builtin_webhook(&self) -> String {
+        format!("{}.v1.builtin.webhook", self.prefix)
+    }
+
+    /// `<prefix>.v1.builtin.email`, also its queue group.
+    pub fn builtin_email(&self) -> String {
+        format!("{}.v1.builtin.email", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest.<app>.kv.put`
+    pub fn ingest_kv_put(&self, app: &str) -> String {
+        format!("{}.v1.ingest.{app}.kv.put", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest.<app>.kv.delete`
+    pub fn ingest_kv_delete(&self, app: &str) -> String {
+        format!("{}.v1.ingest.{app}.kv.delete", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest.<app>.pubsub.<topic>`
+    pub fn ingest_pubsub(&self, app: &str, topic: &str) -> String {
+        format!("{}.v1.ingest.{app}.pubsub.{topic}", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest.<app>.queue.<queue>`
+    pub fn ingest_queue(&self, app: &str, queue: &str) -> String {
+        format!("{}.v1.ingest.{app}.queue.{queue}", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest.>`: what the router's ingest consumers subscribe to.
+    pub fn ingest_wildcard(&self) -> String {
+        format!("{}.v1.ingest.>", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest.<app>.>`: one app's ingest (for tenant permissions).
+    pub fn ingest_app_wildcard(&self, app: &str) -> String {
+        format!("{}.v1.ingest.{app}.>", self.prefix)
+    }
+
+    /// `<prefix>.v1.ingest`: the queue group of the router's ingest consumers.
+    pub fn ingest_queue_group(&self) -> String {
+        format!("{}.v1.ingest", self.prefix)
+    }
+
+    /// Splits an ingest subject into the app slug (unchecked) and the operation.
+    pub fn parse_ingest<'s>(&self, subject: &'s str) -> Option<(&'s str, IngestOp)> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".v1.ingest.")?;
+        let (app, op) = rest.split_once('.')?;
+        let op = match op {
+            "kv.put" => IngestOp::KvPut,
+            "kv.delete" => IngestOp::KvDelete,
+            _ => {
+                if let Some(topic) = op.strip_prefix("pubsub.") {
+                    IngestOp::Pubsub(topic.to_owned())
+                } else if let Some(queue) = op.strip_prefix("queue.") {
+                    IngestOp::Queue(queue.to_owned())
+                } else {
+                    return None;
+                }
+            }
+        };
+        Some((app, op))
+    }
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds (`2026-11-28T10:00:00.123Z`).
+pub fn rfc3339_millis(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// A delivery as it goes out: the CloudEvents envelope, borrowing its parts (serialize only).
+#[derive(Debug, Serialize)]
+pub struct EnvelopeRef<'a> {
+    /// Always `1.0`.
+    pub specversion: &'static str,
+    /// The delivery id, stable across attempts.
+    pub id: Uuid,
+    /// `picloud.<kind>.<action>`.
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+    /// Where the event happened.
+    pub source: &'a str,
+    /// The KV key, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<&'a str>,
+    /// When the event happened (RFC 3339).
+    pub time: &'a str,
+    /// Always `application/json`.
+    pub datacontenttype: &'static str,
+    /// The event data, verbatim.
+    pub data: &'a RawValue,
+    /// 1, 2, …
+    pub picloudattempt: u32,
+    /// The app slug.
+    pub picloudapp: &'a str,
+    /// The event kind.
+    pub picloudkind: &'a str,
+    /// The trigger's name (absent for email).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub picloudtrigger: Option<&'a str>,
+    /// The trigger's id (absent for email).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub picloudtriggerid: Option<Uuid>,
+    /// The event's depth.
+    pub piclouddepth: u32,
+    /// The registering principal (absent for email).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub picloudprincipal: Option<Uuid>,
+    /// The delivery token (absent for email, and stripped before a webhook POST).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub picloudtoken: Option<&'a str>,
+    /// Unix milliseconds by which the answer must arrive.
+    pub piclouddeadline: i64,
+}
+
+/// A delivery as a handler receives it: the CloudEvents envelope, owned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// The delivery id, stable across attempts: the idempotency key.
+    pub id: Uuid,
+    /// `picloud.<kind>.<action>`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Where the event happened.
+    pub source: String,
+    /// The KV key, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// When the event happened (RFC 3339).
+    pub time: String,
+    /// `application/json`.
+    pub datacontenttype: String,
+    /// The event data.
+    pub data: Box<RawValue>,
+    /// 1, 2, …
+    pub picloudattempt: u32,
+    /// The app slug.
+    pub picloudapp: String,
+    /// The event kind.
+    pub picloudkind: String,
+    /// The trigger's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picloudtrigger: Option<String>,
+    /// The trigger's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picloudtriggerid: Option<Uuid>,
+    /// The event's depth.
+    pub piclouddepth: u32,
+    /// The registering principal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picloudprincipal: Option<Uuid>,
+    /// The delivery token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picloudtoken: Option<String>,
+    /// Unix milliseconds by which the answer must arrive.
+    pub piclouddeadline: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn subjects_and_queue_groups_follow_the_design() {
+        let s = Subjects::default();
+        assert_eq!(s.handle("shop", "process-order"), "picloud.v1.handle.shop.process-order");
+        assert_eq!(s.handle_queue_group("shop", "process-order"), "picloud.shop.process-order");
+        assert_eq!(s.builtin_webhook(), "picloud.v1.builtin.webhook");
+        assert_eq!(s.builtin_email(), "picloud.v1.builtin.email");
+        assert_eq!(s.ingest_kv_put("shop"), "picloud.v1.ingest.shop.kv.put");
+        assert_eq!(s.ingest_kv_delete("shop"), "picloud.v1.ingest.shop.kv.delete");
+        assert_eq!(s.ingest_pubsub("shop", "news"), "picloud.v1.ingest.shop.pubsub.news");
+        assert_eq!(s.ingest_queue("shop", "mail"), "picloud.v1.ingest.shop.queue.mail");
+        assert_eq!(Subjects::new("acme.prod").unwrap().handle("a", "h"), "acme.prod.v1.handle.a.h");
+    }
+
+    #[test]
+    fn a_prefix_with_wildcards_or_empty_tokens_is_refused() {
+        for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
+            assert!(Subjects::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ingest_subjects_parse_into_app_and_operation() {
+        let s = Subjects::default();
+        assert_eq!(s.parse_ingest("picloud.v1.ingest.shop.kv.put"), Some(("shop", IngestOp::KvPut)));
+        assert_eq!(s.parse_ingest("picloud.v1.ingest.shop.kv.delete"), Some(("shop", IngestOp::KvDelete)));
+        assert_eq!(
+            s.parse_ingest("picloud.v1.ingest.shop.pubsub.news.eu"),
+            Some(("shop", IngestOp::Pubsub("news.eu".into())))
+        );
+        assert_eq!(
+            s.parse_ingest("picloud.v1.ingest.shop.queue.mail"),
+            Some(("shop", IngestOp::Queue("mail".into())))
+        );
+        assert_eq!(s.parse_ingest("picloud.v1.ingest.shop.kv.get"), None);
+        assert_eq!(s.parse_ingest("other.v1.ingest.shop.kv.put"), None);
+    }
+
+    #[test]
+    fn kinds_round_trip_their_names() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        for kind in TriggerKind::ALL {
+            assert_eq!(TriggerKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(TriggerKind::parse("email"), None);
+    }
+
+    #[test]
+    fn reply_statuses_parse_case_insensitively() {
+        assert_eq!(ReplyStatus::parse("ok"), Some(ReplyStatus::Ok));
+        assert_eq!(ReplyStatus::parse("RETRY"), Some(ReplyStatus::Retry));
+        assert_eq!(ReplyStatus::parse(" fail "), Some(ReplyStatus::Fail));
+        assert_eq!(ReplyStatus::parse("maybe"), None);
+    }
+
+    #[test]
+    fn an_envelope_carries_every_attribute_and_reads_back() {
+        let data = RawValue::from_string(r#"{"key":"o-1","op":"put"}"#.into()).unwrap();
+        let id = Uuid::now_v7();
+        let time =
+            rfc3339_millis(OffsetDateTime::from_unix_timestamp_nanos(1_764_324_000_123_000_000).unwrap());
+        assert_eq!(time, "2025-11-28T10:00:00.123Z");
+        let out = EnvelopeRef {
+            specversion: "1.0",
+            id,
+            event_type: event_type::KV_PUT,
+            source: "/apps/shop/kv/orders:eu",
+            subject: Some("o-1"),
+            time: &time,
+            datacontenttype: "application/json",
+            data: &data,
+            picloudattempt: 2,
+            picloudapp: "shop",
+            picloudkind: "kv",
+            picloudtrigger: Some("on-order"),
+            picloudtriggerid: Some(id),
+            piclouddepth: 1,
+            picloudprincipal: Some(id),
+            picloudtoken: Some("pdt_x"),
+            piclouddeadline: 42,
+        };
+        let json: serde_json::Value = serde_json::to_value(&out).unwrap();
+        for attr in [
+            "specversion",
+            "id",
+            "type",
+            "source",
+            "subject",
+            "time",
+            "datacontenttype",
+            "data",
+            "picloudattempt",
+            "picloudapp",
+            "picloudkind",
+            "picloudtrigger",
+            "picloudtriggerid",
+            "piclouddepth",
+            "picloudprincipal",
+            "picloudtoken",
+            "piclouddeadline",
+        ] {
+            assert!(json.get(attr).is_some(), "missing {attr}");
+        }
+        let back: Envelope = serde_json::from_value(json).unwrap();
+        assert_eq!(back.id, id);
+        assert_eq!(back.data.get(), data.get());
+        assert_eq!(back.picloudattempt, 2);
+    }
+
+    proptest! {
+        #[test]
+        fn every_handle_subject_has_exactly_five_tokens_for_valid_names(
+            app in "[a-z][a-z0-9-]{0,20}", handler in "[a-z0-9][a-z0-9_-]{0,20}"
+        ) {
+            let subject = Subjects::default().handle(&app, &handler);
+            prop_assert_eq!(subject.split('.').count(), 5);
+            prop_assert!(!subject.contains(['*', '>', ' ']));
+        }
+    }
+}

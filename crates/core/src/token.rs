@@ -1,0 +1,197 @@
+//! Secrets that travel: API bearer tokens (`pcr_…`, stored only as SHA-256 hashes) and delivery
+//! tokens (`pdt_…`, HMAC-signed by the relay, verified by the API).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::auth::ScopeSet;
+
+/// The prefix of every API token.
+pub const API_TOKEN_PREFIX: &str = "pcr_";
+/// The prefix of every delivery token.
+pub const DELIVERY_TOKEN_PREFIX: &str = "pdt_";
+
+/// A fresh API token: `pcr_` + 32 random bytes, base64url. Shown once, stored as its hash.
+pub fn generate_api_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{API_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The SHA-256 of a token, the only form in which the store keeps it.
+pub fn hash_api_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// What a delivery token grants: act as `principal` on `app`, writing events of `depth`, with
+/// `scopes`, until `deadline_ms` (unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryToken {
+    /// The trigger's registering principal.
+    pub principal: Uuid,
+    /// The app the delivery belongs to.
+    pub app: Uuid,
+    /// The depth of events written with this token (the delivery's depth + 1).
+    pub depth: u32,
+    /// Unix milliseconds after which the token is refused.
+    pub deadline_ms: i64,
+    /// The principal's scopes on the app when the delivery was made.
+    pub scopes: ScopeSet,
+}
+
+/// Why a delivery token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Not a delivery token at all.
+    #[error("malformed delivery token")]
+    Malformed,
+    /// Signed with another key, or altered.
+    #[error("delivery token signature does not verify")]
+    BadSignature,
+    /// Past its deadline.
+    #[error("delivery token expired")]
+    Expired,
+}
+
+const VERSION: u8 = 1;
+const PAYLOAD_LEN: usize = 1 + 16 + 16 + 4 + 8 + 1;
+
+/// The key delivery tokens are signed and verified with (`PICLOUD_TOKEN_SECRET`).
+#[derive(Clone)]
+pub struct TokenKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
+impl TokenKey {
+    /// A key from the secret's bytes.
+    pub fn new(secret: &[u8]) -> Self {
+        Self(Hmac::new_from_slice(secret).expect("HMAC accepts keys of any length"))
+    }
+
+    fn mac(&self, payload: &[u8]) -> [u8; 32] {
+        let mut mac = self.0.clone();
+        mac.update(payload);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Signs `token` into its `pdt_…` text.
+    pub fn sign(&self, token: &DeliveryToken) -> String {
+        let mut payload = [0u8; PAYLOAD_LEN];
+        payload[0] = VERSION;
+        payload[1..17].copy_from_slice(token.principal.as_bytes());
+        payload[17..33].copy_from_slice(token.app.as_bytes());
+        payload[33..37].copy_from_slice(&token.depth.to_be_bytes());
+        payload[37..45].copy_from_slice(&token.deadline_ms.to_be_bytes());
+        payload[45] = token.scopes.bits();
+        let mac = self.mac(&payload);
+        let mut out = String::with_capacity(4 + 62 + 1 + 43);
+        out.push_str(DELIVERY_TOKEN_PREFIX);
+        URL_SAFE_NO_PAD.encode_string(payload, &mut out);
+        out.push('.');
+        URL_SAFE_NO_PAD.encode_string(mac, &mut out);
+        out
+    }
+
+    /// Verifies a `pdt_…` text at `now_ms`, returning what it grants.
+    pub fn verify(&self, text: &str, now_ms: i64) -> Result<DeliveryToken, TokenError> {
+        let body = text.strip_prefix(DELIVERY_TOKEN_PREFIX).ok_or(TokenError::Malformed)?;
+        let (payload, mac) = body.split_once('.').ok_or(TokenError::Malformed)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed)?;
+        let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| TokenError::Malformed)?;
+        if payload.len() != PAYLOAD_LEN || payload[0] != VERSION {
+            return Err(TokenError::Malformed);
+        }
+        let mut check = self.0.clone();
+        check.update(&payload);
+        check.verify_slice(&mac).map_err(|_| TokenError::BadSignature)?;
+        let field = |range: std::ops::Range<usize>| &payload[range];
+        let token = DeliveryToken {
+            principal: Uuid::from_slice(field(1..17)).map_err(|_| TokenError::Malformed)?,
+            app: Uuid::from_slice(field(17..33)).map_err(|_| TokenError::Malformed)?,
+            depth: u32::from_be_bytes(field(33..37).try_into().map_err(|_| TokenError::Malformed)?),
+            deadline_ms: i64::from_be_bytes(field(37..45).try_into().map_err(|_| TokenError::Malformed)?),
+            scopes: ScopeSet::from_bits(payload[45]),
+        };
+        if token.deadline_ms < now_ms {
+            return Err(TokenError::Expired);
+        }
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Role, Scope};
+
+    fn sample() -> DeliveryToken {
+        DeliveryToken {
+            principal: Uuid::now_v7(),
+            app: Uuid::now_v7(),
+            depth: 3,
+            deadline_ms: 1_764_324_030_123,
+            scopes: ScopeSet::for_role(Role::Developer),
+        }
+    }
+
+    #[test]
+    fn a_signed_token_verifies_to_what_was_signed() {
+        let key = TokenKey::new(b"secret");
+        let token = sample();
+        let text = key.sign(&token);
+        assert!(text.starts_with("pdt_"));
+        assert_eq!(key.verify(&text, token.deadline_ms), Ok(token));
+    }
+
+    #[test]
+    fn a_token_past_its_deadline_is_refused() {
+        let key = TokenKey::new(b"secret");
+        let token = sample();
+        assert_eq!(key.verify(&key.sign(&token), token.deadline_ms + 1), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_token_signed_with_another_key_is_refused() {
+        let text = TokenKey::new(b"other").sign(&sample());
+        assert_eq!(TokenKey::new(b"secret").verify(&text, 0), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn an_altered_token_is_refused() {
+        let key = TokenKey::new(b"secret");
+        let mut token = sample();
+        let text = key.sign(&token);
+        token.depth = 0;
+        let forged_payload = key.sign(&token);
+        let spliced =
+            format!("{}.{}", forged_payload.split_once('.').unwrap().0, text.split_once('.').unwrap().1);
+        assert_eq!(key.verify(&spliced, 0), Err(TokenError::BadSignature));
+        for junk in ["", "pdt_", "pdt_abc", "pcr_abc.def", "pdt_!!!.???"] {
+            assert_eq!(key.verify(junk, 0), Err(TokenError::Malformed), "{junk}");
+        }
+    }
+
+    #[test]
+    fn scopes_survive_the_round_trip() {
+        let key = TokenKey::new(b"k");
+        let token = DeliveryToken { scopes: ScopeSet::EMPTY.with(Scope::AppPublish), ..sample() };
+        assert_eq!(key.verify(&key.sign(&token), 0).unwrap().scopes, token.scopes);
+    }
+
+    #[test]
+    fn api_tokens_are_prefixed_random_and_hashed_to_32_bytes() {
+        let a = generate_api_token();
+        let b = generate_api_token();
+        assert!(a.starts_with("pcr_") && a.len() == 4 + 43, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(hash_api_token(&a), hash_api_token(&a));
+        assert_ne!(hash_api_token(&a), hash_api_token(&b));
+    }
+}
