@@ -1,0 +1,29 @@
+//! Throwaway PostgreSQL and nats-server processes for tests and benchmarks, and the launchers
+//! the `dev` command reuses.
+//!
+//! - [`PgServer`]: a PostgreSQL server on a free loopback port, in a temp dir (or a persistent
+//!   dir for `dev`); [`TestDatabase`]: a fresh database per test on a server shared by the
+//!   test process.
+//! - [`NatsServer`] and [`NatsCluster`]: one nats-server, or n of them routed together.
+//!
+//! Every server is forked by one long-lived spawner thread with a parent-death signal, so it
+//! dies with the process that started it even if that process is killed; its temp dir lives
+//! under `temp_dir()/picloud-testkit/` and is named after the owning pid, so dirs of killed
+//! processes are removed by the next process that uses the testkit.
+
+// `pre_exec` (to set the parent-death signal), signals, `getpwnam_r` and `atexit` need libc
+// calls; all of them are in `sys`, each with its `SAFETY` comment.
+#![allow(unsafe_code)]
+
+mod binaries;
+mod error;
+mod nats;
+mod pg;
+mod process;
+mod sys;
+mod testdb;
+
+pub use error::{Error, Result};
+pub use nats::{NatsCluster, NatsServer};
+pub use pg::{PgOptions, PgServer};
+pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};

@@ -1,0 +1,32 @@
+//! Integration tests of the testkit: real PostgreSQL and nats-server processes.
+
+mod nats;
+mod pg;
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` every 20 ms until it holds, failing after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The effective uid of process `pid`, from `/proc/<pid>/status`.
+pub fn effective_uid(pid: u32) -> anyhow::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("Uid:"))
+        .ok_or_else(|| anyhow::anyhow!("no Uid line in /proc/{pid}/status"))?;
+    let effective =
+        line.split_whitespace().nth(2).ok_or_else(|| anyhow::anyhow!("malformed Uid line: {line}"))?;
+    Ok(effective.parse()?)
+}
