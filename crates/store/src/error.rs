@@ -1,0 +1,81 @@
+//! The store's error type.
+
+use uuid::Uuid;
+
+/// What a repository call can fail with. Domain failures are named; driver failures are wrapped
+/// and never shown to API callers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No app with this slug or id.
+    #[error("app {0} not found")]
+    AppNotFound(String),
+    /// An app with this slug exists already.
+    #[error("an app with slug {0} exists already")]
+    DuplicateApp(String),
+    /// No principal with this id.
+    #[error("principal {0} not found")]
+    PrincipalNotFound(Uuid),
+    /// No token with this id.
+    #[error("token {0} not found")]
+    TokenNotFound(Uuid),
+    /// No trigger with this name in the app.
+    #[error("trigger {0} not found")]
+    TriggerNotFound(String),
+    /// The app has a trigger with this name already.
+    #[error("a trigger named {0} exists already in this app")]
+    DuplicateTrigger(String),
+    /// The queue has a trigger already.
+    #[error("queue {0} has a trigger already")]
+    QueueTaken(String),
+    /// A trigger refers to a principal that does not exist.
+    #[error("principal {0} does not exist")]
+    UnknownPrincipal(Uuid),
+    /// No dead letter with this id in the app.
+    #[error("dead letter {0} not found")]
+    DeadLetterNotFound(Uuid),
+    /// An `If-Match` version did not match.
+    #[error("version mismatch: expected {expected}, current {current:?}")]
+    VersionMismatch {
+        /// The version the caller expected.
+        expected: i64,
+        /// The version there is (None: the key does not exist).
+        current: Option<i64>,
+    },
+    /// A delivery with this idempotency key exists already (for a plain insert).
+    #[error("a delivery with idempotency key {0:?} exists already")]
+    DuplicateIdempotencyKey(String),
+    /// A stored value could not be read back (a bug or a hand-edited row).
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Error {
+    /// Whether trying again may succeed (connection trouble, serialization failures).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => match e {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Database(db) => {
+                    matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "08006" | "08003"))
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// The store's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,346 @@
+//! Repository traits of picloud-router, with a Postgres implementation ([`PgStore`], sqlx) and an
+//! in-memory one ([`MemStore`]); one conformance suite (`tests/it/conformance.rs`) runs against
+//! both, and the in-memory store exists only because it passes it.
+//!
+//! Writes that must commit together with other writes (a KV change and its outbox rows, a dead
+//! letter and its dead-letter-trigger deliveries) take the caller's transaction `&mut Self::Tx`;
+//! for [`PgStore`] that is a plain `sqlx::Transaction<'static, Postgres>`, so an application sharing
+//! the database can pass its own. Reads and the relay's single-statement paths (claim) use the
+//! store's own connections.
+
+use std::future::Future;
+use std::time::Duration;
+
+use picloud_core::Role;
+use picloud_core::names::AppSlug;
+use picloud_core::protocol::EventKind;
+use uuid::Uuid;
+
+mod clock;
+mod error;
+pub mod memory;
+pub mod model;
+pub mod pg;
+
+pub use clock::Clock;
+pub use error::{Error, Result};
+pub use memory::MemStore;
+pub use model::*;
+pub use pg::PgStore;
+
+/// Limits every list: the default page size and the cap (DESIGN §5).
+pub const DEFAULT_PAGE: u32 = 50;
+/// The largest page a list returns.
+pub const MAX_PAGE: u32 = 500;
+
+/// A store with transactions. Dropping a transaction without [`Transactional::commit`] rolls it
+/// back.
+pub trait Transactional: Clone + Send + Sync + 'static {
+    /// An open transaction.
+    type Tx: Send;
+
+    /// Opens a transaction.
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+
+    /// Commits a transaction.
+    fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// The store's clock.
+    fn clock(&self) -> &Clock;
+}
+
+/// A principal's standing on an app, as authorization needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Platform admins satisfy every scope.
+    pub platform_admin: bool,
+    /// The role on the app, if a member.
+    pub role: Option<Role>,
+}
+
+/// Apps, principals, memberships and API tokens: what authentication and authorization read.
+pub trait AuthRepo: Transactional {
+    /// Creates an app. Fails with [`Error::DuplicateApp`] if the slug is taken.
+    fn create_app(&self, slug: &AppSlug) -> impl Future<Output = Result<model::App>> + Send;
+    /// The app with this slug.
+    fn app_by_slug(&self, slug: &str) -> impl Future<Output = Result<Option<model::App>>> + Send;
+    /// The app with this id.
+    fn app_by_id(&self, id: Uuid) -> impl Future<Output = Result<Option<model::App>>> + Send;
+    /// Apps by slug, after `after`: all of them, or those `member` belongs to.
+    fn list_apps(
+        &self,
+        member: Option<Uuid>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<model::Page<model::App>>> + Send;
+    /// Deletes an app and everything of it. Whether it existed.
+    fn delete_app(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+    /// Creates a principal.
+    fn create_principal(
+        &self,
+        name: &str,
+        platform_admin: bool,
+    ) -> impl Future<Output = Result<model::Principal>> + Send;
+    /// The principal with this id.
+    fn principal(&self, id: Uuid) -> impl Future<Output = Result<Option<model::Principal>>> + Send;
+    /// Gives a principal a role on an app (replacing any other role there).
+    fn set_role(
+        &self,
+        app_id: Uuid,
+        principal_id: Uuid,
+        role: Role,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Removes a principal's role on an app. Whether it had one.
+    fn remove_member(&self, app_id: Uuid, principal_id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+    /// A principal's standing on an app; `None` if the principal does not exist.
+    fn standing(
+        &self,
+        app_id: Uuid,
+        principal_id: Uuid,
+    ) -> impl Future<Output = Result<Option<Standing>>> + Send;
+    /// Stores a token (its hash only).
+    fn create_token(
+        &self,
+        token: &model::NewApiToken,
+    ) -> impl Future<Output = Result<model::ApiToken>> + Send;
+    /// The token with this hash and its principal, revoked and expired ones included.
+    fn token_by_hash(
+        &self,
+        hash: &[u8; 32],
+    ) -> impl Future<Output = Result<Option<(model::ApiToken, model::Principal)>>> + Send;
+    /// The token with this id.
+    fn token(&self, id: Uuid) -> impl Future<Output = Result<Option<model::ApiToken>>> + Send;
+    /// Revokes a token. Whether it existed and was not revoked yet.
+    fn revoke_token(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+}
+
+/// A trigger with what the relay needs to deliver for it: the app's slug and the registering
+/// principal's standing on the app.
+#[derive(Debug, Clone)]
+pub struct DeliveryTarget {
+    /// The trigger.
+    pub trigger: model::Trigger,
+    /// Its app's slug.
+    pub app_slug: AppSlug,
+    /// Its registering principal's standing on the app now (`None`: the principal is gone).
+    pub standing: Option<Standing>,
+}
+
+/// Triggers: CRUD and the matching that writes use.
+pub trait TriggerRepo: Transactional {
+    /// Registers a trigger with its kind's details.
+    fn create_trigger(&self, new: &model::NewTrigger) -> impl Future<Output = Result<model::Trigger>> + Send;
+    /// The trigger with this name in the app.
+    fn trigger(
+        &self,
+        app_id: Uuid,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<model::Trigger>>> + Send;
+    /// The app's triggers by name, after `after`.
+    fn list_triggers(
+        &self,
+        app_id: Uuid,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<model::Page<model::Trigger>>> + Send;
+    /// Changes a trigger's enabled flag, handler or retry overrides.
+    fn update_trigger(
+        &self,
+        app_id: Uuid,
+        name: &str,
+        patch: &model::TriggerPatch,
+    ) -> impl Future<Output = Result<model::Trigger>> + Send;
+    /// Deletes a trigger. Whether it existed. Its dead letters stay.
+    fn delete_trigger(&self, app_id: Uuid, name: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Enabled `kv` triggers of the app whose pattern matches `collection` and whose ops hold `op`.
+    fn list_matching_kv(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        collection: &str,
+        op: model::KvOp,
+    ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
+    /// Enabled `pubsub` triggers of the app whose pattern matches `topic`.
+    fn list_matching_pubsub(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        topic: &str,
+    ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
+    /// The `queue` trigger of the app's `queue`, enabled or not.
+    fn queue_trigger(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        queue: &str,
+    ) -> impl Future<Output = Result<Option<model::Trigger>>> + Send;
+    /// Enabled `dead_letter` triggers of the app that select a dead letter of `source_trigger`
+    /// (by name) and `kind`.
+    fn list_matching_dead_letter(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        source_trigger: Option<&str>,
+        kind: EventKind,
+    ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
+    /// The triggers with these ids, with what delivering for them needs; missing ones are left out.
+    fn delivery_targets(&self, ids: &[Uuid]) -> impl Future<Output = Result<Vec<DeliveryTarget>>> + Send;
+}
+
+/// The outbox: one row per delivery.
+pub trait OutboxRepo: Transactional {
+    /// Inserts deliveries in the caller's transaction. A repeated idempotency key fails with
+    /// [`Error::DuplicateIdempotencyKey`].
+    fn insert_deliveries(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[model::NewDelivery],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Inserts one delivery that carries an idempotency key, unless its trigger has a delivery
+    /// with that key already: returns the id that holds the key and whether it is the new row.
+    fn insert_idempotent(
+        &self,
+        tx: &mut Self::Tx,
+        row: &model::NewDelivery,
+    ) -> impl Future<Output = Result<(Uuid, bool)>> + Send;
+    /// Claims up to `batch` due, unleased deliveries, oldest due first, in one statement: counts
+    /// the attempt and leases them to `node` for `lease`. Rows locked by a concurrent claim are
+    /// skipped, never waited for.
+    fn claim_due(
+        &self,
+        batch: u32,
+        lease: Duration,
+        node: &str,
+    ) -> impl Future<Output = Result<Vec<model::ClaimedDelivery>>> + Send;
+    /// Deletes delivered rows.
+    fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
+    /// Schedules failed attempts again, releasing their lease. Rows whose attempt count moved on
+    /// (claimed again after the lease ran out) are left alone.
+    fn reschedule(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[model::Reschedule],
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// How many deliveries still report `dead_letter_id`, other than `except`.
+    fn pending_for_dead_letter(
+        &self,
+        tx: &mut Self::Tx,
+        dead_letter_id: Uuid,
+        except: Uuid,
+    ) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// Dead letters.
+pub trait DeadLetterRepo: Transactional {
+    /// Writes dead letters directly (for events that never reached the outbox, e.g. `max_depth`).
+    fn insert_dead_letters(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[model::NewDeadLetter],
+    ) -> impl Future<Output = Result<Vec<model::DeadLetter>>> + Send;
+    /// Moves deliveries from the outbox into the dead letters; rows whose attempt count moved on
+    /// are left alone. Returns the dead letters written.
+    fn bury(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[model::Bury],
+    ) -> impl Future<Output = Result<Vec<model::DeadLetter>>> + Send;
+    /// One dead letter of the app.
+    fn dead_letter(
+        &self,
+        app_id: Uuid,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<model::DeadLetter>>> + Send;
+    /// The app's dead letters, newest first, after the cursor id.
+    fn list_dead_letters(
+        &self,
+        app_id: Uuid,
+        filter: &model::DeadLetterFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> impl Future<Output = Result<model::Page<model::DeadLetter>>> + Send;
+    /// How many of the app's dead letters are unresolved (the badge).
+    fn unresolved_count(&self, app_id: Uuid) -> impl Future<Output = Result<u64>> + Send;
+    /// Sets a dead letter's resolution, only if it has none yet when `only_unresolved`.
+    /// Returns the dead letter if it changed.
+    fn resolve(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        id: Uuid,
+        resolution: model::Resolution,
+        only_unresolved: bool,
+    ) -> impl Future<Output = Result<Option<model::DeadLetter>>> + Send;
+    /// Deletes up to `batch` resolved dead letters resolved more than `older_than` ago; returns
+    /// how many. Unresolved ones are kept however old.
+    fn gc_dead_letters(&self, older_than: Duration, batch: u32) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// The forensic log of sync results nobody waited for.
+pub trait AbandonedRepo: Transactional {
+    /// Records one.
+    fn insert_abandoned(
+        &self,
+        row: &model::AbandonedExecution,
+    ) -> impl Future<Output = Result<model::AbandonedExecution>> + Send;
+    /// The app's records, newest first, after the cursor id.
+    fn list_abandoned(
+        &self,
+        app_id: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> impl Future<Output = Result<model::Page<model::AbandonedExecution>>> + Send;
+    /// Deletes up to `batch` records older than `older_than`; returns how many.
+    fn gc_abandoned(&self, older_than: Duration, batch: u32) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// KV entries with a version per key.
+pub trait KvRepo: Transactional {
+    /// One entry.
+    fn kv_get(
+        &self,
+        app_id: Uuid,
+        collection: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<model::KvEntry>>> + Send;
+    /// Upserts an entry; with `expected`, only if its current version is that (a key that does
+    /// not exist has no version, so any `expected` fails for it).
+    fn kv_put(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        collection: &str,
+        key: &str,
+        value: &serde_json::Value,
+        expected: Option<i64>,
+    ) -> impl Future<Output = Result<model::KvPutResult>> + Send;
+    /// Deletes an entry, returning it; `None` if it did not exist. With `expected`, only if its
+    /// version is that.
+    fn kv_delete(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        collection: &str,
+        key: &str,
+        expected: Option<i64>,
+    ) -> impl Future<Output = Result<Option<model::KvEntry>>> + Send;
+    /// Entries of a collection by key, those starting with `prefix`, after `after`.
+    fn kv_list(
+        &self,
+        app_id: Uuid,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<model::Page<model::KvEntry>>> + Send;
+}
+
+/// Every repository at once: what the relay, the API and the tests take.
+pub trait Store: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo {}
+
+impl<S: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo> Store for S {}
+
+/// Clamps a requested page size to `1..=MAX_PAGE`, defaulting to [`DEFAULT_PAGE`].
+pub fn page_limit(limit: Option<u32>) -> u32 {
+    limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE)
+}

@@ -1,0 +1,604 @@
+//! The records the repositories read and write.
+
+use picloud_core::names::{AppSlug, CollectionName, HandlerName, KvKey, QueueName, TriggerName};
+use picloud_core::protocol::{EventKind, TriggerKind};
+use picloud_core::{CollectionPattern, RetryOverrides, Role, ScopeSet};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    /// Its id.
+    pub id: Uuid,
+    /// Its unique slug.
+    pub slug: AppSlug,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+}
+
+/// A user or service identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Its id.
+    pub id: Uuid,
+    /// A human-readable name.
+    pub name: String,
+    /// Platform admins satisfy every scope on every app.
+    pub platform_admin: bool,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+}
+
+/// A principal's role on an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The app.
+    pub app_id: Uuid,
+    /// The member.
+    pub principal_id: Uuid,
+    /// Its role there.
+    pub role: Role,
+}
+
+/// A token to mint: the caller generated the secret and passes only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewApiToken {
+    /// The token's id.
+    pub id: Uuid,
+    /// Whom it authenticates.
+    pub principal_id: Uuid,
+    /// SHA-256 of the token text.
+    pub token_hash: [u8; 32],
+    /// The one app it is limited to, if any.
+    pub app_id: Option<Uuid>,
+    /// The scopes it is narrowed to, if any.
+    pub scopes: Option<ScopeSet>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// A stored token (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    /// The token's id.
+    pub id: Uuid,
+    /// Whom it authenticates.
+    pub principal_id: Uuid,
+    /// The one app it is limited to, if any.
+    pub app_id: Option<Uuid>,
+    /// The scopes it is narrowed to, if any.
+    pub scopes: Option<ScopeSet>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<OffsetDateTime>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<OffsetDateTime>,
+    /// When it was minted.
+    pub created_at: OffsetDateTime,
+}
+
+/// A KV operation, as triggers select them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvOp {
+    /// An upsert.
+    Put,
+    /// A delete.
+    Delete,
+}
+
+impl KvOp {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvOp::Put => "put",
+            KvOp::Delete => "delete",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<KvOp> {
+        [KvOp::Put, KvOp::Delete].into_iter().find(|op| op.as_str() == s)
+    }
+}
+
+/// Where a trigger's deliveries go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handler {
+    /// A function served by the app's workers over NATS.
+    Function(HandlerName),
+    /// A webhook, POSTed by the built-in executor and signed with the secret.
+    Webhook {
+        /// The URL.
+        url: String,
+        /// The `whsec_…` signing secret.
+        secret: String,
+    },
+}
+
+/// The kind of a trigger with its kind-specific fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TriggerSpec {
+    /// KV puts/deletes in matching collections.
+    Kv {
+        /// The collection pattern.
+        collection: CollectionPattern,
+        /// The operations that fire it (not empty).
+        ops: Vec<KvOp>,
+    },
+    /// Messages on matching topics.
+    Pubsub {
+        /// The topic pattern.
+        topic: CollectionPattern,
+    },
+    /// Jobs on one queue.
+    Queue {
+        /// The queue.
+        queue: QueueName,
+    },
+    /// Schedule ticks.
+    Cron {
+        /// A 5-field cron expression.
+        schedule: String,
+        /// An IANA time zone.
+        timezone: String,
+    },
+    /// Dead letters created in the app.
+    DeadLetter {
+        /// Only dead letters of this trigger, when given.
+        source_trigger: Option<TriggerName>,
+        /// Only dead letters of these kinds, when given.
+        source_kinds: Option<Vec<EventKind>>,
+    },
+    /// Sync invocations.
+    Http,
+}
+
+impl TriggerSpec {
+    /// The trigger kind.
+    pub fn kind(&self) -> TriggerKind {
+        match self {
+            TriggerSpec::Kv { .. } => TriggerKind::Kv,
+            TriggerSpec::Pubsub { .. } => TriggerKind::Pubsub,
+            TriggerSpec::Queue { .. } => TriggerKind::Queue,
+            TriggerSpec::Cron { .. } => TriggerKind::Cron,
+            TriggerSpec::DeadLetter { .. } => TriggerKind::DeadLetter,
+            TriggerSpec::Http => TriggerKind::Http,
+        }
+    }
+}
+
+/// A trigger to register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTrigger {
+    /// Its id.
+    pub id: Uuid,
+    /// Its app.
+    pub app_id: Uuid,
+    /// Its name, unique within the app.
+    pub name: TriggerName,
+    /// What fires it.
+    pub spec: TriggerSpec,
+    /// Where its deliveries go.
+    pub handler: Handler,
+    /// Its retry overrides.
+    pub retry: RetryOverrides,
+    /// Whether it fires.
+    pub enabled: bool,
+    /// The principal it runs as.
+    pub registered_by: Uuid,
+}
+
+/// A registered trigger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    /// Its id.
+    pub id: Uuid,
+    /// Its app.
+    pub app_id: Uuid,
+    /// Its name, unique within the app.
+    pub name: TriggerName,
+    /// What fires it.
+    pub spec: TriggerSpec,
+    /// Where its deliveries go.
+    pub handler: Handler,
+    /// Its retry overrides.
+    pub retry: RetryOverrides,
+    /// Whether it fires.
+    pub enabled: bool,
+    /// The principal it runs as.
+    pub registered_by: Uuid,
+    /// When it was registered.
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    pub updated_at: OffsetDateTime,
+}
+
+/// The fields of a trigger a PATCH may change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TriggerPatch {
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+    /// A new handler.
+    pub handler: Option<Handler>,
+    /// New retry overrides (replacing the old ones whole).
+    pub retry: Option<RetryOverrides>,
+}
+
+/// A delivery to write into the outbox.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// The delivery id, stable across attempts.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: Uuid,
+    /// The trigger (None only for emails).
+    pub trigger_id: Option<Uuid>,
+    /// The event kind.
+    pub kind: EventKind,
+    /// The CloudEvents type.
+    pub event_type: String,
+    /// The CloudEvents source.
+    pub source: String,
+    /// The CloudEvents subject (the KV key), if any.
+    pub subject: Option<String>,
+    /// The event data.
+    pub payload: Box<RawValue>,
+    /// The event's depth.
+    pub depth: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Delay before the first attempt.
+    pub delay: std::time::Duration,
+    /// A sync caller's inbox.
+    pub reply_to: Option<String>,
+    /// A job's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// For deliveries of dead_letter triggers: the dead letter they report.
+    pub dead_letter_id: Option<Uuid>,
+    /// When the event happened; None means now.
+    pub event_time: Option<OffsetDateTime>,
+}
+
+/// A delivery as a relay claimed it: the attempt is already counted.
+#[derive(Debug, Clone)]
+pub struct ClaimedDelivery {
+    /// The delivery id.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: Uuid,
+    /// The trigger (None only for emails).
+    pub trigger_id: Option<Uuid>,
+    /// The event kind.
+    pub kind: EventKind,
+    /// The CloudEvents type.
+    pub event_type: String,
+    /// The CloudEvents source.
+    pub source: String,
+    /// The CloudEvents subject, if any.
+    pub subject: Option<String>,
+    /// The event data.
+    pub payload: Box<RawValue>,
+    /// The event's depth.
+    pub depth: u32,
+    /// This attempt's number (1-based).
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// A sync caller's inbox.
+    pub reply_to: Option<String>,
+    /// For deliveries of dead_letter triggers: the dead letter they report.
+    pub dead_letter_id: Option<Uuid>,
+    /// The last error recorded for this delivery.
+    pub last_error: Option<String>,
+    /// When the event happened.
+    pub created_at: OffsetDateTime,
+}
+
+/// A failed attempt to schedule again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reschedule {
+    /// The delivery.
+    pub id: Uuid,
+    /// The attempt that failed; the row is only touched if it still has this attempt count.
+    pub attempt: u32,
+    /// Delay before the next attempt.
+    pub delay: std::time::Duration,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Why a delivery became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterReason {
+    /// Its attempts ran out.
+    Exhausted,
+    /// Its handler answered `fail`.
+    Rejected,
+    /// Its event was too deep.
+    MaxDepth,
+    /// Its registering principal lost the right.
+    Unauthorized,
+}
+
+impl DeadLetterReason {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Exhausted => "exhausted",
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::MaxDepth => "max_depth",
+            DeadLetterReason::Unauthorized => "unauthorized",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Exhausted, Self::Rejected, Self::MaxDepth, Self::Unauthorized]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// How a dead letter was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// Delivered again by an admin.
+    Replayed,
+    /// Dismissed by an admin.
+    Ignored,
+    /// A dead_letter trigger's delivery succeeded.
+    HandledByScript,
+    /// Every dead_letter trigger's delivery was exhausted.
+    HandlerFailed,
+}
+
+impl Resolution {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Replayed => "replayed",
+            Resolution::Ignored => "ignored",
+            Resolution::HandledByScript => "handled_by_script",
+            Resolution::HandlerFailed => "handler_failed",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Replayed, Self::Ignored, Self::HandledByScript, Self::HandlerFailed]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// The CloudEvents context of an event, kept with a dead letter so it can be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventHeaders {
+    /// The CloudEvents type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The CloudEvents source.
+    pub source: String,
+    /// The CloudEvents subject, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// When the event happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The event's depth.
+    pub depth: u32,
+}
+
+/// A dead letter to write directly (one not moved from the outbox, e.g. `max_depth`).
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    /// Its id.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: Uuid,
+    /// The trigger, if any.
+    pub trigger_id: Option<Uuid>,
+    /// The trigger's name, if any.
+    pub trigger_name: Option<String>,
+    /// The event kind.
+    pub kind: EventKind,
+    /// The delivery id the event had or would have had.
+    pub delivery_id: Uuid,
+    /// The event data.
+    pub payload: Box<RawValue>,
+    /// The event's CloudEvents context.
+    pub headers: EventHeaders,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// A delivery to move from the outbox into the dead letters, in one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bury {
+    /// The delivery.
+    pub id: Uuid,
+    /// The attempt that ended it; the row is only moved if it still has this attempt count.
+    pub attempt: u32,
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// A dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Its id.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: Uuid,
+    /// The trigger, while it exists.
+    pub trigger_id: Option<Uuid>,
+    /// The trigger's name, kept after the trigger is deleted.
+    pub trigger_name: Option<String>,
+    /// The event kind.
+    pub kind: EventKind,
+    /// The delivery that died.
+    pub delivery_id: Uuid,
+    /// The event data.
+    pub payload: Box<RawValue>,
+    /// The event's CloudEvents context.
+    pub headers: EventHeaders,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// How it was resolved, once it is.
+    pub resolution: Option<Resolution>,
+    /// When it was resolved.
+    pub resolved_at: Option<OffsetDateTime>,
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    /// `Some(None)`: unresolved only; `Some(Some(r))`: resolved as `r`; `None`: all.
+    pub resolution: Option<Option<Resolution>>,
+    /// Only those of the trigger with this name.
+    pub trigger_name: Option<String>,
+}
+
+/// Why a sync call's result found nobody waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbandonReason {
+    /// The inbox had no subscriber any more.
+    NoResponders,
+    /// The waiting node did not acknowledge in time.
+    AckTimeout,
+    /// The caller hung up.
+    CallerGone,
+}
+
+impl AbandonReason {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbandonReason::NoResponders => "no_responders",
+            AbandonReason::AckTimeout => "ack_timeout",
+            AbandonReason::CallerGone => "caller_gone",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::NoResponders, Self::AckTimeout, Self::CallerGone].into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// What a handler made of a sync call: `ok`, `retry`, `fail`, `error`, `timeout`, `no_handler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerStatus {
+    /// Answered ok.
+    Ok,
+    /// Answered retry.
+    Retry,
+    /// Answered fail.
+    Fail,
+    /// Answered something unusable.
+    Error,
+    /// Did not answer in time.
+    Timeout,
+    /// Nobody served it.
+    NoHandler,
+}
+
+impl HandlerStatus {
+    /// The wire and storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerStatus::Ok => "ok",
+            HandlerStatus::Retry => "retry",
+            HandlerStatus::Fail => "fail",
+            HandlerStatus::Error => "error",
+            HandlerStatus::Timeout => "timeout",
+            HandlerStatus::NoHandler => "no_handler",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Ok, Self::Retry, Self::Fail, Self::Error, Self::Timeout, Self::NoHandler]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// A sync result nobody was waiting for (DESIGN §8).
+#[derive(Debug, Clone)]
+pub struct AbandonedExecution {
+    /// Its id.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: Uuid,
+    /// The trigger, while it exists.
+    pub trigger_id: Option<Uuid>,
+    /// The trigger's name.
+    pub trigger_name: String,
+    /// The outbox row of the call.
+    pub outbox_id: Uuid,
+    /// The inbox that was gone.
+    pub reply_to: String,
+    /// Why it is abandoned.
+    pub reason: AbandonReason,
+    /// What the handler made of it.
+    pub handler_status: HandlerStatus,
+    /// The handler's body, if any.
+    pub result: Option<Box<RawValue>>,
+    /// The handler's error, if any.
+    pub error: Option<String>,
+    /// When it was recorded (ignored on insert: the store sets it).
+    pub created_at: OffsetDateTime,
+}
+
+/// A KV entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    /// The collection.
+    pub collection: CollectionName,
+    /// The key.
+    pub key: KvKey,
+    /// The value.
+    pub value: serde_json::Value,
+    /// Its version, 1 on creation and +1 on every put.
+    pub version: i64,
+    /// When it was last written.
+    pub updated_at: OffsetDateTime,
+}
+
+/// What a KV put did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvPutResult {
+    /// The new version.
+    pub version: i64,
+    /// The value it replaced, if any.
+    pub previous: Option<serde_json::Value>,
+}
+
+/// One page of a keyset-paged list.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The items, at most the limit asked for.
+    pub items: Vec<T>,
+    /// Whether more items follow the last one.
+    pub has_more: bool,
+}

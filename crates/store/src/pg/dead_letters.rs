@@ -1,0 +1,174 @@
+//! Dead letters in Postgres: burying outbox rows in one statement, listing, resolving, GC.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::PgStore;
+use super::rows::{self, DEAD_LETTER_COLUMNS, page};
+use crate::model::*;
+use crate::{DeadLetterRepo, Result};
+
+impl DeadLetterRepo for PgStore {
+    async fn insert_dead_letters(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[NewDeadLetter],
+    ) -> Result<Vec<DeadLetter>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let headers = rows
+            .iter()
+            .map(|r| serde_json::to_value(&r.headers).map(sqlx::types::Json))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| rows::corrupt("dead_letters", e.to_string()))?;
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO dead_letters (id, app_id, trigger_id, trigger_name, kind, delivery_id, payload, headers,
+                                       attempts, reason, last_error, created_at)
+             SELECT u.id, u.app_id, u.trigger_id, u.trigger_name, u.kind, u.delivery_id, u.payload::json,
+                    u.headers, u.attempts, u.reason, u.last_error, coalesce($12, now())
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::uuid[], $7::text[],
+                           $8::jsonb[], $9::int4[], $10::text[], $11::text[])
+                 AS u(id, app_id, trigger_id, trigger_name, kind, delivery_id, payload, headers, attempts,
+                      reason, last_error)
+             RETURNING {DEAD_LETTER_COLUMNS}"
+        ))
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.app_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.trigger_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.trigger_name.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.delivery_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.payload.get()).collect::<Vec<_>>())
+        .bind(headers)
+        .bind(rows.iter().map(|r| r.attempts as i32).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.last_error.as_deref()).collect::<Vec<_>>())
+        .bind(self.now())
+        .fetch_all(&mut **tx)
+        .await?;
+        inserted.iter().map(rows::dead_letter).collect()
+    }
+
+    async fn bury(&self, tx: &mut Self::Tx, buried: &[Bury]) -> Result<Vec<DeadLetter>> {
+        if buried.is_empty() {
+            return Ok(Vec::new());
+        }
+        let new_ids: Vec<Uuid> = buried.iter().map(|_| Uuid::now_v7()).collect();
+        let moved = sqlx::query(&format!(
+            "WITH gone AS (
+                 DELETE FROM outbox o
+                  USING UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::uuid[])
+                        AS u(id, attempt, reason, error, dead_letter_id)
+                  WHERE o.id = u.id AND o.attempts = u.attempt
+              RETURNING o.*, u.reason, u.error, u.dead_letter_id AS new_id
+             )
+             INSERT INTO dead_letters (id, app_id, trigger_id, trigger_name, kind, delivery_id, payload, headers,
+                                       attempts, reason, last_error, created_at)
+             SELECT g.new_id, g.app_id, t.id, t.name, g.kind, g.id, g.payload,
+                    jsonb_build_object('type', g.event_type, 'source', g.source, 'subject', g.subject,
+                                       'time', g.created_at, 'depth', g.depth),
+                    g.attempts, g.reason, coalesce(g.error, g.last_error), coalesce($6, now())
+               FROM gone g LEFT JOIN triggers t ON t.id = g.trigger_id
+             RETURNING {DEAD_LETTER_COLUMNS}"
+        ))
+        .bind(buried.iter().map(|b| b.id).collect::<Vec<_>>())
+        .bind(buried.iter().map(|b| b.attempt as i32).collect::<Vec<_>>())
+        .bind(buried.iter().map(|b| b.reason.as_str()).collect::<Vec<_>>())
+        .bind(buried.iter().map(|b| b.error.as_deref()).collect::<Vec<_>>())
+        .bind(new_ids)
+        .bind(self.now())
+        .fetch_all(&mut **tx)
+        .await?;
+        moved.iter().map(rows::dead_letter).collect()
+    }
+
+    async fn dead_letter(&self, app_id: Uuid, id: Uuid) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE app_id = $1 AND id = $2"
+        ))
+        .bind(app_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rows::dead_letter).transpose()
+    }
+
+    async fn list_dead_letters(
+        &self,
+        app_id: Uuid,
+        filter: &DeadLetterFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Page<DeadLetter>> {
+        // A literal `resolution IS NULL` lets the planner use the partial index of unresolved rows.
+        let resolution = match filter.resolution {
+            None => "",
+            Some(None) => "AND resolution IS NULL",
+            Some(Some(_)) => "AND resolution = $4",
+        };
+        let fetched = sqlx::query(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
+              WHERE app_id = $1 AND ($2::uuid IS NULL OR id < $2) AND ($3::text IS NULL OR trigger_name = $3)
+                    {resolution}
+              ORDER BY id DESC LIMIT $5"
+        ))
+        .bind(app_id)
+        .bind(after)
+        .bind(filter.trigger_name.as_deref())
+        .bind(filter.resolution.flatten().map(Resolution::as_str))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(page(fetched.iter().map(rows::dead_letter).collect::<Result<_>>()?, limit))
+    }
+
+    async fn unresolved_count(&self, app_id: Uuid) -> Result<u64> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE app_id = $1 AND resolution IS NULL")
+                .bind(app_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(count as u64)
+    }
+
+    async fn resolve(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        id: Uuid,
+        resolution: Resolution,
+        only_unresolved: bool,
+    ) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query(&format!(
+            "UPDATE dead_letters SET resolution = $3, resolved_at = coalesce($5, now())
+              WHERE app_id = $1 AND id = $2 AND (NOT $4 OR resolution IS NULL)
+             RETURNING {DEAD_LETTER_COLUMNS}"
+        ))
+        .bind(app_id)
+        .bind(id)
+        .bind(resolution.as_str())
+        .bind(only_unresolved)
+        .bind(self.now())
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.as_ref().map(rows::dead_letter).transpose()
+    }
+
+    async fn gc_dead_letters(&self, older_than: Duration, batch: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM dead_letters WHERE id IN (
+                 SELECT id FROM dead_letters
+                  WHERE resolution IS NOT NULL
+                    AND resolved_at < coalesce($2, now()) - $1 * interval '1 millisecond'
+                  LIMIT $3)",
+        )
+        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+        .bind(self.now())
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

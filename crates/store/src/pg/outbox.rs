@@ -1,0 +1,237 @@
+//! The outbox in Postgres: batch inserts into the caller's transaction, the claim, completions.
+
+use std::time::Duration;
+
+use sqlx::{PgExecutor, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::rows::{event_kind, raw_json};
+use super::{PgStore, violated};
+use crate::model::*;
+use crate::{Error, OutboxRepo, Result};
+
+const INSERT: &str = "
+    INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
+                        max_attempts, due_at, reply_to, idempotency_key, dead_letter_id, created_at)
+    SELECT u.id, u.app_id, u.trigger_id, u.kind, u.event_type, u.source, u.subject, u.payload::json,
+           u.depth, u.max_attempts, coalesce($16, now()) + u.delay_ms * interval '1 millisecond',
+           u.reply_to, u.idempotency_key, u.dead_letter_id, coalesce(u.event_time, $16, now())
+      FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
+                  $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::uuid[],
+                  $15::timestamptz[])
+        AS u(id, app_id, trigger_id, kind, event_type, source, subject, payload, depth, max_attempts,
+             delay_ms, reply_to, idempotency_key, dead_letter_id, event_time)";
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Inserts deliveries through any executor — a pool, a connection, or the caller's own
+/// transaction, so the rows commit with the data that caused them. `now` is the time to count
+/// delays from (`None`: the database's `now()`).
+pub async fn insert_deliveries<'e, E: PgExecutor<'e>>(
+    executor: E,
+    rows: &[NewDelivery],
+    now: Option<OffsetDateTime>,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    insert_query(rows, now, INSERT).execute(executor).await.map_err(|e| map_insert_error(e, rows))?;
+    Ok(())
+}
+
+fn insert_query<'q>(
+    rows: &'q [NewDelivery],
+    now: Option<OffsetDateTime>,
+    sql: &'q str,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut app_ids = Vec::with_capacity(n);
+    let mut trigger_ids = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut event_types = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
+    let mut subjects = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut depths = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
+    let mut reply_tos = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut dead_letter_ids = Vec::with_capacity(n);
+    let mut event_times = Vec::with_capacity(n);
+    for r in rows {
+        ids.push(r.id);
+        app_ids.push(r.app_id);
+        trigger_ids.push(r.trigger_id);
+        kinds.push(r.kind.as_str());
+        event_types.push(r.event_type.as_str());
+        sources.push(r.source.as_str());
+        subjects.push(r.subject.as_deref());
+        payloads.push(r.payload.get());
+        depths.push(r.depth as i32);
+        max_attempts.push(r.max_attempts as i32);
+        delays.push(millis(r.delay));
+        reply_tos.push(r.reply_to.as_deref());
+        keys.push(r.idempotency_key.as_deref());
+        dead_letter_ids.push(r.dead_letter_id);
+        event_times.push(r.event_time);
+    }
+    sqlx::query(sql)
+        .bind(ids)
+        .bind(app_ids)
+        .bind(trigger_ids)
+        .bind(kinds)
+        .bind(event_types)
+        .bind(sources)
+        .bind(subjects)
+        .bind(payloads)
+        .bind(depths)
+        .bind(max_attempts)
+        .bind(delays)
+        .bind(reply_tos)
+        .bind(keys)
+        .bind(dead_letter_ids)
+        .bind(event_times)
+        .bind(now)
+}
+
+fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
+    match violated(&e) {
+        Some((code, constraint)) if code == "23505" && constraint == "outbox_idempotency" => {
+            let key = rows.iter().find_map(|r| r.idempotency_key.clone()).unwrap_or_default();
+            Error::DuplicateIdempotencyKey(key)
+        }
+        _ => e.into(),
+    }
+}
+
+impl OutboxRepo for PgStore {
+    async fn insert_deliveries(&self, tx: &mut Self::Tx, rows: &[NewDelivery]) -> Result<()> {
+        insert_deliveries(&mut **tx, rows, self.now()).await
+    }
+
+    async fn insert_idempotent(&self, tx: &mut Self::Tx, row: &NewDelivery) -> Result<(Uuid, bool)> {
+        let key = row.idempotency_key.as_deref().expect("insert_idempotent needs an idempotency key");
+        let sql = format!(
+            "{INSERT} ON CONFLICT (trigger_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id"
+        );
+        let inserted: Option<Uuid> = insert_query(std::slice::from_ref(row), self.now(), &sql)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| r.try_get("id"))
+            .transpose()?;
+        if let Some(id) = inserted {
+            return Ok((id, true));
+        }
+        let existing: Uuid =
+            sqlx::query_scalar("SELECT id FROM outbox WHERE trigger_id = $1 AND idempotency_key = $2")
+                .bind(row.trigger_id)
+                .bind(key)
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok((existing, false))
+    }
+
+    async fn claim_due(&self, batch: u32, lease: Duration, node: &str) -> Result<Vec<ClaimedDelivery>> {
+        let claimed = sqlx::query(
+            "WITH due AS (
+                 SELECT id FROM outbox
+                  WHERE due_at <= coalesce($3, now())
+                    AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
+                  ORDER BY due_at
+                  LIMIT $1
+                  FOR UPDATE SKIP LOCKED
+             )
+             UPDATE outbox o
+                SET attempts = o.attempts + 1,
+                    leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
+                    leased_by = $4
+               FROM due
+              WHERE o.id = due.id
+          RETURNING o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject,
+                    o.payload::text AS payload, o.depth, o.attempts, o.max_attempts, o.reply_to,
+                    o.dead_letter_id, o.last_error, o.created_at",
+        )
+        .bind(i64::from(batch))
+        .bind(millis(lease))
+        .bind(self.now())
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        claimed
+            .iter()
+            .map(|row| {
+                Ok(ClaimedDelivery {
+                    id: row.try_get("id")?,
+                    app_id: row.try_get("app_id")?,
+                    trigger_id: row.try_get("trigger_id")?,
+                    kind: event_kind("outbox", row.try_get::<&str, _>("kind")?)?,
+                    event_type: row.try_get("event_type")?,
+                    source: row.try_get("source")?,
+                    subject: row.try_get("subject")?,
+                    payload: raw_json("outbox", row.try_get("payload")?)?,
+                    depth: row.try_get::<i32, _>("depth")? as u32,
+                    attempt: row.try_get::<i32, _>("attempts")? as u32,
+                    max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
+                    reply_to: row.try_get("reply_to")?,
+                    dead_letter_id: row.try_get("dead_letter_id")?,
+                    last_error: row.try_get("last_error")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query("DELETE FROM outbox WHERE id = ANY ($1)").bind(ids).execute(&mut **tx).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn reschedule(&self, tx: &mut Self::Tx, rows: &[Reschedule]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let attempts: Vec<i32> = rows.iter().map(|r| r.attempt as i32).collect();
+        let delays: Vec<i64> = rows.iter().map(|r| millis(r.delay)).collect();
+        let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        let done = sqlx::query(
+            "UPDATE outbox o
+                SET due_at = coalesce($5, now()) + u.delay_ms * interval '1 millisecond',
+                    leased_until = NULL, leased_by = NULL, last_error = u.error
+               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[]) AS u(id, attempt, delay_ms, error)
+              WHERE o.id = u.id AND o.attempts = u.attempt",
+        )
+        .bind(ids)
+        .bind(attempts)
+        .bind(delays)
+        .bind(errors)
+        .bind(self.now())
+        .execute(&mut **tx)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn pending_for_dead_letter(
+        &self,
+        tx: &mut Self::Tx,
+        dead_letter_id: Uuid,
+        except: Uuid,
+    ) -> Result<u64> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE dead_letter_id = $1 AND id <> $2")
+                .bind(dead_letter_id)
+                .bind(except)
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(count as u64)
+    }
+}

@@ -1,0 +1,887 @@
+//! One suite, two stores: every test here runs against `PgStore` and `MemStore`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use picloud_core::protocol::EventKind;
+use picloud_core::{
+    AppSlug, CollectionPattern, HandlerName, QueueName, RetryOverrides, Role, Scope, ScopeSet, TriggerName,
+};
+use picloud_store::*;
+use serde_json::json as j;
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// Instantiates each named test for both stores.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name(crate::support::mem_store()).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() {
+                let fixture = crate::support::pg_store().await;
+                super::$name(fixture.store.clone()).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    an_app_slug_is_unique,
+    apps_are_listed_by_slug_in_pages_and_filtered_by_membership,
+    a_role_can_be_set_changed_and_removed,
+    standing_tells_platform_admins_members_and_missing_principals_apart,
+    memberships_need_an_existing_app_and_principal,
+    a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once,
+    deleting_an_app_removes_everything_of_it,
+    a_trigger_of_each_kind_reads_back_as_registered,
+    a_trigger_name_is_unique_within_an_app_only,
+    a_queue_has_at_most_one_trigger,
+    a_trigger_needs_an_existing_principal_and_app,
+    triggers_are_listed_by_name_in_keyset_pages,
+    a_patch_changes_only_the_fields_given,
+    kv_matching_follows_patterns_ops_and_the_enabled_flag,
+    pubsub_matching_follows_patterns_and_the_enabled_flag,
+    the_queue_trigger_is_found_by_queue_name,
+    dead_letter_matching_filters_by_source_trigger_and_kind,
+    delivery_targets_carry_the_app_slug_and_the_current_standing,
+    deleting_a_trigger_keeps_its_dead_letters_and_their_trigger_name,
+    a_delivery_is_claimed_once_with_its_attempt_counted_and_its_event_intact,
+    a_delayed_delivery_is_not_claimed_before_it_is_due,
+    claims_take_the_oldest_due_first_up_to_the_batch,
+    a_claimed_row_is_claimable_again_after_its_lease_and_not_before,
+    a_rescheduled_row_comes_back_after_its_delay_with_its_error,
+    completions_for_a_stale_attempt_change_nothing,
+    deleted_deliveries_are_gone,
+    a_dropped_transaction_writes_nothing,
+    a_repeated_idempotency_key_returns_the_first_id,
+    pending_for_dead_letter_counts_the_other_reporting_deliveries,
+    burying_moves_a_delivery_into_the_dead_letters_with_its_event,
+    dead_letters_written_directly_read_back,
+    dead_letters_are_listed_newest_first_with_filters_in_keyset_pages,
+    only_unresolved_dead_letters_count_and_resolve_respects_its_guard,
+    gc_deletes_only_resolved_dead_letters_past_retention_in_batches,
+    abandoned_executions_are_recorded_listed_newest_first_and_collected,
+    a_put_creates_version_one_and_each_put_increments_and_returns_the_previous_value,
+    a_put_with_a_stale_or_impossible_version_fails_and_changes_nothing,
+    a_delete_returns_the_entry_and_honours_the_expected_version,
+    keys_are_listed_by_prefix_in_key_order_and_pages,
+);
+
+async fn an_app_slug_is_unique<S: Store>(s: S) {
+    let slug = AppSlug::parse("shop").unwrap();
+    let app = s.create_app(&slug).await.unwrap();
+    assert!(matches!(s.create_app(&slug).await, Err(Error::DuplicateApp(_))));
+    assert_eq!(s.app_by_slug("shop").await.unwrap(), Some(app.clone()));
+    assert_eq!(s.app_by_id(app.id).await.unwrap(), Some(app));
+    assert_eq!(s.app_by_slug("nope").await.unwrap(), None);
+}
+
+async fn apps_are_listed_by_slug_in_pages_and_filtered_by_membership<S: Store>(s: S) {
+    for slug in ["c-app", "a-app", "b-app", "ab"] {
+        s.create_app(&AppSlug::parse(slug).unwrap()).await.unwrap();
+    }
+    let first = s.list_apps(None, None, 2).await.unwrap();
+    let slugs: Vec<_> = first.items.iter().map(|a| a.slug.to_string()).collect();
+    assert_eq!(slugs, ["a-app", "ab"]);
+    assert!(first.has_more);
+    let rest = s.list_apps(None, Some("ab"), 10).await.unwrap();
+    let slugs: Vec<_> = rest.items.iter().map(|a| a.slug.to_string()).collect();
+    assert_eq!(slugs, ["b-app", "c-app"]);
+    assert!(!rest.has_more);
+
+    let p = s.create_principal("p", false).await.unwrap();
+    let b = s.app_by_slug("b-app").await.unwrap().unwrap();
+    s.set_role(b.id, p.id, Role::Viewer).await.unwrap();
+    let mine = s.list_apps(Some(p.id), None, 10).await.unwrap();
+    assert_eq!(mine.items, vec![b]);
+}
+
+async fn a_role_can_be_set_changed_and_removed<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let p = s.create_principal("dev", false).await.unwrap();
+    s.set_role(t.app.id, p.id, Role::Viewer).await.unwrap();
+    assert_eq!(s.standing(t.app.id, p.id).await.unwrap().unwrap().role, Some(Role::Viewer));
+    s.set_role(t.app.id, p.id, Role::Developer).await.unwrap();
+    assert_eq!(s.standing(t.app.id, p.id).await.unwrap().unwrap().role, Some(Role::Developer));
+    assert!(s.remove_member(t.app.id, p.id).await.unwrap());
+    assert!(!s.remove_member(t.app.id, p.id).await.unwrap());
+    assert_eq!(s.standing(t.app.id, p.id).await.unwrap().unwrap().role, None);
+}
+
+async fn standing_tells_platform_admins_members_and_missing_principals_apart<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let root = s.create_principal("root", true).await.unwrap();
+    assert_eq!(
+        s.standing(t.app.id, root.id).await.unwrap(),
+        Some(Standing { platform_admin: true, role: None })
+    );
+    assert_eq!(
+        s.standing(t.app.id, t.admin.id).await.unwrap(),
+        Some(Standing { platform_admin: false, role: Some(Role::Admin) })
+    );
+    assert_eq!(s.standing(t.app.id, Uuid::now_v7()).await.unwrap(), None);
+    assert_eq!(s.principal(root.id).await.unwrap(), Some(root));
+}
+
+async fn memberships_need_an_existing_app_and_principal<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let ghost = Uuid::now_v7();
+    assert!(
+        matches!(s.set_role(t.app.id, ghost, Role::Viewer).await, Err(Error::PrincipalNotFound(id)) if id == ghost)
+    );
+    assert!(matches!(s.set_role(Uuid::now_v7(), t.admin.id, Role::Viewer).await, Err(Error::AppNotFound(_))));
+}
+
+async fn a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let scopes: ScopeSet = [Scope::AppRead].into_iter().collect();
+    let new = NewApiToken {
+        id: Uuid::now_v7(),
+        principal_id: t.admin.id,
+        token_hash: [7; 32],
+        app_id: Some(t.app.id),
+        scopes: Some(scopes),
+        expires_at: Some(START + Duration::from_secs(3600)),
+    };
+    let stored = s.create_token(&new).await.unwrap();
+    assert_eq!((stored.app_id, stored.scopes, stored.expires_at), (new.app_id, new.scopes, new.expires_at));
+    let (found, principal) = s.token_by_hash(&[7; 32]).await.unwrap().unwrap();
+    assert_eq!(found, stored);
+    assert_eq!(principal, t.admin);
+    assert!(s.token_by_hash(&[8; 32]).await.unwrap().is_none());
+
+    assert!(s.revoke_token(new.id).await.unwrap());
+    assert!(!s.revoke_token(new.id).await.unwrap());
+    assert_eq!(s.token(new.id).await.unwrap().unwrap().revoked_at, Some(START));
+    let unknown =
+        NewApiToken { id: Uuid::now_v7(), principal_id: Uuid::now_v7(), token_hash: [9; 32], ..new };
+    assert!(matches!(s.create_token(&unknown).await, Err(Error::PrincipalNotFound(_))));
+}
+
+async fn deleting_an_app_removes_everything_of_it<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "doomed").await;
+    let (other, other_trigger) = tenant_with_trigger(&s, "kept").await;
+    s.create_token(&NewApiToken {
+        id: Uuid::now_v7(),
+        principal_id: t.admin.id,
+        token_hash: [1; 32],
+        app_id: Some(t.app.id),
+        scopes: None,
+        expires_at: None,
+    })
+    .await
+    .unwrap();
+    let mut tx = s.begin().await.unwrap();
+    s.kv_put(&mut tx, t.app.id, "orders", "k", &j!(1), None).await.unwrap();
+    s.kv_put(&mut tx, other.app.id, "orders", "k", &j!(1), None).await.unwrap();
+    s.insert_deliveries(
+        &mut tx,
+        &[delivery(&t, &trigger, Duration::ZERO), delivery(&other, &other_trigger, Duration::ZERO)],
+    )
+    .await
+    .unwrap();
+    s.commit(tx).await.unwrap();
+
+    assert!(s.delete_app(t.app.id).await.unwrap());
+    assert!(!s.delete_app(t.app.id).await.unwrap());
+    assert!(s.app_by_id(t.app.id).await.unwrap().is_none());
+    assert!(s.token_by_hash(&[1; 32]).await.unwrap().is_none());
+    assert!(s.kv_get(t.app.id, "orders", "k").await.unwrap().is_none());
+    assert!(s.trigger(t.app.id, "on-order").await.unwrap().is_none());
+    let claimed = s.claim_due(10, LEASE, "n").await.unwrap();
+    assert_eq!(claimed.iter().map(|c| c.app_id).collect::<Vec<_>>(), [other.app.id]);
+    assert!(s.kv_get(other.app.id, "orders", "k").await.unwrap().is_some());
+}
+
+async fn a_trigger_of_each_kind_reads_back_as_registered<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let specs = [
+        ("kv", kv_spec("orders:*", &[KvOp::Put, KvOp::Delete])),
+        ("pubsub", TriggerSpec::Pubsub { topic: CollectionPattern::parse("news").unwrap() }),
+        ("queue", TriggerSpec::Queue { queue: QueueName::parse("mail").unwrap() }),
+        ("cron", TriggerSpec::Cron { schedule: "*/5 * * * *".into(), timezone: "Europe/Paris".into() }),
+        (
+            "dl",
+            TriggerSpec::DeadLetter {
+                source_trigger: Some(TriggerName::parse("kv").unwrap()),
+                source_kinds: Some(vec![EventKind::Kv, EventKind::Email]),
+            },
+        ),
+        ("dl-any", TriggerSpec::DeadLetter { source_trigger: None, source_kinds: None }),
+        ("http", TriggerSpec::Http),
+    ];
+    for (name, spec) in specs {
+        let mut new = new_trigger(&t, name, spec);
+        new.retry =
+            RetryOverrides { max_attempts: Some(4), backoff_base_ms: None, backoff_max_ms: Some(9000) };
+        if name == "http" {
+            new.handler =
+                Handler::Webhook { url: "https://example.test/hook".into(), secret: "whsec_abc".into() };
+            new.enabled = false;
+        }
+        let created = s.create_trigger(&new).await.unwrap();
+        let read = s.trigger(t.app.id, name).await.unwrap().unwrap();
+        assert_eq!(created, read);
+        assert_eq!(
+            (
+                read.id,
+                read.app_id,
+                &read.name,
+                &read.spec,
+                &read.handler,
+                read.retry,
+                read.enabled,
+                read.registered_by
+            ),
+            (
+                new.id,
+                new.app_id,
+                &new.name,
+                &new.spec,
+                &new.handler,
+                new.retry,
+                new.enabled,
+                new.registered_by
+            ),
+            "{name}"
+        );
+        assert_eq!(read.created_at, START);
+    }
+}
+
+async fn a_trigger_name_is_unique_within_an_app_only<S: Store>(s: S) {
+    let a = tenant(&s, "a").await;
+    let b = tenant(&s, "b").await;
+    s.create_trigger(&new_trigger(&a, "t", TriggerSpec::Http)).await.unwrap();
+    let again = s.create_trigger(&new_trigger(&a, "t", TriggerSpec::Http)).await;
+    assert!(matches!(again, Err(Error::DuplicateTrigger(n)) if n == "t"));
+    s.create_trigger(&new_trigger(&b, "t", TriggerSpec::Http)).await.unwrap();
+}
+
+async fn a_queue_has_at_most_one_trigger<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let other = tenant(&s, "other").await;
+    let queue = || TriggerSpec::Queue { queue: QueueName::parse("mail").unwrap() };
+    s.create_trigger(&new_trigger(&t, "first", queue())).await.unwrap();
+    let second = s.create_trigger(&new_trigger(&t, "second", queue())).await;
+    assert!(matches!(second, Err(Error::QueueTaken(q)) if q == "mail"));
+    assert!(s.trigger(t.app.id, "second").await.unwrap().is_none(), "nothing of the refused trigger stays");
+    s.create_trigger(&new_trigger(&other, "first", queue())).await.unwrap();
+}
+
+async fn a_trigger_needs_an_existing_principal_and_app<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let mut new = new_trigger(&t, "t", TriggerSpec::Http);
+    new.registered_by = Uuid::now_v7();
+    assert!(matches!(s.create_trigger(&new).await, Err(Error::UnknownPrincipal(_))));
+    let mut new = new_trigger(&t, "t", TriggerSpec::Http);
+    new.app_id = Uuid::now_v7();
+    assert!(matches!(s.create_trigger(&new).await, Err(Error::AppNotFound(_))));
+}
+
+async fn triggers_are_listed_by_name_in_keyset_pages<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    for name in ["b", "a-1", "c", "a1"] {
+        s.create_trigger(&new_trigger(&t, name, TriggerSpec::Http)).await.unwrap();
+    }
+    let first = s.list_triggers(t.app.id, None, 3).await.unwrap();
+    let names: Vec<_> = first.items.iter().map(|t| t.name.to_string()).collect();
+    assert_eq!(names, ["a-1", "a1", "b"]);
+    assert!(first.has_more);
+    let rest = s.list_triggers(t.app.id, Some("b"), 3).await.unwrap();
+    assert_eq!(rest.items.iter().map(|t| t.name.to_string()).collect::<Vec<_>>(), ["c"]);
+    assert!(!rest.has_more);
+}
+
+async fn a_patch_changes_only_the_fields_given<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    s.clock().advance(Duration::from_secs(5));
+    let disabled = s
+        .update_trigger(t.app.id, "on-order", &TriggerPatch { enabled: Some(false), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(!disabled.enabled);
+    assert_eq!((disabled.handler.clone(), disabled.retry), (trigger.handler.clone(), trigger.retry));
+    assert_eq!(disabled.updated_at, START + Duration::from_secs(5));
+
+    let retry = RetryOverrides { max_attempts: Some(2), ..Default::default() };
+    let hook = Handler::Webhook { url: "https://h.test/x".into(), secret: "whsec_x".into() };
+    let changed = s
+        .update_trigger(
+            t.app.id,
+            "on-order",
+            &TriggerPatch { enabled: None, handler: Some(hook.clone()), retry: Some(retry) },
+        )
+        .await
+        .unwrap();
+    assert_eq!((changed.enabled, changed.handler, changed.retry), (false, hook, retry));
+    assert_eq!(changed.spec, trigger.spec);
+    let back = Handler::Function(HandlerName::parse("other").unwrap());
+    let back_again = s
+        .update_trigger(
+            t.app.id,
+            "on-order",
+            &TriggerPatch { handler: Some(back.clone()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+    assert_eq!(back_again.handler, back);
+    let missing = s.update_trigger(t.app.id, "nope", &TriggerPatch::default()).await;
+    assert!(matches!(missing, Err(Error::TriggerNotFound(_))));
+}
+
+async fn names_of<S: Store>(triggers: Vec<Trigger>, _s: &S) -> Vec<String> {
+    triggers.into_iter().map(|t| t.name.to_string()).collect()
+}
+
+async fn kv_matching_follows_patterns_ops_and_the_enabled_flag<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let other = tenant(&s, "other").await;
+    for (name, pattern, ops) in [
+        ("all", "*", &[KvOp::Put, KvOp::Delete][..]),
+        ("orders-prefix", "orders:*", &[KvOp::Put][..]),
+        ("orders-exact", "orders", &[KvOp::Delete][..]),
+        ("tmp", "tmp_*", &[KvOp::Put][..]),
+    ] {
+        s.create_trigger(&new_trigger(&t, name, kv_spec(pattern, ops))).await.unwrap();
+    }
+    let mut off = new_trigger(&t, "off", kv_spec("*", &[KvOp::Put]));
+    off.enabled = false;
+    s.create_trigger(&off).await.unwrap();
+    s.create_trigger(&new_trigger(&other, "elsewhere", kv_spec("*", &[KvOp::Put]))).await.unwrap();
+    s.create_trigger(&new_trigger(
+        &t,
+        "topic",
+        TriggerSpec::Pubsub { topic: CollectionPattern::parse("*").unwrap() },
+    ))
+    .await
+    .unwrap();
+
+    let mut tx = s.begin().await.unwrap();
+    let cases = [
+        ("orders:eu", KvOp::Put, vec!["all", "orders-prefix"]),
+        ("orders:eu", KvOp::Delete, vec!["all"]),
+        ("orders", KvOp::Put, vec!["all"]),
+        ("orders", KvOp::Delete, vec!["all", "orders-exact"]),
+        ("tmp_1", KvOp::Put, vec!["all", "tmp"]),
+        ("tmp", KvOp::Put, vec!["all"]),
+    ];
+    for (collection, op, expected) in cases {
+        let found = s.list_matching_kv(&mut tx, t.app.id, collection, op).await.unwrap();
+        assert_eq!(names_of(found, &s).await, expected, "{collection} {op:?}");
+    }
+}
+
+async fn pubsub_matching_follows_patterns_and_the_enabled_flag<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    for (name, pattern, enabled) in
+        [("news-all", "news*", true), ("exact", "news", true), ("off", "*", false)]
+    {
+        let mut new =
+            new_trigger(&t, name, TriggerSpec::Pubsub { topic: CollectionPattern::parse(pattern).unwrap() });
+        new.enabled = enabled;
+        s.create_trigger(&new).await.unwrap();
+    }
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(
+        names_of(s.list_matching_pubsub(&mut tx, t.app.id, "news").await.unwrap(), &s).await,
+        ["exact", "news-all"]
+    );
+    assert_eq!(
+        names_of(s.list_matching_pubsub(&mut tx, t.app.id, "newsletter").await.unwrap(), &s).await,
+        ["news-all"]
+    );
+    assert!(s.list_matching_pubsub(&mut tx, t.app.id, "sport").await.unwrap().is_empty());
+}
+
+async fn the_queue_trigger_is_found_by_queue_name<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let mut new = new_trigger(&t, "mailer", TriggerSpec::Queue { queue: QueueName::parse("mail").unwrap() });
+    new.enabled = false;
+    s.create_trigger(&new).await.unwrap();
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(s.queue_trigger(&mut tx, t.app.id, "mail").await.unwrap().map(|t| t.id), Some(new.id));
+    assert!(s.queue_trigger(&mut tx, t.app.id, "other").await.unwrap().is_none());
+}
+
+async fn dead_letter_matching_filters_by_source_trigger_and_kind<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let dl = |source: Option<&str>, kinds: Option<Vec<EventKind>>| TriggerSpec::DeadLetter {
+        source_trigger: source.map(|n| TriggerName::parse(n).unwrap()),
+        source_kinds: kinds,
+    };
+    s.create_trigger(&new_trigger(&t, "any", dl(None, None))).await.unwrap();
+    s.create_trigger(&new_trigger(&t, "of-orders", dl(Some("orders"), None))).await.unwrap();
+    s.create_trigger(&new_trigger(&t, "of-email", dl(None, Some(vec![EventKind::Email])))).await.unwrap();
+    let mut tx = s.begin().await.unwrap();
+    let m = |found: Vec<Trigger>| found.into_iter().map(|t| t.name.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        m(s.list_matching_dead_letter(&mut tx, t.app.id, Some("orders"), EventKind::Kv).await.unwrap()),
+        ["any", "of-orders"]
+    );
+    assert_eq!(
+        m(s.list_matching_dead_letter(&mut tx, t.app.id, None, EventKind::Email).await.unwrap()),
+        ["any", "of-email"]
+    );
+    assert_eq!(
+        m(s.list_matching_dead_letter(&mut tx, t.app.id, Some("x"), EventKind::Queue).await.unwrap()),
+        ["any"]
+    );
+}
+
+async fn delivery_targets_carry_the_app_slug_and_the_current_standing<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let targets = s.delivery_targets(&[trigger.id, Uuid::now_v7()]).await.unwrap();
+    assert_eq!(targets.len(), 1);
+    assert_eq!(targets[0].trigger, trigger);
+    assert_eq!(targets[0].app_slug.as_str(), "shop");
+    assert_eq!(targets[0].standing, Some(Standing { platform_admin: false, role: Some(Role::Admin) }));
+    s.remove_member(t.app.id, t.admin.id).await.unwrap();
+    let targets = s.delivery_targets(&[trigger.id]).await.unwrap();
+    assert_eq!(targets[0].standing, Some(Standing { platform_admin: false, role: None }));
+}
+
+async fn deleting_a_trigger_keeps_its_dead_letters_and_their_trigger_name<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    let claimed = s.claim_due(1, LEASE, "n").await.unwrap();
+    let mut tx = s.begin().await.unwrap();
+    let dead = s
+        .bury(
+            &mut tx,
+            &[Bury { id: claimed[0].id, attempt: 1, reason: DeadLetterReason::Rejected, error: None }],
+        )
+        .await
+        .unwrap();
+    s.commit(tx).await.unwrap();
+    assert!(s.delete_trigger(t.app.id, "on-order").await.unwrap());
+    assert!(!s.delete_trigger(t.app.id, "on-order").await.unwrap());
+    let kept = s.dead_letter(t.app.id, dead[0].id).await.unwrap().unwrap();
+    assert_eq!(kept.trigger_id, None);
+    assert_eq!(kept.trigger_name.as_deref(), Some("on-order"));
+}
+
+async fn a_delivery_is_claimed_once_with_its_attempt_counted_and_its_event_intact<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let mut row = delivery(&t, &trigger, Duration::ZERO);
+    row.depth = 2;
+    row.reply_to = Some("_INBOX.x".into());
+    row.event_time = Some(START - Duration::from_secs(60));
+    insert(&s, std::slice::from_ref(&row)).await;
+
+    let claimed = s.claim_due(10, LEASE, "node-a").await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let c = &claimed[0];
+    assert_eq!((c.id, c.app_id, c.trigger_id, c.kind), (row.id, row.app_id, row.trigger_id, row.kind));
+    assert_eq!((&c.event_type, &c.source, &c.subject), (&row.event_type, &row.source, &row.subject));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(c.payload.get()).unwrap()["value"], j!({"n": 1}));
+    assert_eq!((c.depth, c.attempt, c.max_attempts), (2, 1, 3));
+    assert_eq!((c.reply_to.as_deref(), c.created_at), (Some("_INBOX.x"), START - Duration::from_secs(60)));
+    assert!(s.claim_due(10, LEASE, "node-b").await.unwrap().is_empty(), "a leased row is not claimed twice");
+}
+
+async fn a_delayed_delivery_is_not_claimed_before_it_is_due<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::from_secs(10))]).await;
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+    s.clock().advance(Duration::from_millis(9_999));
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+    s.clock().advance(Duration::from_millis(1));
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().len(), 1);
+}
+
+async fn claims_take_the_oldest_due_first_up_to_the_batch<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let rows: Vec<NewDelivery> =
+        [3u64, 1, 2, 0].iter().map(|d| delivery(&t, &trigger, Duration::from_secs(*d))).collect();
+    insert(&s, &rows).await;
+    s.clock().advance(Duration::from_secs(3));
+    // A batch holds the oldest due rows; within a batch no order is promised.
+    let ids = |claimed: Vec<ClaimedDelivery>| claimed.into_iter().map(|c| c.id).collect::<HashSet<_>>();
+    let first = ids(s.claim_due(2, LEASE, "n").await.unwrap());
+    assert_eq!(first, HashSet::from([rows[3].id, rows[1].id]));
+    let second = ids(s.claim_due(5, LEASE, "n").await.unwrap());
+    assert_eq!(second, HashSet::from([rows[2].id, rows[0].id]));
+}
+
+async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    assert_eq!(s.claim_due(10, LEASE, "dead-node").await.unwrap()[0].attempt, 1);
+    s.clock().advance(LEASE - Duration::from_millis(1));
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty(), "not before the lease ends");
+    s.clock().advance(Duration::from_millis(1));
+    let again = s.claim_due(10, LEASE, "n").await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2, "the new claim counts another attempt");
+}
+
+async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    let c = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    let mut tx = s.begin().await.unwrap();
+    let moved = s
+        .reschedule(
+            &mut tx,
+            &[Reschedule { id: c.id, attempt: 1, delay: Duration::from_secs(2), error: "boom".into() }],
+        )
+        .await
+        .unwrap();
+    s.commit(tx).await.unwrap();
+    assert_eq!(moved, 1);
+    s.clock().advance(Duration::from_millis(1_999));
+    assert!(s.claim_due(1, LEASE, "n").await.unwrap().is_empty());
+    s.clock().advance(Duration::from_millis(1));
+    let again = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    assert_eq!((again.id, again.attempt, again.last_error.as_deref()), (c.id, 2, Some("boom")));
+}
+
+async fn completions_for_a_stale_attempt_change_nothing<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    let first = s.claim_due(1, LEASE, "slow").await.unwrap().remove(0);
+    s.clock().advance(LEASE);
+    let second = s.claim_due(1, LEASE, "fast").await.unwrap().remove(0);
+    assert_eq!(second.attempt, 2);
+    let mut tx = s.begin().await.unwrap();
+    let stale = Reschedule { id: first.id, attempt: 1, delay: Duration::ZERO, error: "late".into() };
+    assert_eq!(s.reschedule(&mut tx, &[stale]).await.unwrap(), 0);
+    let buried = s
+        .bury(&mut tx, &[Bury { id: first.id, attempt: 1, reason: DeadLetterReason::Exhausted, error: None }])
+        .await
+        .unwrap();
+    assert!(buried.is_empty());
+    s.commit(tx).await.unwrap();
+    assert!(s.claim_due(1, LEASE, "n").await.unwrap().is_empty(), "the second claim's lease still holds");
+}
+
+async fn deleted_deliveries_are_gone<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let rows = [delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::ZERO)];
+    insert(&s, &rows).await;
+    let claimed = s.claim_due(10, LEASE, "n").await.unwrap();
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(
+        s.delete_deliveries(&mut tx, &[claimed[0].id, claimed[1].id, Uuid::now_v7()]).await.unwrap(),
+        2
+    );
+    s.commit(tx).await.unwrap();
+    s.clock().advance(LEASE * 2);
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+}
+
+async fn a_dropped_transaction_writes_nothing<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    {
+        let mut tx = s.begin().await.unwrap();
+        s.kv_put(&mut tx, t.app.id, "orders", "k", &j!({"a": 1}), None).await.unwrap();
+        s.insert_deliveries(&mut tx, &[delivery(&t, &trigger, Duration::ZERO)]).await.unwrap();
+    }
+    assert!(s.kv_get(t.app.id, "orders", "k").await.unwrap().is_none());
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+}
+
+async fn a_repeated_idempotency_key_returns_the_first_id<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let mut first = delivery(&t, &trigger, Duration::ZERO);
+    first.idempotency_key = Some("job-1".into());
+    let mut second = delivery(&t, &trigger, Duration::ZERO);
+    second.idempotency_key = Some("job-1".into());
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(s.insert_idempotent(&mut tx, &first).await.unwrap(), (first.id, true));
+    assert_eq!(s.insert_idempotent(&mut tx, &second).await.unwrap(), (first.id, false));
+    s.commit(tx).await.unwrap();
+    let mut tx = s.begin().await.unwrap();
+    assert!(matches!(
+        s.insert_deliveries(&mut tx, &[second.clone()]).await,
+        Err(Error::DuplicateIdempotencyKey(k)) if k == "job-1"
+    ));
+    drop(tx);
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().len(), 1);
+}
+
+async fn pending_for_dead_letter_counts_the_other_reporting_deliveries<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let dl = Uuid::now_v7();
+    let mut rows = vec![delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::ZERO)];
+    for r in &mut rows {
+        r.kind = EventKind::DeadLetter;
+        r.dead_letter_id = Some(dl);
+    }
+    insert(&s, &rows).await;
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(s.pending_for_dead_letter(&mut tx, dl, rows[0].id).await.unwrap(), 1);
+    assert_eq!(s.pending_for_dead_letter(&mut tx, dl, Uuid::now_v7()).await.unwrap(), 2);
+    assert_eq!(s.pending_for_dead_letter(&mut tx, Uuid::now_v7(), rows[0].id).await.unwrap(), 0);
+}
+
+async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let mut row = delivery(&t, &trigger, Duration::ZERO);
+    row.depth = 3;
+    insert(&s, std::slice::from_ref(&row)).await;
+    let c = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    let mut tx = s.begin().await.unwrap();
+    s.reschedule(
+        &mut tx,
+        &[Reschedule { id: c.id, attempt: 1, delay: Duration::ZERO, error: "first".into() }],
+    )
+    .await
+    .unwrap();
+    s.commit(tx).await.unwrap();
+    let c = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    s.clock().advance(Duration::from_secs(1));
+    let mut tx = s.begin().await.unwrap();
+    let dead = s
+        .bury(&mut tx, &[Bury { id: c.id, attempt: 2, reason: DeadLetterReason::Exhausted, error: None }])
+        .await
+        .unwrap();
+    s.commit(tx).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let d = s.dead_letter(t.app.id, dead[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (d.app_id, d.trigger_id, d.trigger_name.as_deref()),
+        (t.app.id, Some(trigger.id), Some("on-order"))
+    );
+    assert_eq!(
+        (d.kind, d.delivery_id, d.attempts, d.reason),
+        (EventKind::Kv, row.id, 2, DeadLetterReason::Exhausted)
+    );
+    assert_eq!(d.last_error.as_deref(), Some("first"), "the last recorded error is kept");
+    assert_eq!(d.payload.get(), row.payload.get());
+    assert_eq!(
+        d.headers,
+        EventHeaders {
+            event_type: row.event_type,
+            source: row.source,
+            subject: row.subject,
+            time: START,
+            depth: 3
+        }
+    );
+    assert_eq!((d.created_at, d.resolution, d.resolved_at), (START + Duration::from_secs(1), None, None));
+    s.clock().advance(LEASE * 2);
+    assert!(s.claim_due(1, LEASE, "n").await.unwrap().is_empty(), "the outbox row is gone");
+}
+
+fn new_dead_letter(t: &Tenant, trigger_name: &str, reason: DeadLetterReason) -> NewDeadLetter {
+    NewDeadLetter {
+        id: Uuid::now_v7(),
+        app_id: t.app.id,
+        trigger_id: None,
+        trigger_name: Some(trigger_name.to_owned()),
+        kind: EventKind::Pubsub,
+        delivery_id: Uuid::now_v7(),
+        payload: json(r#"{"hello":"world"}"#),
+        headers: EventHeaders {
+            event_type: "picloud.pubsub.message".into(),
+            source: "/apps/shop/topics/news".into(),
+            subject: None,
+            time: START,
+            depth: 16,
+        },
+        attempts: 0,
+        reason,
+        last_error: Some("too deep".into()),
+    }
+}
+
+async fn dead_letters_written_directly_read_back<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let new = new_dead_letter(&t, "on-news", DeadLetterReason::MaxDepth);
+    let mut tx = s.begin().await.unwrap();
+    let written = s.insert_dead_letters(&mut tx, std::slice::from_ref(&new)).await.unwrap();
+    s.commit(tx).await.unwrap();
+    let d = s.dead_letter(t.app.id, new.id).await.unwrap().unwrap();
+    assert_eq!(written[0].id, d.id);
+    assert_eq!(
+        (d.reason, d.headers.clone(), d.last_error.as_deref()),
+        (new.reason, new.headers, Some("too deep"))
+    );
+    assert_eq!(d.payload.get(), r#"{"hello":"world"}"#);
+    let other = tenant(&s, "other").await;
+    assert!(s.dead_letter(other.app.id, new.id).await.unwrap().is_none(), "another app cannot see it");
+}
+
+async fn dead_letters_are_listed_newest_first_with_filters_in_keyset_pages<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let rows: Vec<NewDeadLetter> = (0..5)
+        .map(|i| new_dead_letter(&t, if i % 2 == 0 { "even" } else { "odd" }, DeadLetterReason::Rejected))
+        .collect();
+    let mut tx = s.begin().await.unwrap();
+    s.insert_dead_letters(&mut tx, &rows).await.unwrap();
+    s.resolve(&mut tx, t.app.id, rows[1].id, Resolution::Ignored, true).await.unwrap();
+    s.commit(tx).await.unwrap();
+    let ids = |p: Page<DeadLetter>| p.items.into_iter().map(|d| d.id).collect::<Vec<_>>();
+
+    let all = DeadLetterFilter::default();
+    let first = s.list_dead_letters(t.app.id, &all, None, 2).await.unwrap();
+    assert!(first.has_more);
+    let first_ids = ids(first);
+    assert_eq!(first_ids, [rows[4].id, rows[3].id]);
+    let next = s.list_dead_letters(t.app.id, &all, Some(rows[3].id), 10).await.unwrap();
+    assert!(!next.has_more);
+    assert_eq!(ids(next), [rows[2].id, rows[1].id, rows[0].id]);
+
+    let even = DeadLetterFilter { trigger_name: Some("even".into()), ..Default::default() };
+    assert_eq!(
+        ids(s.list_dead_letters(t.app.id, &even, None, 10).await.unwrap()),
+        [rows[4].id, rows[2].id, rows[0].id]
+    );
+    let unresolved = DeadLetterFilter { resolution: Some(None), ..Default::default() };
+    assert_eq!(
+        ids(s.list_dead_letters(t.app.id, &unresolved, None, 10).await.unwrap()),
+        [rows[4].id, rows[3].id, rows[2].id, rows[0].id]
+    );
+    let ignored = DeadLetterFilter { resolution: Some(Some(Resolution::Ignored)), ..Default::default() };
+    assert_eq!(ids(s.list_dead_letters(t.app.id, &ignored, None, 10).await.unwrap()), [rows[1].id]);
+}
+
+async fn only_unresolved_dead_letters_count_and_resolve_respects_its_guard<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let other = tenant(&s, "other").await;
+    let rows = [
+        new_dead_letter(&t, "x", DeadLetterReason::Exhausted),
+        new_dead_letter(&t, "x", DeadLetterReason::Unauthorized),
+        new_dead_letter(&other, "x", DeadLetterReason::Exhausted),
+    ];
+    let mut tx = s.begin().await.unwrap();
+    s.insert_dead_letters(&mut tx, &rows).await.unwrap();
+    s.commit(tx).await.unwrap();
+    assert_eq!(s.unresolved_count(t.app.id).await.unwrap(), 2);
+
+    let mut tx = s.begin().await.unwrap();
+    let done =
+        s.resolve(&mut tx, t.app.id, rows[0].id, Resolution::HandledByScript, true).await.unwrap().unwrap();
+    assert_eq!((done.resolution, done.resolved_at), (Some(Resolution::HandledByScript), Some(START)));
+    assert!(
+        s.resolve(&mut tx, t.app.id, rows[0].id, Resolution::HandlerFailed, true).await.unwrap().is_none()
+    );
+    let forced =
+        s.resolve(&mut tx, t.app.id, rows[0].id, Resolution::Replayed, false).await.unwrap().unwrap();
+    assert_eq!(forced.resolution, Some(Resolution::Replayed));
+    assert!(
+        s.resolve(&mut tx, t.app.id, rows[2].id, Resolution::Ignored, false).await.unwrap().is_none(),
+        "wrong app"
+    );
+    s.commit(tx).await.unwrap();
+    assert_eq!(s.unresolved_count(t.app.id).await.unwrap(), 1);
+    assert_eq!(s.unresolved_count(other.app.id).await.unwrap(), 1);
+}
+
+async fn gc_deletes_only_resolved_dead_letters_past_retention_in_batches<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let rows: Vec<NewDeadLetter> =
+        (0..4).map(|_| new_dead_letter(&t, "x", DeadLetterReason::Exhausted)).collect();
+    let mut tx = s.begin().await.unwrap();
+    s.insert_dead_letters(&mut tx, &rows).await.unwrap();
+    for r in &rows[..3] {
+        s.resolve(&mut tx, t.app.id, r.id, Resolution::Ignored, true).await.unwrap();
+    }
+    s.commit(tx).await.unwrap();
+    let retention = Duration::from_secs(30 * 86_400);
+    assert_eq!(s.gc_dead_letters(retention, 10).await.unwrap(), 0, "nothing is old enough yet");
+    s.clock().advance(retention + Duration::from_secs(1));
+    assert_eq!(s.gc_dead_letters(retention, 2).await.unwrap(), 2);
+    assert_eq!(s.gc_dead_letters(retention, 2).await.unwrap(), 1);
+    assert_eq!(s.gc_dead_letters(retention, 2).await.unwrap(), 0);
+    let left = s.list_dead_letters(t.app.id, &DeadLetterFilter::default(), None, 10).await.unwrap();
+    assert_eq!(left.items.iter().map(|d| d.id).collect::<Vec<_>>(), [rows[3].id], "the unresolved one stays");
+}
+
+async fn abandoned_executions_are_recorded_listed_newest_first_and_collected<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let record = |status| AbandonedExecution {
+        id: Uuid::now_v7(),
+        app_id: t.app.id,
+        trigger_id: Some(trigger.id),
+        trigger_name: "on-order".into(),
+        outbox_id: Uuid::now_v7(),
+        reply_to: "_INBOX.gone".into(),
+        reason: AbandonReason::NoResponders,
+        handler_status: status,
+        result: Some(json(r#"{"ok":true}"#)),
+        error: None,
+        created_at: START,
+    };
+    let a = s.insert_abandoned(&record(HandlerStatus::Ok)).await.unwrap();
+    s.clock().advance(Duration::from_secs(3600));
+    let b = s.insert_abandoned(&record(HandlerStatus::Fail)).await.unwrap();
+    assert_eq!(a.result.as_ref().unwrap().get(), r#"{"ok":true}"#);
+    assert_eq!((b.handler_status, b.created_at), (HandlerStatus::Fail, START + Duration::from_secs(3600)));
+    let page = s.list_abandoned(t.app.id, None, 1).await.unwrap();
+    assert!(page.has_more);
+    assert_eq!(page.items[0].id, b.id);
+    assert_eq!(s.list_abandoned(t.app.id, Some(b.id), 10).await.unwrap().items[0].id, a.id);
+
+    s.delete_trigger(t.app.id, "on-order").await.unwrap();
+    assert_eq!(s.list_abandoned(t.app.id, None, 10).await.unwrap().items[0].trigger_id, None);
+    let week = Duration::from_secs(7 * 86_400);
+    s.clock().advance(week - Duration::from_secs(1800));
+    assert_eq!(s.gc_abandoned(week, 10).await.unwrap(), 1, "only the older one is past retention");
+    assert_eq!(s.list_abandoned(t.app.id, None, 10).await.unwrap().items.len(), 1);
+}
+
+async fn a_put_creates_version_one_and_each_put_increments_and_returns_the_previous_value<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let mut tx = s.begin().await.unwrap();
+    let first = s.kv_put(&mut tx, t.app.id, "orders", "o-1", &j!({"n": 1}), None).await.unwrap();
+    assert_eq!(first, KvPutResult { version: 1, previous: None });
+    let second = s.kv_put(&mut tx, t.app.id, "orders", "o-1", &j!({"n": 2}), Some(1)).await.unwrap();
+    assert_eq!(second, KvPutResult { version: 2, previous: Some(j!({"n": 1})) });
+    s.commit(tx).await.unwrap();
+    let got = s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap();
+    assert_eq!((got.value, got.version, got.key.as_str()), (j!({"n": 2}), 2, "o-1"));
+}
+
+async fn a_put_with_a_stale_or_impossible_version_fails_and_changes_nothing<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let mut tx = s.begin().await.unwrap();
+    s.kv_put(&mut tx, t.app.id, "c", "k", &j!("v1"), None).await.unwrap();
+    let stale = s.kv_put(&mut tx, t.app.id, "c", "k", &j!("v2"), Some(7)).await;
+    assert!(matches!(stale, Err(Error::VersionMismatch { expected: 7, current: Some(1) })));
+    let missing = s.kv_put(&mut tx, t.app.id, "c", "absent", &j!("v"), Some(1)).await;
+    assert!(matches!(missing, Err(Error::VersionMismatch { expected: 1, current: None })));
+    s.commit(tx).await.unwrap();
+    assert_eq!(s.kv_get(t.app.id, "c", "k").await.unwrap().unwrap().value, j!("v1"));
+    assert!(s.kv_get(t.app.id, "c", "absent").await.unwrap().is_none());
+}
+
+async fn a_delete_returns_the_entry_and_honours_the_expected_version<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let mut tx = s.begin().await.unwrap();
+    s.kv_put(&mut tx, t.app.id, "c", "k", &j!(1), None).await.unwrap();
+    let wrong = s.kv_delete(&mut tx, t.app.id, "c", "k", Some(2)).await;
+    assert!(matches!(wrong, Err(Error::VersionMismatch { expected: 2, current: Some(1) })));
+    let gone = s.kv_delete(&mut tx, t.app.id, "c", "k", Some(1)).await.unwrap().unwrap();
+    assert_eq!((gone.value, gone.version), (j!(1), 1));
+    assert!(s.kv_delete(&mut tx, t.app.id, "c", "k", None).await.unwrap().is_none());
+    assert!(s.kv_delete(&mut tx, t.app.id, "c", "k", Some(1)).await.unwrap().is_none());
+    s.commit(tx).await.unwrap();
+    assert!(s.kv_get(t.app.id, "c", "k").await.unwrap().is_none());
+}
+
+async fn keys_are_listed_by_prefix_in_key_order_and_pages<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let mut tx = s.begin().await.unwrap();
+    for key in ["user:2", "user:10", "order:1", "user:1", "User:0", "user_x"] {
+        s.kv_put(&mut tx, t.app.id, "c", key, &j!(key), None).await.unwrap();
+    }
+    s.kv_put(&mut tx, t.app.id, "other", "user:9", &j!(0), None).await.unwrap();
+    s.commit(tx).await.unwrap();
+    let keys = |p: Page<KvEntry>| p.items.into_iter().map(|e| e.key.to_string()).collect::<Vec<_>>();
+    let first = s.kv_list(t.app.id, "c", "user:", None, 2).await.unwrap();
+    assert!(first.has_more);
+    assert_eq!(keys(first), ["user:1", "user:10"]);
+    let rest = s.kv_list(t.app.id, "c", "user:", Some("user:10"), 10).await.unwrap();
+    assert!(!rest.has_more);
+    assert_eq!(keys(rest), ["user:2"]);
+    assert_eq!(
+        keys(s.kv_list(t.app.id, "c", "", None, 10).await.unwrap()),
+        ["User:0", "order:1", "user:1", "user:10", "user:2", "user_x"]
+    );
+}

@@ -1,0 +1,107 @@
+//! Builders shared by the tests: fresh stores on a manual clock, and sample records.
+
+use std::time::Duration;
+
+use picloud_core::protocol::{EventKind, event_type, source};
+use picloud_core::{AppSlug, CollectionPattern, RetryOverrides, TriggerName};
+use picloud_store::*;
+use picloud_testkit::TestDatabase;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use time::macros::datetime;
+use uuid::Uuid;
+
+/// Where every manual clock starts.
+pub const START: OffsetDateTime = datetime!(2026-01-01 00:00:00 UTC);
+
+/// A Postgres store on a fresh, migrated database; the database lives as long as this.
+pub struct PgFixture {
+    pub store: PgStore,
+    /// Dropped (and the database with it) when the fixture goes.
+    _db: TestDatabase,
+}
+
+pub async fn pg_store() -> PgFixture {
+    let db = TestDatabase::create().await.expect("test database");
+    let store = PgStore::connect(db.url(), 8).await.expect("connect");
+    pg::migrate(store.pool()).await.expect("migrate");
+    PgFixture { store: store.with_clock(Clock::manual(START)), _db: db }
+}
+
+pub fn mem_store() -> MemStore {
+    MemStore::new().with_clock(Clock::manual(START))
+}
+
+/// An app, a platform-admin-less principal who is the app's admin.
+pub struct Tenant {
+    pub app: App,
+    pub admin: Principal,
+}
+
+pub async fn tenant<S: Store>(store: &S, slug: &str) -> Tenant {
+    let app = store.create_app(&AppSlug::parse(slug).unwrap()).await.unwrap();
+    let admin = store.create_principal(&format!("{slug}-admin"), false).await.unwrap();
+    store.set_role(app.id, admin.id, picloud_core::Role::Admin).await.unwrap();
+    Tenant { app, admin }
+}
+
+pub fn new_trigger(t: &Tenant, name: &str, spec: TriggerSpec) -> NewTrigger {
+    NewTrigger {
+        id: Uuid::now_v7(),
+        app_id: t.app.id,
+        name: TriggerName::parse(name).unwrap(),
+        spec,
+        handler: Handler::Function(picloud_core::HandlerName::parse("handle").unwrap()),
+        retry: RetryOverrides::default(),
+        enabled: true,
+        registered_by: t.admin.id,
+    }
+}
+
+pub fn kv_spec(pattern: &str, ops: &[KvOp]) -> TriggerSpec {
+    TriggerSpec::Kv { collection: CollectionPattern::parse(pattern).unwrap(), ops: ops.to_vec() }
+}
+
+pub fn json(text: &str) -> Box<RawValue> {
+    RawValue::from_string(text.to_owned()).unwrap()
+}
+
+/// A KV-put delivery of `trigger`, due after `delay`.
+pub fn delivery(t: &Tenant, trigger: &Trigger, delay: Duration) -> NewDelivery {
+    NewDelivery {
+        id: Uuid::now_v7(),
+        app_id: t.app.id,
+        trigger_id: Some(trigger.id),
+        kind: EventKind::Kv,
+        event_type: event_type::KV_PUT.to_owned(),
+        source: source::kv(t.app.slug.as_str(), "orders"),
+        subject: Some("o-1".to_owned()),
+        payload: json(
+            r#"{"collection":"orders","key":"o-1","op":"put","value":{"n":1},"previous":null,"version":1}"#,
+        ),
+        depth: 0,
+        max_attempts: 3,
+        delay,
+        reply_to: None,
+        idempotency_key: None,
+        dead_letter_id: None,
+        event_time: None,
+    }
+}
+
+/// Inserts rows in a transaction of their own.
+pub async fn insert<S: Store>(store: &S, rows: &[NewDelivery]) {
+    let mut tx = store.begin().await.unwrap();
+    store.insert_deliveries(&mut tx, rows).await.unwrap();
+    store.commit(tx).await.unwrap();
+}
+
+/// A tenant with one kv trigger on `orders`.
+pub async fn tenant_with_trigger<S: Store>(store: &S, slug: &str) -> (Tenant, Trigger) {
+    let t = tenant(store, slug).await;
+    let trigger =
+        store.create_trigger(&new_trigger(&t, "on-order", kv_spec("orders", &[KvOp::Put]))).await.unwrap();
+    (t, trigger)
+}
+
+pub const LEASE: Duration = Duration::from_secs(30);
