@@ -1,0 +1,3 @@
+//! Tests of the `picloud-router` binary, run as a real process.
+
+mod migrate;
