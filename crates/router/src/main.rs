@@ -3,6 +3,8 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use picloud_dispatch::{NatsConfig, Relay, RelayConfig};
+use picloud_store::PgStore;
 
 /// picloud-router: a NATS-centric event router with a Postgres outbox.
 #[derive(Debug, Parser)]
@@ -16,13 +18,69 @@ struct Cli {
 enum Command {
     /// Apply the database migrations (PICLOUD_DATABASE_URL or DATABASE_URL); safe to run again.
     Migrate,
+    /// Run a node: the relay, configured from the PICLOUD_* environment. Stops cleanly on
+    /// SIGTERM or Ctrl-C, finishing the deliveries it holds.
+    Serve {
+        /// Apply pending migrations first.
+        #[arg(long)]
+        migrate: bool,
+    },
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
 /// The database URL from `PICLOUD_DATABASE_URL`, else `DATABASE_URL`.
 fn database_url() -> anyhow::Result<String> {
-    std::env::var("PICLOUD_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
+    env("PICLOUD_DATABASE_URL")
+        .or_else(|| env("DATABASE_URL"))
         .context("PICLOUD_DATABASE_URL (or DATABASE_URL) must be set to a postgres:// URL")
+}
+
+/// `hostname-pid`, the default `PICLOUD_NODE_ID`.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| env("HOSTNAME"))
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+async fn migrate(store: &PgStore) -> anyhow::Result<()> {
+    picloud_store::pg::migrate(store.pool()).await.context("applying migrations")?;
+    tracing::info!("database schema is up to date");
+    Ok(())
+}
+
+async fn serve(run_migrations: bool) -> anyhow::Result<()> {
+    let node = default_node_id();
+    let relay_config = RelayConfig::from_env(env, &node)?;
+    let nats_config = NatsConfig::from_env(env)?;
+    let store = PgStore::connect(&database_url()?, 20).await.context("connecting to Postgres")?;
+    if run_migrations {
+        migrate(&store).await?;
+    }
+    let nats = nats_config
+        .connect(&format!("picloud-router {}", relay_config.node_id))
+        .await
+        .with_context(|| format!("connecting to NATS at {}", nats_config.url))?;
+    Relay::new(store, nats.clone(), relay_config).run(shutdown_signal()).await?;
+    nats.flush().await.ok();
+    Ok(())
 }
 
 #[tokio::main]
@@ -35,11 +93,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Migrate => {
-            let url = database_url()?;
-            let store = picloud_store::PgStore::connect(&url, 2).await.context("connecting to Postgres")?;
-            picloud_store::pg::migrate(store.pool()).await.context("applying migrations")?;
-            tracing::info!("database schema is up to date");
+            let store = PgStore::connect(&database_url()?, 2).await.context("connecting to Postgres")?;
+            migrate(&store).await
         }
+        Command::Serve { migrate } => serve(migrate).await,
     }
-    Ok(())
 }

@@ -45,6 +45,23 @@ pub enum Error {
     /// A delivery with this idempotency key exists already (for a plain insert).
     #[error("a delivery with idempotency key {0:?} exists already")]
     DuplicateIdempotencyKey(String),
+    /// A job for a queue that has no trigger.
+    #[error("queue {0} has no trigger")]
+    NoSuchQueue(String),
+    /// A job for a queue whose trigger is disabled.
+    #[error("the trigger of queue {0} is disabled")]
+    QueueDisabled(String),
+    /// A sync invocation at the depth limit.
+    #[error("event depth {depth} reached the limit of {max}")]
+    TooDeep {
+        /// The event's depth.
+        depth: u32,
+        /// The configured limit.
+        max: u32,
+    },
+    /// A dead letter cannot be replayed because its trigger was deleted.
+    #[error("trigger {0:?} of this dead letter no longer exists")]
+    TriggerGone(String),
     /// A stored value could not be read back (a bug or a hand-edited row).
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {

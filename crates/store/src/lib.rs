@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 mod clock;
 mod error;
+pub mod events;
 pub mod memory;
 pub mod model;
 pub mod pg;
@@ -187,8 +188,17 @@ pub trait TriggerRepo: Transactional {
     fn delivery_targets(&self, ids: &[Uuid]) -> impl Future<Output = Result<Vec<DeliveryTarget>>> + Send;
 }
 
+/// Wake-ups of a relay: an item whenever deliveries may have been written (an error when the
+/// notification channel broke; the relay then polls).
+pub type Wakeups = futures::stream::BoxStream<'static, Result<()>>;
+
 /// The outbox: one row per delivery.
 pub trait OutboxRepo: Transactional {
+    /// Subscribes to wake-ups: every committed transaction that inserted deliveries sends one
+    /// (Postgres: `LISTEN picloud_outbox`).
+    fn listen(&self) -> impl Future<Output = Result<Wakeups>> + Send;
+    /// How long until the earliest delivery that is not due yet becomes due, if there is one.
+    fn next_due_in(&self) -> impl Future<Output = Result<Option<Duration>>> + Send;
     /// Inserts deliveries in the caller's transaction. A repeated idempotency key fails with
     /// [`Error::DuplicateIdempotencyKey`].
     fn insert_deliveries(

@@ -1,3 +1,4 @@
-//! Tests of the `picloud-router` binary, run as a real process.
+//! Tests of the `picloud-router` binary, run as real processes.
 
 mod migrate;
+mod relay_crash;

@@ -8,17 +8,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use picloud_core::protocol::EventKind;
 use picloud_core::{AppSlug, Role};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
 
 use crate::model::*;
 use crate::{
     AbandonedRepo, AuthRepo, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo, OutboxRepo, Result,
-    Standing, Transactional, TriggerRepo,
+    Standing, Transactional, TriggerRepo, Wakeups,
 };
 
 /// An outbox row.
@@ -54,11 +55,19 @@ struct State {
 }
 
 /// The in-memory store.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemStore {
     /// All state; a transaction holds this lock from begin to commit or drop.
     state: Arc<Mutex<State>>,
+    /// Bumped when a transaction that inserted deliveries commits; listeners watch it.
+    wake: Arc<watch::Sender<u64>>,
     clock: Clock,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self { state: Arc::default(), wake: Arc::new(watch::channel(0).0), clock: Clock::default() }
+    }
 }
 
 /// An in-memory transaction: the whole state, locked, with the snapshot taken at begin.
@@ -67,6 +76,8 @@ pub struct MemTx {
     state: OwnedMutexGuard<State>,
     /// Restored on drop unless the transaction committed.
     snapshot: Option<State>,
+    /// Whether this transaction inserted deliveries (and so wakes listeners at commit).
+    inserted: bool,
 }
 
 impl Drop for MemTx {
@@ -106,11 +117,16 @@ impl Transactional for MemStore {
     async fn begin(&self) -> Result<MemTx> {
         let state = self.lock().await;
         let snapshot = Some(state.clone());
-        Ok(MemTx { state, snapshot })
+        Ok(MemTx { state, snapshot, inserted: false })
     }
 
     async fn commit(&self, mut tx: MemTx) -> Result<()> {
         tx.snapshot = None;
+        let inserted = tx.inserted;
+        drop(tx);
+        if inserted {
+            self.wake.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
@@ -445,8 +461,29 @@ impl TriggerRepo for MemStore {
 }
 
 impl OutboxRepo for MemStore {
+    async fn listen(&self) -> Result<Wakeups> {
+        let rx = self.wake.subscribe();
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some((Ok(()), rx))
+        })
+        .boxed())
+    }
+
+    async fn next_due_in(&self) -> Result<Option<Duration>> {
+        let now = self.now();
+        let s = self.lock().await;
+        Ok(s.outbox
+            .values()
+            .filter(|r| r.due_at > now)
+            .map(|r| r.due_at)
+            .min()
+            .map(|due| (due - now).unsigned_abs()))
+    }
+
     async fn insert_deliveries(&self, tx: &mut MemTx, rows: &[NewDelivery]) -> Result<()> {
         let now = self.now();
+        tx.inserted |= !rows.is_empty();
         for row in rows {
             if let Some(key) = &row.idempotency_key {
                 let taken = tx.state.outbox.values().any(|r| {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use sqlx::postgres::PgListener;
 use sqlx::{PgExecutor, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -9,7 +11,7 @@ use uuid::Uuid;
 use super::rows::{event_kind, raw_json};
 use super::{PgStore, violated};
 use crate::model::*;
-use crate::{Error, OutboxRepo, Result};
+use crate::{Error, OutboxRepo, Result, Wakeups};
 
 const INSERT: &str = "
     INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
@@ -109,7 +111,27 @@ fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
     }
 }
 
+/// The channel the `outbox` insert trigger notifies.
+const CHANNEL: &str = "picloud_outbox";
+
 impl OutboxRepo for PgStore {
+    async fn listen(&self) -> Result<Wakeups> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(listener.into_stream().map(|n| n.map(|_| ()).map_err(Error::from)).boxed())
+    }
+
+    async fn next_due_in(&self) -> Result<Option<Duration>> {
+        let millis: Option<i64> = sqlx::query_scalar(
+            "SELECT ceil(extract(epoch FROM min(due_at) - coalesce($1, now())) * 1000)::int8
+               FROM outbox WHERE due_at > coalesce($1, now())",
+        )
+        .bind(self.now())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(millis.map(|m| Duration::from_millis(m.max(0) as u64)))
+    }
+
     async fn insert_deliveries(&self, tx: &mut Self::Tx, rows: &[NewDelivery]) -> Result<()> {
         insert_deliveries(&mut **tx, rows, self.now()).await
     }

@@ -1,0 +1,151 @@
+//! A handler's answer to one delivery, read from its NATS reply (or the lack of one).
+
+use std::time::Duration;
+
+use async_nats::{Message, StatusCode};
+use bytes::Bytes;
+use picloud_core::protocol::{ERROR_HEADER, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER};
+use picloud_store::HandlerStatus;
+
+/// What became of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The handler answered `ok`, with its body.
+    Ok(Bytes),
+    /// The handler answered `retry`, optionally asking for a delay.
+    Retry {
+        /// The delay the handler asked for.
+        after: Option<Duration>,
+        /// Its error text, if any.
+        error: Option<String>,
+    },
+    /// The handler answered `fail`: a permanent error.
+    Fail(Option<String>),
+    /// The reply could not be understood.
+    Invalid(String),
+    /// No answer before the deadline.
+    Timeout,
+    /// Nobody subscribed to the subject (NATS "no responders").
+    NoResponders,
+    /// The delivery could not be published, or its target could not be read.
+    Failed(String),
+    /// The registering principal no longer holds the capability the trigger needs.
+    Unauthorized(String),
+    /// The row's trigger or app no longer exists.
+    Orphaned,
+}
+
+impl Answer {
+    /// Reads a reply message.
+    pub fn from_message(msg: &Message) -> Answer {
+        if msg.status == Some(StatusCode::NO_RESPONDERS) {
+            return Answer::NoResponders;
+        }
+        let header =
+            |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+        let error = header(ERROR_HEADER).filter(|e| !e.is_empty());
+        match header(STATUS_HEADER).as_deref().map(ReplyStatus::parse) {
+            Some(Some(ReplyStatus::Ok)) => Answer::Ok(msg.payload.clone()),
+            Some(Some(ReplyStatus::Retry)) => Answer::Retry {
+                after: header(RETRY_AFTER_HEADER)
+                    .and_then(|v| v.trim().parse().ok())
+                    .map(Duration::from_millis),
+                error,
+            },
+            Some(Some(ReplyStatus::Fail)) => Answer::Fail(error),
+            Some(None) => Answer::Invalid(format!(
+                "reply has {STATUS_HEADER}: {:?}; expected ok, retry or fail",
+                header(STATUS_HEADER).unwrap_or_default()
+            )),
+            None => match msg.status {
+                Some(status) => Answer::Invalid(format!("NATS status {status} instead of a reply")),
+                None => Answer::Invalid(format!("reply without a {STATUS_HEADER} header")),
+            },
+        }
+    }
+
+    /// The status a sync caller (or the abandoned log) sees.
+    pub fn handler_status(&self) -> HandlerStatus {
+        match self {
+            Answer::Ok(_) => HandlerStatus::Ok,
+            Answer::Retry { .. } => HandlerStatus::Retry,
+            Answer::Fail(_) => HandlerStatus::Fail,
+            Answer::Timeout => HandlerStatus::Timeout,
+            Answer::NoResponders => HandlerStatus::NoHandler,
+            Answer::Invalid(_) | Answer::Failed(_) | Answer::Unauthorized(_) | Answer::Orphaned => {
+                HandlerStatus::Error
+            }
+        }
+    }
+
+    /// The error to record, for every answer but `ok`.
+    pub fn error(&self, handler_timeout: Duration) -> Option<String> {
+        match self {
+            Answer::Ok(_) => None,
+            Answer::Retry { error, .. } => {
+                Some(error.clone().unwrap_or_else(|| "handler asked to retry".into()))
+            }
+            Answer::Fail(error) => {
+                Some(error.clone().unwrap_or_else(|| "handler failed the delivery".into()))
+            }
+            Answer::Invalid(e) | Answer::Failed(e) | Answer::Unauthorized(e) => Some(e.clone()),
+            Answer::Timeout => Some(format!("no answer within {} ms", handler_timeout.as_millis())),
+            Answer::NoResponders => Some("no handler is subscribed (no responders)".into()),
+            Answer::Orphaned => Some("the trigger or app no longer exists".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_nats::HeaderMap;
+
+    use super::*;
+
+    fn reply(headers: &[(&str, &str)], status: Option<StatusCode>) -> Message {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, *v);
+        }
+        Message {
+            subject: "_INBOX.x.1".into(),
+            reply: None,
+            payload: Bytes::from_static(b"{\"done\":true}"),
+            headers: (!headers.is_empty()).then_some(map),
+            status,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn replies_are_read_by_their_status_header() {
+        assert_eq!(
+            Answer::from_message(&reply(&[("Picloud-Status", "ok")], None)),
+            Answer::Ok(Bytes::from_static(b"{\"done\":true}"))
+        );
+        assert_eq!(
+            Answer::from_message(&reply(
+                &[("Picloud-Status", "retry"), ("Picloud-Retry-After-Ms", "250"), ("Picloud-Error", "busy")],
+                None
+            )),
+            Answer::Retry { after: Some(Duration::from_millis(250)), error: Some("busy".into()) }
+        );
+        assert_eq!(
+            Answer::from_message(&reply(&[("Picloud-Status", "fail"), ("Picloud-Error", "bad input")], None)),
+            Answer::Fail(Some("bad input".into()))
+        );
+    }
+
+    #[test]
+    fn no_responders_and_malformed_replies_are_told_apart() {
+        assert_eq!(Answer::from_message(&reply(&[], Some(StatusCode::NO_RESPONDERS))), Answer::NoResponders);
+        assert!(
+            matches!(Answer::from_message(&reply(&[], None)), Answer::Invalid(e) if e.contains("Picloud-Status"))
+        );
+        assert!(matches!(
+            Answer::from_message(&reply(&[("Picloud-Status", "maybe")], None)),
+            Answer::Invalid(e) if e.contains("maybe")
+        ));
+    }
+}

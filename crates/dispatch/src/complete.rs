@@ -1,0 +1,165 @@
+//! Completing finished attempts in one transaction per batch: delete delivered rows, reschedule
+//! retries with backoff, move exhausted and rejected deliveries into the dead letters (fanning them
+//! out to dead-letter triggers), and resolve dead letters whose dead-letter deliveries ended.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use picloud_core::protocol::EventKind;
+use picloud_core::{AppSlug, RetryPolicy, TriggerConfig};
+use picloud_store::events::fan_out_dead_letters;
+use picloud_store::{Bury, DeadLetterReason, Reschedule, Resolution, Store};
+use uuid::Uuid;
+
+use crate::answer::Answer;
+
+/// One finished attempt, with what completing it needs.
+#[derive(Debug, Clone)]
+pub struct Done {
+    /// The delivery.
+    pub id: Uuid,
+    /// Its app.
+    pub app_id: Uuid,
+    /// Its app's slug, when the app still exists.
+    pub app_slug: Option<AppSlug>,
+    /// Its trigger (None for emails).
+    pub trigger_id: Option<Uuid>,
+    /// Its trigger's name.
+    pub trigger_name: Option<String>,
+    /// Its event kind.
+    pub kind: EventKind,
+    /// The attempt that finished.
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// A sync caller's inbox: such a row is deleted whatever the answer.
+    pub reply_to: Option<String>,
+    /// For a dead_letter delivery: the dead letter it reports.
+    pub dead_letter_id: Option<Uuid>,
+    /// The trigger's retry policy now.
+    pub policy: RetryPolicy,
+    /// What the attempt came to.
+    pub answer: Answer,
+}
+
+/// What one completion batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Completed {
+    /// Rows deleted after `ok`.
+    pub delivered: usize,
+    /// Rows scheduled for another attempt.
+    pub retried: usize,
+    /// Dead letters written.
+    pub dead_lettered: usize,
+    /// Deliveries to dead-letter triggers written for them.
+    pub fanned_out: usize,
+    /// Sync rows whose result went to their caller.
+    pub answered: usize,
+    /// Rows dropped because their trigger or app is gone.
+    pub orphaned: usize,
+    /// Dead-letter deliveries that ended without success.
+    pub dead_letter_deliveries_failed: usize,
+}
+
+/// How a row ends.
+enum Fate {
+    Delete,
+    Retry(Duration),
+    Bury(DeadLetterReason),
+}
+
+fn fate(d: &Done) -> Fate {
+    match &d.answer {
+        Answer::Ok(_) | Answer::Orphaned => Fate::Delete,
+        _ if d.reply_to.is_some() => Fate::Delete,
+        Answer::Fail(_) => Fate::Bury(DeadLetterReason::Rejected),
+        Answer::Unauthorized(_) => Fate::Bury(DeadLetterReason::Unauthorized),
+        Answer::Retry { after, .. } if d.attempt < d.max_attempts => {
+            Fate::Retry(d.policy.next_delay(d.attempt, *after))
+        }
+        Answer::Invalid(_) | Answer::Timeout | Answer::NoResponders | Answer::Failed(_)
+            if d.attempt < d.max_attempts =>
+        {
+            Fate::Retry(d.policy.next_delay(d.attempt, None))
+        }
+        _ => Fate::Bury(DeadLetterReason::Exhausted),
+    }
+}
+
+/// Completes a batch of finished attempts in one transaction.
+///
+/// Deliveries of `dead_letter` triggers never become dead letters: when one ends without
+/// success it is deleted, and once none of its siblings is left the dead letter it reports is
+/// resolved `handler_failed` (unless a sibling succeeded: then it is `handled_by_script`).
+pub async fn complete<S: Store>(
+    store: &S,
+    config: &TriggerConfig,
+    handler_timeout: Duration,
+    batch: &[Done],
+) -> picloud_store::Result<Completed> {
+    let mut stats = Completed::default();
+    let mut deletes = Vec::new();
+    let mut retries = Vec::new();
+    let mut buries = Vec::new();
+    let mut handled = Vec::new();
+    let mut failed_reports = Vec::new();
+    for d in batch {
+        let fate = fate(d);
+        let error = || d.answer.error(handler_timeout);
+        match (fate, d.kind) {
+            (Fate::Delete, _) => {
+                deletes.push(d.id);
+                match &d.answer {
+                    _ if d.reply_to.is_some() => stats.answered += 1,
+                    Answer::Orphaned => stats.orphaned += 1,
+                    _ => stats.delivered += 1,
+                }
+                if let (Answer::Ok(_), Some(dl)) = (&d.answer, d.dead_letter_id) {
+                    handled.push((d.app_id, dl));
+                }
+            }
+            (Fate::Retry(delay), _) => {
+                retries.push(Reschedule {
+                    id: d.id,
+                    attempt: d.attempt,
+                    delay,
+                    error: error().unwrap_or_default(),
+                });
+            }
+            (Fate::Bury(_), EventKind::DeadLetter) => {
+                deletes.push(d.id);
+                stats.dead_letter_deliveries_failed += 1;
+                if let Some(dl) = d.dead_letter_id {
+                    failed_reports.push((d.app_id, dl, d.id));
+                }
+            }
+            (Fate::Bury(reason), _) => {
+                buries.push(Bury { id: d.id, attempt: d.attempt, reason, error: error() });
+            }
+        }
+    }
+
+    let mut tx = store.begin().await?;
+    store.delete_deliveries(&mut tx, &deletes).await?;
+    stats.retried = store.reschedule(&mut tx, &retries).await? as usize;
+    let dead = store.bury(&mut tx, &buries).await?;
+    stats.dead_lettered = dead.len();
+    let slugs: HashMap<Uuid, &AppSlug> =
+        batch.iter().filter_map(|d| d.app_slug.as_ref().map(|slug| (d.app_id, slug))).collect();
+    for (app_id, slug) in &slugs {
+        let of_app: Vec<_> = dead.iter().filter(|d| d.app_id == *app_id).cloned().collect();
+        if !of_app.is_empty() {
+            stats.fanned_out += fan_out_dead_letters(store, &mut tx, slug, &of_app, config).await?;
+        }
+    }
+    for (app_id, dl) in handled {
+        store.resolve(&mut tx, app_id, dl, Resolution::HandledByScript, true).await?;
+    }
+    for (app_id, dl, row) in failed_reports {
+        if store.pending_for_dead_letter(&mut tx, dl, row).await? == 0 {
+            store.resolve(&mut tx, app_id, dl, Resolution::HandlerFailed, true).await?;
+        }
+    }
+    store.commit(tx).await?;
+    Ok(stats)
+}

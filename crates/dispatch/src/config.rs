@@ -1,0 +1,211 @@
+//! The relay's configuration, parsed from a lookup function (DESIGN §10 and the relay's tuning).
+
+use std::time::Duration;
+
+use picloud_core::TriggerConfig;
+use picloud_core::config::{ConfigError, parse_var};
+use picloud_core::protocol::Subjects;
+use picloud_core::token::TokenKey;
+
+/// How a node connects to NATS (`PICLOUD_NATS_URL`, `PICLOUD_NATS_CREDS`, `PICLOUD_NATS_USER`,
+/// `PICLOUD_NATS_PASSWORD`).
+#[derive(Clone)]
+pub struct NatsConfig {
+    /// Comma-separated seed URLs.
+    pub url: String,
+    /// A `.creds` file, if any.
+    pub creds: Option<std::path::PathBuf>,
+    /// User and password, if any.
+    pub user_password: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("creds", &self.creds)
+            .field("user", &self.user_password.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl NatsConfig {
+    /// Parses the NATS variables of DESIGN §10.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        let url = get("PICLOUD_NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        let user_password = match (get("PICLOUD_NATS_USER"), get("PICLOUD_NATS_PASSWORD")) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            (user, _) => {
+                return Err(ConfigError {
+                    variable: if user.is_some() { "PICLOUD_NATS_PASSWORD" } else { "PICLOUD_NATS_USER" }
+                        .into(),
+                    value: String::new(),
+                    accepts:
+                        "a value whenever the other of PICLOUD_NATS_USER and PICLOUD_NATS_PASSWORD is set"
+                            .into(),
+                });
+            }
+        };
+        Ok(Self { url, creds: get("PICLOUD_NATS_CREDS").map(Into::into), user_password })
+    }
+
+    /// Connects, naming the connection `name`; keeps reconnecting forever once connected.
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let mut options = async_nats::ConnectOptions::new().name(name).retry_on_initial_connect();
+        if let Some((user, password)) = &self.user_password {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(creds) = &self.creds {
+            options = options.credentials_file(creds).await?;
+        }
+        let seeds: Vec<&str> = self.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        options.connect(seeds.as_slice()).await
+    }
+}
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// This node's name, in leases (`leased_by`) and logs.
+    pub node_id: String,
+    /// The subjects deliveries go to.
+    pub subjects: Subjects,
+    /// Signs delivery tokens.
+    pub token_key: TokenKey,
+    /// Depth limit and default retry policy.
+    pub triggers: TriggerConfig,
+    /// The deadline of one attempt (`PICLOUD_HANDLER_TIMEOUT_MS`).
+    pub handler_timeout: Duration,
+    /// Added to the handler timeout to make the lease: time to publish and to complete.
+    pub lease_margin: Duration,
+    /// Rows claimed per statement.
+    pub batch_size: u32,
+    /// Deliveries published and not yet completed, at most.
+    pub max_in_flight: usize,
+    /// How often to look for due rows when no notification came.
+    pub poll_interval: Duration,
+    /// How long a sync result waits for the caller's node to acknowledge it.
+    pub forward_ack_timeout: Duration,
+}
+
+impl RelayConfig {
+    /// Defaults for everything but the token secret, for tests and embedding.
+    pub fn new(node_id: impl Into<String>, token_secret: &[u8]) -> Self {
+        Self {
+            node_id: node_id.into(),
+            subjects: Subjects::default(),
+            token_key: TokenKey::new(token_secret),
+            triggers: TriggerConfig::default(),
+            handler_timeout: Duration::from_secs(30),
+            lease_margin: Duration::from_secs(10),
+            batch_size: 500,
+            max_in_flight: 4000,
+            poll_interval: Duration::from_secs(1),
+            forward_ack_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The lease a claim takes: the handler timeout plus the margin.
+    pub fn lease(&self) -> Duration {
+        self.handler_timeout + self.lease_margin
+    }
+
+    /// Parses `PICLOUD_TOKEN_SECRET` (required), `PICLOUD_NODE_ID` (else `default_node_id`),
+    /// `PICLOUD_SUBJECT_PREFIX`, `PICLOUD_HANDLER_TIMEOUT_MS`, the trigger variables of
+    /// [`TriggerConfig::from_env`], and the relay's tuning: `PICLOUD_RELAY_BATCH`,
+    /// `PICLOUD_RELAY_MAX_IN_FLIGHT`, `PICLOUD_RELAY_POLL_MS`, `PICLOUD_LEASE_MARGIN_MS`.
+    pub fn from_env(
+        lookup: impl Fn(&str) -> Option<String>,
+        default_node_id: &str,
+    ) -> Result<Self, ConfigError> {
+        let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
+        let secret = lookup("PICLOUD_TOKEN_SECRET").unwrap_or_default();
+        if secret.len() < 16 {
+            return Err(ConfigError {
+                variable: "PICLOUD_TOKEN_SECRET".into(),
+                value: if secret.is_empty() { String::new() } else { "<hidden>".into() },
+                accepts: "a secret of at least 16 bytes (required: it signs delivery tokens)".into(),
+            });
+        }
+        let node_id =
+            lookup("PICLOUD_NODE_ID").filter(|v| !v.trim().is_empty()).unwrap_or(default_node_id.into());
+        let prefix = parse_var(
+            lookup,
+            "PICLOUD_SUBJECT_PREFIX",
+            "picloud".to_string(),
+            "dot-separated subject tokens",
+            |p| Subjects::new(p).is_ok(),
+        )?;
+        let ms = |variable, default: u64, min: u64, max: u64| {
+            parse_var(lookup, variable, default, &format!("milliseconds from {min} to {max}"), |v| {
+                (min..=max).contains(v)
+            })
+            .map(Duration::from_millis)
+        };
+        let mut config = Self::new(node_id, secret.as_bytes());
+        config.subjects = Subjects::new(&prefix).expect("checked above");
+        config.triggers = TriggerConfig::from_env(lookup)?;
+        config.handler_timeout = ms("PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, 3_600_000)?;
+        config.lease_margin = ms("PICLOUD_LEASE_MARGIN_MS", 10_000, 100, 3_600_000)?;
+        config.poll_interval = ms("PICLOUD_RELAY_POLL_MS", 1_000, 10, 60_000)?;
+        config.batch_size =
+            parse_var(lookup, "PICLOUD_RELAY_BATCH", 500, "an integer from 1 to 5000", |v| {
+                (1..=5000).contains(v)
+            })?;
+        config.max_in_flight = parse_var(
+            lookup,
+            "PICLOUD_RELAY_MAX_IN_FLIGHT",
+            4000,
+            "an integer from PICLOUD_RELAY_BATCH to 1000000",
+            |v| (config.batch_size as usize..=1_000_000).contains(v),
+        )?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const SECRET: (&str, &str) = ("PICLOUD_TOKEN_SECRET", "0123456789abcdef");
+
+    #[test]
+    fn the_token_secret_is_required() {
+        let err = RelayConfig::from_env(env(&[]), "n").unwrap_err();
+        assert_eq!(err.variable, "PICLOUD_TOKEN_SECRET");
+        assert!(err.to_string().contains("at least 16 bytes"));
+    }
+
+    #[test]
+    fn defaults_follow_the_design_and_the_lease_is_timeout_plus_margin() {
+        let c = RelayConfig::from_env(env(&[SECRET]), "host-1").unwrap();
+        assert_eq!(c.node_id, "host-1");
+        assert_eq!(c.handler_timeout, Duration::from_secs(30));
+        assert_eq!(c.lease(), Duration::from_secs(40));
+        assert_eq!(c.subjects.prefix(), "picloud");
+        assert_eq!(c.triggers, TriggerConfig::default());
+    }
+
+    #[test]
+    fn bad_tuning_values_name_their_variable() {
+        for (var, value) in [
+            ("PICLOUD_HANDLER_TIMEOUT_MS", "0"),
+            ("PICLOUD_RELAY_BATCH", "x"),
+            ("PICLOUD_RELAY_MAX_IN_FLIGHT", "1"),
+            ("PICLOUD_SUBJECT_PREFIX", "a.*"),
+            ("PICLOUD_MAX_TRIGGER_DEPTH", "0"),
+        ] {
+            let err = RelayConfig::from_env(env(&[SECRET, (var, value)]), "n").unwrap_err();
+            assert_eq!(err.variable, var);
+        }
+    }
+}

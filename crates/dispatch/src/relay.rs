@@ -1,0 +1,518 @@
+//! The relay loop: claim, deliver, read answers, expire, complete.
+//!
+//! Tasks, all sharing one [`Shared`]:
+//! - the **claimer** takes a batch of free slots, claims up to that many due rows, checks each
+//!   row's registering principal, publishes the envelopes and records them as in flight;
+//! - the **responder** reads the relay's own inbox (`<inbox>.<seq>`) and turns replies into answers;
+//! - the **timer** turns in-flight deliveries past their deadline into timeouts;
+//! - the **completer** batches answers into one transaction each (a few at a time) and gives the
+//!   slots back; it also forwards sync results to their callers;
+//! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap, Subscriber};
+use futures::StreamExt as _;
+use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
+use picloud_core::token::DeliveryToken;
+use picloud_core::{Access, AppSlug, Capability, RetryPolicy};
+use picloud_store::{ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::answer::Answer;
+use crate::complete::{Done, complete};
+use crate::config::RelayConfig;
+use crate::envelope::{RunAs, envelope};
+use crate::forward::forward;
+
+/// Answers batched into one completion transaction, at most.
+const MAX_COMPLETION_BATCH: usize = 2000;
+/// Completion transactions running at once.
+const CONCURRENT_FLUSHES: usize = 3;
+/// Tries of one completion transaction before its rows are left to their leases.
+const FLUSH_TRIES: u32 = 6;
+
+/// Why a relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The relay's inbox subscription failed.
+    #[error("subscribing to the relay inbox failed: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// `LISTEN` failed.
+    #[error("listening for outbox notifications failed: {0}")]
+    Listen(#[source] picloud_store::Error),
+}
+
+/// A relay over a store and a NATS connection.
+#[derive(Debug)]
+pub struct Relay<S> {
+    store: S,
+    nats: Client,
+    config: RelayConfig,
+}
+
+/// The deliveries published and not answered yet.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// By sequence number (the last token of the reply subject).
+    pending: HashMap<u64, Done>,
+    /// Deadlines in the order they were set; every delivery has the same timeout, so this is
+    /// also deadline order. Entries of answered deliveries stay until they come due.
+    deadlines: VecDeque<(Instant, u64)>,
+}
+
+#[derive(Debug)]
+struct Shared<S> {
+    store: S,
+    nats: Client,
+    config: RelayConfig,
+    /// Reply subjects are `<inbox>.<seq>`; the responder subscribes to `<inbox>.*`.
+    inbox: String,
+    next_seq: AtomicU64,
+    in_flight: Mutex<InFlight>,
+    /// Free delivery slots (`max_in_flight` in all): the claimer takes one per claimed row, the
+    /// completer gives them back once the row's completion committed. Bounds memory and the
+    /// work a relay holds leases on.
+    slots: Arc<Semaphore>,
+    /// Nudges the claimer: rows may have been written.
+    wake: Notify,
+    /// Nudges the timer: a deadline was queued while none was.
+    timer: Notify,
+    /// Signalled whenever the in-flight table becomes empty (shutdown waits on it).
+    drained: Notify,
+    /// The one header of every delivery.
+    headers: HeaderMap,
+}
+
+impl<S: Store> Relay<S> {
+    /// A relay; nothing runs until [`Relay::run`].
+    pub fn new(store: S, nats: Client, config: RelayConfig) -> Self {
+        Self { store, nats, config }
+    }
+
+    /// Runs until `shutdown` resolves, then stops claiming, waits for every delivery in flight to
+    /// be answered or to time out, completes them, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
+        let inbox = self.nats.new_inbox();
+        let replies = self.nats.subscribe(format!("{inbox}.*")).await?;
+        let wakeups = self.store.listen().await.map_err(RelayError::Listen)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
+        let max_in_flight = self.config.max_in_flight.max(1);
+        let shared = Arc::new(Shared {
+            store: self.store,
+            nats: self.nats,
+            config: self.config,
+            inbox,
+            next_seq: AtomicU64::new(0),
+            in_flight: Mutex::default(),
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            wake: Notify::new(),
+            timer: Notify::new(),
+            drained: Notify::new(),
+            headers,
+        });
+        tracing::info!(node = %shared.config.node_id, "relay started");
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let listener = tokio::spawn(listen(shared.clone(), wakeups));
+        let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
+        let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
+        let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
+        let claimer = tokio::spawn(claim_loop(shared.clone(), done_tx, stop_rx));
+
+        shutdown.await;
+        tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
+        let _ = stop_tx.send(true);
+        let _ = claimer.await;
+        wait_drained(&shared).await;
+        listener.abort();
+        responder.abort();
+        timer.abort();
+        let _ = (responder.await, timer.await);
+        let _ = completer.await;
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+async fn wait_drained<S>(shared: &Shared<S>) {
+    loop {
+        let drained = shared.drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        if shared.in_flight.lock().expect("in-flight lock").pending.is_empty() {
+            return;
+        }
+        drained.await;
+    }
+}
+
+async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
+    let mut failures = 0u32;
+    loop {
+        match wakeups.next().await {
+            Some(Ok(())) => {
+                failures = 0;
+                shared.wake.notify_one();
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "outbox notifications interrupted; polling meanwhile");
+                shared.wake.notify_one();
+            }
+            None => {
+                failures += 1;
+                tokio::time::sleep(backoff(failures)).await;
+                match shared.store.listen().await {
+                    Ok(fresh) => wakeups = fresh,
+                    Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling meanwhile"),
+                }
+                shared.wake.notify_one();
+            }
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100 * 2u64.pow(failures.min(6)))
+}
+
+async fn claim_loop<S: Store>(
+    shared: Arc<Shared<S>>,
+    done: mpsc::UnboundedSender<Done>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
+    let lease = shared.config.lease();
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let slots = tokio::select! {
+            slots = shared.slots.clone().acquire_many_owned(batch) => slots.expect("the slot semaphore is never closed"),
+            _ = stop.changed() => return,
+        };
+        slots.forget();
+        match shared.store.claim_due(batch, lease, &shared.config.node_id).await {
+            Ok(rows) => {
+                failures = 0;
+                let claimed = rows.len();
+                shared.slots.add_permits(batch as usize - claimed);
+                if claimed > 0 {
+                    deliver(&shared, rows, &done).await;
+                }
+                if claimed < batch as usize {
+                    idle(&shared, &mut stop).await;
+                }
+            }
+            Err(e) => {
+                shared.slots.add_permits(batch as usize);
+                failures += 1;
+                let pause = backoff(failures);
+                tracing::warn!(error = %e, ?pause, "claiming failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a notification, the next delayed row, the poll interval, or the stop signal.
+async fn idle<S: Store>(shared: &Shared<S>, stop: &mut watch::Receiver<bool>) {
+    let poll = shared.config.poll_interval;
+    let wait = match shared.store.next_due_in().await {
+        Ok(Some(due)) => due.min(poll),
+        _ => poll,
+    };
+    tokio::select! {
+        _ = shared.wake.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// What delivering one row needs, once the row's target is known.
+struct Route {
+    subject: String,
+    app: AppSlug,
+    run_as: Option<(Uuid, String, Uuid, String)>,
+}
+
+/// Decides where a row goes, or the answer it gets without being sent.
+fn route<S>(
+    shared: &Shared<S>,
+    row: &ClaimedDelivery,
+    target: Option<&DeliveryTarget>,
+    email_app: Option<&AppSlug>,
+    deadline_ms: i64,
+    done: &mut Done,
+) -> Result<Route, Answer> {
+    let config = &shared.config;
+    let Some(trigger_id) = row.trigger_id else {
+        let app = email_app.ok_or(Answer::Orphaned)?.clone();
+        done.app_slug = Some(app.clone());
+        return Ok(Route { subject: config.subjects.builtin_email(), app, run_as: None });
+    };
+    let target = target.filter(|t| t.trigger.app_id == row.app_id).ok_or(Answer::Orphaned)?;
+    let trigger = &target.trigger;
+    done.app_slug = Some(target.app_slug.clone());
+    done.trigger_name = Some(trigger.name.to_string());
+    done.policy = config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry);
+    let access = target.standing.map(|s| Access {
+        platform_admin: s.platform_admin,
+        role: s.role,
+        token_scopes: None,
+    });
+    let Some(access) = access.filter(|a| a.allows(Capability::AppManageTriggers)) else {
+        return Err(Answer::Unauthorized(format!(
+            "principal {} no longer holds app_admin on app {}; the trigger runs as that principal",
+            trigger.registered_by, target.app_slug
+        )));
+    };
+    let app = target.app_slug.as_str();
+    let subject = match &trigger.handler {
+        Handler::Function(name) => config.subjects.handle(app, name.as_str()),
+        Handler::Webhook { .. } => config.subjects.builtin_webhook(),
+    };
+    let token = config.token_key.sign(&DeliveryToken {
+        principal: trigger.registered_by,
+        app: row.app_id,
+        depth: row.depth + 1,
+        deadline_ms,
+        scopes: access.scopes(),
+    });
+    Ok(Route {
+        subject,
+        app: target.app_slug.clone(),
+        run_as: Some((trigger_id, trigger.name.to_string(), trigger.registered_by, token)),
+    })
+}
+
+fn unix_millis_after(d: Duration) -> i64 {
+    let now = time::OffsetDateTime::now_utc() + d;
+    (now.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+async fn deliver<S: Store>(
+    shared: &Shared<S>,
+    rows: Vec<ClaimedDelivery>,
+    done_tx: &mpsc::UnboundedSender<Done>,
+) {
+    let config = &shared.config;
+    let mut trigger_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.trigger_id).collect();
+    trigger_ids.sort_unstable();
+    trigger_ids.dedup();
+    let targets = match shared.store.delivery_targets(&trigger_ids).await {
+        Ok(targets) => targets.into_iter().map(|t| (t.trigger.id, t)).collect::<HashMap<_, _>>(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the triggers of a claimed batch failed");
+            for row in &rows {
+                let _ = done_tx.send(done_for(
+                    row,
+                    config.triggers.retry,
+                    Answer::Failed(format!("store error: {e}")),
+                ));
+            }
+            return;
+        }
+    };
+    let mut email_apps: HashMap<Uuid, AppSlug> = HashMap::new();
+    for row in rows.iter().filter(|r| r.kind == EventKind::Email) {
+        if !email_apps.contains_key(&row.app_id)
+            && let Ok(Some(app)) = shared.store.app_by_id(row.app_id).await
+        {
+            email_apps.insert(app.id, app.slug);
+        }
+    }
+    let deadline = Instant::now() + config.handler_timeout;
+    let deadline_ms = unix_millis_after(config.handler_timeout);
+    for row in rows {
+        let mut done = done_for(&row, config.triggers.retry, Answer::Timeout);
+        let target = row.trigger_id.and_then(|id| targets.get(&id));
+        let route = match route(shared, &row, target, email_apps.get(&row.app_id), deadline_ms, &mut done) {
+            Ok(route) => route,
+            Err(answer) => {
+                tracing::info!(delivery_id = %row.id, ?answer, "not delivered");
+                done.answer = answer;
+                let _ = done_tx.send(done);
+                continue;
+            }
+        };
+        let run_as = route.run_as.as_ref().map(|(trigger_id, trigger, principal, token)| RunAs {
+            trigger,
+            trigger_id: *trigger_id,
+            principal: *principal,
+            token,
+        });
+        let body = envelope(&row, route.app.as_str(), run_as, deadline_ms);
+        let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+            if in_flight.deadlines.is_empty() {
+                shared.timer.notify_one();
+            }
+            in_flight.deadlines.push_back((deadline, seq));
+            in_flight.pending.insert(seq, done);
+        }
+        let reply = format!("{}.{seq}", shared.inbox);
+        if let Err(e) = shared
+            .nats
+            .publish_with_reply_and_headers(route.subject, reply, shared.headers.clone(), body.into())
+            .await
+        {
+            let unsent = shared.in_flight.lock().expect("in-flight lock").pending.remove(&seq);
+            if let Some(mut done) = unsent {
+                done.answer = Answer::Failed(format!("publishing failed: {e}"));
+                let _ = done_tx.send(done);
+            }
+        }
+    }
+}
+
+fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answer) -> Done {
+    Done {
+        id: row.id,
+        app_id: row.app_id,
+        app_slug: None,
+        trigger_id: row.trigger_id,
+        trigger_name: None,
+        kind: row.kind,
+        attempt: row.attempt,
+        max_attempts: row.max_attempts,
+        reply_to: row.reply_to.clone(),
+        dead_letter_id: row.dead_letter_id,
+        policy,
+        answer,
+    }
+}
+
+/// Removes a delivery from the in-flight table, signalling `drained` when it empties.
+fn take<S>(shared: &Shared<S>, seq: u64) -> Option<Done> {
+    let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+    let done = in_flight.pending.remove(&seq);
+    if in_flight.pending.is_empty() {
+        shared.drained.notify_waiters();
+    }
+    done
+}
+
+async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mpsc::UnboundedSender<Done>) {
+    while let Some(msg) = replies.next().await {
+        let Some(seq) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
+        match take(&shared, seq) {
+            Some(mut done) => {
+                done.answer = Answer::from_message(&msg);
+                let _ = done_tx.send(done);
+            }
+            None => tracing::debug!(seq, "late reply ignored: the delivery timed out already"),
+        }
+    }
+}
+
+async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
+    loop {
+        let mut expired = Vec::new();
+        let next = {
+            let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+            let now = Instant::now();
+            while let Some(&(deadline, seq)) = in_flight.deadlines.front() {
+                if deadline > now {
+                    break;
+                }
+                in_flight.deadlines.pop_front();
+                if let Some(done) = in_flight.pending.remove(&seq) {
+                    expired.push(done);
+                }
+            }
+            if in_flight.deadlines.len() > 2 * in_flight.pending.len() + 4096 {
+                let InFlight { pending, deadlines } = &mut *in_flight;
+                deadlines.retain(|(_, seq)| pending.contains_key(seq));
+            }
+            if !expired.is_empty() && in_flight.pending.is_empty() {
+                shared.drained.notify_waiters();
+            }
+            in_flight.deadlines.front().map(|&(deadline, _)| deadline)
+        };
+        for mut done in expired {
+            tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
+            done.answer = Answer::Timeout;
+            let _ = done_tx.send(done);
+        }
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = shared.timer.notified() => {}
+                }
+            }
+            None => shared.timer.notified().await,
+        }
+    }
+}
+
+async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::UnboundedReceiver<Done>) {
+    let flushes = Arc::new(Semaphore::new(CONCURRENT_FLUSHES));
+    let mut running = JoinSet::new();
+    let mut forwards = JoinSet::new();
+    while let Some(first) = answers.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMPLETION_BATCH {
+            match answers.try_recv() {
+                Ok(done) => batch.push(done),
+                Err(_) => break,
+            }
+        }
+        for done in batch.iter().filter(|d| d.reply_to.is_some()) {
+            forwards.spawn(forward(
+                shared.store.clone(),
+                shared.nats.clone(),
+                done.clone(),
+                shared.config.handler_timeout,
+                shared.config.forward_ack_timeout,
+            ));
+        }
+        let permit = flushes.clone().acquire_owned().await.expect("the flush semaphore is never closed");
+        let shared = shared.clone();
+        running.spawn(async move {
+            flush(&shared, &batch).await;
+            shared.slots.add_permits(batch.len());
+            drop(permit);
+        });
+        while running.try_join_next().is_some() {}
+        while forwards.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+    while forwards.join_next().await.is_some() {}
+}
+
+async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
+    let config = &shared.config;
+    for tries in 1..=FLUSH_TRIES {
+        match complete(&shared.store, &config.triggers, config.handler_timeout, batch).await {
+            Ok(stats) => {
+                tracing::debug!(rows = batch.len(), ?stats, "completed");
+                return;
+            }
+            Err(e) if tries < FLUSH_TRIES => {
+                tracing::warn!(error = %e, rows = batch.len(), tries, "completing a batch failed; trying again");
+                tokio::time::sleep(backoff(tries)).await;
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                rows = batch.len(),
+                "completing a batch failed for good; its rows will be delivered again when their leases end"
+            ),
+        }
+    }
+}

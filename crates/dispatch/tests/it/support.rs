@@ -1,0 +1,218 @@
+//! A relay, a store and workers wired together for one test.
+
+use std::future::Future;
+use std::time::Duration;
+
+use picloud_core::names::{CollectionName, KvKey};
+use picloud_core::{
+    AppSlug, CollectionPattern, HandlerName, RetryOverrides, RetryPolicy, Role, TriggerConfig, TriggerName,
+};
+use picloud_dispatch::{Relay, RelayConfig};
+use picloud_store::events::{self, EventContext};
+use picloud_store::*;
+use picloud_testkit::{NatsServer, TestDatabase};
+use picloud_worker::{Delivery, HandlerResult, Reply, Worker};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub const SECRET: &[u8] = b"test-secret-0123456789";
+
+/// Relay settings that make tests quick: short timeouts and backoffs.
+pub fn relay_config(node: &str) -> RelayConfig {
+    let mut c = RelayConfig::new(node, SECRET);
+    c.handler_timeout = Duration::from_millis(1500);
+    c.lease_margin = Duration::from_millis(1000);
+    c.poll_interval = Duration::from_millis(100);
+    c.forward_ack_timeout = Duration::from_millis(500);
+    c.triggers = TriggerConfig {
+        max_depth: 16,
+        retry: RetryPolicy::new(3, Duration::from_millis(10), Duration::from_millis(50)).unwrap(),
+        ..TriggerConfig::default()
+    };
+    c
+}
+
+/// A running relay that stops when asked.
+pub struct RelayHandle {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RelayHandle {
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+pub async fn start_relay<S: Store>(store: S, nats_url: &str, config: RelayConfig) -> RelayHandle {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let relay = Relay::new(store, client, config);
+    let task = tokio::spawn(async move {
+        relay
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    RelayHandle { stop: Some(tx), task }
+}
+
+/// A running worker whose deliveries are also reported on a channel.
+pub struct WorkerHandle {
+    running: picloud_worker::Running,
+}
+
+impl WorkerHandle {
+    pub async fn stop(self) {
+        self.running.shutdown().await;
+    }
+}
+
+/// Serves `handler` of `app` with `reply`, reporting every delivery it is handed.
+pub async fn start_worker<F, Fut>(
+    nats_url: &str,
+    app: &str,
+    handler: &str,
+    reply: F,
+) -> (WorkerHandle, mpsc::UnboundedReceiver<Delivery>)
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reply = std::sync::Arc::new(reply);
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let running = Worker::new(client, app)
+        .handle(handler, move |d: Delivery| {
+            let _ = tx.send(d.clone());
+            let reply = reply.clone();
+            async move { reply(d).await }
+        })
+        .start()
+        .await
+        .unwrap();
+    (WorkerHandle { running }, rx)
+}
+
+pub async fn ok(_: Delivery) -> HandlerResult {
+    Ok(Reply::ok(serde_json::json!({"ok": true})))
+}
+
+/// The next delivery, or a panic naming what was awaited.
+pub async fn next(rx: &mut mpsc::UnboundedReceiver<Delivery>, what: &str) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("worker gone")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most 30 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A database, a nats-server, and an app `shop` whose admin registers triggers.
+pub struct World {
+    pub store: PgStore,
+    pub nats: NatsServer,
+    pub app: App,
+    pub admin: Principal,
+    pub config: TriggerConfig,
+    _db: TestDatabase,
+}
+
+impl World {
+    pub async fn new() -> World {
+        let db = TestDatabase::create().await.unwrap();
+        let store = PgStore::connect(db.url(), 10).await.unwrap();
+        pg::migrate(store.pool()).await.unwrap();
+        let nats = NatsServer::start().await.unwrap();
+        let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
+        let admin = store.create_principal("shop-admin", false).await.unwrap();
+        store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
+        World { store, nats, app, admin, config: relay_config("x").triggers, _db: db }
+    }
+
+    pub fn nats_url(&self) -> String {
+        self.nats.url()
+    }
+
+    pub async fn trigger(&self, name: &str, spec: TriggerSpec, handler: &str) -> Trigger {
+        self.store
+            .create_trigger(&NewTrigger {
+                id: Uuid::now_v7(),
+                app_id: self.app.id,
+                name: TriggerName::parse(name).unwrap(),
+                spec,
+                handler: Handler::Function(HandlerName::parse(handler).unwrap()),
+                retry: RetryOverrides::default(),
+                enabled: true,
+                registered_by: self.admin.id,
+            })
+            .await
+            .unwrap()
+    }
+
+    pub async fn kv_trigger(&self, name: &str, pattern: &str, handler: &str) -> Trigger {
+        let spec =
+            TriggerSpec::Kv { collection: CollectionPattern::parse(pattern).unwrap(), ops: vec![KvOp::Put] };
+        self.trigger(name, spec, handler).await
+    }
+
+    /// Writes a KV entry at `depth`, as the API or a handler would.
+    pub async fn put(
+        &self,
+        collection: &str,
+        key: &str,
+        value: serde_json::Value,
+        depth: u32,
+    ) -> events::Fired {
+        let cx = EventContext { app_id: self.app.id, app_slug: &self.app.slug, depth, config: &self.config };
+        let mut tx = self.store.begin().await.unwrap();
+        let (_, fired) = events::kv_put(
+            &self.store,
+            &mut tx,
+            &cx,
+            &CollectionName::parse(collection).unwrap(),
+            &KvKey::parse(key).unwrap(),
+            &value,
+            None,
+        )
+        .await
+        .unwrap();
+        self.store.commit(tx).await.unwrap();
+        fired
+    }
+
+    pub async fn outbox_len(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(self.store.pool()).await.unwrap()
+    }
+
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.store
+            .list_dead_letters(self.app.id, &DeadLetterFilter::default(), None, 500)
+            .await
+            .unwrap()
+            .items
+    }
+
+    /// Waits until the outbox is empty.
+    pub async fn drained(&self) {
+        eventually("the outbox to drain", || async { (self.outbox_len().await == 0).then_some(()) }).await;
+    }
+}

@@ -1,0 +1,171 @@
+//! A relay process killed with SIGKILL in the middle of a batch.
+
+use std::collections::HashMap;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use picloud_core::protocol::EventKind;
+use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerName};
+use picloud_store::*;
+use picloud_testkit::{NatsServer, TestDatabase};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A `picloud-router serve` process, killed if the test ends early.
+struct RouterProcess(Child);
+
+impl RouterProcess {
+    fn serve(node: &str, database_url: &str, nats_url: &str) -> RouterProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_picloud-router"))
+            .arg("serve")
+            .env("PICLOUD_DATABASE_URL", database_url)
+            .env("PICLOUD_NATS_URL", nats_url)
+            .env("PICLOUD_NODE_ID", node)
+            .env("PICLOUD_TOKEN_SECRET", "crash-test-secret-0123456789")
+            .env("PICLOUD_HANDLER_TIMEOUT_MS", "3000")
+            .env("PICLOUD_LEASE_MARGIN_MS", "1000")
+            .env("PICLOUD_RELAY_POLL_MS", "100")
+            .env("PICLOUD_RELAY_BATCH", "50")
+            .env("PICLOUD_RELAY_MAX_IN_FLIGHT", "50")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start picloud-router serve");
+        RouterProcess(child)
+    }
+
+    fn kill_9(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        self.0.wait().expect("reap");
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the handler saw: per delivery id, each attempt and when it arrived.
+type Seen = Arc<Mutex<HashMap<Uuid, Vec<(u32, OffsetDateTime)>>>>;
+
+async fn poll_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_the_lease() {
+    let db = TestDatabase::create().await.unwrap();
+    let store = PgStore::connect(db.url(), 4).await.unwrap();
+    pg::migrate(store.pool()).await.unwrap();
+    let nats = NatsServer::start().await.unwrap();
+    let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
+    let admin = store.create_principal("admin", false).await.unwrap();
+    store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
+    let trigger = store
+        .create_trigger(&NewTrigger {
+            id: Uuid::now_v7(),
+            app_id: app.id,
+            name: TriggerName::parse("hold").unwrap(),
+            spec: TriggerSpec::Http,
+            handler: Handler::Function(HandlerName::parse("hold").unwrap()),
+            retry: RetryOverrides::default(),
+            enabled: true,
+            registered_by: admin.id,
+        })
+        .await
+        .unwrap();
+    let rows: Vec<NewDelivery> = (0..120)
+        .map(|i| NewDelivery {
+            id: Uuid::now_v7(),
+            app_id: app.id,
+            trigger_id: Some(trigger.id),
+            kind: EventKind::Queue,
+            event_type: "picloud.queue.job".into(),
+            source: "/apps/shop/queues/q".into(),
+            subject: None,
+            payload: RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap(),
+            depth: 0,
+            max_attempts: 5,
+            delay: Duration::ZERO,
+            reply_to: None,
+            idempotency_key: None,
+            dead_letter_id: None,
+            event_time: None,
+        })
+        .collect();
+    let mut tx = store.begin().await.unwrap();
+    store.insert_deliveries(&mut tx, &rows).await.unwrap();
+    store.commit(tx).await.unwrap();
+
+    // The handler records every delivery; it answers only once `answering` is set.
+    let seen: Seen = Arc::default();
+    let answering = Arc::new(AtomicBool::new(false));
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut sub =
+        client.queue_subscribe("picloud.v1.handle.shop.hold", "picloud.shop.hold".into()).await.unwrap();
+    client.flush().await.unwrap();
+    let handler = tokio::spawn({
+        let (seen, answering, client) = (seen.clone(), answering.clone(), client.clone());
+        async move {
+            while let Some(msg) = sub.next().await {
+                let e: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+                let id: Uuid = e["id"].as_str().unwrap().parse().unwrap();
+                let attempt = e["picloudattempt"].as_u64().unwrap() as u32;
+                seen.lock()
+                    .unwrap()
+                    .entry(id)
+                    .or_default()
+                    .push((attempt, OffsetDateTime::from(SystemTime::now())));
+                if answering.load(Ordering::SeqCst) {
+                    let mut ok = async_nats::HeaderMap::new();
+                    ok.insert("Picloud-Status", "ok");
+                    client.publish_with_headers(msg.reply.unwrap(), ok, "{}".into()).await.unwrap();
+                }
+            }
+        }
+    });
+
+    let mut relay_a = RouterProcess::serve("relay-a", db.url(), &nats.url());
+    poll_until("relay-a's first batch to reach the handler", async || seen.lock().unwrap().len() >= 50).await;
+    relay_a.kill_9();
+    let held: Vec<(Uuid, OffsetDateTime)> =
+        sqlx::query_as("SELECT id, leased_until FROM outbox WHERE leased_by = 'relay-a'")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(held.len(), 50, "relay-a held one batch when it died");
+
+    answering.store(true, Ordering::SeqCst);
+    let _relay_b = RouterProcess::serve("relay-b", db.url(), &nats.url());
+    poll_until("the outbox to drain", async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(store.pool()).await.unwrap()
+            == 0
+    })
+    .await;
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), rows.len(), "every row reached the handler");
+    let tolerance = time::Duration::milliseconds(50);
+    for (id, leased_until) in &held {
+        let attempts = &seen[id];
+        let (_, redelivered_at) =
+            attempts.iter().find(|(a, _)| *a == 2).expect("a held row is delivered again");
+        assert!(
+            *redelivered_at + tolerance >= *leased_until,
+            "{id} was delivered again at {redelivered_at}, before its lease ended at {leased_until}"
+        );
+    }
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(dead, 0);
+    handler.abort();
+}

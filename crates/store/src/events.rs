@@ -1,0 +1,443 @@
+//! Writing events: the functions the API, the NATS ingest and a Rust app sharing the database
+//! call inside their own transaction. Each records the change, looks up the enabled triggers it
+//! fires and inserts one outbox row per trigger (the `outbox` insert trigger then `NOTIFY`s the
+//! relays at commit). An event at depth ≥ the configured maximum fires nothing: each trigger it
+//! would have fired gets a `max_depth` dead letter instead.
+//!
+//! Dead letters fan out here too ([`fan_out_dead_letters`]), in the transaction that creates them.
+
+use std::time::Duration;
+
+use picloud_core::names::{CollectionName, KvKey, QueueName, TopicName};
+use picloud_core::protocol::{EventKind, event_type, rfc3339_millis, source};
+use picloud_core::{AppSlug, TriggerConfig};
+use serde_json::json;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::{Error, Result, Store};
+
+/// Where and how deep an event is written.
+#[derive(Debug, Clone, Copy)]
+pub struct EventContext<'a> {
+    /// The app's id.
+    pub app_id: Uuid,
+    /// The app's slug (for CloudEvents sources).
+    pub app_slug: &'a AppSlug,
+    /// 0 for outside clients; a delivery token's depth for handlers.
+    pub depth: u32,
+    /// The depth limit and default retry policy.
+    pub config: &'a TriggerConfig,
+}
+
+/// What an event fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fired {
+    /// Outbox rows written.
+    pub deliveries: usize,
+    /// `max_depth` dead letters written instead of deliveries.
+    pub too_deep: usize,
+}
+
+/// The parts of an event every delivery of it shares.
+struct Event<'a> {
+    kind: EventKind,
+    event_type: &'static str,
+    source: String,
+    subject: Option<&'a str>,
+    payload: &'a RawValue,
+}
+
+fn raw(value: &serde_json::Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
+}
+
+/// Writes one delivery per trigger, or `max_depth` dead letters when the event is too deep.
+async fn fire<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    triggers: &[Trigger],
+    event: Event<'_>,
+) -> Result<Fired> {
+    if triggers.is_empty() {
+        return Ok(Fired::default());
+    }
+    if cx.depth >= cx.config.max_depth {
+        let time = s.clock().now();
+        let dead: Vec<NewDeadLetter> = triggers
+            .iter()
+            .map(|t| NewDeadLetter {
+                id: Uuid::now_v7(),
+                app_id: cx.app_id,
+                trigger_id: Some(t.id),
+                trigger_name: Some(t.name.to_string()),
+                kind: event.kind,
+                delivery_id: Uuid::now_v7(),
+                payload: event.payload.to_owned(),
+                headers: EventHeaders {
+                    event_type: event.event_type.to_owned(),
+                    source: event.source.clone(),
+                    subject: event.subject.map(str::to_owned),
+                    time,
+                    depth: cx.depth,
+                },
+                attempts: 0,
+                reason: DeadLetterReason::MaxDepth,
+                last_error: Some(format!(
+                    "event depth {} reached PICLOUD_MAX_TRIGGER_DEPTH ({})",
+                    cx.depth, cx.config.max_depth
+                )),
+            })
+            .collect();
+        let written = s.insert_dead_letters(tx, &dead).await?;
+        fan_out_dead_letters(s, tx, cx.app_slug, &written, cx.config).await?;
+        return Ok(Fired { deliveries: 0, too_deep: written.len() });
+    }
+    let rows: Vec<NewDelivery> = triggers
+        .iter()
+        .map(|t| NewDelivery {
+            id: Uuid::now_v7(),
+            app_id: cx.app_id,
+            trigger_id: Some(t.id),
+            kind: event.kind,
+            event_type: event.event_type.to_owned(),
+            source: event.source.clone(),
+            subject: event.subject.map(str::to_owned),
+            payload: event.payload.to_owned(),
+            depth: cx.depth,
+            max_attempts: max_attempts(t, cx.config),
+            delay: Duration::ZERO,
+            reply_to: None,
+            idempotency_key: None,
+            dead_letter_id: None,
+            event_time: None,
+        })
+        .collect();
+    s.insert_deliveries(tx, &rows).await?;
+    Ok(Fired { deliveries: rows.len(), too_deep: 0 })
+}
+
+/// A trigger's attempts: its override, else the configured default.
+pub fn max_attempts(trigger: &Trigger, config: &TriggerConfig) -> u32 {
+    trigger.retry.max_attempts.unwrap_or(config.retry.max_attempts)
+}
+
+/// Upserts a KV entry and fires the matching `kv` triggers with
+/// `{collection, key, op: "put", value, previous, version}`.
+pub async fn kv_put<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    collection: &CollectionName,
+    key: &KvKey,
+    value: &serde_json::Value,
+    expected: Option<i64>,
+) -> Result<(KvPutResult, Fired)> {
+    let put = s.kv_put(tx, cx.app_id, collection.as_str(), key.as_str(), value, expected).await?;
+    let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Put).await?;
+    let data = raw(&json!({
+        "collection": collection, "key": key, "op": "put",
+        "value": value, "previous": put.previous, "version": put.version,
+    }));
+    let event = Event {
+        kind: EventKind::Kv,
+        event_type: event_type::KV_PUT,
+        source: source::kv(cx.app_slug.as_str(), collection.as_str()),
+        subject: Some(key.as_str()),
+        payload: &data,
+    };
+    let fired = fire(s, tx, cx, &triggers, event).await?;
+    Ok((put, fired))
+}
+
+/// Deletes a KV entry and fires the matching `kv` triggers with
+/// `{collection, key, op: "delete", value: null, previous, version}` (the deleted version).
+/// `None` when the key did not exist (nothing fires).
+pub async fn kv_delete<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    collection: &CollectionName,
+    key: &KvKey,
+    expected: Option<i64>,
+) -> Result<Option<(KvEntry, Fired)>> {
+    let Some(deleted) = s.kv_delete(tx, cx.app_id, collection.as_str(), key.as_str(), expected).await? else {
+        return Ok(None);
+    };
+    let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Delete).await?;
+    let data = raw(&json!({
+        "collection": collection, "key": key, "op": "delete",
+        "value": null, "previous": deleted.value, "version": deleted.version,
+    }));
+    let event = Event {
+        kind: EventKind::Kv,
+        event_type: event_type::KV_DELETE,
+        source: source::kv(cx.app_slug.as_str(), collection.as_str()),
+        subject: Some(key.as_str()),
+        payload: &data,
+    };
+    let fired = fire(s, tx, cx, &triggers, event).await?;
+    Ok(Some((deleted, fired)))
+}
+
+/// Publishes a message to a topic: every matching `pubsub` trigger gets its own delivery.
+/// Returns the message's id.
+pub async fn publish<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    topic: &TopicName,
+    message: &RawValue,
+) -> Result<(Uuid, Fired)> {
+    let triggers = s.list_matching_pubsub(tx, cx.app_id, topic.as_str()).await?;
+    let event = Event {
+        kind: EventKind::Pubsub,
+        event_type: event_type::PUBSUB_MESSAGE,
+        source: source::topic(cx.app_slug.as_str(), topic.as_str()),
+        subject: None,
+        payload: message,
+    };
+    let fired = fire(s, tx, cx, &triggers, event).await?;
+    Ok((Uuid::now_v7(), fired))
+}
+
+/// A job for a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// The job's data.
+    pub payload: &'a RawValue,
+    /// How long to wait before the first attempt.
+    pub delay: Duration,
+    /// A key that makes enqueueing the same job twice a no-op while it is pending.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// What enqueueing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// A new delivery with this id.
+    Created(Uuid),
+    /// A pending job held the idempotency key already: its id.
+    Existing(Uuid),
+    /// The event was too deep: a `max_depth` dead letter was written instead.
+    TooDeep,
+}
+
+/// Enqueues a job on a queue's trigger. Fails with [`Error::NoSuchQueue`] when the queue has no
+/// trigger, and [`Error::QueueDisabled`] when its trigger is disabled (the job would never run).
+pub async fn enqueue<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    queue: &QueueName,
+    job: Job<'_>,
+) -> Result<Enqueued> {
+    let trigger = s
+        .queue_trigger(tx, cx.app_id, queue.as_str())
+        .await?
+        .ok_or_else(|| Error::NoSuchQueue(queue.to_string()))?;
+    if !trigger.enabled {
+        return Err(Error::QueueDisabled(queue.to_string()));
+    }
+    let source = source::queue(cx.app_slug.as_str(), queue.as_str());
+    if cx.depth >= cx.config.max_depth {
+        let event = Event {
+            kind: EventKind::Queue,
+            event_type: event_type::QUEUE_JOB,
+            source,
+            subject: None,
+            payload: job.payload,
+        };
+        fire(s, tx, cx, std::slice::from_ref(&trigger), event).await?;
+        return Ok(Enqueued::TooDeep);
+    }
+    let row = NewDelivery {
+        id: Uuid::now_v7(),
+        app_id: cx.app_id,
+        trigger_id: Some(trigger.id),
+        kind: EventKind::Queue,
+        event_type: event_type::QUEUE_JOB.to_owned(),
+        source,
+        subject: None,
+        payload: job.payload.to_owned(),
+        depth: cx.depth,
+        max_attempts: max_attempts(&trigger, cx.config),
+        delay: job.delay,
+        reply_to: None,
+        idempotency_key: job.idempotency_key.map(str::to_owned),
+        dead_letter_id: None,
+        event_time: None,
+    };
+    if row.idempotency_key.is_some() {
+        let (id, created) = s.insert_idempotent(tx, &row).await?;
+        return Ok(if created { Enqueued::Created(id) } else { Enqueued::Existing(id) });
+    }
+    s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
+    Ok(Enqueued::Created(row.id))
+}
+
+/// Records a sync invocation of an `http` trigger: one delivery whose result goes to
+/// `reply_to`, never retried and never dead-lettered. Fails with [`Error::TooDeep`] at the
+/// depth limit (a sync caller gets an error instead of a dead letter).
+pub async fn invoke<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    trigger: &Trigger,
+    body: &RawValue,
+    reply_to: &str,
+) -> Result<Uuid> {
+    if cx.depth >= cx.config.max_depth {
+        return Err(Error::TooDeep { depth: cx.depth, max: cx.config.max_depth });
+    }
+    let row = NewDelivery {
+        id: Uuid::now_v7(),
+        app_id: cx.app_id,
+        trigger_id: Some(trigger.id),
+        kind: EventKind::Http,
+        event_type: event_type::HTTP_INVOKE.to_owned(),
+        source: source::trigger(cx.app_slug.as_str(), trigger.name.as_str()),
+        subject: None,
+        payload: body.to_owned(),
+        depth: cx.depth,
+        max_attempts: 1,
+        delay: Duration::ZERO,
+        reply_to: Some(reply_to.to_owned()),
+        idempotency_key: None,
+        dead_letter_id: None,
+        event_time: None,
+    };
+    s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
+    Ok(row.id)
+}
+
+/// Queues an email for the built-in executor (`{to, subject, text, html?}`), with the default
+/// retry policy.
+pub async fn send_email<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    email: &RawValue,
+) -> Result<Uuid> {
+    let row = NewDelivery {
+        id: Uuid::now_v7(),
+        app_id: cx.app_id,
+        trigger_id: None,
+        kind: EventKind::Email,
+        event_type: event_type::EMAIL_SEND.to_owned(),
+        source: source::emails(cx.app_slug.as_str()),
+        subject: None,
+        payload: email.to_owned(),
+        depth: cx.depth,
+        max_attempts: cx.config.retry.max_attempts,
+        delay: Duration::ZERO,
+        reply_to: None,
+        idempotency_key: None,
+        dead_letter_id: None,
+        event_time: None,
+    };
+    s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
+    Ok(row.id)
+}
+
+/// The event data of a dead letter, as `dead_letter` triggers receive it.
+pub fn dead_letter_data(d: &DeadLetter) -> serde_json::Value {
+    let payload: &RawValue = &d.payload;
+    json!({
+        "id": d.id,
+        "trigger": d.trigger_name,
+        "trigger_id": d.trigger_id,
+        "kind": d.kind.as_str(),
+        "delivery_id": d.delivery_id,
+        "reason": d.reason.as_str(),
+        "attempts": d.attempts,
+        "last_error": d.last_error,
+        "created_at": rfc3339_millis(d.created_at),
+        "event": {
+            "type": d.headers.event_type,
+            "source": d.headers.source,
+            "subject": d.headers.subject,
+            "time": rfc3339_millis(d.headers.time),
+            "depth": d.headers.depth,
+            "data": payload,
+        },
+    })
+}
+
+/// Fans new dead letters out to the app's matching `dead_letter` triggers, in the caller's
+/// transaction. Dead letters of `dead_letter` deliveries never exist (such deliveries never
+/// dead-letter), and a dead letter whose event is at or past the depth limit fires nothing, so
+/// dead-letter handling cannot loop.
+pub async fn fan_out_dead_letters<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    app_slug: &AppSlug,
+    dead: &[DeadLetter],
+    config: &TriggerConfig,
+) -> Result<usize> {
+    let mut rows = Vec::new();
+    for d in dead.iter().filter(|d| d.kind != EventKind::DeadLetter && d.headers.depth < config.max_depth) {
+        let triggers = s.list_matching_dead_letter(tx, d.app_id, d.trigger_name.as_deref(), d.kind).await?;
+        if triggers.is_empty() {
+            continue;
+        }
+        let data = raw(&dead_letter_data(d));
+        rows.extend(triggers.iter().map(|t| NewDelivery {
+            id: Uuid::now_v7(),
+            app_id: d.app_id,
+            trigger_id: Some(t.id),
+            kind: EventKind::DeadLetter,
+            event_type: event_type::DEAD_LETTER_CREATED.to_owned(),
+            source: source::dead_letters(app_slug.as_str()),
+            subject: None,
+            payload: data.clone(),
+            depth: d.headers.depth,
+            max_attempts: max_attempts(t, config),
+            delay: Duration::ZERO,
+            reply_to: None,
+            idempotency_key: None,
+            dead_letter_id: Some(d.id),
+            event_time: Some(d.created_at),
+        }));
+    }
+    s.insert_deliveries(tx, &rows).await?;
+    Ok(rows.len())
+}
+
+/// Replays a dead letter: a fresh delivery of the same event to the same trigger (attempts reset)
+/// and the resolution `replayed`. Fails with [`Error::TriggerGone`] when its trigger was deleted.
+pub async fn replay<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    dead: &DeadLetter,
+    trigger: Option<&Trigger>,
+    config: &TriggerConfig,
+) -> Result<Uuid> {
+    let (trigger_id, attempts) = match (dead.kind, trigger) {
+        (EventKind::Email, _) => (None, config.retry.max_attempts),
+        (_, Some(t)) if Some(t.id) == dead.trigger_id => (Some(t.id), max_attempts(t, config)),
+        _ => return Err(Error::TriggerGone(dead.trigger_name.clone().unwrap_or_default())),
+    };
+    let row = NewDelivery {
+        id: Uuid::now_v7(),
+        app_id: dead.app_id,
+        trigger_id,
+        kind: dead.kind,
+        event_type: dead.headers.event_type.clone(),
+        source: dead.headers.source.clone(),
+        subject: dead.headers.subject.clone(),
+        payload: dead.payload.clone(),
+        depth: dead.headers.depth,
+        max_attempts: attempts,
+        delay: Duration::ZERO,
+        reply_to: None,
+        idempotency_key: None,
+        dead_letter_id: None,
+        event_time: Some(dead.headers.time),
+    };
+    s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
+    s.resolve(tx, dead.app_id, dead.id, Resolution::Replayed, false).await?;
+    Ok(row.id)
+}

@@ -1,0 +1,343 @@
+//! Serve picloud-router deliveries from a Rust process.
+//!
+//! A [`Worker`] subscribes to `picloud.v1.handle.<app>.<handler>` in the queue group
+//! `picloud.<app>.<handler>` for each handler, so every delivery goes to one instance wherever it
+//! runs; it hands each delivery to your function as a typed [`Delivery`] and sends back the
+//! [`Reply`]. On shutdown it stops taking deliveries, finishes the ones in hand and flushes the
+//! replies.
+//!
+//! ```no_run
+//! use picloud_worker::{Delivery, Reply, Worker};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Order { key: String, value: serde_json::Value }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), picloud_worker::Error> {
+//!     Worker::connect("nats://127.0.0.1:4222", "shop")
+//!         .await?
+//!         .handle("process-order", |delivery: Delivery| async move {
+//!             let order: Order = delivery.data()?;
+//!             println!("order {} = {} (attempt {})", order.key, order.value, delivery.attempt);
+//!             Ok(Reply::ok(serde_json::json!({ "processed": order.key })))
+//!         })
+//!         .run(async { tokio::signal::ctrl_c().await.ok(); })
+//!         .await
+//! }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap, Message};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use picloud_core::protocol::{
+    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects,
+};
+use picloud_core::{AppSlug, HandlerName, NameError};
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+/// What can go wrong running a worker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Connecting to NATS failed.
+    #[error("connecting to NATS failed: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    /// Subscribing failed.
+    #[error("subscribing failed: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// An app or handler name is not valid.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A subject prefix is not valid.
+    #[error("{0}")]
+    Prefix(String),
+}
+
+/// What a handler function returns: a reply, or an error that is answered as `retry`.
+pub type HandlerResult = Result<Reply, Box<dyn std::error::Error + Send + Sync>>;
+
+/// One delivery, as your handler receives it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The delivery id: stable across attempts, the key to deduplicate on.
+    pub id: Uuid,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    /// The event's depth; events you write with [`Delivery::token`] get depth + 1.
+    pub depth: u32,
+    /// The delivery token: acts as the trigger's registering principal on the app until the
+    /// deadline (absent for emails).
+    pub token: Option<String>,
+    /// Unix milliseconds by which the answer must arrive.
+    pub deadline_ms: i64,
+    /// The whole CloudEvents envelope.
+    pub event: Envelope,
+}
+
+impl Delivery {
+    /// Parses a delivery body (the CloudEvents envelope).
+    pub fn from_json(body: &[u8]) -> Result<Delivery, serde_json::Error> {
+        let event: Envelope = serde_json::from_slice(body)?;
+        Ok(Delivery {
+            id: event.id,
+            attempt: event.picloudattempt,
+            depth: event.piclouddepth,
+            token: event.picloudtoken.clone(),
+            deadline_ms: event.piclouddeadline,
+            event,
+        })
+    }
+
+    /// The event data, deserialized.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.event.data.get())
+    }
+
+    /// The event data as raw JSON.
+    pub fn raw_data(&self) -> &RawValue {
+        &self.event.data
+    }
+}
+
+/// A handler's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// Done; the body goes to a sync caller.
+    Ok(Bytes),
+    /// Try again later: after `after` if given, else with the trigger's backoff.
+    Retry {
+        /// The delay asked for.
+        after: Option<Duration>,
+        /// Why.
+        error: String,
+    },
+    /// A permanent failure: the delivery becomes a dead letter at once.
+    Fail(String),
+}
+
+impl Reply {
+    /// `ok` with a JSON body.
+    pub fn ok(body: impl serde::Serialize) -> Reply {
+        Reply::Ok(serde_json::to_vec(&body).map(Bytes::from).unwrap_or_default())
+    }
+
+    /// `retry` with the trigger's backoff.
+    pub fn retry(error: impl Into<String>) -> Reply {
+        Reply::Retry { after: None, error: error.into() }
+    }
+
+    /// `retry` after a delay of your choosing (capped by the trigger's maximum backoff).
+    pub fn retry_after(after: Duration, error: impl Into<String>) -> Reply {
+        Reply::Retry { after: Some(after), error: error.into() }
+    }
+
+    /// `fail`: do not try again.
+    pub fn fail(error: impl Into<String>) -> Reply {
+        Reply::Fail(error.into())
+    }
+
+    /// The headers and body of this answer on the wire.
+    pub fn into_message(self) -> (HeaderMap, Bytes) {
+        let mut headers = HeaderMap::new();
+        let one_line = |s: String| s.replace(['\r', '\n'], " ");
+        match self {
+            Reply::Ok(body) => {
+                headers.insert(STATUS_HEADER, ReplyStatus::Ok.as_str());
+                (headers, body)
+            }
+            Reply::Retry { after, error } => {
+                headers.insert(STATUS_HEADER, ReplyStatus::Retry.as_str());
+                headers.insert(ERROR_HEADER, one_line(error));
+                if let Some(after) = after {
+                    headers.insert(RETRY_AFTER_HEADER, after.as_millis().to_string());
+                }
+                (headers, Bytes::new())
+            }
+            Reply::Fail(error) => {
+                headers.insert(STATUS_HEADER, ReplyStatus::Fail.as_str());
+                headers.insert(ERROR_HEADER, one_line(error));
+                (headers, Bytes::new())
+            }
+        }
+    }
+}
+
+type HandlerFn = Arc<dyn Fn(Delivery) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+
+/// Handlers of one app, served over one NATS connection.
+pub struct Worker {
+    client: Client,
+    app: Result<AppSlug, NameError>,
+    subjects: Result<Subjects, String>,
+    handlers: Vec<(Result<HandlerName, NameError>, HandlerFn)>,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("app", &self.app).field("handlers", &self.handlers.len()).finish()
+    }
+}
+
+impl Worker {
+    /// Connects to NATS (`url` may list several servers, comma-separated) for `app`.
+    pub async fn connect(url: &str, app: &str) -> Result<Worker, Error> {
+        let client = async_nats::connect(url).await?;
+        Ok(Worker::new(client, app))
+    }
+
+    /// A worker over an existing connection.
+    pub fn new(client: Client, app: &str) -> Worker {
+        Worker {
+            client,
+            app: AppSlug::parse(app),
+            subjects: Ok(Subjects::default()),
+            handlers: Vec::new(),
+            concurrency: 256,
+        }
+    }
+
+    /// Uses another subject prefix than `picloud`.
+    pub fn prefix(mut self, prefix: &str) -> Worker {
+        self.subjects = Subjects::new(prefix);
+        self
+    }
+
+    /// How many deliveries each handler processes at once (default 256).
+    pub fn concurrency(mut self, n: usize) -> Worker {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Serves handler `name` with `f`. An `Err` from `f` is answered as `retry`.
+    pub fn handle<F, Fut>(mut self, name: &str, f: F) -> Worker
+    where
+        F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let f: HandlerFn = Arc::new(move |d| Box::pin(f(d)));
+        self.handlers.push((HandlerName::parse(name), f));
+        self
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking deliveries, finishes those in hand,
+    /// flushes their replies and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let running = self.start().await?;
+        shutdown.await;
+        running.shutdown().await;
+        Ok(())
+    }
+
+    /// Subscribes every handler and starts serving; returns once the server has the
+    /// subscriptions. Stop with [`Running::shutdown`].
+    pub async fn start(self) -> Result<Running, Error> {
+        let app = self.app?;
+        let subjects = self.subjects.map_err(Error::Prefix)?;
+        let mut subscriptions = Vec::new();
+        for (name, f) in self.handlers {
+            let name = name?;
+            let sub = self
+                .client
+                .queue_subscribe(
+                    subjects.handle(app.as_str(), name.as_str()),
+                    subjects.handle_queue_group(app.as_str(), name.as_str()),
+                )
+                .await?;
+            subscriptions.push((sub, f));
+        }
+        self.client.flush().await.ok();
+        let mut loops = JoinSet::new();
+        let mut drains = Vec::new();
+        for (sub, f) in subscriptions {
+            let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+            drains.push(drain_tx);
+            loops.spawn(serve(self.client.clone(), sub, f, self.concurrency, drain_rx));
+        }
+        Ok(Running { client: self.client, drains, loops })
+    }
+}
+
+/// A started worker.
+#[derive(Debug)]
+pub struct Running {
+    client: Client,
+    /// One per handler loop: tells it to unsubscribe and finish.
+    drains: Vec<tokio::sync::oneshot::Sender<()>>,
+    loops: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops taking deliveries, finishes those in hand and flushes their replies.
+    pub async fn shutdown(mut self) {
+        for drain in self.drains.drain(..) {
+            let _ = drain.send(());
+        }
+        while self.loops.join_next().await.is_some() {}
+        self.client.flush().await.ok();
+    }
+}
+
+/// One handler's loop: take messages, run the function with bounded concurrency, reply. On the
+/// drain signal, unsubscribe, finish buffered and running deliveries, and return.
+async fn serve(
+    client: Client,
+    mut sub: async_nats::Subscriber,
+    f: HandlerFn,
+    concurrency: usize,
+    mut drain: tokio::sync::oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut running = JoinSet::new();
+    let mut draining = false;
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => msg,
+            _ = &mut drain, if !draining => {
+                draining = true;
+                let _ = sub.drain().await;
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
+        let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
+        let (client, f) = (client.clone(), f.clone());
+        running.spawn(async move {
+            answer(&client, msg, &f).await;
+            drop(slot);
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn answer(client: &Client, msg: Message, f: &HandlerFn) {
+    let Some(reply_to) = msg.reply.clone() else { return };
+    let reply = match Delivery::from_json(&msg.payload) {
+        Ok(delivery) => {
+            let id = delivery.id;
+            match f(delivery).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
+                    Reply::retry(e.to_string())
+                }
+            }
+        }
+        Err(e) => Reply::fail(format!("malformed delivery: {e}")),
+    };
+    let (headers, body) = reply.into_message();
+    if let Err(e) = client.publish_with_headers(reply_to, headers, body).await {
+        tracing::warn!(error = %e, "could not send a reply");
+    }
+}
