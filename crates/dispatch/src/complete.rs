@@ -139,6 +139,10 @@ pub async fn complete<S: Store>(
         }
     }
 
+    if retries.is_empty() && buries.is_empty() && handled.is_empty() && failed_reports.is_empty() {
+        store.delete_delivered(&deletes).await?;
+        return Ok(stats);
+    }
     let mut tx = store.begin().await?;
     store.delete_deliveries(&mut tx, &deletes).await?;
     stats.retried = store.reschedule(&mut tx, &retries).await? as usize;
@@ -161,5 +165,8 @@ pub async fn complete<S: Store>(
         }
     }
     store.commit(tx).await?;
+    if stats.fanned_out > 0 {
+        store.wake_relays().await?;
+    }
     Ok(stats)
 }

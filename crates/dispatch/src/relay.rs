@@ -1,7 +1,7 @@
 //! The relay loop: claim, deliver, read answers, expire, complete.
 //!
 //! Tasks, all sharing one [`Shared`]:
-//! - the **claimer** takes a batch of free slots, claims up to that many due rows, checks each
+//! - two **claimers** each take a batch of free slots, claims up to that many due rows, checks each
 //!   row's registering principal, publishes the envelopes and records them as in flight;
 //! - the **responder** reads the relay's own inbox (`<inbox>.<seq>`) and turns replies into answers;
 //! - the **timer** turns in-flight deliveries past their deadline into timeouts;
@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppSlug, Capability, RetryPolicy};
-use picloud_store::{ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
+use picloud_store::{Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -32,10 +32,13 @@ use crate::config::RelayConfig;
 use crate::envelope::{RunAs, envelope};
 use crate::forward::forward;
 
+/// Claim loops per relay: while one publishes its batch, the other claims the next.
+const CLAIMERS: usize = 2;
 /// Answers batched into one completion transaction, at most.
 const MAX_COMPLETION_BATCH: usize = 2000;
-/// Completion transactions running at once.
-const CONCURRENT_FLUSHES: usize = 3;
+/// Completion transactions running at once. One: while it commits, answers pile up and the next
+/// transaction takes them all, so batches grow with the load.
+const CONCURRENT_FLUSHES: usize = 1;
 /// Tries of one completion transaction before its rows are left to their leases.
 const FLUSH_TRIES: u32 = 6;
 
@@ -90,6 +93,15 @@ struct Shared<S> {
     drained: Notify,
     /// The one header of every delivery.
     headers: HeaderMap,
+    /// Triggers and principals' standing as read at one configuration epoch; valid for every
+    /// claim that reports the same epoch.
+    targets: Mutex<TargetCache>,
+}
+
+#[derive(Debug, Default)]
+struct TargetCache {
+    epoch: Option<i64>,
+    targets: HashMap<Uuid, DeliveryTarget>,
 }
 
 impl<S: Store> Relay<S> {
@@ -119,6 +131,7 @@ impl<S: Store> Relay<S> {
             timer: Notify::new(),
             drained: Notify::new(),
             headers,
+            targets: Mutex::default(),
         });
         tracing::info!(node = %shared.config.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -127,12 +140,17 @@ impl<S: Store> Relay<S> {
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
-        let claimer = tokio::spawn(claim_loop(shared.clone(), done_tx, stop_rx));
+        let claimers: Vec<_> = (0..CLAIMERS)
+            .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), stop_rx.clone())))
+            .collect();
+        drop(done_tx);
 
         shutdown.await;
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
         let _ = stop_tx.send(true);
-        let _ = claimer.await;
+        for claimer in claimers {
+            let _ = claimer.await;
+        }
         wait_drained(&shared).await;
         listener.abort();
         responder.abort();
@@ -193,6 +211,7 @@ async fn claim_loop<S: Store>(
     let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
     let lease = shared.config.lease();
     let mut failures = 0u32;
+    let mut next_due = None;
     loop {
         if *stop.borrow() {
             return;
@@ -203,15 +222,15 @@ async fn claim_loop<S: Store>(
         };
         slots.forget();
         match shared.store.claim_due(batch, lease, &shared.config.node_id).await {
-            Ok(rows) => {
+            Ok(claim) => {
                 failures = 0;
-                let claimed = rows.len();
+                let claimed = claim.rows.len();
                 shared.slots.add_permits(batch as usize - claimed);
                 if claimed > 0 {
-                    deliver(&shared, rows, &done).await;
+                    deliver(&shared, claim, &done).await;
                 }
                 if claimed < batch as usize {
-                    idle(&shared, &mut stop).await;
+                    idle(&shared, &mut stop, claimed == 0, &mut next_due).await;
                 }
             }
             Err(e) => {
@@ -229,46 +248,63 @@ async fn claim_loop<S: Store>(
 }
 
 /// Waits for a notification, the next delayed row, the poll interval, or the stop signal.
-async fn idle<S: Store>(shared: &Shared<S>, stop: &mut watch::Receiver<bool>) {
-    let poll = shared.config.poll_interval;
-    let wait = match shared.store.next_due_in().await {
-        Ok(Some(due)) => due.min(poll),
-        _ => poll,
-    };
+///
+/// `next_due` remembers when the earliest delayed row comes due. It is asked of the store only
+/// after a claim found nothing: while claims find rows, wake-ups keep coming and every claim
+/// takes the delayed rows that came due, so the query would only cost a round trip per event.
+async fn idle<S: Store>(
+    shared: &Shared<S>,
+    stop: &mut watch::Receiver<bool>,
+    found_nothing: bool,
+    next_due: &mut Option<Instant>,
+) {
+    if found_nothing {
+        *next_due = match shared.store.next_due_in().await {
+            Ok(due) => due.map(|d| Instant::now() + d),
+            Err(_) => None,
+        };
+    }
+    let poll = Instant::now() + shared.config.poll_interval;
+    let until = next_due.filter(|due| *due < poll).unwrap_or(poll);
     tokio::select! {
         _ = shared.wake.notified() => {}
-        _ = tokio::time::sleep(wait) => {}
+        _ = tokio::time::sleep_until(until) => {}
         _ = stop.changed() => {}
     }
 }
 
-/// What delivering one row needs, once the row's target is known.
-struct Route {
-    subject: String,
+/// Where the rows of one trigger (or one app's emails) at one depth go, worked out once per
+/// claimed batch: the subject, the principal's check and the signed token are the same for all.
+struct Plan {
+    subject: async_nats::Subject,
     app: AppSlug,
+    trigger_name: Option<String>,
+    policy: RetryPolicy,
+    /// Trigger id, trigger name, principal and delivery token (absent for emails).
     run_as: Option<(Uuid, String, Uuid, String)>,
 }
 
-/// Decides where a row goes, or the answer it gets without being sent.
-fn route<S>(
+/// Decides where rows like `row` go, or the answer they get without being sent.
+fn plan<S>(
     shared: &Shared<S>,
     row: &ClaimedDelivery,
     target: Option<&DeliveryTarget>,
     email_app: Option<&AppSlug>,
     deadline_ms: i64,
-    done: &mut Done,
-) -> Result<Route, Answer> {
+) -> Result<Plan, Answer> {
     let config = &shared.config;
     let Some(trigger_id) = row.trigger_id else {
         let app = email_app.ok_or(Answer::Orphaned)?.clone();
-        done.app_slug = Some(app.clone());
-        return Ok(Route { subject: config.subjects.builtin_email(), app, run_as: None });
+        return Ok(Plan {
+            subject: config.subjects.builtin_email().into(),
+            app,
+            trigger_name: None,
+            policy: config.triggers.retry,
+            run_as: None,
+        });
     };
     let target = target.filter(|t| t.trigger.app_id == row.app_id).ok_or(Answer::Orphaned)?;
     let trigger = &target.trigger;
-    done.app_slug = Some(target.app_slug.clone());
-    done.trigger_name = Some(trigger.name.to_string());
-    done.policy = config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry);
     let access = target.standing.map(|s| Access {
         platform_admin: s.platform_admin,
         role: s.role,
@@ -292,9 +328,11 @@ fn route<S>(
         deadline_ms,
         scopes: access.scopes(),
     });
-    Ok(Route {
-        subject,
+    Ok(Plan {
+        subject: subject.into(),
         app: target.app_slug.clone(),
+        trigger_name: Some(trigger.name.to_string()),
+        policy: config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry),
         run_as: Some((trigger_id, trigger.name.to_string(), trigger.registered_by, token)),
     })
 }
@@ -304,17 +342,53 @@ fn unix_millis_after(d: Duration) -> i64 {
     (now.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-async fn deliver<S: Store>(
+/// The targets of a claimed batch: from the cache while the configuration epoch the claim saw is
+/// the one the cache was filled at, else read (and cached) again.
+async fn targets_for<S: Store>(
     shared: &Shared<S>,
-    rows: Vec<ClaimedDelivery>,
-    done_tx: &mpsc::UnboundedSender<Done>,
-) {
+    rows: &[ClaimedDelivery],
+    epoch: Option<i64>,
+) -> picloud_store::Result<HashMap<Uuid, DeliveryTarget>> {
+    let mut wanted: Vec<Uuid> = rows.iter().filter_map(|r| r.trigger_id).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut found = HashMap::with_capacity(wanted.len());
+    {
+        let cache = shared.targets.lock().expect("target cache lock");
+        if cache.epoch.is_some() && cache.epoch == epoch {
+            wanted.retain(|id| match cache.targets.get(id) {
+                Some(target) => {
+                    found.insert(*id, target.clone());
+                    false
+                }
+                None => true,
+            });
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(found);
+    }
+    let read = shared.store.delivery_targets(&wanted).await?;
+    let mut cache = shared.targets.lock().expect("target cache lock");
+    if cache.epoch != read.config_epoch {
+        cache.targets.clear();
+        cache.epoch = read.config_epoch;
+    }
+    for target in read.targets {
+        cache.targets.insert(target.trigger.id, target.clone());
+        found.insert(target.trigger.id, target);
+    }
+    Ok(found)
+}
+
+/// Delivers a claimed batch: works out each trigger's plan once, builds every envelope, records
+/// them all as in flight under one lock, then publishes them back to back (so the connection
+/// writes them in few syscalls).
+async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::UnboundedSender<Done>) {
     let config = &shared.config;
-    let mut trigger_ids: Vec<Uuid> = rows.iter().filter_map(|r| r.trigger_id).collect();
-    trigger_ids.sort_unstable();
-    trigger_ids.dedup();
-    let targets = match shared.store.delivery_targets(&trigger_ids).await {
-        Ok(targets) => targets.into_iter().map(|t| (t.trigger.id, t)).collect::<HashMap<_, _>>(),
+    let rows = claim.rows;
+    let targets = match targets_for(shared, &rows, claim.config_epoch).await {
+        Ok(targets) => targets,
         Err(e) => {
             tracing::warn!(error = %e, "reading the triggers of a claimed batch failed");
             for row in &rows {
@@ -337,45 +411,58 @@ async fn deliver<S: Store>(
     }
     let deadline = Instant::now() + config.handler_timeout;
     let deadline_ms = unix_millis_after(config.handler_timeout);
+    let mut plans: HashMap<(Option<Uuid>, Uuid, u32), Result<Plan, Answer>> = HashMap::new();
+    let mut outgoing = Vec::with_capacity(rows.len());
+    let mut in_flight = Vec::with_capacity(rows.len());
     for row in rows {
-        let mut done = done_for(&row, config.triggers.retry, Answer::Timeout);
-        let target = row.trigger_id.and_then(|id| targets.get(&id));
-        let route = match route(shared, &row, target, email_apps.get(&row.app_id), deadline_ms, &mut done) {
-            Ok(route) => route,
+        let key = (row.trigger_id, row.app_id, row.depth);
+        let plan = plans.entry(key).or_insert_with(|| {
+            let target = row.trigger_id.and_then(|id| targets.get(&id));
+            plan(shared, &row, target, email_apps.get(&row.app_id), deadline_ms)
+        });
+        let plan = match plan {
+            Ok(plan) => plan,
             Err(answer) => {
                 tracing::info!(delivery_id = %row.id, ?answer, "not delivered");
-                done.answer = answer;
-                let _ = done_tx.send(done);
+                let _ = done_tx.send(done_for(&row, config.triggers.retry, answer.clone()));
                 continue;
             }
         };
-        let run_as = route.run_as.as_ref().map(|(trigger_id, trigger, principal, token)| RunAs {
+        let run_as = plan.run_as.as_ref().map(|(trigger_id, trigger, principal, token)| RunAs {
             trigger,
             trigger_id: *trigger_id,
             principal: *principal,
             token,
         });
-        let body = envelope(&row, route.app.as_str(), run_as, deadline_ms);
+        let body = envelope(&row, plan.app.as_str(), run_as, deadline_ms);
         let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
-            if in_flight.deadlines.is_empty() {
-                shared.timer.notify_one();
-            }
-            in_flight.deadlines.push_back((deadline, seq));
-            in_flight.pending.insert(seq, done);
+        let mut done = done_for(&row, plan.policy, Answer::Timeout);
+        done.app_slug = Some(plan.app.clone());
+        done.trigger_name = plan.trigger_name.clone();
+        in_flight.push((seq, done));
+        outgoing.push((seq, plan.subject.clone(), body));
+    }
+    {
+        let mut table = shared.in_flight.lock().expect("in-flight lock");
+        if table.deadlines.is_empty() && !in_flight.is_empty() {
+            shared.timer.notify_one();
         }
+        for (seq, done) in in_flight {
+            table.deadlines.push_back((deadline, seq));
+            table.pending.insert(seq, done);
+        }
+    }
+    for (seq, subject, body) in outgoing {
         let reply = format!("{}.{seq}", shared.inbox);
-        if let Err(e) = shared
+        let published = shared
             .nats
-            .publish_with_reply_and_headers(route.subject, reply, shared.headers.clone(), body.into())
-            .await
+            .publish_with_reply_and_headers(subject, reply, shared.headers.clone(), body.into())
+            .await;
+        if let Err(e) = published
+            && let Some(mut done) = take(shared, seq)
         {
-            let unsent = shared.in_flight.lock().expect("in-flight lock").pending.remove(&seq);
-            if let Some(mut done) = unsent {
-                done.answer = Answer::Failed(format!("publishing failed: {e}"));
-                let _ = done_tx.send(done);
-            }
+            done.answer = Answer::Failed(format!("publishing failed: {e}"));
+            let _ = done_tx.send(done);
         }
     }
 }

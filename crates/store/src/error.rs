@@ -62,6 +62,9 @@ pub enum Error {
     /// A dead letter cannot be replayed because its trigger was deleted.
     #[error("trigger {0:?} of this dead letter no longer exists")]
     TriggerGone(String),
+    /// A concurrent writer changed what this write depended on; trying again succeeds.
+    #[error("{0} changed concurrently; try again")]
+    Conflict(String),
     /// A stored value could not be read back (a bug or a hand-edited row).
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
@@ -82,6 +85,7 @@ impl Error {
     /// Whether trying again may succeed (connection trouble, serialization failures).
     pub fn is_transient(&self) -> bool {
         match self {
+            Error::Conflict(_) => true,
             Error::Database(e) => match e {
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
                 sqlx::Error::Database(db) => {

@@ -1,8 +1,9 @@
 //! Writing events: the functions the API, the NATS ingest and a Rust app sharing the database
 //! call inside their own transaction. Each records the change, looks up the enabled triggers it
-//! fires and inserts one outbox row per trigger (the `outbox` insert trigger then `NOTIFY`s the
-//! relays at commit). An event at depth ≥ the configured maximum fires nothing: each trigger it
-//! would have fired gets a `max_depth` dead letter instead.
+//! fires and inserts one outbox row per trigger. Commit with [`commit_and_wake`] (or commit, then
+//! call `wake_relays`) so relays `NOTIFY`-wake at once instead of at their next poll. An event at
+//! depth ≥ the configured maximum fires nothing: each trigger it would have fired gets a
+//! `max_depth` dead letter instead.
 //!
 //! Dead letters fan out here too ([`fan_out_dead_letters`]), in the transaction that creates them.
 
@@ -17,6 +18,16 @@ use uuid::Uuid;
 
 use crate::model::*;
 use crate::{Error, Result, Store};
+
+/// Commits a transaction that wrote events and wakes the relays. The wake-up is best effort
+/// (relays poll too): its failure is logged, not returned, because the events are committed.
+pub async fn commit_and_wake<S: Store>(s: &S, tx: S::Tx) -> Result<()> {
+    s.commit(tx).await?;
+    if let Err(e) = s.wake_relays().await {
+        tracing::warn!(error = %e, "committed, but waking the relays failed; they will poll");
+    }
+    Ok(())
+}
 
 /// Where and how deep an event is written.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +136,7 @@ pub fn max_attempts(trigger: &Trigger, config: &TriggerConfig) -> u32 {
 }
 
 /// Upserts a KV entry and fires the matching `kv` triggers with
-/// `{collection, key, op: "put", value, previous, version}`.
+/// `{collection, key, op: "put", value, previous, version}`, in the caller's transaction.
 pub async fn kv_put<S: Store>(
     s: &S,
     tx: &mut S::Tx,
@@ -135,21 +146,87 @@ pub async fn kv_put<S: Store>(
     value: &serde_json::Value,
     expected: Option<i64>,
 ) -> Result<(KvPutResult, Fired)> {
+    let source = source::kv(cx.app_slug.as_str(), collection.as_str());
+    if expected.is_none() && cx.depth < cx.config.max_depth {
+        let put = firing_put(cx, &source, collection, key, value);
+        let (result, deliveries) = s.kv_put_firing(Some(tx), &put).await?;
+        return Ok((result, Fired { deliveries, too_deep: 0 }));
+    }
     let put = s.kv_put(tx, cx.app_id, collection.as_str(), key.as_str(), value, expected).await?;
     let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Put).await?;
-    let data = raw(&json!({
-        "collection": collection, "key": key, "op": "put",
-        "value": value, "previous": put.previous, "version": put.version,
-    }));
+    let data = kv_event_data(
+        collection.as_str(),
+        key.as_str(),
+        KvOp::Put,
+        Some(value),
+        put.previous.as_ref(),
+        put.version,
+    );
     let event = Event {
         kind: EventKind::Kv,
         event_type: event_type::KV_PUT,
-        source: source::kv(cx.app_slug.as_str(), collection.as_str()),
+        source,
         subject: Some(key.as_str()),
         payload: &data,
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok((put, fired))
+}
+
+/// [`kv_put`] committed on its own, and the relays woken: the write path of one KV put. Without
+/// an expected version and below the depth limit it is a single statement (one round trip).
+pub async fn kv_put_now<S: Store>(
+    s: &S,
+    cx: &EventContext<'_>,
+    collection: &CollectionName,
+    key: &KvKey,
+    value: &serde_json::Value,
+    expected: Option<i64>,
+) -> Result<(KvPutResult, Fired)> {
+    let mut tries = 0;
+    loop {
+        let written = if expected.is_none() && cx.depth < cx.config.max_depth {
+            let source = source::kv(cx.app_slug.as_str(), collection.as_str());
+            let put = firing_put(cx, &source, collection, key, value);
+            s.kv_put_firing(None, &put)
+                .await
+                .map(|(result, deliveries)| (result, Fired { deliveries, too_deep: 0 }))
+        } else {
+            let mut tx = s.begin().await?;
+            match kv_put(s, &mut tx, cx, collection, key, value, expected).await {
+                Ok(written) => s.commit(tx).await.map(|()| written),
+                Err(e) => Err(e),
+            }
+        };
+        match written {
+            Err(Error::Conflict(_)) if tries < 5 => tries += 1,
+            Err(e) => return Err(e),
+            Ok(written) => {
+                if written.1.deliveries > 0 {
+                    s.wake_relays().await?;
+                }
+                return Ok(written);
+            }
+        }
+    }
+}
+
+fn firing_put<'a>(
+    cx: &EventContext<'_>,
+    source: &'a str,
+    collection: &'a CollectionName,
+    key: &'a KvKey,
+    value: &'a serde_json::Value,
+) -> FiringPut<'a> {
+    FiringPut {
+        app_id: cx.app_id,
+        source,
+        collection: collection.as_str(),
+        key: key.as_str(),
+        value,
+        depth: cx.depth,
+        default_max_attempts: cx.config.retry.max_attempts,
+    }
 }
 
 /// Deletes a KV entry and fires the matching `kv` triggers with
@@ -167,10 +244,14 @@ pub async fn kv_delete<S: Store>(
         return Ok(None);
     };
     let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Delete).await?;
-    let data = raw(&json!({
-        "collection": collection, "key": key, "op": "delete",
-        "value": null, "previous": deleted.value, "version": deleted.version,
-    }));
+    let data = kv_event_data(
+        collection.as_str(),
+        key.as_str(),
+        KvOp::Delete,
+        None,
+        Some(&deleted.value),
+        deleted.version,
+    );
     let event = Event {
         kind: EventKind::Kv,
         event_type: event_type::KV_DELETE,

@@ -127,6 +127,25 @@ pub struct DeliveryTarget {
     pub standing: Option<Standing>,
 }
 
+/// Delivery targets as of one configuration epoch.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// The targets found.
+    pub targets: Vec<DeliveryTarget>,
+    /// The configuration epoch they were read at (`None` when none was found).
+    pub config_epoch: Option<i64>,
+}
+
+/// What one claim took.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The claimed deliveries.
+    pub rows: Vec<model::ClaimedDelivery>,
+    /// The configuration epoch at the claim (`None` when nothing was claimed): targets read at
+    /// the same epoch are still exact.
+    pub config_epoch: Option<i64>,
+}
+
 /// Triggers: CRUD and the matching that writes use.
 pub trait TriggerRepo: Transactional {
     /// Registers a trigger with its kind's details.
@@ -185,7 +204,7 @@ pub trait TriggerRepo: Transactional {
         kind: EventKind,
     ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
     /// The triggers with these ids, with what delivering for them needs; missing ones are left out.
-    fn delivery_targets(&self, ids: &[Uuid]) -> impl Future<Output = Result<Vec<DeliveryTarget>>> + Send;
+    fn delivery_targets(&self, ids: &[Uuid]) -> impl Future<Output = Result<Targets>> + Send;
 }
 
 /// Wake-ups of a relay: an item whenever deliveries may have been written (an error when the
@@ -194,9 +213,14 @@ pub type Wakeups = futures::stream::BoxStream<'static, Result<()>>;
 
 /// The outbox: one row per delivery.
 pub trait OutboxRepo: Transactional {
-    /// Subscribes to wake-ups: every committed transaction that inserted deliveries sends one
-    /// (Postgres: `LISTEN picloud_outbox`).
+    /// Subscribes to wake-ups (Postgres: `LISTEN picloud_outbox`).
     fn listen(&self) -> impl Future<Output = Result<Wakeups>> + Send;
+    /// Wakes every listening relay: call it after committing deliveries (relays also poll, so a
+    /// missed wake-up only delays). Postgres: a `NOTIFY picloud_outbox` sent soon after by a
+    /// background task, one at a time, in a transaction of its own — a `NOTIFY` inside the
+    /// writer's transaction would hold Postgres' global notify lock through that transaction's
+    /// commit and so serialize every writer's commit.
+    fn wake_relays(&self) -> impl Future<Output = Result<()>> + Send;
     /// How long until the earliest delivery that is not due yet becomes due, if there is one.
     fn next_due_in(&self) -> impl Future<Output = Result<Option<Duration>>> + Send;
     /// Inserts deliveries in the caller's transaction. A repeated idempotency key fails with
@@ -215,15 +239,18 @@ pub trait OutboxRepo: Transactional {
     ) -> impl Future<Output = Result<(Uuid, bool)>> + Send;
     /// Claims up to `batch` due, unleased deliveries, oldest due first, in one statement: counts
     /// the attempt and leases them to `node` for `lease`. Rows locked by a concurrent claim are
-    /// skipped, never waited for.
+    /// skipped, never waited for. Reports the configuration epoch too (any change to apps,
+    /// principals, memberships or triggers moves it).
     fn claim_due(
         &self,
         batch: u32,
         lease: Duration,
         node: &str,
-    ) -> impl Future<Output = Result<Vec<model::ClaimedDelivery>>> + Send;
+    ) -> impl Future<Output = Result<Claim>> + Send;
     /// Deletes delivered rows.
     fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
+    /// Deletes delivered rows in a statement of its own (the common completion, in one round trip).
+    fn delete_delivered(&self, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
     /// Schedules failed attempts again, releasing their lease. Rows whose attempt count moved on
     /// (claimed again after the lease ran out) are left alone.
     fn reschedule(
@@ -324,6 +351,17 @@ pub trait KvRepo: Transactional {
         value: &serde_json::Value,
         expected: Option<i64>,
     ) -> impl Future<Output = Result<model::KvPutResult>> + Send;
+    /// Upserts an entry and, in the same step, writes one `picloud.kv.put` delivery per enabled
+    /// `kv` trigger of the app whose pattern matches the collection and whose ops hold `put`,
+    /// with the event data of DESIGN §3. In `tx`, or in a statement of its own when `tx` is
+    /// `None` (for Postgres one round trip: the write path of a single KV put). A concurrent
+    /// first write of the same key fails with [`Error::Conflict`]; try again. Returns the put and
+    /// how many deliveries it wrote.
+    fn kv_put_firing(
+        &self,
+        tx: Option<&mut Self::Tx>,
+        put: &model::FiringPut<'_>,
+    ) -> impl Future<Output = Result<(model::KvPutResult, usize)>> + Send;
     /// Deletes an entry, returning it; `None` if it did not exist. With `expected`, only if its
     /// version is that.
     fn kv_delete(

@@ -594,6 +594,41 @@ pub struct KvPutResult {
     pub previous: Option<serde_json::Value>,
 }
 
+/// A KV put that fires its triggers, as [`crate::KvRepo::kv_put_firing`] writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct FiringPut<'a> {
+    /// The app.
+    pub app_id: Uuid,
+    /// The CloudEvents source of the event (`/apps/<app>/kv/<collection>`).
+    pub source: &'a str,
+    /// The collection.
+    pub collection: &'a str,
+    /// The key.
+    pub key: &'a str,
+    /// The new value.
+    pub value: &'a serde_json::Value,
+    /// The event's depth (below the limit: the caller checked).
+    pub depth: u32,
+    /// Attempts for triggers without an override.
+    pub default_max_attempts: u32,
+}
+
+/// The event data of a KV change (DESIGN §3): `{collection, key, op, value, previous, version}`.
+pub fn kv_event_data(
+    collection: &str,
+    key: &str,
+    op: KvOp,
+    value: Option<&serde_json::Value>,
+    previous: Option<&serde_json::Value>,
+    version: i64,
+) -> Box<RawValue> {
+    serde_json::value::to_raw_value(&serde_json::json!({
+        "collection": collection, "key": key, "op": op.as_str(),
+        "value": value, "previous": previous, "version": version,
+    }))
+    .expect("a JSON value serializes")
+}
+
 /// One page of a keyset-paged list.
 #[derive(Debug, Clone)]
 pub struct Page<T> {

@@ -195,7 +195,7 @@ impl World {
         )
         .await
         .unwrap();
-        self.store.commit(tx).await.unwrap();
+        events::commit_and_wake(&self.store, tx).await.unwrap();
         fired
     }
 

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use crate::model::*;
 use crate::{
-    AbandonedRepo, AuthRepo, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo, OutboxRepo, Result,
-    Standing, Transactional, TriggerRepo, Wakeups,
+    AbandonedRepo, AuthRepo, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo, OutboxRepo, Result,
+    Standing, Targets, Transactional, TriggerRepo, Wakeups,
 };
 
 /// An outbox row.
@@ -52,6 +52,8 @@ struct State {
     outbox: HashMap<Uuid, OutboxRow>,
     dead_letters: BTreeMap<Uuid, DeadLetter>,
     abandoned: BTreeMap<Uuid, AbandonedExecution>,
+    /// Bumped by every change to apps, principals, memberships and triggers.
+    config_epoch: i64,
 }
 
 /// The in-memory store.
@@ -59,7 +61,7 @@ struct State {
 pub struct MemStore {
     /// All state; a transaction holds this lock from begin to commit or drop.
     state: Arc<Mutex<State>>,
-    /// Bumped when a transaction that inserted deliveries commits; listeners watch it.
+    /// Bumped by `wake_relays`; listeners watch it.
     wake: Arc<watch::Sender<u64>>,
     clock: Clock,
 }
@@ -76,8 +78,6 @@ pub struct MemTx {
     state: OwnedMutexGuard<State>,
     /// Restored on drop unless the transaction committed.
     snapshot: Option<State>,
-    /// Whether this transaction inserted deliveries (and so wakes listeners at commit).
-    inserted: bool,
 }
 
 impl Drop for MemTx {
@@ -117,16 +117,11 @@ impl Transactional for MemStore {
     async fn begin(&self) -> Result<MemTx> {
         let state = self.lock().await;
         let snapshot = Some(state.clone());
-        Ok(MemTx { state, snapshot, inserted: false })
+        Ok(MemTx { state, snapshot })
     }
 
     async fn commit(&self, mut tx: MemTx) -> Result<()> {
         tx.snapshot = None;
-        let inserted = tx.inserted;
-        drop(tx);
-        if inserted {
-            self.wake.send_modify(|n| *n += 1);
-        }
         Ok(())
     }
 
@@ -153,6 +148,7 @@ impl AuthRepo for MemStore {
         }
         let app = App { id: Uuid::now_v7(), slug: slug.clone(), created_at: self.now() };
         s.apps.insert(app.id, app.clone());
+        s.config_epoch += 1;
         Ok(app)
     }
 
@@ -190,13 +186,16 @@ impl AuthRepo for MemStore {
         s.outbox.retain(|_, r| r.new.app_id != id);
         s.dead_letters.retain(|_, d| d.app_id != id);
         s.abandoned.retain(|_, a| a.app_id != id);
+        s.config_epoch += 1;
         Ok(true)
     }
 
     async fn create_principal(&self, name: &str, platform_admin: bool) -> Result<Principal> {
         let principal =
             Principal { id: Uuid::now_v7(), name: name.to_owned(), platform_admin, created_at: self.now() };
-        self.lock().await.principals.insert(principal.id, principal.clone());
+        let mut s = self.lock().await;
+        s.principals.insert(principal.id, principal.clone());
+        s.config_epoch += 1;
         Ok(principal)
     }
 
@@ -213,11 +212,14 @@ impl AuthRepo for MemStore {
             return Err(Error::AppNotFound(app_id.to_string()));
         }
         s.members.insert((app_id, principal_id), role);
+        s.config_epoch += 1;
         Ok(())
     }
 
     async fn remove_member(&self, app_id: Uuid, principal_id: Uuid) -> Result<bool> {
-        Ok(self.lock().await.members.remove(&(app_id, principal_id)).is_some())
+        let mut s = self.lock().await;
+        s.config_epoch += 1;
+        Ok(s.members.remove(&(app_id, principal_id)).is_some())
     }
 
     async fn standing(&self, app_id: Uuid, principal_id: Uuid) -> Result<Option<Standing>> {
@@ -313,6 +315,7 @@ impl TriggerRepo for MemStore {
             updated_at: now,
         };
         s.triggers.insert(trigger.id, trigger.clone());
+        s.config_epoch += 1;
         Ok(trigger)
     }
 
@@ -352,7 +355,9 @@ impl TriggerRepo for MemStore {
             trigger.retry = retry;
         }
         trigger.updated_at = now;
-        Ok(trigger.clone())
+        let updated = trigger.clone();
+        s.config_epoch += 1;
+        Ok(updated)
     }
 
     async fn delete_trigger(&self, app_id: Uuid, name: &str) -> Result<bool> {
@@ -363,6 +368,7 @@ impl TriggerRepo for MemStore {
             return Ok(false);
         };
         s.triggers.remove(&id);
+        s.config_epoch += 1;
         for d in s.dead_letters.values_mut().filter(|d| d.trigger_id == Some(id)) {
             d.trigger_id = None;
         }
@@ -440,9 +446,9 @@ impl TriggerRepo for MemStore {
         ))
     }
 
-    async fn delivery_targets(&self, ids: &[Uuid]) -> Result<Vec<DeliveryTarget>> {
+    async fn delivery_targets(&self, ids: &[Uuid]) -> Result<Targets> {
         let s = self.lock().await;
-        Ok(ids
+        let targets: Vec<DeliveryTarget> = ids
             .iter()
             .filter_map(|id| s.triggers.get(id))
             .filter_map(|t| {
@@ -456,7 +462,9 @@ impl TriggerRepo for MemStore {
                     }),
                 })
             })
-            .collect())
+            .collect();
+        let config_epoch = (!targets.is_empty()).then_some(s.config_epoch);
+        Ok(Targets { targets, config_epoch })
     }
 }
 
@@ -468,6 +476,11 @@ impl OutboxRepo for MemStore {
             Some((Ok(()), rx))
         })
         .boxed())
+    }
+
+    async fn wake_relays(&self) -> Result<()> {
+        self.wake.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     async fn next_due_in(&self) -> Result<Option<Duration>> {
@@ -483,7 +496,6 @@ impl OutboxRepo for MemStore {
 
     async fn insert_deliveries(&self, tx: &mut MemTx, rows: &[NewDelivery]) -> Result<()> {
         let now = self.now();
-        tx.inserted |= !rows.is_empty();
         for row in rows {
             if let Some(key) = &row.idempotency_key {
                 let taken = tx.state.outbox.values().any(|r| {
@@ -523,7 +535,7 @@ impl OutboxRepo for MemStore {
         Ok((row.id, true))
     }
 
-    async fn claim_due(&self, batch: u32, lease: Duration, _node: &str) -> Result<Vec<ClaimedDelivery>> {
+    async fn claim_due(&self, batch: u32, lease: Duration, _node: &str) -> Result<Claim> {
         let now = self.now();
         let mut s = self.lock().await;
         let mut due: Vec<(OffsetDateTime, Uuid)> = s
@@ -557,11 +569,17 @@ impl OutboxRepo for MemStore {
                 created_at: r.created_at,
             });
         }
-        Ok(claimed)
+        let config_epoch = (!claimed.is_empty()).then_some(s.config_epoch);
+        Ok(Claim { rows: claimed, config_epoch })
     }
 
     async fn delete_deliveries(&self, tx: &mut MemTx, ids: &[Uuid]) -> Result<u64> {
         Ok(ids.iter().filter(|id| tx.state.outbox.remove(id).is_some()).count() as u64)
+    }
+
+    async fn delete_delivered(&self, ids: &[Uuid]) -> Result<u64> {
+        let mut s = self.lock().await;
+        Ok(ids.iter().filter(|id| s.outbox.remove(id).is_some()).count() as u64)
     }
 
     async fn reschedule(&self, tx: &mut MemTx, rows: &[Reschedule]) -> Result<u64> {
@@ -785,6 +803,44 @@ fn kv_entry(collection: &str, key: &str, row: &KvRow) -> Result<KvEntry> {
     })
 }
 
+impl MemStore {
+    /// [`KvRepo::kv_put_firing`] inside a transaction.
+    async fn put_firing(&self, tx: &mut MemTx, put: &FiringPut<'_>) -> Result<(KvPutResult, usize)> {
+        let result = self.kv_put(tx, put.app_id, put.collection, put.key, put.value, None).await?;
+        let triggers = self.list_matching_kv(tx, put.app_id, put.collection, KvOp::Put).await?;
+        let data = kv_event_data(
+            put.collection,
+            put.key,
+            KvOp::Put,
+            Some(put.value),
+            result.previous.as_ref(),
+            result.version,
+        );
+        let rows: Vec<NewDelivery> = triggers
+            .iter()
+            .map(|t| NewDelivery {
+                id: Uuid::now_v7(),
+                app_id: put.app_id,
+                trigger_id: Some(t.id),
+                kind: EventKind::Kv,
+                event_type: picloud_core::protocol::event_type::KV_PUT.to_owned(),
+                source: put.source.to_owned(),
+                subject: Some(put.key.to_owned()),
+                payload: data.clone(),
+                depth: put.depth,
+                max_attempts: t.retry.max_attempts.unwrap_or(put.default_max_attempts),
+                delay: Duration::ZERO,
+                reply_to: None,
+                idempotency_key: None,
+                dead_letter_id: None,
+                event_time: None,
+            })
+            .collect();
+        self.insert_deliveries(tx, &rows).await?;
+        Ok((result, rows.len()))
+    }
+}
+
 impl KvRepo for MemStore {
     async fn kv_get(&self, app_id: Uuid, collection: &str, key: &str) -> Result<Option<KvEntry>> {
         let s = self.lock().await;
@@ -803,9 +859,6 @@ impl KvRepo for MemStore {
         expected: Option<i64>,
     ) -> Result<KvPutResult> {
         let now = self.now();
-        if !tx.state.apps.contains_key(&app_id) {
-            return Err(Error::AppNotFound(app_id.to_string()));
-        }
         let slot = (app_id, collection.to_owned(), key.to_owned());
         let current = tx.state.kv.get(&slot);
         if let Some(expected) = expected
@@ -817,6 +870,22 @@ impl KvRepo for MemStore {
         let version = current.map_or(1, |r| r.version + 1);
         tx.state.kv.insert(slot, KvRow { value: value.clone(), version, updated_at: now });
         Ok(KvPutResult { version, previous })
+    }
+
+    async fn kv_put_firing(
+        &self,
+        tx: Option<&mut MemTx>,
+        put: &FiringPut<'_>,
+    ) -> Result<(KvPutResult, usize)> {
+        match tx {
+            Some(tx) => self.put_firing(tx, put).await,
+            None => {
+                let mut tx = self.begin().await?;
+                let done = self.put_firing(&mut tx, put).await?;
+                self.commit(tx).await?;
+                Ok(done)
+            }
+        }
     }
 
     async fn kv_delete(

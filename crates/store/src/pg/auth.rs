@@ -61,8 +61,10 @@ impl AuthRepo for PgStore {
 
     async fn delete_app(&self, id: Uuid) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        // The outbox has no foreign keys (see the migration), so its rows go explicitly.
+        // The outbox and KV entries have no foreign keys (see the migration): their rows go
+        // explicitly.
         sqlx::query("DELETE FROM outbox WHERE app_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM kv_entries WHERE app_id = $1").bind(id).execute(&mut *tx).await?;
         let deleted = sqlx::query("DELETE FROM apps WHERE id = $1").bind(id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(deleted.rows_affected() == 1)

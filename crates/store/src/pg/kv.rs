@@ -80,16 +80,74 @@ impl KvRepo for PgStore {
             .bind(Json(value))
             .bind(self.now())
             .execute(&mut **tx)
-            .await
-            .map_err(|e| match super::violated(&e) {
-                Some((code, _)) if code == "23503" => Error::AppNotFound(app_id.to_string()),
-                _ => e.into(),
-            })?;
+            .await?;
             if inserted.rows_affected() == 1 {
                 return Ok(KvPutResult { version: 1, previous: None });
             }
             // A concurrent writer created the key after our read: read it again, locked.
         }
+    }
+
+    async fn kv_put_firing(
+        &self,
+        tx: Option<&mut Self::Tx>,
+        put: &FiringPut<'_>,
+    ) -> Result<(KvPutResult, usize)> {
+        let query = sqlx::query(
+            "WITH prev AS (
+                 SELECT value, version FROM kv_entries
+                  WHERE app_id = $1 AND collection = $2 AND key = $3
+                    FOR UPDATE
+             ), up AS (
+                 -- Reading `prev` here makes it run (and lock) before the upsert: read after it,
+                 -- FOR UPDATE would skip the row this very statement had just updated.
+                 INSERT INTO kv_entries AS k (app_id, collection, key, value, version, created_at, updated_at)
+                 SELECT $1, $2, $3, $4, 1, coalesce($8, now()), coalesce($8, now())
+                   FROM (SELECT count(*) FROM prev) AS locked
+                 ON CONFLICT (app_id, collection, key) DO UPDATE
+                    SET value = excluded.value, version = k.version + 1, updated_at = excluded.updated_at
+                 RETURNING k.version
+             ), fired AS (
+                 INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
+                                     max_attempts, due_at, created_at)
+                 SELECT picloud_uuid_v7(), $1, t.id, 'kv', 'picloud.kv.put', $5, $3,
+                        jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put', 'value', $4::jsonb,
+                                           'previous', (SELECT value FROM prev),
+                                           'version', (SELECT version FROM up))::json,
+                        $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now())
+                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id
+                  WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
+                    AND CASE WHEN d.collection_is_prefix THEN starts_with($2, d.collection_stem)
+                             ELSE d.collection_stem = $2 END
+                 RETURNING 1
+             )
+             SELECT up.version, prev.value AS previous, (SELECT count(*) FROM fired) AS fired,
+                    CASE WHEN up.version = coalesce(prev.version, 0) + 1 THEN true
+                         ELSE picloud_raced('kv entry') END AS consistent
+               FROM up LEFT JOIN prev ON true",
+        )
+        .bind(put.app_id)
+        .bind(put.collection)
+        .bind(put.key)
+        .bind(Json(put.value))
+        .bind(put.source)
+        .bind(put.depth as i32)
+        .bind(put.default_max_attempts as i32)
+        .bind(self.now());
+        let row = match tx {
+            Some(tx) => query.fetch_one(&mut **tx).await,
+            None => query.fetch_one(&self.pool).await,
+        }
+        .map_err(|e| match super::violated(&e) {
+            Some((code, _)) if code == "40001" => Error::Conflict(format!("{}/{}", put.collection, put.key)),
+            _ => e.into(),
+        })?;
+        let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;
+        let fired: i64 = row.try_get("fired")?;
+        Ok((
+            KvPutResult { version: row.try_get("version")?, previous: previous.map(|p| p.0) },
+            fired as usize,
+        ))
     }
 
     async fn kv_delete(

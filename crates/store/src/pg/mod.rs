@@ -32,17 +32,89 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 pub struct PgStore {
     pool: PgPool,
     clock: Clock,
+    waker: Waker,
+}
+
+/// Sends this process's wake-ups for the relays: `wake_relays` only flags that one is due, and a
+/// single task sends the `NOTIFY`s one at a time, so wake-ups asked for while one is on its way
+/// are folded into the next, and no writer waits on Postgres' global notify lock.
+#[derive(Debug, Clone)]
+struct Waker {
+    /// Capacity one: a full channel means a wake-up is already due.
+    due: tokio::sync::mpsc::Sender<()>,
+    /// The receiving end, until the first wake-up starts the task that owns it.
+    pending: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<()>>>>,
+}
+
+impl Waker {
+    fn new() -> Self {
+        let (due, pending) = tokio::sync::mpsc::channel(1);
+        Self { due, pending: std::sync::Arc::new(std::sync::Mutex::new(Some(pending))) }
+    }
+
+    /// Flags a wake-up, starting the sending task on first use. The task sends on a connection
+    /// of its own (a wake-up must not queue behind the writes for a pooled connection), and ends
+    /// once every clone of the store is dropped.
+    fn wake(&self, pool: &PgPool) {
+        if let Some(mut due) = self.pending.lock().expect("waker lock").take() {
+            let options = pool.connect_options().as_ref().clone();
+            tokio::spawn(async move {
+                let mut conn: Option<sqlx::PgConnection> = None;
+                while due.recv().await.is_some() {
+                    if conn.is_none() {
+                        conn = sqlx::ConnectOptions::connect(&options)
+                            .await
+                            .inspect_err(
+                                |e| tracing::warn!(error = %e, "waking the relays failed; they will poll"),
+                            )
+                            .ok();
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    // The notification carries no data, so it need not wait for the WAL flush.
+                    let sent = sqlx::query(
+                        "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+                    )
+                    .bind(outbox::CHANNEL)
+                    .execute(&mut *c)
+                    .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "waking the relays failed; they will poll");
+                        conn = None;
+                    }
+                }
+            });
+        }
+        let _ = self.due.try_send(());
+    }
 }
 
 impl PgStore {
     /// A store over an existing pool, on the database's clock.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, clock: Clock::system() }
+        Self { pool, clock: Clock::system(), waker: Waker::new() }
     }
 
     /// Connects a pool of up to `max_connections` to `url`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        Self::connect_with(url.parse()?, max_connections).await
+    }
+
+    /// Connects a pool for a relay: its commits do not wait for the WAL flush
+    /// (`synchronous_commit = off`). Everything a relay writes is its own bookkeeping — leases,
+    /// completions, dead letters moved from the outbox — and a crash that loses the last of it
+    /// only makes rows deliverable again (at least once), never loses an event a client was told
+    /// about. Writes acknowledged to clients must use [`PgStore::connect`].
+    /// Its statements also use generic plans (`plan_cache_mode`): they run thousands of times a
+    /// second with plans that do not depend on their arguments, and re-planning
+    /// `DELETE … WHERE id = ANY ($1)` for every completion cost more than executing it.
+    pub async fn connect_relay(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
+        let options =
+            options.options([("synchronous_commit", "off"), ("plan_cache_mode", "force_generic_plan")]);
+        Self::connect_with(options, max_connections).await
+    }
+
+    async fn connect_with(options: PgConnectOptions, max_connections: u32) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))

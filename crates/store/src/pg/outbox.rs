@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::rows::{event_kind, raw_json};
 use super::{PgStore, violated};
 use crate::model::*;
-use crate::{Error, OutboxRepo, Result, Wakeups};
+use crate::{Claim, Error, OutboxRepo, Result, Wakeups};
 
 const INSERT: &str = "
     INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
@@ -111,14 +111,19 @@ fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
     }
 }
 
-/// The channel the `outbox` insert trigger notifies.
-const CHANNEL: &str = "picloud_outbox";
+/// The channel relays listen on.
+pub(super) const CHANNEL: &str = "picloud_outbox";
 
 impl OutboxRepo for PgStore {
     async fn listen(&self) -> Result<Wakeups> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
         Ok(listener.into_stream().map(|n| n.map(|_| ()).map_err(Error::from)).boxed())
+    }
+
+    async fn wake_relays(&self) -> Result<()> {
+        self.waker.wake(&self.pool);
+        Ok(())
     }
 
     async fn next_due_in(&self) -> Result<Option<Duration>> {
@@ -159,25 +164,23 @@ impl OutboxRepo for PgStore {
         Ok((existing, false))
     }
 
-    async fn claim_due(&self, batch: u32, lease: Duration, node: &str) -> Result<Vec<ClaimedDelivery>> {
+    async fn claim_due(&self, batch: u32, lease: Duration, node: &str) -> Result<Claim> {
         let claimed = sqlx::query(
-            "WITH due AS (
-                 SELECT id FROM outbox
-                  WHERE due_at <= coalesce($3, now())
-                    AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
-                  ORDER BY due_at
-                  LIMIT $1
-                  FOR UPDATE SKIP LOCKED
-             )
-             UPDATE outbox o
+            "UPDATE outbox o
                 SET attempts = o.attempts + 1,
                     leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
                     leased_by = $4
-               FROM due
-              WHERE o.id = due.id
+              WHERE o.ctid = ANY (ARRAY(
+                    SELECT ctid FROM outbox
+                     WHERE due_at <= coalesce($3, now())
+                       AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
+                     ORDER BY due_at
+                     LIMIT $1
+                       FOR UPDATE SKIP LOCKED))
           RETURNING o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject,
                     o.payload::text AS payload, o.depth, o.attempts, o.max_attempts, o.reply_to,
-                    o.dead_letter_id, o.last_error, o.created_at",
+                    o.dead_letter_id, o.last_error, o.created_at,
+                    (SELECT epoch FROM config_epoch) AS config_epoch",
         )
         .bind(i64::from(batch))
         .bind(millis(lease))
@@ -185,7 +188,8 @@ impl OutboxRepo for PgStore {
         .bind(node)
         .fetch_all(&self.pool)
         .await?;
-        claimed
+        let config_epoch = claimed.first().map(|row| row.try_get("config_epoch")).transpose()?;
+        let rows = claimed
             .iter()
             .map(|row| {
                 Ok(ClaimedDelivery {
@@ -206,7 +210,8 @@ impl OutboxRepo for PgStore {
                     created_at: row.try_get("created_at")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Claim { rows, config_epoch })
     }
 
     async fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> Result<u64> {
@@ -214,6 +219,15 @@ impl OutboxRepo for PgStore {
             return Ok(0);
         }
         let done = sqlx::query("DELETE FROM outbox WHERE id = ANY ($1)").bind(ids).execute(&mut **tx).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_delivered(&self, ids: &[Uuid]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done =
+            sqlx::query("DELETE FROM outbox WHERE id = ANY ($1)").bind(ids).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 

@@ -58,6 +58,10 @@ conformance!(
     a_dropped_transaction_writes_nothing,
     a_repeated_idempotency_key_returns_the_first_id,
     pending_for_dead_letter_counts_the_other_reporting_deliveries,
+    a_wake_up_reaches_every_listener,
+    a_configuration_change_moves_the_epoch_claims_and_targets_report,
+    a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger,
+    next_due_in_tells_how_long_until_the_earliest_delayed_delivery,
     burying_moves_a_delivery_into_the_dead_letters_with_its_event,
     dead_letters_written_directly_read_back,
     dead_letters_are_listed_newest_first_with_filters_in_keyset_pages,
@@ -191,7 +195,7 @@ async fn deleting_an_app_removes_everything_of_it<S: Store>(s: S) {
     assert!(s.token_by_hash(&[1; 32]).await.unwrap().is_none());
     assert!(s.kv_get(t.app.id, "orders", "k").await.unwrap().is_none());
     assert!(s.trigger(t.app.id, "on-order").await.unwrap().is_none());
-    let claimed = s.claim_due(10, LEASE, "n").await.unwrap();
+    let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
     assert_eq!(claimed.iter().map(|c| c.app_id).collect::<Vec<_>>(), [other.app.id]);
     assert!(s.kv_get(other.app.id, "orders", "k").await.unwrap().is_some());
 }
@@ -434,20 +438,20 @@ async fn dead_letter_matching_filters_by_source_trigger_and_kind<S: Store>(s: S)
 
 async fn delivery_targets_carry_the_app_slug_and_the_current_standing<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
-    let targets = s.delivery_targets(&[trigger.id, Uuid::now_v7()]).await.unwrap();
+    let targets = s.delivery_targets(&[trigger.id, Uuid::now_v7()]).await.unwrap().targets;
     assert_eq!(targets.len(), 1);
     assert_eq!(targets[0].trigger, trigger);
     assert_eq!(targets[0].app_slug.as_str(), "shop");
     assert_eq!(targets[0].standing, Some(Standing { platform_admin: false, role: Some(Role::Admin) }));
     s.remove_member(t.app.id, t.admin.id).await.unwrap();
-    let targets = s.delivery_targets(&[trigger.id]).await.unwrap();
+    let targets = s.delivery_targets(&[trigger.id]).await.unwrap().targets;
     assert_eq!(targets[0].standing, Some(Standing { platform_admin: false, role: None }));
 }
 
 async fn deleting_a_trigger_keeps_its_dead_letters_and_their_trigger_name<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
-    let claimed = s.claim_due(1, LEASE, "n").await.unwrap();
+    let claimed = s.claim_due(1, LEASE, "n").await.unwrap().rows;
     let mut tx = s.begin().await.unwrap();
     let dead = s
         .bury(
@@ -472,7 +476,7 @@ async fn a_delivery_is_claimed_once_with_its_attempt_counted_and_its_event_intac
     row.event_time = Some(START - Duration::from_secs(60));
     insert(&s, std::slice::from_ref(&row)).await;
 
-    let claimed = s.claim_due(10, LEASE, "node-a").await.unwrap();
+    let claimed = s.claim_due(10, LEASE, "node-a").await.unwrap().rows;
     assert_eq!(claimed.len(), 1);
     let c = &claimed[0];
     assert_eq!((c.id, c.app_id, c.trigger_id, c.kind), (row.id, row.app_id, row.trigger_id, row.kind));
@@ -480,17 +484,20 @@ async fn a_delivery_is_claimed_once_with_its_attempt_counted_and_its_event_intac
     assert_eq!(serde_json::from_str::<serde_json::Value>(c.payload.get()).unwrap()["value"], j!({"n": 1}));
     assert_eq!((c.depth, c.attempt, c.max_attempts), (2, 1, 3));
     assert_eq!((c.reply_to.as_deref(), c.created_at), (Some("_INBOX.x"), START - Duration::from_secs(60)));
-    assert!(s.claim_due(10, LEASE, "node-b").await.unwrap().is_empty(), "a leased row is not claimed twice");
+    assert!(
+        s.claim_due(10, LEASE, "node-b").await.unwrap().rows.is_empty(),
+        "a leased row is not claimed twice"
+    );
 }
 
 async fn a_delayed_delivery_is_not_claimed_before_it_is_due<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     insert(&s, &[delivery(&t, &trigger, Duration::from_secs(10))]).await;
-    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty());
     s.clock().advance(Duration::from_millis(9_999));
-    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty());
     s.clock().advance(Duration::from_millis(1));
-    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().len(), 1);
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1);
 }
 
 async fn claims_take_the_oldest_due_first_up_to_the_batch<S: Store>(s: S) {
@@ -501,20 +508,20 @@ async fn claims_take_the_oldest_due_first_up_to_the_batch<S: Store>(s: S) {
     s.clock().advance(Duration::from_secs(3));
     // A batch holds the oldest due rows; within a batch no order is promised.
     let ids = |claimed: Vec<ClaimedDelivery>| claimed.into_iter().map(|c| c.id).collect::<HashSet<_>>();
-    let first = ids(s.claim_due(2, LEASE, "n").await.unwrap());
+    let first = ids(s.claim_due(2, LEASE, "n").await.unwrap().rows);
     assert_eq!(first, HashSet::from([rows[3].id, rows[1].id]));
-    let second = ids(s.claim_due(5, LEASE, "n").await.unwrap());
+    let second = ids(s.claim_due(5, LEASE, "n").await.unwrap().rows);
     assert_eq!(second, HashSet::from([rows[2].id, rows[0].id]));
 }
 
 async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
-    assert_eq!(s.claim_due(10, LEASE, "dead-node").await.unwrap()[0].attempt, 1);
+    assert_eq!(s.claim_due(10, LEASE, "dead-node").await.unwrap().rows[0].attempt, 1);
     s.clock().advance(LEASE - Duration::from_millis(1));
-    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty(), "not before the lease ends");
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty(), "not before the lease ends");
     s.clock().advance(Duration::from_millis(1));
-    let again = s.claim_due(10, LEASE, "n").await.unwrap();
+    let again = s.claim_due(10, LEASE, "n").await.unwrap().rows;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 2, "the new claim counts another attempt");
 }
@@ -522,7 +529,7 @@ async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Stor
 async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
-    let c = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    let c = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
     let mut tx = s.begin().await.unwrap();
     let moved = s
         .reschedule(
@@ -534,18 +541,18 @@ async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s
     s.commit(tx).await.unwrap();
     assert_eq!(moved, 1);
     s.clock().advance(Duration::from_millis(1_999));
-    assert!(s.claim_due(1, LEASE, "n").await.unwrap().is_empty());
+    assert!(s.claim_due(1, LEASE, "n").await.unwrap().rows.is_empty());
     s.clock().advance(Duration::from_millis(1));
-    let again = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    let again = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
     assert_eq!((again.id, again.attempt, again.last_error.as_deref()), (c.id, 2, Some("boom")));
 }
 
 async fn completions_for_a_stale_attempt_change_nothing<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
-    let first = s.claim_due(1, LEASE, "slow").await.unwrap().remove(0);
+    let first = s.claim_due(1, LEASE, "slow").await.unwrap().rows.remove(0);
     s.clock().advance(LEASE);
-    let second = s.claim_due(1, LEASE, "fast").await.unwrap().remove(0);
+    let second = s.claim_due(1, LEASE, "fast").await.unwrap().rows.remove(0);
     assert_eq!(second.attempt, 2);
     let mut tx = s.begin().await.unwrap();
     let stale = Reschedule { id: first.id, attempt: 1, delay: Duration::ZERO, error: "late".into() };
@@ -556,14 +563,17 @@ async fn completions_for_a_stale_attempt_change_nothing<S: Store>(s: S) {
         .unwrap();
     assert!(buried.is_empty());
     s.commit(tx).await.unwrap();
-    assert!(s.claim_due(1, LEASE, "n").await.unwrap().is_empty(), "the second claim's lease still holds");
+    assert!(
+        s.claim_due(1, LEASE, "n").await.unwrap().rows.is_empty(),
+        "the second claim's lease still holds"
+    );
 }
 
 async fn deleted_deliveries_are_gone<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     let rows = [delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::ZERO)];
     insert(&s, &rows).await;
-    let claimed = s.claim_due(10, LEASE, "n").await.unwrap();
+    let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
     let mut tx = s.begin().await.unwrap();
     assert_eq!(
         s.delete_deliveries(&mut tx, &[claimed[0].id, claimed[1].id, Uuid::now_v7()]).await.unwrap(),
@@ -571,7 +581,7 @@ async fn deleted_deliveries_are_gone<S: Store>(s: S) {
     );
     s.commit(tx).await.unwrap();
     s.clock().advance(LEASE * 2);
-    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty());
 }
 
 async fn a_dropped_transaction_writes_nothing<S: Store>(s: S) {
@@ -582,7 +592,7 @@ async fn a_dropped_transaction_writes_nothing<S: Store>(s: S) {
         s.insert_deliveries(&mut tx, &[delivery(&t, &trigger, Duration::ZERO)]).await.unwrap();
     }
     assert!(s.kv_get(t.app.id, "orders", "k").await.unwrap().is_none());
-    assert!(s.claim_due(10, LEASE, "n").await.unwrap().is_empty());
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty());
 }
 
 async fn a_repeated_idempotency_key_returns_the_first_id<S: Store>(s: S) {
@@ -601,7 +611,7 @@ async fn a_repeated_idempotency_key_returns_the_first_id<S: Store>(s: S) {
         Err(Error::DuplicateIdempotencyKey(k)) if k == "job-1"
     ));
     drop(tx);
-    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().len(), 1);
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1);
 }
 
 async fn pending_for_dead_letter_counts_the_other_reporting_deliveries<S: Store>(s: S) {
@@ -619,12 +629,102 @@ async fn pending_for_dead_letter_counts_the_other_reporting_deliveries<S: Store>
     assert_eq!(s.pending_for_dead_letter(&mut tx, Uuid::now_v7(), rows[0].id).await.unwrap(), 0);
 }
 
+async fn a_configuration_change_moves_the_epoch_claims_and_targets_report<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().config_epoch, None, "nothing claimed, no epoch");
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    let first = s.claim_due(10, LEASE, "n").await.unwrap().config_epoch.expect("an epoch");
+    assert_eq!(s.delivery_targets(&[trigger.id]).await.unwrap().config_epoch, Some(first), "nothing changed");
+    let mut seen = vec![first];
+    for change in 0..3 {
+        match change {
+            0 => s.set_role(t.app.id, t.admin.id, Role::Developer).await.unwrap(),
+            1 => {
+                let patch = TriggerPatch { enabled: Some(true), ..Default::default() };
+                s.update_trigger(t.app.id, "on-order", &patch).await.unwrap();
+            }
+            _ => assert!(s.remove_member(t.app.id, t.admin.id).await.unwrap()),
+        }
+        insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+        let epoch = s.claim_due(10, LEASE, "n").await.unwrap().config_epoch.expect("an epoch");
+        assert!(!seen.contains(&epoch), "change {change} moved the epoch: {seen:?} then {epoch}");
+        seen.push(epoch);
+    }
+}
+
+async fn a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let matching = s.create_trigger(&new_trigger(&t, "a", kv_spec("orders*", &[KvOp::Put]))).await.unwrap();
+    let mut retrying = new_trigger(&t, "b", kv_spec("*", &[KvOp::Put, KvOp::Delete]));
+    retrying.retry.max_attempts = Some(2);
+    let retrying = s.create_trigger(&retrying).await.unwrap();
+    s.create_trigger(&new_trigger(&t, "deletes-only", kv_spec("*", &[KvOp::Delete]))).await.unwrap();
+    s.create_trigger(&new_trigger(&t, "elsewhere", kv_spec("users", &[KvOp::Put]))).await.unwrap();
+    let put = |value: &'static serde_json::Value| FiringPut {
+        app_id: t.app.id,
+        source: "/apps/shop/kv/orders",
+        collection: "orders",
+        key: "o-1",
+        value,
+        depth: 2,
+        default_max_attempts: 7,
+    };
+    let (first_value, second_value) = (Box::leak(Box::new(j!({"n": 1}))), Box::leak(Box::new(j!({"n": 2}))));
+    let (result, fired) = s.kv_put_firing(None, &put(first_value)).await.unwrap();
+    assert_eq!((result, fired), (KvPutResult { version: 1, previous: None }, 2));
+    let mut tx = s.begin().await.unwrap();
+    let (result, fired) = s.kv_put_firing(Some(&mut tx), &put(second_value)).await.unwrap();
+    s.commit(tx).await.unwrap();
+    assert_eq!((result, fired), (KvPutResult { version: 2, previous: Some(j!({"n": 1})) }, 2));
+    assert_eq!(s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value, j!({"n": 2}));
+
+    let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+    assert_eq!(claimed.len(), 4);
+    for c in &claimed {
+        assert_eq!(
+            (c.kind, c.event_type.as_str(), c.source.as_str()),
+            (EventKind::Kv, "picloud.kv.put", "/apps/shop/kv/orders")
+        );
+        assert_eq!((c.subject.as_deref(), c.depth), (Some("o-1"), 2));
+        let expected_attempts = if c.trigger_id == Some(retrying.id) { 2 } else { 7 };
+        assert_eq!(c.max_attempts, expected_attempts);
+        assert!(c.trigger_id == Some(matching.id) || c.trigger_id == Some(retrying.id));
+    }
+    let data: Vec<serde_json::Value> =
+        claimed.iter().map(|c| serde_json::from_str(c.payload.get()).unwrap()).collect();
+    assert!(data.contains(&j!({"collection": "orders", "key": "o-1", "op": "put", "value": {"n": 2}, "previous": {"n": 1}, "version": 2})));
+    assert!(data.contains(&j!({"collection": "orders", "key": "o-1", "op": "put", "value": {"n": 1}, "previous": null, "version": 1})));
+}
+
+async fn a_wake_up_reaches_every_listener<S: Store>(s: S) {
+    use futures::StreamExt as _;
+    let mut first = s.listen().await.unwrap();
+    let mut second = s.listen().await.unwrap();
+    s.wake_relays().await.unwrap();
+    for listener in [&mut first, &mut second] {
+        let woke =
+            tokio::time::timeout(Duration::from_secs(10), listener.next()).await.expect("woken in time");
+        assert!(matches!(woke, Some(Ok(()))));
+    }
+}
+
+async fn next_due_in_tells_how_long_until_the_earliest_delayed_delivery<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    assert_eq!(s.next_due_in().await.unwrap(), None);
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::from_secs(7))])
+        .await;
+    insert(&s, &[delivery(&t, &trigger, Duration::from_secs(3))]).await;
+    assert_eq!(s.next_due_in().await.unwrap(), Some(Duration::from_secs(3)), "due rows do not count");
+    s.clock().advance(Duration::from_millis(2500));
+    assert_eq!(s.next_due_in().await.unwrap(), Some(Duration::from_millis(500)));
+}
+
 async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     let mut row = delivery(&t, &trigger, Duration::ZERO);
     row.depth = 3;
     insert(&s, std::slice::from_ref(&row)).await;
-    let c = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    let c = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
     let mut tx = s.begin().await.unwrap();
     s.reschedule(
         &mut tx,
@@ -633,7 +733,7 @@ async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>
     .await
     .unwrap();
     s.commit(tx).await.unwrap();
-    let c = s.claim_due(1, LEASE, "n").await.unwrap().remove(0);
+    let c = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
     s.clock().advance(Duration::from_secs(1));
     let mut tx = s.begin().await.unwrap();
     let dead = s
@@ -665,7 +765,7 @@ async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>
     );
     assert_eq!((d.created_at, d.resolution, d.resolved_at), (START + Duration::from_secs(1), None, None));
     s.clock().advance(LEASE * 2);
-    assert!(s.claim_due(1, LEASE, "n").await.unwrap().is_empty(), "the outbox row is gone");
+    assert!(s.claim_due(1, LEASE, "n").await.unwrap().rows.is_empty(), "the outbox row is gone");
 }
 
 fn new_dead_letter(t: &Tenant, trigger_name: &str, reason: DeadLetterReason) -> NewDeadLetter {
@@ -884,4 +984,202 @@ async fn keys_are_listed_by_prefix_in_key_order_and_pages<S: Store>(s: S) {
         keys(s.kv_list(t.app.id, "c", "", None, 10).await.unwrap()),
         ["User:0", "order:1", "user:1", "user:10", "user:2", "user_x"]
     );
+}
+
+/// The event-writing functions, on both stores.
+mod events_on_both {
+    use std::time::Duration;
+
+    use picloud_core::{CollectionName, CollectionPattern, KvKey, QueueName, TopicName, TriggerConfig};
+    use picloud_store::events::{self, EventContext, Job};
+    use picloud_store::*;
+    use serde_json::json as j;
+
+    use crate::support::*;
+
+    conformance!(
+        a_message_fans_out_to_every_matching_pubsub_trigger,
+        a_job_needs_a_queue_with_an_enabled_trigger,
+        a_delayed_job_waits_and_a_repeated_key_returns_the_first_id,
+        an_event_at_the_depth_limit_becomes_max_depth_dead_letters_that_fan_out_below_it_only,
+        a_sync_invocation_at_the_depth_limit_is_refused,
+        a_kv_delete_fires_with_the_deleted_value,
+        a_replayed_dead_letter_is_delivered_again_to_its_trigger,
+    );
+
+    fn cx<'a>(t: &'a Tenant, depth: u32, config: &'a TriggerConfig) -> EventContext<'a> {
+        EventContext { app_id: t.app.id, app_slug: &t.app.slug, depth, config }
+    }
+
+    async fn a_message_fans_out_to_every_matching_pubsub_trigger<S: Store>(s: S) {
+        let t = tenant(&s, "shop").await;
+        for (name, pattern) in [("all-news", "news*"), ("eu", "news.eu"), ("sport", "sport")] {
+            let spec = TriggerSpec::Pubsub { topic: CollectionPattern::parse(pattern).unwrap() };
+            s.create_trigger(&new_trigger(&t, name, spec)).await.unwrap();
+        }
+        let config = TriggerConfig::default();
+        let mut tx = s.begin().await.unwrap();
+        let message = json(r#"{"headline":"hi"}"#);
+        let topic = TopicName::parse("news.eu").unwrap();
+        let (_, fired) = events::publish(&s, &mut tx, &cx(&t, 0, &config), &topic, &message).await.unwrap();
+        events::commit_and_wake(&s, tx).await.unwrap();
+        assert_eq!(fired, events::Fired { deliveries: 2, too_deep: 0 });
+        let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+        assert_eq!(claimed.len(), 2);
+        assert!(claimed.iter().all(|c| c.payload.get() == r#"{"headline":"hi"}"#
+            && c.event_type == "picloud.pubsub.message"
+            && c.source == "/apps/shop/topics/news.eu"));
+    }
+
+    async fn a_job_needs_a_queue_with_an_enabled_trigger<S: Store>(s: S) {
+        let t = tenant(&s, "shop").await;
+        let config = TriggerConfig::default();
+        let queue = QueueName::parse("mail").unwrap();
+        let job = Job { payload: &json("{}"), delay: Duration::ZERO, idempotency_key: None };
+        let mut tx = s.begin().await.unwrap();
+        let missing = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await;
+        assert!(matches!(missing, Err(Error::NoSuchQueue(q)) if q == "mail"));
+        drop(tx);
+        let mut trigger = new_trigger(&t, "mailer", TriggerSpec::Queue { queue: queue.clone() });
+        trigger.enabled = false;
+        s.create_trigger(&trigger).await.unwrap();
+        let mut tx = s.begin().await.unwrap();
+        let disabled = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await;
+        assert!(matches!(disabled, Err(Error::QueueDisabled(_))));
+    }
+
+    async fn a_delayed_job_waits_and_a_repeated_key_returns_the_first_id<S: Store>(s: S) {
+        let t = tenant(&s, "shop").await;
+        let queue = QueueName::parse("mail").unwrap();
+        s.create_trigger(&new_trigger(&t, "mailer", TriggerSpec::Queue { queue: queue.clone() }))
+            .await
+            .unwrap();
+        let config = TriggerConfig::default();
+        let payload = json(r#"{"to":"a@b.c"}"#);
+        let job =
+            Job { payload: &payload, delay: Duration::from_secs(5), idempotency_key: Some("welcome-1") };
+        let mut tx = s.begin().await.unwrap();
+        let first = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await.unwrap();
+        let again = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await.unwrap();
+        s.commit(tx).await.unwrap();
+        let events::Enqueued::Created(id) = first else { panic!("{first:?}") };
+        assert_eq!(again, events::Enqueued::Existing(id));
+        assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty(), "not before its delay");
+        s.clock().advance(Duration::from_secs(5));
+        let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+        assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [id]);
+        assert_eq!(claimed[0].event_type, "picloud.queue.job");
+    }
+
+    async fn an_event_at_the_depth_limit_becomes_max_depth_dead_letters_that_fan_out_below_it_only<
+        S: Store,
+    >(
+        s: S,
+    ) {
+        let t = tenant(&s, "shop").await;
+        let on_order =
+            s.create_trigger(&new_trigger(&t, "on-order", kv_spec("orders", &[KvOp::Put]))).await.unwrap();
+        let spec = TriggerSpec::DeadLetter { source_trigger: None, source_kinds: None };
+        s.create_trigger(&new_trigger(&t, "report", spec)).await.unwrap();
+        let config = TriggerConfig { max_depth: 3, ..TriggerConfig::default() };
+        let (collection, key) = (CollectionName::parse("orders").unwrap(), KvKey::parse("o-1").unwrap());
+        let mut tx = s.begin().await.unwrap();
+        let (_, fired) =
+            events::kv_put(&s, &mut tx, &cx(&t, 3, &config), &collection, &key, &j!(1), None).await.unwrap();
+        s.commit(tx).await.unwrap();
+        assert_eq!(fired, events::Fired { deliveries: 0, too_deep: 1 });
+        let dead = s.list_dead_letters(t.app.id, &DeadLetterFilter::default(), None, 10).await.unwrap().items;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].reason, dead[0].trigger_id, dead[0].headers.depth),
+            (DeadLetterReason::MaxDepth, Some(on_order.id), 3)
+        );
+        assert!(
+            s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty(),
+            "a dead letter at the limit fires nothing"
+        );
+    }
+
+    async fn a_sync_invocation_at_the_depth_limit_is_refused<S: Store>(s: S) {
+        let t = tenant(&s, "shop").await;
+        let trigger = s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
+        let config = TriggerConfig { max_depth: 2, ..TriggerConfig::default() };
+        let mut tx = s.begin().await.unwrap();
+        let refused =
+            events::invoke(&s, &mut tx, &cx(&t, 2, &config), &trigger, &json("{}"), "_INBOX.x").await;
+        assert!(matches!(refused, Err(Error::TooDeep { depth: 2, max: 2 })));
+        let id = events::invoke(&s, &mut tx, &cx(&t, 1, &config), &trigger, &json("{}"), "_INBOX.x")
+            .await
+            .unwrap();
+        s.commit(tx).await.unwrap();
+        let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+        assert_eq!(
+            (claimed[0].id, claimed[0].max_attempts, claimed[0].reply_to.as_deref()),
+            (id, 1, Some("_INBOX.x"))
+        );
+    }
+
+    async fn a_kv_delete_fires_with_the_deleted_value<S: Store>(s: S) {
+        let t = tenant(&s, "shop").await;
+        s.create_trigger(&new_trigger(&t, "gone", kv_spec("orders", &[KvOp::Delete]))).await.unwrap();
+        let config = TriggerConfig::default();
+        let (collection, key) = (CollectionName::parse("orders").unwrap(), KvKey::parse("o-1").unwrap());
+        let mut tx = s.begin().await.unwrap();
+        events::kv_put(&s, &mut tx, &cx(&t, 0, &config), &collection, &key, &j!({"n": 1}), None)
+            .await
+            .unwrap();
+        let (deleted, fired) = events::kv_delete(&s, &mut tx, &cx(&t, 0, &config), &collection, &key, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            events::kv_delete(&s, &mut tx, &cx(&t, 0, &config), &collection, &key, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        s.commit(tx).await.unwrap();
+        assert_eq!((deleted.version, fired.deliveries), (1, 1));
+        let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+        assert_eq!(claimed[0].event_type, "picloud.kv.delete");
+        let data: serde_json::Value = serde_json::from_str(claimed[0].payload.get()).unwrap();
+        assert_eq!(
+            data,
+            j!({"collection": "orders", "key": "o-1", "op": "delete", "value": null, "previous": {"n": 1}, "version": 1})
+        );
+    }
+
+    async fn a_replayed_dead_letter_is_delivered_again_to_its_trigger<S: Store>(s: S) {
+        let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+        insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+        let c = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
+        let mut tx = s.begin().await.unwrap();
+        let dead = s
+            .bury(&mut tx, &[Bury { id: c.id, attempt: 1, reason: DeadLetterReason::Rejected, error: None }])
+            .await
+            .unwrap()
+            .remove(0);
+        s.commit(tx).await.unwrap();
+        let config = TriggerConfig::default();
+        let mut tx = s.begin().await.unwrap();
+        let id = events::replay(&s, &mut tx, &dead, Some(&trigger), &config).await.unwrap();
+        s.commit(tx).await.unwrap();
+        let again = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
+        assert_eq!((again.id, again.attempt, again.trigger_id), (id, 1, Some(trigger.id)));
+        assert_eq!(
+            (again.payload.get(), again.event_type.as_str()),
+            (c.payload.get(), c.event_type.as_str())
+        );
+        assert_eq!(
+            s.dead_letter(t.app.id, dead.id).await.unwrap().unwrap().resolution,
+            Some(Resolution::Replayed)
+        );
+
+        s.delete_trigger(t.app.id, "on-order").await.unwrap();
+        let orphan = s.dead_letter(t.app.id, dead.id).await.unwrap().unwrap();
+        let mut tx = s.begin().await.unwrap();
+        assert!(
+            matches!(events::replay(&s, &mut tx, &orphan, None, &config).await, Err(Error::TriggerGone(n)) if n == "on-order")
+        );
+    }
 }

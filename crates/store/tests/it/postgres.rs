@@ -20,7 +20,7 @@ async fn two_connections_claiming_at_the_same_time_never_get_the_same_row() {
         tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let got = s.claim_due(37, LEASE, name).await.unwrap();
+                let got = s.claim_due(37, LEASE, name).await.unwrap().rows;
                 if got.is_empty() {
                     return mine;
                 }
@@ -101,4 +101,41 @@ async fn the_claim_on_a_million_pending_rows_uses_the_index_and_stays_within_a_f
         large <= small * 5 + Duration::from_millis(5),
         "claiming 100 of 1,000,000 rows took {large:?}, against {small:?} with 100 rows"
     );
+}
+
+#[tokio::test]
+async fn concurrent_first_writes_of_one_key_each_fire_with_the_value_they_replaced() {
+    use picloud_core::{CollectionName, KvKey, TriggerConfig};
+    use picloud_store::events::{self, EventContext};
+
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone());
+    let (t, _trigger) = tenant_with_trigger(&s, "shop").await;
+    let config = TriggerConfig::default();
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let (s, app) = (s.clone(), t.app.clone());
+            tokio::spawn(async move {
+                let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
+                let (collection, key) =
+                    (CollectionName::parse("orders").unwrap(), KvKey::parse("same").unwrap());
+                events::kv_put_now(&s, &cx, &collection, &key, &serde_json::json!(i), None).await.unwrap()
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for writer in writers {
+        versions.push(writer.await.unwrap().0.version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=8).collect::<Vec<_>>(), "every write got its own version");
+
+    let claimed = s.claim_due(100, LEASE, "n").await.unwrap().rows;
+    let mut events: Vec<serde_json::Value> =
+        claimed.iter().map(|c| serde_json::from_str(c.payload.get()).unwrap()).collect();
+    events.sort_by_key(|e| e["version"].as_i64());
+    for pair in events.windows(2) {
+        assert_eq!(pair[1]["previous"], pair[0]["value"], "each event's previous is the value it replaced");
+    }
+    assert_eq!(events[0]["previous"], serde_json::Value::Null);
 }

@@ -1,0 +1,137 @@
+//! Scenario 2, latency: a separate producer process writes events at a steady rate, each its own
+//! transaction; the handler measures how long each took to reach it.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use picloud_core::TriggerConfig;
+use picloud_core::names::{CollectionName, KvKey};
+use picloud_store::events::{self, EventContext};
+use picloud_store::{AuthRepo, PgStore};
+use uuid::Uuid;
+
+use crate::env::{Servers, monotonic_us, payload};
+use crate::proc::Role;
+use crate::roles::Handled;
+use crate::stats::{percentile, summary};
+
+/// The producer process's arguments.
+#[derive(Debug, clap::Args)]
+pub struct ProduceArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    app_id: Uuid,
+    #[arg(long)]
+    rate: u64,
+    #[arg(long)]
+    seconds: u64,
+}
+
+/// What the producer reports on its last line of stdout.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Produced {
+    written: usize,
+    write_p50_ms: f64,
+    write_p99_ms: f64,
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn run(servers: &Servers, rate: u64, seconds: u64, reps: usize) -> anyhow::Result<()> {
+    let total = (rate * seconds).to_string();
+    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    for rep in 1..=reps {
+        let bench = servers.fresh().await?;
+        bench.settle().await?;
+        let app = bench.app.slug.as_str();
+        let mut handler = Role::spawn(
+            "handler",
+            &["handler", "--nats-url", &servers.nats_url, "--app", app, "--expect", &total, "--latency"],
+        )
+        .await?;
+        let mut relay =
+            Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+        handler.send("start").await?;
+        relay.send("start").await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        eprintln!("latency rep {rep}: producing");
+
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["produce", "--url", &bench.url, "--app-id", &bench.app.id.to_string()])
+            .args(["--rate", &rate.to_string(), "--seconds", &seconds.to_string()])
+            .output()
+            .await
+            .context("running the producer")?;
+        anyhow::ensure!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+        let produced: Produced = serde_json::from_str(
+            String::from_utf8(out.stdout)?.lines().last().context("the producer printed nothing")?,
+        )?;
+        let done = tokio::time::timeout(Duration::from_secs(120), handler.line())
+            .await
+            .context("not every event reached the handler")??;
+        let handled: Handled =
+            serde_json::from_str(done.strip_prefix("done ").context("the handler did not say done")?)?;
+        relay.stop().await?;
+        handler.stop().await?;
+        println!(
+            "latency rep {rep}: {} events: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             producer write p50 {:.2} ms, p99 {:.2} ms",
+            handled.handled,
+            handled.p50_ms,
+            handled.p90_ms,
+            handled.p99_ms,
+            handled.max_ms,
+            produced.write_p50_ms,
+            produced.write_p99_ms,
+        );
+        p50s.push(handled.p50_ms);
+        p99s.push(handled.p99_ms);
+    }
+    let (p50, p50_min, p50_max) = summary(&p50s);
+    let (p99, p99_min, p99_max) = summary(&p99s);
+    println!(
+        "latency p50 {p50:.2} ms [{p50_min:.2}..{p50_max:.2}], p99 {p99:.2} ms [{p99_min:.2}..{p99_max:.2}]"
+    );
+    println!("RESULT picloud latency_p50_ms={p50:.2} latency_p99_ms={p99:.2}");
+    Ok(())
+}
+
+/// The producer: `rate` events per second for `seconds`, open loop (event i at start + i/rate
+/// whether or not earlier writes returned), through 10 connections, each event its own
+/// transaction through the store's single-event KV write.
+pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    let store = PgStore::connect(&args.url, 10).await?;
+    let app = store.app_by_id(args.app_id).await?.context("no such app")?;
+    let config = TriggerConfig::default();
+    let collection = CollectionName::parse("bench")?;
+    let total = args.rate * args.seconds;
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        let (store, app, collection) = (store.clone(), app.clone(), collection.clone());
+        writes.spawn(async move {
+            let t_us = monotonic_us();
+            let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
+            let key = KvKey::parse(format!("k{i}"))?;
+            events::kv_put_now(&store, &cx, &collection, &key, &payload(i, t_us), None).await?;
+            Ok::<f64, anyhow::Error>((monotonic_us() - t_us) as f64 / 1000.0)
+        });
+    }
+    let mut round_trips = Vec::with_capacity(total as usize);
+    while let Some(done) = writes.join_next().await {
+        round_trips.push(done??);
+    }
+    round_trips.sort_by(f64::total_cmp);
+    let produced = Produced {
+        written: round_trips.len(),
+        write_p50_ms: percentile(&round_trips, 50.0),
+        write_p99_ms: percentile(&round_trips, 99.0),
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", serde_json::to_string(&produced)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! `picloud-bench`: the workloads of WORKLOAD.md, end to end. Each scenario runs three times,
+//! each from a fresh database, and ends with one `RESULT` line of medians.
+//!
+//! With no `--database-url` / `--nats-url` it starts its own throwaway PostgreSQL (every setting
+//! at its default: fsync and synchronous commit on) and nats-server.
+
+use clap::{Parser, Subcommand};
+
+mod drain;
+mod env;
+mod latency;
+mod proc;
+mod roles;
+mod stats;
+
+/// End-to-end benchmarks of picloud-router.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A Postgres server URL whose role may create databases (default: a throwaway server).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// A nats-server URL (default: a throwaway server).
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// Repetitions, each from a fresh database.
+    #[arg(long, global = true, default_value_t = 3)]
+    reps: usize,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Throughput from a backlog of N deliveries.
+    Drain {
+        /// Deliveries in the backlog.
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+    },
+    /// Latency at a steady rate, from a separate producer process.
+    Latency {
+        /// Events per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// (internal) The latency scenario's producer process.
+    #[command(hide = true)]
+    Produce(latency::ProduceArgs),
+    /// (internal) The handler process.
+    #[command(hide = true)]
+    Handler(roles::HandlerArgs),
+    /// (internal) The relay process.
+    #[command(hide = true)]
+    Relay(roles::RelayArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A handler is one thread, as a small handler process would be; the others use the default
+    // multi-threaded runtime.
+    let runtime = match cli.scenario {
+        Scenario::Handler(_) => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.scenario {
+        Scenario::Produce(args) => latency::produce(args).await,
+        Scenario::Handler(args) => roles::handler(args).await,
+        Scenario::Relay(args) => roles::relay(args).await,
+        Scenario::Drain { n } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            drain::run(&servers, n, cli.reps).await
+        }
+        Scenario::Latency { rate, seconds } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            latency::run(&servers, rate, seconds, cli.reps).await
+        }
+    }
+}

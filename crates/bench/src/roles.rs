@@ -1,0 +1,125 @@
+//! The benchmark's relay and handler, each its own process, as they run in production. A role
+//! prints `ready`, waits for `start` on stdin (connecting counts as part of the run), works, and
+//! stops cleanly on `stop` or end of input. The handler prints `done <json>` once it has been
+//! handed the number of deliveries it expects.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use picloud_dispatch::Relay;
+use picloud_store::PgStore;
+use picloud_worker::{Delivery, Reply, Worker};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{Mutex, Notify};
+
+use crate::env::{HANDLER, monotonic_us, relay_config};
+use crate::stats::percentile;
+
+/// The handler process's arguments.
+#[derive(Debug, clap::Args)]
+pub struct HandlerArgs {
+    #[arg(long)]
+    nats_url: String,
+    #[arg(long)]
+    app: String,
+    /// Deliveries to wait for before printing `done`.
+    #[arg(long)]
+    expect: usize,
+    /// Measure each delivery's latency from the `t_us` of its KV value.
+    #[arg(long)]
+    latency: bool,
+}
+
+/// The relay process's arguments.
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    nats_url: String,
+}
+
+/// What the handler reports.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Handled {
+    pub handled: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Lines from stdin: the orchestrator's commands.
+async fn command(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Option<String> {
+    lines.next_line().await.ok().flatten()
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    println!("ready");
+    anyhow::ensure!(command(&mut lines).await.as_deref() == Some("start"), "expected start");
+    let count = Arc::new(AtomicUsize::new(0));
+    let latencies =
+        Arc::new(Mutex::new(Vec::<f64>::with_capacity(if args.latency { args.expect } else { 0 })));
+    let all = Arc::new(Notify::new());
+    let (expect, latency) = (args.expect, args.latency);
+    let running = Worker::new(async_nats::connect(&args.nats_url).await?, &args.app)
+        .concurrency(1024)
+        .handle(HANDLER, {
+            let (count, latencies, all) = (count.clone(), latencies.clone(), all.clone());
+            move |d: Delivery| {
+                let now_us = monotonic_us();
+                let (count, latencies, all) = (count.clone(), latencies.clone(), all.clone());
+                async move {
+                    if latency {
+                        let t_us = d.data::<serde_json::Value>()?["value"]["t_us"].as_i64().unwrap_or(now_us);
+                        latencies.lock().await.push((now_us - t_us) as f64 / 1000.0);
+                    }
+                    if count.fetch_add(1, Ordering::Relaxed) + 1 == expect {
+                        all.notify_one();
+                    }
+                    Ok(Reply::Ok(Default::default()))
+                }
+            }
+        })
+        .start()
+        .await?;
+    all.notified().await;
+    let mut seen = latencies.lock().await.clone();
+    seen.sort_by(f64::total_cmp);
+    let handled = Handled {
+        handled: count.load(Ordering::Relaxed),
+        p50_ms: percentile(&seen, 50.0),
+        p90_ms: percentile(&seen, 90.0),
+        p99_ms: percentile(&seen, 99.0),
+        max_ms: seen.last().copied().unwrap_or(f64::NAN),
+    };
+    println!("done {}", serde_json::to_string(&handled)?);
+    while let Some(line) = command(&mut lines).await {
+        if line == "stop" {
+            break;
+        }
+    }
+    running.shutdown().await;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    println!("ready");
+    anyhow::ensure!(command(&mut lines).await.as_deref() == Some("start"), "expected start");
+    let store = PgStore::connect_relay(&args.url, 20).await?;
+    let nats = async_nats::connect(&args.nats_url).await?;
+    Relay::new(store, nats, relay_config())
+        .run(async move {
+            while let Some(line) = command(&mut lines).await {
+                if line == "stop" {
+                    break;
+                }
+            }
+        })
+        .await?;
+    Ok(())
+}
