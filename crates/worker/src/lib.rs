@@ -61,6 +61,9 @@ pub enum Error {
     /// A subject prefix is not valid.
     #[error("{0}")]
     Prefix(String),
+    /// The server did not confirm the subscriptions.
+    #[error("waiting for the server to confirm the subscriptions failed: {0}")]
+    Sync(String),
 }
 
 /// What a handler function returns: a reply, or an error that is answered as `retry`.
@@ -256,7 +259,7 @@ impl Worker {
                 .await?;
             subscriptions.push((sub, f));
         }
-        self.client.flush().await.ok();
+        round_trip(&self.client).await?;
         let mut loops = JoinSet::new();
         let mut drains = Vec::new();
         for (sub, f) in subscriptions {
@@ -265,6 +268,19 @@ impl Worker {
             loops.spawn(serve(self.client.clone(), sub, f, self.concurrency, drain_rx));
         }
         Ok(Running { client: self.client, drains, loops })
+    }
+}
+
+/// Returns once the server has processed everything this connection sent before: a message to
+/// a fresh inbox of our own comes back only after the server handled the subscriptions queued
+/// ahead of it (`flush` only empties the local write buffer).
+async fn round_trip(client: &Client) -> Result<(), Error> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, Bytes::new()).await.map_err(|e| Error::Sync(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(30), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(Error::Sync("no echo from the server within 30 s".into())),
     }
 }
 

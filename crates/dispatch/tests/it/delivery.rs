@@ -295,3 +295,36 @@ async fn a_principal_removed_from_the_app_gets_an_unauthorized_dead_letter_and_t
     worker.stop().await;
     assert!(rx.try_recv().is_err(), "the handler never saw the delivery");
 }
+
+#[tokio::test]
+async fn a_stopping_relay_finishes_the_deliveries_it_holds_and_claims_nothing_new() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "slow").await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "slow", {
+        let release = release.clone();
+        move |_| {
+            let release = release.clone();
+            async move {
+                release.notified().await;
+                Ok(Reply::ok(json!({})))
+            }
+        }
+    })
+    .await;
+    let mut relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+    next(&mut rx, "the delivery").await;
+
+    relay.signal_stop();
+    release.notify_one();
+    relay.stop().await;
+    assert_eq!(w.outbox_len().await, 0, "the delivery in flight was completed before the relay stopped");
+
+    w.put("orders", "o-2", json!(2), 0).await;
+    assert_eq!(w.outbox_len().await, 1, "a stopped relay claims nothing");
+    let leased: Option<time::OffsetDateTime> =
+        sqlx::query_scalar("SELECT leased_until FROM outbox").fetch_one(w.store.pool()).await.unwrap();
+    assert_eq!(leased, None);
+    worker.stop().await;
+}

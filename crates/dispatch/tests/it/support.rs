@@ -40,8 +40,15 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
+    /// Tells the relay to stop, without waiting.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
+        self.signal_stop();
         self.task.await.unwrap();
     }
 }

@@ -1,0 +1,150 @@
+//! The worker SDK against a real nats-server, with the relay's side of the protocol played by
+//! hand: requests on the handle subject, answers read from the reply.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use picloud_testkit::NatsServer;
+use picloud_worker::{Delivery, Reply, Worker};
+use tokio::sync::{Notify, mpsc};
+use uuid::Uuid;
+
+fn envelope(id: Uuid, attempt: u32) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "specversion": "1.0", "id": id, "type": "picloud.queue.job", "source": "/apps/shop/queues/q",
+            "time": "2026-11-28T10:00:00.000Z", "datacontenttype": "application/json",
+            "data": {"n": 7}, "picloudattempt": attempt, "picloudapp": "shop", "picloudkind": "queue",
+            "picloudtrigger": "jobs", "picloudtriggerid": Uuid::now_v7(), "piclouddepth": 2,
+            "picloudprincipal": Uuid::now_v7(), "picloudtoken": "pdt_x", "piclouddeadline": 1_764_324_030_123_i64,
+        })
+        .to_string(),
+    )
+}
+
+/// Sends one delivery to `handler` and returns the reply (or the no-responders status).
+async fn request(client: &async_nats::Client, handler: &str, body: Bytes) -> async_nats::Message {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", "application/cloudevents+json");
+    client
+        .publish_with_reply_and_headers(format!("picloud.v1.handle.shop.{handler}"), inbox, headers, body)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().unwrap()
+}
+
+fn status(msg: &async_nats::Message) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get("Picloud-Status")).map(|v| v.as_str().to_owned())
+}
+
+#[tokio::test]
+async fn a_handler_gets_typed_fields_and_its_replies_follow_the_protocol() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Delivery>();
+    let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .handle("ok", move |d: Delivery| {
+            let _ = seen_tx.send(d.clone());
+            async move {
+                Ok(Reply::ok(
+                    serde_json::json!({"double": d.data::<serde_json::Value>()?["n"].as_i64().unwrap() * 2}),
+                ))
+            }
+        })
+        .handle("later", |_| async { Ok(Reply::retry_after(Duration::from_millis(1500), "busy\nnow")) })
+        .handle("never", |_| async { Ok(Reply::fail("bad input")) })
+        .handle("broken", |_| async { Err("database down".into()) })
+        .start()
+        .await
+        .unwrap();
+
+    let id = Uuid::now_v7();
+    let ok = request(&client, "ok", envelope(id, 3)).await;
+    assert_eq!(status(&ok).as_deref(), Some("ok"), "{:?} {:?}", ok.status, ok.description);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&ok.payload).unwrap(),
+        serde_json::json!({"double": 14})
+    );
+    let d = seen.recv().await.unwrap();
+    assert_eq!((d.id, d.attempt, d.depth, d.token.as_deref()), (id, 3, 2, Some("pdt_x")));
+    assert_eq!((d.deadline_ms, d.event.picloudapp.as_str()), (1_764_324_030_123, "shop"));
+
+    let later = request(&client, "later", envelope(id, 1)).await;
+    let h = later.headers.clone().unwrap();
+    assert_eq!(status(&later).as_deref(), Some("retry"));
+    assert_eq!(h.get("Picloud-Retry-After-Ms").map(|v| v.as_str()), Some("1500"));
+    assert_eq!(h.get("Picloud-Error").map(|v| v.as_str()), Some("busy now"), "errors are one header line");
+
+    let never = request(&client, "never", envelope(id, 1)).await;
+    assert_eq!(
+        (
+            status(&never).as_deref(),
+            never.headers.unwrap().get("Picloud-Error").map(|v| v.as_str().to_owned())
+        ),
+        (Some("fail"), Some("bad input".into()))
+    );
+
+    let broken = request(&client, "broken", envelope(id, 1)).await;
+    assert_eq!(status(&broken).as_deref(), Some("retry"), "a handler error asks for a retry");
+
+    let garbage = request(&client, "ok", Bytes::from_static(b"not json")).await;
+    assert_eq!(
+        status(&garbage).as_deref(),
+        Some("fail"),
+        "a malformed delivery will not improve by retrying"
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_delivery_in_hand_and_takes_nothing_new() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let first = Arc::new(AtomicBool::new(true));
+    let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .handle("slow", {
+            let (started, release) = (started.clone(), release.clone());
+            move |_| {
+                let (started, release) = (started.clone(), release.clone());
+                let holds = first.swap(false, Ordering::SeqCst);
+                async move {
+                    if holds {
+                        started.notify_one();
+                        release.notified().await;
+                    }
+                    Ok(Reply::ok(serde_json::json!({"finished": true})))
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let in_hand = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, "slow", envelope(Uuid::now_v7(), 1)).await }
+    });
+    started.notified().await;
+    let stopping = tokio::spawn(worker.shutdown());
+    // Until the server has processed the unsubscribe, deliveries may still arrive and are served;
+    // after it, nothing is taken.
+    let after = loop {
+        let msg = request(&client, "slow", envelope(Uuid::now_v7(), 1)).await;
+        if msg.status == Some(StatusCode::NO_RESPONDERS) {
+            break msg;
+        }
+    };
+    assert_eq!(after.status, Some(StatusCode::NO_RESPONDERS), "a draining worker takes nothing new");
+    release.notify_one();
+    let answered = in_hand.await.unwrap();
+    assert_eq!(status(&answered).as_deref(), Some("ok"), "the delivery in hand was finished");
+    stopping.await.unwrap();
+}
