@@ -76,34 +76,7 @@ async fn fire<S: Store>(
         return Ok(Fired::default());
     }
     if cx.depth >= cx.config.max_depth {
-        let time = s.clock().now();
-        let dead: Vec<NewDeadLetter> = triggers
-            .iter()
-            .map(|t| NewDeadLetter {
-                id: Uuid::now_v7(),
-                app_id: cx.app_id,
-                trigger_id: Some(t.id),
-                trigger_name: Some(t.name.to_string()),
-                kind: event.kind,
-                delivery_id: Uuid::now_v7(),
-                payload: event.payload.to_owned(),
-                headers: EventHeaders {
-                    event_type: event.event_type.to_owned(),
-                    source: event.source.clone(),
-                    subject: event.subject.map(str::to_owned),
-                    time,
-                    depth: cx.depth,
-                },
-                attempts: 0,
-                reason: DeadLetterReason::MaxDepth,
-                last_error: Some(format!(
-                    "event depth {} reached PICLOUD_MAX_TRIGGER_DEPTH ({})",
-                    cx.depth, cx.config.max_depth
-                )),
-            })
-            .collect();
-        let written = s.insert_dead_letters(tx, &dead).await?;
-        fan_out_dead_letters(s, tx, cx.app_slug, &written, cx.config).await?;
+        let written = too_deep(s, tx, cx, triggers, &event).await?;
         return Ok(Fired { deliveries: 0, too_deep: written.len() });
     }
     let rows: Vec<NewDelivery> = triggers
@@ -128,6 +101,46 @@ async fn fire<S: Store>(
         .collect();
     s.insert_deliveries(tx, &rows).await?;
     Ok(Fired { deliveries: rows.len(), too_deep: 0 })
+}
+
+/// Writes a `max_depth` dead letter for each trigger an event too deep would have fired, and
+/// fans them out.
+async fn too_deep<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    triggers: &[Trigger],
+    event: &Event<'_>,
+) -> Result<Vec<DeadLetter>> {
+    let time = s.clock().now();
+    let dead: Vec<NewDeadLetter> = triggers
+        .iter()
+        .map(|t| NewDeadLetter {
+            id: Uuid::now_v7(),
+            app_id: cx.app_id,
+            trigger_id: Some(t.id),
+            trigger_name: Some(t.name.to_string()),
+            kind: event.kind,
+            delivery_id: Uuid::now_v7(),
+            payload: event.payload.to_owned(),
+            headers: EventHeaders {
+                event_type: event.event_type.to_owned(),
+                source: event.source.clone(),
+                subject: event.subject.map(str::to_owned),
+                time,
+                depth: cx.depth,
+            },
+            attempts: 0,
+            reason: DeadLetterReason::MaxDepth,
+            last_error: Some(format!(
+                "event depth {} reached PICLOUD_MAX_TRIGGER_DEPTH ({})",
+                cx.depth, cx.config.max_depth
+            )),
+        })
+        .collect();
+    let written = s.insert_dead_letters(tx, &dead).await?;
+    fan_out_dead_letters(s, tx, cx.app_slug, &written, cx.config).await?;
+    Ok(written)
 }
 
 /// A trigger's attempts: its override, else the configured default.
@@ -302,8 +315,9 @@ pub enum Enqueued {
     Created(Uuid),
     /// A pending job held the idempotency key already: its id.
     Existing(Uuid),
-    /// The event was too deep: a `max_depth` dead letter was written instead.
-    TooDeep,
+    /// The event was too deep: a `max_depth` dead letter was written instead, for the delivery
+    /// with this id.
+    TooDeep(Uuid),
 }
 
 /// Enqueues a job on a queue's trigger. Fails with [`Error::NoSuchQueue`] when the queue has no
@@ -331,8 +345,8 @@ pub async fn enqueue<S: Store>(
             subject: None,
             payload: job.payload,
         };
-        fire(s, tx, cx, std::slice::from_ref(&trigger), event).await?;
-        return Ok(Enqueued::TooDeep);
+        let dead = too_deep(s, tx, cx, std::slice::from_ref(&trigger), &event).await?;
+        return Ok(Enqueued::TooDeep(dead[0].delivery_id));
     }
     let row = NewDelivery {
         id: Uuid::now_v7(),

@@ -59,8 +59,36 @@ pub struct Standing {
     pub role: Option<Role>,
 }
 
+/// Who a token or principal is, resolved together with the app a request names: everything
+/// authorization needs, in one look-up.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The principal.
+    pub principal: model::Principal,
+    /// The API token used, when it was one (revoked and expired tokens included: the caller checks).
+    pub token: Option<model::ApiToken>,
+    /// The app the request names, if it exists.
+    pub app: Option<model::App>,
+    /// The principal's role on that app.
+    pub role: Option<Role>,
+}
+
 /// Apps, principals, memberships and API tokens: what authentication and authorization read.
 pub trait AuthRepo: Transactional {
+    /// The token with this hash, its principal, and — when `app` is given — that app and the
+    /// principal's role on it, in one round trip.
+    fn authenticate_token(
+        &self,
+        hash: &[u8; 32],
+        app: Option<&str>,
+    ) -> impl Future<Output = Result<Option<Authenticated>>> + Send;
+    /// A principal (acting through a delivery token) and — when `app` is given — that app and
+    /// the principal's role on it, in one round trip.
+    fn authenticate_principal(
+        &self,
+        principal: Uuid,
+        app: Option<&str>,
+    ) -> impl Future<Output = Result<Option<Authenticated>>> + Send;
     /// Creates an app. Fails with [`Error::DuplicateApp`] if the slug is taken.
     fn create_app(&self, slug: &AppSlug) -> impl Future<Output = Result<model::App>> + Send;
     /// The app with this slug.
@@ -247,6 +275,14 @@ pub trait OutboxRepo: Transactional {
         lease: Duration,
         node: &str,
     ) -> impl Future<Output = Result<Claim>> + Send;
+    /// Claims one delivery by id, if nobody holds a lease on it: counts the attempt and leases it
+    /// to `node` (the API node that delivers its own sync call). `None` when it is leased or gone.
+    fn claim_by_id(
+        &self,
+        id: Uuid,
+        lease: Duration,
+        node: &str,
+    ) -> impl Future<Output = Result<Option<model::ClaimedDelivery>>> + Send;
     /// Deletes delivered rows.
     fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
     /// Deletes delivered rows in a statement of its own (the common completion, in one round trip).

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use crate::model::*;
 use crate::{
-    AbandonedRepo, AuthRepo, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo, OutboxRepo, Result,
-    Standing, Targets, Transactional, TriggerRepo, Wakeups,
+    AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo,
+    OutboxRepo, Result, Standing, Targets, Transactional, TriggerRepo, Wakeups,
 };
 
 /// An outbox row.
@@ -136,11 +136,63 @@ fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
     Page { items, has_more }
 }
 
+/// Counts an attempt and leases the row, as a claim does.
+fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration) -> ClaimedDelivery {
+    r.attempts += 1;
+    r.leased_until = Some(now + lease);
+    ClaimedDelivery {
+        id: r.new.id,
+        app_id: r.new.app_id,
+        trigger_id: r.new.trigger_id,
+        kind: r.new.kind,
+        event_type: r.new.event_type.clone(),
+        source: r.new.source.clone(),
+        subject: r.new.subject.clone(),
+        payload: payload_clone(&r.new.payload),
+        depth: r.new.depth,
+        attempt: r.attempts,
+        max_attempts: r.new.max_attempts,
+        reply_to: r.new.reply_to.clone(),
+        dead_letter_id: r.new.dead_letter_id,
+        last_error: r.last_error.clone(),
+        created_at: r.created_at,
+    }
+}
+
 fn payload_clone(p: &RawValue) -> Box<RawValue> {
     p.to_owned()
 }
 
+impl State {
+    fn authenticated(
+        &self,
+        principal: &Principal,
+        token: Option<ApiToken>,
+        app: Option<&str>,
+    ) -> Authenticated {
+        let app = app.and_then(|slug| self.apps.values().find(|a| a.slug.as_str() == slug)).cloned();
+        let role = app.as_ref().and_then(|a| self.members.get(&(a.id, principal.id)).copied());
+        Authenticated { principal: principal.clone(), token, app, role }
+    }
+}
+
 impl AuthRepo for MemStore {
+    async fn authenticate_token(&self, hash: &[u8; 32], app: Option<&str>) -> Result<Option<Authenticated>> {
+        let s = self.lock().await;
+        Ok(s.tokens.values().find(|(_, h)| h == hash).and_then(|(token, _)| {
+            s.principals.get(&token.principal_id).map(|p| s.authenticated(p, Some(token.clone()), app))
+        }))
+    }
+
+    async fn authenticate_principal(
+        &self,
+        principal: Uuid,
+        app: Option<&str>,
+    ) -> Result<Option<Authenticated>> {
+        let s = self.lock().await;
+        Ok(s.principals.get(&principal).map(|p| s.authenticated(p, None, app)))
+    }
+
     async fn create_app(&self, slug: &AppSlug) -> Result<App> {
         let mut s = self.lock().await;
         if s.apps.values().any(|a| a.slug == *slug) {
@@ -546,31 +598,21 @@ impl OutboxRepo for MemStore {
             .collect();
         due.sort();
         due.truncate(batch as usize);
-        let mut claimed = Vec::with_capacity(due.len());
-        for (_, id) in due {
-            let r = s.outbox.get_mut(&id).expect("row just listed");
-            r.attempts += 1;
-            r.leased_until = Some(now + lease);
-            claimed.push(ClaimedDelivery {
-                id,
-                app_id: r.new.app_id,
-                trigger_id: r.new.trigger_id,
-                kind: r.new.kind,
-                event_type: r.new.event_type.clone(),
-                source: r.new.source.clone(),
-                subject: r.new.subject.clone(),
-                payload: payload_clone(&r.new.payload),
-                depth: r.new.depth,
-                attempt: r.attempts,
-                max_attempts: r.new.max_attempts,
-                reply_to: r.new.reply_to.clone(),
-                dead_letter_id: r.new.dead_letter_id,
-                last_error: r.last_error.clone(),
-                created_at: r.created_at,
-            });
-        }
+        let claimed: Vec<ClaimedDelivery> = due
+            .into_iter()
+            .map(|(_, id)| lease_row(s.outbox.get_mut(&id).expect("row just listed"), now, lease))
+            .collect();
         let config_epoch = (!claimed.is_empty()).then_some(s.config_epoch);
         Ok(Claim { rows: claimed, config_epoch })
+    }
+
+    async fn claim_by_id(&self, id: Uuid, lease: Duration, _node: &str) -> Result<Option<ClaimedDelivery>> {
+        let now = self.now();
+        let mut s = self.lock().await;
+        Ok(s.outbox
+            .get_mut(&id)
+            .filter(|r| r.leased_until.is_none_or(|l| l <= now))
+            .map(|r| lease_row(r, now, lease)))
     }
 
     async fn delete_deliveries(&self, tx: &mut MemTx, ids: &[Uuid]) -> Result<u64> {

@@ -7,9 +7,85 @@ use uuid::Uuid;
 use super::rows::{self, page};
 use super::{PgStore, violated};
 use crate::model::*;
-use crate::{AuthRepo, Error, Result, Standing};
+use crate::{AuthRepo, Authenticated, Error, Result, Standing};
+
+const AUTHENTICATED: &str = "p.id AS principal_id, p.name AS principal_name, p.platform_admin,
+       p.created_at AS principal_created_at,
+       a.id AS app_id, a.slug AS app_slug, a.created_at AS app_created_at, m.role";
+
+fn authenticated(row: &sqlx::postgres::PgRow, token: Option<ApiToken>) -> Result<Authenticated> {
+    let app_id: Option<Uuid> = row.try_get("app_id")?;
+    let app = match app_id {
+        Some(id) => Some(App {
+            id,
+            slug: AppSlug::parse(row.try_get::<String, _>("app_slug")?)
+                .map_err(|e| rows::corrupt("apps", e.to_string()))?,
+            created_at: row.try_get("app_created_at")?,
+        }),
+        None => None,
+    };
+    Ok(Authenticated {
+        principal: Principal {
+            id: row.try_get("principal_id")?,
+            name: row.try_get("principal_name")?,
+            platform_admin: row.try_get("platform_admin")?,
+            created_at: row.try_get("principal_created_at")?,
+        },
+        token,
+        app,
+        role: rows::role(row.try_get("role")?)?,
+    })
+}
 
 impl AuthRepo for PgStore {
+    async fn authenticate_token(&self, hash: &[u8; 32], app: Option<&str>) -> Result<Option<Authenticated>> {
+        let row = sqlx::query(&format!(
+            "SELECT t.id, t.principal_id, t.app_id AS token_app_id, t.scopes, t.expires_at, t.revoked_at,
+                    t.created_at, {AUTHENTICATED}
+               FROM api_tokens t
+               JOIN principals p ON p.id = t.principal_id
+               LEFT JOIN apps a ON a.slug = $2
+               LEFT JOIN app_members m ON m.app_id = a.id AND m.principal_id = p.id
+              WHERE t.token_hash = $1"
+        ))
+        .bind(&hash[..])
+        .bind(app)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let token = ApiToken {
+                id: r.try_get("id")?,
+                principal_id: r.try_get("principal_id")?,
+                app_id: r.try_get("token_app_id")?,
+                scopes: rows::scopes_from("api_tokens", r.try_get("scopes")?)?,
+                expires_at: r.try_get("expires_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+                created_at: r.try_get("created_at")?,
+            };
+            authenticated(&r, Some(token))
+        })
+        .transpose()
+    }
+
+    async fn authenticate_principal(
+        &self,
+        principal: Uuid,
+        app: Option<&str>,
+    ) -> Result<Option<Authenticated>> {
+        let row = sqlx::query(&format!(
+            "SELECT {AUTHENTICATED}
+               FROM principals p
+               LEFT JOIN apps a ON a.slug = $2
+               LEFT JOIN app_members m ON m.app_id = a.id AND m.principal_id = p.id
+              WHERE p.id = $1"
+        ))
+        .bind(principal)
+        .bind(app)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| authenticated(&r, None)).transpose()
+    }
+
     async fn create_app(&self, slug: &AppSlug) -> Result<App> {
         let row = sqlx::query(
             "INSERT INTO apps (id, slug, created_at) VALUES ($1, $2, coalesce($3, now()))

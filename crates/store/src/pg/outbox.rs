@@ -111,6 +111,31 @@ fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
     }
 }
 
+/// The columns [`claimed_row`] reads.
+const CLAIMED: &str = "o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject, \
+    o.payload::text AS payload, o.depth, o.attempts, o.max_attempts, o.reply_to, o.dead_letter_id, \
+    o.last_error, o.created_at";
+
+fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
+    Ok(ClaimedDelivery {
+        id: row.try_get("id")?,
+        app_id: row.try_get("app_id")?,
+        trigger_id: row.try_get("trigger_id")?,
+        kind: event_kind("outbox", row.try_get::<&str, _>("kind")?)?,
+        event_type: row.try_get("event_type")?,
+        source: row.try_get("source")?,
+        subject: row.try_get("subject")?,
+        payload: raw_json("outbox", row.try_get("payload")?)?,
+        depth: row.try_get::<i32, _>("depth")? as u32,
+        attempt: row.try_get::<i32, _>("attempts")? as u32,
+        max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
+        reply_to: row.try_get("reply_to")?,
+        dead_letter_id: row.try_get("dead_letter_id")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
 /// The channel relays listen on.
 pub(super) const CHANNEL: &str = "picloud_outbox";
 
@@ -165,7 +190,7 @@ impl OutboxRepo for PgStore {
     }
 
     async fn claim_due(&self, batch: u32, lease: Duration, node: &str) -> Result<Claim> {
-        let claimed = sqlx::query(
+        let claimed = sqlx::query(&format!(
             "UPDATE outbox o
                 SET attempts = o.attempts + 1,
                     leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
@@ -177,11 +202,8 @@ impl OutboxRepo for PgStore {
                      ORDER BY due_at
                      LIMIT $1
                        FOR UPDATE SKIP LOCKED))
-          RETURNING o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject,
-                    o.payload::text AS payload, o.depth, o.attempts, o.max_attempts, o.reply_to,
-                    o.dead_letter_id, o.last_error, o.created_at,
-                    (SELECT epoch FROM config_epoch) AS config_epoch",
-        )
+          RETURNING {CLAIMED}, (SELECT epoch FROM config_epoch) AS config_epoch"
+        ))
         .bind(i64::from(batch))
         .bind(millis(lease))
         .bind(self.now())
@@ -189,29 +211,26 @@ impl OutboxRepo for PgStore {
         .fetch_all(&self.pool)
         .await?;
         let config_epoch = claimed.first().map(|row| row.try_get("config_epoch")).transpose()?;
-        let rows = claimed
-            .iter()
-            .map(|row| {
-                Ok(ClaimedDelivery {
-                    id: row.try_get("id")?,
-                    app_id: row.try_get("app_id")?,
-                    trigger_id: row.try_get("trigger_id")?,
-                    kind: event_kind("outbox", row.try_get::<&str, _>("kind")?)?,
-                    event_type: row.try_get("event_type")?,
-                    source: row.try_get("source")?,
-                    subject: row.try_get("subject")?,
-                    payload: raw_json("outbox", row.try_get("payload")?)?,
-                    depth: row.try_get::<i32, _>("depth")? as u32,
-                    attempt: row.try_get::<i32, _>("attempts")? as u32,
-                    max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
-                    reply_to: row.try_get("reply_to")?,
-                    dead_letter_id: row.try_get("dead_letter_id")?,
-                    last_error: row.try_get("last_error")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let rows = claimed.iter().map(claimed_row).collect::<Result<Vec<_>>>()?;
         Ok(Claim { rows, config_epoch })
+    }
+
+    async fn claim_by_id(&self, id: Uuid, lease: Duration, node: &str) -> Result<Option<ClaimedDelivery>> {
+        let claimed = sqlx::query(&format!(
+            "UPDATE outbox o
+                SET attempts = o.attempts + 1,
+                    leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
+                    leased_by = $4
+              WHERE o.id = $1 AND (o.leased_until IS NULL OR o.leased_until <= coalesce($3, now()))
+          RETURNING {CLAIMED}"
+        ))
+        .bind(id)
+        .bind(millis(lease))
+        .bind(self.now())
+        .bind(node)
+        .fetch_optional(&self.pool)
+        .await?;
+        claimed.as_ref().map(claimed_row).transpose()
     }
 
     async fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> Result<u64> {

@@ -35,6 +35,7 @@ conformance!(
     standing_tells_platform_admins_members_and_missing_principals_apart,
     memberships_need_an_existing_app_and_principal,
     a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once,
+    authentication_resolves_the_principal_the_named_app_and_the_role_in_one_look_up,
     deleting_an_app_removes_everything_of_it,
     a_trigger_of_each_kind_reads_back_as_registered,
     a_trigger_name_is_unique_within_an_app_only,
@@ -52,6 +53,7 @@ conformance!(
     a_delayed_delivery_is_not_claimed_before_it_is_due,
     claims_take_the_oldest_due_first_up_to_the_batch,
     a_claimed_row_is_claimable_again_after_its_lease_and_not_before,
+    a_row_claimed_by_id_is_leased_like_any_claim,
     a_rescheduled_row_comes_back_after_its_delay_with_its_error,
     completions_for_a_stale_attempt_change_nothing,
     deleted_deliveries_are_gone,
@@ -163,6 +165,32 @@ async fn a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once<S: 
     let unknown =
         NewApiToken { id: Uuid::now_v7(), principal_id: Uuid::now_v7(), token_hash: [9; 32], ..new };
     assert!(matches!(s.create_token(&unknown).await, Err(Error::PrincipalNotFound(_))));
+}
+
+async fn authentication_resolves_the_principal_the_named_app_and_the_role_in_one_look_up<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let other = tenant(&s, "other").await;
+    let new = NewApiToken {
+        id: Uuid::now_v7(),
+        principal_id: t.admin.id,
+        token_hash: [3; 32],
+        app_id: None,
+        scopes: None,
+        expires_at: None,
+    };
+    s.create_token(&new).await.unwrap();
+    let found = s.authenticate_token(&[3; 32], Some("shop")).await.unwrap().unwrap();
+    assert_eq!((found.principal.id, found.token.map(|t| t.id)), (t.admin.id, Some(new.id)));
+    assert_eq!((found.app.map(|a| a.id), found.role), (Some(t.app.id), Some(Role::Admin)));
+    let elsewhere = s.authenticate_token(&[3; 32], Some("other")).await.unwrap().unwrap();
+    assert_eq!((elsewhere.app.map(|a| a.id), elsewhere.role), (Some(other.app.id), None));
+    let unknown_app = s.authenticate_token(&[3; 32], Some("nope")).await.unwrap().unwrap();
+    assert!(unknown_app.app.is_none());
+    assert!(s.authenticate_token(&[4; 32], None).await.unwrap().is_none());
+
+    let by_principal = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap();
+    assert_eq!((by_principal.token.is_none(), by_principal.role), (true, Some(Role::Admin)));
+    assert!(s.authenticate_principal(Uuid::now_v7(), None).await.unwrap().is_none());
 }
 
 async fn deleting_an_app_removes_everything_of_it<S: Store>(s: S) {
@@ -524,6 +552,20 @@ async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Stor
     let again = s.claim_due(10, LEASE, "n").await.unwrap().rows;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 2, "the new claim counts another attempt");
+}
+
+async fn a_row_claimed_by_id_is_leased_like_any_claim<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let rows = [delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::ZERO)];
+    insert(&s, &rows).await;
+    let mine = s.claim_by_id(rows[1].id, LEASE, "api-node").await.unwrap().expect("claimed");
+    assert_eq!((mine.id, mine.attempt), (rows[1].id, 1));
+    assert!(s.claim_by_id(rows[1].id, LEASE, "other").await.unwrap().is_none(), "leased already");
+    let rest = s.claim_due(10, LEASE, "relay").await.unwrap().rows;
+    assert_eq!(rest.iter().map(|c| c.id).collect::<Vec<_>>(), [rows[0].id], "a relay skips the leased row");
+    assert!(s.claim_by_id(Uuid::now_v7(), LEASE, "n").await.unwrap().is_none());
+    s.clock().advance(LEASE);
+    assert_eq!(s.claim_by_id(rows[1].id, LEASE, "n").await.unwrap().unwrap().attempt, 2);
 }
 
 async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s: S) {
