@@ -11,6 +11,7 @@ pub mod pattern;
 pub mod protocol;
 pub mod retry;
 pub mod token;
+pub mod webhook;
 
 pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
 pub use config::{ConfigError, TriggerConfig};

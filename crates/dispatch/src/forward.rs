@@ -2,6 +2,8 @@
 //! dedicated inbox subscription, so that "no responders" is observable; when nobody acknowledges,
 //! the result goes to `abandoned_executions`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, StatusCode};
@@ -16,16 +18,22 @@ use crate::answer::Answer;
 use crate::complete::Done;
 
 /// Sends `done`'s result to its `reply_to` and records it as abandoned if nobody takes it.
+/// `caller_gone`, when the forwarding node is the one the caller waited on, tells a caller who
+/// hung up from one whose timeout ran out.
 pub(crate) async fn forward<S: Store>(
     store: S,
     nats: Client,
     done: Done,
     handler_timeout: Duration,
     ack_timeout: Duration,
+    caller_gone: Option<Arc<AtomicBool>>,
 ) {
     let Some(reply_to) = done.reply_to.clone() else { return };
     let reason = match deliver(&nats, &reply_to, &done, handler_timeout, ack_timeout).await {
         Ok(()) => return,
+        Err(AbandonReason::NoResponders) if caller_gone.is_some_and(|gone| gone.load(Ordering::SeqCst)) => {
+            AbandonReason::CallerGone
+        }
         Err(reason) => reason,
     };
     let result = match &done.answer {

@@ -7,10 +7,14 @@ mod answer;
 mod complete;
 mod config;
 mod envelope;
+pub mod executors;
 mod forward;
 mod relay;
+mod sync;
 
 pub use answer::Answer;
 pub use complete::{Completed, Done, complete};
 pub use config::{NatsConfig, RelayConfig};
+pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use relay::{Relay, RelayError};
+pub use sync::{deliver_sync, round_trip};

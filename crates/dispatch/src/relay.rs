@@ -275,24 +275,35 @@ async fn idle<S: Store>(
 
 /// Where the rows of one trigger (or one app's emails) at one depth go, worked out once per
 /// claimed batch: the subject, the principal's check and the signed token are the same for all.
-struct Plan {
-    subject: async_nats::Subject,
-    app: AppSlug,
-    trigger_name: Option<String>,
-    policy: RetryPolicy,
+pub(crate) struct Plan {
+    pub(crate) subject: async_nats::Subject,
+    pub(crate) app: AppSlug,
+    pub(crate) trigger_name: Option<String>,
+    pub(crate) policy: RetryPolicy,
     /// Trigger id, trigger name, principal and delivery token (absent for emails).
-    run_as: Option<(Uuid, String, Uuid, String)>,
+    pub(crate) run_as: Option<(Uuid, String, Uuid, String)>,
+}
+
+impl Plan {
+    /// The envelope's view of who the delivery runs as.
+    pub(crate) fn run_as(&self) -> Option<RunAs<'_>> {
+        self.run_as.as_ref().map(|(trigger_id, trigger, principal, token)| RunAs {
+            trigger,
+            trigger_id: *trigger_id,
+            principal: *principal,
+            token,
+        })
+    }
 }
 
 /// Decides where rows like `row` go, or the answer they get without being sent.
-fn plan<S>(
-    shared: &Shared<S>,
+pub(crate) fn plan(
+    config: &RelayConfig,
     row: &ClaimedDelivery,
     target: Option<&DeliveryTarget>,
     email_app: Option<&AppSlug>,
     deadline_ms: i64,
 ) -> Result<Plan, Answer> {
-    let config = &shared.config;
     let Some(trigger_id) = row.trigger_id else {
         let app = email_app.ok_or(Answer::Orphaned)?.clone();
         return Ok(Plan {
@@ -337,7 +348,7 @@ fn plan<S>(
     })
 }
 
-fn unix_millis_after(d: Duration) -> i64 {
+pub(crate) fn unix_millis_after(d: Duration) -> i64 {
     let now = time::OffsetDateTime::now_utc() + d;
     (now.unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -418,7 +429,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         let key = (row.trigger_id, row.app_id, row.depth);
         let plan = plans.entry(key).or_insert_with(|| {
             let target = row.trigger_id.and_then(|id| targets.get(&id));
-            plan(shared, &row, target, email_apps.get(&row.app_id), deadline_ms)
+            plan(config, &row, target, email_apps.get(&row.app_id), deadline_ms)
         });
         let plan = match plan {
             Ok(plan) => plan,
@@ -428,13 +439,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                 continue;
             }
         };
-        let run_as = plan.run_as.as_ref().map(|(trigger_id, trigger, principal, token)| RunAs {
-            trigger,
-            trigger_id: *trigger_id,
-            principal: *principal,
-            token,
-        });
-        let body = envelope(&row, plan.app.as_str(), run_as, deadline_ms);
+        let body = envelope(&row, plan.app.as_str(), plan.run_as(), deadline_ms);
         let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut done = done_for(&row, plan.policy, Answer::Timeout);
         done.app_slug = Some(plan.app.clone());
@@ -467,7 +472,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
     }
 }
 
-fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answer) -> Done {
+pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answer) -> Done {
     Done {
         id: row.id,
         app_id: row.app_id,
@@ -567,6 +572,7 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
                 done.clone(),
                 shared.config.handler_timeout,
                 shared.config.forward_ack_timeout,
+                None,
             ));
         }
         let permit = flushes.clone().acquire_owned().await.expect("the flush semaphore is never closed");

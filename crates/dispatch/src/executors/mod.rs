@@ -1,0 +1,480 @@
+//! The built-in executors of DESIGN §11, run on every router node: queue-group consumers of
+//! `picloud.v1.builtin.webhook` (POST the envelope to the trigger's URL, signed the Standard
+//! Webhooks way) and `picloud.v1.builtin.email` (send the email over SMTP), answering each
+//! delivery like any handler (DESIGN §6).
+//!
+//! Each executor serves its subscription with bounded concurrency; on shutdown it drains the
+//! subscription, finishes the deliveries in hand, and returns.
+
+mod email;
+mod webhook;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::{Client, HeaderMap, Message, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use picloud_core::config::{ConfigError, parse_var};
+use picloud_core::protocol::{
+    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects,
+};
+use picloud_store::Store;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinSet;
+
+use self::email::EmailExecutor;
+use self::webhook::WebhookExecutor;
+
+/// Where emails go: `PICLOUD_SMTP_URL` and `PICLOUD_SMTP_FROM`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    /// `smtp://host[:port]`, `smtp://host[:port]?tls=required` (STARTTLS) or
+    /// `smtps://host[:port]`; `user:password@` before the host to authenticate.
+    pub url: String,
+    /// The `From` address (`picloud@localhost` by default); may carry a display name.
+    pub from: String,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig").field("url", &redact_url(&self.url)).field("from", &self.from).finish()
+    }
+}
+
+/// How the built-in executors run.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// The subjects they serve.
+    pub subjects: Subjects,
+    /// The SMTP server; without it the email executor does not subscribe.
+    pub smtp: Option<SmtpConfig>,
+    /// The longest a webhook request (or an SMTP transaction) may take, even when the
+    /// delivery's deadline is further away.
+    pub webhook_timeout_cap: Duration,
+    /// Deliveries each executor works on at once.
+    pub concurrency: usize,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            subjects: Subjects::default(),
+            smtp: None,
+            webhook_timeout_cap: Duration::from_secs(30),
+            concurrency: 64,
+        }
+    }
+}
+
+/// The `From` address when `PICLOUD_SMTP_FROM` is unset.
+pub const DEFAULT_SMTP_FROM: &str = "picloud@localhost";
+
+impl ExecutorConfig {
+    /// Parses `PICLOUD_SMTP_URL` (unset: no email executor), `PICLOUD_SMTP_FROM` and
+    /// `PICLOUD_SUBJECT_PREFIX`; a bad value is an error naming its variable.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
+        let get = |k: &str| lookup(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let prefix = parse_var(
+            lookup,
+            "PICLOUD_SUBJECT_PREFIX",
+            "picloud".to_string(),
+            "dot-separated subject tokens",
+            |p| Subjects::new(p).is_ok(),
+        )?;
+        let smtp = match get("PICLOUD_SMTP_URL") {
+            None => None,
+            Some(url) => {
+                email::check_url(&url).map_err(|e| ConfigError {
+                    variable: "PICLOUD_SMTP_URL".into(),
+                    value: redact_url(&url),
+                    accepts: format!(
+                        "smtp://host[:port], smtp://host[:port]?tls=required or smtps://host[:port], \
+                         optionally with user:password@ before the host ({e})"
+                    ),
+                })?;
+                let from = get("PICLOUD_SMTP_FROM").unwrap_or_else(|| DEFAULT_SMTP_FROM.into());
+                email::check_from(&from).map_err(|e| ConfigError {
+                    variable: "PICLOUD_SMTP_FROM".into(),
+                    value: from.clone(),
+                    accepts: format!("an email address, optionally as \"Name <address>\" ({e})"),
+                })?;
+                Some(SmtpConfig { url, from })
+            }
+        };
+        Ok(Self { subjects: Subjects::new(&prefix).expect("checked above"), smtp, ..Self::default() })
+    }
+}
+
+/// `scheme://user:password@host…` with the credentials hidden.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<hidden>{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Why the executors could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecutorError {
+    /// Subscribing failed.
+    #[error("subscribing an executor failed: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// The server did not confirm the subscriptions.
+    #[error("waiting for the server to confirm the executors' subscriptions failed: {0}")]
+    Sync(String),
+    /// The SMTP transport could not be set up from the configuration.
+    #[error("setting up the SMTP transport failed: {0}")]
+    Smtp(String),
+    /// The HTTP client of the webhook executor could not be built.
+    #[error("building the webhook HTTP client failed: {0}")]
+    Http(String),
+}
+
+/// Runs the executors until `shutdown` resolves, then drains their subscriptions, finishes the
+/// deliveries in hand and returns.
+pub async fn run_executors<S: Store>(
+    store: S,
+    nats: Client,
+    config: ExecutorConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ExecutorError> {
+    let running = start(store, nats, config).await?;
+    shutdown.await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Subscribes the executors and starts serving; returns once the server has confirmed the
+/// subscriptions. Stop with [`Running::shutdown`].
+pub async fn start<S: Store>(
+    store: S,
+    nats: Client,
+    config: ExecutorConfig,
+) -> Result<Running, ExecutorError> {
+    let concurrency = config.concurrency.max(1);
+    let webhook = WebhookExecutor::new(store, config.webhook_timeout_cap)?;
+    let email = match &config.smtp {
+        Some(smtp) => Some(EmailExecutor::new(smtp, config.webhook_timeout_cap)?),
+        None => {
+            tracing::warn!(
+                "PICLOUD_SMTP_URL is unset: the email executor is not running, emails wait and retry"
+            );
+            None
+        }
+    };
+    let webhook_subject = config.subjects.builtin_webhook();
+    let webhook_sub = nats.queue_subscribe(webhook_subject.clone(), webhook_subject).await?;
+    let email_sub = match &email {
+        Some(_) => {
+            let subject = config.subjects.builtin_email();
+            Some(nats.queue_subscribe(subject.clone(), subject).await?)
+        }
+        None => None,
+    };
+    round_trip(&nats).await?;
+
+    let mut loops = JoinSet::new();
+    let mut drains = Vec::new();
+    let (drain, drained) = oneshot::channel();
+    drains.push(drain);
+    loops.spawn(serve(nats.clone(), webhook_sub, Arc::new(webhook), concurrency, drained));
+    if let (Some(email), Some(sub)) = (email, email_sub) {
+        let (drain, drained) = oneshot::channel();
+        drains.push(drain);
+        loops.spawn(serve(nats.clone(), sub, Arc::new(email), concurrency, drained));
+    }
+    tracing::info!(email = config.smtp.is_some(), concurrency, "built-in executors started");
+    Ok(Running { client: nats, drains, loops })
+}
+
+/// Returns once the server has processed everything this connection sent before (`flush`
+/// only empties the local write buffer): an empty message to a fresh inbox of our own comes
+/// back only after the subscriptions queued ahead of it.
+async fn round_trip(client: &Client) -> Result<(), ExecutorError> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, Bytes::new()).await.map_err(|e| ExecutorError::Sync(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(30), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(ExecutorError::Sync("no echo from the server within 30 s".into())),
+    }
+}
+
+/// Started executors.
+#[derive(Debug)]
+pub struct Running {
+    client: Client,
+    /// One per executor loop: tells it to drain and finish.
+    drains: Vec<oneshot::Sender<()>>,
+    loops: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops taking deliveries, finishes those in hand and flushes their answers.
+    pub async fn shutdown(mut self) {
+        for drain in self.drains.drain(..) {
+            let _ = drain.send(());
+        }
+        while self.loops.join_next().await.is_some() {}
+        self.client.flush().await.ok();
+        tracing::info!("built-in executors stopped");
+    }
+}
+
+/// An executor's answer to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Done, with a JSON body.
+    Ok(Bytes),
+    /// Try again, after `after` if given.
+    Retry { after: Option<Duration>, error: String },
+    /// A permanent failure.
+    Fail(String),
+}
+
+/// The longest `Picloud-Error` value sent.
+const MAX_ERROR_LEN: usize = 1000;
+
+impl Outcome {
+    pub(crate) fn retry(error: impl Into<String>) -> Outcome {
+        Outcome::Retry { after: None, error: error.into() }
+    }
+
+    /// The headers and JSON body of this answer (DESIGN §6).
+    fn into_message(self) -> (HeaderMap, Bytes) {
+        let mut headers = HeaderMap::new();
+        let (status, body) = match self {
+            Outcome::Ok(body) => (ReplyStatus::Ok, body),
+            Outcome::Retry { after, error } => {
+                if let Some(after) = after {
+                    headers.insert(RETRY_AFTER_HEADER, after.as_millis().to_string());
+                }
+                let error = one_line(&error);
+                let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
+                headers.insert(ERROR_HEADER, error);
+                (ReplyStatus::Retry, body.into())
+            }
+            Outcome::Fail(error) => {
+                let error = one_line(&error);
+                let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
+                headers.insert(ERROR_HEADER, error);
+                (ReplyStatus::Fail, body.into())
+            }
+        };
+        headers.insert(STATUS_HEADER, status.as_str());
+        (headers, body)
+    }
+
+    fn status(&self) -> ReplyStatus {
+        match self {
+            Outcome::Ok(_) => ReplyStatus::Ok,
+            Outcome::Retry { .. } => ReplyStatus::Retry,
+            Outcome::Fail(_) => ReplyStatus::Fail,
+        }
+    }
+}
+
+/// `s` on one line, without control characters, at most [`MAX_ERROR_LEN`] bytes.
+pub(crate) fn one_line(s: &str) -> String {
+    let mut line: String =
+        s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_owned();
+    if line.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN - 3;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str("...");
+    }
+    line
+}
+
+/// The time an executor may spend on a delivery: until its deadline (unix ms) less a margin for
+/// the answer's way back, and at most `cap`. `None` when that is already over.
+pub(crate) fn time_left(deadline_ms: i64, cap: Duration) -> Option<Duration> {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let left = Duration::from_millis(u64::try_from(deadline_ms - now_ms).ok()?);
+    let margin = (left / 10).min(Duration::from_millis(250));
+    Some(left.saturating_sub(margin).min(cap)).filter(|d| !d.is_zero())
+}
+
+/// What a built-in executor does with one delivery.
+pub(crate) trait Execute: Send + Sync + 'static {
+    /// The executor's name in logs.
+    const NAME: &'static str;
+    /// Carries out one delivery.
+    fn execute(&self, delivery: Envelope) -> impl Future<Output = Outcome> + Send;
+}
+
+/// One executor's loop: take deliveries, execute them with bounded concurrency, answer. On the
+/// drain signal, drain the subscription, finish what is buffered and running, and return.
+async fn serve<E: Execute>(
+    client: Client,
+    mut sub: Subscriber,
+    executor: Arc<E>,
+    concurrency: usize,
+    mut drain: oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut running = JoinSet::new();
+    let mut draining = false;
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => msg,
+            _ = &mut drain, if !draining => {
+                draining = true;
+                if let Err(e) = sub.drain().await {
+                    tracing::warn!(executor = E::NAME, error = %e, "draining the subscription failed");
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
+        let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
+        let (client, executor) = (client.clone(), executor.clone());
+        running.spawn(async move {
+            answer(&client, msg, &*executor).await;
+            drop(slot);
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn answer<E: Execute>(client: &Client, msg: Message, executor: &E) {
+    let Some(reply_to) = msg.reply.clone() else {
+        tracing::warn!(executor = E::NAME, subject = %msg.subject, "a delivery without a reply subject is ignored");
+        return;
+    };
+    let outcome = match serde_json::from_slice::<Envelope>(&msg.payload) {
+        Ok(delivery) => {
+            let (id, attempt) = (delivery.id, delivery.picloudattempt);
+            let app = delivery.picloudapp.clone();
+            let outcome = executor.execute(delivery).await;
+            match &outcome {
+                Outcome::Ok(_) => {
+                    tracing::debug!(executor = E::NAME, delivery_id = %id, attempt, %app, "done");
+                }
+                Outcome::Retry { error, after } => {
+                    tracing::info!(
+                        executor = E::NAME, delivery_id = %id, attempt, %app, ?after, %error, "answering retry"
+                    );
+                }
+                Outcome::Fail(error) => {
+                    tracing::info!(
+                        executor = E::NAME, delivery_id = %id, attempt, %app, %error, "answering fail"
+                    );
+                }
+            }
+            outcome
+        }
+        Err(e) => {
+            tracing::warn!(executor = E::NAME, subject = %msg.subject, error = %e, "malformed delivery");
+            Outcome::Fail(format!("malformed delivery: {e}"))
+        }
+    };
+    let status = outcome.status();
+    let (headers, body) = outcome.into_message();
+    if let Err(e) = client.publish_with_headers(reply_to, headers, body).await {
+        tracing::warn!(executor = E::NAME, status = status.as_str(), error = %e, "could not send an answer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn without_an_smtp_url_there_is_no_email_executor() {
+        let c = ExecutorConfig::from_env(env(&[])).unwrap();
+        assert_eq!(c.smtp, None);
+        assert_eq!(c.subjects.builtin_webhook(), "picloud.v1.builtin.webhook");
+        assert_eq!(c.concurrency, 64);
+    }
+
+    #[test]
+    fn the_smtp_url_and_from_address_are_read_with_a_default_sender() {
+        let c = ExecutorConfig::from_env(env(&[("PICLOUD_SMTP_URL", "smtp://127.0.0.1:2525")])).unwrap();
+        assert_eq!(
+            c.smtp,
+            Some(SmtpConfig { url: "smtp://127.0.0.1:2525".into(), from: "picloud@localhost".into() })
+        );
+        let c = ExecutorConfig::from_env(env(&[
+            ("PICLOUD_SMTP_URL", "smtps://mailer:pw@mail.example.com"),
+            ("PICLOUD_SMTP_FROM", "Shop <shop@example.com>"),
+            ("PICLOUD_SUBJECT_PREFIX", "acme"),
+        ]))
+        .unwrap();
+        assert_eq!(c.smtp.as_ref().unwrap().from, "Shop <shop@example.com>");
+        assert_eq!(c.subjects.builtin_email(), "acme.v1.builtin.email");
+        assert!(!format!("{:?}", c.smtp).contains("pw"), "the password stays out of debug output");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable_and_hide_passwords() {
+        for (var, value) in [
+            ("PICLOUD_SMTP_URL", "http://mail.example.com"),
+            ("PICLOUD_SMTP_URL", "not a url"),
+            ("PICLOUD_SMTP_URL", "smtp://u:secret@host?tls=sometimes"),
+            ("PICLOUD_SMTP_FROM", "nobody"),
+            ("PICLOUD_SUBJECT_PREFIX", "a.*"),
+        ] {
+            let mut pairs = vec![(var, value)];
+            if var != "PICLOUD_SMTP_URL" {
+                pairs.push(("PICLOUD_SMTP_URL", "smtp://127.0.0.1:2525"));
+            }
+            let err = ExecutorConfig::from_env(env(&pairs)).unwrap_err();
+            assert_eq!(err.variable, var, "{value}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_status_header_a_one_line_error_and_a_json_body() {
+        let (headers, body) = Outcome::Ok(Bytes::from_static(b"{\"a\":1}")).into_message();
+        assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "ok");
+        assert_eq!(&body[..], b"{\"a\":1}");
+
+        let (headers, body) =
+            Outcome::Retry { after: Some(Duration::from_millis(1500)), error: "busy\r\nnow".into() }
+                .into_message();
+        assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "retry");
+        assert_eq!(headers.get(ERROR_HEADER).unwrap().as_str(), "busy  now");
+        assert_eq!(headers.get(RETRY_AFTER_HEADER).unwrap().as_str(), "1500");
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"], "busy  now");
+
+        let (headers, _) = Outcome::Fail("x".repeat(5000)).into_message();
+        assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "fail");
+        assert_eq!(headers.get(ERROR_HEADER).unwrap().as_str().len(), MAX_ERROR_LEN);
+        assert!(headers.get(RETRY_AFTER_HEADER).is_none());
+    }
+
+    #[test]
+    fn the_time_left_ends_before_the_deadline_and_is_capped() {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        let cap = Duration::from_secs(30);
+        let left = time_left(now_ms + 2000, cap).unwrap();
+        assert!(left < Duration::from_millis(2000) && left > Duration::from_millis(1500), "{left:?}");
+        assert_eq!(time_left(now_ms + 120_000, cap), Some(cap));
+        assert_eq!(time_left(now_ms - 1, cap), None);
+    }
+
+    #[test]
+    fn credentials_are_hidden_in_urls() {
+        assert_eq!(redact_url("smtp://u:p@host:25/x?tls=required"), "smtp://<hidden>@host:25/x?tls=required");
+        assert_eq!(redact_url("smtp://host:25"), "smtp://host:25");
+    }
+}

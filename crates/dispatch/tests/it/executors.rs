@@ -1,0 +1,621 @@
+//! The built-in webhook and email executors end to end: the relay delivers to them over NATS,
+//! they call a real HTTP server or a real SMTP server started by the test, and their answers end
+//! the outbox rows.
+//!
+//! Webhook signatures are checked with the `standardwebhooks` crate (the reference Rust
+//! implementation of the Standard Webhooks specification, independent of ours). The SMTP server
+//! is the `mailin` crate's SMTP state machine driven over tokio TCP.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use picloud_core::{CollectionPattern, RetryOverrides, TriggerName};
+use picloud_dispatch::executors::{self, ExecutorConfig, SmtpConfig};
+use picloud_store::events::{self, EventContext};
+use picloud_store::*;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::support::*;
+
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One request the webhook server received.
+#[derive(Debug)]
+struct Received {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_else(|| panic!("no {name} header"))
+    }
+
+    /// Checks the signature with the reference implementation of Standard Webhooks.
+    fn verify(&self) {
+        standardwebhooks::Webhook::new(WEBHOOK_SECRET)
+            .unwrap()
+            .verify(&self.body, &self.headers)
+            .expect("the signature verifies");
+        assert!(
+            standardwebhooks::Webhook::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD")
+                .unwrap()
+                .verify(&self.body, &self.headers)
+                .is_err(),
+            "another secret does not verify"
+        );
+    }
+}
+
+/// How the webhook server answers one request: status, headers, body.
+type Script = (u16, Vec<(&'static str, &'static str)>, &'static str);
+
+struct HookState {
+    received: mpsc::UnboundedSender<Received>,
+    script: Mutex<VecDeque<Script>>,
+    /// A permit per answer; closed gates hold requests until the test opens them.
+    gate: Semaphore,
+}
+
+/// A real HTTP server on 127.0.0.1 that records requests and answers from a script (then 200).
+struct HookServer {
+    url: String,
+    received: mpsc::UnboundedReceiver<Received>,
+    state: Arc<HookState>,
+    task: JoinHandle<()>,
+}
+
+impl HookServer {
+    async fn start(script: Vec<Script>) -> HookServer {
+        let (tx, received) = mpsc::unbounded_channel();
+        let state = Arc::new(HookState {
+            received: tx,
+            script: Mutex::new(script.into()),
+            gate: Semaphore::new(Semaphore::MAX_PERMITS),
+        });
+        let app = axum::Router::new().route("/hook", axum::routing::post(hook)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        HookServer { url, received, state, task }
+    }
+
+    /// A server whose answers wait until [`HookServer::open`].
+    async fn gated() -> HookServer {
+        let server = HookServer::start(Vec::new()).await;
+        server.state.gate.forget_permits(Semaphore::MAX_PERMITS);
+        server
+    }
+
+    fn open(&self) {
+        self.state.gate.add_permits(1);
+    }
+
+    async fn next(&mut self, what: &str) -> Received {
+        tokio::time::timeout(Duration::from_secs(20), self.received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("server gone")
+    }
+}
+
+impl Drop for HookServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn hook(State(state): State<Arc<HookState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let _ = state.received.send(Received { headers, body });
+    let permit = state.gate.acquire().await.unwrap();
+    permit.forget();
+    let (status, headers, body) =
+        state.script.lock().unwrap().pop_front().unwrap_or((200, Vec::new(), "{\"received\":true}"));
+    let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
+    for (name, value) in headers {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    response
+}
+
+/// Starts the executors on their own connection; they are subscribed when this returns.
+async fn start_executors(w: &World, smtp_url: Option<&str>) -> executors::Running {
+    let client = async_nats::connect(w.nats_url()).await.unwrap();
+    let config = ExecutorConfig {
+        smtp: smtp_url.map(|url| SmtpConfig { url: url.into(), from: "Shop <shop@example.com>".into() }),
+        ..ExecutorConfig::default()
+    };
+    executors::start(w.store.clone(), client, config).await.unwrap()
+}
+
+/// A `kv` trigger on collection `orders` whose handler is the webhook at `url`.
+async fn webhook_trigger(w: &World, url: &str, retry: RetryOverrides) -> Trigger {
+    w.store
+        .create_trigger(&NewTrigger {
+            id: Uuid::now_v7(),
+            app_id: w.app.id,
+            name: TriggerName::parse("to-hook").unwrap(),
+            spec: TriggerSpec::Kv {
+                collection: CollectionPattern::parse("orders").unwrap(),
+                ops: vec![KvOp::Put],
+            },
+            handler: Handler::Webhook { url: url.into(), secret: WEBHOOK_SECRET.into() },
+            retry,
+            enabled: true,
+            registered_by: w.admin.id,
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_webhook_receives_the_envelope_without_its_token_signed_the_standard_webhooks_way() {
+    let w = World::new().await;
+    let mut server = HookServer::start(Vec::new()).await;
+    let trigger = webhook_trigger(&w, &server.url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!({"total": 12}), 0).await;
+    let request = server.next("the webhook request").await;
+
+    request.verify();
+    assert_eq!(request.header("content-type"), "application/json");
+    let envelope = request.json();
+    assert_eq!(
+        request.header("webhook-id"),
+        envelope["id"].as_str().unwrap(),
+        "webhook-id is the delivery id"
+    );
+    let timestamp: i64 = request.header("webhook-timestamp").parse().unwrap();
+    assert!((timestamp - time::OffsetDateTime::now_utc().unix_timestamp()).abs() < 60, "{timestamp}");
+    assert!(request.header("webhook-signature").starts_with("v1,"));
+    assert!(envelope.get("picloudtoken").is_none(), "the delivery token stays inside: {envelope}");
+    assert_eq!(envelope["specversion"], "1.0");
+    assert_eq!(envelope["type"], "picloud.kv.put");
+    assert_eq!(envelope["picloudtriggerid"], trigger.id.to_string());
+    assert_eq!(envelope["picloudtrigger"], "to-hook");
+    assert_eq!(envelope["picloudattempt"], 1);
+    assert_eq!(envelope["data"]["value"], json!({"total": 12}));
+    assert!(envelope["piclouddeadline"].as_i64().is_some());
+    w.drained().await;
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_2xx_answer_deletes_the_delivery_without_a_dead_letter() {
+    let w = World::new().await;
+    let mut server = HookServer::start(vec![(204, Vec::new(), "")]).await;
+    webhook_trigger(&w, &server.url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    server.next("the webhook request").await;
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty());
+    assert!(server.received.try_recv().is_err(), "delivered once");
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_503_with_retry_after_is_retried_with_the_same_webhook_id_until_a_200_ends_it() {
+    let w = World::new().await;
+    let mut server = HookServer::start(vec![(503, vec![("Retry-After", "1")], "busy")]).await;
+    webhook_trigger(&w, &server.url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    let first = server.next("the first attempt").await;
+    let second = server.next("the second attempt").await;
+    first.verify();
+    second.verify();
+    assert_eq!(first.header("webhook-id"), second.header("webhook-id"), "one id across attempts");
+    assert_eq!(
+        (first.json()["picloudattempt"].as_u64(), second.json()["picloudattempt"].as_u64()),
+        (Some(1), Some(2))
+    );
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty());
+    assert!(server.received.try_recv().is_err(), "no third attempt");
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_404_becomes_a_rejected_dead_letter_naming_the_status() {
+    let w = World::new().await;
+    let mut server = HookServer::start(vec![(404, Vec::new(), "no such hook")]).await;
+    let trigger = webhook_trigger(&w, &server.url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    server.next("the only attempt").await;
+    let dead = eventually("the dead letter", || async { w.dead_letters().await.pop() }).await;
+    assert_eq!(
+        (dead.reason, dead.attempts, dead.trigger_id),
+        (DeadLetterReason::Rejected, 1, Some(trigger.id))
+    );
+    let error = dead.last_error.unwrap();
+    assert!(error.contains("404") && error.contains("no such hook"), "{error}");
+    assert_eq!(w.outbox_len().await, 0);
+    assert!(server.received.try_recv().is_err(), "no second attempt after a 404");
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_webhook_that_refuses_connections_is_retried_and_then_exhausted() {
+    let w = World::new().await;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let retry = RetryOverrides { max_attempts: Some(2), ..RetryOverrides::default() };
+    webhook_trigger(&w, &format!("http://127.0.0.1:{port}/hook"), retry).await;
+    let executors = start_executors(&w, None).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    let dead = eventually("the dead letter", || async { w.dead_letters().await.pop() }).await;
+    assert_eq!((dead.reason, dead.attempts), (DeadLetterReason::Exhausted, 2));
+    let error = dead.last_error.unwrap();
+    assert!(error.contains("connect"), "{error}");
+    assert_eq!(w.outbox_len().await, 0);
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+/// A delivery envelope as the relay would send it for `trigger`.
+fn envelope(trigger: &Trigger, deadline_in: Duration) -> Vec<u8> {
+    let deadline = (time::OffsetDateTime::now_utc() + deadline_in).unix_timestamp_nanos() / 1_000_000;
+    serde_json::to_vec(&json!({
+        "specversion": "1.0", "id": Uuid::now_v7(), "type": "picloud.kv.put",
+        "source": "/apps/shop/kv/orders", "subject": "o-1", "time": "2026-11-28T10:00:00.123Z",
+        "datacontenttype": "application/json", "data": {"key": "o-1"},
+        "picloudattempt": 1, "picloudapp": "shop", "picloudkind": "kv",
+        "picloudtrigger": trigger.name.as_str(), "picloudtriggerid": trigger.id,
+        "piclouddepth": 0, "picloudprincipal": trigger.registered_by,
+        "picloudtoken": "pdt_secret", "piclouddeadline": deadline as i64,
+    }))
+    .unwrap()
+}
+
+fn status_of(reply: &async_nats::Message) -> (String, Option<String>, Option<String>) {
+    let header = |name| reply.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+    (header("Picloud-Status").unwrap_or_default(), header("Picloud-Error"), header("Picloud-Retry-After-Ms"))
+}
+
+#[tokio::test]
+async fn over_nats_the_executor_answers_with_the_webhooks_json_body_or_its_retry_after() {
+    let w = World::new().await;
+    let mut server = HookServer::start(vec![
+        (200, vec![("Content-Type", "application/json")], "{\"thanks\":1}"),
+        (429, vec![("Retry-After", "3")], ""),
+        (200, Vec::new(), "fine"),
+        (410, Vec::new(), "gone"),
+    ])
+    .await;
+    let trigger = webhook_trigger(&w, &server.url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let client = async_nats::connect(w.nats_url()).await.unwrap();
+    let ask =
+        || client.request("picloud.v1.builtin.webhook", envelope(&trigger, Duration::from_secs(10)).into());
+
+    let reply = ask().await.unwrap();
+    assert_eq!(status_of(&reply), ("ok".into(), None, None));
+    assert_eq!(&reply.payload[..], b"{\"thanks\":1}");
+    assert!(server.next("the first request").await.json().get("picloudtoken").is_none());
+
+    let reply = ask().await.unwrap();
+    let (status, error, after) = status_of(&reply);
+    assert_eq!((status.as_str(), after.as_deref()), ("retry", Some("3000")));
+    assert!(error.unwrap().contains("429"));
+
+    let reply = ask().await.unwrap();
+    assert_eq!(status_of(&reply).0, "ok");
+    assert_eq!(&reply.payload[..], b"{}", "a body that is not JSON answers {{}}");
+
+    let reply = ask().await.unwrap();
+    let (status, error, after) = status_of(&reply);
+    assert_eq!((status.as_str(), after), ("fail", None));
+    assert!(error.unwrap().contains("410 Gone"));
+    serde_json::from_slice::<Value>(&reply.payload).expect("a JSON body");
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutting_down_finishes_the_webhook_in_hand_and_then_takes_no_more() {
+    let w = World::new().await;
+    let mut server = HookServer::gated().await;
+    let trigger = webhook_trigger(&w, &server.url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let client = async_nats::connect(w.nats_url()).await.unwrap();
+    let pending = tokio::spawn({
+        let client = client.clone();
+        let body = envelope(&trigger, Duration::from_secs(10));
+        async move { client.request("picloud.v1.builtin.webhook", body.into()).await }
+    });
+    server.next("the request in hand").await;
+
+    let stopping = tokio::spawn(executors.shutdown());
+    server.open();
+    let reply = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap().unwrap();
+    assert_eq!(status_of(&reply).0, "ok");
+    tokio::time::timeout(Duration::from_secs(10), stopping).await.expect("shutdown finishes").unwrap();
+
+    let after = client
+        .request("picloud.v1.builtin.webhook", envelope(&trigger, Duration::from_secs(10)).into())
+        .await;
+    assert!(
+        matches!(&after, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders),
+        "{after:?}"
+    );
+}
+
+// ---- email ----
+
+/// One email the SMTP server accepted.
+#[derive(Debug)]
+struct Mail {
+    from: String,
+    to: Vec<String>,
+    data: String,
+}
+
+/// The mailin handler of one SMTP session.
+struct MailHandler {
+    rcpt_script: Arc<Mutex<VecDeque<u16>>>,
+    mails: mpsc::UnboundedSender<Mail>,
+    from: String,
+    to: Vec<String>,
+    data: Vec<u8>,
+}
+
+impl mailin::Handler for MailHandler {
+    fn rcpt(&mut self, _to: &str) -> mailin::Response {
+        match self.rcpt_script.lock().unwrap().pop_front() {
+            Some(451) => mailin::response::INTERNAL_ERROR,
+            Some(550) => mailin::response::NO_MAILBOX,
+            _ => mailin::response::OK,
+        }
+    }
+
+    fn data_start(&mut self, _domain: &str, from: &str, _is8bit: bool, to: &[String]) -> mailin::Response {
+        self.from = from.to_owned();
+        self.to = to.to_vec();
+        self.data.clear();
+        mailin::response::OK
+    }
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.data.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn data_end(&mut self) -> mailin::Response {
+        let _ = self.mails.send(Mail {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            data: String::from_utf8_lossy(&self.data).into_owned(),
+        });
+        mailin::response::OK
+    }
+}
+
+/// A real SMTP server on 127.0.0.1 (mailin's state machine over tokio TCP) that answers RCPT TO
+/// from a script of reply codes (then 250).
+struct SmtpServer {
+    url: String,
+    mails: mpsc::UnboundedReceiver<Mail>,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl SmtpServer {
+    async fn start(rcpt_script: Vec<u16>) -> SmtpServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("smtp://{}", listener.local_addr().unwrap());
+        let (tx, mails) = mpsc::unbounded_channel();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let script = Arc::new(Mutex::new(VecDeque::from(rcpt_script)));
+        let task = tokio::spawn({
+            let connections = connections.clone();
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { return };
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let handler = MailHandler {
+                        rcpt_script: script.clone(),
+                        mails: tx.clone(),
+                        from: String::new(),
+                        to: Vec::new(),
+                        data: Vec::new(),
+                    };
+                    tokio::spawn(smtp_session(stream, handler));
+                }
+            }
+        });
+        SmtpServer { url, mails, connections, task }
+    }
+
+    async fn next(&mut self, what: &str) -> Mail {
+        tokio::time::timeout(Duration::from_secs(20), self.mails.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("server gone")
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn smtp_session(stream: tokio::net::TcpStream, handler: MailHandler) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut session =
+        mailin::SessionBuilder::new("test-smtp").build(IpAddr::V4(Ipv4Addr::LOCALHOST), handler);
+    write.write_all(&session.greeting().buffer()?).await?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if read.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let response = session.process(&line);
+        match response.action {
+            mailin::Action::Reply => write.write_all(&response.buffer()?).await?,
+            mailin::Action::Close => {
+                write.write_all(&response.buffer()?).await?;
+                return Ok(());
+            }
+            mailin::Action::UpgradeTls => return Ok(()),
+            mailin::Action::NoReply => {}
+        }
+    }
+}
+
+/// Queues an email as `POST /v1/apps/shop/emails` would.
+async fn send_email(w: &World, email: Value) -> Uuid {
+    let cx = EventContext { app_id: w.app.id, app_slug: &w.app.slug, depth: 0, config: &w.config };
+    let payload = RawValue::from_string(email.to_string()).unwrap();
+    let mut tx = w.store.begin().await.unwrap();
+    let id = events::send_email(&w.store, &mut tx, &cx, &payload).await.unwrap();
+    events::commit_and_wake(&w.store, tx).await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn an_email_reaches_the_smtp_server_with_its_subject_text_html_and_recipients() {
+    let w = World::new().await;
+    let mut smtp = SmtpServer::start(Vec::new()).await;
+    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    let id = send_email(
+        &w,
+        json!({
+            "to": ["ann@example.com", "Bob <bob@example.com>"],
+            "subject": "Your order shipped",
+            "text": "It is on its way.",
+            "html": "<p>It is on <b>its</b> way.</p>",
+        }),
+    )
+    .await;
+    let mail = smtp.next("the email").await;
+    assert_eq!(mail.from, "shop@example.com");
+    assert_eq!(mail.to, ["ann@example.com", "bob@example.com"]);
+    for part in [
+        "Subject: Your order shipped",
+        "From: Shop <shop@example.com>",
+        "multipart/alternative",
+        "It is on its way.",
+        "<p>It is on <b>its</b> way.</p>",
+    ] {
+        assert!(mail.data.contains(part), "{part:?} missing from:\n{}", mail.data);
+    }
+    assert!(
+        mail.data.contains(&format!("<{id}@example.com>")),
+        "the Message-ID is the delivery id:\n{}",
+        mail.data
+    );
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_plain_email_to_one_address_is_sent_as_text() {
+    let w = World::new().await;
+    let mut smtp = SmtpServer::start(Vec::new()).await;
+    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello Ann"})).await;
+    let mail = smtp.next("the email").await;
+    assert_eq!(mail.to, ["ann@example.com"]);
+    assert!(mail.data.contains("Subject: Hi") && mail.data.contains("Hello Ann"), "{}", mail.data);
+    assert!(mail.data.contains("text/plain") && !mail.data.contains("multipart"), "{}", mail.data);
+    w.drained().await;
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_transient_smtp_failure_is_retried_and_then_sent() {
+    let w = World::new().await;
+    let mut smtp = SmtpServer::start(vec![451]).await;
+    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"})).await;
+    let mail = smtp.next("the email, on the second attempt").await;
+    assert_eq!(mail.to, ["ann@example.com"]);
+    assert!(smtp.connections.load(Ordering::SeqCst) >= 2, "the first connection was refused with 451");
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_permanent_smtp_failure_becomes_a_rejected_dead_letter() {
+    let w = World::new().await;
+    let mut smtp = SmtpServer::start(vec![550]).await;
+    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    let id = send_email(&w, json!({"to": "nobody@example.com", "subject": "Hi", "text": "Hello"})).await;
+    let dead = eventually("the dead letter", || async { w.dead_letters().await.pop() }).await;
+    assert_eq!((dead.reason, dead.attempts, dead.delivery_id), (DeadLetterReason::Rejected, 1, id));
+    assert_eq!(dead.kind, picloud_core::protocol::EventKind::Email);
+    let error = dead.last_error.unwrap();
+    assert!(error.contains("550"), "{error}");
+    assert!(smtp.mails.try_recv().is_err(), "nothing was sent");
+    assert_eq!(w.outbox_len().await, 0);
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_email_without_recipients_is_rejected_at_once_without_calling_the_smtp_server() {
+    let w = World::new().await;
+    let smtp = SmtpServer::start(Vec::new()).await;
+    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    send_email(&w, json!({"subject": "Hi", "text": "Hello"})).await;
+    let dead = eventually("the dead letter", || async { w.dead_letters().await.pop() }).await;
+    assert_eq!((dead.reason, dead.attempts), (DeadLetterReason::Rejected, 1));
+    let error = dead.last_error.unwrap();
+    assert!(error.contains("`to`"), "{error}");
+    assert_eq!(smtp.connections.load(Ordering::SeqCst), 0);
+    relay.stop().await;
+    executors.shutdown().await;
+}
