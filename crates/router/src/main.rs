@@ -3,7 +3,8 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use picloud_dispatch::{NatsConfig, Relay, RelayConfig};
+use picloud_api::{ApiConfig, ApiState, Ingest};
+use picloud_dispatch::{NatsConfig, Relay};
 use picloud_store::PgStore;
 
 /// picloud-router: a NATS-centric event router with a Postgres outbox.
@@ -18,8 +19,8 @@ struct Cli {
 enum Command {
     /// Apply the database migrations (PICLOUD_DATABASE_URL or DATABASE_URL); safe to run again.
     Migrate,
-    /// Run a node: the relay, configured from the PICLOUD_* environment. Stops cleanly on
-    /// SIGTERM or Ctrl-C, finishing the deliveries it holds.
+    /// Run a node — HTTP API, NATS ingest and relay — configured from the PICLOUD_* environment.
+    /// Stops cleanly on SIGTERM or Ctrl-C, finishing the requests and deliveries it holds.
     Serve {
         /// Apply pending migrations first.
         #[arg(long)]
@@ -67,19 +68,41 @@ async fn migrate(store: &PgStore) -> anyhow::Result<()> {
 }
 
 async fn serve(run_migrations: bool) -> anyhow::Result<()> {
-    let node = default_node_id();
-    let relay_config = RelayConfig::from_env(env, &node)?;
+    let config = ApiConfig::from_env(env, &default_node_id())?;
     let nats_config = NatsConfig::from_env(env)?;
-    let store = PgStore::connect(&database_url()?, 20).await.context("connecting to Postgres")?;
+    let url = database_url()?;
+    let store = PgStore::connect(&url, 20).await.context("connecting to Postgres")?;
     if run_migrations {
         migrate(&store).await?;
     }
+    let relay_store = PgStore::connect_relay(&url, 10).await.context("connecting to Postgres")?;
+    let node_id = config.node.node_id.clone();
     let nats = nats_config
-        .connect(&format!("picloud-router {}", relay_config.node_id))
+        .connect(&format!("picloud-router {node_id}"))
         .await
         .with_context(|| format!("connecting to NATS at {}", nats_config.url))?;
-    Relay::new(store, nats.clone(), relay_config).run(shutdown_signal()).await?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("listening on {} (PICLOUD_HTTP_ADDR)", config.http_addr))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let on_stop = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let state = ApiState { store, nats: nats.clone(), config: std::sync::Arc::new(config.clone()) };
+    let ingest = Ingest::start(state.clone()).await?;
+    let relay = tokio::spawn(Relay::new(relay_store, nats.clone(), config.node.clone()).run(on_stop()));
+    let http = tokio::spawn(picloud_api::serve(listener, state, on_stop()));
+    tracing::info!(node = %node_id, addr = %config.http_addr, "serving");
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    http.await?.context("serving HTTP")?;
+    ingest.shutdown().await;
+    relay.await??;
     nats.flush().await.ok();
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -31,6 +31,7 @@ impl RouterProcess {
             .env("PICLOUD_RELAY_POLL_MS", "100")
             .env("PICLOUD_RELAY_BATCH", "50")
             .env("PICLOUD_RELAY_MAX_IN_FLIGHT", "50")
+            .env("PICLOUD_HTTP_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("start picloud-router serve");

@@ -1,0 +1,166 @@
+//! Who is calling: a bearer API token (`pcr_…`, looked up by its SHA-256) or a delivery token
+//! (`pdt_…`, verified with the node's key), resolved together with the app the route names, and
+//! the capability checks of DESIGN §9.
+
+use axum::extract::{FromRequestParts, RawPathParams};
+use axum::http::request::Parts;
+use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, hash_api_token};
+use picloud_core::{Access, Capability, Role, ScopeSet};
+use picloud_store::{ApiToken, App, AuthRepo, Principal};
+
+use crate::ApiState;
+use crate::error::ApiError;
+
+/// How the caller authenticated.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// An API token.
+    Token(ApiToken),
+    /// A delivery token handed to a handler: acts as the trigger's principal on one app, one
+    /// level deeper.
+    Delivery(DeliveryToken),
+}
+
+/// An authenticated caller, with the app its route names (when it exists) and its role there.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The principal acting.
+    pub principal: Principal,
+    /// How it authenticated.
+    pub via: Via,
+    app: Option<App>,
+    role: Option<Role>,
+}
+
+impl Caller {
+    /// The depth of events this caller writes: 0, or one more than the delivery's.
+    pub fn depth(&self) -> u32 {
+        match &self.via {
+            Via::Token(_) => 0,
+            Via::Delivery(token) => token.depth,
+        }
+    }
+
+    /// The scopes the credentials are narrowed to, if any.
+    fn token_scopes(&self) -> Option<ScopeSet> {
+        match &self.via {
+            Via::Token(token) => token.scopes,
+            Via::Delivery(token) => Some(token.scopes),
+        }
+    }
+
+    /// The app the credentials are limited to, if any.
+    pub fn limited_to_app(&self) -> Option<uuid::Uuid> {
+        match &self.via {
+            Via::Token(token) => token.app_id,
+            Via::Delivery(token) => Some(token.app),
+        }
+    }
+
+    /// Whether this is a delivery token.
+    pub fn is_delivery(&self) -> bool {
+        matches!(self.via, Via::Delivery(_))
+    }
+
+    /// What the caller holds on the route's app.
+    pub fn access(&self) -> Access {
+        Access {
+            platform_admin: self.principal.platform_admin,
+            role: self.role,
+            token_scopes: self.token_scopes(),
+        }
+    }
+
+    /// The route's app, if the caller may exercise `capability` on it: 404 when it does not
+    /// exist, 403 when the caller is limited to another app or lacks the role or scope.
+    pub fn require_app(&self, capability: Capability) -> Result<&App, ApiError> {
+        let app = self.app.as_ref().ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
+        if self.limited_to_app().is_some_and(|limited| limited != app.id) {
+            return Err(ApiError::forbidden(format!(
+                "these credentials are limited to another app than {}",
+                app.slug
+            )));
+        }
+        self.check(capability, Some(&app.slug))?;
+        Ok(app)
+    }
+
+    /// Checks a capability that is not about one app (ManageApps, ManagePrincipals).
+    pub fn require(&self, capability: Capability) -> Result<(), ApiError> {
+        self.check(capability, None)
+    }
+
+    fn check(&self, capability: Capability, app: Option<&picloud_core::AppSlug>) -> Result<(), ApiError> {
+        if self.access().allows(capability) {
+            return Ok(());
+        }
+        let scope = capability.scope();
+        let on = app.map(|a| format!(" on app {a}")).unwrap_or_default();
+        Err(ApiError::forbidden(format!(
+            "{capability:?} needs the {scope} scope{on}, which these credentials do not hold"
+        )))
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::unauthorized("missing_token", "an Authorization: Bearer <token> header is required")
+        })?;
+        let credentials = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::unauthorized("invalid_token", "the Authorization header must be `Bearer <token>`")
+            })?;
+        let app = RawPathParams::from_request_parts(parts, state).await.ok().and_then(|params| {
+            params.iter().find(|(name, _)| *name == "app").map(|(_, value)| value.to_owned())
+        });
+        authenticate(state, &credentials, app.as_deref()).await
+    }
+}
+
+/// Resolves credentials (the text after `Bearer `) and the named app. Shared with the ingest.
+pub async fn authenticate(
+    state: &ApiState,
+    credentials: &str,
+    app: Option<&str>,
+) -> Result<Caller, ApiError> {
+    if credentials.starts_with(DELIVERY_TOKEN_PREFIX) {
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let token = state.config.node.token_key.verify(credentials, now_ms).map_err(|e| match e {
+            TokenError::Expired => {
+                ApiError::unauthorized("token_expired", "the delivery token is past its deadline")
+            }
+            _ => ApiError::unauthorized("invalid_token", "the delivery token is not valid"),
+        })?;
+        let found = state.store.authenticate_principal(token.principal, app).await?.ok_or_else(|| {
+            ApiError::unauthorized("invalid_token", "the delivery token's principal no longer exists")
+        })?;
+        return Ok(Caller {
+            principal: found.principal,
+            via: Via::Delivery(token),
+            app: found.app,
+            role: found.role,
+        });
+    }
+    let found = state
+        .store
+        .authenticate_token(&hash_api_token(credentials), app)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("invalid_token", "unknown token"))?;
+    let token = found.token.expect("a token look-up returns the token");
+    if token.revoked_at.is_some() {
+        return Err(ApiError::unauthorized("token_revoked", "the token was revoked"));
+    }
+    if token.expires_at.is_some_and(|at| at <= time::OffsetDateTime::now_utc()) {
+        return Err(ApiError::unauthorized("token_expired", "the token has expired"));
+    }
+    Ok(Caller { principal: found.principal, via: Via::Token(token), app: found.app, role: found.role })
+}

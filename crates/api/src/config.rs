@@ -1,0 +1,70 @@
+//! The API's configuration (DESIGN §10), parsed from a lookup function.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use picloud_core::config::{ConfigError, parse_var};
+use picloud_dispatch::RelayConfig;
+
+/// How the API and the ingest run.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// `PICLOUD_HTTP_ADDR`: where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// `PICLOUD_MAX_PAYLOAD_BYTES`: larger request bodies get 413 and write nothing.
+    pub max_payload_bytes: usize,
+    /// `PICLOUD_SYNC_TIMEOUT_MAX_MS`: the cap on a sync caller's `Picloud-Timeout-Ms`.
+    pub sync_timeout_max: Duration,
+    /// The node's delivery settings: token key, handler timeout, subjects, trigger defaults. The
+    /// API verifies delivery tokens with the same key and delivers its own sync calls.
+    pub node: RelayConfig,
+}
+
+impl ApiConfig {
+    /// Defaults around a node configuration (for tests and embedding).
+    pub fn new(node: RelayConfig) -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_payload_bytes: 1_048_576,
+            sync_timeout_max: Duration::from_secs(60),
+            node,
+        }
+    }
+
+    /// Parses the API's variables and the node's (see [`RelayConfig::from_env`]).
+    pub fn from_env(
+        lookup: impl Fn(&str) -> Option<String>,
+        default_node_id: &str,
+    ) -> Result<Self, ConfigError> {
+        let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
+        let node = RelayConfig::from_env(lookup, default_node_id)?;
+        let default = Self::new(node);
+        let http_addr = parse_var(
+            lookup,
+            "PICLOUD_HTTP_ADDR",
+            default.http_addr,
+            "an address such as 127.0.0.1:8080",
+            |_| true,
+        )?;
+        let max_payload_bytes = parse_var(
+            lookup,
+            "PICLOUD_MAX_PAYLOAD_BYTES",
+            default.max_payload_bytes,
+            "a number of bytes from 1024 to 67108864",
+            |v| (1024..=64 * 1024 * 1024).contains(v),
+        )?;
+        let sync_max_ms = parse_var(
+            lookup,
+            "PICLOUD_SYNC_TIMEOUT_MAX_MS",
+            60_000u64,
+            "milliseconds from 10 to 3600000",
+            |v| (10..=3_600_000).contains(v),
+        )?;
+        Ok(Self {
+            http_addr,
+            max_payload_bytes,
+            sync_timeout_max: Duration::from_millis(sync_max_ms),
+            ..default
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! Request extraction with the API's error shape: JSON bodies within the payload limit (400 for
+//! malformed JSON or wrong types, 413 past the limit — read as a stream and cut off there), query
+//! strings (400), and keyset cursors.
+
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::ApiError;
+
+/// A JSON request body.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+/// A request body's bytes, within the payload limit.
+pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES",
+            )
+        } else {
+            ApiError::bad_request("invalid_body", e.body_text())
+        }
+    })
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON body: 400 naming the field that has the wrong type, or what is malformed.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { String::new() } else { format!("{path}: ") };
+        ApiError::bad_request("invalid_json", format!("invalid JSON body: {at}{}", e.inner()))
+    })?;
+    de.end().map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    Ok(value)
+}
+
+/// A query string.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| QueryParams(q))
+            .map_err(|e: QueryRejection| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
+
+/// `after` and `limit` of a keyset-paged list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+    /// Items per page: default 50, at most 500.
+    pub limit: Option<u32>,
+}
+
+impl PageQuery {
+    /// The page size, clamped.
+    pub fn limit(&self) -> u32 {
+        picloud_store::page_limit(self.limit)
+    }
+
+    /// The decoded cursor: 400 when it is not one of ours.
+    pub fn after(&self) -> Result<Option<String>, ApiError> {
+        self.after
+            .as_deref()
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                URL_SAFE_NO_PAD.decode(a).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "`after` is not a cursor this API returned")
+                })
+            })
+            .transpose()
+    }
+
+    /// The decoded cursor as a UUID.
+    pub fn after_id(&self) -> Result<Option<uuid::Uuid>, ApiError> {
+        self.after()?
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    ApiError::bad_request("invalid_cursor", "`after` is not a cursor this API returned")
+                })
+            })
+            .transpose()
+    }
+}
+
+/// One page of a list: `{"items": […], "next": "<cursor>" | null}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// A page from a store page, the cursor being `key` of its last item.
+    pub fn from_store<U>(
+        page: picloud_store::Page<U>,
+        key: impl Fn(&U) -> String,
+        view: impl Fn(U) -> T,
+    ) -> Self {
+        let next = if page.has_more {
+            page.items.last().map(|last| URL_SAFE_NO_PAD.encode(key(last)))
+        } else {
+            None
+        };
+        Self { items: page.items.into_iter().map(view).collect(), next }
+    }
+}

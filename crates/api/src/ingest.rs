@@ -1,0 +1,173 @@
+//! NATS ingest (DESIGN §6): requests on `picloud.v1.ingest.<app>.{kv.put, kv.delete,
+//! pubsub.<topic>, queue.<queue>}` with `Authorization: Bearer <token>`, served by a queue group
+//! across router nodes. Each goes through the same authorization and write functions as the HTTP
+//! API, and is answered only after its transaction committed.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use picloud_core::protocol::{AUTHORIZATION_HEADER, IngestOp, STATUS_HEADER};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::ApiState;
+use crate::auth::authenticate;
+use crate::error::ApiError;
+use crate::extract::parse_json;
+use crate::routes::{events, kv};
+use crate::views::EnqueueJob;
+
+/// Requests served at once by one node.
+const CONCURRENCY: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvPut {
+    collection: String,
+    key: String,
+    value: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvDelete {
+    collection: String,
+    key: String,
+}
+
+/// Why the ingest could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// Subscribing failed.
+    #[error("subscribing to the ingest subjects failed: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// The server did not confirm the subscription.
+    #[error("the server did not confirm the ingest subscription: {0}")]
+    Confirm(String),
+}
+
+/// A started ingest consumer.
+#[derive(Debug)]
+pub struct Ingest {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ingest {
+    /// Subscribes (confirmed by the server before returning) and serves until [`Ingest::shutdown`].
+    pub async fn start(state: ApiState) -> Result<Ingest, IngestError> {
+        let subjects = &state.config.node.subjects;
+        let sub =
+            state.nats.queue_subscribe(subjects.ingest_wildcard(), subjects.ingest_queue_group()).await?;
+        picloud_dispatch::round_trip(&state.nats).await.map_err(IngestError::Confirm)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(serve(state, sub, async {
+            let _ = stopped.await;
+        }));
+        Ok(Ingest { stop, task })
+    }
+
+    /// Stops taking requests, answers those in hand, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(state: ApiState, mut sub: async_nats::Subscriber, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut running = JoinSet::new();
+    tokio::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => msg,
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                let _ = sub.drain().await;
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
+        let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
+        let state = state.clone();
+        running.spawn(async move {
+            answer(&state, msg).await;
+            drop(slot);
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+    state.nats.flush().await.ok();
+}
+
+async fn answer(state: &ApiState, msg: Message) {
+    let Some(reply) = msg.reply.clone() else { return };
+    let mut headers = HeaderMap::new();
+    let body = match handle(state, &msg).await {
+        Ok(body) => {
+            headers.insert(STATUS_HEADER, "ok");
+            body
+        }
+        Err(e) => {
+            headers.insert(STATUS_HEADER, "error");
+            serde_json::to_vec(&e.body()).map(Bytes::from).unwrap_or_default()
+        }
+    };
+    if let Err(e) = state.nats.publish_with_headers(reply, headers, body).await {
+        tracing::warn!(error = %e, "could not answer an ingest request");
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
+    serde_json::to_vec(value).map(Bytes::from).unwrap_or_default()
+}
+
+async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
+    let (app, op) = state.config.node.subjects.parse_ingest(&msg.subject).ok_or_else(|| {
+        ApiError::not_found("unknown_subject", format!("{} is not an ingest subject", msg.subject))
+    })?;
+    if msg.payload.len() > state.config.max_payload_bytes {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES",
+        ));
+    }
+    let credentials = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(AUTHORIZATION_HEADER))
+        .and_then(|v| v.as_str().strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            ApiError::unauthorized("missing_token", "an Authorization: Bearer <token> header is required")
+        })?;
+    let caller = authenticate(state, credentials, Some(app)).await?;
+    match op {
+        IngestOp::KvPut => {
+            let put: KvPut = parse_json(&msg.payload)?;
+            let version = kv::put_entry(state, &caller, put.collection, put.key, &put.value, None).await?;
+            Ok(to_json(&version))
+        }
+        IngestOp::KvDelete => {
+            let delete: KvDelete = parse_json(&msg.payload)?;
+            let version = kv::delete_entry(state, &caller, delete.collection, delete.key, None).await?;
+            Ok(to_json(&version))
+        }
+        IngestOp::Pubsub(topic) => {
+            let message: Box<RawValue> = parse_json(&msg.payload)?;
+            Ok(to_json(&events::publish_message(state, &caller, topic, &message).await?))
+        }
+        IngestOp::Queue(queue) => {
+            let job: EnqueueJob = parse_json(&msg.payload)?;
+            Ok(to_json(&events::enqueue_job(state, &caller, queue, &job).await?.1))
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The HTTP API (axum) and the NATS ingest of picloud-router (DESIGN §5, §6, §8, §9).
+//!
+//! Architecture invariant: the API and the ingest write events and their outbox rows in one
+//! transaction (through `picloud_store::events`) and never deliver async events themselves; the
+//! one delivery an API node makes is the sync call its own caller waits on
+//! (`picloud_dispatch::deliver_sync`).
+
+use std::sync::Arc;
+
+use picloud_store::events::EventContext;
+use picloud_store::{App, PgStore};
+
+mod auth;
+mod config;
+mod error;
+mod extract;
+mod ingest;
+pub mod routes;
+mod views;
+
+pub use auth::{Caller, Via};
+pub use config::ApiConfig;
+pub use error::{ApiError, ErrorBody};
+pub use ingest::{Ingest, IngestError};
+pub use routes::router;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The store, for writes acknowledged to clients (their commits wait for the WAL flush).
+    pub store: PgStore,
+    /// The node's NATS connection.
+    pub nats: async_nats::Client,
+    /// The configuration.
+    pub config: Arc<ApiConfig>,
+}
+
+impl ApiState {
+    /// Where events written on behalf of `caller` in `app` start: its depth, the app and the
+    /// node's trigger limits.
+    pub fn event_context<'a>(&'a self, app: &'a App, caller: &Caller) -> EventContext<'a> {
+        EventContext {
+            app_id: app.id,
+            app_slug: &app.slug,
+            depth: caller.depth(),
+            config: &self.config.node.triggers,
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; requests in progress are finished.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,171 @@
+//! Dead letters (list, count, get, replay, ignore) and the abandoned-executions log.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use picloud_core::Capability;
+use picloud_store::events;
+use picloud_store::{
+    AbandonedRepo, DeadLetterFilter, DeadLetterRepo, Resolution, Transactional, TriggerRepo,
+};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+use crate::ApiState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{Page, PageQuery, QueryParams};
+use crate::views::*;
+
+/// Filters of the dead-letter list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterQuery {
+    /// `unresolved`, `replayed`, `ignored`, `handled_by_script` or `handler_failed`.
+    pub resolution: Option<String>,
+    /// Only dead letters of this trigger (by name).
+    pub trigger: Option<String>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+    /// Items per page: default 50, at most 500.
+    pub limit: Option<u32>,
+}
+
+fn resolution(value: Option<&str>) -> Result<Option<Option<Resolution>>, ApiError> {
+    value
+        .map(|r| match r {
+            "unresolved" => Ok(None),
+            other => Resolution::parse(other).map(Some).ok_or_else(|| {
+                ApiError::invalid(
+                    "resolution",
+                    "expected unresolved, replayed, ignored, handled_by_script or handler_failed",
+                )
+            }),
+        })
+        .transpose()
+}
+
+fn dead_letter_id(raw: &str) -> Result<Uuid, ApiError> {
+    raw.parse().map_err(|_| ApiError::not_found("dead_letter_not_found", format!("no dead letter {raw}")))
+}
+
+/// The app's dead letters, newest first.
+#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters", tag = "dead letters",
+    params(("app" = String, Path), DeadLetterQuery), responses((status = 200, body = Page<DeadLetterView>)))]
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<DeadLetterQuery>,
+) -> Result<Json<Page<DeadLetterView>>, ApiError> {
+    let app = caller.require_app(Capability::AppRead)?;
+    let filter =
+        DeadLetterFilter { resolution: resolution(q.resolution.as_deref())?, trigger_name: q.trigger };
+    let page = PageQuery { after: q.after, limit: q.limit };
+    let found = state.store.list_dead_letters(app.id, &filter, page.after_id()?, page.limit()).await?;
+    Ok(Json(Page::from_store(found, |d| d.id.to_string(), DeadLetterView::from)))
+}
+
+/// `resolution` of the count.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CountQuery {
+    /// Only `unresolved` is counted (the dashboard badge).
+    pub resolution: Option<String>,
+}
+
+/// How many dead letters are unresolved.
+#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters/count", tag = "dead letters",
+    params(("app" = String, Path), CountQuery), responses((status = 200, body = CountView)))]
+pub async fn count(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<CountQuery>,
+) -> Result<Json<CountView>, ApiError> {
+    let app = caller.require_app(Capability::AppRead)?;
+    if q.resolution.as_deref().is_some_and(|r| r != "unresolved") {
+        return Err(ApiError::invalid("resolution", "only unresolved dead letters are counted"));
+    }
+    Ok(Json(CountView { count: state.store.unresolved_count(app.id).await? }))
+}
+
+/// One dead letter, with its event.
+#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters/{id}", tag = "dead letters",
+    params(("app" = String, Path), ("id" = Uuid, Path)),
+    responses((status = 200, body = DeadLetterView), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, id)): Path<(String, String)>,
+) -> Result<Json<DeadLetterView>, ApiError> {
+    let app = caller.require_app(Capability::AppRead)?;
+    let dead = state.store.dead_letter(app.id, dead_letter_id(&id)?).await?;
+    Ok(Json(
+        dead.ok_or_else(|| ApiError::not_found("dead_letter_not_found", format!("no dead letter {id}")))?
+            .into(),
+    ))
+}
+
+/// Deliver the dead letter's event again to its trigger (attempts reset); it becomes `replayed`.
+#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/{id}/replay", tag = "dead letters",
+    params(("app" = String, Path), ("id" = Uuid, Path)),
+    responses((status = 200, body = Replayed), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn replay(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, id)): Path<(String, String)>,
+) -> Result<Json<Replayed>, ApiError> {
+    let app = caller.require_app(Capability::AppDeadLetterManage)?;
+    let id = dead_letter_id(&id)?;
+    let dead =
+        state.store.dead_letter(app.id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
+    if dead.resolution == Some(Resolution::Replayed) {
+        return Err(ApiError::conflict("already_replayed", "this dead letter was replayed already"));
+    }
+    let trigger = match &dead.trigger_name {
+        Some(name) => state.store.trigger(app.id, name).await?,
+        None => None,
+    };
+    let mut tx = state.store.begin().await?;
+    let delivery_id =
+        events::replay(&state.store, &mut tx, &dead, trigger.as_ref(), &state.config.node.triggers).await?;
+    events::commit_and_wake(&state.store, tx).await?;
+    let dead =
+        state.store.dead_letter(app.id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
+    Ok(Json(Replayed { dead_letter: dead.into(), delivery_id }))
+}
+
+/// Mark an unresolved dead letter `ignored`.
+#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/{id}/ignore", tag = "dead letters",
+    params(("app" = String, Path), ("id" = Uuid, Path)),
+    responses((status = 200, body = DeadLetterView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn ignore(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, id)): Path<(String, String)>,
+) -> Result<Json<DeadLetterView>, ApiError> {
+    let app = caller.require_app(Capability::AppDeadLetterManage)?;
+    let id = dead_letter_id(&id)?;
+    let mut tx = state.store.begin().await?;
+    let ignored = state.store.resolve(&mut tx, app.id, id, Resolution::Ignored, true).await?;
+    state.store.commit(tx).await?;
+    match ignored {
+        Some(dead) => Ok(Json(dead.into())),
+        None => match state.store.dead_letter(app.id, id).await? {
+            Some(_) => Err(ApiError::conflict("already_resolved", "this dead letter is resolved already")),
+            None => Err(picloud_store::Error::DeadLetterNotFound(id).into()),
+        },
+    }
+}
+
+/// Sync results nobody waited for, newest first.
+#[utoipa::path(get, path = "/v1/apps/{app}/abandoned-executions", tag = "dead letters",
+    params(("app" = String, Path), PageQuery), responses((status = 200, body = Page<AbandonedView>)))]
+pub async fn abandoned(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(page): QueryParams<PageQuery>,
+) -> Result<Json<Page<AbandonedView>>, ApiError> {
+    let app = caller.require_app(Capability::AppRead)?;
+    let found = state.store.list_abandoned(app.id, page.after_id()?, page.limit()).await?;
+    Ok(Json(Page::from_store(found, |a| a.id.to_string(), AbandonedView::from)))
+}

@@ -1,0 +1,162 @@
+//! KV entries: put (with `If-Match`), get, delete, list by prefix.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use picloud_core::{Capability, CollectionName, KvKey};
+use picloud_store::events;
+use picloud_store::{KvRepo, Transactional};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::ApiState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{JsonBody, Page, PageQuery, QueryParams};
+use crate::views::*;
+
+/// The `If-Match` version, if given: 400 when it is not a whole number.
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    headers
+        .get(axum::http::header::IF_MATCH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .map(|s| s.trim().trim_matches('"'))
+                .and_then(|s| s.parse::<i64>().ok())
+                .filter(|v| *v > 0)
+                .ok_or_else(|| ApiError::bad_request("invalid_if_match", "If-Match must be a version number"))
+        })
+        .transpose()
+}
+
+fn names(collection: String, key: String) -> Result<(CollectionName, KvKey), ApiError> {
+    Ok((
+        CollectionName::parse(collection).map_err(|e| ApiError::invalid("collection", e))?,
+        KvKey::parse(key).map_err(|e| ApiError::invalid("key", e))?,
+    ))
+}
+
+/// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch).
+#[utoipa::path(put, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv",
+    params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
+           ("If-Match" = Option<i64>, Header, description = "the version the entry must have")),
+    request_body(content = Object, description = "any JSON value"),
+    responses((status = 200, body = VersionView), (status = 412, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn put(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((_, collection, key)): Path<(String, String, String)>,
+    JsonBody(value): JsonBody<serde_json::Value>,
+) -> Result<Json<VersionView>, ApiError> {
+    let expected = if_match(&headers)?;
+    put_entry(&state, &caller, collection, key, &value, expected).await.map(Json)
+}
+
+/// A KV put, for the HTTP route and the NATS ingest.
+pub(crate) async fn put_entry(
+    state: &ApiState,
+    caller: &Caller,
+    collection: String,
+    key: String,
+    value: &serde_json::Value,
+    expected: Option<i64>,
+) -> Result<VersionView, ApiError> {
+    let app = caller.require_app(Capability::AppWriteKv)?;
+    let (collection, key) = names(collection, key)?;
+    let cx = state.event_context(app, caller);
+    let (put, _) = events::kv_put_now(&state.store, &cx, &collection, &key, value, expected).await?;
+    Ok(VersionView { version: put.version })
+}
+
+/// Read an entry.
+#[utoipa::path(get, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv",
+    params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path)),
+    responses((status = 200, body = KvValue), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, collection, key)): Path<(String, String, String)>,
+) -> Result<Json<KvValue>, ApiError> {
+    let app = caller.require_app(Capability::AppReadKv)?;
+    let entry = state.store.kv_get(app.id, &collection, &key).await?;
+    let entry =
+        entry.ok_or_else(|| ApiError::not_found("key_not_found", format!("no key {key} in {collection}")))?;
+    Ok(Json(KvValue { value: entry.value, version: entry.version }))
+}
+
+/// Delete an entry; `If-Match` makes it conditional.
+#[utoipa::path(delete, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv",
+    params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
+           ("If-Match" = Option<i64>, Header, description = "the version the entry must have")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 412, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((_, collection, key)): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let expected = if_match(&headers)?;
+    delete_entry(&state, &caller, collection, key, expected).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+/// A KV delete, for the HTTP route and the NATS ingest: the deleted entry's version.
+pub(crate) async fn delete_entry(
+    state: &ApiState,
+    caller: &Caller,
+    collection: String,
+    key: String,
+    expected: Option<i64>,
+) -> Result<VersionView, ApiError> {
+    let app = caller.require_app(Capability::AppWriteKv)?;
+    let not_found = || ApiError::not_found("key_not_found", format!("no key {key} in {collection}"));
+    let Ok((collection, key)) = names(collection.clone(), key.clone()) else { return Err(not_found()) };
+    let cx = state.event_context(app, caller);
+    let mut tx = state.store.begin().await?;
+    match events::kv_delete(&state.store, &mut tx, &cx, &collection, &key, expected).await? {
+        Some((deleted, _)) => {
+            events::commit_and_wake(&state.store, tx).await?;
+            Ok(VersionView { version: deleted.version })
+        }
+        None => Err(not_found()),
+    }
+}
+
+/// `prefix` of a key list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct KeyQuery {
+    /// Only keys starting with this.
+    #[serde(default)]
+    pub prefix: String,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+    /// Items per page: default 50, at most 500.
+    pub limit: Option<u32>,
+}
+
+/// List a collection's keys, by key, paged.
+#[utoipa::path(get, path = "/v1/apps/{app}/kv/{collection}", tag = "kv",
+    params(("app" = String, Path), ("collection" = String, Path), KeyQuery),
+    responses((status = 200, body = Page<KvKeyView>)))]
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, collection)): Path<(String, String)>,
+    QueryParams(q): QueryParams<KeyQuery>,
+) -> Result<Json<Page<KvKeyView>>, ApiError> {
+    let app = caller.require_app(Capability::AppReadKv)?;
+    let page = PageQuery { after: q.after, limit: q.limit };
+    let after = page.after()?;
+    let found = state.store.kv_list(app.id, &collection, &q.prefix, after.as_deref(), page.limit()).await?;
+    Ok(Json(Page::from_store(
+        found,
+        |e| e.key.to_string(),
+        |e| KvKeyView {
+            key: e.key.into_string(),
+            version: e.version,
+            updated_at: picloud_core::protocol::rfc3339_millis(e.updated_at),
+        },
+    )))
+}

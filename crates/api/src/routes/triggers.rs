@@ -1,0 +1,236 @@
+//! Registering, reading, changing and removing triggers.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use base64::Engine as _;
+use picloud_core::protocol::{EventKind, TriggerKind};
+use picloud_core::{Capability, CollectionPattern, HandlerName, QueueName, RetryOverrides, TriggerName};
+use picloud_store::{Handler, KvOp, NewTrigger, TriggerPatch, TriggerRepo, TriggerSpec};
+use uuid::Uuid;
+
+use crate::ApiState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{JsonBody, Page, PageQuery, QueryParams};
+use crate::views::*;
+
+fn handler(body: HandlerBody) -> Result<Handler, ApiError> {
+    match body {
+        HandlerBody::Function(name) => HandlerName::parse(name)
+            .map(Handler::Function)
+            .map_err(|e| ApiError::invalid("handler.function", e)),
+        HandlerBody::Webhook(hook) => {
+            let url = url::Url::parse(&hook.url).map_err(|e| ApiError::invalid("handler.webhook.url", e))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(ApiError::invalid(
+                    "handler.webhook.url",
+                    "expected an http:// or https:// URL with a host",
+                ));
+            }
+            let key_bytes = hook
+                .secret
+                .strip_prefix("whsec_")
+                .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok())
+                .map_or(0, |k| k.len());
+            if key_bytes < 16 {
+                return Err(ApiError::invalid(
+                    "handler.webhook.secret",
+                    "expected whsec_ followed by at least 16 base64-encoded bytes",
+                ));
+            }
+            Ok(Handler::Webhook { url: hook.url, secret: hook.secret })
+        }
+    }
+}
+
+fn retry(state: &ApiState, retry: RetryOverrides) -> Result<RetryOverrides, ApiError> {
+    state.config.node.triggers.retry.with_overrides(&retry).map_err(|e| ApiError::invalid("retry", e))?;
+    Ok(retry)
+}
+
+/// The kind-specific fields, checked against the kind.
+fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
+    let kind = TriggerKind::parse(&body.kind)
+        .ok_or_else(|| ApiError::invalid("kind", "expected kv, pubsub, queue, cron, dead_letter or http"))?;
+    let given: [(&str, bool, &[TriggerKind]); 8] = [
+        ("collection", body.collection.is_some(), &[TriggerKind::Kv]),
+        ("ops", body.ops.is_some(), &[TriggerKind::Kv]),
+        ("topic", body.topic.is_some(), &[TriggerKind::Pubsub]),
+        ("queue", body.queue.is_some(), &[TriggerKind::Queue]),
+        ("schedule", body.schedule.is_some(), &[TriggerKind::Cron]),
+        ("timezone", body.timezone.is_some(), &[TriggerKind::Cron]),
+        ("source_trigger", body.source_trigger.is_some(), &[TriggerKind::DeadLetter]),
+        ("source_kinds", body.source_kinds.is_some(), &[TriggerKind::DeadLetter]),
+    ];
+    if let Some((field, _, _)) = given.iter().find(|(_, set, kinds)| *set && !kinds.contains(&kind)) {
+        return Err(ApiError::invalid(field, format!("not a field of {kind} triggers")));
+    }
+    let required = |field: &str, value: &Option<String>| {
+        value.clone().ok_or_else(|| ApiError::invalid(field, format!("required for {kind} triggers")))
+    };
+    Ok(match kind {
+        TriggerKind::Kv => {
+            let collection = CollectionPattern::parse(required("collection", &body.collection)?)
+                .map_err(|e| ApiError::invalid("collection", e))?;
+            let ops = match &body.ops {
+                None => vec![KvOp::Put, KvOp::Delete],
+                Some(ops) if ops.is_empty() => {
+                    return Err(ApiError::invalid("ops", "expected put and/or delete"));
+                }
+                Some(ops) => ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, op)| {
+                        KvOp::parse(op)
+                            .ok_or_else(|| ApiError::invalid(&format!("ops[{i}]"), "expected put or delete"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            TriggerSpec::Kv { collection, ops }
+        }
+        TriggerKind::Pubsub => TriggerSpec::Pubsub {
+            topic: CollectionPattern::parse(required("topic", &body.topic)?)
+                .map_err(|e| ApiError::invalid("topic", e))?,
+        },
+        TriggerKind::Queue => TriggerSpec::Queue {
+            queue: QueueName::parse(required("queue", &body.queue)?)
+                .map_err(|e| ApiError::invalid("queue", e))?,
+        },
+        TriggerKind::Cron => {
+            let schedule = required("schedule", &body.schedule)?;
+            if schedule.split_whitespace().count() != 5 {
+                return Err(ApiError::invalid(
+                    "schedule",
+                    "expected 5 fields: minute hour day-of-month month day-of-week",
+                ));
+            }
+            let timezone = body.timezone.clone().unwrap_or_else(|| "UTC".into());
+            if timezone.is_empty() || timezone.len() > 64 || timezone.contains(char::is_whitespace) {
+                return Err(ApiError::invalid("timezone", "expected an IANA time zone such as Europe/Paris"));
+            }
+            TriggerSpec::Cron { schedule, timezone }
+        }
+        TriggerKind::DeadLetter => TriggerSpec::DeadLetter {
+            source_trigger: body
+                .source_trigger
+                .clone()
+                .map(|n| TriggerName::parse(n).map_err(|e| ApiError::invalid("source_trigger", e)))
+                .transpose()?,
+            source_kinds: body
+                .source_kinds
+                .as_ref()
+                .map(|kinds| {
+                    kinds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| {
+                            EventKind::parse(k).ok_or_else(|| {
+                                ApiError::invalid(
+                                    &format!("source_kinds[{i}]"),
+                                    "expected kv, pubsub, queue, cron, dead_letter, http or email",
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?,
+        },
+        TriggerKind::Http => TriggerSpec::Http,
+    })
+}
+
+/// Register a trigger; it runs as the caller's principal.
+#[utoipa::path(post, path = "/v1/apps/{app}/triggers", tag = "triggers", params(("app" = String, Path)),
+    request_body = RegisterTrigger,
+    responses((status = 201, body = TriggerView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn register(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<RegisterTrigger>,
+) -> Result<(StatusCode, Json<TriggerView>), ApiError> {
+    let app = caller.require_app(Capability::AppManageTriggers)?;
+    let name = TriggerName::parse(body.name.clone()).map_err(|e| ApiError::invalid("name", e))?;
+    let spec = spec(&body)?;
+    let new = NewTrigger {
+        id: Uuid::now_v7(),
+        app_id: app.id,
+        name,
+        spec,
+        handler: handler(body.handler)?,
+        retry: retry(&state, body.retry.unwrap_or_default())?,
+        enabled: body.enabled.unwrap_or(true),
+        registered_by: caller.principal.id,
+    };
+    let trigger = state.store.create_trigger(&new).await?;
+    Ok((StatusCode::CREATED, Json(trigger.into())))
+}
+
+/// The app's triggers, by name.
+#[utoipa::path(get, path = "/v1/apps/{app}/triggers", tag = "triggers", params(("app" = String, Path), PageQuery),
+    responses((status = 200, body = Page<TriggerView>)))]
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(page): QueryParams<PageQuery>,
+) -> Result<Json<Page<TriggerView>>, ApiError> {
+    let app = caller.require_app(Capability::AppRead)?;
+    let after = page.after()?;
+    let found = state.store.list_triggers(app.id, after.as_deref(), page.limit()).await?;
+    Ok(Json(Page::from_store(found, |t| t.name.to_string(), TriggerView::from)))
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found("trigger_not_found", format!("no trigger {name}"))
+}
+
+/// One trigger.
+#[utoipa::path(get, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers",
+    params(("app" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = TriggerView), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, name)): Path<(String, String)>,
+) -> Result<Json<TriggerView>, ApiError> {
+    let app = caller.require_app(Capability::AppRead)?;
+    let trigger = state.store.trigger(app.id, &name).await?.ok_or_else(|| not_found(&name))?;
+    Ok(Json(trigger.into()))
+}
+
+/// Enable or disable a trigger, or change its handler or retry overrides.
+#[utoipa::path(patch, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers",
+    params(("app" = String, Path), ("name" = String, Path)), request_body = PatchTrigger,
+    responses((status = 200, body = TriggerView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn patch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, name)): Path<(String, String)>,
+    JsonBody(body): JsonBody<PatchTrigger>,
+) -> Result<Json<TriggerView>, ApiError> {
+    let app = caller.require_app(Capability::AppManageTriggers)?;
+    let patch = TriggerPatch {
+        enabled: body.enabled,
+        handler: body.handler.map(handler).transpose()?,
+        retry: body.retry.map(|r| retry(&state, r)).transpose()?,
+    };
+    let trigger = state.store.update_trigger(app.id, &name, &patch).await?;
+    Ok(Json(trigger.into()))
+}
+
+/// Remove a trigger; its dead letters stay.
+#[utoipa::path(delete, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers",
+    params(("app" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((_, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let app = caller.require_app(Capability::AppManageTriggers)?;
+    if state.store.delete_trigger(app.id, &name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found(&name))
+    }
+}

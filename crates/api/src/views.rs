@@ -1,0 +1,516 @@
+//! The JSON shapes of the API: what routes answer, and the bodies they take.
+
+use picloud_core::{RetryOverrides, Role, Scope};
+use picloud_store::{
+    AbandonedExecution, ApiToken, App, DeadLetter, Handler, Principal, Trigger, TriggerSpec,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// RFC 3339 UTC, as every time in the API.
+fn rfc3339(t: OffsetDateTime) -> String {
+    picloud_core::protocol::rfc3339_millis(t)
+}
+
+/// An app.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppView {
+    /// Its id.
+    pub id: Uuid,
+    /// Its slug.
+    pub slug: String,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
+impl From<App> for AppView {
+    fn from(a: App) -> Self {
+        Self { id: a.id, slug: a.slug.into_string(), created_at: rfc3339(a.created_at) }
+    }
+}
+
+/// `POST /v1/apps`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    /// `[a-z][a-z0-9-]{0,62}`
+    pub slug: String,
+}
+
+/// A principal.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrincipalView {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Whether it is a platform admin.
+    pub platform_admin: bool,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
+impl From<Principal> for PrincipalView {
+    fn from(p: Principal) -> Self {
+        Self { id: p.id, name: p.name, platform_admin: p.platform_admin, created_at: rfc3339(p.created_at) }
+    }
+}
+
+/// `POST /v1/principals`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePrincipal {
+    /// A name, 1–200 characters.
+    pub name: String,
+    /// Make it a platform admin.
+    #[serde(default)]
+    pub platform_admin: bool,
+}
+
+/// `PUT /v1/apps/{app}/members/{principal_id}`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetRole {
+    /// `viewer`, `developer` or `admin`.
+    pub role: String,
+}
+
+/// A membership.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberView {
+    /// The app's slug.
+    pub app: String,
+    /// The member.
+    pub principal_id: Uuid,
+    /// Its role.
+    #[schema(value_type = String)]
+    pub role: Role,
+}
+
+/// `POST /v1/tokens`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Whom the token authenticates (default: the caller).
+    pub principal_id: Option<Uuid>,
+    /// Limit the token to this app (slug).
+    pub app: Option<String>,
+    /// Narrow the token to these scopes.
+    pub scopes: Option<Vec<String>>,
+    /// Let the token expire after this many seconds.
+    pub expires_in_s: Option<u64>,
+}
+
+/// A token as minted: the secret is shown this once.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenCreated {
+    /// The token's id (for revocation).
+    pub id: Uuid,
+    /// The secret: `pcr_…`. Never shown again.
+    pub token: String,
+    /// Whom it authenticates.
+    pub principal_id: Uuid,
+    /// The app it is limited to, if any.
+    pub app: Option<String>,
+    /// The scopes it is narrowed to, if any.
+    pub scopes: Option<Vec<String>>,
+    /// When it expires, if ever.
+    pub expires_at: Option<String>,
+    /// When it was minted.
+    pub created_at: String,
+}
+
+impl TokenCreated {
+    /// The view of a stored token and its secret.
+    pub fn new(token: &ApiToken, secret: String, app: Option<String>) -> Self {
+        Self {
+            id: token.id,
+            token: secret,
+            principal_id: token.principal_id,
+            app,
+            scopes: token.scopes.map(|s| s.iter().map(|scope: Scope| scope.as_str().to_owned()).collect()),
+            expires_at: token.expires_at.map(rfc3339),
+            created_at: rfc3339(token.created_at),
+        }
+    }
+}
+
+/// `{version}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionView {
+    /// The entry's version.
+    pub version: i64,
+}
+
+/// `{value, version}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KvValue {
+    /// The value.
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    /// Its version.
+    pub version: i64,
+}
+
+/// A key of a collection.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KvKeyView {
+    /// The key.
+    pub key: String,
+    /// Its version.
+    pub version: i64,
+    /// When it was last written.
+    pub updated_at: String,
+}
+
+/// `{id, deliveries}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Published {
+    /// The message's id.
+    pub id: Uuid,
+    /// Deliveries written (one per matching trigger).
+    pub deliveries: usize,
+}
+
+/// `{id}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IdView {
+    /// The id.
+    pub id: Uuid,
+}
+
+/// `POST /v1/apps/{app}/queues/{queue}/jobs`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueJob {
+    /// The job's data.
+    #[schema(value_type = Object)]
+    pub payload: Box<RawValue>,
+    /// Wait this long before the first attempt.
+    pub delay_ms: Option<u64>,
+    /// Enqueueing the same key again while the job is pending returns the first job.
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/apps/{app}/emails`
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendEmail {
+    /// An address or a list of addresses.
+    #[schema(value_type = Object)]
+    pub to: serde_json::Value,
+    /// The subject line.
+    pub subject: String,
+    /// The plain-text body.
+    pub text: String,
+    /// An HTML body, sent as the alternative.
+    pub html: Option<String>,
+}
+
+/// `{count}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CountView {
+    /// How many.
+    pub count: u64,
+}
+
+/// Where a trigger delivers, as the API shows it (a webhook's secret is never shown).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HandlerBody {
+    /// `{"function": "<name>"}`
+    Function(String),
+    /// `{"webhook": {"url": "https://…", "secret": "whsec_…"}}`
+    Webhook(WebhookBody),
+}
+
+/// A webhook target.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookBody {
+    /// The URL, `http://` or `https://`.
+    pub url: String,
+    /// The Standard Webhooks signing secret, `whsec_…` (write only).
+    #[serde(default, skip_serializing)]
+    pub secret: String,
+}
+
+/// `POST /v1/apps/{app}/triggers`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterTrigger {
+    /// `[a-z0-9][a-z0-9_-]{0,62}`, unique in the app.
+    pub name: String,
+    /// `kv`, `pubsub`, `queue`, `cron`, `dead_letter` or `http`.
+    pub kind: String,
+    /// kv: the collection pattern (`*`, `prefix*` or a name).
+    pub collection: Option<String>,
+    /// kv: `put` and/or `delete` (default both).
+    pub ops: Option<Vec<String>>,
+    /// pubsub: the topic pattern.
+    pub topic: Option<String>,
+    /// queue: the queue.
+    pub queue: Option<String>,
+    /// cron: a 5-field schedule.
+    pub schedule: Option<String>,
+    /// cron: an IANA time zone (default UTC).
+    pub timezone: Option<String>,
+    /// dead_letter: only dead letters of this trigger.
+    pub source_trigger: Option<String>,
+    /// dead_letter: only dead letters of these event kinds.
+    pub source_kinds: Option<Vec<String>>,
+    /// Where deliveries go.
+    pub handler: HandlerBody,
+    /// Retry overrides.
+    #[schema(value_type = Option<Object>)]
+    pub retry: Option<RetryOverrides>,
+    /// Whether it fires (default true).
+    pub enabled: Option<bool>,
+}
+
+/// `PATCH /v1/apps/{app}/triggers/{name}`
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchTrigger {
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+    /// A new handler.
+    pub handler: Option<HandlerBody>,
+    /// New retry overrides (replacing the old ones).
+    #[schema(value_type = Option<Object>)]
+    pub retry: Option<RetryOverrides>,
+}
+
+/// A trigger.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TriggerView {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// kv: the collection pattern.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// kv: the ops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Vec<String>>,
+    /// pubsub: the topic pattern.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// queue: the queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// cron: the schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// cron: the time zone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// dead_letter: the source trigger.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_trigger: Option<String>,
+    /// dead_letter: the source kinds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_kinds: Option<Vec<String>>,
+    /// Where deliveries go.
+    pub handler: HandlerBody,
+    /// Retry overrides.
+    #[schema(value_type = Object)]
+    pub retry: RetryOverrides,
+    /// Whether it fires.
+    pub enabled: bool,
+    /// The principal it runs as.
+    pub registered_by: Uuid,
+    /// When it was registered.
+    pub created_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+}
+
+impl From<Trigger> for TriggerView {
+    fn from(t: Trigger) -> Self {
+        let mut view = TriggerView {
+            id: t.id,
+            name: t.name.to_string(),
+            kind: t.spec.kind().as_str().to_owned(),
+            collection: None,
+            ops: None,
+            topic: None,
+            queue: None,
+            schedule: None,
+            timezone: None,
+            source_trigger: None,
+            source_kinds: None,
+            handler: match t.handler {
+                Handler::Function(name) => HandlerBody::Function(name.into_string()),
+                Handler::Webhook { url, .. } => {
+                    HandlerBody::Webhook(WebhookBody { url, secret: String::new() })
+                }
+            },
+            retry: t.retry,
+            enabled: t.enabled,
+            registered_by: t.registered_by,
+            created_at: rfc3339(t.created_at),
+            updated_at: rfc3339(t.updated_at),
+        };
+        match t.spec {
+            TriggerSpec::Kv { collection, ops } => {
+                view.collection = Some(collection.to_string());
+                view.ops = Some(ops.iter().map(|op| op.as_str().to_owned()).collect());
+            }
+            TriggerSpec::Pubsub { topic } => view.topic = Some(topic.to_string()),
+            TriggerSpec::Queue { queue } => view.queue = Some(queue.into_string()),
+            TriggerSpec::Cron { schedule, timezone } => {
+                view.schedule = Some(schedule);
+                view.timezone = Some(timezone);
+            }
+            TriggerSpec::DeadLetter { source_trigger, source_kinds } => {
+                view.source_trigger = source_trigger.map(|n| n.into_string());
+                view.source_kinds = source_kinds.map(|ks| ks.iter().map(|k| k.as_str().to_owned()).collect());
+            }
+            TriggerSpec::Http => {}
+        }
+        view
+    }
+}
+
+/// The event a dead letter keeps.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadEvent {
+    /// CloudEvents type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// CloudEvents source.
+    pub source: String,
+    /// CloudEvents subject.
+    pub subject: Option<String>,
+    /// When it happened.
+    pub time: String,
+    /// Its depth.
+    pub depth: u32,
+    /// Its data.
+    #[schema(value_type = Object)]
+    pub data: Box<RawValue>,
+}
+
+/// A dead letter.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterView {
+    /// Its id.
+    pub id: Uuid,
+    /// The trigger's name (kept after the trigger is deleted).
+    pub trigger: Option<String>,
+    /// The trigger's id, while it exists.
+    pub trigger_id: Option<Uuid>,
+    /// The event kind.
+    pub kind: String,
+    /// The delivery that died.
+    pub delivery_id: Uuid,
+    /// `exhausted`, `rejected`, `max_depth` or `unauthorized`.
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When it died.
+    pub created_at: String,
+    /// `replayed`, `ignored`, `handled_by_script`, `handler_failed`, or null.
+    pub resolution: Option<String>,
+    /// When it was resolved.
+    pub resolved_at: Option<String>,
+    /// The event.
+    pub event: DeadEvent,
+}
+
+impl From<DeadLetter> for DeadLetterView {
+    fn from(d: DeadLetter) -> Self {
+        Self {
+            id: d.id,
+            trigger: d.trigger_name,
+            trigger_id: d.trigger_id,
+            kind: d.kind.as_str().to_owned(),
+            delivery_id: d.delivery_id,
+            reason: d.reason.as_str().to_owned(),
+            attempts: d.attempts,
+            last_error: d.last_error,
+            created_at: rfc3339(d.created_at),
+            resolution: d.resolution.map(|r| r.as_str().to_owned()),
+            resolved_at: d.resolved_at.map(rfc3339),
+            event: DeadEvent {
+                event_type: d.headers.event_type,
+                source: d.headers.source,
+                subject: d.headers.subject,
+                time: rfc3339(d.headers.time),
+                depth: d.headers.depth,
+                data: d.payload,
+            },
+        }
+    }
+}
+
+/// A replayed dead letter and the new delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    /// The dead letter, now `replayed`.
+    pub dead_letter: DeadLetterView,
+    /// The id of the new delivery.
+    pub delivery_id: Uuid,
+}
+
+/// An abandoned execution.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AbandonedView {
+    /// Its id.
+    pub id: Uuid,
+    /// The trigger's name.
+    pub trigger: String,
+    /// The trigger's id, while it exists.
+    pub trigger_id: Option<Uuid>,
+    /// The sync call's delivery id.
+    pub outbox_id: Uuid,
+    /// The inbox nobody waited on any more.
+    pub reply_to: String,
+    /// `no_responders`, `ack_timeout` or `caller_gone`.
+    pub reason: String,
+    /// What the handler made of it.
+    pub handler_status: String,
+    /// The handler's body.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Box<RawValue>>,
+    /// The handler's error.
+    pub error: Option<String>,
+    /// When it was recorded.
+    pub created_at: String,
+}
+
+impl From<AbandonedExecution> for AbandonedView {
+    fn from(a: AbandonedExecution) -> Self {
+        Self {
+            id: a.id,
+            trigger: a.trigger_name,
+            trigger_id: a.trigger_id,
+            outbox_id: a.outbox_id,
+            reply_to: a.reply_to,
+            reason: a.reason.as_str().to_owned(),
+            handler_status: a.handler_status.as_str().to_owned(),
+            result: a.result,
+            error: a.error,
+            created_at: rfc3339(a.created_at),
+        }
+    }
+}
+
+/// `/healthz`, `/readyz`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `unavailable`.
+    pub status: String,
+    /// What is down, when something is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
+}

@@ -1,0 +1,297 @@
+//! Every route of DESIGN §5 is served, documented, and guarded by its capability.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::http::{Method, StatusCode};
+use picloud_core::{Access, Capability, Role, ScopeSet};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// What a route needs.
+#[derive(Debug, Clone, Copy)]
+enum Needs {
+    /// Nothing: not even a token.
+    Nothing,
+    /// Any valid token.
+    Anyone,
+    /// Any valid API token (delivery tokens may not mint tokens).
+    ApiToken,
+    /// A capability on app `shop` (or a platform one).
+    Cap(Capability),
+}
+
+static NAMES: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", NAMES.fetch_add(1, Ordering::Relaxed))
+}
+
+/// DESIGN §5, route by route: method, path template, a concrete path, what it needs, and a body
+/// that is valid where a body is needed.
+type Route = (Method, &'static str, String, Needs, Option<Value>);
+
+fn routes(api: &Api) -> Vec<Route> {
+    use Capability::*;
+    let some_id = Uuid::now_v7();
+    let member = api.admin_principal.id;
+    vec![
+        (
+            Method::POST,
+            "/v1/apps",
+            "/v1/apps".into(),
+            Needs::Cap(ManageApps),
+            Some(json!({"slug": unique("app")})),
+        ),
+        (Method::GET, "/v1/apps", "/v1/apps".into(), Needs::Anyone, None),
+        (
+            Method::POST,
+            "/v1/principals",
+            "/v1/principals".into(),
+            Needs::Cap(ManagePrincipals),
+            Some(json!({"name": "p"})),
+        ),
+        (
+            Method::PUT,
+            "/v1/apps/{app}/members/{principal_id}",
+            format!("/v1/apps/shop/members/{member}"),
+            Needs::Cap(AppManageMembers),
+            Some(json!({"role": "admin"})),
+        ),
+        (
+            Method::DELETE,
+            "/v1/apps/{app}/members/{principal_id}",
+            format!("/v1/apps/shop/members/{some_id}"),
+            Needs::Cap(AppManageMembers),
+            None,
+        ),
+        (Method::POST, "/v1/tokens", "/v1/tokens".into(), Needs::ApiToken, Some(json!({}))),
+        (Method::DELETE, "/v1/tokens/{id}", format!("/v1/tokens/{some_id}"), Needs::Anyone, None),
+        (
+            Method::PUT,
+            "/v1/apps/{app}/kv/{collection}/{key}",
+            "/v1/apps/shop/kv/c/k".into(),
+            Needs::Cap(AppWriteKv),
+            Some(json!({"a": 1})),
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/kv/{collection}/{key}",
+            "/v1/apps/shop/kv/c/k".into(),
+            Needs::Cap(AppReadKv),
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/v1/apps/{app}/kv/{collection}/{key}",
+            "/v1/apps/shop/kv/c/absent".into(),
+            Needs::Cap(AppWriteKv),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/kv/{collection}",
+            "/v1/apps/shop/kv/c".into(),
+            Needs::Cap(AppReadKv),
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/topics/{topic}/messages",
+            "/v1/apps/shop/topics/t/messages".into(),
+            Needs::Cap(AppPublish),
+            Some(json!({"m": 1})),
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/queues/{queue}/jobs",
+            "/v1/apps/shop/queues/q/jobs".into(),
+            Needs::Cap(AppEnqueue),
+            Some(json!({"payload": {}})),
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/emails",
+            "/v1/apps/shop/emails".into(),
+            Needs::Cap(AppSendEmail),
+            Some(json!({"to": "a@b.co", "subject": "s", "text": "t"})),
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/invoke/{trigger}",
+            "/v1/apps/shop/invoke/absent".into(),
+            Needs::Cap(AppInvoke),
+            Some(json!({})),
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/triggers",
+            "/v1/apps/shop/triggers".into(),
+            Needs::Cap(AppManageTriggers),
+            Some(json!({"name": unique("t"), "kind": "http", "handler": {"function": "h"}})),
+        ),
+        (Method::GET, "/v1/apps/{app}/triggers", "/v1/apps/shop/triggers".into(), Needs::Cap(AppRead), None),
+        (
+            Method::GET,
+            "/v1/apps/{app}/triggers/{name}",
+            "/v1/apps/shop/triggers/absent".into(),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (
+            Method::PATCH,
+            "/v1/apps/{app}/triggers/{name}",
+            "/v1/apps/shop/triggers/absent".into(),
+            Needs::Cap(AppManageTriggers),
+            Some(json!({"enabled": false})),
+        ),
+        (
+            Method::DELETE,
+            "/v1/apps/{app}/triggers/{name}",
+            "/v1/apps/shop/triggers/absent".into(),
+            Needs::Cap(AppManageTriggers),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/dead-letters",
+            "/v1/apps/shop/dead-letters".into(),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/dead-letters/count",
+            "/v1/apps/shop/dead-letters/count".into(),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/dead-letters/{id}",
+            format!("/v1/apps/shop/dead-letters/{some_id}"),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/dead-letters/{id}/replay",
+            format!("/v1/apps/shop/dead-letters/{some_id}/replay"),
+            Needs::Cap(AppDeadLetterManage),
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/apps/{app}/dead-letters/{id}/ignore",
+            format!("/v1/apps/shop/dead-letters/{some_id}/ignore"),
+            Needs::Cap(AppDeadLetterManage),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/abandoned-executions",
+            "/v1/apps/shop/abandoned-executions".into(),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (Method::GET, "/v1/openapi.json", "/v1/openapi.json".into(), Needs::Anyone, None),
+        (Method::GET, "/healthz", "/healthz".into(), Needs::Nothing, None),
+        (Method::GET, "/readyz", "/readyz".into(), Needs::Nothing, None),
+    ]
+}
+
+/// The callers of the matrix: name, token, and what they hold on `shop`.
+fn callers(api: &Api) -> Vec<(&'static str, Option<String>, Access, bool)> {
+    let member = |role| Access { platform_admin: false, role: Some(role), token_scopes: None };
+    vec![
+        ("no token", None, Access { platform_admin: false, role: None, token_scopes: None }, false),
+        ("viewer", Some(api.viewer.clone()), member(Role::Viewer), false),
+        ("developer", Some(api.developer.clone()), member(Role::Developer), false),
+        ("admin", Some(api.admin.clone()), member(Role::Admin), false),
+        (
+            "another app's admin",
+            Some(api.other_admin.clone()),
+            Access { platform_admin: false, role: None, token_scopes: None },
+            false,
+        ),
+        (
+            "platform admin",
+            Some(api.root.clone()),
+            Access { platform_admin: true, role: None, token_scopes: None },
+            false,
+        ),
+        (
+            "delivery token",
+            Some(api.delivery_token(1)),
+            Access {
+                platform_admin: false,
+                role: Some(Role::Admin),
+                token_scopes: Some(ScopeSet::for_role(Role::Admin)),
+            },
+            true,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn every_route_answers_each_caller_as_its_capability_says() {
+    let api = Api::start().await;
+    let mut failures = Vec::new();
+    for (caller, token, access, delivery) in callers(&api) {
+        for (method, _, path, needs, body) in routes(&api) {
+            let reply = api.call(method.clone(), &path, token.as_deref(), body).await;
+            let expected = match (needs, &token) {
+                (Needs::Nothing, _) => "allowed",
+                (_, None) => "401",
+                (Needs::Anyone, _) => "allowed",
+                (Needs::ApiToken, _) => {
+                    if delivery {
+                        "403"
+                    } else {
+                        "allowed"
+                    }
+                }
+                (Needs::Cap(cap), _) => {
+                    if access.allows(cap) {
+                        "allowed"
+                    } else {
+                        "403"
+                    }
+                }
+            };
+            let got = match reply.status {
+                StatusCode::UNAUTHORIZED => "401",
+                StatusCode::FORBIDDEN => "403",
+                _ => "allowed",
+            };
+            if expected != got
+                || reply.status == StatusCode::METHOD_NOT_ALLOWED
+                || reply.code() == "not_found"
+            {
+                failures.push(format!(
+                    "{caller}: {method} {path} -> {} {:?} (expected {expected})",
+                    reply.status, reply.body
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route() {
+    let api = Api::start().await;
+    let reply = api.call(Method::GET, "/v1/openapi.json", Some(&api.viewer), None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = reply.body["paths"].as_object().expect("paths");
+    for (method, template, _, _, _) in routes(&api) {
+        let operation = paths.get(template).and_then(|p| p.get(method.as_str().to_lowercase()));
+        assert!(
+            operation.is_some(),
+            "{method} {template} is not in the OpenAPI document; it has {:?}",
+            paths.keys()
+        );
+    }
+}

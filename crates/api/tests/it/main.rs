@@ -1,0 +1,7 @@
+//! The HTTP API and the NATS ingest against a real Postgres and nats-server.
+
+mod authz;
+mod invalid;
+mod routes;
+mod support;
+mod sync;

@@ -1,0 +1,491 @@
+//! What each route does, end to end.
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use picloud_store::*;
+use picloud_worker::{Delivery, Reply as WorkerReply, Worker};
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn kv_entries_are_put_read_listed_and_deleted_with_versions() {
+    let api = Api::start().await;
+    let put = |key: &'static str, value: serde_json::Value| {
+        let api = &api;
+        async move {
+            api.call(
+                Method::PUT,
+                &format!("/v1/apps/shop/kv/orders/{key}"),
+                Some(&api.developer),
+                Some(value),
+            )
+            .await
+        }
+    };
+    let first = put("o-1", json!({"n": 1})).await;
+    assert_eq!((first.status, first.body.clone()), (StatusCode::OK, json!({"version": 1})));
+    assert_eq!(put("o-1", json!({"n": 2})).await.body, json!({"version": 2}));
+    for key in ["o-2", "o-3", "x-1"] {
+        put(key, json!(key)).await;
+    }
+    let got = api.call(Method::GET, "/v1/apps/shop/kv/orders/o-1", Some(&api.viewer), None).await;
+    assert_eq!(got.body, json!({"value": {"n": 2}, "version": 2}));
+
+    let page =
+        api.call(Method::GET, "/v1/apps/shop/kv/orders?prefix=o-&limit=2", Some(&api.viewer), None).await;
+    let keys: Vec<_> = page.body["items"].as_array().unwrap().iter().map(|i| i["key"].clone()).collect();
+    assert_eq!(keys, [json!("o-1"), json!("o-2")]);
+    let next = page.body["next"].as_str().expect("a next cursor");
+    let rest = api
+        .call(
+            Method::GET,
+            &format!("/v1/apps/shop/kv/orders?prefix=o-&after={next}"),
+            Some(&api.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(rest.body["items"].as_array().unwrap().len(), 1);
+    assert_eq!(rest.body["next"], json!(null));
+
+    let stale = api
+        .call_with(
+            Method::PUT,
+            "/v1/apps/shop/kv/orders/o-1",
+            Some(&api.developer),
+            Some(b"3".to_vec()),
+            &[("If-Match", "1")],
+        )
+        .await;
+    assert_eq!((stale.status, stale.code()), (StatusCode::PRECONDITION_FAILED, "version_mismatch"));
+    let fresh = api
+        .call_with(
+            Method::PUT,
+            "/v1/apps/shop/kv/orders/o-1",
+            Some(&api.developer),
+            Some(b"3".to_vec()),
+            &[("If-Match", "2")],
+        )
+        .await;
+    assert_eq!(fresh.body, json!({"version": 3}));
+
+    let deleted = api.call(Method::DELETE, "/v1/apps/shop/kv/orders/o-1", Some(&api.developer), None).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let again = api.call(Method::DELETE, "/v1/apps/shop/kv/orders/o-1", Some(&api.developer), None).await;
+    assert_eq!((again.status, again.code()), (StatusCode::NOT_FOUND, "key_not_found"));
+    let gone = api.call(Method::GET, "/v1/apps/shop/kv/orders/o-1", Some(&api.viewer), None).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_kv_put_writes_one_delivery_per_matching_trigger_in_the_same_transaction() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "a", "kind": "kv", "collection": "orders*", "ops": ["put"], "handler": {"function": "h"}})).await;
+    api.trigger(json!({"name": "b", "kind": "kv", "collection": "*", "handler": {"function": "h"}})).await;
+    api.trigger(json!({"name": "c", "kind": "kv", "collection": "users", "handler": {"function": "h"}}))
+        .await;
+    api.call(Method::PUT, "/v1/apps/shop/kv/orders:eu/o-1", Some(&api.developer), Some(json!(1))).await;
+    assert_eq!(api.outbox_len().await, 2);
+}
+
+#[tokio::test]
+async fn publishing_fans_out_and_jobs_honour_queues_delays_and_idempotency_keys() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "all", "kind": "pubsub", "topic": "news*", "handler": {"function": "h"}}))
+        .await;
+    api.trigger(json!({"name": "eu", "kind": "pubsub", "topic": "news.eu", "handler": {"function": "h"}}))
+        .await;
+    let published = api
+        .call(
+            Method::POST,
+            "/v1/apps/shop/topics/news.eu/messages",
+            Some(&api.developer),
+            Some(json!({"h": 1})),
+        )
+        .await;
+    assert_eq!(published.status, StatusCode::ACCEPTED);
+    assert_eq!(published.body["deliveries"], 2);
+    assert!(published.body["id"].as_str().unwrap().parse::<uuid::Uuid>().is_ok());
+
+    let missing = api
+        .call(
+            Method::POST,
+            "/v1/apps/shop/queues/mail/jobs",
+            Some(&api.developer),
+            Some(json!({"payload": 1})),
+        )
+        .await;
+    assert_eq!((missing.status, missing.code()), (StatusCode::NOT_FOUND, "no_such_queue"));
+    api.trigger(json!({"name": "mailer", "kind": "queue", "queue": "mail", "handler": {"function": "h"}}))
+        .await;
+    let second = api
+        .call(
+            Method::POST,
+            "/v1/apps/shop/triggers",
+            Some(&api.admin),
+            Some(json!({"name": "mailer2", "kind": "queue", "queue": "mail", "handler": {"function": "h"}})),
+        )
+        .await;
+    assert_eq!((second.status, second.code()), (StatusCode::CONFLICT, "queue_taken"));
+    let job = json!({"payload": {"to": "x"}, "delay_ms": 60_000, "idempotency_key": "welcome-7"});
+    let first = api
+        .call(Method::POST, "/v1/apps/shop/queues/mail/jobs", Some(&api.developer), Some(job.clone()))
+        .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let repeat =
+        api.call(Method::POST, "/v1/apps/shop/queues/mail/jobs", Some(&api.developer), Some(job)).await;
+    assert_eq!((repeat.status, repeat.body["id"].clone()), (StatusCode::OK, first.body["id"].clone()));
+    let due_in = api.store().next_due_in().await.unwrap().expect("a delayed job");
+    assert!(due_in > Duration::from_secs(50), "{due_in:?}");
+
+    let email = json!({"to": ["a@example.com", "b@example.com"], "subject": "Hi", "text": "Hello", "html": "<p>Hello</p>"});
+    let queued = api.call(Method::POST, "/v1/apps/shop/emails", Some(&api.developer), Some(email)).await;
+    assert_eq!(queued.status, StatusCode::ACCEPTED);
+    assert_eq!(api.outbox_len().await, 4);
+}
+
+#[tokio::test]
+async fn triggers_are_registered_read_listed_patched_and_deleted_without_showing_secrets() {
+    let api = Api::start().await;
+    let created = api
+        .trigger(json!({
+            "name": "hook", "kind": "kv", "collection": "orders:*", "ops": ["put", "delete"],
+            "handler": {"webhook": {"url": "https://example.com/hook", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}},
+            "retry": {"max_attempts": 5, "backoff_base_ms": 500, "backoff_max_ms": 60000}
+        }))
+        .await;
+    assert_eq!(
+        created["handler"],
+        json!({"webhook": {"url": "https://example.com/hook"}}),
+        "the secret is not echoed"
+    );
+    assert_eq!(created["retry"], json!({"max_attempts": 5, "backoff_base_ms": 500, "backoff_max_ms": 60000}));
+    assert_eq!(
+        (created["enabled"].clone(), created["registered_by"].clone()),
+        (json!(true), json!(api.admin_principal.id))
+    );
+    let dup = api
+        .call(
+            Method::POST,
+            "/v1/apps/shop/triggers",
+            Some(&api.admin),
+            Some(json!({"name": "hook", "kind": "http", "handler": {"function": "h"}})),
+        )
+        .await;
+    assert_eq!((dup.status, dup.code()), (StatusCode::CONFLICT, "trigger_exists"));
+    api.trigger(json!({"name": "call", "kind": "http", "handler": {"function": "h"}})).await;
+
+    let listed = api.call(Method::GET, "/v1/apps/shop/triggers?limit=1", Some(&api.viewer), None).await;
+    assert_eq!(listed.body["items"][0]["name"], "call");
+    let next = listed.body["next"].as_str().unwrap().to_owned();
+    let rest =
+        api.call(Method::GET, &format!("/v1/apps/shop/triggers?after={next}"), Some(&api.viewer), None).await;
+    assert_eq!(rest.body["items"][0]["name"], "hook");
+
+    let patched = api
+        .call(
+            Method::PATCH,
+            "/v1/apps/shop/triggers/hook",
+            Some(&api.admin),
+            Some(json!({"enabled": false, "handler": {"function": "process"}})),
+        )
+        .await;
+    assert_eq!(
+        (patched.body["enabled"].clone(), patched.body["handler"].clone()),
+        (json!(false), json!({"function": "process"}))
+    );
+    assert_eq!(patched.body["collection"], "orders:*", "fields not named stay");
+    let deleted = api.call(Method::DELETE, "/v1/apps/shop/triggers/hook", Some(&api.admin), None).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let gone = api.call(Method::GET, "/v1/apps/shop/triggers/hook", Some(&api.viewer), None).await;
+    assert_eq!((gone.status, gone.code()), (StatusCode::NOT_FOUND, "trigger_not_found"));
+}
+
+#[tokio::test]
+async fn apps_principals_members_and_tokens_are_managed_within_their_rights() {
+    let api = Api::start().await;
+    let app = api.call(Method::POST, "/v1/apps", Some(&api.root), Some(json!({"slug": "blog"}))).await;
+    assert_eq!((app.status, app.body["slug"].clone()), (StatusCode::CREATED, json!("blog")));
+    let again = api.call(Method::POST, "/v1/apps", Some(&api.root), Some(json!({"slug": "blog"}))).await;
+    assert_eq!((again.status, again.code()), (StatusCode::CONFLICT, "app_exists"));
+    let all = api.call(Method::GET, "/v1/apps", Some(&api.root), None).await;
+    assert_eq!(all.body["items"].as_array().unwrap().len(), 3);
+    let mine = api.call(Method::GET, "/v1/apps", Some(&api.viewer), None).await;
+    assert_eq!(
+        mine.body["items"].as_array().unwrap().iter().map(|a| a["slug"].clone()).collect::<Vec<_>>(),
+        [json!("shop")]
+    );
+
+    let dana = api.call(Method::POST, "/v1/principals", Some(&api.root), Some(json!({"name": "dana"}))).await;
+    assert_eq!(dana.status, StatusCode::CREATED);
+    let dana_id = dana.body["id"].as_str().unwrap().to_owned();
+    let member = api
+        .call(
+            Method::PUT,
+            &format!("/v1/apps/shop/members/{dana_id}"),
+            Some(&api.admin),
+            Some(json!({"role": "developer"})),
+        )
+        .await;
+    assert_eq!(member.body, json!({"app": "shop", "principal_id": dana_id, "role": "developer"}));
+
+    let minted = api
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&api.root),
+            Some(
+                json!({"principal_id": dana_id, "app": "shop", "scopes": ["app_read"], "expires_in_s": 3600}),
+            ),
+        )
+        .await;
+    assert_eq!(minted.status, StatusCode::CREATED);
+    let dana_token = minted.body["token"].as_str().unwrap().to_owned();
+    assert!(dana_token.starts_with("pcr_"));
+    let read = api.call(Method::GET, "/v1/apps/shop/kv/c/k", Some(&dana_token), None).await;
+    assert_eq!(read.status, StatusCode::NOT_FOUND, "reading is within the token's scope");
+    let write = api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&dana_token), Some(json!(1))).await;
+    assert_eq!(write.status, StatusCode::FORBIDDEN, "writing is not, though dana is a developer");
+    let wider = api.call(Method::POST, "/v1/tokens", Some(&dana_token), Some(json!({"app": "shop"}))).await;
+    assert_eq!(wider.status, StatusCode::FORBIDDEN, "a narrowed token cannot mint a wider one");
+    let other_app = api.call(Method::GET, "/v1/apps/other/triggers", Some(&dana_token), None).await;
+    assert_eq!(other_app.status, StatusCode::FORBIDDEN);
+
+    let token_id = minted.body["id"].as_str().unwrap();
+    let not_owner =
+        api.call(Method::DELETE, &format!("/v1/tokens/{token_id}"), Some(&api.viewer), None).await;
+    assert_eq!(not_owner.status, StatusCode::FORBIDDEN);
+    let revoked = api.call(Method::DELETE, &format!("/v1/tokens/{token_id}"), Some(&dana_token), None).await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let after = api.call(Method::GET, "/v1/apps/shop/kv/c/k", Some(&dana_token), None).await;
+    assert_eq!((after.status, after.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
+
+    let removed =
+        api.call(Method::DELETE, &format!("/v1/apps/shop/members/{dana_id}"), Some(&api.admin), None).await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_counted_read_replayed_and_ignored_over_http() {
+    let api = Api::start().await;
+    api.trigger(
+        json!({"name": "strict", "kind": "pubsub", "topic": "orders", "handler": {"function": "strict"}}),
+    )
+    .await;
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let worker = Worker::new(client, "shop")
+        .handle("strict", |_| async { Ok(WorkerReply::fail("bad order")) })
+        .start()
+        .await
+        .unwrap();
+    let relay = api.relay().await;
+    for i in 0..2 {
+        api.call(
+            Method::POST,
+            "/v1/apps/shop/topics/orders/messages",
+            Some(&api.developer),
+            Some(json!({"i": i})),
+        )
+        .await;
+    }
+    eventually("two dead letters", || async {
+        let count = api
+            .call(
+                Method::GET,
+                "/v1/apps/shop/dead-letters/count?resolution=unresolved",
+                Some(&api.viewer),
+                None,
+            )
+            .await;
+        (count.body["count"] == 2).then_some(())
+    })
+    .await;
+    let listed = api
+        .call(
+            Method::GET,
+            "/v1/apps/shop/dead-letters?resolution=unresolved&trigger=strict",
+            Some(&api.viewer),
+            None,
+        )
+        .await;
+    let items = listed.body["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2);
+    let (newest, oldest) =
+        (items[0]["id"].as_str().unwrap().to_owned(), items[1]["id"].as_str().unwrap().to_owned());
+    assert_eq!(
+        (items[0]["reason"].clone(), items[0]["last_error"].clone()),
+        (json!("rejected"), json!("bad order"))
+    );
+    let one =
+        api.call(Method::GET, &format!("/v1/apps/shop/dead-letters/{newest}"), Some(&api.viewer), None).await;
+    assert_eq!(one.body["event"]["data"], json!({"i": 1}));
+    assert_eq!(one.body["event"]["type"], "picloud.pubsub.message");
+
+    let ignored = api
+        .call(Method::POST, &format!("/v1/apps/shop/dead-letters/{oldest}/ignore"), Some(&api.admin), None)
+        .await;
+    assert_eq!(ignored.body["resolution"], "ignored");
+    let twice = api
+        .call(Method::POST, &format!("/v1/apps/shop/dead-letters/{oldest}/ignore"), Some(&api.admin), None)
+        .await;
+    assert_eq!((twice.status, twice.code()), (StatusCode::CONFLICT, "already_resolved"));
+
+    worker.shutdown().await;
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let worker = Worker::new(client, "shop")
+        .handle("strict", move |d: Delivery| {
+            let _ = seen_tx.send(d);
+            async { Ok(WorkerReply::ok(json!({}))) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let replayed = api
+        .call(Method::POST, &format!("/v1/apps/shop/dead-letters/{newest}/replay"), Some(&api.admin), None)
+        .await;
+    assert_eq!(replayed.body["dead_letter"]["resolution"], "replayed");
+    let delivered = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(delivered.id.to_string(), replayed.body["delivery_id"].as_str().unwrap());
+    assert_eq!((delivered.attempt, delivered.data::<serde_json::Value>().unwrap()), (1, json!({"i": 1})));
+    let twice = api
+        .call(Method::POST, &format!("/v1/apps/shop/dead-letters/{newest}/replay"), Some(&api.admin), None)
+        .await;
+    assert_eq!((twice.status, twice.code()), (StatusCode::CONFLICT, "already_replayed"));
+    let count = api.call(Method::GET, "/v1/apps/shop/dead-letters/count", Some(&api.viewer), None).await;
+    assert_eq!(count.body["count"], 0);
+    relay.stop().await;
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handler_writing_with_its_delivery_token_writes_one_level_deeper_until_the_limit() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "echo", "kind": "kv", "collection": "loop", "handler": {"function": "echo"}}))
+        .await;
+    let router = api.router.clone();
+    let (depths_tx, mut depths) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let worker = Worker::new(client, "shop")
+        .handle("echo", move |d: Delivery| {
+            let (router, depths_tx) = (router.clone(), depths_tx.clone());
+            async move {
+                let _ = depths_tx.send(d.depth);
+                let request = axum::http::Request::put(format!("/v1/apps/shop/kv/loop/k{}", d.depth + 1))
+                    .header("Authorization", format!("Bearer {}", d.token.unwrap()))
+                    .body(axum::body::Body::from("1"))
+                    .unwrap();
+                let status = tower::ServiceExt::oneshot(router, request).await.unwrap().status();
+                Ok(if status.is_success() {
+                    WorkerReply::ok(json!({}))
+                } else {
+                    WorkerReply::fail(status.to_string())
+                })
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let relay = api.relay().await;
+    api.call(Method::PUT, "/v1/apps/shop/kv/loop/k0", Some(&api.developer), Some(json!(0))).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(tokio::time::timeout(Duration::from_secs(10), depths.recv()).await.unwrap().unwrap());
+    }
+    assert_eq!(seen, [0, 1, 2, 3], "each write with the token is one level deeper");
+    let dead = eventually("the max_depth dead letter", || async {
+        let list = api.call(Method::GET, "/v1/apps/shop/dead-letters", Some(&api.viewer), None).await;
+        list.body["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!((dead["reason"].clone(), dead["event"]["depth"].clone()), (json!("max_depth"), json!(4)));
+    relay.stop().await;
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
+    let api = Api::start().await;
+    let ingest = picloud_api::Ingest::start(api.state.clone()).await.unwrap();
+    api.trigger(json!({"name": "mailer", "kind": "queue", "queue": "mail", "handler": {"function": "h"}}))
+        .await;
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let request = |subject: &str, token: Option<&str>, body: serde_json::Value| {
+        let (client, subject) = (client.clone(), subject.to_owned());
+        let token = token.map(str::to_owned);
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(token) = token {
+                headers.insert("Authorization", format!("Bearer {token}"));
+            }
+            let reply = client.request_with_headers(subject, headers, body.to_string().into()).await.unwrap();
+            let status =
+                reply.headers.as_ref().and_then(|h| h.get("Picloud-Status")).map(|v| v.as_str().to_owned());
+            (status.unwrap_or_default(), serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap())
+        }
+    };
+    let put = request(
+        "picloud.v1.ingest.shop.kv.put",
+        Some(&api.developer),
+        json!({"collection": "c", "key": "k", "value": {"v": 1}}),
+    )
+    .await;
+    assert_eq!(put, ("ok".into(), json!({"version": 1})));
+    let entry = api.store().kv_get(api.app.id, "c", "k").await.unwrap().expect("committed before the reply");
+    assert_eq!(entry.value, json!({"v": 1}));
+    let job =
+        request("picloud.v1.ingest.shop.queue.mail", Some(&api.developer), json!({"payload": {"n": 1}}))
+            .await;
+    assert_eq!(job.0, "ok");
+    assert!(job.1["id"].is_string());
+    let published =
+        request("picloud.v1.ingest.shop.pubsub.news.eu", Some(&api.developer), json!({"n": 1})).await;
+    assert_eq!(published.0, "ok");
+    let deleted = request(
+        "picloud.v1.ingest.shop.kv.delete",
+        Some(&api.developer),
+        json!({"collection": "c", "key": "k"}),
+    )
+    .await;
+    assert_eq!(deleted, ("ok".into(), json!({"version": 1})));
+
+    let anonymous =
+        request("picloud.v1.ingest.shop.kv.put", None, json!({"collection": "c", "key": "k", "value": 1}))
+            .await;
+    assert_eq!(
+        (anonymous.0.as_str(), anonymous.1["error"]["code"].as_str()),
+        ("error", Some("missing_token"))
+    );
+    let viewer = request(
+        "picloud.v1.ingest.shop.kv.put",
+        Some(&api.viewer),
+        json!({"collection": "c", "key": "k", "value": 1}),
+    )
+    .await;
+    assert_eq!(viewer.1["error"]["code"], "forbidden");
+    let malformed =
+        request("picloud.v1.ingest.shop.kv.put", Some(&api.developer), json!({"collection": "c"})).await;
+    assert_eq!(malformed.1["error"]["code"], "invalid_json");
+    assert!(
+        api.store().kv_get(api.app.id, "c", "k").await.unwrap().is_none(),
+        "refused requests wrote nothing"
+    );
+    ingest.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_answers_without_a_token_and_readiness_names_what_is_down() {
+    let mut api = Api::start().await;
+    let healthz = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!((healthz.status, healthz.body.clone()), (StatusCode::OK, json!({"status": "ok"})));
+    let ready = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    api.nats.stop().await.unwrap();
+    let down = eventually("NATS to be reported down", || async {
+        let r = api.call(Method::GET, "/readyz", None, None).await;
+        (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+    })
+    .await;
+    assert_eq!(down.body, json!({"status": "unavailable", "down": ["nats"]}));
+}

@@ -1,0 +1,194 @@
+//! Sync invocation: the caller waits while its node delivers the call; results nobody waits for
+//! are logged as abandoned executions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use picloud_store::events::{self, EventContext};
+use picloud_store::*;
+use picloud_worker::{Delivery, Reply as WorkerReply, Worker};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::support::*;
+
+async fn abandoned(api: &Api) -> Vec<Value> {
+    let reply = api.call(Method::GET, "/v1/apps/shop/abandoned-executions", Some(&api.viewer), None).await;
+    reply.body["items"].as_array().unwrap().clone()
+}
+
+async fn worker(
+    api: &Api,
+    handler: &str,
+    f: impl Fn(Delivery) -> WorkerReply + Send + Sync + 'static,
+) -> picloud_worker::Running {
+    let f = Arc::new(f);
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    Worker::new(client, "shop")
+        .handle(handler, move |d| {
+            let f = f.clone();
+            async move { Ok(f(d)) }
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_sync_call_answers_with_the_handlers_json_or_the_status_of_its_failure() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "double", "kind": "http", "handler": {"function": "double"}})).await;
+    api.trigger(json!({"name": "refuse", "kind": "http", "handler": {"function": "refuse"}})).await;
+    api.trigger(json!({"name": "nobody", "kind": "http", "handler": {"function": "nobody"}})).await;
+    let double = worker(&api, "double", |d| {
+        let n = d.data::<Value>().unwrap()["n"].as_i64().unwrap();
+        WorkerReply::ok(json!({"double": n * 2, "depth": d.depth, "kind": d.event.picloudkind}))
+    })
+    .await;
+    let refuse = worker(&api, "refuse", |_| WorkerReply::fail("cannot do that")).await;
+
+    let ok = api
+        .call(Method::POST, "/v1/apps/shop/invoke/double", Some(&api.developer), Some(json!({"n": 21})))
+        .await;
+    assert_eq!(
+        (ok.status, ok.body.clone()),
+        (StatusCode::OK, json!({"double": 42, "depth": 0, "kind": "http"}))
+    );
+    let failed =
+        api.call(Method::POST, "/v1/apps/shop/invoke/refuse", Some(&api.developer), Some(json!({}))).await;
+    assert_eq!((failed.status, failed.code()), (StatusCode::BAD_GATEWAY, "handler_failed"));
+    assert!(failed.message().contains("cannot do that"), "{}", failed.message());
+    let unserved =
+        api.call(Method::POST, "/v1/apps/shop/invoke/nobody", Some(&api.developer), Some(json!({}))).await;
+    assert_eq!((unserved.status, unserved.code()), (StatusCode::SERVICE_UNAVAILABLE, "no_handler"));
+
+    eventually("sync rows to be completed, never retried", || async {
+        (api.outbox_len().await == 0).then_some(())
+    })
+    .await;
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(api.store().pool()).await.unwrap();
+    assert_eq!(dead, 0, "sync rows never become dead letters");
+    assert!(abandoned(&api).await.is_empty(), "every result found its caller");
+    double.shutdown().await;
+    refuse.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_whose_timeout_runs_out_gets_504_and_the_late_result_is_abandoned() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "slow", "kind": "http", "handler": {"function": "slow"}})).await;
+    let release = Arc::new(Notify::new());
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let slow = Worker::new(client, "shop")
+        .handle("slow", {
+            let release = release.clone();
+            move |_| {
+                let release = release.clone();
+                async move {
+                    release.notified().await;
+                    Ok(WorkerReply::ok(json!({"late": true})))
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let timed_out = api
+        .call_with(
+            Method::POST,
+            "/v1/apps/shop/invoke/slow",
+            Some(&api.developer),
+            Some(b"{}".to_vec()),
+            &[("Picloud-Timeout-Ms", "100")],
+        )
+        .await;
+    assert_eq!((timed_out.status, timed_out.code()), (StatusCode::GATEWAY_TIMEOUT, "timeout"));
+    release.notify_one();
+    let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;
+    assert_eq!(
+        (logged["reason"].clone(), logged["handler_status"].clone()),
+        (json!("no_responders"), json!("ok"))
+    );
+    assert_eq!((logged["trigger"].clone(), logged["result"].clone()), (json!("slow"), json!({"late": true})));
+    eventually("the row to be completed", || async { (api.outbox_len().await == 0).then_some(()) }).await;
+    slow.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_leaves_its_result_abandoned_as_caller_gone() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "slow", "kind": "http", "handler": {"function": "slow"}})).await;
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let slow = Worker::new(client, "shop")
+        .handle("slow", {
+            let (started, release) = (started.clone(), release.clone());
+            move |_| {
+                let (started, release) = (started.clone(), release.clone());
+                async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok(WorkerReply::fail("too late anyway"))
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let call = tokio::spawn({
+        let (router, token) = (api.router.clone(), api.developer.clone());
+        async move {
+            let request = axum::http::Request::post("/v1/apps/shop/invoke/slow")
+                .header("Authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::from("{}"))
+                .unwrap();
+            tower::ServiceExt::oneshot(router, request).await
+        }
+    });
+    started.notified().await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled(), "the caller hung up");
+    release.notify_one();
+    let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;
+    assert_eq!(
+        (logged["reason"].clone(), logged["handler_status"].clone()),
+        (json!("caller_gone"), json!("fail"))
+    );
+    assert_eq!(logged["error"], "too late anyway");
+    slow.shutdown().await;
+}
+
+#[tokio::test]
+async fn when_the_waiting_node_dies_a_relay_delivers_after_the_lease_and_logs_the_result_abandoned() {
+    let api = Api::start().await;
+    let trigger_view =
+        api.trigger(json!({"name": "echo", "kind": "http", "handler": {"function": "echo"}})).await;
+    let echo = worker(&api, "echo", |_| WorkerReply::ok(json!({"echo": true}))).await;
+    // The node wrote the row and claimed it, then died: no one waits on the inbox, no one delivers.
+    let trigger = api.store().trigger(api.app.id, "echo").await.unwrap().unwrap();
+    assert_eq!(trigger.id.to_string(), trigger_view["id"].as_str().unwrap());
+    let config = picloud_core::TriggerConfig::default();
+    let cx = EventContext { app_id: api.app.id, app_slug: &api.app.slug, depth: 0, config: &config };
+    let mut tx = api.store().begin().await.unwrap();
+    let body = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+    let id = events::invoke(api.store(), &mut tx, &cx, &trigger, &body, "_INBOX.dead-node.1").await.unwrap();
+    api.store().commit(tx).await.unwrap();
+    let lease = Duration::from_millis(800);
+    assert!(api.store().claim_by_id(id, lease, "dead-node").await.unwrap().is_some());
+
+    let relay = api.relay().await;
+    let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;
+    assert_eq!(
+        (logged["reason"].clone(), logged["handler_status"].clone()),
+        (json!("no_responders"), json!("ok"))
+    );
+    assert_eq!(
+        (logged["outbox_id"].clone(), logged["reply_to"].clone()),
+        (json!(id), json!("_INBOX.dead-node.1"))
+    );
+    eventually("the row to be completed", || async { (api.outbox_len().await == 0).then_some(()) }).await;
+    relay.stop().await;
+    echo.shutdown().await;
+}
