@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use picloud_core::config::{ConfigError, parse_var};
-use picloud_dispatch::RelayConfig;
+use picloud_dispatch::{ExecutorConfig, Metrics, RelayConfig, SmtpConfig};
 
 /// How the API and the ingest run.
 #[derive(Debug, Clone)]
@@ -18,6 +18,12 @@ pub struct ApiConfig {
     /// The node's delivery settings: token key, handler timeout, subjects, trigger defaults. The
     /// API verifies delivery tokens with the same key and delivers its own sync calls.
     pub node: RelayConfig,
+    /// `PICLOUD_SMTP_URL` (parsed as the email executor parses it): `/readyz` checks that it
+    /// can be reached while email rows wait, and says that it is missing when it is.
+    pub smtp: Option<SmtpConfig>,
+    /// The process's metrics recorder, served at `/metrics` (404 without one). The binary
+    /// installs it ([`Metrics::install`]); the API never installs a global recorder itself.
+    pub metrics: Option<Metrics>,
 }
 
 impl ApiConfig {
@@ -28,10 +34,13 @@ impl ApiConfig {
             max_payload_bytes: 1_048_576,
             sync_timeout_max: Duration::from_secs(60),
             node,
+            smtp: None,
+            metrics: None,
         }
     }
 
-    /// Parses the API's variables and the node's (see [`RelayConfig::from_env`]).
+    /// Parses the API's variables, the node's (see [`RelayConfig::from_env`]) and the SMTP
+    /// server's (see [`ExecutorConfig::from_env`]). The metrics recorder is left to the caller.
     pub fn from_env(
         lookup: impl Fn(&str) -> Option<String>,
         default_node_id: &str,
@@ -64,6 +73,7 @@ impl ApiConfig {
             http_addr,
             max_payload_bytes,
             sync_timeout_max: Duration::from_millis(sync_max_ms),
+            smtp: ExecutorConfig::from_env(lookup)?.smtp,
             ..default
         })
     }

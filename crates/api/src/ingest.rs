@@ -107,8 +107,30 @@ async fn serve(state: ApiState, mut sub: async_nats::Subscriber, shutdown: impl 
     state.nats.flush().await.ok();
 }
 
+/// Whether `reply` is in the inbox namespace of the app the request names (`_INBOX_<app>.`).
+/// Nothing else may be answered: the router's NATS user can publish on `_INBOX.>`, where relays
+/// read every tenant's answers, so answering any reply subject would let an app forge answers to
+/// other tenants' deliveries.
+fn reply_allowed(state: &ApiState, subject: &str, reply: &str) -> bool {
+    state
+        .config
+        .node
+        .subjects
+        .parse_ingest(subject)
+        .and_then(|(app, _)| reply.strip_prefix("_INBOX_")?.strip_prefix(app)?.strip_prefix('.'))
+        .is_some_and(|rest| !rest.is_empty())
+}
+
 async fn answer(state: &ApiState, msg: Message) {
     let Some(reply) = msg.reply.clone() else { return };
+    if !reply_allowed(state, &msg.subject, &reply) {
+        tracing::warn!(
+            subject = %msg.subject,
+            reply = %reply,
+            "ignored an ingest request whose reply subject is outside its app's inbox prefix _INBOX_<app>"
+        );
+        return;
+    }
     let mut headers = HeaderMap::new();
     let body = match handle(state, &msg).await {
         Ok(body) => {

@@ -16,7 +16,7 @@ mod error;
 mod extract;
 mod ingest;
 pub mod routes;
-mod views;
+pub mod views;
 
 pub use auth::{Caller, Via};
 pub use config::ApiConfig;

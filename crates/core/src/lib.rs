@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod cron;
 pub mod names;
 pub mod pattern;
 pub mod protocol;
@@ -15,6 +16,7 @@ pub mod webhook;
 
 pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
 pub use config::{ConfigError, TriggerConfig};
+pub use cron::{CronError, CronSchedule};
 pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueName, TopicName, TriggerName};
 pub use pattern::{CollectionPattern, collection_matches};
 pub use retry::{RetryOverrides, RetryPolicy};

@@ -1,6 +1,7 @@
 //! Completing finished attempts in one transaction per batch: delete delivered rows, reschedule
 //! retries with backoff, move exhausted and rejected deliveries into the dead letters (fanning them
-//! out to dead-letter triggers), and resolve dead letters whose dead-letter deliveries ended.
+//! out to dead-letter triggers), resolve dead letters whose dead-letter deliveries ended, and put
+//! back emails that wait for a node that sends email.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use picloud_core::protocol::EventKind;
 use picloud_core::{AppSlug, RetryPolicy, TriggerConfig};
 use picloud_store::events::fan_out_dead_letters;
 use picloud_store::{Bury, DeadLetterReason, Reschedule, Resolution, Store};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::answer::Answer;
@@ -40,6 +42,8 @@ pub struct Done {
     pub policy: RetryPolicy,
     /// What the attempt came to.
     pub answer: Answer,
+    /// For an email: when it was written (a waiting email's backoff grows with its age).
+    pub email_written_at: Option<OffsetDateTime>,
 }
 
 /// What one completion batch did.
@@ -59,25 +63,30 @@ pub struct Completed {
     pub orphaned: usize,
     /// Dead-letter deliveries that ended without success.
     pub dead_letter_deliveries_failed: usize,
+    /// Emails put back to wait, without using up an attempt, because no node sends email.
+    pub waiting: usize,
 }
 
 /// How a row ends.
 enum Fate {
     Delete,
     Retry(Duration),
+    /// An email nobody took: no node runs the email executor. It waits, keeping its attempts.
+    Wait(OffsetDateTime),
     Bury(DeadLetterReason),
 }
 
 fn fate(d: &Done) -> Fate {
-    match &d.answer {
-        Answer::Ok(_) | Answer::Orphaned => Fate::Delete,
+    match (&d.answer, d.email_written_at) {
+        (Answer::Ok(_) | Answer::Orphaned, _) => Fate::Delete,
         _ if d.reply_to.is_some() => Fate::Delete,
-        Answer::Fail(_) => Fate::Bury(DeadLetterReason::Rejected),
-        Answer::Unauthorized(_) => Fate::Bury(DeadLetterReason::Unauthorized),
-        Answer::Retry { after, .. } if d.attempt < d.max_attempts => {
+        (Answer::NoResponders, Some(written)) => Fate::Wait(written),
+        (Answer::Fail(_), _) => Fate::Bury(DeadLetterReason::Rejected),
+        (Answer::Unauthorized(_), _) => Fate::Bury(DeadLetterReason::Unauthorized),
+        (Answer::Retry { after, .. }, _) if d.attempt < d.max_attempts => {
             Fate::Retry(d.policy.next_delay(d.attempt, *after))
         }
-        Answer::Invalid(_) | Answer::Timeout | Answer::NoResponders | Answer::Failed(_)
+        (Answer::Invalid(_) | Answer::Timeout | Answer::NoResponders | Answer::Failed(_), _)
             if d.attempt < d.max_attempts =>
         {
             Fate::Retry(d.policy.next_delay(d.attempt, None))
@@ -86,11 +95,22 @@ fn fate(d: &Done) -> Fate {
     }
 }
 
+/// How long an email that found no email executor waits before it is offered again: as long as
+/// it has waited so far, within the policy's base and cap. The backoff doubles from round to
+/// round without a count of the rounds, which are not attempts.
+fn email_wait(policy: &RetryPolicy, waited: Duration) -> Duration {
+    waited.clamp(policy.base, policy.max)
+}
+
 /// Completes a batch of finished attempts in one transaction.
 ///
 /// Deliveries of `dead_letter` triggers never become dead letters: when one ends without
 /// success it is deleted, and once none of its siblings is left the dead letter it reports is
 /// resolved `handler_failed` (unless a sibling succeeded: then it is `handled_by_script`).
+///
+/// An email that met "no responders" waits for a node that sends email (DESIGN §10: emails wait
+/// while `PICLOUD_SMTP_URL` is unset) and never becomes an exhausted dead letter for it: it is
+/// rescheduled with the attempt it was claimed with given back (`Reschedule::refund_attempt`).
 pub async fn complete<S: Store>(
     store: &S,
     config: &TriggerConfig,
@@ -100,9 +120,11 @@ pub async fn complete<S: Store>(
     let mut stats = Completed::default();
     let mut deletes = Vec::new();
     let mut retries = Vec::new();
+    let mut waits = Vec::new();
     let mut buries = Vec::new();
     let mut handled = Vec::new();
     let mut failed_reports = Vec::new();
+    let now = store.clock().now();
     for d in batch {
         let fate = fate(d);
         let error = || d.answer.error(handler_timeout);
@@ -124,6 +146,24 @@ pub async fn complete<S: Store>(
                     attempt: d.attempt,
                     delay,
                     error: error().unwrap_or_default(),
+                    refund_attempt: false,
+                });
+            }
+            (Fate::Wait(written), _) => {
+                let waited = (now - written).try_into().unwrap_or(Duration::ZERO);
+                let delay = email_wait(&d.policy, waited);
+                tracing::warn!(
+                    delivery_id = %d.id,
+                    app_id = %d.app_id,
+                    wait = ?delay,
+                    "an email waits: no node sends email (PICLOUD_SMTP_URL is unset everywhere); it keeps its attempts"
+                );
+                waits.push(Reschedule {
+                    id: d.id,
+                    attempt: d.attempt,
+                    delay,
+                    error: error().unwrap_or_default(),
+                    refund_attempt: true,
                 });
             }
             (Fate::Bury(_), EventKind::DeadLetter) => {
@@ -139,13 +179,19 @@ pub async fn complete<S: Store>(
         }
     }
 
-    if retries.is_empty() && buries.is_empty() && handled.is_empty() && failed_reports.is_empty() {
+    if retries.is_empty()
+        && waits.is_empty()
+        && buries.is_empty()
+        && handled.is_empty()
+        && failed_reports.is_empty()
+    {
         store.delete_delivered(&deletes).await?;
         return Ok(stats);
     }
     let mut tx = store.begin().await?;
     store.delete_deliveries(&mut tx, &deletes).await?;
     stats.retried = store.reschedule(&mut tx, &retries).await? as usize;
+    stats.waiting = store.reschedule(&mut tx, &waits).await? as usize;
     let dead = store.bury(&mut tx, &buries).await?;
     stats.dead_lettered = dead.len();
     let slugs: HashMap<Uuid, &AppSlug> =
@@ -165,6 +211,15 @@ pub async fn complete<S: Store>(
         }
     }
     store.commit(tx).await?;
+    for dl in &dead {
+        tracing::info!(
+            delivery_id = %dl.delivery_id,
+            dead_letter_id = %dl.id,
+            reason = dl.reason.as_str(),
+            attempts = dl.attempts,
+            "delivery dead-lettered"
+        );
+    }
     if stats.fanned_out > 0 {
         store.wake_relays().await?;
     }

@@ -2,6 +2,8 @@
 //! each as a NATS request whose body is the CloudEvents envelope, reads the handlers' answers on
 //! a relay-owned inbox, and completes the rows in batches (delete, reschedule, dead-letter with
 //! fan-out to dead-letter triggers). Results of sync rows are forwarded to their caller's inbox.
+//! Beside it: the cron scheduler (due ticks into the outbox), the janitor (retention of dead
+//! letters and abandoned executions) and the node's metrics.
 
 mod answer;
 mod complete;
@@ -9,12 +11,18 @@ mod config;
 mod envelope;
 pub mod executors;
 mod forward;
+mod janitor;
+pub mod metrics;
 mod relay;
+mod scheduler;
 mod sync;
 
 pub use answer::Answer;
 pub use complete::{Completed, Done, complete};
 pub use config::{NatsConfig, RelayConfig};
 pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
+pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
+pub use metrics::{Metrics, MetricsError};
 pub use relay::{Relay, RelayError};
+pub use scheduler::{Clock, ManualClock, Scheduler, SchedulerConfig, SystemClock};
 pub use sync::{deliver_sync, round_trip};

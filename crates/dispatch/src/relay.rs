@@ -31,6 +31,7 @@ use crate::complete::{Done, complete};
 use crate::config::RelayConfig;
 use crate::envelope::{RunAs, envelope};
 use crate::forward::forward;
+use crate::metrics::RelayMetrics;
 
 /// Claim loops per relay: while one publishes its batch, the other claims the next.
 const CLAIMERS: usize = 2;
@@ -65,8 +66,8 @@ pub struct Relay<S> {
 /// The deliveries published and not answered yet.
 #[derive(Debug, Default)]
 struct InFlight {
-    /// By sequence number (the last token of the reply subject).
-    pending: HashMap<u64, Done>,
+    /// By sequence number (the last token of the reply subject), with when it was published.
+    pending: HashMap<u64, (Instant, Done)>,
     /// Deadlines in the order they were set; every delivery has the same timeout, so this is
     /// also deadline order. Entries of answered deliveries stay until they come due.
     deadlines: VecDeque<(Instant, u64)>,
@@ -96,6 +97,8 @@ struct Shared<S> {
     /// Triggers and principals' standing as read at one configuration epoch; valid for every
     /// claim that reports the same epoch.
     targets: Mutex<TargetCache>,
+    /// What this relay records, labelled with its node.
+    metrics: RelayMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +122,7 @@ impl<S: Store> Relay<S> {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
         let max_in_flight = self.config.max_in_flight.max(1);
+        let metrics = RelayMetrics::new(&self.config.node_id);
         let shared = Arc::new(Shared {
             store: self.store,
             nats: self.nats,
@@ -132,6 +136,7 @@ impl<S: Store> Relay<S> {
             drained: Notify::new(),
             headers,
             targets: Mutex::default(),
+            metrics,
         });
         tracing::info!(node = %shared.config.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -227,6 +232,7 @@ async fn claim_loop<S: Store>(
                 let claimed = claim.rows.len();
                 shared.slots.add_permits(batch as usize - claimed);
                 if claimed > 0 {
+                    shared.metrics.claimed(claimed);
                     deliver(&shared, claim, &done).await;
                 }
                 if claimed < batch as usize {
@@ -420,7 +426,8 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             email_apps.insert(app.id, app.slug);
         }
     }
-    let deadline = Instant::now() + config.handler_timeout;
+    let sent = Instant::now();
+    let deadline = sent + config.handler_timeout;
     let deadline_ms = unix_millis_after(config.handler_timeout);
     let mut plans: HashMap<(Option<Uuid>, Uuid, u32), Result<Plan, Answer>> = HashMap::new();
     let mut outgoing = Vec::with_capacity(rows.len());
@@ -454,7 +461,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
         for (seq, done) in in_flight {
             table.deadlines.push_back((deadline, seq));
-            table.pending.insert(seq, done);
+            table.pending.insert(seq, (sent, done));
         }
     }
     for (seq, subject, body) in outgoing {
@@ -464,8 +471,9 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             .publish_with_reply_and_headers(subject, reply, shared.headers.clone(), body.into())
             .await;
         if let Err(e) = published
-            && let Some(mut done) = take(shared, seq)
+            && let Some((_, mut done)) = take(shared, seq)
         {
+            tracing::warn!(delivery_id = %done.id, error = %e, "publishing a delivery failed");
             done.answer = Answer::Failed(format!("publishing failed: {e}"));
             let _ = done_tx.send(done);
         }
@@ -486,11 +494,13 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
         dead_letter_id: row.dead_letter_id,
         policy,
         answer,
+        email_written_at: (row.kind == EventKind::Email).then_some(row.created_at),
     }
 }
 
-/// Removes a delivery from the in-flight table, signalling `drained` when it empties.
-fn take<S>(shared: &Shared<S>, seq: u64) -> Option<Done> {
+/// Removes a delivery from the in-flight table, signalling `drained` when it empties. Returns it
+/// with when it was published.
+fn take<S>(shared: &Shared<S>, seq: u64) -> Option<(Instant, Done)> {
     let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
     let done = in_flight.pending.remove(&seq);
     if in_flight.pending.is_empty() {
@@ -503,8 +513,9 @@ async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mp
     while let Some(msg) = replies.next().await {
         let Some(seq) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
         match take(&shared, seq) {
-            Some(mut done) => {
+            Some((sent, mut done)) => {
                 done.answer = Answer::from_message(&msg);
+                shared.metrics.answered(&done.answer, sent.elapsed());
                 let _ = done_tx.send(done);
             }
             None => tracing::debug!(seq, "late reply ignored: the delivery timed out already"),
@@ -523,8 +534,8 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
                     break;
                 }
                 in_flight.deadlines.pop_front();
-                if let Some(done) = in_flight.pending.remove(&seq) {
-                    expired.push(done);
+                if let Some(pending) = in_flight.pending.remove(&seq) {
+                    expired.push(pending);
                 }
             }
             if in_flight.deadlines.len() > 2 * in_flight.pending.len() + 4096 {
@@ -536,9 +547,10 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
             }
             in_flight.deadlines.front().map(|&(deadline, _)| deadline)
         };
-        for mut done in expired {
+        for (sent, mut done) in expired {
             tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
             done.answer = Answer::Timeout;
+            shared.metrics.answered(&done.answer, sent.elapsed());
             let _ = done_tx.send(done);
         }
         match next {
@@ -595,6 +607,7 @@ async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
         match complete(&shared.store, &config.triggers, config.handler_timeout, batch).await {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
+                shared.metrics.completed(batch, &stats);
                 return;
             }
             Err(e) if tries < FLUSH_TRIES => {

@@ -31,24 +31,17 @@ pub async fn round_trip(client: &Client) -> Result<(), String> {
     }
 }
 
-/// Claims sync row `id` for this node and, if nobody else holds it, delivers it, resolves its
-/// result to the row's `reply_to` and completes the row. Runs to the end of the handler's
-/// deadline whatever the caller does; `caller_gone` says whether the caller hung up.
+/// Delivers sync call `row`, written already claimed by this node
+/// ([`picloud_store::events::invoke`]), resolves its result to the row's `reply_to` and
+/// completes the row. Runs to the end of the handler's deadline whatever the caller does;
+/// `caller_gone` says whether the caller hung up.
 pub async fn deliver_sync<S: Store>(
     store: S,
     nats: Client,
     config: RelayConfig,
-    id: Uuid,
+    row: ClaimedDelivery,
     caller_gone: Arc<AtomicBool>,
 ) {
-    let row = match store.claim_by_id(id, config.lease(), &config.node_id).await {
-        Ok(Some(row)) => row,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(delivery_id = %id, error = %e, "claiming a sync call failed; a relay will deliver it");
-            return;
-        }
-    };
     let (answer, mut done) = attempt(&store, &nats, &config, &row).await;
     done.answer = answer;
     forward(store.clone(), nats, done, config.handler_timeout, config.forward_ack_timeout, Some(caller_gone))

@@ -373,17 +373,18 @@ pub async fn enqueue<S: Store>(
     Ok(Enqueued::Created(row.id))
 }
 
-/// Records a sync invocation of an `http` trigger: one delivery whose result goes to
-/// `reply_to`, never retried and never dead-lettered. Fails with [`Error::TooDeep`] at the
-/// depth limit (a sync caller gets an error instead of a dead letter).
+/// Writes a sync invocation of `trigger` (an `http` trigger) whose caller waits on `reply_to`,
+/// already claimed by `node`, the API node that delivers it (see
+/// [`crate::OutboxRepo::insert_sync_call`]): never retried, never dead-lettered.
 pub async fn invoke<S: Store>(
     s: &S,
-    tx: &mut S::Tx,
     cx: &EventContext<'_>,
     trigger: &Trigger,
     body: &RawValue,
     reply_to: &str,
-) -> Result<Uuid> {
+    lease: Duration,
+    node: &str,
+) -> Result<ClaimedDelivery> {
     if cx.depth >= cx.config.max_depth {
         return Err(Error::TooDeep { depth: cx.depth, max: cx.config.max_depth });
     }
@@ -404,8 +405,7 @@ pub async fn invoke<S: Store>(
         dead_letter_id: None,
         event_time: None,
     };
-    s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
-    Ok(row.id)
+    s.insert_sync_call(&row, lease, node).await
 }
 
 /// Queues an email for the built-in executor (`{to, subject, text, html?}`), with the default

@@ -14,9 +14,11 @@ use std::time::Duration;
 use picloud_core::Role;
 use picloud_core::names::AppSlug;
 use picloud_core::protocol::EventKind;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 mod clock;
+pub mod cron;
 mod error;
 pub mod events;
 pub mod memory;
@@ -275,14 +277,17 @@ pub trait OutboxRepo: Transactional {
         lease: Duration,
         node: &str,
     ) -> impl Future<Output = Result<Claim>> + Send;
-    /// Claims one delivery by id, if nobody holds a lease on it: counts the attempt and leases it
-    /// to `node` (the API node that delivers its own sync call). `None` when it is leased or gone.
-    fn claim_by_id(
+    /// Writes a sync call's row already claimed by `node` (attempt 1, leased), so the API node
+    /// that waits on the call delivers it without a second round trip, and any relay delivers it
+    /// after the lease if that node dies. One statement whose commit does not wait for the WAL
+    /// flush: the row is not acknowledged work (the caller learns the outcome from the call, and a
+    /// crash that loses the row also fails the call), so it does not pay for an fsync.
+    fn insert_sync_call(
         &self,
-        id: Uuid,
+        row: &model::NewDelivery,
         lease: Duration,
         node: &str,
-    ) -> impl Future<Output = Result<Option<model::ClaimedDelivery>>> + Send;
+    ) -> impl Future<Output = Result<model::ClaimedDelivery>> + Send;
     /// Deletes delivered rows.
     fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
     /// Deletes delivered rows in a statement of its own (the common completion, in one round trip).
@@ -419,10 +424,43 @@ pub trait KvRepo: Transactional {
     ) -> impl Future<Output = Result<model::Page<model::KvEntry>>> + Send;
 }
 
-/// Every repository at once: what the relay, the API and the tests take.
-pub trait Store: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo {}
+/// The next ticks of cron triggers: what [`cron::fire_due_ticks`] locks and advances. The time is
+/// always the caller's (`now`), never the store's clock, so a scheduler decides on one clock.
+pub trait CronRepo: Transactional {
+    /// Up to `batch` enabled cron triggers whose next tick is due at `now` or not computed yet
+    /// (those first, then the earliest), locked until `tx` ends. Triggers locked by another
+    /// transaction are skipped, never waited for, so concurrent schedulers take disjoint sets.
+    fn lock_due_cron(
+        &self,
+        tx: &mut Self::Tx,
+        now: OffsetDateTime,
+        batch: u32,
+    ) -> impl Future<Output = Result<Vec<cron::DueCron>>> + Send;
+    /// Sets the next tick of cron triggers, in `tx`. Moving a next tick is bookkeeping, not
+    /// configuration: it leaves the configuration epoch as it is.
+    fn set_next_ticks(
+        &self,
+        tx: &mut Self::Tx,
+        ticks: &[(Uuid, cron::NextTick)],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// The earliest next tick of the enabled cron triggers, with `now` standing for a trigger
+    /// whose next tick is not computed yet; `None` when no enabled trigger has a tick to come.
+    fn next_cron_tick(
+        &self,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Option<OffsetDateTime>>> + Send;
+}
 
-impl<S: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo> Store for S {}
+/// Every repository at once: what the relay, the API and the tests take.
+pub trait Store:
+    AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo + CronRepo
+{
+}
+
+impl<S: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo + CronRepo> Store
+    for S
+{
+}
 
 /// Clamps a requested page size to `1..=MAX_PAGE`, defaulting to [`DEFAULT_PAGE`].
 pub fn page_limit(limit: Option<u32>) -> u32 {

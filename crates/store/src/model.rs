@@ -308,6 +308,9 @@ pub struct Reschedule {
     pub delay: std::time::Duration,
     /// What went wrong.
     pub error: String,
+    /// Give the attempt back (the count goes down by one): the attempt was not a try, as for an
+    /// email that waits while no node sends email.
+    pub refund_attempt: bool,
 }
 
 /// Why a delivery became a dead letter.

@@ -2,11 +2,11 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use picloud_core::Capability;
-use picloud_store::events;
+use picloud_core::{Capability, TriggerConfig};
 use picloud_store::{
     AbandonedRepo, DeadLetterFilter, DeadLetterRepo, Resolution, Transactional, TriggerRepo,
 };
+use picloud_store::{PgStore, events};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
@@ -115,23 +115,32 @@ pub async fn replay(
     Path((_, id)): Path<(String, String)>,
 ) -> Result<Json<Replayed>, ApiError> {
     let app = caller.require_app(Capability::AppDeadLetterManage)?;
-    let id = dead_letter_id(&id)?;
-    let dead =
-        state.store.dead_letter(app.id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
+    Ok(Json(
+        replay_dead_letter(&state.store, &state.config.node.triggers, app.id, dead_letter_id(&id)?).await?,
+    ))
+}
+
+/// Replays dead letter `id` of app `app_id`: a fresh delivery of its event to its trigger, and
+/// the resolution `replayed`. Shared by the route and `picloud-router admin`.
+pub async fn replay_dead_letter(
+    store: &PgStore,
+    config: &TriggerConfig,
+    app_id: Uuid,
+    id: Uuid,
+) -> Result<Replayed, ApiError> {
+    let dead = store.dead_letter(app_id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
     if dead.resolution == Some(Resolution::Replayed) {
         return Err(ApiError::conflict("already_replayed", "this dead letter was replayed already"));
     }
     let trigger = match &dead.trigger_name {
-        Some(name) => state.store.trigger(app.id, name).await?,
+        Some(name) => store.trigger(app_id, name).await?,
         None => None,
     };
-    let mut tx = state.store.begin().await?;
-    let delivery_id =
-        events::replay(&state.store, &mut tx, &dead, trigger.as_ref(), &state.config.node.triggers).await?;
-    events::commit_and_wake(&state.store, tx).await?;
-    let dead =
-        state.store.dead_letter(app.id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
-    Ok(Json(Replayed { dead_letter: dead.into(), delivery_id }))
+    let mut tx = store.begin().await?;
+    let delivery_id = events::replay(store, &mut tx, &dead, trigger.as_ref(), config).await?;
+    events::commit_and_wake(store, tx).await?;
+    let dead = store.dead_letter(app_id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
+    Ok(Replayed { dead_letter: dead.into(), delivery_id })
 }
 
 /// Mark an unresolved dead letter `ignored`.
@@ -144,13 +153,18 @@ pub async fn ignore(
     Path((_, id)): Path<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     let app = caller.require_app(Capability::AppDeadLetterManage)?;
-    let id = dead_letter_id(&id)?;
-    let mut tx = state.store.begin().await?;
-    let ignored = state.store.resolve(&mut tx, app.id, id, Resolution::Ignored, true).await?;
-    state.store.commit(tx).await?;
+    Ok(Json(ignore_dead_letter(&state.store, app.id, dead_letter_id(&id)?).await?))
+}
+
+/// Marks unresolved dead letter `id` of app `app_id` `ignored`. Shared by the route and
+/// `picloud-router admin`.
+pub async fn ignore_dead_letter(store: &PgStore, app_id: Uuid, id: Uuid) -> Result<DeadLetterView, ApiError> {
+    let mut tx = store.begin().await?;
+    let ignored = store.resolve(&mut tx, app_id, id, Resolution::Ignored, true).await?;
+    store.commit(tx).await?;
     match ignored {
-        Some(dead) => Ok(Json(dead.into())),
-        None => match state.store.dead_letter(app.id, id).await? {
+        Some(dead) => Ok(dead.into()),
+        None => match store.dead_letter(app_id, id).await? {
             Some(_) => Err(ApiError::conflict("already_resolved", "this dead letter is resolved already")),
             None => Err(picloud_store::Error::DeadLetterNotFound(id).into()),
         },

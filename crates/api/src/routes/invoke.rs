@@ -13,7 +13,7 @@ use futures::StreamExt as _;
 use picloud_core::Capability;
 use picloud_core::protocol::{ERROR_HEADER, STATUS_HEADER, TriggerKind};
 use picloud_store::events;
-use picloud_store::{HandlerStatus, Transactional, TriggerRepo};
+use picloud_store::{HandlerStatus, TriggerRepo};
 use serde_json::value::RawValue;
 
 use crate::ApiState;
@@ -95,16 +95,16 @@ pub async fn invoke(
     let reply_to = state.nats.new_inbox();
     let mut result = state.nats.subscribe(reply_to.clone()).await.map_err(ApiError::internal)?;
     let cx = state.event_context(app, &caller);
-    let mut tx = state.store.begin().await?;
-    let id = events::invoke(&state.store, &mut tx, &cx, &trigger, &body, &reply_to).await?;
-    state.store.commit(tx).await?;
+    let node = &state.config.node;
+    let row =
+        events::invoke(&state.store, &cx, &trigger, &body, &reply_to, node.lease(), &node.node_id).await?;
 
     let gone = Arc::new(AtomicBool::new(false));
     tokio::spawn(picloud_dispatch::deliver_sync(
         state.store.clone(),
         state.nats.clone(),
-        state.config.node.clone(),
-        id,
+        node.clone(),
+        row,
         gone.clone(),
     ));
     let mut hang_up = HangUp(Some(gone));

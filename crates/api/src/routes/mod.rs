@@ -78,6 +78,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .routes(routes!(dead_letters::abandoned))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
         .routes(routes!(openapi_json))
         .split_for_parts();
     DOCUMENT.get_or_init(|| document);

@@ -4,8 +4,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
+use picloud_core::cron::DEFAULT_TIMEZONE;
 use picloud_core::protocol::{EventKind, TriggerKind};
-use picloud_core::{Capability, CollectionPattern, HandlerName, QueueName, RetryOverrides, TriggerName};
+use picloud_core::{
+    Capability, CollectionPattern, CronSchedule, HandlerName, QueueName, RetryOverrides, TriggerName,
+};
 use picloud_store::{Handler, KvOp, NewTrigger, TriggerPatch, TriggerRepo, TriggerSpec};
 use uuid::Uuid;
 
@@ -99,16 +102,8 @@ fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
         },
         TriggerKind::Cron => {
             let schedule = required("schedule", &body.schedule)?;
-            if schedule.split_whitespace().count() != 5 {
-                return Err(ApiError::invalid(
-                    "schedule",
-                    "expected 5 fields: minute hour day-of-month month day-of-week",
-                ));
-            }
-            let timezone = body.timezone.clone().unwrap_or_else(|| "UTC".into());
-            if timezone.is_empty() || timezone.len() > 64 || timezone.contains(char::is_whitespace) {
-                return Err(ApiError::invalid("timezone", "expected an IANA time zone such as Europe/Paris"));
-            }
+            let timezone = body.timezone.clone().unwrap_or_else(|| DEFAULT_TIMEZONE.into());
+            CronSchedule::parse(&schedule, &timezone).map_err(|e| ApiError::invalid(e.field(), e))?;
             TriggerSpec::Cron { schedule, timezone }
         }
         TriggerKind::DeadLetter => TriggerSpec::DeadLetter {

@@ -104,6 +104,14 @@ async fn invalid_names_patterns_and_fields_are_422_naming_the_field() {
             "schedule",
         ),
         (
+            json!({"name": "t", "kind": "cron", "schedule": "0 25 * * *", "handler": {"function": "h"}}),
+            "schedule",
+        ),
+        (
+            json!({"name": "t", "kind": "cron", "schedule": "0 9 * * *", "timezone": "Europe/Atlantis", "handler": {"function": "h"}}),
+            "timezone",
+        ),
+        (
             json!({"name": "t", "kind": "dead_letter", "source_kinds": ["kv", "mail"], "handler": {"function": "h"}}),
             "source_kinds[1]",
         ),

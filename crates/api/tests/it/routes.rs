@@ -410,7 +410,11 @@ async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
     let ingest = picloud_api::Ingest::start(api.state.clone()).await.unwrap();
     api.trigger(json!({"name": "mailer", "kind": "queue", "queue": "mail", "handler": {"function": "h"}}))
         .await;
-    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_shop")
+        .connect(api.nats.url())
+        .await
+        .unwrap();
     let request = |subject: &str, token: Option<&str>, body: serde_json::Value| {
         let (client, subject) = (client.clone(), subject.to_owned());
         let token = token.map(str::to_owned);
@@ -471,6 +475,33 @@ async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
         api.store().kv_get(api.app.id, "c", "k").await.unwrap().is_none(),
         "refused requests wrote nothing"
     );
+
+    // A request whose reply subject lies outside `_INBOX_shop.` could aim the router's answer
+    // at another tenant's delivery inbox: it is neither answered nor carried out.
+    let foreign_inbox = async_nats::connect(api.nats.url()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", format!("Bearer {}", api.developer));
+    let spoofed = foreign_inbox
+        .send_request(
+            "picloud.v1.ingest.shop.kv.put",
+            async_nats::Request::new()
+                .headers(headers)
+                .payload(json!({"collection": "c", "key": "spoof", "value": 1}).to_string().into())
+                .timeout(Some(Duration::from_millis(500))),
+        )
+        .await;
+    assert!(spoofed.is_err(), "no answer outside the app's inbox prefix");
+    let after = request(
+        "picloud.v1.ingest.shop.kv.put",
+        Some(&api.developer),
+        json!({"collection": "c", "key": "after", "value": 1}),
+    )
+    .await;
+    assert_eq!(after.0, "ok", "the ingest still serves well-formed requests");
+    assert!(
+        api.store().kv_get(api.app.id, "c", "spoof").await.unwrap().is_none(),
+        "and the spoofed one wrote nothing"
+    );
     ingest.shutdown().await;
 }
 
@@ -480,12 +511,88 @@ async fn health_answers_without_a_token_and_readiness_names_what_is_down() {
     let healthz = api.call(Method::GET, "/healthz", None, None).await;
     assert_eq!((healthz.status, healthz.body.clone()), (StatusCode::OK, json!({"status": "ok"})));
     let ready = api.call(Method::GET, "/readyz", None, None).await;
-    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(
+        (ready.status, ready.body),
+        (StatusCode::OK, json!({"status": "ok", "checks": {"postgres": "ok", "nats": "ok"}}))
+    );
     api.nats.stop().await.unwrap();
     let down = eventually("NATS to be reported down", || async {
         let r = api.call(Method::GET, "/readyz", None, None).await;
         (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
     })
     .await;
-    assert_eq!(down.body, json!({"status": "unavailable", "down": ["nats"]}));
+    assert_eq!(
+        down.body,
+        json!({"status": "unavailable", "checks": {"postgres": "ok", "nats": "not connected"}, "down": ["nats"]})
+    );
+}
+
+/// Serves `api` with its configuration changed by `change`.
+fn reconfigure(api: &mut Api, change: impl FnOnce(&mut picloud_api::ApiConfig)) {
+    let mut config = (*api.state.config).clone();
+    change(&mut config);
+    api.state.config = std::sync::Arc::new(config);
+    api.router = picloud_api::router(api.state.clone());
+}
+
+fn smtp_at(url: String) -> Option<picloud_dispatch::SmtpConfig> {
+    Some(picloud_dispatch::SmtpConfig { url, from: "shop@example.com".into() })
+}
+
+#[tokio::test]
+async fn readiness_needs_smtp_only_while_email_rows_wait() {
+    let mut api = Api::start().await;
+    let unneeded = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!((unneeded.status, unneeded.body["checks"].get("smtp")), (StatusCode::OK, None));
+
+    let email = json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"});
+    let queued = api.call(Method::POST, "/v1/apps/shop/emails", Some(&api.developer), Some(email)).await;
+    assert_eq!(queued.status, StatusCode::ACCEPTED);
+    let missing = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(missing.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(missing.body["down"], json!(["smtp"]));
+    assert_eq!(missing.body["checks"]["smtp"], "not configured (PICLOUD_SMTP_URL) while email rows wait");
+
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    reconfigure(&mut api, |c| c.smtp = smtp_at(format!("smtp://127.0.0.1:{closed_port}")));
+    let refused = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (refused.status, refused.body["checks"]["smtp"].clone()),
+        (StatusCode::SERVICE_UNAVAILABLE, json!("unreachable"))
+    );
+
+    let smtp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    reconfigure(&mut api, |c| c.smtp = smtp_at(format!("smtp://{}", smtp.local_addr().unwrap())));
+    let ready = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (ready.status, ready.body),
+        (StatusCode::OK, json!({"status": "ok", "checks": {"postgres": "ok", "nats": "ok", "smtp": "ok"}}))
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_served_without_a_token_in_the_prometheus_text_format() {
+    let mut api = Api::start().await;
+    let disabled = api.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!((disabled.status, disabled.code()), (StatusCode::NOT_FOUND, "metrics_disabled"));
+
+    let email = json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"});
+    api.call(Method::POST, "/v1/apps/shop/emails", Some(&api.developer), Some(email)).await;
+    let metrics = picloud_dispatch::Metrics::install().unwrap();
+    reconfigure(&mut api, |c| c.metrics = Some(metrics));
+    let scraped = api.call(Method::GET, "/metrics", None, None).await;
+
+    assert_eq!(scraped.status, StatusCode::OK);
+    let text = scraped.body.as_str().expect("a text body");
+    for line in [
+        "# TYPE picloud_outbox_due_rows gauge",
+        "picloud_outbox_due_rows 1",
+        "picloud_dead_letters_unresolved 0",
+        "picloud_abandoned_executions 0",
+        "# TYPE picloud_outbox_oldest_due_age_seconds gauge",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} is missing from\n{text}");
+    }
 }

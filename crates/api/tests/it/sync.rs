@@ -166,17 +166,18 @@ async fn when_the_waiting_node_dies_a_relay_delivers_after_the_lease_and_logs_th
     let trigger_view =
         api.trigger(json!({"name": "echo", "kind": "http", "handler": {"function": "echo"}})).await;
     let echo = worker(&api, "echo", |_| WorkerReply::ok(json!({"echo": true}))).await;
-    // The node wrote the row and claimed it, then died: no one waits on the inbox, no one delivers.
+    // The node wrote the row claimed by itself, then died: no one waits on the inbox, no one
+    // delivers.
     let trigger = api.store().trigger(api.app.id, "echo").await.unwrap().unwrap();
     assert_eq!(trigger.id.to_string(), trigger_view["id"].as_str().unwrap());
     let config = picloud_core::TriggerConfig::default();
     let cx = EventContext { app_id: api.app.id, app_slug: &api.app.slug, depth: 0, config: &config };
-    let mut tx = api.store().begin().await.unwrap();
     let body = serde_json::value::RawValue::from_string("{}".into()).unwrap();
-    let id = events::invoke(api.store(), &mut tx, &cx, &trigger, &body, "_INBOX.dead-node.1").await.unwrap();
-    api.store().commit(tx).await.unwrap();
     let lease = Duration::from_millis(800);
-    assert!(api.store().claim_by_id(id, lease, "dead-node").await.unwrap().is_some());
+    let id = events::invoke(api.store(), &cx, &trigger, &body, "_INBOX.dead-node.1", lease, "dead-node")
+        .await
+        .unwrap()
+        .id;
 
     let relay = api.relay().await;
     let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;

@@ -177,7 +177,7 @@ pub async fn start<S: Store>(
         }
         None => None,
     };
-    round_trip(&nats).await?;
+    crate::sync::round_trip(&nats).await.map_err(ExecutorError::Sync)?;
 
     let mut loops = JoinSet::new();
     let mut drains = Vec::new();
@@ -191,19 +191,6 @@ pub async fn start<S: Store>(
     }
     tracing::info!(email = config.smtp.is_some(), concurrency, "built-in executors started");
     Ok(Running { client: nats, drains, loops })
-}
-
-/// Returns once the server has processed everything this connection sent before (`flush`
-/// only empties the local write buffer): an empty message to a fresh inbox of our own comes
-/// back only after the subscriptions queued ahead of it.
-async fn round_trip(client: &Client) -> Result<(), ExecutorError> {
-    let inbox = client.new_inbox();
-    let mut echo = client.subscribe(inbox.clone()).await?;
-    client.publish(inbox, Bytes::new()).await.map_err(|e| ExecutorError::Sync(e.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(30), echo.next()).await {
-        Ok(Some(_)) => Ok(()),
-        _ => Err(ExecutorError::Sync("no echo from the server within 30 s".into())),
-    }
 }
 
 /// Started executors.

@@ -1,7 +1,10 @@
 //! The relay end to end, against a real Postgres and a real nats-server.
 
+mod cron;
 mod delivery;
 mod executors;
+mod janitor;
+mod observability;
 mod resilience;
 mod support;
 mod tenancy;

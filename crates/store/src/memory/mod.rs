@@ -16,11 +16,14 @@ use time::OffsetDateTime;
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
 
+use crate::cron::NextTick;
 use crate::model::*;
 use crate::{
     AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo,
     OutboxRepo, Result, Standing, Targets, Transactional, TriggerRepo, Wakeups,
 };
+
+mod cron;
 
 /// An outbox row.
 #[derive(Debug, Clone)]
@@ -52,6 +55,9 @@ struct State {
     outbox: HashMap<Uuid, OutboxRow>,
     dead_letters: BTreeMap<Uuid, DeadLetter>,
     abandoned: BTreeMap<Uuid, AbandonedExecution>,
+    /// The next tick of each cron trigger that has one computed (Postgres:
+    /// `cron_trigger_details.next_tick_at`, NULL when absent here).
+    cron_ticks: HashMap<Uuid, NextTick>,
     /// Bumped by every change to apps, principals, memberships and triggers.
     config_epoch: i64,
 }
@@ -235,6 +241,8 @@ impl AuthRepo for MemStore {
         s.tokens.retain(|_, (t, _)| t.app_id != Some(id));
         s.kv.retain(|(app, _, _), _| *app != id);
         s.triggers.retain(|_, t| t.app_id != id);
+        let State { triggers, cron_ticks, .. } = &mut *s;
+        cron_ticks.retain(|trigger, _| triggers.contains_key(trigger));
         s.outbox.retain(|_, r| r.new.app_id != id);
         s.dead_letters.retain(|_, d| d.app_id != id);
         s.abandoned.retain(|_, a| a.app_id != id);
@@ -400,6 +408,7 @@ impl TriggerRepo for MemStore {
         if let Some(enabled) = patch.enabled {
             trigger.enabled = enabled;
         }
+        let forget_tick = patch.enabled == Some(false);
         if let Some(handler) = &patch.handler {
             trigger.handler = handler.clone();
         }
@@ -408,6 +417,9 @@ impl TriggerRepo for MemStore {
         }
         trigger.updated_at = now;
         let updated = trigger.clone();
+        if forget_tick {
+            s.cron_ticks.remove(&updated.id);
+        }
         s.config_epoch += 1;
         Ok(updated)
     }
@@ -420,6 +432,7 @@ impl TriggerRepo for MemStore {
             return Ok(false);
         };
         s.triggers.remove(&id);
+        s.cron_ticks.remove(&id);
         s.config_epoch += 1;
         for d in s.dead_letters.values_mut().filter(|d| d.trigger_id == Some(id)) {
             d.trigger_id = None;
@@ -606,13 +619,25 @@ impl OutboxRepo for MemStore {
         Ok(Claim { rows: claimed, config_epoch })
     }
 
-    async fn claim_by_id(&self, id: Uuid, lease: Duration, _node: &str) -> Result<Option<ClaimedDelivery>> {
+    async fn insert_sync_call(
+        &self,
+        row: &NewDelivery,
+        lease: Duration,
+        _node: &str,
+    ) -> Result<ClaimedDelivery> {
         let now = self.now();
         let mut s = self.lock().await;
-        Ok(s.outbox
-            .get_mut(&id)
-            .filter(|r| r.leased_until.is_none_or(|l| l <= now))
-            .map(|r| lease_row(r, now, lease)))
+        let mut stored = OutboxRow {
+            new: row.clone(),
+            attempts: 0,
+            due_at: now,
+            leased_until: None,
+            last_error: None,
+            created_at: row.event_time.unwrap_or(now),
+        };
+        let claimed = lease_row(&mut stored, now, lease);
+        s.outbox.insert(row.id, stored);
+        Ok(claimed)
     }
 
     async fn delete_deliveries(&self, tx: &mut MemTx, ids: &[Uuid]) -> Result<u64> {
@@ -632,6 +657,7 @@ impl OutboxRepo for MemStore {
                 row.due_at = now + r.delay;
                 row.leased_until = None;
                 row.last_error = Some(r.error.clone());
+                row.attempts -= u32::from(r.refund_attempt);
                 done += 1;
             }
         }

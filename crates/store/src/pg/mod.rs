@@ -10,6 +10,7 @@ use crate::{Clock, Result, Transactional};
 
 mod abandoned;
 mod auth;
+mod cron;
 mod dead_letters;
 mod kv;
 mod outbox;

@@ -215,22 +215,41 @@ impl OutboxRepo for PgStore {
         Ok(Claim { rows, config_epoch })
     }
 
-    async fn claim_by_id(&self, id: Uuid, lease: Duration, node: &str) -> Result<Option<ClaimedDelivery>> {
-        let claimed = sqlx::query(&format!(
-            "UPDATE outbox o
-                SET attempts = o.attempts + 1,
-                    leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
-                    leased_by = $4
-              WHERE o.id = $1 AND (o.leased_until IS NULL OR o.leased_until <= coalesce($3, now()))
-          RETURNING {CLAIMED}"
+    async fn insert_sync_call(
+        &self,
+        row: &NewDelivery,
+        lease: Duration,
+        node: &str,
+    ) -> Result<ClaimedDelivery> {
+        // set_config(…, true) lasts for the statement's own transaction, so only this commit
+        // skips the wait for the WAL flush.
+        let stored = sqlx::query(&format!(
+            "WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+             INSERT INTO outbox AS o (id, app_id, trigger_id, kind, event_type, source, subject,
+                                      payload, depth, attempts, max_attempts, due_at, leased_until,
+                                      leased_by, reply_to, created_at)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9, 1, $10, coalesce($13, now()),
+                    coalesce($13, now()) + $11 * interval '1 millisecond', $12, $14, coalesce($13, now())
+               FROM relaxed
+             RETURNING {CLAIMED}"
         ))
-        .bind(id)
+        .bind(row.id)
+        .bind(row.app_id)
+        .bind(row.trigger_id)
+        .bind(row.kind.as_str())
+        .bind(&row.event_type)
+        .bind(&row.source)
+        .bind(&row.subject)
+        .bind(row.payload.get())
+        .bind(row.depth as i32)
+        .bind(row.max_attempts as i32)
         .bind(millis(lease))
-        .bind(self.now())
         .bind(node)
-        .fetch_optional(&self.pool)
+        .bind(self.now())
+        .bind(&row.reply_to)
+        .fetch_one(&self.pool)
         .await?;
-        claimed.as_ref().map(claimed_row).transpose()
+        claimed_row(&stored)
     }
 
     async fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> Result<u64> {
@@ -258,17 +277,21 @@ impl OutboxRepo for PgStore {
         let attempts: Vec<i32> = rows.iter().map(|r| r.attempt as i32).collect();
         let delays: Vec<i64> = rows.iter().map(|r| millis(r.delay)).collect();
         let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        let refunds: Vec<bool> = rows.iter().map(|r| r.refund_attempt).collect();
         let done = sqlx::query(
             "UPDATE outbox o
-                SET due_at = coalesce($5, now()) + u.delay_ms * interval '1 millisecond',
-                    leased_until = NULL, leased_by = NULL, last_error = u.error
-               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[]) AS u(id, attempt, delay_ms, error)
+                SET due_at = coalesce($6, now()) + u.delay_ms * interval '1 millisecond',
+                    leased_until = NULL, leased_by = NULL, last_error = u.error,
+                    attempts = o.attempts - u.refund::int
+               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::bool[])
+                    AS u(id, attempt, delay_ms, error, refund)
               WHERE o.id = u.id AND o.attempts = u.attempt",
         )
         .bind(ids)
         .bind(attempts)
         .bind(delays)
         .bind(errors)
+        .bind(refunds)
         .bind(self.now())
         .execute(&mut **tx)
         .await?;

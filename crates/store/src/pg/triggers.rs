@@ -189,6 +189,14 @@ impl TriggerRepo for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let id = id.ok_or_else(|| Error::TriggerNotFound(name.to_owned()))?;
+        if patch.enabled == Some(false) {
+            // A disabled cron trigger forgets its next tick: enabled again, it is scheduled from
+            // then on, and the ticks it missed while disabled never fire.
+            sqlx::query("UPDATE cron_trigger_details SET next_tick_at = NULL WHERE trigger_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let trigger = fetch_one(&mut tx, id).await?;
         tx.commit().await?;
         Ok(trigger)

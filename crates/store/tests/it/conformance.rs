@@ -53,8 +53,9 @@ conformance!(
     a_delayed_delivery_is_not_claimed_before_it_is_due,
     claims_take_the_oldest_due_first_up_to_the_batch,
     a_claimed_row_is_claimable_again_after_its_lease_and_not_before,
-    a_row_claimed_by_id_is_leased_like_any_claim,
+    a_sync_call_is_written_claimed_by_its_node_and_leased_like_any_claim,
     a_rescheduled_row_comes_back_after_its_delay_with_its_error,
+    a_refunded_attempt_is_not_counted_when_the_row_comes_back,
     completions_for_a_stale_attempt_change_nothing,
     deleted_deliveries_are_gone,
     a_dropped_transaction_writes_nothing,
@@ -554,18 +555,43 @@ async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Stor
     assert_eq!(again[0].attempt, 2, "the new claim counts another attempt");
 }
 
-async fn a_row_claimed_by_id_is_leased_like_any_claim<S: Store>(s: S) {
+async fn a_sync_call_is_written_claimed_by_its_node_and_leased_like_any_claim<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
-    let rows = [delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::ZERO)];
-    insert(&s, &rows).await;
-    let mine = s.claim_by_id(rows[1].id, LEASE, "api-node").await.unwrap().expect("claimed");
-    assert_eq!((mine.id, mine.attempt), (rows[1].id, 1));
-    assert!(s.claim_by_id(rows[1].id, LEASE, "other").await.unwrap().is_none(), "leased already");
-    let rest = s.claim_due(10, LEASE, "relay").await.unwrap().rows;
-    assert_eq!(rest.iter().map(|c| c.id).collect::<Vec<_>>(), [rows[0].id], "a relay skips the leased row");
-    assert!(s.claim_by_id(Uuid::now_v7(), LEASE, "n").await.unwrap().is_none());
+    let mut call = delivery(&t, &trigger, Duration::ZERO);
+    call.reply_to = Some("_INBOX_shop.caller".into());
+    call.max_attempts = 1;
+    let mine = s.insert_sync_call(&call, LEASE, "api-node").await.unwrap();
+    assert_eq!(
+        (mine.id, mine.attempt, mine.max_attempts, mine.reply_to.as_deref()),
+        (call.id, 1, 1, Some("_INBOX_shop.caller"))
+    );
+    assert!(s.claim_due(10, LEASE, "relay").await.unwrap().rows.is_empty(), "a relay skips the leased row");
     s.clock().advance(LEASE);
-    assert_eq!(s.claim_by_id(rows[1].id, LEASE, "n").await.unwrap().unwrap().attempt, 2);
+    let after = s.claim_due(10, LEASE, "relay").await.unwrap().rows;
+    assert_eq!(
+        after.iter().map(|c| (c.id, c.attempt)).collect::<Vec<_>>(),
+        [(call.id, 2)],
+        "a relay delivers it once the node's lease ran out"
+    );
+}
+
+async fn a_refunded_attempt_is_not_counted_when_the_row_comes_back<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    for _ in 0..3 {
+        let c = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
+        assert_eq!(c.attempt, 1, "every claim is the first attempt again");
+        let mut tx = s.begin().await.unwrap();
+        let waiting = Reschedule {
+            id: c.id,
+            attempt: 1,
+            delay: Duration::ZERO,
+            error: "waits".into(),
+            refund_attempt: true,
+        };
+        assert_eq!(s.reschedule(&mut tx, &[waiting]).await.unwrap(), 1);
+        s.commit(tx).await.unwrap();
+    }
 }
 
 async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s: S) {
@@ -576,7 +602,13 @@ async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s
     let moved = s
         .reschedule(
             &mut tx,
-            &[Reschedule { id: c.id, attempt: 1, delay: Duration::from_secs(2), error: "boom".into() }],
+            &[Reschedule {
+                id: c.id,
+                attempt: 1,
+                delay: Duration::from_secs(2),
+                error: "boom".into(),
+                refund_attempt: false,
+            }],
         )
         .await
         .unwrap();
@@ -597,7 +629,13 @@ async fn completions_for_a_stale_attempt_change_nothing<S: Store>(s: S) {
     let second = s.claim_due(1, LEASE, "fast").await.unwrap().rows.remove(0);
     assert_eq!(second.attempt, 2);
     let mut tx = s.begin().await.unwrap();
-    let stale = Reschedule { id: first.id, attempt: 1, delay: Duration::ZERO, error: "late".into() };
+    let stale = Reschedule {
+        id: first.id,
+        attempt: 1,
+        delay: Duration::ZERO,
+        error: "late".into(),
+        refund_attempt: false,
+    };
     assert_eq!(s.reschedule(&mut tx, &[stale]).await.unwrap(), 0);
     let buried = s
         .bury(&mut tx, &[Bury { id: first.id, attempt: 1, reason: DeadLetterReason::Exhausted, error: None }])
@@ -770,7 +808,13 @@ async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>
     let mut tx = s.begin().await.unwrap();
     s.reschedule(
         &mut tx,
-        &[Reschedule { id: c.id, attempt: 1, delay: Duration::ZERO, error: "first".into() }],
+        &[Reschedule {
+            id: c.id,
+            attempt: 1,
+            delay: Duration::ZERO,
+            error: "first".into(),
+            refund_attempt: false,
+        }],
     )
     .await
     .unwrap();
@@ -1146,18 +1190,19 @@ mod events_on_both {
         let t = tenant(&s, "shop").await;
         let trigger = s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
         let config = TriggerConfig { max_depth: 2, ..TriggerConfig::default() };
-        let mut tx = s.begin().await.unwrap();
         let refused =
-            events::invoke(&s, &mut tx, &cx(&t, 2, &config), &trigger, &json("{}"), "_INBOX.x").await;
+            events::invoke(&s, &cx(&t, 2, &config), &trigger, &json("{}"), "_INBOX.x", LEASE, "n").await;
         assert!(matches!(refused, Err(Error::TooDeep { depth: 2, max: 2 })));
-        let id = events::invoke(&s, &mut tx, &cx(&t, 1, &config), &trigger, &json("{}"), "_INBOX.x")
+        let call = events::invoke(&s, &cx(&t, 1, &config), &trigger, &json("{}"), "_INBOX.x", LEASE, "n")
             .await
             .unwrap();
-        s.commit(tx).await.unwrap();
+        assert_eq!((call.max_attempts, call.attempt, call.reply_to.as_deref()), (1, 1, Some("_INBOX.x")));
+        s.clock().advance(LEASE);
         let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
         assert_eq!(
-            (claimed[0].id, claimed[0].max_attempts, claimed[0].reply_to.as_deref()),
-            (id, 1, Some("_INBOX.x"))
+            claimed.iter().map(|c| c.id).collect::<Vec<_>>(),
+            [call.id],
+            "only the call under the limit"
         );
     }
 

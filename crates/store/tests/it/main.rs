@@ -1,6 +1,8 @@
 //! The store's integration tests: the conformance suite against both stores, and the
-//! Postgres-only properties (concurrent claims, the claim plan at scale, migrations).
+//! Postgres-only properties (concurrent claims, the claim plan at scale, migrations), and the
+//! firing of cron ticks.
 
 mod conformance;
+mod cron;
 mod postgres;
 mod support;

@@ -1,0 +1,262 @@
+//! What a node tells Prometheus: the metric names, the process-wide recorder, the relay's
+//! counters and histograms, and the database gauges read when `/metrics` is scraped.
+//!
+//! Counters and histograms are recorded where the work happens (the relay, the completer, the
+//! janitor) through the `metrics` facade, labelled with the node. Gauges that describe the
+//! database — the due backlog, the age of its oldest row, unresolved dead letters, abandoned
+//! executions — are the same for every node; they are read from Postgres at scrape time
+//! ([`Metrics::scrape`]), so no node runs a loop to keep them fresh and they are never staler
+//! than the scrape.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::{SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use picloud_store::{PgStore, Transactional as _};
+
+use crate::answer::Answer;
+use crate::complete::{Completed, Done};
+
+/// Attempts by outcome (labels `node`, `outcome`).
+pub const DELIVERY_ATTEMPTS: &str = "picloud_delivery_attempts_total";
+/// Seconds from publishing a delivery to its answer or its deadline (labels `node`, `outcome`).
+pub const ATTEMPT_DURATION: &str = "picloud_delivery_attempt_duration_seconds";
+/// What completions did with the rows (labels `node`, `result`).
+pub const COMPLETIONS: &str = "picloud_delivery_completions_total";
+/// Rows per non-empty claim (label `node`).
+pub const CLAIM_BATCH: &str = "picloud_relay_claim_batch_rows";
+/// Rows per completion transaction (label `node`).
+pub const COMPLETION_BATCH: &str = "picloud_relay_completion_batch_rows";
+/// Rows the janitor deleted (labels `node`, `table`).
+pub const JANITOR_DELETED: &str = "picloud_janitor_deleted_total";
+/// Outbox rows due now and not leased: what relays have yet to claim.
+pub const DUE_BACKLOG: &str = "picloud_outbox_due_rows";
+/// How long the oldest of those rows has been due, in seconds (0 when none is).
+pub const OLDEST_DUE_AGE: &str = "picloud_outbox_oldest_due_age_seconds";
+/// Dead letters without a resolution.
+pub const UNRESOLVED_DEAD_LETTERS: &str = "picloud_dead_letters_unresolved";
+/// Rows of `abandoned_executions` (kept for their retention).
+pub const ABANDONED_EXECUTIONS: &str = "picloud_abandoned_executions";
+
+/// Upper bounds of the attempt-duration buckets, in seconds: from a local handler's millisecond
+/// to the longest handler timeout worth telling apart.
+const DURATION_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+/// Upper bounds of the batch-size buckets, in rows (a claim takes at most 5000, a completion
+/// at most 2000).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
+/// How often recorded histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the recorder could not be installed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("installing the metrics recorder failed: {0}")]
+pub struct MetricsError(String);
+
+/// The process's Prometheus recorder; renders what was recorded.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    handle: PrometheusHandle,
+}
+
+/// The recorder of this process, once installed (or why installing it failed).
+static INSTALLED: OnceLock<Result<Metrics, MetricsError>> = OnceLock::new();
+
+impl Metrics {
+    /// Installs the Prometheus recorder as this process's global `metrics` recorder, on first
+    /// call, and returns it; later calls return the same recorder, so a test binary that builds
+    /// many nodes may call it for each. Fails if another recorder was installed first.
+    ///
+    /// Metrics recorded before the recorder is installed are lost: install it before starting
+    /// relays. A background thread folds histogram samples into their buckets every few
+    /// seconds, so memory stays bounded when nobody scrapes.
+    pub fn install() -> Result<Metrics, MetricsError> {
+        INSTALLED.get_or_init(install).clone()
+    }
+
+    /// Everything this process recorded, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Reads the database gauges from `store`, then renders. When the database cannot be read
+    /// the gauges say `NaN` (unknown) rather than keep a stale value; the rest still renders.
+    pub async fn scrape(&self, store: &PgStore) -> String {
+        match read_database(store).await {
+            Ok(db) => {
+                metrics::gauge!(DUE_BACKLOG).set(db.due as f64);
+                metrics::gauge!(OLDEST_DUE_AGE).set(db.oldest_due_age);
+                metrics::gauge!(UNRESOLVED_DEAD_LETTERS).set(db.unresolved as f64);
+                metrics::gauge!(ABANDONED_EXECUTIONS).set(db.abandoned as f64);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the database gauges failed; they read NaN");
+                for gauge in [DUE_BACKLOG, OLDEST_DUE_AGE, UNRESOLVED_DEAD_LETTERS, ABANDONED_EXECUTIONS] {
+                    metrics::gauge!(gauge).set(f64::NAN);
+                }
+            }
+        }
+        self.render()
+    }
+}
+
+fn install() -> Result<Metrics, MetricsError> {
+    let error = |e: metrics_exporter_prometheus::BuildError| MetricsError(e.to_string());
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(ATTEMPT_DURATION.into()), DURATION_BUCKETS)
+        .map_err(error)?
+        .set_buckets_for_metric(Matcher::Full(CLAIM_BATCH.into()), BATCH_BUCKETS)
+        .map_err(error)?
+        .set_buckets_for_metric(Matcher::Full(COMPLETION_BATCH.into()), BATCH_BUCKETS)
+        .map_err(error)?
+        .install_recorder()
+        .map_err(error)?;
+    describe();
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("picloud-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|e| MetricsError(format!("starting the upkeep thread: {e}")))?;
+    Ok(Metrics { handle })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(DELIVERY_ATTEMPTS, "Delivery attempts by what they came to.");
+    describe_histogram!(
+        ATTEMPT_DURATION,
+        Unit::Seconds,
+        "Time from publishing a delivery to its answer (or its deadline)."
+    );
+    describe_counter!(
+        COMPLETIONS,
+        "Rows completed by what became of them: delivered, retried, dead_lettered, answered, \
+         orphaned, dropped (a dead-letter delivery that ended without success), waiting (an email \
+         while no node sends email)."
+    );
+    describe_histogram!(CLAIM_BATCH, Unit::Count, "Rows taken by one claim that found any.");
+    describe_histogram!(COMPLETION_BATCH, Unit::Count, "Rows completed by one transaction.");
+    describe_counter!(JANITOR_DELETED, "Rows the janitor deleted past their retention.");
+    describe_gauge!(DUE_BACKLOG, Unit::Count, "Outbox rows due now and not leased by a relay.");
+    describe_gauge!(
+        OLDEST_DUE_AGE,
+        Unit::Seconds,
+        "How long the oldest due, unleased outbox row has been due."
+    );
+    describe_gauge!(UNRESOLVED_DEAD_LETTERS, Unit::Count, "Dead letters without a resolution.");
+    describe_gauge!(ABANDONED_EXECUTIONS, Unit::Count, "Sync results nobody took, kept for their retention.");
+}
+
+/// The database gauges at one instant.
+struct Database {
+    due: i64,
+    oldest_due_age: f64,
+    unresolved: i64,
+    abandoned: i64,
+}
+
+/// One round trip: the due rows come off the claim's index (`outbox_due`), the unresolved dead
+/// letters off their partial index; abandoned executions are bounded by their retention.
+async fn read_database(store: &PgStore) -> picloud_store::Result<Database> {
+    let (due, oldest_due_age, unresolved, abandoned): (i64, f64, i64, i64) = sqlx::query_as(
+        "WITH due AS (
+             SELECT due_at FROM outbox
+              WHERE due_at <= coalesce($1, now())
+                AND (leased_until IS NULL OR leased_until <= coalesce($1, now())))
+         SELECT (SELECT count(*) FROM due),
+                coalesce((SELECT extract(epoch FROM coalesce($1, now()) - min(due_at))::float8 FROM due), 0),
+                (SELECT count(*) FROM dead_letters WHERE resolution IS NULL),
+                (SELECT count(*) FROM abandoned_executions)",
+    )
+    .bind(store.clock().fixed())
+    .fetch_one(store.pool())
+    .await?;
+    Ok(Database { due, oldest_due_age, unresolved, abandoned })
+}
+
+/// Whether any email row is in the outbox: then this node needs SMTP to be ready (DESIGN §10).
+/// Cheap while the outbox drains; a scan of it otherwise (there is no index on the kind).
+pub async fn email_rows_waiting(store: &PgStore) -> picloud_store::Result<bool> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = 'email')")
+        .fetch_one(store.pool())
+        .await?)
+}
+
+/// The label of what an attempt came to.
+fn outcome(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Ok(_) => "ok",
+        Answer::Retry { .. } => "retry",
+        Answer::Fail(_) => "fail",
+        Answer::Invalid(_) => "invalid",
+        Answer::Timeout => "timeout",
+        Answer::NoResponders => "no_responders",
+        Answer::Failed(_) => "error",
+        Answer::Unauthorized(_) => "unauthorized",
+        Answer::Orphaned => "orphaned",
+    }
+}
+
+/// What one relay records, labelled with its node.
+#[derive(Debug, Clone)]
+pub(crate) struct RelayMetrics {
+    node: SharedString,
+}
+
+impl RelayMetrics {
+    pub(crate) fn new(node: &str) -> Self {
+        Self { node: SharedString::from_shared(Arc::from(node)) }
+    }
+
+    /// A claim took `rows` rows (at least one).
+    pub(crate) fn claimed(&self, rows: usize) {
+        metrics::histogram!(CLAIM_BATCH, "node" => self.node.clone()).record(rows as f64);
+    }
+
+    /// A published delivery got `answer` (or its deadline passed) `after` publishing.
+    pub(crate) fn answered(&self, answer: &Answer, after: Duration) {
+        metrics::histogram!(ATTEMPT_DURATION, "node" => self.node.clone(), "outcome" => outcome(answer))
+            .record(after.as_secs_f64());
+    }
+
+    /// A completion transaction committed `batch`, doing `stats`.
+    pub(crate) fn completed(&self, batch: &[Done], stats: &Completed) {
+        metrics::histogram!(COMPLETION_BATCH, "node" => self.node.clone()).record(batch.len() as f64);
+        let mut by_outcome: Vec<(&'static str, u64)> = Vec::new();
+        for done in batch {
+            let label = outcome(&done.answer);
+            match by_outcome.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, n)) => *n += 1,
+                None => by_outcome.push((label, 1)),
+            }
+        }
+        for (label, n) in by_outcome {
+            metrics::counter!(DELIVERY_ATTEMPTS, "node" => self.node.clone(), "outcome" => label)
+                .increment(n);
+        }
+        let results = [
+            ("delivered", stats.delivered),
+            ("retried", stats.retried),
+            ("dead_lettered", stats.dead_lettered),
+            ("answered", stats.answered),
+            ("orphaned", stats.orphaned),
+            ("dropped", stats.dead_letter_deliveries_failed),
+            ("waiting", stats.waiting),
+        ];
+        for (result, n) in results.into_iter().filter(|(_, n)| *n > 0) {
+            metrics::counter!(COMPLETIONS, "node" => self.node.clone(), "result" => result)
+                .increment(n as u64);
+        }
+    }
+}
+
+/// The janitor deleted `rows` rows of `table`.
+pub(crate) fn janitor_deleted(node: &str, table: &'static str, rows: u64) {
+    metrics::counter!(JANITOR_DELETED, "node" => node.to_owned(), "table" => table).increment(rows);
+}

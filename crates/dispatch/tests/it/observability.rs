@@ -1,0 +1,152 @@
+//! What a node tells about its work: the relay's metrics, the database gauges read at scrape
+//! time, and emails that wait (without using up attempts) while no node sends email.
+
+use std::time::Duration;
+
+use picloud_dispatch::Metrics;
+use picloud_store::events::{self, EventContext};
+use picloud_store::*;
+use serde_json::json;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// The value of the series `name` whose labels include `labels`, in a Prometheus text render.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+        let matches = series_name == name
+            && labels
+                .iter()
+                .all(|(k, v)| series_labels.split([',', '}']).any(|l| l == format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().unwrap())
+    })
+}
+
+/// Waits until the series reaches `expected`.
+async fn reaches(metrics: &Metrics, name: &str, labels: &[(&str, &str)], expected: f64) {
+    eventually(&format!("{name}{labels:?} to reach {expected}"), || async {
+        (value(&metrics.render(), name, labels) == Some(expected)).then_some(())
+    })
+    .await;
+}
+
+/// Queues an email through `store`, as `POST /v1/apps/shop/emails` would.
+async fn send_email(w: &World, store: &PgStore) -> Uuid {
+    let cx = EventContext { app_id: w.app.id, app_slug: &w.app.slug, depth: 0, config: &w.config };
+    let email = json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"});
+    let mut tx = store.begin().await.unwrap();
+    let id = events::send_email(store, &mut tx, &cx, &RawValue::from_string(email.to_string()).unwrap())
+        .await
+        .unwrap();
+    events::commit_and_wake(store, tx).await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn the_relay_counts_attempts_by_outcome_times_them_and_records_its_batches() {
+    let metrics = Metrics::install().unwrap();
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "process-order").await;
+    w.kv_trigger("unheard", "audit", "nobody-listens").await;
+    let (worker, _) = start_worker(&w.nats_url(), "shop", "process-order", ok).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("obs-relay")).await;
+
+    for key in ["o-1", "o-2", "o-3"] {
+        w.put("orders", key, json!({}), 0).await;
+    }
+    w.put("audit", "a-1", json!({}), 0).await;
+    let node = ("node", "obs-relay");
+    reaches(&metrics, "picloud_delivery_completions_total", &[node, ("result", "delivered")], 3.0).await;
+    reaches(&metrics, "picloud_delivery_completions_total", &[node, ("result", "dead_lettered")], 1.0).await;
+    relay.stop().await;
+    worker.stop().await;
+
+    let text = metrics.render();
+    let series = |name: &str, labels: &[(&str, &str)]| value(&text, name, &[&[node], labels].concat());
+    assert_eq!(series("picloud_delivery_attempts_total", &[("outcome", "ok")]), Some(3.0));
+    assert_eq!(
+        series("picloud_delivery_attempts_total", &[("outcome", "no_responders")]),
+        Some(3.0),
+        "the unheard delivery used its three attempts"
+    );
+    assert_eq!(series("picloud_delivery_completions_total", &[("result", "retried")]), Some(2.0));
+    assert_eq!(series("picloud_delivery_attempt_duration_seconds_count", &[("outcome", "ok")]), Some(3.0));
+    assert_eq!(
+        series("picloud_delivery_attempt_duration_seconds_bucket", &[("outcome", "ok"), ("le", "+Inf")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        series("picloud_relay_claim_batch_rows_sum", &[]),
+        Some(6.0),
+        "four events, two of them retried"
+    );
+    assert_eq!(series("picloud_relay_completion_batch_rows_sum", &[]), Some(6.0));
+}
+
+#[tokio::test]
+async fn the_database_gauges_are_read_when_metrics_are_scraped() {
+    let metrics = Metrics::install().unwrap();
+    let w = World::new().await;
+    let store = w.store.clone().with_clock(Clock::manual(OffsetDateTime::now_utc()));
+    send_email(&w, &store).await;
+    send_email(&w, &store).await;
+    store.clock().advance(Duration::from_secs(90));
+
+    let text = metrics.scrape(&store).await;
+
+    assert_eq!(value(&text, "picloud_outbox_due_rows", &[]), Some(2.0));
+    assert_eq!(value(&text, "picloud_outbox_oldest_due_age_seconds", &[]), Some(90.0));
+    assert_eq!(value(&text, "picloud_dead_letters_unresolved", &[]), Some(0.0));
+    assert_eq!(value(&text, "picloud_abandoned_executions", &[]), Some(0.0));
+    assert!(text.contains("# TYPE picloud_outbox_due_rows gauge"), "{text}");
+}
+
+#[tokio::test]
+async fn an_email_waits_without_using_up_its_attempts_while_no_node_sends_email() {
+    let metrics = Metrics::install().unwrap();
+    let w = World::new().await;
+    let store = w.store.clone().with_clock(Clock::manual(OffsetDateTime::now_utc()));
+    let relay = start_relay(store.clone(), &w.nats_url(), relay_config("email-wait")).await;
+    let id = send_email(&w, &store).await;
+    let written: OffsetDateTime = sqlx::query_scalar("SELECT created_at FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+
+    let node = ("node", "email-wait");
+    for round in 1..=5 {
+        reaches(
+            &metrics,
+            "picloud_delivery_completions_total",
+            &[node, ("result", "waiting")],
+            f64::from(round),
+        )
+        .await;
+        let (row, attempts, created_at): (Uuid, i32, OffsetDateTime) =
+            sqlx::query_as("SELECT id, attempts, created_at FROM outbox")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            (row, attempts, created_at),
+            (id, 0, written),
+            "round {round}: the email is back as written"
+        );
+        assert!(w.dead_letters().await.is_empty(), "round {round}: no dead letter");
+        store.clock().advance(Duration::from_secs(3600));
+        store.wake_relays().await.unwrap();
+    }
+    relay.stop().await;
+
+    let text = metrics.render();
+    assert_eq!(
+        value(&text, "picloud_delivery_attempts_total", &[node, ("outcome", "no_responders")]),
+        Some(5.0)
+    );
+    assert_eq!(value(&text, "picloud_delivery_completions_total", &[node, ("result", "retried")]), None);
+}
