@@ -4,7 +4,10 @@
 //! - [`PgServer`]: a PostgreSQL server on a free loopback port, in a temp dir (or a persistent
 //!   dir for `dev`); [`TestDatabase`]: a fresh database per test on a server shared by the
 //!   test process.
-//! - [`NatsServer`] and [`NatsCluster`]: one nats-server, or n of them routed together.
+//! - [`NatsServer`] and [`NatsCluster`]: one nats-server, or n of them routed together (from
+//!   the testkit's own arguments or from the caller's config files).
+//! - [`spawn_tied`]: any other child process (e.g. the `picloud-router` binary under test)
+//!   forked the same way, so it too dies with the test process.
 //!
 //! Every server is forked by one long-lived spawner thread with a parent-death signal, so it
 //! dies with the process that started it even if that process is killed; its temp dir lives
@@ -24,6 +27,13 @@ mod sys;
 mod testdb;
 
 pub use error::{Error, Result};
-pub use nats::{NatsCluster, NatsServer};
+pub use nats::{NatsCluster, NatsNodePorts, NatsServer};
 pub use pg::{PgOptions, PgServer};
 pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};
+
+/// Spawns `cmd` from the spawner thread with SIGKILL as its parent-death signal: the child is
+/// killed when this process dies, however it dies (a test killed by a timeout leaves no
+/// process behind). Stopping and reaping it otherwise is the caller's job.
+pub async fn spawn_tied(cmd: std::process::Command) -> std::io::Result<std::process::Child> {
+    process::spawn(cmd, libc::SIGKILL).await
+}

@@ -34,6 +34,8 @@ pub struct NatsServer {
     binary: PathBuf,
     /// Every argument, ports included: a restart reuses them as they are.
     args: Vec<OsString>,
+    /// Variables added to the server's environment (e.g. passwords its config reads as `$VAR`).
+    env: Vec<(OsString, OsString)>,
     port: u16,
     monitoring_port: Option<u16>,
     /// In a cluster, the number of routes the server must have to count as ready.
@@ -63,6 +65,7 @@ impl NatsServer {
         let mut server = Self {
             binary,
             args: Vec::new(),
+            env: Vec::new(),
             port: 0,
             monitoring_port: None,
             routes: None,
@@ -157,7 +160,7 @@ impl NatsServer {
 
     async fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(&self.binary);
-        cmd.args(&self.args);
+        cmd.args(&self.args).envs(self.env.iter().map(|(k, v)| (k, v)));
         let process = ServerProcess::spawn(
             cmd,
             format!("nats-server on port {}", self.port),
@@ -230,6 +233,17 @@ fn json_usize(json: &str, key: &str) -> Option<usize> {
     value[..digits].parse().ok()
 }
 
+/// The loopback ports of one node of a cluster started with [`NatsCluster::start_with_configs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatsNodePorts {
+    /// Client connections (`port`).
+    pub client: u16,
+    /// Routes from the other nodes (`cluster { listen }`).
+    pub cluster: u16,
+    /// HTTP monitoring (`http_port`), where readiness reads `/routez`.
+    pub monitoring: u16,
+}
+
 /// A cluster of nats-servers on loopback, named `picloud-test`: every node has a client, a
 /// cluster and a monitoring port and routes to every other node.
 ///
@@ -286,6 +300,7 @@ impl NatsCluster {
                 servers.push(NatsServer {
                     binary: binary.clone(),
                     args,
+                    env: Vec::new(),
                     port: client,
                     monitoring_port: Some(monitoring),
                     routes: Some(nodes - 1),
@@ -296,6 +311,60 @@ impl NatsCluster {
             match Self::boot(&mut servers).await {
                 Ok(()) => return Ok(NatsCluster { nodes: servers }),
                 // The nodes' routes name each other's ports: retry with a whole new set.
+                Err(error) if attempt < PORT_ATTEMPTS && process::address_in_use(&error) => {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Starts one node per config file of the caller's: `write_config(i, ports)` writes node
+    /// `i`'s config for the free loopback ports `ports[i]` (routing to the others' `cluster`
+    /// ports) and returns its path. Each node runs `nats-server -c <config> -a 127.0.0.1` with
+    /// `env` added to its environment (e.g. the passwords a config reads as `$VAR`); the config
+    /// must listen on its `client`, `cluster` and `monitoring` (`http_port`) ports. Returns once
+    /// every node reports `nodes - 1` routes on `/routez`; on "address already in use" it
+    /// starts over with new ports, calling `write_config` again.
+    pub async fn start_with_configs<F>(
+        nodes: usize,
+        env: &[(&str, &str)],
+        mut write_config: F,
+    ) -> Result<NatsCluster>
+    where
+        F: FnMut(usize, &[NatsNodePorts]) -> std::io::Result<PathBuf>,
+    {
+        if nodes == 0 {
+            return Err(Error::InvalidArgument("a cluster needs at least one node".into()));
+        }
+        let binary = binaries::nats_server()?;
+        let env: Vec<(OsString, OsString)> = env.iter().map(|&(k, v)| (k.into(), v.into())).collect();
+        let mut attempt = 1;
+        loop {
+            let mut ports = Vec::with_capacity(nodes);
+            for _ in 0..nodes {
+                let (client, cluster, monitoring) =
+                    (process::free_port()?, process::free_port()?, process::free_port()?);
+                ports.push(NatsNodePorts { client, cluster, monitoring });
+            }
+            let mut servers = Vec::with_capacity(nodes);
+            for (i, node) in ports.iter().enumerate() {
+                let config = write_config(i, &ports).context(|| format!("writing the config of node {i}"))?;
+                let config =
+                    std::path::absolute(&config).context(|| format!("resolving {}", config.display()))?;
+                servers.push(NatsServer {
+                    binary: binary.clone(),
+                    args: vec!["-c".into(), config.into(), "-a".into(), "127.0.0.1".into()],
+                    env: env.clone(),
+                    port: node.client,
+                    monitoring_port: Some(node.monitoring),
+                    routes: Some(nodes - 1),
+                    process: Mutex::new(None),
+                    dir: process::server_dir("nats")?,
+                });
+            }
+            match Self::boot(&mut servers).await {
+                Ok(()) => return Ok(NatsCluster { nodes: servers }),
                 Err(error) if attempt < PORT_ATTEMPTS && process::address_in_use(&error) => {
                     attempt += 1;
                 }

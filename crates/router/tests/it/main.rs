@@ -1,5 +1,8 @@
 //! Tests of the `picloud-router` binary, run as real processes.
 
+mod admin;
+mod cluster;
 mod deploy_files;
+mod dev;
 mod migrate;
 mod relay_crash;

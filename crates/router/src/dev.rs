@@ -1,0 +1,221 @@
+//! `dev`: the one command of the README. Starts a PostgreSQL and a nats-server from the binaries
+//! on this machine under `./.picloud/` (Postgres keeps its data between runs), migrates, makes
+//! the app `demo` and an admin token, prints how to reach everything, and serves until Ctrl-C.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use picloud_core::AppSlug;
+use picloud_core::token::{generate_api_token, hash_api_token};
+use picloud_store::{AuthRepo, NewApiToken, PgStore};
+use picloud_testkit::{NatsServer, PgOptions, PgServer};
+use uuid::Uuid;
+
+use crate::serve::{self, Node};
+
+/// The NATS users and permissions every deployment uses (`nats/tenants.conf`).
+const TENANTS_CONF: &str = include_str!("../../../nats/tenants.conf");
+/// Their development passwords (`nats/dev.env`).
+const DEV_PASSWORDS: &str = include_str!("../../../nats/dev.env");
+/// The app `dev` makes.
+const APP: &str = "demo";
+
+/// Options of `picloud-router dev`.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where the servers keep their files.
+    #[arg(long, default_value = ".picloud")]
+    dir: PathBuf,
+}
+
+/// `KEY=value` lines, `#` comments skipped.
+fn parse_env_file(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// `tenants.conf` with the development passwords written in, so nats-server needs no
+/// environment of its own.
+fn tenants_with_passwords(passwords: &HashMap<String, String>) -> String {
+    let mut names: Vec<&String> = passwords.keys().collect();
+    // Longest first: no variable is replaced inside a longer one's name.
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    names.into_iter().fold(TENANTS_CONF.to_owned(), |conf, name| {
+        conf.replace(&format!("${name}"), &format!("\"{}\"", passwords[name]))
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The state `dev` keeps between runs: the delivery-token key and the admin token.
+struct Saved {
+    path: PathBuf,
+    values: HashMap<String, String>,
+}
+
+impl Saved {
+    fn load(dir: &Path) -> Saved {
+        let path = dir.join("dev.env");
+        let values = std::fs::read_to_string(&path).map(|t| parse_env_file(&t)).unwrap_or_default();
+        Saved { path, values }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let mut keys: Vec<&String> = self.values.keys().collect();
+        keys.sort();
+        let mut text = String::from(
+            "# Written by `picloud-router dev`: development values only.\n\
+             # Use them in a shell with: set -a; . .picloud/dev.env; set +a\n",
+        );
+        for key in keys {
+            text.push_str(&format!("{key}={}\n", self.values[key]));
+        }
+        write(&self.path, &text)
+    }
+}
+
+/// A token that still authenticates, or a fresh platform-admin principal (admin of `demo`) and
+/// its token.
+async fn admin_token(
+    store: &PgStore,
+    app: &picloud_store::App,
+    saved: Option<&str>,
+) -> anyhow::Result<String> {
+    if let Some(token) = saved {
+        let found = store.token_by_hash(&hash_api_token(token)).await?;
+        if found.is_some_and(|(t, _)| t.revoked_at.is_none()) {
+            return Ok(token.to_owned());
+        }
+    }
+    let principal = store.create_principal("dev-admin", true).await?;
+    store.set_role(app.id, principal.id, picloud_core::Role::Admin).await?;
+    let secret = generate_api_token();
+    store
+        .create_token(&NewApiToken {
+            id: Uuid::now_v7(),
+            principal_id: principal.id,
+            token_hash: hash_api_token(&secret),
+            app_id: None,
+            scopes: None,
+            expires_at: None,
+        })
+        .await?;
+    Ok(secret)
+}
+
+/// Creates database `name` unless it exists.
+async fn ensure_database(pg: &PgServer, name: &str) -> anyhow::Result<()> {
+    let admin = PgStore::connect(&pg.url("postgres"), 1).await.context("connecting to the dev Postgres")?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(admin.pool())
+        .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await?;
+    }
+    Ok(())
+}
+
+/// Runs `dev` until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.dir)?;
+    std::fs::create_dir_all(dir.join("nats")).with_context(|| format!("creating {}", dir.display()))?;
+    let pg = PgServer::start_persistent(
+        &dir.join("postgres"),
+        free_port()?,
+        PgOptions { durable: true, max_connections: 100 },
+    )
+    .await
+    .context("starting PostgreSQL")?;
+    ensure_database(&pg, "picloud").await?;
+    let database_url = pg.url("picloud");
+
+    let passwords = parse_env_file(DEV_PASSWORDS);
+    write(&dir.join("nats/tenants.conf"), &tenants_with_passwords(&passwords))?;
+    write(&dir.join("nats/nats.conf"), "server_name: picloud-dev\ninclude \"tenants.conf\"\n")?;
+    let nats =
+        NatsServer::start_with_config(&dir.join("nats/nats.conf")).await.context("starting nats-server")?;
+
+    let store = PgStore::connect(&database_url, 2).await.context("connecting to the dev Postgres")?;
+    serve::migrate(&store).await?;
+    let slug = AppSlug::parse(APP).map_err(anyhow::Error::msg)?;
+    let app = match store.app_by_slug(APP).await? {
+        Some(app) => app,
+        None => store.create_app(&slug).await?,
+    };
+    let mut saved = Saved::load(&dir);
+    let token = admin_token(&store, &app, saved.get("PICLOUD_TOKEN")).await?;
+    let token_secret =
+        saved.get("PICLOUD_TOKEN_SECRET").map(str::to_owned).unwrap_or_else(generate_api_token);
+    store.pool().close().await;
+    let app_password = passwords.get("PICLOUD_NATS_APP_DEMO_PASSWORD").cloned().unwrap_or_default();
+    let overlay: HashMap<&str, String> = HashMap::from([
+        ("PICLOUD_DATABASE_URL", database_url.clone()),
+        ("PICLOUD_NATS_URL", nats.url()),
+        ("PICLOUD_NATS_USER", "router".to_owned()),
+        ("PICLOUD_NATS_PASSWORD", passwords.get("PICLOUD_NATS_ROUTER_PASSWORD").cloned().unwrap_or_default()),
+        ("PICLOUD_TOKEN_SECRET", token_secret.clone()),
+    ]);
+    let lookup = |name: &str| overlay.get(name).cloned().or_else(|| serve::env(name));
+    let node = Node::from_lookup(&lookup)?;
+    let nats_url = nats.url();
+    let banner = |addr: std::net::SocketAddr| {
+        let url = format!("http://{addr}");
+        saved.values.extend([
+            ("PICLOUD_TOKEN_SECRET".to_owned(), token_secret.clone()),
+            ("PICLOUD_TOKEN".to_owned(), token.clone()),
+            ("PICLOUD_URL".to_owned(), url.clone()),
+            ("PICLOUD_DATABASE_URL".to_owned(), database_url.clone()),
+            ("PICLOUD_NATS_URL".to_owned(), nats_url.clone()),
+            ("PICLOUD_APP".to_owned(), APP.to_owned()),
+            ("PICLOUD_NATS_APP_USER".to_owned(), format!("app-{APP}")),
+            ("PICLOUD_NATS_APP_PASSWORD".to_owned(), app_password.clone()),
+        ]);
+        if let Err(e) = saved.save() {
+            tracing::warn!(error = %e, "could not save .picloud/dev.env");
+        }
+        print_banner(&url, &token, &nats_url, &app_password, &database_url, &saved.path);
+    };
+    let served = node.run(false, serve::shutdown_signal(), banner).await;
+    drop(nats);
+    pg.stop().await.context("stopping PostgreSQL")?;
+    served
+}
+
+#[allow(clippy::print_stdout)]
+fn print_banner(
+    url: &str,
+    token: &str,
+    nats_url: &str,
+    app_password: &str,
+    database_url: &str,
+    env_file: &Path,
+) {
+    println!(
+        "\npicloud-router dev is serving (Ctrl-C stops everything)\n\n  \
+         API        {url}    (OpenAPI: {url}/v1/openapi.json)\n  \
+         token      {token}    (platform admin, admin of app `{APP}`)\n  \
+         NATS       {nats_url}    (handlers of `{APP}`: user app-{APP}, password {app_password}, inbox prefix _INBOX_{APP})\n  \
+         Postgres   {database_url}\n  \
+         all above  {env}    (set -a; . {env}; set +a)\n\n\
+         Try it:\n  \
+         curl -s -X PUT {url}/v1/apps/{APP}/kv/notes/hello -H 'Authorization: Bearer {token}' \
+         -H 'Content-Type: application/json' -d '{{\"text\": \"hi\"}}'\n",
+        env = env_file.display()
+    );
+}

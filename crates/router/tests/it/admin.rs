@@ -1,0 +1,81 @@
+//! `picloud-router admin`: the operator's commands against a migrated database.
+
+use std::process::Command;
+
+use picloud_store::{AuthRepo, PgStore};
+use picloud_testkit::TestDatabase;
+use serde_json::Value;
+
+/// Runs `picloud-router <args>`; the JSON documents it printed, or its error text.
+fn router(url: &str, args: &[&str]) -> Result<Vec<Value>, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_picloud-router"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("PICLOUD_DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run picloud-router");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+}
+
+#[tokio::test]
+async fn admin_bootstraps_a_platform_admin_and_manages_apps_members_tokens_and_dead_letters() {
+    let db = TestDatabase::create().await.unwrap();
+    let url = db.url();
+    router(url, &["migrate"]).unwrap();
+    let store = PgStore::connect(url, 2).await.unwrap();
+
+    let boot = router(url, &["admin", "bootstrap", "--name", "ops"]).unwrap().remove(0);
+    let token = boot["token"].as_str().unwrap();
+    assert!(token.starts_with("pcr_"), "the token is printed once: {boot}");
+    let (_, principal) = store
+        .token_by_hash(&picloud_core::token::hash_api_token(token))
+        .await
+        .unwrap()
+        .expect("the printed token is stored (as its hash)");
+    assert!(principal.platform_admin, "bootstrap makes a platform admin");
+
+    let shop = router(url, &["admin", "apps", "create", "shop"]).unwrap().remove(0);
+    assert_eq!(shop["slug"], "shop");
+    let dev = router(url, &["admin", "principals", "create", "dev"]).unwrap().remove(0);
+    let dev_id = dev["id"].as_str().unwrap();
+    let set = router(url, &["admin", "members", "set", "shop", dev_id, "developer"]).unwrap().remove(0);
+    assert_eq!(set["role"], "developer");
+    let minted = router(url, &["admin", "tokens", "create", dev_id, "--app", "shop"]).unwrap().remove(0);
+    assert_eq!(minted["app"], "shop");
+    let revoked = router(url, &["admin", "tokens", "revoke", minted["id"].as_str().unwrap()]).unwrap();
+    assert_eq!(revoked[0]["revoked"], true);
+    let listed = router(url, &["admin", "apps", "list"]).unwrap();
+    assert_eq!(listed.iter().map(|a| a["slug"].clone()).collect::<Vec<_>>(), ["shop"]);
+    assert!(router(url, &["admin", "dead-letters", "list", "shop", "--unresolved"]).unwrap().is_empty());
+    assert!(router(url, &["admin", "triggers", "list", "shop"]).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn admin_refuses_bad_input_with_a_clear_message_and_changes_nothing() {
+    let db = TestDatabase::create().await.unwrap();
+    let url = db.url();
+    router(url, &["migrate"]).unwrap();
+    let bad_slug = router(url, &["admin", "apps", "create", "Not A Slug"]).unwrap_err();
+    assert!(bad_slug.contains("slug"), "{bad_slug}");
+    let no_app = router(url, &["admin", "triggers", "list", "nowhere"]).unwrap_err();
+    assert!(no_app.contains("no app nowhere"), "{no_app}");
+    router(url, &["admin", "apps", "create", "shop"]).unwrap();
+    let principal = router(url, &["admin", "principals", "create", "p"]).unwrap().remove(0);
+    let bad_role =
+        router(url, &["admin", "members", "set", "shop", principal["id"].as_str().unwrap(), "owner"])
+            .unwrap_err();
+    assert!(bad_role.contains("viewer, developer or admin"), "{bad_role}");
+    let unknown =
+        router(url, &["admin", "dead-letters", "replay", "shop", &uuid::Uuid::now_v7().to_string()])
+            .unwrap_err();
+    assert!(unknown.contains("dead_letter_not_found") || unknown.contains("not found"), "{unknown}");
+    assert_eq!(
+        router(url, &["admin", "apps", "list"]).unwrap().len(),
+        1,
+        "nothing was written by the refusals"
+    );
+}
