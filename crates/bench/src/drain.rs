@@ -74,6 +74,8 @@ async fn drain(servers: &Servers, bench: &Bench, n: usize) -> anyhow::Result<Dur
     let t0 = Instant::now();
     handler.send("start").await?;
     relay.send("start").await?;
+    let started = handler.line().await?;
+    anyhow::ensure!(started == "started", "the handler said {started:?}");
     let done = tokio::time::timeout(Duration::from_secs(600), handler.line()).await??;
     anyhow::ensure!(done.starts_with("done "), "the handler said {done:?}");
     while bench.outbox_len().await? > 0 {

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, CollectionPattern, HandlerName, RetryOverrides, Role, TriggerName};
 use picloud_dispatch::RelayConfig;
 use picloud_store::{
-    App, AuthRepo, Handler, KvOp, NewTrigger, PgStore, Trigger, TriggerRepo, TriggerSpec, pg,
+    App, AuthRepo, Handler, KvOp, NewApiToken, NewTrigger, PgStore, Trigger, TriggerRepo, TriggerSpec, pg,
 };
 use picloud_testkit::{NatsServer, PgOptions, PgServer};
 use uuid::Uuid;
@@ -65,6 +66,28 @@ impl Servers {
         let app = store.create_app(&AppSlug::parse("bench")?).await?;
         let principal = store.create_principal("bench-admin", false).await?;
         store.set_role(app.id, principal.id, Role::Admin).await?;
+        let call = NewTrigger {
+            id: Uuid::now_v7(),
+            app_id: app.id,
+            name: TriggerName::parse("call")?,
+            spec: TriggerSpec::Http,
+            handler: Handler::Function(HandlerName::parse(HANDLER)?),
+            retry: RetryOverrides::default(),
+            enabled: true,
+            registered_by: principal.id,
+        };
+        store.create_trigger(&call).await?;
+        let token = generate_api_token();
+        store
+            .create_token(&NewApiToken {
+                id: Uuid::now_v7(),
+                principal_id: principal.id,
+                token_hash: hash_api_token(&token),
+                app_id: None,
+                scopes: None,
+                expires_at: None,
+            })
+            .await?;
         let trigger = store
             .create_trigger(&NewTrigger {
                 id: Uuid::now_v7(),
@@ -80,7 +103,7 @@ impl Servers {
                 registered_by: principal.id,
             })
             .await?;
-        Ok(Bench { url, store, app, trigger })
+        Ok(Bench { url, store, app, trigger, token })
     }
 }
 
@@ -103,6 +126,8 @@ pub struct Bench {
     pub store: PgStore,
     pub app: App,
     pub trigger: Trigger,
+    /// An admin token of the app, for the HTTP API.
+    pub token: String,
 }
 
 impl Bench {

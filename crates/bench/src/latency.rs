@@ -20,6 +20,12 @@ use crate::stats::{percentile, summary};
 pub struct ProduceArgs {
     #[arg(long)]
     url: String,
+    /// Write through this HTTP API (`http://127.0.0.1:<port>`) instead of the store.
+    #[arg(long)]
+    api: Option<String>,
+    /// The API token.
+    #[arg(long)]
+    token: Option<String>,
     #[arg(long)]
     app_id: Uuid,
     #[arg(long)]
@@ -37,7 +43,13 @@ struct Produced {
 }
 
 #[allow(clippy::print_stdout)]
-pub async fn run(servers: &Servers, rate: u64, seconds: u64, reps: usize) -> anyhow::Result<()> {
+pub async fn run(
+    servers: &Servers,
+    rate: u64,
+    seconds: u64,
+    reps: usize,
+    via_store: bool,
+) -> anyhow::Result<()> {
     let total = (rate * seconds).to_string();
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     for rep in 1..=reps {
@@ -51,17 +63,29 @@ pub async fn run(servers: &Servers, rate: u64, seconds: u64, reps: usize) -> any
         .await?;
         let mut relay =
             Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+        let (api, port) =
+            Role::spawn_reporting("api", &["api", "--url", &bench.url, "--nats-url", &servers.nats_url])
+                .await?;
         handler.send("start").await?;
+        let started = handler.line().await?;
+        anyhow::ensure!(started == "started", "the handler said {started:?}");
         relay.send("start").await?;
+        // Warm-up, not synchronisation: the relay opens its pool and LISTENs before the first
+        // event, so the figures measure steady state.
         tokio::time::sleep(Duration::from_secs(2)).await;
         eprintln!("latency rep {rep}: producing");
 
-        let out = tokio::process::Command::new(std::env::current_exe()?)
-            .args(["produce", "--url", &bench.url, "--app-id", &bench.app.id.to_string()])
-            .args(["--rate", &rate.to_string(), "--seconds", &seconds.to_string()])
-            .output()
-            .await
-            .context("running the producer")?;
+        let mut producer = tokio::process::Command::new(std::env::current_exe()?);
+        producer.args(["produce", "--url", &bench.url, "--app-id", &bench.app.id.to_string()]).args([
+            "--rate",
+            &rate.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ]);
+        if !via_store {
+            producer.args(["--api", &format!("http://127.0.0.1:{port}"), "--token", &bench.token]);
+        }
+        let out = producer.output().await.context("running the producer")?;
         anyhow::ensure!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
         let produced: Produced = serde_json::from_str(
             String::from_utf8(out.stdout)?.lines().last().context("the producer printed nothing")?,
@@ -73,6 +97,7 @@ pub async fn run(servers: &Servers, rate: u64, seconds: u64, reps: usize) -> any
             serde_json::from_str(done.strip_prefix("done ").context("the handler did not say done")?)?;
         relay.stop().await?;
         handler.stop().await?;
+        api.stop().await?;
         println!(
             "latency rep {rep}: {} events: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
              producer write p50 {:.2} ms, p99 {:.2} ms",
@@ -92,6 +117,8 @@ pub async fn run(servers: &Servers, rate: u64, seconds: u64, reps: usize) -> any
     println!(
         "latency p50 {p50:.2} ms [{p50_min:.2}..{p50_max:.2}], p99 {p99:.2} ms [{p99_min:.2}..{p99_max:.2}]"
     );
+    let through = if via_store { "the store's single-event write" } else { "the HTTP KV API" };
+    println!("(writes through {through})");
     println!("RESULT picloud latency_p50_ms={p50:.2} latency_p99_ms={p99:.2}");
     Ok(())
 }
@@ -107,15 +134,38 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let total = args.rate * args.seconds;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let http = match (&args.api, &args.token) {
+        (Some(api), Some(token)) => {
+            Some((reqwest::Client::builder().pool_max_idle_per_host(10).build()?, api.clone(), token.clone()))
+        }
+        _ => None,
+    };
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(10));
     let mut writes = tokio::task::JoinSet::new();
     for i in 0..total {
         tokio::time::sleep_until(start + interval * i as u32).await;
-        let (store, app, collection) = (store.clone(), app.clone(), collection.clone());
+        let (store, app, collection, http, connections) =
+            (store.clone(), app.clone(), collection.clone(), http.clone(), connections.clone());
         writes.spawn(async move {
             let t_us = monotonic_us();
-            let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
-            let key = KvKey::parse(format!("k{i}"))?;
-            events::kv_put_now(&store, &cx, &collection, &key, &payload(i, t_us), None).await?;
+            match http {
+                Some((client, api, token)) => {
+                    let _connection = connections.acquire().await?;
+                    let status = client
+                        .put(format!("{api}/v1/apps/{}/kv/bench/k{i}", app.slug))
+                        .bearer_auth(token)
+                        .json(&payload(i, t_us))
+                        .send()
+                        .await?
+                        .status();
+                    anyhow::ensure!(status.is_success(), "PUT answered {status}");
+                }
+                None => {
+                    let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
+                    let key = KvKey::parse(format!("k{i}"))?;
+                    events::kv_put_now(&store, &cx, &collection, &key, &payload(i, t_us), None).await?;
+                }
+            }
             Ok::<f64, anyhow::Error>((monotonic_us() - t_us) as f64 / 1000.0)
         });
     }

@@ -12,6 +12,7 @@ mod latency;
 mod proc;
 mod roles;
 mod stats;
+mod sync;
 
 /// End-to-end benchmarks of picloud-router.
 #[derive(Debug, Parser)]
@@ -46,6 +47,15 @@ enum Scenario {
         /// Seconds of load.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Write through the store's single-event write instead of the HTTP KV API.
+        #[arg(long)]
+        via_store: bool,
+    },
+    /// Sync invoke round trips, and bare NATS request-replies in the same run.
+    Sync {
+        /// Sequential calls of each kind.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
     },
     /// (internal) The latency scenario's producer process.
     #[command(hide = true)]
@@ -56,6 +66,9 @@ enum Scenario {
     /// (internal) The relay process.
     #[command(hide = true)]
     Relay(roles::RelayArgs),
+    /// (internal) The HTTP API process.
+    #[command(hide = true)]
+    Api(roles::ApiArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,13 +93,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Produce(args) => latency::produce(args).await,
         Scenario::Handler(args) => roles::handler(args).await,
         Scenario::Relay(args) => roles::relay(args).await,
+        Scenario::Api(args) => roles::api(args).await,
         Scenario::Drain { n } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
             drain::run(&servers, n, cli.reps).await
         }
-        Scenario::Latency { rate, seconds } => {
+        Scenario::Latency { rate, seconds, via_store } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
-            latency::run(&servers, rate, seconds, cli.reps).await
+            latency::run(&servers, rate, seconds, cli.reps, via_store).await
+        }
+        Scenario::Sync { calls } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            sync::run(&servers, calls, cli.reps).await
         }
     }
 }

@@ -17,6 +17,11 @@ pub struct Role {
 impl Role {
     /// Starts `picloud-bench <args…>` and waits for its `ready`.
     pub async fn spawn(name: &'static str, args: &[&str]) -> anyhow::Result<Role> {
+        Ok(Self::spawn_reporting(name, args).await?.0)
+    }
+
+    /// Starts `picloud-bench <args…>` and waits for its `ready <detail>`, returning the detail.
+    pub async fn spawn_reporting(name: &'static str, args: &[&str]) -> anyhow::Result<(Role, String)> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(args)
             .stdin(Stdio::piped())
@@ -28,8 +33,11 @@ impl Role {
         let stdout = BufReader::new(child.stdout.take().context("stdout")?).lines();
         let mut role = Role { name, child, stdin, stdout };
         let ready = role.line().await?;
-        anyhow::ensure!(ready == "ready", "the {name} said {ready:?} instead of ready");
-        Ok(role)
+        let detail = ready
+            .strip_prefix("ready")
+            .map(|rest| rest.trim().to_owned())
+            .with_context(|| format!("the {name} said {ready:?} instead of ready"))?;
+        Ok((role, detail))
     }
 
     /// Sends one command line.

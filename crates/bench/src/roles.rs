@@ -28,11 +28,23 @@ pub struct HandlerArgs {
     /// Measure each delivery's latency from the `t_us` of its KV value.
     #[arg(long)]
     latency: bool,
+    /// Also answer bare NATS requests on `bench.echo` (queue group `bench`), for comparison.
+    #[arg(long)]
+    echo: bool,
 }
 
 /// The relay process's arguments.
 #[derive(Debug, clap::Args)]
 pub struct RelayArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    nats_url: String,
+}
+
+/// The API process's arguments.
+#[derive(Debug, clap::Args)]
+pub struct ApiArgs {
     #[arg(long)]
     url: String,
     #[arg(long)]
@@ -85,6 +97,22 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         })
         .start()
         .await?;
+    let client = async_nats::connect(&args.nats_url).await?;
+    let echo =
+        if args.echo { Some(client.queue_subscribe("bench.echo", "bench".into()).await?) } else { None };
+    let echoing = echo.map(|mut sub| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while let Some(msg) = sub.next().await {
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, msg.payload).await;
+                }
+            }
+        })
+    });
+    picloud_dispatch::round_trip(&client).await.map_err(anyhow::Error::msg)?;
+    println!("started");
     all.notified().await;
     let mut seen = latencies.lock().await.clone();
     seen.sort_by(f64::total_cmp);
@@ -102,6 +130,9 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         }
     }
     running.shutdown().await;
+    if let Some(echoing) = echoing {
+        echoing.abort();
+    }
     Ok(())
 }
 
@@ -121,5 +152,27 @@ pub async fn relay(args: RelayArgs) -> anyhow::Result<()> {
             }
         })
         .await?;
+    Ok(())
+}
+
+/// The HTTP API and its node's sync deliveries; prints `ready <port>`, serves until `stop`.
+#[allow(clippy::print_stdout)]
+pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let store = PgStore::connect(&args.url, 10).await?;
+    let nats = async_nats::connect(&args.nats_url).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let config = picloud_api::ApiConfig::new(relay_config());
+    let state = picloud_api::ApiState { store, nats, config: std::sync::Arc::new(config) };
+    println!("ready {port}");
+    picloud_api::serve(listener, state, async move {
+        while let Some(line) = command(&mut lines).await {
+            if line == "stop" {
+                break;
+            }
+        }
+    })
+    .await?;
     Ok(())
 }
