@@ -85,8 +85,14 @@ impl Caller {
         Ok(app)
     }
 
-    /// Checks a capability that is not about one app (ManageApps, ManagePrincipals).
+    /// Checks a capability that is not about one app (ManageApps, ManagePrincipals): never
+    /// granted to credentials limited to one app (app-limited tokens, delivery tokens).
     pub fn require(&self, capability: Capability) -> Result<(), ApiError> {
+        if self.limited_to_app().is_some() {
+            return Err(ApiError::forbidden(format!(
+                "{capability:?} is not about one app, and these credentials are limited to one app"
+            )));
+        }
         self.check(capability, None)
     }
 

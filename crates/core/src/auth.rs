@@ -227,10 +227,12 @@ impl Access {
         by_standing && self.token_scopes.is_none_or(|s| s.contains(scope))
     }
 
-    /// The scopes this caller holds on the app, as a delivery token carries them.
+    /// The scopes this caller holds on the app, as a delivery token carries them: never
+    /// `platform_admin`, even for a platform admin (a delivery acts on its app only, so a
+    /// tenant's handler cannot create apps or principals with a platform admin's delivery).
     pub fn scopes(&self) -> ScopeSet {
         let standing = if self.platform_admin {
-            ScopeSet::ALL
+            ScopeSet::for_role(Role::Admin)
         } else {
             self.role.map_or(ScopeSet::EMPTY, ScopeSet::for_role)
         };
@@ -241,6 +243,13 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_platform_admins_delivery_scopes_cover_the_app_but_not_the_platform() {
+        let access = Access { platform_admin: true, role: None, token_scopes: None };
+        assert!(!access.scopes().contains(Scope::PlatformAdmin));
+        assert_eq!(access.scopes(), ScopeSet::for_role(Role::Admin));
+    }
 
     /// DESIGN §9, row by row: scope, its capabilities, and the roles that satisfy it.
     const TABLE: &[(Scope, &[Capability], &[Role])] = &[
@@ -279,7 +288,6 @@ mod tests {
     fn platform_admins_satisfy_every_scope_without_a_role() {
         let access = Access { platform_admin: true, role: None, token_scopes: None };
         assert!(Capability::ALL.iter().all(|&c| access.allows(c)));
-        assert_eq!(access.scopes(), ScopeSet::ALL);
     }
 
     #[test]

@@ -85,7 +85,18 @@ impl Saved {
         for key in keys {
             text.push_str(&format!("{key}={}\n", self.values[key]));
         }
-        write(&self.path, &text)
+        // Readable by the owner only: it holds an admin token and the delivery-token key.
+        use std::io::Write as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&self.path)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(text.as_bytes()).with_context(|| format!("writing {}", self.path.display()))
     }
 }
 

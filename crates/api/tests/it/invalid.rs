@@ -260,6 +260,13 @@ async fn the_wrong_app_or_too_small_a_role_is_403_and_writes_nothing() {
     let limited = limited.body["token"].as_str().unwrap().to_owned();
     refused(
         &api,
+        api.call(Method::POST, "/v1/apps", Some(&limited), Some(json!({"slug": "sneaky"}))).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    refused(
+        &api,
         api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&limited), Some(json!(1))).await,
         StatusCode::FORBIDDEN,
         "forbidden",

@@ -22,7 +22,7 @@ fn router(url: &str, args: &[&str]) -> Result<Vec<Value>, String> {
 }
 
 #[tokio::test]
-async fn admin_bootstraps_a_platform_admin_and_manages_apps_members_tokens_and_dead_letters() {
+async fn admin_bootstraps_a_platform_admin_manages_apps_members_and_tokens_and_lists_what_an_app_holds() {
     let db = TestDatabase::create().await.unwrap();
     let url = db.url();
     router(url, &["migrate"]).unwrap();
