@@ -29,6 +29,18 @@ impl std::fmt::Debug for NatsConfig {
     }
 }
 
+/// `PICLOUD_SUBJECT_PREFIX` (default `picloud`): the subjects every part of a node uses.
+pub(crate) fn subjects_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Subjects, ConfigError> {
+    let prefix = parse_var(
+        lookup,
+        "PICLOUD_SUBJECT_PREFIX",
+        "picloud".to_string(),
+        "dot-separated subject tokens",
+        |p| Subjects::new(p).is_ok(),
+    )?;
+    Ok(Subjects::new(&prefix).expect("checked above"))
+}
+
 impl NatsConfig {
     /// Parses the NATS variables of DESIGN §10.
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
@@ -131,13 +143,7 @@ impl RelayConfig {
         }
         let node_id =
             lookup("PICLOUD_NODE_ID").filter(|v| !v.trim().is_empty()).unwrap_or(default_node_id.into());
-        let prefix = parse_var(
-            lookup,
-            "PICLOUD_SUBJECT_PREFIX",
-            "picloud".to_string(),
-            "dot-separated subject tokens",
-            |p| Subjects::new(p).is_ok(),
-        )?;
+        let subjects = subjects_from_env(lookup)?;
         let ms = |variable, default: u64, min: u64, max: u64| {
             parse_var(lookup, variable, default, &format!("milliseconds from {min} to {max}"), |v| {
                 (min..=max).contains(v)
@@ -145,7 +151,7 @@ impl RelayConfig {
             .map(Duration::from_millis)
         };
         let mut config = Self::new(node_id, secret.as_bytes());
-        config.subjects = Subjects::new(&prefix).expect("checked above");
+        config.subjects = subjects;
         config.triggers = TriggerConfig::from_env(lookup)?;
         config.handler_timeout = ms("PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, 3_600_000)?;
         config.lease_margin = ms("PICLOUD_LEASE_MARGIN_MS", 10_000, 100, 3_600_000)?;

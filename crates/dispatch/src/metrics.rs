@@ -181,7 +181,7 @@ async fn read_database(store: &PgStore) -> picloud_store::Result<Database> {
 }
 
 /// Whether any email row is in the outbox: then this node needs SMTP to be ready (DESIGN §10).
-/// Cheap while the outbox drains; a scan of it otherwise (there is no index on the kind).
+/// One probe of the partial index `outbox_email`, however large the outbox.
 pub async fn email_rows_waiting(store: &PgStore) -> picloud_store::Result<bool> {
     Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = 'email')")
         .fetch_one(store.pool())

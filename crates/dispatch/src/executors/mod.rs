@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::{Client, HeaderMap, Message, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt as _;
-use picloud_core::config::{ConfigError, parse_var};
+use picloud_core::config::ConfigError;
 use picloud_core::protocol::{
     ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects,
 };
@@ -77,13 +77,7 @@ impl ExecutorConfig {
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
         let get = |k: &str| lookup(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let prefix = parse_var(
-            lookup,
-            "PICLOUD_SUBJECT_PREFIX",
-            "picloud".to_string(),
-            "dot-separated subject tokens",
-            |p| Subjects::new(p).is_ok(),
-        )?;
+        let subjects = crate::config::subjects_from_env(lookup)?;
         let smtp = match get("PICLOUD_SMTP_URL") {
             None => None,
             Some(url) => {
@@ -104,7 +98,7 @@ impl ExecutorConfig {
                 Some(SmtpConfig { url, from })
             }
         };
-        Ok(Self { subjects: Subjects::new(&prefix).expect("checked above"), smtp, ..Self::default() })
+        Ok(Self { subjects, smtp, ..Self::default() })
     }
 }
 
