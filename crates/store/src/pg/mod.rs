@@ -119,6 +119,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // No `SELECT 1` before each use: it doubled the round trips of every statement (a
+            // token look-up took 0.27 ms with it, 0.17 ms without). A connection that broke while
+            // idle fails its next statement instead, and the pool replaces it.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self::new(pool))
