@@ -2,7 +2,10 @@
 //! (`pdt_…`, verified with the node's key), resolved together with the app the route names, and
 //! the capability checks of DESIGN §9.
 
+use std::collections::HashMap;
+
 use axum::extract::{FromRequestParts, RawPathParams};
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, hash_api_token};
 use picloud_core::{Access, Capability, Role, ScopeSet};
@@ -30,6 +33,8 @@ pub struct Caller {
     pub via: Via,
     app: Option<App>,
     role: Option<Role>,
+    /// The configuration epoch all this was read at.
+    authorized_at: i64,
 }
 
 impl Caller {
@@ -55,6 +60,11 @@ impl Caller {
             Via::Token(token) => token.app_id,
             Via::Delivery(token) => Some(token.app),
         }
+    }
+
+    /// The configuration epoch the caller's authorization was read at.
+    pub fn authorized_at(&self) -> i64 {
+        self.authorized_at
     }
 
     /// Whether this is a delivery token.
@@ -112,19 +122,7 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
-            ApiError::unauthorized("missing_token", "an Authorization: Bearer <token> header is required")
-        })?;
-        let credentials = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                ApiError::unauthorized("invalid_token", "the Authorization header must be `Bearer <token>`")
-            })?;
+        let credentials = bearer(&parts.headers)?.to_owned();
         let app = RawPathParams::from_request_parts(parts, state).await.ok().and_then(|params| {
             params.iter().find(|(name, _)| *name == "app").map(|(_, value)| value.to_owned())
         });
@@ -154,6 +152,7 @@ pub async fn authenticate(
             via: Via::Delivery(token),
             app: found.app,
             role: found.role,
+            authorized_at: found.config_epoch,
         });
     }
     let found = state
@@ -165,8 +164,71 @@ pub async fn authenticate(
     if token.revoked_at.is_some() {
         return Err(ApiError::unauthorized("token_revoked", "the token was revoked"));
     }
-    if token.expires_at.is_some_and(|at| at <= time::OffsetDateTime::now_utc()) {
+    if expired(&token) {
         return Err(ApiError::unauthorized("token_expired", "the token has expired"));
     }
-    Ok(Caller { principal: found.principal, via: Via::Token(token), app: found.app, role: found.role })
+    Ok(Caller {
+        principal: found.principal,
+        via: Via::Token(token),
+        app: found.app,
+        role: found.role,
+        authorized_at: found.config_epoch,
+    })
+}
+
+fn expired(token: &ApiToken) -> bool {
+    token.expires_at.is_some_and(|at| at <= time::OffsetDateTime::now_utc())
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header: 401 when it is missing or
+/// malformed.
+pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let header = headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized("missing_token", "an Authorization: Bearer <token> header is required")
+    })?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("invalid_token", "the Authorization header must be `Bearer <token>`")
+        })
+}
+
+/// Most authorizations [`InvokeAuthorizations`] keeps; past that it starts over.
+const KEPT_AUTHORIZATIONS: usize = 4096;
+
+/// API-token callers found allowed to invoke an app's triggers, by token hash and app, each as
+/// read at a configuration epoch. Only sync invocations use it, and each guards its write with
+/// that epoch (`picloud_store::events::SyncWaiter::authorized_at`): an authorization is used
+/// only while it is exactly as fresh as reading it again, and a write that finds the epoch moved
+/// authenticates afresh.
+#[derive(Debug, Default)]
+pub struct InvokeAuthorizations(std::sync::Mutex<HashMap<([u8; 32], String), Caller>>);
+
+impl InvokeAuthorizations {
+    /// The caller `credentials` authenticate as on `app`, if kept and its token has not expired.
+    pub fn get(&self, credentials: &str, app: &str) -> Option<Caller> {
+        let key = (hash_api_token(credentials), app.to_owned());
+        let caller = self.0.lock().expect("authorization cache lock").get(&key).cloned()?;
+        match &caller.via {
+            Via::Token(token) if !expired(token) => Some(caller),
+            _ => None,
+        }
+    }
+
+    /// Keeps `caller`, just authenticated with API-token `credentials` and allowed to invoke
+    /// `app`'s triggers.
+    pub fn keep(&self, credentials: &str, app: &str, caller: &Caller) {
+        if !matches!(caller.via, Via::Token(_)) {
+            return;
+        }
+        let mut kept = self.0.lock().expect("authorization cache lock");
+        if kept.len() >= KEPT_AUTHORIZATIONS {
+            kept.clear();
+        }
+        kept.insert((hash_api_token(credentials), app.to_owned()), caller.clone());
+    }
 }

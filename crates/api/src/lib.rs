@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use picloud_store::events::EventContext;
 use picloud_store::{App, PgStore};
+use tokio_util::task::TaskTracker;
 
 mod auth;
 mod config;
@@ -18,6 +19,7 @@ mod ingest;
 pub mod routes;
 pub mod views;
 
+use auth::InvokeAuthorizations;
 pub use auth::{Caller, Via};
 pub use config::ApiConfig;
 pub use error::{ApiError, ErrorBody};
@@ -33,9 +35,35 @@ pub struct ApiState {
     pub nats: async_nats::Client,
     /// The configuration.
     pub config: Arc<ApiConfig>,
+    /// The sync calls this node delivers: they run past their HTTP request when the caller gives
+    /// up first, and shutdown waits for them ([`ApiState::finish_sync_calls`]).
+    sync_calls: TaskTracker,
+    /// Callers allowed to invoke, for the sync path's epoch-guarded writes.
+    invokers: Arc<InvokeAuthorizations>,
 }
 
 impl ApiState {
+    /// The state of a node's API and ingest.
+    pub fn new(store: PgStore, nats: async_nats::Client, config: ApiConfig) -> ApiState {
+        ApiState {
+            store,
+            nats,
+            config: Arc::new(config),
+            sync_calls: TaskTracker::new(),
+            invokers: Arc::default(),
+        }
+    }
+
+    /// Waits until every sync call this node started has resolved its result — to its caller or
+    /// to the abandoned log — and completed its row. Call it once no more requests come in.
+    pub async fn finish_sync_calls(&self) {
+        self.sync_calls.close();
+        if !self.sync_calls.is_empty() {
+            tracing::info!(calls = self.sync_calls.len(), "waiting for sync calls to resolve their results");
+        }
+        self.sync_calls.wait().await;
+    }
+
     /// Where events written on behalf of `caller` in `app` start: its depth, the app and the
     /// node's trigger limits.
     pub fn event_context<'a>(&'a self, app: &'a App, caller: &Caller) -> EventContext<'a> {
@@ -48,11 +76,14 @@ impl ApiState {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves; requests in progress are finished.
+/// Serves the API on `listener` until `shutdown` resolves; requests in progress are finished, and
+/// so are the sync calls they started.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await;
+    state.finish_sync_calls().await;
+    served
 }

@@ -164,7 +164,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let config = picloud_api::ApiConfig::new(relay_config());
-    let state = picloud_api::ApiState { store, nats, config: std::sync::Arc::new(config) };
+    let state = picloud_api::ApiState::new(store, nats, config);
     println!("ready {port}");
     picloud_api::serve(listener, state, async move {
         while let Some(line) = command(&mut lines).await {

@@ -2,8 +2,6 @@
 //! dedicated inbox subscription, so that "no responders" is observable; when nobody acknowledges,
 //! the result goes to `abandoned_executions`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, StatusCode};
@@ -18,24 +16,27 @@ use crate::answer::Answer;
 use crate::complete::Done;
 
 /// Sends `done`'s result to its `reply_to` and records it as abandoned if nobody takes it.
-/// `caller_gone`, when the forwarding node is the one the caller waited on, tells a caller who
-/// hung up from one whose timeout ran out.
 pub(crate) async fn forward<S: Store>(
     store: S,
     nats: Client,
     done: Done,
     handler_timeout: Duration,
     ack_timeout: Duration,
-    caller_gone: Option<Arc<AtomicBool>>,
 ) {
-    let Some(reply_to) = done.reply_to.clone() else { return };
-    let reason = match deliver(&nats, &reply_to, &done, handler_timeout, ack_timeout).await {
-        Ok(()) => return,
-        Err(AbandonReason::NoResponders) if caller_gone.is_some_and(|gone| gone.load(Ordering::SeqCst)) => {
-            AbandonReason::CallerGone
-        }
-        Err(reason) => reason,
-    };
+    let Some(reply_to) = done.reply_to.as_deref() else { return };
+    if let Err(reason) = deliver(&nats, reply_to, &done, handler_timeout, ack_timeout).await {
+        abandon(&store, &done, reason, handler_timeout).await;
+    }
+}
+
+/// Records the result of sync row `done`, which its caller did not take, in
+/// `abandoned_executions`.
+pub(crate) async fn abandon<S: Store>(
+    store: &S,
+    done: &Done,
+    reason: AbandonReason,
+    handler_timeout: Duration,
+) {
     let result = match &done.answer {
         Answer::Ok(body) => {
             std::str::from_utf8(body).ok().and_then(|s| RawValue::from_string(s.to_owned()).ok())
@@ -48,7 +49,7 @@ pub(crate) async fn forward<S: Store>(
         trigger_id: done.trigger_id,
         trigger_name: done.trigger_name.clone().unwrap_or_default(),
         outbox_id: done.id,
-        reply_to,
+        reply_to: done.reply_to.clone().unwrap_or_default(),
         reason,
         handler_status: done.answer.handler_status(),
         result,

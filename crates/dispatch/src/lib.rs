@@ -25,4 +25,4 @@ pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
 pub use relay::{Relay, RelayError};
 pub use scheduler::{Clock, ManualClock, Scheduler, SchedulerConfig, SystemClock};
-pub use sync::{deliver_sync, round_trip};
+pub use sync::{SyncCaller, SyncReply, deliver_sync, round_trip, sync_call};

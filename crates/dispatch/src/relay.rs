@@ -584,7 +584,6 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
                 done.clone(),
                 shared.config.handler_timeout,
                 shared.config.forward_ack_timeout,
-                None,
             ));
         }
         let permit = flushes.clone().acquire_owned().await.expect("the flush semaphore is never closed");

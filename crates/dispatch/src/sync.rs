@@ -1,21 +1,22 @@
-//! A sync invocation delivered by the API node its caller waits on (DESIGN §8): the node claims
-//! its own row, delivers it directly, and resolves the result to the caller's inbox like any
-//! relay would — so the result is logged as abandoned when the caller is gone, and a node that
-//! dies after writing the row leaves it to the relays once its lease runs out.
+//! A sync invocation delivered by the API node its caller waits on (DESIGN §8): the node writes
+//! its own row claimed, delivers it directly, and hands the result to the waiting request — or,
+//! when the caller is gone, to the abandoned log — and a node that dies after writing the row
+//! leaves it to the relays once its lease runs out; they find nobody on its `reply_to` inbox.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, StatusCode};
+use async_nats::{Client, HeaderMap, Request, RequestErrorKind};
 use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER};
-use picloud_store::{ClaimedDelivery, Store};
-use uuid::Uuid;
+use picloud_store::{AbandonReason, ClaimedDelivery, DeliveryTarget, Store};
+use tokio::sync::oneshot;
 
 use crate::answer::Answer;
 use crate::config::RelayConfig;
 use crate::envelope::envelope;
-use crate::forward::forward;
+use crate::forward::abandon;
 use crate::relay::{done_for, plan, unix_millis_after};
 
 /// Returns once the server has processed everything `client` sent before: a message to a fresh
@@ -31,64 +32,120 @@ pub async fn round_trip(client: &Client) -> Result<(), String> {
     }
 }
 
-/// Delivers sync call `row`, written already claimed by this node
-/// ([`picloud_store::events::invoke`]), resolves its result to the row's `reply_to` and
-/// completes the row. Runs to the end of the handler's deadline whatever the caller does;
-/// `caller_gone` says whether the caller hung up.
+/// A sync call's two ends on the node its caller waits on: [`SyncReply`] for the task that
+/// delivers the call, [`SyncCaller`] for the HTTP request waiting for the answer. The answer is
+/// handed over in memory — the node that would take it from the `reply_to` inbox is this one —
+/// and a caller that is gone by then leaves it to `abandoned_executions`, exactly as a NATS
+/// request to its inbox would have found no responders.
+pub fn sync_call() -> (SyncReply, SyncCaller) {
+    let (answer, waiting) = oneshot::channel();
+    let hung_up = Arc::new(AtomicBool::new(false));
+    (SyncReply { answer, hung_up: hung_up.clone() }, SyncCaller { answer: waiting, hung_up, waiting: true })
+}
+
+/// The delivering end of [`sync_call`].
+#[derive(Debug)]
+pub struct SyncReply {
+    answer: oneshot::Sender<Answer>,
+    hung_up: Arc<AtomicBool>,
+}
+
+impl SyncReply {
+    /// Hands `answer` to the caller, or says why it is abandoned.
+    fn send(self, answer: Answer) -> Result<(), AbandonReason> {
+        self.answer.send(answer).map_err(|_| {
+            if self.hung_up.load(Ordering::SeqCst) {
+                AbandonReason::CallerGone
+            } else {
+                AbandonReason::NoResponders
+            }
+        })
+    }
+}
+
+/// The waiting end of [`sync_call`]. Dropped while it waits — axum drops a request's future when
+/// its caller hangs up — it marks the call `caller_gone` before letting go of the answer.
+#[derive(Debug)]
+pub struct SyncCaller {
+    answer: oneshot::Receiver<Answer>,
+    hung_up: Arc<AtomicBool>,
+    waiting: bool,
+}
+
+impl SyncCaller {
+    /// The handler's answer, if it comes within `wait`. After that, an answer is recorded as
+    /// abandoned (`no_responders`) instead.
+    pub async fn answer(mut self, wait: Duration) -> Option<Answer> {
+        let answer = match tokio::time::timeout(wait, &mut self.answer).await {
+            Ok(answer) => answer.ok(),
+            Err(_) => {
+                self.answer.close();
+                self.answer.try_recv().ok()
+            }
+        };
+        self.waiting = false;
+        answer
+    }
+}
+
+impl Drop for SyncCaller {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.hung_up.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Delivers sync call `row` to `target`, both as [`picloud_store::events::invoke`] wrote them
+/// (already claimed by this node), hands the answer to the caller waiting on `reply` or records
+/// it as abandoned, and completes the row. Runs to the end of the handler's deadline whatever
+/// the caller does.
 pub async fn deliver_sync<S: Store>(
     store: S,
     nats: Client,
     config: RelayConfig,
     row: ClaimedDelivery,
-    caller_gone: Arc<AtomicBool>,
+    target: DeliveryTarget,
+    reply: SyncReply,
 ) {
-    let (answer, mut done) = attempt(&store, &nats, &config, &row).await;
-    done.answer = answer;
-    forward(store.clone(), nats, done, config.handler_timeout, config.forward_ack_timeout, Some(caller_gone))
-        .await;
+    let (answer, mut done) = attempt(&nats, &config, &row, &target).await;
+    done.answer = answer.clone();
+    if let Err(reason) = reply.send(answer) {
+        abandon(&store, &done, reason, config.handler_timeout).await;
+    }
     if let Err(e) = store.delete_delivered(&[row.id]).await {
         tracing::warn!(delivery_id = %row.id, error = %e, "completing a sync call failed; its lease will run out");
     }
 }
 
 /// One attempt: the handler's answer, and the completion record to resolve it with.
-async fn attempt<S: Store>(
-    store: &S,
+async fn attempt(
     nats: &Client,
     config: &RelayConfig,
     row: &ClaimedDelivery,
+    target: &DeliveryTarget,
 ) -> (Answer, crate::complete::Done) {
     let mut done = done_for(row, config.triggers.retry, Answer::Timeout);
-    let ids: Vec<Uuid> = row.trigger_id.into_iter().collect();
-    let targets = match store.delivery_targets(&ids).await {
-        Ok(targets) => targets.targets,
-        Err(e) => return (Answer::Failed(format!("store error: {e}")), done),
-    };
     let deadline_ms = unix_millis_after(config.handler_timeout);
-    let plan = match plan(config, row, targets.first(), None, deadline_ms) {
+    let plan = match plan(config, row, Some(target), None, deadline_ms) {
         Ok(plan) => plan,
         Err(answer) => return (answer, done),
     };
     done.app_slug = Some(plan.app.clone());
     done.trigger_name = plan.trigger_name.clone();
     let body = envelope(row, plan.app.as_str(), plan.run_as(), deadline_ms);
-    let inbox = nats.new_inbox();
-    let mut reply = match nats.subscribe(inbox.clone()).await {
-        Ok(sub) => sub,
-        Err(e) => return (Answer::Failed(format!("subscribing failed: {e}")), done),
-    };
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
-    if let Err(e) =
-        nats.publish_with_reply_and_headers(plan.subject.clone(), inbox, headers, body.into()).await
-    {
-        return (Answer::Failed(format!("publishing failed: {e}")), done);
-    }
-    let answer = match tokio::time::timeout(config.handler_timeout, reply.next()).await {
-        Ok(Some(msg)) if msg.status == Some(StatusCode::NO_RESPONDERS) => Answer::NoResponders,
-        Ok(Some(msg)) => Answer::from_message(&msg),
-        Ok(None) => Answer::Failed("the reply subscription closed".into()),
-        Err(_) => Answer::Timeout,
+    // The client's shared request inbox: no subscription of its own per call, and "no
+    // responders" still comes back as such.
+    let request = Request::new().headers(headers).payload(body.into()).timeout(Some(config.handler_timeout));
+    let answer = match nats.send_request(plan.subject.clone(), request).await {
+        Ok(msg) => Answer::from_message(&msg),
+        Err(e) => match e.kind() {
+            RequestErrorKind::NoResponders => Answer::NoResponders,
+            RequestErrorKind::TimedOut => Answer::Timeout,
+            _ => Answer::Failed(format!("the request failed: {e}")),
+        },
     };
     (answer, done)
 }

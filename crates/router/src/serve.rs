@@ -103,11 +103,7 @@ impl Node {
                 let _ = stopped.wait_for(|stop| *stop).await;
             }
         };
-        let state = ApiState {
-            store: store.clone(),
-            nats: nats.clone(),
-            config: std::sync::Arc::new(config.clone()),
-        };
+        let state = ApiState::new(store.clone(), nats.clone(), config.clone());
         let ingest = Ingest::start(state.clone()).await?;
         let executors = picloud_dispatch::executors::start(store.clone(), nats.clone(), executors).await?;
         let relay = tokio::spawn(Relay::new(relay_store, nats.clone(), config.node.clone()).run(on_stop()));

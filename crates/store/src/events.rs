@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::model::*;
-use crate::{Error, Result, Store};
+use crate::{Error, Result, Store, SyncCallWrite};
 
 /// Commits a transaction that wrote events and wakes the relays. The wake-up is best effort
 /// (relays poll too): its failure is logged, not returned, because the events are committed.
@@ -373,39 +373,44 @@ pub async fn enqueue<S: Store>(
     Ok(Enqueued::Created(row.id))
 }
 
-/// Writes a sync invocation of `trigger` (an `http` trigger) whose caller waits on `reply_to`,
-/// already claimed by `node`, the API node that delivers it (see
-/// [`crate::OutboxRepo::insert_sync_call`]): never retried, never dead-lettered.
+/// Where a sync call's caller waits, and the API node that waits with it and delivers the call.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncWaiter<'a> {
+    /// The inbox named as the row's `reply_to`.
+    pub reply_to: &'a str,
+    /// The configuration epoch the caller's authorization was read at, when it was not read
+    /// just now: the call is written only while the epoch is still that one.
+    pub authorized_at: Option<i64>,
+    /// The node: the row is written claimed by it.
+    pub node: &'a str,
+    /// The node's lease on the row.
+    pub lease: Duration,
+}
+
+/// Writes a sync invocation of the `http` trigger `trigger_name`, already claimed by the node
+/// that waits with its caller (see [`crate::OutboxRepo::insert_sync_call`]): never retried,
+/// never dead-lettered.
 pub async fn invoke<S: Store>(
     s: &S,
     cx: &EventContext<'_>,
-    trigger: &Trigger,
+    trigger_name: &str,
     body: &RawValue,
-    reply_to: &str,
-    lease: Duration,
-    node: &str,
-) -> Result<ClaimedDelivery> {
+    waiter: SyncWaiter<'_>,
+) -> Result<SyncCallWrite> {
     if cx.depth >= cx.config.max_depth {
         return Err(Error::TooDeep { depth: cx.depth, max: cx.config.max_depth });
     }
-    let row = NewDelivery {
+    let call = NewSyncCall {
         id: Uuid::now_v7(),
         app_id: cx.app_id,
-        trigger_id: Some(trigger.id),
-        kind: EventKind::Http,
-        event_type: event_type::HTTP_INVOKE.to_owned(),
-        source: source::trigger(cx.app_slug.as_str(), trigger.name.as_str()),
-        subject: None,
+        trigger_name: trigger_name.to_owned(),
+        source: source::trigger(cx.app_slug.as_str(), trigger_name),
         payload: body.to_owned(),
         depth: cx.depth,
-        max_attempts: 1,
-        delay: Duration::ZERO,
-        reply_to: Some(reply_to.to_owned()),
-        idempotency_key: None,
-        dead_letter_id: None,
-        event_time: None,
+        reply_to: waiter.reply_to.to_owned(),
+        authorized_at: waiter.authorized_at,
     };
-    s.insert_sync_call(&row, lease, node).await
+    s.insert_sync_call(&call, waiter.lease, waiter.node).await
 }
 
 /// Queues an email for the built-in executor (`{to, subject, text, html?}`), with the default

@@ -73,6 +73,9 @@ pub struct Authenticated {
     pub app: Option<model::App>,
     /// The principal's role on that app.
     pub role: Option<Role>,
+    /// The configuration epoch this was read at: while the epoch stays the same (revoking a
+    /// token moves it too), reading it again would find the same.
+    pub config_epoch: i64,
 }
 
 /// Apps, principals, memberships and API tokens: what authentication and authorization read.
@@ -155,6 +158,25 @@ pub struct DeliveryTarget {
     pub app_slug: AppSlug,
     /// Its registering principal's standing on the app now (`None`: the principal is gone).
     pub standing: Option<Standing>,
+}
+
+/// What writing a sync call found (see [`OutboxRepo::insert_sync_call`]).
+#[derive(Debug, Clone)]
+pub enum SyncCallWrite {
+    /// The app has no trigger by that name: nothing was written.
+    NoTrigger,
+    /// The trigger cannot be invoked (not an `http` trigger, or disabled): nothing was written.
+    Refused(model::Trigger),
+    /// The configuration epoch is no longer the call's `authorized_at`: the caller's
+    /// authorization may have changed, and nothing was written.
+    Stale,
+    /// The row, written claimed by the node, and the target to deliver it to.
+    Written {
+        /// The row, at its first attempt.
+        row: model::ClaimedDelivery,
+        /// Its trigger, with the registering principal's standing read in the same statement.
+        target: Box<DeliveryTarget>,
+    },
 }
 
 /// Delivery targets as of one configuration epoch.
@@ -277,17 +299,19 @@ pub trait OutboxRepo: Transactional {
         lease: Duration,
         node: &str,
     ) -> impl Future<Output = Result<Claim>> + Send;
-    /// Writes a sync call's row already claimed by `node` (attempt 1, leased), so the API node
-    /// that waits on the call delivers it without a second round trip, and any relay delivers it
-    /// after the lease if that node dies. One statement whose commit does not wait for the WAL
-    /// flush: the row is not acknowledged work (the caller learns the outcome from the call, and a
-    /// crash that loses the row also fails the call), so it does not pay for an fsync.
+    /// Looks up the trigger `call` names and, if it is an enabled `http` trigger, writes the
+    /// call's row already claimed by `node` (attempt 1, leased), so the API node that waits on
+    /// the call delivers it without a second round trip, and any relay delivers it after the
+    /// lease if that node dies. One statement, which also reads the delivery target (the
+    /// registering principal's standing), and whose commit does not wait for the WAL flush: the
+    /// row is not acknowledged work (the caller learns the outcome from the call, and a crash
+    /// that loses the row also fails the call), so it does not pay for an fsync.
     fn insert_sync_call(
         &self,
-        row: &model::NewDelivery,
+        call: &model::NewSyncCall,
         lease: Duration,
         node: &str,
-    ) -> impl Future<Output = Result<model::ClaimedDelivery>> + Send;
+    ) -> impl Future<Output = Result<SyncCallWrite>> + Send;
     /// Deletes delivered rows.
     fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
     /// Deletes delivered rows in a statement of its own (the common completion, in one round trip).

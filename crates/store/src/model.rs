@@ -262,6 +262,52 @@ pub struct NewDelivery {
     pub event_time: Option<OffsetDateTime>,
 }
 
+/// A sync call to write (DESIGN §8): an invocation of the trigger named `trigger_name` in the
+/// app, whose caller waits on `reply_to`. Never retried, never dead-lettered.
+#[derive(Debug, Clone)]
+pub struct NewSyncCall {
+    /// The delivery id.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: Uuid,
+    /// The trigger's name: the row is written only if it names an enabled `http` trigger.
+    pub trigger_name: String,
+    /// The CloudEvents source.
+    pub source: String,
+    /// The call's body.
+    pub payload: Box<RawValue>,
+    /// The event's depth.
+    pub depth: u32,
+    /// The inbox the caller waits on.
+    pub reply_to: String,
+    /// The configuration epoch the caller's authorization was read at, when it was not read
+    /// just now: the row is written only if the epoch is still that one.
+    pub authorized_at: Option<i64>,
+}
+
+impl NewSyncCall {
+    /// The outbox row of this call to trigger `trigger_id`.
+    pub fn delivery(&self, trigger_id: Uuid) -> NewDelivery {
+        NewDelivery {
+            id: self.id,
+            app_id: self.app_id,
+            trigger_id: Some(trigger_id),
+            kind: EventKind::Http,
+            event_type: picloud_core::protocol::event_type::HTTP_INVOKE.to_owned(),
+            source: self.source.clone(),
+            subject: None,
+            payload: self.payload.clone(),
+            depth: self.depth,
+            max_attempts: 1,
+            delay: std::time::Duration::ZERO,
+            reply_to: Some(self.reply_to.clone()),
+            idempotency_key: None,
+            dead_letter_id: None,
+            event_time: None,
+        }
+    }
+}
+
 /// A delivery as a relay claimed it: the attempt is already counted.
 #[derive(Debug, Clone)]
 pub struct ClaimedDelivery {

@@ -1,45 +1,34 @@
-//! Sync invocation of an `http` trigger (DESIGN §8): the caller waits on a NATS inbox while this
-//! node delivers the call itself; the result reaches the caller through the inbox, or, when the
+//! Sync invocation of an `http` trigger (DESIGN §8): the row is written with a `reply_to` inbox
+//! and this node delivers the call itself; the result reaches the waiting request, or, when the
 //! caller is gone, the abandoned-executions log.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt as _;
 use picloud_core::Capability;
-use picloud_core::protocol::{ERROR_HEADER, STATUS_HEADER, TriggerKind};
-use picloud_store::events;
-use picloud_store::{HandlerStatus, TriggerRepo};
+use picloud_core::protocol::TriggerKind;
+use picloud_dispatch::Answer;
+use picloud_store::SyncCallWrite;
+use picloud_store::events::{self, SyncWaiter};
 use serde_json::value::RawValue;
 
 use crate::ApiState;
-use crate::auth::Caller;
+use crate::auth::{Caller, authenticate, bearer};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::JsonBody;
+use crate::extract::{body_bytes, parse_json};
 
 /// The header a sync caller sets its timeout with, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "Picloud-Timeout-Ms";
 
-/// Sets the flag when dropped while armed: the HTTP request future is dropped when the caller
-/// hangs up, which is how the node delivering the call learns the caller is gone.
-struct HangUp(Option<Arc<AtomicBool>>);
-
-impl HangUp {
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for HangUp {
-    fn drop(&mut self) {
-        if let Some(flag) = self.0.take() {
-            flag.store(true, Ordering::SeqCst);
-        }
-    }
+/// Authenticates `credentials` afresh on `app`, checks it may invoke there, and keeps it for the
+/// next call.
+async fn authorized_caller(state: &ApiState, credentials: &str, app: &str) -> Result<Caller, ApiError> {
+    let caller = authenticate(state, credentials, Some(app)).await?;
+    caller.require_app(Capability::AppInvoke)?;
+    state.invokers.keep(credentials, app, &caller);
+    Ok(caller)
 }
 
 fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, ApiError> {
@@ -71,73 +60,80 @@ fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, Api
               (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub async fn invoke(
     State(state): State<ApiState>,
-    caller: Caller,
     headers: HeaderMap,
-    Path((_, name)): Path<(String, String)>,
-    JsonBody(body): JsonBody<Box<RawValue>>,
+    Path((app, name)): Path<(String, String)>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let app = caller.require_app(Capability::AppInvoke)?;
+    let credentials = bearer(&headers)?;
+    let (mut caller, mut authorized_at) = match state.invokers.get(credentials, &app) {
+        Some(caller) => {
+            let epoch = caller.authorized_at();
+            (caller, Some(epoch))
+        }
+        None => (authorized_caller(&state, credentials, &app).await?, None),
+    };
     let wait = caller_timeout(&headers, &state)?;
-    let trigger = state
-        .store
-        .trigger(app.id, &name)
-        .await?
-        .ok_or_else(|| ApiError::not_found("trigger_not_found", format!("no trigger {name}")))?;
-    if trigger.spec.kind() != TriggerKind::Http {
-        return Err(ApiError::conflict(
-            "not_an_http_trigger",
-            format!("trigger {name} is a {} trigger", trigger.spec.kind()),
-        ));
-    }
-    if !trigger.enabled {
-        return Err(ApiError::conflict("trigger_disabled", format!("trigger {name} is disabled")));
-    }
-    let reply_to = state.nats.new_inbox();
-    let mut result = state.nats.subscribe(reply_to.clone()).await.map_err(ApiError::internal)?;
-    let cx = state.event_context(app, &caller);
+    let body: Box<RawValue> = parse_json(&body_bytes(request, &state).await?)?;
     let node = &state.config.node;
-    let row =
-        events::invoke(&state.store, &cx, &trigger, &body, &reply_to, node.lease(), &node.node_id).await?;
-
-    let gone = Arc::new(AtomicBool::new(false));
-    tokio::spawn(picloud_dispatch::deliver_sync(
+    let reply_to = state.nats.new_inbox();
+    let write = loop {
+        let waiter =
+            SyncWaiter { reply_to: &reply_to, authorized_at, node: &node.node_id, lease: node.lease() };
+        let cx = state.event_context(caller.require_app(Capability::AppInvoke)?, &caller);
+        match events::invoke(&state.store, &cx, &name, &body, waiter).await? {
+            // The kept authorization may be out of date: read it again, and write unguarded.
+            SyncCallWrite::Stale if authorized_at.is_some() => {
+                caller = authorized_caller(&state, credentials, &app).await?;
+                authorized_at = None;
+            }
+            write => break write,
+        }
+    };
+    let (row, target) = match write {
+        SyncCallWrite::Written { row, target } => (row, target),
+        SyncCallWrite::NoTrigger => {
+            return Err(ApiError::not_found("trigger_not_found", format!("no trigger {name}")));
+        }
+        SyncCallWrite::Refused(trigger) if trigger.spec.kind() != TriggerKind::Http => {
+            return Err(ApiError::conflict(
+                "not_an_http_trigger",
+                format!("trigger {name} is a {} trigger", trigger.spec.kind()),
+            ));
+        }
+        SyncCallWrite::Refused(_) => {
+            return Err(ApiError::conflict("trigger_disabled", format!("trigger {name} is disabled")));
+        }
+        SyncCallWrite::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
+    };
+    let (reply, waiting) = picloud_dispatch::sync_call();
+    state.sync_calls.spawn(picloud_dispatch::deliver_sync(
         state.store.clone(),
         state.nats.clone(),
         node.clone(),
         row,
-        gone.clone(),
+        *target,
+        reply,
     ));
-    let mut hang_up = HangUp(Some(gone));
-    let answer = tokio::time::timeout(wait, result.next()).await;
-    hang_up.disarm();
-    let msg = match answer {
-        Ok(Some(msg)) => msg,
-        Ok(None) => return Err(ApiError::internal("the result subscription closed")),
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!("no result within {} ms", wait.as_millis()),
-            ));
-        }
+    let Some(answer) = waiting.answer(wait).await else {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("no result within {} ms", wait.as_millis()),
+        ));
     };
-    if let Some(ack) = msg.reply.clone() {
-        let _ = state.nats.publish(ack, bytes::Bytes::new()).await;
-    }
-    let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-    let error = header(ERROR_HEADER).unwrap_or_default();
-    Ok(match header(STATUS_HEADER).as_deref().and_then(HandlerStatus::parse) {
-        Some(HandlerStatus::Ok) => {
-            let body = if msg.payload.is_empty() { bytes::Bytes::from_static(b"null") } else { msg.payload };
+    let error = answer.error(node.handler_timeout).unwrap_or_default();
+    Ok(match answer {
+        Answer::Ok(body) => {
+            let body = if body.is_empty() { bytes::Bytes::from_static(b"null") } else { body };
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
-        Some(HandlerStatus::NoHandler) => ApiError::new(
+        Answer::NoResponders => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_handler",
             format!("no handler serves trigger {name}"),
         )
         .into_response(),
-        Some(HandlerStatus::Timeout) => ApiError::new(
+        Answer::Timeout => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             format!("the handler did not answer: {error}"),

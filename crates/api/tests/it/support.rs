@@ -1,7 +1,6 @@
 //! An API over a fresh database and nats-server, with principals of every standing and their
 //! tokens, and a one-call HTTP client that drives the router in process.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -95,7 +94,7 @@ impl Api {
         let mut config = ApiConfig::new(node_config("api-node"));
         config.max_payload_bytes = 64 * 1024;
         config.sync_timeout_max = Duration::from_secs(5);
-        let state = ApiState { store: store.clone(), nats: client, config: Arc::new(config) };
+        let state = ApiState::new(store.clone(), client, config);
         let router = picloud_api::router(state.clone());
 
         let root_p = store.create_principal("root", true).await.unwrap();

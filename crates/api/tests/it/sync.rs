@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
+use picloud_core::Role;
+use picloud_core::token::hash_api_token;
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
 use picloud_worker::{Delivery, Reply as WorkerReply, Worker};
@@ -73,6 +75,31 @@ async fn a_sync_call_answers_with_the_handlers_json_or_the_status_of_its_failure
     assert!(abandoned(&api).await.is_empty(), "every result found its caller");
     double.shutdown().await;
     refuse.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_invoked_before_is_refused_once_its_token_is_revoked_or_its_role_lowered() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "echo", "kind": "http", "handler": {"function": "echo"}})).await;
+    let echo = worker(&api, "echo", |_| WorkerReply::ok(json!({"echo": true}))).await;
+    let invoke = |token: String| {
+        let api = &api;
+        async move { api.call(Method::POST, "/v1/apps/shop/invoke/echo", Some(&token), Some(json!({}))).await }
+    };
+    for _ in 0..2 {
+        assert_eq!(invoke(api.developer.clone()).await.status, StatusCode::OK);
+        assert_eq!(invoke(api.admin.clone()).await.status, StatusCode::OK);
+    }
+
+    let (token, _) = api.store().token_by_hash(&hash_api_token(&api.developer)).await.unwrap().unwrap();
+    assert!(api.store().revoke_token(token.id).await.unwrap());
+    let revoked = invoke(api.developer.clone()).await;
+    assert_eq!((revoked.status, revoked.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
+
+    api.store().set_role(api.app.id, api.admin_principal.id, Role::Viewer).await.unwrap();
+    let lowered = invoke(api.admin.clone()).await;
+    assert_eq!(lowered.status, StatusCode::FORBIDDEN, "{:?}", lowered.body);
+    echo.shutdown().await;
 }
 
 #[tokio::test]
@@ -168,16 +195,16 @@ async fn when_the_waiting_node_dies_a_relay_delivers_after_the_lease_and_logs_th
     let echo = worker(&api, "echo", |_| WorkerReply::ok(json!({"echo": true}))).await;
     // The node wrote the row claimed by itself, then died: no one waits on the inbox, no one
     // delivers.
-    let trigger = api.store().trigger(api.app.id, "echo").await.unwrap().unwrap();
-    assert_eq!(trigger.id.to_string(), trigger_view["id"].as_str().unwrap());
     let config = picloud_core::TriggerConfig::default();
     let cx = EventContext { app_id: api.app.id, app_slug: &api.app.slug, depth: 0, config: &config };
     let body = serde_json::value::RawValue::from_string("{}".into()).unwrap();
     let lease = Duration::from_millis(800);
-    let id = events::invoke(api.store(), &cx, &trigger, &body, "_INBOX.dead-node.1", lease, "dead-node")
-        .await
-        .unwrap()
-        .id;
+    let waiter =
+        events::SyncWaiter { reply_to: "_INBOX.dead-node.1", authorized_at: None, node: "dead-node", lease };
+    let write = events::invoke(api.store(), &cx, "echo", &body, waiter);
+    let SyncCallWrite::Written { row, target } = write.await.unwrap() else { panic!("the call is written") };
+    assert_eq!(target.trigger.id.to_string(), trigger_view["id"].as_str().unwrap());
+    let id = row.id;
 
     let relay = api.relay().await;
     let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;

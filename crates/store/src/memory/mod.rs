@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use picloud_core::protocol::EventKind;
+use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{AppSlug, Role};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -20,7 +20,7 @@ use crate::cron::NextTick;
 use crate::model::*;
 use crate::{
     AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo,
-    OutboxRepo, Result, Standing, Targets, Transactional, TriggerRepo, Wakeups,
+    OutboxRepo, Result, Standing, SyncCallWrite, Targets, Transactional, TriggerRepo, Wakeups,
 };
 
 mod cron;
@@ -165,6 +165,20 @@ fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration) -> Claimed
     }
 }
 
+/// `trigger` with its app's slug and its registering principal's standing (`None` when its app
+/// is gone).
+fn target(s: &State, trigger: &Trigger) -> Option<DeliveryTarget> {
+    let app = s.apps.get(&trigger.app_id)?;
+    Some(DeliveryTarget {
+        trigger: trigger.clone(),
+        app_slug: app.slug.clone(),
+        standing: s.principals.get(&trigger.registered_by).map(|p| Standing {
+            platform_admin: p.platform_admin,
+            role: s.members.get(&(trigger.app_id, p.id)).copied(),
+        }),
+    })
+}
+
 fn payload_clone(p: &RawValue) -> Box<RawValue> {
     p.to_owned()
 }
@@ -178,7 +192,7 @@ impl State {
     ) -> Authenticated {
         let app = app.and_then(|slug| self.apps.values().find(|a| a.slug.as_str() == slug)).cloned();
         let role = app.as_ref().and_then(|a| self.members.get(&(a.id, principal.id)).copied());
-        Authenticated { principal: principal.clone(), token, app, role }
+        Authenticated { principal: principal.clone(), token, app, role, config_epoch: self.config_epoch }
     }
 }
 
@@ -329,6 +343,7 @@ impl AuthRepo for MemStore {
         match s.tokens.get_mut(&id) {
             Some((t, _)) if t.revoked_at.is_none() => {
                 t.revoked_at = Some(now);
+                s.config_epoch += 1;
                 Ok(true)
             }
             _ => Ok(false),
@@ -513,21 +528,8 @@ impl TriggerRepo for MemStore {
 
     async fn delivery_targets(&self, ids: &[Uuid]) -> Result<Targets> {
         let s = self.lock().await;
-        let targets: Vec<DeliveryTarget> = ids
-            .iter()
-            .filter_map(|id| s.triggers.get(id))
-            .filter_map(|t| {
-                let app = s.apps.get(&t.app_id)?;
-                Some(DeliveryTarget {
-                    trigger: t.clone(),
-                    app_slug: app.slug.clone(),
-                    standing: s.principals.get(&t.registered_by).map(|p| Standing {
-                        platform_admin: p.platform_admin,
-                        role: s.members.get(&(t.app_id, p.id)).copied(),
-                    }),
-                })
-            })
-            .collect();
+        let targets: Vec<DeliveryTarget> =
+            ids.iter().filter_map(|id| s.triggers.get(id)).filter_map(|t| target(&s, t)).collect();
         let config_epoch = (!targets.is_empty()).then_some(s.config_epoch);
         Ok(Targets { targets, config_epoch })
     }
@@ -621,23 +623,36 @@ impl OutboxRepo for MemStore {
 
     async fn insert_sync_call(
         &self,
-        row: &NewDelivery,
+        call: &NewSyncCall,
         lease: Duration,
         _node: &str,
-    ) -> Result<ClaimedDelivery> {
+    ) -> Result<SyncCallWrite> {
         let now = self.now();
         let mut s = self.lock().await;
+        if call.authorized_at.is_some_and(|epoch| epoch != s.config_epoch) {
+            return Ok(SyncCallWrite::Stale);
+        }
+        let Some(trigger) =
+            s.triggers.values().find(|t| t.app_id == call.app_id && t.name.as_str() == call.trigger_name)
+        else {
+            return Ok(SyncCallWrite::NoTrigger);
+        };
+        if !(trigger.enabled && trigger.spec.kind() == TriggerKind::Http) {
+            return Ok(SyncCallWrite::Refused(trigger.clone()));
+        }
+        let Some(target) = target(&s, trigger) else { return Ok(SyncCallWrite::NoTrigger) };
+        let row = call.delivery(trigger.id);
         let mut stored = OutboxRow {
-            new: row.clone(),
+            new: row,
             attempts: 0,
             due_at: now,
             leased_until: None,
             last_error: None,
-            created_at: row.event_time.unwrap_or(now),
+            created_at: now,
         };
         let claimed = lease_row(&mut stored, now, lease);
-        s.outbox.insert(row.id, stored);
-        Ok(claimed)
+        s.outbox.insert(call.id, stored);
+        Ok(SyncCallWrite::Written { row: claimed, target: Box::new(target) })
     }
 
     async fn delete_deliveries(&self, tx: &mut MemTx, ids: &[Uuid]) -> Result<u64> {

@@ -11,7 +11,8 @@ use crate::{AuthRepo, Authenticated, Error, Result, Standing};
 
 const AUTHENTICATED: &str = "p.id AS principal_id, p.name AS principal_name, p.platform_admin,
        p.created_at AS principal_created_at,
-       a.id AS app_id, a.slug AS app_slug, a.created_at AS app_created_at, m.role";
+       a.id AS app_id, a.slug AS app_slug, a.created_at AS app_created_at, m.role,
+       (SELECT epoch FROM config_epoch) AS config_epoch";
 
 fn authenticated(row: &sqlx::postgres::PgRow, token: Option<ApiToken>) -> Result<Authenticated> {
     let app_id: Option<Uuid> = row.try_get("app_id")?;
@@ -34,6 +35,7 @@ fn authenticated(row: &sqlx::postgres::PgRow, token: Option<ApiToken>) -> Result
         token,
         app,
         role: rows::role(row.try_get("role")?)?,
+        config_epoch: row.try_get("config_epoch")?,
     })
 }
 

@@ -8,10 +8,13 @@ use sqlx::{PgExecutor, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::rows::{event_kind, raw_json};
+use picloud_core::protocol::{EventKind, TriggerKind, event_type};
+
+use super::rows::{event_kind, raw_json, trigger_from};
+use super::triggers::{delivery_target, target_columns};
 use super::{PgStore, violated};
 use crate::model::*;
-use crate::{Claim, Error, OutboxRepo, Result, Wakeups};
+use crate::{Claim, Error, OutboxRepo, Result, SyncCallWrite, Wakeups};
 
 const INSERT: &str = "
     INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
@@ -217,39 +220,83 @@ impl OutboxRepo for PgStore {
 
     async fn insert_sync_call(
         &self,
-        row: &NewDelivery,
+        call: &NewSyncCall,
         lease: Duration,
         node: &str,
-    ) -> Result<ClaimedDelivery> {
+    ) -> Result<SyncCallWrite> {
         // set_config(…, true) lasts for the statement's own transaction, so only this commit
-        // skips the wait for the WAL flush.
-        let stored = sqlx::query(&format!(
-            "WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
-             INSERT INTO outbox AS o (id, app_id, trigger_id, kind, event_type, source, subject,
-                                      payload, depth, attempts, max_attempts, due_at, leased_until,
-                                      leased_by, reply_to, created_at)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9, 1, $10, coalesce($13, now()),
-                    coalesce($13, now()) + $11 * interval '1 millisecond', $12, $14, coalesce($13, now())
-               FROM relaxed
-             RETURNING {CLAIMED}"
+        // skips the wait for the WAL flush. The epoch, the trigger and its standing are read in
+        // the statement's one snapshot, and the row is written for exactly that trigger.
+        let found = sqlx::query(concat!(
+            "WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
+                  epoch_now AS MATERIALIZED (SELECT epoch FROM config_epoch),
+                  target AS MATERIALIZED (SELECT ",
+            target_columns!(),
+            "  FROM ",
+            trigger_from!(),
+            "  JOIN apps a ON a.id = t.app_id
+                  WHERE t.app_id = $2 AND t.name = $3),
+                  written AS (
+                    INSERT INTO outbox AS o (id, app_id, trigger_id, kind, event_type, source, payload,
+                                             depth, attempts, max_attempts, due_at, leased_until,
+                                             leased_by, reply_to, created_at)
+                    SELECT $1, $2, target.id, $4, $5, $6, $7::json, $8, 1, 1, coalesce($9, now()),
+                           coalesce($9, now()) + $10 * interval '1 millisecond', $11, $12,
+                           coalesce($9, now())
+                      FROM relaxed, epoch_now, target
+                     WHERE target.enabled AND target.kind = $13
+                       AND ($14::bigint IS NULL OR epoch_now.epoch = $14)
+                    RETURNING o.created_at)
+             SELECT epoch_now.epoch AS config_epoch, target.*,
+                    (SELECT created_at FROM written) AS written_at
+               FROM epoch_now LEFT JOIN target ON true"
         ))
-        .bind(row.id)
-        .bind(row.app_id)
-        .bind(row.trigger_id)
-        .bind(row.kind.as_str())
-        .bind(&row.event_type)
-        .bind(&row.source)
-        .bind(&row.subject)
-        .bind(row.payload.get())
-        .bind(row.depth as i32)
-        .bind(row.max_attempts as i32)
+        .bind(call.id)
+        .bind(call.app_id)
+        .bind(&call.trigger_name)
+        .bind(EventKind::Http.as_str())
+        .bind(event_type::HTTP_INVOKE)
+        .bind(&call.source)
+        .bind(call.payload.get())
+        .bind(call.depth as i32)
+        .bind(self.now())
         .bind(millis(lease))
         .bind(node)
-        .bind(self.now())
-        .bind(&row.reply_to)
+        .bind(&call.reply_to)
+        .bind(TriggerKind::Http.as_str())
+        .bind(call.authorized_at)
         .fetch_one(&self.pool)
         .await?;
-        claimed_row(&stored)
+        if call.authorized_at.is_some_and(|epoch| found.try_get::<i64, _>("config_epoch").ok() != Some(epoch))
+        {
+            return Ok(SyncCallWrite::Stale);
+        }
+        if found.try_get::<Option<Uuid>, _>("id")?.is_none() {
+            return Ok(SyncCallWrite::NoTrigger);
+        }
+        let target = delivery_target(&found)?;
+        let Some(created_at) = found.try_get::<Option<OffsetDateTime>, _>("written_at")? else {
+            return Ok(SyncCallWrite::Refused(target.trigger));
+        };
+        let row = call.delivery(target.trigger.id);
+        let row = ClaimedDelivery {
+            id: row.id,
+            app_id: row.app_id,
+            trigger_id: row.trigger_id,
+            kind: row.kind,
+            event_type: row.event_type,
+            source: row.source,
+            subject: row.subject,
+            payload: row.payload,
+            depth: row.depth,
+            attempt: 1,
+            max_attempts: row.max_attempts,
+            reply_to: row.reply_to,
+            dead_letter_id: row.dead_letter_id,
+            last_error: None,
+            created_at,
+        };
+        Ok(SyncCallWrite::Written { row, target: Box::new(target) })
     }
 
     async fn delete_deliveries(&self, tx: &mut Self::Tx, ids: &[Uuid]) -> Result<u64> {

@@ -54,6 +54,8 @@ conformance!(
     claims_take_the_oldest_due_first_up_to_the_batch,
     a_claimed_row_is_claimable_again_after_its_lease_and_not_before,
     a_sync_call_is_written_claimed_by_its_node_and_leased_like_any_claim,
+    a_sync_call_to_a_missing_disabled_or_non_http_trigger_writes_nothing,
+    a_sync_call_authorized_at_an_older_epoch_writes_nothing,
     a_rescheduled_row_comes_back_after_its_delay_with_its_error,
     a_refunded_attempt_is_not_counted_when_the_row_comes_back,
     completions_for_a_stale_attempt_change_nothing,
@@ -555,15 +557,40 @@ async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Stor
     assert_eq!(again[0].attempt, 2, "the new claim counts another attempt");
 }
 
+fn sync_call(t: &Tenant, trigger_name: &str) -> NewSyncCall {
+    NewSyncCall {
+        id: Uuid::now_v7(),
+        app_id: t.app.id,
+        trigger_name: trigger_name.into(),
+        source: format!("/apps/{}/triggers/{trigger_name}", t.app.slug),
+        payload: serde_json::value::RawValue::from_string(r#"{"q":1}"#.into()).unwrap(),
+        depth: 0,
+        reply_to: "_INBOX_shop.caller".into(),
+        authorized_at: None,
+    }
+}
+
+fn written(write: SyncCallWrite) -> (ClaimedDelivery, DeliveryTarget) {
+    match write {
+        SyncCallWrite::Written { row, target } => (row, *target),
+        other => panic!("expected the call to be written, found {other:?}"),
+    }
+}
+
 async fn a_sync_call_is_written_claimed_by_its_node_and_leased_like_any_claim<S: Store>(s: S) {
-    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
-    let mut call = delivery(&t, &trigger, Duration::ZERO);
-    call.reply_to = Some("_INBOX_shop.caller".into());
-    call.max_attempts = 1;
-    let mine = s.insert_sync_call(&call, LEASE, "api-node").await.unwrap();
+    let t = tenant(&s, "shop").await;
+    let trigger = s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
+    let call = sync_call(&t, "call");
+    let (mine, target) = written(s.insert_sync_call(&call, LEASE, "api-node").await.unwrap());
     assert_eq!(
-        (mine.id, mine.attempt, mine.max_attempts, mine.reply_to.as_deref()),
-        (call.id, 1, 1, Some("_INBOX_shop.caller"))
+        (mine.id, mine.trigger_id, mine.kind, mine.attempt, mine.max_attempts, mine.reply_to.as_deref()),
+        (call.id, Some(trigger.id), EventKind::Http, 1, 1, Some("_INBOX_shop.caller"))
+    );
+    assert_eq!((mine.payload.get(), mine.source.as_str()), (r#"{"q":1}"#, "/apps/shop/triggers/call"));
+    assert_eq!(
+        (target.trigger, target.app_slug.as_str(), target.standing),
+        (trigger, "shop", Some(Standing { platform_admin: false, role: Some(Role::Admin) })),
+        "the target is read with the write"
     );
     assert!(s.claim_due(10, LEASE, "relay").await.unwrap().rows.is_empty(), "a relay skips the leased row");
     s.clock().advance(LEASE);
@@ -573,6 +600,67 @@ async fn a_sync_call_is_written_claimed_by_its_node_and_leased_like_any_claim<S:
         [(call.id, 2)],
         "a relay delivers it once the node's lease ran out"
     );
+}
+
+async fn a_sync_call_authorized_at_an_older_epoch_writes_nothing<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
+    let read = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap();
+    let guarded = |epoch| NewSyncCall { authorized_at: Some(epoch), ..sync_call(&t, "call") };
+    let token = s
+        .create_token(&NewApiToken {
+            id: Uuid::now_v7(),
+            principal_id: t.admin.id,
+            token_hash: [7; 32],
+            app_id: None,
+            scopes: None,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let (row, _) = written(s.insert_sync_call(&guarded(read.config_epoch), LEASE, "n").await.unwrap());
+    assert_eq!(row.attempt, 1, "creating a token changes no one's authorization");
+    assert!(s.revoke_token(token.id).await.unwrap());
+    let stale = s.insert_sync_call(&guarded(read.config_epoch), LEASE, "n").await.unwrap();
+    assert!(matches!(stale, SyncCallWrite::Stale), "a revocation moves the epoch: {stale:?}");
+    let missing = NewSyncCall { trigger_name: "missing".into(), ..guarded(read.config_epoch) };
+    let stale = s.insert_sync_call(&missing, LEASE, "n").await.unwrap();
+    assert!(matches!(stale, SyncCallWrite::Stale), "staleness is told before the trigger: {stale:?}");
+    let again = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap();
+    assert!(again.config_epoch > read.config_epoch);
+    written(s.insert_sync_call(&guarded(again.config_epoch), LEASE, "n").await.unwrap());
+    s.clock().advance(LEASE);
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 2, "only the two current calls");
+}
+
+async fn a_sync_call_to_a_missing_disabled_or_non_http_trigger_writes_nothing<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let queue = TriggerSpec::Queue { queue: QueueName::parse("jobs").unwrap() };
+    let job = s.create_trigger(&new_trigger(&t, "job", queue)).await.unwrap();
+    s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
+    let off = TriggerPatch { enabled: Some(false), ..Default::default() };
+    let disabled = s.update_trigger(t.app.id, "call", &off).await.unwrap();
+    let other = tenant(&s, "other").await;
+    s.create_trigger(&new_trigger(&other, "elsewhere", TriggerSpec::Http)).await.unwrap();
+
+    let outcome = |write: SyncCallWrite| match write {
+        SyncCallWrite::NoTrigger => "no trigger".to_owned(),
+        SyncCallWrite::Refused(trigger) => format!("refused {}", trigger.name),
+        SyncCallWrite::Stale => "stale".to_owned(),
+        SyncCallWrite::Written { row, .. } => format!("written {}", row.id),
+    };
+    for (name, expected) in [
+        ("missing", "no trigger"),
+        ("elsewhere", "no trigger"),
+        ("job", "refused job"),
+        ("call", "refused call"),
+    ] {
+        let write = s.insert_sync_call(&sync_call(&t, name), LEASE, "n").await.unwrap();
+        assert_eq!(outcome(write), expected, "calling {name}");
+    }
+    assert_eq!((job.name.as_str(), disabled.enabled), ("job", false));
+    s.clock().advance(LEASE);
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty(), "no row was written");
 }
 
 async fn a_refunded_attempt_is_not_counted_when_the_row_comes_back<S: Store>(s: S) {
@@ -1190,12 +1278,15 @@ mod events_on_both {
         let t = tenant(&s, "shop").await;
         let trigger = s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
         let config = TriggerConfig { max_depth: 2, ..TriggerConfig::default() };
-        let refused =
-            events::invoke(&s, &cx(&t, 2, &config), &trigger, &json("{}"), "_INBOX.x", LEASE, "n").await;
+        let waiter =
+            events::SyncWaiter { reply_to: "_INBOX.x", authorized_at: None, node: "n", lease: LEASE };
+        let refused = events::invoke(&s, &cx(&t, 2, &config), "call", &json("{}"), waiter).await;
         assert!(matches!(refused, Err(Error::TooDeep { depth: 2, max: 2 })));
-        let call = events::invoke(&s, &cx(&t, 1, &config), &trigger, &json("{}"), "_INBOX.x", LEASE, "n")
-            .await
-            .unwrap();
+        let write = events::invoke(&s, &cx(&t, 1, &config), "call", &json("{}"), waiter).await;
+        let SyncCallWrite::Written { row: call, target } = write.unwrap() else {
+            panic!("the call is written")
+        };
+        assert_eq!(target.trigger, trigger);
         assert_eq!((call.max_attempts, call.attempt, call.reply_to.as_deref()), (1, 1, Some("_INBOX.x")));
         s.clock().advance(LEASE);
         let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
