@@ -106,28 +106,96 @@ impl Node {
         let state = ApiState::new(store.clone(), nats.clone(), config.clone());
         let ingest = Ingest::start(state.clone()).await?;
         let executors = picloud_dispatch::executors::start(store.clone(), nats.clone(), executors).await?;
-        let relay = tokio::spawn(Relay::new(relay_store, nats.clone(), config.node.clone()).run(on_stop()));
-        let scheduler = tokio::spawn(
+        let mut parts = Parts::default();
+        let relay = Relay::new(relay_store, nats.clone(), config.node.clone()).run(on_stop());
+        parts.spawn("relay", async { relay.await.map_err(Into::into) });
+        let scheduler =
             Scheduler::new(store.clone(), SchedulerConfig::new(node_id.clone(), &config.node.triggers))
-                .run(on_stop()),
-        );
-        let janitor = tokio::spawn(
-            Janitor::new(store.clone(), JanitorConfig::new(node_id.clone(), &config.node.triggers))
-                .run(on_stop()),
-        );
-        let http = tokio::spawn(picloud_api::serve(listener, state, on_stop()));
+                .run(on_stop());
+        parts.spawn("cron scheduler", async {
+            scheduler.await;
+            Ok(())
+        });
+        let janitor = Janitor::new(store.clone(), JanitorConfig::new(node_id.clone(), &config.node.triggers))
+            .run(on_stop());
+        parts.spawn("janitor", async {
+            janitor.await;
+            Ok(())
+        });
+        let http = picloud_api::serve(listener, state, on_stop());
+        parts.spawn("HTTP API", async { http.await.context("serving HTTP") });
         tracing::info!(node = %node_id, %addr, "serving");
         ready(addr);
-        shutdown.await;
+        let mut failed = tokio::select! {
+            _ = shutdown => Vec::new(),
+            ended = parts.first_to_end() => {
+                tracing::error!(error = %format!("{ended:#}"), "stopping the node");
+                vec![ended]
+            }
+        };
         let _ = stop.send(true);
-        http.await?.context("serving HTTP")?;
-        ingest.shutdown().await;
-        relay.await??;
-        scheduler.await?;
-        janitor.await?;
+        // Stopping the ingest with the HTTP API: a node that is leaving takes no new NATS work.
+        let (rest, ()) = tokio::join!(parts.all(), ingest.shutdown());
+        failed.extend(rest);
         executors.shutdown().await;
         nats.flush().await.ok();
-        tracing::info!("stopped");
-        Ok(())
+        match failed.into_iter().next() {
+            None => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// The long-running parts of a node. Each runs until the node stops; one that ends before that
+/// has failed, and takes the node down with it.
+#[derive(Default)]
+struct Parts {
+    running: tokio::task::JoinSet<anyhow::Result<()>>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Parts {
+    fn spawn(&mut self, name: &'static str, part: impl Future<Output = anyhow::Result<()>> + Send + 'static) {
+        let id = self.running.spawn(part).id();
+        self.names.insert(id, name);
+    }
+
+    /// Waits for the first part to end: before the node is asked to stop, that is a failure.
+    async fn first_to_end(&mut self) -> anyhow::Error {
+        match self.running.join_next_with_id().await {
+            None => anyhow::anyhow!("the node has no parts"),
+            Some(Ok((id, Ok(())))) => anyhow::anyhow!("the {} stopped by itself", self.name(id)),
+            Some(ended) => self.failure(ended).expect("a part that did not end well failed"),
+        }
+    }
+
+    /// Waits for every part, and returns the errors of those that failed.
+    async fn all(mut self) -> Vec<anyhow::Error> {
+        let mut failed = Vec::new();
+        while let Some(ended) = self.running.join_next_with_id().await {
+            if let Some(error) = self.failure(ended) {
+                tracing::error!(error = %format!("{error:#}"), "stopping the node");
+                failed.push(error);
+            }
+        }
+        failed
+    }
+
+    fn failure(
+        &self,
+        ended: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
+    ) -> Option<anyhow::Error> {
+        match ended {
+            Ok((_, Ok(()))) => None,
+            Ok((id, Err(e))) => Some(e.context(format!("the {} failed", self.name(id)))),
+            Err(e) => Some(anyhow::anyhow!("the {} panicked: {e}", self.name(e.id()))),
+        }
+    }
+
+    fn name(&self, id: tokio::task::Id) -> &'static str {
+        self.names.get(&id).copied().unwrap_or("node part")
     }
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use picloud_core::TriggerConfig;
 use picloud_core::names::QueueName;
-use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerConfig, TriggerName};
 use picloud_store::events::{self, Enqueued, EventContext, Job};
 use picloud_store::*;
 use picloud_testkit::{NatsCluster, NatsNodePorts, TestDatabase};
@@ -20,6 +20,8 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use uuid::Uuid;
+
+use crate::support::{Shop, shop_with_trigger};
 
 /// Events written, all for one queue trigger.
 const EVENTS: usize = 20_000;
@@ -314,22 +316,8 @@ async fn every_event_survives_a_router_killed_and_a_nats_node_lost_on_the_shippe
         .unwrap();
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     let store = PgStore::connect(db.url(), WRITERS as u32 + 2).await.unwrap();
-    let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
-    let admin = store.create_principal("shop-admin", false).await.unwrap();
-    store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
-    store
-        .create_trigger(&NewTrigger {
-            id: Uuid::now_v7(),
-            app_id: app.id,
-            name: TriggerName::parse("on-job").unwrap(),
-            spec: TriggerSpec::Queue { queue: QueueName::parse("jobs").unwrap() },
-            handler: Handler::Function(HandlerName::parse("process").unwrap()),
-            retry: RetryOverrides::default(),
-            enabled: true,
-            registered_by: admin.id,
-        })
-        .await
-        .unwrap();
+    let jobs = TriggerSpec::Queue { queue: QueueName::parse("jobs").unwrap() };
+    let Shop { app, .. } = shop_with_trigger(&store, "on-job", jobs, "process").await;
 
     let mut cluster = start_cluster(dir.path(), &passwords).await;
     let seeds = cluster.urls();

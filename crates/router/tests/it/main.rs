@@ -6,3 +6,5 @@ mod deploy_files;
 mod dev;
 mod migrate;
 mod relay_crash;
+mod shutdown;
+mod support;

@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerName};
 use picloud_store::*;
 use picloud_testkit::{NatsServer, TestDatabase};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::support::{Shop, shop_with_trigger};
 
 /// A `picloud-router serve` process, killed if the test ends early.
 struct RouterProcess(Child);
@@ -68,22 +69,7 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
     let store = PgStore::connect(db.url(), 4).await.unwrap();
     pg::migrate(store.pool()).await.unwrap();
     let nats = NatsServer::start().await.unwrap();
-    let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
-    let admin = store.create_principal("admin", false).await.unwrap();
-    store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
-    let trigger = store
-        .create_trigger(&NewTrigger {
-            id: Uuid::now_v7(),
-            app_id: app.id,
-            name: TriggerName::parse("hold").unwrap(),
-            spec: TriggerSpec::Http,
-            handler: Handler::Function(HandlerName::parse("hold").unwrap()),
-            retry: RetryOverrides::default(),
-            enabled: true,
-            registered_by: admin.id,
-        })
-        .await
-        .unwrap();
+    let Shop { app, trigger, .. } = shop_with_trigger(&store, "hold", TriggerSpec::Http, "hold").await;
     let rows: Vec<NewDelivery> = (0..120)
         .map(|i| NewDelivery {
             id: Uuid::now_v7(),
