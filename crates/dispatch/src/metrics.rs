@@ -225,6 +225,15 @@ impl RelayMetrics {
             .record(after.as_secs_f64());
     }
 
+    /// A sync call delivered by the node its caller waits on got `answer` `after` publishing, and
+    /// its result was resolved (to the caller, or to the abandoned log).
+    pub(crate) fn sync_call(&self, answer: &Answer, after: Duration) {
+        self.answered(answer, after);
+        let label = outcome(answer);
+        metrics::counter!(DELIVERY_ATTEMPTS, "node" => self.node.clone(), "outcome" => label).increment(1);
+        metrics::counter!(COMPLETIONS, "node" => self.node.clone(), "result" => "answered").increment(1);
+    }
+
     /// A completion transaction committed `batch`, doing `stats`.
     pub(crate) fn completed(&self, batch: &[Done], stats: &Completed) {
         metrics::histogram!(COMPLETION_BATCH, "node" => self.node.clone()).record(batch.len() as f64);

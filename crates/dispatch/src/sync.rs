@@ -17,6 +17,7 @@ use crate::answer::Answer;
 use crate::config::RelayConfig;
 use crate::envelope::envelope;
 use crate::forward::abandon;
+use crate::metrics::RelayMetrics;
 use crate::relay::{done_for, plan, unix_millis_after};
 
 /// Returns once the server has processed everything `client` sent before: a message to a fresh
@@ -108,7 +109,9 @@ pub async fn deliver_sync<S: Store>(
     target: DeliveryTarget,
     reply: SyncReply,
 ) {
+    let started = std::time::Instant::now();
     let (answer, mut done) = attempt(&nats, &config, &row, &target).await;
+    RelayMetrics::new(&config.node_id).sync_call(&answer, started.elapsed());
     done.answer = answer.clone();
     if let Err(reason) = reply.send(answer) {
         abandon(&store, &done, reason, config.handler_timeout).await;

@@ -150,3 +150,40 @@ async fn an_email_waits_without_using_up_its_attempts_while_no_node_sends_email(
     );
     assert_eq!(value(&text, "picloud_delivery_completions_total", &[node, ("result", "retried")]), None);
 }
+
+#[tokio::test]
+async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts() {
+    let metrics = Metrics::install().unwrap();
+    let w = World::new().await;
+    w.trigger("call", TriggerSpec::Http, "answer").await;
+    let (worker, _) = start_worker(&w.nats_url(), "shop", "answer", ok).await;
+    let config = relay_config("obs-sync");
+    let cx = EventContext { app_id: w.app.id, app_slug: &w.app.slug, depth: 0, config: &w.config };
+    let waiter = events::SyncWaiter {
+        reply_to: "_INBOX.obs",
+        authorized_at: None,
+        node: "obs-sync",
+        lease: config.lease(),
+    };
+    let body = RawValue::from_string("{}".into()).unwrap();
+    let SyncCallWrite::Written { row, target } =
+        events::invoke(&w.store, &cx, "call", &body, waiter).await.unwrap()
+    else {
+        panic!("the call is written")
+    };
+    let nats = async_nats::connect(w.nats_url()).await.unwrap();
+    let (reply, caller) = picloud_dispatch::sync_call();
+    let delivering =
+        tokio::spawn(picloud_dispatch::deliver_sync(w.store.clone(), nats, config, row, *target, reply));
+
+    let answer = caller.answer(Duration::from_secs(20)).await;
+    assert_eq!(answer, Some(picloud_dispatch::Answer::Ok(r#"{"ok":true}"#.into())));
+    delivering.await.unwrap();
+    let text = metrics.render();
+    let node = ("node", "obs-sync");
+    let series = |name: &str, labels: &[(&str, &str)]| value(&text, name, &[&[node], labels].concat());
+    assert_eq!(series("picloud_delivery_attempts_total", &[("outcome", "ok")]), Some(1.0));
+    assert_eq!(series("picloud_delivery_completions_total", &[("result", "answered")]), Some(1.0));
+    assert_eq!(series("picloud_delivery_attempt_duration_seconds_count", &[("outcome", "ok")]), Some(1.0));
+    worker.stop().await;
+}
