@@ -231,4 +231,12 @@ impl InvokeAuthorizations {
         }
         kept.insert((hash_api_token(credentials), app.to_owned()), caller.clone());
     }
+
+    /// Forgets what `credentials` were allowed on `app`.
+    pub fn forget(&self, credentials: &str, app: &str) {
+        self.0
+            .lock()
+            .expect("authorization cache lock")
+            .remove(&(hash_api_token(credentials), app.to_owned()));
+    }
 }

@@ -25,4 +25,4 @@ pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
 pub use relay::{Relay, RelayError};
 pub use scheduler::{Clock, ManualClock, Scheduler, SchedulerConfig, SystemClock};
-pub use sync::{SyncCaller, SyncReply, deliver_sync, round_trip, sync_call};
+pub use sync::{NoAnswer, SyncCaller, SyncReply, deliver_sync, round_trip, sync_call};

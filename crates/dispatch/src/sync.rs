@@ -36,56 +36,84 @@ pub async fn round_trip(client: &Client) -> Result<(), String> {
 /// A sync call's two ends on the node its caller waits on: [`SyncReply`] for the task that
 /// delivers the call, [`SyncCaller`] for the HTTP request waiting for the answer. The answer is
 /// handed over in memory — the node that would take it from the `reply_to` inbox is this one —
-/// and a caller that is gone by then leaves it to `abandoned_executions`, exactly as a NATS
-/// request to its inbox would have found no responders.
+/// and acknowledged once the request has it, as a request to the inbox would be. An answer nobody
+/// acknowledged goes to `abandoned_executions`, with the reason a request to the inbox would have
+/// found: `no_responders` when the caller's wait ran out, `caller_gone` when it hung up.
 pub fn sync_call() -> (SyncReply, SyncCaller) {
     let (answer, waiting) = oneshot::channel();
     let hung_up = Arc::new(AtomicBool::new(false));
     (SyncReply { answer, hung_up: hung_up.clone() }, SyncCaller { answer: waiting, hung_up, waiting: true })
 }
 
+/// An answer, and how its taker acknowledges it.
+type Handover = (Answer, oneshot::Sender<()>);
+
 /// The delivering end of [`sync_call`].
 #[derive(Debug)]
 pub struct SyncReply {
-    answer: oneshot::Sender<Answer>,
+    /// Where the answer goes; closed once the caller stopped waiting.
+    answer: oneshot::Sender<Handover>,
+    /// Set by the caller's end when it is dropped while waiting (the HTTP caller hung up).
     hung_up: Arc<AtomicBool>,
 }
 
 impl SyncReply {
-    /// Hands `answer` to the caller, or says why it is abandoned.
-    fn send(self, answer: Answer) -> Result<(), AbandonReason> {
-        self.answer.send(answer).map_err(|_| {
+    /// Hands `answer` to the caller and waits for its acknowledgement, or says why it is
+    /// abandoned.
+    async fn send(self, answer: Answer) -> Result<(), AbandonReason> {
+        let (ack, acked) = oneshot::channel();
+        let reason = || {
             if self.hung_up.load(Ordering::SeqCst) {
                 AbandonReason::CallerGone
             } else {
                 AbandonReason::NoResponders
             }
-        })
+        };
+        if self.answer.send((answer, ack)).is_err() {
+            return Err(reason());
+        }
+        // Dropped unacknowledged: the caller went away with the answer in its channel.
+        acked.await.map_err(|_| reason())
     }
 }
 
+/// Why [`SyncCaller::answer`] has no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The caller's wait ran out first.
+    TimedOut,
+    /// The delivering task ended without answering (it panicked).
+    Lost,
+}
+
 /// The waiting end of [`sync_call`]. Dropped while it waits — axum drops a request's future when
-/// its caller hangs up — it marks the call `caller_gone` before letting go of the answer.
+/// its caller hangs up — it marks the call `caller_gone` before letting go of the channel, and an
+/// answer already in it is then never acknowledged.
 #[derive(Debug)]
 pub struct SyncCaller {
-    answer: oneshot::Receiver<Answer>,
+    /// The answer with its acknowledgement.
+    answer: oneshot::Receiver<Handover>,
+    /// Shared with [`SyncReply`]: set when this end is dropped while `waiting`.
     hung_up: Arc<AtomicBool>,
+    /// Whether [`SyncCaller::answer`] has not finished yet.
     waiting: bool,
 }
 
 impl SyncCaller {
-    /// The handler's answer, if it comes within `wait`. After that, an answer is recorded as
-    /// abandoned (`no_responders`) instead.
-    pub async fn answer(mut self, wait: Duration) -> Option<Answer> {
-        let answer = match tokio::time::timeout(wait, &mut self.answer).await {
-            Ok(answer) => answer.ok(),
+    /// The handler's answer, if it comes within `wait`; taking it acknowledges it. An answer
+    /// that comes later is recorded as abandoned (`no_responders`) instead.
+    pub async fn answer(mut self, wait: Duration) -> Result<Answer, NoAnswer> {
+        let handover = match tokio::time::timeout(wait, &mut self.answer).await {
+            Ok(handover) => handover.map_err(|_| NoAnswer::Lost),
             Err(_) => {
                 self.answer.close();
-                self.answer.try_recv().ok()
+                self.answer.try_recv().map_err(|_| NoAnswer::TimedOut)
             }
         };
         self.waiting = false;
-        answer
+        let (answer, ack) = handover?;
+        let _ = ack.send(());
+        Ok(answer)
     }
 }
 
@@ -113,7 +141,7 @@ pub async fn deliver_sync<S: Store>(
     let (answer, mut done) = attempt(&nats, &config, &row, &target).await;
     RelayMetrics::new(&config.node_id).sync_call(&answer, started.elapsed());
     done.answer = answer.clone();
-    if let Err(reason) = reply.send(answer) {
+    if let Err(reason) = reply.send(answer).await {
         abandon(&store, &done, reason, config.handler_timeout).await;
     }
     if let Err(e) = store.delete_delivered(&[row.id]).await {
@@ -151,4 +179,44 @@ async fn attempt(
         },
     };
     (answer, done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer() -> Answer {
+        Answer::Ok(bytes::Bytes::from_static(b"{}"))
+    }
+
+    #[tokio::test]
+    async fn an_answer_taken_in_time_is_acknowledged() {
+        let (reply, caller) = sync_call();
+        let sent = tokio::spawn(reply.send(answer()));
+        assert_eq!(caller.answer(Duration::from_secs(30)).await, Ok(answer()));
+        assert_eq!(sent.await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn an_answer_left_in_the_channel_by_a_caller_that_hung_up_is_abandoned_as_caller_gone() {
+        let (reply, caller) = sync_call();
+        let mut sent = Box::pin(reply.send(answer()));
+        assert!(futures::poll!(&mut sent).is_pending(), "the answer is in the channel, unacknowledged");
+        drop(caller);
+        assert_eq!(sent.await, Err(AbandonReason::CallerGone));
+    }
+
+    #[tokio::test]
+    async fn an_answer_after_the_callers_wait_ran_out_is_abandoned_as_no_responders() {
+        let (reply, caller) = sync_call();
+        assert_eq!(caller.answer(Duration::from_millis(1)).await, Err(NoAnswer::TimedOut));
+        assert_eq!(reply.send(answer()).await, Err(AbandonReason::NoResponders));
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_ends_without_answering_leaves_the_caller_no_answer_at_once() {
+        let (reply, caller) = sync_call();
+        drop(reply);
+        assert_eq!(caller.answer(Duration::from_secs(30)).await, Err(NoAnswer::Lost));
+    }
 }

@@ -86,6 +86,13 @@ impl Node {
         if run_migrations {
             migrate(&store).await?;
         }
+        let pending = picloud_store::pg::pending_migrations(store.pool())
+            .await
+            .context("reading the schema's version")?;
+        anyhow::ensure!(
+            pending.is_empty(),
+            "the database lacks migrations {pending:?} of this version: run `picloud-router migrate` (or `serve --migrate`) first"
+        );
         let relay_store = PgStore::connect_relay(&url, 10).await.context("connecting to Postgres")?;
         let node_id = config.node.node_id.clone();
         let nats = nats_config

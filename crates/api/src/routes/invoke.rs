@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use picloud_core::Capability;
 use picloud_core::protocol::TriggerKind;
-use picloud_dispatch::Answer;
+use picloud_dispatch::{Answer, NoAnswer};
 use picloud_store::SyncCallWrite;
 use picloud_store::events::{self, SyncWaiter};
 use serde_json::value::RawValue;
@@ -22,13 +22,18 @@ use crate::extract::{body_bytes, parse_json};
 /// The header a sync caller sets its timeout with, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "Picloud-Timeout-Ms";
 
-/// Authenticates `credentials` afresh on `app`, checks it may invoke there, and keeps it for the
-/// next call.
+/// Authenticates `credentials` afresh on `app` and checks it may invoke there: kept for the next
+/// call when it may, forgotten when not.
 async fn authorized_caller(state: &ApiState, credentials: &str, app: &str) -> Result<Caller, ApiError> {
-    let caller = authenticate(state, credentials, Some(app)).await?;
-    caller.require_app(Capability::AppInvoke)?;
-    state.invokers.keep(credentials, app, &caller);
-    Ok(caller)
+    let caller = authenticate(state, credentials, Some(app)).await.and_then(|caller| {
+        caller.require_app(Capability::AppInvoke)?;
+        Ok(caller)
+    });
+    match &caller {
+        Ok(caller) => state.invokers.keep(credentials, app, caller),
+        Err(_) => state.invokers.forget(credentials, app),
+    }
+    caller
 }
 
 fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, ApiError> {
@@ -72,8 +77,21 @@ pub async fn invoke(
         }
         None => (authorized_caller(&state, credentials, &app).await?, None),
     };
-    let wait = caller_timeout(&headers, &state)?;
-    let body: Box<RawValue> = parse_json(&body_bytes(request, &state).await?)?;
+    let read = async {
+        let wait = caller_timeout(&headers, &state)?;
+        let body: Box<RawValue> = parse_json(&body_bytes(request, &state).await?)?;
+        Ok::<_, ApiError>((wait, body))
+    };
+    let (wait, body) = match read.await {
+        Ok(read) => read,
+        // A kept authorization is confirmed before a bad request is told so: a node that has
+        // not kept it would have refused the caller first.
+        Err(bad) if authorized_at.is_some() => {
+            authorized_caller(&state, credentials, &app).await?;
+            return Err(bad);
+        }
+        Err(bad) => return Err(bad),
+    };
     let node = &state.config.node;
     let reply_to = state.nats.new_inbox();
     let write = loop {
@@ -114,12 +132,16 @@ pub async fn invoke(
         *target,
         reply,
     ));
-    let Some(answer) = waiting.answer(wait).await else {
-        return Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("no result within {} ms", wait.as_millis()),
-        ));
+    let answer = match waiting.answer(wait).await {
+        Ok(answer) => answer,
+        Err(NoAnswer::TimedOut) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no result within {} ms", wait.as_millis()),
+            ));
+        }
+        Err(NoAnswer::Lost) => return Err(ApiError::internal("the call's delivery ended without an answer")),
     };
     let error = answer.error(node.handler_timeout).unwrap_or_default();
     Ok(match answer {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use picloud_core::Role;
-use picloud_core::token::hash_api_token;
+use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
 use picloud_worker::{Delivery, Reply as WorkerReply, Worker};
@@ -78,7 +78,7 @@ async fn a_sync_call_answers_with_the_handlers_json_or_the_status_of_its_failure
 }
 
 #[tokio::test]
-async fn a_caller_that_invoked_before_is_refused_once_its_token_is_revoked_or_its_role_lowered() {
+async fn a_caller_that_invoked_before_is_refused_once_its_token_is_revoked_expired_or_its_role_lowered() {
     let api = Api::start().await;
     api.trigger(json!({"name": "echo", "kind": "http", "handler": {"function": "echo"}})).await;
     let echo = worker(&api, "echo", |_| WorkerReply::ok(json!({"echo": true}))).await;
@@ -86,9 +86,23 @@ async fn a_caller_that_invoked_before_is_refused_once_its_token_is_revoked_or_it
         let api = &api;
         async move { api.call(Method::POST, "/v1/apps/shop/invoke/echo", Some(&token), Some(json!({}))).await }
     };
+    let expires_at = time::OffsetDateTime::now_utc() + Duration::from_secs(3);
+    let short_lived = generate_api_token();
+    api.store()
+        .create_token(&NewApiToken {
+            id: uuid::Uuid::now_v7(),
+            principal_id: api.admin_principal.id,
+            token_hash: hash_api_token(&short_lived),
+            app_id: None,
+            scopes: None,
+            expires_at: Some(expires_at),
+        })
+        .await
+        .unwrap();
     for _ in 0..2 {
-        assert_eq!(invoke(api.developer.clone()).await.status, StatusCode::OK);
-        assert_eq!(invoke(api.admin.clone()).await.status, StatusCode::OK);
+        for token in [&api.developer, &api.admin, &short_lived] {
+            assert_eq!(invoke(token.clone()).await.status, StatusCode::OK);
+        }
     }
 
     let (token, _) = api.store().token_by_hash(&hash_api_token(&api.developer)).await.unwrap().unwrap();
@@ -96,9 +110,19 @@ async fn a_caller_that_invoked_before_is_refused_once_its_token_is_revoked_or_it
     let revoked = invoke(api.developer.clone()).await;
     assert_eq!((revoked.status, revoked.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
 
+    // Kept again at the epoch the revocation moved to, then refused once the role is lowered.
+    assert_eq!(invoke(api.admin.clone()).await.status, StatusCode::OK);
     api.store().set_role(api.app.id, api.admin_principal.id, Role::Viewer).await.unwrap();
     let lowered = invoke(api.admin.clone()).await;
     assert_eq!(lowered.status, StatusCode::FORBIDDEN, "{:?}", lowered.body);
+    api.store().set_role(api.app.id, api.admin_principal.id, Role::Admin).await.unwrap();
+
+    // Nothing moves the epoch when a token expires: the kept token's own expiry is checked.
+    assert_eq!(invoke(short_lived.clone()).await.status, StatusCode::OK);
+    let wait = expires_at - time::OffsetDateTime::now_utc();
+    tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
+    let expired = invoke(short_lived.clone()).await;
+    assert_eq!((expired.status, expired.code()), (StatusCode::UNAUTHORIZED, "token_expired"));
     echo.shutdown().await;
 }
 

@@ -177,7 +177,7 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
         tokio::spawn(picloud_dispatch::deliver_sync(w.store.clone(), nats, config, row, *target, reply));
 
     let answer = caller.answer(Duration::from_secs(20)).await;
-    assert_eq!(answer, Some(picloud_dispatch::Answer::Ok(r#"{"ok":true}"#.into())));
+    assert_eq!(answer, Ok(picloud_dispatch::Answer::Ok(r#"{"ok":true}"#.into())));
     delivering.await.unwrap();
     let text = metrics.render();
     let node = ("node", "obs-sync");

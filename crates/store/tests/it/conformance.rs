@@ -636,10 +636,10 @@ async fn a_sync_call_authorized_at_an_older_epoch_writes_nothing<S: Store>(s: S)
 async fn a_sync_call_to_a_missing_disabled_or_non_http_trigger_writes_nothing<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
     let queue = TriggerSpec::Queue { queue: QueueName::parse("jobs").unwrap() };
-    let job = s.create_trigger(&new_trigger(&t, "job", queue)).await.unwrap();
+    s.create_trigger(&new_trigger(&t, "job", queue)).await.unwrap();
     s.create_trigger(&new_trigger(&t, "call", TriggerSpec::Http)).await.unwrap();
     let off = TriggerPatch { enabled: Some(false), ..Default::default() };
-    let disabled = s.update_trigger(t.app.id, "call", &off).await.unwrap();
+    s.update_trigger(t.app.id, "call", &off).await.unwrap();
     let other = tenant(&s, "other").await;
     s.create_trigger(&new_trigger(&other, "elsewhere", TriggerSpec::Http)).await.unwrap();
 
@@ -658,7 +658,6 @@ async fn a_sync_call_to_a_missing_disabled_or_non_http_trigger_writes_nothing<S:
         let write = s.insert_sync_call(&sync_call(&t, name), LEASE, "n").await.unwrap();
         assert_eq!(outcome(write), expected, "calling {name}");
     }
-    assert_eq!((job.name.as_str(), disabled.enabled), ("job", false));
     s.clock().advance(LEASE);
     assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty(), "no row was written");
 }
