@@ -101,7 +101,7 @@ pub async fn remove_member(
 }
 
 /// Mint a token, for the caller or (with ManagePrincipals) another principal. It can be no
-/// wider than the credentials minting it.
+/// wider than the credentials minting it, and outlive them no more.
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
     responses((status = 201, body = TokenCreated), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn create_token(
@@ -163,6 +163,15 @@ pub async fn create_token(
         Some(s) => Some(time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(s)),
         None => None,
     };
+    if let crate::auth::Via::Token(token) = &caller.via
+        && let Some(held) = token.expires_at
+        && expires_at.is_none_or(|wanted| wanted > held)
+    {
+        return Err(ApiError::forbidden(format!(
+            "a token that expires can only mint tokens that expire no later (this one expires at {})",
+            crate::views::rfc3339(held)
+        )));
+    }
     let secret = generate_api_token();
     let token = state
         .store

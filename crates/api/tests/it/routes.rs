@@ -249,6 +249,20 @@ async fn apps_principals_members_and_tokens_are_managed_within_their_rights() {
     assert_eq!(write.status, StatusCode::FORBIDDEN, "writing is not, though dana is a developer");
     let wider = api.call(Method::POST, "/v1/tokens", Some(&dana_token), Some(json!({"app": "shop"}))).await;
     assert_eq!(wider.status, StatusCode::FORBIDDEN, "a narrowed token cannot mint a wider one");
+    let narrow = json!({"app": "shop", "scopes": ["app_read"]});
+    for (expires_in_s, expected) in
+        [(None, StatusCode::FORBIDDEN), (Some(7200), StatusCode::FORBIDDEN), (Some(60), StatusCode::CREATED)]
+    {
+        let mut body = narrow.clone();
+        if let Some(s) = expires_in_s {
+            body["expires_in_s"] = json!(s);
+        }
+        let minted = api.call(Method::POST, "/v1/tokens", Some(&dana_token), Some(body)).await;
+        assert_eq!(
+            minted.status, expected,
+            "a token expiring in an hour minting one expiring in {expires_in_s:?} s"
+        );
+    }
     let other_app = api.call(Method::GET, "/v1/apps/other/triggers", Some(&dana_token), None).await;
     assert_eq!(other_app.status, StatusCode::FORBIDDEN);
 
