@@ -353,6 +353,13 @@ pub trait DeadLetterRepo: Transactional {
         app_id: Uuid,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<model::DeadLetter>>> + Send;
+    /// One dead letter of the app, locked until `tx` ends: whoever changes it meanwhile waits.
+    fn lock_dead_letter(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<model::DeadLetter>>> + Send;
     /// The app's dead letters, newest first, after the cursor id.
     fn list_dead_letters(
         &self,

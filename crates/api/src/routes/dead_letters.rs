@@ -128,7 +128,12 @@ pub async fn replay_dead_letter(
     app_id: Uuid,
     id: Uuid,
 ) -> Result<Replayed, ApiError> {
-    let dead = store.dead_letter(app_id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
+    // Locked until the replay commits: a concurrent replay waits, then finds it replayed.
+    let mut tx = store.begin().await?;
+    let dead = store
+        .lock_dead_letter(&mut tx, app_id, id)
+        .await?
+        .ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
     if dead.resolution == Some(Resolution::Replayed) {
         return Err(ApiError::conflict("already_replayed", "this dead letter was replayed already"));
     }
@@ -136,7 +141,6 @@ pub async fn replay_dead_letter(
         Some(name) => store.trigger(app_id, name).await?,
         None => None,
     };
-    let mut tx = store.begin().await?;
     let delivery_id = events::replay(store, &mut tx, &dead, trigger.as_ref(), config).await?;
     events::commit_and_wake(store, tx).await?;
     let dead = store.dead_letter(app_id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;

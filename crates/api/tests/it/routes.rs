@@ -356,9 +356,15 @@ async fn dead_letters_are_listed_counted_read_replayed_and_ignored_over_http() {
         .start()
         .await
         .unwrap();
-    let replayed = api
-        .call(Method::POST, &format!("/v1/apps/shop/dead-letters/{newest}/replay"), Some(&api.admin), None)
-        .await;
+    let replay_url = format!("/v1/apps/shop/dead-letters/{newest}/replay");
+    let (first, second) = tokio::join!(
+        api.call(Method::POST, &replay_url, Some(&api.admin), None),
+        api.call(Method::POST, &replay_url, Some(&api.admin), None)
+    );
+    let mut statuses = [first.status.as_u16(), second.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "of two replays at once, one replays and the other is refused");
+    let replayed = if first.status == StatusCode::OK { first } else { second };
     assert_eq!(replayed.body["dead_letter"]["resolution"], "replayed");
     let delivered = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.unwrap().unwrap();
     assert_eq!(delivered.id.to_string(), replayed.body["delivery_id"].as_str().unwrap());

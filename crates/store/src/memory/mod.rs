@@ -764,6 +764,10 @@ impl DeadLetterRepo for MemStore {
         Ok(self.lock().await.dead_letters.get(&id).filter(|d| d.app_id == app_id).cloned())
     }
 
+    async fn lock_dead_letter(&self, tx: &mut MemTx, app_id: Uuid, id: Uuid) -> Result<Option<DeadLetter>> {
+        Ok(tx.state.dead_letters.get(&id).filter(|d| d.app_id == app_id).cloned())
+    }
+
     async fn list_dead_letters(
         &self,
         app_id: Uuid,

@@ -95,6 +95,22 @@ impl DeadLetterRepo for PgStore {
         row.as_ref().map(rows::dead_letter).transpose()
     }
 
+    async fn lock_dead_letter(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE app_id = $1 AND id = $2 FOR UPDATE"
+        ))
+        .bind(app_id)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.as_ref().map(rows::dead_letter).transpose()
+    }
+
     async fn list_dead_letters(
         &self,
         app_id: Uuid,

@@ -978,6 +978,11 @@ async fn dead_letters_written_directly_read_back<S: Store>(s: S) {
     assert_eq!(d.payload.get(), r#"{"hello":"world"}"#);
     let other = tenant(&s, "other").await;
     assert!(s.dead_letter(other.app.id, new.id).await.unwrap().is_none(), "another app cannot see it");
+    let mut tx = s.begin().await.unwrap();
+    let locked = s.lock_dead_letter(&mut tx, t.app.id, new.id).await.unwrap().map(|d| d.id);
+    assert_eq!(locked, Some(new.id), "locked for a transaction, it reads the same");
+    assert!(s.lock_dead_letter(&mut tx, other.app.id, new.id).await.unwrap().is_none());
+    drop(tx);
 }
 
 async fn dead_letters_are_listed_newest_first_with_filters_in_keyset_pages<S: Store>(s: S) {
