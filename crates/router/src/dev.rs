@@ -2,7 +2,7 @@
 //! on this machine under `./.picloud/` (Postgres keeps its data between runs), migrates, makes
 //! the app `demo` and an admin token, prints how to reach everything, and serves until Ctrl-C.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -16,8 +16,6 @@ use crate::serve::{self, Node};
 
 /// The NATS users and permissions every deployment uses (`nats/tenants.conf`).
 const TENANTS_CONF: &str = include_str!("../../../nats/tenants.conf");
-/// Their development passwords (`nats/dev.env`).
-const DEV_PASSWORDS: &str = include_str!("../../../nats/dev.env");
 /// The app `dev` makes.
 const APP: &str = "demo";
 
@@ -29,19 +27,9 @@ pub struct DevArgs {
     dir: PathBuf,
 }
 
-/// `KEY=value` lines, `#` comments skipped.
-fn parse_env_file(text: &str) -> HashMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
-}
-
 /// `tenants.conf` with the development passwords written in, so nats-server needs no
 /// environment of its own.
-fn tenants_with_passwords(passwords: &HashMap<String, String>) -> String {
+fn tenants_with_passwords(passwords: &BTreeMap<String, String>) -> String {
     let mut names: Vec<&String> = passwords.keys().collect();
     // Longest first: no variable is replaced inside a longer one's name.
     names.sort_by_key(|n| std::cmp::Reverse(n.len()));
@@ -61,13 +49,14 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 /// The state `dev` keeps between runs: the delivery-token key and the admin token.
 struct Saved {
     path: PathBuf,
-    values: HashMap<String, String>,
+    values: BTreeMap<String, String>,
 }
 
 impl Saved {
     fn load(dir: &Path) -> Saved {
         let path = dir.join("dev.env");
-        let values = std::fs::read_to_string(&path).map(|t| parse_env_file(&t)).unwrap_or_default();
+        let values =
+            std::fs::read_to_string(&path).map(|t| picloud_testkit::parse_env_file(&t)).unwrap_or_default();
         Saved { path, values }
     }
 
@@ -76,14 +65,12 @@ impl Saved {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        let mut keys: Vec<&String> = self.values.keys().collect();
-        keys.sort();
         let mut text = String::from(
             "# Written by `picloud-router dev`: development values only.\n\
              # Use them in a shell with: set -a; . .picloud/dev.env; set +a\n",
         );
-        for key in keys {
-            text.push_str(&format!("{key}={}\n", self.values[key]));
+        for (key, value) in &self.values {
+            text.push_str(&format!("{key}={value}\n"));
         }
         // Readable by the owner only: it holds an admin token and the delivery-token key.
         use std::io::Write as _;
@@ -156,7 +143,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     ensure_database(&pg, "picloud").await?;
     let database_url = pg.url("picloud");
 
-    let passwords = parse_env_file(DEV_PASSWORDS);
+    let passwords = picloud_testkit::nats_dev_env();
     write(&dir.join("nats/tenants.conf"), &tenants_with_passwords(&passwords))?;
     write(&dir.join("nats/nats.conf"), "server_name: picloud-dev\ninclude \"tenants.conf\"\n")?;
     let nats =

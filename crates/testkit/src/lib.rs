@@ -27,6 +27,23 @@ mod sys;
 mod testdb;
 
 pub use error::{Error, Result};
+
+/// `KEY=value` lines of an env file, trimmed; blank lines, `#` comments and lines without `=`
+/// are skipped.
+pub fn parse_env_file(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The development values of the shipped NATS configs (`nats/dev.env`): the passwords
+/// `nats/tenants.conf` reads, as `compose.yaml` gives them by default.
+pub fn nats_dev_env() -> std::collections::BTreeMap<String, String> {
+    parse_env_file(include_str!("../../../nats/dev.env"))
+}
 pub use nats::{NatsCluster, NatsNodePorts, NatsServer};
 pub use pg::{PgOptions, PgServer};
 pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};

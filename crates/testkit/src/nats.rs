@@ -257,40 +257,29 @@ impl NatsCluster {
     /// Starts `nodes` servers and returns once every one of them reports `nodes - 1` routes
     /// on its `/routez` monitoring endpoint.
     pub async fn start(nodes: usize) -> Result<NatsCluster> {
-        if nodes == 0 {
-            return Err(Error::InvalidArgument("a cluster needs at least one node".into()));
-        }
         let binary = binaries::nats_server()?;
-        let mut attempt = 1;
-        loop {
+        Self::boot_on_free_ports(nodes, |ports| {
             let mut servers = Vec::with_capacity(nodes);
-            let mut ports = Vec::with_capacity(nodes);
-            for _ in 0..nodes {
-                let client = process::free_port()?;
-                let cluster = process::free_port()?;
-                let monitoring = process::free_port()?;
-                ports.push((client, cluster, monitoring));
-            }
-            for (i, &(client, cluster, monitoring)) in ports.iter().enumerate() {
+            for (i, node) in ports.iter().enumerate() {
                 let routes: Vec<String> = ports
                     .iter()
                     .enumerate()
                     .filter(|&(j, _)| j != i)
-                    .map(|(_, &(_, cluster, _))| format!("nats://127.0.0.1:{cluster}"))
+                    .map(|(_, other)| format!("nats://127.0.0.1:{}", other.cluster))
                     .collect();
                 let mut args: Vec<OsString> = [
                     "-a".to_owned(),
                     "127.0.0.1".to_owned(),
                     "-p".to_owned(),
-                    client.to_string(),
+                    node.client.to_string(),
                     "-m".to_owned(),
-                    monitoring.to_string(),
+                    node.monitoring.to_string(),
                     "-n".to_owned(),
                     format!("{CLUSTER_NAME}-{i}"),
                     "--cluster_name".to_owned(),
                     CLUSTER_NAME.to_owned(),
                     "--cluster".to_owned(),
-                    format!("nats://127.0.0.1:{cluster}"),
+                    format!("nats://127.0.0.1:{}", node.cluster),
                 ]
                 .map(OsString::from)
                 .into();
@@ -301,22 +290,16 @@ impl NatsCluster {
                     binary: binary.clone(),
                     args,
                     env: Vec::new(),
-                    port: client,
-                    monitoring_port: Some(monitoring),
+                    port: node.client,
+                    monitoring_port: Some(node.monitoring),
                     routes: Some(nodes - 1),
                     process: Mutex::new(None),
                     dir: process::server_dir("nats")?,
                 });
             }
-            match Self::boot(&mut servers).await {
-                Ok(()) => return Ok(NatsCluster { nodes: servers }),
-                // The nodes' routes name each other's ports: retry with a whole new set.
-                Err(error) if attempt < PORT_ATTEMPTS && process::address_in_use(&error) => {
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+            Ok(servers)
+        })
+        .await
     }
 
     /// Starts one node per config file of the caller's: `write_config(i, ports)` writes node
@@ -334,22 +317,12 @@ impl NatsCluster {
     where
         F: FnMut(usize, &[NatsNodePorts]) -> std::io::Result<PathBuf>,
     {
-        if nodes == 0 {
-            return Err(Error::InvalidArgument("a cluster needs at least one node".into()));
-        }
         let binary = binaries::nats_server()?;
         let env: Vec<(OsString, OsString)> = env.iter().map(|&(k, v)| (k.into(), v.into())).collect();
-        let mut attempt = 1;
-        loop {
-            let mut ports = Vec::with_capacity(nodes);
-            for _ in 0..nodes {
-                let (client, cluster, monitoring) =
-                    (process::free_port()?, process::free_port()?, process::free_port()?);
-                ports.push(NatsNodePorts { client, cluster, monitoring });
-            }
+        Self::boot_on_free_ports(nodes, |ports| {
             let mut servers = Vec::with_capacity(nodes);
             for (i, node) in ports.iter().enumerate() {
-                let config = write_config(i, &ports).context(|| format!("writing the config of node {i}"))?;
+                let config = write_config(i, ports).context(|| format!("writing the config of node {i}"))?;
                 let config =
                     std::path::absolute(&config).context(|| format!("resolving {}", config.display()))?;
                 servers.push(NatsServer {
@@ -363,8 +336,32 @@ impl NatsCluster {
                     dir: process::server_dir("nats")?,
                 });
             }
-            match Self::boot(&mut servers).await {
-                Ok(()) => return Ok(NatsCluster { nodes: servers }),
+            Ok(servers)
+        })
+        .await
+    }
+
+    /// Picks free loopback ports for `nodes` nodes, has `servers` describe the nodes on them,
+    /// and boots them; the nodes' routes name each other's ports, so on "address already in
+    /// use" it starts over with a whole new set.
+    async fn boot_on_free_ports(
+        nodes: usize,
+        mut servers: impl FnMut(&[NatsNodePorts]) -> Result<Vec<NatsServer>>,
+    ) -> Result<NatsCluster> {
+        if nodes == 0 {
+            return Err(Error::InvalidArgument("a cluster needs at least one node".into()));
+        }
+        let mut attempt = 1;
+        loop {
+            let mut ports = Vec::with_capacity(nodes);
+            for _ in 0..nodes {
+                let (client, cluster, monitoring) =
+                    (process::free_port()?, process::free_port()?, process::free_port()?);
+                ports.push(NatsNodePorts { client, cluster, monitoring });
+            }
+            let mut booting = servers(&ports)?;
+            match Self::boot(&mut booting).await {
+                Ok(()) => return Ok(NatsCluster { nodes: booting }),
                 Err(error) if attempt < PORT_ATTEMPTS && process::address_in_use(&error) => {
                     attempt += 1;
                 }

@@ -21,25 +21,10 @@ fn nats_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats")
 }
 
-/// The development passwords of `nats/dev.env`, as `(variable, value)`.
-fn dev_passwords() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(nats_dir().join("dev.env")).unwrap();
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE in dev.env: {l}"));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect()
-}
-
 fn password(variable: &str) -> String {
-    dev_passwords()
-        .into_iter()
-        .find(|(k, _)| k == variable)
+    picloud_testkit::nats_dev_env()
+        .remove(variable)
         .unwrap_or_else(|| panic!("{variable} is not in nats/dev.env"))
-        .1
 }
 
 /// nats-server running `nats/tenants.conf` as it is. The file takes its passwords from the
@@ -55,7 +40,7 @@ impl TenantServer {
     async fn start() -> TenantServer {
         let tenants = std::fs::read_to_string(nats_dir().join("tenants.conf")).unwrap();
         let mut conf = String::new();
-        for (k, v) in dev_passwords() {
+        for (k, v) in picloud_testkit::nats_dev_env() {
             conf.push_str(&format!("{k} = {}\n", serde_json::to_string(&v).unwrap()));
         }
         conf.push_str(&tenants);

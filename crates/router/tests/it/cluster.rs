@@ -3,7 +3,7 @@
 //! nodes and an app's worker deliver 20,000 events while one router is killed with SIGKILL and
 //! one NATS node dies, and every event still reaches the worker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,27 +43,8 @@ fn nats_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats")
 }
 
-/// The development passwords of `nats/dev.env`, as `(variable, value)`: what `compose.yaml`
-/// gives the nats-servers by default.
-fn dev_passwords() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(nats_dir().join("dev.env")).unwrap();
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE in dev.env: {l}"));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect()
-}
-
-fn password(passwords: &[(String, String)], variable: &str) -> String {
-    passwords
-        .iter()
-        .find(|(k, _)| k == variable)
-        .unwrap_or_else(|| panic!("{variable} is not in nats/dev.env"))
-        .1
-        .clone()
+fn password(passwords: &BTreeMap<String, String>, variable: &str) -> String {
+    passwords.get(variable).unwrap_or_else(|| panic!("{variable} is not in nats/dev.env")).clone()
 }
 
 /// `nats/cluster-<node + 1>.conf` with its ports moved to free loopback ports: the client
@@ -117,7 +98,7 @@ fn rewrite_cluster_config(text: &str, node: usize, ports: &[NatsNodePorts], dir:
 /// Starts the three nodes from the rewritten `cluster-*.conf` files (and `tenants.conf` as it
 /// is, next to them in `dir`), with the passwords in the servers' environment as compose gives
 /// them.
-async fn start_cluster(dir: &Path, passwords: &[(String, String)]) -> NatsCluster {
+async fn start_cluster(dir: &Path, passwords: &BTreeMap<String, String>) -> NatsCluster {
     std::fs::copy(nats_dir().join("tenants.conf"), dir.join("tenants.conf")).unwrap();
     let env: Vec<(&str, &str)> = passwords.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     NatsCluster::start_with_configs(3, &env, |node, ports| {
@@ -307,7 +288,7 @@ async fn leases_of(store: &PgStore, node: &str) -> Vec<Uuid> {
 async fn every_event_survives_a_router_killed_and_a_nats_node_lost_on_the_shipped_cluster_configs() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let passwords = dev_passwords();
+    let passwords = picloud_testkit::nats_dev_env();
     let db = TestDatabase::create().await.unwrap();
     let migrate = Command::new(env!("CARGO_BIN_EXE_picloud-router"))
         .arg("migrate")

@@ -120,15 +120,7 @@ fn routes(conf: &str) -> Vec<String> {
 
 /// The variables of `nats/dev.env`.
 fn dev_env() -> BTreeMap<String, String> {
-    read("nats/dev.env")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE in nats/dev.env: {l}"));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect()
+    picloud_testkit::parse_env_file(&read("nats/dev.env"))
 }
 
 /// The `$VARIABLES` a nats-server config refers to.

@@ -13,21 +13,6 @@ use uuid::Uuid;
 
 use crate::support::*;
 
-/// Instantiates each named test for both stores.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test] async fn $name() { super::$name(crate::support::mem_store()).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() {
-                let fixture = crate::support::pg_store().await;
-                super::$name(fixture.store.clone()).await;
-            })*
-        }
-    };
-}
-
 conformance!(
     an_app_slug_is_unique,
     apps_are_listed_by_slug_in_pages_and_filtered_by_membership,

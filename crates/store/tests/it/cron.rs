@@ -9,21 +9,6 @@ use time::{Duration as Span, OffsetDateTime};
 
 use crate::support::*;
 
-/// Instantiates each named test for both stores.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test] async fn $name() { super::$name(crate::support::mem_store()).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() {
-                let fixture = crate::support::pg_store().await;
-                super::$name(fixture.store.clone()).await;
-            })*
-        }
-    };
-}
-
 conformance!(
     a_new_cron_trigger_gets_its_first_tick_after_now_without_firing,
     a_due_tick_fires_one_delivery_of_the_cron_event_and_moves_past_now,

@@ -2,7 +2,9 @@
 //! Postgres-only properties (concurrent claims, the claim plan at scale, migrations), and the
 //! firing of cron ticks.
 
+#[macro_use]
+mod support;
+
 mod conformance;
 mod cron;
 mod postgres;
-mod support;

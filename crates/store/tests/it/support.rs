@@ -105,3 +105,18 @@ pub async fn tenant_with_trigger<S: Store>(store: &S, slug: &str) -> (Tenant, Tr
 }
 
 pub const LEASE: Duration = Duration::from_secs(30);
+
+/// Instantiates each named test for both stores.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name(crate::support::mem_store()).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() {
+                let fixture = crate::support::pg_store().await;
+                super::$name(fixture.store.clone()).await;
+            })*
+        }
+    };
+}
