@@ -24,6 +24,31 @@ pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// The header that carries the bearer token of an ingest request.
 pub const AUTHORIZATION_HEADER: &str = "Authorization";
 
+/// Room a write's event data may take besides the bodies it carries: a KV update carries its
+/// value and the previous value, each at most `PICLOUD_MAX_PAYLOAD_BYTES`, in a frame of names
+/// and a version.
+pub const EVENT_DATA_FRAME_BYTES: usize = 8 * 1024;
+
+/// Room an envelope takes around its event data: the CloudEvents attributes (names of at most 200
+/// bytes, JSON-escaped), the delivery token, and a dead letter's frame (its error text is capped
+/// at [`MAX_ERROR_BYTES`]).
+pub const ENVELOPE_FRAME_BYTES: usize = 32 * 1024;
+
+/// The longest error text kept from an answer (`Picloud-Error`), in bytes.
+pub const MAX_ERROR_BYTES: usize = 1000;
+
+/// The largest event data a write may produce when bodies are capped at `max_payload_bytes`
+/// (DESIGN §10): a write whose data would be larger is refused with 413 and writes nothing.
+pub fn max_event_data_bytes(max_payload_bytes: usize) -> usize {
+    2 * max_payload_bytes + EVENT_DATA_FRAME_BYTES
+}
+
+/// The largest envelope a node whose bodies are capped at `max_payload_bytes` can publish: NATS'
+/// `max_payload` must be at least this, or some accepted events could never be delivered.
+pub fn largest_envelope_bytes(max_payload_bytes: usize) -> usize {
+    max_event_data_bytes(max_payload_bytes) + ENVELOPE_FRAME_BYTES
+}
+
 /// What a trigger fires on (DESIGN §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
