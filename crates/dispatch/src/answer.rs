@@ -27,8 +27,12 @@ pub enum Answer {
     Timeout,
     /// Nobody subscribed to the subject (NATS "no responders").
     NoResponders,
-    /// The delivery could not be published, or its target could not be read.
+    /// The delivery could not be published.
     Failed(String),
+    /// The attempt was cut short by the platform, not by the delivery: the store could not be
+    /// read, or the NATS connection its answer would have come back on was lost. Tried again
+    /// soon, without spending an attempt.
+    Interrupted(String),
     /// The registering principal no longer holds the capability the trigger needs.
     Unauthorized(String),
     /// The row's trigger or app no longer exists.
@@ -72,9 +76,11 @@ impl Answer {
             Answer::Fail(_) => HandlerStatus::Fail,
             Answer::Timeout => HandlerStatus::Timeout,
             Answer::NoResponders => HandlerStatus::NoHandler,
-            Answer::Invalid(_) | Answer::Failed(_) | Answer::Unauthorized(_) | Answer::Orphaned => {
-                HandlerStatus::Error
-            }
+            Answer::Invalid(_)
+            | Answer::Failed(_)
+            | Answer::Interrupted(_)
+            | Answer::Unauthorized(_)
+            | Answer::Orphaned => HandlerStatus::Error,
         }
     }
 
@@ -88,7 +94,9 @@ impl Answer {
             Answer::Fail(error) => {
                 Some(error.clone().unwrap_or_else(|| "handler failed the delivery".into()))
             }
-            Answer::Invalid(e) | Answer::Failed(e) | Answer::Unauthorized(e) => Some(e.clone()),
+            Answer::Invalid(e) | Answer::Failed(e) | Answer::Interrupted(e) | Answer::Unauthorized(e) => {
+                Some(e.clone())
+            }
             Answer::Timeout => Some(format!("no answer within {} ms", handler_timeout.as_millis())),
             Answer::NoResponders => Some("no handler is subscribed (no responders)".into()),
             Answer::Orphaned => Some("the trigger or app no longer exists".into()),

@@ -70,7 +70,12 @@ pub struct Completed {
 /// How a row ends.
 enum Fate {
     Delete,
-    Retry(Duration),
+    /// Another attempt after `delay`; `refund` gives back the attempt the row was claimed with
+    /// (the platform, not the delivery, cut it short).
+    Retry {
+        delay: Duration,
+        refund: bool,
+    },
     /// An email nobody took: no node runs the email executor. It waits, keeping its attempts.
     Wait(OffsetDateTime),
     Bury(DeadLetterReason),
@@ -83,13 +88,14 @@ fn fate(d: &Done) -> Fate {
         (Answer::NoResponders, Some(written)) => Fate::Wait(written),
         (Answer::Fail(_), _) => Fate::Bury(DeadLetterReason::Rejected),
         (Answer::Unauthorized(_), _) => Fate::Bury(DeadLetterReason::Unauthorized),
+        (Answer::Interrupted(_), _) => Fate::Retry { delay: d.policy.next_delay(1, None), refund: true },
         (Answer::Retry { after, .. }, _) if d.attempt < d.max_attempts => {
-            Fate::Retry(d.policy.next_delay(d.attempt, *after))
+            Fate::Retry { delay: d.policy.next_delay(d.attempt, *after), refund: false }
         }
         (Answer::Invalid(_) | Answer::Timeout | Answer::NoResponders | Answer::Failed(_), _)
             if d.attempt < d.max_attempts =>
         {
-            Fate::Retry(d.policy.next_delay(d.attempt, None))
+            Fate::Retry { delay: d.policy.next_delay(d.attempt, None), refund: false }
         }
         _ => Fate::Bury(DeadLetterReason::Exhausted),
     }
@@ -140,13 +146,13 @@ pub async fn complete<S: Store>(
                     handled.push((d.app_id, dl));
                 }
             }
-            (Fate::Retry(delay), _) => {
+            (Fate::Retry { delay, refund }, _) => {
                 retries.push(Reschedule {
                     id: d.id,
                     attempt: d.attempt,
                     delay,
                     error: error().unwrap_or_default(),
-                    refund_attempt: false,
+                    refund_attempt: refund,
                 });
             }
             (Fate::Wait(written), _) => {

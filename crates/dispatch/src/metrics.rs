@@ -198,6 +198,7 @@ fn outcome(answer: &Answer) -> &'static str {
         Answer::Timeout => "timeout",
         Answer::NoResponders => "no_responders",
         Answer::Failed(_) => "error",
+        Answer::Interrupted(_) => "interrupted",
         Answer::Unauthorized(_) => "unauthorized",
         Answer::Orphaned => "orphaned",
     }

@@ -398,34 +398,42 @@ async fn targets_for<S: Store>(
     Ok(found)
 }
 
+/// Where the rows of a claimed batch go: each trigger's target, and the slug of each app with
+/// email rows (`None` for an app that no longer exists). A store error is returned, never taken for a missing app or trigger: only a row
+/// whose app or trigger is really gone may be dropped.
+async fn read_targets<S: Store>(
+    shared: &Shared<S>,
+    rows: &[ClaimedDelivery],
+    epoch: Option<i64>,
+) -> picloud_store::Result<(HashMap<Uuid, DeliveryTarget>, HashMap<Uuid, Option<AppSlug>>)> {
+    let targets = targets_for(shared, rows, epoch).await?;
+    let mut email_apps = HashMap::new();
+    for row in rows.iter().filter(|r| r.kind == EventKind::Email) {
+        if !email_apps.contains_key(&row.app_id) {
+            let app = shared.store.app_by_id(row.app_id).await?;
+            email_apps.insert(row.app_id, app.map(|a| a.slug));
+        }
+    }
+    Ok((targets, email_apps))
+}
+
 /// Delivers a claimed batch: works out each trigger's plan once, builds every envelope, records
 /// them all as in flight under one lock, then publishes them back to back (so the connection
 /// writes them in few syscalls).
 async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::UnboundedSender<Done>) {
     let config = &shared.config;
     let rows = claim.rows;
-    let targets = match targets_for(shared, &rows, claim.config_epoch).await {
-        Ok(targets) => targets,
+    let (targets, email_apps) = match read_targets(shared, &rows, claim.config_epoch).await {
+        Ok(read) => read,
         Err(e) => {
-            tracing::warn!(error = %e, "reading the triggers of a claimed batch failed");
+            tracing::warn!(error = %e, rows = rows.len(), "reading where a claimed batch goes failed; it is tried again");
+            let answer = Answer::Interrupted(format!("reading the delivery's trigger failed: {e}"));
             for row in &rows {
-                let _ = done_tx.send(done_for(
-                    row,
-                    config.triggers.retry,
-                    Answer::Failed(format!("store error: {e}")),
-                ));
+                let _ = done_tx.send(done_for(row, config.triggers.retry, answer.clone()));
             }
             return;
         }
     };
-    let mut email_apps: HashMap<Uuid, AppSlug> = HashMap::new();
-    for row in rows.iter().filter(|r| r.kind == EventKind::Email) {
-        if !email_apps.contains_key(&row.app_id)
-            && let Ok(Some(app)) = shared.store.app_by_id(row.app_id).await
-        {
-            email_apps.insert(app.id, app.slug);
-        }
-    }
     let sent = Instant::now();
     let deadline = sent + config.handler_timeout;
     let deadline_ms = unix_millis_after(config.handler_timeout);
@@ -436,7 +444,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         let key = (row.trigger_id, row.app_id, row.depth);
         let plan = plans.entry(key).or_insert_with(|| {
             let target = row.trigger_id.and_then(|id| targets.get(&id));
-            plan(config, &row, target, email_apps.get(&row.app_id), deadline_ms)
+            plan(config, &row, target, email_apps.get(&row.app_id).and_then(Option::as_ref), deadline_ms)
         });
         let plan = match plan {
             Ok(plan) => plan,

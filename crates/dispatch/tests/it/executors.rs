@@ -137,7 +137,7 @@ async fn hook(State(state): State<Arc<HookState>>, headers: HeaderMap, body: Byt
 }
 
 /// Starts the executors on their own connection; they are subscribed when this returns.
-async fn start_executors(w: &World, smtp_url: Option<&str>) -> executors::Running {
+pub(crate) async fn start_executors(w: &World, smtp_url: Option<&str>) -> executors::Running {
     let client = async_nats::connect(w.nats_url()).await.unwrap();
     let config = ExecutorConfig {
         smtp: smtp_url.map(|url| SmtpConfig { url: url.into(), from: "Shop <shop@example.com>".into() }),
@@ -379,9 +379,9 @@ async fn shutting_down_finishes_the_webhook_in_hand_and_then_takes_no_more() {
 
 /// One email the SMTP server accepted.
 #[derive(Debug)]
-struct Mail {
+pub(crate) struct Mail {
     from: String,
-    to: Vec<String>,
+    pub(crate) to: Vec<String>,
     data: String,
 }
 
@@ -427,15 +427,15 @@ impl mailin::Handler for MailHandler {
 
 /// A real SMTP server on 127.0.0.1 (mailin's state machine over tokio TCP) that answers RCPT TO
 /// from a script of reply codes (then 250).
-struct SmtpServer {
-    url: String,
+pub(crate) struct SmtpServer {
+    pub(crate) url: String,
     mails: mpsc::UnboundedReceiver<Mail>,
     connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl SmtpServer {
-    async fn start(rcpt_script: Vec<u16>) -> SmtpServer {
+    pub(crate) async fn start(rcpt_script: Vec<u16>) -> SmtpServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("smtp://{}", listener.local_addr().unwrap());
         let (tx, mails) = mpsc::unbounded_channel();
@@ -461,7 +461,7 @@ impl SmtpServer {
         SmtpServer { url, mails, connections, task }
     }
 
-    async fn next(&mut self, what: &str) -> Mail {
+    pub(crate) async fn next(&mut self, what: &str) -> Mail {
         tokio::time::timeout(Duration::from_secs(20), self.mails.recv())
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
@@ -501,7 +501,7 @@ async fn smtp_session(stream: tokio::net::TcpStream, handler: MailHandler) -> st
 }
 
 /// Queues an email as `POST /v1/apps/shop/emails` would.
-async fn send_email(w: &World, email: Value) -> Uuid {
+pub(crate) async fn send_email(w: &World, email: Value) -> Uuid {
     let cx = EventContext { app_id: w.app.id, app_slug: &w.app.slug, depth: 0, config: &w.config };
     let payload = RawValue::from_string(email.to_string()).unwrap();
     let mut tx = w.store.begin().await.unwrap();

@@ -5,6 +5,7 @@ mod delivery;
 mod executors;
 mod janitor;
 mod observability;
+mod outages;
 mod resilience;
 mod support;
 mod tenancy;

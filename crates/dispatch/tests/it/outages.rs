@@ -1,0 +1,43 @@
+//! Delivery through a store that fails under the relay: a Postgres connection killed while the
+//! relay reads where a claimed row goes must leave the row to be delivered, never drop it.
+
+use serde_json::json;
+
+use crate::executors::{SmtpServer, send_email, start_executors};
+use crate::support::*;
+
+/// The backends waiting for a lock on table `apps`.
+async fn waiting_on_apps(w: &World) -> Vec<i32> {
+    sqlx::query_scalar("SELECT pid FROM pg_locks WHERE relation = 'apps'::regclass AND NOT granted")
+        .fetch_all(w.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_email_whose_app_look_up_loses_its_connection_is_still_sent() {
+    let w = World::new().await;
+    let mut smtp = SmtpServer::start(Vec::new()).await;
+    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let id = send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"})).await;
+
+    // Hold the relay's look-up of the email's app on a lock, then kill the connection it waits on.
+    let mut lock = w.store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE apps IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    let pid = eventually("the relay to wait on the app look-up", || async {
+        waiting_on_apps(&w).await.first().copied()
+    })
+    .await;
+    let killed: bool =
+        sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&mut *lock).await.unwrap();
+    assert!(killed);
+    lock.rollback().await.unwrap();
+
+    let mail = smtp.next("the email, sent after the failed look-up").await;
+    assert_eq!(mail.to, ["ann@example.com"]);
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty(), "the email {id} was delivered, not dead-lettered");
+    relay.stop().await;
+    executors.shutdown().await;
+}
