@@ -40,6 +40,8 @@ pub struct ApiState {
     sync_calls: TaskTracker,
     /// Callers allowed to invoke, for the sync path's epoch-guarded writes.
     invokers: Arc<InvokeAuthorizations>,
+    /// Losses of the NATS connection: a sync call in flight on a lost connection answers at once.
+    connection: picloud_dispatch::ConnectionWatch,
 }
 
 impl ApiState {
@@ -47,6 +49,7 @@ impl ApiState {
     pub fn new(store: PgStore, nats: async_nats::Client, config: ApiConfig) -> ApiState {
         ApiState {
             store,
+            connection: picloud_dispatch::ConnectionWatch::spawn(&nats),
             nats,
             config: Arc::new(config),
             sync_calls: TaskTracker::new(),

@@ -8,6 +8,7 @@
 mod answer;
 mod complete;
 mod config;
+mod connection;
 mod envelope;
 pub mod executors;
 mod forward;
@@ -20,6 +21,7 @@ mod sync;
 pub use answer::Answer;
 pub use complete::{Completed, Done, complete};
 pub use config::{NatsConfig, RelayConfig};
+pub use connection::ConnectionWatch;
 pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};

@@ -5,6 +5,9 @@
 //!   row's registering principal, publishes the envelopes and records them as in flight;
 //! - the **responder** reads the relay's own inbox (`<inbox>.<seq>`) and turns replies into answers;
 //! - the **timer** turns in-flight deliveries past their deadline into timeouts;
+//! - the **watchman** gives back the deliveries in flight on a NATS connection that was lost:
+//!   their answers cannot arrive any more, so they are tried again at once without spending an
+//!   attempt;
 //! - the **completer** batches answers into one transaction each (a few at a time) and gives the
 //!   slots back; it also forwards sync results to their callers;
 //! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
@@ -29,6 +32,7 @@ use uuid::Uuid;
 use crate::answer::Answer;
 use crate::complete::{Done, complete};
 use crate::config::RelayConfig;
+use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::forward::forward;
 use crate::metrics::RelayMetrics;
@@ -66,11 +70,23 @@ pub struct Relay<S> {
 /// The deliveries published and not answered yet.
 #[derive(Debug, Default)]
 struct InFlight {
-    /// By sequence number (the last token of the reply subject), with when it was published.
-    pending: HashMap<u64, (Instant, Done)>,
+    /// By sequence number (the last token of the reply subject).
+    pending: HashMap<u64, Sent>,
     /// Deadlines in the order they were set; every delivery has the same timeout, so this is
     /// also deadline order. Entries of answered deliveries stay until they come due.
     deadlines: VecDeque<(Instant, u64)>,
+}
+
+/// One delivery in flight.
+#[derive(Debug)]
+struct Sent {
+    /// When it was published.
+    at: Instant,
+    /// The connection losses counted when it was published: once the count moves past this, its
+    /// answer can no longer arrive.
+    losses: u64,
+    /// How to complete it.
+    done: Done,
 }
 
 #[derive(Debug)]
@@ -99,6 +115,8 @@ struct Shared<S> {
     targets: Mutex<TargetCache>,
     /// What this relay records, labelled with its node.
     metrics: RelayMetrics,
+    /// Losses of the NATS connection the replies come back on.
+    connection: ConnectionWatch,
 }
 
 #[derive(Debug, Default)]
@@ -123,6 +141,7 @@ impl<S: Store> Relay<S> {
         headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
         let max_in_flight = self.config.max_in_flight.max(1);
         let metrics = RelayMetrics::new(&self.config.node_id);
+        let connection = ConnectionWatch::spawn(&self.nats);
         let shared = Arc::new(Shared {
             store: self.store,
             nats: self.nats,
@@ -137,6 +156,7 @@ impl<S: Store> Relay<S> {
             headers,
             targets: Mutex::default(),
             metrics,
+            connection,
         });
         tracing::info!(node = %shared.config.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -144,6 +164,7 @@ impl<S: Store> Relay<S> {
         let listener = tokio::spawn(listen(shared.clone(), wakeups));
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
+        let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
         let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
         let claimers: Vec<_> = (0..CLAIMERS)
             .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), stop_rx.clone())))
@@ -160,7 +181,8 @@ impl<S: Store> Relay<S> {
         listener.abort();
         responder.abort();
         timer.abort();
-        let _ = (responder.await, timer.await);
+        watchman.abort();
+        let _ = (responder.await, timer.await, watchman.await);
         let _ = completer.await;
         tracing::info!("relay stopped");
         Ok(())
@@ -435,6 +457,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
     };
     let sent = Instant::now();
+    let losses = shared.connection.losses();
     let deadline = sent + config.handler_timeout;
     let deadline_ms = unix_millis_after(config.handler_timeout);
     let mut plans: HashMap<(Option<Uuid>, Uuid, u32), Result<Plan, Answer>> = HashMap::new();
@@ -469,7 +492,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
         for (seq, done) in in_flight {
             table.deadlines.push_back((deadline, seq));
-            table.pending.insert(seq, (sent, done));
+            table.pending.insert(seq, Sent { at: sent, losses, done });
         }
     }
     for (seq, subject, body) in outgoing {
@@ -479,7 +502,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             .publish_with_reply_and_headers(subject, reply, shared.headers.clone(), body.into())
             .await;
         if let Err(e) = published
-            && let Some((_, mut done)) = take(shared, seq)
+            && let Some(Sent { mut done, .. }) = take(shared, seq)
         {
             tracing::warn!(delivery_id = %done.id, error = %e, "publishing a delivery failed");
             done.answer = Answer::Failed(format!("publishing failed: {e}"));
@@ -506,9 +529,8 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
     }
 }
 
-/// Removes a delivery from the in-flight table, signalling `drained` when it empties. Returns it
-/// with when it was published.
-fn take<S>(shared: &Shared<S>, seq: u64) -> Option<(Instant, Done)> {
+/// Removes a delivery from the in-flight table, signalling `drained` when it empties.
+fn take<S>(shared: &Shared<S>, seq: u64) -> Option<Sent> {
     let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
     let done = in_flight.pending.remove(&seq);
     if in_flight.pending.is_empty() {
@@ -521,9 +543,9 @@ async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mp
     while let Some(msg) = replies.next().await {
         let Some(seq) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
         match take(&shared, seq) {
-            Some((sent, mut done)) => {
+            Some(Sent { at, mut done, .. }) => {
                 done.answer = Answer::from_message(&msg);
-                shared.metrics.answered(&done.answer, sent.elapsed());
+                shared.metrics.answered(&done.answer, at.elapsed());
                 let _ = done_tx.send(done);
             }
             None => tracing::debug!(seq, "late reply ignored: the delivery timed out already"),
@@ -555,10 +577,10 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
             }
             in_flight.deadlines.front().map(|&(deadline, _)| deadline)
         };
-        for (sent, mut done) in expired {
+        for Sent { at, mut done, .. } in expired {
             tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
             done.answer = Answer::Timeout;
-            shared.metrics.answered(&done.answer, sent.elapsed());
+            shared.metrics.answered(&done.answer, at.elapsed());
             let _ = done_tx.send(done);
         }
         match next {
@@ -569,6 +591,37 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
                 }
             }
             None => shared.timer.notified().await,
+        }
+    }
+}
+
+/// Gives back the deliveries in flight whenever the NATS connection they were published on is
+/// lost: their answers cannot arrive on it, and waiting out their deadlines would only delay
+/// them. Each is rescheduled at once without spending an attempt; one still running in its
+/// handler may then run twice, which at-least-once delivery allows.
+async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
+    let mut seen = shared.connection.losses();
+    loop {
+        seen = shared.connection.lost_since(seen).await;
+        let lost: Vec<Sent> = {
+            let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+            let lost = in_flight.pending.extract_if(|_, sent| sent.losses < seen).map(|(_, s)| s).collect();
+            if in_flight.pending.is_empty() {
+                shared.drained.notify_waiters();
+            }
+            lost
+        };
+        tracing::warn!(
+            deliveries = lost.len(),
+            "the NATS connection was lost: the deliveries in flight on it are given back, without spending an attempt"
+        );
+        for Sent { at, mut done, .. } in lost {
+            done.answer = Answer::Interrupted(
+                "the NATS connection was lost while the delivery was in flight; its answer cannot arrive"
+                    .into(),
+            );
+            shared.metrics.answered(&done.answer, at.elapsed());
+            let _ = done_tx.send(done);
         }
     }
 }

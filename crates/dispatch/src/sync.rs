@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::answer::Answer;
 use crate::config::RelayConfig;
+use crate::connection::ConnectionWatch;
 use crate::envelope::envelope;
 use crate::forward::abandon;
 use crate::metrics::RelayMetrics;
@@ -132,13 +133,14 @@ impl Drop for SyncCaller {
 pub async fn deliver_sync<S: Store>(
     store: S,
     nats: Client,
+    connection: ConnectionWatch,
     config: RelayConfig,
     row: ClaimedDelivery,
     target: DeliveryTarget,
     reply: SyncReply,
 ) {
     let started = std::time::Instant::now();
-    let (answer, mut done) = attempt(&nats, &config, &row, &target).await;
+    let (answer, mut done) = attempt(&nats, &connection, &config, &row, &target).await;
     RelayMetrics::new(&config.node_id).sync_call(&answer, started.elapsed());
     done.answer = answer.clone();
     if let Err(reason) = reply.send(answer).await {
@@ -149,9 +151,11 @@ pub async fn deliver_sync<S: Store>(
     }
 }
 
-/// One attempt: the handler's answer, and the completion record to resolve it with.
+/// One attempt: the handler's answer, and the completion record to resolve it with. A lost
+/// connection ends the wait at once: the answer cannot arrive on it.
 async fn attempt(
     nats: &Client,
+    connection: &ConnectionWatch,
     config: &RelayConfig,
     row: &ClaimedDelivery,
     target: &DeliveryTarget,
@@ -170,13 +174,19 @@ async fn attempt(
     // The client's shared request inbox: no subscription of its own per call, and "no
     // responders" still comes back as such.
     let request = Request::new().headers(headers).payload(body.into()).timeout(Some(config.handler_timeout));
-    let answer = match nats.send_request(plan.subject.clone(), request).await {
-        Ok(msg) => Answer::from_message(&msg),
-        Err(e) => match e.kind() {
-            RequestErrorKind::NoResponders => Answer::NoResponders,
-            RequestErrorKind::TimedOut => Answer::Timeout,
-            _ => Answer::Failed(format!("the request failed: {e}")),
+    let losses = connection.losses();
+    let answer = tokio::select! {
+        answered = nats.send_request(plan.subject.clone(), request) => match answered {
+            Ok(msg) => Answer::from_message(&msg),
+            Err(e) => match e.kind() {
+                RequestErrorKind::NoResponders => Answer::NoResponders,
+                RequestErrorKind::TimedOut => Answer::Timeout,
+                _ => Answer::Failed(format!("the request failed: {e}")),
+            },
         },
+        _ = connection.lost_since(losses) => Answer::Interrupted(
+            "the NATS connection was lost while the handler worked on the call; its answer cannot arrive".into(),
+        ),
     };
     (answer, done)
 }

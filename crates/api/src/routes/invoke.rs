@@ -127,6 +127,7 @@ pub async fn invoke(
     state.sync_calls.spawn(picloud_dispatch::deliver_sync(
         state.store.clone(),
         state.nats.clone(),
+        state.connection.clone(),
         node.clone(),
         row,
         *target,
@@ -153,6 +154,12 @@ pub async fn invoke(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_handler",
             format!("no handler serves trigger {name}"),
+        )
+        .into_response(),
+        Answer::Interrupted(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nats_unavailable",
+            format!("the router lost its NATS connection while the handler worked on the call: {error}"),
         )
         .into_response(),
         Answer::Timeout => ApiError::new(

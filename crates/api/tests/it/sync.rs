@@ -212,6 +212,54 @@ async fn a_caller_that_hangs_up_leaves_its_result_abandoned_as_caller_gone() {
 }
 
 #[tokio::test]
+async fn a_call_in_flight_when_nats_restarts_answers_503_at_once_instead_of_waiting_for_its_timeout() {
+    let mut api = Api::start().await;
+    api.trigger(json!({"name": "slow", "kind": "http", "handler": {"function": "slow"}})).await;
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let slow = Worker::new(client, "shop")
+        .handle("slow", {
+            let (started, release) = (started.clone(), release.clone());
+            move |_| {
+                let (started, release) = (started.clone(), release.clone());
+                async move {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok(WorkerReply::ok(json!({})))
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    // Without watching the connection, the call would wait out the handler's deadline: 504.
+    let call = tokio::spawn({
+        let (router, token) = (api.router.clone(), api.developer.clone());
+        async move {
+            let request = axum::http::Request::post("/v1/apps/shop/invoke/slow")
+                .header("Authorization", format!("Bearer {token}"))
+                .header("Picloud-Timeout-Ms", "60000")
+                .body(axum::body::Body::from("{}"))
+                .unwrap();
+            tower::ServiceExt::oneshot(router, request).await.unwrap()
+        }
+    });
+    started.notified().await;
+
+    api.nats.restart().await.unwrap();
+
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), call).await.expect("an answer at once").unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value =
+        serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "nats_unavailable");
+    eventually("the row to be completed", || async { (api.outbox_len().await == 0).then_some(()) }).await;
+    release.notify_one();
+    slow.shutdown().await;
+}
+
+#[tokio::test]
 async fn when_the_waiting_node_dies_a_relay_delivers_after_the_lease_and_logs_the_result_abandoned() {
     let api = Api::start().await;
     let trigger_view =

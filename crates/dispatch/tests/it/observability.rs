@@ -173,8 +173,16 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
     };
     let nats = async_nats::connect(w.nats_url()).await.unwrap();
     let (reply, caller) = picloud_dispatch::sync_call();
-    let delivering =
-        tokio::spawn(picloud_dispatch::deliver_sync(w.store.clone(), nats, config, row, *target, reply));
+    let connection = picloud_dispatch::ConnectionWatch::spawn(&nats);
+    let delivering = tokio::spawn(picloud_dispatch::deliver_sync(
+        w.store.clone(),
+        nats,
+        connection,
+        config,
+        row,
+        *target,
+        reply,
+    ));
 
     let answer = caller.answer(Duration::from_secs(20)).await;
     assert_eq!(answer, Ok(picloud_dispatch::Answer::Ok(r#"{"ok":true}"#.into())));

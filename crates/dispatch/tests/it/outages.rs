@@ -1,7 +1,11 @@
 //! Delivery through a store that fails under the relay: a Postgres connection killed while the
 //! relay reads where a claimed row goes must leave the row to be delivered, never drop it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use serde_json::json;
+use tokio::sync::Notify;
 
 use crate::executors::{SmtpServer, send_email, start_executors};
 use crate::support::*;
@@ -40,4 +44,44 @@ async fn an_email_whose_app_look_up_loses_its_connection_is_still_sent() {
     assert!(w.dead_letters().await.is_empty(), "the email {id} was delivered, not dead-lettered");
     relay.stop().await;
     executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_delivery_in_flight_when_nats_restarts_is_given_back_at_once_without_spending_an_attempt() {
+    let mut w = World::new().await;
+    w.kv_trigger("slow", "orders", "slow").await;
+    // The first delivery hangs in its handler until the test ends; the one after the restart is
+    // answered.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let (worker, mut seen) = start_worker(&w.nats_url(), "shop", "slow", {
+        let release = release.clone();
+        move |_| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            let release = release.clone();
+            async move {
+                if first {
+                    release.notified().await;
+                }
+                Ok(picloud_worker::Reply::ok(json!({})))
+            }
+        }
+    })
+    .await;
+    let mut config = relay_config("n");
+    config.handler_timeout = std::time::Duration::from_secs(120);
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    w.put("orders", "o-1", json!({"n": 1}), 0).await;
+    let first = next(&mut seen, "the first delivery").await;
+
+    w.nats.restart().await.unwrap();
+
+    let again = next(&mut seen, "the delivery again, long before its 120 s deadline").await;
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.attempt, first.attempt, "the lost attempt is given back");
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    release.notify_one();
+    worker.stop().await;
 }
