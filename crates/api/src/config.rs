@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use picloud_core::config::{ConfigError, parse_var};
+use picloud_core::net::AllowNets;
 use picloud_dispatch::{ExecutorConfig, Metrics, RelayConfig, SmtpConfig};
 
 /// How the API and the ingest run.
@@ -21,6 +22,9 @@ pub struct ApiConfig {
     /// `PICLOUD_SMTP_URL` (parsed as the email executor parses it): `/readyz` checks that it
     /// can be reached while email rows wait, and says that it is missing when it is.
     pub smtp: Option<SmtpConfig>,
+    /// `PICLOUD_WEBHOOK_ALLOW_NETS` (parsed as the webhook executor parses it): the networks a
+    /// webhook registered with a literal address may name although they are not public.
+    pub webhook_allow_nets: AllowNets,
     /// The process's metrics recorder, served at `/metrics` (404 without one). The binary
     /// installs it ([`Metrics::install`]); the API never installs a global recorder itself.
     pub metrics: Option<Metrics>,
@@ -35,12 +39,14 @@ impl ApiConfig {
             sync_timeout_max: Duration::from_secs(60),
             node,
             smtp: None,
+            webhook_allow_nets: AllowNets::default(),
             metrics: None,
         }
     }
 
-    /// Parses the API's variables, the node's (see [`RelayConfig::from_env`]) and the SMTP
-    /// server's (see [`ExecutorConfig::from_env`]). The metrics recorder is left to the caller.
+    /// Parses the API's variables, the node's (see [`RelayConfig::from_env`]), the SMTP server's
+    /// and the webhook allow list (see [`ExecutorConfig::from_env`]). The metrics recorder is
+    /// left to the caller.
     pub fn from_env(
         lookup: impl Fn(&str) -> Option<String>,
         default_node_id: &str,
@@ -69,12 +75,34 @@ impl ApiConfig {
             "milliseconds from 10 to 3600000",
             |v| (10..=3_600_000).contains(v),
         )?;
+        let executors = ExecutorConfig::from_env(lookup)?;
         Ok(Self {
             http_addr,
             max_payload_bytes,
             sync_timeout_max: Duration::from_millis(sync_max_ms),
-            smtp: ExecutorConfig::from_env(lookup)?.smtp,
+            smtp: executors.smtp,
+            webhook_allow_nets: executors.webhook_allow_nets,
             ..default
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_webhook_allow_list_is_read_with_the_executors_parser() {
+        let env = |allow: &'static str| {
+            move |k: &str| match k {
+                "PICLOUD_TOKEN_SECRET" => Some("0123456789abcdef0123".to_owned()),
+                "PICLOUD_WEBHOOK_ALLOW_NETS" => Some(allow.to_owned()),
+                _ => None,
+            }
+        };
+        let config = ApiConfig::from_env(env("10.0.0.0/8, fd00::1"), "n").unwrap();
+        assert_eq!(config.webhook_allow_nets.to_string(), "10.0.0.0/8,fd00::1/128");
+        let err = ApiConfig::from_env(env("10.0.0.0/8,intranet"), "n").unwrap_err();
+        assert_eq!(err.variable, "PICLOUD_WEBHOOK_ALLOW_NETS");
     }
 }

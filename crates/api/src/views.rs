@@ -231,7 +231,8 @@ pub enum HandlerBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookBody {
-    /// The URL, `http://` or `https://`.
+    /// The URL, `http://` or `https://`, to a public address. Shown whole only to callers who may
+    /// manage the app's triggers; others see `scheme://host[:port]`.
     pub url: String,
     /// The Standard Webhooks signing secret, `whsec_…` (write only).
     #[serde(default, skip_serializing)]
@@ -332,6 +333,26 @@ pub struct TriggerView {
     pub updated_at: String,
 }
 
+impl TriggerView {
+    /// The view a reader gets: a webhook's URL whole when `whole_webhook_url`, else only its
+    /// `scheme://host[:port]` (DESIGN §11).
+    pub fn shown_to(trigger: Trigger, whole_webhook_url: bool) -> Self {
+        let mut view = Self::from(trigger);
+        if !whole_webhook_url && let HandlerBody::Webhook(hook) = &mut view.handler {
+            hook.url = origin(&hook.url);
+        }
+        view
+    }
+}
+
+/// `scheme://host[:port]` of a URL (the port when it is not the scheme's default), without its
+/// userinfo, path, query and fragment; nothing of a URL that does not parse.
+fn origin(url: &str) -> String {
+    url::Url::parse(url).map(|u| u.origin().ascii_serialization()).unwrap_or_default()
+}
+
+/// The whole view, webhook URL included: for callers who may manage the app's triggers (and the
+/// platform's own admin commands); other readers get [`TriggerView::shown_to`].
 impl From<Trigger> for TriggerView {
     fn from(t: Trigger) -> Self {
         let mut view = TriggerView {

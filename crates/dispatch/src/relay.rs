@@ -431,9 +431,8 @@ async fn read_targets<S: Store>(
     let targets = targets_for(shared, rows, epoch).await?;
     let mut email_apps = HashMap::new();
     for row in rows.iter().filter(|r| r.kind == EventKind::Email) {
-        if !email_apps.contains_key(&row.app_id) {
-            let app = shared.store.app_by_id(row.app_id).await?;
-            email_apps.insert(row.app_id, app.map(|a| a.slug));
+        if let std::collections::hash_map::Entry::Vacant(entry) = email_apps.entry(row.app_id) {
+            entry.insert(shared.store.app_by_id(row.app_id).await?.map(|a| a.slug));
         }
     }
     Ok((targets, email_apps))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use picloud_core::AppSlug;
+use picloud_core::net::ALLOW_NETS_VAR;
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_store::{AuthRepo, NewApiToken, PgStore};
 use picloud_testkit::{NatsServer, PgOptions, PgServer};
@@ -18,6 +19,8 @@ use crate::serve::{self, Node};
 const TENANTS_CONF: &str = include_str!("../../../nats/tenants.conf");
 /// The app `dev` makes.
 const APP: &str = "demo";
+/// `PICLOUD_WEBHOOK_ALLOW_NETS` unless the environment sets it: webhooks may reach this machine.
+const WEBHOOK_ALLOW_NETS: &str = "127.0.0.0/8,::1/128";
 
 /// Options of `picloud-router dev`.
 #[derive(Debug, clap::Args)]
@@ -169,7 +172,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ("PICLOUD_NATS_PASSWORD", passwords.get("PICLOUD_NATS_ROUTER_PASSWORD").cloned().unwrap_or_default()),
         ("PICLOUD_TOKEN_SECRET", token_secret.clone()),
     ]);
-    let lookup = |name: &str| overlay.get(name).cloned().or_else(|| serve::env(name));
+    let default = |name: &str| (name == ALLOW_NETS_VAR).then(|| WEBHOOK_ALLOW_NETS.to_owned());
+    let lookup =
+        |name: &str| overlay.get(name).cloned().or_else(|| serve::env(name)).or_else(|| default(name));
     let node = Node::from_lookup(&lookup)?;
     let nats_url = nats.url();
     let banner = |addr: std::net::SocketAddr| {

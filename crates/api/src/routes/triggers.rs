@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
 use picloud_core::cron::DEFAULT_TIMEZONE;
+use picloud_core::net::TARGET_REFUSED;
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
     Capability, CollectionPattern, CronSchedule, HandlerName, QueueName, RetryOverrides, TriggerName,
@@ -18,7 +19,9 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{JsonBody, Page, PageQuery, QueryParams};
 use crate::views::*;
 
-fn handler(body: HandlerBody) -> Result<Handler, ApiError> {
+/// The handler of a registration or a change. A webhook URL whose host is a refused address (or
+/// a `localhost` name) is refused here; other names are judged when a delivery resolves them.
+fn handler(state: &ApiState, body: HandlerBody) -> Result<Handler, ApiError> {
     match body {
         HandlerBody::Function(name) => HandlerName::parse(name)
             .map(Handler::Function)
@@ -29,6 +32,15 @@ fn handler(body: HandlerBody) -> Result<Handler, ApiError> {
                 return Err(ApiError::invalid(
                     "handler.webhook.url",
                     "expected an http:// or https:// URL with a host",
+                ));
+            }
+            if let Err(refusal) =
+                state.config.webhook_allow_nets.check_host(url.host_str().unwrap_or_default())
+            {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    TARGET_REFUSED,
+                    format!("handler.webhook.url: {refusal}"),
                 ));
             }
             let key_bytes = hook
@@ -45,6 +57,13 @@ fn handler(body: HandlerBody) -> Result<Handler, ApiError> {
             Ok(Handler::Webhook { url: hook.url, secret: hook.secret })
         }
     }
+}
+
+/// Whether `caller` sees webhook URLs whole: only with AppManageTriggers on the app, and never
+/// through a delivery token (a handler's code is not an app admin). Others see
+/// `scheme://host[:port]`: a URL's path, query and userinfo often carry credentials.
+fn sees_webhook_urls(caller: &Caller) -> bool {
+    !caller.is_delivery() && caller.access().allows(Capability::AppManageTriggers)
 }
 
 fn retry(state: &ApiState, retry: RetryOverrides) -> Result<RetryOverrides, ApiError> {
@@ -152,13 +171,13 @@ pub async fn register(
         app_id: app.id,
         name,
         spec,
-        handler: handler(body.handler)?,
+        handler: handler(&state, body.handler)?,
         retry: retry(&state, body.retry.unwrap_or_default())?,
         enabled: body.enabled.unwrap_or(true),
         registered_by: caller.principal.id,
     };
     let trigger = state.store.create_trigger(&new).await?;
-    Ok((StatusCode::CREATED, Json(trigger.into())))
+    Ok((StatusCode::CREATED, Json(TriggerView::shown_to(trigger, sees_webhook_urls(&caller)))))
 }
 
 /// The app's triggers, by name.
@@ -172,7 +191,8 @@ pub async fn list(
     let app = caller.require_app(Capability::AppRead)?;
     let after = page.after()?;
     let found = state.store.list_triggers(app.id, after.as_deref(), page.limit()).await?;
-    Ok(Json(Page::from_store(found, |t| t.name.to_string(), TriggerView::from)))
+    let whole_urls = sees_webhook_urls(&caller);
+    Ok(Json(Page::from_store(found, |t| t.name.to_string(), |t| TriggerView::shown_to(t, whole_urls))))
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -190,7 +210,7 @@ pub async fn get(
 ) -> Result<Json<TriggerView>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;
     let trigger = state.store.trigger(app.id, &name).await?.ok_or_else(|| not_found(&name))?;
-    Ok(Json(trigger.into()))
+    Ok(Json(TriggerView::shown_to(trigger, sees_webhook_urls(&caller))))
 }
 
 /// Enable or disable a trigger, or change its handler or retry overrides.
@@ -206,11 +226,11 @@ pub async fn patch(
     let app = caller.require_app(Capability::AppManageTriggers)?;
     let patch = TriggerPatch {
         enabled: body.enabled,
-        handler: body.handler.map(handler).transpose()?,
+        handler: body.handler.map(|h| handler(&state, h)).transpose()?,
         retry: body.retry.map(|r| retry(&state, r)).transpose()?,
     };
     let trigger = state.store.update_trigger(app.id, &name, &patch).await?;
-    Ok(Json(trigger.into()))
+    Ok(Json(TriggerView::shown_to(trigger, sees_webhook_urls(&caller))))
 }
 
 /// Remove a trigger; its dead letters stay.

@@ -5,3 +5,4 @@ mod invalid;
 mod routes;
 mod support;
 mod sync;
+mod webhooks;

@@ -17,6 +17,7 @@ use async_nats::{Client, HeaderMap, Message, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use picloud_core::config::ConfigError;
+use picloud_core::net::{ALLOW_NETS_VAR, AllowNets};
 use picloud_core::protocol::{
     ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects,
 };
@@ -55,6 +56,9 @@ pub struct ExecutorConfig {
     pub webhook_timeout_cap: Duration,
     /// Deliveries each executor works on at once.
     pub concurrency: usize,
+    /// `PICLOUD_WEBHOOK_ALLOW_NETS`: the networks webhooks may reach although they are not
+    /// public (none by default).
+    pub webhook_allow_nets: AllowNets,
 }
 
 impl Default for ExecutorConfig {
@@ -64,6 +68,7 @@ impl Default for ExecutorConfig {
             smtp: None,
             webhook_timeout_cap: Duration::from_secs(30),
             concurrency: 64,
+            webhook_allow_nets: AllowNets::default(),
         }
     }
 }
@@ -72,8 +77,9 @@ impl Default for ExecutorConfig {
 pub const DEFAULT_SMTP_FROM: &str = "picloud@localhost";
 
 impl ExecutorConfig {
-    /// Parses `PICLOUD_SMTP_URL` (unset: no email executor), `PICLOUD_SMTP_FROM` and
-    /// `PICLOUD_SUBJECT_PREFIX`; a bad value is an error naming its variable.
+    /// Parses `PICLOUD_SMTP_URL` (unset: no email executor), `PICLOUD_SMTP_FROM`,
+    /// `PICLOUD_SUBJECT_PREFIX` and `PICLOUD_WEBHOOK_ALLOW_NETS`; a bad value is an error naming
+    /// its variable.
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
         let get = |k: &str| lookup(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
@@ -98,7 +104,18 @@ impl ExecutorConfig {
                 Some(SmtpConfig { url, from })
             }
         };
-        Ok(Self { subjects, smtp, ..Self::default() })
+        let webhook_allow_nets = match get(ALLOW_NETS_VAR) {
+            None => AllowNets::default(),
+            Some(list) => list.parse().map_err(|e| ConfigError {
+                variable: ALLOW_NETS_VAR.into(),
+                value: list.clone(),
+                accepts: format!(
+                    "comma-separated networks in CIDR notation or addresses, such as \
+                     10.0.0.0/8,fd00::/8,192.0.2.7 ({e})"
+                ),
+            })?,
+        };
+        Ok(Self { subjects, smtp, webhook_allow_nets, ..Self::default() })
     }
 }
 
@@ -152,7 +169,7 @@ pub async fn start<S: Store>(
     config: ExecutorConfig,
 ) -> Result<Running, ExecutorError> {
     let concurrency = config.concurrency.max(1);
-    let webhook = WebhookExecutor::new(store, config.webhook_timeout_cap)?;
+    let webhook = WebhookExecutor::new(store, config.webhook_timeout_cap, config.webhook_allow_nets.clone())?;
     let email = match &config.smtp {
         Some(smtp) => Some(EmailExecutor::new(smtp, config.webhook_timeout_cap)?),
         None => {
@@ -183,7 +200,12 @@ pub async fn start<S: Store>(
         drains.push(drain);
         loops.spawn(serve(nats.clone(), sub, Arc::new(email), concurrency, drained));
     }
-    tracing::info!(email = config.smtp.is_some(), concurrency, "built-in executors started");
+    tracing::info!(
+        email = config.smtp.is_some(),
+        concurrency,
+        webhook_allow_nets = %config.webhook_allow_nets,
+        "built-in executors started"
+    );
     Ok(Running { client: nats, drains, loops })
 }
 
@@ -384,6 +406,17 @@ mod tests {
         assert_eq!(c.smtp, None);
         assert_eq!(c.subjects.builtin_webhook(), "picloud.v1.builtin.webhook");
         assert_eq!(c.concurrency, 64);
+        assert_eq!(c.webhook_allow_nets, AllowNets::default());
+    }
+
+    #[test]
+    fn the_webhook_allow_list_is_read_and_a_bad_entry_names_the_variable() {
+        let c = ExecutorConfig::from_env(env(&[("PICLOUD_WEBHOOK_ALLOW_NETS", "127.0.0.0/8, ::1")])).unwrap();
+        assert_eq!(c.webhook_allow_nets.to_string(), "127.0.0.0/8,::1/128");
+        let err = ExecutorConfig::from_env(env(&[("PICLOUD_WEBHOOK_ALLOW_NETS", "10.0.0.0/8,intranet")]))
+            .unwrap_err();
+        assert_eq!(err.variable, "PICLOUD_WEBHOOK_ALLOW_NETS");
+        assert!(err.accepts.contains("\"intranet\""), "{err}");
     }
 
     #[test]

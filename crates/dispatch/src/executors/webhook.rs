@@ -1,10 +1,16 @@
 //! The webhook executor: POSTs a delivery's envelope, without its delivery token, to the
 //! trigger's URL with the Standard Webhooks headers, and turns the HTTP answer into `ok`,
-//! `retry` or `fail` (DESIGN §11).
+//! `retry` or `fail` (DESIGN §11). It connects only to addresses webhooks may reach: a literal
+//! host is judged before the request, a name by the addresses it resolves to, so the address
+//! judged is the one dialled. Its error texts never carry the URL's path, query or userinfo.
 
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use picloud_core::net::{AllowNets, Refusal, TARGET_REFUSED, literal_address};
 use picloud_core::protocol::Envelope;
 use picloud_core::webhook::{ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookKey};
 use picloud_store::{Handler, Store};
@@ -25,6 +31,8 @@ pub(crate) struct WebhookExecutor<S> {
     store: S,
     http: reqwest::Client,
     timeout_cap: Duration,
+    /// The networks webhooks may reach although they are not public.
+    allow: AllowNets,
 }
 
 /// What an HTTP status means for the delivery.
@@ -56,6 +64,59 @@ fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Resolves webhook hosts with the system resolver and keeps only the addresses webhooks may
+/// reach. reqwest asks it for every connection to a name, so a name that resolves to a refused
+/// address — from the start, or only later (DNS rebinding) — gets no connection.
+#[derive(Debug)]
+struct PublicResolver {
+    allow: AllowNets,
+}
+
+/// Every address a webhook's host resolved to is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{TARGET_REFUSED}: host {host}: {refusal}")]
+struct HostRefused {
+    host: String,
+    /// Why the first address was refused.
+    refusal: Refusal,
+}
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.allow.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let mut refused = None;
+            let kept: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|addr| match allow.check(addr.ip()) {
+                    Ok(()) => true,
+                    Err(refusal) => {
+                        refused.get_or_insert(refusal);
+                        false
+                    }
+                })
+                .collect();
+            match refused {
+                Some(refusal) if kept.is_empty() => Err(Box::new(HostRefused { host, refusal }) as _),
+                _ => Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The refusal of the resolver somewhere in a request error's sources.
+fn host_refused(e: &reqwest::Error) -> Option<&HostRefused> {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(refused) = s.downcast_ref::<HostRefused>() {
+            return Some(refused);
+        }
+        source = s.source();
+    }
+    None
+}
+
 /// An error and its sources, on one line.
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
@@ -72,14 +133,17 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl<S: Store> WebhookExecutor<S> {
-    /// An executor with its own HTTP client (no redirects followed).
-    pub(crate) fn new(store: S, timeout_cap: Duration) -> Result<Self, ExecutorError> {
+    /// An executor with its own HTTP client: no redirects followed, no proxy (the address
+    /// dialled is the webhook's own), names resolved by [`PublicResolver`].
+    pub(crate) fn new(store: S, timeout_cap: Duration, allow: AllowNets) -> Result<Self, ExecutorError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(PublicResolver { allow: allow.clone() }))
             .user_agent(USER_AGENT)
             .build()
-            .map_err(|e| ExecutorError::Http(e.to_string()))?;
-        Ok(Self { store, http, timeout_cap })
+            .map_err(|e| ExecutorError::Http(e.without_url().to_string()))?;
+        Ok(Self { store, http, timeout_cap, allow })
     }
 
     /// The trigger's URL and signing key, or the answer to give when there are none.
@@ -109,8 +173,18 @@ impl<S: Store> WebhookExecutor<S> {
         Ok((url, key))
     }
 
-    /// POSTs `body` and reads the answer.
+    /// POSTs `body` and reads the answer. A host that is a refused address fails here: reqwest
+    /// dials a literal address without asking the resolver.
     async fn post(&self, url: &str, id: Uuid, key: &WebhookKey, body: Vec<u8>, budget: Duration) -> Outcome {
+        let url = match reqwest::Url::parse(url) {
+            Ok(url) => url,
+            Err(e) => return Outcome::Fail(format!("the webhook URL is invalid: {e}")),
+        };
+        if let Some(refusal) =
+            url.host_str().and_then(literal_address).and_then(|ip| self.allow.check(ip).err())
+        {
+            return Outcome::Fail(format!("{TARGET_REFUSED}: {refusal}"));
+        }
         let id = id.to_string();
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         let signature = key.sign(&id, timestamp, &body);
@@ -127,19 +201,7 @@ impl<S: Store> WebhookExecutor<S> {
             .await;
         let mut response = match sent {
             Ok(response) => response,
-            Err(e) if e.is_timeout() => {
-                return Outcome::retry(format!(
-                    "the webhook did not answer within {} ms",
-                    budget.as_millis()
-                ));
-            }
-            Err(e) if e.is_builder() => {
-                return Outcome::Fail(format!("invalid webhook request: {}", describe(&e)));
-            }
-            Err(e) if e.is_connect() => {
-                return Outcome::retry(format!("connecting to the webhook failed: {}", describe(&e)));
-            }
-            Err(e) => return Outcome::retry(format!("the webhook request failed: {}", describe(&e))),
+            Err(e) => return unanswered(&e.without_url(), budget),
         };
         let status = response.status();
         match verdict(status.as_u16()) {
@@ -170,6 +232,22 @@ impl<S: Store> WebhookExecutor<S> {
                 ))
             }
         }
+    }
+}
+
+/// The answer to a request that got no response. `e` is without its URL, so neither its text
+/// nor its sources' carry the webhook's path, query or userinfo.
+fn unanswered(e: &reqwest::Error, budget: Duration) -> Outcome {
+    if let Some(refused) = host_refused(e) {
+        Outcome::Fail(refused.to_string())
+    } else if e.is_timeout() {
+        Outcome::retry(format!("the webhook did not answer within {} ms", budget.as_millis()))
+    } else if e.is_builder() {
+        Outcome::Fail(format!("invalid webhook request: {}", describe(e)))
+    } else if e.is_connect() {
+        Outcome::retry(format!("connecting to the webhook failed: {}", describe(e)))
+    } else {
+        Outcome::retry(format!("the webhook request failed: {}", describe(e)))
     }
 }
 
@@ -250,6 +328,25 @@ mod tests {
         ] {
             assert_eq!(verdict(status), expected, "{status}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_resolver_keeps_allowed_addresses_and_names_the_host_when_none_is_left() {
+        use reqwest::dns::Resolve as _;
+        let resolve = |allow: &str| {
+            let resolver = PublicResolver { allow: allow.parse().unwrap() };
+            resolver.resolve("localhost".parse().unwrap())
+        };
+        let error = resolve("").await.err().expect("localhost is refused");
+        let refused = error.downcast_ref::<HostRefused>().expect("a HostRefused");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("webhook_target_refused: host localhost: 127.0.0.1 is a loopback"),
+            "{refused}"
+        );
+        let kept: Vec<SocketAddr> = resolve("127.0.0.0/8").await.unwrap().collect();
+        assert!(kept.iter().any(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST), "{kept:?}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use picloud_core::{CollectionPattern, RetryOverrides, TriggerName};
 use picloud_dispatch::executors::{self, ExecutorConfig, SmtpConfig};
@@ -34,6 +34,7 @@ const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// One request the webhook server received.
 #[derive(Debug)]
 struct Received {
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 }
@@ -73,9 +74,12 @@ struct HookState {
     gate: Semaphore,
 }
 
-/// A real HTTP server on 127.0.0.1 that records requests and answers from a script (then 200).
+/// A real HTTP server on 127.0.0.1 that records requests to any path and answers from a script
+/// (then 200).
 struct HookServer {
+    /// Its `/hook`.
     url: String,
+    port: u16,
     received: mpsc::UnboundedReceiver<Received>,
     state: Arc<HookState>,
     task: JoinHandle<()>,
@@ -89,13 +93,14 @@ impl HookServer {
             script: Mutex::new(script.into()),
             gate: Semaphore::new(Semaphore::MAX_PERMITS),
         });
-        let app = axum::Router::new().route("/hook", axum::routing::post(hook)).with_state(state.clone());
+        let app = axum::Router::new().fallback(hook).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}/hook");
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        HookServer { url, received, state, task }
+        HookServer { url, port, received, state, task }
     }
 
     /// A server whose answers wait until [`HookServer::open`].
@@ -123,8 +128,8 @@ impl Drop for HookServer {
     }
 }
 
-async fn hook(State(state): State<Arc<HookState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let _ = state.received.send(Received { headers, body });
+async fn hook(State(state): State<Arc<HookState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let _ = state.received.send(Received { uri, headers, body });
     let permit = state.gate.acquire().await.unwrap();
     permit.forget();
     let (status, headers, body) =
@@ -136,11 +141,18 @@ async fn hook(State(state): State<Arc<HookState>>, headers: HeaderMap, body: Byt
     response
 }
 
-/// Starts the executors on their own connection; they are subscribed when this returns.
+/// Starts the executors on their own connection, allowed to reach the test's servers on
+/// 127.0.0.1; they are subscribed when this returns.
 pub(crate) async fn start_executors(w: &World, smtp_url: Option<&str>) -> executors::Running {
+    start_executors_allowing(w, smtp_url, "127.0.0.0/8").await
+}
+
+/// Starts the executors with `PICLOUD_WEBHOOK_ALLOW_NETS` set to `allow_nets`.
+async fn start_executors_allowing(w: &World, smtp_url: Option<&str>, allow_nets: &str) -> executors::Running {
     let client = async_nats::connect(w.nats_url()).await.unwrap();
     let config = ExecutorConfig {
         smtp: smtp_url.map(|url| SmtpConfig { url: url.into(), from: "Shop <shop@example.com>".into() }),
+        webhook_allow_nets: allow_nets.parse().unwrap(),
         ..ExecutorConfig::default()
     };
     executors::start(w.store.clone(), client, config).await.unwrap()
@@ -288,6 +300,49 @@ async fn a_webhook_that_refuses_connections_is_retried_and_then_exhausted() {
     executors.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_webhook_whose_name_resolves_to_loopback_is_refused_with_an_error_that_hides_path_and_query() {
+    let w = World::new().await;
+    let mut server = HookServer::start(Vec::new()).await;
+    let url = format!("http://localhost:{}/secret-path?token=x", server.port);
+    let trigger = webhook_trigger(&w, &url, RetryOverrides::default()).await;
+    let executors = start_executors_allowing(&w, None, "").await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    let dead = eventually("the dead letter", || async { w.dead_letters().await.pop() }).await;
+    assert_eq!(
+        (dead.reason, dead.attempts, dead.trigger_id),
+        (DeadLetterReason::Rejected, 1, Some(trigger.id))
+    );
+    let error = dead.last_error.unwrap();
+    assert!(error.starts_with("webhook_target_refused: host localhost: 127.0.0.1 is a loopback"), "{error}");
+    assert!(!error.contains("secret-path") && !error.contains("token=x"), "{error}");
+    assert_eq!(w.outbox_len().await, 0);
+    relay.stop().await;
+    executors.shutdown().await;
+    assert!(server.received.try_recv().is_err(), "the receiver got nothing");
+}
+
+#[tokio::test]
+async fn a_webhook_whose_name_resolves_to_an_allowed_net_is_delivered() {
+    let w = World::new().await;
+    let mut server = HookServer::start(Vec::new()).await;
+    let url = format!("http://localhost:{}/secret-path?token=x", server.port);
+    webhook_trigger(&w, &url, RetryOverrides::default()).await;
+    let executors = start_executors_allowing(&w, None, "127.0.0.0/8,::1/128").await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    let request = server.next("the webhook request").await;
+    assert_eq!(request.uri, "/secret-path?token=x");
+    request.verify();
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    executors.shutdown().await;
+}
+
 /// A delivery envelope as the relay would send it for `trigger`.
 fn envelope(trigger: &Trigger, deadline_in: Duration) -> Vec<u8> {
     let deadline = (time::OffsetDateTime::now_utc() + deadline_in).unix_timestamp_nanos() / 1_000_000;
@@ -343,6 +398,54 @@ async fn over_nats_the_executor_answers_with_the_webhooks_json_body_or_its_retry
     assert_eq!((status.as_str(), after), ("fail", None));
     assert!(error.unwrap().contains("410 Gone"));
     serde_json::from_slice::<Value>(&reply.payload).expect("a JSON body");
+    executors.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_webhook_on_a_literal_refused_address_fails_without_a_request() {
+    let w = World::new().await;
+    let mut server = HookServer::start(Vec::new()).await;
+    let executors = start_executors_allowing(&w, None, "10.0.0.0/8").await;
+    let client = async_nats::connect(w.nats_url()).await.unwrap();
+    for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "[::1]", "0.0.0.0"] {
+        let url = format!("http://{host}:{}/secret-path?token=x", server.port);
+        let trigger = webhook_trigger(&w, &url, RetryOverrides::default()).await;
+        let body = envelope(&trigger, Duration::from_secs(10));
+        let reply = client.request("picloud.v1.builtin.webhook", body.into()).await.unwrap();
+        let (status, error, _) = status_of(&reply);
+        let error = error.unwrap_or_default();
+        assert_eq!(status, "fail", "{host}: {error}");
+        assert!(error.starts_with("webhook_target_refused: "), "{host}: {error}");
+        assert!(!error.contains("secret-path") && !error.contains("token=x"), "{error}");
+        w.store.delete_trigger(w.app.id, "to-hook").await.unwrap();
+    }
+    executors.shutdown().await;
+    assert!(server.received.try_recv().is_err(), "the receiver got nothing");
+}
+
+#[tokio::test]
+async fn a_failing_webhook_error_carries_no_path_query_or_credentials() {
+    let w = World::new().await;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("http://hook-user:hunter2@127.0.0.1:{port}/secret-path?token=x");
+    let trigger = webhook_trigger(&w, &url, RetryOverrides::default()).await;
+    let executors = start_executors(&w, None).await;
+    let client = async_nats::connect(w.nats_url()).await.unwrap();
+
+    let reply = client
+        .request("picloud.v1.builtin.webhook", envelope(&trigger, Duration::from_secs(10)).into())
+        .await
+        .unwrap();
+    let (status, error, _) = status_of(&reply);
+    let error = error.unwrap_or_default();
+    assert_eq!(status, "retry", "{error}");
+    assert!(error.contains("connect"), "{error}");
+    for secret in ["secret-path", "token=x", "hook-user", "hunter2"] {
+        assert!(!error.contains(secret), "{secret} in {error}");
+    }
     executors.shutdown().await;
 }
 
