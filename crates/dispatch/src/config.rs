@@ -7,6 +7,11 @@ use picloud_core::config::{ConfigError, parse_var};
 use picloud_core::protocol::Subjects;
 use picloud_core::token::TokenKey;
 
+/// The longest `PICLOUD_HANDLER_TIMEOUT_MS` a node accepts, in milliseconds: the shipped NATS
+/// configs let a handler answer that long after its request (`allow_responses` in
+/// `nats/tenants.conf`).
+pub const MAX_HANDLER_TIMEOUT_MS: u64 = 3_600_000;
+
 /// How a node connects to NATS (`PICLOUD_NATS_URL`, `PICLOUD_NATS_CREDS`, `PICLOUD_NATS_USER`,
 /// `PICLOUD_NATS_PASSWORD`).
 #[derive(Clone)]
@@ -153,7 +158,7 @@ impl RelayConfig {
         let mut config = Self::new(node_id, secret.as_bytes());
         config.subjects = subjects;
         config.triggers = TriggerConfig::from_env(lookup)?;
-        config.handler_timeout = ms("PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, 3_600_000)?;
+        config.handler_timeout = ms("PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, MAX_HANDLER_TIMEOUT_MS)?;
         config.lease_margin = ms("PICLOUD_LEASE_MARGIN_MS", 10_000, 100, 3_600_000)?;
         config.poll_interval = ms("PICLOUD_RELAY_POLL_MS", 1_000, 10, 60_000)?;
         config.batch_size =

@@ -1,17 +1,20 @@
 //! What a node tells Prometheus: the metric names, the process-wide recorder, the relay's
-//! counters and histograms, and the database gauges read when `/metrics` is scraped.
+//! counters and histograms, and the database gauges, read on a timer.
 //!
 //! Counters and histograms are recorded where the work happens (the relay, the completer, the
 //! janitor) through the `metrics` facade, labelled with the node. Gauges that describe the
 //! database — the due backlog, the age of its oldest row, unresolved dead letters, abandoned
-//! executions — are the same for every node; they are read from Postgres at scrape time
-//! ([`Metrics::scrape`]), so no node runs a loop to keep them fresh and they are never staler
-//! than the scrape.
+//! executions — are the same for every node; each node reads them once per interval
+//! ([`Metrics::refresh_gauges_every`], `PICLOUD_METRICS_INTERVAL_MS`) and `/metrics` renders the
+//! values last read. `/metrics` needs no token, so however often it is scraped it costs no
+//! query: `picloud_gauge_reads_total` counts the reads.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use metrics::{SharedString, Unit};
+use metrics_exporter_prometheus::formatting::{write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use picloud_store::{PgStore, Transactional as _};
 
@@ -38,6 +41,16 @@ pub const OLDEST_DUE_AGE: &str = "picloud_outbox_oldest_due_age_seconds";
 pub const UNRESOLVED_DEAD_LETTERS: &str = "picloud_dead_letters_unresolved";
 /// Rows of `abandoned_executions` (kept for their retention).
 pub const ABANDONED_EXECUTIONS: &str = "picloud_abandoned_executions";
+/// Reads of the database gauges by this node: one per interval, however often it is scraped.
+pub const GAUGE_READS: &str = "picloud_gauge_reads_total";
+
+/// The database gauges and what each says, in the order they are rendered.
+const DATABASE_GAUGES: [(&str, &str); 4] = [
+    (DUE_BACKLOG, "Outbox rows due now and not leased by a relay."),
+    (OLDEST_DUE_AGE, "How long the oldest due, unleased outbox row has been due, in seconds."),
+    (UNRESOLVED_DEAD_LETTERS, "Dead letters without a resolution."),
+    (ABANDONED_EXECUTIONS, "Sync results nobody took, kept for their retention."),
+];
 
 /// Upper bounds of the attempt-duration buckets, in seconds: from a local handler's millisecond
 /// to the longest handler timeout worth telling apart.
@@ -54,54 +67,104 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 #[error("installing the metrics recorder failed: {0}")]
 pub struct MetricsError(String);
 
-/// The process's Prometheus recorder; renders what was recorded.
+/// The process's Prometheus recorder and one node's database gauges; renders both.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
+    /// Written by the node's gauge reader, read by every render.
+    gauges: Arc<Gauges>,
+}
+
+/// The database gauges as last read.
+#[derive(Debug)]
+struct Gauges {
+    /// In the order of [`DATABASE_GAUGES`]; `NaN` (unknown) before the first read and after a
+    /// read that failed, rather than a stale value.
+    values: Mutex<[f64; 4]>,
+    /// Reads so far ([`GAUGE_READS`]).
+    reads: AtomicU64,
+}
+
+impl Default for Gauges {
+    fn default() -> Self {
+        Self { values: Mutex::new([f64::NAN; 4]), reads: AtomicU64::new(0) }
+    }
 }
 
 /// The recorder of this process, once installed (or why installing it failed).
-static INSTALLED: OnceLock<Result<Metrics, MetricsError>> = OnceLock::new();
+static INSTALLED: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new();
 
 impl Metrics {
     /// Installs the Prometheus recorder as this process's global `metrics` recorder, on first
-    /// call, and returns it; later calls return the same recorder, so a test binary that builds
-    /// many nodes may call it for each. Fails if another recorder was installed first.
+    /// call; later calls share it, so a test binary that builds many nodes may call it for each.
+    /// Each call has database gauges of its own, for the node it serves. Fails if another
+    /// recorder was installed first.
     ///
     /// Metrics recorded before the recorder is installed are lost: install it before starting
     /// relays. A background thread folds histogram samples into their buckets every few
     /// seconds, so memory stays bounded when nobody scrapes.
     pub fn install() -> Result<Metrics, MetricsError> {
-        INSTALLED.get_or_init(install).clone()
+        let handle = INSTALLED.get_or_init(install).clone()?;
+        Ok(Metrics { handle, gauges: Arc::default() })
     }
 
-    /// Everything this process recorded, in the Prometheus text format.
+    /// Everything this process recorded and the database gauges as last read, in the
+    /// Prometheus text format. Touches no database.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        let values = *self.gauges.values.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((name, help), value) in DATABASE_GAUGES.iter().zip(values) {
+            write_help_line(&mut text, name, None, None, help);
+            write_type_line(&mut text, name, None, None, "gauge");
+            text.push_str(&format!("{name} {value}\n"));
+        }
+        let reads = self.gauges.reads.load(Ordering::Relaxed);
+        write_help_line(&mut text, GAUGE_READS, None, None, "Reads of the database gauges by this node.");
+        write_type_line(&mut text, GAUGE_READS, None, None, "counter");
+        text.push_str(&format!("{GAUGE_READS} {reads}\n"));
+        text
     }
 
-    /// Reads the database gauges from `store`, then renders. When the database cannot be read
-    /// the gauges say `NaN` (unknown) rather than keep a stale value; the rest still renders.
-    pub async fn scrape(&self, store: &PgStore) -> String {
-        match read_database(store).await {
-            Ok(db) => {
-                metrics::gauge!(DUE_BACKLOG).set(db.due as f64);
-                metrics::gauge!(OLDEST_DUE_AGE).set(db.oldest_due_age);
-                metrics::gauge!(UNRESOLVED_DEAD_LETTERS).set(db.unresolved as f64);
-                metrics::gauge!(ABANDONED_EXECUTIONS).set(db.abandoned as f64);
-            }
+    /// Reads the database gauges from `store` once (one query) and keeps them for
+    /// [`Metrics::render`]. When the database cannot be read the gauges say `NaN` (unknown)
+    /// until the next read, rather than keep a stale value.
+    pub async fn refresh_gauges(&self, store: &PgStore) {
+        let values = match read_database(store).await {
+            Ok(db) => [db.due as f64, db.oldest_due_age, db.unresolved as f64, db.abandoned as f64],
             Err(e) => {
                 tracing::warn!(error = %e, "reading the database gauges failed; they read NaN");
-                for gauge in [DUE_BACKLOG, OLDEST_DUE_AGE, UNRESOLVED_DEAD_LETTERS, ABANDONED_EXECUTIONS] {
-                    metrics::gauge!(gauge).set(f64::NAN);
-                }
+                [f64::NAN; 4]
             }
+        };
+        *self.gauges.values.lock().unwrap_or_else(PoisonError::into_inner) = values;
+        self.gauges.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads the database gauges every `interval`, the first time at once, until `shutdown`
+    /// resolves. A read that takes longer than the interval delays the next one: reads never
+    /// pile up.
+    pub async fn refresh_gauges_every(
+        self,
+        store: PgStore,
+        interval: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let refreshing = async {
+            loop {
+                ticks.tick().await;
+                self.refresh_gauges(&store).await;
+            }
+        };
+        tokio::select! {
+            () = shutdown => {}
+            _ = refreshing => {}
         }
-        self.render()
     }
 }
 
-fn install() -> Result<Metrics, MetricsError> {
+fn install() -> Result<PrometheusHandle, MetricsError> {
     let error = |e: metrics_exporter_prometheus::BuildError| MetricsError(e.to_string());
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(ATTEMPT_DURATION.into()), DURATION_BUCKETS)
@@ -123,11 +186,11 @@ fn install() -> Result<Metrics, MetricsError> {
             }
         })
         .map_err(|e| MetricsError(format!("starting the upkeep thread: {e}")))?;
-    Ok(Metrics { handle })
+    Ok(handle)
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use metrics::{describe_counter, describe_histogram};
     describe_counter!(DELIVERY_ATTEMPTS, "Delivery attempts by what they came to.");
     describe_histogram!(
         ATTEMPT_DURATION,
@@ -143,14 +206,6 @@ fn describe() {
     describe_histogram!(CLAIM_BATCH, Unit::Count, "Rows taken by one claim that found any.");
     describe_histogram!(COMPLETION_BATCH, Unit::Count, "Rows completed by one transaction.");
     describe_counter!(JANITOR_DELETED, "Rows the janitor deleted past their retention.");
-    describe_gauge!(DUE_BACKLOG, Unit::Count, "Outbox rows due now and not leased by a relay.");
-    describe_gauge!(
-        OLDEST_DUE_AGE,
-        Unit::Seconds,
-        "How long the oldest due, unleased outbox row has been due."
-    );
-    describe_gauge!(UNRESOLVED_DEAD_LETTERS, Unit::Count, "Dead letters without a resolution.");
-    describe_gauge!(ABANDONED_EXECUTIONS, Unit::Count, "Sync results nobody took, kept for their retention.");
 }
 
 /// The database gauges at one instant.
@@ -180,7 +235,8 @@ async fn read_database(store: &PgStore) -> picloud_store::Result<Database> {
     Ok(Database { due, oldest_due_age, unresolved, abandoned })
 }
 
-/// Whether any email row is in the outbox: then this node needs SMTP to be ready (DESIGN §10).
+/// Whether any email row is in the outbox: `/readyz` then says whether this node can send it
+/// (DESIGN §10).
 /// One probe of the partial index `outbox_email`, however large the outbox.
 pub async fn email_rows_waiting(store: &PgStore) -> picloud_store::Result<bool> {
     Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = 'email')")

@@ -1,24 +1,37 @@
 //! `admin`: the operator's commands, straight against the database. Each prints the JSON the
 //! HTTP API would answer, one document per line, so scripts can read it.
 
+use std::time::Duration;
+
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use picloud_api::routes::dead_letters::{ignore_dead_letter, replay_dead_letter};
 use picloud_api::views::{AppView, DeadLetterView, PrincipalView, TokenCreated, TriggerView};
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, Role, TriggerConfig};
-use picloud_store::{App, AuthRepo, DeadLetterFilter, DeadLetterRepo, NewApiToken, PgStore, TriggerRepo};
+use picloud_store::{
+    App, AuthRepo, DeadLetterFilter, DeadLetterRepo, NewApiToken, NewPlatformAdmin, PgStore,
+    Transactional as _, TriggerRepo,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
 /// Administration commands.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Create a platform-admin principal and print its token (shown this once only).
+    /// Create the first platform-admin principal and print its token (shown this once only).
+    /// Refuses when a platform admin exists, unless --force.
     Bootstrap {
         /// The principal's name.
         #[arg(long, default_value = "admin")]
         name: String,
+        /// Create another platform admin although one exists.
+        #[arg(long)]
+        force: bool,
+        /// The token expires after this long: seconds, or a number with s, m, h or d (`30d`).
+        /// Without it the token does not expire.
+        #[arg(long, value_name = "DURATION", value_parser = parse_expires_in)]
+        expires_in: Option<Duration>,
     },
     /// Apps.
     #[command(subcommand)]
@@ -110,6 +123,37 @@ pub enum DeadLettersCommand {
     Ignore { app: String, id: Uuid },
 }
 
+/// The longest `--expires-in`: ten years, as `POST /v1/tokens` allows.
+const MAX_EXPIRES_IN: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// `--expires-in`: `3600`, `90s`, `15m`, `12h` or `30d`, from one second to ten years.
+fn parse_expires_in(text: &str) -> Result<Duration, String> {
+    let invalid = || {
+        format!(
+            "expected seconds or a number with s, m, h or d (e.g. 30d), from 1 second to 10 years; not {text:?}"
+        )
+    };
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let seconds_per_unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(invalid()),
+    };
+    let seconds =
+        number.parse::<u64>().ok().and_then(|n| n.checked_mul(seconds_per_unit)).ok_or_else(invalid)?;
+    let duration = Duration::from_secs(seconds);
+    if duration.is_zero() || duration > MAX_EXPIRES_IN {
+        return Err(invalid());
+    }
+    Ok(duration)
+}
+
 #[allow(clippy::print_stdout)]
 fn print(value: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);
@@ -138,9 +182,23 @@ async fn mint(store: &PgStore, principal: Uuid, app: Option<App>) -> anyhow::Res
 /// Runs one command.
 pub async fn run(store: &PgStore, command: AdminCommand, triggers: &TriggerConfig) -> anyhow::Result<()> {
     match command {
-        AdminCommand::Bootstrap { name } => {
-            let principal = store.create_principal(&name, true).await?;
-            print(&mint(store, principal.id, None).await?)
+        AdminCommand::Bootstrap { name, force, expires_in } => {
+            let secret = generate_api_token();
+            let admin = NewPlatformAdmin {
+                name,
+                token_id: Uuid::now_v7(),
+                token_hash: hash_api_token(&secret),
+                expires_at: expires_in.map(|after| time::OffsetDateTime::now_utc() + after),
+            };
+            let mut tx = store.begin().await?;
+            let (_, token) = match store.bootstrap_platform_admin(&mut tx, &admin, force).await {
+                Err(picloud_store::Error::PlatformAdminExists) => bail!(
+                    "a platform admin exists already: mint a token for it with `admin tokens create`, or pass --force to create another"
+                ),
+                bootstrapped => bootstrapped?,
+            };
+            store.commit(tx).await?;
+            print(&TokenCreated::new(&token, secret, None))
         }
         AdminCommand::Apps(AppsCommand::Create { slug }) => {
             let slug = AppSlug::parse(&slug).map_err(|e| anyhow::anyhow!("slug: {e}"))?;

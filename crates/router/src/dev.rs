@@ -17,6 +17,9 @@ use crate::serve::{self, Node};
 
 /// The NATS users and permissions every deployment uses (`nats/tenants.conf`).
 const TENANTS_CONF: &str = include_str!("../../../nats/tenants.conf");
+/// The shipped development config of nats-server (server name, `max_payload`, the users of
+/// `tenants.conf`), which `dev` runs without its ports (see [`nats_conf`]).
+const DEV_CONF: &str = include_str!("../../../nats/dev.conf");
 /// The app `dev` makes.
 const APP: &str = "demo";
 /// `PICLOUD_WEBHOOK_ALLOW_NETS` unless the environment sets it: webhooks may reach this machine.
@@ -39,6 +42,16 @@ fn tenants_with_passwords(passwords: &BTreeMap<String, String>) -> String {
     names.into_iter().fold(TENANTS_CONF.to_owned(), |conf, name| {
         conf.replace(&format!("${name}"), &format!("\"{}\"", passwords[name]))
     })
+}
+
+/// `nats/dev.conf` without `port` and `http_port`: the testkit gives the server a free client
+/// port, and `dev` needs no monitoring port.
+fn nats_conf() -> String {
+    DEV_CONF
+        .lines()
+        .filter(|line| !["port:", "http_port:"].iter().any(|key| line.trim_start().starts_with(key)))
+        .map(|line| format!("{line}\n"))
+        .collect()
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -148,7 +161,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let passwords = picloud_testkit::nats_dev_env();
     write(&dir.join("nats/tenants.conf"), &tenants_with_passwords(&passwords))?;
-    write(&dir.join("nats/nats.conf"), "server_name: picloud-dev\ninclude \"tenants.conf\"\n")?;
+    write(&dir.join("nats/nats.conf"), &nats_conf())?;
     let nats =
         NatsServer::start_with_config(&dir.join("nats/nats.conf")).await.context("starting nats-server")?;
 
@@ -175,7 +188,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let default = |name: &str| (name == ALLOW_NETS_VAR).then(|| WEBHOOK_ALLOW_NETS.to_owned());
     let lookup =
         |name: &str| overlay.get(name).cloned().or_else(|| serve::env(name)).or_else(|| default(name));
-    let node = Node::from_lookup(&lookup)?;
+    // Its servers are its own, on this machine, with the development passwords of nats/dev.env.
+    let node = Node::from_lookup(&lookup, serve::Secrets::Development)?;
     let nats_url = nats.url();
     let banner = |addr: std::net::SocketAddr| {
         let url = format!("http://{addr}");

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             serve::migrate(&store).await
         }
         Command::Serve { migrate } => {
-            let node = serve::Node::from_lookup(&serve::env)?;
+            let node = serve::Node::from_lookup(&serve::env, serve::Secrets::Own)?;
             node.run(migrate, serve::shutdown_signal(), |_| {}).await
         }
         Command::Admin(command) => {

@@ -1,12 +1,26 @@
 //! `serve`: every part of a node — HTTP API, NATS ingest, relay, cron scheduler, built-in
-//! executors, janitor and metrics — from one configuration, until SIGTERM or Ctrl-C.
+//! executors, janitor and metrics — from one configuration, until SIGTERM or Ctrl-C; and what a
+//! node refuses to start with (development secrets, a NATS server whose `max_payload` cannot
+//! carry its largest envelope).
+
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use picloud_api::{ApiConfig, ApiState, Ingest};
+use picloud_core::config::parse_var;
+use picloud_core::protocol::largest_envelope_bytes;
 use picloud_dispatch::{
     ExecutorConfig, Janitor, JanitorConfig, Metrics, NatsConfig, Relay, Scheduler, SchedulerConfig,
 };
 use picloud_store::PgStore;
+
+/// The `PICLOUD_TOKEN_SECRET` that `compose.yaml` once gave every deployment by default: public,
+/// so never a node's key.
+const DEVELOPMENT_TOKEN_SECRETS: [&str; 1] = ["dev-only-token-secret-change-me-0123456789"];
+
+/// How often a node that cannot reach NATS at start-up says that it waits.
+const NATS_WAIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A configuration lookup: the process environment, or `dev`'s values over it.
 pub type Lookup<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
@@ -52,22 +66,70 @@ pub async fn migrate(store: &PgStore) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which secrets a node accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Only the operator's own: the development values published with picloud-router
+    /// (`nats/dev.env`, the former default `PICLOUD_TOKEN_SECRET` of `compose.yaml`) are refused.
+    Own,
+    /// The development values too: only `dev` passes this, for the servers it starts itself.
+    Development,
+}
+
+/// Refuses a `PICLOUD_TOKEN_SECRET` or `PICLOUD_NATS_PASSWORD` that anyone can read in this
+/// repository, saying what to set instead.
+fn refuse_development_secrets(lookup: Lookup<'_>) -> anyhow::Result<()> {
+    if lookup("PICLOUD_TOKEN_SECRET")
+        .is_some_and(|secret| DEVELOPMENT_TOKEN_SECRETS.contains(&secret.as_str()))
+    {
+        anyhow::bail!(
+            "PICLOUD_TOKEN_SECRET is a development value published with picloud-router: set a secret of \
+             your own, the same on every node (e.g. `openssl rand -base64 32`)"
+        );
+    }
+    let password = lookup("PICLOUD_NATS_PASSWORD");
+    if password.is_some_and(|password| picloud_testkit::nats_dev_env().values().any(|dev| *dev == password)) {
+        anyhow::bail!(
+            "PICLOUD_NATS_PASSWORD is a development password of nats/dev.env: give the router's NATS user \
+             a password of your own (e.g. `openssl rand -hex 32`), as PICLOUD_NATS_PASSWORD here and as \
+             PICLOUD_NATS_ROUTER_PASSWORD in the nats-servers' environment"
+        );
+    }
+    Ok(())
+}
+
 /// The parsed configuration of a node: every variable is checked before anything starts.
 pub struct Node {
     api: ApiConfig,
     nats: NatsConfig,
     executors: ExecutorConfig,
     database_url: String,
+    /// `PICLOUD_METRICS_INTERVAL_MS`: how often the node reads the database gauges of `/metrics`.
+    metrics_interval: Duration,
+    /// `PICLOUD_SHUTDOWN_TIMEOUT_MS`: how long everything after the stop signal may take.
+    shutdown_timeout: Duration,
 }
 
 impl Node {
-    /// Reads and checks every variable of DESIGN §10.
-    pub fn from_lookup(lookup: Lookup<'_>) -> anyhow::Result<Node> {
+    /// Reads and checks every variable of DESIGN §10, and refuses development secrets unless
+    /// `secrets` allows them.
+    pub fn from_lookup(lookup: Lookup<'_>, secrets: Secrets) -> anyhow::Result<Node> {
+        if secrets == Secrets::Own {
+            refuse_development_secrets(lookup)?;
+        }
+        let ms = |variable, default: u64, min: u64, max: u64| {
+            parse_var(lookup, variable, default, &format!("milliseconds from {min} to {max}"), |v| {
+                (min..=max).contains(v)
+            })
+            .map(Duration::from_millis)
+        };
         Ok(Node {
             api: ApiConfig::from_env(lookup, &default_node_id())?,
             nats: NatsConfig::from_env(lookup)?,
             executors: ExecutorConfig::from_env(lookup)?,
             database_url: database_url(lookup)?,
+            metrics_interval: ms("PICLOUD_METRICS_INTERVAL_MS", 15_000, 1_000, 3_600_000)?,
+            shutdown_timeout: ms("PICLOUD_SHUTDOWN_TIMEOUT_MS", 110_000, 1_000, 3_600_000)?,
         })
     }
 
@@ -79,9 +141,17 @@ impl Node {
         shutdown: impl Future<Output = ()>,
         ready: impl FnOnce(std::net::SocketAddr),
     ) -> anyhow::Result<()> {
-        let Node { api: mut config, nats: nats_config, executors, database_url: url } = self;
-        config.metrics =
-            Some(Metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?);
+        let Node {
+            api: mut config,
+            nats: nats_config,
+            executors,
+            database_url: url,
+            metrics_interval,
+            shutdown_timeout,
+        } = self;
+        let metrics =
+            Metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+        config.metrics = Some(metrics.clone());
         let store = PgStore::connect(&url, 20).await.context("connecting to Postgres")?;
         if run_migrations {
             migrate(&store).await?;
@@ -99,6 +169,8 @@ impl Node {
             .connect(&format!("picloud-router {node_id}"))
             .await
             .with_context(|| format!("connecting to NATS at {}", nats_config.url))?;
+        let server = reach_nats(&nats, &nats_config.url).await?;
+        check_max_payload(config.max_payload_bytes, &server)?;
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("listening on {} (PICLOUD_HTTP_ADDR)", config.http_addr))?;
@@ -129,6 +201,11 @@ impl Node {
             janitor.await;
             Ok(())
         });
+        let gauges = metrics.refresh_gauges_every(store.clone(), metrics_interval, on_stop());
+        parts.spawn("database gauges", async {
+            gauges.await;
+            Ok(())
+        });
         let http = picloud_api::serve(listener, state, on_stop());
         parts.spawn("HTTP API", async { http.await.context("serving HTTP") });
         tracing::info!(node = %node_id, %addr, "serving");
@@ -141,11 +218,28 @@ impl Node {
             }
         };
         let _ = stop.send(true);
-        // Stopping the ingest with the HTTP API: a node that is leaving takes no new NATS work.
-        let (rest, ()) = tokio::join!(parts.all(), ingest.shutdown());
-        failed.extend(rest);
-        executors.shutdown().await;
-        nats.flush().await.ok();
+        let steps = Steps::new(&["ingest", "built-in executors", "final NATS flush"]);
+        let teardown = async {
+            // Stopping the ingest with the HTTP API: a node that is leaving takes no new NATS work.
+            let (rest, ()) = tokio::join!(parts.all(), steps.run("ingest", ingest.shutdown()));
+            failed.extend(rest);
+            steps.run("built-in executors", executors.shutdown()).await;
+            steps.run("final NATS flush", nats.flush()).await.ok();
+        };
+        if tokio::time::timeout(shutdown_timeout, teardown).await.is_err() {
+            let unfinished: Vec<&str> = parts.running().chain(steps.left()).collect();
+            for step in &unfinished {
+                tracing::error!(step, timeout = ?shutdown_timeout, "did not finish before PICLOUD_SHUTDOWN_TIMEOUT_MS");
+            }
+            failed.insert(
+                0,
+                anyhow::anyhow!(
+                    "stopping took longer than PICLOUD_SHUTDOWN_TIMEOUT_MS ({} ms): {} did not finish",
+                    shutdown_timeout.as_millis(),
+                    unfinished.join(", ")
+                ),
+            );
+        }
         match failed.into_iter().next() {
             None => {
                 tracing::info!("stopped");
@@ -153,6 +247,57 @@ impl Node {
             }
             Some(e) => Err(e),
         }
+    }
+}
+
+/// Waits until the client has been answered by a server (so it holds the server's `INFO`),
+/// saying so while NATS cannot be reached, and returns that `INFO`.
+async fn reach_nats(nats: &async_nats::Client, url: &str) -> anyhow::Result<async_nats::ServerInfo> {
+    let answered = nats.flush();
+    tokio::pin!(answered);
+    loop {
+        match tokio::time::timeout(NATS_WAIT_LOG_INTERVAL, &mut answered).await {
+            Ok(answered) => break answered.with_context(|| format!("reaching NATS at {url}"))?,
+            Err(_) => tracing::warn!(%url, "waiting for NATS (PICLOUD_NATS_URL)"),
+        }
+    }
+    nats.try_server_info().with_context(|| format!("NATS at {url} answered without its INFO"))
+}
+
+/// Refuses a NATS server that could not carry the largest envelope a node publishes when bodies
+/// are capped at `max_payload_bytes`: such events would be accepted and then never delivered.
+fn check_max_payload(max_payload_bytes: usize, server: &async_nats::ServerInfo) -> anyhow::Result<()> {
+    let largest = largest_envelope_bytes(max_payload_bytes);
+    anyhow::ensure!(
+        largest <= server.max_payload,
+        "PICLOUD_MAX_PAYLOAD_BYTES={max_payload_bytes} lets an event envelope reach {largest} bytes, but \
+         the NATS server {} accepts messages of at most {} bytes (its max_payload): raise max_payload in \
+         the nats-server config (the shipped configs set 3MB) or lower PICLOUD_MAX_PAYLOAD_BYTES",
+        server.server_name,
+        server.max_payload,
+    );
+    Ok(())
+}
+
+/// The steps of a teardown that are not parts, by name: each leaves the list when it finishes,
+/// so what is left when the deadline passes is what did not finish.
+struct Steps {
+    left: Mutex<Vec<&'static str>>,
+}
+
+impl Steps {
+    fn new(names: &[&'static str]) -> Steps {
+        Steps { left: Mutex::new(names.to_vec()) }
+    }
+
+    async fn run<T>(&self, name: &'static str, step: impl Future<Output = T>) -> T {
+        let done = step.await;
+        self.left.lock().unwrap_or_else(PoisonError::into_inner).retain(|left| *left != name);
+        done
+    }
+
+    fn left(&self) -> impl Iterator<Item = &'static str> {
+        self.left.lock().unwrap_or_else(PoisonError::into_inner).clone().into_iter()
     }
 }
 
@@ -174,13 +319,13 @@ impl Parts {
     async fn first_to_end(&mut self) -> anyhow::Error {
         match self.running.join_next_with_id().await {
             None => anyhow::anyhow!("the node has no parts"),
-            Some(Ok((id, Ok(())))) => anyhow::anyhow!("the {} stopped by itself", self.name(id)),
+            Some(Ok((id, Ok(())))) => anyhow::anyhow!("the {} stopped by itself", self.ended(id)),
             Some(ended) => self.failure(ended).expect("a part that did not end well failed"),
         }
     }
 
     /// Waits for every part, and returns the errors of those that failed.
-    async fn all(mut self) -> Vec<anyhow::Error> {
+    async fn all(&mut self) -> Vec<anyhow::Error> {
         let mut failed = Vec::new();
         while let Some(ended) = self.running.join_next_with_id().await {
             if let Some(error) = self.failure(ended) {
@@ -191,18 +336,27 @@ impl Parts {
         failed
     }
 
+    /// The parts that have not ended.
+    fn running(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.names.values().copied()
+    }
+
     fn failure(
-        &self,
+        &mut self,
         ended: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
     ) -> Option<anyhow::Error> {
         match ended {
-            Ok((_, Ok(()))) => None,
-            Ok((id, Err(e))) => Some(e.context(format!("the {} failed", self.name(id)))),
-            Err(e) => Some(anyhow::anyhow!("the {} panicked: {e}", self.name(e.id()))),
+            Ok((id, Ok(()))) => {
+                self.ended(id);
+                None
+            }
+            Ok((id, Err(e))) => Some(e.context(format!("the {} failed", self.ended(id)))),
+            Err(e) => Some(anyhow::anyhow!("the {} panicked: {e}", self.ended(e.id()))),
         }
     }
 
-    fn name(&self, id: tokio::task::Id) -> &'static str {
-        self.names.get(&id).copied().unwrap_or("node part")
+    /// The name of a part that ended, which is no longer running.
+    fn ended(&mut self, id: tokio::task::Id) -> &'static str {
+        self.names.remove(&id).unwrap_or("node part")
     }
 }

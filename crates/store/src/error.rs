@@ -16,6 +16,9 @@ pub enum Error {
     /// No principal with this id.
     #[error("principal {0} not found")]
     PrincipalNotFound(Uuid),
+    /// A platform admin exists already, and bootstrapping another was not forced.
+    #[error("a platform admin exists already")]
+    PlatformAdminExists,
     /// No token with this id.
     #[error("token {0} not found")]
     TokenNotFound(Uuid),

@@ -146,6 +146,16 @@ pub trait AuthRepo: Transactional {
     fn token(&self, id: Uuid) -> impl Future<Output = Result<Option<model::ApiToken>>> + Send;
     /// Revokes a token. Whether it existed and was not revoked yet.
     fn revoke_token(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+    /// Creates a platform-admin principal and a token of it (neither limited to an app nor
+    /// narrowed) in the caller's transaction: a deployment's first admin. Unless `force`, fails
+    /// with [`Error::PlatformAdminExists`] when a platform admin exists; bootstraps at once take
+    /// turns, so of two unforced ones only the first finds none.
+    fn bootstrap_platform_admin(
+        &self,
+        tx: &mut Self::Tx,
+        admin: &model::NewPlatformAdmin,
+        force: bool,
+    ) -> impl Future<Output = Result<(model::Principal, model::ApiToken)>> + Send;
 }
 
 /// A trigger with what the relay needs to deliver for it: the app's slug and the registering

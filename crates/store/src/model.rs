@@ -60,6 +60,20 @@ pub struct NewApiToken {
     pub expires_at: Option<OffsetDateTime>,
 }
 
+/// A deployment's first platform admin and its token, written together
+/// ([`crate::AuthRepo::bootstrap_platform_admin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPlatformAdmin {
+    /// The principal's name.
+    pub name: String,
+    /// The token's id.
+    pub token_id: Uuid,
+    /// SHA-256 of the token text.
+    pub token_hash: [u8; 32],
+    /// When the token stops working, if ever.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
 /// A stored token (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiToken {

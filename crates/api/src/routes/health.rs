@@ -22,18 +22,21 @@ const SMTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The Prometheus text format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// `/readyz`: every dependency checked, and those that are down.
+/// `/readyz`: every dependency checked, and those that make the node unready.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ok` or `unavailable`.
+    /// `ok`, or `unavailable` when Postgres or NATS is not `ok`.
     pub status: String,
     /// By dependency — `postgres`, `nats`, and `smtp` while email rows wait — `ok` or what is
     /// wrong with it.
     pub checks: BTreeMap<String, String>,
-    /// The dependencies that are not `ok`.
+    /// The dependencies that make the node unready (Postgres, NATS) and are not `ok`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub down: Vec<String>,
 }
+
+/// The dependencies a node cannot serve without: only these make it unready.
+const REQUIRED: [&str; 2] = ["postgres", "nats"];
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "health", security(), responses((status = 200, body = Health)))]
@@ -41,10 +44,14 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok".into(), down: Vec::new() })
 }
 
-/// Readiness: Postgres and NATS are reachable, and so is the SMTP server while email rows wait
-/// (a node without `PICLOUD_SMTP_URL` is not ready then). 503 names what is down.
+/// Readiness: Postgres and NATS are reachable; 503 names which is not. While email rows wait,
+/// `checks.smtp` also says whether this node can send them (`PICLOUD_SMTP_URL` set, its server
+/// accepting connections); that is reported but does not make the node unready: the node
+/// serves everything else, and the emails wait for a node that can send them.
 #[utoipa::path(get, path = "/readyz", tag = "health", security(),
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+    responses(
+        (status = 200, body = Readiness, description = "Postgres and NATS are reachable (`checks.smtp` may still report that waiting emails cannot be sent from here)"),
+        (status = 503, body = Readiness, description = "Postgres or NATS is not reachable: `down` names which")))]
 pub async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     let mut checks = BTreeMap::new();
     let emails_wait = match picloud_dispatch::metrics::email_rows_waiting(&state.store).await {
@@ -66,7 +73,11 @@ pub async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Readines
     if emails_wait {
         checks.insert("smtp", smtp_check(state.config.smtp.as_ref().map(|s| s.url.as_str())).await);
     }
-    let down: Vec<String> = checks.iter().filter(|(_, v)| *v != "ok").map(|(k, _)| (*k).to_owned()).collect();
+    let down: Vec<String> = REQUIRED
+        .into_iter()
+        .filter(|name| checks.get(name).is_some_and(|v| v != "ok"))
+        .map(str::to_owned)
+        .collect();
     let checks = checks.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     if down.is_empty() {
         (StatusCode::OK, Json(Readiness { status: "ok".into(), checks, down }))
@@ -110,15 +121,14 @@ fn smtp_address(url: &str) -> Option<(String, u16)> {
     Some((host, url.port().unwrap_or(default_port)))
 }
 
-/// This node's metrics in the Prometheus text format, the database gauges read at this scrape.
+/// This node's metrics in the Prometheus text format. The database gauges are those the node
+/// last read (it reads them every `PICLOUD_METRICS_INTERVAL_MS`): a scrape touches no database.
 #[utoipa::path(get, path = "/metrics", tag = "health", security(), responses(
-    (status = 200, content_type = "text/plain", body = String, description = "Prometheus text format"),
+    (status = 200, content_type = "text/plain", body = String, description = "Prometheus text format; the database gauges as last read, once per `PICLOUD_METRICS_INTERVAL_MS`"),
     (status = 404, body = ErrorBody, description = "this node records no metrics")))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     match &state.config.metrics {
-        Some(metrics) => {
-            ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.scrape(&state.store).await).into_response()
-        }
+        Some(metrics) => ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response(),
         None => ApiError::not_found("metrics_disabled", "this node records no metrics").into_response(),
     }
 }

@@ -1,5 +1,5 @@
-//! What a node tells about its work: the relay's metrics, the database gauges read at scrape
-//! time, and emails that wait (without using up attempts) while no node sends email.
+//! What a node tells about its work: the relay's metrics, the database gauges read once per
+//! refresh, and emails that wait (without using up attempts) while no node sends email.
 
 use std::time::Duration;
 
@@ -88,21 +88,53 @@ async fn the_relay_counts_attempts_by_outcome_times_them_and_records_its_batches
 }
 
 #[tokio::test]
-async fn the_database_gauges_are_read_when_metrics_are_scraped() {
+async fn the_database_gauges_are_read_by_a_refresh_and_rendered_as_last_read() {
     let metrics = Metrics::install().unwrap();
     let w = World::new().await;
     let store = w.store.clone().with_clock(Clock::manual(OffsetDateTime::now_utc()));
     send_email(&w, &store).await;
     send_email(&w, &store).await;
     store.clock().advance(Duration::from_secs(90));
+    let unread = metrics.render();
+    assert_eq!(
+        value(&unread, "picloud_outbox_due_rows", &[]).map(f64::is_nan),
+        Some(true),
+        "unknown until read"
+    );
 
-    let text = metrics.scrape(&store).await;
+    metrics.refresh_gauges(&store).await;
+    send_email(&w, &store).await;
+    let text = metrics.render();
 
-    assert_eq!(value(&text, "picloud_outbox_due_rows", &[]), Some(2.0));
+    assert_eq!(value(&text, "picloud_outbox_due_rows", &[]), Some(2.0), "as read, not as now");
     assert_eq!(value(&text, "picloud_outbox_oldest_due_age_seconds", &[]), Some(90.0));
     assert_eq!(value(&text, "picloud_dead_letters_unresolved", &[]), Some(0.0));
     assert_eq!(value(&text, "picloud_abandoned_executions", &[]), Some(0.0));
+    assert_eq!(value(&text, "picloud_gauge_reads_total", &[]), Some(1.0));
     assert!(text.contains("# TYPE picloud_outbox_due_rows gauge"), "{text}");
+    metrics.refresh_gauges(&store).await;
+    let again = metrics.render();
+    assert_eq!(value(&again, "picloud_outbox_due_rows", &[]), Some(3.0));
+    assert_eq!(value(&again, "picloud_gauge_reads_total", &[]), Some(2.0));
+
+    // A database that cannot be read gives unknown gauges, not stale ones.
+    store.pool().close().await;
+    metrics.refresh_gauges(&store).await;
+    let failed = metrics.render();
+    assert_eq!(value(&failed, "picloud_outbox_due_rows", &[]).map(f64::is_nan), Some(true), "{failed}");
+    assert_eq!(value(&failed, "picloud_gauge_reads_total", &[]), Some(3.0));
+}
+
+#[tokio::test]
+async fn each_node_renders_the_gauges_its_own_refresher_read() {
+    let (first, second) = (Metrics::install().unwrap(), Metrics::install().unwrap());
+    let w = World::new().await;
+    send_email(&w, &w.store).await;
+
+    first.refresh_gauges(&w.store).await;
+
+    assert_eq!(value(&first.render(), "picloud_outbox_due_rows", &[]), Some(1.0));
+    assert_eq!(value(&second.render(), "picloud_gauge_reads_total", &[]), Some(0.0));
 }
 
 #[tokio::test]

@@ -79,3 +79,50 @@ async fn admin_refuses_bad_input_with_a_clear_message_and_changes_nothing() {
         "nothing was written by the refusals"
     );
 }
+
+async fn platform_admins(store: &PgStore) -> Vec<String> {
+    sqlx::query_scalar("SELECT name FROM principals WHERE platform_admin ORDER BY created_at")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bootstrap_refuses_a_second_platform_admin_unless_forced_and_can_make_its_token_expire() {
+    let db = TestDatabase::create().await.unwrap();
+    let url = db.url();
+    router(url, &["migrate"]).unwrap();
+    let store = PgStore::connect(url, 2).await.unwrap();
+
+    let before = time::OffsetDateTime::now_utc();
+    let boot =
+        router(url, &["admin", "bootstrap", "--name", "ops", "--expires-in", "30d"]).unwrap().remove(0);
+    let after = time::OffsetDateTime::now_utc();
+    let (token, _) = store
+        .token_by_hash(&picloud_core::token::hash_api_token(boot["token"].as_str().unwrap()))
+        .await
+        .unwrap()
+        .expect("the token is stored");
+    let expires_at = token.expires_at.expect("--expires-in sets an expiry");
+    let thirty_days = time::Duration::days(30);
+    assert!(
+        before + thirty_days <= expires_at && expires_at <= after + thirty_days,
+        "expires 30 days after the bootstrap: {expires_at}"
+    );
+    assert!(boot["expires_at"].is_string(), "the expiry is printed: {boot}");
+
+    let refused = router(url, &["admin", "bootstrap", "--name", "second"]).unwrap_err();
+    assert!(refused.contains("a platform admin exists already") && refused.contains("--force"), "{refused}");
+    assert_eq!(platform_admins(&store).await, ["ops"], "the refusal wrote nothing");
+
+    let forced = router(url, &["admin", "bootstrap", "--name", "second", "--force"]).unwrap().remove(0);
+    assert!(forced["token"].as_str().unwrap().starts_with("pcr_"));
+    assert_eq!(forced["expires_at"], Value::Null, "without --expires-in the token does not expire");
+    assert_eq!(platform_admins(&store).await, ["ops", "second"]);
+
+    for bad in ["0", "30y", "1.5h", "4000d"] {
+        let refused = router(url, &["admin", "bootstrap", "--force", "--expires-in", bad]).unwrap_err();
+        assert!(refused.contains("--expires-in") && refused.contains("e.g. 30d"), "{bad}: {refused}");
+    }
+    assert_eq!(platform_admins(&store).await.len(), 2, "bad input wrote nothing");
+}

@@ -1,7 +1,8 @@
 //! The shipped three-node NATS cluster (`nats/cluster-{1,2,3}.conf` with `nats/tenants.conf`)
 //! under real processes — what `compose.yaml` runs, without Docker: two `picloud-router serve`
 //! nodes and an app's worker deliver 20,000 events while one router is killed with SIGKILL and
-//! one NATS node dies, and every event still reaches the worker.
+//! one NATS node dies, and every event still reaches the worker; and its routes refuse a server
+//! that does not log in.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,17 +45,38 @@ fn nats_dir() -> PathBuf {
 }
 
 fn password(passwords: &BTreeMap<String, String>, variable: &str) -> String {
-    passwords.get(variable).unwrap_or_else(|| panic!("{variable} is not in nats/dev.env")).clone()
+    passwords.get(variable).unwrap_or_else(|| panic!("{variable} has no password")).clone()
+}
+
+/// The passwords of the shipped configs, as an operator sets them: the users of
+/// `tenants.conf` and the routes' (`PICLOUD_NATS_ROUTE_PASSWORD`), none of them nats/dev.env's
+/// (which `serve` refuses).
+fn operator_passwords() -> BTreeMap<String, String> {
+    picloud_testkit::nats_dev_env()
+        .into_keys()
+        .chain(["PICLOUD_NATS_ROUTE_PASSWORD".to_owned()])
+        .map(|variable| {
+            let password = format!("{}-{}", variable.to_lowercase(), Uuid::now_v7().simple());
+            (variable, password)
+        })
+        .collect()
 }
 
 /// `nats/cluster-<node + 1>.conf` with its ports moved to free loopback ports: the client
 /// `port`, the monitoring `http_port`, the cluster `listen` (onto 127.0.0.1 instead of every
-/// interface) and each route `nats-route://nats-<m>:6222` (onto node m's cluster port); a
-/// `store_dir` (there is none today) would move into `dir`. Everything else — server and
-/// cluster names, `include "tenants.conf"` with its users and permissions — stays as shipped.
+/// interface) and each route `$PICLOUD_NATS_ROUTE_NATS_<m>` (onto node m's cluster port, as the
+/// URL compose builds: `nats-route://route:<route_password>@…`); a `store_dir` (there is none
+/// today) would move into `dir`. Everything else — server and cluster names, the cluster's
+/// authorization, `include "tenants.conf"` with its users and permissions — stays as shipped.
 /// Panics when a line it rewrites is missing or unexpected, so that the test cannot quietly run
 /// something other than the shipped files.
-fn rewrite_cluster_config(text: &str, node: usize, ports: &[NatsNodePorts], dir: &Path) -> String {
+fn rewrite_cluster_config(
+    text: &str,
+    node: usize,
+    ports: &[NatsNodePorts],
+    route_password: &str,
+    dir: &Path,
+) -> String {
     let me = ports[node];
     let (mut client, mut monitoring, mut listen, mut routes) = (0, 0, 0, Vec::new());
     let mut out = String::new();
@@ -71,13 +93,12 @@ fn rewrite_cluster_config(text: &str, node: usize, ports: &[NatsNodePorts], dir:
             listen += 1;
             assert!(body.ends_with(":6222"), "cluster-{}.conf: unexpected `{body}`", node + 1);
             format!("{indent}listen: 127.0.0.1:{}", me.cluster)
-        } else if let Some(route) = body.strip_prefix("nats-route://nats-") {
+        } else if let Some(route) = body.strip_prefix("$PICLOUD_NATS_ROUTE_NATS_") {
             let m: usize = route
-                .strip_suffix(":6222")
-                .and_then(|m| m.parse().ok())
-                .unwrap_or_else(|| panic!("cluster-{}.conf: unexpected route `{body}`", node + 1));
+                .parse()
+                .unwrap_or_else(|_| panic!("cluster-{}.conf: unexpected route `{body}`", node + 1));
             routes.push(m - 1);
-            format!("{indent}nats-route://127.0.0.1:{}", ports[m - 1].cluster)
+            format!("{indent}\"nats-route://route:{route_password}@127.0.0.1:{}\"", ports[m - 1].cluster)
         } else if body.starts_with("store_dir") {
             format!("{indent}store_dir: {:?}", dir.join(format!("store-{}", node + 1)))
         } else {
@@ -97,19 +118,26 @@ fn rewrite_cluster_config(text: &str, node: usize, ports: &[NatsNodePorts], dir:
 
 /// Starts the three nodes from the rewritten `cluster-*.conf` files (and `tenants.conf` as it
 /// is, next to them in `dir`), with the passwords in the servers' environment as compose gives
-/// them.
-async fn start_cluster(dir: &Path, passwords: &BTreeMap<String, String>) -> NatsCluster {
+/// them; returns the nodes' ports too.
+async fn start_cluster(
+    dir: &Path,
+    passwords: &BTreeMap<String, String>,
+) -> (NatsCluster, Vec<NatsNodePorts>) {
     std::fs::copy(nats_dir().join("tenants.conf"), dir.join("tenants.conf")).unwrap();
     let env: Vec<(&str, &str)> = passwords.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    NatsCluster::start_with_configs(3, &env, |node, ports| {
+    let route_password = password(passwords, "PICLOUD_NATS_ROUTE_PASSWORD");
+    let mut booted = Vec::new();
+    let cluster = NatsCluster::start_with_configs(3, &env, |node, ports| {
+        booted = ports.to_vec();
         let file = format!("cluster-{}.conf", node + 1);
         let shipped = std::fs::read_to_string(nats_dir().join(&file))?;
         let path = dir.join(&file);
-        std::fs::write(&path, rewrite_cluster_config(&shipped, node, ports, dir))?;
+        std::fs::write(&path, rewrite_cluster_config(&shipped, node, ports, &route_password, dir))?;
         Ok(path)
     })
     .await
-    .expect("the shipped cluster configs start and route to each other")
+    .expect("the shipped cluster configs start and route to each other");
+    (cluster, booted)
 }
 
 /// A `picloud-router serve` process with its stderr in a log file; killed when dropped and
@@ -288,7 +316,7 @@ async fn leases_of(store: &PgStore, node: &str) -> Vec<Uuid> {
 async fn every_event_survives_a_router_killed_and_a_nats_node_lost_on_the_shipped_cluster_configs() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let passwords = picloud_testkit::nats_dev_env();
+    let passwords = operator_passwords();
     let db = TestDatabase::create().await.unwrap();
     let migrate = Command::new(env!("CARGO_BIN_EXE_picloud-router"))
         .arg("migrate")
@@ -300,7 +328,7 @@ async fn every_event_survives_a_router_killed_and_a_nats_node_lost_on_the_shippe
     let jobs = TriggerSpec::Queue { queue: QueueName::parse("jobs").unwrap() };
     let Shop { app, .. } = shop_with_trigger(&store, "on-job", jobs, "process").await;
 
-    let mut cluster = start_cluster(dir.path(), &passwords).await;
+    let (mut cluster, _) = start_cluster(dir.path(), &passwords).await;
     let seeds = cluster.urls();
     let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
 
@@ -444,4 +472,41 @@ async fn every_event_survives_a_router_killed_and_a_nats_node_lost_on_the_shippe
         router_b.log_tail()
     );
     worker.shutdown().await;
+}
+
+/// What a nats-server answers a route that connects to `port` with `credentials` (`user` and
+/// `pass` fields of the route's `CONNECT`, or none): its first line after `CONNECT` and `PING`.
+async fn route_login(port: u16, credentials: &str) -> String {
+    let talk = async {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut info = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut info).await.unwrap();
+        assert!(info.starts_with("INFO "), "a route port greets with INFO: {info:?}");
+        let connect = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,{credentials}\"tls_required\":false,\"name\":\"intruder\",\"cluster\":\"picloud\"}}\r\nPING\r\n"
+        );
+        stream.get_mut().write_all(connect.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut answer).await.unwrap();
+        answer
+    };
+    tokio::time::timeout(Duration::from_secs(10), talk).await.expect("the server answers the route")
+}
+
+#[tokio::test]
+async fn the_shipped_cluster_refuses_a_route_that_does_not_log_in_with_the_route_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = operator_passwords();
+    let (_cluster, ports) = start_cluster(dir.path(), &passwords).await;
+    let route_password = password(&passwords, "PICLOUD_NATS_ROUTE_PASSWORD");
+
+    let anonymous = route_login(ports[0].cluster, "").await;
+    let wrong = route_login(ports[0].cluster, "\"user\":\"route\",\"pass\":\"guess\",").await;
+    let right =
+        route_login(ports[0].cluster, &format!("\"user\":\"route\",\"pass\":\"{route_password}\",")).await;
+
+    assert!(anonymous.contains("Authorization Violation"), "a route without credentials: {anonymous:?}");
+    assert!(wrong.contains("Authorization Violation"), "a route with a wrong password: {wrong:?}");
+    assert!(!right.contains("-ERR"), "the route password is accepted (the check above is real): {right:?}");
 }

@@ -1,11 +1,14 @@
 //! The deployment files at the repository root (`compose.yaml`, `Dockerfile`, `.dockerignore`)
 //! and the nats-server configs in `nats/`: they name only files that exist, wire the services
-//! together as DESIGN §10 and §12 say, and every config is accepted by the real nats-server.
-//! No container runs here; these checks are what can be known without one.
+//! together as DESIGN §10 and §12 say, have no default secrets, and every config is accepted by
+//! the real nats-server, with limits that fit what a router sends. No container runs here; these
+//! checks are what can be known without one.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_norway::Value;
 
@@ -32,26 +35,76 @@ fn service<'a>(compose: &'a Value, name: &str) -> &'a Value {
     compose["services"].get(name).unwrap_or_else(|| panic!("compose.yaml has no service `{name}`"))
 }
 
-/// Compose's `${VAR:-default}` / `${VAR-default}` / `${VAR}` interpolation, resolved as if no
-/// variable were set: what `docker compose up` runs with out of the box.
-fn with_defaults(value: &str) -> String {
-    let mut out = String::new();
-    let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find('}').unwrap_or_else(|| panic!("unclosed ${{ in {value:?}")) + start;
-        let inner = &rest[start + 2..end];
-        if let Some((_, default)) = inner.split_once(":-").or_else(|| inner.split_once('-')) {
-            out.push_str(default);
-        }
-        rest = &rest[end + 1..];
-    }
-    out.push_str(rest);
-    out
+/// The secrets `compose.yaml` needs, as an operator would set them (none of nats/dev.env's):
+/// the database's, the token secret, the routes' and every password `nats/tenants.conf` reads.
+fn operator_secrets() -> BTreeMap<String, String> {
+    ["POSTGRES_PASSWORD", "PICLOUD_TOKEN_SECRET", "PICLOUD_NATS_ROUTE_PASSWORD"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(variables(&read("nats/tenants.conf")))
+        .map(|name| {
+            let value = format!("{}-0123456789abcdef", name.to_lowercase());
+            (name, value)
+        })
+        .collect()
 }
 
-/// A service's `environment`, in either of Compose's forms, with defaults interpolated.
-fn environment(service: &Value) -> BTreeMap<String, String> {
+/// One `${…}` of a Compose file: the variable, how it is referred to (`:-`, `-`, `:?`, `?` or
+/// nothing) and the text after that.
+struct Reference<'a> {
+    variable: &'a str,
+    form: &'a str,
+    text: &'a str,
+}
+
+/// The `${…}` references in `value`, with their byte range.
+fn references(value: &str) -> Vec<(usize, usize, Reference<'_>)> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(start) = value[from..].find("${").map(|i| i + from) {
+        let end = value[start..].find('}').unwrap_or_else(|| panic!("unclosed ${{ in {value:?}")) + start;
+        let inner = &value[start + 2..end];
+        let name_end = inner.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(inner.len());
+        let (variable, rest) = inner.split_at(name_end);
+        let form = [":?", "?", ":-", "-"].into_iter().find(|f| rest.starts_with(f)).unwrap_or_else(|| {
+            assert!(rest.is_empty(), "unknown interpolation ${{{inner}}} in {value:?}");
+            ""
+        });
+        found.push((start, end + 1, Reference { variable, form, text: &rest[form.len()..] }));
+        from = end + 1;
+    }
+    found
+}
+
+/// Compose's interpolation of `value` with the variables `set`: `${VAR}`, `${VAR:-default}`,
+/// `${VAR-default}`, and `${VAR:?message}` / `${VAR?message}`, which refuse an unset variable
+/// (the error is compose's message).
+fn interpolate(value: &str, set: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut at = 0;
+    for (start, end, reference) in references(value) {
+        out.push_str(&value[at..start]);
+        let current =
+            set.get(reference.variable).filter(|v| !v.is_empty() || !reference.form.starts_with(':'));
+        match (current, reference.form) {
+            (Some(v), _) => out.push_str(v),
+            (None, ":-" | "-") => out.push_str(reference.text),
+            (None, ":?" | "?") => {
+                return Err(format!(
+                    "required variable {} is missing a value: {}",
+                    reference.variable, reference.text
+                ));
+            }
+            (None, _) => {}
+        }
+        at = end;
+    }
+    out.push_str(&value[at..]);
+    Ok(out)
+}
+
+/// A service's `environment`, in either of Compose's forms, uninterpolated.
+fn raw_environment(service: &Value) -> BTreeMap<String, String> {
     match service.get("environment") {
         None => BTreeMap::new(),
         Some(Value::Mapping(map)) => map
@@ -59,7 +112,7 @@ fn environment(service: &Value) -> BTreeMap<String, String> {
             .map(|(k, v)| {
                 let k = k.as_str().expect("environment keys are strings").to_owned();
                 let v = match v {
-                    Value::String(s) => with_defaults(s),
+                    Value::String(s) => s.clone(),
                     Value::Number(n) => n.to_string(),
                     Value::Bool(b) => b.to_string(),
                     Value::Null => String::new(),
@@ -73,11 +126,23 @@ fn environment(service: &Value) -> BTreeMap<String, String> {
             .map(|item| {
                 let item = item.as_str().expect("environment items are strings");
                 let (k, v) = item.split_once('=').unwrap_or((item, ""));
-                (k.to_owned(), with_defaults(v))
+                (k.to_owned(), v.to_owned())
             })
             .collect(),
         Some(other) => panic!("environment is neither a mapping nor a list: {other:?}"),
     }
+}
+
+/// A service's `environment`, interpolated with the operator's secrets.
+fn environment(service: &Value) -> BTreeMap<String, String> {
+    let secrets = operator_secrets();
+    raw_environment(service)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = interpolate(&v, &secrets).unwrap_or_else(|e| panic!("{k}: {e}"));
+            (k, v)
+        })
+        .collect()
 }
 
 /// The `(host path, container path)` of a service's bind mounts; named volumes are skipped.
@@ -210,19 +275,33 @@ fn compose_names_only_files_that_exist_and_every_service_is_wired() {
         let command = format!("{:?}", svc["command"]);
         assert!(command.contains(conf_target.as_str()), "{node} runs {conf_target}: {command}");
 
-        // It gets every password tenants.conf reads from the environment.
+        // It gets every variable its config and tenants.conf read from the environment.
+        let conf = read(&format!("nats/cluster-{}.conf", n + 1));
         let env = environment(svc);
-        for var in &tenants_vars {
-            assert!(env.contains_key(var), "{node} lacks {var}, which nats/tenants.conf needs");
+        for var in tenants_vars.iter().chain(&variables(&conf)) {
+            assert!(env.contains_key(var), "{node} lacks {var}, which its config needs");
         }
 
-        // Its routes name the two other nodes on the cluster port, and not itself.
-        let conf = read(&format!("nats/cluster-{}.conf", n + 1));
+        // Its routes name the two other nodes on the cluster port, and not itself, and log in
+        // as the user the cluster's authorization accepts, with its password.
+        assert!(conf.contains("user: route"), "{node}'s cluster takes routes of user `route`");
+        assert!(
+            conf.contains("password: $PICLOUD_NATS_ROUTE_PASSWORD"),
+            "{node}'s cluster takes the password of PICLOUD_NATS_ROUTE_PASSWORD"
+        );
+        let route_login = format!("route:{}@", env["PICLOUD_NATS_ROUTE_PASSWORD"]);
         let mut hosts: Vec<String> = routes(&conf)
             .iter()
-            .map(|url| {
-                let host_port = url.split("://").nth(1).unwrap_or_else(|| panic!("route {url} is not a URL"));
-                let host_port = host_port.rsplit('@').next().unwrap();
+            .map(|route| {
+                let variable = route
+                    .strip_prefix('$')
+                    .unwrap_or_else(|| panic!("{node}: route {route} is not a variable"));
+                let url = &env[variable];
+                let rest =
+                    url.strip_prefix("nats-route://").unwrap_or_else(|| panic!("route {url} is not a URL"));
+                let host_port = rest
+                    .strip_prefix(&route_login)
+                    .unwrap_or_else(|| panic!("{node}: route {url} does not log in as route"));
                 assert!(host_port.ends_with(":6222"), "{node}: route {url} is not on port 6222");
                 host_port.trim_end_matches(":6222").to_owned()
             })
@@ -234,12 +313,22 @@ fn compose_names_only_files_that_exist_and_every_service_is_wired() {
         assert!(conf.contains("name: picloud"), "{node} is in the cluster `picloud`");
         assert!(conf.contains("include \"tenants.conf\""), "{node} includes the tenant permissions");
     }
-    let nats_1_ports = format!("{:?}", service(&compose, "nats-1")["ports"]);
-    assert!(nats_1_ports.contains("4222:4222"), "nats-1 publishes 4222: {nats_1_ports}");
+    // Only the client port app workers need is published: nats-1's 4222.
+    for node in NATS_NODES {
+        let published: Vec<&str> = service(&compose, node)
+            .get("ports")
+            .map(|ports| {
+                ports.as_sequence().expect("ports is a list").iter().map(|p| p.as_str().unwrap()).collect()
+            })
+            .unwrap_or_default();
+        let expected: &[&str] = if node == "nats-1" { &["4222:4222"] } else { &[] };
+        assert_eq!(published, expected, "{node} publishes only what app workers need");
+    }
 
     // The routers: built from the Dockerfile, started once Postgres and every NATS node are
     // healthy, configured per DESIGN §10 with the router user's password.
-    let dev = dev_env();
+    let nats_env = environment(service(&compose, "nats-1"));
+    let postgres_env = environment(postgres);
     let mut node_ids = BTreeSet::new();
     for router in ROUTERS {
         let svc = service(&compose, router);
@@ -258,8 +347,11 @@ fn compose_names_only_files_that_exist_and_every_service_is_wired() {
 
         let env = environment(svc);
         let get = |k: &str| env.get(k).unwrap_or_else(|| panic!("{router} lacks {k}"));
-        assert!(get("PICLOUD_DATABASE_URL").starts_with("postgres://"));
-        assert!(get("PICLOUD_DATABASE_URL").contains("@postgres:5432/"));
+        assert_eq!(
+            get("PICLOUD_DATABASE_URL"),
+            &format!("postgres://picloud:{}@postgres:5432/picloud", postgres_env["POSTGRES_PASSWORD"]),
+            "{router} logs in to Postgres with its password"
+        );
         let nats_url = get("PICLOUD_NATS_URL");
         for node in NATS_NODES {
             assert!(
@@ -269,9 +361,9 @@ fn compose_names_only_files_that_exist_and_every_service_is_wired() {
         }
         assert_eq!(get("PICLOUD_NATS_USER"), "router");
         assert_eq!(
-            Some(get("PICLOUD_NATS_PASSWORD")),
-            dev.get("PICLOUD_NATS_ROUTER_PASSWORD"),
-            "{router}'s default NATS password is the router user's of nats/dev.env"
+            get("PICLOUD_NATS_PASSWORD"),
+            &nats_env["PICLOUD_NATS_ROUTER_PASSWORD"],
+            "{router}'s NATS password is the router user's of the NATS nodes"
         );
         assert!(get("PICLOUD_TOKEN_SECRET").len() >= 16, "PICLOUD_TOKEN_SECRET needs 16 bytes");
         assert_eq!(get("PICLOUD_HTTP_ADDR"), "0.0.0.0:8080");
@@ -282,14 +374,6 @@ fn compose_names_only_files_that_exist_and_every_service_is_wired() {
     }
     let router_1_ports = format!("{:?}", service(&compose, "router-1")["ports"]);
     assert!(router_1_ports.contains("8080:8080"), "router-1 publishes 8080: {router_1_ports}");
-
-    // The NATS nodes' default passwords are those of nats/dev.env (the routers' too, above).
-    for node in NATS_NODES {
-        let env = environment(service(&compose, node));
-        for (k, v) in &dev {
-            assert_eq!(env.get(k), Some(v), "{node}'s default {k} is that of nats/dev.env");
-        }
-    }
 }
 
 #[test]
@@ -391,4 +475,187 @@ fn every_nats_config_is_accepted_by_nats_server_with_the_environment_it_is_given
     assert!(!out.status.success(), "tenants.conf must not start without its passwords");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("PICLOUD_NATS_"), "the error names the missing variable: {stderr}");
+}
+
+/// Every string in a YAML document.
+fn strings(value: &Value) -> Vec<&str> {
+    match value {
+        Value::String(s) => vec![s.as_str()],
+        Value::Sequence(items) => items.iter().flat_map(strings).collect(),
+        Value::Mapping(map) => map.iter().flat_map(|(k, v)| [strings(k), strings(v)].concat()).collect(),
+        Value::Tagged(tagged) => strings(&tagged.value),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether a variable's name says it holds a secret.
+fn is_secret(variable: &str) -> bool {
+    ["PASSWORD", "SECRET", "TOKEN", "CREDS"].iter().any(|word| variable.contains(word))
+}
+
+#[test]
+fn compose_has_no_default_secret_and_refuses_to_start_without_each_one_naming_it() {
+    let compose = compose();
+    let text = read("compose.yaml");
+
+    // Every secret is required (`${VAR:?set VAR: …}`), never defaulted.
+    let mut required = BTreeSet::new();
+    for value in strings(&compose) {
+        for (_, _, reference) in references(value) {
+            if is_secret(reference.variable) {
+                assert_eq!(reference.form, ":?", "{} must be required: {value:?}", reference.variable);
+                assert!(
+                    reference.text.starts_with(&format!("set {}:", reference.variable)),
+                    "the refusal says what to set: {value:?}"
+                );
+                required.insert(reference.variable.to_owned());
+            }
+        }
+    }
+    let expected: BTreeSet<String> = operator_secrets().into_keys().collect();
+    assert_eq!(required, expected, "the secrets compose requires");
+
+    // No service has a secret of its own: each comes from one of those variables.
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, svc) in services {
+        for (key, value) in raw_environment(svc) {
+            if is_secret(&key) {
+                assert!(
+                    references(&value).iter().any(|(_, _, r)| r.form == ":?"),
+                    "{name:?}'s {key} is not taken from a required variable: {value:?}"
+                );
+            }
+        }
+    }
+
+    // Out of the box, every service that needs a secret refuses, naming it.
+    let none = BTreeMap::new();
+    for name in ["postgres", "nats-1", "router-1"] {
+        let refusals: Vec<String> = raw_environment(service(&compose, name))
+            .values()
+            .filter_map(|v| interpolate(v, &none).err())
+            .collect();
+        assert!(!refusals.is_empty(), "{name} starts without any secret set");
+        for refusal in &refusals {
+            assert!(refusal.contains("is missing a value: set "), "{refusal}");
+        }
+    }
+
+    // And the development values are nowhere in it.
+    for (variable, value) in dev_env() {
+        assert!(!text.contains(&value), "compose.yaml holds {variable}'s development value");
+    }
+    assert!(!text.contains("dev-only-token-secret"), "compose.yaml holds the old development token secret");
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The `INFO` line a nats-server on `port` greets a client with, as JSON; waits for the server
+/// to listen.
+fn info(port: u16, log: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).unwrap();
+            let json = line.strip_prefix("INFO ").unwrap_or_else(|| panic!("not an INFO line: {line:?}"));
+            return serde_json::from_str(json.trim()).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not listen on {port}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn every_shipped_nats_config_has_a_max_payload_that_carries_the_largest_envelope_by_default() {
+    let default =
+        picloud_api::ApiConfig::new(picloud_dispatch::RelayConfig::new("n", &[0; 16])).max_payload_bytes;
+    let largest = picloud_core::protocol::largest_envelope_bytes(default);
+    let compose = compose();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dev.conf", "cluster-1.conf", "cluster-2.conf", "cluster-3.conf"] {
+        // The config as shipped, on free ports; a cluster node's routes lead nowhere.
+        let (client, cluster) = (free_port(), free_port());
+        let mut env = match name.strip_prefix("cluster-").and_then(|n| n.strip_suffix(".conf")) {
+            Some(n) => environment(service(&compose, &format!("nats-{n}"))),
+            None => dev_env(),
+        };
+        for route in
+            env.keys().filter(|k| k.starts_with("PICLOUD_NATS_ROUTE_NATS_")).cloned().collect::<Vec<_>>()
+        {
+            env.insert(route, format!("nats-route://route:x@127.0.0.1:{}", free_port()));
+        }
+        let log = dir.path().join(format!("{name}.log"));
+        let mut cmd = Command::new(nats_server());
+        cmd.arg("-c").arg(repo_root().join("nats").join(name));
+        cmd.args(["-a", "127.0.0.1", "-p", &client.to_string(), "-m", &free_port().to_string()]);
+        if name.starts_with("cluster-") {
+            cmd.args(["--cluster", &format!("nats://127.0.0.1:{cluster}")]);
+        }
+        cmd.env_clear().envs(&env).stdout(std::process::Stdio::null());
+        cmd.stderr(std::fs::File::create(&log).unwrap());
+        let mut server = picloud_testkit::spawn_tied(cmd).await.expect("start nats-server");
+
+        let max_payload = info(client, &log)["max_payload"].as_u64().expect("INFO has max_payload");
+        server.kill().unwrap();
+        server.wait().unwrap();
+        assert_eq!(max_payload, 3 * 1024 * 1024, "nats/{name}: `max_payload: 3MB` is 3 MiB");
+        assert!(
+            largest as u64 <= max_payload,
+            "nats/{name}: max_payload {max_payload} cannot carry the largest envelope ({largest} bytes) of PICLOUD_MAX_PAYLOAD_BYTES={default}"
+        );
+    }
+}
+
+/// A Go duration as nats-server reads `expires`: `1h`, `10m`, `90s`, `1h30m`, `500ms`.
+fn go_duration(text: &str) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits =
+            rest.find(|c: char| !c.is_ascii_digit()).unwrap_or_else(|| panic!("{text:?} lacks a unit"));
+        let number: u64 = rest[..digits].parse().unwrap_or_else(|_| panic!("{text:?} is not a duration"));
+        rest = &rest[digits..];
+        let unit = ["ms", "h", "m", "s"]
+            .into_iter()
+            .find(|u| rest.starts_with(u))
+            .unwrap_or_else(|| panic!("{text:?}"));
+        rest = &rest[unit.len()..];
+        total += match unit {
+            "ms" => Duration::from_millis(number),
+            "h" => Duration::from_secs(number * 3600),
+            "m" => Duration::from_secs(number * 60),
+            _ => Duration::from_secs(number),
+        };
+    }
+    total
+}
+
+#[test]
+fn every_user_may_answer_a_request_for_as_long_as_the_longest_handler_timeout_a_router_accepts() {
+    let tenants = read("nats/tenants.conf");
+    let code: Vec<&str> = tenants.lines().map(|l| l.split('#').next().unwrap()).collect();
+    let users = code.iter().filter(|l| l.trim_start().starts_with("user:")).count();
+    let expires: Vec<Duration> = code
+        .iter()
+        .filter_map(|l| l.split("expires:").nth(1))
+        .map(|v| go_duration(v.trim().trim_end_matches('}').trim().trim_matches('"')))
+        .collect();
+    assert_eq!(expires.len(), users, "every user has allow_responses with an expiry");
+    assert!(users >= 3, "router, app-demo and app-shop");
+    let longest = Duration::from_millis(picloud_dispatch::MAX_HANDLER_TIMEOUT_MS);
+    for expiry in expires {
+        assert!(
+            expiry >= longest,
+            "allow_responses expires after {expiry:?}, before the longest handler timeout {longest:?}"
+        );
+    }
 }

@@ -6,5 +6,6 @@ mod deploy_files;
 mod dev;
 mod migrate;
 mod relay_crash;
+mod serve_checks;
 mod shutdown;
 mod support;

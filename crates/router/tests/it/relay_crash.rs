@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt as _;
 use picloud_core::protocol::EventKind;
 use picloud_store::*;
-use picloud_testkit::{NatsServer, TestDatabase};
+use picloud_testkit::TestDatabase;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::support::{Shop, shop_with_trigger};
+use crate::support::{Shop, nats_for_serve, shop_with_trigger};
 
 /// A `picloud-router serve` process, killed if the test ends early.
 struct RouterProcess(Child);
@@ -68,7 +68,8 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
     let db = TestDatabase::create().await.unwrap();
     let store = PgStore::connect(db.url(), 4).await.unwrap();
     pg::migrate(store.pool()).await.unwrap();
-    let nats = NatsServer::start().await.unwrap();
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = nats_for_serve(nats_dir.path()).await;
     let Shop { app, trigger, .. } = shop_with_trigger(&store, "hold", TriggerSpec::Http, "hold").await;
     let rows: Vec<NewDelivery> = (0..120)
         .map(|i| NewDelivery {

@@ -1,95 +1,24 @@
 //! Graceful shutdown of `picloud-router serve`, as a real process sent SIGTERM: what it holds —
 //! a sync call whose caller still waits, one whose caller gave up, an ingest request blocked in
-//! its transaction — is finished before it exits.
+//! its transaction — is finished before it exits; and when NATS is gone, it gives up at its
+//! shutdown deadline, naming what did not finish.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_store::*;
-use picloud_testkit::{NatsServer, TestDatabase};
+use picloud_testkit::TestDatabase;
 use picloud_worker::{Delivery, Reply, Worker};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::support::{Shop, shop_with_trigger};
+use crate::support::{Serving, Shop, nats_for_serve, shop_with_trigger};
 
+/// How long the test waits for what it set up.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// A `serve` process logging to a file; killed if the test ends early.
-struct Serving {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Serving {
-    async fn start(database_url: &str, nats_url: &str, dir: &Path) -> Serving {
-        let log = dir.join("serve.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picloud-router"));
-        cmd.arg("serve");
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PICLOUD_")) {
-            cmd.env_remove(k);
-        }
-        cmd.env("PICLOUD_DATABASE_URL", database_url)
-            .env("PICLOUD_NATS_URL", nats_url)
-            .env("PICLOUD_NODE_ID", "leaving")
-            .env("PICLOUD_TOKEN_SECRET", "shutdown-test-secret-0123456789")
-            .env("PICLOUD_HTTP_ADDR", "127.0.0.1:0")
-            .env("PICLOUD_HANDLER_TIMEOUT_MS", "30000")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = picloud_testkit::spawn_tied(cmd).await.expect("start picloud-router serve");
-        Serving { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log has a line containing `needle`, and returns that line.
-    async fn logged(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
-                return line.to_owned();
-            }
-            assert!(self.child.try_wait().unwrap().is_none(), "serve exited early:\n{}", self.log());
-            assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-        assert!(sent.success(), "SIGTERM sent");
-    }
-
-    async fn exit_status(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "serve did not exit:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A handler that holds every call until the test releases it by the call's `name`.
 type Held = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
@@ -131,7 +60,8 @@ async fn on_sigterm_a_node_finishes_its_sync_calls_and_ingest_requests_before_it
     let db = TestDatabase::create().await.unwrap();
     let store = PgStore::connect(db.url(), 4).await.unwrap();
     pg::migrate(store.pool()).await.unwrap();
-    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nats = nats_for_serve(dir.path()).await;
     let Shop { app, admin, .. } = shop_with_trigger(&store, "hold", TriggerSpec::Http, "hold").await;
     let token = generate_api_token();
     store
@@ -146,8 +76,16 @@ async fn on_sigterm_a_node_finishes_its_sync_calls_and_ingest_requests_before_it
         .await
         .unwrap();
     let (worker, mut arrivals, held) = holding_worker(&nats.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut serving = Serving::start(db.url(), &nats.url(), dir.path()).await;
+    let mut serving = Serving::start(
+        dir.path(),
+        &[
+            ("PICLOUD_DATABASE_URL", db.url()),
+            ("PICLOUD_NATS_URL", &nats.url()),
+            ("PICLOUD_NODE_ID", "leaving"),
+            ("PICLOUD_HANDLER_TIMEOUT_MS", "30000"),
+        ],
+    )
+    .await;
     let line = serving.logged("serving").await;
     let addr = line.split("addr=").nth(1).expect("the address is logged").split_whitespace().next().unwrap();
     let invoke_url = format!("http://{addr}/v1/apps/shop/invoke/hold");
@@ -243,4 +181,44 @@ async fn on_sigterm_a_node_finishes_its_sync_calls_and_ingest_requests_before_it
     let entry = store.kv_get(app.id, "c", "k").await.unwrap().unwrap();
     assert_eq!((entry.value, entry.version), (json!(2), 2));
     worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn on_sigterm_with_nats_gone_a_node_exits_at_its_shutdown_deadline_naming_what_did_not_finish() {
+    let db = TestDatabase::create().await.unwrap();
+    let store = PgStore::connect(db.url(), 2).await.unwrap();
+    pg::migrate(store.pool()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = nats_for_serve(dir.path()).await;
+    let timeout = Duration::from_secs(3);
+    let mut serving = Serving::start(
+        dir.path(),
+        &[
+            ("PICLOUD_DATABASE_URL", db.url()),
+            ("PICLOUD_NATS_URL", &nats.url()),
+            ("PICLOUD_SHUTDOWN_TIMEOUT_MS", &timeout.as_millis().to_string()),
+        ],
+    )
+    .await;
+    serving.logged("serving").await;
+
+    nats.stop().await.unwrap();
+    serving.terminate();
+    let terminated = Instant::now();
+    let status = serving.exit_status().await;
+    let took = terminated.elapsed();
+
+    let log = serving.log();
+    assert!(!status.success(), "giving up is a failure: {status}\n{log}");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(10),
+        "exits at its deadline ({timeout:?}), not later: took {took:?}\n{log}"
+    );
+    let unfinished: Vec<&str> =
+        log.lines().filter(|l| l.contains("did not finish before PICLOUD_SHUTDOWN_TIMEOUT_MS")).collect();
+    assert!(
+        unfinished.iter().any(|l| l.contains("step=\"final NATS flush\"")),
+        "each step that did not finish is logged by name:\n{log}"
+    );
+    assert!(log.contains("stopping took longer than PICLOUD_SHUTDOWN_TIMEOUT_MS (3000 ms)"), "{log}");
 }

@@ -184,6 +184,34 @@ fn payload_clone(p: &RawValue) -> Box<RawValue> {
 }
 
 impl State {
+    fn insert_principal(&mut self, name: &str, platform_admin: bool, now: OffsetDateTime) -> Principal {
+        let principal =
+            Principal { id: Uuid::now_v7(), name: name.to_owned(), platform_admin, created_at: now };
+        self.principals.insert(principal.id, principal.clone());
+        self.config_epoch += 1;
+        principal
+    }
+
+    fn insert_token(&mut self, token: &NewApiToken, now: OffsetDateTime) -> Result<ApiToken> {
+        if !self.principals.contains_key(&token.principal_id) {
+            return Err(Error::PrincipalNotFound(token.principal_id));
+        }
+        if let Some(app) = token.app_id.filter(|a| !self.apps.contains_key(a)) {
+            return Err(Error::AppNotFound(app.to_string()));
+        }
+        let stored = ApiToken {
+            id: token.id,
+            principal_id: token.principal_id,
+            app_id: token.app_id,
+            scopes: token.scopes,
+            expires_at: token.expires_at,
+            revoked_at: None,
+            created_at: now,
+        };
+        self.tokens.insert(token.id, (stored.clone(), token.token_hash));
+        Ok(stored)
+    }
+
     fn authenticated(
         &self,
         principal: &Principal,
@@ -265,12 +293,8 @@ impl AuthRepo for MemStore {
     }
 
     async fn create_principal(&self, name: &str, platform_admin: bool) -> Result<Principal> {
-        let principal =
-            Principal { id: Uuid::now_v7(), name: name.to_owned(), platform_admin, created_at: self.now() };
-        let mut s = self.lock().await;
-        s.principals.insert(principal.id, principal.clone());
-        s.config_epoch += 1;
-        Ok(principal)
+        let now = self.now();
+        Ok(self.lock().await.insert_principal(name, platform_admin, now))
     }
 
     async fn principal(&self, id: Uuid) -> Result<Option<Principal>> {
@@ -305,24 +329,8 @@ impl AuthRepo for MemStore {
     }
 
     async fn create_token(&self, token: &NewApiToken) -> Result<ApiToken> {
-        let mut s = self.lock().await;
-        if !s.principals.contains_key(&token.principal_id) {
-            return Err(Error::PrincipalNotFound(token.principal_id));
-        }
-        if let Some(app) = token.app_id.filter(|a| !s.apps.contains_key(a)) {
-            return Err(Error::AppNotFound(app.to_string()));
-        }
-        let stored = ApiToken {
-            id: token.id,
-            principal_id: token.principal_id,
-            app_id: token.app_id,
-            scopes: token.scopes,
-            expires_at: token.expires_at,
-            revoked_at: None,
-            created_at: self.now(),
-        };
-        s.tokens.insert(token.id, (stored.clone(), token.token_hash));
-        Ok(stored)
+        let now = self.now();
+        self.lock().await.insert_token(token, now)
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<(ApiToken, Principal)>> {
@@ -348,6 +356,32 @@ impl AuthRepo for MemStore {
             }
             _ => Ok(false),
         }
+    }
+
+    async fn bootstrap_platform_admin(
+        &self,
+        tx: &mut MemTx,
+        admin: &NewPlatformAdmin,
+        force: bool,
+    ) -> Result<(Principal, ApiToken)> {
+        let s = &mut *tx.state;
+        if !force && s.principals.values().any(|p| p.platform_admin) {
+            return Err(Error::PlatformAdminExists);
+        }
+        let now = self.now();
+        let principal = s.insert_principal(&admin.name, true, now);
+        let token = s.insert_token(
+            &NewApiToken {
+                id: admin.token_id,
+                principal_id: principal.id,
+                token_hash: admin.token_hash,
+                app_id: None,
+                scopes: None,
+                expires_at: admin.expires_at,
+            },
+            now,
+        )?;
+        Ok((principal, token))
     }
 }
 

@@ -149,18 +149,7 @@ impl AuthRepo for PgStore {
     }
 
     async fn create_principal(&self, name: &str, platform_admin: bool) -> Result<Principal> {
-        let row = sqlx::query(
-            "INSERT INTO principals (id, name, platform_admin, created_at)
-             VALUES ($1, $2, $3, coalesce($4, now()))
-             RETURNING id, name, platform_admin, created_at",
-        )
-        .bind(Uuid::now_v7())
-        .bind(name)
-        .bind(platform_admin)
-        .bind(self.now())
-        .fetch_one(&self.pool)
-        .await?;
-        rows::principal(&row)
+        self.insert_principal(&self.pool, name, platform_admin).await
     }
 
     async fn principal(&self, id: Uuid) -> Result<Option<Principal>> {
@@ -220,30 +209,7 @@ impl AuthRepo for PgStore {
     }
 
     async fn create_token(&self, token: &NewApiToken) -> Result<ApiToken> {
-        let row = sqlx::query(
-            "INSERT INTO api_tokens (id, principal_id, token_hash, app_id, scopes, expires_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()))
-             RETURNING id, principal_id, app_id, scopes, expires_at, revoked_at, created_at",
-        )
-        .bind(token.id)
-        .bind(token.principal_id)
-        .bind(&token.token_hash[..])
-        .bind(token.app_id)
-        .bind(rows::scopes_to(token.scopes))
-        .bind(token.expires_at)
-        .bind(self.now())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| match violated(&e) {
-            Some((code, constraint)) if code == "23503" && constraint.contains("principal") => {
-                Error::PrincipalNotFound(token.principal_id)
-            }
-            Some((code, _)) if code == "23503" => {
-                Error::AppNotFound(token.app_id.map(|a| a.to_string()).unwrap_or_default())
-            }
-            _ => e.into(),
-        })?;
-        rows::api_token(&row)
+        self.insert_token(&self.pool, token).await
     }
 
     async fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<(ApiToken, Principal)>> {
@@ -289,5 +255,87 @@ impl AuthRepo for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn bootstrap_platform_admin(
+        &self,
+        tx: &mut Self::Tx,
+        admin: &NewPlatformAdmin,
+        force: bool,
+    ) -> Result<(Principal, ApiToken)> {
+        // Conflicts with itself and with every insert of a principal: bootstraps take turns, and
+        // the second of two finds the first one's admin.
+        sqlx::query("LOCK TABLE principals IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM principals WHERE platform_admin)")
+                .fetch_one(&mut **tx)
+                .await?;
+        if exists && !force {
+            return Err(Error::PlatformAdminExists);
+        }
+        let principal = self.insert_principal(&mut **tx, &admin.name, true).await?;
+        let token = NewApiToken {
+            id: admin.token_id,
+            principal_id: principal.id,
+            token_hash: admin.token_hash,
+            app_id: None,
+            scopes: None,
+            expires_at: admin.expires_at,
+        };
+        let token = self.insert_token(&mut **tx, &token).await?;
+        Ok((principal, token))
+    }
+}
+
+impl PgStore {
+    async fn insert_principal(
+        &self,
+        executor: impl sqlx::PgExecutor<'_>,
+        name: &str,
+        platform_admin: bool,
+    ) -> Result<Principal> {
+        let row = sqlx::query(
+            "INSERT INTO principals (id, name, platform_admin, created_at)
+             VALUES ($1, $2, $3, coalesce($4, now()))
+             RETURNING id, name, platform_admin, created_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(name)
+        .bind(platform_admin)
+        .bind(self.now())
+        .fetch_one(executor)
+        .await?;
+        rows::principal(&row)
+    }
+
+    async fn insert_token(
+        &self,
+        executor: impl sqlx::PgExecutor<'_>,
+        token: &NewApiToken,
+    ) -> Result<ApiToken> {
+        let row = sqlx::query(
+            "INSERT INTO api_tokens (id, principal_id, token_hash, app_id, scopes, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()))
+             RETURNING id, principal_id, app_id, scopes, expires_at, revoked_at, created_at",
+        )
+        .bind(token.id)
+        .bind(token.principal_id)
+        .bind(&token.token_hash[..])
+        .bind(token.app_id)
+        .bind(rows::scopes_to(token.scopes))
+        .bind(token.expires_at)
+        .bind(self.now())
+        .fetch_one(executor)
+        .await
+        .map_err(|e| match violated(&e) {
+            Some((code, constraint)) if code == "23503" && constraint.contains("principal") => {
+                Error::PrincipalNotFound(token.principal_id)
+            }
+            Some((code, _)) if code == "23503" => {
+                Error::AppNotFound(token.app_id.map(|a| a.to_string()).unwrap_or_default())
+            }
+            _ => e.into(),
+        })?;
+        rows::api_token(&row)
     }
 }

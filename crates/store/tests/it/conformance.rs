@@ -21,6 +21,7 @@ conformance!(
     memberships_need_an_existing_app_and_principal,
     a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once,
     authentication_resolves_the_principal_the_named_app_and_the_role_in_one_look_up,
+    bootstrap_writes_a_platform_admin_and_its_token_together_and_refuses_a_second_unless_forced,
     deleting_an_app_removes_everything_of_it,
     a_trigger_of_each_kind_reads_back_as_registered,
     a_trigger_name_is_unique_within_an_app_only,
@@ -179,6 +180,49 @@ async fn authentication_resolves_the_principal_the_named_app_and_the_role_in_one
     let by_principal = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap();
     assert_eq!((by_principal.token.is_none(), by_principal.role), (true, Some(Role::Admin)));
     assert!(s.authenticate_principal(Uuid::now_v7(), None).await.unwrap().is_none());
+}
+
+async fn bootstrap_writes_a_platform_admin_and_its_token_together_and_refuses_a_second_unless_forced<
+    S: Store,
+>(
+    s: S,
+) {
+    let admin = |name: &str, hash: u8| NewPlatformAdmin {
+        name: name.to_owned(),
+        token_id: Uuid::now_v7(),
+        token_hash: [hash; 32],
+        expires_at: Some(START + Duration::from_secs(3600)),
+    };
+    // Nothing is written until the caller commits.
+    let mut tx = s.begin().await.unwrap();
+    s.bootstrap_platform_admin(&mut tx, &admin("dropped", 1), false).await.unwrap();
+    drop(tx);
+    assert!(s.token_by_hash(&[1; 32]).await.unwrap().is_none(), "a dropped bootstrap wrote nothing");
+
+    let first = admin("ops", 2);
+    let mut tx = s.begin().await.unwrap();
+    let (principal, token) = s.bootstrap_platform_admin(&mut tx, &first, false).await.unwrap();
+    s.commit(tx).await.unwrap();
+    assert_eq!((principal.name.as_str(), principal.platform_admin), ("ops", true));
+    assert_eq!(
+        (token.id, token.principal_id, token.app_id, token.scopes, token.expires_at),
+        (first.token_id, principal.id, None, None, first.expires_at)
+    );
+    assert_eq!(s.token_by_hash(&[2; 32]).await.unwrap(), Some((token, principal.clone())));
+
+    let mut tx = s.begin().await.unwrap();
+    assert!(matches!(
+        s.bootstrap_platform_admin(&mut tx, &admin("again", 3), false).await,
+        Err(Error::PlatformAdminExists)
+    ));
+    drop(tx);
+    assert!(s.token_by_hash(&[3; 32]).await.unwrap().is_none(), "the refusal wrote nothing");
+
+    let mut tx = s.begin().await.unwrap();
+    let (forced, _) = s.bootstrap_platform_admin(&mut tx, &admin("forced", 4), true).await.unwrap();
+    s.commit(tx).await.unwrap();
+    assert_ne!(forced.id, principal.id);
+    assert_eq!(s.token_by_hash(&[4; 32]).await.unwrap().map(|(_, p)| p.platform_admin), Some(true));
 }
 
 async fn deleting_an_app_removes_everything_of_it<S: Store>(s: S) {
