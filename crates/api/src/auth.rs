@@ -50,7 +50,8 @@ impl Caller {
     fn token_scopes(&self) -> Option<ScopeSet> {
         match &self.via {
             Via::Token(token) => token.scopes,
-            Via::Delivery(token) => Some(token.scopes),
+            // Read through the delivery rule too: a token signed before it holds no more.
+            Via::Delivery(token) => Some(token.scopes.for_delivery()),
         }
     }
 

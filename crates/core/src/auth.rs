@@ -199,6 +199,14 @@ impl ScopeSet {
     pub fn intersect(self, other: ScopeSet) -> ScopeSet {
         ScopeSet(self.0 & other.0)
     }
+
+    /// The set without the scopes a delivery token never carries: `app_admin` and
+    /// `platform_admin` (DESIGN §9). A delivery token travels to code the platform does not
+    /// control, so a handler may read, write, publish, enqueue, send and invoke on its app, but
+    /// never manage its triggers, members, tokens or dead letters.
+    pub fn for_delivery(self) -> ScopeSet {
+        ScopeSet(self.0 & !(Scope::AppAdmin.bit() | Scope::PlatformAdmin.bit()))
+    }
 }
 
 impl FromIterator<Scope> for ScopeSet {
@@ -227,16 +235,15 @@ impl Access {
         by_standing && self.token_scopes.is_none_or(|s| s.contains(scope))
     }
 
-    /// The scopes this caller holds on the app, as a delivery token carries them: never
-    /// `platform_admin`, even for a platform admin (a delivery acts on its app only, so a
-    /// tenant's handler cannot create apps or principals with a platform admin's delivery).
-    pub fn scopes(&self) -> ScopeSet {
+    /// The scopes a delivery token for this caller carries: what it holds on the app, less
+    /// `app_admin` and `platform_admin` ([`ScopeSet::for_delivery`]).
+    pub fn delivery_scopes(&self) -> ScopeSet {
         let standing = if self.platform_admin {
             ScopeSet::for_role(Role::Admin)
         } else {
             self.role.map_or(ScopeSet::EMPTY, ScopeSet::for_role)
         };
-        self.token_scopes.map_or(standing, |s| standing.intersect(s))
+        self.token_scopes.map_or(standing, |s| standing.intersect(s)).for_delivery()
     }
 }
 
@@ -245,10 +252,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_platform_admins_delivery_scopes_cover_the_app_but_not_the_platform() {
-        let access = Access { platform_admin: true, role: None, token_scopes: None };
-        assert!(!access.scopes().contains(Scope::PlatformAdmin));
-        assert_eq!(access.scopes(), ScopeSet::for_role(Role::Admin));
+    fn delivery_scopes_cover_the_apps_data_but_never_its_administration_nor_the_platform() {
+        let platform_admin = Access { platform_admin: true, role: None, token_scopes: None };
+        let app_admin = Access { platform_admin: false, role: Some(Role::Admin), token_scopes: None };
+        let expected: ScopeSet =
+            [Scope::AppWrite, Scope::AppPublish, Scope::AppSend, Scope::AppInvoke, Scope::AppRead]
+                .into_iter()
+                .collect();
+        assert_eq!(platform_admin.delivery_scopes(), expected);
+        assert_eq!(app_admin.delivery_scopes(), expected);
+        let narrowed = Access { token_scopes: Some(ScopeSet::EMPTY.with(Scope::AppRead)), ..app_admin };
+        assert_eq!(narrowed.delivery_scopes(), ScopeSet::EMPTY.with(Scope::AppRead));
+        assert_eq!(ScopeSet::ALL.for_delivery(), expected);
     }
 
     /// DESIGN §9, row by row: scope, its capabilities, and the roles that satisfy it.
@@ -307,7 +322,7 @@ mod tests {
         let viewer_wide =
             Access { platform_admin: false, role: Some(Role::Viewer), token_scopes: Some(ScopeSet::ALL) };
         assert!(!viewer_wide.allows(Capability::AppWriteKv));
-        assert_eq!(viewer_wide.scopes(), read_only);
+        assert_eq!(viewer_wide.delivery_scopes(), read_only);
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub enum Answer {
     Unauthorized(String),
     /// The row's trigger or app no longer exists.
     Orphaned,
+    /// A sync call's row found with its lease run out: the node that took the call did not
+    /// complete it (it died, or could not reach Postgres after the handler answered). Its caller
+    /// is gone with that node or has its answer already, so the handler is not called again.
+    LeaseExpired,
 }
 
 impl Answer {
@@ -80,7 +84,8 @@ impl Answer {
             | Answer::Failed(_)
             | Answer::Interrupted(_)
             | Answer::Unauthorized(_)
-            | Answer::Orphaned => HandlerStatus::Error,
+            | Answer::Orphaned
+            | Answer::LeaseExpired => HandlerStatus::Error,
         }
     }
 
@@ -100,6 +105,11 @@ impl Answer {
             Answer::Timeout => Some(format!("no answer within {} ms", handler_timeout.as_millis())),
             Answer::NoResponders => Some("no handler is subscribed (no responders)".into()),
             Answer::Orphaned => Some("the trigger or app no longer exists".into()),
+            Answer::LeaseExpired => Some(
+                "the node that took this sync call did not complete it before its lease ran out; \
+                 the handler is not called again"
+                    .into(),
+            ),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Forwarding a sync row's result to the caller's inbox (DESIGN §8): a NATS request from a
 //! dedicated inbox subscription, so that "no responders" is observable; when nobody acknowledges,
-//! the result goes to `abandoned_executions`.
+//! the result goes to `abandoned_executions`. A call whose row outlived its lease has no result:
+//! it goes there at once (`lease_expired`).
 
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ pub(crate) async fn forward<S: Store>(
     ack_timeout: Duration,
 ) {
     let Some(reply_to) = done.reply_to.as_deref() else { return };
+    if done.answer == Answer::LeaseExpired {
+        return abandon(&store, &done, AbandonReason::LeaseExpired, handler_timeout).await;
+    }
     if let Err(reason) = deliver(&nats, reply_to, &done, handler_timeout, ack_timeout).await {
         abandon(&store, &done, reason, handler_timeout).await;
     }

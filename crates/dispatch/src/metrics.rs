@@ -257,6 +257,7 @@ fn outcome(answer: &Answer) -> &'static str {
         Answer::Interrupted(_) => "interrupted",
         Answer::Unauthorized(_) => "unauthorized",
         Answer::Orphaned => "orphaned",
+        Answer::LeaseExpired => "lease_expired",
     }
 }
 

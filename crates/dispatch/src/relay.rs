@@ -365,7 +365,7 @@ pub(crate) fn plan(
         app: row.app_id,
         depth: row.depth + 1,
         deadline_ms,
-        scopes: access.scopes(),
+        scopes: access.delivery_scopes(),
     });
     Ok(Plan {
         subject: subject.into(),
@@ -464,6 +464,16 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
     let mut in_flight = Vec::with_capacity(rows.len());
     for row in rows {
         let key = (row.trigger_id, row.app_id, row.depth);
+        if row.reply_to.is_some() {
+            // Sync rows are written claimed by the node their caller waits on; one a relay can
+            // claim outlived its lease there, and is never delivered twice.
+            tracing::warn!(delivery_id = %row.id, "a sync call outlived its lease; recorded as abandoned, not delivered again");
+            let mut done = done_for(&row, config.triggers.retry, Answer::LeaseExpired);
+            done.trigger_name =
+                row.trigger_id.and_then(|id| targets.get(&id)).map(|t| t.trigger.name.to_string());
+            let _ = done_tx.send(done);
+            continue;
+        }
         let plan = plans.entry(key).or_insert_with(|| {
             let target = row.trigger_id.and_then(|id| targets.get(&id));
             plan(config, &row, target, email_apps.get(&row.app_id).and_then(Option::as_ref), deadline_ms)

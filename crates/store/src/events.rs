@@ -512,12 +512,15 @@ pub async fn replay<S: Store>(
     s: &S,
     tx: &mut S::Tx,
     dead: &DeadLetter,
-    trigger: Option<&Trigger>,
     config: &TriggerConfig,
-) -> Result<Uuid> {
+) -> Result<(Uuid, DeadLetter)> {
+    let trigger = match dead.trigger_id {
+        Some(id) if dead.kind != EventKind::Email => s.trigger_by_id(tx, dead.app_id, id).await?,
+        _ => None,
+    };
     let (trigger_id, attempts) = match (dead.kind, trigger) {
         (EventKind::Email, _) => (None, config.retry.max_attempts),
-        (_, Some(t)) if Some(t.id) == dead.trigger_id => (Some(t.id), max_attempts(t, config)),
+        (_, Some(t)) => (Some(t.id), max_attempts(&t, config)),
         _ => return Err(Error::TriggerGone(dead.trigger_name.clone().unwrap_or_default())),
     };
     let row = NewDelivery {
@@ -538,6 +541,9 @@ pub async fn replay<S: Store>(
         event_time: Some(dead.headers.time),
     };
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
-    s.resolve(tx, dead.app_id, dead.id, Resolution::Replayed, false).await?;
-    Ok(row.id)
+    let replayed = s
+        .resolve(tx, dead.app_id, dead.id, Resolution::Replayed, false)
+        .await?
+        .ok_or(Error::DeadLetterNotFound(dead.id))?;
+    Ok((row.id, replayed))
 }

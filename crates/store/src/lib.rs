@@ -232,6 +232,14 @@ pub trait TriggerRepo: Transactional {
         name: &str,
         patch: &model::TriggerPatch,
     ) -> impl Future<Output = Result<model::Trigger>> + Send;
+    /// The app's trigger with id `id`, read in the caller's transaction (so a transaction that
+    /// holds a lock never waits for a second connection to read it).
+    fn trigger_by_id(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: Uuid,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<model::Trigger>>> + Send;
     /// Deletes a trigger. Whether it existed. Its dead letters stay.
     fn delete_trigger(&self, app_id: Uuid, name: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Enabled `kv` triggers of the app whose pattern matches `collection` and whose ops hold `op`.

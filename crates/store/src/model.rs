@@ -549,6 +549,9 @@ pub enum AbandonReason {
     AckTimeout,
     /// The caller hung up.
     CallerGone,
+    /// A relay found the call's row with its lease run out: the node that took it did not
+    /// complete it, and the handler is not called again.
+    LeaseExpired,
 }
 
 impl AbandonReason {
@@ -558,12 +561,15 @@ impl AbandonReason {
             AbandonReason::NoResponders => "no_responders",
             AbandonReason::AckTimeout => "ack_timeout",
             AbandonReason::CallerGone => "caller_gone",
+            AbandonReason::LeaseExpired => "lease_expired",
         }
     }
 
     /// Parses the stored name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::NoResponders, Self::AckTimeout, Self::CallerGone].into_iter().find(|r| r.as_str() == s)
+        [Self::NoResponders, Self::AckTimeout, Self::CallerGone, Self::LeaseExpired]
+            .into_iter()
+            .find(|r| r.as_str() == s)
     }
 }
 

@@ -187,7 +187,7 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, Json(TokenCreated::new(&token, secret, app.map(|a| a.slug.into_string())))))
 }
 
-/// Revoke a token: its owner, or ManagePrincipals.
+/// Revoke a token: its owner, or ManagePrincipals. A token revoked already is 404.
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", params(("id" = Uuid, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn revoke_token(
@@ -201,6 +201,9 @@ pub async fn revoke_token(
     if token.principal_id != caller.principal.id || caller.is_delivery() {
         caller.require(Capability::ManagePrincipals)?;
     }
-    state.store.revoke_token(token_id).await?;
+    // An already revoked token is as gone as one that never was; revoking it changes nothing.
+    if !state.store.revoke_token(token_id).await? {
+        return Err(not_found());
+    }
     Ok(StatusCode::NO_CONTENT)
 }

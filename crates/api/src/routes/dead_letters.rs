@@ -3,9 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use picloud_core::{Capability, TriggerConfig};
-use picloud_store::{
-    AbandonedRepo, DeadLetterFilter, DeadLetterRepo, Resolution, Transactional, TriggerRepo,
-};
+use picloud_store::{AbandonedRepo, DeadLetterFilter, DeadLetterRepo, Resolution, Transactional};
 use picloud_store::{PgStore, events};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -137,13 +135,10 @@ pub async fn replay_dead_letter(
     if dead.resolution == Some(Resolution::Replayed) {
         return Err(ApiError::conflict("already_replayed", "this dead letter was replayed already"));
     }
-    let trigger = match &dead.trigger_name {
-        Some(name) => store.trigger(app_id, name).await?,
-        None => None,
-    };
-    let delivery_id = events::replay(store, &mut tx, &dead, trigger.as_ref(), config).await?;
+    // Everything it reads is read in this transaction: with the row locked, a second connection
+    // would deadlock a pool that concurrent replays of one dead letter have filled.
+    let (delivery_id, dead) = events::replay(store, &mut tx, &dead, config).await?;
     events::commit_and_wake(store, tx).await?;
-    let dead = store.dead_letter(app_id, id).await?.ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
     Ok(Replayed { dead_letter: dead.into(), delivery_id })
 }
 

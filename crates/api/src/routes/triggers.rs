@@ -59,11 +59,11 @@ fn handler(state: &ApiState, body: HandlerBody) -> Result<Handler, ApiError> {
     }
 }
 
-/// Whether `caller` sees webhook URLs whole: only with AppManageTriggers on the app, and never
-/// through a delivery token (a handler's code is not an app admin). Others see
-/// `scheme://host[:port]`: a URL's path, query and userinfo often carry credentials.
+/// Whether `caller` sees webhook URLs whole: only with AppManageTriggers on the app (never
+/// through a delivery token, which does not carry it). Others see `scheme://host[:port]`: a URL's
+/// path, query and userinfo often carry credentials.
 fn sees_webhook_urls(caller: &Caller) -> bool {
-    !caller.is_delivery() && caller.access().allows(Capability::AppManageTriggers)
+    caller.access().allows(Capability::AppManageTriggers)
 }
 
 fn retry(state: &ApiState, retry: RetryOverrides) -> Result<RetryOverrides, ApiError> {

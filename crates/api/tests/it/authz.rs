@@ -3,7 +3,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::http::{Method, StatusCode};
-use picloud_core::{Access, Capability, Role, ScopeSet};
+use picloud_core::{Access, Capability, Role, Scope};
+use picloud_store::AuthRepo as _;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -227,7 +228,13 @@ fn callers(api: &Api) -> Vec<(&'static str, Option<String>, Access, bool)> {
             Access {
                 platform_admin: false,
                 role: Some(Role::Admin),
-                token_scopes: Some(ScopeSet::for_role(Role::Admin)),
+                // Signed with every scope of an admin, as tokens were before DESIGN §9 took
+                // app_admin out of them: the API reads them without it all the same.
+                token_scopes: Some(
+                    [Scope::AppWrite, Scope::AppPublish, Scope::AppSend, Scope::AppInvoke, Scope::AppRead]
+                        .into_iter()
+                        .collect(),
+                ),
             },
             true,
         ),
@@ -294,4 +301,40 @@ async fn the_openapi_document_lists_every_route() {
             paths.keys()
         );
     }
+}
+
+#[tokio::test]
+async fn a_handlers_delivery_token_cannot_make_anyone_an_app_admin_nor_manage_the_app() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "leak", "kind": "http", "handler": {"function": "leak"}})).await;
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let worker = picloud_worker::Worker::new(client, "shop")
+        .handle("leak", |d: picloud_worker::Delivery| async move {
+            Ok(picloud_worker::Reply::ok(json!({"token": d.token})))
+        })
+        .start()
+        .await
+        .unwrap();
+    let leaked =
+        api.call(Method::POST, "/v1/apps/shop/invoke/leak", Some(&api.developer), Some(json!({}))).await;
+    assert_eq!(leaked.status, StatusCode::OK, "{:?}", leaked.body);
+    let token = leaked.body["token"].as_str().expect("the handler's delivery token").to_owned();
+    let outsider = api.store().create_principal("outsider", false).await.unwrap().id;
+
+    let refused = [
+        (Method::PUT, format!("/v1/apps/shop/members/{outsider}"), Some(json!({"role": "admin"}))),
+        (
+            Method::POST,
+            "/v1/apps/shop/triggers".into(),
+            Some(json!({"name": "x", "kind": "http", "handler": {"function": "x"}})),
+        ),
+        (Method::DELETE, "/v1/apps/shop/triggers/leak".into(), None),
+    ];
+    for (method, path, body) in refused {
+        let reply = api.call(method.clone(), &path, Some(&token), body).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method} {path}: {:?}", reply.body);
+    }
+    let write = api.call(Method::PUT, "/v1/apps/shop/kv/notes/n", Some(&token), Some(json!(1))).await;
+    assert_eq!(write.status, StatusCode::OK, "a handler still writes its app's data: {:?}", write.body);
+    worker.shutdown().await;
 }

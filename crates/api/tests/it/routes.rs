@@ -697,3 +697,63 @@ async fn a_scrape_loop_costs_no_database_query_the_gauges_are_read_once_per_inte
     stop.send(()).unwrap();
     refresher.await.unwrap();
 }
+
+#[tokio::test]
+async fn twenty_replays_of_one_dead_letter_at_once_replay_it_once_and_never_starve_the_pool() {
+    let api = Api::start().await;
+    api.trigger(
+        json!({"name": "strict", "kind": "pubsub", "topic": "orders", "handler": {"function": "strict"}}),
+    )
+    .await;
+    let published = api
+        .call(Method::POST, "/v1/apps/shop/topics/orders/messages", Some(&api.developer), Some(json!({})))
+        .await;
+    assert_eq!(published.status, StatusCode::ACCEPTED);
+    let claimed = api.store().claim_due(1, Duration::from_secs(60), "n").await.unwrap().rows.remove(0);
+    let mut tx = api.store().begin().await.unwrap();
+    let bury = Bury { id: claimed.id, attempt: 1, reason: DeadLetterReason::Rejected, error: None };
+    let dead = api.store().bury(&mut tx, &[bury]).await.unwrap().remove(0);
+    api.store().commit(tx).await.unwrap();
+
+    // More concurrent replays than the API's pool has connections (10): each waits on the dead
+    // letter's row lock holding one, so the one holding the lock must need no second.
+    let url = format!("/v1/apps/shop/dead-letters/{}/replay", dead.id);
+    let replies =
+        futures::future::join_all((0..20).map(|_| api.call(Method::POST, &url, Some(&api.admin), None)))
+            .await;
+    let mut statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [[200].as_slice(), &[409; 19]].concat(),
+        "{:?}",
+        replies.iter().map(|r| r.code()).collect::<Vec<_>>()
+    );
+    assert!(
+        replies.iter().filter(|r| r.status == StatusCode::CONFLICT).all(|r| r.code() == "already_replayed")
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_revoked_token_answers_404_and_moves_no_epoch() {
+    let api = Api::start().await;
+    let minted = api.call(Method::POST, "/v1/tokens", Some(&api.developer), Some(json!({}))).await;
+    let url = format!("/v1/tokens/{}", minted.body["id"].as_str().unwrap());
+    let epoch = || async {
+        sqlx::query_scalar::<_, i64>("SELECT epoch FROM config_epoch")
+            .fetch_one(api.store().pool())
+            .await
+            .unwrap()
+    };
+    let before = epoch().await;
+    assert_eq!(
+        api.call(Method::DELETE, &url, Some(&api.developer), None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let revoked = epoch().await;
+    assert!(revoked > before, "revoking moves the epoch");
+
+    let again = api.call(Method::DELETE, &url, Some(&api.developer), None).await;
+    assert_eq!((again.status, again.code()), (StatusCode::NOT_FOUND, "token_not_found"));
+    assert_eq!(epoch().await, revoked, "a revoke that changes nothing moves nothing");
+}

@@ -260,11 +260,16 @@ async fn a_call_in_flight_when_nats_restarts_answers_503_at_once_instead_of_wait
 }
 
 #[tokio::test]
-async fn when_the_waiting_node_dies_a_relay_delivers_after_the_lease_and_logs_the_result_abandoned() {
+async fn when_the_waiting_node_dies_a_relay_records_the_call_abandoned_and_never_runs_it_again() {
     let api = Api::start().await;
     let trigger_view =
         api.trigger(json!({"name": "echo", "kind": "http", "handler": {"function": "echo"}})).await;
-    let echo = worker(&api, "echo", |_| WorkerReply::ok(json!({"echo": true}))).await;
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let echo = worker(&api, "echo", move |d| {
+        let _ = seen_tx.send(d.id);
+        WorkerReply::ok(json!({"echo": true}))
+    })
+    .await;
     // The node wrote the row claimed by itself, then died: no one waits on the inbox, no one
     // delivers.
     let config = picloud_core::TriggerConfig::default();
@@ -282,13 +287,14 @@ async fn when_the_waiting_node_dies_a_relay_delivers_after_the_lease_and_logs_th
     let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;
     assert_eq!(
         (logged["reason"].clone(), logged["handler_status"].clone()),
-        (json!("no_responders"), json!("ok"))
+        (json!("lease_expired"), json!("error"))
     );
     assert_eq!(
-        (logged["outbox_id"].clone(), logged["reply_to"].clone()),
-        (json!(id), json!("_INBOX.dead-node.1"))
+        (logged["outbox_id"].clone(), logged["reply_to"].clone(), logged["trigger"].clone()),
+        (json!(id), json!("_INBOX.dead-node.1"), json!("echo"))
     );
     eventually("the row to be completed", || async { (api.outbox_len().await == 0).then_some(()) }).await;
     relay.stop().await;
     echo.shutdown().await;
+    assert!(seen.try_recv().is_err(), "the handler was not called again");
 }

@@ -62,7 +62,8 @@ async fn a_kv_event_reaches_its_handler_once_with_every_attribute_of_the_envelop
     assert!(deadline >= before_ms + 1500 && deadline <= before_ms + 1500 + 10_000, "deadline {deadline}");
     let token = TokenKey::new(SECRET).verify(e["picloudtoken"].as_str().unwrap(), deadline).unwrap();
     assert_eq!((token.principal, token.app, token.depth), (w.admin.id, w.app.id, 1));
-    assert!(token.scopes.contains(Scope::AppAdmin) && token.scopes.contains(Scope::AppWrite));
+    assert!(token.scopes.contains(Scope::AppWrite), "the handler may write its app's data");
+    assert!(!token.scopes.contains(Scope::AppAdmin), "but never manage the app (DESIGN §9)");
 
     let mut ok = async_nats::HeaderMap::new();
     ok.insert("Picloud-Status", "ok");

@@ -433,6 +433,10 @@ impl TriggerRepo for MemStore {
         Ok(s.triggers.values().find(|t| t.app_id == app_id && t.name.as_str() == name).cloned())
     }
 
+    async fn trigger_by_id(&self, tx: &mut MemTx, app_id: Uuid, id: Uuid) -> Result<Option<Trigger>> {
+        Ok(tx.state.triggers.get(&id).filter(|t| t.app_id == app_id).cloned())
+    }
+
     async fn list_triggers(&self, app_id: Uuid, after: Option<&str>, limit: u32) -> Result<Page<Trigger>> {
         let s = self.lock().await;
         let mut found = sorted_by_name(

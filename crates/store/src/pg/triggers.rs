@@ -145,6 +145,15 @@ impl TriggerRepo for PgStore {
         row.as_ref().map(rows::trigger).transpose()
     }
 
+    async fn trigger_by_id(&self, tx: &mut Self::Tx, app_id: Uuid, id: Uuid) -> Result<Option<Trigger>> {
+        let row = sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.app_id = $1 AND t.id = $2"))
+            .bind(app_id)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.as_ref().map(rows::trigger).transpose()
+    }
+
     async fn list_triggers(&self, app_id: Uuid, after: Option<&str>, limit: u32) -> Result<Page<Trigger>> {
         let fetched = sqlx::query(&format!(
             "{TRIGGER_SELECT} WHERE t.app_id = $1 AND ($2::text IS NULL OR t.name > $2) ORDER BY t.name LIMIT $3"

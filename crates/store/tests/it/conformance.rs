@@ -25,6 +25,7 @@ conformance!(
     deleting_an_app_removes_everything_of_it,
     a_trigger_of_each_kind_reads_back_as_registered,
     a_trigger_name_is_unique_within_an_app_only,
+    a_trigger_is_read_by_id_in_a_transaction_only_within_its_app,
     a_queue_has_at_most_one_trigger,
     a_trigger_needs_an_existing_principal_and_app,
     triggers_are_listed_by_name_in_keyset_pages,
@@ -323,6 +324,17 @@ async fn a_trigger_name_is_unique_within_an_app_only<S: Store>(s: S) {
     let again = s.create_trigger(&new_trigger(&a, "t", TriggerSpec::Http)).await;
     assert!(matches!(again, Err(Error::DuplicateTrigger(n)) if n == "t"));
     s.create_trigger(&new_trigger(&b, "t", TriggerSpec::Http)).await.unwrap();
+}
+
+async fn a_trigger_is_read_by_id_in_a_transaction_only_within_its_app<S: Store>(s: S) {
+    let a = tenant(&s, "a").await;
+    let b = tenant(&s, "b").await;
+    let t = s.create_trigger(&new_trigger(&a, "t", TriggerSpec::Http)).await.unwrap();
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(s.trigger_by_id(&mut tx, a.app.id, t.id).await.unwrap().map(|f| f.name), Some(t.name));
+    assert!(s.trigger_by_id(&mut tx, b.app.id, t.id).await.unwrap().is_none(), "another app's trigger");
+    assert!(s.trigger_by_id(&mut tx, a.app.id, Uuid::now_v7()).await.unwrap().is_none());
+    s.commit(tx).await.unwrap();
 }
 
 async fn a_queue_has_at_most_one_trigger<S: Store>(s: S) {
@@ -1373,8 +1385,9 @@ mod events_on_both {
         s.commit(tx).await.unwrap();
         let config = TriggerConfig::default();
         let mut tx = s.begin().await.unwrap();
-        let id = events::replay(&s, &mut tx, &dead, Some(&trigger), &config).await.unwrap();
+        let (id, replayed) = events::replay(&s, &mut tx, &dead, &config).await.unwrap();
         s.commit(tx).await.unwrap();
+        assert_eq!((replayed.id, replayed.resolution), (dead.id, Some(Resolution::Replayed)));
         let again = s.claim_due(1, LEASE, "n").await.unwrap().rows.remove(0);
         assert_eq!((again.id, again.attempt, again.trigger_id), (id, 1, Some(trigger.id)));
         assert_eq!(
@@ -1390,7 +1403,7 @@ mod events_on_both {
         let orphan = s.dead_letter(t.app.id, dead.id).await.unwrap().unwrap();
         let mut tx = s.begin().await.unwrap();
         assert!(
-            matches!(events::replay(&s, &mut tx, &orphan, None, &config).await, Err(Error::TriggerGone(n)) if n == "on-order")
+            matches!(events::replay(&s, &mut tx, &orphan, &config).await, Err(Error::TriggerGone(n)) if n == "on-order")
         );
     }
 }
