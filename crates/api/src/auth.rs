@@ -83,17 +83,24 @@ impl Caller {
     }
 
     /// The route's app, if the caller may exercise `capability` on it: 404 when it does not
-    /// exist, 403 when the caller is limited to another app or lacks the role or scope.
+    /// exist or the caller may not see it (no role on it, or credentials limited to another
+    /// app) — the same answer, so that slugs cannot be probed —, and 403 when the caller sees it
+    /// but lacks the role or scope.
     pub fn require_app(&self, capability: Capability) -> Result<&App, ApiError> {
-        let app = self.app.as_ref().ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
-        if self.limited_to_app().is_some_and(|limited| limited != app.id) {
-            return Err(ApiError::forbidden(format!(
-                "these credentials are limited to another app than {}",
-                app.slug
-            )));
-        }
+        let app = self
+            .app
+            .as_ref()
+            .filter(|app| self.sees(app))
+            .ok_or_else(|| ApiError::not_found("app_not_found", "no such app"))?;
         self.check(capability, Some(&app.slug))?;
         Ok(app)
+    }
+
+    /// Whether the caller may know that `app` exists: a platform admin or a member, with
+    /// credentials not limited to another app.
+    fn sees(&self, app: &App) -> bool {
+        (self.principal.platform_admin || self.role.is_some())
+            && self.limited_to_app().is_none_or(|limited| limited == app.id)
     }
 
     /// Checks a capability that is not about one app (ManageApps, ManagePrincipals): never

@@ -260,16 +260,21 @@ async fn every_route_answers_each_caller_as_its_capability_says() {
                     }
                 }
                 (Needs::Cap(cap), _) => {
+                    let sees_app = access.platform_admin || access.role.is_some();
                     if access.allows(cap) {
                         "allowed"
+                    } else if cap.scope() != Scope::PlatformAdmin && !sees_app {
+                        // An app the caller has no role on answers as if it did not exist.
+                        "404 app_not_found"
                     } else {
                         "403"
                     }
                 }
             };
-            let got = match reply.status {
-                StatusCode::UNAUTHORIZED => "401",
-                StatusCode::FORBIDDEN => "403",
+            let got = match (reply.status, reply.code()) {
+                (StatusCode::UNAUTHORIZED, _) => "401",
+                (StatusCode::FORBIDDEN, _) => "403",
+                (StatusCode::NOT_FOUND, "app_not_found") => "404 app_not_found",
                 _ => "allowed",
             };
             if expected != got
@@ -337,4 +342,19 @@ async fn a_handlers_delivery_token_cannot_make_anyone_an_app_admin_nor_manage_th
     let write = api.call(Method::PUT, "/v1/apps/shop/kv/notes/n", Some(&token), Some(json!(1))).await;
     assert_eq!(write.status, StatusCode::OK, "a handler still writes its app's data: {:?}", write.body);
     worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_app_the_caller_has_no_role_on_answers_exactly_like_an_app_that_does_not_exist() {
+    let api = Api::start().await;
+    for path in ["/v1/apps/shop/triggers", "/v1/apps/shop/kv/c/k", "/v1/apps/shop/dead-letters/count"] {
+        let hidden = api.call(Method::GET, path, Some(&api.other_admin), None).await;
+        let missing =
+            api.call(Method::GET, &path.replace("shop", "nope"), Some(&api.other_admin), None).await;
+        assert_eq!((hidden.status, hidden.body.clone()), (missing.status, missing.body.clone()), "{path}");
+        assert_eq!(hidden.code(), "app_not_found");
+    }
+    // A member sees the app, and is told what it lacks.
+    let viewer = api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&api.viewer), Some(json!(1))).await;
+    assert_eq!(viewer.status, StatusCode::FORBIDDEN);
 }

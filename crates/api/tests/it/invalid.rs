@@ -240,7 +240,7 @@ async fn missing_malformed_expired_and_revoked_tokens_are_401() {
 }
 
 #[tokio::test]
-async fn the_wrong_app_or_too_small_a_role_is_403_and_writes_nothing() {
+async fn an_app_out_of_reach_is_404_and_too_small_a_role_403_and_neither_writes() {
     let api = Api::start().await;
     refused(
         &api,
@@ -252,8 +252,8 @@ async fn the_wrong_app_or_too_small_a_role_is_403_and_writes_nothing() {
     refused(
         &api,
         api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&api.other_admin), Some(json!(1))).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
+        StatusCode::NOT_FOUND,
+        "app_not_found",
     )
     .await;
     let limited = api.call(Method::POST, "/v1/tokens", Some(&api.root), Some(json!({"app": "other"}))).await;
@@ -268,11 +268,11 @@ async fn the_wrong_app_or_too_small_a_role_is_403_and_writes_nothing() {
     refused(
         &api,
         api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&limited), Some(json!(1))).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
+        StatusCode::NOT_FOUND,
+        "app_not_found",
     )
     .await;
     let delivery_elsewhere =
         api.call(Method::PUT, "/v1/apps/other/kv/c/k", Some(&api.delivery_token(1)), Some(json!(1))).await;
-    refused(&api, delivery_elsewhere, StatusCode::FORBIDDEN, "forbidden").await;
+    refused(&api, delivery_elsewhere, StatusCode::NOT_FOUND, "app_not_found").await;
 }

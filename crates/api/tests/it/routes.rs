@@ -265,7 +265,7 @@ async fn apps_principals_members_and_tokens_are_managed_within_their_rights() {
         );
     }
     let other_app = api.call(Method::GET, "/v1/apps/other/triggers", Some(&dana_token), None).await;
-    assert_eq!(other_app.status, StatusCode::FORBIDDEN);
+    assert_eq!((other_app.status, other_app.code()), (StatusCode::NOT_FOUND, "app_not_found"));
 
     let token_id = minted.body["id"].as_str().unwrap();
     let not_owner =
