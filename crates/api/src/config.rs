@@ -35,7 +35,7 @@ impl ApiConfig {
     pub fn new(node: RelayConfig) -> Self {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_payload_bytes: 1_048_576,
+            max_payload_bytes: picloud_core::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
             sync_timeout_max: Duration::from_secs(60),
             node,
             smtp: None,

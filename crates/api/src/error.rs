@@ -151,6 +151,14 @@ impl From<picloud_store::Error> for ApiError {
                 "max_depth",
                 format!("event depth {depth} reached PICLOUD_MAX_TRIGGER_DEPTH ({max}): a trigger loop?"),
             ),
+            E::TooLarge { max, .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the event this write produces would be larger than the {max} bytes an event may \
+                     carry (its data holds the body, and for a KV update the previous value too)"
+                ),
+            ),
             E::TriggerGone(name) => Self::conflict(
                 "trigger_gone",
                 format!("trigger {name:?} of this dead letter no longer exists"),

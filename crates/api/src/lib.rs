@@ -46,7 +46,11 @@ pub struct ApiState {
 
 impl ApiState {
     /// The state of a node's API and ingest.
-    pub fn new(store: PgStore, nats: async_nats::Client, config: ApiConfig) -> ApiState {
+    /// The events it writes are held to what the NATS server can carry for bodies of
+    /// `config.max_payload_bytes` (`TriggerConfig::max_event_data_bytes`).
+    pub fn new(store: PgStore, nats: async_nats::Client, mut config: ApiConfig) -> ApiState {
+        config.node.triggers.max_event_data_bytes =
+            picloud_core::protocol::max_event_data_bytes(config.max_payload_bytes);
         ApiState {
             store,
             connection: picloud_dispatch::ConnectionWatch::spawn(&nats),

@@ -47,6 +47,10 @@ pub struct TriggerConfig {
     pub dead_letter_retention: Duration,
     /// `PICLOUD_ABANDONED_EXECUTIONS_RETENTION_DAYS`: how long abandoned executions are kept.
     pub abandoned_retention: Duration,
+    /// The largest event data a write may produce (DESIGN §10): derived from
+    /// `PICLOUD_MAX_PAYLOAD_BYTES` by [`crate::protocol::max_event_data_bytes`], so that every
+    /// accepted event fits the NATS server's `max_payload` once in its envelope.
+    pub max_event_data_bytes: usize,
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -62,6 +66,9 @@ impl Default for TriggerConfig {
             },
             dead_letter_retention: 30 * DAY,
             abandoned_retention: 7 * DAY,
+            max_event_data_bytes: crate::protocol::max_event_data_bytes(
+                crate::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
+            ),
         }
     }
 }
@@ -108,6 +115,7 @@ impl TriggerConfig {
             },
             dead_letter_retention: days("PICLOUD_DEAD_LETTER_RETENTION_DAYS", 30)?,
             abandoned_retention: days("PICLOUD_ABANDONED_EXECUTIONS_RETENTION_DAYS", 7)?,
+            max_event_data_bytes: d.max_event_data_bytes,
         })
     }
 }

@@ -24,6 +24,9 @@ pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// The header that carries the bearer token of an ingest request.
 pub const AUTHORIZATION_HEADER: &str = "Authorization";
 
+/// `PICLOUD_MAX_PAYLOAD_BYTES` unless set: the largest request body, in bytes.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
 /// Room a write's event data may take besides the bodies it carries: a KV update carries its
 /// value and the previous value, each at most `PICLOUD_MAX_PAYLOAD_BYTES`, in a frame of names
 /// and a version.
@@ -36,6 +39,22 @@ pub const ENVELOPE_FRAME_BYTES: usize = 32 * 1024;
 
 /// The longest error text kept from an answer (`Picloud-Error`), in bytes.
 pub const MAX_ERROR_BYTES: usize = 1000;
+
+/// An error text as it travels and is kept (`Picloud-Error`, dead letters' `last_error`): on one
+/// line, without control characters, at most [`MAX_ERROR_BYTES`] bytes (cut with `...`).
+pub fn error_text(s: &str) -> String {
+    let mut line: String =
+        s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_owned();
+    if line.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES - 3;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str("...");
+    }
+    line
+}
 
 /// The largest event data a write may produce when bodies are capped at `max_payload_bytes`
 /// (DESIGN §10): a write whose data would be larger is refused with 413 and writes nothing.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::{Message, StatusCode};
 use bytes::Bytes;
-use picloud_core::protocol::{ERROR_HEADER, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER};
+use picloud_core::protocol::{ERROR_HEADER, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, error_text};
 use picloud_store::HandlerStatus;
 
 /// What became of one attempt.
@@ -51,7 +51,8 @@ impl Answer {
         }
         let header =
             |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-        let error = header(ERROR_HEADER).filter(|e| !e.is_empty());
+        // A handler's error text is kept and forwarded: held to the protocol's one-line cap.
+        let error = header(ERROR_HEADER).map(|e| error_text(&e)).filter(|e| !e.is_empty());
         match header(STATUS_HEADER).as_deref().map(ReplyStatus::parse) {
             Some(Some(ReplyStatus::Ok)) => Answer::Ok(msg.payload.clone()),
             Some(Some(ReplyStatus::Retry)) => Answer::Retry {
@@ -89,8 +90,13 @@ impl Answer {
         }
     }
 
-    /// The error to record, for every answer but `ok`.
+    /// The error to record, for every answer but `ok`: on one line, within the protocol's cap
+    /// ([`error_text`]), whoever wrote it.
     pub fn error(&self, handler_timeout: Duration) -> Option<String> {
+        self.untrimmed_error(handler_timeout).map(|e| error_text(&e))
+    }
+
+    fn untrimmed_error(&self, handler_timeout: Duration) -> Option<String> {
         match self {
             Answer::Ok(_) => None,
             Answer::Retry { error, .. } => {
@@ -153,6 +159,18 @@ mod tests {
             Answer::from_message(&reply(&[("Picloud-Status", "fail"), ("Picloud-Error", "bad input")], None)),
             Answer::Fail(Some("bad input".into()))
         );
+    }
+
+    #[test]
+    fn a_handlers_error_text_is_kept_on_one_line_within_the_protocols_cap() {
+        let long = format!("column one\tcolumn two\u{7} {}", "x".repeat(5000));
+        let Answer::Fail(Some(error)) =
+            Answer::from_message(&reply(&[("Picloud-Status", "fail"), ("Picloud-Error", &long)], None))
+        else {
+            panic!("a fail with its error")
+        };
+        assert_eq!(error.len(), picloud_core::protocol::MAX_ERROR_BYTES);
+        assert!(error.starts_with("column one column two") && !error.contains(char::is_control), "{error}");
     }
 
     #[test]

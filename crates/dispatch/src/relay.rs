@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::client::PublishErrorKind;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
@@ -505,6 +506,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
     }
     for (seq, subject, body) in outgoing {
+        let bytes = body.len();
         let reply = format!("{}.{seq}", shared.inbox);
         let published = shared
             .nats
@@ -514,7 +516,15 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             && let Some(Sent { mut done, .. }) = take(shared, seq)
         {
             tracing::warn!(delivery_id = %done.id, error = %e, "publishing a delivery failed");
-            done.answer = Answer::Failed(format!("publishing failed: {e}"));
+            done.answer = match e.kind() {
+                // No attempt can ever carry it: a permanent failure, not one to retry.
+                PublishErrorKind::MaxPayloadExceeded => Answer::Fail(Some(format!(
+                    "the delivery's envelope is {bytes} bytes, more than the NATS server's max_payload \
+                     ({} bytes): it cannot be delivered",
+                    shared.nats.server_info().max_payload
+                ))),
+                _ => Answer::Failed(format!("publishing failed: {e}")),
+            };
             let _ = done_tx.send(done);
         }
     }

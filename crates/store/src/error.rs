@@ -62,6 +62,15 @@ pub enum Error {
         /// The configured limit.
         max: u32,
     },
+    /// The event a write would produce is larger than events may be (DESIGN §10): nothing is
+    /// written.
+    #[error("the event would carry {bytes} bytes of data; at most {max} fit the NATS server's max_payload")]
+    TooLarge {
+        /// The size of the event's data, when known (0 when Postgres measured it).
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A dead letter cannot be replayed because its trigger was deleted.
     #[error("trigger {0:?} of this dead letter no longer exists")]
     TriggerGone(String),

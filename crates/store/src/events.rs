@@ -75,6 +75,10 @@ async fn fire<S: Store>(
     if triggers.is_empty() {
         return Ok(Fired::default());
     }
+    let bytes = event.payload.get().len();
+    if bytes > cx.config.max_event_data_bytes {
+        return Err(Error::TooLarge { bytes, max: cx.config.max_event_data_bytes });
+    }
     if cx.depth >= cx.config.max_depth {
         let written = too_deep(s, tx, cx, triggers, &event).await?;
         return Ok(Fired { deliveries: 0, too_deep: written.len() });
@@ -239,6 +243,7 @@ fn firing_put<'a>(
         value,
         depth: cx.depth,
         default_max_attempts: cx.config.retry.max_attempts,
+        max_data_bytes: cx.config.max_event_data_bytes,
     }
 }
 

@@ -680,6 +680,9 @@ pub struct FiringPut<'a> {
     pub depth: u32,
     /// Attempts for triggers without an override.
     pub default_max_attempts: u32,
+    /// The largest event data it may fire with ([`Error::TooLarge`](crate::Error::TooLarge)
+    /// beyond, writing nothing).
+    pub max_data_bytes: usize,
 }
 
 /// The event data of a KV change (DESIGN §3): `{collection, key, op, value, previous, version}`.

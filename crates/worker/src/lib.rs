@@ -36,7 +36,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use picloud_core::protocol::{
-    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects,
+    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects, error_text,
 };
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
@@ -152,7 +152,6 @@ impl Reply {
     /// The headers and body of this answer on the wire.
     pub fn into_message(self) -> (HeaderMap, Bytes) {
         let mut headers = HeaderMap::new();
-        let one_line = |s: String| s.replace(['\r', '\n'], " ");
         match self {
             Reply::Ok(body) => {
                 headers.insert(STATUS_HEADER, ReplyStatus::Ok.as_str());
@@ -160,7 +159,7 @@ impl Reply {
             }
             Reply::Retry { after, error } => {
                 headers.insert(STATUS_HEADER, ReplyStatus::Retry.as_str());
-                headers.insert(ERROR_HEADER, one_line(error));
+                headers.insert(ERROR_HEADER, error_text(&error));
                 if let Some(after) = after {
                     headers.insert(RETRY_AFTER_HEADER, after.as_millis().to_string());
                 }
@@ -168,7 +167,7 @@ impl Reply {
             }
             Reply::Fail(error) => {
                 headers.insert(STATUS_HEADER, ReplyStatus::Fail.as_str());
-                headers.insert(ERROR_HEADER, one_line(error));
+                headers.insert(ERROR_HEADER, error_text(&error));
                 (headers, Bytes::new())
             }
         }

@@ -70,6 +70,23 @@ async fn a_body_over_the_limit_is_413_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_write_whose_event_would_not_fit_nats_is_413_and_writes_nothing() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "t", "kind": "kv", "collection": "c", "handler": {"function": "t"}})).await;
+    // Under the 64 KiB body limit, but Postgres writes each 1e300 out in 301 digits: the event's
+    // data would be megabytes, more than an envelope may carry.
+    let numbers = format!("[{}]", vec!["1e300"; 9000].join(","));
+    assert!(numbers.len() < 64 * 1024);
+    let put = api
+        .call_with(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&api.developer), Some(numbers.into_bytes()), &[])
+        .await;
+    refused(&api, put, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    let kept =
+        api.call(Method::PUT, "/v1/apps/shop/kv/elsewhere/k", Some(&api.developer), Some(json!(1))).await;
+    assert_eq!(kept.status, StatusCode::OK, "a write that fires nothing is not held to the event limit");
+}
+
+#[tokio::test]
 async fn invalid_names_patterns_and_fields_are_422_naming_the_field() {
     let api = Api::start().await;
     let cases = [

@@ -19,7 +19,7 @@ use futures::StreamExt as _;
 use picloud_core::config::ConfigError;
 use picloud_core::net::{ALLOW_NETS_VAR, AllowNets};
 use picloud_core::protocol::{
-    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects,
+    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects, error_text,
 };
 use picloud_store::Store;
 use tokio::sync::{Semaphore, oneshot};
@@ -241,9 +241,6 @@ pub(crate) enum Outcome {
     Fail(String),
 }
 
-/// The longest `Picloud-Error` value sent.
-const MAX_ERROR_LEN: usize = 1000;
-
 impl Outcome {
     pub(crate) fn retry(error: impl Into<String>) -> Outcome {
         Outcome::Retry { after: None, error: error.into() }
@@ -258,13 +255,13 @@ impl Outcome {
                 if let Some(after) = after {
                     headers.insert(RETRY_AFTER_HEADER, after.as_millis().to_string());
                 }
-                let error = one_line(&error);
+                let error = error_text(&error);
                 let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
                 headers.insert(ERROR_HEADER, error);
                 (ReplyStatus::Retry, body.into())
             }
             Outcome::Fail(error) => {
-                let error = one_line(&error);
+                let error = error_text(&error);
                 let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
                 headers.insert(ERROR_HEADER, error);
                 (ReplyStatus::Fail, body.into())
@@ -281,21 +278,6 @@ impl Outcome {
             Outcome::Fail(_) => ReplyStatus::Fail,
         }
     }
-}
-
-/// `s` on one line, without control characters, at most [`MAX_ERROR_LEN`] bytes.
-pub(crate) fn one_line(s: &str) -> String {
-    let mut line: String =
-        s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_owned();
-    if line.len() > MAX_ERROR_LEN {
-        let mut end = MAX_ERROR_LEN - 3;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push_str("...");
-    }
-    line
 }
 
 /// The time an executor may spend on a delivery: until its deadline (unix ms) less a margin for
@@ -472,7 +454,10 @@ mod tests {
 
         let (headers, _) = Outcome::Fail("x".repeat(5000)).into_message();
         assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "fail");
-        assert_eq!(headers.get(ERROR_HEADER).unwrap().as_str().len(), MAX_ERROR_LEN);
+        assert_eq!(
+            headers.get(ERROR_HEADER).unwrap().as_str().len(),
+            picloud_core::protocol::MAX_ERROR_BYTES
+        );
         assert!(headers.get(RETRY_AFTER_HEADER).is_none());
     }
 

@@ -276,7 +276,7 @@ async fn snippet(response: &mut reqwest::Response) -> String {
         }
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_SNIPPET)]);
-    let text = super::one_line(&text);
+    let text = picloud_core::protocol::error_text(&text);
     if text.is_empty() { String::new() } else { format!(": {text}") }
 }
 

@@ -329,3 +329,22 @@ async fn a_stopping_relay_finishes_the_deliveries_it_holds_and_claims_nothing_ne
     assert_eq!(leased, None);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn an_envelope_larger_than_nats_carries_is_dead_lettered_at_once_not_retried() {
+    let w = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = picloud_testkit::NatsServer::start_with_config(&conf).await.unwrap();
+    w.kv_trigger("big", "orders", "big").await;
+    w.put("orders", "o-1", json!({"pad": "x".repeat(8192)}), 0).await;
+
+    let relay = start_relay(w.store.clone(), &nats.url(), relay_config("n")).await;
+    let dead = eventually("the dead letter", || async { w.dead_letters().await.pop() }).await;
+    assert_eq!((dead.reason, dead.attempts), (DeadLetterReason::Rejected, 1));
+    let error = dead.last_error.unwrap_or_default();
+    assert!(error.contains("max_payload (4096 bytes)"), "{error}");
+    w.drained().await;
+    relay.stop().await;
+}

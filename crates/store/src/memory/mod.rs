@@ -941,6 +941,9 @@ impl MemStore {
             result.previous.as_ref(),
             result.version,
         );
+        if !triggers.is_empty() && data.get().len() > put.max_data_bytes {
+            return Err(Error::TooLarge { bytes: data.get().len(), max: put.max_data_bytes });
+        }
         let rows: Vec<NewDelivery> = triggers
             .iter()
             .map(|t| NewDelivery {

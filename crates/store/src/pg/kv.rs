@@ -111,11 +111,13 @@ impl KvRepo for PgStore {
                  INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
                                      max_attempts, due_at, created_at)
                  SELECT picloud_uuid_v7(), $1, t.id, 'kv', 'picloud.kv.put', $5, $3,
-                        jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put', 'value', $4::jsonb,
-                                           'previous', (SELECT value FROM prev),
-                                           'version', (SELECT version FROM up))::json,
+                        CASE WHEN octet_length(e.data::text) <= $9 THEN e.data
+                             ELSE picloud_too_large(octet_length(e.data::text), $9) END,
                         $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now())
-                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id
+                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id,
+                        LATERAL (SELECT jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put',
+                                                           'value', $4::jsonb, 'previous', (SELECT value FROM prev),
+                                                           'version', (SELECT version FROM up))::json AS data) e
                   WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
                     AND CASE WHEN d.collection_is_prefix THEN starts_with($2, d.collection_stem)
                              ELSE d.collection_stem = $2 END
@@ -133,13 +135,15 @@ impl KvRepo for PgStore {
         .bind(put.source)
         .bind(put.depth as i32)
         .bind(put.default_max_attempts as i32)
-        .bind(self.now());
+        .bind(self.now())
+        .bind(i64::try_from(put.max_data_bytes).unwrap_or(i64::MAX));
         let row = match tx {
             Some(tx) => query.fetch_one(&mut **tx).await,
             None => query.fetch_one(&self.pool).await,
         }
         .map_err(|e| match super::violated(&e) {
             Some((code, _)) if code == "40001" => Error::Conflict(format!("{}/{}", put.collection, put.key)),
+            Some((code, _)) if code == "54000" => Error::TooLarge { bytes: 0, max: put.max_data_bytes },
             _ => e.into(),
         })?;
         let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;

@@ -53,6 +53,7 @@ conformance!(
     a_wake_up_reaches_every_listener,
     a_configuration_change_moves_the_epoch_claims_and_targets_report,
     a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger,
+    a_put_whose_event_would_be_too_large_writes_nothing_unless_nothing_fires,
     next_due_in_tells_how_long_until_the_earliest_delayed_delivery,
     burying_moves_a_delivery_into_the_dead_letters_with_its_event,
     dead_letters_written_directly_read_back,
@@ -860,6 +861,34 @@ async fn a_configuration_change_moves_the_epoch_claims_and_targets_report<S: Sto
     }
 }
 
+async fn a_put_whose_event_would_be_too_large_writes_nothing_unless_nothing_fires<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    s.create_trigger(&new_trigger(&t, "a", kv_spec("orders", &[KvOp::Put]))).await.unwrap();
+    let big = j!({"pad": "x".repeat(600)});
+    let put = |collection: &'static str, value: &serde_json::Value| {
+        let value: &'static serde_json::Value = Box::leak(Box::new(value.clone()));
+        FiringPut {
+            app_id: t.app.id,
+            source: "/apps/shop/kv/orders",
+            collection,
+            key: "o-1",
+            value,
+            depth: 0,
+            default_max_attempts: 7,
+            max_data_bytes: 1000,
+        }
+    };
+    s.kv_put_firing(None, &put("orders", &big)).await.unwrap();
+    // Each value alone fits; with the previous value beside it the event does not.
+    let refused = s.kv_put_firing(None, &put("orders", &j!({"other": big}))).await;
+    assert!(matches!(refused, Err(Error::TooLarge { max: 1000, .. })), "{refused:?}");
+    assert_eq!(s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value, big);
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1, "only the first put fired");
+    // No trigger, no event: the entry is written whatever its size.
+    s.kv_put_firing(None, &put("users", &big)).await.unwrap();
+    s.kv_put_firing(None, &put("users", &big)).await.unwrap();
+}
+
 async fn a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
     let matching = s.create_trigger(&new_trigger(&t, "a", kv_spec("orders*", &[KvOp::Put]))).await.unwrap();
@@ -876,6 +905,7 @@ async fn a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger
         value,
         depth: 2,
         default_max_attempts: 7,
+        max_data_bytes: 1 << 20,
     };
     let (first_value, second_value) = (Box::leak(Box::new(j!({"n": 1}))), Box::leak(Box::new(j!({"n": 2}))));
     let (result, fired) = s.kv_put_firing(None, &put(first_value)).await.unwrap();
