@@ -191,6 +191,26 @@ async fn unknown_apps_triggers_keys_and_dead_letters_are_404() {
 }
 
 #[tokio::test]
+async fn text_holding_a_nul_character_is_400_invalid_text_and_writes_nothing() {
+    let api = Api::start().await;
+    let cases = [
+        (Method::PUT, "/v1/apps/shop/kv/c/k", Some(json!({"a": "\u{0}"}))),
+        (Method::PUT, "/v1/apps/shop/kv/c/k", Some(json!({"\u{0}": 1}))),
+        (Method::GET, "/v1/apps/shop/kv/c/k%00", None),
+        (Method::GET, "/v1/apps/shop/kv/c?prefix=%00", None),
+        (Method::GET, "/v1/apps/shop/triggers/t%00", None),
+        (Method::GET, "/v1/apps/shop/dead-letters?trigger=%00", None),
+        (Method::GET, "/v1/apps/s%00/triggers", None),
+        (Method::POST, "/v1/principals", Some(json!({"name": "a\u{0}b"}))),
+    ];
+    for (method, path, body) in cases {
+        let reply = api.call(method.clone(), path, Some(&api.root), body).await;
+        assert!(reply.message().contains("NUL"), "{method} {path}: {:?}", reply.body);
+        refused(&api, reply, StatusCode::BAD_REQUEST, "invalid_text").await;
+    }
+}
+
+#[tokio::test]
 async fn missing_malformed_expired_and_revoked_tokens_are_401() {
     let api = Api::start().await;
     let expired =
