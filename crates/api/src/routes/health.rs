@@ -36,15 +36,18 @@ pub struct Readiness {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "health", security(), responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "health", operation_id = "get_healthz", security(),
+    responses((status = 200, body = Health, description = "the process answers")))]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok".into(), down: Vec::new() })
 }
 
 /// Readiness: Postgres and NATS are reachable, and so is the SMTP server while email rows wait
 /// (a node without `PICLOUD_SMTP_URL` is not ready then). 503 names what is down.
-#[utoipa::path(get, path = "/readyz", tag = "health", security(),
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+#[utoipa::path(get, path = "/readyz", tag = "health", operation_id = "get_readyz", security(),
+    responses(
+        (status = 200, body = Readiness, description = "every dependency is reachable"),
+        (status = 503, body = Readiness, description = "some dependency is down; `down` names it")))]
 pub async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     let mut checks = BTreeMap::new();
     let emails_wait = match picloud_dispatch::metrics::email_rows_waiting(&state.store).await {
@@ -111,9 +114,9 @@ fn smtp_address(url: &str) -> Option<(String, u16)> {
 }
 
 /// This node's metrics in the Prometheus text format, the database gauges read at this scrape.
-#[utoipa::path(get, path = "/metrics", tag = "health", security(), responses(
+#[utoipa::path(get, path = "/metrics", tag = "health", operation_id = "get_metrics", security(), responses(
     (status = 200, content_type = "text/plain", body = String, description = "Prometheus text format"),
-    (status = 404, body = ErrorBody, description = "this node records no metrics")))]
+    (status = 404, body = ErrorBody, description = "`metrics_disabled`: this node records no metrics")))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     match &state.config.metrics {
         Some(metrics) => {
