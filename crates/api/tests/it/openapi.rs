@@ -90,11 +90,15 @@ async fn the_document_is_valid_openapi_3_1_with_valid_json_schemas_and_resolving
     let errors: Vec<String> =
         validator.iter_errors(&document).map(|e| format!("{}: {e}", e.instance_path())).collect();
     assert!(errors.is_empty(), "not valid OpenAPI 3.1:\n{}", errors.join("\n"));
+    let mut without_info = document.clone();
+    without_info.as_object_mut().unwrap().remove("info");
+    assert!(!validator.is_valid(&without_info), "the schema refuses a document without its info");
 
     let mut schemas = Vec::new();
     find(&document, "schema", "", &mut schemas);
     let components = document["components"]["schemas"].as_object().expect("component schemas");
     schemas.extend(components.iter().map(|(name, s)| (format!("/components/schemas/{name}"), s)));
+    assert!(jsonschema::meta::validate(&serde_json::json!({"type": "text"})).is_err());
     for (at, schema) in &schemas {
         if let Err(e) = jsonschema::meta::validate(schema) {
             panic!("{at} is not a valid JSON Schema: {e}\n{schema:#}");
