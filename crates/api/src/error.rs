@@ -166,6 +166,10 @@ impl From<picloud_store::Error> for ApiError {
             E::Conflict(what) => {
                 Self::conflict("conflict", format!("{what} changed concurrently; try again"))
             }
+            other if other.is_invalid_text() => Self::bad_request(
+                "invalid_text",
+                "a text of the request holds the NUL character (\\u0000), which cannot be stored",
+            ),
             other => Self::internal(other),
         }
     }

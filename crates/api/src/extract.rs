@@ -1,9 +1,9 @@
 //! Request extraction with the API's error shape: JSON bodies within the payload limit (400 for
-//! malformed JSON or wrong types, 413 past the limit — read as a stream and cut off there), query
-//! strings (400), and keyset cursors.
+//! malformed JSON or wrong types, 413 past the limit — read as a stream and cut off there), path
+//! parameters (400), query strings (400), and keyset cursors.
 
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use base64::Engine as _;
@@ -53,6 +53,27 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })?;
     de.end().map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
     Ok(value)
+}
+
+/// The route's path parameters: 400 `invalid_path` when one cannot be read (a percent-escape
+/// that decodes to invalid UTF-8, a value of the wrong type).
+#[derive(Debug)]
+pub struct PathParams<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(p)| PathParams(p)).map_err(
+            |e: PathRejection| {
+                if e.status().is_server_error() {
+                    ApiError::internal(e.body_text())
+                } else {
+                    ApiError::bad_request("invalid_path", e.body_text())
+                }
+            },
+        )
+    }
 }
 
 /// A query string.

@@ -193,3 +193,101 @@ async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// The fields of the ingest bodies.
+    const FIELDS: [&str; 6] = ["collection", "key", "value", "payload", "delay_ms", "idempotency_key"];
+
+    /// Any JSON value a few levels deep, its objects keyed mostly by the bodies' own field names.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+        ];
+        let field = prop_oneof![
+            4 => prop::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+            1 => any::<String>(),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(field.clone(), inner, 0..6)
+                    .prop_map(|fields| Value::Object(fields.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Parses `bytes` as body `T`: whether it parsed, failing unless a refusal is a 400.
+    fn ok_or_400<T: DeserializeOwned>(bytes: &[u8]) -> Result<bool, TestCaseError> {
+        match parse_json::<T>(bytes) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                prop_assert_eq!((e.status(), e.code()), (StatusCode::BAD_REQUEST, "invalid_json"));
+                prop_assert!(!e.message().is_empty());
+                Ok(false)
+            }
+        }
+    }
+
+    /// Every ingest body read from `bytes`: each gives Ok or a 400.
+    fn every_body(bytes: &[u8]) -> Result<[bool; 4], TestCaseError> {
+        Ok([
+            ok_or_400::<KvPut>(bytes)?,
+            ok_or_400::<KvDelete>(bytes)?,
+            ok_or_400::<Box<RawValue>>(bytes)?,
+            ok_or_400::<EnqueueJob>(bytes)?,
+        ])
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_read_as_each_ingest_body_are_accepted_or_refused_with_a_400(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+        ) {
+            every_body(&bytes)?;
+        }
+
+        #[test]
+        fn any_json_read_as_each_ingest_body_is_accepted_or_refused_with_a_400_and_any_value_is_a_message(
+            value in json(),
+        ) {
+            let [_, _, message, _] = every_body(&serde_json::to_vec(&value).unwrap())?;
+            prop_assert!(message, "every JSON value is a pubsub message");
+        }
+
+        #[test]
+        fn bodies_of_the_right_shape_are_accepted_whatever_their_strings_and_values(
+            collection in any::<String>(),
+            key in any::<String>(),
+            value in json(),
+            delay_ms in any::<Option<u64>>(),
+        ) {
+            let put = json!({"collection": collection, "key": key, "value": value});
+            let delete = json!({"collection": collection, "key": key});
+            let job = json!({"payload": value, "delay_ms": delay_ms, "idempotency_key": key});
+            prop_assert!(ok_or_400::<KvPut>(put.to_string().as_bytes())?);
+            prop_assert!(ok_or_400::<KvDelete>(delete.to_string().as_bytes())?);
+            prop_assert!(ok_or_400::<EnqueueJob>(job.to_string().as_bytes())?);
+        }
+    }
+
+    #[test]
+    fn a_body_nested_deeper_than_the_parser_goes_is_a_400_not_a_stack_overflow() {
+        for body in ["[".repeat(100_000), "{\"value\":".repeat(100_000)] {
+            let outcome = every_body(body.as_bytes()).unwrap();
+            assert_eq!(outcome, [false; 4]);
+        }
+    }
+}

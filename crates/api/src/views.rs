@@ -1,5 +1,6 @@
 //! The JSON shapes of the API: what routes answer, and the bodies they take.
 
+use picloud_core::retry::{MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 use picloud_core::{RetryOverrides, Role, Scope};
 use picloud_store::{
     AbandonedExecution, ApiToken, App, DeadLetter, Handler, Principal, Trigger, TriggerSpec,
@@ -8,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
+use utoipa::openapi::schema::{
+    AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
 use uuid::Uuid;
 
 /// RFC 3339 UTC, as every time in the API.
@@ -37,6 +41,7 @@ impl From<App> for AppView {
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
     /// `[a-z][a-z0-9-]{0,62}`
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$")]
     pub slug: String,
 }
 
@@ -64,6 +69,7 @@ impl From<Principal> for PrincipalView {
 #[serde(deny_unknown_fields)]
 pub struct CreatePrincipal {
     /// A name, 1–200 characters.
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// Make it a platform admin.
     #[serde(default)]
@@ -75,6 +81,7 @@ pub struct CreatePrincipal {
 #[serde(deny_unknown_fields)]
 pub struct SetRole {
     /// `viewer`, `developer` or `admin`.
+    #[schema(pattern = "^(viewer|developer|admin)$")]
     pub role: String,
 }
 
@@ -100,7 +107,8 @@ pub struct CreateToken {
     pub app: Option<String>,
     /// Narrow the token to these scopes.
     pub scopes: Option<Vec<String>>,
-    /// Let the token expire after this many seconds.
+    /// Let the token expire after this many seconds: at most 10 years.
+    #[schema(minimum = 1, maximum = 315_360_000)]
     pub expires_in_s: Option<u64>,
 }
 
@@ -149,7 +157,7 @@ pub struct VersionView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KvValue {
     /// The value.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub value: serde_json::Value,
     /// Its version.
     pub version: i64,
@@ -186,10 +194,11 @@ pub struct IdView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnqueueJob {
-    /// The job's data.
-    #[schema(value_type = Object)]
+    /// The job's data: any JSON value.
+    #[schema(value_type = Value)]
     pub payload: Box<RawValue>,
-    /// Wait this long before the first attempt.
+    /// Wait this long before the first attempt: at most a year.
+    #[schema(maximum = 31_536_000_000_u64)]
     pub delay_ms: Option<u64>,
     /// Enqueueing the same key again while the job is pending returns the first job.
     pub idempotency_key: Option<String>,
@@ -200,7 +209,7 @@ pub struct EnqueueJob {
 #[serde(deny_unknown_fields)]
 pub struct SendEmail {
     /// An address or a list of addresses.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = recipients)]
     pub to: serde_json::Value,
     /// The subject line.
     pub subject: String,
@@ -208,6 +217,44 @@ pub struct SendEmail {
     pub text: String,
     /// An HTML body, sent as the alternative.
     pub html: Option<String>,
+}
+
+/// The schema of [`SendEmail::to`]: an address, or a list of addresses.
+fn recipients() -> Schema {
+    let address = || ObjectBuilder::new().schema_type(Type::String);
+    OneOfBuilder::new()
+        .item(address().description(Some("an address")))
+        .item(ArrayBuilder::new().items(address()).description(Some("a list of addresses")))
+        .description(Some("An address or a list of addresses."))
+        .build()
+        .into()
+}
+
+/// The schema of a trigger's `retry` ([`RetryOverrides`]): each field, when given, replaces the
+/// node's default.
+fn retry_overrides() -> Schema {
+    let millis = |description: &str| {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(1))
+            .maximum(Some(MAX_BACKOFF_MS))
+            .description(Some(description))
+    };
+    ObjectBuilder::new()
+        .property(
+            "max_attempts",
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1))
+                .maximum(Some(MAX_ATTEMPTS_LIMIT))
+                .description(Some("Attempts before the delivery becomes a dead letter.")),
+        )
+        .property("backoff_base_ms", millis("The backoff after the first attempt, doubled after each."))
+        .property("backoff_max_ms", millis("The longest backoff: at least backoff_base_ms."))
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .description(Some("Retry overrides: each field, when given, replaces the node's default."))
+        .build()
+        .into()
 }
 
 /// `{count}`
@@ -244,8 +291,10 @@ pub struct WebhookBody {
 #[serde(deny_unknown_fields)]
 pub struct RegisterTrigger {
     /// `[a-z0-9][a-z0-9_-]{0,62}`, unique in the app.
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
     pub name: String,
     /// `kv`, `pubsub`, `queue`, `cron`, `dead_letter` or `http`.
+    #[schema(pattern = "^(kv|pubsub|queue|cron|dead_letter|http)$")]
     pub kind: String,
     /// kv: the collection pattern (`*`, `prefix*` or a name).
     pub collection: Option<String>,
@@ -266,7 +315,7 @@ pub struct RegisterTrigger {
     /// Where deliveries go.
     pub handler: HandlerBody,
     /// Retry overrides.
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = retry_overrides)]
     pub retry: Option<RetryOverrides>,
     /// Whether it fires (default true).
     pub enabled: Option<bool>,
@@ -281,7 +330,7 @@ pub struct PatchTrigger {
     /// A new handler.
     pub handler: Option<HandlerBody>,
     /// New retry overrides (replacing the old ones).
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = retry_overrides)]
     pub retry: Option<RetryOverrides>,
 }
 
@@ -321,7 +370,7 @@ pub struct TriggerView {
     /// Where deliveries go.
     pub handler: HandlerBody,
     /// Retry overrides.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = retry_overrides)]
     pub retry: RetryOverrides,
     /// Whether it fires.
     pub enabled: bool,
@@ -414,8 +463,8 @@ pub struct DeadEvent {
     pub time: String,
     /// Its depth.
     pub depth: u32,
-    /// Its data.
-    #[schema(value_type = Object)]
+    /// Its data: any JSON value.
+    #[schema(value_type = Value)]
     pub data: Box<RawValue>,
 }
 
@@ -500,8 +549,8 @@ pub struct AbandonedView {
     pub reason: String,
     /// What the handler made of it.
     pub handler_status: String,
-    /// The handler's body.
-    #[schema(value_type = Option<Object>)]
+    /// The handler's body: any JSON value.
+    #[schema(value_type = Option<Value>)]
     pub result: Option<Box<RawValue>>,
     /// The handler's error.
     pub error: Option<String>,

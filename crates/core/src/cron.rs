@@ -121,6 +121,7 @@ fn instant_of(t: &DateTime<Tz>) -> Option<OffsetDateTime> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use time::macros::datetime;
 
     use super::*;
@@ -265,6 +266,68 @@ mod tests {
             assert_eq!(err, CronError::TimeZone { timezone: zone.into() });
             assert_eq!(err.field(), "timezone");
             assert!(err.to_string().contains("IANA"), "{err}");
+        }
+    }
+
+    /// One field of a schedule: numbers, names, ranges, lists, steps and croner's specials.
+    fn field() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => Just("*".to_owned()),
+            3 => "[1-2]?[0-9]",
+            2 => "(\\*|[0-9]{1,2})(-[0-9]{1,2})?(/[0-9]{1,3})?(,[0-9]{1,2})?",
+            1 => "(JAN|FEB|DEC|MON|FRI|SUN|[0-7])(-(JAN|FEB|DEC|MON|FRI|SUN|[0-7]))?",
+            1 => "[0-9]{1,2}[LW#][0-9]?|L|\\?",
+            1 => "[0-9*/,LW#?-]{1,6}",
+            1 => "\\PC{0,4}",
+        ]
+    }
+
+    /// A time zone: real ones, near misses, and anything.
+    fn zone() -> impl Strategy<Value = String> {
+        prop_oneof![
+            2 => Just("UTC".to_owned()),
+            2 => Just("Europe/Berlin".to_owned()),
+            2 => Just("America/St_Johns".to_owned()),
+            2 => Just("Australia/Lord_Howe".to_owned()),
+            1 => "[A-Za-z_/+-]{0,20}",
+            1 => any::<String>(),
+        ]
+    }
+
+    /// Any instant `time` can hold.
+    fn instant() -> impl Strategy<Value = OffsetDateTime> {
+        (-377_705_116_800i64..253_402_300_799).prop_map(|s| OffsetDateTime::from_unix_timestamp(s).unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_any_schedule_in_any_zone_never_panics(
+            schedule in prop_oneof![
+                any::<String>(),
+                prop::collection::vec(field(), 0..7).prop_map(|f| f.join(" ")),
+            ],
+            zone in zone(),
+        ) {
+            if let Err(e) = CronSchedule::parse(&schedule, &zone) {
+                prop_assert!(["schedule", "timezone"].contains(&e.field()));
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        #[test]
+        fn the_ticks_of_any_schedule_lie_on_the_right_side_of_any_instant(
+            fields in prop::collection::vec(field(), 5),
+            zone in zone(),
+            at in instant(),
+        ) {
+            if let Ok(schedule) = CronSchedule::parse(&fields.join(" "), &zone) {
+                if let Some(next) = schedule.next_after(at) {
+                    prop_assert!(next > at, "{next} is not after {at}");
+                }
+                if let Some(last) = schedule.last_at_or_before(at) {
+                    prop_assert!(last <= at, "{last} is after {at}");
+                }
+            }
         }
     }
 }

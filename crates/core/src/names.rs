@@ -202,6 +202,55 @@ mod tests {
         }
 
         #[test]
+        fn parsing_any_text_never_panics_and_every_name_that_parses_round_trips(
+            s in prop_oneof![any::<String>(), "[a-z0-9_-]{0,70}", "[^/]{0,210}"],
+        ) {
+            fn round_trips<N>(parsed: Result<N, NameError>, s: &str) -> Result<(), TestCaseError>
+            where
+                N: AsRef<str> + fmt::Display + fmt::Debug + PartialEq,
+                N: Serialize + serde::de::DeserializeOwned,
+            {
+                match parsed {
+                    Ok(name) => {
+                        prop_assert_eq!(name.as_ref(), s);
+                        prop_assert_eq!(name.to_string(), s);
+                        let json = serde_json::to_string(&name).unwrap();
+                        prop_assert_eq!(serde_json::from_str::<N>(&json).unwrap(), name);
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.value, s);
+                        prop_assert!(!e.rule.is_empty());
+                    }
+                }
+                Ok(())
+            }
+            round_trips(AppSlug::parse(s.clone()), &s)?;
+            round_trips(TriggerName::parse(s.clone()), &s)?;
+            round_trips(HandlerName::parse(s.clone()), &s)?;
+            round_trips(CollectionName::parse(s.clone()), &s)?;
+            round_trips(KvKey::parse(s.clone()), &s)?;
+            round_trips(TopicName::parse(s.clone()), &s)?;
+            round_trips(QueueName::parse(s.clone()), &s)?;
+        }
+
+        #[test]
+        fn slugs_and_trigger_names_are_accepted_exactly_when_their_grammar_holds(
+            s in prop_oneof![any::<String>(), "[a-z0-9_A-Z.-]{0,70}"],
+        ) {
+            let rest_ok = |underscore: bool| {
+                s.chars().count() <= 63
+                    && s.chars().skip(1).all(|c| {
+                        matches!(c, 'a'..='z' | '0'..='9' | '-') || (underscore && c == '_')
+                    })
+            };
+            let slug = matches!(s.chars().next(), Some('a'..='z')) && rest_ok(false);
+            let trigger = matches!(s.chars().next(), Some('a'..='z' | '0'..='9')) && rest_ok(true);
+            prop_assert_eq!(AppSlug::parse(s.clone()).is_ok(), slug);
+            prop_assert_eq!(TriggerName::parse(s.clone()).is_ok(), trigger);
+            prop_assert_eq!(HandlerName::parse(s.clone()).is_ok(), trigger);
+        }
+
+        #[test]
         fn printable_names_are_accepted_exactly_when_the_rule_holds(s in "\\PC{0,60}") {
             let expected = !s.is_empty() && s.len() <= 200 && !s.contains('/') && !s.chars().any(char::is_control);
             prop_assert_eq!(CollectionName::parse(s).is_ok(), expected);

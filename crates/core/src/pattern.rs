@@ -172,6 +172,34 @@ mod tests {
         }
 
         #[test]
+        fn parsing_any_text_never_panics_and_every_pattern_that_parses_round_trips(
+            s in prop_oneof![any::<String>(), "[a-z:*/]{0,8}", "[^/*]{0,205}\\*?"],
+        ) {
+            if let Ok(pattern) = CollectionPattern::parse(s.clone()) {
+                prop_assert_eq!(pattern.to_string(), s);
+                let stored = CollectionPattern::from_parts(pattern.stem().to_owned(), pattern.is_prefix());
+                prop_assert_eq!(&stored, &pattern);
+                let json = serde_json::to_string(&pattern).unwrap();
+                prop_assert_eq!(serde_json::from_str::<CollectionPattern>(&json).unwrap(), pattern);
+            }
+        }
+
+        #[test]
+        fn a_pattern_matches_exactly_the_names_its_text_describes(
+            text in prop_oneof![any::<String>(), "[ab:]{0,3}\\*?"],
+            name in prop_oneof![any::<String>(), "[ab:]{0,4}"],
+        ) {
+            if let Ok(pattern) = CollectionPattern::parse(text.clone()) {
+                let described = match text.strip_suffix('*') {
+                    Some(prefix) => name.starts_with(prefix),
+                    None => name == text,
+                };
+                prop_assert_eq!(collection_matches(&pattern, &name), described);
+                prop_assert_eq!(pattern.matches(&name), described);
+            }
+        }
+
+        #[test]
         fn parse_and_display_round_trip(stem in "[^/*\\p{Cc}]{0,20}", star in proptest::bool::ANY) {
             prop_assume!(star || !stem.is_empty());
             let text = format!("{stem}{}", if star { "*" } else { "" });

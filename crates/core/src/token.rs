@@ -128,6 +128,8 @@ impl TokenKey {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::auth::{Role, Scope};
 
@@ -193,5 +195,75 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(hash_api_token(&a), hash_api_token(&a));
         assert_ne!(hash_api_token(&a), hash_api_token(&b));
+    }
+
+    /// Any delivery token.
+    fn token() -> impl Strategy<Value = DeliveryToken> {
+        (any::<u128>(), any::<u128>(), any::<u32>(), any::<i64>(), any::<u8>()).prop_map(
+            |(principal, app, depth, deadline_ms, scopes)| DeliveryToken {
+                principal: Uuid::from_u128(principal),
+                app: Uuid::from_u128(app),
+                depth,
+                deadline_ms,
+                scopes: ScopeSet::from_bits(scopes),
+            },
+        )
+    }
+
+    /// Texts shaped like a delivery token: the prefix, base64url payloads of any length, a dot.
+    fn token_like() -> impl Strategy<Value = String> {
+        (prop::collection::vec(any::<u8>(), 0..64), prop::collection::vec(any::<u8>(), 0..40), any::<bool>())
+            .prop_map(|(payload, mac, valid_payload)| {
+                let mut payload = payload;
+                if valid_payload {
+                    payload.resize(PAYLOAD_LEN, 0);
+                    payload[0] = VERSION;
+                }
+                format!(
+                    "{DELIVERY_TOKEN_PREFIX}{}.{}",
+                    URL_SAFE_NO_PAD.encode(payload),
+                    URL_SAFE_NO_PAD.encode(mac)
+                )
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn verifying_any_text_never_panics_and_never_succeeds_without_the_key(
+            text in prop_oneof![any::<String>(), token_like()],
+            now_ms in any::<i64>(),
+        ) {
+            let verified = TokenKey::new(b"secret").verify(&text, now_ms);
+            prop_assert!(verified.is_err(), "{text:?} verified as {verified:?}");
+        }
+
+        #[test]
+        fn a_signed_token_verifies_to_what_was_signed_until_its_deadline(
+            token in token(),
+            before in 0i64..1_000_000,
+        ) {
+            let key = TokenKey::new(b"secret");
+            let text = key.sign(&token);
+            prop_assert_eq!(key.verify(&text, token.deadline_ms.saturating_sub(before)), Ok(token));
+            if let Some(after) = token.deadline_ms.checked_add(1) {
+                prop_assert_eq!(key.verify(&text, after), Err(TokenError::Expired));
+            }
+            prop_assert_eq!(TokenKey::new(b"other").verify(&text, i64::MIN), Err(TokenError::BadSignature));
+        }
+
+        #[test]
+        fn changing_any_one_character_of_a_token_makes_it_fail(
+            token in token(),
+            at in any::<prop::sample::Index>(),
+            by in any::<char>(),
+        ) {
+            let key = TokenKey::new(b"secret");
+            let mut chars: Vec<char> = key.sign(&token).chars().collect();
+            let at = at.index(chars.len());
+            prop_assume!(chars[at] != by);
+            chars[at] = by;
+            let altered: String = chars.into_iter().collect();
+            prop_assert!(key.verify(&altered, i64::MIN).is_err(), "{altered} still verifies");
+        }
     }
 }

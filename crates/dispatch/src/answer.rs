@@ -123,6 +123,8 @@ impl Answer {
 #[cfg(test)]
 mod tests {
     use async_nats::HeaderMap;
+    use async_nats::header::{HeaderName, HeaderValue};
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -183,5 +185,69 @@ mod tests {
             Answer::from_message(&reply(&[("Picloud-Status", "maybe")], None)),
             Answer::Invalid(e) if e.contains("maybe")
         ));
+    }
+
+    /// A header name: mostly the protocol's own, in any case, else anything NATS allows.
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![STATUS_HEADER, ERROR_HEADER, RETRY_AFTER_HEADER]).prop_map(str::to_owned),
+            1 => prop::sample::select(vec![STATUS_HEADER, ERROR_HEADER, RETRY_AFTER_HEADER])
+                .prop_map(str::to_lowercase),
+            1 => "[!-9;-~]{1,20}",
+        ]
+    }
+
+    /// A header value: mostly what the protocol means, else any text.
+    fn header_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec!["ok", "retry", "fail", "OK", " ok", ""]).prop_map(str::to_owned),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<String>(),
+        ]
+    }
+
+    /// A reply: any headers, any NATS status, any payload.
+    fn any_reply() -> impl Strategy<Value = Message> {
+        (
+            prop::option::of(prop::collection::vec((header_name(), header_value()), 0..5)),
+            prop::option::of(prop_oneof![Just(503u16), Just(408), Just(100), any::<u16>()]),
+            prop::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(headers, status, payload)| Message {
+                subject: "_INBOX.x.1".into(),
+                reply: None,
+                payload: Bytes::from(payload),
+                headers: headers.map(|pairs| {
+                    let mut map = HeaderMap::new();
+                    for (name, value) in pairs {
+                        if let (Ok(name), Ok(value)) =
+                            (name.parse::<HeaderName>(), value.parse::<HeaderValue>())
+                        {
+                            map.append(name, value);
+                        }
+                    }
+                    map
+                }),
+                status: status.and_then(|s| StatusCode::from_u16(s).ok()),
+                description: None,
+                length: 0,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_reply_is_read_without_panicking_and_an_ok_keeps_its_payload(reply in any_reply()) {
+            let answer = Answer::from_message(&reply);
+            let status =
+                reply.headers.as_ref().and_then(|h| h.get(STATUS_HEADER)).map(|v| v.as_str().to_owned());
+            if reply.status == Some(StatusCode::NO_RESPONDERS) {
+                prop_assert_eq!(&answer, &Answer::NoResponders);
+            } else if status.as_deref() == Some("ok") {
+                prop_assert_eq!(&answer, &Answer::Ok(reply.payload));
+            }
+            let error = answer.error(Duration::from_millis(1500));
+            prop_assert_eq!(error.is_none(), matches!(answer, Answer::Ok(_)));
+            prop_assert_eq!(answer.handler_status() == HandlerStatus::Ok, matches!(answer, Answer::Ok(_)));
+        }
     }
 }

@@ -94,6 +94,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the database refused a text it was given: Postgres stores no NUL character, in
+    /// text (`invalid byte sequence`) or in jsonb (`\u0000`).
+    pub fn is_invalid_text(&self) -> bool {
+        match self {
+            Error::Database(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("22021" | "22P05"))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether trying again may succeed (connection trouble, serialization failures).
     pub fn is_transient(&self) -> bool {
         match self {

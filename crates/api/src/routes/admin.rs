@@ -1,7 +1,7 @@
 //! Apps, principals, memberships and tokens.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, Capability, Role, Scope, ScopeSet};
@@ -11,12 +11,16 @@ use uuid::Uuid;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, Page, PageQuery, QueryParams};
+use crate::extract::{JsonBody, Page, PageQuery, PathParams, QueryParams};
 use crate::views::*;
 
 /// Create an app (platform admins).
-#[utoipa::path(post, path = "/v1/apps", tag = "apps", request_body = CreateApp,
-    responses((status = 201, body = AppView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps", tag = "apps", operation_id = "create_app", request_body = CreateApp,
+    responses(
+        (status = 201, body = AppView, description = "the app, created"),
+        (status = 403, body = ErrorBody, description = "`forbidden`: the caller may not manage apps"),
+        (status = 409, body = ErrorBody, description = "`app_exists`: the slug is taken"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the slug breaks its rule")))]
 pub async fn create_app(
     State(state): State<ApiState>,
     caller: Caller,
@@ -29,7 +33,8 @@ pub async fn create_app(
 }
 
 /// The apps the caller can see: every app for platform admins, else the caller's.
-#[utoipa::path(get, path = "/v1/apps", tag = "apps", params(PageQuery), responses((status = 200, body = Page<AppView>)))]
+#[utoipa::path(get, path = "/v1/apps", tag = "apps", operation_id = "list_apps", params(PageQuery),
+    responses((status = 200, body = Page<AppView>, description = "a page of apps, by slug")))]
 pub async fn list_apps(
     State(state): State<ApiState>,
     caller: Caller,
@@ -45,8 +50,12 @@ pub async fn list_apps(
 }
 
 /// Create a principal (platform admins).
-#[utoipa::path(post, path = "/v1/principals", tag = "principals", request_body = CreatePrincipal,
-    responses((status = 201, body = PrincipalView), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/principals", tag = "principals", operation_id = "create_principal",
+    request_body = CreatePrincipal,
+    responses(
+        (status = 201, body = PrincipalView, description = "the principal, created"),
+        (status = 403, body = ErrorBody, description = "`forbidden`: the caller may not manage principals"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the name is empty or too long")))]
 pub async fn create_principal(
     State(state): State<ApiState>,
     caller: Caller,
@@ -66,13 +75,16 @@ fn principal_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Give a principal a role on the app.
-#[utoipa::path(put, path = "/v1/apps/{app}/members/{principal_id}", tag = "apps", request_body = SetRole,
-    params(("app" = String, Path), ("principal_id" = Uuid, Path)),
-    responses((status = 200, body = MemberView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[utoipa::path(put, path = "/v1/apps/{app}/members/{principal_id}", tag = "apps", operation_id = "set_member",
+    request_body = SetRole, params(("app" = String, Path), ("principal_id" = Uuid, Path)),
+    responses(
+        (status = 200, body = MemberView, description = "the membership as it is now"),
+        (status = 404, body = ErrorBody, description = "`principal_not_found`: no such principal"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: not a role")))]
 pub async fn set_member(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, principal)): Path<(String, String)>,
+    PathParams((_, principal)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<SetRole>,
 ) -> Result<Json<MemberView>, ApiError> {
     let app = caller.require_app(Capability::AppManageMembers)?;
@@ -84,13 +96,15 @@ pub async fn set_member(
 }
 
 /// Remove a principal's role on the app.
-#[utoipa::path(delete, path = "/v1/apps/{app}/members/{principal_id}", tag = "apps",
+#[utoipa::path(delete, path = "/v1/apps/{app}/members/{principal_id}", tag = "apps", operation_id = "remove_member",
     params(("app" = String, Path), ("principal_id" = Uuid, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 204, description = "the role is removed"),
+        (status = 404, body = ErrorBody, description = "`principal_not_found`, `member_not_found`: no such principal, or not a member")))]
 pub async fn remove_member(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, principal)): Path<(String, String)>,
+    PathParams((_, principal)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let app = caller.require_app(Capability::AppManageMembers)?;
     if state.store.remove_member(app.id, principal_id(&principal)?).await? {
@@ -102,8 +116,12 @@ pub async fn remove_member(
 
 /// Mint a token, for the caller or (with ManagePrincipals) another principal. It can be no
 /// wider than the credentials minting it, and outlive them no more.
-#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
-    responses((status = 201, body = TokenCreated), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", operation_id = "create_token", request_body = CreateToken,
+    responses(
+        (status = 201, body = TokenCreated, description = "the token, with its secret shown this once"),
+        (status = 403, body = ErrorBody, description = "`forbidden`: a delivery token, another principal without ManagePrincipals, or a token wider or longer-lived than the caller's"),
+        (status = 404, body = ErrorBody, description = "`principal_not_found`, `app_not_found`: no such principal or app"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: an unknown scope, or an expiry out of range")))]
 pub async fn create_token(
     State(state): State<ApiState>,
     caller: Caller,
@@ -188,12 +206,16 @@ pub async fn create_token(
 }
 
 /// Revoke a token: its owner, or ManagePrincipals. A token revoked already is 404.
-#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", params(("id" = Uuid, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", operation_id = "revoke_token",
+    params(("id" = Uuid, Path)),
+    responses(
+        (status = 204, description = "the token is revoked"),
+        (status = 403, body = ErrorBody, description = "`forbidden`: another principal's token, without ManagePrincipals"),
+        (status = 404, body = ErrorBody, description = "`token_not_found`: no such token, or it is revoked already")))]
 pub async fn revoke_token(
     State(state): State<ApiState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     let not_found = || ApiError::not_found("token_not_found", format!("no token {id}"));
     let token_id: Uuid = id.parse().map_err(|_| not_found())?;

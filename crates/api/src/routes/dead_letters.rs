@@ -1,7 +1,7 @@
 //! Dead letters (list, count, get, replay, ignore) and the abandoned-executions log.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use picloud_core::{Capability, TriggerConfig};
 use picloud_store::{AbandonedRepo, DeadLetterFilter, DeadLetterRepo, Resolution, Transactional};
 use picloud_store::{PgStore, events};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{Page, PageQuery, QueryParams};
+use crate::extract::{Page, PageQuery, PathParams, QueryParams};
 use crate::views::*;
 
 /// Filters of the dead-letter list.
@@ -48,11 +48,15 @@ fn dead_letter_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The app's dead letters, newest first.
-#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters", tag = "dead letters",
-    params(("app" = String, Path), DeadLetterQuery), responses((status = 200, body = Page<DeadLetterView>)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters", tag = "dead letters", operation_id = "list_dead_letters",
+    params(("app" = String, Path), DeadLetterQuery),
+    responses(
+        (status = 200, body = Page<DeadLetterView>, description = "a page of dead letters, newest first"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: not a resolution")))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
+    PathParams(_app): PathParams<String>,
     QueryParams(q): QueryParams<DeadLetterQuery>,
 ) -> Result<Json<Page<DeadLetterView>>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;
@@ -72,11 +76,15 @@ pub struct CountQuery {
 }
 
 /// How many dead letters are unresolved.
-#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters/count", tag = "dead letters",
-    params(("app" = String, Path), CountQuery), responses((status = 200, body = CountView)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters/count", tag = "dead letters", operation_id = "count_dead_letters",
+    params(("app" = String, Path), CountQuery),
+    responses(
+        (status = 200, body = CountView, description = "how many dead letters are unresolved"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: a resolution other than unresolved")))]
 pub async fn count(
     State(state): State<ApiState>,
     caller: Caller,
+    PathParams(_app): PathParams<String>,
     QueryParams(q): QueryParams<CountQuery>,
 ) -> Result<Json<CountView>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;
@@ -87,13 +95,15 @@ pub async fn count(
 }
 
 /// One dead letter, with its event.
-#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters/{id}", tag = "dead letters",
+#[utoipa::path(get, path = "/v1/apps/{app}/dead-letters/{id}", tag = "dead letters", operation_id = "get_dead_letter",
     params(("app" = String, Path), ("id" = Uuid, Path)),
-    responses((status = 200, body = DeadLetterView), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = DeadLetterView, description = "the dead letter, with its event"),
+        (status = 404, body = ErrorBody, description = "`dead_letter_not_found`: no such dead letter")))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, id)): Path<(String, String)>,
+    PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;
     let dead = state.store.dead_letter(app.id, dead_letter_id(&id)?).await?;
@@ -104,13 +114,16 @@ pub async fn get(
 }
 
 /// Deliver the dead letter's event again to its trigger (attempts reset); it becomes `replayed`.
-#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/{id}/replay", tag = "dead letters",
+#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/{id}/replay", tag = "dead letters", operation_id = "replay_dead_letter",
     params(("app" = String, Path), ("id" = Uuid, Path)),
-    responses((status = 200, body = Replayed), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses(
+        (status = 200, body = Replayed, description = "the dead letter, now replayed, and the new delivery"),
+        (status = 404, body = ErrorBody, description = "`dead_letter_not_found`: no such dead letter"),
+        (status = 409, body = ErrorBody, description = "`already_replayed`, `trigger_gone`: replayed already, or its trigger no longer exists")))]
 pub async fn replay(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, id)): Path<(String, String)>,
+    PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<Replayed>, ApiError> {
     let app = caller.require_app(Capability::AppDeadLetterManage)?;
     Ok(Json(
@@ -143,13 +156,16 @@ pub async fn replay_dead_letter(
 }
 
 /// Mark an unresolved dead letter `ignored`.
-#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/{id}/ignore", tag = "dead letters",
+#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/{id}/ignore", tag = "dead letters", operation_id = "ignore_dead_letter",
     params(("app" = String, Path), ("id" = Uuid, Path)),
-    responses((status = 200, body = DeadLetterView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses(
+        (status = 200, body = DeadLetterView, description = "the dead letter, now ignored"),
+        (status = 404, body = ErrorBody, description = "`dead_letter_not_found`: no such dead letter"),
+        (status = 409, body = ErrorBody, description = "`already_resolved`: the dead letter is resolved already")))]
 pub async fn ignore(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, id)): Path<(String, String)>,
+    PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     let app = caller.require_app(Capability::AppDeadLetterManage)?;
     Ok(Json(ignore_dead_letter(&state.store, app.id, dead_letter_id(&id)?).await?))
@@ -171,11 +187,13 @@ pub async fn ignore_dead_letter(store: &PgStore, app_id: Uuid, id: Uuid) -> Resu
 }
 
 /// Sync results nobody waited for, newest first.
-#[utoipa::path(get, path = "/v1/apps/{app}/abandoned-executions", tag = "dead letters",
-    params(("app" = String, Path), PageQuery), responses((status = 200, body = Page<AbandonedView>)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/abandoned-executions", tag = "dead letters", operation_id = "list_abandoned_executions",
+    params(("app" = String, Path), PageQuery),
+    responses((status = 200, body = Page<AbandonedView>, description = "a page of abandoned executions, newest first")))]
 pub async fn abandoned(
     State(state): State<ApiState>,
     caller: Caller,
+    PathParams(_app): PathParams<String>,
     QueryParams(page): QueryParams<PageQuery>,
 ) -> Result<Json<Page<AbandonedView>>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;

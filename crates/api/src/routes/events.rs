@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use picloud_core::{Capability, QueueName, TopicName};
 use picloud_store::Transactional;
@@ -13,21 +13,23 @@ use serde_json::value::RawValue;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, parse_json};
+use crate::extract::{JsonBody, PathParams, parse_json};
 use crate::views::*;
 
 /// The longest delay a job may ask for: a year.
 const MAX_DELAY_MS: u64 = 365 * 86_400 * 1000;
 
 /// Publish a message: every matching pubsub trigger gets a delivery.
-#[utoipa::path(post, path = "/v1/apps/{app}/topics/{topic}/messages", tag = "events",
+#[utoipa::path(post, path = "/v1/apps/{app}/topics/{topic}/messages", tag = "events", operation_id = "publish_message",
     params(("app" = String, Path), ("topic" = String, Path)),
-    request_body(content = Object, description = "the message: any JSON value"),
-    responses((status = 202, body = Published), (status = 422, body = ErrorBody)))]
+    request_body(content = serde_json::Value, description = "the message: any JSON value"),
+    responses(
+        (status = 202, body = Published, description = "the message's id, and the deliveries written"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the topic breaks the name rule")))]
 pub async fn publish(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, topic)): Path<(String, String)>,
+    PathParams((_, topic)): PathParams<(String, String)>,
     JsonBody(message): JsonBody<Box<RawValue>>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     publish_message(&state, &caller, topic, &message).await.map(|p| (StatusCode::ACCEPTED, Json(p)))
@@ -50,14 +52,18 @@ pub(crate) async fn publish_message(
 }
 
 /// Enqueue a job on a queue; a repeated idempotency key answers 200 with the first job's id.
-#[utoipa::path(post, path = "/v1/apps/{app}/queues/{queue}/jobs", tag = "events",
+#[utoipa::path(post, path = "/v1/apps/{app}/queues/{queue}/jobs", tag = "events", operation_id = "enqueue_job",
     params(("app" = String, Path), ("queue" = String, Path)), request_body = EnqueueJob,
-    responses((status = 202, body = IdView), (status = 200, body = IdView, description = "the job with this idempotency key"),
-              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses(
+        (status = 202, body = IdView, description = "the job's id"),
+        (status = 200, body = IdView, description = "the id of the job enqueued earlier with this idempotency key"),
+        (status = 404, body = ErrorBody, description = "`no_such_queue`: no trigger serves the queue"),
+        (status = 409, body = ErrorBody, description = "`queue_disabled`, `duplicate_idempotency_key`: the queue's trigger is disabled, or the key is in use"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the queue, delay or idempotency key breaks its rule")))]
 pub async fn enqueue(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, queue)): Path<(String, String)>,
+    PathParams((_, queue)): PathParams<(String, String)>,
     JsonBody(job): JsonBody<EnqueueJob>,
 ) -> Result<(StatusCode, Json<IdView>), ApiError> {
     let (created, id) = enqueue_job(&state, &caller, queue, &job).await?;
@@ -107,11 +113,15 @@ fn is_address(address: &str) -> bool {
 }
 
 /// Queue an email for the built-in executor (sent over SMTP, retried like any delivery).
-#[utoipa::path(post, path = "/v1/apps/{app}/emails", tag = "events", params(("app" = String, Path)),
-    request_body = SendEmail, responses((status = 202, body = IdView), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/emails", tag = "events", operation_id = "send_email",
+    params(("app" = String, Path)), request_body = SendEmail,
+    responses(
+        (status = 202, body = IdView, description = "the email's delivery id"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: a recipient or the subject breaks its rule")))]
 pub async fn send_email(
     State(state): State<ApiState>,
     caller: Caller,
+    PathParams(_app): PathParams<String>,
     JsonBody(email): JsonBody<SendEmail>,
 ) -> Result<(StatusCode, Json<IdView>), ApiError> {
     let app = caller.require_app(Capability::AppSendEmail)?;

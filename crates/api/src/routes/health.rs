@@ -39,7 +39,8 @@ pub struct Readiness {
 const REQUIRED: [&str; 2] = ["postgres", "nats"];
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "health", security(), responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "health", operation_id = "get_healthz", security(),
+    responses((status = 200, body = Health, description = "the process answers")))]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok".into(), down: Vec::new() })
 }
@@ -48,7 +49,7 @@ pub async fn healthz() -> Json<Health> {
 /// `checks.smtp` also says whether this node can send them (`PICLOUD_SMTP_URL` set, its server
 /// accepting connections); that is reported but does not make the node unready: the node
 /// serves everything else, and the emails wait for a node that can send them.
-#[utoipa::path(get, path = "/readyz", tag = "health", security(),
+#[utoipa::path(get, path = "/readyz", tag = "health", operation_id = "get_readyz", security(),
     responses(
         (status = 200, body = Readiness, description = "Postgres and NATS are reachable (`checks.smtp` may still report that waiting emails cannot be sent from here)"),
         (status = 503, body = Readiness, description = "Postgres or NATS is not reachable: `down` names which")))]
@@ -123,9 +124,9 @@ fn smtp_address(url: &str) -> Option<(String, u16)> {
 
 /// This node's metrics in the Prometheus text format. The database gauges are those the node
 /// last read (it reads them every `PICLOUD_METRICS_INTERVAL_MS`): a scrape touches no database.
-#[utoipa::path(get, path = "/metrics", tag = "health", security(), responses(
+#[utoipa::path(get, path = "/metrics", tag = "health", operation_id = "get_metrics", security(), responses(
     (status = 200, content_type = "text/plain", body = String, description = "Prometheus text format; the database gauges as last read, once per `PICLOUD_METRICS_INTERVAL_MS`"),
-    (status = 404, body = ErrorBody, description = "this node records no metrics")))]
+    (status = 404, body = ErrorBody, description = "`metrics_disabled`: this node records no metrics")))]
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     match &state.config.metrics {
         Some(metrics) => ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response(),

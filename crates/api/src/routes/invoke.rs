@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use picloud_core::Capability;
@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use crate::ApiState;
 use crate::auth::{Caller, authenticate, bearer};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{body_bytes, parse_json};
+use crate::extract::{PathParams, body_bytes, parse_json};
 
 /// The header a sync caller sets its timeout with, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "Picloud-Timeout-Ms";
@@ -57,16 +57,23 @@ fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, Api
 
 /// Call an `http` trigger and wait for its handler: 200 with the handler's JSON, 502
 /// `handler_failed`, 503 `no_handler`, 504 `timeout`. Never retried.
-#[utoipa::path(post, path = "/v1/apps/{app}/invoke/{trigger}", tag = "events",
+#[utoipa::path(post, path = "/v1/apps/{app}/invoke/{trigger}", tag = "events", operation_id = "invoke_trigger",
     params(("app" = String, Path), ("trigger" = String, Path),
-           ("Picloud-Timeout-Ms" = Option<u64>, Header, description = "how long to wait, capped by PICLOUD_SYNC_TIMEOUT_MAX_MS")),
-    request_body(content = Object, description = "the call's body: any JSON value"),
-    responses((status = 200, description = "the handler's JSON"), (status = 502, body = ErrorBody),
-              (status = 503, body = ErrorBody), (status = 504, body = ErrorBody)))]
+           ("Picloud-Timeout-Ms" = Option<u64>, Header, nullable = false, minimum = 1, description = "how long to wait, capped by PICLOUD_SYNC_TIMEOUT_MAX_MS")),
+    request_body(content = serde_json::Value, description = "the call's body: any JSON value"),
+    responses(
+        (status = 200, body = serde_json::Value, description = "the handler's JSON: any JSON value"),
+        (status = 400, body = ErrorBody, description = "`invalid_timeout`: Picloud-Timeout-Ms is not a positive number"),
+        (status = 404, body = ErrorBody, description = "`trigger_not_found`: no such trigger"),
+        (status = 409, body = ErrorBody, description = "`not_an_http_trigger`, `trigger_disabled`, `max_depth`: not an enabled http trigger, or a call at the depth limit"),
+        (status = 429, body = ErrorBody, description = "`too_many_sync_calls`: the app has as many sync calls waiting as it may"),
+        (status = 502, body = ErrorBody, description = "`handler_failed`: the handler failed the call, or its answer was not understood"),
+        (status = 503, body = ErrorBody, description = "`no_handler`: no handler serves the trigger"),
+        (status = 504, body = ErrorBody, description = "`timeout`: no answer in time")))]
 pub async fn invoke(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path((app, name)): Path<(String, String)>,
+    PathParams((app, name)): PathParams<(String, String)>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let credentials = bearer(&headers)?;

@@ -1,7 +1,7 @@
 //! KV entries: put (with `If-Match`), get, delete, list by prefix.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use picloud_core::{Capability, CollectionName, KvKey};
 use picloud_store::events;
@@ -12,7 +12,7 @@ use utoipa::IntoParams;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, Page, PageQuery, QueryParams};
+use crate::extract::{JsonBody, Page, PageQuery, PathParams, QueryParams};
 use crate::views::*;
 
 /// The `If-Match` version, if given: 400 when it is not a whole number.
@@ -38,16 +38,21 @@ fn names(collection: String, key: String) -> Result<(CollectionName, KvKey), Api
 }
 
 /// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch).
-#[utoipa::path(put, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv",
+#[utoipa::path(put, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv", operation_id = "put_kv_entry",
     params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
-           ("If-Match" = Option<i64>, Header, description = "the version the entry must have")),
-    request_body(content = Object, description = "any JSON value"),
-    responses((status = 200, body = VersionView), (status = 412, body = ErrorBody), (status = 413, body = ErrorBody)))]
+           ("If-Match" = Option<i64>, Header, nullable = false, minimum = 1, description = "the version the entry must have")),
+    request_body(content = serde_json::Value, description = "the value: any JSON value"),
+    responses(
+        (status = 200, body = VersionView, description = "the entry's new version"),
+        (status = 400, body = ErrorBody, description = "`invalid_if_match`: If-Match is not a version number"),
+        (status = 409, body = ErrorBody, description = "`conflict`: concurrent writers kept changing the entry; try again"),
+        (status = 412, body = ErrorBody, description = "`version_mismatch`: the entry does not have the If-Match version"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the collection or key breaks the name rule")))]
 pub async fn put(
     State(state): State<ApiState>,
     caller: Caller,
     headers: HeaderMap,
-    Path((_, collection, key)): Path<(String, String, String)>,
+    PathParams((_, collection, key)): PathParams<(String, String, String)>,
     JsonBody(value): JsonBody<serde_json::Value>,
 ) -> Result<Json<VersionView>, ApiError> {
     let expected = if_match(&headers)?;
@@ -71,13 +76,15 @@ pub(crate) async fn put_entry(
 }
 
 /// Read an entry.
-#[utoipa::path(get, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv",
+#[utoipa::path(get, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv", operation_id = "get_kv_entry",
     params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path)),
-    responses((status = 200, body = KvValue), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = KvValue, description = "the value and its version"),
+        (status = 404, body = ErrorBody, description = "`key_not_found`: no such key")))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, collection, key)): Path<(String, String, String)>,
+    PathParams((_, collection, key)): PathParams<(String, String, String)>,
 ) -> Result<Json<KvValue>, ApiError> {
     let app = caller.require_app(Capability::AppReadKv)?;
     let entry = state.store.kv_get(app.id, &collection, &key).await?;
@@ -87,15 +94,19 @@ pub async fn get(
 }
 
 /// Delete an entry; `If-Match` makes it conditional.
-#[utoipa::path(delete, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv",
+#[utoipa::path(delete, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv", operation_id = "delete_kv_entry",
     params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
-           ("If-Match" = Option<i64>, Header, description = "the version the entry must have")),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 412, body = ErrorBody)))]
+           ("If-Match" = Option<i64>, Header, nullable = false, minimum = 1, description = "the version the entry must have")),
+    responses(
+        (status = 204, description = "the entry is deleted"),
+        (status = 400, body = ErrorBody, description = "`invalid_if_match`: If-Match is not a version number"),
+        (status = 404, body = ErrorBody, description = "`key_not_found`: no such key"),
+        (status = 412, body = ErrorBody, description = "`version_mismatch`: the entry does not have the If-Match version")))]
 pub async fn delete(
     State(state): State<ApiState>,
     caller: Caller,
     headers: HeaderMap,
-    Path((_, collection, key)): Path<(String, String, String)>,
+    PathParams((_, collection, key)): PathParams<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
     delete_entry(&state, &caller, collection, key, expected).await.map(|_| StatusCode::NO_CONTENT)
@@ -137,13 +148,13 @@ pub struct KeyQuery {
 }
 
 /// List a collection's keys, by key, paged.
-#[utoipa::path(get, path = "/v1/apps/{app}/kv/{collection}", tag = "kv",
+#[utoipa::path(get, path = "/v1/apps/{app}/kv/{collection}", tag = "kv", operation_id = "list_kv_keys",
     params(("app" = String, Path), ("collection" = String, Path), KeyQuery),
-    responses((status = 200, body = Page<KvKeyView>)))]
+    responses((status = 200, body = Page<KvKeyView>, description = "a page of keys, by key")))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, collection)): Path<(String, String)>,
+    PathParams((_, collection)): PathParams<(String, String)>,
     QueryParams(q): QueryParams<KeyQuery>,
 ) -> Result<Json<Page<KvKeyView>>, ApiError> {
     let app = caller.require_app(Capability::AppReadKv)?;

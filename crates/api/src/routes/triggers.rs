@@ -1,7 +1,7 @@
 //! Registering, reading, changing and removing triggers.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine as _;
 use picloud_core::cron::DEFAULT_TIMEZONE;
@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{JsonBody, Page, PageQuery, QueryParams};
+use crate::extract::{JsonBody, Page, PageQuery, PathParams, QueryParams};
 use crate::views::*;
 
 /// The handler of a registration or a change. A webhook URL whose host is a refused address (or
@@ -155,12 +155,16 @@ fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
 }
 
 /// Register a trigger; it runs as the caller's principal.
-#[utoipa::path(post, path = "/v1/apps/{app}/triggers", tag = "triggers", params(("app" = String, Path)),
-    request_body = RegisterTrigger,
-    responses((status = 201, body = TriggerView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/apps/{app}/triggers", tag = "triggers", operation_id = "register_trigger",
+    params(("app" = String, Path)), request_body = RegisterTrigger,
+    responses(
+        (status = 201, body = TriggerView, description = "the trigger, registered"),
+        (status = 409, body = ErrorBody, description = "`trigger_exists`, `queue_taken`: the name is taken, or the queue has a trigger"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: a field breaks its rule, or does not fit the kind")))]
 pub async fn register(
     State(state): State<ApiState>,
     caller: Caller,
+    PathParams(_app): PathParams<String>,
     JsonBody(body): JsonBody<RegisterTrigger>,
 ) -> Result<(StatusCode, Json<TriggerView>), ApiError> {
     let app = caller.require_app(Capability::AppManageTriggers)?;
@@ -181,11 +185,13 @@ pub async fn register(
 }
 
 /// The app's triggers, by name.
-#[utoipa::path(get, path = "/v1/apps/{app}/triggers", tag = "triggers", params(("app" = String, Path), PageQuery),
-    responses((status = 200, body = Page<TriggerView>)))]
+#[utoipa::path(get, path = "/v1/apps/{app}/triggers", tag = "triggers", operation_id = "list_triggers",
+    params(("app" = String, Path), PageQuery),
+    responses((status = 200, body = Page<TriggerView>, description = "a page of triggers, by name")))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
+    PathParams(_app): PathParams<String>,
     QueryParams(page): QueryParams<PageQuery>,
 ) -> Result<Json<Page<TriggerView>>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;
@@ -200,13 +206,15 @@ fn not_found(name: &str) -> ApiError {
 }
 
 /// One trigger.
-#[utoipa::path(get, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers",
+#[utoipa::path(get, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers", operation_id = "get_trigger",
     params(("app" = String, Path), ("name" = String, Path)),
-    responses((status = 200, body = TriggerView), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = TriggerView, description = "the trigger"),
+        (status = 404, body = ErrorBody, description = "`trigger_not_found`: no such trigger")))]
 pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, name)): Path<(String, String)>,
+    PathParams((_, name)): PathParams<(String, String)>,
 ) -> Result<Json<TriggerView>, ApiError> {
     let app = caller.require_app(Capability::AppRead)?;
     let trigger = state.store.trigger(app.id, &name).await?.ok_or_else(|| not_found(&name))?;
@@ -214,13 +222,16 @@ pub async fn get(
 }
 
 /// Enable or disable a trigger, or change its handler or retry overrides.
-#[utoipa::path(patch, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers",
+#[utoipa::path(patch, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers", operation_id = "update_trigger",
     params(("app" = String, Path), ("name" = String, Path)), request_body = PatchTrigger,
-    responses((status = 200, body = TriggerView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses(
+        (status = 200, body = TriggerView, description = "the trigger as it is now"),
+        (status = 404, body = ErrorBody, description = "`trigger_not_found`: no such trigger"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the handler or retry overrides break their rules")))]
 pub async fn patch(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, name)): Path<(String, String)>,
+    PathParams((_, name)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<PatchTrigger>,
 ) -> Result<Json<TriggerView>, ApiError> {
     let app = caller.require_app(Capability::AppManageTriggers)?;
@@ -234,13 +245,15 @@ pub async fn patch(
 }
 
 /// Remove a trigger; its dead letters stay.
-#[utoipa::path(delete, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers",
+#[utoipa::path(delete, path = "/v1/apps/{app}/triggers/{name}", tag = "triggers", operation_id = "delete_trigger",
     params(("app" = String, Path), ("name" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 204, description = "the trigger is removed"),
+        (status = 404, body = ErrorBody, description = "`trigger_not_found`: no such trigger")))]
 pub async fn delete(
     State(state): State<ApiState>,
     caller: Caller,
-    Path((_, name)): Path<(String, String)>,
+    PathParams((_, name)): PathParams<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let app = caller.require_app(Capability::AppManageTriggers)?;
     if state.store.delete_trigger(app.id, &name).await? {

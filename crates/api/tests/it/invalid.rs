@@ -208,6 +208,43 @@ async fn unknown_apps_triggers_keys_and_dead_letters_are_404() {
 }
 
 #[tokio::test]
+async fn a_path_parameter_that_is_not_utf8_is_400_invalid_path_in_the_error_shape() {
+    let api = Api::start().await;
+    for path in ["/v1/apps/shop/kv/c/%FF", "/v1/apps/shop/triggers/%C3%28", "/v1/apps/%FF/triggers"] {
+        let reply = api.call(Method::GET, path, Some(&api.root), None).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (StatusCode::BAD_REQUEST, "invalid_path"),
+            "{path}: {:?}",
+            reply.body
+        );
+        assert!(reply.message().contains("UTF-8"), "{path}: {}", reply.message());
+    }
+    let put = api.call(Method::PUT, "/v1/apps/shop/kv/c/%FF", Some(&api.developer), Some(json!(1))).await;
+    refused(&api, put, StatusCode::BAD_REQUEST, "invalid_path").await;
+}
+
+#[tokio::test]
+async fn text_holding_a_nul_character_is_400_invalid_text_and_writes_nothing() {
+    let api = Api::start().await;
+    let cases = [
+        (Method::PUT, "/v1/apps/shop/kv/c/k", Some(json!({"a": "\u{0}"}))),
+        (Method::PUT, "/v1/apps/shop/kv/c/k", Some(json!({"\u{0}": 1}))),
+        (Method::GET, "/v1/apps/shop/kv/c/k%00", None),
+        (Method::GET, "/v1/apps/shop/kv/c?prefix=%00", None),
+        (Method::GET, "/v1/apps/shop/triggers/t%00", None),
+        (Method::GET, "/v1/apps/shop/dead-letters?trigger=%00", None),
+        (Method::GET, "/v1/apps/s%00/triggers", None),
+        (Method::POST, "/v1/principals", Some(json!({"name": "a\u{0}b"}))),
+    ];
+    for (method, path, body) in cases {
+        let reply = api.call(method.clone(), path, Some(&api.root), body).await;
+        assert!(reply.message().contains("NUL"), "{method} {path}: {:?}", reply.body);
+        refused(&api, reply, StatusCode::BAD_REQUEST, "invalid_text").await;
+    }
+}
+
+#[tokio::test]
 async fn missing_malformed_expired_and_revoked_tokens_are_401() {
     let api = Api::start().await;
     let expired =

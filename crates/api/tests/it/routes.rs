@@ -80,6 +80,24 @@ async fn kv_entries_are_put_read_listed_and_deleted_with_versions() {
 }
 
 #[tokio::test]
+async fn values_at_the_edges_of_json_numbers_read_back_and_can_be_overwritten() {
+    let api = Api::start().await;
+    for (i, value) in
+        [json!(f64::MAX), json!(f64::MIN), json!(f64::MIN_POSITIVE), json!(5e-324), json!([1e308])]
+            .into_iter()
+            .enumerate()
+    {
+        let path = format!("/v1/apps/shop/kv/numbers/{i}");
+        let put = api.call(Method::PUT, &path, Some(&api.developer), Some(value.clone())).await;
+        assert_eq!(put.status, StatusCode::OK, "{value}: {:?}", put.body);
+        let read = api.call(Method::GET, &path, Some(&api.developer), None).await;
+        assert_eq!((read.status, &read.body["value"]), (StatusCode::OK, &value), "{:?}", read.body);
+        let again = api.call(Method::PUT, &path, Some(&api.developer), Some(json!(1))).await;
+        assert_eq!(again.body, json!({"version": 2}), "{value}: the entry can be overwritten");
+    }
+}
+
+#[tokio::test]
 async fn a_kv_put_writes_one_delivery_per_matching_trigger_in_the_same_transaction() {
     let api = Api::start().await;
     api.trigger(json!({"name": "a", "kind": "kv", "collection": "orders*", "ops": ["put"], "handler": {"function": "h"}})).await;
