@@ -146,7 +146,8 @@ pub struct CaughtMail {
     pub message_id: String,
     /// Its `Subject` header.
     pub subject: String,
-    /// When the server accepted it.
+    /// When the server accepted it, and the same moment on the wall clock (to compare with the
+    /// database's times).
     pub at: Instant,
     pub wall: SystemTime,
 }
