@@ -6,6 +6,8 @@
 //!   test process.
 //! - [`NatsServer`] and [`NatsCluster`]: one nats-server, or n of them routed together (from
 //!   the testkit's own arguments or from the caller's config files).
+//! - [`TcpProxy`]: a TCP proxy a test cuts and restores, a network partition between a process
+//!   and its server.
 //! - [`spawn_tied`]: any other child process (e.g. the `picloud-router` binary under test)
 //!   forked the same way, so it too dies with the test process.
 //!
@@ -23,6 +25,7 @@ mod error;
 mod nats;
 mod pg;
 mod process;
+mod proxy;
 mod sys;
 mod testdb;
 
@@ -45,7 +48,8 @@ pub fn nats_dev_env() -> std::collections::BTreeMap<String, String> {
     parse_env_file(include_str!("../../../nats/dev.env"))
 }
 pub use nats::{NatsCluster, NatsNodePorts, NatsServer};
-pub use pg::{PgOptions, PgServer};
+pub use pg::{PgOptions, PgServer, PgShutdown};
+pub use proxy::TcpProxy;
 pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};
 
 /// Spawns `cmd` from the spawner thread with SIGKILL as its parent-death signal: the child is

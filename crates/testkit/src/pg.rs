@@ -1,8 +1,8 @@
-//! Throwaway and persistent PostgreSQL servers: `initdb`, start, readiness, shutdown.
+//! Throwaway and persistent PostgreSQL servers: `initdb`, start, readiness, shutdown and restart.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::Connection as _;
 use tempfile::TempDir;
@@ -24,6 +24,12 @@ const DROP_STEPS: &[(libc::c_int, Duration)] =
 /// `stop`: like drop, but gives the fast shutdown's checkpoint time to finish.
 const STOP_STEPS: &[(libc::c_int, Duration)] =
     &[(libc::SIGINT, Duration::from_secs(60)), (libc::SIGQUIT, Duration::from_secs(5))];
+/// An immediate shutdown: the postmaster stops its backends at once and exits.
+const IMMEDIATE_STEPS: &[(libc::c_int, Duration)] = &[(libc::SIGQUIT, Duration::from_secs(10))];
+/// How long a restart keeps retrying while its fixed port is still taken.
+const RESTART_PORT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The server's log file, in its dir.
+const LOG_FILE: &str = "postgres.log";
 /// The system user PostgreSQL runs as when we are root.
 const PG_USER: &str = "postgres";
 
@@ -44,6 +50,19 @@ impl Default for PgOptions {
     }
 }
 
+/// How [`PgServer::restart`] stops the server: PostgreSQL's shutdown modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgShutdown {
+    /// `pg_ctl stop -m fast` (SIGINT to the postmaster): every session is ended and its open
+    /// transaction rolled back, a checkpoint is written, and the server exits.
+    Fast,
+    /// `pg_ctl stop -m immediate` (SIGQUIT): every process exits at once, without a checkpoint,
+    /// as in a crash; the next start recovers from the WAL. What was committed without waiting
+    /// for the WAL (`synchronous_commit = off`, the default of [`PgOptions`] that are not
+    /// `durable`) may be lost.
+    Immediate,
+}
+
 /// A PostgreSQL server listening on `127.0.0.1` (TCP only), started by this process.
 ///
 /// Dropping it stops the server (SIGINT, then SIGQUIT, then SIGKILL) and, unless it was
@@ -52,6 +71,12 @@ impl Default for PgOptions {
 pub struct PgServer {
     port: u16,
     data_dir: PathBuf,
+    /// What a restart launches again: the binaries, the dir holding the log, the owner, the
+    /// options.
+    binaries: PgBinaries,
+    dir: PathBuf,
+    owner: Option<(u32, u32)>,
+    opts: PgOptions,
     /// Declared before `_temp_dir`: the process stops before its dir is removed.
     process: ServerProcess,
     /// The throwaway server's dir (`None` when persistent).
@@ -76,7 +101,16 @@ impl PgServer {
             let port = process::free_port()?;
             match launch(&binaries, dir.path(), &data_dir, port, owner, opts).await {
                 Ok(process) => {
-                    return Ok(PgServer { port, data_dir, process, _temp_dir: Some(dir) });
+                    return Ok(PgServer {
+                        port,
+                        data_dir,
+                        binaries,
+                        dir: dir.path().to_owned(),
+                        owner,
+                        opts,
+                        process,
+                        _temp_dir: Some(dir),
+                    });
                 }
                 Err(error) if attempt < PORT_ATTEMPTS && process::address_in_use(&error) => {
                     tracing::debug!(port, "port taken before postgres bound it, retrying");
@@ -104,7 +138,7 @@ impl PgServer {
             initdb(&binaries, &dir, &data_dir, owner, opts).await?;
         }
         let process = launch(&binaries, &dir, &data_dir, port, owner, opts).await?;
-        Ok(PgServer { port, data_dir, process, _temp_dir: None })
+        Ok(PgServer { port, data_dir, binaries, dir, owner, opts, process, _temp_dir: None })
     }
 
     /// The TCP port the server listens on (on 127.0.0.1).
@@ -122,6 +156,11 @@ impl PgServer {
         &self.data_dir
     }
 
+    /// The server's log file (every start of it appends to the same file).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
     /// The postmaster's process id.
     pub fn pid(&self) -> u32 {
         self.process.id()
@@ -133,6 +172,34 @@ impl PgServer {
     pub async fn stop(mut self) -> Result<()> {
         self.process.shutdown(STOP_STEPS).await;
         Ok(())
+    }
+
+    /// Stops the server in `mode` and waits for its exit (escalating as [`PgServer::stop`] does
+    /// if it does not exit), then starts it again on the same port and data directory and
+    /// returns once it accepts connections: after an immediate shutdown, once its crash
+    /// recovery is done. Sessions open before the restart are gone.
+    pub async fn restart(&mut self, mode: PgShutdown) -> Result<()> {
+        let steps = match mode {
+            PgShutdown::Fast => STOP_STEPS,
+            PgShutdown::Immediate => IMMEDIATE_STEPS,
+        };
+        self.process.shutdown(steps).await;
+        let deadline = Instant::now() + RESTART_PORT_TIMEOUT;
+        loop {
+            let launched =
+                launch(&self.binaries, &self.dir, &self.data_dir, self.port, self.owner, self.opts).await;
+            match launched {
+                Ok(process) => {
+                    self.process = process;
+                    return Ok(());
+                }
+                Err(error) if process::address_in_use(&error) && Instant::now() < deadline => {
+                    tracing::debug!(port = self.port, "port still taken, retrying restart");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 }
 
@@ -213,7 +280,7 @@ async fn launch(
     let mut server = ServerProcess::spawn(
         cmd,
         format!("postgres on port {port}"),
-        dir.join("postgres.log"),
+        dir.join(LOG_FILE),
         libc::SIGQUIT,
         DROP_STEPS,
     )

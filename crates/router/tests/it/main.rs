@@ -4,6 +4,7 @@ mod admin;
 mod cluster;
 mod deploy_files;
 mod dev;
+mod faults;
 mod migrate;
 mod relay_crash;
 mod serve_checks;

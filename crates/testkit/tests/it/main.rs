@@ -2,6 +2,7 @@
 
 mod nats;
 mod pg;
+mod proxy;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use picloud_testkit::{PgOptions, PgServer, TestDatabase};
+use picloud_testkit::{PgOptions, PgServer, PgShutdown, TestDatabase};
 use sqlx::{Connection, PgConnection};
 
 use crate::effective_uid;
@@ -135,5 +135,69 @@ async fn a_postgres_that_cannot_start_reports_the_tail_of_its_log() -> anyhow::R
     assert!(matches!(error, picloud_testkit::Error::Startup { .. }), "{error:?}");
     let message = error.to_string();
     assert!(message.contains("Address already in use"), "{message}");
+    Ok(())
+}
+
+/// What a restart left.
+struct Restarted {
+    /// The rows of the table, sorted.
+    rows: Vec<String>,
+    /// Whether the session open across the restart still works.
+    session_survived: bool,
+    /// Whether the server's log says it recovered from a crash.
+    crash_recovery: bool,
+    /// Port and postmaster pid, before and after.
+    ports: (u16, u16),
+    pids: (u32, u32),
+}
+
+/// Restarts a server in `mode` with one transaction committed (waiting for the WAL flush) and
+/// one open, and reports what is left.
+async fn restart_with_a_committed_and_an_open_transaction(mode: PgShutdown) -> anyhow::Result<Restarted> {
+    let mut server = PgServer::start(PgOptions::default()).await?;
+    let (port, pid) = (server.port(), server.pid());
+    let mut conn = PgConnection::connect(&server.url("postgres")).await?;
+    sqlx::raw_sql("create table t (x text); set synchronous_commit = on; insert into t values ('committed')")
+        .execute(&mut conn)
+        .await?;
+    let mut open = PgConnection::connect(&server.url("postgres")).await?;
+    sqlx::raw_sql("begin; insert into t values ('open')").execute(&mut open).await?;
+
+    server.restart(mode).await?;
+
+    let survived = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&mut conn).await.is_ok();
+    let mut fresh = PgConnection::connect(&server.url("postgres")).await?;
+    let rows: Vec<String> = sqlx::query_scalar("select x from t order by x").fetch_all(&mut fresh).await?;
+    let log = std::fs::read_to_string(server.log_path())?;
+    Ok(Restarted {
+        rows,
+        session_survived: survived,
+        crash_recovery: log.contains("automatic recovery in progress"),
+        ports: (port, server.port()),
+        pids: (pid, server.pid()),
+    })
+}
+
+#[tokio::test]
+async fn a_postgres_restarted_fast_comes_back_on_its_port_with_what_was_committed() -> anyhow::Result<()> {
+    let restarted = restart_with_a_committed_and_an_open_transaction(PgShutdown::Fast).await?;
+
+    assert_eq!(restarted.rows, ["committed"], "the open transaction was rolled back");
+    assert!(!restarted.session_survived, "a session survived the restart");
+    assert!(!restarted.crash_recovery, "a fast shutdown is clean: no crash recovery");
+    assert_eq!(restarted.ports.1, restarted.ports.0);
+    assert_ne!(restarted.pids.1, restarted.pids.0, "the postmaster was not restarted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_postgres_restarted_immediately_recovers_what_was_committed_from_its_wal() -> anyhow::Result<()> {
+    let restarted = restart_with_a_committed_and_an_open_transaction(PgShutdown::Immediate).await?;
+
+    assert_eq!(restarted.rows, ["committed"], "the open transaction was rolled back");
+    assert!(!restarted.session_survived, "a session survived the restart");
+    assert!(restarted.crash_recovery, "an immediate shutdown leaves a crash to recover from");
+    assert_eq!(restarted.ports.1, restarted.ports.0);
+    assert_ne!(restarted.pids.1, restarted.pids.0, "the postmaster was not restarted");
     Ok(())
 }
