@@ -729,8 +729,11 @@ async fn sessions_of(check: &sqlx::PgPool, name: &str) -> i64 {
 }
 
 /// The rows node `name` holds a lease on, with the lease's end.
-async fn leases_of(check: &sqlx::PgPool, name: &str) -> Vec<(Uuid, OffsetDateTime)> {
-    sqlx::query_as("SELECT id, leased_until FROM outbox WHERE leased_by = $1 AND leased_until > now()")
+/// The rows `name` holds leases on: id, lease end, and whether it is a sync call.
+async fn leases_of(check: &sqlx::PgPool, name: &str) -> Vec<(Uuid, OffsetDateTime, bool)> {
+    sqlx::query_as(
+        "SELECT id, leased_until, reply_to IS NOT NULL FROM outbox WHERE leased_by = $1 AND leased_until > now()",
+    )
         .bind(name)
         .fetch_all(check)
         .await
@@ -768,9 +771,26 @@ async fn a_router_node_killed_with_kill_9_loses_no_acknowledged_event_and_its_ro
     assert!(!held.is_empty(), "the killed node held no lease: the fault hit nothing");
     let handlings: Vec<Handling> = rig.handlings().into_values().flatten().collect();
     let tolerance = time::Duration::milliseconds(50);
-    for (id, leased_until) in &held {
+    for (id, leased_until, sync) in &held {
         let again =
             handlings.iter().filter(|h| h.delivery == *id && !h.hung).map(|h| OffsetDateTime::from(h.wall));
+        if *sync {
+            // A sync call's caller died with the node: the call is recorded abandoned, never
+            // run again.
+            assert!(
+                again.clone().all(|at| at + tolerance < *leased_until),
+                "sync call {id} was run again after its lease: {:?}",
+                again.collect::<Vec<_>>()
+            );
+            let reason: Option<String> =
+                sqlx::query_scalar("SELECT reason FROM abandoned_executions WHERE outbox_id = $1")
+                    .bind(id)
+                    .fetch_optional(&rig.check)
+                    .await
+                    .unwrap();
+            assert_eq!(reason.as_deref(), Some("lease_expired"), "sync call {id}");
+            continue;
+        }
         assert!(
             again.clone().any(|at| at + tolerance >= *leased_until),
             "{id}, leased by the killed node until {leased_until}, was delivered only at {:?}",
