@@ -462,7 +462,8 @@ pub trait KvRepo: Transactional {
         key: &str,
         expected: Option<i64>,
     ) -> impl Future<Output = Result<Option<model::KvEntry>>> + Send;
-    /// Entries of a collection by key, those starting with `prefix`, after `after`.
+    /// Keys of a collection by key, those starting with `prefix`, after `after`; their values
+    /// are not read.
     fn kv_list(
         &self,
         app_id: Uuid,
@@ -470,7 +471,7 @@ pub trait KvRepo: Transactional {
         prefix: &str,
         after: Option<&str>,
         limit: u32,
-    ) -> impl Future<Output = Result<model::Page<model::KvEntry>>> + Send;
+    ) -> impl Future<Output = Result<model::Page<model::KvKeyInfo>>> + Send;
 }
 
 /// The next ticks of cron triggers: what [`cron::fire_due_ticks`] locks and advances. The time is

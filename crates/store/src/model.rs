@@ -654,6 +654,18 @@ pub struct KvEntry {
     pub updated_at: OffsetDateTime,
 }
 
+/// A listed KV key: what a list shows of an entry, without its value (a page of values could be
+/// hundreds of megabytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvKeyInfo {
+    /// The key.
+    pub key: KvKey,
+    /// Its version.
+    pub version: i64,
+    /// When it was last written.
+    pub updated_at: OffsetDateTime,
+}
+
 /// What a KV put did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvPutResult {
@@ -708,4 +720,42 @@ pub struct Page<T> {
     pub items: Vec<T>,
     /// Whether more items follow the last one.
     pub has_more: bool,
+}
+
+/// The most payload bytes one page of a list of payloads carries (dead letters, abandoned
+/// executions): a page ends before the item that would pass it, and holds at least one item.
+/// Without it, a page of 500 dead letters of a few megabytes each would be read and sent whole.
+pub const PAGE_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+impl<T> Page<T> {
+    /// A page out of the `limit + 1` items fetched.
+    pub fn of(mut items: Vec<T>, limit: u32) -> Page<T> {
+        let has_more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        Page { items, has_more }
+    }
+
+    /// A page out of the `limit + 1` items fetched, ending where their payloads (`size`) reach
+    /// [`PAGE_PAYLOAD_BYTES`].
+    pub fn capped(items: Vec<T>, limit: u32, size: impl Fn(&T) -> usize) -> Page<T> {
+        let fetched = items.len();
+        let mut carried = 0;
+        let kept = items
+            .into_iter()
+            .take_while(|item| {
+                let before = carried;
+                carried += size(item);
+                before < PAGE_PAYLOAD_BYTES
+            })
+            .collect();
+        Self::after_cut(kept, fetched, limit)
+    }
+
+    /// A page out of `kept`, what a cut by [`PAGE_PAYLOAD_BYTES`] left of the `fetched` items
+    /// (at most `limit + 1`).
+    pub fn after_cut(mut kept: Vec<T>, fetched: usize, limit: u32) -> Page<T> {
+        let has_more = kept.len() < fetched || kept.len() > limit as usize;
+        kept.truncate(limit as usize);
+        Page { items: kept, has_more }
+    }
 }

@@ -136,12 +136,6 @@ impl Transactional for MemStore {
     }
 }
 
-fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
-    let has_more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    Page { items, has_more }
-}
-
 /// Counts an attempt and leases the row, as a claim does.
 fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration) -> ClaimedDelivery {
     r.attempts += 1;
@@ -271,7 +265,7 @@ impl AuthRepo for MemStore {
             .collect();
         apps.sort_by(|a, b| a.slug.cmp(&b.slug));
         apps.truncate(limit as usize + 1);
-        Ok(page(apps, limit))
+        Ok(Page::of(apps, limit))
     }
 
     async fn delete_app(&self, id: Uuid) -> Result<bool> {
@@ -447,7 +441,7 @@ impl TriggerRepo for MemStore {
                 .collect(),
         );
         found.truncate(limit as usize + 1);
-        Ok(page(found, limit))
+        Ok(Page::of(found, limit))
     }
 
     async fn update_trigger(&self, app_id: Uuid, name: &str, patch: &TriggerPatch) -> Result<Trigger> {
@@ -824,7 +818,7 @@ impl DeadLetterRepo for MemStore {
             .take(limit as usize + 1)
             .cloned()
             .collect();
-        Ok(page(found, limit))
+        Ok(Page::capped(found, limit, |d| d.payload.get().len()))
     }
 
     async fn unresolved_count(&self, app_id: Uuid) -> Result<u64> {
@@ -897,7 +891,7 @@ impl AbandonedRepo for MemStore {
             .take(limit as usize + 1)
             .cloned()
             .collect();
-        Ok(page(found, limit))
+        Ok(Page::capped(found, limit, |a| a.result.as_ref().map_or(0, |r| r.get().len())))
     }
 
     async fn gc_abandoned(&self, older_than: Duration, batch: u32) -> Result<u64> {
@@ -1042,7 +1036,7 @@ impl KvRepo for MemStore {
         prefix: &str,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Page<KvEntry>> {
+    ) -> Result<Page<KvKeyInfo>> {
         let s = self.lock().await;
         let found =
             s.kv.iter()
@@ -1053,8 +1047,14 @@ impl KvRepo for MemStore {
                         && after.is_none_or(|a| k.as_str() > a)
                 })
                 .take(limit as usize + 1)
-                .map(|((_, c, k), r)| kv_entry(c, k, r))
+                .map(|((_, c, k), r)| {
+                    kv_entry(c, k, r).map(|e| KvKeyInfo {
+                        key: e.key,
+                        version: e.version,
+                        updated_at: e.updated_at,
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?;
-        Ok(page(found, limit))
+        Ok(Page::of(found, limit))
     }
 }

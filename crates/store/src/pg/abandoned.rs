@@ -5,7 +5,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::PgStore;
-use super::rows::{self, page};
+use super::rows;
 use crate::model::*;
 use crate::{AbandonedRepo, Result};
 
@@ -43,17 +43,18 @@ impl AbandonedRepo for PgStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Page<AbandonedExecution>> {
-        let fetched = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM abandoned_executions
-              WHERE app_id = $1 AND ($2::uuid IS NULL OR id < $2)
-              ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(app_id)
-        .bind(after)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(page(fetched.iter().map(rows::abandoned).collect::<Result<_>>()?, limit))
+        let select = format!(
+            "SELECT {COLUMNS}, coalesce(octet_length(result::text), 0) AS bytes FROM abandoned_executions
+              WHERE app_id = $1 AND ($2::uuid IS NULL OR id < $2)"
+        );
+        let fetched = sqlx::query(&rows::byte_capped(&select, "$3", "$4"))
+            .bind(app_id)
+            .bind(after)
+            .bind(i64::from(limit) + 1)
+            .bind(PAGE_PAYLOAD_BYTES as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows::capped_page(&fetched, limit, rows::abandoned)
     }
 
     async fn gc_abandoned(&self, older_than: Duration, batch: u32) -> Result<u64> {

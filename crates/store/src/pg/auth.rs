@@ -4,7 +4,7 @@ use picloud_core::{AppSlug, Role};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::rows::{self, page};
+use super::rows;
 use super::{PgStore, violated};
 use crate::model::*;
 use crate::{AuthRepo, Authenticated, Error, Result, Standing};
@@ -134,7 +134,7 @@ impl AuthRepo for PgStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(page(fetched.iter().map(rows::app).collect::<Result<_>>()?, limit))
+        Ok(Page::of(fetched.iter().map(rows::app).collect::<Result<_>>()?, limit))
     }
 
     async fn delete_app(&self, id: Uuid) -> Result<bool> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::PgStore;
-use super::rows::{self, DEAD_LETTER_COLUMNS, page};
+use super::rows::{self, DEAD_LETTER_COLUMNS};
 use crate::model::*;
 use crate::{DeadLetterRepo, Result};
 
@@ -124,20 +124,21 @@ impl DeadLetterRepo for PgStore {
             Some(None) => "AND resolution IS NULL",
             Some(Some(_)) => "AND resolution = $4",
         };
-        let fetched = sqlx::query(&format!(
-            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters
+        let select = format!(
+            "SELECT {DEAD_LETTER_COLUMNS}, octet_length(payload::text) AS bytes FROM dead_letters
               WHERE app_id = $1 AND ($2::uuid IS NULL OR id < $2) AND ($3::text IS NULL OR trigger_name = $3)
-                    {resolution}
-              ORDER BY id DESC LIMIT $5"
-        ))
-        .bind(app_id)
-        .bind(after)
-        .bind(filter.trigger_name.as_deref())
-        .bind(filter.resolution.flatten().map(Resolution::as_str))
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(page(fetched.iter().map(rows::dead_letter).collect::<Result<_>>()?, limit))
+                    {resolution}"
+        );
+        let fetched = sqlx::query(&rows::byte_capped(&select, "$5", "$6"))
+            .bind(app_id)
+            .bind(after)
+            .bind(filter.trigger_name.as_deref())
+            .bind(filter.resolution.flatten().map(Resolution::as_str))
+            .bind(i64::from(limit) + 1)
+            .bind(PAGE_PAYLOAD_BYTES as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows::capped_page(&fetched, limit, rows::dead_letter)
     }
 
     async fn unresolved_count(&self, app_id: Uuid) -> Result<u64> {

@@ -5,7 +5,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::PgStore;
-use super::rows::{self, page};
+use super::rows;
 use crate::model::*;
 use crate::{Error, KvRepo, Result};
 
@@ -198,13 +198,13 @@ impl KvRepo for PgStore {
         prefix: &str,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Page<KvEntry>> {
-        let fetched = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM kv_entries
+    ) -> Result<Page<KvKeyInfo>> {
+        let fetched = sqlx::query(
+            "SELECT key, version, updated_at FROM kv_entries
               WHERE app_id = $1 AND collection = $2 AND key >= $3 AND starts_with(key, $3)
                 AND ($4::text IS NULL OR key > $4)
-              ORDER BY key LIMIT $5"
-        ))
+              ORDER BY key LIMIT $5",
+        )
         .bind(app_id)
         .bind(collection)
         .bind(prefix)
@@ -212,6 +212,6 @@ impl KvRepo for PgStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(page(fetched.iter().map(rows::kv_entry).collect::<Result<_>>()?, limit))
+        Ok(Page::of(fetched.iter().map(rows::kv_key).collect::<Result<_>>()?, limit))
     }
 }

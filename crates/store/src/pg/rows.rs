@@ -249,9 +249,39 @@ pub(super) fn kv_entry(row: &PgRow) -> Result<KvEntry> {
     })
 }
 
-/// Splits a fetched `limit + 1` rows into a page.
-pub(super) fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
-    let has_more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    Page { items, has_more }
+pub(super) fn kv_key(row: &PgRow) -> Result<KvKeyInfo> {
+    Ok(KvKeyInfo {
+        key: KvKey::parse(row.try_get::<String, _>("key")?)
+            .map_err(|e| corrupt("kv_entries", e.to_string()))?,
+        version: row.try_get("version")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The query that reads one page of payload-carrying rows (`{select}` names the table, columns
+/// and filter, with `{bytes}`, the size of a row's payload, among the columns; ordered by id
+/// descending, `$limit` rows at most) and cuts it where the payloads reach the byte cap
+/// (`$cap`): the rows past the cut are read by Postgres, never sent. Every row also carries
+/// `fetched`, the count before the cut ([`Page::after_cut`]).
+pub(super) fn byte_capped(select: &str, limit: &str, cap: &str) -> String {
+    format!(
+        "WITH fetched AS ({select} ORDER BY id DESC LIMIT {limit}),
+              sized AS (SELECT *, sum(bytes) OVER (ORDER BY id DESC) - bytes AS before,
+                               count(*) OVER () AS fetched
+                          FROM fetched)
+         SELECT * FROM sized WHERE before < {cap} ORDER BY id DESC"
+    )
+}
+
+/// The page of [`byte_capped`]'s rows.
+pub(super) fn capped_page<T>(
+    rows: &[PgRow],
+    limit: u32,
+    item: impl Fn(&PgRow) -> Result<T>,
+) -> Result<Page<T>> {
+    let fetched = match rows.first() {
+        Some(row) => row.try_get::<i64, _>("fetched")? as usize,
+        None => 0,
+    };
+    Ok(Page::after_cut(rows.iter().map(item).collect::<Result<_>>()?, fetched, limit))
 }

@@ -4,7 +4,7 @@ use picloud_core::protocol::EventKind;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::rows::{self, TRIGGER_SELECT, page};
+use super::rows::{self, TRIGGER_SELECT};
 use super::{PgStore, violated};
 use crate::model::*;
 use crate::{DeliveryTarget, Error, Result, Standing, Targets, TriggerRepo};
@@ -163,7 +163,7 @@ impl TriggerRepo for PgStore {
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
         .await?;
-        Ok(page(fetched.iter().map(rows::trigger).collect::<Result<_>>()?, limit))
+        Ok(Page::of(fetched.iter().map(rows::trigger).collect::<Result<_>>()?, limit))
     }
 
     async fn update_trigger(&self, app_id: Uuid, name: &str, patch: &TriggerPatch) -> Result<Trigger> {

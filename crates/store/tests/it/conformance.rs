@@ -61,6 +61,7 @@ conformance!(
     only_unresolved_dead_letters_count_and_resolve_respects_its_guard,
     gc_deletes_only_resolved_dead_letters_past_retention_in_batches,
     abandoned_executions_are_recorded_listed_newest_first_and_collected,
+    lists_of_payloads_end_a_page_where_its_payloads_reach_the_byte_cap,
     a_put_creates_version_one_and_each_put_increments_and_returns_the_previous_value,
     a_put_with_a_stale_or_impossible_version_fails_and_changes_nothing,
     a_delete_returns_the_entry_and_honours_the_expected_version,
@@ -1142,6 +1143,54 @@ async fn gc_deletes_only_resolved_dead_letters_past_retention_in_batches<S: Stor
     assert_eq!(left.items.iter().map(|d| d.id).collect::<Vec<_>>(), [rows[3].id], "the unresolved one stays");
 }
 
+async fn lists_of_payloads_end_a_page_where_its_payloads_reach_the_byte_cap<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    // Four payloads of 1.5 MiB: the first page stops after the third, which passes 4 MiB.
+    let big = json(&format!("\"{}\"", "x".repeat(PAGE_PAYLOAD_BYTES * 3 / 8)));
+    let rows: Vec<NewDelivery> = (0..4)
+        .map(|_| NewDelivery { payload: big.clone(), ..delivery(&t, &trigger, Duration::ZERO) })
+        .collect();
+    insert(&s, &rows).await;
+    let claimed = s.claim_due(4, LEASE, "n").await.unwrap().rows;
+    let mut tx = s.begin().await.unwrap();
+    let buries: Vec<Bury> = claimed
+        .iter()
+        .map(|c| Bury { id: c.id, attempt: 1, reason: DeadLetterReason::Rejected, error: None })
+        .collect();
+    s.bury(&mut tx, &buries).await.unwrap();
+    s.commit(tx).await.unwrap();
+    for i in 0..4 {
+        s.insert_abandoned(&AbandonedExecution {
+            id: Uuid::now_v7(),
+            app_id: t.app.id,
+            trigger_id: Some(trigger.id),
+            trigger_name: "on-order".into(),
+            outbox_id: rows[i].id,
+            reply_to: "_INBOX.gone".into(),
+            reason: AbandonReason::NoResponders,
+            handler_status: HandlerStatus::Ok,
+            result: Some(big.clone()),
+            error: None,
+            created_at: START,
+        })
+        .await
+        .unwrap();
+    }
+
+    let all = DeadLetterFilter::default();
+    let first = s.list_dead_letters(t.app.id, &all, None, 500).await.unwrap();
+    assert_eq!((first.items.len(), first.has_more), (3, true));
+    let rest = s.list_dead_letters(t.app.id, &all, first.items.last().map(|d| d.id), 500).await.unwrap();
+    assert_eq!((rest.items.len(), rest.has_more), (1, false));
+    let small_pages = s.list_dead_letters(t.app.id, &all, None, 2).await.unwrap();
+    assert_eq!((small_pages.items.len(), small_pages.has_more), (2, true), "the item limit still holds");
+
+    let first = s.list_abandoned(t.app.id, None, 500).await.unwrap();
+    assert_eq!((first.items.len(), first.has_more), (3, true));
+    let rest = s.list_abandoned(t.app.id, first.items.last().map(|a| a.id), 500).await.unwrap();
+    assert_eq!((rest.items.len(), rest.has_more), (1, false));
+}
+
 async fn abandoned_executions_are_recorded_listed_newest_first_and_collected<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
     let record = |status| AbandonedExecution {
@@ -1222,7 +1271,7 @@ async fn keys_are_listed_by_prefix_in_key_order_and_pages<S: Store>(s: S) {
     }
     s.kv_put(&mut tx, t.app.id, "other", "user:9", &j!(0), None).await.unwrap();
     s.commit(tx).await.unwrap();
-    let keys = |p: Page<KvEntry>| p.items.into_iter().map(|e| e.key.to_string()).collect::<Vec<_>>();
+    let keys = |p: Page<KvKeyInfo>| p.items.into_iter().map(|e| e.key.to_string()).collect::<Vec<_>>();
     let first = s.kv_list(t.app.id, "c", "user:", None, 2).await.unwrap();
     assert!(first.has_more);
     assert_eq!(keys(first), ["user:1", "user:10"]);
