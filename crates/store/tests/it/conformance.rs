@@ -1159,13 +1159,13 @@ async fn lists_of_payloads_end_a_page_where_its_payloads_reach_the_byte_cap<S: S
         .collect();
     s.bury(&mut tx, &buries).await.unwrap();
     s.commit(tx).await.unwrap();
-    for i in 0..4 {
+    for row in &rows {
         s.insert_abandoned(&AbandonedExecution {
             id: Uuid::now_v7(),
             app_id: t.app.id,
             trigger_id: Some(trigger.id),
             trigger_name: "on-order".into(),
-            outbox_id: rows[i].id,
+            outbox_id: row.id,
             reply_to: "_INBOX.gone".into(),
             reason: AbandonReason::NoResponders,
             handler_status: HandlerStatus::Ok,
