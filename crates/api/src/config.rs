@@ -16,6 +16,15 @@ pub struct ApiConfig {
     pub max_payload_bytes: usize,
     /// `PICLOUD_SYNC_TIMEOUT_MAX_MS`: the cap on a sync caller's `Picloud-Timeout-Ms`.
     pub sync_timeout_max: Duration,
+    /// `PICLOUD_HTTP_TIMEOUT_MS`: the longest one request may take (503 `request_timeout`);
+    /// more than the longest sync wait.
+    pub http_timeout: Duration,
+    /// `PICLOUD_HTTP_MAX_IN_FLIGHT`: requests served at once; beyond it 503 `overloaded`.
+    pub http_max_in_flight: usize,
+    /// `PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP`: sync calls of one app in flight on this node, from
+    /// the write of the call to the resolution of its result; beyond it 429
+    /// `too_many_sync_calls` (DESIGN §13).
+    pub sync_max_in_flight_per_app: usize,
     /// The node's delivery settings: token key, handler timeout, subjects, trigger defaults. The
     /// API verifies delivery tokens with the same key and delivers its own sync calls.
     pub node: RelayConfig,
@@ -37,6 +46,9 @@ impl ApiConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_payload_bytes: picloud_core::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
             sync_timeout_max: Duration::from_secs(60),
+            http_timeout: Duration::from_secs(75),
+            http_max_in_flight: 1024,
+            sync_max_in_flight_per_app: 256,
             node,
             smtp: None,
             webhook_allow_nets: AllowNets::default(),
@@ -75,11 +87,29 @@ impl ApiConfig {
             "milliseconds from 10 to 3600000",
             |v| (10..=3_600_000).contains(v),
         )?;
+        let http_timeout_ms = parse_var(
+            lookup,
+            "PICLOUD_HTTP_TIMEOUT_MS",
+            sync_max_ms + 15_000,
+            &format!("milliseconds from more than PICLOUD_SYNC_TIMEOUT_MAX_MS ({sync_max_ms}) to 3700000"),
+            |v| (sync_max_ms + 1..=3_700_000).contains(v),
+        )?;
+        let count = |variable, default: usize| {
+            parse_var(lookup, variable, default, "an integer from 1 to 1000000", |v| {
+                (1..=1_000_000).contains(v)
+            })
+        };
         let executors = ExecutorConfig::from_env(lookup)?;
         Ok(Self {
             http_addr,
             max_payload_bytes,
             sync_timeout_max: Duration::from_millis(sync_max_ms),
+            http_timeout: Duration::from_millis(http_timeout_ms),
+            http_max_in_flight: count("PICLOUD_HTTP_MAX_IN_FLIGHT", default.http_max_in_flight)?,
+            sync_max_in_flight_per_app: count(
+                "PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP",
+                default.sync_max_in_flight_per_app,
+            )?,
             smtp: executors.smtp,
             webhook_allow_nets: executors.webhook_allow_nets,
             ..default
@@ -104,5 +134,26 @@ mod tests {
         assert_eq!(config.webhook_allow_nets.to_string(), "10.0.0.0/8,fd00::1/128");
         let err = ApiConfig::from_env(env("10.0.0.0/8,intranet"), "n").unwrap_err();
         assert_eq!(err.variable, "PICLOUD_WEBHOOK_ALLOW_NETS");
+    }
+
+    #[test]
+    fn the_request_timeout_must_outlast_the_longest_sync_wait() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| match k {
+                "PICLOUD_TOKEN_SECRET" => Some("0123456789abcdef0123".to_owned()),
+                _ => pairs.iter().find(|(name, _)| *name == k).map(|(_, v)| (*v).to_owned()),
+            }
+        };
+        let defaults = ApiConfig::from_env(env(&[]), "n").unwrap();
+        assert_eq!(defaults.http_timeout, Duration::from_secs(75));
+        assert_eq!((defaults.http_max_in_flight, defaults.sync_max_in_flight_per_app), (1024, 256));
+        let err = ApiConfig::from_env(
+            env(&[("PICLOUD_SYNC_TIMEOUT_MAX_MS", "60000"), ("PICLOUD_HTTP_TIMEOUT_MS", "60000")]),
+            "n",
+        )
+        .unwrap_err();
+        assert_eq!(err.variable, "PICLOUD_HTTP_TIMEOUT_MS");
+        let err = ApiConfig::from_env(env(&[("PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP", "0")]), "n").unwrap_err();
+        assert_eq!(err.variable, "PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP");
     }
 }

@@ -16,6 +16,7 @@ mod config;
 mod error;
 mod extract;
 mod ingest;
+mod limits;
 pub mod routes;
 pub mod views;
 
@@ -42,12 +43,16 @@ pub struct ApiState {
     invokers: Arc<InvokeAuthorizations>,
     /// Losses of the NATS connection: a sync call in flight on a lost connection answers at once.
     connection: picloud_dispatch::ConnectionWatch,
+    /// Requests in flight on the HTTP API.
+    http_limits: Arc<limits::HttpLimits>,
+    /// Sync calls in flight, by app.
+    sync_slots: Arc<limits::SyncSlots>,
 }
 
 impl ApiState {
-    /// The state of a node's API and ingest.
-    /// The events it writes are held to what the NATS server can carry for bodies of
-    /// `config.max_payload_bytes` (`TriggerConfig::max_event_data_bytes`).
+    /// The state of a node's API and ingest. The events it writes are held to what the NATS
+    /// server can carry for bodies of `config.max_payload_bytes`
+    /// (`TriggerConfig::max_event_data_bytes`).
     pub fn new(store: PgStore, nats: async_nats::Client, mut config: ApiConfig) -> ApiState {
         config.node.triggers.max_event_data_bytes =
             picloud_core::protocol::max_event_data_bytes(config.max_payload_bytes);
@@ -55,9 +60,11 @@ impl ApiState {
             store,
             connection: picloud_dispatch::ConnectionWatch::spawn(&nats),
             nats,
-            config: Arc::new(config),
             sync_calls: TaskTracker::new(),
             invokers: Arc::default(),
+            http_limits: Arc::new(limits::HttpLimits::new(config.http_max_in_flight)),
+            sync_slots: Arc::new(limits::SyncSlots::new(config.sync_max_in_flight_per_app)),
+            config: Arc::new(config),
         }
     }
 

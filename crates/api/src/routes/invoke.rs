@@ -99,6 +99,8 @@ pub async fn invoke(
         }
         Err(bad) => return Err(bad),
     };
+    // Held until the call's result is resolved, which may outlast this request.
+    let slot = state.sync_slots.take(caller.require_app(Capability::AppInvoke)?.id)?;
     let node = &state.config.node;
     let reply_to = state.nats.new_inbox();
     let write = loop {
@@ -131,7 +133,7 @@ pub async fn invoke(
         SyncCallWrite::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
     };
     let (reply, waiting) = picloud_dispatch::sync_call();
-    state.sync_calls.spawn(picloud_dispatch::deliver_sync(
+    let delivering = picloud_dispatch::deliver_sync(
         state.store.clone(),
         state.nats.clone(),
         state.connection.clone(),
@@ -139,7 +141,11 @@ pub async fn invoke(
         row,
         *target,
         reply,
-    ));
+    );
+    state.sync_calls.spawn(async move {
+        delivering.await;
+        drop(slot);
+    });
     let answer = match waiting.answer(wait).await {
         Ok(answer) => answer,
         Err(NoAnswer::TimedOut) => {

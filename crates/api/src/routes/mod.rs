@@ -228,5 +228,6 @@ pub fn router(state: ApiState) -> axum::Router {
             .into_response()
         })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::limits::within_limits))
         .with_state(state)
 }

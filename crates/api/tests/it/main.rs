@@ -2,6 +2,7 @@
 
 mod authz;
 mod invalid;
+mod limits;
 mod openapi;
 mod routes;
 mod support;

@@ -86,6 +86,11 @@ async fn mint(store: &PgStore, principal: Uuid) -> String {
 
 impl Api {
     pub async fn start() -> Api {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Api::start`] with the test's changes to the node's configuration.
+    pub async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> Api {
         let db = TestDatabase::create().await.unwrap();
         let store = PgStore::connect(db.url(), 10).await.unwrap();
         pg::migrate(store.pool()).await.unwrap();
@@ -94,6 +99,7 @@ impl Api {
         let mut config = ApiConfig::new(node_config("api-node"));
         config.max_payload_bytes = 64 * 1024;
         config.sync_timeout_max = Duration::from_secs(5);
+        configure(&mut config);
         let state = ApiState::new(store.clone(), client, config);
         let router = picloud_api::router(state.clone());
 

@@ -1,0 +1,132 @@
+//! What one tenant may take of a node's shared capacity: requests in flight and their time on
+//! the HTTP API (a layer over every `/v1/` route), and sync calls in flight per app (DESIGN §13).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::ApiState;
+use crate::error::ApiError;
+
+/// The HTTP API's shared capacity.
+#[derive(Debug)]
+pub(crate) struct HttpLimits {
+    /// One permit per request in flight; none left: 503 `overloaded` at once rather than a
+    /// queue that grows without bound.
+    in_flight: Semaphore,
+}
+
+impl HttpLimits {
+    pub(crate) fn new(max_in_flight: usize) -> HttpLimits {
+        HttpLimits { in_flight: Semaphore::new(max_in_flight) }
+    }
+}
+
+/// Serves a `/v1/` request within the node's limits: 503 `overloaded` when
+/// `PICLOUD_HTTP_MAX_IN_FLIGHT` requests are in flight, 503 `request_timeout` when it takes longer
+/// than `PICLOUD_HTTP_TIMEOUT_MS`. Health, readiness and metrics are never held back: a busy
+/// node must still say how it is.
+pub(crate) async fn within_limits(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.http_limits.in_flight.try_acquire() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "this node serves as many requests as it may (PICLOUD_HTTP_MAX_IN_FLIGHT); try again",
+        )
+        .retry_after(1)
+        .into_response();
+    };
+    let timeout = state.config.http_timeout;
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            format!("the request took longer than {} ms (PICLOUD_HTTP_TIMEOUT_MS)", timeout.as_millis()),
+        )
+        .retry_after(1)
+        .into_response(),
+    }
+}
+
+/// Sync calls in flight on this node, by app.
+#[derive(Debug)]
+pub(crate) struct SyncSlots {
+    max_per_app: usize,
+    taken: Mutex<HashMap<Uuid, usize>>,
+}
+
+/// One app's sync call in flight: its slot is given back when this is dropped, once the call's
+/// result is resolved (to its caller or to the abandoned log), not when the caller stops waiting.
+#[derive(Debug)]
+pub(crate) struct SyncSlot {
+    slots: Arc<SyncSlots>,
+    app: Uuid,
+}
+
+impl SyncSlots {
+    pub(crate) fn new(max_per_app: usize) -> SyncSlots {
+        SyncSlots { max_per_app, taken: Mutex::default() }
+    }
+
+    /// A slot for one more sync call of `app`: 429 `too_many_sync_calls` when it has all of its.
+    pub(crate) fn take(self: &Arc<Self>, app: Uuid) -> Result<SyncSlot, ApiError> {
+        let mut taken = self.taken.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = taken.entry(app).or_default();
+        if *count >= self.max_per_app {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sync_calls",
+                format!(
+                    "this app has {} sync calls in flight on this node (PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP)",
+                    self.max_per_app
+                ),
+            )
+            .retry_after(1));
+        }
+        *count += 1;
+        Ok(SyncSlot { slots: self.clone(), app })
+    }
+}
+
+impl Drop for SyncSlot {
+    fn drop(&mut self) {
+        let mut taken = self.slots.taken.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = taken.get_mut(&self.app) {
+            *count -= 1;
+            if *count == 0 {
+                taken.remove(&self.app);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_apps_sync_slots_are_its_own_and_come_back_when_dropped() {
+        let slots = Arc::new(SyncSlots::new(2));
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = slots.take(a).unwrap();
+        let _second = slots.take(a).unwrap();
+        let refused = slots.take(a).unwrap_err();
+        assert_eq!(
+            (refused.status(), refused.code()),
+            (StatusCode::TOO_MANY_REQUESTS, "too_many_sync_calls")
+        );
+        assert!(slots.take(b).is_ok(), "another app has slots of its own");
+        drop(first);
+        assert!(slots.take(a).is_ok());
+    }
+}
