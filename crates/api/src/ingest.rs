@@ -4,7 +4,8 @@
 //! API, and is answered only after its transaction committed.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
@@ -82,6 +83,7 @@ impl Ingest {
 
 async fn serve(state: ApiState, mut sub: async_nats::Subscriber, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let refusals = Arc::new(Refusals::default());
     let mut running = JoinSet::new();
     tokio::pin!(shutdown);
     let mut draining = false;
@@ -96,9 +98,9 @@ async fn serve(state: ApiState, mut sub: async_nats::Subscriber, shutdown: impl 
         };
         let Some(msg) = msg else { break };
         let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
-        let state = state.clone();
+        let (state, refusals) = (state.clone(), refusals.clone());
         running.spawn(async move {
-            answer(&state, msg).await;
+            answer(&state, msg, &refusals).await;
             drop(slot);
         });
         while running.try_join_next().is_some() {}
@@ -121,14 +123,44 @@ fn reply_allowed(state: &ApiState, subject: &str, reply: &str) -> bool {
         .is_some_and(|rest| !rest.is_empty())
 }
 
-async fn answer(state: &ApiState, msg: Message) {
+/// How often a node logs the ingest requests it drops for their reply subject.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs dropped ingest requests at most once per [`REFUSALS_LOGGED_EVERY`], with the count of
+/// those it did not log: a tenant sending them in a loop must not flood the node's log (DESIGN §6).
+#[derive(Debug, Default)]
+struct Refusals {
+    /// When the next one may be logged, and how many were dropped unlogged since the last.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Refusals {
+    /// One more refusal at `now`: `Some(unlogged)` when it is to be logged, with how many went
+    /// unlogged before it.
+    fn count(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (next, unlogged) = &mut *state;
+        if next.is_some_and(|next| now < next) {
+            *unlogged += 1;
+            return None;
+        }
+        *next = Some(now + REFUSALS_LOGGED_EVERY);
+        Some(std::mem::take(unlogged))
+    }
+}
+
+async fn answer(state: &ApiState, msg: Message, refusals: &Refusals) {
     let Some(reply) = msg.reply.clone() else { return };
     if !reply_allowed(state, &msg.subject, &reply) {
-        tracing::warn!(
-            subject = %msg.subject,
-            reply = %reply,
-            "ignored an ingest request whose reply subject is outside its app's inbox prefix _INBOX_<app>"
-        );
+        if let Some(unlogged) = refusals.count(Instant::now()) {
+            tracing::warn!(
+                subject = %msg.subject,
+                reply = %reply,
+                unlogged,
+                "ignored an ingest request whose reply subject is outside its app's inbox prefix _INBOX_<app> \
+                 (at most one is logged every 10 s; `unlogged` counts the others)"
+            );
+        }
         return;
     }
     let mut headers = HeaderMap::new();
@@ -289,5 +321,16 @@ mod tests {
             let outcome = every_body(body.as_bytes()).unwrap();
             assert_eq!(outcome, [false; 4]);
         }
+    }
+
+    #[test]
+    fn refused_requests_are_logged_once_per_interval_with_the_count_of_the_others() {
+        let refusals = Refusals::default();
+        let start = Instant::now();
+        assert_eq!(refusals.count(start), Some(0));
+        assert_eq!(refusals.count(start + Duration::from_secs(1)), None);
+        assert_eq!(refusals.count(start + Duration::from_secs(9)), None);
+        assert_eq!(refusals.count(start + REFUSALS_LOGGED_EVERY), Some(2));
+        assert_eq!(refusals.count(start + REFUSALS_LOGGED_EVERY), None);
     }
 }
