@@ -281,8 +281,10 @@ pub struct WebhookBody {
     /// The URL, `http://` or `https://`, to a public address. Shown whole only to callers who may
     /// manage the app's triggers; others see `scheme://host[:port]`.
     pub url: String,
-    /// The Standard Webhooks signing secret, `whsec_…` (write only).
-    #[serde(default, skip_serializing)]
+    /// The Standard Webhooks signing secret, `whsec_…`: required to register, never shown (the
+    /// views leave it empty, and an empty secret is not written out).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(write_only)]
     pub secret: String,
 }
 

@@ -181,3 +181,11 @@ async fn bodies_that_take_any_json_value_are_typed_as_any_value() {
         assert_eq!(schema, &serde_json::json!({}), "{method} {path} takes any JSON value");
     }
 }
+
+#[tokio::test]
+async fn a_webhooks_secret_is_in_the_document_as_write_only() {
+    let api = Api::start().await;
+    let document = document(&api).await;
+    let secret = &document["components"]["schemas"]["WebhookBody"]["properties"]["secret"];
+    assert_eq!(secret["writeOnly"], true, "registration sends it, so the document must allow it: {secret}");
+}
