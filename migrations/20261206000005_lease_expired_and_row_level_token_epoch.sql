@@ -5,6 +5,11 @@
 ALTER TABLE abandoned_executions DROP CONSTRAINT abandoned_executions_reason_check;
 ALTER TABLE abandoned_executions ADD CONSTRAINT abandoned_executions_reason_check
     CHECK (reason IN ('no_responders', 'ack_timeout', 'caller_gone', 'lease_expired'));
+-- Such a call's outcome is not known: the node may have delivered it and answered its caller
+-- (and then failed to complete the row), or died first.
+ALTER TABLE abandoned_executions DROP CONSTRAINT abandoned_executions_handler_status_check;
+ALTER TABLE abandoned_executions ADD CONSTRAINT abandoned_executions_handler_status_check
+    CHECK (handler_status IN ('ok', 'retry', 'fail', 'error', 'timeout', 'no_handler', 'unknown'));
 
 -- Changes to API tokens move the configuration epoch only when a row really changed: a statement
 -- trigger moved it for a revoke that matched nothing (an already revoked token), dropping every

@@ -163,7 +163,7 @@ impl From<picloud_store::Error> for ApiError {
                 "max_depth",
                 format!("event depth {depth} reached PICLOUD_MAX_TRIGGER_DEPTH ({max}): a trigger loop?"),
             ),
-            E::TooLarge { max, .. } => Self::new(
+            E::TooLarge { max } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 format!(
@@ -182,6 +182,15 @@ impl From<picloud_store::Error> for ApiError {
                 "invalid_text",
                 "a text of the request holds the NUL character (\\u0000), which cannot be stored",
             ),
+            other if other.is_unavailable() => {
+                tracing::warn!(error = %other, "the database is unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database cannot be reached just now; try again",
+                )
+                .retry_after(1)
+            }
             other => Self::internal(other),
         }
     }

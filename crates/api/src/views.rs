@@ -547,9 +547,12 @@ pub struct AbandonedView {
     pub outbox_id: Uuid,
     /// The inbox nobody waited on any more.
     pub reply_to: String,
-    /// `no_responders`, `ack_timeout` or `caller_gone`.
+    /// `no_responders` (the caller's wait ran out), `caller_gone` (it hung up), `lease_expired`
+    /// (the call's row outlived its lease on the node that took it: never run again), or
+    /// `ack_timeout` (older rows).
     pub reason: String,
-    /// What the handler made of it.
+    /// What the handler made of it: `ok`, `retry`, `fail`, `error`, `timeout`, `no_handler`, or
+    /// `unknown` for `lease_expired`.
     pub handler_status: String,
     /// The handler's body: any JSON value.
     #[schema(value_type = Option<Value>)]

@@ -46,6 +46,9 @@ pub enum AddressKind {
     Broadcast,
     /// fec0::/10 (deprecated by RFC 3879, still private where used).
     SiteLocal,
+    /// A local-use IPv4/IPv6 translation address (64:ff9b:1::/48, RFC 8215): whatever the
+    /// operator's translator maps it to, private addresses included.
+    LocalTranslation,
 }
 
 impl AddressKind {
@@ -65,6 +68,7 @@ impl AddressKind {
             AddressKind::Reserved => "a reserved address (240.0.0.0/4)",
             AddressKind::Broadcast => "the broadcast address",
             AddressKind::SiteLocal => "a site-local address",
+            AddressKind::LocalTranslation => "a local-use translation address (64:ff9b:1::/48)",
         }
     }
 }
@@ -99,25 +103,28 @@ const REFUSED_V4: [(Ipv4Net, AddressKind); 15] = [
 
 /// The refused IPv6 ranges, as [`REFUSED_V4`]. The forms that embed an IPv4 address are judged
 /// by that address ([`embedded_ipv4`]).
-const REFUSED_V6: [(Ipv6Net, AddressKind); 7] = [
+const REFUSED_V6: [(Ipv6Net, AddressKind); 8] = [
     (v6([0, 0, 0, 0, 0, 0, 0, 0], 128), AddressKind::Unspecified),
     (v6([0, 0, 0, 0, 0, 0, 0, 1], 128), AddressKind::Loopback),
     (v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254], 128), AddressKind::CloudMetadata),
     (v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), AddressKind::Private),
     (v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), AddressKind::LinkLocal),
     (v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), AddressKind::SiteLocal),
+    (v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), AddressKind::LocalTranslation),
     (v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), AddressKind::Multicast),
 ];
 
-/// The IPv4 address an IPv6 address reaches: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible
-/// (`::a.b.c.d`, deprecated), NAT64 (`64:ff9b::a.b.c.d`, RFC 6052) and 6to4
+/// The IPv4 address an IPv6 address reaches: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-translated
+/// (`::ffff:0:a.b.c.d`, SIIT), IPv4-compatible (`::a.b.c.d`, deprecated), NAT64
+/// (`64:ff9b::a.b.c.d`, RFC 6052) and 6to4
 /// (`2002:aabb:ccdd::/48`, RFC 3056). `::` and `::1` are judged as IPv6 before this is asked.
 fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let o = ip.octets();
     match ip.segments() {
-        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => {
-            Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
-        }
+        [0, 0, 0, 0, 0, 0xffff, _, _]
+        | [0, 0, 0, 0, 0xffff, 0, _, _]
+        | [0, 0, 0, 0, 0, 0, _, _]
+        | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(Ipv4Addr::new(o[12], o[13], o[14], o[15])),
         [0x2002, ..] => Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])),
         _ => None,
     }
@@ -331,6 +338,8 @@ mod tests {
             ("::ffff:8.8.8.8", None),
             ("::10.0.0.1", Some(Private)),
             ("64:ff9b::a9fe:a9fe", Some(CloudMetadata)),
+            ("64:ff9b:1::808:808", Some(LocalTranslation)),
+            ("::ffff:0:7f00:1", Some(Loopback)),
             ("64:ff9b::808:808", None),
             ("2002:c0a8:0101::1", Some(Private)),
             ("2002:0808:0808::1", None),
@@ -430,10 +439,11 @@ mod tests {
             let [a, b, c, d] = v4.octets();
             let mapped = v4.to_ipv6_mapped();
             let nat64 = Ipv6Addr::from((0x0064_ff9b_u128 << 96) | u128::from(ip4));
+            let translated = Ipv6Addr::from((0xffff_u128 << 48) | u128::from(ip4));
             let six_to_four = Ipv6Addr::from(
                 (0x2002_u128 << 112) | (u128::from(ip4) << 80) | (u128::from(suffix) & ((1 << 80) - 1)),
             );
-            for v6 in [mapped, nat64, six_to_four] {
+            for v6 in [mapped, translated, nat64, six_to_four] {
                 prop_assert_eq!(allow.check(v6.into()).err().map(|r| r.kind()), expected, "{} {}", v6, v4);
             }
             prop_assert_eq!(&six_to_four.octets()[2..6], &[a, b, c, d][..]);

@@ -14,6 +14,10 @@ pub const API_TOKEN_PREFIX: &str = "pcr_";
 /// The prefix of every delivery token.
 pub const DELIVERY_TOKEN_PREFIX: &str = "pdt_";
 
+/// The longest an API token may be minted to live, in seconds: ten years (`expires_in_s`,
+/// `admin … --expires-in`).
+pub const MAX_TOKEN_LIFETIME_S: u64 = 10 * 365 * 86_400;
+
 /// A fresh API token: `pcr_` + 32 random bytes, base64url. Shown once, stored as its hash.
 pub fn generate_api_token() -> String {
     let bytes: [u8; 32] = rand::random();

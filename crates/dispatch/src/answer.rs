@@ -85,8 +85,8 @@ impl Answer {
             | Answer::Failed(_)
             | Answer::Interrupted(_)
             | Answer::Unauthorized(_)
-            | Answer::Orphaned
-            | Answer::LeaseExpired => HandlerStatus::Error,
+            | Answer::Orphaned => HandlerStatus::Error,
+            Answer::LeaseExpired => HandlerStatus::Unknown,
         }
     }
 

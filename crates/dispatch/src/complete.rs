@@ -67,6 +67,10 @@ pub struct Completed {
     pub waiting: usize,
 }
 
+/// The longest an interrupted attempt waits before its row is due again: it was the platform's
+/// failure, not the delivery's, so the trigger's backoff does not apply (only its jitter, below).
+const GIVEN_BACK_WITHIN: Duration = Duration::from_secs(1);
+
 /// How a row ends.
 enum Fate {
     Delete,
@@ -88,7 +92,9 @@ fn fate(d: &Done) -> Fate {
         (Answer::NoResponders, Some(written)) => Fate::Wait(written),
         (Answer::Fail(_), _) => Fate::Bury(DeadLetterReason::Rejected),
         (Answer::Unauthorized(_), _) => Fate::Bury(DeadLetterReason::Unauthorized),
-        (Answer::Interrupted(_), _) => Fate::Retry { delay: d.policy.next_delay(1, None), refund: true },
+        (Answer::Interrupted(_), _) => {
+            Fate::Retry { delay: d.policy.next_delay(1, None).min(GIVEN_BACK_WITHIN), refund: true }
+        }
         (Answer::Retry { after, .. }, _) if d.attempt < d.max_attempts => {
             Fate::Retry { delay: d.policy.next_delay(d.attempt, *after), refund: false }
         }

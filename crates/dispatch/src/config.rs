@@ -103,8 +103,6 @@ pub struct RelayConfig {
     pub max_in_flight: usize,
     /// How often to look for due rows when no notification came.
     pub poll_interval: Duration,
-    /// How long a sync result waits for the caller's node to acknowledge it.
-    pub forward_ack_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -120,7 +118,6 @@ impl RelayConfig {
             batch_size: 500,
             max_in_flight: 4000,
             poll_interval: Duration::from_secs(1),
-            forward_ack_timeout: Duration::from_secs(5),
         }
     }
 

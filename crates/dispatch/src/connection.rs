@@ -43,7 +43,8 @@ impl ConnectionWatch {
             loop {
                 tokio::time::sleep(LOOK_EVERY).await;
                 let connected = client.connection_state() == State::Connected;
-                let reconnected = connects() != last_connects;
+                let now_connects = connects();
+                let reconnected = now_connects != last_connects;
                 // A disconnect seen, or one that came and went between two looks. A reconnect
                 // after a disconnect already counted is not a second loss: what was published
                 // while disconnected goes out on the new connection.
@@ -51,7 +52,7 @@ impl ConnectionWatch {
                     tx.send_modify(|n| *n += 1);
                 }
                 was_connected = connected;
-                last_connects = connects();
+                last_connects = now_connects;
             }
         });
         ConnectionWatch { losses, _watcher: Arc::new(Watcher(task)) }

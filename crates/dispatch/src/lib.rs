@@ -5,13 +5,13 @@
 //! Beside it: the cron scheduler (due ticks into the outbox), the janitor (retention of dead
 //! letters and abandoned executions) and the node's metrics.
 
+mod abandoned;
 mod answer;
 mod complete;
 mod config;
 mod connection;
 mod envelope;
 pub mod executors;
-mod forward;
 mod janitor;
 pub mod metrics;
 mod relay;

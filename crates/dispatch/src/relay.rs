@@ -6,7 +6,7 @@
 //! - the **responder** reads the relay's own inbox (`<inbox>.<seq>`) and turns replies into answers;
 //! - the **timer** turns in-flight deliveries past their deadline into timeouts;
 //! - the **watchman** gives back the deliveries in flight on a NATS connection that was lost:
-//!   their answers cannot arrive any more, so they are tried again at once without spending an
+//!   their answers cannot arrive any more, so they are tried again within a second without spending an
 //!   attempt;
 //! - the **completer** batches answers into one transaction each (a few at a time) and gives the
 //!   slots back; it also forwards sync results to their callers;
@@ -24,18 +24,18 @@ use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppSlug, Capability, RetryPolicy};
-use picloud_store::{Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
+use picloud_store::{AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::abandoned::abandon;
 use crate::answer::Answer;
 use crate::complete::{Done, complete};
 use crate::config::RelayConfig;
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
-use crate::forward::forward;
 use crate::metrics::RelayMetrics;
 
 /// Claim loops per relay: while one publishes its batch, the other claims the next.
@@ -448,16 +448,19 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
     let (targets, email_apps) = match read_targets(shared, &rows, claim.config_epoch).await {
         Ok(read) => read,
         Err(e) => {
-            tracing::warn!(error = %e, rows = rows.len(), "reading where a claimed batch goes failed; it is tried again");
-            let answer = Answer::Interrupted(format!("reading the delivery's trigger failed: {e}"));
+            tracing::warn!(error = %e, rows = rows.len(), "reading where a claimed batch goes failed");
+            let error = format!("reading the delivery's trigger failed: {e}");
+            // A store that cannot be reached gives the attempt back; any other error is the
+            // delivery's own, and spends it (so a row that can never be read ends as a dead letter).
+            let answer = if e.is_transient() { Answer::Interrupted(error) } else { Answer::Failed(error) };
             for row in &rows {
-                let _ = done_tx.send(done_for(row, config.triggers.retry, answer.clone()));
+                let answer = if row.reply_to.is_some() { Answer::LeaseExpired } else { answer.clone() };
+                let _ = done_tx.send(done_for(row, config.triggers.retry, answer));
             }
             return;
         }
     };
     let sent = Instant::now();
-    let losses = shared.connection.losses();
     let deadline = sent + config.handler_timeout;
     let deadline_ms = unix_millis_after(config.handler_timeout);
     let mut plans: HashMap<(Option<Uuid>, Uuid, u32), Result<Plan, Answer>> = HashMap::new();
@@ -497,6 +500,9 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
     }
     {
         let mut table = shared.in_flight.lock().expect("in-flight lock");
+        // Read under the lock the watchman takes: a loss counted before this is seen here, one
+        // counted after finds these deliveries in the table.
+        let losses = shared.connection.losses();
         if table.deadlines.is_empty() && !in_flight.is_empty() {
             shared.timer.notify_one();
         }
@@ -616,7 +622,7 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 
 /// Gives back the deliveries in flight whenever the NATS connection they were published on is
 /// lost: their answers cannot arrive on it, and waiting out their deadlines would only delay
-/// them. Each is rescheduled at once without spending an attempt; one still running in its
+/// them. Each is rescheduled within a second without spending an attempt; one still running in its
 /// handler may then run twice, which at-least-once delivery allows.
 async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
     let mut seen = shared.connection.losses();
@@ -648,7 +654,7 @@ async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSe
 async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::UnboundedReceiver<Done>) {
     let flushes = Arc::new(Semaphore::new(CONCURRENT_FLUSHES));
     let mut running = JoinSet::new();
-    let mut forwards = JoinSet::new();
+    let mut abandoned = JoinSet::new();
     while let Some(first) = answers.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_COMPLETION_BATCH {
@@ -657,14 +663,11 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
                 Err(_) => break,
             }
         }
+        // The only sync rows a relay completes are those that outlived their lease.
         for done in batch.iter().filter(|d| d.reply_to.is_some()) {
-            forwards.spawn(forward(
-                shared.store.clone(),
-                shared.nats.clone(),
-                done.clone(),
-                shared.config.handler_timeout,
-                shared.config.forward_ack_timeout,
-            ));
+            let (store, done, timeout) = (shared.store.clone(), done.clone(), shared.config.handler_timeout);
+            abandoned
+                .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
         }
         let permit = flushes.clone().acquire_owned().await.expect("the flush semaphore is never closed");
         let shared = shared.clone();
@@ -674,10 +677,10 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
             drop(permit);
         });
         while running.try_join_next().is_some() {}
-        while forwards.try_join_next().is_some() {}
+        while abandoned.try_join_next().is_some() {}
     }
     while running.join_next().await.is_some() {}
-    while forwards.join_next().await.is_some() {}
+    while abandoned.join_next().await.is_some() {}
 }
 
 async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {

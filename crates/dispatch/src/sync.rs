@@ -1,7 +1,8 @@
 //! A sync invocation delivered by the API node its caller waits on (DESIGN §8): the node writes
 //! its own row claimed, delivers it directly, and hands the result to the waiting request — or,
-//! when the caller is gone, to the abandoned log — and a node that dies after writing the row
-//! leaves it to the relays once its lease runs out; they find nobody on its `reply_to` inbox.
+//! when the caller is gone, to the abandoned log. A row that outlives its lease (the node died,
+//! or could not complete it) is found by a relay, which logs it `lease_expired` and never runs
+//! the call again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,11 +14,11 @@ use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER};
 use picloud_store::{AbandonReason, ClaimedDelivery, DeliveryTarget, Store};
 use tokio::sync::oneshot;
 
+use crate::abandoned::abandon;
 use crate::answer::Answer;
 use crate::config::RelayConfig;
 use crate::connection::ConnectionWatch;
 use crate::envelope::envelope;
-use crate::forward::abandon;
 use crate::metrics::RelayMetrics;
 use crate::relay::{done_for, plan, unix_millis_after};
 

@@ -123,8 +123,8 @@ pub enum DeadLettersCommand {
     Ignore { app: String, id: Uuid },
 }
 
-/// The longest `--expires-in`: ten years, as `POST /v1/tokens` allows.
-const MAX_EXPIRES_IN: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// The longest `--expires-in`: as `POST /v1/tokens` allows.
+const MAX_EXPIRES_IN: Duration = Duration::from_secs(picloud_core::token::MAX_TOKEN_LIFETIME_S);
 
 /// `--expires-in`: `3600`, `90s`, `15m`, `12h` or `30d`, from one second to ten years.
 fn parse_expires_in(text: &str) -> Result<Duration, String> {

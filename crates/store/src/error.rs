@@ -64,10 +64,8 @@ pub enum Error {
     },
     /// The event a write would produce is larger than events may be (DESIGN §10): nothing is
     /// written.
-    #[error("the event would carry {bytes} bytes of data; at most {max} fit the NATS server's max_payload")]
+    #[error("the event's data would be larger than the {max} bytes that fit the NATS server's max_payload")]
     TooLarge {
-        /// The size of the event's data, when known (0 when Postgres measured it).
-        bytes: usize,
         /// The limit.
         max: usize,
     },
@@ -105,18 +103,37 @@ impl Error {
         }
     }
 
-    /// Whether trying again may succeed (connection trouble, serialization failures).
-    pub fn is_transient(&self) -> bool {
+    /// Whether Postgres could not be reached or is not serving: the connection failed or was
+    /// lost, the pool had none to give in time, or the server is shutting down, starting up or
+    /// full (SQLSTATE classes 08 and 57P, and 53300).
+    pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Conflict(_) => true,
             Error::Database(e) => match e {
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
                 sqlx::Error::Database(db) => {
-                    matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "08006" | "08003"))
+                    db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300")
                 }
                 _ => false,
             },
             _ => false,
+        }
+    }
+
+    /// Whether trying again may succeed: Postgres was unavailable ([`Error::is_unavailable`]) or
+    /// the statement lost a race (serialization failures, deadlocks).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Conflict(_) => true,
+            Error::Database(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
+            {
+                true
+            }
+            e => e.is_unavailable(),
         }
     }
 }

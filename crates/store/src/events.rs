@@ -77,7 +77,7 @@ async fn fire<S: Store>(
     }
     let bytes = event.payload.get().len();
     if bytes > cx.config.max_event_data_bytes {
-        return Err(Error::TooLarge { bytes, max: cx.config.max_event_data_bytes });
+        return Err(Error::TooLarge { max: cx.config.max_event_data_bytes });
     }
     if cx.depth >= cx.config.max_depth {
         let written = too_deep(s, tx, cx, triggers, &event).await?;

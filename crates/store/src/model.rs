@@ -545,7 +545,8 @@ pub struct DeadLetterFilter {
 pub enum AbandonReason {
     /// The inbox had no subscriber any more.
     NoResponders,
-    /// The waiting node did not acknowledge in time.
+    /// The waiting node did not acknowledge in time (kept for older rows: a node now takes its
+    /// own calls' results in memory, and relays never deliver a sync call).
     AckTimeout,
     /// The caller hung up.
     CallerGone,
@@ -589,6 +590,9 @@ pub enum HandlerStatus {
     Timeout,
     /// Nobody served it.
     NoHandler,
+    /// Not known: the call's row outlived its lease on the node that took it, which may have
+    /// delivered it (and answered its caller) or died first.
+    Unknown,
 }
 
 impl HandlerStatus {
@@ -601,12 +605,13 @@ impl HandlerStatus {
             HandlerStatus::Error => "error",
             HandlerStatus::Timeout => "timeout",
             HandlerStatus::NoHandler => "no_handler",
+            HandlerStatus::Unknown => "unknown",
         }
     }
 
     /// Parses the stored name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Ok, Self::Retry, Self::Fail, Self::Error, Self::Timeout, Self::NoHandler]
+        [Self::Ok, Self::Retry, Self::Fail, Self::Error, Self::Timeout, Self::NoHandler, Self::Unknown]
             .into_iter()
             .find(|r| r.as_str() == s)
     }

@@ -134,15 +134,17 @@ pub async fn create_token(
     if principal_id != caller.principal.id {
         caller.require(Capability::ManagePrincipals)?;
     }
-    if state.store.principal(principal_id).await?.is_none() {
-        return Err(ApiError::not_found("principal_not_found", format!("no principal {principal_id}")));
-    }
+    let standing =
+        state.store.authenticate_principal(principal_id, body.app.as_deref()).await?.ok_or_else(|| {
+            ApiError::not_found("principal_not_found", format!("no principal {principal_id}"))
+        })?;
+    // An app the token's principal holds no role on is answered like one that does not exist:
+    // the same rule as every app route, so that slugs cannot be probed here either.
     let app = match body.app.as_deref() {
         Some(slug) => Some(
-            state
-                .store
-                .app_by_slug(slug)
-                .await?
+            standing
+                .app
+                .filter(|_| standing.principal.platform_admin || standing.role.is_some())
                 .ok_or_else(|| ApiError::not_found("app_not_found", format!("no app {slug}")))?,
         ),
         None => None,
@@ -175,7 +177,7 @@ pub async fn create_token(
         return Err(ApiError::forbidden("a token narrowed to some scopes can only mint tokens within them"));
     }
     let expires_at = match body.expires_in_s {
-        Some(s) if s == 0 || s > 10 * 365 * 86_400 => {
+        Some(s) if s == 0 || s > picloud_core::token::MAX_TOKEN_LIFETIME_S => {
             return Err(ApiError::invalid("expires_in_s", "expected 1 second to 10 years"));
         }
         Some(s) => Some(time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(s)),

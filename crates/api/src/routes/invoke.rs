@@ -68,7 +68,7 @@ fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, Api
         (status = 409, body = ErrorBody, description = "`not_an_http_trigger`, `trigger_disabled`, `max_depth`: not an enabled http trigger, or a call at the depth limit"),
         (status = 429, body = ErrorBody, description = "`too_many_sync_calls`: the app has as many sync calls waiting as it may"),
         (status = 502, body = ErrorBody, description = "`handler_failed`: the handler failed the call, or its answer was not understood"),
-        (status = 503, body = ErrorBody, description = "`no_handler`: no handler serves the trigger"),
+        (status = 503, body = ErrorBody, description = "`no_handler`: no handler serves the trigger; `nats_unavailable`: the node lost NATS while the handler worked on the call (its answer cannot arrive); or one of the answers every route shares"),
         (status = 504, body = ErrorBody, description = "`timeout`: no answer in time")))]
 pub async fn invoke(
     State(state): State<ApiState>,

@@ -88,10 +88,14 @@ impl Modify for SharedErrors {
                     answer(
                         operation,
                         403,
-                        "`forbidden`: the caller lacks the capability on the app, or its credentials \
-                         are limited to another app",
+                        "`forbidden`: the caller sees the app but lacks the capability on it",
                     );
-                    answer(operation, 404, "`app_not_found`: no such app, or the caller holds no role on it");
+                    answer(
+                        operation,
+                        404,
+                        "`app_not_found`: no such app, or the caller holds no role on it, or its \
+                         credentials are limited to another app (the same answer: slugs cannot be probed)",
+                    );
                 }
                 if has_body {
                     answer(
@@ -99,7 +103,12 @@ impl Modify for SharedErrors {
                         400,
                         "`invalid_json`, `invalid_body`: the body is not JSON of the expected shape",
                     );
-                    answer(operation, 413, "`payload_too_large`: the body exceeds PICLOUD_MAX_PAYLOAD_BYTES");
+                    answer(
+                        operation,
+                        413,
+                        "`payload_too_large`: the body exceeds PICLOUD_MAX_PAYLOAD_BYTES, or the event it \
+                         writes would be larger than an envelope NATS carries",
+                    );
                 }
                 if in_path {
                     answer(operation, 400, "`invalid_path`: a path parameter cannot be read");

@@ -160,7 +160,7 @@ fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
     responses(
         (status = 201, body = TriggerView, description = "the trigger, registered"),
         (status = 409, body = ErrorBody, description = "`trigger_exists`, `queue_taken`: the name is taken, or the queue has a trigger"),
-        (status = 422, body = ErrorBody, description = "`invalid_field`: a field breaks its rule, or does not fit the kind")))]
+        (status = 422, body = ErrorBody, description = "`invalid_field`: a field breaks its rule, or does not fit the kind; `webhook_target_refused`: the webhook's host is an address webhooks may not reach (DESIGN §11)")))]
 pub async fn register(
     State(state): State<ApiState>,
     caller: Caller,
@@ -227,7 +227,7 @@ pub async fn get(
     responses(
         (status = 200, body = TriggerView, description = "the trigger as it is now"),
         (status = 404, body = ErrorBody, description = "`trigger_not_found`: no such trigger"),
-        (status = 422, body = ErrorBody, description = "`invalid_field`: the handler or retry overrides break their rules")))]
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the handler or retry overrides break their rules; `webhook_target_refused`: the webhook's host is an address webhooks may not reach (DESIGN §11)")))]
 pub async fn patch(
     State(state): State<ApiState>,
     caller: Caller,

@@ -354,6 +354,12 @@ async fn an_app_the_caller_has_no_role_on_answers_exactly_like_an_app_that_does_
         assert_eq!((hidden.status, hidden.body.clone()), (missing.status, missing.body.clone()), "{path}");
         assert_eq!(hidden.code(), "app_not_found");
     }
+    let hidden =
+        api.call(Method::POST, "/v1/tokens", Some(&api.developer), Some(json!({"app": "other"}))).await;
+    let missing =
+        api.call(Method::POST, "/v1/tokens", Some(&api.developer), Some(json!({"app": "nope"}))).await;
+    assert_eq!((hidden.status, hidden.code()), (StatusCode::NOT_FOUND, "app_not_found"), "minting");
+    assert_eq!((missing.status, missing.code()), (StatusCode::NOT_FOUND, "app_not_found"));
     // A member sees the app, and is told what it lacks.
     let viewer = api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&api.viewer), Some(json!(1))).await;
     assert_eq!(viewer.status, StatusCode::FORBIDDEN);

@@ -189,3 +189,15 @@ async fn a_webhooks_secret_is_in_the_document_as_write_only() {
     let secret = &document["components"]["schemas"]["WebhookBody"]["properties"]["secret"];
     assert_eq!(secret["writeOnly"], true, "registration sends it, so the document must allow it: {secret}");
 }
+
+#[tokio::test]
+async fn the_documented_token_lifetime_is_the_one_the_api_enforces() {
+    let api = Api::start().await;
+    let document = document(&api).await;
+    let expires = &document["components"]["schemas"]["CreateToken"]["properties"]["expires_in_s"];
+    assert_eq!(
+        expires["maximum"].as_f64(),
+        Some(picloud_core::token::MAX_TOKEN_LIFETIME_S as f64),
+        "{expires}"
+    );
+}

@@ -25,7 +25,6 @@ pub fn node_config(node: &str) -> RelayConfig {
     c.handler_timeout = Duration::from_millis(1500);
     c.lease_margin = Duration::from_millis(500);
     c.poll_interval = Duration::from_millis(100);
-    c.forward_ack_timeout = Duration::from_millis(500);
     c.triggers = TriggerConfig {
         max_depth: 4,
         retry: RetryPolicy::new(2, Duration::from_millis(10), Duration::from_millis(20)).unwrap(),

@@ -287,7 +287,7 @@ async fn when_the_waiting_node_dies_a_relay_records_the_call_abandoned_and_never
     let logged = eventually("the abandoned execution", || async { abandoned(&api).await.pop() }).await;
     assert_eq!(
         (logged["reason"].clone(), logged["handler_status"].clone()),
-        (json!("lease_expired"), json!("error"))
+        (json!("lease_expired"), json!("unknown"))
     );
     assert_eq!(
         (logged["outbox_id"].clone(), logged["reply_to"].clone(), logged["trigger"].clone()),

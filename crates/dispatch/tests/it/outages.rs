@@ -1,11 +1,18 @@
-//! Delivery through a store that fails under the relay: a Postgres connection killed while the
-//! relay reads where a claimed row goes must leave the row to be delivered, never drop it.
+//! Delivery through failures under the relay: a Postgres connection killed while the relay reads
+//! where claimed rows go must leave them to be delivered (and a sync call never run twice), and a
+//! NATS connection lost while deliveries are in flight gives them back at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::time::Duration;
+
+use picloud_store::events::{self, EventContext, SyncWaiter};
+use picloud_store::*;
 use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 use crate::executors::{SmtpServer, send_email, start_executors};
 use crate::support::*;
@@ -18,30 +25,56 @@ async fn waiting_on_apps(w: &World) -> Vec<i32> {
         .unwrap()
 }
 
+/// A sync call whose row outlived its lease on the node that wrote it (the node died).
+async fn expired_sync_call(w: &World) -> Uuid {
+    w.trigger("call", TriggerSpec::Http, "call").await;
+    let cx = EventContext { app_id: w.app.id, app_slug: &w.app.slug, depth: 0, config: &w.config };
+    let body = RawValue::from_string("{}".into()).unwrap();
+    let waiter =
+        SyncWaiter { reply_to: "_INBOX.dead.1", authorized_at: None, node: "dead", lease: Duration::ZERO };
+    match events::invoke(&w.store, &cx, "call", &body, waiter).await.unwrap() {
+        SyncCallWrite::Written { row, .. } => row.id,
+        _ => panic!("the call is written"),
+    }
+}
+
 #[tokio::test]
 async fn an_email_whose_app_look_up_loses_its_connection_is_still_sent() {
     let w = World::new().await;
     let mut smtp = SmtpServer::start(Vec::new()).await;
     let executors = start_executors(&w, Some(&smtp.url)).await;
     let id = send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"})).await;
+    let call = expired_sync_call(&w).await;
 
-    // Hold the relay's look-up of the email's app on a lock, then kill the connection it waits on.
+    // Hold the relay's reads of where its rows go on a lock, then kill the connections that wait.
     let mut lock = w.store.pool().begin().await.unwrap();
     sqlx::query("LOCK TABLE apps IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
-    let pid = eventually("the relay to wait on the app look-up", || async {
-        waiting_on_apps(&w).await.first().copied()
+    let waiting = eventually("the relay to wait on the look-up", || async {
+        Some(waiting_on_apps(&w).await).filter(|pids| !pids.is_empty())
     })
     .await;
-    let killed: bool =
-        sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&mut *lock).await.unwrap();
-    assert!(killed);
+    for pid in waiting {
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+        assert!(killed);
+    }
     lock.rollback().await.unwrap();
 
     let mail = smtp.next("the email, sent after the failed look-up").await;
     assert_eq!(mail.to, ["ann@example.com"]);
     w.drained().await;
     assert!(w.dead_letters().await.is_empty(), "the email {id} was delivered, not dead-lettered");
+    let page = w.store.list_abandoned(w.app.id, None, 10).await.unwrap();
+    let abandoned: Vec<_> = page.items.iter().map(|a| (a.outbox_id, a.reason, a.handler_status)).collect();
+    assert_eq!(
+        abandoned,
+        [(call, AbandonReason::LeaseExpired, HandlerStatus::Unknown)],
+        "the sync call is never run again"
+    );
     relay.stop().await;
     executors.shutdown().await;
 }

@@ -24,7 +24,6 @@ pub fn relay_config(node: &str) -> RelayConfig {
     c.handler_timeout = Duration::from_millis(1500);
     c.lease_margin = Duration::from_millis(1000);
     c.poll_interval = Duration::from_millis(100);
-    c.forward_ack_timeout = Duration::from_millis(500);
     c.triggers = TriggerConfig {
         max_depth: 16,
         retry: RetryPolicy::new(3, Duration::from_millis(10), Duration::from_millis(50)).unwrap(),

@@ -385,6 +385,9 @@ impl Rig {
             figures.duplicates.unexplained
         );
         assert_eq!(figures.dead_letters, 0, "{}: deliveries ran out of attempts", fault.name);
+        // A fault is no bug: it is answered with a status that says try again, never a 500.
+        let bugs: Vec<_> = figures.refused.keys().filter(|why| why.starts_with("500")).collect();
+        assert!(bugs.is_empty(), "{}: refused as if by a bug: {bugs:?}", fault.name);
         figures
     }
 }
@@ -752,6 +755,7 @@ async fn a_router_node_killed_with_kill_9_loses_no_acknowledged_event_and_its_ro
     let deadline = Instant::now() + DEADLINE;
     while leases_of(&rig.check, killed.name).await.is_empty() {
         assert!(Instant::now() < deadline, "the node to kill never held a lease");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let start = Instant::now();
     killed.serving.child.kill().unwrap();

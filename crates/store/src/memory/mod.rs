@@ -936,7 +936,7 @@ impl MemStore {
             result.version,
         );
         if !triggers.is_empty() && data.get().len() > put.max_data_bytes {
-            return Err(Error::TooLarge { bytes: data.get().len(), max: put.max_data_bytes });
+            return Err(Error::TooLarge { max: put.max_data_bytes });
         }
         let rows: Vec<NewDelivery> = triggers
             .iter()

@@ -143,7 +143,7 @@ impl KvRepo for PgStore {
         }
         .map_err(|e| match super::violated(&e) {
             Some((code, _)) if code == "40001" => Error::Conflict(format!("{}/{}", put.collection, put.key)),
-            Some((code, _)) if code == "54000" => Error::TooLarge { bytes: 0, max: put.max_data_bytes },
+            Some((code, _)) if code == "54000" => Error::TooLarge { max: put.max_data_bytes },
             _ => e.into(),
         })?;
         let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;

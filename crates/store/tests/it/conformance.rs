@@ -61,6 +61,7 @@ conformance!(
     only_unresolved_dead_letters_count_and_resolve_respects_its_guard,
     gc_deletes_only_resolved_dead_letters_past_retention_in_batches,
     abandoned_executions_are_recorded_listed_newest_first_and_collected,
+    every_abandon_reason_and_handler_status_is_stored_and_read_back,
     lists_of_payloads_end_a_page_where_its_payloads_reach_the_byte_cap,
     a_put_creates_version_one_and_each_put_increments_and_returns_the_previous_value,
     a_put_with_a_stale_or_impossible_version_fails_and_changes_nothing,
@@ -882,7 +883,7 @@ async fn a_put_whose_event_would_be_too_large_writes_nothing_unless_nothing_fire
     s.kv_put_firing(None, &put("orders", &big)).await.unwrap();
     // Each value alone fits; with the previous value beside it the event does not.
     let refused = s.kv_put_firing(None, &put("orders", &j!({"other": big}))).await;
-    assert!(matches!(refused, Err(Error::TooLarge { max: 1000, .. })), "{refused:?}");
+    assert!(matches!(refused, Err(Error::TooLarge { max: 1000 })), "{refused:?}");
     assert_eq!(s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value, big);
     assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1, "only the first put fired");
     // No trigger, no event: the entry is written whatever its size.
@@ -1189,6 +1190,44 @@ async fn lists_of_payloads_end_a_page_where_its_payloads_reach_the_byte_cap<S: S
     assert_eq!((first.items.len(), first.has_more), (3, true));
     let rest = s.list_abandoned(t.app.id, first.items.last().map(|a| a.id), 500).await.unwrap();
     assert_eq!((rest.items.len(), rest.has_more), (1, false));
+}
+
+async fn every_abandon_reason_and_handler_status_is_stored_and_read_back<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let reasons = [
+        AbandonReason::NoResponders,
+        AbandonReason::AckTimeout,
+        AbandonReason::CallerGone,
+        AbandonReason::LeaseExpired,
+    ];
+    let statuses = [
+        HandlerStatus::Ok,
+        HandlerStatus::Retry,
+        HandlerStatus::Fail,
+        HandlerStatus::Error,
+        HandlerStatus::Timeout,
+        HandlerStatus::NoHandler,
+        HandlerStatus::Unknown,
+    ];
+    for (reason, handler_status) in reasons.into_iter().flat_map(|r| statuses.map(|h| (r, h))) {
+        let stored = s
+            .insert_abandoned(&AbandonedExecution {
+                id: Uuid::now_v7(),
+                app_id: t.app.id,
+                trigger_id: Some(trigger.id),
+                trigger_name: "on-order".into(),
+                outbox_id: Uuid::now_v7(),
+                reply_to: "_INBOX.gone".into(),
+                reason,
+                handler_status,
+                result: None,
+                error: None,
+                created_at: START,
+            })
+            .await
+            .unwrap();
+        assert_eq!((stored.reason, stored.handler_status), (reason, handler_status));
+    }
 }
 
 async fn abandoned_executions_are_recorded_listed_newest_first_and_collected<S: Store>(s: S) {
