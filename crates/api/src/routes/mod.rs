@@ -16,7 +16,6 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::ApiState;
-use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 
 pub mod admin;
@@ -189,10 +188,10 @@ fn retry_after(operation: &mut Operation, status: u16) {
 /// The document, built once from the routes themselves (see [`router`]).
 static DOCUMENT: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
 
-/// This document: every route of the API.
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", operation_id = "get_openapi",
+/// This document: every route of the API. It needs no token: it describes routes, not data.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", operation_id = "get_openapi", security(),
     responses((status = 200, body = Object, description = "the OpenAPI 3.1 document")))]
-async fn openapi_json(_caller: Caller) -> Json<utoipa::openapi::OpenApi> {
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(DOCUMENT.get().cloned().unwrap_or_default())
 }
 

@@ -196,7 +196,7 @@ fn routes(api: &Api) -> Vec<Route> {
             Needs::Cap(AppRead),
             None,
         ),
-        (Method::GET, "/v1/openapi.json", "/v1/openapi.json".into(), Needs::Anyone, None),
+        (Method::GET, "/v1/openapi.json", "/v1/openapi.json".into(), Needs::Nothing, None),
         (Method::GET, "/healthz", "/healthz".into(), Needs::Nothing, None),
         (Method::GET, "/readyz", "/readyz".into(), Needs::Nothing, None),
     ]
