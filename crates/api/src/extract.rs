@@ -48,7 +48,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let at = if path == "." { String::new() } else { format!("{path}: ") };
+        // `.` is the body itself, `?` a place the parser could not name: neither says more.
+        let at = if matches!(path.as_str(), "." | "?") { String::new() } else { format!("{path}: ") };
         ApiError::bad_request("invalid_json", format!("invalid JSON body: {at}{}", e.inner()))
     })?;
     de.end().map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
@@ -154,5 +155,30 @@ impl<T> Page<T> {
             None
         };
         Self { items: page.items.into_iter().map(view).collect(), next }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_level_json_error_names_no_path_and_a_field_error_names_its_field() {
+        #[derive(Debug, Deserialize)]
+        struct Body {
+            #[allow(dead_code)]
+            n: u32,
+        }
+        for body in [&b"{"[..], b"", b"[1,", b"{\"n\": 1} trailing"] {
+            let message = parse_json::<Body>(body).unwrap_err().message().to_owned();
+            assert!(
+                message.starts_with("invalid JSON body: ")
+                    && !message.contains("?:")
+                    && !message.contains(".:"),
+                "{message}"
+            );
+        }
+        let message = parse_json::<Body>(br#"{"n": "x"}"#).unwrap_err().message().to_owned();
+        assert!(message.starts_with("invalid JSON body: n: "), "{message}");
     }
 }
