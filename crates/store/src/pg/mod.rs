@@ -137,7 +137,9 @@ impl PgStore {
             // look-up took 0.27 ms with it, 0.17 ms without). A connection that broke while idle
             // fails the next statement that uses it instead.
             .test_before_acquire(false)
-            .connect_with(options)
+            // Notices are for people at a psql prompt: in a node's log, the migrator's
+            // `relation "_sqlx_migrations" already exists, skipping` on every start is noise.
+            .connect_with(options.options([("client_min_messages", "warning")]))
             .await?;
         Ok(Self::new(pool))
     }

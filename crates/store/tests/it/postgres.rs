@@ -139,3 +139,13 @@ async fn concurrent_first_writes_of_one_key_each_fire_with_the_value_they_replac
     }
     assert_eq!(events[0]["previous"], serde_json::Value::Null);
 }
+
+#[tokio::test]
+async fn the_stores_connections_leave_notices_out_of_the_log() {
+    let fixture = pg_store().await;
+    let level: String =
+        sqlx::query_scalar("SHOW client_min_messages").fetch_one(fixture.store.pool()).await.unwrap();
+    assert_eq!(level, "warning", "a migrate on every start would log a NOTICE otherwise");
+    // Migrating again, as every start does, is quiet and changes nothing.
+    pg::migrate(fixture.store.pool()).await.unwrap();
+}
