@@ -3,25 +3,45 @@
 //!
 //! ```sh
 //! set -a; . .picloud/dev.env; set +a
-//! cargo run -p picloud-worker --example notes
+//! cargo run -p picloud-example-notes
 //! ```
+
+use std::process::ExitCode;
 
 use picloud_worker::{Delivery, Reply, Worker};
 
 #[tokio::main]
+#[allow(clippy::print_stderr)]
+async fn main() -> ExitCode {
+    match serve().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("notes: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[allow(clippy::print_stdout)]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let var =
         |name: &str| std::env::var(name).map_err(|_| format!("{name} is unset: source .picloud/dev.env"));
     let app = var("PICLOUD_APP")?;
+    let url = var("PICLOUD_NATS_URL")?;
     let client = async_nats::ConnectOptions::with_user_and_password(
         var("PICLOUD_NATS_APP_USER")?,
         var("PICLOUD_NATS_APP_PASSWORD")?,
     )
     .custom_inbox_prefix(format!("_INBOX_{app}"))
-    .connect(var("PICLOUD_NATS_URL")?)
-    .await?;
-    Worker::new(client, &app)
+    .connect(&url)
+    .await
+    .map_err(|e| {
+        format!(
+            "connecting to NATS at {url} (PICLOUD_NATS_URL) failed: {e}; is `picloud-router dev` \
+             running, and is .picloud/dev.env loaded from this run?"
+        )
+    })?;
+    let running = Worker::new(client, &app)
         .handle("on-note", |delivery: Delivery| async move {
             let event: serde_json::Value = delivery.data()?;
             println!("{} (attempt {}): {}", delivery.id, delivery.attempt, event["value"]);
@@ -31,9 +51,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Reply::ok(event["value"].clone())
             })
         })
-        .run(async {
-            tokio::signal::ctrl_c().await.ok();
-        })
+        .start()
         .await?;
+    // The server has confirmed the subscription: deliveries reach this process from now on.
+    println!("serving on-note; Ctrl-C stops");
+    tokio::signal::ctrl_c().await?;
+    running.shutdown().await;
     Ok(())
 }
