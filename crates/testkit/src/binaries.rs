@@ -7,10 +7,15 @@ use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
 
-/// Debian's command that installs PostgreSQL.
-const INSTALL_POSTGRES: &str = "apt-get install postgresql";
-/// Debian's command that installs nats-server.
-const INSTALL_NATS: &str = "apt-get install nats-server";
+/// Debian's package of the PostgreSQL server.
+const POSTGRES_PACKAGE: &str = "postgresql";
+/// Debian's package of nats-server.
+const NATS_PACKAGE: &str = "nats-server";
+
+/// Debian's command that installs `packages`.
+fn install_command(packages: &[&str]) -> String {
+    format!("apt-get install {}", packages.join(" "))
+}
 
 /// One place to look for a binary.
 #[derive(Debug, Clone)]
@@ -35,20 +40,54 @@ impl PgBinaries {
     pub(crate) fn locate() -> Result<Self> {
         let search = pg_search_dirs();
         Ok(Self {
-            initdb: locate("initdb", &search, INSTALL_POSTGRES)?,
-            postgres: locate("postgres", &search, INSTALL_POSTGRES)?,
+            initdb: locate("initdb", &search, POSTGRES_PACKAGE)?,
+            postgres: locate("postgres", &search, POSTGRES_PACKAGE)?,
         })
     }
 }
 
 /// Looks on `PATH`, then in `/usr/sbin` and `/usr/local/bin`.
 pub(crate) fn nats_server() -> Result<PathBuf> {
-    let search = [
+    locate("nats-server", &nats_search_dirs(), NATS_PACKAGE)
+}
+
+fn nats_search_dirs() -> Vec<SearchDir> {
+    vec![
         SearchDir::PathVar(std::env::var_os("PATH")),
         SearchDir::Dir("/usr/sbin".into()),
         SearchDir::Dir("/usr/local/bin".into()),
-    ];
-    locate("nats-server", &search, INSTALL_NATS)
+    ]
+}
+
+/// Checks that every binary the servers need (`initdb`, `postgres`, `nats-server`) is installed,
+/// and names all that are not in one error, with the one command that installs them.
+pub fn require_server_binaries() -> Result<()> {
+    let pg = pg_search_dirs();
+    let nats = nats_search_dirs();
+    require_all(&[
+        ("initdb", &pg, POSTGRES_PACKAGE),
+        ("postgres", &pg, POSTGRES_PACKAGE),
+        ("nats-server", &nats, NATS_PACKAGE),
+    ])
+}
+
+/// [`Error::MissingBinaries`] naming each `(binary, search, package)` not found, or `Ok`.
+fn require_all(wanted: &[(&str, &[SearchDir], &str)]) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut packages: Vec<&str> = Vec::new();
+    for &(binary, search, package) in wanted {
+        if locate(binary, search, package).is_err() {
+            missing.push(format!("{binary} (looked in {})", describe(search)));
+            if !packages.contains(&package) {
+                packages.push(package);
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingBinaries { missing, install: install_command(&packages) })
+    }
 }
 
 fn pg_search_dirs() -> Vec<SearchDir> {
@@ -85,8 +124,8 @@ fn pg_search_dirs() -> Vec<SearchDir> {
 }
 
 /// Returns the first executable file named `binary` in `search`, or
-/// [`Error::MissingBinary`] naming where we looked and the `install` command.
-pub(crate) fn locate(binary: &str, search: &[SearchDir], install: &str) -> Result<PathBuf> {
+/// [`Error::MissingBinary`] naming where we looked and the command that installs `package`.
+pub(crate) fn locate(binary: &str, search: &[SearchDir], package: &str) -> Result<PathBuf> {
     for place in search {
         let found = match place {
             SearchDir::Dir(dir) => executable(&dir.join(binary)),
@@ -103,7 +142,7 @@ pub(crate) fn locate(binary: &str, search: &[SearchDir], install: &str) -> Resul
     Err(Error::MissingBinary {
         binary: binary.to_owned(),
         searched: describe(search),
-        install: install.to_owned(),
+        install: install_command(&[package]),
     })
 }
 
@@ -134,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_missing_binary_error_names_the_install_command() {
-        let err = locate("nats-server", &[], INSTALL_NATS).unwrap_err();
+        let err = locate("nats-server", &[], NATS_PACKAGE).unwrap_err();
         assert!(matches!(err, Error::MissingBinary { .. }));
         let msg = err.to_string();
         assert!(msg.contains("apt-get install nats-server"), "unexpected message: {msg}");
@@ -147,7 +186,7 @@ mod tests {
             SearchDir::Dir("/nonexistent/postgresql/15/bin".into()),
             SearchDir::PathVar(Some("/nonexistent/a:/nonexistent/b".into())),
         ];
-        let msg = locate("initdb", &search, INSTALL_POSTGRES).unwrap_err().to_string();
+        let msg = locate("initdb", &search, POSTGRES_PACKAGE).unwrap_err().to_string();
         assert_eq!(
             msg,
             "initdb not found (looked in /nonexistent/postgresql/15/bin and PATH); \
@@ -162,6 +201,43 @@ mod tests {
         std::fs::write(&bin, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let search = [SearchDir::PathVar(None), SearchDir::PathVar(Some(dir.path().as_os_str().to_owned()))];
-        assert_eq!(locate("nats-server", &search, INSTALL_NATS).unwrap(), bin);
+        assert_eq!(locate("nats-server", &search, NATS_PACKAGE).unwrap(), bin);
+    }
+
+    #[test]
+    fn every_missing_binary_is_named_at_once_with_one_install_command() {
+        let nowhere = [SearchDir::Dir("/nonexistent/bin".into())];
+        let msg = require_all(&[
+            ("initdb", &nowhere, POSTGRES_PACKAGE),
+            ("postgres", &nowhere, POSTGRES_PACKAGE),
+            ("nats-server", &nowhere, NATS_PACKAGE),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            msg,
+            "server binaries not found:\n  \
+             initdb (looked in /nonexistent/bin)\n  \
+             postgres (looked in /nonexistent/bin)\n  \
+             nats-server (looked in /nonexistent/bin)\n\
+             install them with: apt-get install postgresql nats-server"
+        );
+    }
+
+    #[test]
+    fn binaries_that_are_installed_are_not_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("nats-server");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let here = [SearchDir::Dir(dir.path().to_owned())];
+        let nowhere = [SearchDir::Dir("/nonexistent/bin".into())];
+        assert!(require_all(&[("nats-server", &here, NATS_PACKAGE)]).is_ok());
+        let msg =
+            require_all(&[("initdb", &nowhere, POSTGRES_PACKAGE), ("nats-server", &here, NATS_PACKAGE)])
+                .unwrap_err()
+                .to_string();
+        assert!(msg.contains("initdb") && !msg.contains("nats-server"), "{msg}");
+        assert!(msg.ends_with("apt-get install postgresql"), "{msg}");
     }
 }

@@ -18,6 +18,15 @@ pub enum Error {
         install: String,
     },
 
+    /// Several server binaries are missing: each is named, with one command for all of them.
+    #[error("server binaries not found:\n  {}\ninstall them with: {install}", missing.join("\n  "))]
+    MissingBinaries {
+        /// Each missing binary and where we looked, e.g. `initdb (looked in PATH)`.
+        missing: Vec<String>,
+        /// The Debian command that installs them all.
+        install: String,
+    },
+
     /// Running as root, PostgreSQL must run as a system user that does not exist.
     #[error(
         "running as root, but there is no `{user}` system user to run PostgreSQL as; install it with: apt-get install postgresql"

@@ -6,6 +6,8 @@
 //!   test process.
 //! - [`NatsServer`] and [`NatsCluster`]: one nats-server, or n of them routed together (from
 //!   the testkit's own arguments or from the caller's config files).
+//! - [`MailCatcher`]: an SMTP server on loopback that accepts every email (and keeps the last
+//!   ones as files for `dev`).
 //! - [`TcpProxy`]: a TCP proxy a test cuts and restores, a network partition between a process
 //!   and its server.
 //! - [`spawn_tied`]: any other child process (e.g. the `picloud-router` binary under test)
@@ -26,9 +28,11 @@ mod nats;
 mod pg;
 mod process;
 mod proxy;
+mod smtp;
 mod sys;
 mod testdb;
 
+pub use binaries::require_server_binaries;
 pub use error::{Error, Result};
 
 /// `KEY=value` lines of an env file, trimmed; blank lines, `#` comments and lines without `=`
@@ -50,6 +54,7 @@ pub fn nats_dev_env() -> std::collections::BTreeMap<String, String> {
 pub use nats::{NatsCluster, NatsNodePorts, NatsServer};
 pub use pg::{PgOptions, PgServer, PgShutdown};
 pub use proxy::TcpProxy;
+pub use smtp::{CaughtMail, MailCatcher, MailDir, MailOptions, RcptRefusal};
 pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};
 
 /// Spawns `cmd` from the spawner thread with SIGKILL as its parent-death signal: the child is

@@ -50,17 +50,25 @@ impl NatsServer {
     /// Starts `nats-server -a 127.0.0.1 -p <free port> -m <free port>` and returns once a
     /// client connection receives the server's `INFO` line.
     pub async fn start() -> Result<NatsServer> {
-        Self::start_fresh(None).await
+        Self::start_fresh(None, None).await
     }
 
     /// Starts `nats-server -c <config> -a 127.0.0.1 -p <free port>`: the caller's config file,
     /// with the address and port on the command line overriding it.
     pub async fn start_with_config(config: &Path) -> Result<NatsServer> {
         let config = std::path::absolute(config).context(|| format!("resolving {}", config.display()))?;
-        Self::start_fresh(Some(&config)).await
+        Self::start_fresh(Some(&config), None).await
     }
 
-    async fn start_fresh(config: Option<&Path>) -> Result<NatsServer> {
+    /// Starts `nats-server -c <config> -a 127.0.0.1 -p <port>`: as [`Self::start_with_config`],
+    /// on a port of the caller's choosing (an error if it is taken).
+    pub async fn start_with_config_on(config: &Path, port: u16) -> Result<NatsServer> {
+        let config = std::path::absolute(config).context(|| format!("resolving {}", config.display()))?;
+        Self::start_fresh(Some(&config), Some(port)).await
+    }
+
+    /// Starts a server on `port`, or on free ports (trying again when one was taken meanwhile).
+    async fn start_fresh(config: Option<&Path>, port: Option<u16>) -> Result<NatsServer> {
         let binary = binaries::nats_server()?;
         let mut server = Self {
             binary,
@@ -74,7 +82,10 @@ impl NatsServer {
         };
         let mut attempt = 1;
         loop {
-            server.port = process::free_port()?;
+            server.port = match port {
+                Some(port) => port,
+                None => process::free_port()?,
+            };
             server.monitoring_port = match config {
                 Some(_) => None,
                 None => Some(process::free_port()?),
@@ -91,7 +102,9 @@ impl NatsServer {
             server.args = args;
             match server.launch().await {
                 Ok(()) => return Ok(server),
-                Err(error) if attempt < PORT_ATTEMPTS && process::address_in_use(&error) => {
+                Err(error)
+                    if port.is_none() && attempt < PORT_ATTEMPTS && process::address_in_use(&error) =>
+                {
                     attempt += 1;
                 }
                 Err(error) => return Err(error),

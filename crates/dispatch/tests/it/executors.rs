@@ -7,8 +7,6 @@
 //! is the `mailin` crate's SMTP state machine driven over tokio TCP.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,9 +18,9 @@ use picloud_core::{CollectionPattern, RetryOverrides, TriggerName};
 use picloud_dispatch::executors::{self, ExecutorConfig, SmtpConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
+use picloud_testkit::{CaughtMail, MailCatcher, MailOptions, RcptRefusal};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -480,127 +478,11 @@ async fn shutting_down_finishes_the_webhook_in_hand_and_then_takes_no_more() {
 
 // ---- email ----
 
-/// One email the SMTP server accepted.
-#[derive(Debug)]
-pub(crate) struct Mail {
-    from: String,
-    pub(crate) to: Vec<String>,
-    data: String,
-}
-
-/// The mailin handler of one SMTP session.
-struct MailHandler {
-    rcpt_script: Arc<Mutex<VecDeque<u16>>>,
-    mails: mpsc::UnboundedSender<Mail>,
-    from: String,
-    to: Vec<String>,
-    data: Vec<u8>,
-}
-
-impl mailin::Handler for MailHandler {
-    fn rcpt(&mut self, _to: &str) -> mailin::Response {
-        match self.rcpt_script.lock().unwrap().pop_front() {
-            Some(451) => mailin::response::INTERNAL_ERROR,
-            Some(550) => mailin::response::NO_MAILBOX,
-            _ => mailin::response::OK,
-        }
-    }
-
-    fn data_start(&mut self, _domain: &str, from: &str, _is8bit: bool, to: &[String]) -> mailin::Response {
-        self.from = from.to_owned();
-        self.to = to.to_vec();
-        self.data.clear();
-        mailin::response::OK
-    }
-
-    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.data.extend_from_slice(buf);
-        Ok(())
-    }
-
-    fn data_end(&mut self) -> mailin::Response {
-        let _ = self.mails.send(Mail {
-            from: self.from.clone(),
-            to: self.to.clone(),
-            data: String::from_utf8_lossy(&self.data).into_owned(),
-        });
-        mailin::response::OK
-    }
-}
-
-/// A real SMTP server on 127.0.0.1 (mailin's state machine over tokio TCP) that answers RCPT TO
-/// from a script of reply codes (then 250).
-pub(crate) struct SmtpServer {
-    pub(crate) url: String,
-    mails: mpsc::UnboundedReceiver<Mail>,
-    connections: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl SmtpServer {
-    pub(crate) async fn start(rcpt_script: Vec<u16>) -> SmtpServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("smtp://{}", listener.local_addr().unwrap());
-        let (tx, mails) = mpsc::unbounded_channel();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let script = Arc::new(Mutex::new(VecDeque::from(rcpt_script)));
-        let task = tokio::spawn({
-            let connections = connections.clone();
-            async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else { return };
-                    connections.fetch_add(1, Ordering::SeqCst);
-                    let handler = MailHandler {
-                        rcpt_script: script.clone(),
-                        mails: tx.clone(),
-                        from: String::new(),
-                        to: Vec::new(),
-                        data: Vec::new(),
-                    };
-                    tokio::spawn(smtp_session(stream, handler));
-                }
-            }
-        });
-        SmtpServer { url, mails, connections, task }
-    }
-
-    pub(crate) async fn next(&mut self, what: &str) -> Mail {
-        tokio::time::timeout(Duration::from_secs(20), self.mails.recv())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .expect("server gone")
-    }
-}
-
-impl Drop for SmtpServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn smtp_session(stream: tokio::net::TcpStream, handler: MailHandler) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let mut session =
-        mailin::SessionBuilder::new("test-smtp").build(IpAddr::V4(Ipv4Addr::LOCALHOST), handler);
-    write.write_all(&session.greeting().buffer()?).await?;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if read.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
-        }
-        let response = session.process(&line);
-        match response.action {
-            mailin::Action::Reply => write.write_all(&response.buffer()?).await?,
-            mailin::Action::Close => {
-                write.write_all(&response.buffer()?).await?;
-                return Ok(());
-            }
-            mailin::Action::UpgradeTls => return Ok(()),
-            mailin::Action::NoReply => {}
-        }
-    }
+/// The next email `smtp` accepts, within 20 s.
+pub(crate) async fn next_mail(smtp: &mut MailCatcher, what: &str) -> CaughtMail {
+    tokio::time::timeout(Duration::from_secs(20), smtp.next())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// Queues an email as `POST /v1/apps/shop/emails` would.
@@ -616,8 +498,8 @@ pub(crate) async fn send_email(w: &World, email: Value) -> Uuid {
 #[tokio::test]
 async fn an_email_reaches_the_smtp_server_with_its_subject_text_html_and_recipients() {
     let w = World::new().await;
-    let mut smtp = SmtpServer::start(Vec::new()).await;
-    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let mut smtp = MailCatcher::start().await.unwrap();
+    let executors = start_executors(&w, Some(&smtp.url())).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
 
     let id = send_email(
@@ -630,7 +512,7 @@ async fn an_email_reaches_the_smtp_server_with_its_subject_text_html_and_recipie
         }),
     )
     .await;
-    let mail = smtp.next("the email").await;
+    let mail = next_mail(&mut smtp, "the email").await;
     assert_eq!(mail.from, "shop@example.com");
     assert_eq!(mail.to, ["ann@example.com", "bob@example.com"]);
     for part in [
@@ -656,12 +538,12 @@ async fn an_email_reaches_the_smtp_server_with_its_subject_text_html_and_recipie
 #[tokio::test]
 async fn a_plain_email_to_one_address_is_sent_as_text() {
     let w = World::new().await;
-    let mut smtp = SmtpServer::start(Vec::new()).await;
-    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let mut smtp = MailCatcher::start().await.unwrap();
+    let executors = start_executors(&w, Some(&smtp.url())).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
 
     send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello Ann"})).await;
-    let mail = smtp.next("the email").await;
+    let mail = next_mail(&mut smtp, "the email").await;
     assert_eq!(mail.to, ["ann@example.com"]);
     assert!(mail.data.contains("Subject: Hi") && mail.data.contains("Hello Ann"), "{}", mail.data);
     assert!(mail.data.contains("text/plain") && !mail.data.contains("multipart"), "{}", mail.data);
@@ -673,14 +555,19 @@ async fn a_plain_email_to_one_address_is_sent_as_text() {
 #[tokio::test]
 async fn a_transient_smtp_failure_is_retried_and_then_sent() {
     let w = World::new().await;
-    let mut smtp = SmtpServer::start(vec![451]).await;
-    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let mut smtp = MailCatcher::start_with(MailOptions {
+        refuse_rcpt: vec![RcptRefusal::TryLater],
+        ..MailOptions::default()
+    })
+    .await
+    .unwrap();
+    let executors = start_executors(&w, Some(&smtp.url())).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
 
     send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"})).await;
-    let mail = smtp.next("the email, on the second attempt").await;
+    let mail = next_mail(&mut smtp, "the email, on the second attempt").await;
     assert_eq!(mail.to, ["ann@example.com"]);
-    assert!(smtp.connections.load(Ordering::SeqCst) >= 2, "the first connection was refused with 451");
+    assert!(smtp.connections() >= 2, "the first connection was refused with 451");
     w.drained().await;
     assert!(w.dead_letters().await.is_empty());
     relay.stop().await;
@@ -690,8 +577,13 @@ async fn a_transient_smtp_failure_is_retried_and_then_sent() {
 #[tokio::test]
 async fn a_permanent_smtp_failure_becomes_a_rejected_dead_letter() {
     let w = World::new().await;
-    let mut smtp = SmtpServer::start(vec![550]).await;
-    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let mut smtp = MailCatcher::start_with(MailOptions {
+        refuse_rcpt: vec![RcptRefusal::NoMailbox],
+        ..MailOptions::default()
+    })
+    .await
+    .unwrap();
+    let executors = start_executors(&w, Some(&smtp.url())).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
 
     let id = send_email(&w, json!({"to": "nobody@example.com", "subject": "Hi", "text": "Hello"})).await;
@@ -700,7 +592,7 @@ async fn a_permanent_smtp_failure_becomes_a_rejected_dead_letter() {
     assert_eq!(dead.kind, picloud_core::protocol::EventKind::Email);
     let error = dead.last_error.unwrap();
     assert!(error.contains("550"), "{error}");
-    assert!(smtp.mails.try_recv().is_err(), "nothing was sent");
+    assert!(smtp.try_next().is_none(), "nothing was sent");
     assert_eq!(w.outbox_len().await, 0);
     relay.stop().await;
     executors.shutdown().await;
@@ -709,8 +601,8 @@ async fn a_permanent_smtp_failure_becomes_a_rejected_dead_letter() {
 #[tokio::test]
 async fn an_email_without_recipients_is_rejected_at_once_without_calling_the_smtp_server() {
     let w = World::new().await;
-    let smtp = SmtpServer::start(Vec::new()).await;
-    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let smtp = MailCatcher::start().await.unwrap();
+    let executors = start_executors(&w, Some(&smtp.url())).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
 
     send_email(&w, json!({"subject": "Hi", "text": "Hello"})).await;
@@ -718,7 +610,7 @@ async fn an_email_without_recipients_is_rejected_at_once_without_calling_the_smt
     assert_eq!((dead.reason, dead.attempts), (DeadLetterReason::Rejected, 1));
     let error = dead.last_error.unwrap();
     assert!(error.contains("`to`"), "{error}");
-    assert_eq!(smtp.connections.load(Ordering::SeqCst), 0);
+    assert_eq!(smtp.connections(), 0);
     relay.stop().await;
     executors.shutdown().await;
 }

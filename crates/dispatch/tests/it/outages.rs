@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use picloud_store::events::{self, EventContext, SyncWaiter};
 use picloud_store::*;
+use picloud_testkit::MailCatcher;
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::executors::{SmtpServer, send_email, start_executors};
+use crate::executors::{next_mail, send_email, start_executors};
 use crate::support::*;
 
 /// The backends waiting for a lock on table `apps`.
@@ -41,8 +42,8 @@ async fn expired_sync_call(w: &World) -> Uuid {
 #[tokio::test]
 async fn an_email_whose_app_look_up_loses_its_connection_is_still_sent() {
     let w = World::new().await;
-    let mut smtp = SmtpServer::start(Vec::new()).await;
-    let executors = start_executors(&w, Some(&smtp.url)).await;
+    let mut smtp = MailCatcher::start().await.unwrap();
+    let executors = start_executors(&w, Some(&smtp.url())).await;
     let id = send_email(&w, json!({"to": "ann@example.com", "subject": "Hi", "text": "Hello"})).await;
     let call = expired_sync_call(&w).await;
 
@@ -64,7 +65,7 @@ async fn an_email_whose_app_look_up_loses_its_connection_is_still_sent() {
     }
     lock.rollback().await.unwrap();
 
-    let mail = smtp.next("the email, sent after the failed look-up").await;
+    let mail = next_mail(&mut smtp, "the email, sent after the failed look-up").await;
     assert_eq!(mail.to, ["ann@example.com"]);
     w.drained().await;
     assert!(w.dead_letters().await.is_empty(), "the email {id} was delivered, not dead-lettered");

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_core::{CollectionPattern, HandlerName, QueueName, RetryOverrides, TriggerName};
 use picloud_store::*;
-use picloud_testkit::{NatsServer, PgOptions, PgServer, PgShutdown, TcpProxy};
+use picloud_testkit::{CaughtMail, MailCatcher, NatsServer, PgOptions, PgServer, PgShutdown, TcpProxy};
 use picloud_worker::{Delivery, Reply, Worker};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
 
-use crate::support::{CaughtMail, Serving, Shop, SmtpCatcher, nats_for_serve, shop_with_trigger};
+use crate::support::{Serving, Shop, nats_for_serve, shop_with_trigger};
 
 /// The load: `RATE` events per second, one every `PERIOD`, open loop (event n is sent at
 /// `n × PERIOD` whether or not earlier ones were answered), for `LOAD` at least.
@@ -145,7 +145,7 @@ struct Rig {
     /// the checks go on across a restart of Postgres.
     check: sqlx::PgPool,
     nats: NatsServer,
-    smtp: SmtpCatcher,
+    smtp: MailCatcher,
     token: String,
     handled: Handled,
     /// While set, the handler hangs until its deadline on the first attempt of a tenth of the
@@ -202,7 +202,7 @@ impl Rig {
             .await
             .unwrap();
         let nats = nats_for_serve(dir.path()).await;
-        let smtp = SmtpCatcher::start().await;
+        let smtp = MailCatcher::start().await.expect("start the SMTP catcher");
         let handled: Handled = Arc::default();
         let hanging = Arc::new(AtomicBool::new(false));
         let client = async_nats::connect(nats.url()).await.unwrap();
@@ -257,7 +257,7 @@ impl Rig {
                 ("PICLOUD_DATABASE_URL", &database_url),
                 ("PICLOUD_NATS_URL", &nats_url),
                 ("PICLOUD_NODE_ID", name),
-                ("PICLOUD_SMTP_URL", &self.smtp.url),
+                ("PICLOUD_SMTP_URL", &self.smtp.url()),
                 ("PICLOUD_HANDLER_TIMEOUT_MS", &timeout),
                 ("PICLOUD_LEASE_MARGIN_MS", &margin),
                 ("PICLOUD_TRIGGER_RETRY_BASE_MS", "200"),

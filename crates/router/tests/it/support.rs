@@ -1,17 +1,13 @@
 //! What the router's tests set up alike: an app with a trigger, a nats-server `serve` accepts,
 //! `serve` as a process, and an SMTP server that catches what it sends.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerName};
 use picloud_store::*;
 use picloud_testkit::NatsServer;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// App `shop`, its admin, and one enabled trigger of it.
@@ -136,115 +132,5 @@ impl Drop for Serving {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// One email the [`SmtpCatcher`] accepted.
-#[derive(Debug, Clone)]
-pub struct CaughtMail {
-    /// Its `Message-ID` header (the email executor builds it from the delivery id).
-    pub message_id: String,
-    /// Its `Subject` header.
-    pub subject: String,
-    /// When the server accepted it, and the same moment on the wall clock (to compare with the
-    /// database's times).
-    pub at: Instant,
-    pub wall: SystemTime,
-}
-
-/// A real SMTP server on 127.0.0.1 (the `mailin` crate's SMTP state machine over tokio TCP)
-/// that accepts every email and keeps its `Message-ID` and `Subject`.
-pub struct SmtpCatcher {
-    /// `smtp://127.0.0.1:<port>`, for `PICLOUD_SMTP_URL`.
-    pub url: String,
-    caught: Arc<Mutex<Vec<CaughtMail>>>,
-    task: JoinHandle<()>,
-}
-
-impl SmtpCatcher {
-    pub async fn start() -> SmtpCatcher {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("smtp://{}", listener.local_addr().unwrap());
-        let caught: Arc<Mutex<Vec<CaughtMail>>> = Arc::default();
-        let task = tokio::spawn({
-            let caught = caught.clone();
-            async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let handler = Catch { caught: caught.clone(), data: Vec::new() };
-                    tokio::spawn(smtp_session(stream, handler));
-                }
-            }
-        });
-        SmtpCatcher { url, caught, task }
-    }
-
-    /// Every email accepted so far.
-    pub fn caught(&self) -> Vec<CaughtMail> {
-        self.caught.lock().unwrap().clone()
-    }
-}
-
-impl Drop for SmtpCatcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The mailin handler of one SMTP session.
-struct Catch {
-    caught: Arc<Mutex<Vec<CaughtMail>>>,
-    data: Vec<u8>,
-}
-
-impl mailin::Handler for Catch {
-    fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, _to: &[String]) -> mailin::Response {
-        self.data.clear();
-        mailin::response::OK
-    }
-
-    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.data.extend_from_slice(buf);
-        Ok(())
-    }
-
-    fn data_end(&mut self) -> mailin::Response {
-        let (at, wall) = (Instant::now(), SystemTime::now());
-        let text = String::from_utf8_lossy(&self.data);
-        let header = |name: &str| {
-            text.lines()
-                .take_while(|line| !line.is_empty())
-                .find_map(|line| {
-                    let (key, value) = line.split_once(':')?;
-                    key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
-                })
-                .unwrap_or_default()
-        };
-        let mail = CaughtMail { message_id: header("Message-ID"), subject: header("Subject"), at, wall };
-        self.caught.lock().unwrap().push(mail);
-        mailin::response::OK
-    }
-}
-
-async fn smtp_session(stream: tokio::net::TcpStream, handler: Catch) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let mut session = mailin::SessionBuilder::new("catcher").build(IpAddr::V4(Ipv4Addr::LOCALHOST), handler);
-    write.write_all(&session.greeting().buffer()?).await?;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if read.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
-        }
-        let response = session.process(&line);
-        match response.action {
-            mailin::Action::Reply => write.write_all(&response.buffer()?).await?,
-            mailin::Action::Close => {
-                write.write_all(&response.buffer()?).await?;
-                return Ok(());
-            }
-            mailin::Action::UpgradeTls => return Ok(()),
-            mailin::Action::NoReply => {}
-        }
     }
 }
