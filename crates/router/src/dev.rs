@@ -1,8 +1,12 @@
 //! `dev`: the one command of the README. Starts a PostgreSQL and a nats-server from the binaries
-//! on this machine under `./.picloud/` (Postgres keeps its data between runs), migrates, makes
-//! the app `demo` and an admin token, prints how to reach everything, and serves until Ctrl-C.
+//! on this machine under `./.picloud/` (Postgres keeps its data between runs) and an SMTP catcher
+//! (emails logged and kept under `./.picloud/mail/`), migrates, makes the app `demo` and an admin
+//! token, prints how to reach everything, and serves until Ctrl-C. Every run reuses the ports of
+//! the last one (saved in `.picloud/dev.env`) unless they are taken, so the values a terminal
+//! loaded stay true across restarts.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -10,7 +14,7 @@ use picloud_core::AppSlug;
 use picloud_core::net::ALLOW_NETS_VAR;
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_store::{AuthRepo, NewApiToken, PgStore};
-use picloud_testkit::{NatsServer, PgOptions, PgServer};
+use picloud_testkit::{MailCatcher, MailDir, MailOptions, NatsServer, PgOptions, PgServer};
 use uuid::Uuid;
 
 use crate::serve::{self, Node};
@@ -24,6 +28,10 @@ const DEV_CONF: &str = include_str!("../../../nats/dev.conf");
 const APP: &str = "demo";
 /// `PICLOUD_WEBHOOK_ALLOW_NETS` unless the environment sets it: webhooks may reach this machine.
 const WEBHOOK_ALLOW_NETS: &str = "127.0.0.0/8,::1/128";
+/// The API's port on a first run when `PICLOUD_HTTP_ADDR` is unset.
+const HTTP_PORT: u16 = 8080;
+/// How many caught emails stay in `.picloud/mail/`.
+const MAIL_KEPT: usize = 100;
 
 /// Options of `picloud-router dev`.
 #[derive(Debug, clap::Args)]
@@ -58,6 +66,36 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The port of a URL such as `nats://127.0.0.1:4222` or `postgres://u@127.0.0.1:5432/db`.
+fn port_of(url: &str) -> Option<u16> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    authority.rsplit_once(':')?.1.parse().ok()
+}
+
+/// The ports `dev` chose, and what it has to say about them.
+#[derive(Default)]
+struct Ports {
+    /// One line per server that could not have the port it wanted.
+    moved: Vec<String>,
+}
+
+impl Ports {
+    /// `wanted` (the last run's port, or a default) when it is free on 127.0.0.1, else a free
+    /// port, noting the change.
+    fn choose(&mut self, server: &str, wanted: Option<u16>, why: &str) -> anyhow::Result<u16> {
+        let Some(wanted) = wanted else { return free_port() };
+        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, wanted)).is_ok() {
+            return Ok(wanted);
+        }
+        let port = free_port()?;
+        let note = format!("{server}: port {wanted} ({why}) is taken, so it listens on {port}");
+        tracing::warn!("{note}");
+        self.moved.push(note);
+        Ok(port)
+    }
+}
+
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -78,6 +116,11 @@ impl Saved {
 
     fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
+    }
+
+    /// The port of the saved URL `key`.
+    fn port(&self, key: &str) -> Option<u16> {
+        self.get(key).and_then(port_of)
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -145,13 +188,38 @@ async fn ensure_database(pg: &PgServer, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the API listens: `PICLOUD_HTTP_ADDR` as given, unless its port is 0 or it is unset; then
+/// dev chooses the port (the last run's, else 8080 when unset), saying so when it cannot.
+fn http_addr(ports: &mut Ports, saved: &Saved) -> anyhow::Result<SocketAddr> {
+    let given = match serve::env("PICLOUD_HTTP_ADDR") {
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            anyhow::anyhow!("PICLOUD_HTTP_ADDR: {text:?} is not an address such as 127.0.0.1:8080")
+        })?),
+        None => None,
+    };
+    if let Some(addr) = given.filter(|a| a.port() != 0) {
+        return Ok(addr);
+    }
+    let ip = given.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
+    let (wanted, why) = match saved.port("PICLOUD_URL") {
+        Some(port) => (Some(port), "the last run's"),
+        None => (given.is_none().then_some(HTTP_PORT), "the default"),
+    };
+    Ok(SocketAddr::new(ip, ports.choose("the API", wanted, why)?))
+}
+
 /// Runs `dev` until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    picloud_testkit::require_server_binaries()?;
     let dir = std::path::absolute(&args.dir)?;
     std::fs::create_dir_all(dir.join("nats")).with_context(|| format!("creating {}", dir.display()))?;
+    let mut saved = Saved::load(&dir);
+    let mut ports = Ports::default();
+    let last = "the last run's";
+    let pg_port = ports.choose("PostgreSQL", saved.port("PICLOUD_DATABASE_URL"), last)?;
     let pg = PgServer::start_persistent(
         &dir.join("postgres"),
-        free_port()?,
+        pg_port,
         PgOptions { durable: true, max_connections: 100 },
     )
     .await
@@ -162,8 +230,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let passwords = picloud_testkit::nats_dev_env();
     write(&dir.join("nats/tenants.conf"), &tenants_with_passwords(&passwords))?;
     write(&dir.join("nats/nats.conf"), &nats_conf())?;
-    let nats =
-        NatsServer::start_with_config(&dir.join("nats/nats.conf")).await.context("starting nats-server")?;
+    let nats_port = ports.choose("nats-server", saved.port("PICLOUD_NATS_URL"), last)?;
+    let nats = NatsServer::start_with_config_on(&dir.join("nats/nats.conf"), nats_port)
+        .await
+        .context("starting nats-server")?;
+    let smtp_port = ports.choose("the SMTP catcher", saved.port("PICLOUD_SMTP_URL"), last)?;
+    let mail_dir = dir.join("mail");
+    let mail = MailCatcher::start_with(MailOptions {
+        port: smtp_port,
+        keep: Some(MailDir { dir: mail_dir.clone(), keep: MAIL_KEPT }),
+        refuse_rcpt: Vec::new(),
+        forget: true,
+    })
+    .await
+    .context("starting the SMTP catcher")?;
+    let http_addr = http_addr(&mut ports, &saved)?;
 
     let store = PgStore::connect(&database_url, 2).await.context("connecting to the dev Postgres")?;
     serve::migrate(&store).await?;
@@ -172,7 +253,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(app) => app,
         None => store.create_app(&slug).await?,
     };
-    let mut saved = Saved::load(&dir);
     let token = admin_token(&store, &app, saved.get("PICLOUD_TOKEN")).await?;
     let token_secret =
         saved.get("PICLOUD_TOKEN_SECRET").map(str::to_owned).unwrap_or_else(generate_api_token);
@@ -184,6 +264,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ("PICLOUD_NATS_USER", "router".to_owned()),
         ("PICLOUD_NATS_PASSWORD", passwords.get("PICLOUD_NATS_ROUTER_PASSWORD").cloned().unwrap_or_default()),
         ("PICLOUD_TOKEN_SECRET", token_secret.clone()),
+        ("PICLOUD_SMTP_URL", mail.url()),
+        ("PICLOUD_HTTP_ADDR", http_addr.to_string()),
     ]);
     let default = |name: &str| (name == ALLOW_NETS_VAR).then(|| WEBHOOK_ALLOW_NETS.to_owned());
     let lookup =
@@ -199,6 +281,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             ("PICLOUD_URL".to_owned(), url.clone()),
             ("PICLOUD_DATABASE_URL".to_owned(), database_url.clone()),
             ("PICLOUD_NATS_URL".to_owned(), nats_url.clone()),
+            ("PICLOUD_SMTP_URL".to_owned(), mail.url()),
             ("PICLOUD_APP".to_owned(), APP.to_owned()),
             ("PICLOUD_NATS_APP_USER".to_owned(), format!("app-{APP}")),
             ("PICLOUD_NATS_APP_PASSWORD".to_owned(), app_password.clone()),
@@ -206,33 +289,91 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         if let Err(e) = saved.save() {
             tracing::warn!(error = %e, "could not save .picloud/dev.env");
         }
-        print_banner(&url, &token, &nats_url, &app_password, &database_url, &saved.path);
+        print_banner(&Banner {
+            url: &url,
+            token: &token,
+            nats_url: &nats_url,
+            app_password: &app_password,
+            database_url: &database_url,
+            smtp_url: &mail.url(),
+            mail_dir: &mail_dir,
+            env_file: &saved.path,
+            moved: &ports.moved,
+        });
     };
     let served = node.run(false, serve::shutdown_signal(), banner).await;
+    drop(mail);
     drop(nats);
     pg.stop().await.context("stopping PostgreSQL")?;
     served
 }
 
+/// What the banner shows.
+struct Banner<'a> {
+    url: &'a str,
+    token: &'a str,
+    nats_url: &'a str,
+    app_password: &'a str,
+    database_url: &'a str,
+    smtp_url: &'a str,
+    mail_dir: &'a Path,
+    env_file: &'a Path,
+    moved: &'a [String],
+}
+
 #[allow(clippy::print_stdout)]
-fn print_banner(
-    url: &str,
-    token: &str,
-    nats_url: &str,
-    app_password: &str,
-    database_url: &str,
-    env_file: &Path,
-) {
+fn print_banner(b: &Banner<'_>) {
+    let Banner { url, token, nats_url, app_password, database_url, smtp_url, .. } = b;
+    let env = b.env_file.display();
+    let moved: String = b.moved.iter().map(|note| format!("  {note}\n")).collect();
+    let moved = if moved.is_empty() {
+        String::new()
+    } else {
+        format!("\nPorts changed since the last run: load {env} again in other terminals.\n{moved}")
+    };
     println!(
         "\npicloud-router dev is serving (Ctrl-C stops everything)\n\n  \
          API        {url}    (OpenAPI: {url}/v1/openapi.json)\n  \
          token      {token}    (platform admin, admin of app `{APP}`)\n  \
          NATS       {nats_url}    (handlers of `{APP}`: user app-{APP}, password {app_password}, inbox prefix _INBOX_{APP})\n  \
          Postgres   {database_url}\n  \
-         all above  {env}    (set -a; . {env}; set +a)\n\n\
+         SMTP       {smtp_url}    (catches every email: logged, the last {MAIL_KEPT} kept in {mail})\n  \
+         all above  {env}    (set -a; . {env}; set +a)\n{moved}\n\
          Try it:\n  \
          curl -s -X PUT {url}/v1/apps/{APP}/kv/notes/hello -H 'Authorization: Bearer {token}' \
          -H 'Content-Type: application/json' -d '{{\"text\": \"hi\"}}'\n",
-        env = env_file.display()
+        mail = b.mail_dir.display(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_of_each_saved_url_is_read() {
+        assert_eq!(port_of("postgres://postgres@127.0.0.1:40123/picloud"), Some(40123));
+        assert_eq!(port_of("nats://127.0.0.1:4222"), Some(4222));
+        assert_eq!(port_of("http://127.0.0.1:8080"), Some(8080));
+        assert_eq!(port_of("smtp://127.0.0.1:2525?tls=none"), Some(2525));
+        assert_eq!(port_of("nats://localhost"), None);
+        assert_eq!(port_of("not a url"), None);
+    }
+
+    #[test]
+    fn a_taken_port_is_replaced_and_said() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let wanted = taken.local_addr().unwrap().port();
+        let mut ports = Ports::default();
+        let port = ports.choose("nats-server", Some(wanted), "the last run's").unwrap();
+        assert_ne!(port, wanted);
+        assert_eq!(
+            ports.moved,
+            [format!("nats-server: port {wanted} (the last run's) is taken, so it listens on {port}")]
+        );
+        drop(taken);
+        let mut ports = Ports::default();
+        assert_eq!(ports.choose("nats-server", Some(wanted), "the last run's").unwrap(), wanted);
+        assert!(ports.moved.is_empty(), "a free port is kept without a word");
+    }
 }

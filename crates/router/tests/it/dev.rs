@@ -1,11 +1,16 @@
 //! `picloud-router dev`: the README's first command, run as a real process.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+/// How long a `dev` may take to print its banner, and an email to reach its catcher.
+const DEADLINE: Duration = Duration::from_secs(120);
 
 /// A running `dev` and what its banner told.
 struct Dev {
@@ -13,6 +18,8 @@ struct Dev {
     url: String,
     token: String,
     curl: String,
+    /// Every line of the banner, up to the curl example.
+    banner: Vec<String>,
 }
 
 impl Dev {
@@ -27,9 +34,10 @@ impl Dev {
             .spawn()
             .expect("start picloud-router dev");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut url, mut token, mut curl) = (None, None, None);
-        let banner = async {
+        let (mut url, mut token, mut curl, mut banner) = (None, None, None, Vec::new());
+        let read = async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                banner.push(line.clone());
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words.as_slice() {
                     ["API", u, ..] => url = Some((*u).to_owned()),
@@ -43,8 +51,8 @@ impl Dev {
             }
             panic!("dev exited before printing its banner");
         };
-        tokio::time::timeout(Duration::from_secs(120), banner).await.expect("the banner within 2 minutes");
-        Dev { child, url: url.unwrap(), token: token.unwrap(), curl: curl.unwrap() }
+        tokio::time::timeout(DEADLINE, read).await.expect("the banner within 2 minutes");
+        Dev { child, url: url.unwrap(), token: token.unwrap(), curl: curl.unwrap(), banner }
     }
 
     /// Ctrl-C, and the exit status.
@@ -59,34 +67,122 @@ impl Dev {
     }
 }
 
+/// The values `dev` wrote for other terminals.
+fn dev_env(dir: &Path) -> BTreeMap<String, String> {
+    picloud_testkit::parse_env_file(&std::fs::read_to_string(dir.join("dev.env")).expect("dev.env written"))
+}
+
+/// The `.eml` files in `dir`.
+fn mail_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).map(|entries| entries.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+}
+
+/// Everything a terminal that loaded `env` uses answers: the API with the token, NATS as the
+/// app's handler user, and Postgres.
+async fn reachable_with(env: &BTreeMap<String, String>) {
+    let http = reqwest::Client::new();
+    let kept: serde_json::Value = http
+        .get(format!("{}/v1/apps/demo/kv/notes/hello", env["PICLOUD_URL"]))
+        .bearer_auth(&env["PICLOUD_TOKEN"])
+        .send()
+        .await
+        .expect("the API at the saved PICLOUD_URL")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept, json!({"value": {"text": "hi"}, "version": 1}), "the data survived the restart");
+    let nats = async_nats::ConnectOptions::with_user_and_password(
+        env["PICLOUD_NATS_APP_USER"].clone(),
+        env["PICLOUD_NATS_APP_PASSWORD"].clone(),
+    )
+    .custom_inbox_prefix(format!("_INBOX_{}", env["PICLOUD_APP"]))
+    .connect(&env["PICLOUD_NATS_URL"])
+    .await
+    .expect("NATS at the saved PICLOUD_NATS_URL");
+    nats.flush().await.expect("the app's user is accepted");
+    let pool =
+        sqlx::PgPool::connect(&env["PICLOUD_DATABASE_URL"]).await.expect("the saved PICLOUD_DATABASE_URL");
+    let apps: i64 = sqlx::query_scalar("SELECT count(*) FROM apps").fetch_one(&pool).await.unwrap();
+    assert_eq!(apps, 1, "the app demo");
+}
+
 #[tokio::test]
 async fn dev_serves_with_a_working_example_stops_on_ctrl_c_and_keeps_its_data_for_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = Dev::start(&dir.path().join(".picloud")).await;
-    let http = reqwest::Client::new();
+    let dir = dir.path().join(".picloud");
+    let dev = Dev::start(&dir).await;
     let curl =
         std::process::Command::new("sh").arg("-c").arg(&dev.curl).output().expect("run the printed curl");
     let answered: serde_json::Value =
         serde_json::from_slice(&curl.stdout).expect("the curl example answers JSON");
-    assert_eq!(answered, serde_json::json!({"version": 1}), "the printed example writes a KV entry");
+    assert_eq!(answered, json!({"version": 1}), "the printed example writes a KV entry");
+    let first = dev_env(&dir);
+    assert_eq!(
+        (first["PICLOUD_URL"].as_str(), first["PICLOUD_TOKEN"].as_str()),
+        (dev.url.as_str(), dev.token.as_str())
+    );
     let (token, status) = (dev.token.clone(), dev.interrupt().await);
     assert!(status.success(), "Ctrl-C stops dev cleanly: {status}");
 
-    let again = Dev::start(&dir.path().join(".picloud")).await;
+    let again = Dev::start(&dir).await;
     assert_eq!(again.token, token, "the admin token still works in the next run");
-    let kept: serde_json::Value = http
-        .get(format!("{}/v1/apps/demo/kv/notes/hello", again.url))
-        .bearer_auth(&again.token)
+    assert_eq!(dev_env(&dir), first, "the next run keeps every port, so dev.env does not change");
+    reachable_with(&first).await;
+    assert!(again.interrupt().await.success());
+}
+
+#[tokio::test]
+async fn a_taken_port_is_replaced_and_said_and_dev_env_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join(".picloud");
+    let dev = Dev::start(&dir).await;
+    let curl = std::process::Command::new("sh").arg("-c").arg(&dev.curl).output().unwrap();
+    assert!(curl.status.success());
+    assert!(dev.interrupt().await.success());
+    let first = dev_env(&dir);
+    let nats_port = first["PICLOUD_NATS_URL"].rsplit_once(':').unwrap().1.to_owned();
+    let squatter = std::net::TcpListener::bind(format!("127.0.0.1:{nats_port}")).expect("take the NATS port");
+
+    let again = Dev::start(&dir).await;
+    let now = dev_env(&dir);
+    assert_ne!(now["PICLOUD_NATS_URL"], first["PICLOUD_NATS_URL"]);
+    let said = format!("nats-server: port {nats_port} (the last run's) is taken, so it listens on");
+    assert!(
+        again.banner.iter().any(|line| line.contains(&said)),
+        "the banner says so:\n{}",
+        again.banner.join("\n")
+    );
+    assert_eq!(now["PICLOUD_URL"], first["PICLOUD_URL"], "the free ports are kept");
+    reachable_with(&now).await;
+    drop(squatter);
+    assert!(again.interrupt().await.success());
+}
+
+#[tokio::test]
+async fn an_email_sent_in_dev_reaches_its_catcher_and_the_node_stays_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join(".picloud");
+    let dev = Dev::start(&dir).await;
+    let http = reqwest::Client::new();
+    let sent = http
+        .post(format!("{}/v1/apps/demo/emails", dev.url))
+        .bearer_auth(&dev.token)
+        .json(&json!({"to": ["reader@example.com"], "subject": "Hello from dev", "text": "The first line.\nThe second."}))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
-    assert_eq!(
-        kept,
-        serde_json::json!({"value": {"text": "hi"}, "version": 1}),
-        "the data survived the restart"
-    );
-    assert!(again.interrupt().await.success());
+    assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
+    let deadline = Instant::now() + DEADLINE;
+    let kept = loop {
+        if let [file] = mail_files(&dir.join("mail")).as_slice() {
+            break std::fs::read_to_string(file).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no email in {} within {DEADLINE:?}", dir.join("mail").display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(kept.contains("Subject: Hello from dev"), "{kept}");
+    assert!(kept.contains("The first line."), "{kept}");
+    let ready = http.get(format!("{}/readyz", dev.url)).send().await.unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK, "{}", ready.text().await.unwrap());
+    assert!(dev.interrupt().await.success());
 }
