@@ -145,3 +145,33 @@ async fn an_app_with_all_its_sync_calls_in_flight_gets_429_and_writes_nothing() 
     .await;
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_node_whose_database_cannot_be_reached_answers_503_database_unavailable_on_http_and_ingest() {
+    let api = Api::start().await;
+    let ingest = picloud_api::Ingest::start(api.state.clone()).await.unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_shop")
+        .connect(api.nats.url())
+        .await
+        .unwrap();
+    api.store().pool().close().await;
+
+    let (status, code, after) = retry_after(&api, "/v1/apps").await;
+    assert_eq!(
+        (status, code.as_str(), after.as_deref()),
+        (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", Some("1"))
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", format!("Bearer {}", api.developer));
+    let body = json!({"collection": "c", "key": "k", "value": 1}).to_string();
+    let reply =
+        client.request_with_headers("picloud.v1.ingest.shop.kv.put", headers, body.into()).await.unwrap();
+    let status = reply.headers.as_ref().and_then(|h| h.get("Picloud-Status")).map(|v| v.as_str().to_owned());
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(
+        (status.as_deref(), answer["error"]["code"].as_str()),
+        (Some("error"), Some("database_unavailable"))
+    );
+    ingest.shutdown().await;
+}

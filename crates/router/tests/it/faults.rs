@@ -500,10 +500,15 @@ async fn send(client: reqwest::Client, base: String, token: String, n: u64) -> S
     let answer = async {
         let response = request.bearer_auth(token).send().await.map_err(|e| transport_error(&e))?;
         let status = response.status();
+        // A 503 tells the client to come back: without a Retry-After it does not say when.
+        let unsaid = status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && !response.headers().contains_key(reqwest::header::RETRY_AFTER);
         let body = response.bytes().await.map_err(|e| transport_error(&e))?;
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if !status.is_success() {
-            return Err(format!("{} {}", status.as_u16(), body["error"]["code"].as_str().unwrap_or("?")));
+            let code = body["error"]["code"].as_str().unwrap_or("?");
+            let unsaid = if unsaid { " without Retry-After" } else { "" };
+            return Err(format!("{} {code}{unsaid}", status.as_u16()));
         }
         // A sync call is acknowledged by the handler's own answer.
         if Kind::of(n) == Kind::Sync {
@@ -648,6 +653,14 @@ struct Figures {
 }
 
 impl Figures {
+    /// Writes that met a Postgres restart were refused, each with `503 database_unavailable`
+    /// and a `Retry-After`, and nothing else was refused.
+    fn refused_only_while_the_database_was_unavailable(&self) {
+        const UNAVAILABLE: &str = "503 database_unavailable";
+        assert!(self.refused.contains_key(UNAVAILABLE), "no write met the restart: {:?}", self.refused);
+        assert!(self.refused.keys().all(|why| why == UNAVAILABLE), "refused otherwise: {:?}", self.refused);
+    }
+
     fn print(&self, scenario: &str) {
         let refused: usize = self.refused.values().sum();
         let reasons: Vec<String> = self.refused.iter().map(|(why, n)| format!("{why}: {n}")).collect();
@@ -686,7 +699,8 @@ async fn postgres_restarted_fast_under_load_loses_no_acknowledged_event() {
     rig.postgres.restart(PgShutdown::Fast).await.unwrap();
     let fault = Fault { name: "postgres-restarted-fast", start, end: Instant::now(), redelivers: true };
 
-    rig.finish(load, fault, std::slice::from_mut(&mut node)).await;
+    let figures = rig.finish(load, fault, std::slice::from_mut(&mut node)).await;
+    figures.refused_only_while_the_database_was_unavailable();
     rig.worker.shutdown().await;
 }
 
@@ -702,7 +716,8 @@ async fn postgres_restarted_immediate_under_load_loses_no_acknowledged_event() {
     rig.postgres.restart(PgShutdown::Immediate).await.unwrap();
     let fault = Fault { name: "postgres-restarted-immediate", start, end: Instant::now(), redelivers: true };
 
-    rig.finish(load, fault, std::slice::from_mut(&mut node)).await;
+    let figures = rig.finish(load, fault, std::slice::from_mut(&mut node)).await;
+    figures.refused_only_while_the_database_was_unavailable();
     rig.worker.shutdown().await;
 }
 
