@@ -10,18 +10,43 @@ so it becomes a dead letter. Run it with the values `dev` wrote:
 import asyncio
 import json
 import os
+import sys
 
 import nats
+
+# How long the first connection may take before the example gives up and says why.
+CONNECT_WITHIN_S = 5
 
 
 async def main():
     app = os.environ["PICLOUD_APP"]
-    nc = await nats.connect(
-        os.environ["PICLOUD_NATS_URL"],
-        user=os.environ["PICLOUD_NATS_APP_USER"],
-        password=os.environ["PICLOUD_NATS_APP_PASSWORD"],
-        inbox_prefix=f"_INBOX_{app}".encode(),
-    )
+    url = os.environ["PICLOUD_NATS_URL"]
+    connected = False
+    last_error = None
+
+    async def on_error(e):
+        nonlocal last_error
+        last_error = e
+        if connected:  # once serving, the client reconnects by itself; say what happened
+            print(f"NATS at {url}: {e!r}", file=sys.stderr, flush=True)
+
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(
+                url,
+                user=os.environ["PICLOUD_NATS_APP_USER"],
+                password=os.environ["PICLOUD_NATS_APP_PASSWORD"],
+                inbox_prefix=f"_INBOX_{app}".encode(),
+                error_cb=on_error,
+            ),
+            CONNECT_WITHIN_S,
+        )
+    except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
+        sys.exit(
+            f"connecting to NATS at {url} (PICLOUD_NATS_URL) failed: {last_error or e!r}; "
+            "is `picloud-router dev` running, and is .picloud/dev.env loaded from this run?"
+        )
+    connected = True
 
     async def on_note(msg):
         event = json.loads(msg.data)  # the CloudEvents envelope
