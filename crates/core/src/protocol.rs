@@ -2,6 +2,7 @@
 //! envelope with its `picloud…` attributes, and the answer headers.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -250,6 +251,89 @@ impl ReplyStatus {
     }
 }
 
+/// A handler's answer as its headers say it (DESIGN §6), written and read by the one set of rules
+/// here: by the worker SDK and the built-in executors that answer, and by the relay that reads.
+/// The body (an `ok`'s JSON, for a sync caller) travels beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerHead {
+    /// `ok`.
+    Ok,
+    /// `retry`: after the delay asked for, else with the trigger's backoff.
+    Retry {
+        /// `Picloud-Retry-After-Ms`.
+        after: Option<Duration>,
+        /// `Picloud-Error`.
+        error: Option<String>,
+    },
+    /// `fail`: a dead letter at once.
+    Fail {
+        /// `Picloud-Error`.
+        error: Option<String>,
+    },
+}
+
+/// Why a reply's headers are not an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAnAnswer {
+    /// No `Picloud-Status` header.
+    #[error("reply without a {STATUS_HEADER} header")]
+    NoStatus,
+    /// A `Picloud-Status` that is not `ok`, `retry` or `fail`.
+    #[error("reply has {STATUS_HEADER}: {0:?}; expected ok, retry or fail")]
+    UnknownStatus(String),
+}
+
+impl AnswerHead {
+    /// Its status.
+    pub fn status(&self) -> ReplyStatus {
+        match self {
+            AnswerHead::Ok => ReplyStatus::Ok,
+            AnswerHead::Retry { .. } => ReplyStatus::Retry,
+            AnswerHead::Fail { .. } => ReplyStatus::Fail,
+        }
+    }
+
+    /// The error text, if the answer has one.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            AnswerHead::Ok => None,
+            AnswerHead::Retry { error, .. } | AnswerHead::Fail { error } => error.as_deref(),
+        }
+    }
+
+    /// The headers that say it: the status, the error as [`error_text`] keeps it (when there is
+    /// one left), and the delay in whole milliseconds.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = vec![(STATUS_HEADER, self.status().as_str().to_owned())];
+        if let Some(error) = self.error().map(error_text).filter(|e| !e.is_empty()) {
+            headers.push((ERROR_HEADER, error));
+        }
+        if let AnswerHead::Retry { after: Some(after), .. } = self {
+            headers.push((RETRY_AFTER_HEADER, after.as_millis().to_string()));
+        }
+        headers
+    }
+
+    /// Reads an answer from a reply's headers (`header` looks one up by name). The status is
+    /// read without regard to case or surrounding space; the error is held to [`error_text`]
+    /// (an empty one is none); a delay that is not a number of milliseconds is none.
+    pub fn read(header: impl Fn(&str) -> Option<String>) -> Result<AnswerHead, NotAnAnswer> {
+        let status = header(STATUS_HEADER).ok_or(NotAnAnswer::NoStatus)?;
+        let error = || header(ERROR_HEADER).map(|e| error_text(&e)).filter(|e| !e.is_empty());
+        match ReplyStatus::parse(&status) {
+            Some(ReplyStatus::Ok) => Ok(AnswerHead::Ok),
+            Some(ReplyStatus::Retry) => Ok(AnswerHead::Retry {
+                after: header(RETRY_AFTER_HEADER)
+                    .and_then(|v| v.trim().parse().ok())
+                    .map(Duration::from_millis),
+                error: error(),
+            }),
+            Some(ReplyStatus::Fail) => Ok(AnswerHead::Fail { error: error() }),
+            None => Err(NotAnAnswer::UnknownStatus(status)),
+        }
+    }
+}
+
 /// What an ingest request asks for, parsed from its subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestOp {
@@ -486,6 +570,81 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// An answer with any error text and delay.
+    fn any_answer_head() -> impl Strategy<Value = AnswerHead> {
+        let error = prop::option::of(prop_oneof![any::<String>(), "[ -~]{0,40}", "\\PC{1000,1100}"]);
+        prop_oneof![
+            Just(AnswerHead::Ok),
+            (prop::option::of(any::<u64>()), error.clone())
+                .prop_map(|(ms, error)| AnswerHead::Retry { after: ms.map(Duration::from_millis), error }),
+            error.prop_map(|error| AnswerHead::Fail { error }),
+        ]
+    }
+
+    /// The answer as a reader sees it: its error held to the protocol's rules.
+    fn as_read(head: &AnswerHead) -> AnswerHead {
+        let kept = |e: &Option<String>| e.as_deref().map(error_text).filter(|e| !e.is_empty());
+        match head {
+            AnswerHead::Ok => AnswerHead::Ok,
+            AnswerHead::Retry { after, error } => AnswerHead::Retry { after: *after, error: kept(error) },
+            AnswerHead::Fail { error } => AnswerHead::Fail { error: kept(error) },
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn an_answer_reads_back_as_written_and_its_headers_are_single_lines(head in any_answer_head()) {
+            let headers = head.headers();
+            for (name, value) in &headers {
+                prop_assert!(!value.contains(char::is_control), "{} holds a control character", name);
+                prop_assert!(value.len() <= MAX_ERROR_BYTES, "{} is {} bytes", name, value.len());
+            }
+            let read = AnswerHead::read(|name| {
+                headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
+            });
+            prop_assert_eq!(read, Ok(as_read(&head)));
+        }
+
+        #[test]
+        fn any_headers_are_read_without_panicking(
+            status in prop::option::of(prop_oneof![Just("ok".to_owned()), Just(" RETRY ".to_owned()), any::<String>()]),
+            error in prop::option::of(any::<String>()),
+            after in prop::option::of(prop_oneof![any::<u64>().prop_map(|n| n.to_string()), any::<String>()]),
+        ) {
+            let read = AnswerHead::read(|name| match name {
+                STATUS_HEADER => status.clone(),
+                ERROR_HEADER => error.clone(),
+                RETRY_AFTER_HEADER => after.clone(),
+                _ => None,
+            });
+            match (&status, read) {
+                (None, read) => prop_assert_eq!(read, Err(NotAnAnswer::NoStatus)),
+                (Some(s), Ok(head)) => prop_assert_eq!(Some(head.status()), ReplyStatus::parse(s)),
+                (Some(s), Err(e)) => prop_assert_eq!(e, NotAnAnswer::UnknownStatus(s.clone())),
+            }
+        }
+    }
+
+    #[test]
+    fn an_answer_reads_its_status_in_any_case_and_its_delay_in_milliseconds() {
+        let headers =
+            [(STATUS_HEADER, " Retry "), (RETRY_AFTER_HEADER, " 250 "), (ERROR_HEADER, "busy\r\nX: y")];
+        let read =
+            AnswerHead::read(|name| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned()));
+        assert_eq!(
+            read,
+            Ok(AnswerHead::Retry {
+                after: Some(Duration::from_millis(250)),
+                error: Some("busy  X: y".into())
+            })
+        );
+        assert_eq!(
+            AnswerHead::Fail { error: Some("   ".into()) }.headers(),
+            [(STATUS_HEADER, "fail".to_owned())],
+            "an error that is empty once kept to one line is not sent"
+        );
+    }
 
     #[test]
     fn subjects_and_queue_groups_follow_the_design() {

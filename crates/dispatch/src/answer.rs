@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::{Message, StatusCode};
 use bytes::Bytes;
-use picloud_core::protocol::{ERROR_HEADER, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, error_text};
+use picloud_core::protocol::{AnswerHead, NotAnAnswer, error_text};
 use picloud_store::HandlerStatus;
 
 /// What became of one attempt.
@@ -51,25 +51,14 @@ impl Answer {
         }
         let header =
             |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-        // A handler's error text is kept and forwarded: held to the protocol's one-line cap.
-        let error = header(ERROR_HEADER).map(|e| error_text(&e)).filter(|e| !e.is_empty());
-        match header(STATUS_HEADER).as_deref().map(ReplyStatus::parse) {
-            Some(Some(ReplyStatus::Ok)) => Answer::Ok(msg.payload.clone()),
-            Some(Some(ReplyStatus::Retry)) => Answer::Retry {
-                after: header(RETRY_AFTER_HEADER)
-                    .and_then(|v| v.trim().parse().ok())
-                    .map(Duration::from_millis),
-                error,
-            },
-            Some(Some(ReplyStatus::Fail)) => Answer::Fail(error),
-            Some(None) => Answer::Invalid(format!(
-                "reply has {STATUS_HEADER}: {:?}; expected ok, retry or fail",
-                header(STATUS_HEADER).unwrap_or_default()
-            )),
-            None => match msg.status {
-                Some(status) => Answer::Invalid(format!("NATS status {status} instead of a reply")),
-                None => Answer::Invalid(format!("reply without a {STATUS_HEADER} header")),
-            },
+        match AnswerHead::read(header) {
+            Ok(AnswerHead::Ok) => Answer::Ok(msg.payload.clone()),
+            Ok(AnswerHead::Retry { after, error }) => Answer::Retry { after, error },
+            Ok(AnswerHead::Fail { error }) => Answer::Fail(error),
+            Err(NotAnAnswer::NoStatus) if let Some(status) = msg.status => {
+                Answer::Invalid(format!("NATS status {status} instead of a reply"))
+            }
+            Err(why) => Answer::Invalid(why.to_string()),
         }
     }
 
@@ -124,6 +113,7 @@ impl Answer {
 mod tests {
     use async_nats::HeaderMap;
     use async_nats::header::{HeaderName, HeaderValue};
+    use picloud_core::protocol::{ERROR_HEADER, RETRY_AFTER_HEADER, STATUS_HEADER};
     use proptest::prelude::*;
 
     use super::*;

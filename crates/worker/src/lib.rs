@@ -35,9 +35,7 @@ use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
-use picloud_core::protocol::{
-    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects, error_text,
-};
+use picloud_core::protocol::{AnswerHead, Envelope, Subjects};
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -151,26 +149,16 @@ impl Reply {
 
     /// The headers and body of this answer on the wire.
     pub fn into_message(self) -> (HeaderMap, Bytes) {
+        let (head, body) = match self {
+            Reply::Ok(body) => (AnswerHead::Ok, body),
+            Reply::Retry { after, error } => (AnswerHead::Retry { after, error: Some(error) }, Bytes::new()),
+            Reply::Fail(error) => (AnswerHead::Fail { error: Some(error) }, Bytes::new()),
+        };
         let mut headers = HeaderMap::new();
-        match self {
-            Reply::Ok(body) => {
-                headers.insert(STATUS_HEADER, ReplyStatus::Ok.as_str());
-                (headers, body)
-            }
-            Reply::Retry { after, error } => {
-                headers.insert(STATUS_HEADER, ReplyStatus::Retry.as_str());
-                headers.insert(ERROR_HEADER, error_text(&error));
-                if let Some(after) = after {
-                    headers.insert(RETRY_AFTER_HEADER, after.as_millis().to_string());
-                }
-                (headers, Bytes::new())
-            }
-            Reply::Fail(error) => {
-                headers.insert(STATUS_HEADER, ReplyStatus::Fail.as_str());
-                headers.insert(ERROR_HEADER, error_text(&error));
-                (headers, Bytes::new())
-            }
+        for (name, value) in head.headers() {
+            headers.insert(name, value);
         }
+        (headers, body)
     }
 }
 

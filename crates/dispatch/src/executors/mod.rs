@@ -18,9 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use picloud_core::config::ConfigError;
 use picloud_core::net::{ALLOW_NETS_VAR, AllowNets};
-use picloud_core::protocol::{
-    ERROR_HEADER, Envelope, RETRY_AFTER_HEADER, ReplyStatus, STATUS_HEADER, Subjects, error_text,
-};
+use picloud_core::protocol::{AnswerHead, ERROR_HEADER, Envelope, STATUS_HEADER, Subjects};
 use picloud_store::Store;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
@@ -246,37 +244,28 @@ impl Outcome {
         Outcome::Retry { after: None, error: error.into() }
     }
 
-    /// The headers and JSON body of this answer (DESIGN §6).
+    /// The headers and JSON body of this answer (DESIGN §6): a `retry` or `fail` carries its
+    /// error in the body too, as `{"error": …}`.
     fn into_message(self) -> (HeaderMap, Bytes) {
-        let mut headers = HeaderMap::new();
-        let (status, body) = match self {
-            Outcome::Ok(body) => (ReplyStatus::Ok, body),
+        let (head, body) = match self {
+            Outcome::Ok(body) => (AnswerHead::Ok, body),
             Outcome::Retry { after, error } => {
-                if let Some(after) = after {
-                    headers.insert(RETRY_AFTER_HEADER, after.as_millis().to_string());
-                }
-                let error = error_text(&error);
-                let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
-                headers.insert(ERROR_HEADER, error);
-                (ReplyStatus::Retry, body.into())
+                (AnswerHead::Retry { after, error: Some(error) }, Bytes::new())
             }
-            Outcome::Fail(error) => {
-                let error = error_text(&error);
-                let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
-                headers.insert(ERROR_HEADER, error);
-                (ReplyStatus::Fail, body.into())
-            }
+            Outcome::Fail(error) => (AnswerHead::Fail { error: Some(error) }, Bytes::new()),
         };
-        headers.insert(STATUS_HEADER, status.as_str());
-        (headers, body)
-    }
-
-    fn status(&self) -> ReplyStatus {
-        match self {
-            Outcome::Ok(_) => ReplyStatus::Ok,
-            Outcome::Retry { .. } => ReplyStatus::Retry,
-            Outcome::Fail(_) => ReplyStatus::Fail,
+        let mut headers = HeaderMap::new();
+        for (name, value) in head.headers() {
+            headers.insert(name, value);
         }
+        let body = match head.error() {
+            Some(_) => {
+                let error = headers.get(ERROR_HEADER).map(|v| v.as_str()).unwrap_or_default();
+                serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default().into()
+            }
+            None => body,
+        };
+        (headers, body)
     }
 }
 
@@ -364,16 +353,18 @@ async fn answer<E: Execute>(client: &Client, msg: Message, executor: &E) {
             Outcome::Fail(format!("malformed delivery: {e}"))
         }
     };
-    let status = outcome.status();
     let (headers, body) = outcome.into_message();
+    let status = headers.get(STATUS_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
     if let Err(e) = client.publish_with_headers(reply_to, headers, body).await {
-        tracing::warn!(executor = E::NAME, status = status.as_str(), error = %e, "could not send an answer");
+        tracing::warn!(executor = E::NAME, status, error = %e, "could not send an answer");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use picloud_core::protocol::RETRY_AFTER_HEADER;
 
     use super::*;
 
