@@ -13,8 +13,8 @@ use anyhow::Context as _;
 use picloud_core::AppSlug;
 use picloud_core::net::ALLOW_NETS_VAR;
 use picloud_core::token::{generate_api_token, hash_api_token};
+use picloud_local::{MailCatcher, MailDir, MailOptions, NatsServer, PgOptions, PgServer};
 use picloud_store::{AuthRepo, NewApiToken, PgStore};
-use picloud_testkit::{MailCatcher, MailDir, MailOptions, NatsServer, PgOptions, PgServer};
 use uuid::Uuid;
 
 use crate::serve::{self, Node};
@@ -110,7 +110,7 @@ impl Saved {
     fn load(dir: &Path) -> Saved {
         let path = dir.join("dev.env");
         let values =
-            std::fs::read_to_string(&path).map(|t| picloud_testkit::parse_env_file(&t)).unwrap_or_default();
+            std::fs::read_to_string(&path).map(|t| picloud_local::parse_env_file(&t)).unwrap_or_default();
         Saved { path, values }
     }
 
@@ -210,7 +210,7 @@ fn http_addr(ports: &mut Ports, saved: &Saved) -> anyhow::Result<SocketAddr> {
 
 /// Runs `dev` until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    picloud_testkit::require_server_binaries()?;
+    picloud_local::require_server_binaries()?;
     let dir = std::path::absolute(&args.dir)?;
     std::fs::create_dir_all(dir.join("nats")).with_context(|| format!("creating {}", dir.display()))?;
     let mut saved = Saved::load(&dir);
@@ -227,7 +227,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     ensure_database(&pg, "picloud").await?;
     let database_url = pg.url("picloud");
 
-    let passwords = picloud_testkit::nats_dev_env();
+    let passwords = picloud_local::nats_dev_env();
     write(&dir.join("nats/tenants.conf"), &tenants_with_passwords(&passwords))?;
     write(&dir.join("nats/nats.conf"), &nats_conf())?;
     let nats_port = ports.choose("nats-server", saved.port("PICLOUD_NATS_URL"), last)?;

@@ -88,7 +88,7 @@ fn refuse_development_secrets(lookup: Lookup<'_>) -> anyhow::Result<()> {
         );
     }
     let password = lookup("PICLOUD_NATS_PASSWORD");
-    if password.is_some_and(|password| picloud_testkit::nats_dev_env().values().any(|dev| *dev == password)) {
+    if password.is_some_and(|password| picloud_local::nats_dev_env().values().any(|dev| *dev == password)) {
         anyhow::bail!(
             "PICLOUD_NATS_PASSWORD is a development password of nats/dev.env: give the router's NATS user \
              a password of your own (e.g. `openssl rand -hex 32`), as PICLOUD_NATS_PASSWORD here and as \

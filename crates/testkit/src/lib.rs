@@ -1,65 +1,22 @@
-//! Throwaway PostgreSQL and nats-server processes for tests and benchmarks, and the launchers
-//! the `dev` command reuses.
+//! What the tests and benchmarks need besides the local servers of `picloud-local` (re-exported
+//! here, so a test names one crate):
 //!
-//! - [`PgServer`]: a PostgreSQL server on a free loopback port, in a temp dir (or a persistent
-//!   dir for `dev`); [`TestDatabase`]: a fresh database per test on a server shared by the
-//!   test process.
-//! - [`NatsServer`] and [`NatsCluster`]: one nats-server, or n of them routed together (from
-//!   the testkit's own arguments or from the caller's config files).
-//! - [`MailCatcher`]: an SMTP server on loopback that accepts every email (and keeps the last
-//!   ones as files for `dev`).
+//! - [`TestDatabase`]: a fresh database per test, on a PostgreSQL server shared by the test
+//!   process (stopped at exit) or on the server `PICLOUD_TEST_DATABASE_URL` names.
 //! - [`TcpProxy`]: a TCP proxy a test cuts and restores, a network partition between a process
 //!   and its server.
-//! - [`spawn_tied`]: any other child process (e.g. the `picloud-router` binary under test)
-//!   forked the same way, so it too dies with the test process.
 //!
-//! Every server is forked by one long-lived spawner thread with a parent-death signal, so it
-//! dies with the process that started it even if that process is killed; its temp dir lives
-//! under `temp_dir()/picloud-testkit/` and is named after the owning pid, so dirs of killed
-//! processes are removed by the next process that uses the testkit.
+//! Never a dependency of production code: the `dev` command takes its servers from
+//! `picloud-local` directly.
 
-// `pre_exec` (to set the parent-death signal), signals, `getpwnam_r` and `atexit` need libc
-// calls; all of them are in `sys`, each with its `SAFETY` comment.
+// `atexit` (to stop the shared server when the test process exits) is a libc call; it is in
+// `exit`, with its `SAFETY` comment.
 #![allow(unsafe_code)]
 
-mod binaries;
-mod error;
-mod nats;
-mod pg;
-mod process;
+mod exit;
 mod proxy;
-mod smtp;
-mod sys;
 mod testdb;
 
-pub use binaries::require_server_binaries;
-pub use error::{Error, Result};
-
-/// `KEY=value` lines of an env file, trimmed; blank lines, `#` comments and lines without `=`
-/// are skipped.
-pub fn parse_env_file(text: &str) -> std::collections::BTreeMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
-}
-
-/// The development values of the shipped NATS configs (`nats/dev.env`): the passwords
-/// `nats/tenants.conf` reads, as `compose.yaml` gives them by default.
-pub fn nats_dev_env() -> std::collections::BTreeMap<String, String> {
-    parse_env_file(include_str!("../../../nats/dev.env"))
-}
-pub use nats::{NatsCluster, NatsNodePorts, NatsServer};
-pub use pg::{PgOptions, PgServer, PgShutdown};
+pub use picloud_local::*;
 pub use proxy::TcpProxy;
-pub use smtp::{CaughtMail, MailCatcher, MailDir, MailOptions, RcptRefusal};
 pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};
-
-/// Spawns `cmd` from the spawner thread with SIGKILL as its parent-death signal: the child is
-/// killed when this process dies, however it dies (a test killed by a timeout leaves no
-/// process behind). Stopping and reaping it otherwise is the caller's job.
-pub async fn spawn_tied(cmd: std::process::Command) -> std::io::Result<std::process::Child> {
-    process::spawn(cmd, libc::SIGKILL).await
-}

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::error::{IoContext, Result};
+use picloud_local::{IoContext, Result};
 
 /// Bytes read from one side before they are written to the other.
 const BUFFER: usize = 16 * 1024;

@@ -7,9 +7,9 @@ use std::time::Duration;
 use sqlx::Connection as _;
 use tokio::sync::OnceCell;
 
-use crate::error::Result;
-use crate::pg::{PgOptions, PgServer};
-use crate::sys;
+use picloud_local::{PgOptions, PgServer, Result};
+
+use crate::exit;
 
 /// The environment variable naming an existing server to create test databases on.
 pub const TEST_DATABASE_URL_ENV: &str = "PICLOUD_TEST_DATABASE_URL";
@@ -34,7 +34,7 @@ static SHARED: OnceCell<SharedServer> = OnceCell::const_new();
 async fn start_shared() -> Result<SharedServer> {
     let server = PgServer::start(PgOptions::default()).await?;
     let shared = SharedServer { admin_url: server.url("postgres"), server: Mutex::new(Some(server)) };
-    if let Err(error) = sys::at_exit(stop_shared_server) {
+    if let Err(error) = exit::at_exit(stop_shared_server) {
         tracing::warn!(%error, "cannot register the shared postgres's shutdown at exit");
     }
     Ok(shared)

@@ -58,12 +58,8 @@ async fn a_throwaway_postgres_runs_as_a_non_root_user_when_started_as_root() -> 
     let owner = effective_uid(server.pid())?;
     let we = effective_uid(std::process::id())?;
 
-    let testkit_dir = std::env::temp_dir().join("picloud-testkit");
-    assert!(
-        Path::new(&data_dir).starts_with(&testkit_dir),
-        "{data_dir} is not under {}",
-        testkit_dir.display()
-    );
+    let base_dir = std::env::temp_dir().join("picloud-local");
+    assert!(Path::new(&data_dir).starts_with(&base_dir), "{data_dir} is not under {}", base_dir.display());
     assert_eq!(Path::new(&data_dir), server.data_dir());
     if we == 0 {
         assert_ne!(owner, 0, "the postmaster runs as root");
@@ -90,9 +86,9 @@ async fn dropping_a_pg_server_removes_its_data_dir() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_persistent_pg_server_keeps_its_data_between_starts() -> anyhow::Result<()> {
-    // Under the testkit's dir and named after our pid, so a killed run's leftovers are removed
-    // by the next run like the testkit's own dirs.
-    let base = std::env::temp_dir().join("picloud-testkit");
+    // Under the local servers' dir and named after our pid, so a killed run's leftovers are removed
+    // by the next run like the servers' own dirs.
+    let base = std::env::temp_dir().join("picloud-local");
     std::fs::create_dir_all(&base)?;
     let parent =
         tempfile::Builder::new().prefix(&format!("persistent-{}-", std::process::id())).tempdir_in(&base)?;
@@ -121,7 +117,7 @@ async fn a_persistent_pg_server_keeps_its_data_between_starts() -> anyhow::Resul
 
 #[tokio::test]
 async fn a_postgres_that_cannot_start_reports_the_tail_of_its_log() -> anyhow::Result<()> {
-    let base = std::env::temp_dir().join("picloud-testkit");
+    let base = std::env::temp_dir().join("picloud-local");
     std::fs::create_dir_all(&base)?;
     let parent =
         tempfile::Builder::new().prefix(&format!("persistent-{}-", std::process::id())).tempdir_in(&base)?;

@@ -85,7 +85,7 @@ pub struct PgServer {
 
 impl PgServer {
     /// Runs `initdb -A trust -E UTF8 --locale=C -U postgres` into a fresh dir under
-    /// `temp_dir()/picloud-testkit/` and starts `postgres` on a free 127.0.0.1 port, TCP only,
+    /// `temp_dir()/picloud-local/` and starts `postgres` on a free 127.0.0.1 port, TCP only,
     /// returning once it accepts connections. Removed and killed on drop.
     ///
     /// As root, `initdb` and `postgres` run as the `postgres` system user.

@@ -73,7 +73,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Adds a human-readable context to an `io::Result`.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
     /// Turns an I/O error into [`Error::Io`] with the context `f()`.
     fn context<C: Into<String>>(self, f: impl FnOnce() -> C) -> Result<T>;
 }

@@ -1,5 +1,5 @@
 //! The crate's only `unsafe` code: thin, safe wrappers around the libc calls that std does not
-//! offer (effective uid, user lookup, signals, parent-death signal, `atexit`).
+//! offer (effective uid, user lookup, signals, parent-death signal).
 
 use std::ffi::CString;
 use std::io;
@@ -72,10 +72,4 @@ pub(crate) fn set_parent_death_signal(cmd: &mut Command, signal: libc::c_int) {
             Ok(())
         });
     }
-}
-
-/// Runs `hook` when the process exits normally (after `main` returns or on `process::exit`).
-pub(crate) fn at_exit(hook: extern "C" fn()) -> io::Result<()> {
-    // SAFETY: `hook` is a plain function with the C ABI and no arguments, as atexit expects.
-    if unsafe { libc::atexit(hook) } == 0 { Ok(()) } else { Err(io::Error::other("atexit failed")) }
 }

@@ -43,7 +43,7 @@ pub(crate) async fn spawn(mut cmd: Command, death_signal: libc::c_int) -> io::Re
         let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
         if spawner.is_none() {
             let (tx, rx) = mpsc::channel::<SpawnRequest>();
-            std::thread::Builder::new().name("picloud-testkit-spawner".into()).spawn(move || {
+            std::thread::Builder::new().name("picloud-local-spawner".into()).spawn(move || {
                 while let Ok((mut cmd, reply)) = rx.recv() {
                     // The caller gave up (its future was dropped): do not leave the child behind.
                     if let Err(Ok(mut child)) = reply.send(cmd.spawn()) {
@@ -280,10 +280,10 @@ pub(crate) fn free_port() -> Result<u16> {
 /// Removes sibling dirs of dead processes once per process.
 static CLEAN_STALE: Once = Once::new();
 
-/// `temp_dir()/picloud-testkit`, created with mode 0755 so the `postgres` user can reach its
+/// `temp_dir()/picloud-local`, created with mode 0755 so the `postgres` user can reach its
 /// server dirs; on first use, removes the dirs left behind by processes that no longer run.
 pub(crate) fn base_dir() -> Result<PathBuf> {
-    let base = std::env::temp_dir().join("picloud-testkit");
+    let base = std::env::temp_dir().join("picloud-local");
     std::fs::create_dir_all(&base).context(|| format!("creating {}", base.display()))?;
     let meta = std::fs::metadata(&base).context(|| format!("reading {}", base.display()))?;
     if std::os::unix::fs::MetadataExt::uid(&meta) == sys::euid()
