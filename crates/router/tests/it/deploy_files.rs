@@ -405,14 +405,61 @@ fn the_dockerfile_builds_the_router_from_a_context_that_has_its_sources() {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| l.trim_start_matches("./").trim_end_matches('/'))
         .collect();
-    for needed in ["Cargo.toml", "Cargo.lock", "crates", "migrations"] {
-        assert!(repo_root().join(needed).exists(), "{needed} exists");
+    for needed in build_inputs() {
+        assert!(repo_root().join(&needed).exists(), "{needed} exists");
         assert!(
             !ignored.iter().any(|i| *i == needed || *i == "*" || *i == "**"),
             ".dockerignore drops {needed}"
         );
     }
     assert!(ignored.contains(&"target"), ".dockerignore keeps target/ out of the context");
+}
+
+/// The top-level entries of the repository a release build reads: the manifests, the
+/// migrations (`sqlx::migrate!`), every workspace member's directory, and every file the sources
+/// include with `include_str!` or `include_bytes!`.
+fn build_inputs() -> BTreeSet<String> {
+    let root = repo_root();
+    let mut inputs: BTreeSet<String> = ["Cargo.toml", "Cargo.lock", "migrations"].map(str::to_owned).into();
+    let manifest = read("Cargo.toml");
+    let members =
+        manifest.lines().find_map(|l| l.trim().strip_prefix("members = [")).expect("workspace members");
+    inputs.extend(members.split('"').skip(1).step_by(2).map(|member| top_level(Path::new(member))));
+    let mut sources: Vec<PathBuf> = Vec::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
+        .unwrap()
+        .flatten()
+        .map(|crate_dir| crate_dir.path().join("src"))
+        .collect();
+    dirs.push(root.join("examples"));
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push(path);
+            }
+        }
+    }
+    for source in sources {
+        let text = std::fs::read_to_string(&source).unwrap();
+        for macro_call in ["include_str!(\"", "include_bytes!(\""] {
+            for (at, _) in text.match_indices(macro_call) {
+                let rest = &text[at + macro_call.len()..];
+                let included = source.parent().unwrap().join(&rest[..rest.find('"').unwrap()]);
+                let included =
+                    included.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", included.display()));
+                inputs.insert(top_level(included.strip_prefix(&root).expect("inside the repository")));
+            }
+        }
+    }
+    inputs
+}
+
+/// The first component of a path inside the repository.
+fn top_level(path: &Path) -> String {
+    path.components().next().unwrap().as_os_str().to_string_lossy().into_owned()
 }
 
 /// nats-server: on `PATH`, else where Debian and the official builds put it.
