@@ -3,9 +3,8 @@
 use std::time::{Duration, Instant};
 
 use picloud_core::protocol::{EventKind, event_type, source};
-use picloud_store::{NewDelivery, OutboxRepo, Transactional};
+use picloud_store::{Event, NewDelivery, OutboxRepo, Transactional};
 use serde_json::value::to_raw_value;
-use uuid::Uuid;
 
 use crate::env::{Bench, Servers, payload};
 use crate::proc::Role;
@@ -35,22 +34,17 @@ async fn backlog(bench: &Bench, n: usize) -> anyhow::Result<()> {
     let source = source::kv(bench.app.slug.as_str(), "bench");
     for start in (0..n).step_by(1000) {
         let rows: Vec<NewDelivery> = (start..n.min(start + 1000))
-            .map(|i| NewDelivery {
-                id: Uuid::now_v7(),
-                app_id: bench.app.id,
-                trigger_id: Some(bench.trigger.id),
-                kind: EventKind::Kv,
-                event_type: event_type::KV_PUT.into(),
-                source: source.clone(),
-                subject: Some(format!("k{i}")),
-                payload: to_raw_value(&payload(i as u64, 0)).expect("json"),
-                depth: 0,
-                max_attempts: 8,
-                delay: Duration::ZERO,
-                reply_to: None,
-                idempotency_key: None,
-                dead_letter_id: None,
-                event_time: None,
+            .map(|i| {
+                let (subject, data) = (format!("k{i}"), to_raw_value(&payload(i as u64, 0)).expect("json"));
+                let event = Event {
+                    kind: EventKind::Kv,
+                    event_type: event_type::KV_PUT,
+                    source: source.clone(),
+                    subject: Some(&subject),
+                    payload: &data,
+                    depth: 0,
+                };
+                event.delivery(bench.app.id, Some(bench.trigger.id), 8)
             })
             .collect();
         let mut tx = bench.store.begin().await?;

@@ -5,8 +5,6 @@
 //! many schedulers run; ticks missed while no scheduler ran fire once, as the latest of them, not as
 //! a backlog.
 
-use std::time::Duration;
-
 use picloud_core::protocol::{EventKind, event_type, rfc3339_millis, source};
 use picloud_core::{AppSlug, CronSchedule, TriggerConfig, TriggerName};
 use serde_json::json;
@@ -14,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::events::commit_and_wake;
-use crate::model::NewDelivery;
+use crate::model::{Event, NewDelivery};
 use crate::{Result, Store};
 
 /// A cron trigger that is due (or has no next tick yet), as [`crate::CronRepo::lock_due_cron`]
@@ -118,21 +116,15 @@ fn tick_delivery(d: &DueCron, tick: OffsetDateTime, config: &TriggerConfig) -> N
         "schedule": d.schedule,
         "timezone": d.timezone,
     });
-    NewDelivery {
-        id: Uuid::now_v7(),
-        app_id: d.app_id,
-        trigger_id: Some(d.trigger_id),
+    let payload = serde_json::value::to_raw_value(&data).expect("a JSON value serializes");
+    let event = Event {
         kind: EventKind::Cron,
-        event_type: event_type::CRON_TICK.to_owned(),
+        event_type: event_type::CRON_TICK,
         source: source::trigger(d.app_slug.as_str(), d.trigger_name.as_str()),
         subject: None,
-        payload: serde_json::value::to_raw_value(&data).expect("a JSON value serializes"),
+        payload: &payload,
         depth: 0,
-        max_attempts: d.max_attempts.unwrap_or(config.retry.max_attempts),
-        delay: Duration::ZERO,
-        reply_to: None,
-        idempotency_key: None,
-        dead_letter_id: None,
-        event_time: Some(tick),
-    }
+    };
+    let max_attempts = d.max_attempts.unwrap_or(config.retry.max_attempts);
+    NewDelivery { event_time: Some(tick), ..event.delivery(d.app_id, Some(d.trigger_id), max_attempts) }
 }

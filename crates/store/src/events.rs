@@ -51,15 +51,6 @@ pub struct Fired {
     pub too_deep: usize,
 }
 
-/// The parts of an event every delivery of it shares.
-struct Event<'a> {
-    kind: EventKind,
-    event_type: &'static str,
-    source: String,
-    subject: Option<&'a str>,
-    payload: &'a RawValue,
-}
-
 fn raw(value: &serde_json::Value) -> Box<RawValue> {
     serde_json::value::to_raw_value(value).expect("a JSON value serializes")
 }
@@ -83,26 +74,8 @@ async fn fire<S: Store>(
         let written = too_deep(s, tx, cx, triggers, &event).await?;
         return Ok(Fired { deliveries: 0, too_deep: written.len() });
     }
-    let rows: Vec<NewDelivery> = triggers
-        .iter()
-        .map(|t| NewDelivery {
-            id: Uuid::now_v7(),
-            app_id: cx.app_id,
-            trigger_id: Some(t.id),
-            kind: event.kind,
-            event_type: event.event_type.to_owned(),
-            source: event.source.clone(),
-            subject: event.subject.map(str::to_owned),
-            payload: event.payload.to_owned(),
-            depth: cx.depth,
-            max_attempts: max_attempts(t, cx.config),
-            delay: Duration::ZERO,
-            reply_to: None,
-            idempotency_key: None,
-            dead_letter_id: None,
-            event_time: None,
-        })
-        .collect();
+    let rows: Vec<NewDelivery> =
+        triggers.iter().map(|t| event.delivery(cx.app_id, Some(t.id), max_attempts(t, cx.config))).collect();
     s.insert_deliveries(tx, &rows).await?;
     Ok(Fired { deliveries: rows.len(), too_deep: 0 })
 }
@@ -185,6 +158,7 @@ pub async fn kv_put<S: Store>(
         source,
         subject: Some(key.as_str()),
         payload: &data,
+        depth: cx.depth,
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok((put, fired))
@@ -276,6 +250,7 @@ pub async fn kv_delete<S: Store>(
         source: source::kv(cx.app_slug.as_str(), collection.as_str()),
         subject: Some(key.as_str()),
         payload: &data,
+        depth: cx.depth,
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok(Some((deleted, fired)))
@@ -297,6 +272,7 @@ pub async fn publish<S: Store>(
         source: source::topic(cx.app_slug.as_str(), topic.as_str()),
         subject: None,
         payload: message,
+        depth: cx.depth,
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok((Uuid::now_v7(), fired))
@@ -341,34 +317,22 @@ pub async fn enqueue<S: Store>(
     if !trigger.enabled {
         return Err(Error::QueueDisabled(queue.to_string()));
     }
-    let source = source::queue(cx.app_slug.as_str(), queue.as_str());
+    let event = Event {
+        kind: EventKind::Queue,
+        event_type: event_type::QUEUE_JOB,
+        source: source::queue(cx.app_slug.as_str(), queue.as_str()),
+        subject: None,
+        payload: job.payload,
+        depth: cx.depth,
+    };
     if cx.depth >= cx.config.max_depth {
-        let event = Event {
-            kind: EventKind::Queue,
-            event_type: event_type::QUEUE_JOB,
-            source,
-            subject: None,
-            payload: job.payload,
-        };
         let dead = too_deep(s, tx, cx, std::slice::from_ref(&trigger), &event).await?;
         return Ok(Enqueued::TooDeep(dead[0].delivery_id));
     }
     let row = NewDelivery {
-        id: Uuid::now_v7(),
-        app_id: cx.app_id,
-        trigger_id: Some(trigger.id),
-        kind: EventKind::Queue,
-        event_type: event_type::QUEUE_JOB.to_owned(),
-        source,
-        subject: None,
-        payload: job.payload.to_owned(),
-        depth: cx.depth,
-        max_attempts: max_attempts(&trigger, cx.config),
         delay: job.delay,
-        reply_to: None,
         idempotency_key: job.idempotency_key.map(str::to_owned),
-        dead_letter_id: None,
-        event_time: None,
+        ..event.delivery(cx.app_id, Some(trigger.id), max_attempts(&trigger, cx.config))
     };
     if row.idempotency_key.is_some() {
         let (id, created) = s.insert_idempotent(tx, &row).await?;
@@ -426,23 +390,15 @@ pub async fn send_email<S: Store>(
     cx: &EventContext<'_>,
     email: &RawValue,
 ) -> Result<Uuid> {
-    let row = NewDelivery {
-        id: Uuid::now_v7(),
-        app_id: cx.app_id,
-        trigger_id: None,
+    let event = Event {
         kind: EventKind::Email,
-        event_type: event_type::EMAIL_SEND.to_owned(),
+        event_type: event_type::EMAIL_SEND,
         source: source::emails(cx.app_slug.as_str()),
         subject: None,
-        payload: email.to_owned(),
+        payload: email,
         depth: cx.depth,
-        max_attempts: cx.config.retry.max_attempts,
-        delay: Duration::ZERO,
-        reply_to: None,
-        idempotency_key: None,
-        dead_letter_id: None,
-        event_time: None,
     };
+    let row = event.delivery(cx.app_id, None, cx.config.retry.max_attempts);
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
     Ok(row.id)
 }
@@ -489,22 +445,18 @@ pub async fn fan_out_dead_letters<S: Store>(
             continue;
         }
         let data = raw(&dead_letter_data(d));
-        rows.extend(triggers.iter().map(|t| NewDelivery {
-            id: Uuid::now_v7(),
-            app_id: d.app_id,
-            trigger_id: Some(t.id),
+        let event = Event {
             kind: EventKind::DeadLetter,
-            event_type: event_type::DEAD_LETTER_CREATED.to_owned(),
+            event_type: event_type::DEAD_LETTER_CREATED,
             source: source::dead_letters(app_slug.as_str()),
             subject: None,
-            payload: data.clone(),
+            payload: &data,
             depth: d.headers.depth,
-            max_attempts: max_attempts(t, config),
-            delay: Duration::ZERO,
-            reply_to: None,
-            idempotency_key: None,
+        };
+        rows.extend(triggers.iter().map(|t| NewDelivery {
             dead_letter_id: Some(d.id),
             event_time: Some(d.created_at),
+            ..event.delivery(d.app_id, Some(t.id), max_attempts(t, config))
         }));
     }
     s.insert_deliveries(tx, &rows).await?;
@@ -528,22 +480,17 @@ pub async fn replay<S: Store>(
         (_, Some(t)) => (Some(t.id), max_attempts(&t, config)),
         _ => return Err(Error::TriggerGone(dead.trigger_name.clone().unwrap_or_default())),
     };
-    let row = NewDelivery {
-        id: Uuid::now_v7(),
-        app_id: dead.app_id,
-        trigger_id,
+    let event = Event {
         kind: dead.kind,
-        event_type: dead.headers.event_type.clone(),
+        event_type: &dead.headers.event_type,
         source: dead.headers.source.clone(),
-        subject: dead.headers.subject.clone(),
-        payload: dead.payload.clone(),
+        subject: dead.headers.subject.as_deref(),
+        payload: &dead.payload,
         depth: dead.headers.depth,
-        max_attempts: attempts,
-        delay: Duration::ZERO,
-        reply_to: None,
-        idempotency_key: None,
-        dead_letter_id: None,
+    };
+    let row = NewDelivery {
         event_time: Some(dead.headers.time),
+        ..event.delivery(dead.app_id, trigger_id, attempts)
     };
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
     let replayed = s

@@ -938,24 +938,22 @@ impl MemStore {
         if !triggers.is_empty() && data.get().len() > put.max_data_bytes {
             return Err(Error::TooLarge { max: put.max_data_bytes });
         }
+        let event = Event {
+            kind: EventKind::Kv,
+            event_type: picloud_core::protocol::event_type::KV_PUT,
+            source: put.source.to_owned(),
+            subject: Some(put.key),
+            payload: &data,
+            depth: put.depth,
+        };
         let rows: Vec<NewDelivery> = triggers
             .iter()
-            .map(|t| NewDelivery {
-                id: Uuid::now_v7(),
-                app_id: put.app_id,
-                trigger_id: Some(t.id),
-                kind: EventKind::Kv,
-                event_type: picloud_core::protocol::event_type::KV_PUT.to_owned(),
-                source: put.source.to_owned(),
-                subject: Some(put.key.to_owned()),
-                payload: data.clone(),
-                depth: put.depth,
-                max_attempts: t.retry.max_attempts.unwrap_or(put.default_max_attempts),
-                delay: Duration::ZERO,
-                reply_to: None,
-                idempotency_key: None,
-                dead_letter_id: None,
-                event_time: None,
+            .map(|t| {
+                event.delivery(
+                    put.app_id,
+                    Some(t.id),
+                    t.retry.max_attempts.unwrap_or(put.default_max_attempts),
+                )
             })
             .collect();
         self.insert_deliveries(tx, &rows).await?;
