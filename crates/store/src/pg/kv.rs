@@ -1,15 +1,58 @@
 //! KV entries in Postgres, with a version per key.
 
+use std::sync::LazyLock;
+
 use sqlx::Row;
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::PgStore;
+use super::pattern::pattern_matches;
 use super::rows;
 use crate::model::*;
 use crate::{Error, KvRepo, Result};
 
 const COLUMNS: &str = "collection, key, value, version, updated_at";
+
+/// The one statement of a KV put that fires its triggers ([`KvRepo::kv_put_firing`]): built once,
+/// since the trigger match is the shared predicate of `pattern`.
+static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH prev AS (
+                 SELECT value, version FROM kv_entries
+                  WHERE app_id = $1 AND collection = $2 AND key = $3
+                    FOR UPDATE
+             ), up AS (
+                 -- Reading `prev` here makes it run (and lock) before the upsert: read after it,
+                 -- FOR UPDATE would skip the row this very statement had just updated.
+                 INSERT INTO kv_entries AS k (app_id, collection, key, value, version, created_at, updated_at)
+                 SELECT $1, $2, $3, $4, 1, coalesce($8, now()), coalesce($8, now())
+                   FROM (SELECT count(*) FROM prev) AS locked
+                 ON CONFLICT (app_id, collection, key) DO UPDATE
+                    SET value = excluded.value, version = k.version + 1, updated_at = excluded.updated_at
+                 RETURNING k.version
+             ), fired AS (
+                 INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
+                                     max_attempts, due_at, created_at)
+                 SELECT picloud_uuid_v7(), $1, t.id, 'kv', 'picloud.kv.put', $5, $3,
+                        CASE WHEN octet_length(e.data::text) <= $9 THEN e.data
+                             ELSE picloud_too_large(octet_length(e.data::text), $9) END,
+                        $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now())
+                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id,
+                        LATERAL (SELECT jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put',
+                                                           'value', $4::jsonb, 'previous', (SELECT value FROM prev),
+                                                           'version', (SELECT version FROM up))::json AS data) e
+                  WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
+                    AND {matches}
+                 RETURNING 1
+             )
+             SELECT up.version, prev.value AS previous, (SELECT count(*) FROM fired) AS fired,
+                    CASE WHEN up.version = coalesce(prev.version, 0) + 1 THEN true
+                         ELSE picloud_raced('kv entry') END AS consistent
+               FROM up LEFT JOIN prev ON true",
+        matches = pattern_matches("d.collection_stem", "d.collection_is_prefix", "$2")
+    )
+});
 
 impl KvRepo for PgStore {
     async fn kv_get(&self, app_id: Uuid, collection: &str, key: &str) -> Result<Option<KvEntry>> {
@@ -93,50 +136,16 @@ impl KvRepo for PgStore {
         tx: Option<&mut Self::Tx>,
         put: &FiringPut<'_>,
     ) -> Result<(KvPutResult, usize)> {
-        let query = sqlx::query(
-            "WITH prev AS (
-                 SELECT value, version FROM kv_entries
-                  WHERE app_id = $1 AND collection = $2 AND key = $3
-                    FOR UPDATE
-             ), up AS (
-                 -- Reading `prev` here makes it run (and lock) before the upsert: read after it,
-                 -- FOR UPDATE would skip the row this very statement had just updated.
-                 INSERT INTO kv_entries AS k (app_id, collection, key, value, version, created_at, updated_at)
-                 SELECT $1, $2, $3, $4, 1, coalesce($8, now()), coalesce($8, now())
-                   FROM (SELECT count(*) FROM prev) AS locked
-                 ON CONFLICT (app_id, collection, key) DO UPDATE
-                    SET value = excluded.value, version = k.version + 1, updated_at = excluded.updated_at
-                 RETURNING k.version
-             ), fired AS (
-                 INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
-                                     max_attempts, due_at, created_at)
-                 SELECT picloud_uuid_v7(), $1, t.id, 'kv', 'picloud.kv.put', $5, $3,
-                        CASE WHEN octet_length(e.data::text) <= $9 THEN e.data
-                             ELSE picloud_too_large(octet_length(e.data::text), $9) END,
-                        $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now())
-                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id,
-                        LATERAL (SELECT jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put',
-                                                           'value', $4::jsonb, 'previous', (SELECT value FROM prev),
-                                                           'version', (SELECT version FROM up))::json AS data) e
-                  WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
-                    AND CASE WHEN d.collection_is_prefix THEN starts_with($2, d.collection_stem)
-                             ELSE d.collection_stem = $2 END
-                 RETURNING 1
-             )
-             SELECT up.version, prev.value AS previous, (SELECT count(*) FROM fired) AS fired,
-                    CASE WHEN up.version = coalesce(prev.version, 0) + 1 THEN true
-                         ELSE picloud_raced('kv entry') END AS consistent
-               FROM up LEFT JOIN prev ON true",
-        )
-        .bind(put.app_id)
-        .bind(put.collection)
-        .bind(put.key)
-        .bind(Json(put.value))
-        .bind(put.source)
-        .bind(put.depth as i32)
-        .bind(put.default_max_attempts as i32)
-        .bind(self.now())
-        .bind(i64::try_from(put.max_data_bytes).unwrap_or(i64::MAX));
+        let query = sqlx::query(&KV_PUT_FIRING)
+            .bind(put.app_id)
+            .bind(put.collection)
+            .bind(put.key)
+            .bind(Json(put.value))
+            .bind(put.source)
+            .bind(put.depth as i32)
+            .bind(put.default_max_attempts as i32)
+            .bind(self.now())
+            .bind(i64::try_from(put.max_data_bytes).unwrap_or(i64::MAX));
         let row = match tx {
             Some(tx) => query.fetch_one(&mut **tx).await,
             None => query.fetch_one(&self.pool).await,

@@ -14,6 +14,7 @@ mod cron;
 mod dead_letters;
 mod kv;
 mod outbox;
+mod pattern;
 mod rows;
 mod triggers;
 

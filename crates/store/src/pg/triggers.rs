@@ -4,6 +4,7 @@ use picloud_core::protocol::EventKind;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::pattern::pattern_matches;
 use super::rows::{self, TRIGGER_SELECT};
 use super::{PgStore, violated};
 use crate::model::*;
@@ -229,10 +230,9 @@ impl TriggerRepo for PgStore {
     ) -> Result<Vec<Trigger>> {
         let fetched = sqlx::query(&format!(
             "{TRIGGER_SELECT}
-              WHERE kv.app_id = $1 AND t.enabled AND $3 = ANY (kv.ops)
-                AND CASE WHEN kv.collection_is_prefix THEN starts_with($2, kv.collection_stem)
-                         ELSE kv.collection_stem = $2 END
-              ORDER BY t.name"
+              WHERE kv.app_id = $1 AND t.enabled AND $3 = ANY (kv.ops) AND {}
+              ORDER BY t.name",
+            pattern_matches("kv.collection_stem", "kv.collection_is_prefix", "$2")
         ))
         .bind(app_id)
         .bind(collection)
@@ -250,9 +250,9 @@ impl TriggerRepo for PgStore {
     ) -> Result<Vec<Trigger>> {
         let fetched = sqlx::query(&format!(
             "{TRIGGER_SELECT}
-              WHERE ps.app_id = $1 AND t.enabled
-                AND CASE WHEN ps.topic_is_prefix THEN starts_with($2, ps.topic_stem) ELSE ps.topic_stem = $2 END
-              ORDER BY t.name"
+              WHERE ps.app_id = $1 AND t.enabled AND {}
+              ORDER BY t.name",
+            pattern_matches("ps.topic_stem", "ps.topic_is_prefix", "$2")
         ))
         .bind(app_id)
         .bind(topic)
