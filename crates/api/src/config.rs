@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use picloud_core::config::{ConfigError, parse_var};
 use picloud_core::net::AllowNets;
-use picloud_dispatch::{ExecutorConfig, Metrics, RelayConfig, SmtpConfig};
+use picloud_dispatch::{ExecutorConfig, Metrics, NodeConfig, SmtpConfig};
 
 /// How the API and the ingest run.
 #[derive(Debug, Clone)]
@@ -25,14 +25,14 @@ pub struct ApiConfig {
     /// the write of the call to the resolution of its result; beyond it 429
     /// `too_many_sync_calls` (DESIGN §13).
     pub sync_max_in_flight_per_app: usize,
-    /// The node's delivery settings: token key, handler timeout, subjects, trigger defaults. The
+    /// What the whole node shares: token key, handler timeout, subjects, trigger defaults. The
     /// API verifies delivery tokens with the same key and delivers its own sync calls.
-    pub node: RelayConfig,
-    /// `PICLOUD_SMTP_URL` (parsed as the email executor parses it): `/readyz` checks that it
-    /// can be reached while email rows wait, and says that it is missing when it is.
+    pub node: NodeConfig,
+    /// The executors' SMTP server: `/readyz` checks that it can be reached while email rows
+    /// wait, and says that it is missing when it is.
     pub smtp: Option<SmtpConfig>,
-    /// `PICLOUD_WEBHOOK_ALLOW_NETS` (parsed as the webhook executor parses it): the networks a
-    /// webhook registered with a literal address may name although they are not public.
+    /// The executors' `PICLOUD_WEBHOOK_ALLOW_NETS`: the networks a webhook registered with a
+    /// literal address may name although they are not public.
     pub webhook_allow_nets: AllowNets,
     /// The process's metrics recorder, served at `/metrics` (404 without one). The binary
     /// installs it ([`Metrics::install`]); the API never installs a global recorder itself.
@@ -41,7 +41,7 @@ pub struct ApiConfig {
 
 impl ApiConfig {
     /// Defaults around a node configuration (for tests and embedding).
-    pub fn new(node: RelayConfig) -> Self {
+    pub fn new(node: NodeConfig) -> Self {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_payload_bytes: picloud_core::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
@@ -56,15 +56,15 @@ impl ApiConfig {
         }
     }
 
-    /// Parses the API's variables, the node's (see [`RelayConfig::from_env`]), the SMTP server's
-    /// and the webhook allow list (see [`ExecutorConfig::from_env`]). The metrics recorder is
+    /// Parses the API's own variables around the node's configuration, taking the SMTP server
+    /// and the webhook allow list the executors were configured with. The metrics recorder is
     /// left to the caller.
     pub fn from_env(
         lookup: impl Fn(&str) -> Option<String>,
-        default_node_id: &str,
+        node: NodeConfig,
+        executors: &ExecutorConfig,
     ) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
-        let node = RelayConfig::from_env(lookup, default_node_id)?;
         let default = Self::new(node);
         let http_addr = parse_var(
             lookup,
@@ -99,7 +99,6 @@ impl ApiConfig {
                 (1..=1_000_000).contains(v)
             })
         };
-        let executors = ExecutorConfig::from_env(lookup)?;
         Ok(Self {
             http_addr,
             max_payload_bytes,
@@ -110,8 +109,8 @@ impl ApiConfig {
                 "PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP",
                 default.sync_max_in_flight_per_app,
             )?,
-            smtp: executors.smtp,
-            webhook_allow_nets: executors.webhook_allow_nets,
+            smtp: executors.smtp.clone(),
+            webhook_allow_nets: executors.webhook_allow_nets.clone(),
             ..default
         })
     }
@@ -121,39 +120,34 @@ impl ApiConfig {
 mod tests {
     use super::*;
 
+    /// `ApiConfig::from_env` over `pairs`, with the default node and executors.
+    fn from_pairs(pairs: &[(&str, &str)]) -> Result<ApiConfig, ConfigError> {
+        let lookup = |k: &str| pairs.iter().find(|(name, _)| *name == k).map(|(_, v)| (*v).to_owned());
+        ApiConfig::from_env(lookup, NodeConfig::new("n", b"0123456789abcdef"), &ExecutorConfig::default())
+    }
+
     #[test]
-    fn the_webhook_allow_list_is_read_with_the_executors_parser() {
-        let env = |allow: &'static str| {
-            move |k: &str| match k {
-                "PICLOUD_TOKEN_SECRET" => Some("0123456789abcdef0123".to_owned()),
-                "PICLOUD_WEBHOOK_ALLOW_NETS" => Some(allow.to_owned()),
-                _ => None,
-            }
+    fn the_smtp_server_and_webhook_allow_list_are_the_executors() {
+        let executors = ExecutorConfig {
+            webhook_allow_nets: "10.0.0.0/8, fd00::1".parse().unwrap(),
+            ..ExecutorConfig::default()
         };
-        let config = ApiConfig::from_env(env("10.0.0.0/8, fd00::1"), "n").unwrap();
+        let config =
+            ApiConfig::from_env(|_: &str| None, NodeConfig::new("n", b"0123456789abcdef"), &executors)
+                .unwrap();
         assert_eq!(config.webhook_allow_nets.to_string(), "10.0.0.0/8,fd00::1/128");
-        let err = ApiConfig::from_env(env("10.0.0.0/8,intranet"), "n").unwrap_err();
-        assert_eq!(err.variable, "PICLOUD_WEBHOOK_ALLOW_NETS");
     }
 
     #[test]
     fn the_request_timeout_must_outlast_the_longest_sync_wait() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| match k {
-                "PICLOUD_TOKEN_SECRET" => Some("0123456789abcdef0123".to_owned()),
-                _ => pairs.iter().find(|(name, _)| *name == k).map(|(_, v)| (*v).to_owned()),
-            }
-        };
-        let defaults = ApiConfig::from_env(env(&[]), "n").unwrap();
+        let defaults = from_pairs(&[]).unwrap();
         assert_eq!(defaults.http_timeout, Duration::from_secs(75));
         assert_eq!((defaults.http_max_in_flight, defaults.sync_max_in_flight_per_app), (1024, 256));
-        let err = ApiConfig::from_env(
-            env(&[("PICLOUD_SYNC_TIMEOUT_MAX_MS", "60000"), ("PICLOUD_HTTP_TIMEOUT_MS", "60000")]),
-            "n",
-        )
-        .unwrap_err();
+        let err =
+            from_pairs(&[("PICLOUD_SYNC_TIMEOUT_MAX_MS", "60000"), ("PICLOUD_HTTP_TIMEOUT_MS", "60000")])
+                .unwrap_err();
         assert_eq!(err.variable, "PICLOUD_HTTP_TIMEOUT_MS");
-        let err = ApiConfig::from_env(env(&[("PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP", "0")]), "n").unwrap_err();
+        let err = from_pairs(&[("PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP", "0")]).unwrap_err();
         assert_eq!(err.variable, "PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP");
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, CollectionPattern, HandlerName, RetryOverrides, Role, TriggerName};
-use picloud_dispatch::RelayConfig;
+use picloud_dispatch::{NodeConfig, RelayConfig};
 use picloud_store::{
     App, AuthRepo, Handler, KvOp, NewApiToken, NewTrigger, PgStore, Trigger, TriggerRepo, TriggerSpec, pg,
 };
@@ -145,7 +145,7 @@ impl Bench {
 
 /// The relay as the benchmark runs it: the defaults.
 pub fn relay_config() -> RelayConfig {
-    let mut config = RelayConfig::new("bench-relay", SECRET);
+    let mut config = RelayConfig::new(NodeConfig::new("bench-relay", SECRET));
     config.poll_interval = Duration::from_millis(250);
     config
 }

@@ -163,7 +163,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let nats = async_nats::connect(&args.nats_url).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let config = picloud_api::ApiConfig::new(relay_config());
+    let config = picloud_api::ApiConfig::new(relay_config().node);
     let state = picloud_api::ApiState::new(store, nats, config);
     println!("ready {port}");
     picloud_api::serve(listener, state, async move {

@@ -18,6 +18,29 @@ pub struct ConfigError {
     pub accepts: String,
 }
 
+/// A configuration value that must never reach a log: its `Debug` shows `<hidden>`, and the
+/// value is read only through [`Secret::expose`], where it is used.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Keeps `value` hidden.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
 /// Reads one variable through `lookup`: the default when unset or empty, else the parsed value if
 /// `valid` accepts it, else a [`ConfigError`] saying what `accepts`.
 pub fn parse_var<T: FromStr>(
@@ -181,5 +204,13 @@ mod tests {
             assert!(text.starts_with(&format!("{variable}=")), "{text}");
             assert!(text.contains(accepts), "{text}");
         }
+    }
+
+    #[test]
+    fn a_secret_is_hidden_from_debug_output() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?}"), "<hidden>");
+        assert_eq!(format!("{:?}", Some(("user", secret.clone()))), "Some((\"user\", <hidden>))");
+        assert_eq!(secret.expose(), "hunter2");
     }
 }

@@ -16,7 +16,7 @@ pub mod token;
 pub mod webhook;
 
 pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
-pub use config::{ConfigError, TriggerConfig};
+pub use config::{ConfigError, Secret, TriggerConfig};
 pub use cron::{CronError, CronSchedule};
 pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueName, TopicName, TriggerName};
 pub use net::{AllowNets, Refusal};

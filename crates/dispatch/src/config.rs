@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use picloud_core::TriggerConfig;
-use picloud_core::config::{ConfigError, parse_var};
+use picloud_core::config::{ConfigError, Secret, parse_var};
 use picloud_core::protocol::Subjects;
 use picloud_core::token::TokenKey;
 
@@ -14,28 +14,18 @@ pub const MAX_HANDLER_TIMEOUT_MS: u64 = 3_600_000;
 
 /// How a node connects to NATS (`PICLOUD_NATS_URL`, `PICLOUD_NATS_CREDS`, `PICLOUD_NATS_USER`,
 /// `PICLOUD_NATS_PASSWORD`).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct NatsConfig {
     /// Comma-separated seed URLs.
     pub url: String,
     /// A `.creds` file, if any.
     pub creds: Option<std::path::PathBuf>,
     /// User and password, if any.
-    pub user_password: Option<(String, String)>,
-}
-
-impl std::fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsConfig")
-            .field("url", &self.url)
-            .field("creds", &self.creds)
-            .field("user", &self.user_password.as_ref().map(|(u, _)| u))
-            .finish()
-    }
+    pub user_password: Option<(String, Secret)>,
 }
 
 /// `PICLOUD_SUBJECT_PREFIX` (default `picloud`): the subjects every part of a node uses.
-pub(crate) fn subjects_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Subjects, ConfigError> {
+fn subjects_from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Subjects, ConfigError> {
     let prefix = parse_var(
         lookup,
         "PICLOUD_SUBJECT_PREFIX",
@@ -52,7 +42,7 @@ impl NatsConfig {
         let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
         let url = get("PICLOUD_NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into());
         let user_password = match (get("PICLOUD_NATS_USER"), get("PICLOUD_NATS_PASSWORD")) {
-            (Some(user), Some(password)) => Some((user, password)),
+            (Some(user), Some(password)) => Some((user, Secret::new(password))),
             (None, None) => None,
             (user, _) => {
                 return Err(ConfigError {
@@ -72,7 +62,7 @@ impl NatsConfig {
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
         let mut options = async_nats::ConnectOptions::new().name(name).retry_on_initial_connect();
         if let Some((user, password)) = &self.user_password {
-            options = options.user_and_password(user.clone(), password.clone());
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
         }
         if let Some(creds) = &self.creds {
             options = options.credentials_file(creds).await?;
@@ -82,14 +72,17 @@ impl NatsConfig {
     }
 }
 
-/// How a relay runs.
+/// What every part of a node shares (DESIGN §10): its name, the subjects, the delivery-token key,
+/// the trigger defaults, the handler timeout and the lease margin. The binary parses it once; the
+/// relay, the API (which delivers its own sync calls and verifies delivery tokens) and the
+/// executors take it.
 #[derive(Debug, Clone)]
-pub struct RelayConfig {
+pub struct NodeConfig {
     /// This node's name, in leases (`leased_by`) and logs.
     pub node_id: String,
-    /// The subjects deliveries go to.
+    /// The subjects every part uses.
     pub subjects: Subjects,
-    /// Signs delivery tokens.
+    /// Signs and verifies delivery tokens.
     pub token_key: TokenKey,
     /// Depth limit and default retry policy.
     pub triggers: TriggerConfig,
@@ -97,15 +90,9 @@ pub struct RelayConfig {
     pub handler_timeout: Duration,
     /// Added to the handler timeout to make the lease: time to publish and to complete.
     pub lease_margin: Duration,
-    /// Rows claimed per statement.
-    pub batch_size: u32,
-    /// Deliveries published and not yet completed, at most.
-    pub max_in_flight: usize,
-    /// How often to look for due rows when no notification came.
-    pub poll_interval: Duration,
 }
 
-impl RelayConfig {
+impl NodeConfig {
     /// Defaults for everything but the token secret, for tests and embedding.
     pub fn new(node_id: impl Into<String>, token_secret: &[u8]) -> Self {
         Self {
@@ -115,9 +102,6 @@ impl RelayConfig {
             triggers: TriggerConfig::default(),
             handler_timeout: Duration::from_secs(30),
             lease_margin: Duration::from_secs(10),
-            batch_size: 500,
-            max_in_flight: 4000,
-            poll_interval: Duration::from_secs(1),
         }
     }
 
@@ -127,37 +111,72 @@ impl RelayConfig {
     }
 
     /// Parses `PICLOUD_TOKEN_SECRET` (required), `PICLOUD_NODE_ID` (else `default_node_id`),
-    /// `PICLOUD_SUBJECT_PREFIX`, `PICLOUD_HANDLER_TIMEOUT_MS`, the trigger variables of
-    /// [`TriggerConfig::from_env`], and the relay's tuning: `PICLOUD_RELAY_BATCH`,
-    /// `PICLOUD_RELAY_MAX_IN_FLIGHT`, `PICLOUD_RELAY_POLL_MS`, `PICLOUD_LEASE_MARGIN_MS`.
+    /// `PICLOUD_SUBJECT_PREFIX`, `PICLOUD_HANDLER_TIMEOUT_MS`, `PICLOUD_LEASE_MARGIN_MS` and the
+    /// trigger variables of [`TriggerConfig::from_env`].
     pub fn from_env(
         lookup: impl Fn(&str) -> Option<String>,
         default_node_id: &str,
     ) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
-        let secret = lookup("PICLOUD_TOKEN_SECRET").unwrap_or_default();
-        if secret.len() < 16 {
+        let secret = Secret::new(lookup("PICLOUD_TOKEN_SECRET").unwrap_or_default());
+        if secret.expose().len() < 16 {
             return Err(ConfigError {
                 variable: "PICLOUD_TOKEN_SECRET".into(),
-                value: if secret.is_empty() { String::new() } else { "<hidden>".into() },
+                value: if secret.expose().is_empty() { String::new() } else { "<hidden>".into() },
                 accepts: "a secret of at least 16 bytes (required: it signs delivery tokens)".into(),
             });
         }
         let node_id =
             lookup("PICLOUD_NODE_ID").filter(|v| !v.trim().is_empty()).unwrap_or(default_node_id.into());
-        let subjects = subjects_from_env(lookup)?;
-        let ms = |variable, default: u64, min: u64, max: u64| {
-            parse_var(lookup, variable, default, &format!("milliseconds from {min} to {max}"), |v| {
-                (min..=max).contains(v)
-            })
-            .map(Duration::from_millis)
-        };
-        let mut config = Self::new(node_id, secret.as_bytes());
-        config.subjects = subjects;
+        let mut config = Self::new(node_id, secret.expose().as_bytes());
+        config.subjects = subjects_from_env(lookup)?;
         config.triggers = TriggerConfig::from_env(lookup)?;
-        config.handler_timeout = ms("PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, MAX_HANDLER_TIMEOUT_MS)?;
-        config.lease_margin = ms("PICLOUD_LEASE_MARGIN_MS", 10_000, 100, 3_600_000)?;
-        config.poll_interval = ms("PICLOUD_RELAY_POLL_MS", 1_000, 10, 60_000)?;
+        config.handler_timeout =
+            ms(lookup, "PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, MAX_HANDLER_TIMEOUT_MS)?;
+        config.lease_margin = ms(lookup, "PICLOUD_LEASE_MARGIN_MS", 10_000, 100, 3_600_000)?;
+        Ok(config)
+    }
+}
+
+/// A duration variable in milliseconds within `min..=max`.
+fn ms(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    variable: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<Duration, ConfigError> {
+    parse_var(lookup, variable, default, &format!("milliseconds from {min} to {max}"), |v| {
+        (min..=max).contains(v)
+    })
+    .map(Duration::from_millis)
+}
+
+/// How a relay runs: the node's settings and the relay's own tuning.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// What the whole node shares.
+    pub node: NodeConfig,
+    /// Rows claimed per statement.
+    pub batch_size: u32,
+    /// Deliveries published and not yet completed, at most.
+    pub max_in_flight: usize,
+    /// How often to look for due rows when no notification came.
+    pub poll_interval: Duration,
+}
+
+impl RelayConfig {
+    /// The relay's default tuning around `node`.
+    pub fn new(node: NodeConfig) -> Self {
+        Self { node, batch_size: 500, max_in_flight: 4000, poll_interval: Duration::from_secs(1) }
+    }
+
+    /// Parses the relay's tuning around `node`: `PICLOUD_RELAY_BATCH`,
+    /// `PICLOUD_RELAY_MAX_IN_FLIGHT` and `PICLOUD_RELAY_POLL_MS`.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>, node: NodeConfig) -> Result<Self, ConfigError> {
+        let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
+        let mut config = Self::new(node);
+        config.poll_interval = ms(lookup, "PICLOUD_RELAY_POLL_MS", 1_000, 10, 60_000)?;
         config.batch_size =
             parse_var(lookup, "PICLOUD_RELAY_BATCH", 500, "an integer from 1 to 5000", |v| {
                 (1..=5000).contains(v)
@@ -188,14 +207,14 @@ mod tests {
 
     #[test]
     fn the_token_secret_is_required() {
-        let err = RelayConfig::from_env(env(&[]), "n").unwrap_err();
+        let err = NodeConfig::from_env(env(&[]), "n").unwrap_err();
         assert_eq!(err.variable, "PICLOUD_TOKEN_SECRET");
         assert!(err.to_string().contains("at least 16 bytes"));
     }
 
     #[test]
     fn defaults_follow_the_design_and_the_lease_is_timeout_plus_margin() {
-        let c = RelayConfig::from_env(env(&[SECRET]), "host-1").unwrap();
+        let c = NodeConfig::from_env(env(&[SECRET]), "host-1").unwrap();
         assert_eq!(c.node_id, "host-1");
         assert_eq!(c.handler_timeout, Duration::from_secs(30));
         assert_eq!(c.lease(), Duration::from_secs(40));
@@ -212,7 +231,11 @@ mod tests {
             ("PICLOUD_SUBJECT_PREFIX", "a.*"),
             ("PICLOUD_MAX_TRIGGER_DEPTH", "0"),
         ] {
-            let err = RelayConfig::from_env(env(&[SECRET, (var, value)]), "n").unwrap_err();
+            let pairs = [SECRET, (var, value)];
+            let lookup = env(&pairs);
+            let err = NodeConfig::from_env(&lookup, "n")
+                .and_then(|node| RelayConfig::from_env(&lookup, node))
+                .unwrap_err();
             assert_eq!(err.variable, var);
         }
     }

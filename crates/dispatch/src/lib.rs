@@ -20,7 +20,7 @@ mod sync;
 
 pub use answer::Answer;
 pub use complete::{Completed, Done, complete};
-pub use config::{MAX_HANDLER_TIMEOUT_MS, NatsConfig, RelayConfig};
+pub use config::{MAX_HANDLER_TIMEOUT_MS, NatsConfig, NodeConfig, RelayConfig};
 pub use connection::ConnectionWatch;
 pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};

@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::abandoned::abandon;
 use crate::answer::Answer;
 use crate::complete::{Done, complete};
-use crate::config::RelayConfig;
+use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::metrics::RelayMetrics;
@@ -141,7 +141,7 @@ impl<S: Store> Relay<S> {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
         let max_in_flight = self.config.max_in_flight.max(1);
-        let metrics = RelayMetrics::new(&self.config.node_id);
+        let metrics = RelayMetrics::new(&self.config.node.node_id);
         let connection = ConnectionWatch::spawn(&self.nats);
         let shared = Arc::new(Shared {
             store: self.store,
@@ -159,7 +159,7 @@ impl<S: Store> Relay<S> {
             metrics,
             connection,
         });
-        tracing::info!(node = %shared.config.node_id, "relay started");
+        tracing::info!(node = %shared.config.node.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
         let listener = tokio::spawn(listen(shared.clone(), wakeups));
@@ -237,7 +237,7 @@ async fn claim_loop<S: Store>(
     mut stop: watch::Receiver<bool>,
 ) {
     let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
-    let lease = shared.config.lease();
+    let lease = shared.config.node.lease();
     let mut failures = 0u32;
     let mut next_due = None;
     loop {
@@ -249,7 +249,7 @@ async fn claim_loop<S: Store>(
             _ = stop.changed() => return,
         };
         slots.forget();
-        match shared.store.claim_due(batch, lease, &shared.config.node_id).await {
+        match shared.store.claim_due(batch, lease, &shared.config.node.node_id).await {
             Ok(claim) => {
                 failures = 0;
                 let claimed = claim.rows.len();
@@ -327,7 +327,7 @@ impl Plan {
 
 /// Decides where rows like `row` go, or the answer they get without being sent.
 pub(crate) fn plan(
-    config: &RelayConfig,
+    config: &NodeConfig,
     row: &ClaimedDelivery,
     target: Option<&DeliveryTarget>,
     email_app: Option<&AppSlug>,
@@ -455,14 +455,14 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             let answer = if e.is_transient() { Answer::Interrupted(error) } else { Answer::Failed(error) };
             for row in &rows {
                 let answer = if row.reply_to.is_some() { Answer::LeaseExpired } else { answer.clone() };
-                let _ = done_tx.send(done_for(row, config.triggers.retry, answer));
+                let _ = done_tx.send(done_for(row, config.node.triggers.retry, answer));
             }
             return;
         }
     };
     let sent = Instant::now();
-    let deadline = sent + config.handler_timeout;
-    let deadline_ms = unix_millis_after(config.handler_timeout);
+    let deadline = sent + config.node.handler_timeout;
+    let deadline_ms = unix_millis_after(config.node.handler_timeout);
     let mut plans: HashMap<(Option<Uuid>, Uuid, u32), Result<Plan, Answer>> = HashMap::new();
     let mut outgoing = Vec::with_capacity(rows.len());
     let mut in_flight = Vec::with_capacity(rows.len());
@@ -472,7 +472,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             // Sync rows are written claimed by the node their caller waits on; one a relay can
             // claim outlived its lease there, and is never delivered twice.
             tracing::warn!(delivery_id = %row.id, "a sync call outlived its lease; recorded as abandoned, not delivered again");
-            let mut done = done_for(&row, config.triggers.retry, Answer::LeaseExpired);
+            let mut done = done_for(&row, config.node.triggers.retry, Answer::LeaseExpired);
             done.trigger_name =
                 row.trigger_id.and_then(|id| targets.get(&id)).map(|t| t.trigger.name.to_string());
             let _ = done_tx.send(done);
@@ -480,13 +480,19 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
         let plan = plans.entry(key).or_insert_with(|| {
             let target = row.trigger_id.and_then(|id| targets.get(&id));
-            plan(config, &row, target, email_apps.get(&row.app_id).and_then(Option::as_ref), deadline_ms)
+            plan(
+                &config.node,
+                &row,
+                target,
+                email_apps.get(&row.app_id).and_then(Option::as_ref),
+                deadline_ms,
+            )
         });
         let plan = match plan {
             Ok(plan) => plan,
             Err(answer) => {
                 tracing::info!(delivery_id = %row.id, ?answer, "not delivered");
-                let _ = done_tx.send(done_for(&row, config.triggers.retry, answer.clone()));
+                let _ = done_tx.send(done_for(&row, config.node.triggers.retry, answer.clone()));
                 continue;
             }
         };
@@ -665,7 +671,8 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
         }
         // The only sync rows a relay completes are those that outlived their lease.
         for done in batch.iter().filter(|d| d.reply_to.is_some()) {
-            let (store, done, timeout) = (shared.store.clone(), done.clone(), shared.config.handler_timeout);
+            let (store, done, timeout) =
+                (shared.store.clone(), done.clone(), shared.config.node.handler_timeout);
             abandoned
                 .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
         }
@@ -686,7 +693,7 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
 async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
     let config = &shared.config;
     for tries in 1..=FLUSH_TRIES {
-        match complete(&shared.store, &config.triggers, config.handler_timeout, batch).await {
+        match complete(&shared.store, &config.node.triggers, config.node.handler_timeout, batch).await {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
                 shared.metrics.completed(batch, &stats);

@@ -16,8 +16,6 @@ use picloud_store::cron::{CronPass, fire_due_ticks};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::config::RelayConfig;
-
 /// Where the scheduler's "now" comes from: the system clock in production, a [`ManualClock`]
 /// that tests move.
 pub trait Clock: Send + Sync + 'static {
@@ -99,13 +97,6 @@ impl SchedulerConfig {
             poll_interval: Duration::from_secs(1),
             batch_size: 100,
         }
-    }
-}
-
-impl From<&RelayConfig> for SchedulerConfig {
-    /// The node's name, trigger defaults and poll interval of its relay.
-    fn from(relay: &RelayConfig) -> Self {
-        Self { poll_interval: relay.poll_interval, ..Self::new(relay.node_id.clone(), &relay.triggers) }
     }
 }
 
@@ -202,19 +193,6 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
-
-    #[test]
-    fn a_scheduler_configured_from_the_relay_takes_its_node_trigger_defaults_and_poll_interval() {
-        let mut relay = RelayConfig::new("node-7", b"0123456789abcdef");
-        relay.poll_interval = Duration::from_millis(250);
-        relay.triggers.max_depth = 3;
-
-        let config = SchedulerConfig::from(&relay);
-
-        assert_eq!(config.node_id, "node-7");
-        assert_eq!(config.triggers, relay.triggers);
-        assert_eq!(config.poll_interval, Duration::from_millis(250));
-    }
 
     #[tokio::test]
     async fn a_manual_clock_wakes_a_sleeper_once_moved_to_its_time_and_not_before() {

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::abandoned::abandon;
 use crate::answer::Answer;
-use crate::config::RelayConfig;
+use crate::config::NodeConfig;
 use crate::connection::ConnectionWatch;
 use crate::envelope::envelope;
 use crate::metrics::RelayMetrics;
@@ -135,7 +135,7 @@ pub async fn deliver_sync<S: Store>(
     store: S,
     nats: Client,
     connection: ConnectionWatch,
-    config: RelayConfig,
+    config: NodeConfig,
     row: ClaimedDelivery,
     target: DeliveryTarget,
     reply: SyncReply,
@@ -157,7 +157,7 @@ pub async fn deliver_sync<S: Store>(
 async fn attempt(
     nats: &Client,
     connection: &ConnectionWatch,
-    config: &RelayConfig,
+    config: &NodeConfig,
     row: &ClaimedDelivery,
     target: &DeliveryTarget,
 ) -> (Answer, crate::complete::Done) {

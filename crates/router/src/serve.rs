@@ -11,7 +11,8 @@ use picloud_api::{ApiConfig, ApiState, Ingest};
 use picloud_core::config::parse_var;
 use picloud_core::protocol::largest_envelope_bytes;
 use picloud_dispatch::{
-    ExecutorConfig, Janitor, JanitorConfig, Metrics, NatsConfig, Relay, Scheduler, SchedulerConfig,
+    ExecutorConfig, Janitor, JanitorConfig, Metrics, NatsConfig, NodeConfig, Relay, RelayConfig, Scheduler,
+    SchedulerConfig,
 };
 use picloud_store::PgStore;
 
@@ -101,6 +102,7 @@ fn refuse_development_secrets(lookup: Lookup<'_>) -> anyhow::Result<()> {
 /// The parsed configuration of a node: every variable is checked before anything starts.
 pub struct Node {
     api: ApiConfig,
+    relay: RelayConfig,
     nats: NatsConfig,
     executors: ExecutorConfig,
     database_url: String,
@@ -123,10 +125,14 @@ impl Node {
             })
             .map(Duration::from_millis)
         };
+        // Parsed once: every part of the node takes what it needs of it.
+        let node = NodeConfig::from_env(lookup, &default_node_id())?;
+        let executors = ExecutorConfig::from_env(lookup, &node)?;
         Ok(Node {
-            api: ApiConfig::from_env(lookup, &default_node_id())?,
+            api: ApiConfig::from_env(lookup, node.clone(), &executors)?,
+            relay: RelayConfig::from_env(lookup, node)?,
             nats: NatsConfig::from_env(lookup)?,
-            executors: ExecutorConfig::from_env(lookup)?,
+            executors,
             database_url: database_url(lookup)?,
             metrics_interval: ms("PICLOUD_METRICS_INTERVAL_MS", 15_000, 1_000, 3_600_000)?,
             shutdown_timeout: ms("PICLOUD_SHUTDOWN_TIMEOUT_MS", 110_000, 1_000, 3_600_000)?,
@@ -143,6 +149,7 @@ impl Node {
     ) -> anyhow::Result<()> {
         let Node {
             api: mut config,
+            relay: relay_config,
             nats: nats_config,
             executors,
             database_url: url,
@@ -186,7 +193,7 @@ impl Node {
         let ingest = Ingest::start(state.clone()).await?;
         let executors = picloud_dispatch::executors::start(store.clone(), nats.clone(), executors).await?;
         let mut parts = Parts::default();
-        let relay = Relay::new(relay_store, nats.clone(), config.node.clone()).run(on_stop());
+        let relay = Relay::new(relay_store, nats.clone(), relay_config).run(on_stop());
         parts.spawn("relay", async { relay.await.map_err(Into::into) });
         let scheduler =
             Scheduler::new(store.clone(), SchedulerConfig::new(node_id.clone(), &config.node.triggers))

@@ -10,7 +10,7 @@ use http_body_util::BodyExt as _;
 use picloud_api::{ApiConfig, ApiState};
 use picloud_core::token::{DeliveryToken, generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, RetryPolicy, Role, ScopeSet, TriggerConfig};
-use picloud_dispatch::{Relay, RelayConfig};
+use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::*;
 use picloud_testkit::{NatsServer, TestDatabase};
 use serde_json::Value;
@@ -20,17 +20,22 @@ use uuid::Uuid;
 
 pub const SECRET: &[u8] = b"api-test-secret-0123456789";
 
-pub fn node_config(node: &str) -> RelayConfig {
-    let mut c = RelayConfig::new(node, SECRET);
+/// What the API node and its test relays share: short timeouts and backoffs, a low depth limit.
+pub fn node_config(node: &str) -> NodeConfig {
+    let mut c = NodeConfig::new(node, SECRET);
     c.handler_timeout = Duration::from_millis(1500);
     c.lease_margin = Duration::from_millis(500);
-    c.poll_interval = Duration::from_millis(100);
     c.triggers = TriggerConfig {
         max_depth: 4,
         retry: RetryPolicy::new(2, Duration::from_millis(10), Duration::from_millis(20)).unwrap(),
         ..TriggerConfig::default()
     };
     c
+}
+
+/// A relay of the test node that polls often.
+pub fn relay_config(node: &str) -> RelayConfig {
+    RelayConfig { poll_interval: Duration::from_millis(100), ..RelayConfig::new(node_config(node)) }
 }
 
 /// A response: status and JSON body (Null when empty).
@@ -198,7 +203,7 @@ impl Api {
     pub async fn relay(&self) -> RelayHandle {
         let client = async_nats::connect(self.nats.url()).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let relay = Relay::new(self.store().clone(), client, node_config("relay"));
+        let relay = Relay::new(self.store().clone(), client, relay_config("relay"));
         let task = tokio::spawn(async move {
             relay
                 .run(async {

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 
 use self::email::EmailExecutor;
 use self::webhook::WebhookExecutor;
+use crate::config::NodeConfig;
 
 /// Where emails go: `PICLOUD_SMTP_URL` and `PICLOUD_SMTP_FROM`.
 #[derive(Clone, PartialEq, Eq)]
@@ -75,13 +76,13 @@ impl Default for ExecutorConfig {
 pub const DEFAULT_SMTP_FROM: &str = "picloud@localhost";
 
 impl ExecutorConfig {
-    /// Parses `PICLOUD_SMTP_URL` (unset: no email executor), `PICLOUD_SMTP_FROM`,
-    /// `PICLOUD_SUBJECT_PREFIX` and `PICLOUD_WEBHOOK_ALLOW_NETS`; a bad value is an error naming
-    /// its variable.
-    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    /// Parses `PICLOUD_SMTP_URL` (unset: no email executor), `PICLOUD_SMTP_FROM` and
+    /// `PICLOUD_WEBHOOK_ALLOW_NETS`, serving `node`'s subjects; a bad value is an error naming its
+    /// variable.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>, node: &NodeConfig) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
         let get = |k: &str| lookup(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let subjects = crate::config::subjects_from_env(lookup)?;
+        let subjects = node.subjects.clone();
         let smtp = match get("PICLOUD_SMTP_URL") {
             None => None,
             Some(url) => {
@@ -373,9 +374,13 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
+    fn node() -> NodeConfig {
+        NodeConfig::new("n", b"0123456789abcdef")
+    }
+
     #[test]
     fn without_an_smtp_url_there_is_no_email_executor() {
-        let c = ExecutorConfig::from_env(env(&[])).unwrap();
+        let c = ExecutorConfig::from_env(env(&[]), &node()).unwrap();
         assert_eq!(c.smtp, None);
         assert_eq!(c.subjects.builtin_webhook(), "picloud.v1.builtin.webhook");
         assert_eq!(c.concurrency, 64);
@@ -384,29 +389,34 @@ mod tests {
 
     #[test]
     fn the_webhook_allow_list_is_read_and_a_bad_entry_names_the_variable() {
-        let c = ExecutorConfig::from_env(env(&[("PICLOUD_WEBHOOK_ALLOW_NETS", "127.0.0.0/8, ::1")])).unwrap();
+        let c = ExecutorConfig::from_env(env(&[("PICLOUD_WEBHOOK_ALLOW_NETS", "127.0.0.0/8, ::1")]), &node())
+            .unwrap();
         assert_eq!(c.webhook_allow_nets.to_string(), "127.0.0.0/8,::1/128");
-        let err = ExecutorConfig::from_env(env(&[("PICLOUD_WEBHOOK_ALLOW_NETS", "10.0.0.0/8,intranet")]))
-            .unwrap_err();
+        let err =
+            ExecutorConfig::from_env(env(&[("PICLOUD_WEBHOOK_ALLOW_NETS", "10.0.0.0/8,intranet")]), &node())
+                .unwrap_err();
         assert_eq!(err.variable, "PICLOUD_WEBHOOK_ALLOW_NETS");
         assert!(err.accepts.contains("\"intranet\""), "{err}");
     }
 
     #[test]
     fn the_smtp_url_and_from_address_are_read_with_a_default_sender() {
-        let c = ExecutorConfig::from_env(env(&[("PICLOUD_SMTP_URL", "smtp://127.0.0.1:2525")])).unwrap();
+        let c =
+            ExecutorConfig::from_env(env(&[("PICLOUD_SMTP_URL", "smtp://127.0.0.1:2525")]), &node()).unwrap();
         assert_eq!(
             c.smtp,
             Some(SmtpConfig { url: "smtp://127.0.0.1:2525".into(), from: "picloud@localhost".into() })
         );
-        let c = ExecutorConfig::from_env(env(&[
-            ("PICLOUD_SMTP_URL", "smtps://mailer:pw@mail.example.com"),
-            ("PICLOUD_SMTP_FROM", "Shop <shop@example.com>"),
-            ("PICLOUD_SUBJECT_PREFIX", "acme"),
-        ]))
+        let c = ExecutorConfig::from_env(
+            env(&[
+                ("PICLOUD_SMTP_URL", "smtps://mailer:pw@mail.example.com"),
+                ("PICLOUD_SMTP_FROM", "Shop <shop@example.com>"),
+            ]),
+            &NodeConfig { subjects: Subjects::new("acme").unwrap(), ..node() },
+        )
         .unwrap();
         assert_eq!(c.smtp.as_ref().unwrap().from, "Shop <shop@example.com>");
-        assert_eq!(c.subjects.builtin_email(), "acme.v1.builtin.email");
+        assert_eq!(c.subjects.builtin_email(), "acme.v1.builtin.email", "the node's subjects");
         assert!(!format!("{:?}", c.smtp).contains("pw"), "the password stays out of debug output");
     }
 
@@ -417,13 +427,12 @@ mod tests {
             ("PICLOUD_SMTP_URL", "not a url"),
             ("PICLOUD_SMTP_URL", "smtp://u:secret@host?tls=sometimes"),
             ("PICLOUD_SMTP_FROM", "nobody"),
-            ("PICLOUD_SUBJECT_PREFIX", "a.*"),
         ] {
             let mut pairs = vec![(var, value)];
             if var != "PICLOUD_SMTP_URL" {
                 pairs.push(("PICLOUD_SMTP_URL", "smtp://127.0.0.1:2525"));
             }
-            let err = ExecutorConfig::from_env(env(&pairs)).unwrap_err();
+            let err = ExecutorConfig::from_env(env(&pairs), &node()).unwrap_err();
             assert_eq!(err.variable, var, "{value}");
             assert!(!err.to_string().contains("secret"), "{err}");
         }

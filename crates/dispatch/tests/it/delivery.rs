@@ -239,7 +239,7 @@ async fn a_self_triggering_handler_stops_at_the_depth_limit() {
     let mut w = World::new().await;
     w.config = TriggerConfig { max_depth: 3, ..w.config };
     let mut config = relay_config("n");
-    config.triggers.max_depth = 3;
+    config.node.triggers.max_depth = 3;
     w.kv_trigger("echo", "loop", "echo").await;
     let (store, app, handler_config) = (w.store.clone(), w.app.clone(), w.config);
     let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "echo", move |d: Delivery| {

@@ -195,7 +195,7 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
         reply_to: "_INBOX.obs",
         authorized_at: None,
         node: "obs-sync",
-        lease: config.lease(),
+        lease: config.node.lease(),
     };
     let body = RawValue::from_string("{}".into()).unwrap();
     let SyncCallWrite::Written { row, target } =
@@ -210,7 +210,7 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
         w.store.clone(),
         nats,
         connection,
-        config,
+        config.node,
         row,
         *target,
         reply,

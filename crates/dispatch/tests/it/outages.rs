@@ -103,7 +103,7 @@ async fn a_delivery_in_flight_when_nats_restarts_is_given_back_at_once_without_s
     })
     .await;
     let mut config = relay_config("n");
-    config.handler_timeout = std::time::Duration::from_secs(120);
+    config.node.handler_timeout = std::time::Duration::from_secs(120);
     let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     w.put("orders", "o-1", json!({"n": 1}), 0).await;
     let first = next(&mut seen, "the first delivery").await;

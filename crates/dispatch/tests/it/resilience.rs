@@ -67,7 +67,7 @@ async fn a_nats_server_restarted_during_10000_deliveries_loses_none() {
     let seen: Seen = Arc::default();
     let (worker, _rx) = start_worker(&w.nats_url(), "shop", "bulk", recording(&seen)).await;
     let mut config = relay_config("n");
-    config.triggers.retry =
+    config.node.triggers.retry =
         RetryPolicy::new(50, Duration::from_millis(20), Duration::from_millis(200)).unwrap();
     let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
 

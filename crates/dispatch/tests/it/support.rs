@@ -7,7 +7,7 @@ use picloud_core::names::{CollectionName, KvKey};
 use picloud_core::{
     AppSlug, CollectionPattern, HandlerName, RetryOverrides, RetryPolicy, Role, TriggerConfig, TriggerName,
 };
-use picloud_dispatch::{Relay, RelayConfig};
+use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
 use picloud_testkit::{NatsServer, TestDatabase};
@@ -20,11 +20,11 @@ pub const SECRET: &[u8] = b"test-secret-0123456789";
 
 /// Relay settings that make tests quick: short timeouts and backoffs.
 pub fn relay_config(node: &str) -> RelayConfig {
-    let mut c = RelayConfig::new(node, SECRET);
-    c.handler_timeout = Duration::from_millis(1500);
-    c.lease_margin = Duration::from_millis(1000);
+    let mut c = RelayConfig::new(NodeConfig::new(node, SECRET));
+    c.node.handler_timeout = Duration::from_millis(1500);
+    c.node.lease_margin = Duration::from_millis(1000);
     c.poll_interval = Duration::from_millis(100);
-    c.triggers = TriggerConfig {
+    c.node.triggers = TriggerConfig {
         max_depth: 16,
         retry: RetryPolicy::new(3, Duration::from_millis(10), Duration::from_millis(50)).unwrap(),
         ..TriggerConfig::default()
@@ -151,7 +151,7 @@ impl World {
         let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
         let admin = store.create_principal("shop-admin", false).await.unwrap();
         store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
-        World { store, nats, app, admin, config: relay_config("x").triggers, _db: db }
+        World { store, nats, app, admin, config: relay_config("x").node.triggers, _db: db }
     }
 
     pub fn nats_url(&self) -> String {

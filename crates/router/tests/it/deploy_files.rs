@@ -624,7 +624,7 @@ fn info(port: u16, log: &Path) -> serde_json::Value {
 #[tokio::test]
 async fn every_shipped_nats_config_has_a_max_payload_that_carries_the_largest_envelope_by_default() {
     let default =
-        picloud_api::ApiConfig::new(picloud_dispatch::RelayConfig::new("n", &[0; 16])).max_payload_bytes;
+        picloud_api::ApiConfig::new(picloud_dispatch::NodeConfig::new("n", &[0; 16])).max_payload_bytes;
     let largest = picloud_core::protocol::largest_envelope_bytes(default);
     let compose = compose();
     let dir = tempfile::tempdir().unwrap();
