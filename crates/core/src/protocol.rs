@@ -301,17 +301,17 @@ impl AnswerHead {
         }
     }
 
-    /// The headers that say it: the status, the error as [`error_text`] keeps it (when there is
-    /// one left), and the delay in whole milliseconds.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut headers = vec![(STATUS_HEADER, self.status().as_str().to_owned())];
+    /// Hands `put` each header that says it: the status, the error as [`error_text`] keeps it
+    /// (when there is one left), and the delay in whole milliseconds. An `ok` allocates nothing:
+    /// it is every delivery's answer.
+    pub fn write_headers(&self, mut put: impl FnMut(&'static str, &str)) {
+        put(STATUS_HEADER, self.status().as_str());
         if let Some(error) = self.error().map(error_text).filter(|e| !e.is_empty()) {
-            headers.push((ERROR_HEADER, error));
+            put(ERROR_HEADER, &error);
         }
         if let AnswerHead::Retry { after: Some(after), .. } = self {
-            headers.push((RETRY_AFTER_HEADER, after.as_millis().to_string()));
+            put(RETRY_AFTER_HEADER, &after.as_millis().to_string());
         }
-        headers
     }
 
     /// Reads an answer from a reply's headers (`header` looks one up by name). The status is
@@ -595,7 +595,8 @@ mod tests {
     proptest! {
         #[test]
         fn an_answer_reads_back_as_written_and_its_headers_are_single_lines(head in any_answer_head()) {
-            let headers = head.headers();
+            let mut headers: Vec<(&str, String)> = Vec::new();
+            head.write_headers(|name, value| headers.push((name, value.to_owned())));
             for (name, value) in &headers {
                 prop_assert!(!value.contains(char::is_control), "{} holds a control character", name);
                 prop_assert!(value.len() <= MAX_ERROR_BYTES, "{} is {} bytes", name, value.len());
@@ -639,8 +640,11 @@ mod tests {
                 error: Some("busy  X: y".into())
             })
         );
+        let mut headers = Vec::new();
+        AnswerHead::Fail { error: Some("   ".into()) }
+            .write_headers(|name, value| headers.push((name, value.to_owned())));
         assert_eq!(
-            AnswerHead::Fail { error: Some("   ".into()) }.headers(),
+            headers,
             [(STATUS_HEADER, "fail".to_owned())],
             "an error that is empty once kept to one line is not sent"
         );

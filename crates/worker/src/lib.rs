@@ -155,9 +155,7 @@ impl Reply {
             Reply::Fail(error) => (AnswerHead::Fail { error: Some(error) }, Bytes::new()),
         };
         let mut headers = HeaderMap::new();
-        for (name, value) in head.headers() {
-            headers.insert(name, value);
-        }
+        head.write_headers(|name, value| headers.insert(name, value));
         (headers, body)
     }
 }

@@ -256,9 +256,7 @@ impl Outcome {
             Outcome::Fail(error) => (AnswerHead::Fail { error: Some(error) }, Bytes::new()),
         };
         let mut headers = HeaderMap::new();
-        for (name, value) in head.headers() {
-            headers.insert(name, value);
-        }
+        head.write_headers(|name, value| headers.insert(name, value));
         let body = match head.error() {
             Some(_) => {
                 let error = headers.get(ERROR_HEADER).map(|v| v.as_str()).unwrap_or_default();
