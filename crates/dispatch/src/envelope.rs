@@ -4,20 +4,21 @@ use picloud_core::protocol::{EnvelopeRef, rfc3339_millis};
 use picloud_store::ClaimedDelivery;
 use uuid::Uuid;
 
-/// What the envelope says about the trigger and its principal (absent for emails).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RunAs<'a> {
-    pub trigger: &'a str,
+/// Who a delivery runs as, as its envelope says: the trigger, its registering principal and the
+/// delivery token acting for them (absent for emails).
+#[derive(Debug, Clone)]
+pub(crate) struct RunAs {
+    pub trigger: String,
     pub trigger_id: Uuid,
     pub principal: Uuid,
-    pub token: &'a str,
+    pub token: String,
 }
 
 /// Serializes the envelope of `row`'s current attempt.
 pub(crate) fn envelope(
     row: &ClaimedDelivery,
     app: &str,
-    run_as: Option<RunAs<'_>>,
+    run_as: Option<&RunAs>,
     deadline_ms: i64,
 ) -> Vec<u8> {
     let time = rfc3339_millis(row.created_at);
@@ -33,11 +34,11 @@ pub(crate) fn envelope(
         picloudattempt: row.attempt,
         picloudapp: app,
         picloudkind: row.kind.as_str(),
-        picloudtrigger: run_as.map(|r| r.trigger),
+        picloudtrigger: run_as.map(|r| r.trigger.as_str()),
         picloudtriggerid: run_as.map(|r| r.trigger_id),
         piclouddepth: row.depth,
         picloudprincipal: run_as.map(|r| r.principal),
-        picloudtoken: run_as.map(|r| r.token),
+        picloudtoken: run_as.map(|r| r.token.as_str()),
         piclouddeadline: deadline_ms,
     };
     let mut body = Vec::with_capacity(512 + row.payload.get().len());
@@ -133,13 +134,9 @@ mod tests {
             deadline_ms: i64::MAX,
             scopes: ScopeSet::for_role(Role::Admin),
         });
-        let run_as = RunAs {
-            trigger: &"t".repeat(63),
-            trigger_id: Uuid::now_v7(),
-            principal: Uuid::now_v7(),
-            token: &token,
-        };
-        let body = envelope(&row(source::dead_letters(&app), payload), &app, Some(run_as), i64::MAX);
+        let run_as =
+            RunAs { trigger: "t".repeat(63), trigger_id: Uuid::now_v7(), principal: Uuid::now_v7(), token };
+        let body = envelope(&row(source::dead_letters(&app), payload), &app, Some(&run_as), i64::MAX);
         let frame = body.len() - data.len();
         assert!(frame <= ENVELOPE_FRAME_BYTES, "a frame of {frame} bytes");
     }

@@ -309,20 +309,8 @@ pub(crate) struct Plan {
     pub(crate) app: AppSlug,
     pub(crate) trigger_name: Option<String>,
     pub(crate) policy: RetryPolicy,
-    /// Trigger id, trigger name, principal and delivery token (absent for emails).
-    pub(crate) run_as: Option<(Uuid, String, Uuid, String)>,
-}
-
-impl Plan {
-    /// The envelope's view of who the delivery runs as.
-    pub(crate) fn run_as(&self) -> Option<RunAs<'_>> {
-        self.run_as.as_ref().map(|(trigger_id, trigger, principal, token)| RunAs {
-            trigger,
-            trigger_id: *trigger_id,
-            principal: *principal,
-            token,
-        })
-    }
+    /// Who the deliveries run as (absent for emails).
+    pub(crate) run_as: Option<RunAs>,
 }
 
 /// Decides where rows like `row` go, or the answer they get without being sent.
@@ -373,7 +361,12 @@ pub(crate) fn plan(
         app: target.app_slug.clone(),
         trigger_name: Some(trigger.name.to_string()),
         policy: config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry),
-        run_as: Some((trigger_id, trigger.name.to_string(), trigger.registered_by, token)),
+        run_as: Some(RunAs {
+            trigger: trigger.name.to_string(),
+            trigger_id,
+            principal: trigger.registered_by,
+            token,
+        }),
     })
 }
 
@@ -496,7 +489,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                 continue;
             }
         };
-        let body = envelope(&row, plan.app.as_str(), plan.run_as(), deadline_ms);
+        let body = envelope(&row, plan.app.as_str(), plan.run_as.as_ref(), deadline_ms);
         let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut done = done_for(&row, plan.policy, Answer::Timeout);
         done.app_slug = Some(plan.app.clone());

@@ -169,7 +169,7 @@ async fn attempt(
     };
     done.app_slug = Some(plan.app.clone());
     done.trigger_name = plan.trigger_name.clone();
-    let body = envelope(row, plan.app.as_str(), plan.run_as(), deadline_ms);
+    let body = envelope(row, plan.app.as_str(), plan.run_as.as_ref(), deadline_ms);
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
     // The client's shared request inbox: no subscription of its own per call, and "no
