@@ -5,6 +5,7 @@
 //!   process (stopped at exit) or on the server `PICLOUD_TEST_DATABASE_URL` names.
 //! - [`TcpProxy`]: a TCP proxy a test cuts and restores, a network partition between a process
 //!   and its server.
+//! - [`eventually`]: the tests' one way to wait for a condition.
 //!
 //! Never a dependency of production code: the `dev` command takes its servers from
 //! `picloud-local` directly.
@@ -16,7 +17,9 @@
 mod exit;
 mod proxy;
 mod testdb;
+mod wait;
 
 pub use picloud_local::*;
 pub use proxy::TcpProxy;
 pub use testdb::{TEST_DATABASE_URL_ENV, TestDatabase};
+pub use wait::{EVENTUALLY, eventually, eventually_within};

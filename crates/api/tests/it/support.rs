@@ -12,6 +12,7 @@ use picloud_core::token::{DeliveryToken, generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, RetryPolicy, Role, ScopeSet, TriggerConfig};
 use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::*;
+pub use picloud_testkit::eventually;
 use picloud_testkit::{NatsServer, TestDatabase};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -225,21 +226,5 @@ impl RelayHandle {
     pub async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.unwrap();
-    }
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, for at most 30 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -10,6 +10,7 @@ use picloud_core::{
 use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
+pub use picloud_testkit::eventually;
 use picloud_testkit::{NatsServer, TestDatabase};
 use picloud_worker::{Delivery, HandlerResult, Reply, Worker};
 use tokio::sync::{mpsc, oneshot};
@@ -114,22 +115,6 @@ pub async fn next(rx: &mut mpsc::UnboundedReceiver<Delivery>, what: &str) -> Del
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         .expect("worker gone")
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, for at most 30 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A database, a nats-server, and an app `shop` whose admin registers triggers.

@@ -9,12 +9,15 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt as _;
 use picloud_core::protocol::EventKind;
 use picloud_store::*;
-use picloud_testkit::TestDatabase;
+use picloud_testkit::{TestDatabase, eventually_within};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::support::{Shop, nats_for_serve, shop_with_trigger};
+
+/// How long the relays may take: the second waits out the first one's lease.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A `picloud-router serve` process, killed if the test ends early.
 struct RouterProcess(Child);
@@ -54,14 +57,6 @@ impl Drop for RouterProcess {
 
 /// What the handler saw: per delivery id, each attempt and when it arrived.
 type Seen = Arc<Mutex<HashMap<Uuid, Vec<(u32, OffsetDateTime)>>>>;
-
-async fn poll_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test]
 async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_the_lease() {
@@ -123,7 +118,10 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
     });
 
     let mut relay_a = RouterProcess::serve("relay-a", db.url(), &nats.url());
-    poll_until("relay-a's first batch to reach the handler", async || seen.lock().unwrap().len() >= 50).await;
+    eventually_within("relay-a's first batch to reach the handler", WAIT, || async {
+        (seen.lock().unwrap().len() >= 50).then_some(())
+    })
+    .await;
     relay_a.kill_9();
     let held: Vec<(Uuid, OffsetDateTime)> =
         sqlx::query_as("SELECT id, leased_until FROM outbox WHERE leased_by = 'relay-a'")
@@ -134,9 +132,10 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
 
     answering.store(true, Ordering::SeqCst);
     let _relay_b = RouterProcess::serve("relay-b", db.url(), &nats.url());
-    poll_until("the outbox to drain", async || {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(store.pool()).await.unwrap()
-            == 0
+    eventually_within("the outbox to drain", WAIT, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(store.pool()).await.unwrap();
+        (left == 0).then_some(())
     })
     .await;
 

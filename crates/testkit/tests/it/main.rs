@@ -4,22 +4,6 @@ mod nats;
 mod pg;
 mod proxy;
 
-use std::time::{Duration, Instant};
-
-/// Polls `condition` every 20 ms until it holds, failing after `timeout`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !condition().await {
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
 /// The effective uid of process `pid`, from `/proc/<pid>/status`.
 pub fn effective_uid(pid: u32) -> anyhow::Result<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use picloud_testkit::{TcpProxy, TestDatabase};
+use picloud_testkit::{TcpProxy, TestDatabase, eventually_within};
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-
-use crate::eventually;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -91,7 +89,10 @@ async fn a_connection_made_during_a_cut_is_held_unforwarded_and_forwarded_after_
 
     let mut stream = TcpStream::connect(proxy.addr()).await?;
     stream.write_all(b"sent during the cut").await?;
-    eventually("the proxy holds the connection", TIMEOUT, || async { proxy.held() == 1 }).await?;
+    eventually_within("the proxy holds the connection", TIMEOUT, || async {
+        (proxy.held() == 1).then_some(())
+    })
+    .await;
     let reached_target_during_cut = echo.accepted.load(Ordering::SeqCst);
     proxy.restore();
     let mut echoed = vec![0u8; b"sent during the cut".len()];
@@ -113,7 +114,10 @@ async fn a_connection_open_at_a_cut_hears_nothing_and_both_its_ends_are_reset_on
 
     proxy.cut().await;
     stream.write_all(b"during the cut").await?;
-    eventually("the proxy holds the connection", TIMEOUT, || async { proxy.held() == 1 }).await?;
+    eventually_within("the proxy holds the connection", TIMEOUT, || async {
+        (proxy.held() == 1).then_some(())
+    })
+    .await;
     let (mut read_half, _write_half) = stream.split();
     let mut buffer = [0u8; 64];
     let pending_read = read_half.read(&mut buffer);
@@ -156,7 +160,8 @@ async fn a_postgres_session_cut_fails_after_restore_and_a_new_session_through_th
         let answer = sqlx::query_scalar::<_, i32>("select 2").fetch_one(&mut session).await;
         answer.map_err(|e| e.to_string())
     });
-    eventually("the proxy holds the session", TIMEOUT, || async { proxy.held() == 1 }).await?;
+    eventually_within("the proxy holds the session", TIMEOUT, || async { (proxy.held() == 1).then_some(()) })
+        .await;
     let answered_during_cut = query.is_finished();
     proxy.restore();
     let cut_query = tokio::time::timeout(TIMEOUT, query).await??;
