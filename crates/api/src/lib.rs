@@ -4,6 +4,7 @@
 //! transaction (through `picloud_store::events`) and never deliver async events themselves; the
 //! one delivery an API node makes is the sync call its own caller waits on
 //! (`picloud_dispatch::deliver_sync`).
+#![warn(missing_docs)]
 
 use std::sync::Arc;
 

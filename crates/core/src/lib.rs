@@ -3,6 +3,7 @@
 //! Architecture invariant: this crate does no I/O. It has no database driver, no NATS client and
 //! no HTTP server in its dependency tree; everything here is a pure function of its inputs (the
 //! clock and the random generator aside, for ids, jitter and token secrets).
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod config;

@@ -4,6 +4,10 @@
 //! fan-out to dead-letter triggers). Results of sync rows are forwarded to their caller's inbox.
 //! Beside it: the cron scheduler (due ticks into the outbox), the janitor (retention of dead
 //! letters and abandoned executions) and the node's metrics.
+//!
+//! It depends on `core` and `store`, never on the API: the API calls it (one sync delivery), not
+//! the other way round.
+#![warn(missing_docs)]
 
 mod abandoned;
 mod answer;

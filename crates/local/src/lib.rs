@@ -19,7 +19,7 @@
 //!
 //! It must never depend on another picloud crate: the production binary links it for `dev`, and
 //! the test kit builds on it.
-
+#![warn(missing_docs)]
 // `pre_exec` (to set the parent-death signal), signals and `getpwnam_r` need libc calls; all of
 // them are in `sys`, each with its `SAFETY` comment.
 #![allow(unsafe_code)]

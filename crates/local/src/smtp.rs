@@ -33,9 +33,9 @@ pub struct CaughtMail {
     pub data: String,
     /// The file it was kept in, when the catcher keeps mail.
     pub file: Option<PathBuf>,
-    /// When the server accepted it, and the same moment on the wall clock (to compare with a
-    /// database's times).
+    /// When the server accepted it, on the monotonic clock (to order and time events).
     pub at: Instant,
+    /// The same moment on the wall clock, to compare with a database's times.
     pub wall: SystemTime,
 }
 

@@ -7,6 +7,10 @@
 //! for [`PgStore`] that is a plain `sqlx::Transaction<'static, Postgres>`, so an application sharing
 //! the database can pass its own. Reads and the relay's single-statement paths (claim) use the
 //! store's own connections.
+//!
+//! It depends on `core` only of the picloud crates: no NATS client and no HTTP server; the relay,
+//! the API and the binary reach the database through it.
+#![warn(missing_docs)]
 
 use std::future::Future;
 use std::time::Duration;

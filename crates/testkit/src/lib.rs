@@ -9,7 +9,7 @@
 //!
 //! Never a dependency of production code: the `dev` command takes its servers from
 //! `picloud-local` directly.
-
+#![warn(missing_docs)]
 // `atexit` (to stop the shared server when the test process exits) is a libc call; it is in
 // `exit`, with its `SAFETY` comment.
 #![allow(unsafe_code)]

@@ -26,6 +26,10 @@
 //!         .await
 //! }
 //! ```
+//!
+//! It depends on `core` (the protocol) and async-nats only, never on the store: handlers talk to
+//! the platform over NATS and HTTP, not to its database.
+#![warn(missing_docs)]
 
 use std::future::Future;
 use std::sync::Arc;
