@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use picloud_core::protocol::{EventKind, event_type, source};
-use picloud_store::{Event, NewDelivery, OutboxRepo, Transactional};
+use picloud_store::events::Event;
+use picloud_store::{NewDelivery, OutboxRepo, Transactional};
 use serde_json::value::to_raw_value;
 
 use crate::env::{Bench, Servers, payload};

@@ -11,8 +11,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::events::commit_and_wake;
-use crate::model::{Event, NewDelivery};
+use crate::events::{Event, commit_and_wake};
+use crate::model::NewDelivery;
 use crate::{Result, Store};
 
 /// A cron trigger that is due (or has no next tick yet), as [`crate::CronRepo::lock_due_cron`]

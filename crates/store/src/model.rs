@@ -276,48 +276,6 @@ pub struct NewDelivery {
     pub event_time: Option<OffsetDateTime>,
 }
 
-/// An event as its deliveries carry it: the CloudEvents attributes, the data and the depth.
-#[derive(Debug, Clone)]
-pub struct Event<'a> {
-    /// The event kind.
-    pub kind: EventKind,
-    /// The CloudEvents type.
-    pub event_type: &'a str,
-    /// The CloudEvents source.
-    pub source: String,
-    /// The CloudEvents subject (the KV key), if any.
-    pub subject: Option<&'a str>,
-    /// The event data.
-    pub payload: &'a RawValue,
-    /// The event's depth.
-    pub depth: u32,
-}
-
-impl Event<'_> {
-    /// A new delivery of this event to `trigger_id` of `app_id` (`None` for an email), due now,
-    /// with `max_attempts` attempts; what else a delivery may have (a delay, an idempotency key,
-    /// a sync caller's inbox, a dead letter it reports, an earlier event time) starts unset.
-    pub fn delivery(&self, app_id: Uuid, trigger_id: Option<Uuid>, max_attempts: u32) -> NewDelivery {
-        NewDelivery {
-            id: Uuid::now_v7(),
-            app_id,
-            trigger_id,
-            kind: self.kind,
-            event_type: self.event_type.to_owned(),
-            source: self.source.clone(),
-            subject: self.subject.map(str::to_owned),
-            payload: self.payload.to_owned(),
-            depth: self.depth,
-            max_attempts,
-            delay: std::time::Duration::ZERO,
-            reply_to: None,
-            idempotency_key: None,
-            dead_letter_id: None,
-            event_time: None,
-        }
-    }
-}
-
 /// A sync call to write (DESIGN §8): an invocation of the trigger named `trigger_name` in the
 /// app, whose caller waits on `reply_to`. Never retried, never dead-lettered.
 #[derive(Debug, Clone)]
@@ -344,7 +302,7 @@ pub struct NewSyncCall {
 impl NewSyncCall {
     /// The outbox row of this call to trigger `trigger_id`: one attempt, answered on its inbox.
     pub fn delivery(&self, trigger_id: Uuid) -> NewDelivery {
-        let event = Event {
+        let event = crate::events::Event {
             kind: EventKind::Http,
             event_type: picloud_core::protocol::event_type::HTTP_INVOKE,
             source: self.source.clone(),

@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
 
 use crate::cron::NextTick;
+use crate::events::Event;
 use crate::model::*;
 use crate::{
     AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo,
