@@ -30,5 +30,5 @@ pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
 pub use relay::{Relay, RelayError};
-pub use scheduler::{Clock, ManualClock, Scheduler, SchedulerConfig, SystemClock};
+pub use scheduler::{Scheduler, SchedulerConfig};
 pub use sync::{NoAnswer, SyncCaller, SyncReply, deliver_sync, round_trip, sync_call};

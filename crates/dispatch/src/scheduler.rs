@@ -3,76 +3,17 @@
 //! triggers `FOR UPDATE SKIP LOCKED`, writes their deliveries and moves their next ticks past
 //! now: each tick is delivered once cluster-wide however many schedulers run, with no leader to
 //! elect, and ticks missed while no node ran fire once. Between passes it sleeps until the earliest
-//! next tick by its [`Clock`], and at most a poll interval of real time, so triggers registered or
-//! enabled meanwhile get their first tick soon.
+//! next tick by the store's clock ([`picloud_store::Clock`]: the system's, or a manual one in
+//! tests), and at most a poll interval of real time, so triggers registered or enabled meanwhile
+//! get their first tick soon.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use picloud_core::TriggerConfig;
 use picloud_store::Store;
 use picloud_store::cron::{CronPass, fire_due_ticks};
 use time::OffsetDateTime;
-use tokio::sync::watch;
-
-/// Where the scheduler's "now" comes from: the system clock in production, a [`ManualClock`]
-/// that tests move.
-pub trait Clock: Send + Sync + 'static {
-    /// The current time.
-    fn now(&self) -> OffsetDateTime;
-    /// Resolves once this clock reads `at` or later.
-    fn sleep_until(&self, at: OffsetDateTime) -> impl Future<Output = ()> + Send;
-}
-
-/// The system's clock, in UTC.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
-    }
-
-    async fn sleep_until(&self, at: OffsetDateTime) {
-        let wait = at - OffsetDateTime::now_utc();
-        if wait.is_positive() {
-            tokio::time::sleep(wait.unsigned_abs()).await;
-        }
-    }
-}
-
-/// A clock that stands still until moved; clones share the time. Moving it wakes every scheduler
-/// sleeping on it whose wake-up time has come.
-#[derive(Debug, Clone)]
-pub struct ManualClock {
-    /// The time; sleepers watch it.
-    now: Arc<watch::Sender<OffsetDateTime>>,
-}
-
-impl ManualClock {
-    /// A clock standing at `at`.
-    pub fn new(at: OffsetDateTime) -> Self {
-        Self { now: Arc::new(watch::Sender::new(at)) }
-    }
-
-    /// Moves the clock forward by `by`.
-    pub fn advance(&self, by: Duration) {
-        self.now.send_modify(|now| *now += by);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> OffsetDateTime {
-        *self.now.borrow()
-    }
-
-    async fn sleep_until(&self, at: OffsetDateTime) {
-        let mut now = self.now.subscribe();
-        // The sender lives as long as this clock, so waiting ends only when the time comes.
-        let _ = now.wait_for(|now| *now >= at).await;
-    }
-}
 
 /// How a scheduler runs.
 #[derive(Debug, Clone)]
@@ -102,23 +43,15 @@ impl SchedulerConfig {
 
 /// Fires cron ticks on one node; run one per node, as many nodes as you like.
 #[derive(Debug)]
-pub struct Scheduler<S, C = SystemClock> {
+pub struct Scheduler<S> {
     store: S,
     config: SchedulerConfig,
-    clock: C,
 }
 
 impl<S: Store> Scheduler<S> {
-    /// A scheduler on the system clock; nothing runs until [`Scheduler::run`].
+    /// A scheduler on the store's clock; nothing runs until [`Scheduler::run`].
     pub fn new(store: S, config: impl Into<SchedulerConfig>) -> Self {
-        Self { store, config: config.into(), clock: SystemClock }
-    }
-}
-
-impl<S: Store, C: Clock> Scheduler<S, C> {
-    /// The same scheduler on another clock.
-    pub fn with_clock<C2: Clock>(self, clock: C2) -> Scheduler<S, C2> {
-        Scheduler { store: self.store, config: self.config, clock }
+        Self { store, config: config.into() }
     }
 
     /// Fires every tick due now by the scheduler's clock, one transaction per batch, and
@@ -126,7 +59,7 @@ impl<S: Store, C: Clock> Scheduler<S, C> {
     /// holds at the same moment are its to fire. What [`Scheduler::run`] does on each look; tests
     /// call it to step a scheduler.
     pub async fn fire_due(&self) -> picloud_store::Result<CronPass> {
-        self.fire_at(self.clock.now()).await
+        self.fire_at(self.store.clock().now()).await
     }
 
     async fn fire_at(&self, now: OffsetDateTime) -> picloud_store::Result<CronPass> {
@@ -157,7 +90,7 @@ impl<S: Store, C: Clock> Scheduler<S, C> {
             };
             let tick = async {
                 match next_tick {
-                    Some(at) => self.clock.sleep_until(at).await,
+                    Some(at) => self.store.clock().sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -175,7 +108,7 @@ impl<S: Store, C: Clock> Scheduler<S, C> {
     /// the clock. A tick that is due but not fired here is held by another scheduler's pass; the
     /// poll interval brings the scheduler back to it.
     async fn look(&self) -> picloud_store::Result<Option<OffsetDateTime>> {
-        let now = self.clock.now();
+        let now = self.store.clock().now();
         let mut next = self.store.next_cron_tick(now).await?;
         if next.is_some_and(|at| at <= now) {
             let pass = self.fire_at(now).await?;
@@ -185,30 +118,5 @@ impl<S: Store, C: Clock> Scheduler<S, C> {
             next = self.store.next_cron_tick(now).await?;
         }
         Ok(next.filter(|at| *at > now))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use time::macros::datetime;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn a_manual_clock_wakes_a_sleeper_once_moved_to_its_time_and_not_before() {
-        let start = datetime!(2026-01-01 00:00:00 UTC);
-        let clock = ManualClock::new(start);
-        let sleeper = tokio::spawn({
-            let clock = clock.clone();
-            async move { clock.sleep_until(start + Duration::from_secs(120)).await }
-        });
-
-        clock.advance(Duration::from_secs(60));
-        tokio::task::yield_now().await;
-        assert!(!sleeper.is_finished(), "one minute early");
-        clock.advance(Duration::from_secs(60));
-
-        tokio::time::timeout(Duration::from_secs(10), sleeper).await.unwrap().unwrap();
-        assert_eq!(clock.now(), start + Duration::from_secs(120));
     }
 }

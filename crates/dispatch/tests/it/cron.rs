@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use picloud_dispatch::{ManualClock, Scheduler, SchedulerConfig};
+use picloud_dispatch::{Scheduler, SchedulerConfig};
 use picloud_store::cron::CronPass;
 use picloud_store::*;
 use time::OffsetDateTime;
@@ -22,10 +22,10 @@ fn cron(schedule: &str, timezone: &str) -> TriggerSpec {
 }
 
 /// A scheduler of `w`'s store on `clock`, with a short poll interval.
-fn scheduler(w: &World, node: &str, clock: &ManualClock) -> Scheduler<PgStore, ManualClock> {
+fn scheduler(w: &World, node: &str, clock: &Clock) -> Scheduler<PgStore> {
     let mut config = SchedulerConfig::new(node, &w.config);
     config.poll_interval = Duration::from_millis(50);
-    Scheduler::new(w.store.clone(), config).with_clock(clock.clone())
+    Scheduler::new(w.store.clone().with_clock(clock.clone()), config)
 }
 
 /// A running scheduler that stops when asked.
@@ -35,7 +35,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(scheduler: Scheduler<PgStore, ManualClock>) -> Running {
+    fn start(scheduler: Scheduler<PgStore>) -> Running {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(scheduler.run(async {
             let _ = stopped.await;
@@ -78,7 +78,7 @@ async fn two_schedulers_on_one_database_deliver_each_tick_once() {
     for name in &names {
         w.trigger(name, cron("* * * * *", "UTC"), "tick").await;
     }
-    let clock = ManualClock::new(T0);
+    let clock = Clock::manual(T0);
     let a = Running::start(scheduler(&w, "node-a", &clock));
     let b = Running::start(scheduler(&w, "node-b", &clock));
     eventually("every trigger scheduled", || async {
@@ -109,7 +109,7 @@ async fn two_schedulers_on_one_database_deliver_each_tick_once() {
 async fn ticks_missed_during_a_long_gap_fire_exactly_once() {
     let w = World::new().await;
     w.trigger("every-minute", cron("* * * * *", "UTC"), "tick").await;
-    let clock = ManualClock::new(T0);
+    let clock = Clock::manual(T0);
     let s = scheduler(&w, "node-a", &clock);
     assert_eq!(s.fire_due().await.unwrap(), CronPass { triggers: 1, fired: 0, parked: 0 });
 
@@ -126,7 +126,7 @@ async fn a_disabled_trigger_does_not_fire_while_an_enabled_one_does() {
     let w = World::new().await;
     w.trigger("enabled", cron("* * * * *", "UTC"), "tick").await;
     w.trigger("disabled", cron("* * * * *", "UTC"), "tick").await;
-    let clock = ManualClock::new(T0);
+    let clock = Clock::manual(T0);
     let s = scheduler(&w, "node-a", &clock);
     s.fire_due().await.unwrap();
     let disable = TriggerPatch { enabled: Some(false), ..TriggerPatch::default() };
@@ -147,7 +147,7 @@ async fn a_relay_delivers_a_tick_to_its_worker_as_a_cron_event() {
     let trigger = w.trigger("nightly", cron("0 3 * * *", "Europe/Berlin"), "report").await;
     let (worker, mut deliveries) = start_worker(&w.nats_url(), "shop", "report", ok).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("node-a")).await;
-    let clock = ManualClock::new(T0);
+    let clock = Clock::manual(T0);
     let scheduler = Running::start(scheduler(&w, "node-a", &clock));
     let three_in_berlin = datetime!(2026-03-01 02:00:00 UTC);
     eventually("the trigger scheduled", || async {
