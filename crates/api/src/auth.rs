@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, hash_api_token};
 use picloud_core::{Access, Capability, Role, ScopeSet};
-use picloud_store::{ApiToken, App, AuthRepo, Principal};
+use picloud_store::{ApiToken, App, AuthRepo, Principal, Transactional as _};
 
 use crate::ApiState;
 use crate::error::ApiError;
@@ -144,8 +144,9 @@ pub async fn authenticate(
     credentials: &str,
     app: Option<&str>,
 ) -> Result<Caller, ApiError> {
+    let now = state.store.clock().now();
     if credentials.starts_with(DELIVERY_TOKEN_PREFIX) {
-        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
         let token = state.config.node.token_key.verify(credentials, now_ms).map_err(|e| match e {
             TokenError::Expired => {
                 ApiError::unauthorized("token_expired", "the delivery token is past its deadline")
@@ -172,7 +173,7 @@ pub async fn authenticate(
     if token.revoked_at.is_some() {
         return Err(ApiError::unauthorized("token_revoked", "the token was revoked"));
     }
-    if expired(&token) {
+    if expired(&token, now) {
         return Err(ApiError::unauthorized("token_expired", "the token has expired"));
     }
     Ok(Caller {
@@ -184,8 +185,9 @@ pub async fn authenticate(
     })
 }
 
-fn expired(token: &ApiToken) -> bool {
-    token.expires_at.is_some_and(|at| at <= time::OffsetDateTime::now_utc())
+/// Whether `token` has expired at `now` (the store's clock).
+fn expired(token: &ApiToken, now: time::OffsetDateTime) -> bool {
+    token.expires_at.is_some_and(|at| at <= now)
 }
 
 /// The credentials of an `Authorization: Bearer <token>` header: 401 when it is missing or
@@ -217,12 +219,13 @@ const KEPT_AUTHORIZATIONS: usize = 4096;
 pub struct InvokeAuthorizations(std::sync::Mutex<HashMap<([u8; 32], String), Caller>>);
 
 impl InvokeAuthorizations {
-    /// The caller `credentials` authenticate as on `app`, if kept and its token has not expired.
-    pub fn get(&self, credentials: &str, app: &str) -> Option<Caller> {
+    /// The caller `credentials` authenticate as on `app`, if kept and its token has not expired
+    /// at `now` (the store's clock).
+    pub fn get(&self, credentials: &str, app: &str, now: time::OffsetDateTime) -> Option<Caller> {
         let key = (hash_api_token(credentials), app.to_owned());
         let caller = self.0.lock().expect("authorization cache lock").get(&key).cloned()?;
         match &caller.via {
-            Via::Token(token) if !expired(token) => Some(caller),
+            Via::Token(token) if !expired(token, now) => Some(caller),
             _ => None,
         }
     }

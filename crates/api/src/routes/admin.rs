@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_core::{AppSlug, Capability, Role, Scope, ScopeSet};
-use picloud_store::{AuthRepo, NewApiToken};
+use picloud_store::{AuthRepo, NewApiToken, Transactional as _};
 use uuid::Uuid;
 
 use crate::ApiState;
@@ -180,7 +180,7 @@ pub async fn create_token(
         Some(s) if s == 0 || s > picloud_core::token::MAX_TOKEN_LIFETIME_S => {
             return Err(ApiError::invalid("expires_in_s", "expected 1 second to 10 years"));
         }
-        Some(s) => Some(time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(s)),
+        Some(s) => Some(state.store.clock().now() + std::time::Duration::from_secs(s)),
         None => None,
     };
     if let crate::auth::Via::Token(token) = &caller.via

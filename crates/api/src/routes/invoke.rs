@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use picloud_core::Capability;
 use picloud_core::protocol::TriggerKind;
 use picloud_dispatch::{Answer, NoAnswer};
-use picloud_store::SyncCallWrite;
 use picloud_store::events::{self, SyncWaiter};
+use picloud_store::{SyncCallWrite, Transactional as _};
 use serde_json::value::RawValue;
 
 use crate::ApiState;
@@ -77,13 +77,14 @@ pub async fn invoke(
     request: Request,
 ) -> Result<Response, ApiError> {
     let credentials = bearer(&headers)?;
-    let (mut caller, mut authorized_at) = match state.invokers.get(credentials, &app) {
-        Some(caller) => {
-            let epoch = caller.authorized_at();
-            (caller, Some(epoch))
-        }
-        None => (authorized_caller(&state, credentials, &app).await?, None),
-    };
+    let (mut caller, mut authorized_at) =
+        match state.invokers.get(credentials, &app, state.store.clock().now()) {
+            Some(caller) => {
+                let epoch = caller.authorized_at();
+                (caller, Some(epoch))
+            }
+            None => (authorized_caller(&state, credentials, &app).await?, None),
+        };
     let read = async {
         let wait = caller_timeout(&headers, &state)?;
         let body: Box<RawValue> = parse_json(&body_bytes(request, &state).await?)?;

@@ -96,8 +96,13 @@ impl Api {
 
     /// [`Api::start`] with the test's changes to the node's configuration.
     pub async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> Api {
+        Self::start_on(Clock::system(), configure).await
+    }
+
+    /// [`Api::start_with`], its store (and so the API's every reading of the time) on `clock`.
+    pub async fn start_on(clock: Clock, configure: impl FnOnce(&mut ApiConfig)) -> Api {
         let db = TestDatabase::create().await.unwrap();
-        let store = PgStore::connect(db.url(), 10).await.unwrap();
+        let store = PgStore::connect(db.url(), 10).await.unwrap().with_clock(clock);
         pg::migrate(store.pool()).await.unwrap();
         let nats = NatsServer::start().await.unwrap();
         let client = async_nats::connect(nats.url()).await.unwrap();
