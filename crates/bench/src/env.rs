@@ -54,12 +54,10 @@ impl Servers {
         let name = |n: usize| format!("picloud_bench_{}_{n}", std::process::id());
         let admin = PgStore::connect(&self.server_url, 1).await?;
         if n > 0 {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", name(n - 1)))
-                .execute(admin.pool())
-                .await?;
+            admin.drop_database_if_exists(&name(n - 1)).await?;
         }
         let name = name(n);
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await?;
+        admin.create_database_if_missing(&name).await?;
         let url = replace_database(&self.server_url, &name);
         let store = PgStore::connect(&url, 20).await?;
         pg::migrate(store.pool()).await?;

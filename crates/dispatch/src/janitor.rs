@@ -8,8 +8,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use picloud_core::TriggerConfig;
+use picloud_store::pg::AdvisoryLock;
 use picloud_store::{AbandonedRepo as _, DeadLetterRepo as _, PgStore};
-use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
 use tokio::sync::watch;
 
 use crate::metrics;
@@ -78,9 +78,9 @@ pub struct Janitor {
 #[derive(Debug)]
 pub struct SweepLock<'a> {
     janitor: &'a Janitor,
-    /// The session holding the advisory lock. Dropping it without [`SweepLock::sweep`] closes
+    /// The advisory lock on its own session. Dropping it without [`SweepLock::sweep`] closes
     /// the socket, and Postgres releases the lock once it notices.
-    conn: PgConnection,
+    lock: AdvisoryLock,
 }
 
 impl Janitor {
@@ -131,15 +131,7 @@ impl Janitor {
 
     /// Takes the cluster's sweep lock, unless another janitor holds it.
     pub async fn try_lock(&self) -> picloud_store::Result<Option<SweepLock<'_>>> {
-        let mut conn = self.store.pool().connect_options().connect().await?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut conn).await?;
-        if locked {
-            Ok(Some(SweepLock { janitor: self, conn }))
-        } else {
-            conn.close().await?;
-            Ok(None)
-        }
+        Ok(self.store.try_advisory_lock(LOCK_KEY).await?.map(|lock| SweepLock { janitor: self, lock }))
     }
 }
 
@@ -150,14 +142,11 @@ impl SweepLock<'_> {
     }
 
     /// Sweeps while `go_on` says so (it is asked after each batch), then releases the lock.
-    async fn sweep_while(mut self, go_on: impl Fn() -> bool) -> picloud_store::Result<Swept> {
+    async fn sweep_while(self, go_on: impl Fn() -> bool) -> picloud_store::Result<Swept> {
         let swept = self.delete_batches(go_on).await;
-        let unlocked =
-            sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut self.conn).await;
-        let closed = self.conn.close().await;
+        let released = self.lock.release().await;
         let swept = swept?;
-        unlocked?;
-        closed?;
+        released?;
         let config = &self.janitor.config;
         if swept != Swept::default() {
             tracing::info!(

@@ -16,7 +16,7 @@ use std::time::Duration;
 use metrics::{SharedString, Unit};
 use metrics_exporter_prometheus::formatting::{write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use picloud_store::{PgStore, Transactional as _};
+use picloud_store::PgStore;
 
 use crate::answer::Answer;
 use crate::complete::{Completed, Done};
@@ -129,8 +129,13 @@ impl Metrics {
     /// [`Metrics::render`]. When the database cannot be read the gauges say `NaN` (unknown)
     /// until the next read, rather than keep a stale value.
     pub async fn refresh_gauges(&self, store: &PgStore) {
-        let values = match read_database(store).await {
-            Ok(db) => [db.due as f64, db.oldest_due_age, db.unresolved as f64, db.abandoned as f64],
+        let values = match store.gauges().await {
+            Ok(g) => [
+                g.due as f64,
+                g.oldest_due_age_s,
+                g.unresolved_dead_letters as f64,
+                g.abandoned_executions as f64,
+            ],
             Err(e) => {
                 tracing::warn!(error = %e, "reading the database gauges failed; they read NaN");
                 [f64::NAN; 4]
@@ -206,42 +211,6 @@ fn describe() {
     describe_histogram!(CLAIM_BATCH, Unit::Count, "Rows taken by one claim that found any.");
     describe_histogram!(COMPLETION_BATCH, Unit::Count, "Rows completed by one transaction.");
     describe_counter!(JANITOR_DELETED, "Rows the janitor deleted past their retention.");
-}
-
-/// The database gauges at one instant.
-struct Database {
-    due: i64,
-    oldest_due_age: f64,
-    unresolved: i64,
-    abandoned: i64,
-}
-
-/// One round trip: the due rows come off the claim's index (`outbox_due`), the unresolved dead
-/// letters off their partial index; abandoned executions are bounded by their retention.
-async fn read_database(store: &PgStore) -> picloud_store::Result<Database> {
-    let (due, oldest_due_age, unresolved, abandoned): (i64, f64, i64, i64) = sqlx::query_as(
-        "WITH due AS (
-             SELECT due_at FROM outbox
-              WHERE due_at <= coalesce($1, now())
-                AND (leased_until IS NULL OR leased_until <= coalesce($1, now())))
-         SELECT (SELECT count(*) FROM due),
-                coalesce((SELECT extract(epoch FROM coalesce($1, now()) - min(due_at))::float8 FROM due), 0),
-                (SELECT count(*) FROM dead_letters WHERE resolution IS NULL),
-                (SELECT count(*) FROM abandoned_executions)",
-    )
-    .bind(store.clock().fixed())
-    .fetch_one(store.pool())
-    .await?;
-    Ok(Database { due, oldest_due_age, unresolved, abandoned })
-}
-
-/// Whether any email row is in the outbox: `/readyz` then says whether this node can send it
-/// (DESIGN §10).
-/// One probe of the partial index `outbox_email`, however large the outbox.
-pub async fn email_rows_waiting(store: &PgStore) -> picloud_store::Result<bool> {
-    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = 'email')")
-        .fetch_one(store.pool())
-        .await?)
 }
 
 /// The label of what an attempt came to.

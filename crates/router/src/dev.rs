@@ -175,19 +175,6 @@ async fn admin_token(
     Ok(secret)
 }
 
-/// Creates database `name` unless it exists.
-async fn ensure_database(pg: &PgServer, name: &str) -> anyhow::Result<()> {
-    let admin = PgStore::connect(&pg.url("postgres"), 1).await.context("connecting to the dev Postgres")?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(admin.pool())
-        .await?;
-    if !exists {
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(admin.pool()).await?;
-    }
-    Ok(())
-}
-
 /// Where the API listens: `PICLOUD_HTTP_ADDR` as given, unless its port is 0 or it is unset; then
 /// dev chooses the port (the last run's, else 8080 when unset), saying so when it cannot.
 fn http_addr(ports: &mut Ports, saved: &Saved) -> anyhow::Result<SocketAddr> {
@@ -224,7 +211,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     )
     .await
     .context("starting PostgreSQL")?;
-    ensure_database(&pg, "picloud").await?;
+    PgStore::connect(&pg.url("postgres"), 1)
+        .await
+        .context("connecting to the dev Postgres")?
+        .create_database_if_missing("picloud")
+        .await?;
     let database_url = pg.url("picloud");
 
     let passwords = picloud_local::nats_dev_env();

@@ -13,11 +13,13 @@ mod auth;
 mod cron;
 mod dead_letters;
 mod kv;
+mod ops;
 mod outbox;
 mod pattern;
 mod rows;
 mod triggers;
 
+pub use ops::{AdvisoryLock, Gauges};
 pub use outbox::insert_deliveries;
 
 /// The migrations in `migrations/`, embedded in the binary.

@@ -1,0 +1,109 @@
+//! What operating a node reads of the database besides its repositories: the metrics gauges,
+//! the email probe of `/readyz`, the janitor's cluster-wide lock, and the databases `dev` and
+//! the benchmarks create.
+
+use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
+
+use super::PgStore;
+use crate::Result;
+
+/// The database gauges of `/metrics` at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    /// Outbox rows due and not leased.
+    pub due: i64,
+    /// How long the oldest of them has been due, in seconds (0 when none is).
+    pub oldest_due_age_s: f64,
+    /// Dead letters not resolved.
+    pub unresolved_dead_letters: i64,
+    /// Abandoned executions kept.
+    pub abandoned_executions: i64,
+}
+
+/// A session-level advisory lock on a connection of its own: held until [`AdvisoryLock::release`],
+/// or until the connection dies (dropped, or the node gone), when Postgres releases it.
+#[derive(Debug)]
+pub struct AdvisoryLock {
+    key: i64,
+    conn: PgConnection,
+}
+
+impl AdvisoryLock {
+    /// Releases the lock and closes its connection.
+    pub async fn release(mut self) -> Result<()> {
+        let unlocked =
+            sqlx::query("SELECT pg_advisory_unlock($1)").bind(self.key).execute(&mut self.conn).await;
+        let closed = self.conn.close().await;
+        unlocked?;
+        Ok(closed?)
+    }
+}
+
+impl PgStore {
+    /// The gauges, in one round trip: the due rows come off the claim's index (`outbox_due`),
+    /// the unresolved dead letters off their partial index; abandoned executions are bounded by
+    /// their retention.
+    pub async fn gauges(&self) -> Result<Gauges> {
+        let (due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions) = sqlx::query_as(
+            "WITH due AS (
+                 SELECT due_at FROM outbox
+                  WHERE due_at <= coalesce($1, now())
+                    AND (leased_until IS NULL OR leased_until <= coalesce($1, now())))
+             SELECT (SELECT count(*) FROM due),
+                    coalesce((SELECT extract(epoch FROM coalesce($1, now()) - min(due_at))::float8 FROM due), 0),
+                    (SELECT count(*) FROM dead_letters WHERE resolution IS NULL),
+                    (SELECT count(*) FROM abandoned_executions)",
+        )
+        .bind(self.now())
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Gauges { due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions })
+    }
+
+    /// Whether any email row is in the outbox: one probe of the partial index `outbox_email`,
+    /// however large the outbox.
+    pub async fn email_rows_waiting(&self) -> Result<bool> {
+        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE kind = 'email')")
+            .fetch_one(self.pool())
+            .await?)
+    }
+
+    /// Takes the session-level advisory lock `key` on a new connection, unless another session
+    /// holds it (`None`).
+    pub async fn try_advisory_lock(&self, key: i64) -> Result<Option<AdvisoryLock>> {
+        let mut conn = self.pool().connect_options().connect().await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn).await?;
+        if locked {
+            Ok(Some(AdvisoryLock { key, conn }))
+        } else {
+            conn.close().await?;
+            Ok(None)
+        }
+    }
+
+    /// Creates the database `name` on this store's server unless it exists.
+    pub async fn create_database_if_missing(&self, name: &str) -> Result<()> {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(self.pool())
+            .await?;
+        if !exists {
+            sqlx::query(&format!("CREATE DATABASE {}", quoted(name))).execute(self.pool()).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the database `name` on this store's server if it exists, ending its sessions.
+    pub async fn drop_database_if_exists(&self, name: &str) -> Result<()> {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quoted(name)))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
+
+/// `name` as a quoted SQL identifier.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
