@@ -55,10 +55,12 @@ impl Answer {
             Ok(AnswerHead::Ok) => Answer::Ok(msg.payload.clone()),
             Ok(AnswerHead::Retry { after, error }) => Answer::Retry { after, error },
             Ok(AnswerHead::Fail { error }) => Answer::Fail(error),
-            Err(NotAnAnswer::NoStatus) if let Some(status) = msg.status => {
-                Answer::Invalid(format!("NATS status {status} instead of a reply"))
-            }
-            Err(why) => Answer::Invalid(why.to_string()),
+            Err(why) => match (why, msg.status) {
+                (NotAnAnswer::NoStatus, Some(status)) => {
+                    Answer::Invalid(format!("NATS status {status} instead of a reply"))
+                }
+                (why, _) => Answer::Invalid(why.to_string()),
+            },
         }
     }
 
