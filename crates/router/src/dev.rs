@@ -1,7 +1,8 @@
 //! `dev`: the one command of the README. Starts a PostgreSQL and a nats-server from the binaries
 //! on this machine under `./.picloud/` (Postgres keeps its data between runs) and an SMTP catcher
-//! (emails logged and kept under `./.picloud/mail/`), migrates, makes the app `demo` and an admin
-//! token, prints how to reach everything, and serves until Ctrl-C. Every run reuses the ports of
+//! (emails logged and kept under `./.picloud/mail/`; not when `PICLOUD_SMTP_URL` names a server of
+//! the operator's own), migrates, makes the app `demo` and an admin token, prints how to reach
+//! everything, and serves until Ctrl-C. Every run reuses the ports of
 //! the last one (saved in `.picloud/dev.env`) unless they are taken, so the values a terminal
 //! loaded stay true across restarts.
 
@@ -178,8 +179,8 @@ async fn admin_token(
 /// Where the API listens: `PICLOUD_HTTP_ADDR` as given, unless its port is 0 or it is unset; then
 /// dev chooses the port (the last run's, else 8080 when unset), saying so when it cannot.
 fn http_addr(ports: &mut Ports, saved: &Saved) -> anyhow::Result<SocketAddr> {
-    let given = match serve::env("PICLOUD_HTTP_ADDR") {
-        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+    let given = match serve::env("PICLOUD_HTTP_ADDR").filter(|text| !text.trim().is_empty()) {
+        Some(text) => Some(text.trim().parse::<SocketAddr>().map_err(|_| {
             anyhow::anyhow!("PICLOUD_HTTP_ADDR: {text:?} is not an address such as 127.0.0.1:8080")
         })?),
         None => None,
@@ -225,16 +226,27 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let nats = NatsServer::start_with_config_on(&dir.join("nats/nats.conf"), nats_port)
         .await
         .context("starting nats-server")?;
-    let smtp_port = ports.choose("the SMTP catcher", saved.port("PICLOUD_SMTP_URL"), last)?;
     let mail_dir = dir.join("mail");
-    let mail = MailCatcher::start_with(MailOptions {
-        port: smtp_port,
-        keep: Some(MailDir { dir: mail_dir.clone(), keep: MAIL_KEPT }),
-        refuse_rcpt: Vec::new(),
-        forget: true,
-    })
-    .await
-    .context("starting the SMTP catcher")?;
+    // An SMTP server of the operator's own (PICLOUD_SMTP_URL, unless it is the catcher's URL a
+    // shell loaded from dev.env) gets the emails; else the catcher does.
+    let own_smtp = serve::env("PICLOUD_SMTP_URL")
+        .filter(|url| !url.trim().is_empty() && Some(url.as_str()) != saved.get("PICLOUD_SMTP_URL"));
+    let (mail, smtp_url) = match own_smtp {
+        Some(url) => (None, url),
+        None => {
+            let smtp_port = ports.choose("the SMTP catcher", saved.port("PICLOUD_SMTP_URL"), last)?;
+            let catcher = MailCatcher::start_with(MailOptions {
+                port: smtp_port,
+                keep: Some(MailDir { dir: mail_dir.clone(), keep: MAIL_KEPT }),
+                refuse_rcpt: Vec::new(),
+                forget: true,
+            })
+            .await
+            .context("starting the SMTP catcher")?;
+            let url = catcher.url();
+            (Some(catcher), url)
+        }
+    };
     let http_addr = http_addr(&mut ports, &saved)?;
 
     let store = PgStore::connect(&database_url, 2).await.context("connecting to the dev Postgres")?;
@@ -255,7 +267,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ("PICLOUD_NATS_USER", "router".to_owned()),
         ("PICLOUD_NATS_PASSWORD", passwords.get("PICLOUD_NATS_ROUTER_PASSWORD").cloned().unwrap_or_default()),
         ("PICLOUD_TOKEN_SECRET", token_secret.clone()),
-        ("PICLOUD_SMTP_URL", mail.url()),
+        ("PICLOUD_SMTP_URL", smtp_url.clone()),
         ("PICLOUD_HTTP_ADDR", http_addr.to_string()),
     ]);
     let default = |name: &str| (name == ALLOW_NETS_VAR).then(|| WEBHOOK_ALLOW_NETS.to_owned());
@@ -272,11 +284,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             ("PICLOUD_URL".to_owned(), url.clone()),
             ("PICLOUD_DATABASE_URL".to_owned(), database_url.clone()),
             ("PICLOUD_NATS_URL".to_owned(), nats_url.clone()),
-            ("PICLOUD_SMTP_URL".to_owned(), mail.url()),
             ("PICLOUD_APP".to_owned(), APP.to_owned()),
             ("PICLOUD_NATS_APP_USER".to_owned(), format!("app-{APP}")),
             ("PICLOUD_NATS_APP_PASSWORD".to_owned(), app_password.clone()),
         ]);
+        // The catcher's address is kept for the next run; an operator's SMTP URL (it may hold a
+        // password) is not written down.
+        match &mail {
+            Some(catcher) => saved.values.insert("PICLOUD_SMTP_URL".to_owned(), catcher.url()),
+            None => saved.values.remove("PICLOUD_SMTP_URL"),
+        };
         if let Err(e) = saved.save() {
             tracing::warn!(error = %e, "could not save .picloud/dev.env");
         }
@@ -286,8 +303,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             nats_url: &nats_url,
             app_password: &app_password,
             database_url: &database_url,
-            smtp_url: &mail.url(),
-            mail_dir: &mail_dir,
+            smtp: &match &mail {
+                Some(catcher) => format!(
+                    "{}    (catches every email: logged, the last {MAIL_KEPT} kept in {})",
+                    catcher.url(),
+                    mail_dir.display()
+                ),
+                None => "your PICLOUD_SMTP_URL    (no catcher: emails go to your server)".to_owned(),
+            },
             env_file: &saved.path,
             moved: &ports.moved,
         });
@@ -306,15 +329,14 @@ struct Banner<'a> {
     nats_url: &'a str,
     app_password: &'a str,
     database_url: &'a str,
-    smtp_url: &'a str,
-    mail_dir: &'a Path,
+    smtp: &'a str,
     env_file: &'a Path,
     moved: &'a [String],
 }
 
 #[allow(clippy::print_stdout)]
 fn print_banner(b: &Banner<'_>) {
-    let Banner { url, token, nats_url, app_password, database_url, smtp_url, .. } = b;
+    let Banner { url, token, nats_url, app_password, database_url, smtp, .. } = b;
     let env = b.env_file.display();
     let moved: String = b.moved.iter().map(|note| format!("  {note}\n")).collect();
     let moved = if moved.is_empty() {
@@ -328,12 +350,11 @@ fn print_banner(b: &Banner<'_>) {
          token      {token}    (platform admin, admin of app `{APP}`)\n  \
          NATS       {nats_url}    (handlers of `{APP}`: user app-{APP}, password {app_password}, inbox prefix _INBOX_{APP})\n  \
          Postgres   {database_url}\n  \
-         SMTP       {smtp_url}    (catches every email: logged, the last {MAIL_KEPT} kept in {mail})\n  \
+         SMTP       {smtp}\n  \
          all above  {env}    (set -a; . {env}; set +a)\n{moved}\n\
          Try it:\n  \
          curl -s -X PUT {url}/v1/apps/{APP}/kv/notes/hello -H 'Authorization: Bearer {token}' \
          -H 'Content-Type: application/json' -d '{{\"text\": \"hi\"}}'\n",
-        mail = b.mail_dir.display(),
     );
 }
 

@@ -24,9 +24,15 @@ struct Dev {
 
 impl Dev {
     async fn start(dir: &Path) -> Dev {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// [`Dev::start`] with more variables in its environment.
+    async fn start_with(dir: &Path, vars: &[(&str, &str)]) -> Dev {
         let mut child = Command::new(env!("CARGO_BIN_EXE_picloud-router"))
             .args(["dev", "--dir"])
             .arg(dir)
+            .envs(vars.iter().copied())
             .env("PICLOUD_HTTP_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -74,7 +80,15 @@ fn dev_env(dir: &Path) -> BTreeMap<String, String> {
 
 /// The `.eml` files in `dir`.
 fn mail_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir).map(|entries| entries.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Everything a terminal that loaded `env` uses answers: the API with the token, NATS as the
@@ -184,5 +198,27 @@ async fn an_email_sent_in_dev_reaches_its_catcher_and_the_node_stays_ready() {
     assert!(kept.contains("The first line."), "{kept}");
     let ready = http.get(format!("{}/readyz", dev.url)).send().await.unwrap();
     assert_eq!(ready.status(), reqwest::StatusCode::OK, "{}", ready.text().await.unwrap());
+    assert!(dev.interrupt().await.success());
+}
+
+#[tokio::test]
+async fn with_an_smtp_server_of_its_own_dev_sends_there_and_catches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join(".picloud");
+    let mut theirs = picloud_testkit::MailCatcher::start().await.unwrap();
+    let dev = Dev::start_with(&dir, &[("PICLOUD_SMTP_URL", &theirs.url())]).await;
+    assert!(dev.banner.iter().any(|line| line.contains("no catcher")), "{}", dev.banner.join("\n"));
+    let sent = reqwest::Client::new()
+        .post(format!("{}/v1/apps/demo/emails", dev.url))
+        .bearer_auth(&dev.token)
+        .json(&json!({"to": ["reader@example.com"], "subject": "To their server", "text": "Hi."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), reqwest::StatusCode::ACCEPTED);
+    let mail = tokio::time::timeout(DEADLINE, theirs.next()).await.expect("the email at their server");
+    assert_eq!(mail.subject, "To their server");
+    assert!(mail_files(&dir.join("mail")).is_empty(), "dev caught nothing itself");
+    assert!(!dev_env(&dir).contains_key("PICLOUD_SMTP_URL"), "their URL is not written down");
     assert!(dev.interrupt().await.success());
 }
