@@ -16,6 +16,12 @@ use tokio::task::JoinHandle;
 
 use crate::error::{IoContext as _, Result};
 
+/// How long the catcher waits after failing to accept a connection.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Tells apart files kept within the same microsecond.
+static KEPT: AtomicUsize = AtomicUsize::new(0);
+
 /// One email the [`MailCatcher`] accepted.
 #[derive(Debug, Clone)]
 pub struct CaughtMail {
@@ -104,7 +110,16 @@ impl MailCatcher {
         let task = tokio::spawn({
             let (caught, connections) = (caught.clone(), connections.clone());
             async move {
-                while let Ok((stream, _)) = listener.accept().await {
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors, say: the catcher keeps serving once it can.
+                            tracing::warn!(error = %e, "the SMTP catcher could not accept a connection");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                            continue;
+                        }
+                    };
                     connections.fetch_add(1, Ordering::SeqCst);
                     let catch = Catch {
                         caught: caught.clone(),
@@ -314,12 +329,16 @@ fn quoted_printable(text: &str) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// Writes `data` as `<unix time in µs>.eml` into `keep.dir` and removes the oldest files beyond
-/// `keep.keep`; names sort by arrival.
+/// Writes `data` as `<unix time in µs>-<sequence>.eml` into `keep.dir` (written aside and renamed,
+/// so a reader never sees half a message) and removes the oldest files beyond `keep.keep`; names
+/// sort by arrival.
 fn keep_file(keep: &MailDir, wall: SystemTime, data: &[u8]) -> Result<PathBuf> {
     let micros = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
-    let file = keep.dir.join(format!("{micros:020}.eml"));
-    std::fs::write(&file, data).context(|| format!("writing {}", file.display()))?;
+    let seq = KEPT.fetch_add(1, Ordering::Relaxed) % 1_000_000;
+    let file = keep.dir.join(format!("{micros:020}-{seq:06}.eml"));
+    let partial = keep.dir.join(format!(".{micros:020}-{seq:06}.partial"));
+    std::fs::write(&partial, data).context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &file).context(|| format!("renaming {}", partial.display()))?;
     let mut kept: Vec<PathBuf> = std::fs::read_dir(&keep.dir)
         .context(|| format!("reading {}", keep.dir.display()))?
         .flatten()
@@ -329,7 +348,13 @@ fn keep_file(keep: &MailDir, wall: SystemTime, data: &[u8]) -> Result<PathBuf> {
     kept.sort();
     let excess = kept.len().saturating_sub(keep.keep);
     for old in &kept[..excess] {
-        std::fs::remove_file(old).context(|| format!("removing {}", old.display()))?;
+        // Another session may have removed it first.
+        match std::fs::remove_file(old) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context(|| format!("removing {}", old.display()));
+            }
+            _ => {}
+        }
     }
     Ok(file)
 }
@@ -379,6 +404,18 @@ mod tests {
         left.sort();
         assert_eq!(left, files[2..], "the two newest stay");
         assert_eq!(std::fs::read_to_string(&files[3]).unwrap(), "mail 3");
+    }
+
+    #[test]
+    fn emails_kept_in_the_same_microsecond_are_both_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = MailDir { dir: dir.path().to_owned(), keep: 10 };
+        let at = UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let first = keep_file(&keep, at, b"first").unwrap();
+        let second = keep_file(&keep, at, b"second").unwrap();
+        assert_ne!(first, second);
+        assert_eq!(std::fs::read_to_string(&first).unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(&second).unwrap(), "second");
     }
 
     #[test]
