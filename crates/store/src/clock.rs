@@ -1,6 +1,7 @@
-//! The one notion of "now" of the store and what runs on it (the cron scheduler): the system
-//! clock in production (for Postgres, the database's `now()`, so every node agrees), or a manual
-//! clock that tests move by hand and that wakes its sleepers when moved.
+//! The store's notion of "now", which the cron scheduler and the API's token checks read too:
+//! the system clock in production (Postgres statements then use the database's `now()`, so every
+//! node agrees on what they write), or a manual clock that tests move by hand and that wakes its
+//! sleepers when moved.
 
 use std::sync::Arc;
 use std::time::Duration;
