@@ -23,11 +23,175 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Every code an error answer carries: the one list of them, so that a code is never a string
+/// written twice (DESIGN §5: stable snake_case codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// `already_replayed`
+    AlreadyReplayed,
+    /// `already_resolved`
+    AlreadyResolved,
+    /// `app_exists`
+    AppExists,
+    /// `app_not_found`
+    AppNotFound,
+    /// `conflict`
+    Conflict,
+    /// `database_unavailable`
+    DatabaseUnavailable,
+    /// `dead_letter_not_found`
+    DeadLetterNotFound,
+    /// `duplicate_idempotency_key`
+    DuplicateIdempotencyKey,
+    /// `forbidden`
+    Forbidden,
+    /// `handler_failed`
+    HandlerFailed,
+    /// `internal`
+    Internal,
+    /// `invalid_body`
+    InvalidBody,
+    /// `invalid_cursor`
+    InvalidCursor,
+    /// `invalid_field`
+    InvalidField,
+    /// `invalid_if_match`
+    InvalidIfMatch,
+    /// `invalid_json`
+    InvalidJson,
+    /// `invalid_path`
+    InvalidPath,
+    /// `invalid_query`
+    InvalidQuery,
+    /// `invalid_text`
+    InvalidText,
+    /// `invalid_timeout`
+    InvalidTimeout,
+    /// `invalid_token`
+    InvalidToken,
+    /// `key_not_found`
+    KeyNotFound,
+    /// `max_depth`
+    MaxDepth,
+    /// `member_not_found`
+    MemberNotFound,
+    /// `method_not_allowed`
+    MethodNotAllowed,
+    /// `metrics_disabled`
+    MetricsDisabled,
+    /// `missing_token`
+    MissingToken,
+    /// `nats_unavailable`
+    NatsUnavailable,
+    /// `no_handler`
+    NoHandler,
+    /// `no_such_queue`
+    NoSuchQueue,
+    /// `not_an_http_trigger`
+    NotAnHttpTrigger,
+    /// `not_found`
+    NotFound,
+    /// `overloaded`
+    Overloaded,
+    /// `payload_too_large`
+    PayloadTooLarge,
+    /// `principal_not_found`
+    PrincipalNotFound,
+    /// `queue_disabled`
+    QueueDisabled,
+    /// `queue_taken`
+    QueueTaken,
+    /// `request_timeout`
+    RequestTimeout,
+    /// `timeout`
+    Timeout,
+    /// `token_expired`
+    TokenExpired,
+    /// `token_not_found`
+    TokenNotFound,
+    /// `token_revoked`
+    TokenRevoked,
+    /// `too_many_sync_calls`
+    TooManySyncCalls,
+    /// `trigger_disabled`
+    TriggerDisabled,
+    /// `trigger_exists`
+    TriggerExists,
+    /// `trigger_gone`
+    TriggerGone,
+    /// `trigger_not_found`
+    TriggerNotFound,
+    /// `unknown_subject`
+    UnknownSubject,
+    /// `version_mismatch`
+    VersionMismatch,
+    /// `webhook_target_refused`
+    WebhookTargetRefused,
+}
+
+impl ErrorCode {
+    /// The code as the answer carries it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::AlreadyReplayed => "already_replayed",
+            ErrorCode::AlreadyResolved => "already_resolved",
+            ErrorCode::AppExists => "app_exists",
+            ErrorCode::AppNotFound => "app_not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::DeadLetterNotFound => "dead_letter_not_found",
+            ErrorCode::DuplicateIdempotencyKey => "duplicate_idempotency_key",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::HandlerFailed => "handler_failed",
+            ErrorCode::Internal => "internal",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::InvalidCursor => "invalid_cursor",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::InvalidIfMatch => "invalid_if_match",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidPath => "invalid_path",
+            ErrorCode::InvalidQuery => "invalid_query",
+            ErrorCode::InvalidText => "invalid_text",
+            ErrorCode::InvalidTimeout => "invalid_timeout",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::KeyNotFound => "key_not_found",
+            ErrorCode::MaxDepth => "max_depth",
+            ErrorCode::MemberNotFound => "member_not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::MetricsDisabled => "metrics_disabled",
+            ErrorCode::MissingToken => "missing_token",
+            ErrorCode::NatsUnavailable => "nats_unavailable",
+            ErrorCode::NoHandler => "no_handler",
+            ErrorCode::NoSuchQueue => "no_such_queue",
+            ErrorCode::NotAnHttpTrigger => "not_an_http_trigger",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::PrincipalNotFound => "principal_not_found",
+            ErrorCode::QueueDisabled => "queue_disabled",
+            ErrorCode::QueueTaken => "queue_taken",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenNotFound => "token_not_found",
+            ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::TooManySyncCalls => "too_many_sync_calls",
+            ErrorCode::TriggerDisabled => "trigger_disabled",
+            ErrorCode::TriggerExists => "trigger_exists",
+            ErrorCode::TriggerGone => "trigger_gone",
+            ErrorCode::TriggerNotFound => "trigger_not_found",
+            ErrorCode::UnknownSubject => "unknown_subject",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::WebhookTargetRefused => picloud_core::net::TARGET_REFUSED,
+        }
+    }
+}
+
 /// A request that failed.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     /// Seconds after which trying again may succeed (`Retry-After`), for 429 and 503 answers.
     retry_after: Option<u32>,
@@ -35,7 +199,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error with this status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), retry_after: None }
     }
 
@@ -46,39 +210,43 @@ impl ApiError {
     }
 
     /// 400: the request is malformed.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     /// 401: no usable credentials.
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn unauthorized(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
     /// 403: authenticated, not allowed.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
     }
 
     /// 404: no such thing.
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn not_found(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
     /// 409: conflicts with what exists.
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn conflict(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
     }
 
     /// 422: well-formed but invalid; the message names the field.
     pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("{field}: {message}"))
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidField, format!("{field}: {message}"))
     }
 
     /// 500: a failure of ours. The detail is logged here, once, and not shown.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "request failed");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "internal error; see the server log",
+        )
     }
 
     /// The HTTP status.
@@ -88,7 +256,7 @@ impl ApiError {
 
     /// The snake_case code.
     pub fn code(&self) -> &'static str {
-        self.code
+        self.code.as_str()
     }
 
     /// The message.
@@ -98,13 +266,15 @@ impl ApiError {
 
     /// The JSON body.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { error: ErrorDetail { code: self.code.to_owned(), message: self.message.clone() } }
+        ErrorBody {
+            error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message.clone() },
+        }
     }
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code, self.status.as_u16(), self.message)
+        write!(f, "{} ({}): {}", self.code.as_str(), self.status.as_u16(), self.message)
     }
 }
 
@@ -124,69 +294,73 @@ impl From<picloud_store::Error> for ApiError {
     fn from(e: picloud_store::Error) -> Self {
         use picloud_store::Error as E;
         match e {
-            E::AppNotFound(app) => Self::not_found("app_not_found", format!("no app {app}")),
+            E::AppNotFound(app) => Self::not_found(ErrorCode::AppNotFound, format!("no app {app}")),
             E::DuplicateApp(slug) => {
-                Self::conflict("app_exists", format!("an app with slug {slug} exists already"))
+                Self::conflict(ErrorCode::AppExists, format!("an app with slug {slug} exists already"))
             }
             E::PrincipalNotFound(id) | E::UnknownPrincipal(id) => {
-                Self::not_found("principal_not_found", format!("no principal {id}"))
+                Self::not_found(ErrorCode::PrincipalNotFound, format!("no principal {id}"))
             }
-            E::TokenNotFound(id) => Self::not_found("token_not_found", format!("no token {id}")),
-            E::TriggerNotFound(name) => Self::not_found("trigger_not_found", format!("no trigger {name}")),
-            E::DuplicateTrigger(name) => {
-                Self::conflict("trigger_exists", format!("a trigger named {name} exists already in this app"))
+            E::TokenNotFound(id) => Self::not_found(ErrorCode::TokenNotFound, format!("no token {id}")),
+            E::TriggerNotFound(name) => {
+                Self::not_found(ErrorCode::TriggerNotFound, format!("no trigger {name}"))
             }
+            E::DuplicateTrigger(name) => Self::conflict(
+                ErrorCode::TriggerExists,
+                format!("a trigger named {name} exists already in this app"),
+            ),
             E::QueueTaken(queue) => {
-                Self::conflict("queue_taken", format!("queue {queue} has a trigger already"))
+                Self::conflict(ErrorCode::QueueTaken, format!("queue {queue} has a trigger already"))
             }
             E::DeadLetterNotFound(id) => {
-                Self::not_found("dead_letter_not_found", format!("no dead letter {id}"))
+                Self::not_found(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}"))
             }
             E::VersionMismatch { expected, current } => Self::new(
                 StatusCode::PRECONDITION_FAILED,
-                "version_mismatch",
+                ErrorCode::VersionMismatch,
                 match current {
                     Some(current) => format!("If-Match {expected} but the current version is {current}"),
                     None => format!("If-Match {expected} but the key does not exist"),
                 },
             ),
-            E::DuplicateIdempotencyKey(key) => {
-                Self::conflict("duplicate_idempotency_key", format!("idempotency key {key:?} is in use"))
-            }
+            E::DuplicateIdempotencyKey(key) => Self::conflict(
+                ErrorCode::DuplicateIdempotencyKey,
+                format!("idempotency key {key:?} is in use"),
+            ),
             E::NoSuchQueue(queue) => {
-                Self::not_found("no_such_queue", format!("queue {queue} has no trigger"))
+                Self::not_found(ErrorCode::NoSuchQueue, format!("queue {queue} has no trigger"))
             }
             E::QueueDisabled(queue) => {
-                Self::conflict("queue_disabled", format!("the trigger of queue {queue} is disabled"))
+                Self::conflict(ErrorCode::QueueDisabled, format!("the trigger of queue {queue} is disabled"))
             }
             E::TooDeep { depth, max } => Self::conflict(
-                "max_depth",
+                ErrorCode::MaxDepth,
                 format!("event depth {depth} reached PICLOUD_MAX_TRIGGER_DEPTH ({max}): a trigger loop?"),
             ),
             E::TooLarge { max } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!(
                     "the event this write produces would be larger than the {max} bytes an event may \
                      carry (its data holds the body, and for a KV update the previous value too)"
                 ),
             ),
             E::TriggerGone(name) => Self::conflict(
-                "trigger_gone",
+                ErrorCode::TriggerGone,
                 format!("trigger {name:?} of this dead letter no longer exists"),
             ),
             E::Conflict(what) => {
-                Self::conflict("conflict", format!("{what} changed concurrently; try again"))
+                Self::conflict(ErrorCode::Conflict, format!("{what} changed concurrently; try again"))
             }
             other if other.is_invalid_text() => Self::bad_request(
-                "invalid_text",
+                ErrorCode::InvalidText,
                 "a text of the request holds the NUL character (\\u0000), which cannot be stored",
             ),
             other if other.is_unavailable() => {
                 tracing::warn!(error = %other, "the database is unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
+                    ErrorCode::DatabaseUnavailable,
                     "the database cannot be reached just now; try again",
                 )
                 .retry_after(1)

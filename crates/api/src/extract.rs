@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// A JSON request body.
 #[derive(Debug)]
@@ -25,11 +25,11 @@ pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES",
             )
         } else {
-            ApiError::bad_request("invalid_body", e.body_text())
+            ApiError::bad_request(ErrorCode::InvalidBody, e.body_text())
         }
     })
 }
@@ -50,9 +50,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         // `.` is the body itself, `?` a place the parser could not name: neither says more.
         let at = if matches!(path.as_str(), "." | "?") { String::new() } else { format!("{path}: ") };
-        ApiError::bad_request("invalid_json", format!("invalid JSON body: {at}{}", e.inner()))
+        ApiError::bad_request(ErrorCode::InvalidJson, format!("invalid JSON body: {at}{}", e.inner()))
     })?;
-    de.end().map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    de.end().map_err(|e| ApiError::bad_request(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
     Ok(value)
 }
 
@@ -70,7 +70,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
                 if e.status().is_server_error() {
                     ApiError::internal(e.body_text())
                 } else {
-                    ApiError::bad_request("invalid_path", e.body_text())
+                    ApiError::bad_request(ErrorCode::InvalidPath, e.body_text())
                 }
             },
         )
@@ -88,7 +88,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| QueryParams(q))
-            .map_err(|e: QueryRejection| ApiError::bad_request("invalid_query", e.body_text()))
+            .map_err(|e: QueryRejection| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))
     }
 }
 
@@ -115,7 +115,10 @@ impl PageQuery {
             .filter(|a| !a.is_empty())
             .map(|a| {
                 URL_SAFE_NO_PAD.decode(a).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(|| {
-                    ApiError::bad_request("invalid_cursor", "`after` is not a cursor this API returned")
+                    ApiError::bad_request(
+                        ErrorCode::InvalidCursor,
+                        "`after` is not a cursor this API returned",
+                    )
                 })
             })
             .transpose()
@@ -126,7 +129,10 @@ impl PageQuery {
         self.after()?
             .map(|a| {
                 a.parse().map_err(|_| {
-                    ApiError::bad_request("invalid_cursor", "`after` is not a cursor this API returned")
+                    ApiError::bad_request(
+                        ErrorCode::InvalidCursor,
+                        "`after` is not a cursor this API returned",
+                    )
                 })
             })
             .transpose()

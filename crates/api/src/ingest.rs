@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::ApiState;
 use crate::auth::authenticate;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::extract::parse_json;
 use crate::routes::{events, kv};
 use crate::views::EnqueueJob;
@@ -185,12 +185,12 @@ fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
 
 async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
     let (app, op) = state.config.node.subjects.parse_ingest(&msg.subject).ok_or_else(|| {
-        ApiError::not_found("unknown_subject", format!("{} is not an ingest subject", msg.subject))
+        ApiError::not_found(ErrorCode::UnknownSubject, format!("{} is not an ingest subject", msg.subject))
     })?;
     if msg.payload.len() > state.config.max_payload_bytes {
         return Err(ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES",
         ));
     }
@@ -201,7 +201,10 @@ async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
         .and_then(|v| v.as_str().strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(|| {
-            ApiError::unauthorized("missing_token", "an Authorization: Bearer <token> header is required")
+            ApiError::unauthorized(
+                ErrorCode::MissingToken,
+                "an Authorization: Bearer <token> header is required",
+            )
         })?;
     let caller = authenticate(state, credentials, Some(app)).await?;
     match op {

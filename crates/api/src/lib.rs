@@ -24,7 +24,7 @@ pub mod views;
 use auth::InvokeAuthorizations;
 pub use auth::{Caller, Via};
 pub use config::ApiConfig;
-pub use error::{ApiError, ErrorBody};
+pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use ingest::{Ingest, IngestError};
 pub use routes::router;
 

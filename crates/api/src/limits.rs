@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::ApiState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// The HTTP API's shared capacity.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ pub(crate) async fn within_limits(State(state): State<ApiState>, request: Reques
     let Ok(_permit) = state.http_limits.in_flight.try_acquire() else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            ErrorCode::Overloaded,
             "this node serves as many requests as it may (PICLOUD_HTTP_MAX_IN_FLIGHT); try again",
         )
         .retry_after(1)
@@ -50,7 +50,7 @@ pub(crate) async fn within_limits(State(state): State<ApiState>, request: Reques
         Ok(response) => response,
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "request_timeout",
+            ErrorCode::RequestTimeout,
             format!("the request took longer than {} ms (PICLOUD_HTTP_TIMEOUT_MS)", timeout.as_millis()),
         )
         .retry_after(1)
@@ -85,7 +85,7 @@ impl SyncSlots {
         if *count >= self.max_per_app {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sync_calls",
+                ErrorCode::TooManySyncCalls,
                 format!(
                     "this app has {} sync calls in flight on this node (PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP)",
                     self.max_per_app

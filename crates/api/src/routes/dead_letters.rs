@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::ApiState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{Page, PageQuery, PathParams, QueryParams};
 use crate::views::*;
 
@@ -44,7 +44,8 @@ fn resolution(value: Option<&str>) -> Result<Option<Option<Resolution>>, ApiErro
 }
 
 fn dead_letter_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse().map_err(|_| ApiError::not_found("dead_letter_not_found", format!("no dead letter {raw}")))
+    raw.parse()
+        .map_err(|_| ApiError::not_found(ErrorCode::DeadLetterNotFound, format!("no dead letter {raw}")))
 }
 
 /// The app's dead letters, newest first.
@@ -108,8 +109,10 @@ pub async fn get(
     let app = caller.require_app(Capability::AppRead)?;
     let dead = state.store.dead_letter(app.id, dead_letter_id(&id)?).await?;
     Ok(Json(
-        dead.ok_or_else(|| ApiError::not_found("dead_letter_not_found", format!("no dead letter {id}")))?
-            .into(),
+        dead.ok_or_else(|| {
+            ApiError::not_found(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}"))
+        })?
+        .into(),
     ))
 }
 
@@ -146,7 +149,7 @@ pub async fn replay_dead_letter(
         .await?
         .ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
     if dead.resolution == Some(Resolution::Replayed) {
-        return Err(ApiError::conflict("already_replayed", "this dead letter was replayed already"));
+        return Err(ApiError::conflict(ErrorCode::AlreadyReplayed, "this dead letter was replayed already"));
     }
     // Everything it reads is read in this transaction: with the row locked, a second connection
     // would deadlock a pool that concurrent replays of one dead letter have filled.
@@ -180,7 +183,9 @@ pub async fn ignore_dead_letter(store: &PgStore, app_id: Uuid, id: Uuid) -> Resu
     match ignored {
         Some(dead) => Ok(dead.into()),
         None => match store.dead_letter(app_id, id).await? {
-            Some(_) => Err(ApiError::conflict("already_resolved", "this dead letter is resolved already")),
+            Some(_) => {
+                Err(ApiError::conflict(ErrorCode::AlreadyResolved, "this dead letter is resolved already"))
+            }
             None => Err(picloud_store::Error::DeadLetterNotFound(id).into()),
         },
     }

@@ -13,7 +13,7 @@ use url::{Host, Url};
 use utoipa::ToSchema;
 
 use crate::ApiState;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::views::Health;
 
 /// How long `/readyz` waits for the SMTP server to accept a connection.
@@ -130,7 +130,9 @@ fn smtp_address(url: &str) -> Option<(String, u16)> {
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     match &state.config.metrics {
         Some(metrics) => ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response(),
-        None => ApiError::not_found("metrics_disabled", "this node records no metrics").into_response(),
+        None => {
+            ApiError::not_found(ErrorCode::MetricsDisabled, "this node records no metrics").into_response()
+        }
     }
 }
 

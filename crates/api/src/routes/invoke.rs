@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::ApiState;
 use crate::auth::{Caller, authenticate, bearer};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{PathParams, body_bytes, parse_json};
 
 /// The header a sync caller sets its timeout with, in milliseconds.
@@ -48,7 +48,7 @@ fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, Api
             .map(|ms| Duration::from_millis(ms).min(max))
             .ok_or_else(|| {
                 ApiError::bad_request(
-                    "invalid_timeout",
+                    ErrorCode::InvalidTimeout,
                     format!("{TIMEOUT_HEADER} must be a positive number of milliseconds"),
                 )
             }),
@@ -120,16 +120,19 @@ pub async fn invoke(
     let (row, target) = match write {
         SyncCallWrite::Written { row, target } => (row, target),
         SyncCallWrite::NoTrigger => {
-            return Err(ApiError::not_found("trigger_not_found", format!("no trigger {name}")));
+            return Err(ApiError::not_found(ErrorCode::TriggerNotFound, format!("no trigger {name}")));
         }
         SyncCallWrite::Refused(trigger) if trigger.spec.kind() != TriggerKind::Http => {
             return Err(ApiError::conflict(
-                "not_an_http_trigger",
+                ErrorCode::NotAnHttpTrigger,
                 format!("trigger {name} is a {} trigger", trigger.spec.kind()),
             ));
         }
         SyncCallWrite::Refused(_) => {
-            return Err(ApiError::conflict("trigger_disabled", format!("trigger {name} is disabled")));
+            return Err(ApiError::conflict(
+                ErrorCode::TriggerDisabled,
+                format!("trigger {name} is disabled"),
+            ));
         }
         SyncCallWrite::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
     };
@@ -152,7 +155,7 @@ pub async fn invoke(
         Err(NoAnswer::TimedOut) => {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
+                ErrorCode::Timeout,
                 format!("no result within {} ms", wait.as_millis()),
             ));
         }
@@ -166,23 +169,27 @@ pub async fn invoke(
         }
         Answer::NoResponders => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no_handler",
+            ErrorCode::NoHandler,
             format!("no handler serves trigger {name}"),
         )
         .into_response(),
         Answer::Interrupted(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "nats_unavailable",
+            ErrorCode::NatsUnavailable,
             format!("the router lost its NATS connection while the handler worked on the call: {error}"),
         )
         .into_response(),
         Answer::Timeout => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
+            ErrorCode::Timeout,
             format!("the handler did not answer: {error}"),
         )
         .into_response(),
-        _ => ApiError::new(StatusCode::BAD_GATEWAY, "handler_failed", format!("the handler failed: {error}"))
-            .into_response(),
+        _ => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::HandlerFailed,
+            format!("the handler failed: {error}"),
+        )
+        .into_response(),
     })
 }

@@ -5,7 +5,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine as _;
 use picloud_core::cron::DEFAULT_TIMEZONE;
-use picloud_core::net::TARGET_REFUSED;
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
     Capability, CollectionPattern, CronSchedule, HandlerName, QueueName, RetryOverrides, TriggerName,
@@ -15,7 +14,7 @@ use uuid::Uuid;
 
 use crate::ApiState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{JsonBody, Page, PageQuery, PathParams, QueryParams};
 use crate::views::*;
 
@@ -39,7 +38,7 @@ fn handler(state: &ApiState, body: HandlerBody) -> Result<Handler, ApiError> {
             {
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    TARGET_REFUSED,
+                    ErrorCode::WebhookTargetRefused,
                     format!("handler.webhook.url: {refusal}"),
                 ));
             }
@@ -202,7 +201,7 @@ pub async fn list(
 }
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::not_found("trigger_not_found", format!("no trigger {name}"))
+    ApiError::not_found(ErrorCode::TriggerNotFound, format!("no trigger {name}"))
 }
 
 /// One trigger.
