@@ -91,7 +91,7 @@ impl Caller {
             .app
             .as_ref()
             .filter(|app| self.sees(app))
-            .ok_or_else(|| ApiError::not_found(ErrorCode::AppNotFound, "no such app"))?;
+            .ok_or_else(|| ApiError::new(ErrorCode::AppNotFound, "no such app"))?;
         self.check(capability, Some(&app.slug))?;
         Ok(app)
     }
@@ -149,12 +149,12 @@ pub async fn authenticate(
         let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
         let token = state.config.node.token_key.verify(credentials, now_ms).map_err(|e| match e {
             TokenError::Expired => {
-                ApiError::unauthorized(ErrorCode::TokenExpired, "the delivery token is past its deadline")
+                ApiError::new(ErrorCode::TokenExpired, "the delivery token is past its deadline")
             }
-            _ => ApiError::unauthorized(ErrorCode::InvalidToken, "the delivery token is not valid"),
+            _ => ApiError::new(ErrorCode::InvalidToken, "the delivery token is not valid"),
         })?;
         let found = state.store.authenticate_principal(token.principal, app).await?.ok_or_else(|| {
-            ApiError::unauthorized(ErrorCode::InvalidToken, "the delivery token's principal no longer exists")
+            ApiError::new(ErrorCode::InvalidToken, "the delivery token's principal no longer exists")
         })?;
         return Ok(Caller {
             principal: found.principal,
@@ -168,13 +168,13 @@ pub async fn authenticate(
         .store
         .authenticate_token(&hash_api_token(credentials), app)
         .await?
-        .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidToken, "unknown token"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "unknown token"))?;
     let token = found.token.expect("a token look-up returns the token");
     if token.revoked_at.is_some() {
-        return Err(ApiError::unauthorized(ErrorCode::TokenRevoked, "the token was revoked"));
+        return Err(ApiError::new(ErrorCode::TokenRevoked, "the token was revoked"));
     }
     if expired(&token, now) {
-        return Err(ApiError::unauthorized(ErrorCode::TokenExpired, "the token has expired"));
+        return Err(ApiError::new(ErrorCode::TokenExpired, "the token has expired"));
     }
     Ok(Caller {
         principal: found.principal,
@@ -194,7 +194,7 @@ fn expired(token: &ApiToken, now: time::OffsetDateTime) -> bool {
 /// malformed.
 pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let header = headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
-        ApiError::unauthorized(ErrorCode::MissingToken, "an Authorization: Bearer <token> header is required")
+        ApiError::new(ErrorCode::MissingToken, "an Authorization: Bearer <token> header is required")
     })?;
     header
         .to_str()
@@ -203,10 +203,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            ApiError::unauthorized(
-                ErrorCode::InvalidToken,
-                "the Authorization header must be `Bearer <token>`",
-            )
+            ApiError::new(ErrorCode::InvalidToken, "the Authorization header must be `Bearer <token>`")
         })
 }
 

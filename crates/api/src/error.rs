@@ -185,12 +185,67 @@ impl ErrorCode {
             ErrorCode::WebhookTargetRefused => picloud_core::net::TARGET_REFUSED,
         }
     }
+    /// The HTTP status an answer with this code has: one status per code, so that the code is
+    /// the whole of an error's meaning and the status only its translation to HTTP.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::AlreadyReplayed => StatusCode::CONFLICT,
+            ErrorCode::AlreadyResolved => StatusCode::CONFLICT,
+            ErrorCode::AppExists => StatusCode::CONFLICT,
+            ErrorCode::AppNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::DeadLetterNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::DuplicateIdempotencyKey => StatusCode::CONFLICT,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::HandlerFailed => StatusCode::BAD_GATEWAY,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::InvalidBody => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidCursor => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidField => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidIfMatch => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidJson => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidPath => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidQuery => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidText => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidTimeout => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
+            ErrorCode::KeyNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MaxDepth => StatusCode::CONFLICT,
+            ErrorCode::MemberNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MetricsDisabled => StatusCode::NOT_FOUND,
+            ErrorCode::MissingToken => StatusCode::UNAUTHORIZED,
+            ErrorCode::NatsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::NoHandler => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::NoSuchQueue => StatusCode::NOT_FOUND,
+            ErrorCode::NotAnHttpTrigger => StatusCode::CONFLICT,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PrincipalNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::QueueDisabled => StatusCode::CONFLICT,
+            ErrorCode::QueueTaken => StatusCode::CONFLICT,
+            ErrorCode::RequestTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
+            ErrorCode::TokenNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::TokenRevoked => StatusCode::UNAUTHORIZED,
+            ErrorCode::TooManySyncCalls => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TriggerDisabled => StatusCode::CONFLICT,
+            ErrorCode::TriggerExists => StatusCode::CONFLICT,
+            ErrorCode::TriggerGone => StatusCode::CONFLICT,
+            ErrorCode::TriggerNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::UnknownSubject => StatusCode::NOT_FOUND,
+            ErrorCode::VersionMismatch => StatusCode::PRECONDITION_FAILED,
+            ErrorCode::WebhookTargetRefused => StatusCode::UNPROCESSABLE_ENTITY,
+        }
+    }
 }
 
 /// A request that failed.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
     code: ErrorCode,
     message: String,
     /// Seconds after which trying again may succeed (`Retry-After`), for 429 and 503 answers.
@@ -198,9 +253,9 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with this status, code and message.
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+    /// An error with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), retry_after: None }
     }
 
     /// The same error, telling the caller to try again after `seconds` (`Retry-After`).
@@ -209,49 +264,25 @@ impl ApiError {
         self
     }
 
-    /// 400: the request is malformed.
-    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    /// 401: no usable credentials.
-    pub fn unauthorized(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code, message)
-    }
-
     /// 403: authenticated, not allowed.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
-    }
-
-    /// 404: no such thing.
-    pub fn not_found(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, message)
-    }
-
-    /// 409: conflicts with what exists.
-    pub fn conflict(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, message)
+        Self::new(ErrorCode::Forbidden, message)
     }
 
     /// 422: well-formed but invalid; the message names the field.
     pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidField, format!("{field}: {message}"))
+        Self::new(ErrorCode::InvalidField, format!("{field}: {message}"))
     }
 
     /// 500: a failure of ours. The detail is logged here, once, and not shown.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "request failed");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            "internal error; see the server log",
-        )
+        Self::new(ErrorCode::Internal, "internal error; see the server log")
     }
 
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.code.status()
     }
 
     /// The snake_case code.
@@ -274,7 +305,7 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code.as_str(), self.status.as_u16(), self.message)
+        write!(f, "{} ({}): {}", self.code.as_str(), self.status().as_u16(), self.message)
     }
 }
 
@@ -282,7 +313,7 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
@@ -294,72 +325,66 @@ impl From<picloud_store::Error> for ApiError {
     fn from(e: picloud_store::Error) -> Self {
         use picloud_store::Error as E;
         match e {
-            E::AppNotFound(app) => Self::not_found(ErrorCode::AppNotFound, format!("no app {app}")),
+            E::AppNotFound(app) => Self::new(ErrorCode::AppNotFound, format!("no app {app}")),
             E::DuplicateApp(slug) => {
-                Self::conflict(ErrorCode::AppExists, format!("an app with slug {slug} exists already"))
+                Self::new(ErrorCode::AppExists, format!("an app with slug {slug} exists already"))
             }
             E::PrincipalNotFound(id) | E::UnknownPrincipal(id) => {
-                Self::not_found(ErrorCode::PrincipalNotFound, format!("no principal {id}"))
+                Self::new(ErrorCode::PrincipalNotFound, format!("no principal {id}"))
             }
-            E::TokenNotFound(id) => Self::not_found(ErrorCode::TokenNotFound, format!("no token {id}")),
-            E::TriggerNotFound(name) => {
-                Self::not_found(ErrorCode::TriggerNotFound, format!("no trigger {name}"))
-            }
-            E::DuplicateTrigger(name) => Self::conflict(
+            E::TokenNotFound(id) => Self::new(ErrorCode::TokenNotFound, format!("no token {id}")),
+            E::TriggerNotFound(name) => Self::new(ErrorCode::TriggerNotFound, format!("no trigger {name}")),
+            E::DuplicateTrigger(name) => Self::new(
                 ErrorCode::TriggerExists,
                 format!("a trigger named {name} exists already in this app"),
             ),
             E::QueueTaken(queue) => {
-                Self::conflict(ErrorCode::QueueTaken, format!("queue {queue} has a trigger already"))
+                Self::new(ErrorCode::QueueTaken, format!("queue {queue} has a trigger already"))
             }
             E::DeadLetterNotFound(id) => {
-                Self::not_found(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}"))
+                Self::new(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}"))
             }
             E::VersionMismatch { expected, current } => Self::new(
-                StatusCode::PRECONDITION_FAILED,
                 ErrorCode::VersionMismatch,
                 match current {
                     Some(current) => format!("If-Match {expected} but the current version is {current}"),
                     None => format!("If-Match {expected} but the key does not exist"),
                 },
             ),
-            E::DuplicateIdempotencyKey(key) => Self::conflict(
-                ErrorCode::DuplicateIdempotencyKey,
-                format!("idempotency key {key:?} is in use"),
-            ),
+            E::DuplicateIdempotencyKey(key) => {
+                Self::new(ErrorCode::DuplicateIdempotencyKey, format!("idempotency key {key:?} is in use"))
+            }
             E::NoSuchQueue(queue) => {
-                Self::not_found(ErrorCode::NoSuchQueue, format!("queue {queue} has no trigger"))
+                Self::new(ErrorCode::NoSuchQueue, format!("queue {queue} has no trigger"))
             }
             E::QueueDisabled(queue) => {
-                Self::conflict(ErrorCode::QueueDisabled, format!("the trigger of queue {queue} is disabled"))
+                Self::new(ErrorCode::QueueDisabled, format!("the trigger of queue {queue} is disabled"))
             }
-            E::TooDeep { depth, max } => Self::conflict(
+            E::TooDeep { depth, max } => Self::new(
                 ErrorCode::MaxDepth,
                 format!("event depth {depth} reached PICLOUD_MAX_TRIGGER_DEPTH ({max}): a trigger loop?"),
             ),
             E::TooLarge { max } => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorCode::PayloadTooLarge,
                 format!(
                     "the event this write produces would be larger than the {max} bytes an event may \
                      carry (its data holds the body, and for a KV update the previous value too)"
                 ),
             ),
-            E::TriggerGone(name) => Self::conflict(
+            E::TriggerGone(name) => Self::new(
                 ErrorCode::TriggerGone,
                 format!("trigger {name:?} of this dead letter no longer exists"),
             ),
             E::Conflict(what) => {
-                Self::conflict(ErrorCode::Conflict, format!("{what} changed concurrently; try again"))
+                Self::new(ErrorCode::Conflict, format!("{what} changed concurrently; try again"))
             }
-            other if other.is_invalid_text() => Self::bad_request(
+            other if other.is_invalid_text() => Self::new(
                 ErrorCode::InvalidText,
                 "a text of the request holds the NUL character (\\u0000), which cannot be stored",
             ),
             other if other.is_unavailable() => {
                 tracing::warn!(error = %other, "the database is unavailable");
                 Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
                     ErrorCode::DatabaseUnavailable,
                     "the database cannot be reached just now; try again",
                 )

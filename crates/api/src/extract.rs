@@ -23,13 +23,9 @@ pub struct JsonBody<T>(pub T);
 pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::PayloadTooLarge,
-                "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES",
-            )
+            ApiError::new(ErrorCode::PayloadTooLarge, "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES")
         } else {
-            ApiError::bad_request(ErrorCode::InvalidBody, e.body_text())
+            ApiError::new(ErrorCode::InvalidBody, e.body_text())
         }
     })
 }
@@ -50,9 +46,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         // `.` is the body itself, `?` a place the parser could not name: neither says more.
         let at = if matches!(path.as_str(), "." | "?") { String::new() } else { format!("{path}: ") };
-        ApiError::bad_request(ErrorCode::InvalidJson, format!("invalid JSON body: {at}{}", e.inner()))
+        ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {at}{}", e.inner()))
     })?;
-    de.end().map_err(|e| ApiError::bad_request(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
+    de.end().map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("invalid JSON body: {e}")))?;
     Ok(value)
 }
 
@@ -70,7 +66,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
                 if e.status().is_server_error() {
                     ApiError::internal(e.body_text())
                 } else {
-                    ApiError::bad_request(ErrorCode::InvalidPath, e.body_text())
+                    ApiError::new(ErrorCode::InvalidPath, e.body_text())
                 }
             },
         )
@@ -88,7 +84,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| QueryParams(q))
-            .map_err(|e: QueryRejection| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))
+            .map_err(|e: QueryRejection| ApiError::new(ErrorCode::InvalidQuery, e.body_text()))
     }
 }
 
@@ -115,10 +111,7 @@ impl PageQuery {
             .filter(|a| !a.is_empty())
             .map(|a| {
                 URL_SAFE_NO_PAD.decode(a).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(|| {
-                    ApiError::bad_request(
-                        ErrorCode::InvalidCursor,
-                        "`after` is not a cursor this API returned",
-                    )
+                    ApiError::new(ErrorCode::InvalidCursor, "`after` is not a cursor this API returned")
                 })
             })
             .transpose()
@@ -129,10 +122,7 @@ impl PageQuery {
         self.after()?
             .map(|a| {
                 a.parse().map_err(|_| {
-                    ApiError::bad_request(
-                        ErrorCode::InvalidCursor,
-                        "`after` is not a cursor this API returned",
-                    )
+                    ApiError::new(ErrorCode::InvalidCursor, "`after` is not a cursor this API returned")
                 })
             })
             .transpose()

@@ -185,14 +185,10 @@ fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
 
 async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
     let (app, op) = state.config.node.subjects.parse_ingest(&msg.subject).ok_or_else(|| {
-        ApiError::not_found(ErrorCode::UnknownSubject, format!("{} is not an ingest subject", msg.subject))
+        ApiError::new(ErrorCode::UnknownSubject, format!("{} is not an ingest subject", msg.subject))
     })?;
     if msg.payload.len() > state.config.max_payload_bytes {
-        return Err(ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::PayloadTooLarge,
-            "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES",
-        ));
+        return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the body exceeds PICLOUD_MAX_PAYLOAD_BYTES"));
     }
     let credentials = msg
         .headers
@@ -201,10 +197,7 @@ async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
         .and_then(|v| v.as_str().strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(|| {
-            ApiError::unauthorized(
-                ErrorCode::MissingToken,
-                "an Authorization: Bearer <token> header is required",
-            )
+            ApiError::new(ErrorCode::MissingToken, "an Authorization: Bearer <token> header is required")
         })?;
     let caller = authenticate(state, credentials, Some(app)).await?;
     match op {

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
@@ -38,7 +37,6 @@ pub(crate) async fn within_limits(State(state): State<ApiState>, request: Reques
     }
     let Ok(_permit) = state.http_limits.in_flight.try_acquire() else {
         return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Overloaded,
             "this node serves as many requests as it may (PICLOUD_HTTP_MAX_IN_FLIGHT); try again",
         )
@@ -49,7 +47,6 @@ pub(crate) async fn within_limits(State(state): State<ApiState>, request: Reques
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RequestTimeout,
             format!("the request took longer than {} ms (PICLOUD_HTTP_TIMEOUT_MS)", timeout.as_millis()),
         )
@@ -84,7 +81,6 @@ impl SyncSlots {
         let count = taken.entry(app).or_default();
         if *count >= self.max_per_app {
             return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::TooManySyncCalls,
                 format!(
                     "this app has {} sync calls in flight on this node (PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP)",
@@ -123,7 +119,7 @@ mod tests {
         let refused = slots.take(a).unwrap_err();
         assert_eq!(
             (refused.status(), refused.code()),
-            (StatusCode::TOO_MANY_REQUESTS, "too_many_sync_calls")
+            (axum::http::StatusCode::TOO_MANY_REQUESTS, "too_many_sync_calls")
         );
         assert!(slots.take(b).is_ok(), "another app has slots of its own");
         drop(first);

@@ -71,7 +71,7 @@ pub async fn create_principal(
 }
 
 fn principal_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse().map_err(|_| ApiError::not_found(ErrorCode::PrincipalNotFound, format!("no principal {raw}")))
+    raw.parse().map_err(|_| ApiError::new(ErrorCode::PrincipalNotFound, format!("no principal {raw}")))
 }
 
 /// Give a principal a role on the app.
@@ -110,10 +110,7 @@ pub async fn remove_member(
     if state.store.remove_member(app.id, principal_id(&principal)?).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::not_found(
-            ErrorCode::MemberNotFound,
-            format!("{principal} is not a member of {}", app.slug),
-        ))
+        Err(ApiError::new(ErrorCode::MemberNotFound, format!("{principal} is not a member of {}", app.slug)))
     }
 }
 
@@ -139,7 +136,7 @@ pub async fn create_token(
     }
     let standing =
         state.store.authenticate_principal(principal_id, body.app.as_deref()).await?.ok_or_else(|| {
-            ApiError::not_found(ErrorCode::PrincipalNotFound, format!("no principal {principal_id}"))
+            ApiError::new(ErrorCode::PrincipalNotFound, format!("no principal {principal_id}"))
         })?;
     // An app the token's principal holds no role on is answered like one that does not exist:
     // the same rule as every app route, so that slugs cannot be probed here either.
@@ -148,7 +145,7 @@ pub async fn create_token(
             standing
                 .app
                 .filter(|_| standing.principal.platform_admin || standing.role.is_some())
-                .ok_or_else(|| ApiError::not_found(ErrorCode::AppNotFound, format!("no app {slug}")))?,
+                .ok_or_else(|| ApiError::new(ErrorCode::AppNotFound, format!("no app {slug}")))?,
         ),
         None => None,
     };
@@ -222,7 +219,7 @@ pub async fn revoke_token(
     caller: Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
-    let not_found = || ApiError::not_found(ErrorCode::TokenNotFound, format!("no token {id}"));
+    let not_found = || ApiError::new(ErrorCode::TokenNotFound, format!("no token {id}"));
     let token_id: Uuid = id.parse().map_err(|_| not_found())?;
     let token = state.store.token(token_id).await?.ok_or_else(not_found)?;
     if token.principal_id != caller.principal.id || caller.is_delivery() {

@@ -44,8 +44,7 @@ fn resolution(value: Option<&str>) -> Result<Option<Option<Resolution>>, ApiErro
 }
 
 fn dead_letter_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse()
-        .map_err(|_| ApiError::not_found(ErrorCode::DeadLetterNotFound, format!("no dead letter {raw}")))
+    raw.parse().map_err(|_| ApiError::new(ErrorCode::DeadLetterNotFound, format!("no dead letter {raw}")))
 }
 
 /// The app's dead letters, newest first.
@@ -109,10 +108,8 @@ pub async fn get(
     let app = caller.require_app(Capability::AppRead)?;
     let dead = state.store.dead_letter(app.id, dead_letter_id(&id)?).await?;
     Ok(Json(
-        dead.ok_or_else(|| {
-            ApiError::not_found(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}"))
-        })?
-        .into(),
+        dead.ok_or_else(|| ApiError::new(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}")))?
+            .into(),
     ))
 }
 
@@ -149,7 +146,7 @@ pub async fn replay_dead_letter(
         .await?
         .ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
     if dead.resolution == Some(Resolution::Replayed) {
-        return Err(ApiError::conflict(ErrorCode::AlreadyReplayed, "this dead letter was replayed already"));
+        return Err(ApiError::new(ErrorCode::AlreadyReplayed, "this dead letter was replayed already"));
     }
     // Everything it reads is read in this transaction: with the row locked, a second connection
     // would deadlock a pool that concurrent replays of one dead letter have filled.
@@ -183,9 +180,7 @@ pub async fn ignore_dead_letter(store: &PgStore, app_id: Uuid, id: Uuid) -> Resu
     match ignored {
         Some(dead) => Ok(dead.into()),
         None => match store.dead_letter(app_id, id).await? {
-            Some(_) => {
-                Err(ApiError::conflict(ErrorCode::AlreadyResolved, "this dead letter is resolved already"))
-            }
+            Some(_) => Err(ApiError::new(ErrorCode::AlreadyResolved, "this dead letter is resolved already")),
             None => Err(picloud_store::Error::DeadLetterNotFound(id).into()),
         },
     }

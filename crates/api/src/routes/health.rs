@@ -130,9 +130,7 @@ fn smtp_address(url: &str) -> Option<(String, u16)> {
 pub async fn metrics(State(state): State<ApiState>) -> Response {
     match &state.config.metrics {
         Some(metrics) => ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response(),
-        None => {
-            ApiError::not_found(ErrorCode::MetricsDisabled, "this node records no metrics").into_response()
-        }
+        None => ApiError::new(ErrorCode::MetricsDisabled, "this node records no metrics").into_response(),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use picloud_core::Capability;
 use picloud_core::protocol::TriggerKind;
@@ -47,7 +47,7 @@ fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, Api
             .filter(|ms| *ms > 0)
             .map(|ms| Duration::from_millis(ms).min(max))
             .ok_or_else(|| {
-                ApiError::bad_request(
+                ApiError::new(
                     ErrorCode::InvalidTimeout,
                     format!("{TIMEOUT_HEADER} must be a positive number of milliseconds"),
                 )
@@ -120,19 +120,16 @@ pub async fn invoke(
     let (row, target) = match write {
         SyncCallWrite::Written { row, target } => (row, target),
         SyncCallWrite::NoTrigger => {
-            return Err(ApiError::not_found(ErrorCode::TriggerNotFound, format!("no trigger {name}")));
+            return Err(ApiError::new(ErrorCode::TriggerNotFound, format!("no trigger {name}")));
         }
         SyncCallWrite::Refused(trigger) if trigger.spec.kind() != TriggerKind::Http => {
-            return Err(ApiError::conflict(
+            return Err(ApiError::new(
                 ErrorCode::NotAnHttpTrigger,
                 format!("trigger {name} is a {} trigger", trigger.spec.kind()),
             ));
         }
         SyncCallWrite::Refused(_) => {
-            return Err(ApiError::conflict(
-                ErrorCode::TriggerDisabled,
-                format!("trigger {name} is disabled"),
-            ));
+            return Err(ApiError::new(ErrorCode::TriggerDisabled, format!("trigger {name} is disabled")));
         }
         SyncCallWrite::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
     };
@@ -154,7 +151,6 @@ pub async fn invoke(
         Ok(answer) => answer,
         Err(NoAnswer::TimedOut) => {
             return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
                 ErrorCode::Timeout,
                 format!("no result within {} ms", wait.as_millis()),
             ));
@@ -167,29 +163,17 @@ pub async fn invoke(
             let body = if body.is_empty() { bytes::Bytes::from_static(b"null") } else { body };
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
-        Answer::NoResponders => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::NoHandler,
-            format!("no handler serves trigger {name}"),
-        )
-        .into_response(),
+        Answer::NoResponders => {
+            ApiError::new(ErrorCode::NoHandler, format!("no handler serves trigger {name}")).into_response()
+        }
         Answer::Interrupted(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::NatsUnavailable,
             format!("the router lost its NATS connection while the handler worked on the call: {error}"),
         )
         .into_response(),
-        Answer::Timeout => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::Timeout,
-            format!("the handler did not answer: {error}"),
-        )
-        .into_response(),
-        _ => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorCode::HandlerFailed,
-            format!("the handler failed: {error}"),
-        )
-        .into_response(),
+        Answer::Timeout => {
+            ApiError::new(ErrorCode::Timeout, format!("the handler did not answer: {error}")).into_response()
+        }
+        _ => ApiError::new(ErrorCode::HandlerFailed, format!("the handler failed: {error}")).into_response(),
     })
 }

@@ -25,9 +25,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
                 .map(|s| s.trim().trim_matches('"'))
                 .and_then(|s| s.parse::<i64>().ok())
                 .filter(|v| *v > 0)
-                .ok_or_else(|| {
-                    ApiError::bad_request(ErrorCode::InvalidIfMatch, "If-Match must be a version number")
-                })
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidIfMatch, "If-Match must be a version number"))
         })
         .transpose()
 }
@@ -90,9 +88,8 @@ pub async fn get(
 ) -> Result<Json<KvValue>, ApiError> {
     let app = caller.require_app(Capability::AppReadKv)?;
     let entry = state.store.kv_get(app.id, &collection, &key).await?;
-    let entry = entry.ok_or_else(|| {
-        ApiError::not_found(ErrorCode::KeyNotFound, format!("no key {key} in {collection}"))
-    })?;
+    let entry = entry
+        .ok_or_else(|| ApiError::new(ErrorCode::KeyNotFound, format!("no key {key} in {collection}")))?;
     Ok(Json(KvValue { value: entry.value, version: entry.version }))
 }
 
@@ -124,7 +121,7 @@ pub(crate) async fn delete_entry(
     expected: Option<i64>,
 ) -> Result<VersionView, ApiError> {
     let app = caller.require_app(Capability::AppWriteKv)?;
-    let not_found = || ApiError::not_found(ErrorCode::KeyNotFound, format!("no key {key} in {collection}"));
+    let not_found = || ApiError::new(ErrorCode::KeyNotFound, format!("no key {key} in {collection}"));
     let Ok((collection, key)) = names(collection.clone(), key.clone()) else { return Err(not_found()) };
     let cx = state.event_context(app, caller);
     let mut tx = state.store.begin().await?;

@@ -5,7 +5,6 @@ use std::sync::OnceLock;
 
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use utoipa::openapi::header::Header;
 use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
@@ -226,14 +225,9 @@ pub fn router(state: ApiState) -> axum::Router {
     DOCUMENT.get_or_init(|| document);
     let max_body = state.config.max_payload_bytes;
     router
-        .fallback(|| async { ApiError::not_found(ErrorCode::NotFound, "no such route") })
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::MethodNotAllowed,
-                "this route does not take that method",
-            )
-            .into_response()
+            ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method").into_response()
         })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::limits::within_limits))

@@ -37,7 +37,6 @@ fn handler(state: &ApiState, body: HandlerBody) -> Result<Handler, ApiError> {
                 state.config.webhook_allow_nets.check_host(url.host_str().unwrap_or_default())
             {
                 return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
                     ErrorCode::WebhookTargetRefused,
                     format!("handler.webhook.url: {refusal}"),
                 ));
@@ -201,7 +200,7 @@ pub async fn list(
 }
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::not_found(ErrorCode::TriggerNotFound, format!("no trigger {name}"))
+    ApiError::new(ErrorCode::TriggerNotFound, format!("no trigger {name}"))
 }
 
 /// One trigger.
