@@ -130,6 +130,58 @@ impl TokenKey {
     }
 }
 
+/// How far an API token reaches: the app it is limited to, the scopes it is narrowed to, and when
+/// it expires. `None` is no limit of that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenLimits {
+    /// The one app the token acts on.
+    pub app: Option<Uuid>,
+    /// The scopes the token holds at most, whatever its principal's role.
+    pub scopes: Option<ScopeSet>,
+    /// When the token stops authenticating.
+    pub expires_at: Option<time::OffsetDateTime>,
+}
+
+/// Why a token may not be minted with the limits asked for: it would reach further than the
+/// credentials minting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Widening {
+    /// Another app, or every app, asked by credentials limited to one app.
+    #[error("credentials limited to one app can only mint tokens limited to that app")]
+    App,
+    /// A scope the minting token does not hold, or no narrowing at all.
+    #[error("a token narrowed to some scopes can only mint tokens within them")]
+    Scopes,
+    /// A later expiry than the minting token's, or none.
+    #[error(
+        "a token that expires can only mint tokens that expire no later (this one expires at {})",
+        crate::protocol::rfc3339_millis(*.0)
+    )]
+    Expiry(time::OffsetDateTime),
+}
+
+impl TokenLimits {
+    /// Whether credentials with these limits may mint a token with limits `wanted`: only one no
+    /// wider in any of them (the same app, a subset of the scopes, an expiry no later), so that a
+    /// chain of tokens each minted with the one before never reaches further than the first.
+    pub fn admits(&self, wanted: &TokenLimits) -> Result<(), Widening> {
+        if self.app.is_some() && wanted.app != self.app {
+            return Err(Widening::App);
+        }
+        if let Some(held) = self.scopes
+            && wanted.scopes.is_none_or(|scopes| scopes.intersect(held) != scopes)
+        {
+            return Err(Widening::Scopes);
+        }
+        if let Some(held) = self.expires_at
+            && wanted.expires_at.is_none_or(|expires_at| expires_at > held)
+        {
+            return Err(Widening::Expiry(held));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -269,5 +321,68 @@ mod tests {
             let altered: String = chars.into_iter().collect();
             prop_assert!(key.verify(&altered, i64::MIN).is_err(), "{altered} still verifies");
         }
+    }
+
+    fn limits() -> impl Strategy<Value = TokenLimits> {
+        let apps = [Uuid::from_u128(1), Uuid::from_u128(2)];
+        (
+            proptest::option::of(proptest::sample::select(apps.to_vec())),
+            proptest::option::of((0u8..=0x7f).prop_map(ScopeSet::from_bits)),
+            proptest::option::of(
+                (0i64..4).prop_map(|h| time::OffsetDateTime::UNIX_EPOCH + time::Duration::hours(h)),
+            ),
+        )
+            .prop_map(|(app, scopes, expires_at)| TokenLimits { app, scopes, expires_at })
+    }
+
+    /// Whether `inner` reaches nowhere `outer` does not, written from the definition: every app,
+    /// scope and instant `inner` allows, `outer` allows too. A token not narrowed to scopes holds
+    /// every scope there will ever be, one added later included, which no narrowed token holds.
+    fn within(inner: &TokenLimits, outer: &TokenLimits) -> bool {
+        let apps = outer.app.is_none() || inner.app == outer.app;
+        let holds = |limits: &TokenLimits, scope: Option<Scope>| match (limits.scopes, scope) {
+            (None, _) => true,
+            (Some(set), Some(scope)) => set.contains(scope),
+            (Some(_), None) => false,
+        };
+        let added_later = None;
+        let scopes = Scope::ALL
+            .iter()
+            .map(|s| Some(*s))
+            .chain([added_later])
+            .all(|s| !holds(inner, s) || holds(outer, s));
+        let expiry = match (inner.expires_at, outer.expires_at) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(inner), Some(outer)) => inner <= outer,
+        };
+        apps && scopes && expiry
+    }
+
+    proptest! {
+        #[test]
+        fn a_token_is_minted_exactly_when_it_reaches_no_further(held in limits(), wanted in limits()) {
+            prop_assert_eq!(held.admits(&wanted).is_ok(), within(&wanted, &held));
+        }
+
+        #[test]
+        fn a_chain_of_minted_tokens_never_reaches_further_than_its_first(chain in proptest::collection::vec(limits(), 1..6)) {
+            let admitted: Vec<_> = chain.windows(2).take_while(|w| w[0].admits(&w[1]).is_ok()).collect();
+            if let Some(last) = admitted.last() {
+                prop_assert!(within(&last[1], &chain[0]));
+            }
+        }
+    }
+
+    #[test]
+    fn the_refusal_names_what_would_widen() {
+        let at = time::OffsetDateTime::UNIX_EPOCH;
+        let held = TokenLimits { app: Some(Uuid::from_u128(1)), scopes: None, expires_at: Some(at) };
+        assert_eq!(held.admits(&TokenLimits::default()), Err(Widening::App));
+        let same_app = TokenLimits { app: held.app, ..TokenLimits::default() };
+        assert_eq!(held.admits(&same_app), Err(Widening::Expiry(at)));
+        assert!(Widening::Expiry(at).to_string().ends_with("expires at 1970-01-01T00:00:00.000Z)"));
+        let narrowed = TokenLimits { scopes: Some(ScopeSet::EMPTY.with(Scope::AppRead)), ..held };
+        assert_eq!(narrowed.admits(&TokenLimits { expires_at: Some(at), ..same_app }), Err(Widening::Scopes));
     }
 }
