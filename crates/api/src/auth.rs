@@ -22,6 +22,9 @@ pub enum Via {
     /// A delivery token handed to a handler: acts as the trigger's principal on one app, one
     /// level deeper.
     Delivery(DeliveryToken),
+    /// The node's operator (`picloud-router admin`, `dev`, the benchmarks), whose authority is
+    /// access to the database itself: every capability, no token limits, depth 0.
+    Operator,
 }
 
 /// An authenticated caller, with the app its route names (when it exists) and its role there.
@@ -38,10 +41,30 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The node's operator on `app`, acting as no principal of the database: for operations
+    /// that record no one as having acted (all but registering a trigger).
+    pub fn operator(app: Option<App>) -> Caller {
+        let nobody = Principal {
+            id: uuid::Uuid::nil(),
+            name: "operator".to_owned(),
+            platform_admin: true,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        Caller::operator_as(nobody, app)
+    }
+
+    /// The node's operator acting as `principal` on `app`: `principal` is who an operation records
+    /// as acting (the principal a trigger runs as); the authority is the operator's, whatever
+    /// the principal's role.
+    pub fn operator_as(principal: Principal, app: Option<App>) -> Caller {
+        let principal = Principal { platform_admin: true, ..principal };
+        Caller { principal, via: Via::Operator, app, role: None, authorized_at: 0 }
+    }
+
     /// The depth of events this caller writes: 0, or one more than the delivery's.
     pub fn depth(&self) -> u32 {
         match &self.via {
-            Via::Token(_) => 0,
+            Via::Token(_) | Via::Operator => 0,
             Via::Delivery(token) => token.depth,
         }
     }
@@ -52,6 +75,7 @@ impl Caller {
             Via::Token(token) => token.scopes,
             // Read through the delivery rule too: a token signed before it holds no more.
             Via::Delivery(token) => Some(token.scopes.for_delivery()),
+            Via::Operator => None,
         }
     }
 
@@ -60,6 +84,7 @@ impl Caller {
         match &self.via {
             Via::Token(token) => token.app_id,
             Via::Delivery(token) => Some(token.app),
+            Via::Operator => None,
         }
     }
 
@@ -144,7 +169,7 @@ pub async fn authenticate(
     credentials: &str,
     app: Option<&str>,
 ) -> Result<Caller, ApiError> {
-    let now = state.store.clock().now();
+    let now = state.ops.store().clock().now();
     if credentials.starts_with(DELIVERY_TOKEN_PREFIX) {
         let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
         let token = state.config.node.token_key.verify(credentials, now_ms).map_err(|e| match e {
@@ -153,9 +178,10 @@ pub async fn authenticate(
             }
             _ => ApiError::new(ErrorCode::InvalidToken, "the delivery token is not valid"),
         })?;
-        let found = state.store.authenticate_principal(token.principal, app).await?.ok_or_else(|| {
-            ApiError::new(ErrorCode::InvalidToken, "the delivery token's principal no longer exists")
-        })?;
+        let found =
+            state.ops.store().authenticate_principal(token.principal, app).await?.ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidToken, "the delivery token's principal no longer exists")
+            })?;
         return Ok(Caller {
             principal: found.principal,
             via: Via::Delivery(token),
@@ -165,7 +191,8 @@ pub async fn authenticate(
         });
     }
     let found = state
-        .store
+        .ops
+        .store()
         .authenticate_token(&hash_api_token(credentials), app)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "unknown token"))?;

@@ -20,7 +20,6 @@ use crate::ApiState;
 use crate::auth::authenticate;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::parse_json;
-use crate::routes::{events, kv};
 use crate::views::EnqueueJob;
 
 /// Requests served at once by one node.
@@ -203,21 +202,21 @@ async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
     match op {
         IngestOp::KvPut => {
             let put: KvPut = parse_json(&msg.payload)?;
-            let version = kv::put_entry(state, &caller, put.collection, put.key, &put.value, None).await?;
+            let version = state.ops.kv_put(&caller, put.collection, put.key, &put.value, None).await?;
             Ok(to_json(&version))
         }
         IngestOp::KvDelete => {
             let delete: KvDelete = parse_json(&msg.payload)?;
-            let version = kv::delete_entry(state, &caller, delete.collection, delete.key, None).await?;
+            let version = state.ops.kv_delete(&caller, delete.collection, delete.key, None).await?;
             Ok(to_json(&version))
         }
         IngestOp::Pubsub(topic) => {
             let message: Box<RawValue> = parse_json(&msg.payload)?;
-            Ok(to_json(&events::publish_message(state, &caller, topic, &message).await?))
+            Ok(to_json(&state.ops.publish(&caller, topic, &message).await?))
         }
         IngestOp::Queue(queue) => {
             let job: EnqueueJob = parse_json(&msg.payload)?;
-            Ok(to_json(&events::enqueue_job(state, &caller, queue, &job).await?.1))
+            Ok(to_json(&state.ops.enqueue(&caller, queue, &job).await?.1))
         }
     }
 }

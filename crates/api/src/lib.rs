@@ -8,8 +8,7 @@
 
 use std::sync::Arc;
 
-use picloud_store::events::EventContext;
-use picloud_store::{App, PgStore};
+use picloud_store::PgStore;
 use tokio_util::task::TaskTracker;
 
 mod auth;
@@ -18,6 +17,7 @@ mod error;
 mod extract;
 mod ingest;
 mod limits;
+pub mod ops;
 pub mod routes;
 pub mod views;
 
@@ -25,14 +25,17 @@ use auth::InvokeAuthorizations;
 pub use auth::{Caller, Via};
 pub use config::ApiConfig;
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use extract::{Page, PageQuery};
 pub use ingest::{Ingest, IngestError};
+pub use ops::Ops;
 pub use routes::router;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct ApiState {
-    /// The store, for writes acknowledged to clients (their commits wait for the WAL flush).
-    pub store: PgStore,
+    /// The operations, over the store whose commits wait for the WAL flush (writes are
+    /// acknowledged to clients).
+    pub ops: Ops<PgStore>,
     /// The node's NATS connection.
     pub nats: async_nats::Client,
     /// The configuration.
@@ -58,7 +61,7 @@ impl ApiState {
         config.node.triggers.max_event_data_bytes =
             picloud_core::protocol::max_event_data_bytes(config.max_payload_bytes);
         ApiState {
-            store,
+            ops: Ops::new(store, config.node.triggers, config.webhook_allow_nets.clone()),
             connection: picloud_dispatch::ConnectionWatch::spawn(&nats),
             nats,
             sync_calls: TaskTracker::new(),
@@ -77,17 +80,6 @@ impl ApiState {
             tracing::info!(calls = self.sync_calls.len(), "waiting for sync calls to resolve their results");
         }
         self.sync_calls.wait().await;
-    }
-
-    /// Where events written on behalf of `caller` in `app` start: its depth, the app and the
-    /// node's trigger limits.
-    pub fn event_context<'a>(&'a self, app: &'a App, caller: &Caller) -> EventContext<'a> {
-        EventContext {
-            app_id: app.id,
-            app_slug: &app.slug,
-            depth: caller.depth(),
-            config: &self.config.node.triggers,
-        }
     }
 }
 

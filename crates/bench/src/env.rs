@@ -3,14 +3,14 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use picloud_core::token::{generate_api_token, hash_api_token};
-use picloud_core::{AppSlug, CollectionPattern, HandlerName, RetryOverrides, Role, TriggerName};
+use picloud_api::views::{CreateToken, RegisterTrigger};
+use picloud_api::{Caller, Ops};
+use picloud_core::TriggerConfig;
+use picloud_core::net::AllowNets;
 use picloud_dispatch::{NodeConfig, RelayConfig};
-use picloud_store::{
-    App, AuthRepo, Handler, KvOp, NewApiToken, NewTrigger, PgStore, Trigger, TriggerRepo, TriggerSpec, pg,
-};
+use picloud_store::{App, AuthRepo as _, PgStore, Trigger, TriggerRepo as _, pg};
 use picloud_testkit::{NatsServer, PgOptions, PgServer};
-use uuid::Uuid;
+use serde_json::json;
 
 /// The app's handler.
 pub const HANDLER: &str = "bench";
@@ -61,46 +61,26 @@ impl Servers {
         let url = replace_database(&self.server_url, &name);
         let store = PgStore::connect(&url, 20).await?;
         pg::migrate(store.pool()).await?;
-        let app = store.create_app(&AppSlug::parse("bench")?).await?;
-        let principal = store.create_principal("bench-admin", false).await?;
-        store.set_role(app.id, principal.id, Role::Admin).await?;
-        let call = NewTrigger {
-            id: Uuid::now_v7(),
-            app_id: app.id,
-            name: TriggerName::parse("call")?,
-            spec: TriggerSpec::Http,
-            handler: Handler::Function(HandlerName::parse(HANDLER)?),
-            retry: RetryOverrides::default(),
-            enabled: true,
-            registered_by: principal.id,
-        };
-        store.create_trigger(&call).await?;
-        let token = generate_api_token();
-        store
-            .create_token(&NewApiToken {
-                id: Uuid::now_v7(),
-                principal_id: principal.id,
-                token_hash: hash_api_token(&token),
-                app_id: None,
-                scopes: None,
-                expires_at: None,
-            })
-            .await?;
-        let trigger = store
-            .create_trigger(&NewTrigger {
-                id: Uuid::now_v7(),
-                app_id: app.id,
-                name: TriggerName::parse("bench")?,
-                spec: TriggerSpec::Kv {
-                    collection: CollectionPattern::parse("bench*")?,
-                    ops: vec![KvOp::Put],
-                },
-                handler: Handler::Function(HandlerName::parse(HANDLER)?),
-                retry: RetryOverrides::default(),
-                enabled: true,
-                registered_by: principal.id,
-            })
-            .await?;
+        let ops = Ops::new(store, TriggerConfig::default(), AllowNets::default());
+        let operator = Caller::operator(None);
+        ops.create_app(&operator, "bench".to_owned()).await?;
+        let app = ops.store().app_by_slug("bench").await?.context("the bench app is gone")?;
+        let operator = Caller::operator(Some(app.clone()));
+        let admin = ops.create_principal(&operator, "bench-admin", false).await?;
+        ops.set_member(&operator, &admin.id.to_string(), "admin").await?;
+        let mint = CreateToken { principal_id: Some(admin.id), app: None, scopes: None, expires_in_s: None };
+        let token = ops.mint_token(&operator, &mint).await?.token;
+        // The triggers run as the app's admin, as if it had registered them over HTTP.
+        let admin = ops.store().principal(admin.id).await?.context("the bench admin is gone")?;
+        let admin = Caller::operator_as(admin, Some(app.clone()));
+        let handler = json!({"function": HANDLER});
+        let call = json!({"name": "call", "kind": "http", "handler": handler});
+        let bench = json!({"name": "bench", "kind": "kv", "collection": "bench*", "ops": ["put"], "handler": handler});
+        for trigger in [call, bench] {
+            ops.register_trigger(&admin, serde_json::from_value::<RegisterTrigger>(trigger)?).await?;
+        }
+        let trigger = ops.store().trigger(app.id, "bench").await?.context("the bench trigger is gone")?;
+        let store = ops.store().clone();
         Ok(Bench { url, store, app, trigger, token })
     }
 }
@@ -131,13 +111,11 @@ pub struct Bench {
 impl Bench {
     /// `VACUUM ANALYZE; CHECKPOINT;`
     pub async fn settle(&self) -> anyhow::Result<()> {
-        sqlx::query("VACUUM ANALYZE").execute(self.store.pool()).await?;
-        sqlx::query("CHECKPOINT").execute(self.store.pool()).await?;
-        Ok(())
+        Ok(self.store.settle().await?)
     }
 
     pub async fn outbox_len(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(self.store.pool()).await?)
+        Ok(self.store.outbox_len().await?)
     }
 }
 

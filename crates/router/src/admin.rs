@@ -3,16 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Subcommand;
-use picloud_api::routes::dead_letters::{ignore_dead_letter, replay_dead_letter};
-use picloud_api::views::{AppView, DeadLetterView, PrincipalView, TokenCreated, TriggerView};
-use picloud_core::token::{generate_api_token, hash_api_token};
-use picloud_core::{AppSlug, Role, TriggerConfig};
-use picloud_store::{
-    App, AuthRepo, DeadLetterFilter, DeadLetterRepo, NewApiToken, NewPlatformAdmin, PgStore,
-    Transactional as _, TriggerRepo,
-};
+use picloud_api::ops::dead_letters::DeadLetterQuery;
+use picloud_api::views::CreateToken;
+use picloud_api::{Caller, Ops, Page, PageQuery};
+use picloud_store::AuthRepo as _;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -160,143 +156,97 @@ fn print(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn app(store: &PgStore, slug: &str) -> anyhow::Result<App> {
-    store.app_by_slug(slug).await?.with_context(|| format!("no app {slug}"))
+/// Prints every item of a listing, page by page, as `page` reads them.
+async fn print_all<T: Serialize, F>(mut page: impl FnMut(PageQuery) -> F) -> anyhow::Result<()>
+where
+    F: Future<Output = Result<Page<T>, picloud_api::ApiError>>,
+{
+    let mut after = None;
+    loop {
+        let found = page(PageQuery { after, limit: Some(500) }).await?;
+        for item in &found.items {
+            print(item)?;
+        }
+        match found.next {
+            Some(next) => after = Some(next),
+            None => return Ok(()),
+        }
+    }
 }
 
-async fn mint(store: &PgStore, principal: Uuid, app: Option<App>) -> anyhow::Result<TokenCreated> {
-    let secret = generate_api_token();
-    let token = store
-        .create_token(&NewApiToken {
-            id: Uuid::now_v7(),
-            principal_id: principal,
-            token_hash: hash_api_token(&secret),
-            app_id: app.as_ref().map(|a| a.id),
-            scopes: None,
-            expires_at: None,
-        })
-        .await?;
-    Ok(TokenCreated::new(&token, secret, app.map(|a| a.slug.into_string())))
+/// The operator, on app `slug` when one is named.
+async fn operator(ops: &Ops, slug: Option<&str>) -> anyhow::Result<Caller> {
+    let app = match slug {
+        Some(slug) => {
+            Some(ops.store().app_by_slug(slug).await?.ok_or_else(|| anyhow::anyhow!("no app {slug}"))?)
+        }
+        None => None,
+    };
+    Ok(Caller::operator(app))
 }
 
 /// Runs one command.
-pub async fn run(store: &PgStore, command: AdminCommand, triggers: &TriggerConfig) -> anyhow::Result<()> {
+pub async fn run(ops: &Ops, command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::Bootstrap { name, force, expires_in } => {
-            let secret = generate_api_token();
-            let admin = NewPlatformAdmin {
-                name,
-                token_id: Uuid::now_v7(),
-                token_hash: hash_api_token(&secret),
-                expires_at: expires_in.map(|after| time::OffsetDateTime::now_utc() + after),
-            };
-            let mut tx = store.begin().await?;
-            let (_, token) = match store.bootstrap_platform_admin(&mut tx, &admin, force).await {
-                Err(picloud_store::Error::PlatformAdminExists) => bail!(
+            match ops.bootstrap(name, force, expires_in).await? {
+                Some(token) => print(&token),
+                None => bail!(
                     "a platform admin exists already: mint a token for it with `admin tokens create`, or pass --force to create another"
                 ),
-                bootstrapped => bootstrapped?,
-            };
-            store.commit(tx).await?;
-            print(&TokenCreated::new(&token, secret, None))
+            }
         }
         AdminCommand::Apps(AppsCommand::Create { slug }) => {
-            let slug = AppSlug::parse(&slug).map_err(|e| anyhow::anyhow!("slug: {e}"))?;
-            print(&AppView::from(store.create_app(&slug).await?))
+            print(&ops.create_app(&operator(ops, None).await?, slug).await?)
         }
         AdminCommand::Apps(AppsCommand::List) => {
-            let mut after: Option<String> = None;
-            loop {
-                let page = store.list_apps(None, after.as_deref(), 500).await?;
-                after = page.items.last().map(|a| a.slug.as_str().to_owned());
-                for app in page.items {
-                    print(&AppView::from(app))?;
-                }
-                if !page.has_more {
-                    return Ok(());
-                }
-            }
+            let operator = &operator(ops, None).await?;
+            print_all(|page| async move { ops.list_apps(operator, &page).await }).await
         }
         AdminCommand::Apps(AppsCommand::Delete { slug }) => {
-            let app = app(store, &slug).await?;
-            store.delete_app(app.id).await?;
-            print(&AppView::from(app))
+            print(&ops.delete_app(&operator(ops, Some(&slug)).await?).await?)
         }
         AdminCommand::Principals(PrincipalsCommand::Create { name, platform_admin }) => {
-            print(&PrincipalView::from(store.create_principal(&name, platform_admin).await?))
+            print(&ops.create_principal(&operator(ops, None).await?, &name, platform_admin).await?)
         }
-        AdminCommand::Members(MembersCommand::Set { app: slug, principal, role }) => {
-            let role = Role::parse(&role)
-                .with_context(|| format!("role: expected viewer, developer or admin, not {role:?}"))?;
-            let app = app(store, &slug).await?;
-            store.principal(principal).await?.with_context(|| format!("no principal {principal}"))?;
-            store.set_role(app.id, principal, role).await?;
-            print(&serde_json::json!({"app": slug, "principal_id": principal, "role": role.as_str()}))
+        AdminCommand::Members(MembersCommand::Set { app, principal, role }) => {
+            print(&ops.set_member(&operator(ops, Some(&app)).await?, &principal.to_string(), &role).await?)
         }
-        AdminCommand::Members(MembersCommand::Remove { app: slug, principal }) => {
-            let app = app(store, &slug).await?;
-            if !store.remove_member(app.id, principal).await? {
-                bail!("principal {principal} is not a member of {slug}");
-            }
-            print(&serde_json::json!({"app": slug, "principal_id": principal, "removed": true}))
+        AdminCommand::Members(MembersCommand::Remove { app, principal }) => {
+            ops.remove_member(&operator(ops, Some(&app)).await?, &principal.to_string()).await?;
+            print(&serde_json::json!({"app": app, "principal_id": principal, "removed": true}))
         }
-        AdminCommand::Tokens(TokensCommand::Create { principal, app: slug }) => {
-            store.principal(principal).await?.with_context(|| format!("no principal {principal}"))?;
-            let app = match slug {
-                Some(slug) => Some(app(store, &slug).await?),
-                None => None,
-            };
-            print(&mint(store, principal, app).await?)
+        AdminCommand::Tokens(TokensCommand::Create { principal, app }) => {
+            let body = CreateToken { principal_id: Some(principal), app, scopes: None, expires_in_s: None };
+            print(&ops.mint_token(&operator(ops, None).await?, &body).await?)
         }
         AdminCommand::Tokens(TokensCommand::Revoke { id }) => {
-            if !store.revoke_token(id).await? {
-                bail!("no token {id}");
-            }
+            ops.revoke_token(&operator(ops, None).await?, &id.to_string()).await?;
             print(&serde_json::json!({"id": id, "revoked": true}))
         }
-        AdminCommand::Triggers(TriggersCommand::List { app: slug }) => {
-            let app = app(store, &slug).await?;
-            let mut after: Option<String> = None;
-            loop {
-                let page = store.list_triggers(app.id, after.as_deref(), 500).await?;
-                after = page.items.last().map(|t| t.name.as_str().to_owned());
-                for trigger in page.items {
-                    print(&TriggerView::from(trigger))?;
-                }
-                if !page.has_more {
-                    return Ok(());
-                }
-            }
+        AdminCommand::Triggers(TriggersCommand::List { app }) => {
+            let operator = &operator(ops, Some(&app)).await?;
+            print_all(|page| async move { ops.list_triggers(operator, &page).await }).await
         }
-        AdminCommand::Triggers(TriggersCommand::Delete { app: slug, name }) => {
-            let app = app(store, &slug).await?;
-            if !store.delete_trigger(app.id, &name).await? {
-                bail!("no trigger {name} in {slug}");
-            }
-            print(&serde_json::json!({"app": slug, "name": name, "deleted": true}))
+        AdminCommand::Triggers(TriggersCommand::Delete { app, name }) => {
+            ops.delete_trigger(&operator(ops, Some(&app)).await?, &name).await?;
+            print(&serde_json::json!({"app": app, "name": name, "deleted": true}))
         }
-        AdminCommand::DeadLetters(DeadLettersCommand::List { app: slug, unresolved }) => {
-            let app = app(store, &slug).await?;
-            let filter = DeadLetterFilter { resolution: unresolved.then_some(None), trigger_name: None };
-            let mut after = None;
-            loop {
-                let page = store.list_dead_letters(app.id, &filter, after, 500).await?;
-                after = page.items.last().map(|d| d.id);
-                for dead in page.items {
-                    print(&DeadLetterView::from(dead))?;
-                }
-                if !page.has_more {
-                    return Ok(());
-                }
-            }
+        AdminCommand::DeadLetters(DeadLettersCommand::List { app, unresolved }) => {
+            let operator = &operator(ops, Some(&app)).await?;
+            let query =
+                DeadLetterQuery { resolution: unresolved.then(|| "unresolved".to_owned()), trigger: None };
+            print_all(|page| {
+                let query = query.clone();
+                async move { ops.list_dead_letters(operator, query, &page).await }
+            })
+            .await
         }
-        AdminCommand::DeadLetters(DeadLettersCommand::Replay { app: slug, id }) => {
-            let app = app(store, &slug).await?;
-            print(&replay_dead_letter(store, triggers, app.id, id).await?)
+        AdminCommand::DeadLetters(DeadLettersCommand::Replay { app, id }) => {
+            print(&ops.replay_dead_letter(&operator(ops, Some(&app)).await?, &id.to_string()).await?)
         }
-        AdminCommand::DeadLetters(DeadLettersCommand::Ignore { app: slug, id }) => {
-            let app = app(store, &slug).await?;
-            print(&ignore_dead_letter(store, app.id, id).await?)
+        AdminCommand::DeadLetters(DeadLettersCommand::Ignore { app, id }) => {
+            print(&ops.ignore_dead_letter(&operator(ops, Some(&app)).await?, &id.to_string()).await?)
         }
     }
 }

@@ -11,12 +11,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use picloud_core::AppSlug;
-use picloud_core::net::ALLOW_NETS_VAR;
+use picloud_api::views::CreateToken;
+use picloud_api::{Caller, Ops};
+use picloud_core::TriggerConfig;
+use picloud_core::net::{ALLOW_NETS_VAR, AllowNets};
 use picloud_core::token::{generate_api_token, hash_api_token};
 use picloud_local::{MailCatcher, MailDir, MailOptions, NatsServer, PgOptions, PgServer};
-use picloud_store::{AuthRepo, NewApiToken, PgStore};
-use uuid::Uuid;
+use picloud_store::{App, AuthRepo as _, PgStore};
 
 use crate::serve::{self, Node};
 
@@ -147,33 +148,29 @@ impl Saved {
     }
 }
 
+/// The app `dev` makes, made on the first run.
+async fn demo_app(ops: &Ops) -> anyhow::Result<App> {
+    if let Some(app) = ops.store().app_by_slug(APP).await? {
+        return Ok(app);
+    }
+    ops.create_app(&Caller::operator(None), APP.to_owned()).await?;
+    ops.store().app_by_slug(APP).await?.context("the app dev made is gone")
+}
+
 /// A token that still authenticates, or a fresh platform-admin principal (admin of `demo`) and
 /// its token.
-async fn admin_token(
-    store: &PgStore,
-    app: &picloud_store::App,
-    saved: Option<&str>,
-) -> anyhow::Result<String> {
+async fn admin_token(ops: &Ops, app: App, saved: Option<&str>) -> anyhow::Result<String> {
     if let Some(token) = saved {
-        let found = store.token_by_hash(&hash_api_token(token)).await?;
+        let found = ops.store().token_by_hash(&hash_api_token(token)).await?;
         if found.is_some_and(|(t, _)| t.revoked_at.is_none()) {
             return Ok(token.to_owned());
         }
     }
-    let principal = store.create_principal("dev-admin", true).await?;
-    store.set_role(app.id, principal.id, picloud_core::Role::Admin).await?;
-    let secret = generate_api_token();
-    store
-        .create_token(&NewApiToken {
-            id: Uuid::now_v7(),
-            principal_id: principal.id,
-            token_hash: hash_api_token(&secret),
-            app_id: None,
-            scopes: None,
-            expires_at: None,
-        })
-        .await?;
-    Ok(secret)
+    let operator = Caller::operator(Some(app));
+    let principal = ops.create_principal(&operator, "dev-admin", true).await?;
+    ops.set_member(&operator, &principal.id.to_string(), "admin").await?;
+    let mint = CreateToken { principal_id: Some(principal.id), app: None, scopes: None, expires_in_s: None };
+    Ok(ops.mint_token(&operator, &mint).await?.token)
 }
 
 /// Where the API listens: `PICLOUD_HTTP_ADDR` as given, unless its port is 0 or it is unset; then
@@ -251,15 +248,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let store = PgStore::connect(&database_url, 2).await.context("connecting to the dev Postgres")?;
     serve::migrate(&store).await?;
-    let slug = AppSlug::parse(APP).map_err(anyhow::Error::msg)?;
-    let app = match store.app_by_slug(APP).await? {
-        Some(app) => app,
-        None => store.create_app(&slug).await?,
-    };
-    let token = admin_token(&store, &app, saved.get("PICLOUD_TOKEN")).await?;
+    // Nothing dev writes here fires a trigger or registers a webhook: the defaults do.
+    let ops = Ops::new(store, TriggerConfig::default(), AllowNets::default());
+    let app = demo_app(&ops).await?;
+    let token = admin_token(&ops, app, saved.get("PICLOUD_TOKEN")).await?;
     let token_secret =
         saved.get("PICLOUD_TOKEN_SECRET").map(str::to_owned).unwrap_or_else(generate_api_token);
-    store.pool().close().await;
+    ops.store().pool().close().await;
     let app_password = passwords.get("PICLOUD_NATS_APP_DEMO_PASSWORD").cloned().unwrap_or_default();
     let overlay: HashMap<&str, String> = HashMap::from([
         ("PICLOUD_DATABASE_URL", database_url.clone()),

@@ -63,7 +63,9 @@ async fn main() -> anyhow::Result<()> {
             let url = serve::database_url(&serve::env)?;
             let store = PgStore::connect(&url, 2).await.context("connecting to Postgres")?;
             let triggers = picloud_core::TriggerConfig::from_env(serve::env)?;
-            admin::run(&store, command, &triggers).await
+            // `admin` registers no webhooks: the default allow list is never consulted.
+            let ops = picloud_api::Ops::new(store, triggers, picloud_core::net::AllowNets::default());
+            admin::run(&ops, command).await
         }
     }
 }

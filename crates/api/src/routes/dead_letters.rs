@@ -2,17 +2,14 @@
 
 use axum::Json;
 use axum::extract::State;
-use picloud_core::{Capability, TriggerConfig};
-use picloud_store::{AbandonedRepo, DeadLetterFilter, DeadLetterRepo, Resolution, Transactional};
-use picloud_store::{PgStore, events};
 use serde::Deserialize;
 use utoipa::IntoParams;
-use uuid::Uuid;
 
 use crate::ApiState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Page, PageQuery, PathParams, QueryParams};
+use crate::ops::dead_letters::DeadLetterQuery as Filter;
 use crate::views::*;
 
 /// Filters of the dead-letter list.
@@ -29,24 +26,6 @@ pub struct DeadLetterQuery {
     pub limit: Option<u32>,
 }
 
-fn resolution(value: Option<&str>) -> Result<Option<Option<Resolution>>, ApiError> {
-    value
-        .map(|r| match r {
-            "unresolved" => Ok(None),
-            other => Resolution::parse(other).map(Some).ok_or_else(|| {
-                ApiError::invalid(
-                    "resolution",
-                    "expected unresolved, replayed, ignored, handled_by_script or handler_failed",
-                )
-            }),
-        })
-        .transpose()
-}
-
-fn dead_letter_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse().map_err(|_| ApiError::new(ErrorCode::DeadLetterNotFound, format!("no dead letter {raw}")))
-}
-
 /// The app's dead letters, newest first.
 #[utoipa::path(get, path = "/v1/apps/{app}/dead-letters", tag = "dead letters", operation_id = "list_dead_letters",
     params(("app" = String, Path), DeadLetterQuery),
@@ -59,12 +38,9 @@ pub async fn list(
     PathParams(_app): PathParams<String>,
     QueryParams(q): QueryParams<DeadLetterQuery>,
 ) -> Result<Json<Page<DeadLetterView>>, ApiError> {
-    let app = caller.require_app(Capability::AppRead)?;
-    let filter =
-        DeadLetterFilter { resolution: resolution(q.resolution.as_deref())?, trigger_name: q.trigger };
+    let filter = Filter { resolution: q.resolution, trigger: q.trigger };
     let page = PageQuery { after: q.after, limit: q.limit };
-    let found = state.store.list_dead_letters(app.id, &filter, page.after_id()?, page.limit()).await?;
-    Ok(Json(Page::from_store(found, |d| d.id.to_string(), DeadLetterView::from)))
+    Ok(Json(state.ops.list_dead_letters(&caller, filter, &page).await?))
 }
 
 /// `resolution` of the count.
@@ -87,11 +63,7 @@ pub async fn count(
     PathParams(_app): PathParams<String>,
     QueryParams(q): QueryParams<CountQuery>,
 ) -> Result<Json<CountView>, ApiError> {
-    let app = caller.require_app(Capability::AppRead)?;
-    if q.resolution.as_deref().is_some_and(|r| r != "unresolved") {
-        return Err(ApiError::invalid("resolution", "only unresolved dead letters are counted"));
-    }
-    Ok(Json(CountView { count: state.store.unresolved_count(app.id).await? }))
+    Ok(Json(state.ops.count_dead_letters(&caller, q.resolution.as_deref()).await?))
 }
 
 /// One dead letter, with its event.
@@ -105,12 +77,7 @@ pub async fn get(
     caller: Caller,
     PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
-    let app = caller.require_app(Capability::AppRead)?;
-    let dead = state.store.dead_letter(app.id, dead_letter_id(&id)?).await?;
-    Ok(Json(
-        dead.ok_or_else(|| ApiError::new(ErrorCode::DeadLetterNotFound, format!("no dead letter {id}")))?
-            .into(),
-    ))
+    Ok(Json(state.ops.dead_letter(&caller, &id).await?))
 }
 
 /// Deliver the dead letter's event again to its trigger (attempts reset); it becomes `replayed`.
@@ -125,34 +92,7 @@ pub async fn replay(
     caller: Caller,
     PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<Replayed>, ApiError> {
-    let app = caller.require_app(Capability::AppDeadLetterManage)?;
-    Ok(Json(
-        replay_dead_letter(&state.store, &state.config.node.triggers, app.id, dead_letter_id(&id)?).await?,
-    ))
-}
-
-/// Replays dead letter `id` of app `app_id`: a fresh delivery of its event to its trigger, and
-/// the resolution `replayed`. Shared by the route and `picloud-router admin`.
-pub async fn replay_dead_letter(
-    store: &PgStore,
-    config: &TriggerConfig,
-    app_id: Uuid,
-    id: Uuid,
-) -> Result<Replayed, ApiError> {
-    // Locked until the replay commits: a concurrent replay waits, then finds it replayed.
-    let mut tx = store.begin().await?;
-    let dead = store
-        .lock_dead_letter(&mut tx, app_id, id)
-        .await?
-        .ok_or(picloud_store::Error::DeadLetterNotFound(id))?;
-    if dead.resolution == Some(Resolution::Replayed) {
-        return Err(ApiError::new(ErrorCode::AlreadyReplayed, "this dead letter was replayed already"));
-    }
-    // Everything it reads is read in this transaction: with the row locked, a second connection
-    // would deadlock a pool that concurrent replays of one dead letter have filled.
-    let (delivery_id, dead) = events::replay(store, &mut tx, &dead, config).await?;
-    events::commit_and_wake(store, tx).await?;
-    Ok(Replayed { dead_letter: dead.into(), delivery_id })
+    Ok(Json(state.ops.replay_dead_letter(&caller, &id).await?))
 }
 
 /// Mark an unresolved dead letter `ignored`.
@@ -167,23 +107,7 @@ pub async fn ignore(
     caller: Caller,
     PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
-    let app = caller.require_app(Capability::AppDeadLetterManage)?;
-    Ok(Json(ignore_dead_letter(&state.store, app.id, dead_letter_id(&id)?).await?))
-}
-
-/// Marks unresolved dead letter `id` of app `app_id` `ignored`. Shared by the route and
-/// `picloud-router admin`.
-pub async fn ignore_dead_letter(store: &PgStore, app_id: Uuid, id: Uuid) -> Result<DeadLetterView, ApiError> {
-    let mut tx = store.begin().await?;
-    let ignored = store.resolve(&mut tx, app_id, id, Resolution::Ignored, true).await?;
-    store.commit(tx).await?;
-    match ignored {
-        Some(dead) => Ok(dead.into()),
-        None => match store.dead_letter(app_id, id).await? {
-            Some(_) => Err(ApiError::new(ErrorCode::AlreadyResolved, "this dead letter is resolved already")),
-            None => Err(picloud_store::Error::DeadLetterNotFound(id).into()),
-        },
-    }
+    Ok(Json(state.ops.ignore_dead_letter(&caller, &id).await?))
 }
 
 /// Sync results nobody waited for, newest first.
@@ -196,7 +120,5 @@ pub async fn abandoned(
     PathParams(_app): PathParams<String>,
     QueryParams(page): QueryParams<PageQuery>,
 ) -> Result<Json<Page<AbandonedView>>, ApiError> {
-    let app = caller.require_app(Capability::AppRead)?;
-    let found = state.store.list_abandoned(app.id, page.after_id()?, page.limit()).await?;
-    Ok(Json(Page::from_store(found, |a| a.id.to_string(), AbandonedView::from)))
+    Ok(Json(state.ops.list_abandoned(&caller, &page).await?))
 }

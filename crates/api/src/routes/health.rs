@@ -55,7 +55,7 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, body = Readiness, description = "Postgres or NATS is not reachable: `down` names which")))]
 pub async fn readyz(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     let mut checks = BTreeMap::new();
-    let emails_wait = match state.store.email_rows_waiting().await {
+    let emails_wait = match state.ops.store().email_rows_waiting().await {
         Ok(waiting) => {
             checks.insert("postgres", "ok".to_owned());
             waiting

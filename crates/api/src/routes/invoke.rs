@@ -8,16 +8,16 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use picloud_core::Capability;
-use picloud_core::protocol::TriggerKind;
-use picloud_dispatch::{Answer, NoAnswer};
-use picloud_store::events::{self, SyncWaiter};
-use picloud_store::{SyncCallWrite, Transactional as _};
+use picloud_dispatch::NoAnswer;
+use picloud_store::Transactional as _;
+use picloud_store::events::SyncWaiter;
 use serde_json::value::RawValue;
 
 use crate::ApiState;
 use crate::auth::{Caller, authenticate, bearer};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{PathParams, body_bytes, parse_json};
+use crate::ops::invoke::{SyncCall, sync_result};
 
 /// The header a sync caller sets its timeout with, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "Picloud-Timeout-Ms";
@@ -78,7 +78,7 @@ pub async fn invoke(
 ) -> Result<Response, ApiError> {
     let credentials = bearer(&headers)?;
     let (mut caller, mut authorized_at) =
-        match state.invokers.get(credentials, &app, state.store.clock().now()) {
+        match state.invokers.get(credentials, &app, state.ops.store().clock().now()) {
             Some(caller) => {
                 let epoch = caller.authorized_at();
                 (caller, Some(epoch))
@@ -104,38 +104,22 @@ pub async fn invoke(
     let slot = state.sync_slots.take(caller.require_app(Capability::AppInvoke)?.id)?;
     let node = &state.config.node;
     let reply_to = state.nats.new_inbox();
-    let write = loop {
+    let (row, target) = loop {
         let waiter =
             SyncWaiter { reply_to: &reply_to, authorized_at, node: &node.node_id, lease: node.lease() };
-        let cx = state.event_context(caller.require_app(Capability::AppInvoke)?, &caller);
-        match events::invoke(&state.store, &cx, &name, &body, waiter).await? {
+        match state.ops.write_sync_call(&caller, &name, &body, waiter).await? {
+            SyncCall::Written(row, target) => break (*row, target),
             // The kept authorization may be out of date: read it again, and write unguarded.
-            SyncCallWrite::Stale if authorized_at.is_some() => {
+            SyncCall::Stale if authorized_at.is_some() => {
                 caller = authorized_caller(&state, credentials, &app).await?;
                 authorized_at = None;
             }
-            write => break write,
+            SyncCall::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
         }
-    };
-    let (row, target) = match write {
-        SyncCallWrite::Written { row, target } => (row, target),
-        SyncCallWrite::NoTrigger => {
-            return Err(ApiError::new(ErrorCode::TriggerNotFound, format!("no trigger {name}")));
-        }
-        SyncCallWrite::Refused(trigger) if trigger.spec.kind() != TriggerKind::Http => {
-            return Err(ApiError::new(
-                ErrorCode::NotAnHttpTrigger,
-                format!("trigger {name} is a {} trigger", trigger.spec.kind()),
-            ));
-        }
-        SyncCallWrite::Refused(_) => {
-            return Err(ApiError::new(ErrorCode::TriggerDisabled, format!("trigger {name} is disabled")));
-        }
-        SyncCallWrite::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
     };
     let (reply, waiting) = picloud_dispatch::sync_call();
     let delivering = picloud_dispatch::deliver_sync(
-        state.store.clone(),
+        state.ops.store().clone(),
         state.nats.clone(),
         state.connection.clone(),
         node.clone(),
@@ -157,23 +141,6 @@ pub async fn invoke(
         }
         Err(NoAnswer::Lost) => return Err(ApiError::internal("the call's delivery ended without an answer")),
     };
-    let error = answer.error(node.handler_timeout).unwrap_or_default();
-    Ok(match answer {
-        Answer::Ok(body) => {
-            let body = if body.is_empty() { bytes::Bytes::from_static(b"null") } else { body };
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-        }
-        Answer::NoResponders => {
-            ApiError::new(ErrorCode::NoHandler, format!("no handler serves trigger {name}")).into_response()
-        }
-        Answer::Interrupted(_) => ApiError::new(
-            ErrorCode::NatsUnavailable,
-            format!("the router lost its NATS connection while the handler worked on the call: {error}"),
-        )
-        .into_response(),
-        Answer::Timeout => {
-            ApiError::new(ErrorCode::Timeout, format!("the handler did not answer: {error}")).into_response()
-        }
-        _ => ApiError::new(ErrorCode::HandlerFailed, format!("the handler failed: {error}")).into_response(),
-    })
+    let result = sync_result(answer, &name, node.handler_timeout)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], result).into_response())
 }

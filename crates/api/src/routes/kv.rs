@@ -3,9 +3,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use picloud_core::{Capability, CollectionName, KvKey};
-use picloud_store::events;
-use picloud_store::{KvRepo, Transactional};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -30,13 +27,6 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
-fn names(collection: String, key: String) -> Result<(CollectionName, KvKey), ApiError> {
-    Ok((
-        CollectionName::parse(collection).map_err(|e| ApiError::invalid("collection", e))?,
-        KvKey::parse(key).map_err(|e| ApiError::invalid("key", e))?,
-    ))
-}
-
 /// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch).
 #[utoipa::path(put, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv", operation_id = "put_kv_entry",
     params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
@@ -56,23 +46,7 @@ pub async fn put(
     JsonBody(value): JsonBody<serde_json::Value>,
 ) -> Result<Json<VersionView>, ApiError> {
     let expected = if_match(&headers)?;
-    put_entry(&state, &caller, collection, key, &value, expected).await.map(Json)
-}
-
-/// A KV put, for the HTTP route and the NATS ingest.
-pub(crate) async fn put_entry(
-    state: &ApiState,
-    caller: &Caller,
-    collection: String,
-    key: String,
-    value: &serde_json::Value,
-    expected: Option<i64>,
-) -> Result<VersionView, ApiError> {
-    let app = caller.require_app(Capability::AppWriteKv)?;
-    let (collection, key) = names(collection, key)?;
-    let cx = state.event_context(app, caller);
-    let (put, _) = events::kv_put_now(&state.store, &cx, &collection, &key, value, expected).await?;
-    Ok(VersionView { version: put.version })
+    Ok(Json(state.ops.kv_put(&caller, collection, key, &value, expected).await?))
 }
 
 /// Read an entry.
@@ -86,11 +60,7 @@ pub async fn get(
     caller: Caller,
     PathParams((_, collection, key)): PathParams<(String, String, String)>,
 ) -> Result<Json<KvValue>, ApiError> {
-    let app = caller.require_app(Capability::AppReadKv)?;
-    let entry = state.store.kv_get(app.id, &collection, &key).await?;
-    let entry = entry
-        .ok_or_else(|| ApiError::new(ErrorCode::KeyNotFound, format!("no key {key} in {collection}")))?;
-    Ok(Json(KvValue { value: entry.value, version: entry.version }))
+    Ok(Json(state.ops.kv_get(&caller, &collection, &key).await?))
 }
 
 /// Delete an entry; `If-Match` makes it conditional.
@@ -109,29 +79,8 @@ pub async fn delete(
     PathParams((_, collection, key)): PathParams<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    delete_entry(&state, &caller, collection, key, expected).await.map(|_| StatusCode::NO_CONTENT)
-}
-
-/// A KV delete, for the HTTP route and the NATS ingest: the deleted entry's version.
-pub(crate) async fn delete_entry(
-    state: &ApiState,
-    caller: &Caller,
-    collection: String,
-    key: String,
-    expected: Option<i64>,
-) -> Result<VersionView, ApiError> {
-    let app = caller.require_app(Capability::AppWriteKv)?;
-    let not_found = || ApiError::new(ErrorCode::KeyNotFound, format!("no key {key} in {collection}"));
-    let Ok((collection, key)) = names(collection.clone(), key.clone()) else { return Err(not_found()) };
-    let cx = state.event_context(app, caller);
-    let mut tx = state.store.begin().await?;
-    match events::kv_delete(&state.store, &mut tx, &cx, &collection, &key, expected).await? {
-        Some((deleted, _)) => {
-            events::commit_and_wake(&state.store, tx).await?;
-            Ok(VersionView { version: deleted.version })
-        }
-        None => Err(not_found()),
-    }
+    state.ops.kv_delete(&caller, collection, key, expected).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `prefix` of a key list.
@@ -157,17 +106,6 @@ pub async fn list(
     PathParams((_, collection)): PathParams<(String, String)>,
     QueryParams(q): QueryParams<KeyQuery>,
 ) -> Result<Json<Page<KvKeyView>>, ApiError> {
-    let app = caller.require_app(Capability::AppReadKv)?;
     let page = PageQuery { after: q.after, limit: q.limit };
-    let after = page.after()?;
-    let found = state.store.kv_list(app.id, &collection, &q.prefix, after.as_deref(), page.limit()).await?;
-    Ok(Json(Page::from_store(
-        found,
-        |e| e.key.to_string(),
-        |e| KvKeyView {
-            key: e.key.into_string(),
-            version: e.version,
-            updated_at: picloud_core::protocol::rfc3339_millis(e.updated_at),
-        },
-    )))
+    Ok(Json(state.ops.kv_list(&caller, &collection, &q.prefix, &page).await?))
 }

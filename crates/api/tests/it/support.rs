@@ -143,7 +143,7 @@ impl Api {
     }
 
     pub fn store(&self) -> &PgStore {
-        &self.state.store
+        self.state.ops.store()
     }
 
     /// A delivery token for the shop admin, as the relay would sign it.

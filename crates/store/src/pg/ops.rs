@@ -1,6 +1,6 @@
 //! What operating a node reads of the database besides its repositories: the metrics gauges,
-//! the email probe of `/readyz`, the janitor's cluster-wide lock, and the databases `dev` and
-//! the benchmarks create.
+//! the email probe of `/readyz`, the janitor's cluster-wide lock, the databases `dev` and the
+//! benchmarks create, and how the benchmarks settle a database between phases.
 
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
 
@@ -100,6 +100,19 @@ impl PgStore {
             .execute(self.pool())
             .await?;
         Ok(())
+    }
+
+    /// Brings the database to a steady state before a measurement: dead rows vacuumed, planner
+    /// statistics fresh, and dirty pages written (`VACUUM ANALYZE; CHECKPOINT`).
+    pub async fn settle(&self) -> Result<()> {
+        sqlx::query("VACUUM ANALYZE").execute(self.pool()).await?;
+        sqlx::query("CHECKPOINT").execute(self.pool()).await?;
+        Ok(())
+    }
+
+    /// How many outbox rows there are, due or not, claimed or not.
+    pub async fn outbox_len(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(self.pool()).await?)
     }
 }
 
