@@ -437,9 +437,9 @@ impl From<Trigger> for TriggerView {
             }
             TriggerSpec::Pubsub { topic } => view.topic = Some(topic.to_string()),
             TriggerSpec::Queue { queue } => view.queue = Some(queue.into_string()),
-            TriggerSpec::Cron { schedule, timezone } => {
-                view.schedule = Some(schedule);
-                view.timezone = Some(timezone);
+            TriggerSpec::Cron { schedule } => {
+                view.schedule = Some(schedule.expression().to_owned());
+                view.timezone = Some(schedule.timezone().to_owned());
             }
             TriggerSpec::DeadLetter { source_trigger, source_kinds } => {
                 view.source_trigger = source_trigger.map(|n| n.into_string());

@@ -60,12 +60,25 @@ impl CronError {
     }
 }
 
-/// A parsed schedule in its time zone.
+/// A parsed schedule in its time zone, with the text it was parsed from: what a trigger keeps,
+/// so that it is parsed once, when it is registered or read, and shown as it was written.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
-    cron: Cron,
+    /// Boxed: croner's parsed fields are half a kilobyte, and every trigger carries a schedule.
+    cron: Box<Cron>,
     zone: Tz,
+    expression: String,
+    timezone: String,
 }
+
+/// Two schedules are the same when they were written the same.
+impl PartialEq for CronSchedule {
+    fn eq(&self, other: &Self) -> bool {
+        self.expression == other.expression && self.timezone == other.timezone
+    }
+}
+
+impl Eq for CronSchedule {}
 
 impl CronSchedule {
     /// Parses a 5-field expression and an IANA time zone (pass [`DEFAULT_TIMEZONE`] when none was
@@ -83,7 +96,12 @@ impl CronSchedule {
         let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
         let cron = parser.parse(schedule).map_err(|e| invalid(e.to_string()))?;
         let zone: Tz = timezone.parse().map_err(|_| CronError::TimeZone { timezone: timezone.to_owned() })?;
-        let parsed = Self { cron, zone };
+        let parsed = Self {
+            cron: Box::new(cron),
+            zone,
+            expression: schedule.to_owned(),
+            timezone: timezone.to_owned(),
+        };
         // Every date comes back within 28 years (the calendar's cycle of weekdays and leap
         // years), so a schedule with no tick in the first 28 years of the epoch has none at all.
         let epoch = OffsetDateTime::UNIX_EPOCH;
@@ -92,6 +110,16 @@ impl CronSchedule {
             return Err(CronError::NeverMatches { schedule: schedule.to_owned() });
         }
         Ok(parsed)
+    }
+
+    /// The 5-field expression, as written.
+    pub fn expression(&self) -> &str {
+        &self.expression
+    }
+
+    /// The IANA time zone, as written.
+    pub fn timezone(&self) -> &str {
+        &self.timezone
     }
 
     /// The first tick strictly after `instant`; `None` when there is none (no date matches, or

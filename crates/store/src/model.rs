@@ -2,7 +2,7 @@
 
 use picloud_core::names::{AppSlug, CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::{EventKind, TriggerKind};
-use picloud_core::{CollectionPattern, RetryOverrides, Role, ScopeSet};
+use picloud_core::{CollectionPattern, CronSchedule, RetryOverrides, Role, ScopeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -154,10 +154,8 @@ pub enum TriggerSpec {
     },
     /// Schedule ticks.
     Cron {
-        /// A 5-field cron expression.
-        schedule: String,
-        /// An IANA time zone.
-        timezone: String,
+        /// A 5-field cron expression in an IANA time zone.
+        schedule: CronSchedule,
     },
     /// Dead letters created in the app.
     DeadLetter {

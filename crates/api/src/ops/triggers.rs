@@ -117,8 +117,10 @@ fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
         TriggerKind::Cron => {
             let schedule = required("schedule", &body.schedule)?;
             let timezone = body.timezone.clone().unwrap_or_else(|| DEFAULT_TIMEZONE.into());
-            CronSchedule::parse(&schedule, &timezone).map_err(|e| ApiError::invalid(e.field(), e))?;
-            TriggerSpec::Cron { schedule, timezone }
+            TriggerSpec::Cron {
+                schedule: CronSchedule::parse(&schedule, &timezone)
+                    .map_err(|e| ApiError::invalid(e.field(), e))?,
+            }
         }
         TriggerKind::DeadLetter => TriggerSpec::DeadLetter {
             source_trigger: body

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use picloud_core::CronSchedule;
 use picloud_dispatch::{Scheduler, SchedulerConfig};
 use picloud_store::cron::CronPass;
 use picloud_store::*;
@@ -18,7 +19,7 @@ const T0: OffsetDateTime = datetime!(2026-03-01 00:00:00 UTC);
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn cron(schedule: &str, timezone: &str) -> TriggerSpec {
-    TriggerSpec::Cron { schedule: schedule.into(), timezone: timezone.into() }
+    TriggerSpec::Cron { schedule: CronSchedule::parse(schedule, timezone).unwrap() }
 }
 
 /// A scheduler of `w`'s store on `clock`, with a short poll interval.

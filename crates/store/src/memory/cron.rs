@@ -34,14 +34,14 @@ impl CronRepo for MemStore {
                     Some(NextTick::At(at)) if at <= now => Some(at),
                     Some(_) => return None,
                 };
-                let TriggerSpec::Cron { schedule, timezone } = &t.spec else { return None };
+                let TriggerSpec::Cron { schedule } = &t.spec else { return None };
                 Some(DueCron {
                     trigger_id: t.id,
                     app_id: t.app_id,
                     app_slug: state.apps.get(&t.app_id)?.slug.clone(),
                     trigger_name: t.name.clone(),
-                    schedule: schedule.clone(),
-                    timezone: timezone.clone(),
+                    schedule: schedule.expression().to_owned(),
+                    timezone: schedule.timezone().to_owned(),
                     max_attempts: t.retry.max_attempts,
                     next_tick_at,
                 })

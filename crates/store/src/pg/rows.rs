@@ -2,7 +2,7 @@
 
 use picloud_core::names::{CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppSlug, CollectionPattern, RetryOverrides, Role, Scope, ScopeSet};
+use picloud_core::{AppSlug, CollectionPattern, CronSchedule, RetryOverrides, Role, Scope, ScopeSet};
 use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -138,10 +138,17 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
                     .map_err(|e| bad(e.to_string()))?,
             }
         }
-        "cron" => TriggerSpec::Cron {
-            schedule: row.try_get::<Option<String>, _>("schedule")?.ok_or_else(|| missing("schedule"))?,
-            timezone: row.try_get::<Option<String>, _>("timezone")?.ok_or_else(|| missing("timezone"))?,
-        },
+        "cron" => {
+            let schedule: Option<String> = row.try_get("schedule")?;
+            let timezone: Option<String> = row.try_get("timezone")?;
+            TriggerSpec::Cron {
+                schedule: CronSchedule::parse(
+                    &schedule.ok_or_else(|| missing("schedule"))?,
+                    &timezone.ok_or_else(|| missing("timezone"))?,
+                )
+                .map_err(|e| bad(e.to_string()))?,
+            }
+        }
         "dead_letter" => {
             let source_trigger: Option<String> = row.try_get("source_trigger")?;
             let source_kinds: Option<Vec<String>> = row.try_get("source_kinds")?;

@@ -70,14 +70,14 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
                 .execute(conn)
                 .await?;
         }
-        TriggerSpec::Cron { schedule, timezone } => {
+        TriggerSpec::Cron { schedule } => {
             sqlx::query(
                 "INSERT INTO cron_trigger_details (trigger_id, app_id, schedule, timezone) VALUES ($1, $2, $3, $4)",
             )
             .bind(new.id)
             .bind(new.app_id)
-            .bind(schedule)
-            .bind(timezone)
+            .bind(schedule.expression())
+            .bind(schedule.timezone())
             .execute(conn)
             .await?;
         }

@@ -270,7 +270,12 @@ async fn a_trigger_of_each_kind_reads_back_as_registered<S: Store>(s: S) {
         ("kv", kv_spec("orders:*", &[KvOp::Put, KvOp::Delete])),
         ("pubsub", TriggerSpec::Pubsub { topic: CollectionPattern::parse("news").unwrap() }),
         ("queue", TriggerSpec::Queue { queue: QueueName::parse("mail").unwrap() }),
-        ("cron", TriggerSpec::Cron { schedule: "*/5 * * * *".into(), timezone: "Europe/Paris".into() }),
+        (
+            "cron",
+            TriggerSpec::Cron {
+                schedule: picloud_core::CronSchedule::parse("*/5 * * * *", "Europe/Paris").unwrap(),
+            },
+        ),
         (
             "dl",
             TriggerSpec::DeadLetter {
