@@ -3,7 +3,9 @@
 //! Architecture invariant: the API and the ingest write events and their outbox rows in one
 //! transaction (through `picloud_store::events`) and never deliver async events themselves; the
 //! one delivery an API node makes is the sync call its own caller waits on
-//! (`picloud_dispatch::deliver_sync`).
+//! (`picloud_dispatch::deliver_sync`). It depends on `core`, `store`, `dispatch` (that sync
+//! delivery, the node's configuration) and `worker` (the queue loop the ingest runs on, and the
+//! stop signal), never on the binary.
 #![warn(missing_docs)]
 
 use std::sync::Arc;

@@ -15,6 +15,7 @@ use picloud_dispatch::{
     SchedulerConfig,
 };
 use picloud_store::PgStore;
+use picloud_worker::Shutdown;
 
 /// The `PICLOUD_TOKEN_SECRET` that `compose.yaml` once gave every deployment by default: public,
 /// so never a node's key.
@@ -189,9 +190,15 @@ impl Node {
                 let _ = stopped.wait_for(|stop| *stop).await;
             }
         };
+        // The executors get a signal of their own, sent once the relay no longer waits on their
+        // answers.
+        let (stop_ingest, ingest_shutdown) = Shutdown::new();
+        let (stop_executors, executors_shutdown) = Shutdown::new();
         let state = ApiState::new(store.clone(), nats.clone(), config.clone());
-        let ingest = Ingest::start(state.clone()).await?;
-        let executors = picloud_dispatch::executors::start(store.clone(), nats.clone(), executors).await?;
+        let ingest = Ingest::start(state.clone(), ingest_shutdown).await?;
+        let executors =
+            picloud_dispatch::executors::start(store.clone(), nats.clone(), executors, executors_shutdown)
+                .await?;
         let mut parts = Parts::default();
         let relay = Relay::new(relay_store, nats.clone(), relay_config).run(on_stop());
         parts.spawn("relay", async { relay.await.map_err(Into::into) });
@@ -225,12 +232,14 @@ impl Node {
             }
         };
         let _ = stop.send(true);
+        stop_ingest.send();
         let steps = Steps::new(&["ingest", "built-in executors", "final NATS flush"]);
         let teardown = async {
             // Stopping the ingest with the HTTP API: a node that is leaving takes no new NATS work.
-            let (rest, ()) = tokio::join!(parts.all(), steps.run("ingest", ingest.shutdown()));
+            let (rest, ()) = tokio::join!(parts.all(), steps.run("ingest", ingest.finished()));
             failed.extend(rest);
-            steps.run("built-in executors", executors.shutdown()).await;
+            stop_executors.send();
+            steps.run("built-in executors", executors.finished()).await;
             steps.run("final NATS flush", nats.flush()).await.ok();
         };
         if tokio::time::timeout(shutdown_timeout, teardown).await.is_err() {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use picloud_store::*;
-use picloud_worker::{Delivery, Reply as WorkerReply, Worker};
+use picloud_worker::{Delivery, Reply as WorkerReply, Shutdown, Worker};
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -452,7 +452,8 @@ async fn a_handler_writing_with_its_delivery_token_writes_one_level_deeper_until
 #[tokio::test]
 async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
     let api = Api::start().await;
-    let ingest = picloud_api::Ingest::start(api.state.clone()).await.unwrap();
+    let (stop, shutdown) = Shutdown::new();
+    let ingest = picloud_api::Ingest::start(api.state.clone(), shutdown).await.unwrap();
     api.trigger(json!({"name": "mailer", "kind": "queue", "queue": "mail", "handler": {"function": "h"}}))
         .await;
     let client = async_nats::ConnectOptions::new()
@@ -547,7 +548,8 @@ async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
         api.store().kv_get(api.app.id, "c", "spoof").await.unwrap().is_none(),
         "and the spoofed one wrote nothing"
     );
-    ingest.shutdown().await;
+    stop.send();
+    ingest.finished().await;
 }
 
 #[tokio::test]
