@@ -93,14 +93,16 @@ impl ApiState {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves; requests in progress are finished, and
-/// so are the sync calls they started.
+/// Serves the API on `listener` until `shutdown`; requests in progress are finished, and so are
+/// the sync calls they started.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    mut shutdown: picloud_worker::Shutdown,
 ) -> std::io::Result<()> {
-    let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move { shutdown.recv().await })
+        .await;
     state.finish_sync_calls().await;
     served
 }

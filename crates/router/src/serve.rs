@@ -183,44 +183,37 @@ impl Node {
             .await
             .with_context(|| format!("listening on {} (PICLOUD_HTTP_ADDR)", config.http_addr))?;
         let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let on_stop = || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            }
-        };
-        // The executors get a signal of their own, sent once the relay no longer waits on their
-        // answers.
-        let (stop_ingest, ingest_shutdown) = Shutdown::new();
+        // One signal for every part, sent when the node stops; the executors get their own, sent
+        // once the relay no longer waits on their answers.
+        let (stop, node_shutdown) = Shutdown::new();
         let (stop_executors, executors_shutdown) = Shutdown::new();
         let state = ApiState::new(store.clone(), nats.clone(), config.clone());
-        let ingest = Ingest::start(state.clone(), ingest_shutdown).await?;
+        let ingest = Ingest::start(state.clone(), node_shutdown.clone()).await?;
         let executors =
             picloud_dispatch::executors::start(store.clone(), nats.clone(), executors, executors_shutdown)
                 .await?;
         let mut parts = Parts::default();
-        let relay = Relay::new(relay_store, nats.clone(), relay_config).run(on_stop());
+        let relay = Relay::new(relay_store, nats.clone(), relay_config).run(node_shutdown.clone());
         parts.spawn("relay", async { relay.await.map_err(Into::into) });
         let scheduler =
             Scheduler::new(store.clone(), SchedulerConfig::new(node_id.clone(), &config.node.triggers))
-                .run(on_stop());
+                .run(node_shutdown.clone());
         parts.spawn("cron scheduler", async {
             scheduler.await;
             Ok(())
         });
         let janitor = Janitor::new(store.clone(), JanitorConfig::new(node_id.clone(), &config.node.triggers))
-            .run(on_stop());
+            .run(node_shutdown.clone());
         parts.spawn("janitor", async {
             janitor.await;
             Ok(())
         });
-        let gauges = metrics.refresh_gauges_every(store.clone(), metrics_interval, on_stop());
+        let gauges = metrics.refresh_gauges_every(store.clone(), metrics_interval, node_shutdown.clone());
         parts.spawn("database gauges", async {
             gauges.await;
             Ok(())
         });
-        let http = picloud_api::serve(listener, state, on_stop());
+        let http = picloud_api::serve(listener, state, node_shutdown);
         parts.spawn("HTTP API", async { http.await.context("serving HTTP") });
         tracing::info!(node = %node_id, %addr, "serving");
         ready(addr);
@@ -231,8 +224,7 @@ impl Node {
                 vec![ended]
             }
         };
-        let _ = stop.send(true);
-        stop_ingest.send();
+        stop.send();
         let steps = Steps::new(&["ingest", "built-in executors", "final NATS flush"]);
         let teardown = async {
             // Stopping the ingest with the HTTP API: a node that is leaving takes no new NATS work.
