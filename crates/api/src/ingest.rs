@@ -1,20 +1,18 @@
 //! NATS ingest (DESIGN §6): requests on `picloud.v1.ingest.<app>.{kv.put, kv.delete,
 //! pubsub.<topic>, queue.<queue>}` with `Authorization: Bearer <token>`, served by a queue group
-//! across router nodes. Each goes through the same authorization and write functions as the HTTP
-//! API, and is answered only after its transaction committed.
+//! across router nodes (served by `picloud_worker::serve_queues`, the loop handlers run on). Each
+//! goes through the same authorization and write functions as the HTTP API, and is answered only
+//! after its transaction committed.
 
-use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use picloud_core::protocol::{AUTHORIZATION_HEADER, IngestOp, STATUS_HEADER};
+use picloud_worker::{Queue, Serving, Shutdown, serve_queues};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::ApiState;
 use crate::auth::authenticate;
@@ -44,68 +42,37 @@ struct KvDelete {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IngestError {
-    /// Subscribing failed.
-    #[error("subscribing to the ingest subjects failed: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
-    /// The server did not confirm the subscription.
-    #[error("the server did not confirm the ingest subscription: {0}")]
-    Confirm(String),
+    /// Subscribing, or the server's confirmation of the subscription, failed.
+    #[error("starting the ingest's queue consumer failed: {0}")]
+    Queue(#[from] picloud_worker::Error),
 }
 
 /// A started ingest consumer.
 #[derive(Debug)]
 pub struct Ingest {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    serving: Serving,
 }
 
 impl Ingest {
-    /// Subscribes (confirmed by the server before returning) and serves until [`Ingest::shutdown`].
-    pub async fn start(state: ApiState) -> Result<Ingest, IngestError> {
+    /// Subscribes (confirmed by the server before returning) and serves until `shutdown`.
+    pub async fn start(state: ApiState, shutdown: Shutdown) -> Result<Ingest, IngestError> {
         let subjects = &state.config.node.subjects;
-        let sub =
-            state.nats.queue_subscribe(subjects.ingest_wildcard(), subjects.ingest_queue_group()).await?;
-        picloud_dispatch::round_trip(&state.nats).await.map_err(IngestError::Confirm)?;
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(serve(state, sub, async {
-            let _ = stopped.await;
-        }));
-        Ok(Ingest { stop, task })
-    }
-
-    /// Stops taking requests, answers those in hand, and returns.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-}
-
-async fn serve(state: ApiState, mut sub: async_nats::Subscriber, shutdown: impl Future<Output = ()>) {
-    let slots = Arc::new(Semaphore::new(CONCURRENCY));
-    let refusals = Arc::new(Refusals::default());
-    let mut running = JoinSet::new();
-    tokio::pin!(shutdown);
-    let mut draining = false;
-    loop {
-        let msg = tokio::select! {
-            msg = sub.next() => msg,
-            _ = &mut shutdown, if !draining => {
-                draining = true;
-                let _ = sub.drain().await;
-                continue;
+        let queue = Queue::new(subjects.ingest_wildcard(), subjects.ingest_queue_group(), {
+            let (state, refusals) = (state.clone(), Arc::new(Refusals::default()));
+            move |msg| {
+                let (state, refusals) = (state.clone(), refusals.clone());
+                async move { answer(&state, msg, &refusals).await }
             }
-        };
-        let Some(msg) = msg else { break };
-        let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
-        let (state, refusals) = (state.clone(), refusals.clone());
-        running.spawn(async move {
-            answer(&state, msg, &refusals).await;
-            drop(slot);
         });
-        while running.try_join_next().is_some() {}
+        let serving = serve_queues(&state.nats, vec![queue], CONCURRENCY, shutdown).await?;
+        Ok(Ingest { serving })
     }
-    while running.join_next().await.is_some() {}
-    state.nats.flush().await.ok();
+
+    /// Waits until the ingest has stopped after its shutdown signal: no new requests taken, those
+    /// in hand answered and the answers flushed.
+    pub async fn finished(self) {
+        self.serving.finished().await;
+    }
 }
 
 /// Whether `reply` is in the inbox namespace of the app the request names (`_INBOX_<app>.`).

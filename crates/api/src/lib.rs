@@ -3,7 +3,9 @@
 //! Architecture invariant: the API and the ingest write events and their outbox rows in one
 //! transaction (through `picloud_store::events`) and never deliver async events themselves; the
 //! one delivery an API node makes is the sync call its own caller waits on
-//! (`picloud_dispatch::deliver_sync`).
+//! (`picloud_dispatch::deliver_sync`). It depends on `core`, `store`, `dispatch` (that sync
+//! delivery, the node's configuration) and `worker` (the queue loop the ingest runs on, and the
+//! stop signal), never on the binary.
 #![warn(missing_docs)]
 
 use std::sync::Arc;
@@ -83,14 +85,16 @@ impl ApiState {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves; requests in progress are finished, and
-/// so are the sync calls they started.
+/// Serves the API on `listener` until `shutdown`; requests in progress are finished, and so are
+/// the sync calls they started.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    mut shutdown: picloud_worker::Shutdown,
 ) -> std::io::Result<()> {
-    let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move { shutdown.recv().await })
+        .await;
     state.finish_sync_calls().await;
     served
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use picloud_dispatch::Relay;
 use picloud_store::PgStore;
-use picloud_worker::{Delivery, Reply, Worker};
+use picloud_worker::{Delivery, Reply, Shutdown, Worker};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Mutex, Notify};
 
@@ -64,6 +64,20 @@ pub struct Handled {
 /// Lines from stdin: the orchestrator's commands.
 async fn command(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Option<String> {
     lines.next_line().await.ok().flatten()
+}
+
+/// The stop signal of a role: sent on `stop` or at the end of input.
+fn stop_on_command(mut lines: tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Shutdown {
+    let (stop, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        while let Some(line) = command(&mut lines).await {
+            if line == "stop" {
+                break;
+            }
+        }
+        stop.send();
+    });
+    shutdown
 }
 
 #[allow(clippy::print_stdout)]
@@ -143,22 +157,14 @@ pub async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     anyhow::ensure!(command(&mut lines).await.as_deref() == Some("start"), "expected start");
     let store = PgStore::connect_relay(&args.url, 20).await?;
     let nats = async_nats::connect(&args.nats_url).await?;
-    Relay::new(store, nats, relay_config())
-        .run(async move {
-            while let Some(line) = command(&mut lines).await {
-                if line == "stop" {
-                    break;
-                }
-            }
-        })
-        .await?;
+    Relay::new(store, nats, relay_config()).run(stop_on_command(lines)).await?;
     Ok(())
 }
 
 /// The HTTP API and its node's sync deliveries; prints `ready <port>`, serves until `stop`.
 #[allow(clippy::print_stdout)]
 pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let lines = BufReader::new(tokio::io::stdin()).lines();
     let store = PgStore::connect(&args.url, 10).await?;
     let nats = async_nats::connect(&args.nats_url).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -166,13 +172,6 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let config = picloud_api::ApiConfig::new(relay_config().node);
     let state = picloud_api::ApiState::new(store, nats, config);
     println!("ready {port}");
-    picloud_api::serve(listener, state, async move {
-        while let Some(line) = command(&mut lines).await {
-            if line == "stop" {
-                break;
-            }
-        }
-    })
-    .await?;
+    picloud_api::serve(listener, state, stop_on_command(lines)).await?;
     Ok(())
 }

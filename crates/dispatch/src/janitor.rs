@@ -4,13 +4,12 @@
 //! Every node runs one; a sweep starts at start-up and then every [`JanitorConfig::interval`].
 //! Time comes from the store's clock (the database's `now()` in production).
 
-use std::future::Future;
 use std::time::Duration;
 
 use picloud_core::TriggerConfig;
 use picloud_store::pg::AdvisoryLock;
 use picloud_store::{AbandonedRepo as _, DeadLetterRepo as _, PgStore};
-use tokio::sync::watch;
+use picloud_worker::Shutdown;
 
 use crate::metrics;
 
@@ -89,36 +88,28 @@ impl Janitor {
         Self { store, config }
     }
 
-    /// Sweeps at once and then every interval until `shutdown` resolves; a sweep in progress
-    /// finishes its batch first. Failed sweeps are logged and tried again at the next interval.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        let (stop_tx, mut stop) = watch::channel(false);
-        let signal = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        };
-        let work = async {
-            tracing::info!(node = %self.config.node_id, "janitor started");
-            loop {
-                match self.try_lock().await {
-                    Ok(Some(lock)) => {
-                        if let Err(e) = lock.sweep_while(|| !*stop.borrow()).await {
-                            tracing::warn!(error = %e, "the janitor's sweep failed; trying again later");
-                        }
-                    }
-                    Ok(None) => tracing::debug!("another node is sweeping"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the janitor could not take its lock; trying again later");
+    /// Sweeps at once and then every interval until `shutdown`; a sweep in progress finishes its
+    /// batch first. Failed sweeps are logged and tried again at the next interval.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        tracing::info!(node = %self.config.node_id, "janitor started");
+        loop {
+            match self.try_lock().await {
+                Ok(Some(lock)) => {
+                    if let Err(e) = lock.sweep_while(|| !shutdown.is_shutdown()).await {
+                        tracing::warn!(error = %e, "the janitor's sweep failed; trying again later");
                     }
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(self.config.interval) => {}
-                    _ = stop.wait_for(|stopped| *stopped) => break,
+                Ok(None) => tracing::debug!("another node is sweeping"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the janitor could not take its lock; trying again later");
                 }
             }
-            tracing::info!("janitor stopped");
-        };
-        tokio::join!(signal, work);
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.interval) => {}
+                () = shutdown.recv() => break,
+            }
+        }
+        tracing::info!("janitor stopped");
     }
 
     /// One sweep, unless another janitor is sweeping (then `None`, and nothing is deleted).

@@ -5,7 +5,8 @@
 //! Beside it: the cron scheduler (due ticks into the outbox), the janitor (retention of dead
 //! letters and abandoned executions) and the node's metrics.
 //!
-//! It depends on `core` and `store`, never on the API: the API calls it (one sync delivery), not
+//! It depends on `core`, `store` and `worker` (the queue-group loop the executors run on, and the
+//! stop signal every part takes), never on the API: the API calls it (one sync delivery), not
 //! the other way round.
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub use connection::ConnectionWatch;
 pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
+pub use picloud_worker::round_trip;
 pub use relay::{Relay, RelayError};
 pub use scheduler::{Scheduler, SchedulerConfig};
-pub use sync::{NoAnswer, SyncCaller, SyncReply, deliver_sync, round_trip, sync_call};
+pub use sync::{NoAnswer, SyncCaller, SyncReply, deliver_sync, sync_call};

@@ -17,6 +17,7 @@ use metrics::{SharedString, Unit};
 use metrics_exporter_prometheus::formatting::{write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use picloud_store::PgStore;
+use picloud_worker::Shutdown;
 
 use crate::answer::Answer;
 use crate::complete::{Completed, Done};
@@ -145,15 +146,9 @@ impl Metrics {
         self.gauges.reads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Reads the database gauges every `interval`, the first time at once, until `shutdown`
-    /// resolves. A read that takes longer than the interval delays the next one: reads never
-    /// pile up.
-    pub async fn refresh_gauges_every(
-        self,
-        store: PgStore,
-        interval: Duration,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    /// Reads the database gauges every `interval`, the first time at once, until `shutdown`. A
+    /// read that takes longer than the interval delays the next one: reads never pile up.
+    pub async fn refresh_gauges_every(self, store: PgStore, interval: Duration, mut shutdown: Shutdown) {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let refreshing = async {
@@ -163,7 +158,7 @@ impl Metrics {
             }
         };
         tokio::select! {
-            () = shutdown => {}
+            () = shutdown.recv() => {}
             _ = refreshing => {}
         }
     }

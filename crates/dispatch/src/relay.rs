@@ -13,7 +13,6 @@
 //! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +24,8 @@ use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, Even
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppSlug, Capability, RetryPolicy};
 use picloud_store::{AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use picloud_worker::Shutdown;
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -132,9 +132,9 @@ impl<S: Store> Relay<S> {
         Self { store, nats, config }
     }
 
-    /// Runs until `shutdown` resolves, then stops claiming, waits for every delivery in flight to
-    /// be answered or to time out, completes them, and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
+    /// Runs until `shutdown`, then stops claiming, waits for every delivery in flight to be
+    /// answered or to time out, completes them, and returns.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), RelayError> {
         let inbox = self.nats.new_inbox();
         let replies = self.nats.subscribe(format!("{inbox}.*")).await?;
         let wakeups = self.store.listen().await.map_err(RelayError::Listen)?;
@@ -161,20 +161,18 @@ impl<S: Store> Relay<S> {
         });
         tracing::info!(node = %shared.config.node.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let (stop_tx, stop_rx) = watch::channel(false);
         let listener = tokio::spawn(listen(shared.clone(), wakeups));
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
         let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
         let claimers: Vec<_> = (0..CLAIMERS)
-            .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), stop_rx.clone())))
+            .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), shutdown.clone())))
             .collect();
         drop(done_tx);
 
-        shutdown.await;
+        shutdown.recv().await;
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
-        let _ = stop_tx.send(true);
         for claimer in claimers {
             let _ = claimer.await;
         }
@@ -234,19 +232,19 @@ fn backoff(failures: u32) -> Duration {
 async fn claim_loop<S: Store>(
     shared: Arc<Shared<S>>,
     done: mpsc::UnboundedSender<Done>,
-    mut stop: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
     let lease = shared.config.node.lease();
     let mut failures = 0u32;
     let mut next_due = None;
     loop {
-        if *stop.borrow() {
+        if shutdown.is_shutdown() {
             return;
         }
         let slots = tokio::select! {
             slots = shared.slots.clone().acquire_many_owned(batch) => slots.expect("the slot semaphore is never closed"),
-            _ = stop.changed() => return,
+            () = shutdown.recv() => return,
         };
         slots.forget();
         match shared.store.claim_due(batch, lease, &shared.config.node.node_id).await {
@@ -259,7 +257,7 @@ async fn claim_loop<S: Store>(
                     deliver(&shared, claim, &done).await;
                 }
                 if claimed < batch as usize {
-                    idle(&shared, &mut stop, claimed == 0, &mut next_due).await;
+                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due).await;
                 }
             }
             Err(e) => {
@@ -269,7 +267,7 @@ async fn claim_loop<S: Store>(
                 tracing::warn!(error = %e, ?pause, "claiming failed");
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = stop.changed() => {}
+                    () = shutdown.recv() => {}
                 }
             }
         }
@@ -283,7 +281,7 @@ async fn claim_loop<S: Store>(
 /// takes the delayed rows that came due, so the query would only cost a round trip per event.
 async fn idle<S: Store>(
     shared: &Shared<S>,
-    stop: &mut watch::Receiver<bool>,
+    shutdown: &mut Shutdown,
     found_nothing: bool,
     next_due: &mut Option<Instant>,
 ) {
@@ -298,7 +296,7 @@ async fn idle<S: Store>(
     tokio::select! {
         _ = shared.wake.notified() => {}
         _ = tokio::time::sleep_until(until) => {}
-        _ = stop.changed() => {}
+        () = shutdown.recv() => {}
     }
 }
 

@@ -7,12 +7,12 @@
 //! tests), and at most a poll interval of real time, so triggers registered or enabled meanwhile
 //! get their first tick soon.
 
-use std::future::Future;
 use std::time::Duration;
 
 use picloud_core::TriggerConfig;
 use picloud_store::Store;
 use picloud_store::cron::{CronPass, fire_due_ticks};
+use picloud_worker::Shutdown;
 use time::OffsetDateTime;
 
 /// How a scheduler runs.
@@ -76,9 +76,8 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// Runs until `shutdown` resolves; a pass under way when it does is finished first.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        tokio::pin!(shutdown);
+    /// Runs until `shutdown`; a pass under way then is finished first.
+    pub async fn run(self, mut shutdown: Shutdown) {
         tracing::info!(node = %self.config.node_id, "cron scheduler started");
         loop {
             let next_tick = match self.look().await {
@@ -96,7 +95,7 @@ impl<S: Store> Scheduler<S> {
             };
             tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                () = shutdown.recv() => break,
                 () = tick => {}
                 () = tokio::time::sleep(self.config.poll_interval) => {}
             }

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Request, RequestErrorKind};
-use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER};
 use picloud_store::{AbandonReason, ClaimedDelivery, DeliveryTarget, Store};
 use tokio::sync::oneshot;
@@ -21,19 +20,6 @@ use crate::connection::ConnectionWatch;
 use crate::envelope::envelope;
 use crate::metrics::RelayMetrics;
 use crate::relay::{done_for, plan, unix_millis_after};
-
-/// Returns once the server has processed everything `client` sent before: a message to a fresh
-/// inbox of its own comes back only after the subscriptions queued ahead of it were handled
-/// (`flush` only empties the local write buffer). Services call it before reporting ready.
-pub async fn round_trip(client: &Client) -> Result<(), String> {
-    let inbox = client.new_inbox();
-    let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
-    client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(std::time::Duration::from_secs(30), echo.next()).await {
-        Ok(Some(_)) => Ok(()),
-        _ => Err("no echo from the NATS server within 30 s".into()),
-    }
-}
 
 /// A sync call's two ends on the node its caller waits on: [`SyncReply`] for the task that
 /// delivers the call, [`SyncCaller`] for the HTTP request waiting for the answer. The answer is

@@ -15,6 +15,7 @@ use picloud_dispatch::{
     SchedulerConfig,
 };
 use picloud_store::PgStore;
+use picloud_worker::Shutdown;
 
 /// The `PICLOUD_TOKEN_SECRET` that `compose.yaml` once gave every deployment by default: public,
 /// so never a node's key.
@@ -182,38 +183,37 @@ impl Node {
             .await
             .with_context(|| format!("listening on {} (PICLOUD_HTTP_ADDR)", config.http_addr))?;
         let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let on_stop = || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            }
-        };
+        // One signal for every part, sent when the node stops; the executors get their own, sent
+        // once the relay no longer waits on their answers.
+        let (stop, node_shutdown) = Shutdown::new();
+        let (stop_executors, executors_shutdown) = Shutdown::new();
         let state = ApiState::new(store.clone(), nats.clone(), config.clone());
-        let ingest = Ingest::start(state.clone()).await?;
-        let executors = picloud_dispatch::executors::start(store.clone(), nats.clone(), executors).await?;
+        let ingest = Ingest::start(state.clone(), node_shutdown.clone()).await?;
+        let executors =
+            picloud_dispatch::executors::start(store.clone(), nats.clone(), executors, executors_shutdown)
+                .await?;
         let mut parts = Parts::default();
-        let relay = Relay::new(relay_store, nats.clone(), relay_config).run(on_stop());
+        let relay = Relay::new(relay_store, nats.clone(), relay_config).run(node_shutdown.clone());
         parts.spawn("relay", async { relay.await.map_err(Into::into) });
         let scheduler =
             Scheduler::new(store.clone(), SchedulerConfig::new(node_id.clone(), &config.node.triggers))
-                .run(on_stop());
+                .run(node_shutdown.clone());
         parts.spawn("cron scheduler", async {
             scheduler.await;
             Ok(())
         });
         let janitor = Janitor::new(store.clone(), JanitorConfig::new(node_id.clone(), &config.node.triggers))
-            .run(on_stop());
+            .run(node_shutdown.clone());
         parts.spawn("janitor", async {
             janitor.await;
             Ok(())
         });
-        let gauges = metrics.refresh_gauges_every(store.clone(), metrics_interval, on_stop());
+        let gauges = metrics.refresh_gauges_every(store.clone(), metrics_interval, node_shutdown.clone());
         parts.spawn("database gauges", async {
             gauges.await;
             Ok(())
         });
-        let http = picloud_api::serve(listener, state, on_stop());
+        let http = picloud_api::serve(listener, state, node_shutdown);
         parts.spawn("HTTP API", async { http.await.context("serving HTTP") });
         tracing::info!(node = %node_id, %addr, "serving");
         ready(addr);
@@ -224,13 +224,14 @@ impl Node {
                 vec![ended]
             }
         };
-        let _ = stop.send(true);
+        stop.send();
         let steps = Steps::new(&["ingest", "built-in executors", "final NATS flush"]);
         let teardown = async {
             // Stopping the ingest with the HTTP API: a node that is leaving takes no new NATS work.
-            let (rest, ()) = tokio::join!(parts.all(), steps.run("ingest", ingest.shutdown()));
+            let (rest, ()) = tokio::join!(parts.all(), steps.run("ingest", ingest.finished()));
             failed.extend(rest);
-            steps.run("built-in executors", executors.shutdown()).await;
+            stop_executors.send();
+            steps.run("built-in executors", executors.finished()).await;
             steps.run("final NATS flush", nats.flush()).await.ok();
         };
         if tokio::time::timeout(shutdown_timeout, teardown).await.is_err() {

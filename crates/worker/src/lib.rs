@@ -27,9 +27,18 @@
 //! }
 //! ```
 //!
+//! Its building blocks serve the router's own NATS consumers too: [`serve_queues`] is the one
+//! queue-group loop (subscribe, confirm, bounded concurrency, drain) under the worker, the
+//! built-in executors and the ingest, and [`Shutdown`] is the stop signal every part of a node
+//! takes.
+//!
 //! It depends on `core` (the protocol) and async-nats only, never on the store: handlers talk to
-//! the platform over NATS and HTTP, not to its database.
+//! the platform over NATS and HTTP, not to its database. Nothing of the router may move in here
+//! (the store, the relay, the API): this crate is what a handler process compiles.
 #![warn(missing_docs)]
+
+mod queue;
+mod shutdown;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,17 +46,17 @@ use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use picloud_core::protocol::{AnswerHead, Envelope, Subjects};
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use uuid::Uuid;
 
-/// What can go wrong running a worker.
+pub use queue::{Queue, Serving, round_trip, serve_queues};
+pub use shutdown::{Shutdown, ShutdownSender};
+
+/// What can go wrong running a worker, or serving queues with [`serve_queues`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -236,94 +245,39 @@ impl Worker {
     pub async fn start(self) -> Result<Running, Error> {
         let app = self.app?;
         let subjects = self.subjects.map_err(Error::Prefix)?;
-        let mut subscriptions = Vec::new();
+        let mut queues = Vec::with_capacity(self.handlers.len());
         for (name, f) in self.handlers {
             let name = name?;
-            let sub = self
-                .client
-                .queue_subscribe(
-                    subjects.handle(app.as_str(), name.as_str()),
-                    subjects.handle_queue_group(app.as_str(), name.as_str()),
-                )
-                .await?;
-            subscriptions.push((sub, f));
+            let client = self.client.clone();
+            queues.push(Queue::new(
+                subjects.handle(app.as_str(), name.as_str()),
+                subjects.handle_queue_group(app.as_str(), name.as_str()),
+                move |msg| {
+                    let (client, f) = (client.clone(), f.clone());
+                    async move { answer(&client, msg, &f).await }
+                },
+            ));
         }
-        round_trip(&self.client).await?;
-        let mut loops = JoinSet::new();
-        let mut drains = Vec::new();
-        for (sub, f) in subscriptions {
-            let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-            drains.push(drain_tx);
-            loops.spawn(serve(self.client.clone(), sub, f, self.concurrency, drain_rx));
-        }
-        Ok(Running { client: self.client, drains, loops })
-    }
-}
-
-/// Returns once the server has processed everything this connection sent before: a message to
-/// a fresh inbox of our own comes back only after the server handled the subscriptions queued
-/// ahead of it (`flush` only empties the local write buffer).
-async fn round_trip(client: &Client) -> Result<(), Error> {
-    let inbox = client.new_inbox();
-    let mut echo = client.subscribe(inbox.clone()).await?;
-    client.publish(inbox, Bytes::new()).await.map_err(|e| Error::Sync(e.to_string()))?;
-    match tokio::time::timeout(Duration::from_secs(30), echo.next()).await {
-        Ok(Some(_)) => Ok(()),
-        _ => Err(Error::Sync("no echo from the server within 30 s".into())),
+        let (stop, shutdown) = Shutdown::new();
+        let serving = serve_queues(&self.client, queues, self.concurrency, shutdown).await?;
+        Ok(Running { stop, serving })
     }
 }
 
 /// A started worker.
 #[derive(Debug)]
 pub struct Running {
-    client: Client,
-    /// One per handler loop: tells it to unsubscribe and finish.
-    drains: Vec<tokio::sync::oneshot::Sender<()>>,
-    loops: JoinSet<()>,
+    /// Tells every handler's loop to drain.
+    stop: ShutdownSender,
+    serving: Serving,
 }
 
 impl Running {
     /// Stops taking deliveries, finishes those in hand and flushes their replies.
-    pub async fn shutdown(mut self) {
-        for drain in self.drains.drain(..) {
-            let _ = drain.send(());
-        }
-        while self.loops.join_next().await.is_some() {}
-        self.client.flush().await.ok();
+    pub async fn shutdown(self) {
+        self.stop.send();
+        self.serving.finished().await;
     }
-}
-
-/// One handler's loop: take messages, run the function with bounded concurrency, reply. On the
-/// drain signal, unsubscribe, finish buffered and running deliveries, and return.
-async fn serve(
-    client: Client,
-    mut sub: async_nats::Subscriber,
-    f: HandlerFn,
-    concurrency: usize,
-    mut drain: tokio::sync::oneshot::Receiver<()>,
-) {
-    let slots = Arc::new(Semaphore::new(concurrency));
-    let mut running = JoinSet::new();
-    let mut draining = false;
-    loop {
-        let msg = tokio::select! {
-            msg = sub.next() => msg,
-            _ = &mut drain, if !draining => {
-                draining = true;
-                let _ = sub.drain().await;
-                continue;
-            }
-        };
-        let Some(msg) = msg else { break };
-        let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
-        let (client, f) = (client.clone(), f.clone());
-        running.spawn(async move {
-            answer(&client, msg, &f).await;
-            drop(slot);
-        });
-        while running.try_join_next().is_some() {}
-    }
-    while running.join_next().await.is_some() {}
 }
 
 async fn answer(client: &Client, msg: Message, f: &HandlerFn) {

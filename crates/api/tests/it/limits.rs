@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
-use picloud_worker::{Reply as WorkerReply, Worker};
+use picloud_worker::{Reply as WorkerReply, Shutdown, Worker};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -149,7 +149,8 @@ async fn an_app_with_all_its_sync_calls_in_flight_gets_429_and_writes_nothing() 
 #[tokio::test]
 async fn a_node_whose_database_cannot_be_reached_answers_503_database_unavailable_on_http_and_ingest() {
     let api = Api::start().await;
-    let ingest = picloud_api::Ingest::start(api.state.clone()).await.unwrap();
+    let (stop, shutdown) = Shutdown::new();
+    let ingest = picloud_api::Ingest::start(api.state.clone(), shutdown).await.unwrap();
     let client = async_nats::ConnectOptions::new()
         .custom_inbox_prefix("_INBOX_shop")
         .connect(api.nats.url())
@@ -173,5 +174,6 @@ async fn a_node_whose_database_cannot_be_reached_answers_503_database_unavailabl
         (status.as_deref(), answer["error"]["code"].as_str()),
         (Some("error"), Some("database_unavailable"))
     );
-    ingest.shutdown().await;
+    stop.send();
+    ingest.finished().await;
 }

@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use picloud_store::*;
-use picloud_worker::{Delivery, Reply as WorkerReply, Worker};
+use picloud_worker::{Delivery, Reply as WorkerReply, Shutdown, Worker};
 use serde_json::json;
-use tokio::sync::oneshot;
 
 use crate::support::*;
 
@@ -452,7 +451,8 @@ async fn a_handler_writing_with_its_delivery_token_writes_one_level_deeper_until
 #[tokio::test]
 async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
     let api = Api::start().await;
-    let ingest = picloud_api::Ingest::start(api.state.clone()).await.unwrap();
+    let (stop, shutdown) = Shutdown::new();
+    let ingest = picloud_api::Ingest::start(api.state.clone(), shutdown).await.unwrap();
     api.trigger(json!({"name": "mailer", "kind": "queue", "queue": "mail", "handler": {"function": "h"}}))
         .await;
     let client = async_nats::ConnectOptions::new()
@@ -547,7 +547,8 @@ async fn nats_ingest_writes_like_the_api_and_answers_after_the_commit() {
         api.store().kv_get(api.app.id, "c", "spoof").await.unwrap().is_none(),
         "and the spoofed one wrote nothing"
     );
-    ingest.shutdown().await;
+    stop.send();
+    ingest.finished().await;
 }
 
 #[tokio::test]
@@ -678,13 +679,11 @@ async fn a_scrape_loop_costs_no_database_query_the_gauges_are_read_once_per_inte
     let mut api = Api::start().await;
     let metrics = picloud_dispatch::Metrics::install().unwrap();
     reconfigure(&mut api, |c| c.metrics = Some(metrics.clone()));
-    let (stop, stopped) = oneshot::channel::<()>();
+    let (stop, shutdown) = Shutdown::new();
     let interval = Duration::from_secs(3600);
     let started = tokio::time::Instant::now();
     let refresher =
-        tokio::spawn(metrics.clone().refresh_gauges_every(api.store().clone(), interval, async {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(metrics.clone().refresh_gauges_every(api.store().clone(), interval, shutdown));
     let scrape = || async {
         let reply = api.call(Method::GET, "/metrics", None, None).await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -718,7 +717,7 @@ async fn a_scrape_loop_costs_no_database_query_the_gauges_are_read_once_per_inte
     let next = scrape().await;
     assert_eq!(series(&next, "picloud_outbox_due_rows"), Some(1.0));
     assert_eq!(series(&next, "picloud_gauge_reads_total"), Some(intervals + 2.0));
-    stop.send(()).unwrap();
+    stop.send();
     refresher.await.unwrap();
 }
 

@@ -14,8 +14,8 @@ use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::*;
 pub use picloud_testkit::eventually;
 use picloud_testkit::{NatsServer, TestDatabase};
+use picloud_worker::{Shutdown, ShutdownSender};
 use serde_json::Value;
-use tokio::sync::oneshot;
 use tower::ServiceExt as _;
 use uuid::Uuid;
 
@@ -208,28 +208,21 @@ impl Api {
     /// A relay on this API's database and NATS, stopped when the handle is.
     pub async fn relay(&self) -> RelayHandle {
         let client = async_nats::connect(self.nats.url()).await.unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
+        let (stop, shutdown) = Shutdown::new();
         let relay = Relay::new(self.store().clone(), client, relay_config("relay"));
-        let task = tokio::spawn(async move {
-            relay
-                .run(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        RelayHandle { stop: tx, task }
+        let task = tokio::spawn(async move { relay.run(shutdown).await.unwrap() });
+        RelayHandle { stop, task }
     }
 }
 
 pub struct RelayHandle {
-    stop: oneshot::Sender<()>,
+    stop: ShutdownSender,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl RelayHandle {
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        self.stop.send();
         self.task.await.unwrap();
     }
 }

@@ -3,8 +3,8 @@
 //! Webhooks way) and `picloud.v1.builtin.email` (send the email over SMTP), answering each
 //! delivery like any handler (DESIGN §6).
 //!
-//! Each executor serves its subscription with bounded concurrency; on shutdown it drains the
-//! subscription, finishes the deliveries in hand, and returns.
+//! Each executor is one queue of `picloud_worker::serve_queues`, the loop handlers run on too:
+//! bounded concurrency, and on shutdown a drain that finishes the deliveries in hand.
 
 mod email;
 mod webhook;
@@ -13,15 +13,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::{Client, HeaderMap, Message, Subscriber};
+use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use picloud_core::config::ConfigError;
 use picloud_core::net::{ALLOW_NETS_VAR, AllowNets};
-use picloud_core::protocol::{AnswerHead, ERROR_HEADER, Envelope, STATUS_HEADER, Subjects};
+use picloud_core::protocol::{ERROR_HEADER, Envelope, STATUS_HEADER, Subjects};
 use picloud_store::Store;
-use tokio::sync::{Semaphore, oneshot};
-use tokio::task::JoinSet;
+use picloud_worker::{Queue, Reply, Serving, Shutdown, serve_queues};
 
 use self::email::EmailExecutor;
 use self::webhook::WebhookExecutor;
@@ -132,12 +130,9 @@ fn redact_url(url: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExecutorError {
-    /// Subscribing failed.
-    #[error("subscribing an executor failed: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
-    /// The server did not confirm the subscriptions.
-    #[error("waiting for the server to confirm the executors' subscriptions failed: {0}")]
-    Sync(String),
+    /// Subscribing, or the server's confirmation of the subscriptions, failed.
+    #[error("starting the executors' queue consumers failed: {0}")]
+    Queue(#[from] picloud_worker::Error),
     /// The SMTP transport could not be set up from the configuration.
     #[error("setting up the SMTP transport failed: {0}")]
     Smtp(String),
@@ -146,26 +141,25 @@ pub enum ExecutorError {
     Http(String),
 }
 
-/// Runs the executors until `shutdown` resolves, then drains their subscriptions, finishes the
-/// deliveries in hand and returns.
+/// Runs the executors until `shutdown`, then drains their subscriptions, finishes the deliveries
+/// in hand and returns.
 pub async fn run_executors<S: Store>(
     store: S,
     nats: Client,
     config: ExecutorConfig,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: Shutdown,
 ) -> Result<(), ExecutorError> {
-    let running = start(store, nats, config).await?;
-    shutdown.await;
-    running.shutdown().await;
+    start(store, nats, config, shutdown).await?.finished().await;
     Ok(())
 }
 
-/// Subscribes the executors and starts serving; returns once the server has confirmed the
-/// subscriptions. Stop with [`Running::shutdown`].
+/// Subscribes the executors and starts serving until `shutdown`; returns once the server has
+/// confirmed the subscriptions. Wait for them to stop with [`Running::finished`].
 pub async fn start<S: Store>(
     store: S,
     nats: Client,
     config: ExecutorConfig,
+    shutdown: Shutdown,
 ) -> Result<Running, ExecutorError> {
     let concurrency = config.concurrency.max(1);
     let webhook = WebhookExecutor::new(store, config.webhook_timeout_cap, config.webhook_allow_nets.clone())?;
@@ -178,94 +172,59 @@ pub async fn start<S: Store>(
             None
         }
     };
-    let webhook_subject = config.subjects.builtin_webhook();
-    let webhook_sub = nats.queue_subscribe(webhook_subject.clone(), webhook_subject).await?;
-    let email_sub = match &email {
-        Some(_) => {
-            let subject = config.subjects.builtin_email();
-            Some(nats.queue_subscribe(subject.clone(), subject).await?)
-        }
-        None => None,
-    };
-    crate::sync::round_trip(&nats).await.map_err(ExecutorError::Sync)?;
-
-    let mut loops = JoinSet::new();
-    let mut drains = Vec::new();
-    let (drain, drained) = oneshot::channel();
-    drains.push(drain);
-    loops.spawn(serve(nats.clone(), webhook_sub, Arc::new(webhook), concurrency, drained));
-    if let (Some(email), Some(sub)) = (email, email_sub) {
-        let (drain, drained) = oneshot::channel();
-        drains.push(drain);
-        loops.spawn(serve(nats.clone(), sub, Arc::new(email), concurrency, drained));
+    let mut queues = vec![queue(&nats, config.subjects.builtin_webhook(), webhook)];
+    if let Some(email) = email {
+        queues.push(queue(&nats, config.subjects.builtin_email(), email));
     }
+    let serving = serve_queues(&nats, queues, concurrency, shutdown).await?;
     tracing::info!(
         email = config.smtp.is_some(),
         concurrency,
         webhook_allow_nets = %config.webhook_allow_nets,
         "built-in executors started"
     );
-    Ok(Running { client: nats, drains, loops })
+    Ok(Running { serving })
+}
+
+/// The queue of one executor: its subject is also its queue group, so every node's executor of a
+/// kind shares the deliveries.
+fn queue<E: Execute>(client: &Client, subject: String, executor: E) -> Queue {
+    let (client, executor) = (client.clone(), Arc::new(executor));
+    Queue::new(subject.clone(), subject, move |msg| {
+        let (client, executor) = (client.clone(), executor.clone());
+        async move { answer(&client, msg, &*executor).await }
+    })
 }
 
 /// Started executors.
 #[derive(Debug)]
 pub struct Running {
-    client: Client,
-    /// One per executor loop: tells it to drain and finish.
-    drains: Vec<oneshot::Sender<()>>,
-    loops: JoinSet<()>,
+    serving: Serving,
 }
 
 impl Running {
-    /// Stops taking deliveries, finishes those in hand and flushes their answers.
-    pub async fn shutdown(mut self) {
-        for drain in self.drains.drain(..) {
-            let _ = drain.send(());
-        }
-        while self.loops.join_next().await.is_some() {}
-        self.client.flush().await.ok();
+    /// Waits until the executors have stopped after their shutdown signal: nothing new taken,
+    /// the deliveries in hand finished and their answers flushed.
+    pub async fn finished(self) {
+        self.serving.finished().await;
         tracing::info!("built-in executors stopped");
     }
 }
 
-/// An executor's answer to one delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Done, with a JSON body.
-    Ok(Bytes),
-    /// Try again, after `after` if given.
-    Retry { after: Option<Duration>, error: String },
-    /// A permanent failure.
-    Fail(String),
-}
+/// An executor's answer to one delivery: a handler's [`Reply`], which it is on the wire.
+pub(crate) type Outcome = Reply;
 
-impl Outcome {
-    pub(crate) fn retry(error: impl Into<String>) -> Outcome {
-        Outcome::Retry { after: None, error: error.into() }
+/// The headers and JSON body of an executor's answer (DESIGN §6): a handler's, except that a
+/// `retry` or `fail` carries its error in the body too, as `{"error": …}`.
+fn answer_message(outcome: Outcome) -> (HeaderMap, Bytes) {
+    let done = matches!(outcome, Reply::Ok(_));
+    let (headers, body) = outcome.into_message();
+    if done {
+        return (headers, body);
     }
-
-    /// The headers and JSON body of this answer (DESIGN §6): a `retry` or `fail` carries its
-    /// error in the body too, as `{"error": …}`.
-    fn into_message(self) -> (HeaderMap, Bytes) {
-        let (head, body) = match self {
-            Outcome::Ok(body) => (AnswerHead::Ok, body),
-            Outcome::Retry { after, error } => {
-                (AnswerHead::Retry { after, error: Some(error) }, Bytes::new())
-            }
-            Outcome::Fail(error) => (AnswerHead::Fail { error: Some(error) }, Bytes::new()),
-        };
-        let mut headers = HeaderMap::new();
-        head.write_headers(|name, value| headers.insert(name, value));
-        let body = match head.error() {
-            Some(_) => {
-                let error = headers.get(ERROR_HEADER).map(|v| v.as_str()).unwrap_or_default();
-                serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default().into()
-            }
-            None => body,
-        };
-        (headers, body)
-    }
+    let error = headers.get(ERROR_HEADER).map(|v| v.as_str()).unwrap_or_default();
+    let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default().into();
+    (headers, body)
 }
 
 /// The time an executor may spend on a delivery: until its deadline (unix ms) less a margin for
@@ -283,41 +242,6 @@ pub(crate) trait Execute: Send + Sync + 'static {
     const NAME: &'static str;
     /// Carries out one delivery.
     fn execute(&self, delivery: Envelope) -> impl Future<Output = Outcome> + Send;
-}
-
-/// One executor's loop: take deliveries, execute them with bounded concurrency, answer. On the
-/// drain signal, drain the subscription, finish what is buffered and running, and return.
-async fn serve<E: Execute>(
-    client: Client,
-    mut sub: Subscriber,
-    executor: Arc<E>,
-    concurrency: usize,
-    mut drain: oneshot::Receiver<()>,
-) {
-    let slots = Arc::new(Semaphore::new(concurrency));
-    let mut running = JoinSet::new();
-    let mut draining = false;
-    loop {
-        let msg = tokio::select! {
-            msg = sub.next() => msg,
-            _ = &mut drain, if !draining => {
-                draining = true;
-                if let Err(e) = sub.drain().await {
-                    tracing::warn!(executor = E::NAME, error = %e, "draining the subscription failed");
-                }
-                continue;
-            }
-        };
-        let Some(msg) = msg else { break };
-        let slot = slots.clone().acquire_owned().await.expect("the slot semaphore is never closed");
-        let (client, executor) = (client.clone(), executor.clone());
-        running.spawn(async move {
-            answer(&client, msg, &*executor).await;
-            drop(slot);
-        });
-        while running.try_join_next().is_some() {}
-    }
-    while running.join_next().await.is_some() {}
 }
 
 async fn answer<E: Execute>(client: &Client, msg: Message, executor: &E) {
@@ -352,7 +276,7 @@ async fn answer<E: Execute>(client: &Client, msg: Message, executor: &E) {
             Outcome::Fail(format!("malformed delivery: {e}"))
         }
     };
-    let (headers, body) = outcome.into_message();
+    let (headers, body) = answer_message(outcome);
     let status = headers.get(STATUS_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
     if let Err(e) = client.publish_with_headers(reply_to, headers, body).await {
         tracing::warn!(executor = E::NAME, status, error = %e, "could not send an answer");
@@ -438,19 +362,20 @@ mod tests {
 
     #[test]
     fn answers_carry_the_status_header_a_one_line_error_and_a_json_body() {
-        let (headers, body) = Outcome::Ok(Bytes::from_static(b"{\"a\":1}")).into_message();
+        let (headers, body) = answer_message(Outcome::Ok(Bytes::from_static(b"{\"a\":1}")));
         assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "ok");
         assert_eq!(&body[..], b"{\"a\":1}");
 
-        let (headers, body) =
-            Outcome::Retry { after: Some(Duration::from_millis(1500)), error: "busy\r\nnow".into() }
-                .into_message();
+        let (headers, body) = answer_message(Outcome::Retry {
+            after: Some(Duration::from_millis(1500)),
+            error: "busy\r\nnow".into(),
+        });
         assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "retry");
         assert_eq!(headers.get(ERROR_HEADER).unwrap().as_str(), "busy  now");
         assert_eq!(headers.get(RETRY_AFTER_HEADER).unwrap().as_str(), "1500");
         assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"], "busy  now");
 
-        let (headers, _) = Outcome::Fail("x".repeat(5000)).into_message();
+        let (headers, _) = answer_message(Outcome::Fail("x".repeat(5000)));
         assert_eq!(headers.get(STATUS_HEADER).unwrap().as_str(), "fail");
         assert_eq!(
             headers.get(ERROR_HEADER).unwrap().as_str().len(),

@@ -8,9 +8,9 @@ use picloud_core::CronSchedule;
 use picloud_dispatch::{Scheduler, SchedulerConfig};
 use picloud_store::cron::CronPass;
 use picloud_store::*;
+use picloud_worker::{Shutdown, ShutdownSender};
 use time::OffsetDateTime;
 use time::macros::datetime;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::support::*;
@@ -31,22 +31,20 @@ fn scheduler(w: &World, node: &str, clock: &Clock) -> Scheduler<PgStore> {
 
 /// A running scheduler that stops when asked.
 struct Running {
-    stop: oneshot::Sender<()>,
+    stop: ShutdownSender,
     task: JoinHandle<()>,
 }
 
 impl Running {
     fn start(scheduler: Scheduler<PgStore>) -> Running {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(scheduler.run(async {
-            let _ = stopped.await;
-        }));
+        let (stop, shutdown) = Shutdown::new();
+        let task = tokio::spawn(scheduler.run(shutdown));
         Running { stop, task }
     }
 
     /// Stops the scheduler and waits until it has.
     async fn stop(self) {
-        let _ = self.stop.send(());
+        self.stop.send();
         self.task.await.unwrap();
     }
 }

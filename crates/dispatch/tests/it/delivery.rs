@@ -313,7 +313,7 @@ async fn a_stopping_relay_finishes_the_deliveries_it_holds_and_claims_nothing_ne
         }
     })
     .await;
-    let mut relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     w.put("orders", "o-1", json!(1), 0).await;
     next(&mut rx, "the delivery").await;
 

@@ -19,6 +19,7 @@ use picloud_dispatch::executors::{self, ExecutorConfig, SmtpConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
 use picloud_testkit::{CaughtMail, MailCatcher, MailOptions, RcptRefusal};
+use picloud_worker::{Shutdown, ShutdownSender};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
@@ -141,19 +142,35 @@ async fn hook(State(state): State<Arc<HookState>>, uri: Uri, headers: HeaderMap,
 
 /// Starts the executors on their own connection, allowed to reach the test's servers on
 /// 127.0.0.1; they are subscribed when this returns.
-pub(crate) async fn start_executors(w: &World, smtp_url: Option<&str>) -> executors::Running {
+pub(crate) async fn start_executors(w: &World, smtp_url: Option<&str>) -> Executors {
     start_executors_allowing(w, smtp_url, "127.0.0.0/8").await
 }
 
+/// Started executors and their stop signal.
+pub(crate) struct Executors {
+    stop: ShutdownSender,
+    running: executors::Running,
+}
+
+impl Executors {
+    /// Stops the executors and waits until they have drained.
+    pub(crate) async fn shutdown(self) {
+        self.stop.send();
+        self.running.finished().await;
+    }
+}
+
 /// Starts the executors with `PICLOUD_WEBHOOK_ALLOW_NETS` set to `allow_nets`.
-async fn start_executors_allowing(w: &World, smtp_url: Option<&str>, allow_nets: &str) -> executors::Running {
+async fn start_executors_allowing(w: &World, smtp_url: Option<&str>, allow_nets: &str) -> Executors {
     let client = async_nats::connect(w.nats_url()).await.unwrap();
     let config = ExecutorConfig {
         smtp: smtp_url.map(|url| SmtpConfig { url: url.into(), from: "Shop <shop@example.com>".into() }),
         webhook_allow_nets: allow_nets.parse().unwrap(),
         ..ExecutorConfig::default()
     };
-    executors::start(w.store.clone(), client, config).await.unwrap()
+    let (stop, shutdown) = Shutdown::new();
+    let running = executors::start(w.store.clone(), client, config, shutdown).await.unwrap();
+    Executors { stop, running }
 }
 
 /// A `kv` trigger on collection `orders` whose handler is the webhook at `url`.

@@ -6,9 +6,9 @@ use picloud_core::TriggerConfig;
 use picloud_core::protocol::EventKind;
 use picloud_dispatch::{Janitor, JanitorConfig, Swept};
 use picloud_store::*;
+use picloud_worker::Shutdown;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::support::*;
@@ -167,16 +167,14 @@ async fn a_running_janitor_sweeps_at_start_and_stops_when_told() {
     let store = manual_store(&w);
     dead_letters(&w, &store, 2, true).await;
     store.clock().advance(31 * DAY);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(janitor(&store, "node-a", 100).run(async {
-        let _ = stopped.await;
-    }));
+    let (stop, shutdown) = Shutdown::new();
+    let running = tokio::spawn(janitor(&store, "node-a", 100).run(shutdown));
 
     eventually("the janitor's first sweep", || async {
         ids_in(&w, "dead_letters").await.is_empty().then_some(())
     })
     .await;
-    stop.send(()).unwrap();
+    stop.send();
 
     tokio::time::timeout(Duration::from_secs(10), running).await.expect("the janitor stops").unwrap();
 }

@@ -12,8 +12,8 @@ use picloud_store::events::{self, EventContext};
 use picloud_store::*;
 pub use picloud_testkit::eventually;
 use picloud_testkit::{NatsServer, TestDatabase};
-use picloud_worker::{Delivery, HandlerResult, Reply, Worker};
-use tokio::sync::{mpsc, oneshot};
+use picloud_worker::{Delivery, HandlerResult, Reply, Shutdown, ShutdownSender, Worker};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -35,19 +35,17 @@ pub fn relay_config(node: &str) -> RelayConfig {
 
 /// A running relay that stops when asked.
 pub struct RelayHandle {
-    stop: Option<oneshot::Sender<()>>,
+    stop: ShutdownSender,
     task: JoinHandle<()>,
 }
 
 impl RelayHandle {
     /// Tells the relay to stop, without waiting.
-    pub fn signal_stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub fn signal_stop(&self) {
+        self.stop.send();
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         self.signal_stop();
         self.task.await.unwrap();
     }
@@ -55,17 +53,10 @@ impl RelayHandle {
 
 pub async fn start_relay<S: Store>(store: S, nats_url: &str, config: RelayConfig) -> RelayHandle {
     let client = async_nats::connect(nats_url).await.unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
+    let (stop, shutdown) = Shutdown::new();
     let relay = Relay::new(store, client, config);
-    let task = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    RelayHandle { stop: Some(tx), task }
+    let task = tokio::spawn(async move { relay.run(shutdown).await.unwrap() });
+    RelayHandle { stop, task }
 }
 
 /// A running worker whose deliveries are also reported on a channel.

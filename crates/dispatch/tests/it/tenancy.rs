@@ -271,15 +271,9 @@ async fn the_relay_as_router_user_delivers_to_a_worker_logged_in_as_its_app() {
         .expect("the worker subscribes and confirms with a round trip under its app's permissions");
 
     let (router, _) = server.connect("router", "PICLOUD_NATS_ROUTER_PASSWORD", None).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, shutdown) = picloud_worker::Shutdown::new();
     let relay = picloud_dispatch::Relay::new(w.store.clone(), router, relay_config("tenancy"));
-    let relay = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let relay = tokio::spawn(relay.run(shutdown));
 
     w.put("orders:eu", "o-1", json!({"total": 3}), 0).await;
     let delivery = tokio::time::timeout(WAIT, deliveries.recv())
@@ -291,7 +285,7 @@ async fn the_relay_as_router_user_delivers_to_a_worker_logged_in_as_its_app() {
     w.drained().await;
     assert!(w.dead_letters().await.is_empty(), "the answer was accepted: {:?}", w.dead_letters().await);
 
-    let _ = stop.send(());
+    stop.send();
     relay.await.unwrap().unwrap();
     worker.shutdown().await;
 }
