@@ -28,6 +28,8 @@ const TENANTS_CONF: &str = include_str!("../../../nats/tenants.conf");
 const DEV_CONF: &str = include_str!("../../../nats/dev.conf");
 /// The app `dev` makes.
 const APP: &str = "demo";
+/// Why a port is the one `dev` asks for first: the last run used it.
+const LAST_RUN: &str = "the last run's";
 /// `PICLOUD_WEBHOOK_ALLOW_NETS` unless the environment sets it: webhooks may reach this machine.
 const WEBHOOK_ALLOW_NETS: &str = "127.0.0.0/8,::1/128";
 /// The API's port on a first run when `PICLOUD_HTTP_ADDR` is unset.
@@ -148,6 +150,63 @@ impl Saved {
     }
 }
 
+/// PostgreSQL on `port`, keeping its data under `dir`, with the database `picloud`: the server
+/// and that database's URL.
+async fn start_postgres(dir: &Path, port: u16) -> anyhow::Result<(PgServer, String)> {
+    let pg = PgServer::start_persistent(
+        &dir.join("postgres"),
+        port,
+        PgOptions { durable: true, max_connections: 100 },
+    )
+    .await
+    .context("starting PostgreSQL")?;
+    PgStore::connect(&pg.url("postgres"), 1)
+        .await
+        .context("connecting to the dev Postgres")?
+        .create_database_if_missing("picloud")
+        .await?;
+    let url = pg.url("picloud");
+    Ok((pg, url))
+}
+
+/// Where emails go: an SMTP server of the operator's own (`PICLOUD_SMTP_URL`, unless it is the
+/// catcher's URL a shell loaded from dev.env), else a catcher keeping them in `mail_dir`.
+async fn start_mail(
+    mail_dir: &Path,
+    ports: &mut Ports,
+    saved: &Saved,
+) -> anyhow::Result<(Option<MailCatcher>, String)> {
+    let own_smtp = serve::env("PICLOUD_SMTP_URL")
+        .filter(|url| !url.trim().is_empty() && Some(url.as_str()) != saved.get("PICLOUD_SMTP_URL"));
+    if let Some(url) = own_smtp {
+        return Ok((None, url));
+    }
+    let port = ports.choose("the SMTP catcher", saved.port("PICLOUD_SMTP_URL"), LAST_RUN)?;
+    let catcher = MailCatcher::start_with(MailOptions {
+        port,
+        keep: Some(MailDir { dir: mail_dir.to_owned(), keep: MAIL_KEPT }),
+        refuse_rcpt: Vec::new(),
+        forget: true,
+    })
+    .await
+    .context("starting the SMTP catcher")?;
+    let url = catcher.url();
+    Ok((Some(catcher), url))
+}
+
+/// Migrates the database at `database_url` and makes what the tour uses: the app `demo` and an
+/// admin token (the `saved` one while it still authenticates).
+async fn prepare_database(database_url: &str, saved: Option<&str>) -> anyhow::Result<String> {
+    let store = PgStore::connect(database_url, 2).await.context("connecting to the dev Postgres")?;
+    serve::migrate(&store).await?;
+    // Nothing dev writes here fires a trigger or registers a webhook: the defaults do.
+    let ops = Ops::new(store, TriggerConfig::default(), AllowNets::default());
+    let app = demo_app(&ops).await?;
+    let token = admin_token(&ops, app, saved).await;
+    ops.store().pool().close().await;
+    token
+}
+
 /// The app `dev` makes, made on the first run.
 async fn demo_app(ops: &Ops) -> anyhow::Result<App> {
     if let Some(app) = ops.store().app_by_slug(APP).await? {
@@ -187,7 +246,7 @@ fn http_addr(ports: &mut Ports, saved: &Saved) -> anyhow::Result<SocketAddr> {
     }
     let ip = given.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
     let (wanted, why) = match saved.port("PICLOUD_URL") {
-        Some(port) => (Some(port), "the last run's"),
+        Some(port) => (Some(port), LAST_RUN),
         None => (given.is_none().then_some(HTTP_PORT), "the default"),
     };
     Ok(SocketAddr::new(ip, ports.choose("the API", wanted, why)?))
@@ -200,61 +259,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("nats")).with_context(|| format!("creating {}", dir.display()))?;
     let mut saved = Saved::load(&dir);
     let mut ports = Ports::default();
-    let last = "the last run's";
-    let pg_port = ports.choose("PostgreSQL", saved.port("PICLOUD_DATABASE_URL"), last)?;
-    let pg = PgServer::start_persistent(
-        &dir.join("postgres"),
-        pg_port,
-        PgOptions { durable: true, max_connections: 100 },
-    )
-    .await
-    .context("starting PostgreSQL")?;
-    PgStore::connect(&pg.url("postgres"), 1)
-        .await
-        .context("connecting to the dev Postgres")?
-        .create_database_if_missing("picloud")
-        .await?;
-    let database_url = pg.url("picloud");
+    let pg_port = ports.choose("PostgreSQL", saved.port("PICLOUD_DATABASE_URL"), LAST_RUN)?;
+    let (pg, database_url) = start_postgres(&dir, pg_port).await?;
 
     let passwords = picloud_local::nats_dev_env();
     write(&dir.join("nats/tenants.conf"), &tenants_with_passwords(&passwords))?;
     write(&dir.join("nats/nats.conf"), &nats_conf())?;
-    let nats_port = ports.choose("nats-server", saved.port("PICLOUD_NATS_URL"), last)?;
+    let nats_port = ports.choose("nats-server", saved.port("PICLOUD_NATS_URL"), LAST_RUN)?;
     let nats = NatsServer::start_with_config_on(&dir.join("nats/nats.conf"), nats_port)
         .await
         .context("starting nats-server")?;
     let mail_dir = dir.join("mail");
-    // An SMTP server of the operator's own (PICLOUD_SMTP_URL, unless it is the catcher's URL a
-    // shell loaded from dev.env) gets the emails; else the catcher does.
-    let own_smtp = serve::env("PICLOUD_SMTP_URL")
-        .filter(|url| !url.trim().is_empty() && Some(url.as_str()) != saved.get("PICLOUD_SMTP_URL"));
-    let (mail, smtp_url) = match own_smtp {
-        Some(url) => (None, url),
-        None => {
-            let smtp_port = ports.choose("the SMTP catcher", saved.port("PICLOUD_SMTP_URL"), last)?;
-            let catcher = MailCatcher::start_with(MailOptions {
-                port: smtp_port,
-                keep: Some(MailDir { dir: mail_dir.clone(), keep: MAIL_KEPT }),
-                refuse_rcpt: Vec::new(),
-                forget: true,
-            })
-            .await
-            .context("starting the SMTP catcher")?;
-            let url = catcher.url();
-            (Some(catcher), url)
-        }
-    };
+    let (mail, smtp_url) = start_mail(&mail_dir, &mut ports, &saved).await?;
     let http_addr = http_addr(&mut ports, &saved)?;
 
-    let store = PgStore::connect(&database_url, 2).await.context("connecting to the dev Postgres")?;
-    serve::migrate(&store).await?;
-    // Nothing dev writes here fires a trigger or registers a webhook: the defaults do.
-    let ops = Ops::new(store, TriggerConfig::default(), AllowNets::default());
-    let app = demo_app(&ops).await?;
-    let token = admin_token(&ops, app, saved.get("PICLOUD_TOKEN")).await?;
+    let token = prepare_database(&database_url, saved.get("PICLOUD_TOKEN")).await?;
     let token_secret =
         saved.get("PICLOUD_TOKEN_SECRET").map(str::to_owned).unwrap_or_else(generate_api_token);
-    ops.store().pool().close().await;
     let app_password = passwords.get("PICLOUD_NATS_APP_DEMO_PASSWORD").cloned().unwrap_or_default();
     let overlay: HashMap<&str, String> = HashMap::from([
         ("PICLOUD_DATABASE_URL", database_url.clone()),

@@ -61,6 +61,38 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// The node's NATS connection, once the server answered and carries envelopes of bodies up to
+/// `max_payload_bytes`.
+async fn connect_nats(
+    nats_config: &NatsConfig,
+    node_id: &str,
+    max_payload_bytes: usize,
+) -> anyhow::Result<async_nats::Client> {
+    let nats = nats_config
+        .connect(&format!("picloud-router {node_id}"))
+        .await
+        .with_context(|| format!("connecting to NATS at {}", nats_config.url))?;
+    let server = reach_nats(&nats, &nats_config.url).await?;
+    check_max_payload(max_payload_bytes, &server)?;
+    Ok(nats)
+}
+
+/// The store of the API and the background parts, its schema migrated first when
+/// `run_migrations`: refused when the database lacks a migration of this version.
+async fn connect_migrated(url: &str, run_migrations: bool) -> anyhow::Result<PgStore> {
+    let store = PgStore::connect(url, 20).await.context("connecting to Postgres")?;
+    if run_migrations {
+        migrate(&store).await?;
+    }
+    let pending =
+        picloud_store::pg::pending_migrations(store.pool()).await.context("reading the schema's version")?;
+    anyhow::ensure!(
+        pending.is_empty(),
+        "the database lacks migrations {pending:?} of this version: run `picloud-router migrate` (or `serve --migrate`) first"
+    );
+    Ok(store)
+}
+
 /// Applies the migrations.
 pub async fn migrate(store: &PgStore) -> anyhow::Result<()> {
     picloud_store::pg::migrate(store.pool()).await.context("applying migrations")?;
@@ -160,25 +192,10 @@ impl Node {
         let metrics =
             Metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
         config.metrics = Some(metrics.clone());
-        let store = PgStore::connect(&url, 20).await.context("connecting to Postgres")?;
-        if run_migrations {
-            migrate(&store).await?;
-        }
-        let pending = picloud_store::pg::pending_migrations(store.pool())
-            .await
-            .context("reading the schema's version")?;
-        anyhow::ensure!(
-            pending.is_empty(),
-            "the database lacks migrations {pending:?} of this version: run `picloud-router migrate` (or `serve --migrate`) first"
-        );
+        let store = connect_migrated(&url, run_migrations).await?;
         let relay_store = PgStore::connect_relay(&url, 10).await.context("connecting to Postgres")?;
         let node_id = config.node.node_id.clone();
-        let nats = nats_config
-            .connect(&format!("picloud-router {node_id}"))
-            .await
-            .with_context(|| format!("connecting to NATS at {}", nats_config.url))?;
-        let server = reach_nats(&nats, &nats_config.url).await?;
-        check_max_payload(config.max_payload_bytes, &server)?;
+        let nats = connect_nats(&nats_config, &node_id, config.max_payload_bytes).await?;
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("listening on {} (PICLOUD_HTTP_ADDR)", config.http_addr))?;
