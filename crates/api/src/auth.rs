@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, hash_api_token};
+use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, TokenKey, hash_api_token};
 use picloud_core::{Access, Capability, Role, ScopeSet};
-use picloud_store::{ApiToken, App, AuthRepo, Principal, Transactional as _};
+use picloud_store::{ApiToken, App, Principal, Store};
 
 use crate::ApiState;
 use crate::error::{ApiError, ErrorCode};
@@ -163,25 +163,36 @@ impl FromRequestParts<ApiState> for Caller {
     }
 }
 
-/// Resolves credentials (the text after `Bearer `) and the named app. Shared with the ingest.
+/// Resolves credentials (the text after `Bearer `) and the named app on the node of `state`.
+/// Shared with the ingest and the sync path.
 pub async fn authenticate(
     state: &ApiState,
     credentials: &str,
     app: Option<&str>,
 ) -> Result<Caller, ApiError> {
-    let now = state.ops.store().clock().now();
+    resolve(state.ops.store(), &state.config.node.token_key, credentials, app).await
+}
+
+/// Resolves credentials and the named app in `store`: an API token by its hash, a delivery token
+/// by `key`'s signature; expiry is read on the store's clock.
+pub(crate) async fn resolve<S: Store>(
+    store: &S,
+    key: &TokenKey,
+    credentials: &str,
+    app: Option<&str>,
+) -> Result<Caller, ApiError> {
+    let now = store.clock().now();
     if credentials.starts_with(DELIVERY_TOKEN_PREFIX) {
         let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
-        let token = state.config.node.token_key.verify(credentials, now_ms).map_err(|e| match e {
+        let token = key.verify(credentials, now_ms).map_err(|e| match e {
             TokenError::Expired => {
                 ApiError::new(ErrorCode::TokenExpired, "the delivery token is past its deadline")
             }
             _ => ApiError::new(ErrorCode::InvalidToken, "the delivery token is not valid"),
         })?;
-        let found =
-            state.ops.store().authenticate_principal(token.principal, app).await?.ok_or_else(|| {
-                ApiError::new(ErrorCode::InvalidToken, "the delivery token's principal no longer exists")
-            })?;
+        let found = store.authenticate_principal(token.principal, app).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidToken, "the delivery token's principal no longer exists")
+        })?;
         return Ok(Caller {
             principal: found.principal,
             via: Via::Delivery(token),
@@ -190,9 +201,7 @@ pub async fn authenticate(
             authorized_at: found.config_epoch,
         });
     }
-    let found = state
-        .ops
-        .store()
+    let found = store
         .authenticate_token(&hash_api_token(credentials), app)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "unknown token"))?;

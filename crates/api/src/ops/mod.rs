@@ -58,3 +58,6 @@ impl<S: Store> Ops<S> {
         EventContext { app_id: app.id, app_slug: &app.slug, depth: caller.depth(), config: &self.triggers }
     }
 }
+
+#[cfg(test)]
+mod tests;
