@@ -8,7 +8,7 @@ use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, TokenKey, hash_api_token};
-use picloud_core::{Access, Capability, Role, ScopeSet};
+use picloud_core::{Access, AppId, Capability, PrincipalId, Role, ScopeSet};
 use picloud_store::{ApiToken, App, Principal, Store};
 
 use crate::ApiState;
@@ -45,7 +45,7 @@ impl Caller {
     /// that record no one as having acted (all but registering a trigger).
     pub fn operator(app: Option<App>) -> Caller {
         let nobody = Principal {
-            id: uuid::Uuid::nil(),
+            id: PrincipalId::from_uuid(uuid::Uuid::nil()),
             name: "operator".to_owned(),
             platform_admin: true,
             created_at: time::OffsetDateTime::UNIX_EPOCH,
@@ -80,7 +80,7 @@ impl Caller {
     }
 
     /// The app the credentials are limited to, if any.
-    pub fn limited_to_app(&self) -> Option<uuid::Uuid> {
+    pub fn limited_to_app(&self) -> Option<AppId> {
         match &self.via {
             Via::Token(token) => token.app_id,
             Via::Delivery(token) => Some(token.app),

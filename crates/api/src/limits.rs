@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use picloud_core::AppId;
 use tokio::sync::Semaphore;
-use uuid::Uuid;
 
 use crate::ApiState;
 use crate::error::{ApiError, ErrorCode};
@@ -59,7 +59,7 @@ pub(crate) async fn within_limits(State(state): State<ApiState>, request: Reques
 #[derive(Debug)]
 pub(crate) struct SyncSlots {
     max_per_app: usize,
-    taken: Mutex<HashMap<Uuid, usize>>,
+    taken: Mutex<HashMap<AppId, usize>>,
 }
 
 /// One app's sync call in flight: its slot is given back when this is dropped, once the call's
@@ -67,7 +67,7 @@ pub(crate) struct SyncSlots {
 #[derive(Debug)]
 pub(crate) struct SyncSlot {
     slots: Arc<SyncSlots>,
-    app: Uuid,
+    app: AppId,
 }
 
 impl SyncSlots {
@@ -76,7 +76,7 @@ impl SyncSlots {
     }
 
     /// A slot for one more sync call of `app`: 429 `too_many_sync_calls` when it has all of its.
-    pub(crate) fn take(self: &Arc<Self>, app: Uuid) -> Result<SyncSlot, ApiError> {
+    pub(crate) fn take(self: &Arc<Self>, app: AppId) -> Result<SyncSlot, ApiError> {
         let mut taken = self.taken.lock().unwrap_or_else(PoisonError::into_inner);
         let count = taken.entry(app).or_default();
         if *count >= self.max_per_app {
@@ -113,7 +113,7 @@ mod tests {
     #[test]
     fn an_apps_sync_slots_are_its_own_and_come_back_when_dropped() {
         let slots = Arc::new(SyncSlots::new(2));
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (a, b) = (AppId::new(), AppId::new());
         let first = slots.take(a).unwrap();
         let _second = slots.take(a).unwrap();
         let refused = slots.take(a).unwrap_err();

@@ -1,7 +1,7 @@
 //! The JSON shapes of the API: what routes answer, and the bodies they take.
 
 use picloud_core::retry::{MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
-use picloud_core::{RetryOverrides, Role, Scope};
+use picloud_core::{RetryOverrides, Role, Scope, TriggerId};
 use picloud_store::{
     AbandonedExecution, ApiToken, App, DeadLetter, Handler, Principal, Trigger, TriggerSpec,
 };
@@ -32,7 +32,7 @@ pub struct AppView {
 
 impl From<App> for AppView {
     fn from(a: App) -> Self {
-        Self { id: a.id, slug: a.slug.into_string(), created_at: rfc3339(a.created_at) }
+        Self { id: a.id.as_uuid(), slug: a.slug.into_string(), created_at: rfc3339(a.created_at) }
     }
 }
 
@@ -60,7 +60,12 @@ pub struct PrincipalView {
 
 impl From<Principal> for PrincipalView {
     fn from(p: Principal) -> Self {
-        Self { id: p.id, name: p.name, platform_admin: p.platform_admin, created_at: rfc3339(p.created_at) }
+        Self {
+            id: p.id.as_uuid(),
+            name: p.name,
+            platform_admin: p.platform_admin,
+            created_at: rfc3339(p.created_at),
+        }
     }
 }
 
@@ -137,7 +142,7 @@ impl TokenCreated {
         Self {
             id: token.id,
             token: secret,
-            principal_id: token.principal_id,
+            principal_id: token.principal_id.as_uuid(),
             app,
             scopes: token.scopes.map(|s| s.iter().map(|scope: Scope| scope.as_str().to_owned()).collect()),
             expires_at: token.expires_at.map(rfc3339),
@@ -407,7 +412,7 @@ fn origin(url: &str) -> String {
 impl From<Trigger> for TriggerView {
     fn from(t: Trigger) -> Self {
         let mut view = TriggerView {
-            id: t.id,
+            id: t.id.as_uuid(),
             name: t.name.to_string(),
             kind: t.spec.kind().as_str().to_owned(),
             collection: None,
@@ -426,7 +431,7 @@ impl From<Trigger> for TriggerView {
             },
             retry: t.retry,
             enabled: t.enabled,
-            registered_by: t.registered_by,
+            registered_by: t.registered_by.as_uuid(),
             created_at: rfc3339(t.created_at),
             updated_at: rfc3339(t.updated_at),
         };
@@ -504,7 +509,7 @@ impl From<DeadLetter> for DeadLetterView {
         Self {
             id: d.id,
             trigger: d.trigger_name,
-            trigger_id: d.trigger_id,
+            trigger_id: d.trigger_id.map(TriggerId::as_uuid),
             kind: d.kind.as_str().to_owned(),
             delivery_id: d.delivery_id,
             reason: d.reason.as_str().to_owned(),
@@ -568,7 +573,7 @@ impl From<AbandonedExecution> for AbandonedView {
         Self {
             id: a.id,
             trigger: a.trigger_name,
-            trigger_id: a.trigger_id,
+            trigger_id: a.trigger_id.map(TriggerId::as_uuid),
             outbox_id: a.outbox_id,
             reply_to: a.reply_to,
             reason: a.reason.as_str().to_owned(),

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use picloud_api::views::{CreateToken, RegisterTrigger};
 use picloud_api::{Caller, Ops};
-use picloud_core::TriggerConfig;
 use picloud_core::net::AllowNets;
+use picloud_core::{PrincipalId, TriggerConfig};
 use picloud_dispatch::{NodeConfig, RelayConfig};
 use picloud_store::{App, AuthRepo as _, PgStore, Trigger, TriggerRepo as _, pg};
 use picloud_testkit::{NatsServer, PgOptions, PgServer};
@@ -71,7 +71,11 @@ impl Servers {
         let mint = CreateToken { principal_id: Some(admin.id), app: None, scopes: None, expires_in_s: None };
         let token = ops.mint_token(&operator, &mint).await?.token;
         // The triggers run as the app's admin, as if it had registered them over HTTP.
-        let admin = ops.store().principal(admin.id).await?.context("the bench admin is gone")?;
+        let admin = ops
+            .store()
+            .principal(PrincipalId::from_uuid(admin.id))
+            .await?
+            .context("the bench admin is gone")?;
         let admin = Caller::operator_as(admin, Some(app.clone()));
         let handler = json!({"function": HANDLER});
         let call = json!({"name": "call", "kind": "http", "handler": handler});

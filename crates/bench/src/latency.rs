@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use picloud_core::TriggerConfig;
 use picloud_core::names::{CollectionName, KvKey};
+use picloud_core::{AppId, TriggerConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::{AuthRepo, PgStore};
-use uuid::Uuid;
 
 use crate::env::{Servers, monotonic_us, payload};
 use crate::proc::Role;
@@ -27,7 +26,7 @@ pub struct ProduceArgs {
     #[arg(long)]
     token: Option<String>,
     #[arg(long)]
-    app_id: Uuid,
+    app_id: AppId,
     #[arg(long)]
     rate: u64,
     #[arg(long)]

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod cron;
+pub mod ids;
 pub mod names;
 pub mod net;
 pub mod pattern;
@@ -19,6 +20,7 @@ pub mod webhook;
 pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
 pub use config::{ConfigError, Secret, TriggerConfig};
 pub use cron::{CronError, CronSchedule};
+pub use ids::{AppId, PrincipalId, TriggerId};
 pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueName, TopicName, TriggerName};
 pub use net::{AllowNets, Refusal};
 pub use pattern::{CollectionPattern, collection_matches};

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::auth::ScopeSet;
+use crate::ids::{AppId, PrincipalId};
 
 /// The prefix of every API token.
 pub const API_TOKEN_PREFIX: &str = "pcr_";
@@ -34,9 +35,9 @@ pub fn hash_api_token(token: &str) -> [u8; 32] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeliveryToken {
     /// The trigger's registering principal.
-    pub principal: Uuid,
+    pub principal: PrincipalId,
     /// The app the delivery belongs to.
-    pub app: Uuid,
+    pub app: AppId,
     /// The depth of events written with this token (the delivery's depth + 1).
     pub depth: u32,
     /// Unix milliseconds after which the token is refused.
@@ -89,8 +90,8 @@ impl TokenKey {
     pub fn sign(&self, token: &DeliveryToken) -> String {
         let mut payload = [0u8; PAYLOAD_LEN];
         payload[0] = VERSION;
-        payload[1..17].copy_from_slice(token.principal.as_bytes());
-        payload[17..33].copy_from_slice(token.app.as_bytes());
+        payload[1..17].copy_from_slice(token.principal.as_uuid().as_bytes());
+        payload[17..33].copy_from_slice(token.app.as_uuid().as_bytes());
         payload[33..37].copy_from_slice(&token.depth.to_be_bytes());
         payload[37..45].copy_from_slice(&token.deadline_ms.to_be_bytes());
         payload[45] = token.scopes.bits();
@@ -117,8 +118,8 @@ impl TokenKey {
         check.verify_slice(&mac).map_err(|_| TokenError::BadSignature)?;
         let field = |range: std::ops::Range<usize>| &payload[range];
         let token = DeliveryToken {
-            principal: Uuid::from_slice(field(1..17)).map_err(|_| TokenError::Malformed)?,
-            app: Uuid::from_slice(field(17..33)).map_err(|_| TokenError::Malformed)?,
+            principal: Uuid::from_slice(field(1..17)).map_err(|_| TokenError::Malformed)?.into(),
+            app: Uuid::from_slice(field(17..33)).map_err(|_| TokenError::Malformed)?.into(),
             depth: u32::from_be_bytes(field(33..37).try_into().map_err(|_| TokenError::Malformed)?),
             deadline_ms: i64::from_be_bytes(field(37..45).try_into().map_err(|_| TokenError::Malformed)?),
             scopes: ScopeSet::from_bits(payload[45]),
@@ -135,7 +136,7 @@ impl TokenKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TokenLimits {
     /// The one app the token acts on.
-    pub app: Option<Uuid>,
+    pub app: Option<AppId>,
     /// The scopes the token holds at most, whatever its principal's role.
     pub scopes: Option<ScopeSet>,
     /// When the token stops authenticating.
@@ -191,8 +192,8 @@ mod tests {
 
     fn sample() -> DeliveryToken {
         DeliveryToken {
-            principal: Uuid::now_v7(),
-            app: Uuid::now_v7(),
+            principal: PrincipalId::new(),
+            app: AppId::new(),
             depth: 3,
             deadline_ms: 1_764_324_030_123,
             scopes: ScopeSet::for_role(Role::Developer),
@@ -257,8 +258,8 @@ mod tests {
     fn token() -> impl Strategy<Value = DeliveryToken> {
         (any::<u128>(), any::<u128>(), any::<u32>(), any::<i64>(), any::<u8>()).prop_map(
             |(principal, app, depth, deadline_ms, scopes)| DeliveryToken {
-                principal: Uuid::from_u128(principal),
-                app: Uuid::from_u128(app),
+                principal: PrincipalId::from_uuid(Uuid::from_u128(principal)),
+                app: AppId::from_uuid(Uuid::from_u128(app)),
                 depth,
                 deadline_ms,
                 scopes: ScopeSet::from_bits(scopes),
@@ -324,7 +325,7 @@ mod tests {
     }
 
     fn limits() -> impl Strategy<Value = TokenLimits> {
-        let apps = [Uuid::from_u128(1), Uuid::from_u128(2)];
+        let apps = [AppId::from_uuid(Uuid::from_u128(1)), AppId::from_uuid(Uuid::from_u128(2))];
         (
             proptest::option::of(proptest::sample::select(apps.to_vec())),
             proptest::option::of((0u8..=0x7f).prop_map(ScopeSet::from_bits)),
@@ -377,7 +378,11 @@ mod tests {
     #[test]
     fn the_refusal_names_what_would_widen() {
         let at = time::OffsetDateTime::UNIX_EPOCH;
-        let held = TokenLimits { app: Some(Uuid::from_u128(1)), scopes: None, expires_at: Some(at) };
+        let held = TokenLimits {
+            app: Some(AppId::from_uuid(Uuid::from_u128(1))),
+            scopes: None,
+            expires_at: Some(at),
+        };
         assert_eq!(held.admits(&TokenLimits::default()), Err(Widening::App));
         let same_app = TokenLimits { app: held.app, ..TokenLimits::default() };
         assert_eq!(held.admits(&same_app), Err(Widening::Expiry(at)));

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppSlug, RetryPolicy, TriggerConfig};
+use picloud_core::{AppId, AppSlug, RetryPolicy, TriggerConfig, TriggerId};
 use picloud_store::events::fan_out_dead_letters;
 use picloud_store::{Bury, DeadLetterReason, Reschedule, Resolution, Store};
 use time::OffsetDateTime;
@@ -21,11 +21,11 @@ pub struct Done {
     /// The delivery.
     pub id: Uuid,
     /// Its app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// Its app's slug, when the app still exists.
     pub app_slug: Option<AppSlug>,
     /// Its trigger (None for emails).
-    pub trigger_id: Option<Uuid>,
+    pub trigger_id: Option<TriggerId>,
     /// Its trigger's name.
     pub trigger_name: Option<String>,
     /// Its event kind.
@@ -206,7 +206,7 @@ pub async fn complete<S: Store>(
     stats.waiting = store.reschedule(&mut tx, &waits).await? as usize;
     let dead = store.bury(&mut tx, &buries).await?;
     stats.dead_lettered = dead.len();
-    let slugs: HashMap<Uuid, &AppSlug> =
+    let slugs: HashMap<AppId, &AppSlug> =
         batch.iter().filter_map(|d| d.app_slug.as_ref().map(|slug| (d.app_id, slug))).collect();
     for (app_id, slug) in &slugs {
         let of_app: Vec<_> = dead.iter().filter(|d| d.app_id == *app_id).cloned().collect();

@@ -1,16 +1,16 @@
 //! The body of one delivery: the CloudEvents envelope of DESIGN §6, serialized once per attempt.
 
 use picloud_core::protocol::{EnvelopeRef, rfc3339_millis};
+use picloud_core::{PrincipalId, TriggerId};
 use picloud_store::ClaimedDelivery;
-use uuid::Uuid;
 
 /// Who a delivery runs as, as its envelope says: the trigger, its registering principal and the
 /// delivery token acting for them (absent for emails).
 #[derive(Debug, Clone)]
 pub(crate) struct RunAs {
     pub trigger: String,
-    pub trigger_id: Uuid,
-    pub principal: Uuid,
+    pub trigger_id: TriggerId,
+    pub principal: PrincipalId,
     pub token: String,
 }
 
@@ -35,9 +35,9 @@ pub(crate) fn envelope(
         picloudapp: app,
         picloudkind: row.kind.as_str(),
         picloudtrigger: run_as.map(|r| r.trigger.as_str()),
-        picloudtriggerid: run_as.map(|r| r.trigger_id),
+        picloudtriggerid: run_as.map(|r| r.trigger_id.as_uuid()),
         piclouddepth: row.depth,
-        picloudprincipal: run_as.map(|r| r.principal),
+        picloudprincipal: run_as.map(|r| r.principal.as_uuid()),
         picloudtoken: run_as.map(|r| r.token.as_str()),
         piclouddeadline: deadline_ms,
     };
@@ -50,10 +50,11 @@ pub(crate) fn envelope(
 mod tests {
     use picloud_core::protocol::{ENVELOPE_FRAME_BYTES, EventKind, MAX_ERROR_BYTES, event_type, source};
     use picloud_core::token::{DeliveryToken, TokenKey};
-    use picloud_core::{Role, ScopeSet};
+    use picloud_core::{AppId, Role, ScopeSet};
     use picloud_store::{DeadLetter, DeadLetterReason, EventHeaders};
     use serde_json::value::RawValue;
     use time::OffsetDateTime;
+    use uuid::Uuid;
 
     use super::*;
 
@@ -65,8 +66,8 @@ mod tests {
     fn row(source: String, payload: Box<RawValue>) -> ClaimedDelivery {
         ClaimedDelivery {
             id: Uuid::now_v7(),
-            app_id: Uuid::now_v7(),
-            trigger_id: Some(Uuid::now_v7()),
+            app_id: AppId::new(),
+            trigger_id: Some(TriggerId::new()),
             kind: EventKind::DeadLetter,
             event_type: event_type::DEAD_LETTER_CREATED.into(),
             source,
@@ -105,8 +106,8 @@ mod tests {
         let app = "a".repeat(63);
         let dead = DeadLetter {
             id: Uuid::now_v7(),
-            app_id: Uuid::now_v7(),
-            trigger_id: Some(Uuid::now_v7()),
+            app_id: AppId::new(),
+            trigger_id: Some(TriggerId::new()),
             trigger_name: Some("t".repeat(63)),
             kind: EventKind::Kv,
             delivery_id: Uuid::now_v7(),
@@ -128,14 +129,18 @@ mod tests {
         let payload =
             serde_json::value::to_raw_value(&picloud_store::events::dead_letter_data(&dead)).unwrap();
         let token = TokenKey::new(b"0123456789abcdef").sign(&DeliveryToken {
-            principal: Uuid::now_v7(),
-            app: Uuid::now_v7(),
+            principal: PrincipalId::new(),
+            app: AppId::new(),
             depth: u32::MAX,
             deadline_ms: i64::MAX,
             scopes: ScopeSet::for_role(Role::Admin),
         });
-        let run_as =
-            RunAs { trigger: "t".repeat(63), trigger_id: Uuid::now_v7(), principal: Uuid::now_v7(), token };
+        let run_as = RunAs {
+            trigger: "t".repeat(63),
+            trigger_id: TriggerId::new(),
+            principal: PrincipalId::new(),
+            token,
+        };
         let body = envelope(&row(source::dead_letters(&app), payload), &app, Some(&run_as), i64::MAX);
         let frame = body.len() - data.len();
         assert!(frame <= ENVELOPE_FRAME_BYTES, "a frame of {frame} bytes");

@@ -22,13 +22,12 @@ use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
-use picloud_core::{Access, AppSlug, Capability, RetryPolicy};
+use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
 use picloud_store::{AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
 use picloud_worker::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use crate::abandoned::abandon;
 use crate::answer::Answer;
@@ -123,7 +122,7 @@ struct Shared<S> {
 #[derive(Debug, Default)]
 struct TargetCache {
     epoch: Option<i64>,
-    targets: HashMap<Uuid, DeliveryTarget>,
+    targets: HashMap<TriggerId, DeliveryTarget>,
 }
 
 impl<S: Store> Relay<S> {
@@ -379,8 +378,8 @@ async fn targets_for<S: Store>(
     shared: &Shared<S>,
     rows: &[ClaimedDelivery],
     epoch: Option<i64>,
-) -> picloud_store::Result<HashMap<Uuid, DeliveryTarget>> {
-    let mut wanted: Vec<Uuid> = rows.iter().filter_map(|r| r.trigger_id).collect();
+) -> picloud_store::Result<HashMap<TriggerId, DeliveryTarget>> {
+    let mut wanted: Vec<TriggerId> = rows.iter().filter_map(|r| r.trigger_id).collect();
     wanted.sort_unstable();
     wanted.dedup();
     let mut found = HashMap::with_capacity(wanted.len());
@@ -419,7 +418,7 @@ async fn read_targets<S: Store>(
     shared: &Shared<S>,
     rows: &[ClaimedDelivery],
     epoch: Option<i64>,
-) -> picloud_store::Result<(HashMap<Uuid, DeliveryTarget>, HashMap<Uuid, Option<AppSlug>>)> {
+) -> picloud_store::Result<(HashMap<TriggerId, DeliveryTarget>, HashMap<AppId, Option<AppSlug>>)> {
     let targets = targets_for(shared, rows, epoch).await?;
     let mut email_apps = HashMap::new();
     for row in rows.iter().filter(|r| r.kind == EventKind::Email) {
@@ -454,7 +453,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
     let sent = Instant::now();
     let deadline = sent + config.node.handler_timeout;
     let deadline_ms = unix_millis_after(config.node.handler_timeout);
-    let mut plans: HashMap<(Option<Uuid>, Uuid, u32), Result<Plan, Answer>> = HashMap::new();
+    let mut plans: HashMap<(Option<TriggerId>, AppId, u32), Result<Plan, Answer>> = HashMap::new();
     let mut outgoing = Vec::with_capacity(rows.len());
     let mut in_flight = Vec::with_capacity(rows.len());
     for row in rows {

@@ -6,10 +6,9 @@
 //! a backlog.
 
 use picloud_core::protocol::{EventKind, event_type, rfc3339_millis, source};
-use picloud_core::{AppSlug, CronSchedule, TriggerConfig, TriggerName};
+use picloud_core::{AppId, AppSlug, CronSchedule, TriggerConfig, TriggerId, TriggerName};
 use serde_json::json;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use crate::events::{Event, commit_and_wake};
 use crate::model::NewDelivery;
@@ -20,9 +19,9 @@ use crate::{Result, Store};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueCron {
     /// The trigger.
-    pub trigger_id: Uuid,
+    pub trigger_id: TriggerId,
     /// Its app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The app's slug (for the CloudEvents source).
     pub app_slug: AppSlug,
     /// The trigger's name (for the CloudEvents source).

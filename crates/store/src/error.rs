@@ -1,5 +1,6 @@
 //! The store's error type.
 
+use picloud_core::PrincipalId;
 use uuid::Uuid;
 
 /// What a repository call can fail with. Domain failures are named; driver failures are wrapped
@@ -15,7 +16,7 @@ pub enum Error {
     DuplicateApp(String),
     /// No principal with this id.
     #[error("principal {0} not found")]
-    PrincipalNotFound(Uuid),
+    PrincipalNotFound(PrincipalId),
     /// A platform admin exists already, and bootstrapping another was not forced.
     #[error("a platform admin exists already")]
     PlatformAdminExists,
@@ -33,7 +34,7 @@ pub enum Error {
     QueueTaken(String),
     /// A trigger refers to a principal that does not exist.
     #[error("principal {0} does not exist")]
-    UnknownPrincipal(Uuid),
+    UnknownPrincipal(PrincipalId),
     /// No dead letter with this id in the app.
     #[error("dead letter {0} not found")]
     DeadLetterNotFound(Uuid),

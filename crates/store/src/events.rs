@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use picloud_core::names::{CollectionName, KvKey, QueueName, TopicName};
 use picloud_core::protocol::{EventKind, event_type, rfc3339_millis, source};
-use picloud_core::{AppSlug, TriggerConfig};
+use picloud_core::{AppId, AppSlug, TriggerConfig, TriggerId};
 use serde_json::json;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -33,7 +33,7 @@ pub async fn commit_and_wake<S: Store>(s: &S, tx: S::Tx) -> Result<()> {
 #[derive(Debug, Clone, Copy)]
 pub struct EventContext<'a> {
     /// The app's id.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The app's slug (for CloudEvents sources).
     pub app_slug: &'a AppSlug,
     /// 0 for outside clients; a delivery token's depth for handlers.
@@ -72,7 +72,7 @@ impl Event<'_> {
     /// A new delivery of this event to `trigger_id` of `app_id` (`None` for an email), due now,
     /// with `max_attempts` attempts; what else a delivery may have (a delay, an idempotency key,
     /// a sync caller's inbox, a dead letter it reports, an earlier event time) starts unset.
-    pub fn delivery(&self, app_id: Uuid, trigger_id: Option<Uuid>, max_attempts: u32) -> NewDelivery {
+    pub fn delivery(&self, app_id: AppId, trigger_id: Option<TriggerId>, max_attempts: u32) -> NewDelivery {
         NewDelivery {
             id: Uuid::now_v7(),
             app_id,

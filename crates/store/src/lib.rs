@@ -15,9 +15,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use picloud_core::Role;
 use picloud_core::names::AppSlug;
 use picloud_core::protocol::EventKind;
+use picloud_core::{AppId, PrincipalId, Role, TriggerId};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -95,7 +95,7 @@ pub trait AuthRepo: Transactional {
     /// the principal's role on it, in one round trip.
     fn authenticate_principal(
         &self,
-        principal: Uuid,
+        principal: PrincipalId,
         app: Option<&str>,
     ) -> impl Future<Output = Result<Option<Authenticated>>> + Send;
     /// Creates an app. Fails with [`Error::DuplicateApp`] if the slug is taken.
@@ -103,16 +103,16 @@ pub trait AuthRepo: Transactional {
     /// The app with this slug.
     fn app_by_slug(&self, slug: &str) -> impl Future<Output = Result<Option<model::App>>> + Send;
     /// The app with this id.
-    fn app_by_id(&self, id: Uuid) -> impl Future<Output = Result<Option<model::App>>> + Send;
+    fn app_by_id(&self, id: AppId) -> impl Future<Output = Result<Option<model::App>>> + Send;
     /// Apps by slug, after `after`: all of them, or those `member` belongs to.
     fn list_apps(
         &self,
-        member: Option<Uuid>,
+        member: Option<PrincipalId>,
         after: Option<&str>,
         limit: u32,
     ) -> impl Future<Output = Result<model::Page<model::App>>> + Send;
     /// Deletes an app and everything of it. Whether it existed.
-    fn delete_app(&self, id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+    fn delete_app(&self, id: AppId) -> impl Future<Output = Result<bool>> + Send;
     /// Creates a principal.
     fn create_principal(
         &self,
@@ -120,21 +120,25 @@ pub trait AuthRepo: Transactional {
         platform_admin: bool,
     ) -> impl Future<Output = Result<model::Principal>> + Send;
     /// The principal with this id.
-    fn principal(&self, id: Uuid) -> impl Future<Output = Result<Option<model::Principal>>> + Send;
+    fn principal(&self, id: PrincipalId) -> impl Future<Output = Result<Option<model::Principal>>> + Send;
     /// Gives a principal a role on an app (replacing any other role there).
     fn set_role(
         &self,
-        app_id: Uuid,
-        principal_id: Uuid,
+        app_id: AppId,
+        principal_id: PrincipalId,
         role: Role,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Removes a principal's role on an app. Whether it had one.
-    fn remove_member(&self, app_id: Uuid, principal_id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+    fn remove_member(
+        &self,
+        app_id: AppId,
+        principal_id: PrincipalId,
+    ) -> impl Future<Output = Result<bool>> + Send;
     /// A principal's standing on an app; `None` if the principal does not exist.
     fn standing(
         &self,
-        app_id: Uuid,
-        principal_id: Uuid,
+        app_id: AppId,
+        principal_id: PrincipalId,
     ) -> impl Future<Output = Result<Option<Standing>>> + Send;
     /// Stores a token (its hash only).
     fn create_token(
@@ -219,20 +223,20 @@ pub trait TriggerRepo: Transactional {
     /// The trigger with this name in the app.
     fn trigger(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         name: &str,
     ) -> impl Future<Output = Result<Option<model::Trigger>>> + Send;
     /// The app's triggers by name, after `after`.
     fn list_triggers(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         after: Option<&str>,
         limit: u32,
     ) -> impl Future<Output = Result<model::Page<model::Trigger>>> + Send;
     /// Changes a trigger's enabled flag, handler or retry overrides.
     fn update_trigger(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         name: &str,
         patch: &model::TriggerPatch,
     ) -> impl Future<Output = Result<model::Trigger>> + Send;
@@ -241,16 +245,16 @@ pub trait TriggerRepo: Transactional {
     fn trigger_by_id(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
-        id: Uuid,
+        app_id: AppId,
+        id: TriggerId,
     ) -> impl Future<Output = Result<Option<model::Trigger>>> + Send;
     /// Deletes a trigger. Whether it existed. Its dead letters stay.
-    fn delete_trigger(&self, app_id: Uuid, name: &str) -> impl Future<Output = Result<bool>> + Send;
+    fn delete_trigger(&self, app_id: AppId, name: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Enabled `kv` triggers of the app whose pattern matches `collection` and whose ops hold `op`.
     fn list_matching_kv(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         op: model::KvOp,
     ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
@@ -258,14 +262,14 @@ pub trait TriggerRepo: Transactional {
     fn list_matching_pubsub(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         topic: &str,
     ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
     /// The `queue` trigger of the app's `queue`, enabled or not.
     fn queue_trigger(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         queue: &str,
     ) -> impl Future<Output = Result<Option<model::Trigger>>> + Send;
     /// Enabled `dead_letter` triggers of the app that select a dead letter of `source_trigger`
@@ -273,12 +277,12 @@ pub trait TriggerRepo: Transactional {
     fn list_matching_dead_letter(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         source_trigger: Option<&str>,
         kind: EventKind,
     ) -> impl Future<Output = Result<Vec<model::Trigger>>> + Send;
     /// The triggers with these ids, with what delivering for them needs; missing ones are left out.
-    fn delivery_targets(&self, ids: &[Uuid]) -> impl Future<Output = Result<Targets>> + Send;
+    fn delivery_targets(&self, ids: &[TriggerId]) -> impl Future<Output = Result<Targets>> + Send;
 }
 
 /// Wake-ups of a relay: an item whenever deliveries may have been written (an error when the
@@ -372,32 +376,32 @@ pub trait DeadLetterRepo: Transactional {
     /// One dead letter of the app.
     fn dead_letter(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<model::DeadLetter>>> + Send;
     /// One dead letter of the app, locked until `tx` ends: whoever changes it meanwhile waits.
     fn lock_dead_letter(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<model::DeadLetter>>> + Send;
     /// The app's dead letters, newest first, after the cursor id.
     fn list_dead_letters(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         filter: &model::DeadLetterFilter,
         after: Option<Uuid>,
         limit: u32,
     ) -> impl Future<Output = Result<model::Page<model::DeadLetter>>> + Send;
     /// How many of the app's dead letters are unresolved (the badge).
-    fn unresolved_count(&self, app_id: Uuid) -> impl Future<Output = Result<u64>> + Send;
+    fn unresolved_count(&self, app_id: AppId) -> impl Future<Output = Result<u64>> + Send;
     /// Sets a dead letter's resolution, only if it has none yet when `only_unresolved`.
     /// Returns the dead letter if it changed.
     fn resolve(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         id: Uuid,
         resolution: model::Resolution,
         only_unresolved: bool,
@@ -417,7 +421,7 @@ pub trait AbandonedRepo: Transactional {
     /// The app's records, newest first, after the cursor id.
     fn list_abandoned(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         after: Option<Uuid>,
         limit: u32,
     ) -> impl Future<Output = Result<model::Page<model::AbandonedExecution>>> + Send;
@@ -430,7 +434,7 @@ pub trait KvRepo: Transactional {
     /// One entry.
     fn kv_get(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
     ) -> impl Future<Output = Result<Option<model::KvEntry>>> + Send;
@@ -439,7 +443,7 @@ pub trait KvRepo: Transactional {
     fn kv_put(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
         value: &serde_json::Value,
@@ -461,7 +465,7 @@ pub trait KvRepo: Transactional {
     fn kv_delete(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
         expected: Option<i64>,
@@ -470,7 +474,7 @@ pub trait KvRepo: Transactional {
     /// are not read.
     fn kv_list(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         prefix: &str,
         after: Option<&str>,
@@ -495,7 +499,7 @@ pub trait CronRepo: Transactional {
     fn set_next_ticks(
         &self,
         tx: &mut Self::Tx,
-        ticks: &[(Uuid, cron::NextTick)],
+        ticks: &[(TriggerId, cron::NextTick)],
     ) -> impl Future<Output = Result<()>> + Send;
     /// The earliest next tick of the enabled cron triggers, with `now` standing for a trigger
     /// whose next tick is not computed yet; `None` when no enabled trigger has a tick to come.

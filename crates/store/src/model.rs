@@ -2,7 +2,9 @@
 
 use picloud_core::names::{AppSlug, CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::{EventKind, TriggerKind};
-use picloud_core::{CollectionPattern, CronSchedule, RetryOverrides, Role, ScopeSet};
+use picloud_core::{
+    AppId, CollectionPattern, CronSchedule, PrincipalId, RetryOverrides, Role, ScopeSet, TriggerId,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -12,7 +14,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     /// Its id.
-    pub id: Uuid,
+    pub id: AppId,
     /// Its unique slug.
     pub slug: AppSlug,
     /// When it was created.
@@ -23,7 +25,7 @@ pub struct App {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// Its id.
-    pub id: Uuid,
+    pub id: PrincipalId,
     /// A human-readable name.
     pub name: String,
     /// Platform admins satisfy every scope on every app.
@@ -36,9 +38,9 @@ pub struct Principal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The member.
-    pub principal_id: Uuid,
+    pub principal_id: PrincipalId,
     /// Its role there.
     pub role: Role,
 }
@@ -49,11 +51,11 @@ pub struct NewApiToken {
     /// The token's id.
     pub id: Uuid,
     /// Whom it authenticates.
-    pub principal_id: Uuid,
+    pub principal_id: PrincipalId,
     /// SHA-256 of the token text.
     pub token_hash: [u8; 32],
     /// The one app it is limited to, if any.
-    pub app_id: Option<Uuid>,
+    pub app_id: Option<AppId>,
     /// The scopes it is narrowed to, if any.
     pub scopes: Option<ScopeSet>,
     /// When it stops working, if ever.
@@ -80,9 +82,9 @@ pub struct ApiToken {
     /// The token's id.
     pub id: Uuid,
     /// Whom it authenticates.
-    pub principal_id: Uuid,
+    pub principal_id: PrincipalId,
     /// The one app it is limited to, if any.
-    pub app_id: Option<Uuid>,
+    pub app_id: Option<AppId>,
     /// The scopes it is narrowed to, if any.
     pub scopes: Option<ScopeSet>,
     /// When it stops working, if ever.
@@ -186,9 +188,9 @@ impl TriggerSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTrigger {
     /// Its id.
-    pub id: Uuid,
+    pub id: TriggerId,
     /// Its app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// Its name, unique within the app.
     pub name: TriggerName,
     /// What fires it.
@@ -200,16 +202,16 @@ pub struct NewTrigger {
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
-    pub registered_by: Uuid,
+    pub registered_by: PrincipalId,
 }
 
 /// A registered trigger.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trigger {
     /// Its id.
-    pub id: Uuid,
+    pub id: TriggerId,
     /// Its app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// Its name, unique within the app.
     pub name: TriggerName,
     /// What fires it.
@@ -221,7 +223,7 @@ pub struct Trigger {
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
-    pub registered_by: Uuid,
+    pub registered_by: PrincipalId,
     /// When it was registered.
     pub created_at: OffsetDateTime,
     /// When it last changed.
@@ -245,9 +247,9 @@ pub struct NewDelivery {
     /// The delivery id, stable across attempts.
     pub id: Uuid,
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The trigger (None only for emails).
-    pub trigger_id: Option<Uuid>,
+    pub trigger_id: Option<TriggerId>,
     /// The event kind.
     pub kind: EventKind,
     /// The CloudEvents type.
@@ -281,7 +283,7 @@ pub struct NewSyncCall {
     /// The delivery id.
     pub id: Uuid,
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The trigger's name: the row is written only if it names an enabled `http` trigger.
     pub trigger_name: String,
     /// The CloudEvents source.
@@ -299,7 +301,7 @@ pub struct NewSyncCall {
 
 impl NewSyncCall {
     /// The outbox row of this call to trigger `trigger_id`: one attempt, answered on its inbox.
-    pub fn delivery(&self, trigger_id: Uuid) -> NewDelivery {
+    pub fn delivery(&self, trigger_id: TriggerId) -> NewDelivery {
         let event = crate::events::Event {
             kind: EventKind::Http,
             event_type: picloud_core::protocol::event_type::HTTP_INVOKE,
@@ -322,9 +324,9 @@ pub struct ClaimedDelivery {
     /// The delivery id.
     pub id: Uuid,
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The trigger (None only for emails).
-    pub trigger_id: Option<Uuid>,
+    pub trigger_id: Option<TriggerId>,
     /// The event kind.
     pub kind: EventKind,
     /// The CloudEvents type.
@@ -457,9 +459,9 @@ pub struct NewDeadLetter {
     /// Its id.
     pub id: Uuid,
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The trigger, if any.
-    pub trigger_id: Option<Uuid>,
+    pub trigger_id: Option<TriggerId>,
     /// The trigger's name, if any.
     pub trigger_name: Option<String>,
     /// The event kind.
@@ -497,9 +499,9 @@ pub struct DeadLetter {
     /// Its id.
     pub id: Uuid,
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The trigger, while it exists.
-    pub trigger_id: Option<Uuid>,
+    pub trigger_id: Option<TriggerId>,
     /// The trigger's name, kept after the trigger is deleted.
     pub trigger_name: Option<String>,
     /// The event kind.
@@ -617,9 +619,9 @@ pub struct AbandonedExecution {
     /// Its id.
     pub id: Uuid,
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The trigger, while it exists.
-    pub trigger_id: Option<Uuid>,
+    pub trigger_id: Option<TriggerId>,
     /// The trigger's name.
     pub trigger_name: String,
     /// The outbox row of the call.
@@ -678,7 +680,7 @@ pub struct KvPutResult {
 #[derive(Debug, Clone, Copy)]
 pub struct FiringPut<'a> {
     /// The app.
-    pub app_id: Uuid,
+    pub app_id: AppId,
     /// The CloudEvents source of the event (`/apps/<app>/kv/<collection>`).
     pub source: &'a str,
     /// The collection.

@@ -1,8 +1,7 @@
 //! Apps, principals and memberships.
 
-use picloud_core::{AppSlug, Capability, Role};
+use picloud_core::{AppSlug, Capability, PrincipalId, Role};
 use picloud_store::Store;
-use uuid::Uuid;
 
 use super::Ops;
 use crate::auth::Caller;
@@ -11,7 +10,7 @@ use crate::extract::{Page, PageQuery};
 use crate::views::{AppView, MemberView, PrincipalView};
 
 /// A principal's id: a text that is not one names no principal.
-pub(crate) fn principal_id(raw: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn principal_id(raw: &str) -> Result<PrincipalId, ApiError> {
     raw.parse().map_err(|_| ApiError::new(ErrorCode::PrincipalNotFound, format!("no principal {raw}")))
 }
 
@@ -70,7 +69,7 @@ impl<S: Store> Ops<S> {
             .ok_or_else(|| ApiError::invalid("role", "expected viewer, developer or admin"))?;
         let principal_id = principal_id(principal)?;
         self.store.set_role(app.id, principal_id, role).await?;
-        Ok(MemberView { app: app.slug.to_string(), principal_id, role })
+        Ok(MemberView { app: app.slug.to_string(), principal_id: principal_id.as_uuid(), role })
     }
 
     /// Takes a principal's role on the caller's app away.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use picloud_core::net::AllowNets;
 use picloud_core::token::{DeliveryToken, TokenKey};
-use picloud_core::{Access, Capability, Role, Scope, ScopeSet, TriggerConfig};
+use picloud_core::{Access, Capability, PrincipalId, Role, Scope, ScopeSet, TriggerConfig};
 use picloud_store::events::SyncWaiter;
 use picloud_store::{AuthRepo as _, MemStore, OutboxRepo as _};
 use serde_json::value::RawValue;
@@ -75,7 +75,7 @@ impl World {
         let (_, root) = mint("root", true, None, None).await;
         let key = TokenKey::new(KEY);
         let delivery = key.sign(&DeliveryToken {
-            principal: admin_id,
+            principal: PrincipalId::from_uuid(admin_id),
             app: shop.id,
             depth: 1,
             deadline_ms: (time::OffsetDateTime::now_utc().unix_timestamp() + 600) * 1000,

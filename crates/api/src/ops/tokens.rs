@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use picloud_core::token::{MAX_TOKEN_LIFETIME_S, TokenLimits, generate_api_token, hash_api_token};
-use picloud_core::{Capability, Scope, ScopeSet};
+use picloud_core::{Capability, PrincipalId, Scope, ScopeSet};
 use picloud_store::{NewApiToken, NewPlatformAdmin, Store};
 use uuid::Uuid;
 
@@ -47,7 +47,7 @@ impl<S: Store> Ops<S> {
         if caller.is_delivery() {
             return Err(ApiError::forbidden("delivery tokens cannot mint tokens"));
         }
-        let principal_id = body.principal_id.unwrap_or(caller.principal.id);
+        let principal_id = body.principal_id.map(PrincipalId::from_uuid).unwrap_or(caller.principal.id);
         if principal_id != caller.principal.id {
             caller.require(Capability::ManagePrincipals)?;
         }

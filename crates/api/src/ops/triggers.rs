@@ -6,10 +6,9 @@ use picloud_core::net::AllowNets;
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
     Capability, CollectionPattern, CronSchedule, HandlerName, QueueName, RetryOverrides, TriggerConfig,
-    TriggerName,
+    TriggerId, TriggerName,
 };
 use picloud_store::{Handler, KvOp, NewTrigger, Store, TriggerPatch, TriggerSpec};
-use uuid::Uuid;
 
 use super::Ops;
 use crate::auth::Caller;
@@ -166,7 +165,7 @@ impl<S: Store> Ops<S> {
         let name = TriggerName::parse(body.name.clone()).map_err(|e| ApiError::invalid("name", e))?;
         let spec = spec(&body)?;
         let new = NewTrigger {
-            id: Uuid::now_v7(),
+            id: TriggerId::new(),
             app_id: app.id,
             name,
             spec,

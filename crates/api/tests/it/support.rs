@@ -9,7 +9,7 @@ use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt as _;
 use picloud_api::{ApiConfig, ApiState};
 use picloud_core::token::{DeliveryToken, generate_api_token, hash_api_token};
-use picloud_core::{AppSlug, RetryPolicy, Role, ScopeSet, TriggerConfig};
+use picloud_core::{AppSlug, PrincipalId, RetryPolicy, Role, ScopeSet, TriggerConfig};
 use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::*;
 pub use picloud_testkit::eventually;
@@ -73,7 +73,7 @@ pub struct Api {
     _db: TestDatabase,
 }
 
-async fn mint(store: &PgStore, principal: Uuid) -> String {
+async fn mint(store: &PgStore, principal: PrincipalId) -> String {
     let secret = generate_api_token();
     store
         .create_token(&NewApiToken {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use picloud_core::TriggerId;
 use picloud_core::net::{AllowNets, Refusal, TARGET_REFUSED, literal_address};
 use picloud_core::protocol::Envelope;
 use picloud_core::webhook::{ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookKey};
@@ -147,7 +148,7 @@ impl<S: Store> WebhookExecutor<S> {
     }
 
     /// The trigger's URL and signing key, or the answer to give when there are none.
-    async fn target(&self, trigger_id: Uuid, app: &str) -> Result<(String, WebhookKey), Outcome> {
+    async fn target(&self, trigger_id: TriggerId, app: &str) -> Result<(String, WebhookKey), Outcome> {
         let targets = self
             .store
             .delivery_targets(&[trigger_id])
@@ -284,7 +285,7 @@ impl<S: Store> Execute for WebhookExecutor<S> {
     const NAME: &'static str = "webhook";
 
     async fn execute(&self, mut delivery: Envelope) -> Outcome {
-        let Some(trigger_id) = delivery.picloudtriggerid else {
+        let Some(trigger_id) = delivery.picloudtriggerid.map(TriggerId::from_uuid) else {
             return Outcome::Fail("a webhook delivery names its trigger (picloudtriggerid)".into());
         };
         let (url, key) = match self.target(trigger_id, &delivery.picloudapp).await {

@@ -164,8 +164,8 @@ async fn a_relay_delivers_a_tick_to_its_worker_as_a_cron_event() {
     assert_eq!(e.subject, None);
     assert_eq!(e.time, "2026-03-01T02:00:00.000Z", "the event happened at the scheduled tick");
     assert_eq!(e.picloudtrigger.as_deref(), Some("nightly"));
-    assert_eq!(e.picloudtriggerid, Some(trigger.id));
-    assert_eq!(e.picloudprincipal, Some(w.admin.id));
+    assert_eq!(e.picloudtriggerid, Some(trigger.id.as_uuid()));
+    assert_eq!(e.picloudprincipal, Some(w.admin.id.as_uuid()));
     assert_eq!((d.attempt, d.depth), (1, 0));
     assert!(d.token.is_some(), "the handler may act as the trigger's principal");
     let data: serde_json::Value = d.data().unwrap();

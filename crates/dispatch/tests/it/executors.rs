@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use picloud_core::{CollectionPattern, RetryOverrides, TriggerName};
+use picloud_core::{CollectionPattern, RetryOverrides, TriggerId, TriggerName};
 use picloud_dispatch::executors::{self, ExecutorConfig, SmtpConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
@@ -177,7 +177,7 @@ async fn start_executors_allowing(w: &World, smtp_url: Option<&str>, allow_nets:
 async fn webhook_trigger(w: &World, url: &str, retry: RetryOverrides) -> Trigger {
     w.store
         .create_trigger(&NewTrigger {
-            id: Uuid::now_v7(),
+            id: TriggerId::new(),
             app_id: w.app.id,
             name: TriggerName::parse("to-hook").unwrap(),
             spec: TriggerSpec::Kv {

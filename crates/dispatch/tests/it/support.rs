@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use picloud_core::names::{CollectionName, KvKey};
 use picloud_core::{
-    AppSlug, CollectionPattern, HandlerName, RetryOverrides, RetryPolicy, Role, TriggerConfig, TriggerName,
+    AppSlug, CollectionPattern, HandlerName, RetryOverrides, RetryPolicy, Role, TriggerConfig, TriggerId,
+    TriggerName,
 };
 use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::events::{self, EventContext};
@@ -15,7 +16,6 @@ use picloud_testkit::{NatsServer, TestDatabase};
 use picloud_worker::{Delivery, HandlerResult, Reply, Shutdown, ShutdownSender, Worker};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use uuid::Uuid;
 
 pub const SECRET: &[u8] = b"test-secret-0123456789";
 
@@ -137,7 +137,7 @@ impl World {
     pub async fn trigger(&self, name: &str, spec: TriggerSpec, handler: &str) -> Trigger {
         self.store
             .create_trigger(&NewTrigger {
-                id: Uuid::now_v7(),
+                id: TriggerId::new(),
                 app_id: self.app.id,
                 name: TriggerName::parse(name).unwrap(),
                 spec,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use picloud_core::token::{generate_api_token, hash_api_token};
-use picloud_core::{CollectionPattern, HandlerName, QueueName, RetryOverrides, TriggerName};
+use picloud_core::{CollectionPattern, HandlerName, QueueName, RetryOverrides, TriggerId, TriggerName};
 use picloud_store::*;
 use picloud_testkit::{CaughtMail, MailCatcher, NatsServer, PgOptions, PgServer, PgShutdown, TcpProxy};
 use picloud_worker::{Delivery, Reply, Worker};
@@ -171,7 +171,7 @@ impl Rig {
         for (name, spec) in others {
             store
                 .create_trigger(&NewTrigger {
-                    id: Uuid::now_v7(),
+                    id: TriggerId::new(),
                     app_id: app.id,
                     name: TriggerName::parse(name).unwrap(),
                     spec,

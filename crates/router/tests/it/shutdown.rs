@@ -105,13 +105,13 @@ async fn on_sigterm_a_node_finishes_its_sync_calls_and_ingest_requests_before_it
     sqlx::query(
         "INSERT INTO kv_entries (app_id, collection, key, value, version) VALUES ($1, 'c', 'k', '1', 1)",
     )
-    .bind(app.id)
+    .bind(app.id.as_uuid())
     .execute(store.pool())
     .await
     .unwrap();
     let mut lock = store.pool().begin().await.unwrap();
     sqlx::query("SELECT 1 FROM kv_entries WHERE app_id = $1 AND key = 'k' FOR UPDATE")
-        .bind(app.id)
+        .bind(app.id.as_uuid())
         .execute(&mut *lock)
         .await
         .unwrap();

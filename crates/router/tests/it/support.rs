@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerName};
+use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerId, TriggerName};
 use picloud_store::*;
 use picloud_testkit::NatsServer;
-use uuid::Uuid;
 
 /// App `shop`, its admin, and one enabled trigger of it.
 pub struct Shop {
@@ -25,7 +24,7 @@ pub async fn shop_with_trigger(store: &PgStore, name: &str, spec: TriggerSpec, h
     store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
     let trigger = store
         .create_trigger(&NewTrigger {
-            id: Uuid::now_v7(),
+            id: TriggerId::new(),
             app_id: app.id,
             name: TriggerName::parse(name).unwrap(),
             spec,

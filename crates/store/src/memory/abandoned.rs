@@ -17,7 +17,7 @@ impl AbandonedRepo for MemStore {
 
     async fn list_abandoned(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Page<AbandonedExecution>> {

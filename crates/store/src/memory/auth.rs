@@ -12,7 +12,7 @@ impl AuthRepo for MemStore {
 
     async fn authenticate_principal(
         &self,
-        principal: Uuid,
+        principal: PrincipalId,
         app: Option<&str>,
     ) -> Result<Option<Authenticated>> {
         let s = self.lock().await;
@@ -24,7 +24,7 @@ impl AuthRepo for MemStore {
         if s.apps.values().any(|a| a.slug == *slug) {
             return Err(Error::DuplicateApp(slug.to_string()));
         }
-        let app = App { id: Uuid::now_v7(), slug: slug.clone(), created_at: self.now() };
+        let app = App { id: AppId::new(), slug: slug.clone(), created_at: self.now() };
         s.apps.insert(app.id, app.clone());
         s.config_epoch += 1;
         Ok(app)
@@ -34,11 +34,16 @@ impl AuthRepo for MemStore {
         Ok(self.lock().await.apps.values().find(|a| a.slug.as_str() == slug).cloned())
     }
 
-    async fn app_by_id(&self, id: Uuid) -> Result<Option<App>> {
+    async fn app_by_id(&self, id: AppId) -> Result<Option<App>> {
         Ok(self.lock().await.apps.get(&id).cloned())
     }
 
-    async fn list_apps(&self, member: Option<Uuid>, after: Option<&str>, limit: u32) -> Result<Page<App>> {
+    async fn list_apps(
+        &self,
+        member: Option<PrincipalId>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<App>> {
         let s = self.lock().await;
         let mut apps: Vec<App> = s
             .apps
@@ -52,7 +57,7 @@ impl AuthRepo for MemStore {
         Ok(Page::of(apps, limit))
     }
 
-    async fn delete_app(&self, id: Uuid) -> Result<bool> {
+    async fn delete_app(&self, id: AppId) -> Result<bool> {
         let mut s = self.lock().await;
         if s.apps.remove(&id).is_none() {
             return Ok(false);
@@ -75,11 +80,11 @@ impl AuthRepo for MemStore {
         Ok(self.lock().await.insert_principal(name, platform_admin, now))
     }
 
-    async fn principal(&self, id: Uuid) -> Result<Option<Principal>> {
+    async fn principal(&self, id: PrincipalId) -> Result<Option<Principal>> {
         Ok(self.lock().await.principals.get(&id).cloned())
     }
 
-    async fn set_role(&self, app_id: Uuid, principal_id: Uuid, role: Role) -> Result<()> {
+    async fn set_role(&self, app_id: AppId, principal_id: PrincipalId, role: Role) -> Result<()> {
         let mut s = self.lock().await;
         if !s.principals.contains_key(&principal_id) {
             return Err(Error::PrincipalNotFound(principal_id));
@@ -92,13 +97,13 @@ impl AuthRepo for MemStore {
         Ok(())
     }
 
-    async fn remove_member(&self, app_id: Uuid, principal_id: Uuid) -> Result<bool> {
+    async fn remove_member(&self, app_id: AppId, principal_id: PrincipalId) -> Result<bool> {
         let mut s = self.lock().await;
         s.config_epoch += 1;
         Ok(s.members.remove(&(app_id, principal_id)).is_some())
     }
 
-    async fn standing(&self, app_id: Uuid, principal_id: Uuid) -> Result<Option<Standing>> {
+    async fn standing(&self, app_id: AppId, principal_id: PrincipalId) -> Result<Option<Standing>> {
         let s = self.lock().await;
         Ok(s.principals.get(&principal_id).map(|p| Standing {
             platform_admin: p.platform_admin,

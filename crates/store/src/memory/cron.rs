@@ -1,8 +1,8 @@
 //! Cron triggers' next ticks in memory. A transaction holds the whole state, so what it locks
 //! nobody else sees until it ends, as `FOR UPDATE SKIP LOCKED` would have it.
 
+use picloud_core::TriggerId;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use super::{MemStore, MemTx, State};
 use crate::cron::{DueCron, NextTick};
@@ -52,7 +52,7 @@ impl CronRepo for MemStore {
         Ok(due)
     }
 
-    async fn set_next_ticks(&self, tx: &mut MemTx, ticks: &[(Uuid, NextTick)]) -> Result<()> {
+    async fn set_next_ticks(&self, tx: &mut MemTx, ticks: &[(TriggerId, NextTick)]) -> Result<()> {
         for (id, next) in ticks {
             if tx.state.triggers.contains_key(id) {
                 tx.state.cron_ticks.insert(*id, *next);

@@ -68,17 +68,17 @@ impl DeadLetterRepo for MemStore {
         Ok(written)
     }
 
-    async fn dead_letter(&self, app_id: Uuid, id: Uuid) -> Result<Option<DeadLetter>> {
+    async fn dead_letter(&self, app_id: AppId, id: Uuid) -> Result<Option<DeadLetter>> {
         Ok(self.lock().await.dead_letters.get(&id).filter(|d| d.app_id == app_id).cloned())
     }
 
-    async fn lock_dead_letter(&self, tx: &mut MemTx, app_id: Uuid, id: Uuid) -> Result<Option<DeadLetter>> {
+    async fn lock_dead_letter(&self, tx: &mut MemTx, app_id: AppId, id: Uuid) -> Result<Option<DeadLetter>> {
         Ok(tx.state.dead_letters.get(&id).filter(|d| d.app_id == app_id).cloned())
     }
 
     async fn list_dead_letters(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         filter: &DeadLetterFilter,
         after: Option<Uuid>,
         limit: u32,
@@ -97,7 +97,7 @@ impl DeadLetterRepo for MemStore {
         Ok(Page::capped(found, limit, |d| d.payload.get().len()))
     }
 
-    async fn unresolved_count(&self, app_id: Uuid) -> Result<u64> {
+    async fn unresolved_count(&self, app_id: AppId) -> Result<u64> {
         let s = self.lock().await;
         Ok(s.dead_letters.values().filter(|d| d.app_id == app_id && d.resolution.is_none()).count() as u64)
     }
@@ -105,7 +105,7 @@ impl DeadLetterRepo for MemStore {
     async fn resolve(
         &self,
         tx: &mut MemTx,
-        app_id: Uuid,
+        app_id: AppId,
         id: Uuid,
         resolution: Resolution,
         only_unresolved: bool,

@@ -53,7 +53,7 @@ impl MemStore {
 }
 
 impl KvRepo for MemStore {
-    async fn kv_get(&self, app_id: Uuid, collection: &str, key: &str) -> Result<Option<KvEntry>> {
+    async fn kv_get(&self, app_id: AppId, collection: &str, key: &str) -> Result<Option<KvEntry>> {
         let s = self.lock().await;
         s.kv.get(&(app_id, collection.to_owned(), key.to_owned()))
             .map(|r| kv_entry(collection, key, r))
@@ -63,7 +63,7 @@ impl KvRepo for MemStore {
     async fn kv_put(
         &self,
         tx: &mut MemTx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
         value: &serde_json::Value,
@@ -102,7 +102,7 @@ impl KvRepo for MemStore {
     async fn kv_delete(
         &self,
         tx: &mut MemTx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
         expected: Option<i64>,
@@ -120,7 +120,7 @@ impl KvRepo for MemStore {
 
     async fn kv_list(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         prefix: &str,
         after: Option<&str>,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use picloud_core::protocol::{EventKind, TriggerKind};
-use picloud_core::{AppSlug, Role};
+use picloud_core::{AppId, AppSlug, PrincipalId, Role, TriggerId};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
@@ -53,18 +53,18 @@ struct KvRow {
 /// Every table.
 #[derive(Debug, Clone, Default)]
 struct State {
-    apps: HashMap<Uuid, App>,
-    principals: HashMap<Uuid, Principal>,
-    members: HashMap<(Uuid, Uuid), Role>,
+    apps: HashMap<AppId, App>,
+    principals: HashMap<PrincipalId, Principal>,
+    members: HashMap<(AppId, PrincipalId), Role>,
     tokens: HashMap<Uuid, (ApiToken, [u8; 32])>,
-    kv: BTreeMap<(Uuid, String, String), KvRow>,
-    triggers: HashMap<Uuid, Trigger>,
+    kv: BTreeMap<(AppId, String, String), KvRow>,
+    triggers: HashMap<TriggerId, Trigger>,
     outbox: HashMap<Uuid, OutboxRow>,
     dead_letters: BTreeMap<Uuid, DeadLetter>,
     abandoned: BTreeMap<Uuid, AbandonedExecution>,
     /// The next tick of each cron trigger that has one computed (Postgres:
     /// `cron_trigger_details.next_tick_at`, NULL when absent here).
-    cron_ticks: HashMap<Uuid, NextTick>,
+    cron_ticks: HashMap<TriggerId, NextTick>,
     /// Bumped by every change to apps, principals, memberships and triggers.
     config_epoch: i64,
 }
@@ -187,7 +187,7 @@ fn payload_clone(p: &RawValue) -> Box<RawValue> {
 impl State {
     fn insert_principal(&mut self, name: &str, platform_admin: bool, now: OffsetDateTime) -> Principal {
         let principal =
-            Principal { id: Uuid::now_v7(), name: name.to_owned(), platform_admin, created_at: now };
+            Principal { id: PrincipalId::new(), name: name.to_owned(), platform_admin, created_at: now };
         self.principals.insert(principal.id, principal.clone());
         self.config_epoch += 1;
         principal

@@ -45,16 +45,16 @@ impl TriggerRepo for MemStore {
         Ok(trigger)
     }
 
-    async fn trigger(&self, app_id: Uuid, name: &str) -> Result<Option<Trigger>> {
+    async fn trigger(&self, app_id: AppId, name: &str) -> Result<Option<Trigger>> {
         let s = self.lock().await;
         Ok(s.triggers.values().find(|t| t.app_id == app_id && t.name.as_str() == name).cloned())
     }
 
-    async fn trigger_by_id(&self, tx: &mut MemTx, app_id: Uuid, id: Uuid) -> Result<Option<Trigger>> {
+    async fn trigger_by_id(&self, tx: &mut MemTx, app_id: AppId, id: TriggerId) -> Result<Option<Trigger>> {
         Ok(tx.state.triggers.get(&id).filter(|t| t.app_id == app_id).cloned())
     }
 
-    async fn list_triggers(&self, app_id: Uuid, after: Option<&str>, limit: u32) -> Result<Page<Trigger>> {
+    async fn list_triggers(&self, app_id: AppId, after: Option<&str>, limit: u32) -> Result<Page<Trigger>> {
         let s = self.lock().await;
         let mut found = sorted_by_name(
             s.triggers
@@ -67,7 +67,7 @@ impl TriggerRepo for MemStore {
         Ok(Page::of(found, limit))
     }
 
-    async fn update_trigger(&self, app_id: Uuid, name: &str, patch: &TriggerPatch) -> Result<Trigger> {
+    async fn update_trigger(&self, app_id: AppId, name: &str, patch: &TriggerPatch) -> Result<Trigger> {
         let now = self.now();
         let mut s = self.lock().await;
         let trigger = s
@@ -94,7 +94,7 @@ impl TriggerRepo for MemStore {
         Ok(updated)
     }
 
-    async fn delete_trigger(&self, app_id: Uuid, name: &str) -> Result<bool> {
+    async fn delete_trigger(&self, app_id: AppId, name: &str) -> Result<bool> {
         let mut s = self.lock().await;
         let Some(id) =
             s.triggers.values().find(|t| t.app_id == app_id && t.name.as_str() == name).map(|t| t.id)
@@ -116,7 +116,7 @@ impl TriggerRepo for MemStore {
     async fn list_matching_kv(
         &self,
         tx: &mut MemTx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         op: KvOp,
     ) -> Result<Vec<Trigger>> {
@@ -133,7 +133,7 @@ impl TriggerRepo for MemStore {
         ))
     }
 
-    async fn list_matching_pubsub(&self, tx: &mut MemTx, app_id: Uuid, topic: &str) -> Result<Vec<Trigger>> {
+    async fn list_matching_pubsub(&self, tx: &mut MemTx, app_id: AppId, topic: &str) -> Result<Vec<Trigger>> {
         Ok(sorted_by_name(
             tx.state
                 .triggers
@@ -145,7 +145,7 @@ impl TriggerRepo for MemStore {
         ))
     }
 
-    async fn queue_trigger(&self, tx: &mut MemTx, app_id: Uuid, queue: &str) -> Result<Option<Trigger>> {
+    async fn queue_trigger(&self, tx: &mut MemTx, app_id: AppId, queue: &str) -> Result<Option<Trigger>> {
         Ok(tx
             .state
             .triggers
@@ -160,7 +160,7 @@ impl TriggerRepo for MemStore {
     async fn list_matching_dead_letter(
         &self,
         tx: &mut MemTx,
-        app_id: Uuid,
+        app_id: AppId,
         source_trigger: Option<&str>,
         kind: EventKind,
     ) -> Result<Vec<Trigger>> {
@@ -181,7 +181,7 @@ impl TriggerRepo for MemStore {
         ))
     }
 
-    async fn delivery_targets(&self, ids: &[Uuid]) -> Result<Targets> {
+    async fn delivery_targets(&self, ids: &[TriggerId]) -> Result<Targets> {
         let s = self.lock().await;
         let targets: Vec<DeliveryTarget> =
             ids.iter().filter_map(|id| s.triggers.get(id)).filter_map(|t| target(&s, t)).collect();

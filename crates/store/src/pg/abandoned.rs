@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use picloud_core::{AppId, TriggerId};
 use uuid::Uuid;
 
 use super::PgStore;
@@ -22,8 +23,8 @@ impl AbandonedRepo for PgStore {
              RETURNING {COLUMNS}"
         ))
         .bind(row.id)
-        .bind(row.app_id)
-        .bind(row.trigger_id)
+        .bind(row.app_id.as_uuid())
+        .bind(row.trigger_id.map(TriggerId::as_uuid))
         .bind(&row.trigger_name)
         .bind(row.outbox_id)
         .bind(&row.reply_to)
@@ -39,7 +40,7 @@ impl AbandonedRepo for PgStore {
 
     async fn list_abandoned(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Page<AbandonedExecution>> {
@@ -48,7 +49,7 @@ impl AbandonedRepo for PgStore {
               WHERE app_id = $1 AND ($2::uuid IS NULL OR id < $2)"
         );
         let fetched = sqlx::query(&rows::byte_capped(&select, "$3", "$4"))
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(after)
             .bind(i64::from(limit) + 1)
             .bind(PAGE_PAYLOAD_BYTES as i64)

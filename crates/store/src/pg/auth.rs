@@ -1,6 +1,6 @@
 //! Apps, principals, memberships and API tokens in Postgres.
 
-use picloud_core::{AppSlug, Role};
+use picloud_core::{AppId, AppSlug, PrincipalId, Role};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ const AUTHENTICATED: &str = "p.id AS principal_id, p.name AS principal_name, p.p
        (SELECT epoch FROM config_epoch) AS config_epoch";
 
 fn authenticated(row: &sqlx::postgres::PgRow, token: Option<ApiToken>) -> Result<Authenticated> {
-    let app_id: Option<Uuid> = row.try_get("app_id")?;
+    let app_id: Option<AppId> = rows::opt_id(row, "app_id")?;
     let app = match app_id {
         Some(id) => Some(App {
             id,
@@ -27,7 +27,7 @@ fn authenticated(row: &sqlx::postgres::PgRow, token: Option<ApiToken>) -> Result
     };
     Ok(Authenticated {
         principal: Principal {
-            id: row.try_get("principal_id")?,
+            id: rows::id(row, "principal_id")?,
             name: row.try_get("principal_name")?,
             platform_admin: row.try_get("platform_admin")?,
             created_at: row.try_get("principal_created_at")?,
@@ -57,8 +57,8 @@ impl AuthRepo for PgStore {
         row.map(|r| {
             let token = ApiToken {
                 id: r.try_get("id")?,
-                principal_id: r.try_get("principal_id")?,
-                app_id: r.try_get("token_app_id")?,
+                principal_id: rows::id(&r, "principal_id")?,
+                app_id: rows::opt_id(&r, "token_app_id")?,
                 scopes: rows::scopes_from("api_tokens", r.try_get("scopes")?)?,
                 expires_at: r.try_get("expires_at")?,
                 revoked_at: r.try_get("revoked_at")?,
@@ -71,7 +71,7 @@ impl AuthRepo for PgStore {
 
     async fn authenticate_principal(
         &self,
-        principal: Uuid,
+        principal: PrincipalId,
         app: Option<&str>,
     ) -> Result<Option<Authenticated>> {
         let row = sqlx::query(&format!(
@@ -81,7 +81,7 @@ impl AuthRepo for PgStore {
                LEFT JOIN app_members m ON m.app_id = a.id AND m.principal_id = p.id
               WHERE p.id = $1"
         ))
-        .bind(principal)
+        .bind(principal.as_uuid())
         .bind(app)
         .fetch_optional(&self.pool)
         .await?;
@@ -113,15 +113,20 @@ impl AuthRepo for PgStore {
         row.as_ref().map(rows::app).transpose()
     }
 
-    async fn app_by_id(&self, id: Uuid) -> Result<Option<App>> {
+    async fn app_by_id(&self, id: AppId) -> Result<Option<App>> {
         let row = sqlx::query("SELECT id, slug, created_at FROM apps WHERE id = $1")
-            .bind(id)
+            .bind(id.as_uuid())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(rows::app).transpose()
     }
 
-    async fn list_apps(&self, member: Option<Uuid>, after: Option<&str>, limit: u32) -> Result<Page<App>> {
+    async fn list_apps(
+        &self,
+        member: Option<PrincipalId>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<App>> {
         let fetched = sqlx::query(
             "SELECT a.id, a.slug, a.created_at FROM apps a
               WHERE ($1::uuid IS NULL
@@ -129,7 +134,7 @@ impl AuthRepo for PgStore {
                 AND ($2::text IS NULL OR a.slug > $2)
               ORDER BY a.slug LIMIT $3",
         )
-        .bind(member)
+        .bind(member.map(PrincipalId::as_uuid))
         .bind(after)
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
@@ -137,7 +142,8 @@ impl AuthRepo for PgStore {
         Ok(Page::of(fetched.iter().map(rows::app).collect::<Result<_>>()?, limit))
     }
 
-    async fn delete_app(&self, id: Uuid) -> Result<bool> {
+    async fn delete_app(&self, id: AppId) -> Result<bool> {
+        let id = id.as_uuid();
         let mut tx = self.pool.begin().await?;
         // The outbox and KV entries have no foreign keys (see the migration): their rows go
         // explicitly.
@@ -152,21 +158,21 @@ impl AuthRepo for PgStore {
         self.insert_principal(&self.pool, name, platform_admin).await
     }
 
-    async fn principal(&self, id: Uuid) -> Result<Option<Principal>> {
+    async fn principal(&self, id: PrincipalId) -> Result<Option<Principal>> {
         let row = sqlx::query("SELECT id, name, platform_admin, created_at FROM principals WHERE id = $1")
-            .bind(id)
+            .bind(id.as_uuid())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(rows::principal).transpose()
     }
 
-    async fn set_role(&self, app_id: Uuid, principal_id: Uuid, role: Role) -> Result<()> {
+    async fn set_role(&self, app_id: AppId, principal_id: PrincipalId, role: Role) -> Result<()> {
         sqlx::query(
             "INSERT INTO app_members (app_id, principal_id, role) VALUES ($1, $2, $3)
              ON CONFLICT (app_id, principal_id) DO UPDATE SET role = excluded.role",
         )
-        .bind(app_id)
-        .bind(principal_id)
+        .bind(app_id.as_uuid())
+        .bind(principal_id.as_uuid())
         .bind(role.as_str())
         .execute(&self.pool)
         .await
@@ -180,23 +186,23 @@ impl AuthRepo for PgStore {
         Ok(())
     }
 
-    async fn remove_member(&self, app_id: Uuid, principal_id: Uuid) -> Result<bool> {
+    async fn remove_member(&self, app_id: AppId, principal_id: PrincipalId) -> Result<bool> {
         let done = sqlx::query("DELETE FROM app_members WHERE app_id = $1 AND principal_id = $2")
-            .bind(app_id)
-            .bind(principal_id)
+            .bind(app_id.as_uuid())
+            .bind(principal_id.as_uuid())
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)
     }
 
-    async fn standing(&self, app_id: Uuid, principal_id: Uuid) -> Result<Option<Standing>> {
+    async fn standing(&self, app_id: AppId, principal_id: PrincipalId) -> Result<Option<Standing>> {
         let row = sqlx::query(
             "SELECT p.platform_admin, m.role FROM principals p
                LEFT JOIN app_members m ON m.principal_id = p.id AND m.app_id = $1
               WHERE p.id = $2",
         )
-        .bind(app_id)
-        .bind(principal_id)
+        .bind(app_id.as_uuid())
+        .bind(principal_id.as_uuid())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
@@ -319,9 +325,9 @@ impl PgStore {
              RETURNING id, principal_id, app_id, scopes, expires_at, revoked_at, created_at",
         )
         .bind(token.id)
-        .bind(token.principal_id)
+        .bind(token.principal_id.as_uuid())
         .bind(&token.token_hash[..])
-        .bind(token.app_id)
+        .bind(token.app_id.map(AppId::as_uuid))
         .bind(rows::scopes_to(token.scopes))
         .bind(token.expires_at)
         .bind(self.now())

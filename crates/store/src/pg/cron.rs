@@ -1,11 +1,12 @@
 //! Cron triggers' next ticks in Postgres: the locking read of the due ones and their advance.
 
+use picloud_core::TriggerId;
 use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::PgStore;
-use super::rows::corrupt;
+use super::rows::{self, corrupt};
 use crate::cron::{DueCron, NextTick};
 use crate::{CronRepo, Result};
 
@@ -35,8 +36,8 @@ impl CronRepo for PgStore {
             .map(|row| {
                 let bad = |e: picloud_core::NameError| corrupt("triggers", e.to_string());
                 Ok(DueCron {
-                    trigger_id: row.try_get("trigger_id")?,
-                    app_id: row.try_get("app_id")?,
+                    trigger_id: rows::id(row, "trigger_id")?,
+                    app_id: rows::id(row, "app_id")?,
                     app_slug: picloud_core::AppSlug::parse(row.try_get::<String, _>("slug")?).map_err(bad)?,
                     trigger_name: picloud_core::TriggerName::parse(row.try_get::<String, _>("name")?)
                         .map_err(bad)?,
@@ -49,11 +50,11 @@ impl CronRepo for PgStore {
             .collect()
     }
 
-    async fn set_next_ticks(&self, tx: &mut Self::Tx, ticks: &[(Uuid, NextTick)]) -> Result<()> {
+    async fn set_next_ticks(&self, tx: &mut Self::Tx, ticks: &[(TriggerId, NextTick)]) -> Result<()> {
         if ticks.is_empty() {
             return Ok(());
         }
-        let ids: Vec<Uuid> = ticks.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<Uuid> = ticks.iter().map(|(id, _)| id.as_uuid()).collect();
         // NULL in the array is `Never`, stored as 'infinity': never due, and not "not computed".
         let at: Vec<Option<OffsetDateTime>> = ticks
             .iter()

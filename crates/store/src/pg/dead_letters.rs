@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use picloud_core::{AppId, TriggerId};
 use uuid::Uuid;
 
 use super::PgStore;
@@ -35,8 +36,8 @@ impl DeadLetterRepo for PgStore {
              RETURNING {DEAD_LETTER_COLUMNS}"
         ))
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.app_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.trigger_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.app_id.as_uuid()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.trigger_id.map(TriggerId::as_uuid)).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.trigger_name.as_deref()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.delivery_id).collect::<Vec<_>>())
@@ -84,11 +85,11 @@ impl DeadLetterRepo for PgStore {
         moved.iter().map(rows::dead_letter).collect()
     }
 
-    async fn dead_letter(&self, app_id: Uuid, id: Uuid) -> Result<Option<DeadLetter>> {
+    async fn dead_letter(&self, app_id: AppId, id: Uuid) -> Result<Option<DeadLetter>> {
         let row = sqlx::query(&format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE app_id = $1 AND id = $2"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -98,13 +99,13 @@ impl DeadLetterRepo for PgStore {
     async fn lock_dead_letter(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         id: Uuid,
     ) -> Result<Option<DeadLetter>> {
         let row = sqlx::query(&format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE app_id = $1 AND id = $2 FOR UPDATE"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(id)
         .fetch_optional(&mut **tx)
         .await?;
@@ -113,7 +114,7 @@ impl DeadLetterRepo for PgStore {
 
     async fn list_dead_letters(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         filter: &DeadLetterFilter,
         after: Option<Uuid>,
         limit: u32,
@@ -130,7 +131,7 @@ impl DeadLetterRepo for PgStore {
                     {resolution}"
         );
         let fetched = sqlx::query(&rows::byte_capped(&select, "$5", "$6"))
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(after)
             .bind(filter.trigger_name.as_deref())
             .bind(filter.resolution.flatten().map(Resolution::as_str))
@@ -141,10 +142,10 @@ impl DeadLetterRepo for PgStore {
         rows::capped_page(&fetched, limit, rows::dead_letter)
     }
 
-    async fn unresolved_count(&self, app_id: Uuid) -> Result<u64> {
+    async fn unresolved_count(&self, app_id: AppId) -> Result<u64> {
         let count: i64 =
             sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE app_id = $1 AND resolution IS NULL")
-                .bind(app_id)
+                .bind(app_id.as_uuid())
                 .fetch_one(&self.pool)
                 .await?;
         Ok(count as u64)
@@ -153,7 +154,7 @@ impl DeadLetterRepo for PgStore {
     async fn resolve(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         id: Uuid,
         resolution: Resolution,
         only_unresolved: bool,
@@ -163,7 +164,7 @@ impl DeadLetterRepo for PgStore {
               WHERE app_id = $1 AND id = $2 AND (NOT $4 OR resolution IS NULL)
              RETURNING {DEAD_LETTER_COLUMNS}"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(id)
         .bind(resolution.as_str())
         .bind(only_unresolved)

@@ -2,9 +2,9 @@
 
 use std::sync::LazyLock;
 
+use picloud_core::AppId;
 use sqlx::Row;
 use sqlx::types::Json;
-use uuid::Uuid;
 
 use super::PgStore;
 use super::pattern::pattern_matches;
@@ -55,11 +55,11 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
 });
 
 impl KvRepo for PgStore {
-    async fn kv_get(&self, app_id: Uuid, collection: &str, key: &str) -> Result<Option<KvEntry>> {
+    async fn kv_get(&self, app_id: AppId, collection: &str, key: &str) -> Result<Option<KvEntry>> {
         let row = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM kv_entries WHERE app_id = $1 AND collection = $2 AND key = $3"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(collection)
         .bind(key)
         .fetch_optional(&self.pool)
@@ -70,7 +70,7 @@ impl KvRepo for PgStore {
     async fn kv_put(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
         value: &serde_json::Value,
@@ -82,7 +82,7 @@ impl KvRepo for PgStore {
                 "SELECT value, version FROM kv_entries
                   WHERE app_id = $1 AND collection = $2 AND key = $3 FOR UPDATE",
             )
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(collection)
             .bind(key)
             .fetch_optional(&mut **tx)
@@ -100,7 +100,7 @@ impl KvRepo for PgStore {
                     "UPDATE kv_entries SET value = $4, version = version + 1, updated_at = coalesce($5, now())
                       WHERE app_id = $1 AND collection = $2 AND key = $3",
                 )
-                .bind(app_id)
+                .bind(app_id.as_uuid())
                 .bind(collection)
                 .bind(key)
                 .bind(Json(value))
@@ -117,7 +117,7 @@ impl KvRepo for PgStore {
                  VALUES ($1, $2, $3, $4, 1, coalesce($5, now()), coalesce($5, now()))
                  ON CONFLICT (app_id, collection, key) DO NOTHING",
             )
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(collection)
             .bind(key)
             .bind(Json(value))
@@ -137,7 +137,7 @@ impl KvRepo for PgStore {
         put: &FiringPut<'_>,
     ) -> Result<(KvPutResult, usize)> {
         let query = sqlx::query(&KV_PUT_FIRING)
-            .bind(put.app_id)
+            .bind(put.app_id.as_uuid())
             .bind(put.collection)
             .bind(put.key)
             .bind(Json(put.value))
@@ -166,7 +166,7 @@ impl KvRepo for PgStore {
     async fn kv_delete(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         key: &str,
         expected: Option<i64>,
@@ -176,7 +176,7 @@ impl KvRepo for PgStore {
               WHERE app_id = $1 AND collection = $2 AND key = $3 AND ($4::int8 IS NULL OR version = $4)
              RETURNING {COLUMNS}"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(collection)
         .bind(key)
         .bind(expected)
@@ -189,7 +189,7 @@ impl KvRepo for PgStore {
         let current: Option<i64> = sqlx::query_scalar(
             "SELECT version FROM kv_entries WHERE app_id = $1 AND collection = $2 AND key = $3",
         )
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(collection)
         .bind(key)
         .fetch_optional(&mut **tx)
@@ -202,7 +202,7 @@ impl KvRepo for PgStore {
 
     async fn kv_list(
         &self,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         prefix: &str,
         after: Option<&str>,
@@ -214,7 +214,7 @@ impl KvRepo for PgStore {
                 AND ($4::text IS NULL OR key > $4)
               ORDER BY key LIMIT $5",
         )
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(collection)
         .bind(prefix)
         .bind(after)

@@ -8,9 +8,10 @@ use sqlx::{PgExecutor, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use picloud_core::TriggerId;
 use picloud_core::protocol::{EventKind, TriggerKind, event_type};
 
-use super::rows::{event_kind, raw_json, trigger_from};
+use super::rows::{self, event_kind, raw_json, trigger_from};
 use super::triggers::{delivery_target, target_columns};
 use super::{PgStore, violated};
 use crate::model::*;
@@ -70,8 +71,8 @@ fn insert_query<'q>(
     let mut event_times = Vec::with_capacity(n);
     for r in rows {
         ids.push(r.id);
-        app_ids.push(r.app_id);
-        trigger_ids.push(r.trigger_id);
+        app_ids.push(r.app_id.as_uuid());
+        trigger_ids.push(r.trigger_id.map(TriggerId::as_uuid));
         kinds.push(r.kind.as_str());
         event_types.push(r.event_type.as_str());
         sources.push(r.source.as_str());
@@ -122,8 +123,8 @@ const CLAIMED: &str = "o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.sou
 fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
     Ok(ClaimedDelivery {
         id: row.try_get("id")?,
-        app_id: row.try_get("app_id")?,
-        trigger_id: row.try_get("trigger_id")?,
+        app_id: rows::id(row, "app_id")?,
+        trigger_id: rows::opt_id(row, "trigger_id")?,
         kind: event_kind("outbox", row.try_get::<&str, _>("kind")?)?,
         event_type: row.try_get("event_type")?,
         source: row.try_get("source")?,
@@ -185,7 +186,7 @@ impl OutboxRepo for PgStore {
         }
         let existing: Uuid =
             sqlx::query_scalar("SELECT id FROM outbox WHERE trigger_id = $1 AND idempotency_key = $2")
-                .bind(row.trigger_id)
+                .bind(row.trigger_id.map(TriggerId::as_uuid))
                 .bind(key)
                 .fetch_one(&mut **tx)
                 .await?;
@@ -252,7 +253,7 @@ impl OutboxRepo for PgStore {
                FROM epoch_now LEFT JOIN target ON true"
         ))
         .bind(call.id)
-        .bind(call.app_id)
+        .bind(call.app_id.as_uuid())
         .bind(&call.trigger_name)
         .bind(EventKind::Http.as_str())
         .bind(event_type::HTTP_INVOKE)

@@ -6,12 +6,23 @@ use picloud_core::{AppSlug, CollectionPattern, CronSchedule, RetryOverrides, Rol
 use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
+use uuid::Uuid;
 
 use crate::model::*;
 use crate::{Error, Result};
 
 pub(super) fn corrupt(table: &'static str, detail: impl Into<String>) -> Error {
     Error::Corrupt { table, detail: detail.into() }
+}
+
+/// A UUID column read as one of core's typed ids (`AppId`, …), which sqlx cannot decode itself.
+pub(super) fn id<T: From<Uuid>>(row: &PgRow, column: &str) -> Result<T> {
+    Ok(row.try_get::<Uuid, _>(column)?.into())
+}
+
+/// A nullable UUID column read as one of core's typed ids.
+pub(super) fn opt_id<T: From<Uuid>>(row: &PgRow, column: &str) -> Result<Option<T>> {
+    Ok(row.try_get::<Option<Uuid>, _>(column)?.map(T::from))
 }
 
 pub(super) fn raw_json(table: &'static str, text: String) -> Result<Box<RawValue>> {
@@ -38,7 +49,7 @@ pub(super) fn scopes_to(scopes: Option<ScopeSet>) -> Option<Vec<String>> {
 
 pub(super) fn app(row: &PgRow) -> Result<App> {
     Ok(App {
-        id: row.try_get("id")?,
+        id: id(row, "id")?,
         slug: AppSlug::parse(row.try_get::<String, _>("slug")?)
             .map_err(|e| corrupt("apps", e.to_string()))?,
         created_at: row.try_get("created_at")?,
@@ -47,7 +58,7 @@ pub(super) fn app(row: &PgRow) -> Result<App> {
 
 pub(super) fn principal(row: &PgRow) -> Result<Principal> {
     Ok(Principal {
-        id: row.try_get("id")?,
+        id: id(row, "id")?,
         name: row.try_get("name")?,
         platform_admin: row.try_get("platform_admin")?,
         created_at: row.try_get("created_at")?,
@@ -62,8 +73,8 @@ pub(super) fn role(s: Option<String>) -> Result<Option<Role>> {
 pub(super) fn api_token(row: &PgRow) -> Result<ApiToken> {
     Ok(ApiToken {
         id: row.try_get("id")?,
-        principal_id: row.try_get("principal_id")?,
-        app_id: row.try_get("app_id")?,
+        principal_id: id(row, "principal_id")?,
+        app_id: opt_id(row, "app_id")?,
         scopes: scopes_from("api_tokens", row.try_get("scopes")?)?,
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
@@ -176,8 +187,8 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
     let base: Option<i64> = row.try_get("retry_backoff_base_ms")?;
     let max: Option<i64> = row.try_get("retry_backoff_max_ms")?;
     Ok(Trigger {
-        id: row.try_get("id")?,
-        app_id: row.try_get("app_id")?,
+        id: id(row, "id")?,
+        app_id: id(row, "app_id")?,
         name: TriggerName::parse(row.try_get::<String, _>("name")?).map_err(|e| bad(e.to_string()))?,
         spec,
         handler,
@@ -187,7 +198,7 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
             backoff_max_ms: max.map(|v| v as u64),
         },
         enabled: row.try_get("enabled")?,
-        registered_by: row.try_get("registered_by_principal")?,
+        registered_by: id(row, "registered_by_principal")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -204,8 +215,8 @@ pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
     let resolution: Option<String> = row.try_get("resolution")?;
     Ok(DeadLetter {
         id: row.try_get("id")?,
-        app_id: row.try_get("app_id")?,
-        trigger_id: row.try_get("trigger_id")?,
+        app_id: id(row, "app_id")?,
+        trigger_id: opt_id(row, "trigger_id")?,
         trigger_name: row.try_get("trigger_name")?,
         kind: event_kind(table, row.try_get::<&str, _>("kind")?)?,
         delivery_id: row.try_get("delivery_id")?,
@@ -229,8 +240,8 @@ pub(super) fn abandoned(row: &PgRow) -> Result<AbandonedExecution> {
     let status: String = row.try_get("handler_status")?;
     Ok(AbandonedExecution {
         id: row.try_get("id")?,
-        app_id: row.try_get("app_id")?,
-        trigger_id: row.try_get("trigger_id")?,
+        app_id: id(row, "app_id")?,
+        trigger_id: opt_id(row, "trigger_id")?,
         trigger_name: row.try_get("trigger_name")?,
         outbox_id: row.try_get("outbox_id")?,
         reply_to: row.try_get("reply_to")?,

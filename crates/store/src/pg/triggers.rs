@@ -1,6 +1,7 @@
 //! Triggers and their detail tables in Postgres, and the matching that writes use.
 
 use picloud_core::protocol::EventKind;
+use picloud_core::{AppId, TriggerId};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -42,8 +43,8 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
                 "INSERT INTO kv_trigger_details (trigger_id, app_id, collection_stem, collection_is_prefix, ops)
                  VALUES ($1, $2, $3, $4, $5)",
             )
-            .bind(new.id)
-            .bind(new.app_id)
+            .bind(new.id.as_uuid())
+            .bind(new.app_id.as_uuid())
             .bind(collection.stem())
             .bind(collection.is_prefix())
             .bind(ops)
@@ -55,8 +56,8 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
                 "INSERT INTO pubsub_trigger_details (trigger_id, app_id, topic_stem, topic_is_prefix)
                  VALUES ($1, $2, $3, $4)",
             )
-            .bind(new.id)
-            .bind(new.app_id)
+            .bind(new.id.as_uuid())
+            .bind(new.app_id.as_uuid())
             .bind(topic.stem())
             .bind(topic.is_prefix())
             .execute(conn)
@@ -64,8 +65,8 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
         }
         TriggerSpec::Queue { queue } => {
             sqlx::query("INSERT INTO queue_trigger_details (trigger_id, app_id, queue) VALUES ($1, $2, $3)")
-                .bind(new.id)
-                .bind(new.app_id)
+                .bind(new.id.as_uuid())
+                .bind(new.app_id.as_uuid())
                 .bind(queue.as_str())
                 .execute(conn)
                 .await?;
@@ -74,8 +75,8 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
             sqlx::query(
                 "INSERT INTO cron_trigger_details (trigger_id, app_id, schedule, timezone) VALUES ($1, $2, $3, $4)",
             )
-            .bind(new.id)
-            .bind(new.app_id)
+            .bind(new.id.as_uuid())
+            .bind(new.app_id.as_uuid())
             .bind(schedule.expression())
             .bind(schedule.timezone())
             .execute(conn)
@@ -88,8 +89,8 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
                 "INSERT INTO dead_letter_trigger_details (trigger_id, app_id, source_trigger, source_kinds)
                  VALUES ($1, $2, $3, $4)",
             )
-            .bind(new.id)
-            .bind(new.app_id)
+            .bind(new.id.as_uuid())
+            .bind(new.app_id.as_uuid())
             .bind(source_trigger.as_ref().map(|n| n.as_str()))
             .bind(kinds)
             .execute(conn)
@@ -115,8 +116,8 @@ impl TriggerRepo for PgStore {
                                    registered_by_principal, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, now()), coalesce($13, now()))",
         )
-        .bind(new.id)
-        .bind(new.app_id)
+        .bind(new.id.as_uuid())
+        .bind(new.app_id.as_uuid())
         .bind(new.name.as_str())
         .bind(new.spec.kind().as_str())
         .bind(function)
@@ -126,40 +127,45 @@ impl TriggerRepo for PgStore {
         .bind(new.retry.backoff_base_ms.map(|v| v as i64))
         .bind(new.retry.backoff_max_ms.map(|v| v as i64))
         .bind(new.enabled)
-        .bind(new.registered_by)
+        .bind(new.registered_by.as_uuid())
         .bind(self.now())
         .execute(&mut *tx)
         .await
         .map_err(|e| map_trigger_error(e, new))?;
         insert_details(&mut tx, new).await.map_err(|e| map_trigger_error(e, new))?;
-        let trigger = fetch_one(&mut tx, new.id).await?;
+        let trigger = fetch_one(&mut tx, new.id.as_uuid()).await?;
         tx.commit().await?;
         Ok(trigger)
     }
 
-    async fn trigger(&self, app_id: Uuid, name: &str) -> Result<Option<Trigger>> {
+    async fn trigger(&self, app_id: AppId, name: &str) -> Result<Option<Trigger>> {
         let row = sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.app_id = $1 AND t.name = $2"))
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(rows::trigger).transpose()
     }
 
-    async fn trigger_by_id(&self, tx: &mut Self::Tx, app_id: Uuid, id: Uuid) -> Result<Option<Trigger>> {
+    async fn trigger_by_id(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: AppId,
+        id: TriggerId,
+    ) -> Result<Option<Trigger>> {
         let row = sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.app_id = $1 AND t.id = $2"))
-            .bind(app_id)
-            .bind(id)
+            .bind(app_id.as_uuid())
+            .bind(id.as_uuid())
             .fetch_optional(&mut **tx)
             .await?;
         row.as_ref().map(rows::trigger).transpose()
     }
 
-    async fn list_triggers(&self, app_id: Uuid, after: Option<&str>, limit: u32) -> Result<Page<Trigger>> {
+    async fn list_triggers(&self, app_id: AppId, after: Option<&str>, limit: u32) -> Result<Page<Trigger>> {
         let fetched = sqlx::query(&format!(
             "{TRIGGER_SELECT} WHERE t.app_id = $1 AND ($2::text IS NULL OR t.name > $2) ORDER BY t.name LIMIT $3"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(after)
         .bind(i64::from(limit) + 1)
         .fetch_all(&self.pool)
@@ -167,7 +173,7 @@ impl TriggerRepo for PgStore {
         Ok(Page::of(fetched.iter().map(rows::trigger).collect::<Result<_>>()?, limit))
     }
 
-    async fn update_trigger(&self, app_id: Uuid, name: &str, patch: &TriggerPatch) -> Result<Trigger> {
+    async fn update_trigger(&self, app_id: AppId, name: &str, patch: &TriggerPatch) -> Result<Trigger> {
         let mut tx = self.pool.begin().await?;
         let (function, url, secret) = patch.handler.as_ref().map(handler_columns).unwrap_or_default();
         let retry = patch.retry.unwrap_or_default();
@@ -184,7 +190,7 @@ impl TriggerRepo for PgStore {
              WHERE app_id = $1 AND name = $2
              RETURNING id",
         )
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(name)
         .bind(patch.enabled)
         .bind(patch.handler.is_some())
@@ -212,9 +218,9 @@ impl TriggerRepo for PgStore {
         Ok(trigger)
     }
 
-    async fn delete_trigger(&self, app_id: Uuid, name: &str) -> Result<bool> {
+    async fn delete_trigger(&self, app_id: AppId, name: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM triggers WHERE app_id = $1 AND name = $2")
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -224,7 +230,7 @@ impl TriggerRepo for PgStore {
     async fn list_matching_kv(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         collection: &str,
         op: KvOp,
     ) -> Result<Vec<Trigger>> {
@@ -234,7 +240,7 @@ impl TriggerRepo for PgStore {
               ORDER BY t.name",
             pattern_matches("kv.collection_stem", "kv.collection_is_prefix", "$2")
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(collection)
         .bind(op.as_str())
         .fetch_all(&mut **tx)
@@ -245,7 +251,7 @@ impl TriggerRepo for PgStore {
     async fn list_matching_pubsub(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         topic: &str,
     ) -> Result<Vec<Trigger>> {
         let fetched = sqlx::query(&format!(
@@ -254,16 +260,16 @@ impl TriggerRepo for PgStore {
               ORDER BY t.name",
             pattern_matches("ps.topic_stem", "ps.topic_is_prefix", "$2")
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(topic)
         .fetch_all(&mut **tx)
         .await?;
         fetched.iter().map(rows::trigger).collect()
     }
 
-    async fn queue_trigger(&self, tx: &mut Self::Tx, app_id: Uuid, queue: &str) -> Result<Option<Trigger>> {
+    async fn queue_trigger(&self, tx: &mut Self::Tx, app_id: AppId, queue: &str) -> Result<Option<Trigger>> {
         let row = sqlx::query(&format!("{TRIGGER_SELECT} WHERE q.app_id = $1 AND q.queue = $2"))
-            .bind(app_id)
+            .bind(app_id.as_uuid())
             .bind(queue)
             .fetch_optional(&mut **tx)
             .await?;
@@ -273,7 +279,7 @@ impl TriggerRepo for PgStore {
     async fn list_matching_dead_letter(
         &self,
         tx: &mut Self::Tx,
-        app_id: Uuid,
+        app_id: AppId,
         source_trigger: Option<&str>,
         kind: EventKind,
     ) -> Result<Vec<Trigger>> {
@@ -284,7 +290,7 @@ impl TriggerRepo for PgStore {
                 AND (dl.source_kinds IS NULL OR $3 = ANY (dl.source_kinds))
               ORDER BY t.name"
         ))
-        .bind(app_id)
+        .bind(app_id.as_uuid())
         .bind(source_trigger)
         .bind(kind.as_str())
         .fetch_all(&mut **tx)
@@ -292,7 +298,7 @@ impl TriggerRepo for PgStore {
         fetched.iter().map(rows::trigger).collect()
     }
 
-    async fn delivery_targets(&self, ids: &[Uuid]) -> Result<Targets> {
+    async fn delivery_targets(&self, ids: &[TriggerId]) -> Result<Targets> {
         let fetched = sqlx::query(concat!(
             "SELECT ",
             target_columns!(),
@@ -301,7 +307,7 @@ impl TriggerRepo for PgStore {
             "  JOIN apps a ON a.id = t.app_id
               WHERE t.id = ANY ($1)",
         ))
-        .bind(ids)
+        .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;
         let config_epoch = fetched.first().map(|row| row.try_get("config_epoch")).transpose()?;

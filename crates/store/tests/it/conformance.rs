@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use picloud_core::protocol::EventKind;
 use picloud_core::{
-    AppSlug, CollectionPattern, HandlerName, QueueName, RetryOverrides, Role, Scope, ScopeSet, TriggerName,
+    AppId, AppSlug, CollectionPattern, HandlerName, PrincipalId, QueueName, RetryOverrides, Role, Scope,
+    ScopeSet, TriggerId, TriggerName,
 };
 use picloud_store::*;
 use serde_json::json as j;
@@ -121,17 +122,17 @@ async fn standing_tells_platform_admins_members_and_missing_principals_apart<S: 
         s.standing(t.app.id, t.admin.id).await.unwrap(),
         Some(Standing { platform_admin: false, role: Some(Role::Admin) })
     );
-    assert_eq!(s.standing(t.app.id, Uuid::now_v7()).await.unwrap(), None);
+    assert_eq!(s.standing(t.app.id, PrincipalId::new()).await.unwrap(), None);
     assert_eq!(s.principal(root.id).await.unwrap(), Some(root));
 }
 
 async fn memberships_need_an_existing_app_and_principal<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
-    let ghost = Uuid::now_v7();
+    let ghost = PrincipalId::new();
     assert!(
         matches!(s.set_role(t.app.id, ghost, Role::Viewer).await, Err(Error::PrincipalNotFound(id)) if id == ghost)
     );
-    assert!(matches!(s.set_role(Uuid::now_v7(), t.admin.id, Role::Viewer).await, Err(Error::AppNotFound(_))));
+    assert!(matches!(s.set_role(AppId::new(), t.admin.id, Role::Viewer).await, Err(Error::AppNotFound(_))));
 }
 
 async fn a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once<S: Store>(s: S) {
@@ -156,7 +157,7 @@ async fn a_token_is_found_by_its_hash_with_its_principal_and_is_revoked_once<S: 
     assert!(!s.revoke_token(new.id).await.unwrap());
     assert_eq!(s.token(new.id).await.unwrap().unwrap().revoked_at, Some(START));
     let unknown =
-        NewApiToken { id: Uuid::now_v7(), principal_id: Uuid::now_v7(), token_hash: [9; 32], ..new };
+        NewApiToken { id: Uuid::now_v7(), principal_id: PrincipalId::new(), token_hash: [9; 32], ..new };
     assert!(matches!(s.create_token(&unknown).await, Err(Error::PrincipalNotFound(_))));
 }
 
@@ -183,7 +184,7 @@ async fn authentication_resolves_the_principal_the_named_app_and_the_role_in_one
 
     let by_principal = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap();
     assert_eq!((by_principal.token.is_none(), by_principal.role), (true, Some(Role::Admin)));
-    assert!(s.authenticate_principal(Uuid::now_v7(), None).await.unwrap().is_none());
+    assert!(s.authenticate_principal(PrincipalId::new(), None).await.unwrap().is_none());
 }
 
 async fn bootstrap_writes_a_platform_admin_and_its_token_together_and_refuses_a_second_unless_forced<
@@ -341,7 +342,7 @@ async fn a_trigger_is_read_by_id_in_a_transaction_only_within_its_app<S: Store>(
     let mut tx = s.begin().await.unwrap();
     assert_eq!(s.trigger_by_id(&mut tx, a.app.id, t.id).await.unwrap().map(|f| f.name), Some(t.name));
     assert!(s.trigger_by_id(&mut tx, b.app.id, t.id).await.unwrap().is_none(), "another app's trigger");
-    assert!(s.trigger_by_id(&mut tx, a.app.id, Uuid::now_v7()).await.unwrap().is_none());
+    assert!(s.trigger_by_id(&mut tx, a.app.id, TriggerId::new()).await.unwrap().is_none());
     s.commit(tx).await.unwrap();
 }
 
@@ -359,10 +360,10 @@ async fn a_queue_has_at_most_one_trigger<S: Store>(s: S) {
 async fn a_trigger_needs_an_existing_principal_and_app<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
     let mut new = new_trigger(&t, "t", TriggerSpec::Http);
-    new.registered_by = Uuid::now_v7();
+    new.registered_by = PrincipalId::new();
     assert!(matches!(s.create_trigger(&new).await, Err(Error::UnknownPrincipal(_))));
     let mut new = new_trigger(&t, "t", TriggerSpec::Http);
-    new.app_id = Uuid::now_v7();
+    new.app_id = AppId::new();
     assert!(matches!(s.create_trigger(&new).await, Err(Error::AppNotFound(_))));
 }
 
@@ -518,7 +519,7 @@ async fn dead_letter_matching_filters_by_source_trigger_and_kind<S: Store>(s: S)
 
 async fn delivery_targets_carry_the_app_slug_and_the_current_standing<S: Store>(s: S) {
     let (t, trigger) = tenant_with_trigger(&s, "shop").await;
-    let targets = s.delivery_targets(&[trigger.id, Uuid::now_v7()]).await.unwrap().targets;
+    let targets = s.delivery_targets(&[trigger.id, TriggerId::new()]).await.unwrap().targets;
     assert_eq!(targets.len(), 1);
     assert_eq!(targets[0].trigger, trigger);
     assert_eq!(targets[0].app_slug.as_str(), "shop");

@@ -189,7 +189,7 @@ mod postgres_only {
         {
             let stored = s.create_trigger(&new_trigger(&t, name, cron("* * * * *", "UTC"))).await.unwrap();
             sqlx::query("UPDATE cron_trigger_details SET schedule = $2, timezone = $3 WHERE trigger_id = $1")
-                .bind(stored.id)
+                .bind(stored.id.as_uuid())
                 .bind(schedule)
                 .bind(timezone)
                 .execute(s.pool())

@@ -79,8 +79,8 @@ async fn the_claim_on_a_million_pending_rows_uses_the_index_and_stays_within_a_f
                 8, now() - interval '1 hour' + g * interval '1 millisecond'
            FROM generate_series(1, 1000000) AS g",
     )
-    .bind(t.app.id)
-    .bind(trigger.id)
+    .bind(t.app.id.as_uuid())
+    .bind(trigger.id.as_uuid())
     .execute(s.pool())
     .await
     .unwrap();

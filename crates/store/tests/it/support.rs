@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use picloud_core::protocol::{EventKind, event_type, source};
-use picloud_core::{AppSlug, CollectionPattern, RetryOverrides, TriggerName};
+use picloud_core::{AppSlug, CollectionPattern, RetryOverrides, TriggerId, TriggerName};
 use picloud_store::*;
 use picloud_testkit::TestDatabase;
 use serde_json::value::RawValue;
@@ -47,7 +47,7 @@ pub async fn tenant<S: Store>(store: &S, slug: &str) -> Tenant {
 
 pub fn new_trigger(t: &Tenant, name: &str, spec: TriggerSpec) -> NewTrigger {
     NewTrigger {
-        id: Uuid::now_v7(),
+        id: TriggerId::new(),
         app_id: t.app.id,
         name: TriggerName::parse(name).unwrap(),
         spec,
