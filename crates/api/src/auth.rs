@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use picloud_core::token::{DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, TokenKey, hash_api_token};
+use picloud_core::token::{
+    DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, TokenKey, TokenLimits, hash_api_token,
+};
 use picloud_core::{Access, AppId, Capability, PrincipalId, Role, ScopeSet};
 use picloud_store::{ApiToken, App, Principal, Store};
 
@@ -32,8 +34,9 @@ pub enum Via {
 pub struct Caller {
     /// The principal acting.
     pub principal: Principal,
-    /// How it authenticated.
-    pub via: Via,
+    /// How it authenticated: read through [`Caller::via`], so that no code holding a caller
+    /// can turn it into another kind (the operator least of all).
+    via: Via,
     app: Option<App>,
     role: Option<Role>,
     /// The configuration epoch all this was read at.
@@ -96,6 +99,32 @@ impl Caller {
     /// Whether this is a delivery token.
     pub fn is_delivery(&self) -> bool {
         matches!(self.via, Via::Delivery(_))
+    }
+
+    /// Whether this is the node's operator (`admin`, `dev`, the benchmarks), never a request.
+    pub fn is_operator(&self) -> bool {
+        matches!(self.via, Via::Operator)
+    }
+
+    /// How the caller authenticated.
+    pub fn via(&self) -> &Via {
+        &self.via
+    }
+
+    /// How far the credentials reach, for what they may mint: an operator's and an unlimited
+    /// token's not at all.
+    pub(crate) fn token_limits(&self) -> TokenLimits {
+        match &self.via {
+            Via::Token(token) => {
+                TokenLimits { app: token.app_id, scopes: token.scopes, expires_at: token.expires_at }
+            }
+            Via::Delivery(token) => TokenLimits {
+                app: Some(token.app),
+                scopes: Some(token.scopes.for_delivery()),
+                expires_at: None,
+            },
+            Via::Operator => TokenLimits::default(),
+        }
     }
 
     /// What the caller holds on the route's app.

@@ -125,7 +125,7 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
             }
         })
     });
-    picloud_dispatch::round_trip(&client).await.map_err(anyhow::Error::msg)?;
+    picloud_worker::round_trip(&client).await.map_err(anyhow::Error::msg)?;
     println!("started");
     all.notified().await;
     let mut seen = latencies.lock().await.clone();

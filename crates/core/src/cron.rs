@@ -60,15 +60,23 @@ impl CronError {
     }
 }
 
-/// A parsed schedule in its time zone, with the text it was parsed from: what a trigger keeps,
-/// so that it is parsed once, when it is registered or read, and shown as it was written.
+/// A schedule in its time zone, with the text it was parsed from: what a trigger keeps, so that
+/// it is parsed once, when it is registered or read, and shown as it was written. One read from
+/// the database that this version cannot parse (another version stored it) is kept as written
+/// and has no tick ([`CronSchedule::stored`]); one registered now always parses.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
+    rule: Result<Rule, CronError>,
+    expression: String,
+    timezone: String,
+}
+
+/// When a schedule ticks.
+#[derive(Debug, Clone)]
+struct Rule {
     /// Boxed: croner's parsed fields are half a kilobyte, and every trigger carries a schedule.
     cron: Box<Cron>,
     zone: Tz,
-    expression: String,
-    timezone: String,
 }
 
 /// Two schedules are the same when they were written the same.
@@ -85,31 +93,27 @@ impl CronSchedule {
     /// given). Fields take numbers, ranges, lists, steps (`*/15`, `1-5/2`), month and weekday
     /// names, and croner's `L`, `W` and `#`; seconds, years and `@` nicknames are refused.
     pub fn parse(schedule: &str, timezone: &str) -> Result<Self, CronError> {
-        let found = schedule.split_whitespace().count();
-        if found != 5 {
-            return Err(CronError::FieldCount { found });
+        let stored = Self::stored(schedule, timezone);
+        match stored.rule {
+            Ok(_) => Ok(stored),
+            Err(e) => Err(e),
         }
-        let invalid = |reason: String| CronError::Expression { schedule: schedule.to_owned(), reason };
-        if schedule.contains('@') {
-            return Err(invalid("nicknames such as @daily are not supported; write the 5 fields".into()));
-        }
-        let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
-        let cron = parser.parse(schedule).map_err(|e| invalid(e.to_string()))?;
-        let zone: Tz = timezone.parse().map_err(|_| CronError::TimeZone { timezone: timezone.to_owned() })?;
-        let parsed = Self {
-            cron: Box::new(cron),
-            zone,
+    }
+
+    /// The schedule a trigger was stored with: parsed when this version can, else kept as
+    /// written with the reason ([`CronSchedule::unparsed`]) and no tick, so that the trigger can
+    /// still be read, shown and deleted.
+    pub fn stored(schedule: &str, timezone: &str) -> Self {
+        CronSchedule {
+            rule: Rule::parse(schedule, timezone),
             expression: schedule.to_owned(),
             timezone: timezone.to_owned(),
-        };
-        // Every date comes back within 28 years (the calendar's cycle of weekdays and leap
-        // years), so a schedule with no tick in the first 28 years of the epoch has none at all.
-        let epoch = OffsetDateTime::UNIX_EPOCH;
-        let cycle = epoch.replace_year(1998).expect("1998 is a valid year");
-        if parsed.next_after(epoch).is_none_or(|tick| tick > cycle) {
-            return Err(CronError::NeverMatches { schedule: schedule.to_owned() });
         }
-        Ok(parsed)
+    }
+
+    /// Why this version cannot parse the stored schedule, if it cannot.
+    pub fn unparsed(&self) -> Option<&CronError> {
+        self.rule.as_ref().err()
     }
 
     /// The 5-field expression, as written.
@@ -122,16 +126,46 @@ impl CronSchedule {
         &self.timezone
     }
 
-    /// The first tick strictly after `instant`; `None` when there is none (no date matches, or
-    /// the search ran out of the supported range of dates).
+    /// The first tick strictly after `instant`; `None` when there is none (no date matches, the
+    /// search ran out of the supported range of dates, or the schedule does not parse).
     pub fn next_after(&self, instant: OffsetDateTime) -> Option<OffsetDateTime> {
-        let found = self.cron.find_next_occurrence(&self.zoned(instant)?, false).ok()?;
-        instant_of(&found)
+        self.rule.as_ref().ok()?.next_after(instant)
     }
 
     /// The last tick at or before `instant`; `None` when there is none.
     pub fn last_at_or_before(&self, instant: OffsetDateTime) -> Option<OffsetDateTime> {
-        let found = self.cron.find_previous_occurrence(&self.zoned(instant)?, true).ok()?;
+        let rule = self.rule.as_ref().ok()?;
+        let found = rule.cron.find_previous_occurrence(&rule.zoned(instant)?, true).ok()?;
+        instant_of(&found)
+    }
+}
+
+impl Rule {
+    fn parse(schedule: &str, timezone: &str) -> Result<Rule, CronError> {
+        let found = schedule.split_whitespace().count();
+        if found != 5 {
+            return Err(CronError::FieldCount { found });
+        }
+        let invalid = |reason: String| CronError::Expression { schedule: schedule.to_owned(), reason };
+        if schedule.contains('@') {
+            return Err(invalid("nicknames such as @daily are not supported; write the 5 fields".into()));
+        }
+        let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
+        let cron = parser.parse(schedule).map_err(|e| invalid(e.to_string()))?;
+        let zone: Tz = timezone.parse().map_err(|_| CronError::TimeZone { timezone: timezone.to_owned() })?;
+        let rule = Rule { cron: Box::new(cron), zone };
+        // Every date comes back within 28 years (the calendar's cycle of weekdays and leap
+        // years), so a schedule with no tick in the first 28 years of the epoch has none at all.
+        let epoch = OffsetDateTime::UNIX_EPOCH;
+        let cycle = epoch.replace_year(1998).expect("1998 is a valid year");
+        if rule.next_after(epoch).is_none_or(|tick| tick > cycle) {
+            return Err(CronError::NeverMatches { schedule: schedule.to_owned() });
+        }
+        Ok(rule)
+    }
+
+    fn next_after(&self, instant: OffsetDateTime) -> Option<OffsetDateTime> {
+        let found = self.cron.find_next_occurrence(&self.zoned(instant)?, false).ok()?;
         instant_of(&found)
     }
 
@@ -357,5 +391,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_stored_schedule_that_does_not_parse_is_kept_as_written_and_never_ticks() {
+        let stored = CronSchedule::stored("61 * * * *", "Europe/Paris");
+        assert_eq!((stored.expression(), stored.timezone()), ("61 * * * *", "Europe/Paris"));
+        assert_eq!(stored.unparsed(), CronSchedule::parse("61 * * * *", "Europe/Paris").err().as_ref());
+        assert_eq!(stored.next_after(OffsetDateTime::UNIX_EPOCH), None);
+        assert_eq!(stored.last_at_or_before(OffsetDateTime::now_utc()), None);
+        let fine = CronSchedule::stored("*/5 * * * *", "UTC");
+        assert_eq!(fine.unparsed(), None);
+        assert_eq!(Ok(fine), CronSchedule::parse("*/5 * * * *", "UTC"));
     }
 }

@@ -166,16 +166,35 @@ impl TokenLimits {
     /// wider in any of them (the same app, a subset of the scopes, an expiry no later), so that a
     /// chain of tokens each minted with the one before never reaches further than the first.
     pub fn admits(&self, wanted: &TokenLimits) -> Result<(), Widening> {
-        if self.app.is_some() && wanted.app != self.app {
+        self.admits_app(wanted.app)?;
+        self.admits_scopes(wanted.scopes)?;
+        self.admits_expiry(wanted.expires_at)
+    }
+
+    /// The app part of [`TokenLimits::admits`]: credentials limited to one app mint tokens
+    /// limited to it. Checked on its own where it is answered before the other fields are read.
+    pub fn admits_app(&self, wanted: Option<AppId>) -> Result<(), Widening> {
+        if self.app.is_some() && wanted != self.app {
             return Err(Widening::App);
         }
+        Ok(())
+    }
+
+    /// The scopes part of [`TokenLimits::admits`]: a subset of the scopes held, when they are
+    /// narrowed.
+    pub fn admits_scopes(&self, wanted: Option<ScopeSet>) -> Result<(), Widening> {
         if let Some(held) = self.scopes
-            && wanted.scopes.is_none_or(|scopes| scopes.intersect(held) != scopes)
+            && wanted.is_none_or(|scopes| scopes.intersect(held) != scopes)
         {
             return Err(Widening::Scopes);
         }
+        Ok(())
+    }
+
+    /// The expiry part of [`TokenLimits::admits`]: no later than the one held, when it expires.
+    pub fn admits_expiry(&self, wanted: Option<time::OffsetDateTime>) -> Result<(), Widening> {
         if let Some(held) = self.expires_at
-            && wanted.expires_at.is_none_or(|expires_at| expires_at > held)
+            && wanted.is_none_or(|expires_at| expires_at > held)
         {
             return Err(Widening::Expiry(held));
         }

@@ -30,7 +30,6 @@ pub use connection::ConnectionWatch;
 pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
-pub use picloud_worker::round_trip;
 pub use relay::{Relay, RelayError};
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use sync::{NoAnswer, SyncCaller, SyncReply, deliver_sync, sync_call};

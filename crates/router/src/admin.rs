@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use picloud_api::ops::dead_letters::DeadLetterQuery;
 use picloud_api::views::CreateToken;
-use picloud_api::{Caller, Ops, Page, PageQuery};
+use picloud_api::{ApiError, Caller, Ops, Page, PageQuery};
 use picloud_store::AuthRepo as _;
 use serde::Serialize;
 use uuid::Uuid;
@@ -159,7 +159,7 @@ fn print(value: &impl Serialize) -> anyhow::Result<()> {
 /// Prints every item of a listing, page by page, as `page` reads them.
 async fn print_all<T: Serialize, F>(mut page: impl FnMut(PageQuery) -> F) -> anyhow::Result<()>
 where
-    F: Future<Output = Result<Page<T>, picloud_api::ApiError>>,
+    F: Future<Output = Result<Page<T>, ApiError>>,
 {
     let mut after = None;
     loop {
@@ -185,8 +185,16 @@ async fn operator(ops: &Ops, slug: Option<&str>) -> anyhow::Result<Caller> {
     Ok(Caller::operator(app))
 }
 
-/// Runs one command.
+/// Runs one command. A refusal is told by its code and message, as the API's error body carries
+/// them (the HTTP status means nothing here).
 pub async fn run(ops: &Ops, command: AdminCommand) -> anyhow::Result<()> {
+    execute(ops, command).await.map_err(|e| match e.downcast::<ApiError>() {
+        Ok(refused) => anyhow::anyhow!("{}: {}", refused.code(), refused.message()),
+        Err(other) => other,
+    })
+}
+
+async fn execute(ops: &Ops, command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::Bootstrap { name, force, expires_in } => {
             match ops.bootstrap(name, force, expires_in).await? {

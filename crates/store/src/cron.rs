@@ -26,10 +26,8 @@ pub struct DueCron {
     pub app_slug: AppSlug,
     /// The trigger's name (for the CloudEvents source).
     pub trigger_name: TriggerName,
-    /// The 5-field expression, as stored.
-    pub schedule: String,
-    /// The IANA time zone, as stored.
-    pub timezone: String,
+    /// The schedule, as stored (it may not parse: [`CronSchedule::unparsed`]).
+    pub schedule: CronSchedule,
     /// The trigger's attempts override, if any.
     pub max_attempts: Option<u32>,
     /// The tick that is due; `None` when none was computed yet (a new or re-enabled trigger).
@@ -41,8 +39,8 @@ pub struct DueCron {
 pub enum NextTick {
     /// At this instant.
     At(OffsetDateTime),
-    /// Never: the stored schedule does not parse (it was stored before schedules were checked)
-    /// or has no tick to come. The trigger stays parked until it is disabled and enabled again.
+    /// Never: the stored schedule does not parse (another version stored it) or has no tick to
+    /// come. The trigger stays parked until it is disabled and enabled again.
     Never,
 }
 
@@ -74,17 +72,13 @@ pub async fn fire_due_ticks<S: Store>(
     let mut rows = Vec::new();
     let mut next = Vec::with_capacity(due.len());
     for d in &due {
-        let schedule = match CronSchedule::parse(&d.schedule, &d.timezone) {
-            Ok(schedule) => schedule,
-            Err(e) => {
-                tracing::warn!(
-                    trigger_id = %d.trigger_id, error = %e, "cron trigger parked: its schedule does not parse"
-                );
-                pass.parked += 1;
-                next.push((d.trigger_id, NextTick::Never));
-                continue;
-            }
-        };
+        if let Some(e) = d.schedule.unparsed() {
+            tracing::warn!(trigger_id = %d.trigger_id, error = %e, "cron trigger parked: its schedule does not parse");
+            pass.parked += 1;
+            next.push((d.trigger_id, NextTick::Never));
+            continue;
+        }
+        let schedule = &d.schedule;
         if let Some(due_at) = d.next_tick_at {
             let tick = schedule.last_at_or_before(now).filter(|t| *t >= due_at).unwrap_or(due_at);
             rows.push(tick_delivery(d, tick, config));
@@ -112,8 +106,8 @@ pub async fn fire_due_ticks<S: Store>(
 fn tick_delivery(d: &DueCron, tick: OffsetDateTime, config: &TriggerConfig) -> NewDelivery {
     let data = json!({
         "scheduled_at": rfc3339_millis(tick),
-        "schedule": d.schedule,
-        "timezone": d.timezone,
+        "schedule": d.schedule.expression(),
+        "timezone": d.schedule.timezone(),
     });
     let payload = serde_json::value::to_raw_value(&data).expect("a JSON value serializes");
     let event = Event {

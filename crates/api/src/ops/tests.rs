@@ -138,6 +138,7 @@ enum Op {
     SetMember,
     RemoveMember,
     MintToken,
+    RevokeToken,
     Put,
     Get,
     Delete,
@@ -160,13 +161,14 @@ enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 25] = [
+    const ALL: [Op; 26] = [
         Op::CreateApp,
         Op::ListApps,
         Op::CreatePrincipal,
         Op::SetMember,
         Op::RemoveMember,
         Op::MintToken,
+        Op::RevokeToken,
         Op::Put,
         Op::Get,
         Op::Delete,
@@ -191,7 +193,7 @@ impl Op {
     fn needs(self) -> Needs {
         use Capability::*;
         Needs::Cap(match self {
-            Op::ListApps => return Needs::Anyone,
+            Op::ListApps | Op::RevokeToken => return Needs::Anyone,
             Op::MintToken => return Needs::ApiToken,
             Op::CreateApp => ManageApps,
             Op::CreatePrincipal => ManagePrincipals,
@@ -220,6 +222,7 @@ impl Op {
             Op::SetMember => o.set_member(c, &c.principal.id.to_string(), "admin").await.map(drop),
             Op::RemoveMember => o.remove_member(c, &Uuid::now_v7().to_string()).await.map(drop),
             Op::MintToken => o.mint_token(c, &body(json!({"scopes": ["app_read"]}))).await.map(drop),
+            Op::RevokeToken => o.revoke_token(c, &Uuid::now_v7().to_string()).await.map(drop),
             Op::Put => o.kv_put(c, "notes".into(), "k".into(), &json!(1), None).await.map(drop),
             Op::Get => o.kv_get(c, "notes", "k").await.map(drop),
             Op::Delete => o.kv_delete(c, "notes".into(), "k".into(), None).await.map(drop),
@@ -366,4 +369,39 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
     assert!(written.rows.is_empty(), "a refused write wrote a delivery: {:?}", written.rows);
     let triggers = ops.list_triggers(&admin, &page).await.unwrap();
     assert!(triggers.items.is_empty(), "a refused registration registered a trigger");
+}
+
+#[tokio::test]
+async fn minting_answers_the_first_limit_asked_beyond_before_reading_the_next() {
+    let world = World::new().await;
+    let (admin, reader) = (world.caller(&world.callers[2].1).await, world.caller(&world.callers[3].1).await);
+    let limited = world.ops.mint_token(&admin, &body(json!({"app": "shop"}))).await.unwrap().token;
+    let limited = world.caller(&limited).await;
+    let refusals = [
+        (&limited, json!({"scopes": ["everything"]}), ErrorCode::Forbidden, "limited to one app"),
+        (&reader, json!({"scopes": ["app_write"], "expires_in_s": 0}), ErrorCode::Forbidden, "within them"),
+        (
+            &reader,
+            json!({"scopes": ["app_read"], "expires_in_s": 0}),
+            ErrorCode::InvalidField,
+            "expires_in_s",
+        ),
+    ];
+    for (caller, asked, code, says) in refusals {
+        let refused = world.ops.mint_token(caller, &body(asked.clone())).await.expect_err("refused");
+        assert_eq!(refused.code(), code.as_str(), "{asked}: {refused}");
+        assert!(refused.message().contains(says), "{asked}: {refused}");
+    }
+}
+
+#[tokio::test]
+async fn the_operator_mints_a_token_limited_to_an_app_its_principal_holds_no_role_on() {
+    let world = World::new().await;
+    let outsider = world.ops.create_principal(&Caller::operator(None), "outsider", false).await.unwrap();
+    let asked = json!({"principal_id": outsider.id, "app": "shop"});
+    let minted = world.ops.mint_token(&Caller::operator(None), &body(asked.clone())).await.unwrap();
+    assert_eq!(minted.app.as_deref(), Some("shop"));
+    let root = world.caller(&world.callers[5].1).await;
+    let refused = world.ops.mint_token(&root, &body(asked)).await.expect_err("a slug probe");
+    assert_eq!(refused.code(), ErrorCode::AppNotFound.as_str(), "a request is told nothing of the app");
 }

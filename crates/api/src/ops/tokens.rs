@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use picloud_core::token::{MAX_TOKEN_LIFETIME_S, TokenLimits, generate_api_token, hash_api_token};
+use picloud_core::token::{MAX_TOKEN_LIFETIME_S, Widening, generate_api_token, hash_api_token};
 use picloud_core::{Capability, PrincipalId, Scope, ScopeSet};
 use picloud_store::{NewApiToken, NewPlatformAdmin, Store};
 use uuid::Uuid;
 
 use super::Ops;
-use crate::auth::{Caller, Via};
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::views::{CreateToken, TokenCreated};
 
@@ -57,22 +57,28 @@ impl<S: Store> Ops<S> {
             })?;
         // An app the token's principal holds no role on is answered like one that does not
         // exist: the same rule as every app route, so that slugs cannot be probed here either.
+        // The operator, who reads the database anyway, may mint it as asked.
         let app = match body.app.as_deref() {
             Some(slug) => Some(
                 standing
                     .app
-                    .filter(|_| standing.principal.platform_admin || standing.role.is_some())
+                    .filter(|_| {
+                        caller.is_operator() || standing.principal.platform_admin || standing.role.is_some()
+                    })
                     .ok_or_else(|| ApiError::new(ErrorCode::AppNotFound, format!("no app {slug}")))?,
             ),
             None => None,
         };
+        // Each limit is read, then held to the caller's, in turn: what is asked of the first
+        // is answered before the next is read.
+        let held = caller.token_limits();
+        let widening = |widening: Widening| ApiError::forbidden(widening.to_string());
+        let app_id = app.as_ref().map(|a| a.id);
+        held.admits_app(app_id).map_err(widening)?;
         let scopes = body.scopes.as_deref().map(scopes).transpose()?;
+        held.admits_scopes(scopes).map_err(widening)?;
         let expires_at = lifetime(body.expires_in_s)?.map(|after| self.store.clock().now() + after);
-        let wanted = TokenLimits { app: app.as_ref().map(|a| a.id), scopes, expires_at };
-        caller
-            .token_limits()
-            .admits(&wanted)
-            .map_err(|widening| ApiError::forbidden(widening.to_string()))?;
+        held.admits_expiry(expires_at).map_err(widening)?;
         let secret = generate_api_token();
         let token = self
             .store
@@ -80,7 +86,7 @@ impl<S: Store> Ops<S> {
                 id: Uuid::now_v7(),
                 principal_id,
                 token_hash: hash_api_token(&secret),
-                app_id: wanted.app,
+                app_id,
                 scopes,
                 expires_at,
             })
@@ -124,23 +130,5 @@ impl<S: Store> Ops<S> {
         };
         self.store.commit(tx).await?;
         Ok(Some(TokenCreated::new(&token, secret, None)))
-    }
-}
-
-impl Caller {
-    /// How far the credentials reach, for what they may mint: an operator's and an unlimited
-    /// token's not at all.
-    fn token_limits(&self) -> TokenLimits {
-        match &self.via {
-            Via::Token(token) => {
-                TokenLimits { app: token.app_id, scopes: token.scopes, expires_at: token.expires_at }
-            }
-            Via::Delivery(token) => TokenLimits {
-                app: Some(token.app),
-                scopes: Some(token.scopes.for_delivery()),
-                expires_at: None,
-            },
-            Via::Operator => TokenLimits::default(),
-        }
     }
 }

@@ -40,8 +40,7 @@ impl CronRepo for MemStore {
                     app_id: t.app_id,
                     app_slug: state.apps.get(&t.app_id)?.slug.clone(),
                     trigger_name: t.name.clone(),
-                    schedule: schedule.expression().to_owned(),
-                    timezone: schedule.timezone().to_owned(),
+                    schedule: schedule.clone(),
                     max_attempts: t.retry.max_attempts,
                     next_tick_at,
                 })

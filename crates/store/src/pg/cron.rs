@@ -41,8 +41,10 @@ impl CronRepo for PgStore {
                     app_slug: picloud_core::AppSlug::parse(row.try_get::<String, _>("slug")?).map_err(bad)?,
                     trigger_name: picloud_core::TriggerName::parse(row.try_get::<String, _>("name")?)
                         .map_err(bad)?,
-                    schedule: row.try_get("schedule")?,
-                    timezone: row.try_get("timezone")?,
+                    schedule: picloud_core::CronSchedule::stored(
+                        &row.try_get::<String, _>("schedule")?,
+                        &row.try_get::<String, _>("timezone")?,
+                    ),
                     max_attempts: row.try_get::<Option<i32>, _>("retry_max_attempts")?.map(|v| v as u32),
                     next_tick_at: row.try_get("next_tick_at")?,
                 })

@@ -153,11 +153,10 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
             let schedule: Option<String> = row.try_get("schedule")?;
             let timezone: Option<String> = row.try_get("timezone")?;
             TriggerSpec::Cron {
-                schedule: CronSchedule::parse(
+                schedule: CronSchedule::stored(
                     &schedule.ok_or_else(|| missing("schedule"))?,
                     &timezone.ok_or_else(|| missing("timezone"))?,
-                )
-                .map_err(|e| bad(e.to_string()))?,
+                ),
             }
         }
         "dead_letter" => {

@@ -202,6 +202,11 @@ mod postgres_only {
         assert_eq!(s.next_cron_tick(START).await.unwrap(), Some(minutes(1)), "parked triggers are never due");
         assert_eq!(fire(&s, minutes(1)).await, CronPass { triggers: 1, fired: 1, parked: 0 });
         assert_eq!(ticks(&s).await[0].source, "/apps/shop/triggers/fine");
+        let broken = s.trigger(t.app.id, "broken").await.unwrap().expect("it can still be read");
+        let TriggerSpec::Cron { schedule } = broken.spec else { panic!("a cron trigger") };
+        assert_eq!((schedule.expression(), schedule.timezone()), ("61 * * * *", "UTC"), "shown as stored");
+        assert!(schedule.unparsed().is_some());
+        assert_eq!(s.list_triggers(t.app.id, None, 10).await.unwrap().items.len(), 3);
     }
 
     #[tokio::test]
