@@ -88,7 +88,8 @@ async fn a_delivery_in_flight_when_nats_restarts_is_given_back_at_once_without_s
     // answered.
     let calls = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Notify::new());
-    let (worker, mut seen) = start_worker(&w.nats_url(), "shop", "slow", {
+    let worker_client = async_nats::connect(w.nats_url()).await.unwrap();
+    let (worker, mut seen) = start_worker_on(worker_client.clone(), "shop", "slow", {
         let release = release.clone();
         move |_| {
             let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
@@ -108,7 +109,23 @@ async fn a_delivery_in_flight_when_nats_restarts_is_given_back_at_once_without_s
     w.put("orders", "o-1", json!({"n": 1}), 0).await;
     let first = next(&mut seen, "the first delivery").await;
 
+    // The row is held until the worker is subscribed on the restarted server again: the relay
+    // gives it back (and delivers it again) only then, so the new delivery cannot meet a server
+    // where no worker has subscribed yet (no responders, which rightly spends an attempt).
+    let mut hold = w.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE")
+        .bind(first.id)
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let connects = worker_client.statistics().connects.load(Ordering::SeqCst);
     w.nats.restart().await.unwrap();
+    picloud_testkit::eventually("the worker connected to the restarted server", || async {
+        (worker_client.statistics().connects.load(Ordering::SeqCst) > connects).then_some(())
+    })
+    .await;
+    worker_client.flush().await.unwrap();
+    hold.rollback().await.unwrap();
 
     let again = next(&mut seen, "the delivery again, long before its 120 s deadline").await;
     assert_eq!(again.id, first.id);

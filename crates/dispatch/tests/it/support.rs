@@ -81,9 +81,22 @@ where
     F: Fn(Delivery) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
+    start_worker_on(async_nats::connect(nats_url).await.unwrap(), app, handler, reply).await
+}
+
+/// [`start_worker`] on a connection the test keeps a handle of.
+pub async fn start_worker_on<F, Fut>(
+    client: async_nats::Client,
+    app: &str,
+    handler: &str,
+    reply: F,
+) -> (WorkerHandle, mpsc::UnboundedReceiver<Delivery>)
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     let reply = std::sync::Arc::new(reply);
-    let client = async_nats::connect(nats_url).await.unwrap();
     let running = Worker::new(client, app)
         .handle(handler, move |d: Delivery| {
             let _ = tx.send(d.clone());
