@@ -19,6 +19,20 @@ pub const DELIVERY_TOKEN_PREFIX: &str = "pdt_";
 /// `admin … --expires-in`).
 pub const MAX_TOKEN_LIFETIME_S: u64 = 10 * 365 * 86_400;
 
+/// The lifetime a token may be minted with, in seconds: from one second to
+/// [`MAX_TOKEN_LIFETIME_S`]; the refusal says the range.
+pub fn token_lifetime(seconds: u64) -> Result<std::time::Duration, LifetimeOutOfRange> {
+    if seconds == 0 || seconds > MAX_TOKEN_LIFETIME_S {
+        return Err(LifetimeOutOfRange);
+    }
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+/// A token lifetime outside what [`token_lifetime`] allows; it displays the range allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("1 second to 10 years")]
+pub struct LifetimeOutOfRange;
+
 /// A fresh API token: `pcr_` + 32 random bytes, base64url. Shown once, stored as its hash.
 pub fn generate_api_token() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -408,5 +422,14 @@ mod tests {
         assert!(Widening::Expiry(at).to_string().ends_with("expires at 1970-01-01T00:00:00.000Z)"));
         let narrowed = TokenLimits { scopes: Some(ScopeSet::EMPTY.with(Scope::AppRead)), ..held };
         assert_eq!(narrowed.admits(&TokenLimits { expires_at: Some(at), ..same_app }), Err(Widening::Scopes));
+    }
+
+    #[test]
+    fn a_token_lives_one_second_to_ten_years() {
+        assert_eq!(token_lifetime(0), Err(LifetimeOutOfRange));
+        assert_eq!(token_lifetime(1), Ok(std::time::Duration::from_secs(1)));
+        assert!(token_lifetime(MAX_TOKEN_LIFETIME_S).is_ok());
+        assert_eq!(token_lifetime(MAX_TOKEN_LIFETIME_S + 1), Err(LifetimeOutOfRange));
+        assert_eq!(MAX_TOKEN_LIFETIME_S / (365 * 86_400), 10, "the refusal says ten years");
     }
 }

@@ -8,6 +8,7 @@ use clap::Subcommand;
 use picloud_api::ops::dead_letters::DeadLetterQuery;
 use picloud_api::views::CreateToken;
 use picloud_api::{ApiError, Caller, Ops, Page, PageQuery};
+use picloud_core::token::{LifetimeOutOfRange, token_lifetime};
 use picloud_store::AuthRepo as _;
 use serde::Serialize;
 use uuid::Uuid;
@@ -119,14 +120,12 @@ pub enum DeadLettersCommand {
     Ignore { app: String, id: Uuid },
 }
 
-/// The longest `--expires-in`: as `POST /v1/tokens` allows.
-const MAX_EXPIRES_IN: Duration = Duration::from_secs(picloud_core::token::MAX_TOKEN_LIFETIME_S);
-
-/// `--expires-in`: `3600`, `90s`, `15m`, `12h` or `30d`, from one second to ten years.
+/// `--expires-in`: `3600`, `90s`, `15m`, `12h` or `30d`, within the lifetime `POST /v1/tokens`
+/// allows (`token_lifetime`).
 fn parse_expires_in(text: &str) -> Result<Duration, String> {
     let invalid = || {
         format!(
-            "expected seconds or a number with s, m, h or d (e.g. 30d), from 1 second to 10 years; not {text:?}"
+            "expected seconds or a number with s, m, h or d (e.g. 30d), from {LifetimeOutOfRange}; not {text:?}"
         )
     };
     let text = text.trim();
@@ -143,11 +142,7 @@ fn parse_expires_in(text: &str) -> Result<Duration, String> {
     };
     let seconds =
         number.parse::<u64>().ok().and_then(|n| n.checked_mul(seconds_per_unit)).ok_or_else(invalid)?;
-    let duration = Duration::from_secs(seconds);
-    if duration.is_zero() || duration > MAX_EXPIRES_IN {
-        return Err(invalid());
-    }
-    Ok(duration)
+    token_lifetime(seconds).map_err(|_| invalid())
 }
 
 #[allow(clippy::print_stdout)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use picloud_core::token::{MAX_TOKEN_LIFETIME_S, Widening, generate_api_token, hash_api_token};
+use picloud_core::token::{Widening, generate_api_token, hash_api_token, token_lifetime};
 use picloud_core::{Capability, PrincipalId, Scope, ScopeSet};
 use picloud_store::{NewApiToken, NewPlatformAdmin, Store};
 use uuid::Uuid;
@@ -29,14 +29,12 @@ fn scopes(names: &[String]) -> Result<ScopeSet, ApiError> {
         .collect()
 }
 
-/// How long a token may be asked to live: 1 second to [`MAX_TOKEN_LIFETIME_S`].
+/// How long a token is asked to live, if it is: [`token_lifetime`]'s range, or 422.
 fn lifetime(seconds: Option<u64>) -> Result<Option<Duration>, ApiError> {
-    match seconds {
-        Some(s) if s == 0 || s > MAX_TOKEN_LIFETIME_S => {
-            Err(ApiError::invalid("expires_in_s", "expected 1 second to 10 years"))
-        }
-        s => Ok(s.map(Duration::from_secs)),
-    }
+    seconds
+        .map(token_lifetime)
+        .transpose()
+        .map_err(|range| ApiError::invalid("expires_in_s", format!("expected {range}")))
 }
 
 impl<S: Store> Ops<S> {
