@@ -594,3 +594,47 @@ pub struct Health {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub down: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use picloud_core::protocol::TriggerKind;
+    use picloud_core::{AppSlug, Role, TriggerName};
+    use proptest::prelude::*;
+    use utoipa::PartialSchema;
+
+    use super::*;
+
+    /// The `pattern` the OpenAPI document gives `field` of `T`: a literal there (utoipa takes no
+    /// expression), so these tests hold it to the rule that is enforced.
+    fn pattern<T: PartialSchema>(field: &str) -> regex::Regex {
+        let schema = serde_json::to_value(T::schema()).expect("a schema serializes");
+        let pattern = schema["properties"][field]["pattern"].as_str().expect("a documented pattern");
+        regex::Regex::new(pattern).expect("a pattern that compiles")
+    }
+
+    /// Names that are mostly of the allowed characters, some not, some too long.
+    fn names() -> impl Strategy<Value = String> {
+        prop_oneof!["[a-z0-9_-]{0,66}", "[a-zA-Z0-9_ .-]{0,10}", "[a-z][a-z0-9-]{60,64}"]
+    }
+
+    proptest! {
+        #[test]
+        fn the_documented_name_patterns_accept_exactly_what_the_rules_accept(name in names()) {
+            let slug = AppSlug::parse(name.clone()).is_ok();
+            prop_assert_eq!(pattern::<CreateApp>("slug").is_match(&name), slug, "slug {:?}", name);
+            let trigger = TriggerName::parse(name.clone()).is_ok();
+            prop_assert_eq!(pattern::<RegisterTrigger>("name").is_match(&name), trigger, "trigger {:?}", name);
+        }
+    }
+
+    #[test]
+    fn the_documented_roles_and_kinds_are_the_ones_parsed() {
+        let (roles, kinds) = (pattern::<SetRole>("role"), pattern::<RegisterTrigger>("kind"));
+        let words = ["viewer", "developer", "admin", "owner", "Admin", "admins", "", "kv", "pubsub", "queue"];
+        let words = words.into_iter().chain(["cron", "dead_letter", "http", "email", "dead-letter", "kv "]);
+        for word in words {
+            assert_eq!(roles.is_match(word), Role::parse(word).is_some(), "role {word:?}");
+            assert_eq!(kinds.is_match(word), TriggerKind::parse(word).is_some(), "kind {word:?}");
+        }
+    }
+}
