@@ -39,9 +39,7 @@ impl<S: Store> Ops<S> {
         match events::invoke(&self.store, &cx, name, body, waiter).await? {
             SyncCallWrite::Written { row, target } => Ok(SyncCall::Written(Box::new(row), target)),
             SyncCallWrite::Stale => Ok(SyncCall::Stale),
-            SyncCallWrite::NoTrigger => {
-                Err(ApiError::new(ErrorCode::TriggerNotFound, format!("no trigger {name}")))
-            }
+            SyncCallWrite::NoTrigger => Err(picloud_store::Error::TriggerNotFound(name.to_owned()).into()),
             SyncCallWrite::Refused(trigger) if trigger.spec.kind() != TriggerKind::Http => {
                 Err(ApiError::new(
                     ErrorCode::NotAnHttpTrigger,

@@ -49,10 +49,11 @@ impl<S: Store> Ops<S> {
         if principal_id != caller.principal.id {
             caller.require(Capability::ManagePrincipals)?;
         }
-        let standing =
-            self.store.authenticate_principal(principal_id, body.app.as_deref()).await?.ok_or_else(|| {
-                ApiError::new(ErrorCode::PrincipalNotFound, format!("no principal {principal_id}"))
-            })?;
+        let standing = self
+            .store
+            .authenticate_principal(principal_id, body.app.as_deref())
+            .await?
+            .ok_or(picloud_store::Error::PrincipalNotFound(principal_id))?;
         // An app the token's principal holds no role on is answered like one that does not
         // exist: the same rule as every app route, so that slugs cannot be probed here either.
         // The operator, who reads the database anyway, may mint it as asked.

@@ -151,7 +151,7 @@ fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
 }
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::new(ErrorCode::TriggerNotFound, format!("no trigger {name}"))
+    picloud_store::Error::TriggerNotFound(name.to_owned()).into()
 }
 
 impl<S: Store> Ops<S> {
