@@ -48,7 +48,7 @@ impl Caller {
     /// that record no one as having acted (all but registering a trigger).
     pub fn operator(app: Option<App>) -> Caller {
         let nobody = Principal {
-            id: PrincipalId::from_uuid(uuid::Uuid::nil()),
+            id: PrincipalId::NOBODY,
             name: "operator".to_owned(),
             platform_admin: true,
             created_at: time::OffsetDateTime::UNIX_EPOCH,

@@ -13,6 +13,16 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// What the id types share, for the edges that read or write any of them (a column, a token):
+/// there is no `From<Uuid>`, so a UUID becomes an id only where one of these is named, and one
+/// kind of id never becomes another through `.into()`.
+pub trait Id: Copy {
+    /// The id held by `uuid`.
+    fn from_uuid(uuid: Uuid) -> Self;
+    /// The UUID it holds.
+    fn as_uuid(self) -> Uuid;
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -40,15 +50,13 @@ macro_rules! id_type {
             }
         }
 
-        impl From<Uuid> for $name {
-            fn from(uuid: Uuid) -> Self {
+        impl Id for $name {
+            fn from_uuid(uuid: Uuid) -> Self {
                 Self(uuid)
             }
-        }
 
-        impl From<$name> for Uuid {
-            fn from(id: $name) -> Uuid {
-                id.0
+            fn as_uuid(self) -> Uuid {
+                self.0
             }
         }
 
@@ -76,6 +84,12 @@ id_type!(
     /// A principal's id (a user or service identity).
     PrincipalId
 );
+
+impl PrincipalId {
+    /// The id of no principal of the database: who the node's operator (`admin`, `dev`) acts as
+    /// when an operation records no one.
+    pub const NOBODY: PrincipalId = PrincipalId(Uuid::nil());
+}
 id_type!(
     /// A trigger's id.
     TriggerId

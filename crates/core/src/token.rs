@@ -132,8 +132,10 @@ impl TokenKey {
         check.verify_slice(&mac).map_err(|_| TokenError::BadSignature)?;
         let field = |range: std::ops::Range<usize>| &payload[range];
         let token = DeliveryToken {
-            principal: Uuid::from_slice(field(1..17)).map_err(|_| TokenError::Malformed)?.into(),
-            app: Uuid::from_slice(field(17..33)).map_err(|_| TokenError::Malformed)?.into(),
+            principal: PrincipalId::from_uuid(
+                Uuid::from_slice(field(1..17)).map_err(|_| TokenError::Malformed)?,
+            ),
+            app: AppId::from_uuid(Uuid::from_slice(field(17..33)).map_err(|_| TokenError::Malformed)?),
             depth: u32::from_be_bytes(field(33..37).try_into().map_err(|_| TokenError::Malformed)?),
             deadline_ms: i64::from_be_bytes(field(37..45).try_into().map_err(|_| TokenError::Malformed)?),
             scopes: ScopeSet::from_bits(payload[45]),

@@ -451,7 +451,7 @@ pub fn dead_letter_data(d: &DeadLetter) -> serde_json::Value {
     json!({
         "id": d.id,
         "trigger": d.trigger_name,
-        "trigger_id": d.trigger_id,
+        "trigger_id": d.trigger_id.map(TriggerId::as_uuid),
         "kind": d.kind.as_str(),
         "delivery_id": d.delivery_id,
         "reason": d.reason.as_str(),

@@ -93,7 +93,7 @@ impl AuthRepo for PgStore {
             "INSERT INTO apps (id, slug, created_at) VALUES ($1, $2, coalesce($3, now()))
              RETURNING id, slug, created_at",
         )
-        .bind(Uuid::now_v7())
+        .bind(AppId::new().as_uuid())
         .bind(slug.as_str())
         .bind(self.now())
         .fetch_one(&self.pool)
@@ -305,7 +305,7 @@ impl PgStore {
              VALUES ($1, $2, $3, coalesce($4, now()))
              RETURNING id, name, platform_admin, created_at",
         )
-        .bind(Uuid::now_v7())
+        .bind(PrincipalId::new().as_uuid())
         .bind(name)
         .bind(platform_admin)
         .bind(self.now())

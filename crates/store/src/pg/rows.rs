@@ -1,5 +1,6 @@
 //! Reading rows into records: the shared decoding of stored enums, JSON and scopes.
 
+use picloud_core::ids::Id;
 use picloud_core::names::{CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::EventKind;
 use picloud_core::{AppSlug, CollectionPattern, CronSchedule, RetryOverrides, Role, Scope, ScopeSet};
@@ -16,13 +17,13 @@ pub(super) fn corrupt(table: &'static str, detail: impl Into<String>) -> Error {
 }
 
 /// A UUID column read as one of core's typed ids (`AppId`, …), which sqlx cannot decode itself.
-pub(super) fn id<T: From<Uuid>>(row: &PgRow, column: &str) -> Result<T> {
-    Ok(row.try_get::<Uuid, _>(column)?.into())
+pub(super) fn id<T: Id>(row: &PgRow, column: &str) -> Result<T> {
+    Ok(T::from_uuid(row.try_get::<Uuid, _>(column)?))
 }
 
 /// A nullable UUID column read as one of core's typed ids.
-pub(super) fn opt_id<T: From<Uuid>>(row: &PgRow, column: &str) -> Result<Option<T>> {
-    Ok(row.try_get::<Option<Uuid>, _>(column)?.map(T::from))
+pub(super) fn opt_id<T: Id>(row: &PgRow, column: &str) -> Result<Option<T>> {
+    Ok(row.try_get::<Option<Uuid>, _>(column)?.map(T::from_uuid))
 }
 
 pub(super) fn raw_json(table: &'static str, text: String) -> Result<Box<RawValue>> {

@@ -101,8 +101,9 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
     Ok(())
 }
 
-async fn fetch_one(conn: &mut PgConnection, id: Uuid) -> Result<Trigger> {
-    let row = sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.id = $1")).bind(id).fetch_one(conn).await?;
+async fn fetch_one(conn: &mut PgConnection, id: TriggerId) -> Result<Trigger> {
+    let row =
+        sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.id = $1")).bind(id.as_uuid()).fetch_one(conn).await?;
     rows::trigger(&row)
 }
 
@@ -133,7 +134,7 @@ impl TriggerRepo for PgStore {
         .await
         .map_err(|e| map_trigger_error(e, new))?;
         insert_details(&mut tx, new).await.map_err(|e| map_trigger_error(e, new))?;
-        let trigger = fetch_one(&mut tx, new.id.as_uuid()).await?;
+        let trigger = fetch_one(&mut tx, new.id).await?;
         tx.commit().await?;
         Ok(trigger)
     }
@@ -204,12 +205,12 @@ impl TriggerRepo for PgStore {
         .bind(self.now())
         .fetch_optional(&mut *tx)
         .await?;
-        let id = id.ok_or_else(|| Error::TriggerNotFound(name.to_owned()))?;
+        let id = TriggerId::from_uuid(id.ok_or_else(|| Error::TriggerNotFound(name.to_owned()))?);
         if patch.enabled == Some(false) {
             // A disabled cron trigger forgets its next tick: enabled again, it is scheduled from
             // then on, and the ticks it missed while disabled never fire.
             sqlx::query("UPDATE cron_trigger_details SET next_tick_at = NULL WHERE trigger_id = $1")
-                .bind(id)
+                .bind(id.as_uuid())
                 .execute(&mut *tx)
                 .await?;
         }
