@@ -371,6 +371,11 @@ mod tests {
             .prop_map(|(app, scopes, expires_at)| TokenLimits { app, scopes, expires_at })
     }
 
+    /// Limits of up to six tokens, each to mint the next.
+    fn chains() -> impl Strategy<Value = Vec<TokenLimits>> {
+        proptest::collection::vec(limits(), 1..6)
+    }
+
     /// Whether `inner` reaches nowhere `outer` does not, written from the definition: every app,
     /// scope and instant `inner` allows, `outer` allows too. A token not narrowed to scopes holds
     /// every scope there will ever be, one added later included, which no narrowed token holds.
@@ -402,7 +407,7 @@ mod tests {
         }
 
         #[test]
-        fn a_chain_of_minted_tokens_never_reaches_further_than_its_first(chain in proptest::collection::vec(limits(), 1..6)) {
+        fn a_chain_of_minted_tokens_never_reaches_further_than_its_first(chain in chains()) {
             let admitted: Vec<_> = chain.windows(2).take_while(|w| w[0].admits(&w[1]).is_ok()).collect();
             if let Some(last) = admitted.last() {
                 prop_assert!(within(&last[1], &chain[0]));
@@ -433,5 +438,25 @@ mod tests {
         assert!(token_lifetime(MAX_TOKEN_LIFETIME_S).is_ok());
         assert_eq!(token_lifetime(MAX_TOKEN_LIFETIME_S + 1), Err(LifetimeOutOfRange));
         assert_eq!(MAX_TOKEN_LIFETIME_S / (365 * 86_400), 10, "the refusal says ten years");
+    }
+
+    /// Relays sign and API nodes verify, and in a rolling upgrade they run different versions:
+    /// the layout of a token is a wire format, pinned here by one fixed token.
+    #[test]
+    fn the_token_layout_is_fixed_across_versions() {
+        let key = TokenKey::new(b"a fixed key of the layout test");
+        let token = DeliveryToken {
+            principal: PrincipalId::from_uuid(Uuid::from_u128(0x0192_0000_0000_7000_8000_0000_0000_0001)),
+            app: AppId::from_uuid(Uuid::from_u128(0x0192_0000_0000_7000_8000_0000_0000_0002)),
+            depth: 2,
+            deadline_ms: 1_764_324_030_123,
+            scopes: ScopeSet::for_role(Role::Developer),
+        };
+        const SIGNED: &str = concat!(
+            "pdt_AQGSAAAAAHAAgAAAAAAAAAEBkgAAAABwAIAAAAAAAAACAAAAAgAAAZrJ6DarfA",
+            "._FIsS_0gy5tolCYUuSpE-uxUe7sKZVC4Quz32d7AUPQ"
+        );
+        assert_eq!(key.sign(&token), SIGNED);
+        assert_eq!(key.verify(SIGNED, 0), Ok(token));
     }
 }
