@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
-use picloud_core::protocol::{AUTHORIZATION_HEADER, IngestOp, STATUS_HEADER};
+use picloud_core::protocol::{AUTHORIZATION_HEADER, IngestOp, ORDERING_KEY_HEADER, STATUS_HEADER};
 use picloud_worker::{Queue, Serving, Shutdown, serve_queues};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -179,7 +179,9 @@ async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
         }
         IngestOp::Pubsub(topic) => {
             let message: Box<RawValue> = parse_json(&msg.payload)?;
-            Ok(to_json(&state.ops.publish(&caller, topic, &message).await?))
+            let ordering_key =
+                msg.headers.as_ref().and_then(|h| h.get(ORDERING_KEY_HEADER)).map(|v| v.as_str());
+            Ok(to_json(&state.ops.publish(&caller, topic, &message, ordering_key).await?))
         }
         IngestOp::Queue(queue) => {
             let job: EnqueueJob = parse_json(&msg.payload)?;

@@ -1,5 +1,7 @@
 //! The JSON shapes of the API: what routes answer, and the bodies they take.
 
+use picloud_core::Flow;
+use picloud_core::flow::{MAX_CONCURRENCY, MAX_DEBOUNCE_MS, MAX_RATE};
 use picloud_core::retry::{MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 use picloud_core::{RetryOverrides, Role, Scope, TriggerId};
 use picloud_store::{
@@ -207,6 +209,8 @@ pub struct EnqueueJob {
     pub delay_ms: Option<u64>,
     /// Enqueueing the same key again while the job is pending returns the first job.
     pub idempotency_key: Option<String>,
+    /// 1-200 bytes: with `flow.ordering: key`, jobs sharing it run one at a time, in order.
+    pub ordering_key: Option<String>,
 }
 
 /// `POST /v1/apps/{app}/emails`
@@ -258,6 +262,49 @@ fn retry_overrides() -> Schema {
         .property("backoff_max_ms", millis("The longest backoff: at least backoff_base_ms."))
         .additional_properties(Some(AdditionalProperties::FreeForm(false)))
         .description(Some("Retry overrides: each field, when given, replaces the node's default."))
+        .build()
+        .into()
+}
+
+/// The schema of a trigger's `flow` ([`Flow`], DESIGN §13).
+fn flow() -> Schema {
+    let integer = |min: u32, max: u32, description: &str| {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(min))
+            .maximum(Some(max))
+            .description(Some(description))
+    };
+    ObjectBuilder::new()
+        .property(
+            "ordering",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["none", "key", "trigger"]))
+                .description(Some("none (default), key: one at a time per ordering key, in write order; trigger: one at a time for the whole trigger.")),
+        )
+        .property("concurrency", integer(1, MAX_CONCURRENCY, "At most this many deliveries in flight at once, cluster-wide."))
+        .property(
+            "rate",
+            ObjectBuilder::new()
+                .property("per_second", integer(1, MAX_RATE, "Attempts started per second."))
+                .required("per_second")
+                .property("burst", integer(1, MAX_RATE, "The bucket's size (default per_second)."))
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                .description(Some("A token bucket: attempts started per second, cluster-wide.")),
+        )
+        .property(
+            "debounce_ms",
+            integer(1, MAX_DEBOUNCE_MS, "With ordering key: a burst of writes to one key reaches the handler once, with the last value."),
+        )
+        .property(
+            "hold_on_dead_letter",
+            ObjectBuilder::new()
+                .schema_type(Type::Boolean)
+                .description(Some("With ordering: a dead letter keeps its key blocked until it is resolved.")),
+        )
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .description(Some("How the trigger's deliveries flow (DESIGN §13)."))
         .build()
         .into()
 }
@@ -324,6 +371,9 @@ pub struct RegisterTrigger {
     /// Retry overrides.
     #[schema(schema_with = retry_overrides)]
     pub retry: Option<RetryOverrides>,
+    /// How deliveries flow (DESIGN §13); checked field by field, so that a refusal names the field.
+    #[schema(schema_with = flow)]
+    pub flow: Option<serde_json::Value>,
     /// Whether it fires (default true).
     pub enabled: Option<bool>,
 }
@@ -339,6 +389,15 @@ pub struct PatchTrigger {
     /// New retry overrides (replacing the old ones).
     #[schema(schema_with = retry_overrides)]
     pub retry: Option<RetryOverrides>,
+    /// A new flow (replacing the old one); `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(schema_with = flow)]
+    pub flow: Option<serde_json::Value>,
+}
+
+/// A field that may be `null`: given (`Some`, `null` included) or absent (`None`, by default).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// A trigger.
@@ -379,6 +438,10 @@ pub struct TriggerView {
     /// Retry overrides.
     #[schema(schema_with = retry_overrides)]
     pub retry: RetryOverrides,
+    /// How deliveries flow; absent when freely.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = flow)]
+    pub flow: Option<Flow>,
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
@@ -430,6 +493,7 @@ impl From<Trigger> for TriggerView {
                 }
             },
             retry: t.retry,
+            flow: t.flow,
             enabled: t.enabled,
             registered_by: t.registered_by.as_uuid(),
             created_at: rfc3339(t.created_at),

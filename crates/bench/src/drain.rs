@@ -1,5 +1,6 @@
 //! Scenario 1, drain: throughput from a backlog of N deliveries.
 
+use picloud_core::flow::kv_ordering_key;
 use std::time::{Duration, Instant};
 
 use picloud_core::protocol::{EventKind, event_type, source};
@@ -37,6 +38,7 @@ async fn backlog(bench: &Bench, n: usize) -> anyhow::Result<()> {
         let rows: Vec<NewDelivery> = (start..n.min(start + 1000))
             .map(|i| {
                 let (subject, data) = (format!("k{i}"), to_raw_value(&payload(i as u64, 0)).expect("json"));
+                let ordering_key = kv_ordering_key("bench", &subject);
                 let event = Event {
                     kind: EventKind::Kv,
                     event_type: event_type::KV_PUT,
@@ -44,6 +46,7 @@ async fn backlog(bench: &Bench, n: usize) -> anyhow::Result<()> {
                     subject: Some(&subject),
                     payload: &data,
                     depth: 0,
+                    ordering_key: Some(&ordering_key),
                 };
                 event.delivery(bench.app.id, Some(bench.trigger.id), 8)
             })

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod cron;
+pub mod flow;
 pub mod ids;
 pub mod names;
 pub mod net;
@@ -20,6 +21,7 @@ pub mod webhook;
 pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
 pub use config::{ConfigError, Secret, TriggerConfig};
 pub use cron::{CronError, CronSchedule};
+pub use flow::{Flow, FlowError};
 pub use ids::{AppId, PrincipalId, TriggerId};
 pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueName, TopicName, TriggerName};
 pub use net::{AllowNets, Refusal};

@@ -18,6 +18,8 @@ pub const STATUS_HEADER: &str = "Picloud-Status";
 pub const ERROR_HEADER: &str = "Picloud-Error";
 /// Header with the delay a handler asks for before the next attempt, in milliseconds.
 pub const RETRY_AFTER_HEADER: &str = "Picloud-Retry-After-Ms";
+/// A pubsub message's ordering key (HTTP and ingest; DESIGN §13).
+pub const ORDERING_KEY_HEADER: &str = "Picloud-Ordering-Key";
 /// The one header of a delivery.
 pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 /// The content type of a delivery: structured-mode CloudEvents.
@@ -513,6 +515,9 @@ pub struct EnvelopeRef<'a> {
     /// The registering principal (absent for email).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub picloudprincipal: Option<Uuid>,
+    /// The event's ordering key (DESIGN §13; absent when it has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub picloudorderingkey: Option<&'a str>,
     /// The delivery token (absent for email, and stripped before a webhook POST).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub picloudtoken: Option<&'a str>,
@@ -558,6 +563,9 @@ pub struct Envelope {
     /// The registering principal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub picloudprincipal: Option<Uuid>,
+    /// The event's ordering key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picloudorderingkey: Option<String>,
     /// The delivery token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub picloudtoken: Option<String>,
@@ -730,6 +738,7 @@ mod tests {
             picloudtriggerid: Some(id),
             piclouddepth: 1,
             picloudprincipal: Some(id),
+            picloudorderingkey: Some("orders:eu/o-1"),
             picloudtoken: Some("pdt_x"),
             piclouddeadline: 42,
         };
@@ -750,6 +759,7 @@ mod tests {
             "picloudtriggerid",
             "piclouddepth",
             "picloudprincipal",
+            "picloudorderingkey",
             "picloudtoken",
             "piclouddeadline",
         ] {
@@ -759,6 +769,7 @@ mod tests {
         assert_eq!(back.id, id);
         assert_eq!(back.data.get(), data.get());
         assert_eq!(back.picloudattempt, 2);
+        assert_eq!(back.picloudorderingkey.as_deref(), Some("orders:eu/o-1"));
     }
 
     proptest! {

@@ -44,6 +44,8 @@ pub struct Done {
     pub answer: Answer,
     /// For an email: when it was written (a waiting email's backoff grows with its age).
     pub email_written_at: Option<OffsetDateTime>,
+    /// Whether the row heads a lane (its trigger orders deliveries).
+    pub in_lane: bool,
 }
 
 /// What one completion batch did.
@@ -65,6 +67,9 @@ pub struct Completed {
     pub dead_letter_deliveries_failed: usize,
     /// Emails put back to wait, without using up an attempt, because no node sends email.
     pub waiting: usize,
+    /// Heads of lanes that left the outbox (delivered, dead-lettered, dropped): the next row of
+    /// each lane may have become due.
+    pub lanes_moved: usize,
 }
 
 /// The longest an interrupted attempt waits before its row is due again: it was the platform's
@@ -139,6 +144,9 @@ pub async fn complete<S: Store>(
     let now = store.clock().now();
     for d in batch {
         let fate = fate(d);
+        if d.in_lane && matches!(fate, Fate::Delete | Fate::Bury(_)) {
+            stats.lanes_moved += 1;
+        }
         let error = || d.answer.error(handler_timeout);
         match (fate, d.kind) {
             (Fate::Delete, _) => {

@@ -38,6 +38,7 @@ pub(crate) fn envelope(
         picloudtriggerid: run_as.map(|r| r.trigger_id.as_uuid()),
         piclouddepth: row.depth,
         picloudprincipal: run_as.map(|r| r.principal.as_uuid()),
+        picloudorderingkey: row.ordering_key.as_deref(),
         picloudtoken: run_as.map(|r| r.token.as_str()),
         piclouddeadline: deadline_ms,
     };
@@ -80,6 +81,8 @@ mod tests {
             dead_letter_id: None,
             last_error: None,
             created_at: OffsetDateTime::now_utc(),
+            ordering_key: Some(picloud_core::flow::kv_ordering_key(&longest_name(), &longest_name())),
+            in_lane: true,
         }
     }
 
@@ -118,6 +121,7 @@ mod tests {
                 subject: Some(longest_name()),
                 time: OffsetDateTime::now_utc(),
                 depth: u32::MAX,
+                ordering_key: Some(picloud_core::flow::kv_ordering_key(&longest_name(), &longest_name())),
             },
             attempts: u32::MAX,
             reason: DeadLetterReason::Exhausted,
@@ -125,6 +129,7 @@ mod tests {
             created_at: OffsetDateTime::now_utc(),
             resolution: None,
             resolved_at: None,
+            held_lane: None,
         };
         let payload =
             serde_json::value::to_raw_value(&picloud_store::events::dead_letter_data(&dead)).unwrap();

@@ -237,6 +237,7 @@ async fn claim_loop<S: Store>(
     let lease = shared.config.node.lease();
     let mut failures = 0u32;
     let mut next_due = None;
+    let mut lanes_swept = Instant::now();
     loop {
         if shutdown.is_shutdown() {
             return;
@@ -256,6 +257,14 @@ async fn claim_loop<S: Store>(
                     deliver(&shared, claim, &done).await;
                 }
                 if claimed < batch as usize {
+                    // Lanes noted by a relay that died before it released them, or that a writer
+                    // held when they were noted: at most a poll interval late.
+                    if lanes_swept.elapsed() >= shared.config.poll_interval {
+                        lanes_swept = Instant::now();
+                        if release_lanes(&shared).await {
+                            continue;
+                        }
+                    }
                     idle(&shared, &mut shutdown, claimed == 0, &mut next_due).await;
                 }
             }
@@ -547,6 +556,7 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
         policy,
         answer,
         email_written_at: (row.kind == EventKind::Email).then_some(row.created_at),
+        in_lane: row.in_lane,
     }
 }
 
@@ -680,6 +690,30 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
     while abandoned.join_next().await.is_some() {}
 }
 
+/// Lanes released per statement.
+const LANE_RELEASE_BATCH: u32 = 500;
+
+/// Releases the lanes that completions noted (on this node or, having died since, another) until
+/// none is left that can be taken now; whether it released any. A failure is logged: the lanes
+/// stay noted, and the next sweep takes them.
+async fn release_lanes<S: Store>(shared: &Shared<S>) -> bool {
+    let mut released = false;
+    loop {
+        match shared.store.release_lanes(LANE_RELEASE_BATCH).await {
+            Ok(n) => {
+                released |= n > 0;
+                if n < u64::from(LANE_RELEASE_BATCH) {
+                    return released;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing lanes failed; the next sweep tries again");
+                return released;
+            }
+        }
+    }
+}
+
 async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
     let config = &shared.config;
     for tries in 1..=FLUSH_TRIES {
@@ -687,6 +721,10 @@ async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
                 shared.metrics.completed(batch, &stats);
+                if stats.lanes_moved > 0 && release_lanes(shared).await {
+                    // The next row of each lane is due now: claim it without waiting for a poll.
+                    shared.wake.notify_one();
+                }
                 return;
             }
             Err(e) if tries < FLUSH_TRIES => {

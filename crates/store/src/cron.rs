@@ -30,6 +30,8 @@ pub struct DueCron {
     pub schedule: CronSchedule,
     /// The trigger's attempts override, if any.
     pub max_attempts: Option<u32>,
+    /// The trigger's flow (ticks are in its lane when it is ordered as a whole).
+    pub flow: Option<picloud_core::Flow>,
     /// The tick that is due; `None` when none was computed yet (a new or re-enabled trigger).
     pub next_tick_at: Option<OffsetDateTime>,
 }
@@ -117,7 +119,12 @@ fn tick_delivery(d: &DueCron, tick: OffsetDateTime, config: &TriggerConfig) -> N
         subject: None,
         payload: &payload,
         depth: 0,
+        ordering_key: None,
     };
     let max_attempts = d.max_attempts.unwrap_or(config.retry.max_attempts);
-    NewDelivery { event_time: Some(tick), ..event.delivery(d.app_id, Some(d.trigger_id), max_attempts) }
+    NewDelivery {
+        event_time: Some(tick),
+        lane: d.flow.and_then(|flow| flow.lane(None)).map(str::to_owned),
+        ..event.delivery(d.app_id, Some(d.trigger_id), max_attempts)
+    }
 }

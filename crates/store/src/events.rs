@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use picloud_core::flow::kv_ordering_key;
 use picloud_core::names::{CollectionName, KvKey, QueueName, TopicName};
 use picloud_core::protocol::{EventKind, event_type, rfc3339_millis, source};
 use picloud_core::{AppId, AppSlug, TriggerConfig, TriggerId};
@@ -66,6 +67,8 @@ pub struct Event<'a> {
     pub payload: &'a RawValue,
     /// The event's depth.
     pub depth: u32,
+    /// The event's ordering key (DESIGN §13), if it has one.
+    pub ordering_key: Option<&'a str>,
 }
 
 impl Event<'_> {
@@ -89,6 +92,18 @@ impl Event<'_> {
             idempotency_key: None,
             dead_letter_id: None,
             event_time: None,
+            ordering_key: self.ordering_key.map(str::to_owned),
+            lane: None,
+            front_of_lane: false,
+        }
+    }
+
+    /// A new delivery of this event to `trigger`, with the trigger's attempts and, when the
+    /// trigger orders its deliveries, in the lane its flow puts it in.
+    pub fn delivery_to(&self, app_id: AppId, trigger: &Trigger, config: &TriggerConfig) -> NewDelivery {
+        NewDelivery {
+            lane: trigger.flow.and_then(|flow| flow.lane(self.ordering_key)).map(str::to_owned),
+            ..self.delivery(app_id, Some(trigger.id), max_attempts(trigger, config))
         }
     }
 }
@@ -117,7 +132,7 @@ async fn fire<S: Store>(
         return Ok(Fired { deliveries: 0, too_deep: written.len() });
     }
     let rows: Vec<NewDelivery> =
-        triggers.iter().map(|t| event.delivery(cx.app_id, Some(t.id), max_attempts(t, cx.config))).collect();
+        triggers.iter().map(|t| event.delivery_to(cx.app_id, t, cx.config)).collect();
     s.insert_deliveries(tx, &rows).await?;
     Ok(Fired { deliveries: rows.len(), too_deep: 0 })
 }
@@ -148,6 +163,7 @@ async fn too_deep<S: Store>(
                 subject: event.subject.map(str::to_owned),
                 time,
                 depth: cx.depth,
+                ordering_key: event.ordering_key.map(str::to_owned),
             },
             attempts: 0,
             reason: DeadLetterReason::MaxDepth,
@@ -179,13 +195,29 @@ pub async fn kv_put<S: Store>(
     expected: Option<i64>,
 ) -> Result<(KvPutResult, Fired)> {
     let source = source::kv(cx.app_slug.as_str(), collection.as_str());
+    let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
     if expected.is_none() && cx.depth < cx.config.max_depth {
-        let put = firing_put(cx, &source, collection, key, value);
-        let (result, deliveries) = s.kv_put_firing(Some(tx), &put).await?;
-        return Ok((result, Fired { deliveries, too_deep: 0 }));
+        let put = firing_put(cx, &source, &ordering_key, collection, key, value);
+        if let Some((result, deliveries)) = s.kv_put_firing(Some(tx), &put).await? {
+            return Ok((result, Fired { deliveries, too_deep: 0 }));
+        }
     }
+    kv_put_matching(s, tx, cx, collection, key, value, expected).await
+}
+
+/// [`kv_put`] as separate statements: the upsert, the trigger match, the deliveries.
+async fn kv_put_matching<S: Store>(
+    s: &S,
+    tx: &mut S::Tx,
+    cx: &EventContext<'_>,
+    collection: &CollectionName,
+    key: &KvKey,
+    value: &serde_json::Value,
+    expected: Option<i64>,
+) -> Result<(KvPutResult, Fired)> {
     let put = s.kv_put(tx, cx.app_id, collection.as_str(), key.as_str(), value, expected).await?;
     let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Put).await?;
+    let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
     let data = kv_event_data(
         collection.as_str(),
         key.as_str(),
@@ -197,17 +229,19 @@ pub async fn kv_put<S: Store>(
     let event = Event {
         kind: EventKind::Kv,
         event_type: event_type::KV_PUT,
-        source,
+        source: source::kv(cx.app_slug.as_str(), collection.as_str()),
         subject: Some(key.as_str()),
         payload: &data,
         depth: cx.depth,
+        ordering_key: Some(&ordering_key),
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok((put, fired))
 }
 
 /// [`kv_put`] committed on its own, and the relays woken: the write path of one KV put. Without
-/// an expected version and below the depth limit it is a single statement (one round trip).
+/// an expected version, below the depth limit and when no trigger it fires orders its
+/// deliveries, it is a single statement (one round trip).
 pub async fn kv_put_now<S: Store>(
     s: &S,
     cx: &EventContext<'_>,
@@ -216,20 +250,28 @@ pub async fn kv_put_now<S: Store>(
     value: &serde_json::Value,
     expected: Option<i64>,
 ) -> Result<(KvPutResult, Fired)> {
+    let source = source::kv(cx.app_slug.as_str(), collection.as_str());
+    let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
+    let put = firing_put(cx, &source, &ordering_key, collection, key, value);
     let mut tries = 0;
     loop {
-        let written = if expected.is_none() && cx.depth < cx.config.max_depth {
-            let source = source::kv(cx.app_slug.as_str(), collection.as_str());
-            let put = firing_put(cx, &source, collection, key, value);
+        let fast = if expected.is_none() && cx.depth < cx.config.max_depth {
             s.kv_put_firing(None, &put)
                 .await
-                .map(|(result, deliveries)| (result, Fired { deliveries, too_deep: 0 }))
+                .map(|w| w.map(|(result, deliveries)| (result, Fired { deliveries, too_deep: 0 })))
         } else {
-            let mut tx = s.begin().await?;
-            match kv_put(s, &mut tx, cx, collection, key, value, expected).await {
-                Ok(written) => s.commit(tx).await.map(|()| written),
-                Err(e) => Err(e),
+            Ok(None)
+        };
+        let written = match fast {
+            Ok(Some(written)) => Ok(written),
+            Ok(None) => {
+                let mut tx = s.begin().await?;
+                match kv_put_matching(s, &mut tx, cx, collection, key, value, expected).await {
+                    Ok(written) => s.commit(tx).await.map(|()| written),
+                    Err(e) => Err(e),
+                }
             }
+            Err(e) => Err(e),
         };
         match written {
             Err(Error::Conflict(_)) if tries < 5 => tries += 1,
@@ -247,6 +289,7 @@ pub async fn kv_put_now<S: Store>(
 fn firing_put<'a>(
     cx: &EventContext<'_>,
     source: &'a str,
+    ordering_key: &'a str,
     collection: &'a CollectionName,
     key: &'a KvKey,
     value: &'a serde_json::Value,
@@ -256,6 +299,7 @@ fn firing_put<'a>(
         source,
         collection: collection.as_str(),
         key: key.as_str(),
+        ordering_key,
         value,
         depth: cx.depth,
         default_max_attempts: cx.config.retry.max_attempts,
@@ -278,6 +322,7 @@ pub async fn kv_delete<S: Store>(
         return Ok(None);
     };
     let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Delete).await?;
+    let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
     let data = kv_event_data(
         collection.as_str(),
         key.as_str(),
@@ -293,19 +338,21 @@ pub async fn kv_delete<S: Store>(
         subject: Some(key.as_str()),
         payload: &data,
         depth: cx.depth,
+        ordering_key: Some(&ordering_key),
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok(Some((deleted, fired)))
 }
 
-/// Publishes a message to a topic: every matching `pubsub` trigger gets its own delivery.
-/// Returns the message's id.
+/// Publishes a message to a topic: every matching `pubsub` trigger gets its own delivery, in the
+/// lane of `ordering_key` when the trigger orders by key. Returns the message's id.
 pub async fn publish<S: Store>(
     s: &S,
     tx: &mut S::Tx,
     cx: &EventContext<'_>,
     topic: &TopicName,
     message: &RawValue,
+    ordering_key: Option<&str>,
 ) -> Result<(Uuid, Fired)> {
     let triggers = s.list_matching_pubsub(tx, cx.app_id, topic.as_str()).await?;
     let event = Event {
@@ -315,6 +362,7 @@ pub async fn publish<S: Store>(
         subject: None,
         payload: message,
         depth: cx.depth,
+        ordering_key,
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
     Ok((Uuid::now_v7(), fired))
@@ -329,6 +377,8 @@ pub struct Job<'a> {
     pub delay: Duration,
     /// A key that makes enqueueing the same job twice a no-op while it is pending.
     pub idempotency_key: Option<&'a str>,
+    /// The job's ordering key (DESIGN §13), checked by the caller.
+    pub ordering_key: Option<&'a str>,
 }
 
 /// What enqueueing did.
@@ -366,6 +416,7 @@ pub async fn enqueue<S: Store>(
         subject: None,
         payload: job.payload,
         depth: cx.depth,
+        ordering_key: job.ordering_key,
     };
     if cx.depth >= cx.config.max_depth {
         let dead = too_deep(s, tx, cx, std::slice::from_ref(&trigger), &event).await?;
@@ -374,7 +425,7 @@ pub async fn enqueue<S: Store>(
     let row = NewDelivery {
         delay: job.delay,
         idempotency_key: job.idempotency_key.map(str::to_owned),
-        ..event.delivery(cx.app_id, Some(trigger.id), max_attempts(&trigger, cx.config))
+        ..event.delivery_to(cx.app_id, &trigger, cx.config)
     };
     if row.idempotency_key.is_some() {
         let (id, created) = s.insert_idempotent(tx, &row).await?;
@@ -439,6 +490,7 @@ pub async fn send_email<S: Store>(
         subject: None,
         payload: email,
         depth: cx.depth,
+        ordering_key: None,
     };
     let row = event.delivery(cx.app_id, None, cx.config.retry.max_attempts);
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
@@ -494,11 +546,12 @@ pub async fn fan_out_dead_letters<S: Store>(
             subject: None,
             payload: &data,
             depth: d.headers.depth,
+            ordering_key: None,
         };
         rows.extend(triggers.iter().map(|t| NewDelivery {
             dead_letter_id: Some(d.id),
             event_time: Some(d.created_at),
-            ..event.delivery(d.app_id, Some(t.id), max_attempts(t, config))
+            ..event.delivery_to(d.app_id, t, config)
         }));
     }
     s.insert_deliveries(tx, &rows).await?;
@@ -506,7 +559,8 @@ pub async fn fan_out_dead_letters<S: Store>(
 }
 
 /// Replays a dead letter: a fresh delivery of the same event to the same trigger (attempts reset)
-/// and the resolution `replayed`. Fails with [`Error::TriggerGone`] when its trigger was deleted.
+/// and the resolution `replayed`. When the dead letter held its lane, the replay is the lane's
+/// next delivery; otherwise it joins the back of its lane like a new event. Fails with [`Error::TriggerGone`] when its trigger was deleted.
 pub async fn replay<S: Store>(
     s: &S,
     tx: &mut S::Tx,
@@ -517,9 +571,9 @@ pub async fn replay<S: Store>(
         Some(id) if dead.kind != EventKind::Email => s.trigger_by_id(tx, dead.app_id, id).await?,
         _ => None,
     };
-    let (trigger_id, attempts) = match (dead.kind, trigger) {
-        (EventKind::Email, _) => (None, config.retry.max_attempts),
-        (_, Some(t)) => (Some(t.id), max_attempts(&t, config)),
+    let trigger = match (dead.kind, trigger) {
+        (EventKind::Email, _) => None,
+        (_, Some(t)) => Some(t),
         _ => return Err(Error::TriggerGone(dead.trigger_name.clone().unwrap_or_default())),
     };
     let event = Event {
@@ -529,11 +583,16 @@ pub async fn replay<S: Store>(
         subject: dead.headers.subject.as_deref(),
         payload: &dead.payload,
         depth: dead.headers.depth,
+        ordering_key: dead.headers.ordering_key.as_deref(),
     };
-    let row = NewDelivery {
-        event_time: Some(dead.headers.time),
-        ..event.delivery(dead.app_id, trigger_id, attempts)
+    let row = match &trigger {
+        Some(t) => event.delivery_to(dead.app_id, t, config),
+        None => event.delivery(dead.app_id, None, config.retry.max_attempts),
     };
+    // The replay of a dead letter that held its lane goes first, before the deliveries it held
+    // back; the resolution below then releases the lane to it.
+    let row =
+        NewDelivery { event_time: Some(dead.headers.time), front_of_lane: dead.held_lane.is_some(), ..row };
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
     let replayed = s
         .resolve(tx, dead.app_id, dead.id, Resolution::Replayed, false)

@@ -301,6 +301,12 @@ pub trait OutboxRepo: Transactional {
     fn wake_relays(&self) -> impl Future<Output = Result<()>> + Send;
     /// How long until the earliest delivery that is not due yet becomes due, if there is one.
     fn next_due_in(&self) -> impl Future<Output = Result<Option<Duration>>> + Send;
+    /// Releases up to `batch` of the lanes that completions and resolutions noted (their head
+    /// left the outbox, or their dead letter was resolved), under the lanes' locks: each lane's
+    /// first row becomes its head, unless it is the head already or a dead letter holds the
+    /// lane. Never waits for a lock: a lane a writer holds stays noted for the next call.
+    /// Returns how many lanes it released.
+    fn release_lanes(&self, batch: u32) -> impl Future<Output = Result<u64>> + Send;
     /// Inserts deliveries in the caller's transaction. A repeated idempotency key fails with
     /// [`Error::DuplicateIdempotencyKey`].
     fn insert_deliveries(
@@ -454,12 +460,13 @@ pub trait KvRepo: Transactional {
     /// with the event data of DESIGN §3. In `tx`, or in a statement of its own when `tx` is
     /// `None` (for Postgres one round trip: the write path of a single KV put). A concurrent
     /// first write of the same key fails with [`Error::Conflict`]; try again. Returns the put and
-    /// how many deliveries it wrote.
+    /// how many deliveries it wrote; `None`, having written nothing, when a trigger it fires
+    /// orders its deliveries (lanes are written by [`OutboxRepo::insert_deliveries`]).
     fn kv_put_firing(
         &self,
         tx: Option<&mut Self::Tx>,
         put: &model::FiringPut<'_>,
-    ) -> impl Future<Output = Result<(model::KvPutResult, usize)>> + Send;
+    ) -> impl Future<Output = Result<Option<(model::KvPutResult, usize)>>> + Send;
     /// Deletes an entry, returning it; `None` if it did not exist. With `expected`, only if its
     /// version is that.
     fn kv_delete(

@@ -3,7 +3,7 @@
 use picloud_core::names::{AppSlug, CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
-    AppId, CollectionPattern, CronSchedule, PrincipalId, RetryOverrides, Role, ScopeSet, TriggerId,
+    AppId, CollectionPattern, CronSchedule, Flow, PrincipalId, RetryOverrides, Role, ScopeSet, TriggerId,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -199,6 +199,8 @@ pub struct NewTrigger {
     pub handler: Handler,
     /// Its retry overrides.
     pub retry: RetryOverrides,
+    /// How its deliveries flow (DESIGN §13); `None`: freely.
+    pub flow: Option<Flow>,
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
@@ -220,6 +222,8 @@ pub struct Trigger {
     pub handler: Handler,
     /// Its retry overrides.
     pub retry: RetryOverrides,
+    /// How its deliveries flow (DESIGN §13); `None`: freely.
+    pub flow: Option<Flow>,
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
@@ -239,6 +243,9 @@ pub struct TriggerPatch {
     pub handler: Option<Handler>,
     /// New retry overrides (replacing the old ones whole).
     pub retry: Option<RetryOverrides>,
+    /// A new flow (`Some(None)` removes it). Deliveries written before keep the lane they were
+    /// written in.
+    pub flow: Option<Option<Flow>>,
 }
 
 /// A delivery to write into the outbox.
@@ -274,6 +281,14 @@ pub struct NewDelivery {
     pub dead_letter_id: Option<Uuid>,
     /// When the event happened; None means now.
     pub event_time: Option<OffsetDateTime>,
+    /// The event's ordering key, if it has one.
+    pub ordering_key: Option<String>,
+    /// The lane the delivery waits its turn in, when its trigger orders deliveries
+    /// ([`picloud_core::Flow::lane`]).
+    pub lane: Option<String>,
+    /// Whether it goes to the front of its lane, before the deliveries waiting there (the replay
+    /// of a dead letter that held its lane); otherwise it goes to the back.
+    pub front_of_lane: bool,
 }
 
 /// A sync call to write (DESIGN §8): an invocation of the trigger named `trigger_name` in the
@@ -309,6 +324,7 @@ impl NewSyncCall {
             subject: None,
             payload: &self.payload,
             depth: self.depth,
+            ordering_key: None,
         };
         NewDelivery {
             id: self.id,
@@ -351,6 +367,11 @@ pub struct ClaimedDelivery {
     pub last_error: Option<String>,
     /// When the event happened.
     pub created_at: OffsetDateTime,
+    /// The event's ordering key, if it has one.
+    pub ordering_key: Option<String>,
+    /// Whether it is the head of a lane: the lane's next row waits until this one has left the
+    /// outbox.
+    pub in_lane: bool,
 }
 
 /// A failed attempt to schedule again.
@@ -451,6 +472,9 @@ pub struct EventHeaders {
     pub time: OffsetDateTime,
     /// The event's depth.
     pub depth: u32,
+    /// The event's ordering key, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
 }
 
 /// A dead letter to write directly (one not moved from the outbox, e.g. `max_depth`).
@@ -524,6 +548,8 @@ pub struct DeadLetter {
     pub resolution: Option<Resolution>,
     /// When it was resolved.
     pub resolved_at: Option<OffsetDateTime>,
+    /// The lane it keeps blocked until it is resolved (its trigger holds keys on dead letters).
+    pub held_lane: Option<String>,
 }
 
 /// Which dead letters to list.
@@ -687,6 +713,8 @@ pub struct FiringPut<'a> {
     pub collection: &'a str,
     /// The key.
     pub key: &'a str,
+    /// The event's ordering key (`<collection>/<key>`).
+    pub ordering_key: &'a str,
     /// The new value.
     pub value: &'a serde_json::Value,
     /// The event's depth (below the limit: the caller checked).

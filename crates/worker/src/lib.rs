@@ -121,6 +121,12 @@ impl Delivery {
     pub fn raw_data(&self) -> &RawValue {
         &self.event.data
     }
+
+    /// The event's ordering key (DESIGN §13): a KV entry's `<collection>/<key>`, a job's
+    /// `ordering_key`, a message's `Picloud-Ordering-Key`; `None` when it has none.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.event.picloudorderingkey.as_deref()
+    }
 }
 
 /// A handler's answer.

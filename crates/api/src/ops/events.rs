@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use picloud_core::flow::check_ordering_key;
+use picloud_core::protocol::ORDERING_KEY_HEADER;
 use picloud_core::{Capability, QueueName, TopicName};
 use picloud_store::Store;
 use picloud_store::events::{self, Enqueued, Job};
@@ -28,18 +30,23 @@ fn is_address(address: &str) -> bool {
 }
 
 impl<S: Store> Ops<S> {
-    /// Publishes a message on `topic`: every matching pubsub trigger gets a delivery.
+    /// Publishes a message on `topic`, with the ordering key of its `Picloud-Ordering-Key`
+    /// header if it has one: every matching pubsub trigger gets a delivery.
     pub async fn publish(
         &self,
         caller: &Caller,
         topic: String,
         message: &RawValue,
+        ordering_key: Option<&str>,
     ) -> Result<Published, ApiError> {
         let app = caller.require_app(Capability::AppPublish)?;
         let topic = TopicName::parse(topic).map_err(|e| ApiError::invalid("topic", e))?;
+        if let Some(key) = ordering_key {
+            check_ordering_key(key).map_err(|e| ApiError::invalid(ORDERING_KEY_HEADER, e))?;
+        }
         let cx = self.event_context(app, caller);
         let mut tx = self.store.begin().await?;
-        let (id, fired) = events::publish(&self.store, &mut tx, &cx, &topic, message).await?;
+        let (id, fired) = events::publish(&self.store, &mut tx, &cx, &topic, message, ordering_key).await?;
         events::commit_and_wake(&self.store, tx).await?;
         Ok(Published { id, deliveries: fired.deliveries })
     }
@@ -61,11 +68,15 @@ impl<S: Store> Ops<S> {
         if job.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
             return Err(ApiError::invalid("idempotency_key", "expected 1 to 200 bytes"));
         }
+        if let Some(key) = &job.ordering_key {
+            check_ordering_key(key).map_err(|e| ApiError::invalid("ordering_key", e))?;
+        }
         let cx = self.event_context(app, caller);
         let spec = Job {
             payload: &job.payload,
             delay: Duration::from_millis(delay),
             idempotency_key: job.idempotency_key.as_deref(),
+            ordering_key: job.ordering_key.as_deref(),
         };
         let mut tx = self.store.begin().await?;
         let enqueued = events::enqueue(&self.store, &mut tx, &cx, &queue, spec).await?;

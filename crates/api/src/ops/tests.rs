@@ -227,7 +227,7 @@ impl Op {
             Op::Get => o.kv_get(c, "notes", "k").await.map(drop),
             Op::Delete => o.kv_delete(c, "notes".into(), "k".into(), None).await.map(drop),
             Op::ListKeys => o.kv_list(c, "notes", "", &page).await.map(drop),
-            Op::Publish => o.publish(c, "news".into(), &raw(&json!({}))).await.map(drop),
+            Op::Publish => o.publish(c, "news".into(), &raw(&json!({})), None).await.map(drop),
             Op::Enqueue => {
                 o.enqueue(c, "jobs".into(), &body::<EnqueueJob>(json!({"payload": 1}))).await.map(drop)
             }
@@ -316,7 +316,17 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
     let refusals: Vec<(&str, Result<(), ApiError>)> = vec![
         ("collection", ops.kv_put(&admin, "a/b".into(), "k".into(), &json!(1), None).await.map(drop)),
         ("key", ops.kv_put(&admin, "notes".into(), String::new(), &json!(1), None).await.map(drop)),
-        ("topic", ops.publish(&admin, "a/b".into(), &raw(&json!(1))).await.map(drop)),
+        ("topic", ops.publish(&admin, "a/b".into(), &raw(&json!(1)), None).await.map(drop)),
+        (
+            "Picloud-Ordering-Key",
+            ops.publish(&admin, "news".into(), &raw(&json!(1)), Some("")).await.map(drop),
+        ),
+        (
+            "ordering_key",
+            ops.enqueue(&admin, "jobs".into(), &body(json!({"payload": 1, "ordering_key": "x".repeat(201)})))
+                .await
+                .map(drop),
+        ),
         ("queue", ops.enqueue(&admin, "a/b".into(), &body(json!({"payload": 1}))).await.map(drop)),
         (
             "delay_ms",

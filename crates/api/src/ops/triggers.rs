@@ -5,7 +5,7 @@ use picloud_core::cron::DEFAULT_TIMEZONE;
 use picloud_core::net::AllowNets;
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
-    Capability, CollectionPattern, CronSchedule, HandlerName, QueueName, RetryOverrides, TriggerConfig,
+    Capability, CollectionPattern, CronSchedule, Flow, HandlerName, QueueName, RetryOverrides, TriggerConfig,
     TriggerId, TriggerName,
 };
 use picloud_store::{Handler, KvOp, NewTrigger, Store, TriggerPatch, TriggerSpec};
@@ -63,6 +63,32 @@ fn sees_webhook_urls(caller: &Caller) -> bool {
 fn retry(config: &TriggerConfig, retry: RetryOverrides) -> Result<RetryOverrides, ApiError> {
     config.retry.with_overrides(&retry).map_err(|e| ApiError::invalid("retry", e))?;
     Ok(retry)
+}
+
+/// A `flow` as given (`null`: none), checked for a trigger of `kind`. `http` triggers take none:
+/// their calls are made at once, to a caller who waits. The limits of `concurrency`, `rate` and
+/// `debounce_ms` are refused until the router enforces them, rather than accepted and ignored.
+fn flow(kind: TriggerKind, given: &serde_json::Value) -> Result<Option<Flow>, ApiError> {
+    let flow = Flow::from_json(given).map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    if flow.is_some() && kind == TriggerKind::Http {
+        return Err(ApiError::invalid(
+            "flow",
+            "http triggers are called synchronously; their calls do not flow",
+        ));
+    }
+    let unsupported = flow.and_then(|f| {
+        [
+            ("concurrency", f.concurrency.is_some()),
+            ("rate", f.rate.is_some()),
+            ("debounce_ms", f.debounce_ms.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(field, set)| set.then_some(field))
+    });
+    if let Some(field) = unsupported {
+        return Err(ApiError::invalid(&format!("flow.{field}"), "not supported by this router yet"));
+    }
+    Ok(flow)
 }
 
 /// The kind-specific fields, checked against the kind.
@@ -164,6 +190,7 @@ impl<S: Store> Ops<S> {
         let app = caller.require_app(Capability::AppManageTriggers)?;
         let name = TriggerName::parse(body.name.clone()).map_err(|e| ApiError::invalid("name", e))?;
         let spec = spec(&body)?;
+        let flow = flow(spec.kind(), body.flow.as_ref().unwrap_or(&serde_json::Value::Null))?;
         let new = NewTrigger {
             id: TriggerId::new(),
             app_id: app.id,
@@ -171,6 +198,7 @@ impl<S: Store> Ops<S> {
             spec,
             handler: handler(&self.webhook_allow_nets, body.handler)?,
             retry: retry(&self.triggers, body.retry.unwrap_or_default())?,
+            flow,
             enabled: body.enabled.unwrap_or(true),
             registered_by: caller.principal.id,
         };
@@ -198,7 +226,9 @@ impl<S: Store> Ops<S> {
         Ok(TriggerView::shown_to(trigger, sees_webhook_urls(caller)))
     }
 
-    /// Enables or disables a trigger, or changes its handler or retry overrides.
+    /// Enables or disables a trigger, or changes its handler, retry overrides or flow. A new flow
+    /// applies to deliveries written after it: those written before keep the lane they were
+    /// written in, and dead letters that hold a lane hold it until they are resolved.
     pub async fn patch_trigger(
         &self,
         caller: &Caller,
@@ -206,10 +236,18 @@ impl<S: Store> Ops<S> {
         body: PatchTrigger,
     ) -> Result<TriggerView, ApiError> {
         let app = caller.require_app(Capability::AppManageTriggers)?;
+        let flow = match &body.flow {
+            None => None,
+            Some(given) => {
+                let trigger = self.store.trigger(app.id, name).await?.ok_or_else(|| not_found(name))?;
+                Some(flow(trigger.spec.kind(), given)?)
+            }
+        };
         let patch = TriggerPatch {
             enabled: body.enabled,
             handler: body.handler.map(|h| handler(&self.webhook_allow_nets, h)).transpose()?,
             retry: body.retry.map(|r| retry(&self.triggers, r)).transpose()?,
+            flow,
         };
         let trigger = self.store.update_trigger(app.id, name, &patch).await?;
         Ok(TriggerView::shown_to(trigger, sees_webhook_urls(caller)))

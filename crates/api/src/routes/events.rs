@@ -2,7 +2,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use picloud_core::protocol::ORDERING_KEY_HEADER;
 use serde_json::value::RawValue;
 
 use crate::ApiState;
@@ -13,18 +14,27 @@ use crate::views::*;
 
 /// Publish a message: every matching pubsub trigger gets a delivery.
 #[utoipa::path(post, path = "/v1/apps/{app}/topics/{topic}/messages", tag = "events", operation_id = "publish_message",
-    params(("app" = String, Path), ("topic" = String, Path)),
+    params(("app" = String, Path), ("topic" = String, Path),
+           ("Picloud-Ordering-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 200,
+            description = "the message's ordering key: with `flow.ordering: key`, messages sharing it are handled one at a time, in order")),
     request_body(content = serde_json::Value, description = "the message: any JSON value"),
     responses(
         (status = 202, body = Published, description = "the message's id, and the deliveries written"),
-        (status = 422, body = ErrorBody, description = "`invalid_field`: the topic breaks the name rule")))]
+        (status = 422, body = ErrorBody, description = "`invalid_field`: the topic or the ordering key breaks its rule")))]
 pub async fn publish(
     State(state): State<ApiState>,
     caller: Caller,
     PathParams((_, topic)): PathParams<(String, String)>,
+    headers: HeaderMap,
     JsonBody(message): JsonBody<Box<RawValue>>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
-    Ok((StatusCode::ACCEPTED, Json(state.ops.publish(&caller, topic, &message).await?)))
+    let ordering_key = match headers.get(ORDERING_KEY_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value.to_str().map_err(|_| ApiError::invalid(ORDERING_KEY_HEADER, "expected printable UTF-8"))?,
+        ),
+    };
+    Ok((StatusCode::ACCEPTED, Json(state.ops.publish(&caller, topic, &message, ordering_key).await?)))
 }
 
 /// Enqueue a job on a queue; a repeated idempotency key answers 200 with the first job's id.

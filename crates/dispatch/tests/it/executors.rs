@@ -186,6 +186,7 @@ async fn webhook_trigger(w: &World, url: &str, retry: RetryOverrides) -> Trigger
             },
             handler: Handler::Webhook { url: url.into(), secret: WEBHOOK_SECRET.into() },
             retry,
+            flow: None,
             enabled: true,
             registered_by: w.admin.id,
         })

@@ -49,6 +49,7 @@ async fn dead_letters(w: &World, store: &PgStore, n: usize, resolved: bool) -> V
                 subject: None,
                 time: OffsetDateTime::now_utc(),
                 depth: 0,
+                ordering_key: None,
             },
             attempts: 3,
             reason: DeadLetterReason::Exhausted,

@@ -3,6 +3,7 @@
 mod cron;
 mod delivery;
 mod executors;
+mod flow;
 mod janitor;
 mod observability;
 mod outages;

@@ -36,6 +36,9 @@ async fn backlog(w: &World, trigger: &Trigger, n: usize) -> HashSet<Uuid> {
                 idempotency_key: None,
                 dead_letter_id: None,
                 event_time: None,
+                ordering_key: None,
+                lane: None,
+                front_of_lane: false,
             })
             .collect();
         ids.extend(rows.iter().map(|r| r.id));

@@ -128,7 +128,7 @@ pub struct World {
     pub app: App,
     pub admin: Principal,
     pub config: TriggerConfig,
-    _db: TestDatabase,
+    db: TestDatabase,
 }
 
 impl World {
@@ -140,11 +140,15 @@ impl World {
         let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
         let admin = store.create_principal("shop-admin", false).await.unwrap();
         store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
-        World { store, nats, app, admin, config: relay_config("x").node.triggers, _db: db }
+        World { store, nats, app, admin, config: relay_config("x").node.triggers, db }
     }
 
     pub fn nats_url(&self) -> String {
         self.nats.url()
+    }
+
+    pub fn db_url(&self) -> &str {
+        self.db.url()
     }
 
     pub async fn trigger(&self, name: &str, spec: TriggerSpec, handler: &str) -> Trigger {
@@ -156,6 +160,7 @@ impl World {
                 spec,
                 handler: Handler::Function(HandlerName::parse(handler).unwrap()),
                 retry: RetryOverrides::default(),
+                flow: None,
                 enabled: true,
                 registered_by: self.admin.id,
             })

@@ -277,7 +277,12 @@ async fn write_events(store: &PgStore, app: &App) -> Vec<Uuid> {
             for i in 0..WRITE_BATCH {
                 let payload =
                     RawValue::from_string(format!("{{\"n\":{}}}", batch * WRITE_BATCH + i)).unwrap();
-                let job = Job { payload: &payload, delay: Duration::ZERO, idempotency_key: None };
+                let job = Job {
+                    payload: &payload,
+                    delay: Duration::ZERO,
+                    idempotency_key: None,
+                    ordering_key: None,
+                };
                 match events::enqueue(store, &mut tx, &cx, &queue, job).await.unwrap() {
                     Enqueued::Created(id) => ids.push(id),
                     other => panic!("enqueue wrote no delivery: {other:?}"),

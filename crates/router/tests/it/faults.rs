@@ -177,6 +177,7 @@ impl Rig {
                     spec,
                     handler: Handler::Function(HandlerName::parse(HANDLER).unwrap()),
                     retry: RetryOverrides::default(),
+                    flow: None,
                     enabled: true,
                     registered_by: admin.id,
                 })

@@ -83,6 +83,9 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
             idempotency_key: None,
             dead_letter_id: None,
             event_time: None,
+            ordering_key: None,
+            lane: None,
+            front_of_lane: false,
         })
         .collect();
     let mut tx = store.begin().await.unwrap();

@@ -30,6 +30,7 @@ pub async fn shop_with_trigger(store: &PgStore, name: &str, spec: TriggerSpec, h
             spec,
             handler: Handler::Function(HandlerName::parse(handler).unwrap()),
             retry: RetryOverrides::default(),
+            flow: None,
             enabled: true,
             registered_by: admin.id,
         })

@@ -42,6 +42,7 @@ impl CronRepo for MemStore {
                     trigger_name: t.name.clone(),
                     schedule: schedule.clone(),
                     max_attempts: t.retry.max_attempts,
+                    flow: t.flow,
                     next_tick_at,
                 })
             })

@@ -22,6 +22,7 @@ impl DeadLetterRepo for MemStore {
                 created_at: now,
                 resolution: None,
                 resolved_at: None,
+                held_lane: None,
             })
             .collect();
         for d in &written {
@@ -40,6 +41,7 @@ impl DeadLetterRepo for MemStore {
             }
             let row = tx.state.outbox.remove(&b.id).expect("row just checked");
             let trigger = row.new.trigger_id.and_then(|id| tx.state.triggers.get(&id));
+            let holds = trigger.and_then(|t| t.flow).is_some_and(|f| f.hold_on_dead_letter);
             let dead = DeadLetter {
                 id: Uuid::now_v7(),
                 app_id: row.new.app_id,
@@ -54,6 +56,7 @@ impl DeadLetterRepo for MemStore {
                     subject: row.new.subject,
                     time: row.created_at,
                     depth: row.new.depth,
+                    ordering_key: row.new.ordering_key.clone(),
                 },
                 attempts: row.attempts,
                 reason: b.reason,
@@ -61,8 +64,13 @@ impl DeadLetterRepo for MemStore {
                 created_at: now,
                 resolution: None,
                 resolved_at: None,
+                held_lane: row.new.lane.clone().filter(|_| holds),
             };
             tx.state.dead_letters.insert(dead.id, dead.clone());
+            if dead.held_lane.is_none() {
+                let lane = row.new.trigger_id.zip(row.new.lane.clone());
+                tx.state.note_released(lane);
+            }
             written.push(dead);
         }
         Ok(written)
@@ -119,7 +127,10 @@ impl DeadLetterRepo for MemStore {
         }
         d.resolution = Some(resolution);
         d.resolved_at = Some(now);
-        Ok(Some(d.clone()))
+        let released = d.trigger_id.zip(d.held_lane.take());
+        let resolved = d.clone();
+        tx.state.note_released(released);
+        Ok(Some(resolved))
     }
 
     async fn gc_dead_letters(&self, older_than: Duration, batch: u32) -> Result<u64> {

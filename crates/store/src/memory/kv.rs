@@ -15,9 +15,12 @@ fn kv_entry(collection: &str, key: &str, row: &KvRow) -> Result<KvEntry> {
 
 impl MemStore {
     /// [`KvRepo::kv_put_firing`] inside a transaction.
-    async fn put_firing(&self, tx: &mut MemTx, put: &FiringPut<'_>) -> Result<(KvPutResult, usize)> {
-        let result = self.kv_put(tx, put.app_id, put.collection, put.key, put.value, None).await?;
+    async fn put_firing(&self, tx: &mut MemTx, put: &FiringPut<'_>) -> Result<Option<(KvPutResult, usize)>> {
         let triggers = self.list_matching_kv(tx, put.app_id, put.collection, KvOp::Put).await?;
+        if triggers.iter().any(|t| t.flow.is_some_and(|f| f.ordering != picloud_core::flow::Ordering::None)) {
+            return Ok(None);
+        }
+        let result = self.kv_put(tx, put.app_id, put.collection, put.key, put.value, None).await?;
         let data = kv_event_data(
             put.collection,
             put.key,
@@ -36,6 +39,7 @@ impl MemStore {
             subject: Some(put.key),
             payload: &data,
             depth: put.depth,
+            ordering_key: Some(put.ordering_key),
         };
         let rows: Vec<NewDelivery> = triggers
             .iter()
@@ -48,7 +52,7 @@ impl MemStore {
             })
             .collect();
         self.insert_deliveries(tx, &rows).await?;
-        Ok((result, rows.len()))
+        Ok(Some((result, rows.len())))
     }
 }
 
@@ -87,7 +91,7 @@ impl KvRepo for MemStore {
         &self,
         tx: Option<&mut MemTx>,
         put: &FiringPut<'_>,
-    ) -> Result<(KvPutResult, usize)> {
+    ) -> Result<Option<(KvPutResult, usize)>> {
         match tx {
             Some(tx) => self.put_firing(tx, put).await,
             None => {

@@ -41,6 +41,10 @@ struct OutboxRow {
     leased_until: Option<OffsetDateTime>,
     last_error: Option<String>,
     created_at: OffsetDateTime,
+    /// Its place in its lane (Postgres: `lane_seq`), when it is in one.
+    lane_seq: Option<i64>,
+    /// Not its lane's head yet.
+    waiting: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,10 @@ struct State {
     cron_ticks: HashMap<TriggerId, NextTick>,
     /// Bumped by every change to apps, principals, memberships and triggers.
     config_epoch: i64,
+    /// The last lane place handed out (Postgres: the sequence `outbox_lane_seq`).
+    lane_seq: i64,
+    /// Lanes to release (Postgres: `lane_releases`).
+    lane_releases: std::collections::BTreeSet<(TriggerId, String)>,
 }
 
 /// The in-memory store.
@@ -163,6 +171,8 @@ fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration) -> Claimed
         dead_letter_id: r.new.dead_letter_id,
         last_error: r.last_error.clone(),
         created_at: r.created_at,
+        ordering_key: r.new.ordering_key.clone(),
+        in_lane: r.new.lane.is_some(),
     }
 }
 

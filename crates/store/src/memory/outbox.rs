@@ -2,6 +2,92 @@
 
 use super::*;
 
+impl State {
+    /// The first row of a lane: its head, or the row that becomes head next.
+    fn lane_first(&self, trigger: TriggerId, lane: &str) -> Option<&OutboxRow> {
+        self.outbox
+            .values()
+            .filter(|r| r.new.trigger_id == Some(trigger) && r.new.lane.as_deref() == Some(lane))
+            .min_by_key(|r| r.lane_seq)
+    }
+
+    fn lane_held(&self, trigger: TriggerId, lane: &str) -> bool {
+        self.dead_letters
+            .values()
+            .any(|d| d.trigger_id == Some(trigger) && d.held_lane.as_deref() == Some(lane))
+    }
+
+    /// Writes a delivery, in its lane as `insert_deliveries` of Postgres does.
+    fn insert_row(&mut self, row: &NewDelivery, now: OffsetDateTime) {
+        let (lane_seq, waiting) = match (row.trigger_id, row.lane.as_deref()) {
+            (Some(trigger), Some(lane)) => {
+                let first = self.lane_first(trigger, lane).map(|r| (r.lane_seq, r.waiting));
+                let at_front = row.front_of_lane && first.is_none_or(|(_, waiting)| waiting);
+                match first {
+                    Some((Some(seq), true)) if at_front => (Some(seq - 1), false),
+                    _ if at_front => (Some(self.next_lane_seq()), false),
+                    _ => {
+                        let waiting = first.is_some() || self.lane_held(trigger, lane);
+                        (Some(self.next_lane_seq()), waiting)
+                    }
+                }
+            }
+            _ => (None, false),
+        };
+        self.outbox.insert(
+            row.id,
+            OutboxRow {
+                new: row.clone(),
+                attempts: 0,
+                due_at: now + row.delay,
+                leased_until: None,
+                last_error: None,
+                created_at: row.event_time.unwrap_or(now),
+                lane_seq,
+                waiting,
+            },
+        );
+    }
+
+    fn next_lane_seq(&mut self) -> i64 {
+        self.lane_seq += 1;
+        self.lane_seq
+    }
+
+    /// Notes lanes to release, as Postgres' `note_released` does.
+    pub(super) fn note_released(&mut self, lanes: impl IntoIterator<Item = (TriggerId, String)>) {
+        self.lane_releases.extend(lanes);
+    }
+
+    /// Makes the first row of each noted lane its head when it waits and no dead letter holds
+    /// the lane.
+    fn release_noted(&mut self, batch: u32) -> u64 {
+        let lanes: Vec<(TriggerId, String)> =
+            self.lane_releases.iter().take(batch as usize).cloned().collect();
+        for lane in &lanes {
+            self.lane_releases.remove(lane);
+        }
+        for (trigger, lane) in &lanes {
+            let (trigger, lane) = (*trigger, lane.as_str());
+            if self.lane_held(trigger, lane) {
+                continue;
+            }
+            let first = self.lane_first(trigger, lane).filter(|r| r.waiting).map(|r| r.new.id);
+            if let Some(row) = first.and_then(|id| self.outbox.get_mut(&id)) {
+                row.waiting = false;
+            }
+        }
+        lanes.len() as u64
+    }
+
+    /// Deletes rows, releasing the lanes they headed.
+    fn delete_rows(&mut self, ids: &[Uuid]) -> u64 {
+        let gone: Vec<OutboxRow> = ids.iter().filter_map(|id| self.outbox.remove(id)).collect();
+        self.note_released(gone.iter().filter_map(|r| Some((r.new.trigger_id?, r.new.lane.clone()?))));
+        gone.len() as u64
+    }
+}
+
 impl OutboxRepo for MemStore {
     async fn listen(&self) -> Result<Wakeups> {
         let rx = self.wake.subscribe();
@@ -22,10 +108,14 @@ impl OutboxRepo for MemStore {
         let s = self.lock().await;
         Ok(s.outbox
             .values()
-            .filter(|r| r.due_at > now)
+            .filter(|r| r.due_at > now && !r.waiting)
             .map(|r| r.due_at)
             .min()
             .map(|due| (due - now).unsigned_abs()))
+    }
+
+    async fn release_lanes(&self, batch: u32) -> Result<u64> {
+        Ok(self.lock().await.release_noted(batch))
     }
 
     async fn insert_deliveries(&self, tx: &mut MemTx, rows: &[NewDelivery]) -> Result<()> {
@@ -39,17 +129,7 @@ impl OutboxRepo for MemStore {
                     return Err(Error::DuplicateIdempotencyKey(key.clone()));
                 }
             }
-            tx.state.outbox.insert(
-                row.id,
-                OutboxRow {
-                    new: row.clone(),
-                    attempts: 0,
-                    due_at: now + row.delay,
-                    leased_until: None,
-                    last_error: None,
-                    created_at: row.event_time.unwrap_or(now),
-                },
-            );
+            tx.state.insert_row(row, now);
         }
         Ok(())
     }
@@ -75,7 +155,7 @@ impl OutboxRepo for MemStore {
         let mut due: Vec<(OffsetDateTime, Uuid)> = s
             .outbox
             .values()
-            .filter(|r| r.due_at <= now && r.leased_until.is_none_or(|l| l <= now))
+            .filter(|r| r.due_at <= now && !r.waiting && r.leased_until.is_none_or(|l| l <= now))
             .map(|r| (r.due_at, r.new.id))
             .collect();
         due.sort();
@@ -116,6 +196,8 @@ impl OutboxRepo for MemStore {
             leased_until: None,
             last_error: None,
             created_at: now,
+            lane_seq: None,
+            waiting: false,
         };
         let claimed = lease_row(&mut stored, now, lease);
         s.outbox.insert(call.id, stored);
@@ -123,12 +205,11 @@ impl OutboxRepo for MemStore {
     }
 
     async fn delete_deliveries(&self, tx: &mut MemTx, ids: &[Uuid]) -> Result<u64> {
-        Ok(ids.iter().filter(|id| tx.state.outbox.remove(id).is_some()).count() as u64)
+        Ok(tx.state.delete_rows(ids))
     }
 
     async fn delete_delivered(&self, ids: &[Uuid]) -> Result<u64> {
-        let mut s = self.lock().await;
-        Ok(ids.iter().filter(|id| s.outbox.remove(id).is_some()).count() as u64)
+        Ok(self.lock().await.delete_rows(ids))
     }
 
     async fn reschedule(&self, tx: &mut MemTx, rows: &[Reschedule]) -> Result<u64> {

@@ -35,6 +35,7 @@ impl TriggerRepo for MemStore {
             spec: new.spec.clone(),
             handler: new.handler.clone(),
             retry: new.retry,
+            flow: new.flow,
             enabled: new.enabled,
             registered_by: new.registered_by,
             created_at: now,
@@ -84,6 +85,9 @@ impl TriggerRepo for MemStore {
         }
         if let Some(retry) = patch.retry {
             trigger.retry = retry;
+        }
+        if let Some(flow) = patch.flow {
+            trigger.flow = flow;
         }
         trigger.updated_at = now;
         let updated = trigger.clone();

@@ -19,7 +19,7 @@ impl CronRepo for PgStore {
     ) -> Result<Vec<DueCron>> {
         let due = sqlx::query(
             "SELECT c.trigger_id, t.app_id, a.slug, t.name, c.schedule, c.timezone, t.retry_max_attempts,
-                    c.next_tick_at
+                    c.next_tick_at, t.flow
                FROM cron_trigger_details c
                JOIN triggers t ON t.id = c.trigger_id
                JOIN apps a ON a.id = t.app_id
@@ -46,6 +46,7 @@ impl CronRepo for PgStore {
                         &row.try_get::<String, _>("timezone")?,
                     ),
                     max_attempts: row.try_get::<Option<i32>, _>("retry_max_attempts")?.map(|v| v as u32),
+                    flow: rows::flow(row)?,
                     next_tick_at: row.try_get("next_tick_at")?,
                 })
             })

@@ -5,7 +5,10 @@ use std::time::Duration;
 use picloud_core::{AppId, TriggerId};
 use uuid::Uuid;
 
+use sqlx::Row;
+
 use super::PgStore;
+use super::outbox::note_released;
 use super::rows::{self, DEAD_LETTER_COLUMNS};
 use crate::model::*;
 use crate::{DeadLetterRepo, Result};
@@ -57,6 +60,8 @@ impl DeadLetterRepo for PgStore {
             return Ok(Vec::new());
         }
         let new_ids: Vec<Uuid> = buried.iter().map(|_| Uuid::now_v7()).collect();
+        // A buried row that headed a lane either keeps it (its trigger holds keys on dead
+        // letters: the dead letter holds the lane) or releases it to the next row.
         let moved = sqlx::query(&format!(
             "WITH gone AS (
                  DELETE FROM outbox o
@@ -64,15 +69,20 @@ impl DeadLetterRepo for PgStore {
                         AS u(id, attempt, reason, error, dead_letter_id)
                   WHERE o.id = u.id AND o.attempts = u.attempt
               RETURNING o.*, u.reason, u.error, u.dead_letter_id AS new_id
-             )
+             ), buried AS (
              INSERT INTO dead_letters (id, app_id, trigger_id, trigger_name, kind, delivery_id, payload, headers,
-                                       attempts, reason, last_error, created_at)
+                                       attempts, reason, last_error, created_at, held_lane)
              SELECT g.new_id, g.app_id, t.id, t.name, g.kind, g.id, g.payload,
-                    jsonb_build_object('type', g.event_type, 'source', g.source, 'subject', g.subject,
-                                       'time', g.created_at, 'depth', g.depth),
-                    g.attempts, g.reason, coalesce(g.error, g.last_error), coalesce($6, now())
+                    jsonb_strip_nulls(jsonb_build_object('type', g.event_type, 'source', g.source,
+                                                         'subject', g.subject, 'time', g.created_at,
+                                                         'depth', g.depth, 'ordering_key', g.ordering_key)),
+                    g.attempts, g.reason, coalesce(g.error, g.last_error), coalesce($6, now()),
+                    CASE WHEN coalesce((t.flow->>'hold_on_dead_letter')::boolean, false) THEN g.lane END
                FROM gone g LEFT JOIN triggers t ON t.id = g.trigger_id
-             RETURNING {DEAD_LETTER_COLUMNS}"
+             RETURNING {DEAD_LETTER_COLUMNS}
+             )
+             SELECT buried.*, g.trigger_id AS lane_trigger, g.lane
+               FROM buried JOIN gone g ON g.id = buried.delivery_id"
         ))
         .bind(buried.iter().map(|b| b.id).collect::<Vec<_>>())
         .bind(buried.iter().map(|b| b.attempt as i32).collect::<Vec<_>>())
@@ -82,6 +92,16 @@ impl DeadLetterRepo for PgStore {
         .bind(self.now())
         .fetch_all(&mut **tx)
         .await?;
+        let mut released = Vec::new();
+        for row in &moved {
+            let lane: Option<String> = row.try_get("lane")?;
+            let trigger: Option<Uuid> = row.try_get("lane_trigger")?;
+            let held: Option<String> = row.try_get("held_lane")?;
+            if let (Some(lane), Some(trigger), None) = (lane, trigger, held) {
+                released.push((trigger, lane));
+            }
+        }
+        note_released(tx, &released).await?;
         moved.iter().map(rows::dead_letter).collect()
     }
 
@@ -159,10 +179,17 @@ impl DeadLetterRepo for PgStore {
         resolution: Resolution,
         only_unresolved: bool,
     ) -> Result<Option<DeadLetter>> {
+        // A dead letter that held its lane releases it when resolved.
         let row = sqlx::query(&format!(
-            "UPDATE dead_letters SET resolution = $3, resolved_at = coalesce($5, now())
-              WHERE app_id = $1 AND id = $2 AND (NOT $4 OR resolution IS NULL)
-             RETURNING {DEAD_LETTER_COLUMNS}"
+            "WITH before AS (
+                 SELECT id AS resolved_id, trigger_id AS released_trigger, held_lane AS released_lane
+                   FROM dead_letters
+                  WHERE app_id = $1 AND id = $2 AND (NOT $4 OR resolution IS NULL)
+                    FOR UPDATE)
+             UPDATE dead_letters SET resolution = $3, resolved_at = coalesce($5, now()), held_lane = NULL
+               FROM before
+              WHERE id = before.resolved_id
+             RETURNING {DEAD_LETTER_COLUMNS}, before.released_trigger, before.released_lane"
         ))
         .bind(app_id.as_uuid())
         .bind(id)
@@ -171,7 +198,13 @@ impl DeadLetterRepo for PgStore {
         .bind(self.now())
         .fetch_optional(&mut **tx)
         .await?;
-        row.as_ref().map(rows::dead_letter).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let trigger: Option<Uuid> = row.try_get("released_trigger")?;
+        let lane: Option<String> = row.try_get("released_lane")?;
+        if let (Some(trigger), Some(lane)) = (trigger, lane) {
+            note_released(tx, &[(trigger, lane)]).await?;
+        }
+        rows::dead_letter(&row).map(Some)
     }
 
     async fn gc_dead_letters(&self, older_than: Duration, batch: u32) -> Result<u64> {

@@ -18,7 +18,16 @@ const COLUMNS: &str = "collection, key, value, version, updated_at";
 /// since the trigger match is the shared predicate of `pattern`.
 static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH prev AS (
+        "WITH matched AS MATERIALIZED (
+                 SELECT t.id, t.retry_max_attempts, t.flow->>'ordering' AS ordering
+                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id
+                  WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
+                    AND {matches}
+             ), unordered AS (
+                 -- Ordered deliveries go in lanes, which take statements of their own: then this
+                 -- statement writes nothing.
+                 SELECT NOT EXISTS (SELECT 1 FROM matched WHERE coalesce(ordering, 'none') <> 'none') AS yes
+             ), prev AS (
                  SELECT value, version FROM kv_entries
                   WHERE app_id = $1 AND collection = $2 AND key = $3
                     FOR UPDATE
@@ -27,23 +36,23 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
                  -- FOR UPDATE would skip the row this very statement had just updated.
                  INSERT INTO kv_entries AS k (app_id, collection, key, value, version, created_at, updated_at)
                  SELECT $1, $2, $3, $4, 1, coalesce($8, now()), coalesce($8, now())
-                   FROM (SELECT count(*) FROM prev) AS locked
+                   FROM (SELECT count(*) FROM prev) AS locked, unordered
+                  WHERE unordered.yes
                  ON CONFLICT (app_id, collection, key) DO UPDATE
                     SET value = excluded.value, version = k.version + 1, updated_at = excluded.updated_at
                  RETURNING k.version
              ), fired AS (
                  INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
-                                     max_attempts, due_at, created_at)
+                                     max_attempts, due_at, created_at, ordering_key)
                  SELECT picloud_uuid_v7(), $1, t.id, 'kv', 'picloud.kv.put', $5, $3,
                         CASE WHEN octet_length(e.data::text) <= $9 THEN e.data
                              ELSE picloud_too_large(octet_length(e.data::text), $9) END,
-                        $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now())
-                   FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id,
+                        $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now()), $10
+                   FROM matched t, unordered,
                         LATERAL (SELECT jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put',
                                                            'value', $4::jsonb, 'previous', (SELECT value FROM prev),
                                                            'version', (SELECT version FROM up))::json AS data) e
-                  WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
-                    AND {matches}
+                  WHERE unordered.yes
                  RETURNING 1
              )
              SELECT up.version, prev.value AS previous, (SELECT count(*) FROM fired) AS fired,
@@ -135,7 +144,7 @@ impl KvRepo for PgStore {
         &self,
         tx: Option<&mut Self::Tx>,
         put: &FiringPut<'_>,
-    ) -> Result<(KvPutResult, usize)> {
+    ) -> Result<Option<(KvPutResult, usize)>> {
         let query = sqlx::query(&KV_PUT_FIRING)
             .bind(put.app_id.as_uuid())
             .bind(put.collection)
@@ -145,22 +154,24 @@ impl KvRepo for PgStore {
             .bind(put.depth as i32)
             .bind(put.default_max_attempts as i32)
             .bind(self.now())
-            .bind(i64::try_from(put.max_data_bytes).unwrap_or(i64::MAX));
+            .bind(i64::try_from(put.max_data_bytes).unwrap_or(i64::MAX))
+            .bind(put.ordering_key);
         let row = match tx {
-            Some(tx) => query.fetch_one(&mut **tx).await,
-            None => query.fetch_one(&self.pool).await,
+            Some(tx) => query.fetch_optional(&mut **tx).await,
+            None => query.fetch_optional(&self.pool).await,
         }
         .map_err(|e| match super::violated(&e) {
             Some((code, _)) if code == "40001" => Error::Conflict(format!("{}/{}", put.collection, put.key)),
             Some((code, _)) if code == "54000" => Error::TooLarge { max: put.max_data_bytes },
             _ => e.into(),
         })?;
+        let Some(row) = row else { return Ok(None) };
         let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;
         let fired: i64 = row.try_get("fired")?;
-        Ok((
+        Ok(Some((
             KvPutResult { version: row.try_get("version")?, previous: previous.map(|p| p.0) },
             fired as usize,
-        ))
+        )))
     }
 
     async fn kv_delete(

@@ -106,6 +106,10 @@ impl Waker {
     }
 }
 
+/// How long a relay's transaction may wait on the relay between statements before Postgres ends
+/// it.
+pub const RELAY_IDLE_IN_TRANSACTION: &str = "10s";
+
 impl PgStore {
     /// A store over an existing pool, on the database's clock.
     pub fn new(pool: PgPool) -> Self {
@@ -125,10 +129,16 @@ impl PgStore {
     /// Its statements also use generic plans (`plan_cache_mode`): they run thousands of times a
     /// second with plans that do not depend on their arguments, and re-planning
     /// `DELETE … WHERE id = ANY ($1)` for every completion cost more than executing it.
+    /// A relay's transactions never wait on its client between statements for long: one left
+    /// open by a relay that was cut off mid-transaction is ended by Postgres after
+    /// [`RELAY_IDLE_IN_TRANSACTION`], so the lane locks it held (DESIGN §13) come free.
     pub async fn connect_relay(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
-        let options =
-            options.options([("synchronous_commit", "off"), ("plan_cache_mode", "force_generic_plan")]);
+        let options = options.options([
+            ("synchronous_commit", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+            ("idle_in_transaction_session_timeout", RELAY_IDLE_IN_TRANSACTION),
+        ]);
         Self::connect_with(options, max_connections).await
     }
 

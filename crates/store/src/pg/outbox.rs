@@ -1,10 +1,11 @@
 //! The outbox in Postgres: batch inserts into the caller's transaction, the claim, completions.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt as _;
 use sqlx::postgres::PgListener;
-use sqlx::{PgExecutor, Row};
+use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -17,35 +18,154 @@ use super::{PgStore, violated};
 use crate::model::*;
 use crate::{Claim, Error, OutboxRepo, Result, SyncCallWrite, Wakeups};
 
-const INSERT: &str = "
+/// The columns every insert of deliveries writes.
+const INSERT_INTO: &str = "
     INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
-                        max_attempts, due_at, reply_to, idempotency_key, dead_letter_id, created_at)
-    SELECT u.id, u.app_id, u.trigger_id, u.kind, u.event_type, u.source, u.subject, u.payload::json,
+                        max_attempts, due_at, reply_to, idempotency_key, dead_letter_id, created_at,
+                        ordering_key, lane, lane_seq, waiting)";
+
+/// The rows to insert, in the order given (`n`).
+const ROWS: &str = "
+    UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
+           $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::uuid[],
+           $15::timestamptz[], $17::text[], $18::text[], $19::bool[]) WITH ORDINALITY";
+
+/// The names of the columns of [`ROWS`].
+const ROW_NAMES: &str =
+    "(id, app_id, trigger_id, kind, event_type, source, subject, payload, depth, max_attempts,
+    delay_ms, reply_to, idempotency_key, dead_letter_id, event_time, ordering_key, lane, front, n)";
+
+/// The event columns of a row `u` of [`ROWS`].
+const EVENT: &str =
+    "u.id, u.app_id, u.trigger_id, u.kind, u.event_type, u.source, u.subject, u.payload::json,
            u.depth, u.max_attempts, coalesce($16, now()) + u.delay_ms * interval '1 millisecond',
-           u.reply_to, u.idempotency_key, u.dead_letter_id, coalesce(u.event_time, $16, now())
-      FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
-                  $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::uuid[],
-                  $15::timestamptz[])
-        AS u(id, app_id, trigger_id, kind, event_type, source, subject, payload, depth, max_attempts,
-             delay_ms, reply_to, idempotency_key, dead_letter_id, event_time)";
+           u.reply_to, u.idempotency_key, u.dead_letter_id, coalesce(u.event_time, $16, now()),
+           u.ordering_key";
+
+/// The insert of deliveries none of which is in a lane.
+static INSERT: LazyLock<String> =
+    LazyLock::new(|| format!("{INSERT_INTO} SELECT {EVENT}, NULL, NULL, false FROM {ROWS} AS u{ROW_NAMES}"));
+
+/// The insert of deliveries some of which are in lanes (their lanes locked by the caller, see
+/// [`lock_lanes`]). A row goes to the back of its lane, waiting when the lane has rows, when a
+/// dead letter holds it, or when an earlier row of this insert is in it; a row for the front (the
+/// replay of a held dead letter) goes before the lane's first row and is its head, unless the
+/// lane has a head already (then it goes to the back). Places follow the order given.
+static INSERT_IN_LANES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{INSERT_INTO}
+         SELECT {EVENT}, u.lane,
+                CASE WHEN u.lane IS NULL THEN NULL
+                     WHEN front.yes AND head.seq IS NOT NULL THEN head.seq - 1
+                     ELSE u.seq END,
+                CASE WHEN u.lane IS NULL OR front.yes THEN false
+                     ELSE u.rn > 1 OR head.seq IS NOT NULL OR held.yes IS NOT NULL END
+           FROM (SELECT v.*, CASE WHEN v.lane IS NOT NULL THEN nextval('outbox_lane_seq') END AS seq,
+                        row_number() OVER (PARTITION BY v.trigger_id, v.lane ORDER BY v.n) AS rn
+                   FROM {ROWS} AS v{ROW_NAMES}) u
+           LEFT JOIN LATERAL (SELECT o.lane_seq AS seq, o.waiting FROM outbox o
+                               WHERE u.lane IS NOT NULL AND o.trigger_id = u.trigger_id AND o.lane = u.lane
+                               ORDER BY o.lane_seq LIMIT 1) head ON true
+           LEFT JOIN LATERAL (SELECT true AS yes FROM dead_letters d
+                               WHERE u.lane IS NOT NULL AND d.trigger_id = u.trigger_id AND d.held_lane = u.lane
+                               LIMIT 1) held ON true
+           CROSS JOIN LATERAL (SELECT u.front AND u.rn = 1 AND (head.seq IS NULL OR head.waiting) AS yes) front"
+    )
+});
+
+/// The insert for `rows`: in lanes when one of them is.
+fn insert_sql(rows: &[NewDelivery]) -> &'static str {
+    if rows.iter().any(|r| lane_of(r).is_some()) { &INSERT_IN_LANES } else { &INSERT }
+}
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Inserts deliveries through any executor — a pool, a connection, or the caller's own
-/// transaction, so the rows commit with the data that caused them. `now` is the time to count
-/// delays from (`None`: the database's `now()`).
-pub async fn insert_deliveries<'e, E: PgExecutor<'e>>(
-    executor: E,
+/// Inserts deliveries on the caller's connection, in its transaction, so the rows commit with
+/// the data that caused them. `now` is the time to count delays from (`None`: the database's
+/// `now()`).
+pub async fn insert_deliveries(
+    conn: &mut PgConnection,
     rows: &[NewDelivery],
     now: Option<OffsetDateTime>,
 ) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    insert_query(rows, now, INSERT).execute(executor).await.map_err(|e| map_insert_error(e, rows))?;
+    lock_lanes(conn, rows.iter().filter_map(lane_of)).await?;
+    insert_query(rows, now, insert_sql(rows)).execute(conn).await.map_err(|e| map_insert_error(e, rows))?;
     Ok(())
+}
+
+fn lane_of(row: &NewDelivery) -> Option<(Uuid, &str)> {
+    Some((row.trigger_id?.as_uuid(), row.lane.as_deref()?))
+}
+
+/// The advisory lock of a lane: 64-bit FNV-1a of the trigger id and the lane, the same in every
+/// process and version.
+fn lane_lock_key(trigger_id: Uuid, lane: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in trigger_id.as_bytes().iter().chain(lane.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// Locks lanes until the transaction ends. Whoever reads a lane to change it (writers putting rows
+/// in, a release making the next row head) holds its lock first and reads it in a statement
+/// after, so no writer puts a row behind a head that is gone unseen. Locks are taken in key
+/// order, so two transactions never wait on each other in a cycle.
+async fn lock_lanes<'a>(conn: &mut PgConnection, lanes: impl Iterator<Item = (Uuid, &'a str)>) -> Result<()> {
+    let mut keys: Vec<i64> = lanes.map(|(trigger, lane)| lane_lock_key(trigger, lane)).collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::int8[]) AS k")
+        .bind(keys)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Notes, in the caller's transaction, lanes whose head left the outbox or whose dead letter was
+/// resolved: [`OutboxRepo::release_lanes`] makes their next rows heads. It takes no lock, so a
+/// completion never waits for a writer holding a lane.
+pub(super) async fn note_released(conn: &mut PgConnection, lanes: &[(Uuid, String)]) -> Result<()> {
+    if lanes.is_empty() {
+        return Ok(());
+    }
+    let (triggers, lanes): (Vec<Uuid>, Vec<&str>) = lanes.iter().map(|(t, l)| (*t, l.as_str())).unzip();
+    sqlx::query(
+        "INSERT INTO lane_releases (trigger_id, lane) SELECT * FROM UNNEST($1::uuid[], $2::text[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(triggers)
+    .bind(lanes)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes rows and notes the lanes whose heads they were.
+async fn delete_and_release(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64> {
+    let gone = sqlx::query("DELETE FROM outbox WHERE id = ANY ($1) RETURNING trigger_id, lane")
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    let lanes = gone
+        .iter()
+        .filter_map(|row| {
+            let lane: Option<String> = row.try_get("lane").ok()?;
+            let trigger: Option<Uuid> = row.try_get("trigger_id").ok()?;
+            Some((trigger?, lane?))
+        })
+        .collect::<Vec<_>>();
+    note_released(conn, &lanes).await?;
+    Ok(gone.len() as u64)
 }
 
 fn insert_query<'q>(
@@ -69,6 +189,9 @@ fn insert_query<'q>(
     let mut keys = Vec::with_capacity(n);
     let mut dead_letter_ids = Vec::with_capacity(n);
     let mut event_times = Vec::with_capacity(n);
+    let mut ordering_keys = Vec::with_capacity(n);
+    let mut lanes = Vec::with_capacity(n);
+    let mut fronts = Vec::with_capacity(n);
     for r in rows {
         ids.push(r.id);
         app_ids.push(r.app_id.as_uuid());
@@ -85,6 +208,9 @@ fn insert_query<'q>(
         keys.push(r.idempotency_key.as_deref());
         dead_letter_ids.push(r.dead_letter_id);
         event_times.push(r.event_time);
+        ordering_keys.push(r.ordering_key.as_deref());
+        lanes.push(r.lane.as_deref());
+        fronts.push(r.front_of_lane);
     }
     sqlx::query(sql)
         .bind(ids)
@@ -103,6 +229,9 @@ fn insert_query<'q>(
         .bind(dead_letter_ids)
         .bind(event_times)
         .bind(now)
+        .bind(ordering_keys)
+        .bind(lanes)
+        .bind(fronts)
 }
 
 fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
@@ -118,7 +247,7 @@ fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
 /// The columns [`claimed_row`] reads.
 const CLAIMED: &str = "o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject, \
     o.payload::text AS payload, o.depth, o.attempts, o.max_attempts, o.reply_to, o.dead_letter_id, \
-    o.last_error, o.created_at";
+    o.last_error, o.created_at, o.ordering_key, o.lane IS NOT NULL AS in_lane";
 
 fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
     Ok(ClaimedDelivery {
@@ -137,6 +266,8 @@ fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
         dead_letter_id: row.try_get("dead_letter_id")?,
         last_error: row.try_get("last_error")?,
         created_at: row.try_get("created_at")?,
+        ordering_key: row.try_get("ordering_key")?,
+        in_lane: row.try_get("in_lane")?,
     })
 }
 
@@ -158,7 +289,7 @@ impl OutboxRepo for PgStore {
     async fn next_due_in(&self) -> Result<Option<Duration>> {
         let millis: Option<i64> = sqlx::query_scalar(
             "SELECT ceil(extract(epoch FROM min(due_at) - coalesce($1, now())) * 1000)::int8
-               FROM outbox WHERE due_at > coalesce($1, now())",
+               FROM outbox WHERE due_at > coalesce($1, now()) AND NOT waiting",
         )
         .bind(self.now())
         .fetch_one(&self.pool)
@@ -167,15 +298,17 @@ impl OutboxRepo for PgStore {
     }
 
     async fn insert_deliveries(&self, tx: &mut Self::Tx, rows: &[NewDelivery]) -> Result<()> {
-        insert_deliveries(&mut **tx, rows, self.now()).await
+        insert_deliveries(tx, rows, self.now()).await
     }
 
     async fn insert_idempotent(&self, tx: &mut Self::Tx, row: &NewDelivery) -> Result<(Uuid, bool)> {
         let key = row.idempotency_key.as_deref().expect("insert_idempotent needs an idempotency key");
         let sql = format!(
-            "{INSERT} ON CONFLICT (trigger_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-             RETURNING id"
+            "{} ON CONFLICT (trigger_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id",
+            insert_sql(std::slice::from_ref(row))
         );
+        lock_lanes(tx, lane_of(row).into_iter()).await?;
         let inserted: Option<Uuid> = insert_query(std::slice::from_ref(row), self.now(), &sql)
             .fetch_optional(&mut **tx)
             .await?
@@ -201,7 +334,7 @@ impl OutboxRepo for PgStore {
                     leased_by = $4
               WHERE o.ctid = ANY (ARRAY(
                     SELECT ctid FROM outbox
-                     WHERE due_at <= coalesce($3, now())
+                     WHERE due_at <= coalesce($3, now()) AND NOT waiting
                        AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
                      ORDER BY due_at
                      LIMIT $1
@@ -296,6 +429,8 @@ impl OutboxRepo for PgStore {
             dead_letter_id: row.dead_letter_id,
             last_error: None,
             created_at,
+            ordering_key: None,
+            in_lane: false,
         };
         Ok(SyncCallWrite::Written { row, target: Box::new(target) })
     }
@@ -304,17 +439,26 @@ impl OutboxRepo for PgStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query("DELETE FROM outbox WHERE id = ANY ($1)").bind(ids).execute(&mut **tx).await?;
-        Ok(done.rows_affected())
+        delete_and_release(tx, ids).await
     }
 
     async fn delete_delivered(&self, ids: &[Uuid]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done =
-            sqlx::query("DELETE FROM outbox WHERE id = ANY ($1)").bind(ids).execute(&self.pool).await?;
-        Ok(done.rows_affected())
+        // Rows outside lanes go in one statement; a row in a lane (or already gone) is deleted
+        // again in a transaction that releases its lane.
+        let outside = sqlx::query("DELETE FROM outbox WHERE id = ANY ($1) AND lane IS NULL")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        if outside.rows_affected() == ids.len() as u64 {
+            return Ok(outside.rows_affected());
+        }
+        let mut tx = self.pool.begin().await?;
+        let in_lanes = delete_and_release(&mut tx, ids).await?;
+        tx.commit().await?;
+        Ok(outside.rows_affected() + in_lanes)
     }
 
     async fn reschedule(&self, tx: &mut Self::Tx, rows: &[Reschedule]) -> Result<u64> {
@@ -344,6 +488,57 @@ impl OutboxRepo for PgStore {
         .execute(&mut **tx)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn release_lanes(&self, batch: u32) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let noted: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT trigger_id, lane FROM lane_releases LIMIT $1 FOR UPDATE SKIP LOCKED")
+                .bind(i64::from(batch))
+                .fetch_all(&mut *tx)
+                .await?;
+        if noted.is_empty() {
+            return Ok(0);
+        }
+        // Only the lanes whose lock is free now: a writer holds a lane's lock for the rest of
+        // its transaction, and a release never waits for one. A lane it cannot lock stays noted
+        // for the next call.
+        let mut keyed: Vec<(i64, &(Uuid, String))> =
+            noted.iter().map(|lane| (lane_lock_key(lane.0, &lane.1), lane)).collect();
+        keyed.sort_unstable_by_key(|(key, _)| *key);
+        let keys: Vec<i64> = keyed.iter().map(|(key, _)| *key).collect();
+        let locked: Vec<bool> =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(k) FROM UNNEST($1::int8[]) AS k")
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await?;
+        let (triggers, lanes): (Vec<Uuid>, Vec<&str>) = keyed
+            .iter()
+            .zip(&locked)
+            .filter(|(_, locked)| **locked)
+            .map(|((_, (trigger, lane)), _)| (*trigger, lane.as_str()))
+            .unzip();
+        let released = triggers.len() as u64;
+        sqlx::query(
+            "WITH released AS (
+                 DELETE FROM lane_releases r USING UNNEST($1::uuid[], $2::text[]) AS u(trigger_id, lane)
+                  WHERE r.trigger_id = u.trigger_id AND r.lane = u.lane
+              RETURNING r.trigger_id, r.lane)
+             UPDATE outbox o SET waiting = false
+               FROM released u
+               CROSS JOIN LATERAL (SELECT h.id, h.waiting FROM outbox h
+                                    WHERE h.trigger_id = u.trigger_id AND h.lane = u.lane
+                                    ORDER BY h.lane_seq LIMIT 1) head
+              WHERE o.id = head.id AND head.waiting
+                AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                                 WHERE d.trigger_id = u.trigger_id AND d.held_lane = u.lane)",
+        )
+        .bind(triggers)
+        .bind(lanes)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(released)
     }
 
     async fn pending_for_dead_letter(

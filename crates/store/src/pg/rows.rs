@@ -3,7 +3,7 @@
 use picloud_core::ids::Id;
 use picloud_core::names::{CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppSlug, CollectionPattern, CronSchedule, RetryOverrides, Role, Scope, ScopeSet};
+use picloud_core::{AppSlug, CollectionPattern, CronSchedule, Flow, RetryOverrides, Role, Scope, ScopeSet};
 use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -88,7 +88,7 @@ macro_rules! trigger_columns {
     () => {
         "t.id, t.app_id, t.name, t.kind, t.handler_function, t.webhook_url, t.webhook_secret,
          t.retry_max_attempts, t.retry_backoff_base_ms, t.retry_backoff_max_ms, t.enabled,
-         t.registered_by_principal, t.created_at, t.updated_at,
+         t.registered_by_principal, t.created_at, t.updated_at, t.flow,
          kv.collection_stem, kv.collection_is_prefix, kv.ops,
          ps.topic_stem, ps.topic_is_prefix, q.queue, c.schedule, c.timezone,
          dl.source_trigger, dl.source_kinds"
@@ -186,6 +186,7 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
     let max_attempts: Option<i32> = row.try_get("retry_max_attempts")?;
     let base: Option<i64> = row.try_get("retry_backoff_base_ms")?;
     let max: Option<i64> = row.try_get("retry_backoff_max_ms")?;
+    let flow = flow(row)?;
     Ok(Trigger {
         id: id(row, "id")?,
         app_id: id(row, "app_id")?,
@@ -197,6 +198,7 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
             backoff_base_ms: base.map(|v| v as u64),
             backoff_max_ms: max.map(|v| v as u64),
         },
+        flow,
         enabled: row.try_get("enabled")?,
         registered_by: id(row, "registered_by_principal")?,
         created_at: row.try_get("created_at")?,
@@ -206,7 +208,8 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
 
 /// The columns [`dead_letter`] reads.
 pub(super) const DEAD_LETTER_COLUMNS: &str = "id, app_id, trigger_id, trigger_name, kind, delivery_id, \
-     payload::text AS payload, headers, attempts, reason, last_error, created_at, resolution, resolved_at";
+     payload::text AS payload, headers, attempts, reason, last_error, created_at, resolution, resolved_at, \
+     held_lane";
 
 pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
     let table = "dead_letters";
@@ -231,7 +234,17 @@ pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
             .map(|r| Resolution::parse(&r).ok_or_else(|| corrupt(table, format!("resolution {r:?}"))))
             .transpose()?,
         resolved_at: row.try_get("resolved_at")?,
+        held_lane: row.try_get("held_lane")?,
     })
+}
+
+/// A trigger's `flow` column.
+pub(super) fn flow(row: &PgRow) -> Result<Option<Flow>> {
+    let flow: Option<serde_json::Value> = row.try_get("flow")?;
+    match flow {
+        Some(flow) => Flow::from_json(&flow).map_err(|e| corrupt("triggers", format!("flow: {e}"))),
+        None => Ok(None),
+    }
 }
 
 pub(super) fn abandoned(row: &PgRow) -> Result<AbandonedExecution> {

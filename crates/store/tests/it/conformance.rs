@@ -398,7 +398,7 @@ async fn a_patch_changes_only_the_fields_given<S: Store>(s: S) {
         .update_trigger(
             t.app.id,
             "on-order",
-            &TriggerPatch { enabled: None, handler: Some(hook.clone()), retry: Some(retry) },
+            &TriggerPatch { enabled: None, handler: Some(hook.clone()), retry: Some(retry), flow: None },
         )
         .await
         .unwrap();
@@ -880,6 +880,7 @@ async fn a_put_whose_event_would_be_too_large_writes_nothing_unless_nothing_fire
             source: "/apps/shop/kv/orders",
             collection,
             key: "o-1",
+            ordering_key: "orders/o-1",
             value,
             depth: 0,
             default_max_attempts: 7,
@@ -910,16 +911,17 @@ async fn a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger
         source: "/apps/shop/kv/orders",
         collection: "orders",
         key: "o-1",
+        ordering_key: "orders/o-1",
         value,
         depth: 2,
         default_max_attempts: 7,
         max_data_bytes: 1 << 20,
     };
     let (first_value, second_value) = (Box::leak(Box::new(j!({"n": 1}))), Box::leak(Box::new(j!({"n": 2}))));
-    let (result, fired) = s.kv_put_firing(None, &put(first_value)).await.unwrap();
+    let (result, fired) = s.kv_put_firing(None, &put(first_value)).await.unwrap().unwrap();
     assert_eq!((result, fired), (KvPutResult { version: 1, previous: None }, 2));
     let mut tx = s.begin().await.unwrap();
-    let (result, fired) = s.kv_put_firing(Some(&mut tx), &put(second_value)).await.unwrap();
+    let (result, fired) = s.kv_put_firing(Some(&mut tx), &put(second_value)).await.unwrap().unwrap();
     s.commit(tx).await.unwrap();
     assert_eq!((result, fired), (KvPutResult { version: 2, previous: Some(j!({"n": 1})) }, 2));
     assert_eq!(s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value, j!({"n": 2}));
@@ -1012,7 +1014,8 @@ async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>
             source: row.source,
             subject: row.subject,
             time: START,
-            depth: 3
+            depth: 3,
+            ordering_key: None,
         }
     );
     assert_eq!((d.created_at, d.resolution, d.resolved_at), (START + Duration::from_secs(1), None, None));
@@ -1035,6 +1038,7 @@ fn new_dead_letter(t: &Tenant, trigger_name: &str, reason: DeadLetterReason) -> 
             subject: None,
             time: START,
             depth: 16,
+            ordering_key: None,
         },
         attempts: 0,
         reason,
@@ -1364,7 +1368,8 @@ mod events_on_both {
         let mut tx = s.begin().await.unwrap();
         let message = json(r#"{"headline":"hi"}"#);
         let topic = TopicName::parse("news.eu").unwrap();
-        let (_, fired) = events::publish(&s, &mut tx, &cx(&t, 0, &config), &topic, &message).await.unwrap();
+        let (_, fired) =
+            events::publish(&s, &mut tx, &cx(&t, 0, &config), &topic, &message, None).await.unwrap();
         events::commit_and_wake(&s, tx).await.unwrap();
         assert_eq!(fired, events::Fired { deliveries: 2, too_deep: 0 });
         let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
@@ -1378,7 +1383,8 @@ mod events_on_both {
         let t = tenant(&s, "shop").await;
         let config = TriggerConfig::default();
         let queue = QueueName::parse("mail").unwrap();
-        let job = Job { payload: &json("{}"), delay: Duration::ZERO, idempotency_key: None };
+        let job =
+            Job { payload: &json("{}"), delay: Duration::ZERO, idempotency_key: None, ordering_key: None };
         let mut tx = s.begin().await.unwrap();
         let missing = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await;
         assert!(matches!(missing, Err(Error::NoSuchQueue(q)) if q == "mail"));
@@ -1399,8 +1405,12 @@ mod events_on_both {
             .unwrap();
         let config = TriggerConfig::default();
         let payload = json(r#"{"to":"a@b.c"}"#);
-        let job =
-            Job { payload: &payload, delay: Duration::from_secs(5), idempotency_key: Some("welcome-1") };
+        let job = Job {
+            payload: &payload,
+            delay: Duration::from_secs(5),
+            idempotency_key: Some("welcome-1"),
+            ordering_key: None,
+        };
         let mut tx = s.begin().await.unwrap();
         let first = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await.unwrap();
         let again = events::enqueue(&s, &mut tx, &cx(&t, 0, &config), &queue, job).await.unwrap();

@@ -57,7 +57,7 @@ async fn median_claim(s: &PgStore, runs: usize) -> Duration {
 /// The claim statement of `PgStore::claim_due`, with literal arguments, for EXPLAIN and timing.
 const CLAIM: &str = "WITH due AS (
         SELECT id FROM outbox
-         WHERE due_at <= now() AND (leased_until IS NULL OR leased_until <= now())
+         WHERE due_at <= now() AND NOT waiting AND (leased_until IS NULL OR leased_until <= now())
          ORDER BY due_at LIMIT 100 FOR UPDATE SKIP LOCKED)
     UPDATE outbox o SET attempts = o.attempts + 1, leased_until = now() + interval '30 seconds', leased_by = 'bench'
       FROM due WHERE o.id = due.id
@@ -149,4 +149,30 @@ async fn the_stores_connections_leave_notices_out_of_the_log() {
     // Migrating again, as every start does, applies nothing and leaves nothing pending.
     pg::migrate(fixture.store.pool()).await.unwrap();
     assert!(pg::pending_migrations(fixture.store.pool()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_release_never_waits_for_a_writer_holding_the_lane_and_takes_it_on_a_later_call() {
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone());
+    let (t, mut trigger) = tenant_with_trigger(&s, "shop").await;
+    let ordered = picloud_core::Flow { ordering: picloud_core::flow::Ordering::Key, ..Default::default() };
+    let patch = TriggerPatch { flow: Some(Some(ordered)), ..TriggerPatch::default() };
+    trigger = s.update_trigger(t.app.id, trigger.name.as_str(), &patch).await.unwrap();
+    let in_lane = || NewDelivery { lane: Some("k".into()), ..delivery(&t, &trigger, Duration::ZERO) };
+    insert(&s, &[in_lane(), in_lane()]).await;
+    let head = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+    assert_eq!(head.len(), 1);
+
+    let mut writer = s.begin().await.unwrap();
+    s.insert_deliveries(&mut writer, &[in_lane()]).await.unwrap();
+    s.delete_delivered(&[head[0].id]).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(s.release_lanes(100).await.unwrap(), 0, "the writer holds the lane");
+    assert!(started.elapsed() < Duration::from_secs(1), "the release did not wait: {:?}", started.elapsed());
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty());
+    s.commit(writer).await.unwrap();
+    assert_eq!(s.release_lanes(100).await.unwrap(), 1, "noted still, released now");
+    assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1, "the second row heads the lane");
+    assert_eq!(s.outbox_len().await.unwrap(), 2);
 }

@@ -53,6 +53,7 @@ pub fn new_trigger(t: &Tenant, name: &str, spec: TriggerSpec) -> NewTrigger {
         spec,
         handler: Handler::Function(picloud_core::HandlerName::parse("handle").unwrap()),
         retry: RetryOverrides::default(),
+        flow: None,
         enabled: true,
         registered_by: t.admin.id,
     }
@@ -86,6 +87,9 @@ pub fn delivery(t: &Tenant, trigger: &Trigger, delay: Duration) -> NewDelivery {
         idempotency_key: None,
         dead_letter_id: None,
         event_time: None,
+        ordering_key: None,
+        lane: None,
+        front_of_lane: false,
     }
 }
 
