@@ -10,7 +10,7 @@ ALTER TABLE triggers ADD COLUMN flow jsonb CHECK (flow IS NULL OR jsonb_typeof(f
 -- (writers of one lane are serialized by an advisory lock, so that order is commit order).
 -- waiting: the row is not its lane's head. Only a head is claimed, so the claim itself never
 -- looks at lanes; when a head leaves the outbox (delivered, dead-lettered, dropped) the
--- completing transaction notes its lane in lane_releases, and a release makes the next row head.
+-- completing transaction makes the next row head.
 ALTER TABLE outbox
     ADD COLUMN ordering_key text,
     ADD COLUMN lane text,
@@ -29,9 +29,9 @@ CREATE INDEX outbox_due ON outbox (due_at) WHERE NOT waiting;
 ALTER TABLE dead_letters ADD COLUMN held_lane text;
 CREATE INDEX dead_letters_holding ON dead_letters (trigger_id, held_lane) WHERE held_lane IS NOT NULL;
 
--- Lanes whose head left (or whose dead letter was resolved): the next row becomes head when the
--- release runs, under the lane's lock, in a transaction of its own. Completions only note the
--- lane here, so a completion never waits for a writer that holds the lane's lock.
+-- Lanes whose head left (or whose dead letter was resolved) while a writer held the lane's lock:
+-- a completion never waits for a writer, so it notes the lane here, and the next row becomes
+-- head when a later release finds the lock free.
 CREATE TABLE lane_releases (
     trigger_id  uuid NOT NULL,
     lane        text NOT NULL,

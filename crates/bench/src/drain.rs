@@ -8,37 +8,77 @@ use picloud_store::events::Event;
 use picloud_store::{NewDelivery, OutboxRepo, Transactional};
 use serde_json::value::to_raw_value;
 
-use crate::env::{Bench, Servers, payload};
+use crate::env::{Bench, ORDERED_COLLECTION, Servers, payload};
 use crate::proc::Role;
 use crate::stats::summary;
 
+/// The drain, and with `ordered_keys` the ordered drain after it in each repetition (the same
+/// backlog through a trigger with `flow.ordering: key`, over that many keys).
 #[allow(clippy::print_stdout)]
-pub async fn run(servers: &Servers, n: usize, reps: usize) -> anyhow::Result<()> {
+pub async fn run(
+    servers: &Servers,
+    n: usize,
+    ordered_keys: Option<usize>,
+    reps: usize,
+) -> anyhow::Result<()> {
     let mut rates = Vec::with_capacity(reps);
+    let mut ordered_rates = Vec::with_capacity(reps);
     for rep in 1..=reps {
-        let bench = servers.fresh().await?;
-        backlog(&bench, n).await?;
-        bench.settle().await?;
-        eprintln!("drain rep {rep}: backlog of {n} written; draining");
-        let elapsed = drain(servers, &bench, n).await?;
-        let rate = n as f64 / elapsed.as_secs_f64();
-        println!("drain rep {rep}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
-        rates.push(rate);
+        rates.push(one(servers, n, None, rep).await?);
+        if let Some(keys) = ordered_keys {
+            ordered_rates.push(one(servers, n, Some(keys), rep).await?);
+        }
     }
     let (median, min, max) = summary(&rates);
     println!("drain median {median:.0}/s [{min:.0}..{max:.0}] over {reps} runs");
-    println!("RESULT picloud drain_per_s={median:.0}");
+    let Some(keys) = ordered_keys else {
+        println!("RESULT picloud drain_per_s={median:.0}");
+        return Ok(());
+    };
+    let (ordered, ordered_min, ordered_max) = summary(&ordered_rates);
+    let ratios: Vec<f64> = ordered_rates.iter().zip(&rates).map(|(o, u)| o / u).collect();
+    let (ratio, ratio_min, ratio_max) = summary(&ratios);
+    println!(
+        "drain ordered by {keys} keys median {ordered:.0}/s [{ordered_min:.0}..{ordered_max:.0}], \
+         {ratio:.2} [{ratio_min:.2}..{ratio_max:.2}] of the unordered drain of the same repetition"
+    );
+    println!(
+        "RESULT picloud drain_per_s={median:.0} drain_ordered_per_s={ordered:.0} ordered_ratio={ratio:.2}"
+    );
     Ok(())
 }
 
-/// N deliveries through the store's batch insert, 1,000 per transaction.
-async fn backlog(bench: &Bench, n: usize) -> anyhow::Result<()> {
-    let source = source::kv(bench.app.slug.as_str(), "bench");
+/// One repetition: a fresh database, the backlog, the drain; its rate.
+#[allow(clippy::print_stdout)]
+async fn one(servers: &Servers, n: usize, ordered_keys: Option<usize>, rep: usize) -> anyhow::Result<f64> {
+    let bench = servers.fresh().await?;
+    backlog(&bench, n, ordered_keys).await?;
+    bench.settle().await?;
+    let what =
+        ordered_keys.map_or_else(|| "drain".to_owned(), |keys| format!("drain ordered by {keys} keys"));
+    eprintln!("{what} rep {rep}: backlog of {n} written; draining");
+    let elapsed = drain(servers, &bench, n).await?;
+    let rate = n as f64 / elapsed.as_secs_f64();
+    println!("{what} rep {rep}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
+    Ok(rate)
+}
+
+/// N deliveries through the store's batch insert, 1,000 per transaction: to the `bench` trigger,
+/// each of its own key, or with `ordered_keys` to the `ordered` trigger, key `i mod keys` for
+/// the i-th.
+async fn backlog(bench: &Bench, n: usize, ordered_keys: Option<usize>) -> anyhow::Result<()> {
+    let (collection, trigger) = match ordered_keys {
+        None => ("bench", &bench.trigger),
+        Some(_) => (ORDERED_COLLECTION, &bench.ordered),
+    };
+    let source = source::kv(bench.app.slug.as_str(), collection);
+    let config = picloud_core::TriggerConfig::default();
     for start in (0..n).step_by(1000) {
         let rows: Vec<NewDelivery> = (start..n.min(start + 1000))
             .map(|i| {
-                let (subject, data) = (format!("k{i}"), to_raw_value(&payload(i as u64, 0)).expect("json"));
-                let ordering_key = kv_ordering_key("bench", &subject);
+                let key = ordered_keys.map_or(i, |keys| i % keys);
+                let (subject, data) = (format!("k{key}"), to_raw_value(&payload(i as u64, 0)).expect("json"));
+                let ordering_key = kv_ordering_key(collection, &subject);
                 let event = Event {
                     kind: EventKind::Kv,
                     event_type: event_type::KV_PUT,
@@ -48,7 +88,7 @@ async fn backlog(bench: &Bench, n: usize) -> anyhow::Result<()> {
                     depth: 0,
                     ordering_key: Some(&ordering_key),
                 };
-                event.delivery(bench.app.id, Some(bench.trigger.id), 8)
+                NewDelivery { max_attempts: 8, ..event.delivery_to(bench.app.id, trigger, &config) }
             })
             .collect();
         let mut tx = bench.store.begin().await?;

@@ -80,14 +80,20 @@ impl Servers {
         let handler = json!({"function": HANDLER});
         let call = json!({"name": "call", "kind": "http", "handler": handler});
         let bench = json!({"name": "bench", "kind": "kv", "collection": "bench*", "ops": ["put"], "handler": handler});
-        for trigger in [call, bench] {
+        let ordered = json!({"name": "ordered", "kind": "kv", "collection": ORDERED_COLLECTION, "ops": ["put"],
+                             "handler": handler, "flow": {"ordering": "key"}});
+        for trigger in [call, bench, ordered] {
             ops.register_trigger(&admin, serde_json::from_value::<RegisterTrigger>(trigger)?).await?;
         }
         let trigger = ops.store().trigger(app.id, "bench").await?.context("the bench trigger is gone")?;
+        let ordered = ops.store().trigger(app.id, "ordered").await?.context("the ordered trigger is gone")?;
         let store = ops.store().clone();
-        Ok(Bench { url, store, app, trigger, token })
+        Ok(Bench { url, store, app, trigger, ordered, token })
     }
 }
+
+/// The collection of the ordered trigger: no other scenario writes to it.
+pub const ORDERED_COLLECTION: &str = "lanes";
 
 /// `url` with its database name replaced.
 fn replace_database(url: &str, database: &str) -> String {
@@ -108,6 +114,8 @@ pub struct Bench {
     pub store: PgStore,
     pub app: App,
     pub trigger: Trigger,
+    /// The trigger with `flow.ordering: key`, on [`ORDERED_COLLECTION`].
+    pub ordered: Trigger,
     /// An admin token of the app, for the HTTP API.
     pub token: String,
 }

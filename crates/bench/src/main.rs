@@ -38,6 +38,13 @@ enum Scenario {
         /// Deliveries in the backlog.
         #[arg(long, default_value_t = 100_000)]
         n: usize,
+        /// `key`: each repetition drains the backlog twice, unordered and then through a
+        /// trigger with `flow.ordering: key`, its rows spread over `--keys` ordering keys.
+        #[arg(long, value_parser = ["key"])]
+        ordering: Option<String>,
+        /// Ordering keys of the ordered backlog.
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
     },
     /// Latency at a steady rate, from a separate producer process.
     Latency {
@@ -94,9 +101,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Handler(args) => roles::handler(args).await,
         Scenario::Relay(args) => roles::relay(args).await,
         Scenario::Api(args) => roles::api(args).await,
-        Scenario::Drain { n } => {
+        Scenario::Drain { n, ordering, keys } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
-            drain::run(&servers, n, cli.reps).await
+            let keys = ordering.is_some().then_some(keys.max(1));
+            drain::run(&servers, n, keys, cli.reps).await
         }
         Scenario::Latency { rate, seconds, via_store } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;

@@ -693,9 +693,9 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
 /// Lanes released per statement.
 const LANE_RELEASE_BATCH: u32 = 500;
 
-/// Releases the lanes that completions noted (on this node or, having died since, another) until
-/// none is left that can be taken now; whether it released any. A failure is logged: the lanes
-/// stay noted, and the next sweep takes them.
+/// Releases the lanes that completions noted because a writer held them (on this node or, having
+/// died since, another) until none is left that can be taken now; whether it released any. A
+/// failure is logged: the lanes stay noted, and the next sweep takes them.
 async fn release_lanes<S: Store>(shared: &Shared<S>) -> bool {
     let mut released = false;
     loop {
@@ -721,7 +721,10 @@ async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
                 shared.metrics.completed(batch, &stats);
-                if stats.lanes_moved > 0 && release_lanes(shared).await {
+                if stats.lanes_moved > 0 {
+                    // The completion released the lanes it could; a writer held the others, which
+                    // are free again by now.
+                    release_lanes(shared).await;
                     // The next row of each lane is due now: claim it without waiting for a poll.
                     shared.wake.notify_one();
                 }

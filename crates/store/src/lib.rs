@@ -301,11 +301,11 @@ pub trait OutboxRepo: Transactional {
     fn wake_relays(&self) -> impl Future<Output = Result<()>> + Send;
     /// How long until the earliest delivery that is not due yet becomes due, if there is one.
     fn next_due_in(&self) -> impl Future<Output = Result<Option<Duration>>> + Send;
-    /// Releases up to `batch` of the lanes that completions and resolutions noted (their head
-    /// left the outbox, or their dead letter was resolved), under the lanes' locks: each lane's
-    /// first row becomes its head, unless it is the head already or a dead letter holds the
-    /// lane. Never waits for a lock: a lane a writer holds stays noted for the next call.
-    /// Returns how many lanes it released.
+    /// Releases up to `batch` of the lanes that completions and resolutions noted because a
+    /// writer held their lock (a completion releases the others itself: `delete_delivered`,
+    /// `delete_deliveries`, `bury`, `resolve`): each lane's first row becomes its head, unless
+    /// it is the head already or a dead letter holds the lane. Never waits for a lock: a lane a
+    /// writer holds stays noted for the next call. Returns how many lanes it released.
     fn release_lanes(&self, batch: u32) -> impl Future<Output = Result<u64>> + Send;
     /// Inserts deliveries in the caller's transaction. A repeated idempotency key fails with
     /// [`Error::DuplicateIdempotencyKey`].

@@ -69,7 +69,7 @@ impl DeadLetterRepo for MemStore {
             tx.state.dead_letters.insert(dead.id, dead.clone());
             if dead.held_lane.is_none() {
                 let lane = row.new.trigger_id.zip(row.new.lane.clone());
-                tx.state.note_released(lane);
+                tx.state.release(lane);
             }
             written.push(dead);
         }
@@ -129,7 +129,7 @@ impl DeadLetterRepo for MemStore {
         d.resolved_at = Some(now);
         let released = d.trigger_id.zip(d.held_lane.take());
         let resolved = d.clone();
-        tx.state.note_released(released);
+        tx.state.release(released);
         Ok(Some(resolved))
     }
 

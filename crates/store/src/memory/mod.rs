@@ -73,8 +73,6 @@ struct State {
     config_epoch: i64,
     /// The last lane place handed out (Postgres: the sequence `outbox_lane_seq`).
     lane_seq: i64,
-    /// Lanes to release (Postgres: `lane_releases`).
-    lane_releases: std::collections::BTreeSet<(TriggerId, String)>,
 }
 
 /// The in-memory store.

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use sqlx::Row;
 
 use super::PgStore;
-use super::outbox::note_released;
+use super::outbox::release;
 use super::rows::{self, DEAD_LETTER_COLUMNS};
 use crate::model::*;
 use crate::{DeadLetterRepo, Result};
@@ -101,7 +101,7 @@ impl DeadLetterRepo for PgStore {
                 released.push((trigger, lane));
             }
         }
-        note_released(tx, &released).await?;
+        release(tx, &released).await?;
         moved.iter().map(rows::dead_letter).collect()
     }
 
@@ -202,7 +202,7 @@ impl DeadLetterRepo for PgStore {
         let trigger: Option<Uuid> = row.try_get("released_trigger")?;
         let lane: Option<String> = row.try_get("released_lane")?;
         if let (Some(trigger), Some(lane)) = (trigger, lane) {
-            note_released(tx, &[(trigger, lane)]).await?;
+            release(tx, &[(trigger, lane)]).await?;
         }
         rows::dead_letter(&row).map(Some)
     }

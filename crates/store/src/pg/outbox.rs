@@ -131,22 +131,79 @@ async fn lock_lanes<'a>(conn: &mut PgConnection, lanes: impl Iterator<Item = (Uu
     Ok(())
 }
 
-/// Notes, in the caller's transaction, lanes whose head left the outbox or whose dead letter was
-/// resolved: [`OutboxRepo::release_lanes`] makes their next rows heads. It takes no lock, so a
-/// completion never waits for a writer holding a lane.
-pub(super) async fn note_released(conn: &mut PgConnection, lanes: &[(Uuid, String)]) -> Result<()> {
+/// Takes, in key order, the locks of the lanes that are free now, never waiting for one (a writer
+/// holds a lane's lock for the rest of its transaction): the lanes it locked, and those it did
+/// not.
+async fn try_lock_lanes<'a>(
+    conn: &mut PgConnection,
+    lanes: &'a [(Uuid, String)],
+) -> Result<(Vec<&'a (Uuid, String)>, Vec<&'a (Uuid, String)>)> {
+    let mut keyed: Vec<(i64, &(Uuid, String))> =
+        lanes.iter().map(|lane| (lane_lock_key(lane.0, &lane.1), lane)).collect();
+    keyed.sort_unstable_by_key(|(key, _)| *key);
+    keyed.dedup_by(|a, b| a.1 == b.1);
+    let keys: Vec<i64> = keyed.iter().map(|(key, _)| *key).collect();
+    let locked: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(k) FROM UNNEST($1::int8[]) AS k")
+            .bind(&keys)
+            .fetch_all(conn)
+            .await?;
+    let (locked, busy): (Vec<_>, Vec<_>) = keyed.into_iter().zip(locked).partition(|(_, locked)| *locked);
+    Ok((
+        locked.into_iter().map(|((_, lane), _)| lane).collect(),
+        busy.into_iter().map(|((_, lane), _)| lane).collect(),
+    ))
+}
+
+fn columns<'a>(lanes: &[&'a (Uuid, String)]) -> (Vec<Uuid>, Vec<&'a str>) {
+    lanes.iter().map(|(trigger, lane)| (*trigger, lane.as_str())).unzip()
+}
+
+/// Makes each lane's first row its head, when it waits and no dead letter holds the lane. The
+/// caller holds the lanes' locks, taken in an earlier statement.
+async fn promote(conn: &mut PgConnection, lanes: &[&(Uuid, String)]) -> Result<()> {
     if lanes.is_empty() {
         return Ok(());
     }
-    let (triggers, lanes): (Vec<Uuid>, Vec<&str>) = lanes.iter().map(|(t, l)| (*t, l.as_str())).unzip();
+    let (triggers, lanes) = columns(lanes);
     sqlx::query(
-        "INSERT INTO lane_releases (trigger_id, lane) SELECT * FROM UNNEST($1::uuid[], $2::text[])
-         ON CONFLICT DO NOTHING",
+        "UPDATE outbox o SET waiting = false
+           FROM UNNEST($1::uuid[], $2::text[]) AS u(trigger_id, lane)
+           CROSS JOIN LATERAL (SELECT h.id, h.waiting FROM outbox h
+                                WHERE h.trigger_id = u.trigger_id AND h.lane = u.lane
+                                ORDER BY h.lane_seq LIMIT 1) head
+          WHERE o.id = head.id AND head.waiting
+            AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                             WHERE d.trigger_id = u.trigger_id AND d.held_lane = u.lane)",
     )
     .bind(triggers)
     .bind(lanes)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Releases, in the caller's transaction, lanes whose head left the outbox or whose dead letter
+/// was resolved: those whose lock is free now get their next head at once; the others are noted
+/// in `lane_releases` for [`OutboxRepo::release_lanes`]. It never waits for a lock, so a
+/// completion never waits for a writer.
+pub(super) async fn release(conn: &mut PgConnection, lanes: &[(Uuid, String)]) -> Result<()> {
+    if lanes.is_empty() {
+        return Ok(());
+    }
+    let (locked, busy) = try_lock_lanes(conn, lanes).await?;
+    promote(conn, &locked).await?;
+    if !busy.is_empty() {
+        let (triggers, lanes) = columns(&busy);
+        sqlx::query(
+            "INSERT INTO lane_releases (trigger_id, lane) SELECT * FROM UNNEST($1::uuid[], $2::text[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(triggers)
+        .bind(lanes)
+        .execute(conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -164,7 +221,7 @@ async fn delete_and_release(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64
             Some((trigger?, lane?))
         })
         .collect::<Vec<_>>();
-    note_released(conn, &lanes).await?;
+    release(conn, &lanes).await?;
     Ok(gone.len() as u64)
 }
 
@@ -491,6 +548,11 @@ impl OutboxRepo for PgStore {
     }
 
     async fn release_lanes(&self, batch: u32) -> Result<u64> {
+        let noted: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM lane_releases)").fetch_one(&self.pool).await?;
+        if !noted {
+            return Ok(0);
+        }
         let mut tx = self.pool.begin().await?;
         let noted: Vec<(Uuid, String)> =
             sqlx::query_as("SELECT trigger_id, lane FROM lane_releases LIMIT $1 FOR UPDATE SKIP LOCKED")
@@ -500,45 +562,19 @@ impl OutboxRepo for PgStore {
         if noted.is_empty() {
             return Ok(0);
         }
-        // Only the lanes whose lock is free now: a writer holds a lane's lock for the rest of
-        // its transaction, and a release never waits for one. A lane it cannot lock stays noted
-        // for the next call.
-        let mut keyed: Vec<(i64, &(Uuid, String))> =
-            noted.iter().map(|lane| (lane_lock_key(lane.0, &lane.1), lane)).collect();
-        keyed.sort_unstable_by_key(|(key, _)| *key);
-        let keys: Vec<i64> = keyed.iter().map(|(key, _)| *key).collect();
-        let locked: Vec<bool> =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(k) FROM UNNEST($1::int8[]) AS k")
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?;
-        let (triggers, lanes): (Vec<Uuid>, Vec<&str>) = keyed
-            .iter()
-            .zip(&locked)
-            .filter(|(_, locked)| **locked)
-            .map(|((_, (trigger, lane)), _)| (*trigger, lane.as_str()))
-            .unzip();
-        let released = triggers.len() as u64;
+        let (locked, _) = try_lock_lanes(&mut tx, &noted).await?;
+        let (triggers, lanes) = columns(&locked);
         sqlx::query(
-            "WITH released AS (
-                 DELETE FROM lane_releases r USING UNNEST($1::uuid[], $2::text[]) AS u(trigger_id, lane)
-                  WHERE r.trigger_id = u.trigger_id AND r.lane = u.lane
-              RETURNING r.trigger_id, r.lane)
-             UPDATE outbox o SET waiting = false
-               FROM released u
-               CROSS JOIN LATERAL (SELECT h.id, h.waiting FROM outbox h
-                                    WHERE h.trigger_id = u.trigger_id AND h.lane = u.lane
-                                    ORDER BY h.lane_seq LIMIT 1) head
-              WHERE o.id = head.id AND head.waiting
-                AND NOT EXISTS (SELECT 1 FROM dead_letters d
-                                 WHERE d.trigger_id = u.trigger_id AND d.held_lane = u.lane)",
+            "DELETE FROM lane_releases r USING UNNEST($1::uuid[], $2::text[]) AS u(trigger_id, lane)
+              WHERE r.trigger_id = u.trigger_id AND r.lane = u.lane",
         )
         .bind(triggers)
         .bind(lanes)
         .execute(&mut *tx)
         .await?;
+        promote(&mut tx, &locked).await?;
         tx.commit().await?;
-        Ok(released)
+        Ok(locked.len() as u64)
     }
 
     async fn pending_for_dead_letter(
