@@ -256,15 +256,15 @@ async fn claim_loop<S: Store>(
                     shared.metrics.claimed(claimed);
                     deliver(&shared, claim, &done).await;
                 }
-                if claimed < batch as usize {
-                    // Lanes noted by a relay that died before it released them, or that a writer
-                    // held when they were noted: at most a poll interval late.
-                    if lanes_swept.elapsed() >= shared.config.poll_interval {
-                        lanes_swept = Instant::now();
-                        if release_lanes(&shared).await {
-                            continue;
-                        }
+                // Lanes noted because a writer held them, by this relay or by one that died
+                // before it released them: at most a poll interval late, however busy the relay.
+                if lanes_swept.elapsed() >= shared.config.poll_interval {
+                    lanes_swept = Instant::now();
+                    if release_lanes(&shared).await {
+                        continue;
                     }
+                }
+                if claimed < batch as usize {
                     idle(&shared, &mut shutdown, claimed == 0, &mut next_due).await;
                 }
             }

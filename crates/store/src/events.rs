@@ -591,8 +591,8 @@ pub async fn replay<S: Store>(
     };
     // The replay of a dead letter that held its lane goes first, before the deliveries it held
     // back; the resolution below then releases the lane to it.
-    let row =
-        NewDelivery { event_time: Some(dead.headers.time), front_of_lane: dead.held_lane.is_some(), ..row };
+    let front_of_lane = dead.held_lane.is_some() && dead.held_lane == row.lane;
+    let row = NewDelivery { event_time: Some(dead.headers.time), front_of_lane, ..row };
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
     let replayed = s
         .resolve(tx, dead.app_id, dead.id, Resolution::Replayed, false)

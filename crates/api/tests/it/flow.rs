@@ -134,3 +134,40 @@ async fn ordering_keys_come_from_a_jobs_field_and_a_messages_header_and_bad_ones
     assert!(reply.message().starts_with("Picloud-Ordering-Key: "), "{}", reply.message());
     assert_eq!(rows(&api).await.len(), 4, "refused writes wrote nothing");
 }
+
+#[tokio::test]
+async fn a_message_over_nats_ingest_takes_its_ordering_key_from_the_header() {
+    let api = Api::start().await;
+    let (stop, shutdown) = picloud_worker::Shutdown::new();
+    let ingest = picloud_api::Ingest::start(api.state.clone(), shutdown).await.unwrap();
+    api.trigger(pubsub(&json!({"ordering": "key"}))).await;
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_shop")
+        .connect(api.nats.url())
+        .await
+        .unwrap();
+    let publish = |key: String| {
+        let client = client.clone();
+        let token = api.developer.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Authorization", format!("Bearer {token}"));
+            headers.insert("Picloud-Ordering-Key", key);
+            let reply = client
+                .request_with_headers("picloud.v1.ingest.shop.pubsub.orders", headers, "{}".into())
+                .await
+                .unwrap();
+            let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+            (reply.headers.unwrap().get("Picloud-Status").unwrap().as_str().to_owned(), body)
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(publish("order-1".into()).await.0, "ok");
+    }
+    let (status, body) = publish("k".repeat(201)).await;
+    assert_eq!(status, "error");
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("Picloud-Ordering-Key: "), "{body}");
+    assert_eq!(rows(&api).await, [(Some("order-1".into()), false), (Some("order-1".into()), true)]);
+    stop.send();
+    ingest.finished().await;
+}

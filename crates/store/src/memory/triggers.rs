@@ -114,6 +114,11 @@ impl TriggerRepo for MemStore {
         for a in s.abandoned.values_mut().filter(|a| a.trigger_id == Some(id)) {
             a.trigger_id = None;
         }
+        for row in s.outbox.values_mut().filter(|r| r.new.trigger_id == Some(id) && r.new.lane.is_some()) {
+            row.new.lane = None;
+            row.lane_seq = None;
+            row.waiting = false;
+        }
         Ok(true)
     }
 

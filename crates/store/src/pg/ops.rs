@@ -40,14 +40,15 @@ impl AdvisoryLock {
 }
 
 impl PgStore {
-    /// The gauges, in one round trip: the due rows come off the claim's index (`outbox_due`),
+    /// The gauges, in one round trip: the due rows come off the claim's index (`outbox_due`; rows
+    /// waiting in a lane are not due),
     /// the unresolved dead letters off their partial index; abandoned executions are bounded by
     /// their retention.
     pub async fn gauges(&self) -> Result<Gauges> {
         let (due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions) = sqlx::query_as(
             "WITH due AS (
                  SELECT due_at FROM outbox
-                  WHERE due_at <= coalesce($1, now())
+                  WHERE due_at <= coalesce($1, now()) AND NOT waiting
                     AND (leased_until IS NULL OR leased_until <= coalesce($1, now())))
              SELECT (SELECT count(*) FROM due),
                     coalesce((SELECT extract(epoch FROM coalesce($1, now()) - min(due_at))::float8 FROM due), 0),

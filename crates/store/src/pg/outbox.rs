@@ -195,9 +195,12 @@ pub(super) async fn release(conn: &mut PgConnection, lanes: &[(Uuid, String)]) -
     promote(conn, &locked).await?;
     if !busy.is_empty() {
         let (triggers, lanes) = columns(&busy);
+        // DO UPDATE, not DO NOTHING: a sweep may hold this lane's note, read the lane before this
+        // transaction's change and delete the note; updating it waits for that sweep, and the
+        // note is written again after it.
         sqlx::query(
             "INSERT INTO lane_releases (trigger_id, lane) SELECT * FROM UNNEST($1::uuid[], $2::text[])
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (trigger_id, lane) DO UPDATE SET lane = excluded.lane",
         )
         .bind(triggers)
         .bind(lanes)

@@ -230,12 +230,20 @@ impl TriggerRepo for PgStore {
     }
 
     async fn delete_trigger(&self, app_id: AppId, name: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM triggers WHERE app_id = $1 AND name = $2")
-            .bind(app_id.as_uuid())
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        // Its rows are dropped by the relay that claims them; those waiting in its lanes are let
+        // out of them first, or nothing would ever claim them (its dead letters stop holding).
+        let done = sqlx::query(
+            "WITH gone AS (DELETE FROM triggers WHERE app_id = $1 AND name = $2 RETURNING id),
+                  freed AS (UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false
+                             WHERE trigger_id = (SELECT id FROM gone) AND lane IS NOT NULL)
+             SELECT count(*) FROM gone",
+        )
+        .bind(app_id.as_uuid())
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        let deleted: i64 = done.try_get(0)?;
+        Ok(deleted == 1)
     }
 
     async fn list_matching_kv(

@@ -20,6 +20,8 @@ conformance!(
     ordering_by_trigger_makes_the_whole_trigger_one_lane,
     kv_puts_carry_the_entry_as_their_ordering_key_and_ordered_triggers_take_them_in_version_order,
     a_flow_reads_back_and_a_patch_changes_or_removes_it,
+    deleting_a_trigger_lets_its_waiting_rows_out_to_be_dropped_even_behind_a_held_dead_letter,
+    an_idempotent_job_joins_its_lane_once,
 );
 
 fn flow(ordering: Ordering, hold_on_dead_letter: bool) -> Flow {
@@ -278,4 +280,58 @@ async fn a_flow_reads_back_and_a_patch_changes_or_removes_it<S: Store>(s: S) {
     let removed = TriggerPatch { flow: Some(None), ..TriggerPatch::default() };
     let patched = s.update_trigger(t.app.id, trigger.name.as_str(), &removed).await.unwrap();
     assert_eq!(patched.flow, None);
+}
+
+async fn deleting_a_trigger_lets_its_waiting_rows_out_to_be_dropped_even_behind_a_held_dead_letter<
+    S: Store,
+>(
+    s: S,
+) {
+    let t = tenant(&s, "shop").await;
+    let trigger = ordered(&s, &t, flow(Ordering::Key, true)).await;
+    publish(&s, &t, &[(Some("a"), 1), (Some("a"), 2), (Some("b"), 3), (Some("b"), 4)]).await;
+    let (_, rows) = claim(&s).await;
+    bury(&s, rows.iter().find(|r| n(r) == 1).unwrap()).await;
+    assert!(s.delete_trigger(t.app.id, trigger.name.as_str()).await.unwrap());
+    s.clock().advance(LEASE);
+    let (orphans, _) = claim(&s).await;
+    assert_eq!(orphans, set(&[2, 3, 4]), "every row left is claimable, for the relay to drop");
+}
+
+async fn an_idempotent_job_joins_its_lane_once<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let queue = picloud_core::QueueName::parse("q").unwrap();
+    let mut new = new_trigger(&t, "jobs", TriggerSpec::Queue { queue: queue.clone() });
+    new.flow = Some(flow(Ordering::Key, false));
+    s.create_trigger(&new).await.unwrap();
+    let config = TriggerConfig::default();
+    let enqueue = |n: u32, idempotency_key: Option<&'static str>| {
+        let (s, t, queue, config) = (&s, &t, &queue, &config);
+        async move {
+            let payload = json(&format!(r#"{{"n":{n}}}"#));
+            let job = events::Job {
+                payload: &payload,
+                delay: Duration::ZERO,
+                idempotency_key,
+                ordering_key: Some("u"),
+            };
+            let mut tx = s.begin().await.unwrap();
+            let enqueued = events::enqueue(s, &mut tx, &cx(t, config), queue, job).await.unwrap();
+            s.commit(tx).await.unwrap();
+            enqueued
+        }
+    };
+    let first = enqueue(1, Some("once")).await;
+    assert_eq!(
+        enqueue(2, Some("once")).await,
+        events::Enqueued::Existing(match first {
+            events::Enqueued::Created(id) => id,
+            other => panic!("{other:?}"),
+        })
+    );
+    enqueue(3, None).await;
+    let (head, rows) = claim(&s).await;
+    assert_eq!(head, set(&[1]), "the repeated job wrote nothing; the third waits");
+    delivered(&s, &rows).await;
+    assert_eq!(claim(&s).await.0, set(&[3]));
 }
