@@ -199,11 +199,14 @@ pub async fn complete<S: Store>(
         }
     }
 
+    // Rows outside lanes are deleted in one statement; a head of a lane is deleted in the
+    // transaction that makes the lane's next row head.
     if retries.is_empty()
         && waits.is_empty()
         && buries.is_empty()
         && handled.is_empty()
         && failed_reports.is_empty()
+        && stats.lanes_moved == 0
     {
         store.delete_delivered(&deletes).await?;
         return Ok(stats);
