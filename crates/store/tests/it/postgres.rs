@@ -176,3 +176,19 @@ async fn a_release_never_waits_for_a_writer_holding_the_lane_and_takes_it_on_a_l
     assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1, "the second row heads the lane");
     assert_eq!(s.outbox_len().await.unwrap(), 2);
 }
+
+#[tokio::test]
+async fn the_gauges_count_rows_waiting_in_a_lane_as_not_due() {
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone()).with_clock(Clock::manual(START));
+    let (t, mut trigger) = tenant_with_trigger(&s, "shop").await;
+    let ordered = picloud_core::Flow { ordering: picloud_core::flow::Ordering::Key, ..Default::default() };
+    let patch = TriggerPatch { flow: Some(Some(ordered)), ..TriggerPatch::default() };
+    trigger = s.update_trigger(t.app.id, trigger.name.as_str(), &patch).await.unwrap();
+    let in_lane = || NewDelivery { lane: Some("k".into()), ..delivery(&t, &trigger, Duration::ZERO) };
+    insert(&s, &[in_lane(), in_lane(), in_lane()]).await;
+    s.clock().advance(Duration::from_secs(60));
+    let gauges = s.gauges().await.unwrap();
+    assert_eq!(gauges.due, 1, "the head is due; the two behind it wait");
+    assert!((gauges.oldest_due_age_s - 60.0).abs() < 1.0, "{}", gauges.oldest_due_age_s);
+}
