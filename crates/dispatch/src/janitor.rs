@@ -1,5 +1,7 @@
 //! The janitor: deletes resolved dead letters and abandoned executions past their retention
 //! (DESIGN §7, §8), in batches, on one node at a time. Unresolved dead letters are never deleted.
+//! It also lets out of their lanes the rows of triggers that are gone, which a writer racing the
+//! trigger's (or its app's) deletion can leave waiting where nothing would make them heads.
 //!
 //! Every node runs one; a sweep starts at start-up and then every [`JanitorConfig::interval`].
 //! Time comes from the store's clock (the database's `now()` in production).
@@ -54,6 +56,9 @@ pub struct Swept {
     pub dead_letters: u64,
     /// Abandoned executions.
     pub abandoned: u64,
+    /// Outbox rows let out of the lanes of a trigger that is gone (DESIGN §13), for the relay
+    /// to drop.
+    pub orphaned_in_lanes: u64,
 }
 
 /// Deletes what outlived its retention; see the module documentation.
@@ -144,6 +149,7 @@ impl SweepLock<'_> {
                 node = %config.node_id,
                 dead_letters = swept.dead_letters,
                 abandoned_executions = swept.abandoned,
+                orphaned_in_lanes = swept.orphaned_in_lanes,
                 "janitor deleted rows past their retention"
             );
         }
@@ -169,7 +175,17 @@ impl SweepLock<'_> {
             let deleted = store.gc_abandoned(config.abandoned_retention, batch).await?;
             swept.abandoned += deleted;
             metrics::janitor_deleted(&config.node_id, "abandoned_executions", deleted);
-            if deleted < u64::from(batch) || !go_on() {
+            if deleted < u64::from(batch) {
+                break;
+            }
+            if !go_on() {
+                return Ok(swept);
+            }
+        }
+        loop {
+            let freed = store.free_orphaned_lanes(batch).await?;
+            swept.orphaned_in_lanes += freed;
+            if freed < u64::from(batch) || !go_on() {
                 return Ok(swept);
             }
         }

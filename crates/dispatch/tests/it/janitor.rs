@@ -118,7 +118,7 @@ async fn resolved_dead_letters_and_abandoned_executions_past_their_retention_go_
 
     let swept = janitor(&store, "node-a", 100).sweep_once().await.unwrap();
 
-    assert_eq!(swept, Some(Swept { dead_letters: 2, abandoned: 2 }));
+    assert_eq!(swept, Some(Swept { dead_letters: 2, abandoned: 2, orphaned_in_lanes: 0 }));
     assert_eq!(
         ids_in(&w, "dead_letters").await,
         sorted([old_unresolved, younger_resolved].concat()),
@@ -137,7 +137,7 @@ async fn more_rows_than_one_batch_all_go_in_one_sweep() {
 
     let swept = janitor(&store, "node-a", 10).sweep_once().await.unwrap();
 
-    assert_eq!(swept, Some(Swept { dead_letters: 25, abandoned: 23 }));
+    assert_eq!(swept, Some(Swept { dead_letters: 25, abandoned: 23, orphaned_in_lanes: 0 }));
     assert!(ids_in(&w, "dead_letters").await.is_empty());
     assert!(ids_in(&w, "abandoned_executions").await.is_empty());
 }
@@ -153,7 +153,10 @@ async fn while_one_janitor_sweeps_another_deletes_nothing() {
     let a_sweeping = a.try_lock().await.unwrap().expect("the first janitor takes the lock");
     assert_eq!(b.sweep_once().await.unwrap(), None, "the second janitor sees the first one sweeping");
     assert_eq!(ids_in(&w, "dead_letters").await.len(), 3, "and deletes nothing");
-    assert_eq!(a_sweeping.sweep().await.unwrap(), Swept { dead_letters: 3, abandoned: 0 });
+    assert_eq!(
+        a_sweeping.sweep().await.unwrap(),
+        Swept { dead_letters: 3, abandoned: 0, orphaned_in_lanes: 0 }
+    );
 
     assert_eq!(
         b.sweep_once().await.unwrap(),
@@ -178,4 +181,41 @@ async fn a_running_janitor_sweeps_at_start_and_stops_when_told() {
     stop.send();
 
     tokio::time::timeout(Duration::from_secs(10), running).await.expect("the janitor stops").unwrap();
+}
+
+#[tokio::test]
+async fn rows_left_in_the_lanes_of_a_trigger_that_is_gone_are_let_out_for_the_relay_to_drop() {
+    let w = World::new().await;
+    let store = manual_store(&w);
+    let live = w.kv_trigger("live", "orders", "h").await;
+    let in_lane = |trigger: picloud_core::TriggerId| NewDelivery {
+        lane: Some("k".into()),
+        ..events::Event {
+            kind: EventKind::Kv,
+            event_type: "picloud.kv.put",
+            source: "/apps/shop/kv/orders".into(),
+            subject: None,
+            payload: &RawValue::from_string("{}".into()).unwrap(),
+            depth: 0,
+            ordering_key: Some("k"),
+        }
+        .delivery(w.app.id, Some(trigger), 3)
+    };
+    // A writer that saw a trigger being deleted put rows in its lane: nothing makes them heads.
+    let gone = picloud_core::TriggerId::new();
+    let rows = [in_lane(gone), in_lane(gone), in_lane(live.id), in_lane(live.id)];
+    let mut tx = store.begin().await.unwrap();
+    store.insert_deliveries(&mut tx, &rows).await.unwrap();
+    store.commit(tx).await.unwrap();
+    let heads = store.claim_due(10, Duration::from_secs(30), "n").await.unwrap().rows;
+    assert_eq!(heads.len(), 2, "one head per lane");
+
+    let swept = janitor(&store, "node-a", 100).sweep_once().await.unwrap().unwrap();
+    assert_eq!(swept.orphaned_in_lanes, 2, "both rows of the gone trigger's lane, none of the live one's");
+    let freed = store.claim_due(10, Duration::from_secs(30), "n").await.unwrap().rows;
+    assert_eq!(
+        freed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [rows[1].id],
+        "the waiting orphan is claimable"
+    );
 }

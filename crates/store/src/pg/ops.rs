@@ -61,6 +61,23 @@ impl PgStore {
         Ok(Gauges { due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions })
     }
 
+    /// Lets up to `batch` rows out of their lanes whose trigger is gone (rows a writer put in a
+    /// lane while the trigger or its app was being deleted, which nothing would ever make a
+    /// head): claimable, they are dropped by the relay that claims them. How many it let out.
+    pub async fn free_orphaned_lanes(&self, batch: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false
+              WHERE id IN (SELECT o.id FROM outbox o
+                            WHERE o.lane IS NOT NULL
+                              AND NOT EXISTS (SELECT 1 FROM triggers t WHERE t.id = o.trigger_id)
+                            LIMIT $1)",
+        )
+        .bind(i64::from(batch))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Whether any email row is in the outbox: one probe of the partial index `outbox_email`,
     /// however large the outbox.
     pub async fn email_rows_waiting(&self) -> Result<bool> {
