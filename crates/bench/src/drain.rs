@@ -1,8 +1,8 @@
 //! Scenario 1, drain: throughput from a backlog of N deliveries.
 
-use picloud_core::flow::kv_ordering_key;
 use std::time::{Duration, Instant};
 
+use picloud_core::flow::kv_ordering_key;
 use picloud_core::protocol::{EventKind, event_type, source};
 use picloud_store::events::Event;
 use picloud_store::{NewDelivery, OutboxRepo, Transactional};

@@ -1,7 +1,7 @@
 //! How a trigger's deliveries flow (DESIGN §13): the `flow` object, checked, and the lane a
 //! delivery is handed out in when the trigger orders its deliveries.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// A trigger's `flow`.
@@ -23,7 +23,7 @@ pub struct Flow {
 }
 
 /// `flow.ordering`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ordering {
     /// No order between deliveries.
@@ -106,12 +106,8 @@ impl Flow {
         for (field, value) in map {
             match field.as_str() {
                 "ordering" => {
-                    flow.ordering = match value.as_str() {
-                        Some("none") => Ordering::None,
-                        Some("key") => Ordering::Key,
-                        Some("trigger") => Ordering::Trigger,
-                        _ => return Err(refuse(field, "expected none, key or trigger")),
-                    }
+                    flow.ordering = Ordering::deserialize(value)
+                        .map_err(|_| refuse(field, "expected none, key or trigger"))?;
                 }
                 "concurrency" => flow.concurrency = Some(integer(value, field, 1, MAX_CONCURRENCY)?),
                 "rate" => {
@@ -151,22 +147,6 @@ impl Flow {
             Ordering::Key => ordering_key,
             Ordering::Trigger => Some(TRIGGER_LANE),
         }
-    }
-}
-
-impl Ordering {
-    /// The name used in the API and the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ordering::None => "none",
-            Ordering::Key => "key",
-            Ordering::Trigger => "trigger",
-        }
-    }
-
-    /// The inverse of [`Ordering::as_str`].
-    pub fn parse(s: &str) -> Option<Self> {
-        [Ordering::None, Ordering::Key, Ordering::Trigger].into_iter().find(|o| o.as_str() == s)
     }
 }
 

@@ -196,13 +196,14 @@ pub async fn kv_put<S: Store>(
 ) -> Result<(KvPutResult, Fired)> {
     let source = source::kv(cx.app_slug.as_str(), collection.as_str());
     let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
-    if expected.is_none() && cx.depth < cx.config.max_depth {
-        let put = firing_put(cx, &source, &ordering_key, collection, key, value);
-        if let Some((result, deliveries)) = s.kv_put_firing(Some(tx), &put).await? {
-            return Ok((result, Fired { deliveries, too_deep: 0 }));
-        }
+    let put = firing_put(cx, &source, &ordering_key, collection, key, value);
+    if expected.is_none()
+        && cx.depth < cx.config.max_depth
+        && let Some((result, deliveries)) = s.kv_put_firing(Some(tx), &put).await?
+    {
+        return Ok((result, Fired { deliveries, too_deep: 0 }));
     }
-    kv_put_matching(s, tx, cx, collection, key, value, expected).await
+    kv_put_matching(s, tx, cx, &put, expected).await
 }
 
 /// [`kv_put`] as separate statements: the upsert, the trigger match, the deliveries.
@@ -210,33 +211,30 @@ async fn kv_put_matching<S: Store>(
     s: &S,
     tx: &mut S::Tx,
     cx: &EventContext<'_>,
-    collection: &CollectionName,
-    key: &KvKey,
-    value: &serde_json::Value,
+    put: &FiringPut<'_>,
     expected: Option<i64>,
 ) -> Result<(KvPutResult, Fired)> {
-    let put = s.kv_put(tx, cx.app_id, collection.as_str(), key.as_str(), value, expected).await?;
-    let triggers = s.list_matching_kv(tx, cx.app_id, collection.as_str(), KvOp::Put).await?;
-    let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
+    let result = s.kv_put(tx, put.app_id, put.collection, put.key, put.value, expected).await?;
+    let triggers = s.list_matching_kv(tx, put.app_id, put.collection, KvOp::Put).await?;
     let data = kv_event_data(
-        collection.as_str(),
-        key.as_str(),
+        put.collection,
+        put.key,
         KvOp::Put,
-        Some(value),
-        put.previous.as_ref(),
-        put.version,
+        Some(put.value),
+        result.previous.as_ref(),
+        result.version,
     );
     let event = Event {
         kind: EventKind::Kv,
         event_type: event_type::KV_PUT,
-        source: source::kv(cx.app_slug.as_str(), collection.as_str()),
-        subject: Some(key.as_str()),
+        source: put.source.to_owned(),
+        subject: Some(put.key),
         payload: &data,
         depth: cx.depth,
-        ordering_key: Some(&ordering_key),
+        ordering_key: Some(put.ordering_key),
     };
     let fired = fire(s, tx, cx, &triggers, event).await?;
-    Ok((put, fired))
+    Ok((result, fired))
 }
 
 /// [`kv_put`] committed on its own, and the relays woken: the write path of one KV put. Without
@@ -266,7 +264,7 @@ pub async fn kv_put_now<S: Store>(
             Ok(Some(written)) => Ok(written),
             Ok(None) => {
                 let mut tx = s.begin().await?;
-                match kv_put_matching(s, &mut tx, cx, collection, key, value, expected).await {
+                match kv_put_matching(s, &mut tx, cx, &put, expected).await {
                     Ok(written) => s.commit(tx).await.map(|()| written),
                     Err(e) => Err(e),
                 }

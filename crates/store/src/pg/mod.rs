@@ -108,7 +108,7 @@ impl Waker {
 
 /// How long a relay's transaction may wait on the relay between statements before Postgres ends
 /// it.
-pub const RELAY_IDLE_IN_TRANSACTION: &str = "10s";
+const RELAY_IDLE_IN_TRANSACTION: &str = "10s";
 
 impl PgStore {
     /// A store over an existing pool, on the database's clock.
@@ -131,7 +131,7 @@ impl PgStore {
     /// `DELETE … WHERE id = ANY ($1)` for every completion cost more than executing it.
     /// A relay's transactions never wait on its client between statements for long: one left
     /// open by a relay that was cut off mid-transaction is ended by Postgres after
-    /// [`RELAY_IDLE_IN_TRANSACTION`], so the lane locks it held (DESIGN §13) come free.
+    /// `RELAY_IDLE_IN_TRANSACTION` (10 s), so the lane locks it held (DESIGN §13) come free.
     pub async fn connect_relay(url: &str, max_connections: u32) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         let options = options.options([

@@ -42,6 +42,16 @@ const EVENT: &str =
            u.reply_to, u.idempotency_key, u.dead_letter_id, coalesce(u.event_time, $16, now()),
            u.ordering_key";
 
+/// The first row of the lane of `u` (`u.trigger_id`, `u.lane`): its head, or the row that becomes
+/// head next. One rule for the writers and the release.
+const LANE_FIRST: &str = "SELECT h.id, h.lane_seq AS seq, h.waiting FROM outbox h
+                           WHERE h.trigger_id = u.trigger_id AND h.lane = u.lane
+                           ORDER BY h.lane_seq LIMIT 1";
+
+/// A dead letter holding the lane of `u`.
+const LANE_HELD: &str = "SELECT true AS yes FROM dead_letters d
+                          WHERE d.trigger_id = u.trigger_id AND d.held_lane = u.lane LIMIT 1";
+
 /// The insert of deliveries none of which is in a lane.
 static INSERT: LazyLock<String> =
     LazyLock::new(|| format!("{INSERT_INTO} SELECT {EVENT}, NULL, NULL, false FROM {ROWS} AS u{ROW_NAMES}"));
@@ -63,12 +73,8 @@ static INSERT_IN_LANES: LazyLock<String> = LazyLock::new(|| {
            FROM (SELECT v.*, CASE WHEN v.lane IS NOT NULL THEN nextval('outbox_lane_seq') END AS seq,
                         row_number() OVER (PARTITION BY v.trigger_id, v.lane ORDER BY v.n) AS rn
                    FROM {ROWS} AS v{ROW_NAMES}) u
-           LEFT JOIN LATERAL (SELECT o.lane_seq AS seq, o.waiting FROM outbox o
-                               WHERE u.lane IS NOT NULL AND o.trigger_id = u.trigger_id AND o.lane = u.lane
-                               ORDER BY o.lane_seq LIMIT 1) head ON true
-           LEFT JOIN LATERAL (SELECT true AS yes FROM dead_letters d
-                               WHERE u.lane IS NOT NULL AND d.trigger_id = u.trigger_id AND d.held_lane = u.lane
-                               LIMIT 1) held ON true
+           LEFT JOIN LATERAL ({LANE_FIRST}) head ON true
+           LEFT JOIN LATERAL ({LANE_HELD}) held ON true
            CROSS JOIN LATERAL (SELECT u.front AND u.rn = 1 AND (head.seq IS NULL OR head.waiting) AS yes) front"
     )
 });
@@ -159,6 +165,16 @@ fn columns<'a>(lanes: &[&'a (Uuid, String)]) -> (Vec<Uuid>, Vec<&'a str>) {
     lanes.iter().map(|(trigger, lane)| (*trigger, lane.as_str())).unzip()
 }
 
+/// The statement of [`promote`].
+static PROMOTE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE outbox o SET waiting = false
+           FROM UNNEST($1::uuid[], $2::text[]) AS u(trigger_id, lane)
+           CROSS JOIN LATERAL ({LANE_FIRST}) head
+          WHERE o.id = head.id AND head.waiting AND NOT EXISTS ({LANE_HELD})"
+    )
+});
+
 /// Makes each lane's first row its head, when it waits and no dead letter holds the lane. The
 /// caller holds the lanes' locks, taken in an earlier statement.
 async fn promote(conn: &mut PgConnection, lanes: &[&(Uuid, String)]) -> Result<()> {
@@ -166,20 +182,7 @@ async fn promote(conn: &mut PgConnection, lanes: &[&(Uuid, String)]) -> Result<(
         return Ok(());
     }
     let (triggers, lanes) = columns(lanes);
-    sqlx::query(
-        "UPDATE outbox o SET waiting = false
-           FROM UNNEST($1::uuid[], $2::text[]) AS u(trigger_id, lane)
-           CROSS JOIN LATERAL (SELECT h.id, h.waiting FROM outbox h
-                                WHERE h.trigger_id = u.trigger_id AND h.lane = u.lane
-                                ORDER BY h.lane_seq LIMIT 1) head
-          WHERE o.id = head.id AND head.waiting
-            AND NOT EXISTS (SELECT 1 FROM dead_letters d
-                             WHERE d.trigger_id = u.trigger_id AND d.held_lane = u.lane)",
-    )
-    .bind(triggers)
-    .bind(lanes)
-    .execute(conn)
-    .await?;
+    sqlx::query(&PROMOTE).bind(triggers).bind(lanes).execute(conn).await?;
     Ok(())
 }
 
