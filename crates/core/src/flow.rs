@@ -44,6 +44,20 @@ pub struct Rate {
     pub burst: u32,
 }
 
+impl Rate {
+    /// The tokens in the bucket `elapsed` after it held `tokens`: one more every
+    /// `1 / per_second` seconds, never more than `burst`. A full bucket is `burst` tokens; an
+    /// attempt takes one.
+    pub fn refill(&self, tokens: f64, elapsed: std::time::Duration) -> f64 {
+        (tokens + elapsed.as_secs_f64() * f64::from(self.per_second)).min(f64::from(self.burst))
+    }
+
+    /// How long a bucket holding `tokens` (fewer than one) takes to hold one.
+    pub fn until_one(&self, tokens: f64) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(((1.0 - tokens) / f64::from(self.per_second)).max(0.0))
+    }
+}
+
 /// Why a `flow` was refused: the field (`flow.rate.per_second`, …) and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -139,6 +153,12 @@ impl Flow {
         Ok(Some(flow))
     }
 
+    /// Whether the trigger's deliveries are limited (`concurrency` or `rate`): then a relay
+    /// claims them only within the limits, never with the rows that flow freely.
+    pub fn is_limited(&self) -> bool {
+        self.concurrency.is_some() || self.rate.is_some()
+    }
+
     /// The lane a delivery with `ordering_key` goes in: `None` when it is not ordered (no
     /// ordering, or ordering by key and the delivery has no key).
     pub fn lane<'k>(&self, ordering_key: Option<&'k str>) -> Option<&'k str> {
@@ -166,6 +186,8 @@ pub fn kv_ordering_key(collection: &str, key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use serde_json::json;
 
     use super::*;
@@ -224,6 +246,19 @@ mod tests {
         );
         assert_eq!(refused(&json!({"order": "key"})), "flow.order");
         assert_eq!(refused(&json!({"ordering": "key", "hold": true})), "flow.hold");
+    }
+
+    #[test]
+    fn a_bucket_refills_at_its_rate_up_to_its_burst() {
+        let rate = Rate { per_second: 10, burst: 3 };
+        assert_eq!(rate.refill(0.0, Duration::from_millis(150)), 1.5);
+        assert_eq!(rate.refill(2.5, Duration::from_secs(60)), 3.0);
+        assert_eq!(rate.until_one(0.5), Duration::from_millis(50));
+        assert_eq!(rate.until_one(1.0), Duration::ZERO);
+        let limited = |json: Value| Flow::from_json(&json).unwrap().unwrap().is_limited();
+        assert!(limited(json!({"concurrency": 1})));
+        assert!(limited(json!({"rate": {"per_second": 1}})));
+        assert!(!limited(json!({"ordering": "key"})));
     }
 
     #[test]

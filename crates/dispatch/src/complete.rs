@@ -46,6 +46,8 @@ pub struct Done {
     pub email_written_at: Option<OffsetDateTime>,
     /// Whether the row heads a lane (its trigger orders deliveries).
     pub in_lane: bool,
+    /// Whether it was claimed within its trigger's limits (it holds one of the relay's slots).
+    pub gated: bool,
 }
 
 /// What one completion batch did.

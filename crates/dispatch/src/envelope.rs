@@ -83,6 +83,7 @@ mod tests {
             created_at: OffsetDateTime::now_utc(),
             ordering_key: Some(picloud_core::flow::kv_ordering_key(&longest_name(), &longest_name())),
             in_lane: true,
+            gated: true,
         }
     }
 

@@ -56,8 +56,8 @@ pub struct Swept {
     pub dead_letters: u64,
     /// Abandoned executions.
     pub abandoned: u64,
-    /// Outbox rows let out of the lanes of a trigger that is gone (DESIGN §13), for the relay
-    /// to drop.
+    /// Outbox rows let out of the lanes or gates of a trigger that is gone (DESIGN §13), for
+    /// the relay to drop.
     pub orphaned_in_lanes: u64,
 }
 

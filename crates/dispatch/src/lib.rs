@@ -18,6 +18,7 @@ mod connection;
 mod envelope;
 pub mod executors;
 mod janitor;
+mod limits;
 pub mod metrics;
 mod relay;
 mod scheduler;

@@ -35,6 +35,7 @@ use crate::complete::{Done, complete};
 use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
+use crate::limits::Limits;
 use crate::metrics::RelayMetrics;
 
 /// Claim loops per relay: while one publishes its batch, the other claims the next.
@@ -117,6 +118,8 @@ struct Shared<S> {
     metrics: RelayMetrics,
     /// Losses of the NATS connection the replies come back on.
     connection: ConnectionWatch,
+    /// The slots of limited triggers this relay holds.
+    limits: Limits,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +160,7 @@ impl<S: Store> Relay<S> {
             targets: Mutex::default(),
             metrics,
             connection,
+            limits: Limits::new(),
         });
         tracing::info!(node = %shared.config.node.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -176,6 +180,7 @@ impl<S: Store> Relay<S> {
             let _ = claimer.await;
         }
         wait_drained(&shared).await;
+        shared.limits.release(&shared.store).await;
         listener.abort();
         responder.abort();
         timer.abort();
@@ -247,15 +252,26 @@ async fn claim_loop<S: Store>(
             () = shutdown.recv() => return,
         };
         slots.forget();
-        match shared.store.claim_due(batch, lease, &shared.config.node.node_id).await {
+        // Limited rows first, within their limits; the plain claim fills what is left.
+        let (limited, next_token) = if shared.limits.exist(&shared.store, shared.config.poll_interval).await {
+            claim_limited(&shared, batch, &done).await
+        } else {
+            (0, None)
+        };
+        let free = batch - limited as u32;
+        let plain = match free {
+            0 => Ok(Claim { rows: Vec::new(), config_epoch: None }),
+            free => shared.store.claim_due(free, lease, &shared.config.node.node_id).await,
+        };
+        match plain {
             Ok(claim) => {
                 failures = 0;
-                let claimed = claim.rows.len();
-                shared.slots.add_permits(batch as usize - claimed);
-                if claimed > 0 {
-                    shared.metrics.claimed(claimed);
+                let claimed = limited + claim.rows.len();
+                if !claim.rows.is_empty() {
+                    shared.metrics.claimed(claim.rows.len());
                     deliver(&shared, claim, &done).await;
                 }
+                shared.slots.add_permits(batch as usize - claimed);
                 // Lanes noted because a writer held them, by this relay or by one that died
                 // before it released them: at most a poll interval late, however busy the relay.
                 if lanes_swept.elapsed() >= shared.config.poll_interval {
@@ -265,11 +281,11 @@ async fn claim_loop<S: Store>(
                     }
                 }
                 if claimed < batch as usize {
-                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due).await;
+                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token).await;
                 }
             }
             Err(e) => {
-                shared.slots.add_permits(batch as usize);
+                shared.slots.add_permits(free as usize);
                 failures += 1;
                 let pause = backoff(failures);
                 tracing::warn!(error = %e, ?pause, "claiming failed");
@@ -282,7 +298,33 @@ async fn claim_loop<S: Store>(
     }
 }
 
-/// Waits for a notification, the next delayed row, the poll interval, or the stop signal.
+/// Claims up to `want` rows of limited triggers and delivers them: how many it claimed, and
+/// when a trigger that ran out of rate tokens has one again. A failure is logged; the next
+/// round tries again.
+async fn claim_limited<S: Store>(
+    shared: &Shared<S>,
+    want: u32,
+    done: &mpsc::UnboundedSender<Done>,
+) -> (usize, Option<Instant>) {
+    let node = &shared.config.node;
+    match shared.limits.claim(&shared.store, want, node.lease(), &node.node_id).await {
+        Ok(limited) => {
+            let claimed = limited.claim.rows.len();
+            if claimed > 0 {
+                shared.metrics.claimed(claimed);
+                deliver(shared, limited.claim, done).await;
+            }
+            (claimed, limited.next_token_in.map(|d| Instant::now() + d))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "claiming within flow limits failed");
+            (0, None)
+        }
+    }
+}
+
+/// Waits for a notification, the next delayed row, a rate token, the poll interval, or the stop
+/// signal.
 ///
 /// `next_due` remembers when the earliest delayed row comes due. It is asked of the store only
 /// after a claim found nothing: while claims find rows, wake-ups keep coming and every claim
@@ -292,6 +334,7 @@ async fn idle<S: Store>(
     shutdown: &mut Shutdown,
     found_nothing: bool,
     next_due: &mut Option<Instant>,
+    next_token: Option<Instant>,
 ) {
     if found_nothing {
         *next_due = match shared.store.next_due_in().await {
@@ -300,7 +343,7 @@ async fn idle<S: Store>(
         };
     }
     let poll = Instant::now() + shared.config.poll_interval;
-    let until = next_due.filter(|due| *due < poll).unwrap_or(poll);
+    let until = [*next_due, next_token].into_iter().flatten().fold(poll, Instant::min);
     tokio::select! {
         _ = shared.wake.notified() => {}
         _ = tokio::time::sleep_until(until) => {}
@@ -557,6 +600,7 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
         answer,
         email_written_at: (row.kind == EventKind::Email).then_some(row.created_at),
         in_lane: row.in_lane,
+        gated: row.gated,
     }
 }
 
@@ -681,6 +725,10 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
         running.spawn(async move {
             flush(&shared, &batch).await;
             shared.slots.add_permits(batch.len());
+            if shared.limits.finished(&batch) {
+                // Slots of limited triggers are free: claim within them again.
+                shared.wake.notify_one();
+            }
             drop(permit);
         });
         while running.try_join_next().is_some() {}

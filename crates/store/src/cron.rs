@@ -122,9 +122,6 @@ fn tick_delivery(d: &DueCron, tick: OffsetDateTime, config: &TriggerConfig) -> N
         ordering_key: None,
     };
     let max_attempts = d.max_attempts.unwrap_or(config.retry.max_attempts);
-    NewDelivery {
-        event_time: Some(tick),
-        lane: d.flow.and_then(|flow| flow.lane(None)).map(str::to_owned),
-        ..event.delivery(d.app_id, Some(d.trigger_id), max_attempts)
-    }
+    NewDelivery { event_time: Some(tick), ..event.delivery(d.app_id, Some(d.trigger_id), max_attempts) }
+        .flowing(d.flow.as_ref())
 }

@@ -95,16 +95,15 @@ impl Event<'_> {
             ordering_key: self.ordering_key.map(str::to_owned),
             lane: None,
             front_of_lane: false,
+            gated: false,
+            debounce: None,
         }
     }
 
     /// A new delivery of this event to `trigger`, with the trigger's attempts and, when the
     /// trigger orders its deliveries, in the lane its flow puts it in.
     pub fn delivery_to(&self, app_id: AppId, trigger: &Trigger, config: &TriggerConfig) -> NewDelivery {
-        NewDelivery {
-            lane: trigger.flow.and_then(|flow| flow.lane(self.ordering_key)).map(str::to_owned),
-            ..self.delivery(app_id, Some(trigger.id), max_attempts(trigger, config))
-        }
+        self.delivery(app_id, Some(trigger.id), max_attempts(trigger, config)).flowing(trigger.flow.as_ref())
     }
 }
 

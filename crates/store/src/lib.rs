@@ -216,6 +216,27 @@ pub struct Claim {
     pub config_epoch: Option<i64>,
 }
 
+/// What one claim of limited deliveries took ([`OutboxRepo::claim_limited`]).
+#[derive(Debug, Clone)]
+pub struct LimitedClaim {
+    /// The claimed deliveries, each `gated`.
+    pub claim: Claim,
+    /// When a trigger with due rows ran out of rate tokens: how long until it has one again.
+    pub next_token_in: Option<Duration>,
+}
+
+/// The slots of limited triggers one relay has in flight: what [`OutboxRepo::claim_limited`]
+/// counts as the holder's own.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    /// The relay's run (a fresh id per run, so two relays never share slots).
+    pub id: Uuid,
+    /// The node, for `leased_by`.
+    pub node: &'a str,
+    /// Its deliveries in flight per trigger, claimed by earlier claims and not completed yet.
+    pub busy: &'a [(TriggerId, u32)],
+}
+
 /// Triggers: CRUD and the matching that writes use.
 pub trait TriggerRepo: Transactional {
     /// Registers a trigger with its kind's details.
@@ -331,6 +352,22 @@ pub trait OutboxRepo: Transactional {
         lease: Duration,
         node: &str,
     ) -> impl Future<Output = Result<Claim>> + Send;
+    /// Claims up to `want` due, unleased deliveries of limited triggers (DESIGN §13), oldest due
+    /// first per trigger, within each trigger's limits, cluster-wide: no more than its
+    /// `concurrency` less the slots other holders hold (until their lease ends) and less the
+    /// holder's own `busy`; no more than its rate's tokens, one spent per row. Then the holder
+    /// holds `busy` plus what it claimed of each trigger with a `concurrency`, for `lease`. A
+    /// trigger another relay claims for at this moment is skipped, never waited for.
+    fn claim_limited(
+        &self,
+        want: u32,
+        lease: Duration,
+        holder: Holder<'_>,
+    ) -> impl Future<Output = Result<LimitedClaim>> + Send;
+    /// Whether any trigger limits its deliveries: a relay claims limited rows only then.
+    fn limits_exist(&self) -> impl Future<Output = Result<bool>> + Send;
+    /// Gives back every slot `holder` holds (a relay that stops).
+    fn release_slots(&self, holder: Uuid) -> impl Future<Output = Result<()>> + Send;
     /// Looks up the trigger `call` names and, if it is an enabled `http` trigger, writes the
     /// call's row already claimed by `node` (attempt 1, leased), so the API node that waits on
     /// the call delivers it without a second round trip, and any relay delivers it after the
@@ -460,8 +497,8 @@ pub trait KvRepo: Transactional {
     /// with the event data of DESIGN §3. In `tx`, or in a statement of its own when `tx` is
     /// `None` (for Postgres one round trip: the write path of a single KV put). A concurrent
     /// first write of the same key fails with [`Error::Conflict`]; try again. Returns the put and
-    /// how many deliveries it wrote; `None`, having written nothing, when a trigger it fires
-    /// orders its deliveries (lanes are written by [`OutboxRepo::insert_deliveries`]).
+    /// how many deliveries it wrote; `None`, having written nothing, when a trigger it fires has
+    /// a `flow` (lanes and gated rows are written by [`OutboxRepo::insert_deliveries`]).
     fn kv_put_firing(
         &self,
         tx: Option<&mut Self::Tx>,

@@ -289,6 +289,34 @@ pub struct NewDelivery {
     /// Whether it goes to the front of its lane, before the deliveries waiting there (the replay
     /// of a dead letter that held its lane); otherwise it goes to the back.
     pub front_of_lane: bool,
+    /// Whether its trigger limits its deliveries ([`picloud_core::Flow::is_limited`]): then only
+    /// [`crate::OutboxRepo::claim_limited`] claims it, within the trigger's limits.
+    pub gated: bool,
+    /// Its trigger's `debounce_ms`, when it is in a lane (DESIGN §13): it replaces the event of
+    /// its lane's newest delivery if that one has not started yet, and is due this long after
+    /// its write.
+    pub debounce: Option<std::time::Duration>,
+}
+
+impl NewDelivery {
+    /// The delivery as its trigger's `flow` has it flow: in the lane of its ordering key when the
+    /// trigger orders deliveries, gated when it limits them, debounced (and due no sooner than
+    /// the debounce) when it debounces them.
+    pub fn flowing(self, flow: Option<&picloud_core::Flow>) -> Self {
+        let Some(flow) = flow else { return self };
+        let lane = flow.lane(self.ordering_key.as_deref()).map(str::to_owned);
+        let debounce = flow
+            .debounce_ms
+            .filter(|_| lane.is_some())
+            .map(|ms| std::time::Duration::from_millis(u64::from(ms)));
+        Self {
+            delay: debounce.map_or(self.delay, |d| d.max(self.delay)),
+            lane,
+            gated: flow.is_limited(),
+            debounce,
+            ..self
+        }
+    }
 }
 
 /// A sync call to write (DESIGN §8): an invocation of the trigger named `trigger_name` in the
@@ -372,6 +400,9 @@ pub struct ClaimedDelivery {
     /// Whether it is the head of a lane: the lane's next row waits until this one has left the
     /// outbox.
     pub in_lane: bool,
+    /// Whether it was claimed within its trigger's limits: it holds one of the relay's slots of
+    /// the trigger until its completion commits.
+    pub gated: bool,
 }
 
 /// A failed attempt to schedule again.
@@ -740,6 +771,21 @@ pub fn kv_event_data(
         "value": value, "previous": previous, "version": version,
     }))
     .expect("a JSON value serializes")
+}
+
+/// The event data of a debounced delivery whose event `newest` replaces the event data
+/// `replaced` (DESIGN §13): the newest event's, except that a KV event keeps the `previous` of
+/// the oldest event it replaced. (Postgres does the same in `pg/outbox.rs`'s `DEBOUNCE`.)
+pub fn debounced_data(kind: EventKind, newest: &RawValue, replaced: &RawValue) -> Box<RawValue> {
+    if kind != EventKind::Kv {
+        return newest.to_owned();
+    }
+    let parse = |raw: &RawValue| serde_json::from_str::<serde_json::Value>(raw.get()).ok();
+    let (Some(mut data), Some(old)) = (parse(newest), parse(replaced)) else { return newest.to_owned() };
+    if let Some(map) = data.as_object_mut() {
+        map.insert("previous".to_owned(), old.get("previous").cloned().unwrap_or_default());
+    }
+    serde_json::value::to_raw_value(&data).expect("a JSON value serializes")
 }
 
 /// One page of a keyset-paged list.

@@ -66,8 +66,7 @@ fn retry(config: &TriggerConfig, retry: RetryOverrides) -> Result<RetryOverrides
 }
 
 /// A `flow` as given (`null`: none), checked for a trigger of `kind`. `http` triggers take none:
-/// their calls are made at once, to a caller who waits. The limits of `concurrency`, `rate` and
-/// `debounce_ms` are refused until the router enforces them, rather than accepted and ignored.
+/// their calls are made at once, to a caller who waits.
 fn flow(kind: TriggerKind, given: &serde_json::Value) -> Result<Option<Flow>, ApiError> {
     let flow = Flow::from_json(given).map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     if flow.is_some() && kind == TriggerKind::Http {
@@ -75,18 +74,6 @@ fn flow(kind: TriggerKind, given: &serde_json::Value) -> Result<Option<Flow>, Ap
             "flow",
             "http triggers are called synchronously; their calls do not flow",
         ));
-    }
-    let unsupported = flow.and_then(|f| {
-        [
-            ("concurrency", f.concurrency.is_some()),
-            ("rate", f.rate.is_some()),
-            ("debounce_ms", f.debounce_ms.is_some()),
-        ]
-        .into_iter()
-        .find_map(|(field, set)| set.then_some(field))
-    });
-    if let Some(field) = unsupported {
-        return Err(ApiError::invalid(&format!("flow.{field}"), "not supported by this router yet"));
     }
     Ok(flow)
 }

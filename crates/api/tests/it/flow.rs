@@ -76,18 +76,22 @@ async fn a_flow_that_cannot_hold_is_refused_naming_its_field_and_nothing_is_writ
 }
 
 #[tokio::test]
-async fn limits_the_router_does_not_enforce_yet_are_refused_rather_than_ignored() {
+async fn limits_and_a_debounce_are_registered_read_back_and_patched_away() {
     let api = Api::start().await;
-    for (flow, field) in [
-        (json!({"concurrency": 8}), "flow.concurrency"),
-        (json!({"rate": {"per_second": 50}}), "flow.rate"),
-        (json!({"ordering": "key", "debounce_ms": 200}), "flow.debounce_ms"),
-    ] {
-        let reply =
-            api.call(Method::POST, "/v1/apps/shop/triggers", Some(&api.admin), Some(pubsub(&flow))).await;
-        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{flow}");
-        assert!(reply.message().starts_with(&format!("{field}: not supported")), "{}", reply.message());
-    }
+    let flow = json!({"ordering": "key", "concurrency": 8, "rate": {"per_second": 50}, "debounce_ms": 200});
+    api.trigger(pubsub(&flow)).await;
+    let read = api.call(Method::GET, "/v1/apps/shop/triggers/ordered", Some(&api.viewer), None).await;
+    assert_eq!(
+        read.body["flow"],
+        json!({"ordering": "key", "concurrency": 8, "rate": {"per_second": 50, "burst": 50},
+               "debounce_ms": 200, "hold_on_dead_letter": false})
+    );
+    let reply = patch(&api, json!({"flow": {"rate": {"per_second": 5, "burst": 20}}})).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.body["flow"],
+        json!({"ordering": "none", "rate": {"per_second": 5, "burst": 20}, "hold_on_dead_letter": false})
+    );
 }
 
 #[tokio::test]

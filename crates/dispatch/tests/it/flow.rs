@@ -5,15 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use picloud_core::CollectionPattern;
 use picloud_core::flow::{Flow, Ordering};
-use picloud_core::{CollectionPattern, TopicName};
-use picloud_store::events::{self, EventContext};
 use picloud_store::*;
-use picloud_testkit::{TcpProxy, eventually_within};
 use picloud_worker::{Delivery, HandlerResult, Reply};
-use sqlx::postgres::PgConnectOptions;
 
 use crate::support::*;
 
@@ -37,18 +34,6 @@ struct Attempt {
     /// When the attempt ended for the relay: its answer, or its deadline if that came first.
     end_ms: i64,
     act: Act,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-/// A small deterministic generator (splitmix64), so that a failing seed replays.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// The handler's act for attempt `attempt` of write `write` of `key` in run `seed`: mostly ok,
@@ -140,14 +125,7 @@ async fn one_run(seed: u64) {
     trigger = w.store.update_trigger(w.app.id, trigger.name.as_str(), &patch).await.unwrap();
     assert!(trigger.flow.is_some());
 
-    let config = || {
-        let mut c = relay_config("r");
-        c.node.handler_timeout = Duration::from_millis(300);
-        c.node.lease_margin = Duration::from_millis(300);
-        c.poll_interval = Duration::from_millis(50);
-        c
-    };
-    let handler_timeout = config().node.handler_timeout;
+    let handler_timeout = run_config("r").node.handler_timeout;
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut workers = Vec::new();
     for _ in 0..2 {
@@ -157,38 +135,18 @@ async fn one_run(seed: u64) {
                 .await;
         workers.push(worker);
     }
-    let port = w.db_url().parse::<PgConnectOptions>().unwrap().get_port();
-    let proxy = TcpProxy::start(([127, 0, 0, 1], port).into()).await.unwrap();
-    let proxied = w.db_url().replace(&format!(":{port}/"), &format!(":{}/", proxy.port()));
-    let doomed =
-        start_relay(PgStore::connect_relay(&proxied, 4).await.unwrap(), &w.nats_url(), config()).await;
-    let mut relays = Vec::new();
-    for node in ["r1", "r2"] {
-        let mut c = config();
-        c.node.node_id = node.into();
-        relays.push(start_relay(w.store.clone(), &w.nats_url(), c).await);
-    }
+    let (proxy, doomed, relays) = three_relays_one_doomed(&w).await;
 
     let (keys, writes) = (6u32, 8u32);
-    let cx = EventContext { app_id: w.app.id, app_slug: &w.app.slug, depth: 0, config: &w.config };
-    let topic = TopicName::parse("t").unwrap();
     for write in 0..writes {
         if write == writes / 3 {
             proxy.cut().await;
         }
         for key in 0..keys {
-            let message = serde_json::value::to_raw_value(&serde_json::json!({"write": write})).unwrap();
-            let mut tx = w.store.begin().await.unwrap();
-            events::publish(&w.store, &mut tx, &cx, &topic, &message, Some(&format!("k{key}")))
-                .await
-                .unwrap();
-            events::commit_and_wake(&w.store, tx).await.unwrap();
+            w.publish("t", serde_json::json!({"write": write}), Some(&format!("k{key}"))).await;
         }
     }
-    eventually_within("the outbox drains", Duration::from_secs(60), || async {
-        (w.outbox_len().await == 0).then_some(())
-    })
-    .await;
+    w.drained_within_a_minute().await;
     let dead: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(w.store.pool()).await.unwrap();
     for relay in relays {

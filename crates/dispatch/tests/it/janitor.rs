@@ -203,7 +203,8 @@ async fn rows_left_in_the_lanes_of_a_trigger_that_is_gone_are_let_out_for_the_re
     };
     // A writer that saw a trigger being deleted put rows in its lane: nothing makes them heads.
     let gone = picloud_core::TriggerId::new();
-    let rows = [in_lane(gone), in_lane(gone), in_lane(live.id), in_lane(live.id)];
+    let gated = NewDelivery { lane: None, gated: true, ..in_lane(gone) };
+    let rows = [in_lane(gone), in_lane(gone), in_lane(live.id), in_lane(live.id), gated];
     let mut tx = store.begin().await.unwrap();
     store.insert_deliveries(&mut tx, &rows).await.unwrap();
     store.commit(tx).await.unwrap();
@@ -211,11 +212,14 @@ async fn rows_left_in_the_lanes_of_a_trigger_that_is_gone_are_let_out_for_the_re
     assert_eq!(heads.len(), 2, "one head per lane");
 
     let swept = janitor(&store, "node-a", 100).sweep_once().await.unwrap().unwrap();
-    assert_eq!(swept.orphaned_in_lanes, 2, "both rows of the gone trigger's lane, none of the live one's");
-    let freed = store.claim_due(10, Duration::from_secs(30), "n").await.unwrap().rows;
     assert_eq!(
-        freed.iter().map(|r| r.id).collect::<Vec<_>>(),
-        [rows[1].id],
-        "the waiting orphan is claimable"
+        swept.orphaned_in_lanes, 3,
+        "both rows of the gone trigger's lane and its gated row, none of the live one's"
     );
+    let mut freed: Vec<Uuid> =
+        store.claim_due(10, Duration::from_secs(30), "n").await.unwrap().rows.iter().map(|r| r.id).collect();
+    freed.sort_unstable();
+    let mut orphans = vec![rows[1].id, rows[4].id];
+    orphans.sort_unstable();
+    assert_eq!(freed, orphans, "the waiting and the gated orphan are claimable");
 }

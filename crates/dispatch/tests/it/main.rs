@@ -5,6 +5,7 @@ mod delivery;
 mod executors;
 mod flow;
 mod janitor;
+mod limits;
 mod observability;
 mod outages;
 mod resilience;

@@ -39,6 +39,8 @@ async fn backlog(w: &World, trigger: &Trigger, n: usize) -> HashSet<Uuid> {
                 ordering_key: None,
                 lane: None,
                 front_of_lane: false,
+                gated: false,
+                debounce: None,
             })
             .collect();
         ids.extend(rows.iter().map(|r| r.id));

@@ -1,7 +1,7 @@
 //! A relay, a store and workers wired together for one test.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use picloud_core::names::{CollectionName, KvKey};
 use picloud_core::{
@@ -215,4 +215,73 @@ impl World {
     pub async fn drained(&self) {
         eventually("the outbox to drain", || async { (self.outbox_len().await == 0).then_some(()) }).await;
     }
+
+    /// Publishes `data` on `topic` with the ordering key `key`, and wakes the relays.
+    pub async fn publish(&self, topic: &str, data: serde_json::Value, key: Option<&str>) {
+        let cx =
+            EventContext { app_id: self.app.id, app_slug: &self.app.slug, depth: 0, config: &self.config };
+        let message = serde_json::value::to_raw_value(&data).unwrap();
+        let mut tx = self.store.begin().await.unwrap();
+        events::publish(
+            &self.store,
+            &mut tx,
+            &cx,
+            &picloud_core::TopicName::parse(topic).unwrap(),
+            &message,
+            key,
+        )
+        .await
+        .unwrap();
+        events::commit_and_wake(&self.store, tx).await.unwrap();
+    }
+
+    /// Waits up to a minute for the outbox to drain (runs with relays that die take longer).
+    pub async fn drained_within_a_minute(&self) {
+        picloud_testkit::eventually_within("the outbox drains", Duration::from_secs(60), || async {
+            (self.outbox_len().await == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The wall clock in unix milliseconds, as handlers record attempts.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A small deterministic generator (splitmix64), so that a failing seed of a generated run
+/// replays.
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Relay settings of generated runs: deadlines and leases short enough for a run to time
+/// attempts out and outlive a dead relay's leases within seconds.
+pub fn run_config(node: &str) -> RelayConfig {
+    let mut c = relay_config(node);
+    c.node.handler_timeout = Duration::from_millis(300);
+    c.node.lease_margin = Duration::from_millis(300);
+    c.poll_interval = Duration::from_millis(50);
+    c
+}
+
+/// Three relays of [`run_config`] (`r`, `r1`, `r2`): the first reaches the database through a
+/// proxy, so that cutting it off for good makes it a relay that died for the store.
+pub async fn three_relays_one_doomed(
+    w: &World,
+) -> (picloud_testkit::TcpProxy, RelayHandle, Vec<RelayHandle>) {
+    use sqlx::postgres::PgConnectOptions;
+    let port = w.db_url().parse::<PgConnectOptions>().unwrap().get_port();
+    let proxy = picloud_testkit::TcpProxy::start(([127, 0, 0, 1], port).into()).await.unwrap();
+    let proxied = w.db_url().replace(&format!(":{port}/"), &format!(":{}/", proxy.port()));
+    let doomed =
+        start_relay(PgStore::connect_relay(&proxied, 4).await.unwrap(), &w.nats_url(), run_config("r")).await;
+    let mut relays = Vec::new();
+    for node in ["r1", "r2"] {
+        relays.push(start_relay(w.store.clone(), &w.nats_url(), run_config(node)).await);
+    }
+    (proxy, doomed, relays)
 }

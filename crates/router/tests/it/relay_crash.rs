@@ -86,6 +86,8 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
             ordering_key: None,
             lane: None,
             front_of_lane: false,
+            gated: false,
+            debounce: None,
         })
         .collect();
     let mut tx = store.begin().await.unwrap();

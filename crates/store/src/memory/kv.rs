@@ -17,7 +17,7 @@ impl MemStore {
     /// [`KvRepo::kv_put_firing`] inside a transaction.
     async fn put_firing(&self, tx: &mut MemTx, put: &FiringPut<'_>) -> Result<Option<(KvPutResult, usize)>> {
         let triggers = self.list_matching_kv(tx, put.app_id, put.collection, KvOp::Put).await?;
-        if triggers.iter().any(|t| t.flow.is_some_and(|f| f.ordering != picloud_core::flow::Ordering::None)) {
+        if triggers.iter().any(|t| t.flow.is_some()) {
             return Ok(None);
         }
         let result = self.kv_put(tx, put.app_id, put.collection, put.key, put.value, None).await?;

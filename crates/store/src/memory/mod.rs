@@ -20,14 +20,16 @@ use crate::cron::NextTick;
 use crate::events::Event;
 use crate::model::*;
 use crate::{
-    AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, KvRepo,
-    OutboxRepo, Result, Standing, SyncCallWrite, Targets, Transactional, TriggerRepo, Wakeups,
+    AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget, Error, Holder,
+    KvRepo, LimitedClaim, OutboxRepo, Result, Standing, SyncCallWrite, Targets, Transactional, TriggerRepo,
+    Wakeups,
 };
 
 mod abandoned;
 mod auth;
 mod cron;
 mod dead_letters;
+mod flow;
 mod kv;
 mod outbox;
 mod triggers;
@@ -73,6 +75,10 @@ struct State {
     config_epoch: i64,
     /// The last lane place handed out (Postgres: the sequence `outbox_lane_seq`).
     lane_seq: i64,
+    /// Each limited trigger's rate bucket: tokens (`None` without a rate) as of a time.
+    flow_state: HashMap<TriggerId, (Option<f64>, OffsetDateTime)>,
+    /// The slots each holder holds of a trigger, and until when.
+    flow_slots: HashMap<(TriggerId, Uuid), (u32, OffsetDateTime)>,
 }
 
 /// The in-memory store.
@@ -171,6 +177,7 @@ fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration) -> Claimed
         created_at: r.created_at,
         ordering_key: r.new.ordering_key.clone(),
         in_lane: r.new.lane.is_some(),
+        gated: r.new.gated,
     }
 }
 

@@ -17,8 +17,33 @@ impl State {
             .any(|d| d.trigger_id == Some(trigger) && d.held_lane.as_deref() == Some(lane))
     }
 
+    /// Gives the newest delivery of the lane of `row` the event of `row`, if it has not started
+    /// (`debounce` of Postgres). Whether it did.
+    fn debounce(&mut self, row: &NewDelivery, now: OffsetDateTime) -> bool {
+        let (Some(trigger), Some(lane)) = (row.trigger_id, row.lane.as_deref()) else { return false };
+        let newest = self
+            .outbox
+            .values()
+            .filter(|r| r.new.trigger_id == Some(trigger) && r.new.lane.as_deref() == Some(lane))
+            .max_by_key(|r| r.lane_seq)
+            .filter(|r| r.attempts == 0 && r.leased_until.is_none())
+            .map(|r| r.new.id);
+        let Some(old) = newest.and_then(|id| self.outbox.get_mut(&id)) else { return false };
+        old.new.payload = debounced_data(old.new.kind, &row.payload, &old.new.payload);
+        old.new.event_type.clone_from(&row.event_type);
+        old.new.subject.clone_from(&row.subject);
+        old.new.source.clone_from(&row.source);
+        old.new.depth = row.depth;
+        old.due_at = now + row.delay;
+        old.created_at = row.event_time.unwrap_or(now);
+        true
+    }
+
     /// Writes a delivery, in its lane as `insert_deliveries` of Postgres does.
     fn insert_row(&mut self, row: &NewDelivery, now: OffsetDateTime) {
+        if row.debounce.is_some() && !row.front_of_lane && self.debounce(row, now) {
+            return;
+        }
         let (lane_seq, waiting) = match (row.trigger_id, row.lane.as_deref()) {
             (Some(trigger), Some(lane)) => {
                 let first = self.lane_first(trigger, lane).map(|r| (r.lane_seq, r.waiting));
@@ -144,7 +169,9 @@ impl OutboxRepo for MemStore {
         let mut due: Vec<(OffsetDateTime, Uuid)> = s
             .outbox
             .values()
-            .filter(|r| r.due_at <= now && !r.waiting && r.leased_until.is_none_or(|l| l <= now))
+            .filter(|r| {
+                r.due_at <= now && !r.waiting && !r.new.gated && r.leased_until.is_none_or(|l| l <= now)
+            })
             .map(|r| (r.due_at, r.new.id))
             .collect();
         due.sort();
@@ -155,6 +182,20 @@ impl OutboxRepo for MemStore {
             .collect();
         let config_epoch = (!claimed.is_empty()).then_some(s.config_epoch);
         Ok(Claim { rows: claimed, config_epoch })
+    }
+
+    async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {
+        let now = self.now();
+        Ok(self.lock().await.claim_limited(want, lease, holder, now))
+    }
+
+    async fn limits_exist(&self) -> Result<bool> {
+        Ok(!self.lock().await.flow_state.is_empty())
+    }
+
+    async fn release_slots(&self, holder: Uuid) -> Result<()> {
+        self.lock().await.flow_slots.retain(|(_, h), _| *h != holder);
+        Ok(())
     }
 
     async fn insert_sync_call(

@@ -42,6 +42,7 @@ impl TriggerRepo for MemStore {
             updated_at: now,
         };
         s.triggers.insert(trigger.id, trigger.clone());
+        s.set_limits(trigger.id, trigger.flow.as_ref(), now, false);
         s.config_epoch += 1;
         Ok(trigger)
     }
@@ -94,11 +95,15 @@ impl TriggerRepo for MemStore {
         if forget_tick {
             s.cron_ticks.remove(&updated.id);
         }
+        if patch.flow.is_some() {
+            s.set_limits(updated.id, updated.flow.as_ref(), now, true);
+        }
         s.config_epoch += 1;
         Ok(updated)
     }
 
     async fn delete_trigger(&self, app_id: AppId, name: &str) -> Result<bool> {
+        let now = self.now();
         let mut s = self.lock().await;
         let Some(id) =
             s.triggers.values().find(|t| t.app_id == app_id && t.name.as_str() == name).map(|t| t.id)
@@ -114,11 +119,13 @@ impl TriggerRepo for MemStore {
         for a in s.abandoned.values_mut().filter(|a| a.trigger_id == Some(id)) {
             a.trigger_id = None;
         }
-        for row in s.outbox.values_mut().filter(|r| r.new.trigger_id == Some(id) && r.new.lane.is_some()) {
+        for row in s.outbox.values_mut().filter(|r| r.new.trigger_id == Some(id)) {
             row.new.lane = None;
             row.lane_seq = None;
             row.waiting = false;
+            row.new.gated = false;
         }
+        s.set_limits(id, None, now, true);
         Ok(true)
     }
 

@@ -19,14 +19,15 @@ const COLUMNS: &str = "collection, key, value, version, updated_at";
 static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH matched AS MATERIALIZED (
-                 SELECT t.id, t.retry_max_attempts, t.flow->>'ordering' AS ordering
+                 SELECT t.id, t.retry_max_attempts, t.flow
                    FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id
                   WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
                     AND {matches}
-             ), unordered AS (
-                 -- Ordered deliveries go in lanes, which take statements of their own: then this
-                 -- statement writes nothing.
-                 SELECT NOT EXISTS (SELECT 1 FROM matched WHERE coalesce(ordering, 'none') <> 'none') AS yes
+             ), free AS (
+                 -- Deliveries of a trigger with a flow go in lanes or are gated, which takes
+                 -- statements of their own (`NewDelivery::flowing`): then this statement writes
+                 -- nothing.
+                 SELECT NOT EXISTS (SELECT 1 FROM matched WHERE flow IS NOT NULL) AS yes
              ), prev AS (
                  SELECT value, version FROM kv_entries
                   WHERE app_id = $1 AND collection = $2 AND key = $3
@@ -36,8 +37,8 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
                  -- FOR UPDATE would skip the row this very statement had just updated.
                  INSERT INTO kv_entries AS k (app_id, collection, key, value, version, created_at, updated_at)
                  SELECT $1, $2, $3, $4, 1, coalesce($8, now()), coalesce($8, now())
-                   FROM (SELECT count(*) FROM prev) AS locked, unordered
-                  WHERE unordered.yes
+                   FROM (SELECT count(*) FROM prev) AS locked, free
+                  WHERE free.yes
                  ON CONFLICT (app_id, collection, key) DO UPDATE
                     SET value = excluded.value, version = k.version + 1, updated_at = excluded.updated_at
                  RETURNING k.version
@@ -48,11 +49,11 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
                         CASE WHEN octet_length(e.data::text) <= $9 THEN e.data
                              ELSE picloud_too_large(octet_length(e.data::text), $9) END,
                         $6, coalesce(t.retry_max_attempts, $7), coalesce($8, now()), coalesce($8, now()), $10
-                   FROM matched t, unordered,
+                   FROM matched t, free,
                         LATERAL (SELECT jsonb_build_object('collection', $2::text, 'key', $3::text, 'op', 'put',
                                                            'value', $4::jsonb, 'previous', (SELECT value FROM prev),
                                                            'version', (SELECT version FROM up))::json AS data) e
-                  WHERE unordered.yes
+                  WHERE free.yes
                  RETURNING 1
              )
              SELECT up.version, prev.value AS previous, (SELECT count(*) FROM fired) AS fired,

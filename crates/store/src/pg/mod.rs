@@ -12,6 +12,7 @@ mod abandoned;
 mod auth;
 mod cron;
 mod dead_letters;
+mod flow;
 mod kv;
 mod ops;
 mod outbox;
@@ -20,7 +21,7 @@ mod rows;
 mod triggers;
 
 pub use ops::{AdvisoryLock, Gauges};
-pub use outbox::insert_deliveries;
+pub use outbox::{CLAIM_DUE, insert_deliveries};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -40,15 +40,19 @@ impl AdvisoryLock {
 }
 
 impl PgStore {
-    /// The gauges, in one round trip: the due rows come off the claim's index (`outbox_due`; rows
-    /// waiting in a lane are not due),
+    /// The gauges, in one round trip: the due rows come off the claims' indexes (`outbox_due`,
+    /// `outbox_gated`; rows waiting in a lane are not due),
     /// the unresolved dead letters off their partial index; abandoned executions are bounded by
     /// their retention.
     pub async fn gauges(&self) -> Result<Gauges> {
         let (due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions) = sqlx::query_as(
             "WITH due AS (
                  SELECT due_at FROM outbox
-                  WHERE due_at <= coalesce($1, now()) AND NOT waiting
+                  WHERE due_at <= coalesce($1, now()) AND NOT waiting AND NOT gated
+                    AND (leased_until IS NULL OR leased_until <= coalesce($1, now()))
+                 UNION ALL
+                 SELECT due_at FROM outbox
+                  WHERE due_at <= coalesce($1, now()) AND gated AND NOT waiting
                     AND (leased_until IS NULL OR leased_until <= coalesce($1, now())))
              SELECT (SELECT count(*) FROM due),
                     coalesce((SELECT extract(epoch FROM coalesce($1, now()) - min(due_at))::float8 FROM due), 0),
@@ -61,14 +65,15 @@ impl PgStore {
         Ok(Gauges { due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions })
     }
 
-    /// Lets up to `batch` rows out of their lanes whose trigger is gone (rows a writer put in a
-    /// lane while the trigger or its app was being deleted, which nothing would ever make a
-    /// head): claimable, they are dropped by the relay that claims them. How many it let out.
+    /// Lets free up to `batch` rows in lanes or gated whose trigger is gone (rows a writer put
+    /// there while the trigger or its app was being deleted, which nothing would ever make a
+    /// head or claim within limits): claimable, they are dropped by the relay that claims them.
+    /// How many it let free.
     pub async fn free_orphaned_lanes(&self, batch: u32) -> Result<u64> {
         let done = sqlx::query(
-            "UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false
+            "UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false, gated = false
               WHERE id IN (SELECT o.id FROM outbox o
-                            WHERE o.lane IS NOT NULL
+                            WHERE (o.lane IS NOT NULL OR (o.gated AND NOT o.waiting))
                               AND NOT EXISTS (SELECT 1 FROM triggers t WHERE t.id = o.trigger_id)
                             LIMIT $1)",
         )

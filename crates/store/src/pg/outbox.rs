@@ -16,24 +16,24 @@ use super::rows::{self, event_kind, raw_json, trigger_from};
 use super::triggers::{delivery_target, target_columns};
 use super::{PgStore, violated};
 use crate::model::*;
-use crate::{Claim, Error, OutboxRepo, Result, SyncCallWrite, Wakeups};
+use crate::{Claim, Error, Holder, LimitedClaim, OutboxRepo, Result, SyncCallWrite, Wakeups};
 
 /// The columns every insert of deliveries writes.
 const INSERT_INTO: &str = "
     INSERT INTO outbox (id, app_id, trigger_id, kind, event_type, source, subject, payload, depth,
                         max_attempts, due_at, reply_to, idempotency_key, dead_letter_id, created_at,
-                        ordering_key, lane, lane_seq, waiting)";
+                        ordering_key, lane, lane_seq, waiting, gated)";
 
 /// The rows to insert, in the order given (`n`).
 const ROWS: &str = "
     UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
            $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::uuid[],
-           $15::timestamptz[], $17::text[], $18::text[], $19::bool[]) WITH ORDINALITY";
+           $15::timestamptz[], $17::text[], $18::text[], $19::bool[], $20::bool[]) WITH ORDINALITY";
 
 /// The names of the columns of [`ROWS`].
 const ROW_NAMES: &str =
     "(id, app_id, trigger_id, kind, event_type, source, subject, payload, depth, max_attempts,
-    delay_ms, reply_to, idempotency_key, dead_letter_id, event_time, ordering_key, lane, front, n)";
+    delay_ms, reply_to, idempotency_key, dead_letter_id, event_time, ordering_key, lane, front, gated, n)";
 
 /// The event columns of a row `u` of [`ROWS`].
 const EVENT: &str =
@@ -53,8 +53,9 @@ const LANE_HELD: &str = "SELECT true AS yes FROM dead_letters d
                           WHERE d.trigger_id = u.trigger_id AND d.held_lane = u.lane LIMIT 1";
 
 /// The insert of deliveries none of which is in a lane.
-static INSERT: LazyLock<String> =
-    LazyLock::new(|| format!("{INSERT_INTO} SELECT {EVENT}, NULL, NULL, false FROM {ROWS} AS u{ROW_NAMES}"));
+static INSERT: LazyLock<String> = LazyLock::new(|| {
+    format!("{INSERT_INTO} SELECT {EVENT}, NULL, NULL, false, u.gated FROM {ROWS} AS u{ROW_NAMES}")
+});
 
 /// The insert of deliveries some of which are in lanes (their lanes locked by the caller, see
 /// [`lock_lanes`]). A row goes to the back of its lane, waiting when the lane has rows, when a
@@ -69,7 +70,8 @@ static INSERT_IN_LANES: LazyLock<String> = LazyLock::new(|| {
                      WHEN front.yes AND head.seq IS NOT NULL THEN head.seq - 1
                      ELSE u.seq END,
                 CASE WHEN u.lane IS NULL OR front.yes THEN false
-                     ELSE u.rn > 1 OR head.seq IS NOT NULL OR held.yes IS NOT NULL END
+                     ELSE u.rn > 1 OR head.seq IS NOT NULL OR held.yes IS NOT NULL END,
+                u.gated
            FROM (SELECT v.*, CASE WHEN v.lane IS NOT NULL THEN nextval('outbox_lane_seq') END AS seq,
                         row_number() OVER (PARTITION BY v.trigger_id, v.lane ORDER BY v.n) AS rn
                    FROM {ROWS} AS v{ROW_NAMES}) u
@@ -84,7 +86,7 @@ fn insert_sql(rows: &[NewDelivery]) -> &'static str {
     if rows.iter().any(|r| lane_of(r).is_some()) { &INSERT_IN_LANES } else { &INSERT }
 }
 
-fn millis(d: Duration) -> i64 {
+pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -100,8 +102,72 @@ pub async fn insert_deliveries(
         return Ok(());
     }
     lock_lanes(conn, rows.iter().filter_map(lane_of)).await?;
-    insert_query(rows, now, insert_sql(rows)).execute(conn).await.map_err(|e| map_insert_error(e, rows))?;
+    if !rows.iter().any(debounces) {
+        insert_query(rows, now, insert_sql(rows))
+            .execute(conn)
+            .await
+            .map_err(|e| map_insert_error(e, rows))?;
+        return Ok(());
+    }
+    // Debounced rows one at a time, each seeing the one before in its lane; the others at once.
+    let (debounced, plain): (Vec<NewDelivery>, Vec<NewDelivery>) = rows.iter().cloned().partition(debounces);
+    if !plain.is_empty() {
+        insert_query(&plain, now, insert_sql(&plain))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| map_insert_error(e, &plain))?;
+    }
+    for row in &debounced {
+        if !debounce(conn, row, now).await? {
+            let one = std::slice::from_ref(row);
+            insert_query(one, now, &INSERT_IN_LANES)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| map_insert_error(e, one))?;
+        }
+    }
     Ok(())
+}
+
+/// Whether `row` may replace the event of its lane's newest delivery (not the replay of a held
+/// dead letter, which goes to the front).
+fn debounces(row: &NewDelivery) -> bool {
+    row.debounce.is_some() && !row.front_of_lane && lane_of(row).is_some()
+}
+
+/// Gives the newest delivery of the lane of `row` the event of `row` and moves it to `row`'s due
+/// time, if it has not started (no attempt, no lease); a KV event keeps the `previous` of the
+/// oldest event it replaces (`model::debounced_data`). Whether it did. The caller holds the lane's
+/// lock, so the newest row stays the newest; a relay claiming it at the same moment wins or
+/// loses the row lock, and the update sees which.
+async fn debounce(conn: &mut PgConnection, row: &NewDelivery, now: Option<OffsetDateTime>) -> Result<bool> {
+    let (trigger, lane) = lane_of(row).expect("a debounced row is in a lane");
+    let done = sqlx::query(
+        "UPDATE outbox o
+            SET payload = CASE WHEN o.kind = $11
+                               THEN jsonb_set($1::jsonb, '{previous}', coalesce(o.payload::jsonb -> 'previous', 'null'))::json
+                               ELSE $1::json END,
+                event_type = $2, subject = $3, source = $4, depth = $8,
+                due_at = coalesce($6, now()) + $5 * interval '1 millisecond',
+                created_at = coalesce($7, $6, now())
+          WHERE o.id = (SELECT h.id FROM outbox h WHERE h.trigger_id = $9 AND h.lane = $10
+                         ORDER BY h.lane_seq DESC LIMIT 1)
+            AND o.attempts = 0 AND o.leased_until IS NULL",
+    )
+    .bind(row.payload.get())
+    .bind(&row.event_type)
+    .bind(&row.subject)
+    .bind(&row.source)
+    .bind(millis(row.delay))
+    .bind(now)
+    .bind(row.event_time)
+    .bind(row.depth as i32)
+    .bind(trigger)
+    .bind(lane)
+    .bind(EventKind::Kv.as_str())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 fn lane_of(row: &NewDelivery) -> Option<(Uuid, &str)> {
@@ -255,6 +321,7 @@ fn insert_query<'q>(
     let mut ordering_keys = Vec::with_capacity(n);
     let mut lanes = Vec::with_capacity(n);
     let mut fronts = Vec::with_capacity(n);
+    let mut gated = Vec::with_capacity(n);
     for r in rows {
         ids.push(r.id);
         app_ids.push(r.app_id.as_uuid());
@@ -274,6 +341,7 @@ fn insert_query<'q>(
         ordering_keys.push(r.ordering_key.as_deref());
         lanes.push(r.lane.as_deref());
         fronts.push(r.front_of_lane);
+        gated.push(r.gated);
     }
     sqlx::query(sql)
         .bind(ids)
@@ -295,6 +363,7 @@ fn insert_query<'q>(
         .bind(ordering_keys)
         .bind(lanes)
         .bind(fronts)
+        .bind(gated)
 }
 
 fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
@@ -308,11 +377,11 @@ fn map_insert_error(e: sqlx::Error, rows: &[NewDelivery]) -> Error {
 }
 
 /// The columns [`claimed_row`] reads.
-const CLAIMED: &str = "o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject, \
+pub(super) const CLAIMED: &str = "o.id, o.app_id, o.trigger_id, o.kind, o.event_type, o.source, o.subject, \
     o.payload::text AS payload, o.depth, o.attempts, o.max_attempts, o.reply_to, o.dead_letter_id, \
-    o.last_error, o.created_at, o.ordering_key, o.lane IS NOT NULL AS in_lane";
+    o.last_error, o.created_at, o.ordering_key, o.lane IS NOT NULL AS in_lane, o.gated";
 
-fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
+pub(super) fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
     Ok(ClaimedDelivery {
         id: row.try_get("id")?,
         app_id: rows::id(row, "app_id")?,
@@ -331,8 +400,29 @@ fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery> {
         created_at: row.try_get("created_at")?,
         ordering_key: row.try_get("ordering_key")?,
         in_lane: row.try_get("in_lane")?,
+        gated: row.try_get("gated")?,
     })
 }
+
+/// The statement of [`OutboxRepo::claim_due`] (public for the tests that explain and time it):
+/// `$1` the batch, `$2` the lease in milliseconds, `$3` the store's clock (NULL: `now()`), `$4`
+/// the node.
+pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE outbox o
+            SET attempts = o.attempts + 1,
+                leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
+                leased_by = $4
+          WHERE o.ctid = ANY (ARRAY(
+                SELECT ctid FROM outbox
+                 WHERE due_at <= coalesce($3, now()) AND NOT waiting AND NOT gated
+                   AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
+                 ORDER BY due_at
+                 LIMIT $1
+                   FOR UPDATE SKIP LOCKED))
+      RETURNING {CLAIMED}, (SELECT epoch FROM config_epoch) AS config_epoch"
+    )
+});
 
 /// The channel relays listen on.
 pub(super) const CHANNEL: &str = "picloud_outbox";
@@ -350,9 +440,17 @@ impl OutboxRepo for PgStore {
     }
 
     async fn next_due_in(&self) -> Result<Option<Duration>> {
+        // Off the claims' indexes: the free rows' one, and the gated rows' per limited trigger.
         let millis: Option<i64> = sqlx::query_scalar(
-            "SELECT ceil(extract(epoch FROM min(due_at) - coalesce($1, now())) * 1000)::int8
-               FROM outbox WHERE due_at > coalesce($1, now()) AND NOT waiting",
+            "SELECT ceil(extract(epoch FROM least(
+                        (SELECT min(due_at) FROM outbox
+                          WHERE due_at > coalesce($1, now()) AND NOT waiting AND NOT gated),
+                        (SELECT min(g.due_at) FROM flow_state f CROSS JOIN LATERAL (
+                             SELECT o.due_at FROM outbox o
+                              WHERE o.trigger_id = f.trigger_id AND o.gated AND NOT o.waiting
+                                AND o.due_at > coalesce($1, now())
+                              ORDER BY o.due_at LIMIT 1) g))
+                    - coalesce($1, now())) * 1000)::int8",
         )
         .bind(self.now())
         .fetch_one(&self.pool)
@@ -390,29 +488,28 @@ impl OutboxRepo for PgStore {
     }
 
     async fn claim_due(&self, batch: u32, lease: Duration, node: &str) -> Result<Claim> {
-        let claimed = sqlx::query(&format!(
-            "UPDATE outbox o
-                SET attempts = o.attempts + 1,
-                    leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
-                    leased_by = $4
-              WHERE o.ctid = ANY (ARRAY(
-                    SELECT ctid FROM outbox
-                     WHERE due_at <= coalesce($3, now()) AND NOT waiting
-                       AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
-                     ORDER BY due_at
-                     LIMIT $1
-                       FOR UPDATE SKIP LOCKED))
-          RETURNING {CLAIMED}, (SELECT epoch FROM config_epoch) AS config_epoch"
-        ))
-        .bind(i64::from(batch))
-        .bind(millis(lease))
-        .bind(self.now())
-        .bind(node)
-        .fetch_all(&self.pool)
-        .await?;
+        let claimed = sqlx::query(&CLAIM_DUE)
+            .bind(i64::from(batch))
+            .bind(millis(lease))
+            .bind(self.now())
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
         let config_epoch = claimed.first().map(|row| row.try_get("config_epoch")).transpose()?;
         let rows = claimed.iter().map(claimed_row).collect::<Result<Vec<_>>>()?;
         Ok(Claim { rows, config_epoch })
+    }
+
+    async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {
+        super::flow::claim_limited(self, want, lease, holder).await
+    }
+
+    async fn limits_exist(&self) -> Result<bool> {
+        super::flow::limits_exist(self).await
+    }
+
+    async fn release_slots(&self, holder: Uuid) -> Result<()> {
+        super::flow::release_slots(self, holder).await
     }
 
     async fn insert_sync_call(
@@ -494,6 +591,7 @@ impl OutboxRepo for PgStore {
             created_at,
             ordering_key: None,
             in_lane: false,
+            gated: false,
         };
         Ok(SyncCallWrite::Written { row, target: Box::new(target) })
     }

@@ -5,6 +5,7 @@ use picloud_core::{AppId, Flow, TriggerId};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::flow::set_limits;
 use super::pattern::pattern_matches;
 use super::rows::{self, TRIGGER_SELECT};
 use super::{PgStore, violated};
@@ -141,6 +142,7 @@ impl TriggerRepo for PgStore {
         .await
         .map_err(|e| map_trigger_error(e, new))?;
         insert_details(&mut tx, new).await.map_err(|e| map_trigger_error(e, new))?;
+        set_limits(&mut tx, new.id, new.flow.as_ref(), self.now(), false).await?;
         let trigger = fetch_one(&mut tx, new.id).await?;
         tx.commit().await?;
         Ok(trigger)
@@ -224,18 +226,22 @@ impl TriggerRepo for PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        if let Some(flow) = patch.flow {
+            set_limits(&mut tx, id, flow.as_ref(), self.now(), true).await?;
+        }
         let trigger = fetch_one(&mut tx, id).await?;
         tx.commit().await?;
         Ok(trigger)
     }
 
     async fn delete_trigger(&self, app_id: AppId, name: &str) -> Result<bool> {
-        // Its rows are dropped by the relay that claims them; those waiting in its lanes are let
-        // out of them first, or nothing would ever claim them (its dead letters stop holding).
+        // Its rows are dropped by the relay that claims them; those waiting in its lanes or gated
+        // by its limits are let free first, or nothing would ever claim them (its dead letters
+        // stop holding).
         let done = sqlx::query(
             "WITH gone AS (DELETE FROM triggers WHERE app_id = $1 AND name = $2 RETURNING id),
-                  freed AS (UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false
-                             WHERE trigger_id = (SELECT id FROM gone) AND lane IS NOT NULL)
+                  freed AS (UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false, gated = false
+                             WHERE trigger_id = (SELECT id FROM gone) AND (lane IS NOT NULL OR (gated AND NOT waiting)))
              SELECT count(*) FROM gone",
         )
         .bind(app_id.as_uuid())

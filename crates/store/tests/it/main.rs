@@ -7,5 +7,7 @@ mod support;
 
 mod conformance;
 mod cron;
+mod debounce;
 mod lanes;
+mod limits;
 mod postgres;

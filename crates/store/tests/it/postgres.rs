@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use picloud_store::*;
+use sqlx::Row as _;
 
 use crate::support::*;
 
@@ -39,6 +40,14 @@ async fn two_connections_claiming_at_the_same_time_never_get_the_same_row() {
     assert!(!a.is_empty() && !b.is_empty(), "both claimers made progress: a={} b={}", a.len(), b.len());
 }
 
+/// The claim of `PgStore::claim_due` of 100 rows, as `EXPLAIN` when `explain`.
+fn claim(explain: bool) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    static EXPLAIN: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("EXPLAIN {}", *pg::CLAIM_DUE));
+    let sql: &'static str = if explain { &EXPLAIN } else { &pg::CLAIM_DUE };
+    sqlx::query(sql).bind(100i64).bind(30_000i64).bind(None::<time::OffsetDateTime>).bind("bench")
+}
+
 /// The median time of `runs` claims of 100 rows, each in a transaction that is rolled back, so
 /// every run claims from the same state.
 async fn median_claim(s: &PgStore, runs: usize) -> Duration {
@@ -46,22 +55,13 @@ async fn median_claim(s: &PgStore, runs: usize) -> Duration {
     for _ in 0..runs {
         let mut tx = s.pool().begin().await.unwrap();
         let started = Instant::now();
-        sqlx::query(CLAIM).execute(&mut *tx).await.unwrap();
+        claim(false).execute(&mut *tx).await.unwrap();
         times.push(started.elapsed());
         drop(tx);
     }
     times.sort();
     times[runs / 2]
 }
-
-/// The claim statement of `PgStore::claim_due`, with literal arguments, for EXPLAIN and timing.
-const CLAIM: &str = "WITH due AS (
-        SELECT id FROM outbox
-         WHERE due_at <= now() AND NOT waiting AND (leased_until IS NULL OR leased_until <= now())
-         ORDER BY due_at LIMIT 100 FOR UPDATE SKIP LOCKED)
-    UPDATE outbox o SET attempts = o.attempts + 1, leased_until = now() + interval '30 seconds', leased_by = 'bench'
-      FROM due WHERE o.id = due.id
-    RETURNING o.id, o.payload::text";
 
 #[tokio::test]
 async fn the_claim_on_a_million_pending_rows_uses_the_index_and_stays_within_a_few_times_the_empty_time() {
@@ -87,7 +87,7 @@ async fn the_claim_on_a_million_pending_rows_uses_the_index_and_stays_within_a_f
     sqlx::query("VACUUM ANALYZE outbox").execute(s.pool()).await.unwrap();
 
     let plan: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN {CLAIM}")).fetch_all(s.pool()).await.unwrap();
+        claim(true).fetch_all(s.pool()).await.unwrap().iter().map(|row| row.get(0)).collect();
     let plan = plan.join("\n");
     assert!(
         plan.contains("Index Scan using outbox_due on outbox"),

@@ -90,6 +90,8 @@ pub fn delivery(t: &Tenant, trigger: &Trigger, delay: Duration) -> NewDelivery {
         ordering_key: None,
         lane: None,
         front_of_lane: false,
+        gated: false,
+        debounce: None,
     }
 }
 

@@ -1,0 +1,149 @@
+//! Flow limits across several relays (DESIGN §13): generated runs of messages to a trigger with a
+//! `concurrency` and one with a `rate`, answered ok, retry, fail or too late, while one relay
+//! loses its database for good (what it holds comes back when its leases run out). The handlers
+//! record every attempt; the limits are checked on the record.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use picloud_core::CollectionPattern;
+use picloud_core::flow::{Flow, Rate};
+use picloud_store::*;
+use picloud_worker::{Delivery, HandlerResult, Reply};
+
+use crate::support::*;
+
+const CONCURRENCY: u32 = 3;
+const RATE: Rate = Rate { per_second: 40, burst: 4 };
+
+/// One attempt as a handler saw it, in unix milliseconds: its start, and its end for the relay
+/// (the answer, or the deadline if that came first).
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    start_ms: i64,
+    end_ms: i64,
+    /// The message.
+    n: u64,
+}
+
+/// The concurrency handler: works 5–40 ms, then mostly answers ok, sometimes retry or fail, and
+/// on some first attempts answers after the deadline.
+async fn limited(seed: u64, log: Arc<Mutex<Vec<Attempt>>>, timeout: Duration, d: Delivery) -> HandlerResult {
+    let start_ms = now_ms();
+    let n = d.data::<serde_json::Value>().unwrap()["n"].as_u64().unwrap();
+    let roll = mix(seed ^ (n << 8) ^ u64::from(d.attempt));
+    tokio::time::sleep(Duration::from_millis(5 + roll % 36)).await;
+    let late = d.attempt == 1 && roll % 100 >= 95;
+    if late {
+        tokio::time::sleep(timeout + Duration::from_millis(200)).await;
+    }
+    log.lock().unwrap().push(Attempt { start_ms, end_ms: now_ms().min(d.deadline_ms), n });
+    Ok(match (roll >> 8) % 100 {
+        _ if late => Reply::ok(serde_json::json!({})),
+        0..=14 => Reply::retry("generated retry"),
+        15..=19 => Reply::fail("generated failure"),
+        _ => Reply::ok(serde_json::json!({})),
+    })
+}
+
+/// The rate handler: records when the relay sent the attempt (its deadline less the handler
+/// timeout: the relay sets it right after the claim, where a token was spent) and answers ok.
+async fn rated(log: Arc<Mutex<Vec<Attempt>>>, timeout: Duration, d: Delivery) -> HandlerResult {
+    let sent = d.deadline_ms - timeout.as_millis() as i64;
+    let n = d.data::<serde_json::Value>().unwrap()["n"].as_u64().unwrap();
+    log.lock().unwrap().push(Attempt { start_ms: sent, end_ms: sent, n });
+    Ok(Reply::ok(serde_json::json!({})))
+}
+
+/// At no instant were more than `CONCURRENCY` attempts in flight.
+fn check_concurrency(log: &[Attempt]) -> usize {
+    let mut edges: Vec<(i64, i32)> = log.iter().flat_map(|a| [(a.start_ms, 1), (a.end_ms, -1)]).collect();
+    // At one millisecond, ends before starts: an attempt that ended then freed its slot.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    assert!(most <= CONCURRENCY as i32, "{most} attempts were in flight at once: {log:?}");
+    most as usize
+}
+
+/// The most a relay sends an attempt after the claim that took it spent its token: a window of
+/// sends holds the claims of a window this much longer.
+const CLAIM_TO_SEND: f64 = 0.05;
+
+/// Over every window, no more attempts started than the burst plus the rate over the window
+/// (lengthened by [`CLAIM_TO_SEND`]).
+fn check_rate(log: &[Attempt]) {
+    let mut starts: Vec<i64> = log.iter().map(|a| a.start_ms).collect();
+    starts.sort_unstable();
+    for i in 0..starts.len() {
+        for j in i..starts.len() {
+            let started = (j - i + 1) as f64;
+            let window_s = (starts[j] - starts[i]) as f64 / 1000.0;
+            let allowed = f64::from(RATE.burst) + f64::from(RATE.per_second) * (window_s + CLAIM_TO_SEND);
+            assert!(started <= allowed, "{started} attempts started in {window_s} s: {starts:?}");
+        }
+    }
+}
+
+async fn one_run(seed: u64) {
+    let w = World::new().await;
+    let topic = || TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() };
+    for (name, flow) in [
+        ("limited", Flow { concurrency: Some(CONCURRENCY), ..Flow::default() }),
+        ("rated", Flow { rate: Some(RATE), ..Flow::default() }),
+    ] {
+        w.trigger(name, topic(), name).await;
+        let patch = TriggerPatch { flow: Some(Some(flow)), ..TriggerPatch::default() };
+        w.store.update_trigger(w.app.id, name, &patch).await.unwrap();
+    }
+    let timeout = run_config("r").node.handler_timeout;
+    let (limited_log, rated_log) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let log = limited_log.clone();
+        workers.push(
+            start_worker(&w.nats_url(), "shop", "limited", move |d| limited(seed, log.clone(), timeout, d))
+                .await
+                .0,
+        );
+        let log = rated_log.clone();
+        workers.push(
+            start_worker(&w.nats_url(), "shop", "rated", move |d| rated(log.clone(), timeout, d)).await.0,
+        );
+    }
+    let (proxy, doomed, relays) = three_relays_one_doomed(&w).await;
+
+    let messages = 40u64;
+    for n in 0..messages {
+        if n == messages / 4 {
+            proxy.cut().await;
+        }
+        w.publish("t", serde_json::json!({"n": n}), None).await;
+    }
+    w.drained_within_a_minute().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+    doomed.signal_stop();
+    for worker in workers {
+        worker.stop().await;
+    }
+    let most = check_concurrency(&limited_log.lock().unwrap());
+    assert!(most > 1, "seed {seed}: the limit let deliveries run side by side");
+    let rated_log = rated_log.lock().unwrap().clone();
+    let reached: std::collections::BTreeSet<u64> = rated_log.iter().map(|a| a.n).collect();
+    assert_eq!(reached, (0..messages).collect(), "every message reached the rated handler");
+    check_rate(&rated_log);
+}
+
+#[tokio::test]
+async fn concurrency_and_rate_hold_across_relays_through_retries_failures_timeouts_and_a_dead_relay() {
+    for seed in [1, 2] {
+        tokio::time::timeout(Duration::from_secs(120), one_run(seed))
+            .await
+            .unwrap_or_else(|_| panic!("the run of seed {seed} did not end within two minutes"));
+    }
+}

@@ -1,0 +1,186 @@
+//! Flow limits in Postgres (DESIGN §13): the claim of gated rows within each trigger's
+//! `concurrency` and `rate`, and the state that claim keeps per trigger.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use sqlx::{PgConnection, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use picloud_core::{Flow, TriggerId};
+
+use super::PgStore;
+use super::outbox::{CLAIMED, claimed_row, millis};
+use crate::{Claim, Holder, LimitedClaim, Result};
+
+/// A gated row of the trigger `x` that may be claimed now (`$3`: the store's clock, if any).
+const CLAIMABLE: &str = "o.trigger_id = x.trigger_id AND o.gated AND NOT o.waiting
+                         AND o.due_at <= coalesce($3, now())
+                         AND (o.leased_until IS NULL OR o.leased_until <= coalesce($3, now()))";
+
+/// The claim of gated rows, one statement. It locks the state rows of the limited triggers that
+/// have claimable rows, skipping those another relay holds (one relay counts and spends a
+/// trigger's slots and tokens at a time); `FOR UPDATE` reads the newest version of each, so the
+/// slots and tokens are those the last claim committed, whatever the statement's snapshot. It
+/// claims at most `concurrency − others' live slots − busy` and `⌊tokens⌋` rows per trigger,
+/// spends the tokens, and writes the holder's slots (busy plus claimed, until now + lease),
+/// dropping the slots whose lease ran out.
+/// `$1` want, `$2` lease (ms), `$3` now, `$4` holder, `$5`/`$6` the holder's busy triggers and
+/// counts, `$7` node.
+static CLAIM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH clock AS MATERIALIZED (
+             SELECT coalesce($3, now()) AS now, extract(epoch FROM coalesce($3, now()))::float8 AS now_s),
+         state AS MATERIALIZED (
+             SELECT x.trigger_id, x.tokens, x.refilled_at, x.slots, t.flow
+               FROM flow_state x JOIN triggers t ON t.id = x.trigger_id
+              WHERE EXISTS (SELECT 1 FROM outbox o WHERE {CLAIMABLE})
+              ORDER BY x.trigger_id
+                FOR UPDATE OF x SKIP LOCKED),
+         limits AS MATERIALIZED (
+             SELECT s.trigger_id, s.slots,
+                    (s.flow->>'concurrency')::int AS concurrency,
+                    (s.flow->'rate'->>'per_second')::float8 AS per_second,
+                    least((s.flow->'rate'->>'burst')::float8,
+                          s.tokens + (s.flow->'rate'->>'per_second')::float8
+                                     * extract(epoch FROM clock.now - s.refilled_at)) AS tokens,
+                    coalesce((SELECT b.n FROM UNNEST($5::uuid[], $6::int4[]) AS b(trigger_id, n)
+                               WHERE b.trigger_id = s.trigger_id), 0) AS busy,
+                    (SELECT coalesce(sum((e.value->>0)::int), 0) FROM jsonb_each(s.slots) e
+                      WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)::int AS others
+               FROM state s, clock),
+         allowed AS MATERIALIZED (
+             SELECT l.*, greatest(0, least($1, coalesce(l.concurrency - l.others - l.busy, $1),
+                                           coalesce(floor(l.tokens)::int, $1))) AS n
+               FROM limits l),
+         picked AS (
+             SELECT p.ctid FROM allowed x CROSS JOIN LATERAL (
+                 SELECT o.ctid FROM outbox o WHERE {CLAIMABLE}
+                  ORDER BY o.due_at LIMIT x.n
+                    FOR UPDATE SKIP LOCKED) p
+              LIMIT $1),
+         claimed AS (
+             UPDATE outbox o
+                SET attempts = o.attempts + 1,
+                    leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
+                    leased_by = $7
+              WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+          RETURNING {CLAIMED}),
+         counted AS (
+             SELECT a.*, (SELECT count(*) FROM claimed c WHERE c.trigger_id = a.trigger_id)::int AS claimed
+               FROM allowed a),
+         spent AS (
+             UPDATE flow_state f
+                SET tokens = CASE WHEN c.tokens IS NULL THEN f.tokens ELSE c.tokens - c.claimed END,
+                    refilled_at = CASE WHEN c.tokens IS NULL THEN f.refilled_at ELSE clock.now END,
+                    slots = CASE WHEN c.concurrency IS NULL THEN '{{}}'::jsonb ELSE
+                        (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb)
+                           FROM jsonb_each(c.slots) e
+                          WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)
+                        || CASE WHEN c.busy + c.claimed > 0
+                                THEN jsonb_build_object($4::text, jsonb_build_array(
+                                         c.busy + c.claimed, clock.now_s + $2 / 1000.0))
+                                ELSE '{{}}'::jsonb END
+                    END
+               FROM counted c, clock WHERE f.trigger_id = c.trigger_id),
+         waits AS (
+             SELECT min((1 - (c.tokens - c.claimed)) / c.per_second) AS next_token_s
+               FROM counted c WHERE c.tokens - c.claimed < 1)
+         SELECT w.next_token_s, (SELECT epoch FROM config_epoch) AS config_epoch, c.*
+           FROM waits w LEFT JOIN claimed c ON true"
+    )
+});
+
+pub(super) async fn claim_limited(
+    store: &PgStore,
+    want: u32,
+    lease: Duration,
+    holder: Holder<'_>,
+) -> Result<LimitedClaim> {
+    if want == 0 {
+        return Ok(LimitedClaim {
+            claim: Claim { rows: Vec::new(), config_epoch: None },
+            next_token_in: None,
+        });
+    }
+    let (busy_triggers, busy): (Vec<Uuid>, Vec<i32>) =
+        holder.busy.iter().map(|(trigger, n)| (trigger.as_uuid(), *n as i32)).unzip();
+    let found = sqlx::query(&CLAIM)
+        .bind(i32::try_from(want).unwrap_or(i32::MAX))
+        .bind(millis(lease))
+        .bind(store.now())
+        .bind(holder.id)
+        .bind(busy_triggers)
+        .bind(busy)
+        .bind(holder.node)
+        .fetch_all(&store.pool)
+        .await?;
+    let next_token_in = found
+        .first()
+        .map(|row| row.try_get::<Option<f64>, _>("next_token_s"))
+        .transpose()?
+        .flatten()
+        .map(|s| Duration::from_secs_f64(s.max(0.0)));
+    let mut rows = Vec::with_capacity(found.len());
+    for row in &found {
+        if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+            rows.push(claimed_row(row)?);
+        }
+    }
+    let config_epoch = if rows.is_empty() { None } else { found[0].try_get("config_epoch")? };
+    Ok(LimitedClaim { claim: Claim { rows, config_epoch }, next_token_in })
+}
+
+pub(super) async fn limits_exist(store: &PgStore) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM flow_state)").fetch_one(&store.pool).await?)
+}
+
+pub(super) async fn release_slots(store: &PgStore, holder: Uuid) -> Result<()> {
+    sqlx::query("UPDATE flow_state SET slots = slots - $1::text WHERE slots ? $1::text")
+        .bind(holder.to_string())
+        .execute(&store.pool)
+        .await?;
+    Ok(())
+}
+
+/// Keeps a trigger's limits in step with its new `flow`, in the transaction that writes it: a
+/// limited trigger has a state row (a full bucket when it has a rate; a bucket that shrank keeps
+/// no more tokens than its new burst), and its rows not in flight are gated; an unlimited one
+/// has neither. `changed`: the trigger existed before (its rows are gated or let free again).
+pub(super) async fn set_limits(
+    conn: &mut PgConnection,
+    trigger: TriggerId,
+    flow: Option<&Flow>,
+    now: Option<OffsetDateTime>,
+    changed: bool,
+) -> Result<()> {
+    let limited = flow.is_some_and(Flow::is_limited);
+    if limited {
+        let burst = flow.and_then(|f| f.rate).map(|rate| f64::from(rate.burst));
+        sqlx::query(
+            "INSERT INTO flow_state (trigger_id, tokens, refilled_at) VALUES ($1, $2, coalesce($3, now()))
+             ON CONFLICT (trigger_id) DO UPDATE
+                SET tokens = least(coalesce(flow_state.tokens, excluded.tokens), excluded.tokens),
+                    refilled_at = excluded.refilled_at",
+        )
+        .bind(trigger.as_uuid())
+        .bind(burst)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    } else if changed {
+        sqlx::query("DELETE FROM flow_state WHERE trigger_id = $1")
+            .bind(trigger.as_uuid())
+            .execute(&mut *conn)
+            .await?;
+    }
+    if changed {
+        sqlx::query("UPDATE outbox SET gated = $2 WHERE trigger_id = $1 AND gated <> $2")
+            .bind(trigger.as_uuid())
+            .bind(limited)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}

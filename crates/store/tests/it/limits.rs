@@ -1,0 +1,143 @@
+//! Flow limits (DESIGN §13), against both stores: `concurrency` counted across holders, `rate`
+//! spent as tokens, gated rows claimed only within them, and slots a dead holder gives back.
+
+use std::time::Duration;
+
+use picloud_core::flow::{Flow, Rate};
+use picloud_core::{CollectionPattern, TopicName, TriggerConfig, TriggerId};
+use picloud_store::events::{self, EventContext};
+use picloud_store::*;
+use uuid::Uuid;
+
+use crate::support::*;
+
+conformance!(
+    concurrency_is_counted_across_holders_and_a_dead_holders_slots_come_back_when_its_lease_ends,
+    a_rate_spends_a_token_per_claimed_row_and_refills_at_its_rate_up_to_its_burst,
+    a_patch_gates_or_frees_the_rows_already_written_and_deleting_the_trigger_frees_them,
+    a_stopped_holder_gives_its_slots_back_at_once,
+);
+
+/// A pubsub trigger named `name` on topic `t` with `flow`.
+async fn limited<S: Store>(s: &S, t: &Tenant, name: &str, flow: Option<Flow>) -> Trigger {
+    let mut new = new_trigger(t, name, TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() });
+    new.flow = flow;
+    s.create_trigger(&new).await.unwrap()
+}
+
+/// Publishes `count` messages on topic `t`, in one transaction.
+async fn publish<S: Store>(s: &S, t: &Tenant, count: u32) {
+    let config = TriggerConfig::default();
+    let cx = EventContext { app_id: t.app.id, app_slug: &t.app.slug, depth: 0, config: &config };
+    let mut tx = s.begin().await.unwrap();
+    for n in 0..count {
+        let message = json(&format!(r#"{{"n":{n}}}"#));
+        events::publish(s, &mut tx, &cx, &TopicName::parse("t").unwrap(), &message, None).await.unwrap();
+    }
+    s.commit(tx).await.unwrap();
+}
+
+/// Claims within the limits as `holder` with `busy` in flight: how many rows it got.
+async fn claim<S: Store>(s: &S, holder: Uuid, busy: &[(TriggerId, u32)]) -> Vec<ClaimedDelivery> {
+    let claimed = s.claim_limited(100, LEASE, Holder { id: holder, node: "n", busy }).await.unwrap();
+    assert!(claimed.claim.rows.iter().all(|r| r.gated));
+    claimed.claim.rows
+}
+
+fn concurrency(n: u32) -> Option<Flow> {
+    Some(Flow { concurrency: Some(n), ..Flow::default() })
+}
+
+async fn concurrency_is_counted_across_holders_and_a_dead_holders_slots_come_back_when_its_lease_ends<
+    S: Store,
+>(
+    s: S,
+) {
+    let t = tenant(&s, "shop").await;
+    assert!(!s.limits_exist().await.unwrap());
+    let trigger = limited(&s, &t, "limited", concurrency(3)).await;
+    assert!(s.limits_exist().await.unwrap());
+    publish(&s, &t, 10).await;
+    assert!(
+        s.claim_due(100, LEASE, "n").await.unwrap().rows.is_empty(),
+        "the plain claim never takes gated rows"
+    );
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let first = claim(&s, a, &[]).await;
+    assert_eq!(first.len(), 3);
+    assert!(claim(&s, b, &[]).await.is_empty(), "a holds every slot");
+    s.delete_delivered(&[first[0].id]).await.unwrap();
+    assert!(claim(&s, b, &[]).await.is_empty(), "a's slot is a's until a claims again");
+    assert_eq!(claim(&s, a, &[(trigger.id, 2)]).await.len(), 1, "a counts what it has in flight");
+    assert_eq!(claim(&s, a, &[(trigger.id, 3)]).await.len(), 0);
+    s.clock().advance(LEASE);
+    assert_eq!(claim(&s, b, &[]).await.len(), 3, "a died: its slots are free when its lease ends");
+    assert!(claim(&s, a, &[]).await.is_empty(), "b holds them now, even against a come back");
+}
+
+async fn a_rate_spends_a_token_per_claimed_row_and_refills_at_its_rate_up_to_its_burst<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let rate = Rate { per_second: 10, burst: 5 };
+    limited(&s, &t, "limited", Some(Flow { rate: Some(rate), ..Flow::default() })).await;
+    publish(&s, &t, 30).await;
+    let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[] };
+    let burst = s.claim_limited(100, LEASE, holder).await.unwrap();
+    assert_eq!(burst.claim.rows.len(), 5, "a full bucket: the burst");
+    assert_eq!(burst.next_token_in, Some(Duration::from_millis(100)));
+    let empty = s.claim_limited(100, LEASE, holder).await.unwrap();
+    assert!(empty.claim.rows.is_empty(), "waiting spends nothing");
+    s.clock().advance(Duration::from_millis(250));
+    let refilled = s.claim_limited(100, LEASE, holder).await.unwrap();
+    assert_eq!(refilled.claim.rows.len(), 2, "2.5 tokens in 250 ms");
+    assert!(refilled.claim.rows.iter().all(|r| r.attempt == 1), "waiting spent no attempt");
+    assert_eq!(refilled.next_token_in, Some(Duration::from_millis(50)));
+    s.clock().advance(Duration::from_secs(60));
+    assert_eq!(
+        s.claim_limited(100, LEASE, holder).await.unwrap().claim.rows.len(),
+        5,
+        "never more than the burst"
+    );
+    assert_eq!(s.claim_limited(3, LEASE, holder).await.unwrap().claim.rows.len(), 0);
+    s.clock().advance(Duration::from_secs(60));
+    assert_eq!(s.claim_limited(3, LEASE, holder).await.unwrap().claim.rows.len(), 3, "no more than wanted");
+    assert_eq!(
+        s.claim_limited(100, LEASE, holder).await.unwrap().claim.rows.len(),
+        2,
+        "and only the tokens spent"
+    );
+}
+
+async fn a_patch_gates_or_frees_the_rows_already_written_and_deleting_the_trigger_frees_them<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let trigger = limited(&s, &t, "later", None).await;
+    publish(&s, &t, 3).await;
+    let patch = |flow| TriggerPatch { flow: Some(flow), ..TriggerPatch::default() };
+    s.update_trigger(t.app.id, "later", &patch(concurrency(1))).await.unwrap();
+    assert!(s.claim_due(100, LEASE, "n").await.unwrap().rows.is_empty(), "written before, gated now");
+    let holder = Uuid::now_v7();
+    assert_eq!(claim(&s, holder, &[]).await.len(), 1);
+    s.update_trigger(t.app.id, "later", &patch(None)).await.unwrap();
+    assert!(!s.limits_exist().await.unwrap());
+    assert_eq!(s.claim_due(100, LEASE, "n").await.unwrap().rows.len(), 2, "free again");
+
+    s.update_trigger(t.app.id, "later", &patch(concurrency(1))).await.unwrap();
+    publish(&s, &t, 2).await;
+    assert!(s.claim_due(100, LEASE, "n").await.unwrap().rows.is_empty());
+    assert!(s.delete_trigger(t.app.id, trigger.name.as_str()).await.unwrap());
+    assert_eq!(
+        s.claim_due(100, LEASE, "n").await.unwrap().rows.len(),
+        2,
+        "the rows of a deleted trigger are claimable, for the relay to drop"
+    );
+    assert!(!s.limits_exist().await.unwrap());
+}
+
+async fn a_stopped_holder_gives_its_slots_back_at_once<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    limited(&s, &t, "limited", concurrency(2)).await;
+    publish(&s, &t, 5).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    assert_eq!(claim(&s, a, &[]).await.len(), 2);
+    s.release_slots(a).await.unwrap();
+    assert_eq!(claim(&s, b, &[]).await.len(), 2);
+}
