@@ -2,60 +2,90 @@
 
 use std::time::{Duration, Instant};
 
-use picloud_core::flow::kv_ordering_key;
+use picloud_core::flow::{Flow, Ordering, kv_ordering_key};
 use picloud_core::protocol::{EventKind, event_type, source};
 use picloud_store::events::Event;
 use picloud_store::{NewDelivery, OutboxRepo, Transactional};
 use serde_json::value::to_raw_value;
 
-use crate::env::{Bench, ORDERED_COLLECTION, Servers, payload};
+use crate::env::{Bench, FLOWED_COLLECTION, Servers, payload};
 use crate::proc::Role;
 use crate::stats::summary;
 
-/// The drain, and with `ordered_keys` the ordered drain after it in each repetition (the same
-/// backlog through a trigger with `flow.ordering: key`, over that many keys).
+/// The flow of the second drain of each repetition.
+#[derive(Debug, Clone, Copy)]
+pub enum Flowed {
+    /// `flow.ordering: key`, the rows spread over this many keys.
+    Ordered { keys: usize },
+    /// `flow.concurrency`.
+    Limited { concurrency: u32 },
+}
+
+impl Flowed {
+    fn flow(self) -> Flow {
+        match self {
+            Flowed::Ordered { .. } => Flow { ordering: Ordering::Key, ..Flow::default() },
+            Flowed::Limited { concurrency } => Flow { concurrency: Some(concurrency), ..Flow::default() },
+        }
+    }
+
+    /// The key of the i-th row.
+    fn key(self, i: usize) -> usize {
+        match self {
+            Flowed::Ordered { keys } => i % keys,
+            Flowed::Limited { .. } => i,
+        }
+    }
+
+    /// What the drain is called in the output, and its `RESULT` name.
+    fn names(self) -> (String, &'static str) {
+        match self {
+            Flowed::Ordered { keys } => (format!("drain ordered by {keys} keys"), "ordered"),
+            Flowed::Limited { concurrency } => (format!("drain at concurrency {concurrency}"), "concurrency"),
+        }
+    }
+}
+
+/// The drain, and with `flowed` a second drain after it in each repetition: the same backlog
+/// through a trigger with that flow.
 #[allow(clippy::print_stdout)]
-pub async fn run(
-    servers: &Servers,
-    n: usize,
-    ordered_keys: Option<usize>,
-    reps: usize,
-) -> anyhow::Result<()> {
+pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usize) -> anyhow::Result<()> {
     let mut rates = Vec::with_capacity(reps);
-    let mut ordered_rates = Vec::with_capacity(reps);
+    let mut flowed_rates = Vec::with_capacity(reps);
     for rep in 1..=reps {
         rates.push(one(servers, n, None, rep).await?);
-        if let Some(keys) = ordered_keys {
-            ordered_rates.push(one(servers, n, Some(keys), rep).await?);
+        if let Some(flowed) = flowed {
+            flowed_rates.push(one(servers, n, Some(flowed), rep).await?);
         }
     }
     let (median, min, max) = summary(&rates);
     println!("drain median {median:.0}/s [{min:.0}..{max:.0}] over {reps} runs");
-    let Some(keys) = ordered_keys else {
+    let Some(flowed) = flowed else {
         println!("RESULT picloud drain_per_s={median:.0}");
         return Ok(());
     };
-    let (ordered, ordered_min, ordered_max) = summary(&ordered_rates);
-    let ratios: Vec<f64> = ordered_rates.iter().zip(&rates).map(|(o, u)| o / u).collect();
+    let (what, name) = flowed.names();
+    let (rate, rate_min, rate_max) = summary(&flowed_rates);
+    let ratios: Vec<f64> = flowed_rates.iter().zip(&rates).map(|(f, u)| f / u).collect();
     let (ratio, ratio_min, ratio_max) = summary(&ratios);
     println!(
-        "drain ordered by {keys} keys median {ordered:.0}/s [{ordered_min:.0}..{ordered_max:.0}], \
-         {ratio:.2} [{ratio_min:.2}..{ratio_max:.2}] of the unordered drain of the same repetition"
+        "{what} median {rate:.0}/s [{rate_min:.0}..{rate_max:.0}], \
+         {ratio:.2} [{ratio_min:.2}..{ratio_max:.2}] of the plain drain of the same repetition"
     );
-    println!(
-        "RESULT picloud drain_per_s={median:.0} drain_ordered_per_s={ordered:.0} ordered_ratio={ratio:.2}"
-    );
+    println!("RESULT picloud drain_per_s={median:.0} drain_{name}_per_s={rate:.0} {name}_ratio={ratio:.2}");
     Ok(())
 }
 
 /// One repetition: a fresh database, the backlog, the drain; its rate.
 #[allow(clippy::print_stdout)]
-async fn one(servers: &Servers, n: usize, ordered_keys: Option<usize>, rep: usize) -> anyhow::Result<f64> {
-    let bench = servers.fresh().await?;
-    backlog(&bench, n, ordered_keys).await?;
+async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<f64> {
+    let mut bench = servers.fresh().await?;
+    if let Some(flowed) = flowed {
+        bench.set_flow(flowed.flow()).await?;
+    }
+    backlog(&bench, n, flowed).await?;
     bench.settle().await?;
-    let what =
-        ordered_keys.map_or_else(|| "drain".to_owned(), |keys| format!("drain ordered by {keys} keys"));
+    let what = flowed.map_or_else(|| "drain".to_owned(), |f| f.names().0);
     eprintln!("{what} rep {rep}: backlog of {n} written; draining");
     let elapsed = drain(servers, &bench, n).await?;
     let rate = n as f64 / elapsed.as_secs_f64();
@@ -64,19 +94,18 @@ async fn one(servers: &Servers, n: usize, ordered_keys: Option<usize>, rep: usiz
 }
 
 /// N deliveries through the store's batch insert, 1,000 per transaction: to the `bench` trigger,
-/// each of its own key, or with `ordered_keys` to the `ordered` trigger, key `i mod keys` for
-/// the i-th.
-async fn backlog(bench: &Bench, n: usize, ordered_keys: Option<usize>) -> anyhow::Result<()> {
-    let (collection, trigger) = match ordered_keys {
+/// each of its own key, or with `flowed` to the `flowed` trigger, keyed as the flow has it.
+async fn backlog(bench: &Bench, n: usize, flowed: Option<Flowed>) -> anyhow::Result<()> {
+    let (collection, trigger) = match flowed {
         None => ("bench", &bench.trigger),
-        Some(_) => (ORDERED_COLLECTION, &bench.ordered),
+        Some(_) => (FLOWED_COLLECTION, &bench.flowed),
     };
     let source = source::kv(bench.app.slug.as_str(), collection);
     let config = picloud_core::TriggerConfig::default();
     for start in (0..n).step_by(1000) {
         let rows: Vec<NewDelivery> = (start..n.min(start + 1000))
             .map(|i| {
-                let key = ordered_keys.map_or(i, |keys| i % keys);
+                let key = flowed.map_or(i, |f| f.key(i));
                 let (subject, data) = (format!("k{key}"), to_raw_value(&payload(i as u64, 0)).expect("json"));
                 let ordering_key = kv_ordering_key(collection, &subject);
                 let event = Event {

@@ -80,20 +80,20 @@ impl Servers {
         let handler = json!({"function": HANDLER});
         let call = json!({"name": "call", "kind": "http", "handler": handler});
         let bench = json!({"name": "bench", "kind": "kv", "collection": "bench*", "ops": ["put"], "handler": handler});
-        let ordered = json!({"name": "ordered", "kind": "kv", "collection": ORDERED_COLLECTION, "ops": ["put"],
-                             "handler": handler, "flow": {"ordering": "key"}});
-        for trigger in [call, bench, ordered] {
+        let flowed = json!({"name": "flowed", "kind": "kv", "collection": FLOWED_COLLECTION, "ops": ["put"],
+                            "handler": handler});
+        for trigger in [call, bench, flowed] {
             ops.register_trigger(&admin, serde_json::from_value::<RegisterTrigger>(trigger)?).await?;
         }
         let trigger = ops.store().trigger(app.id, "bench").await?.context("the bench trigger is gone")?;
-        let ordered = ops.store().trigger(app.id, "ordered").await?.context("the ordered trigger is gone")?;
+        let flowed = ops.store().trigger(app.id, "flowed").await?.context("the flowed trigger is gone")?;
         let store = ops.store().clone();
-        Ok(Bench { url, store, app, trigger, ordered, token })
+        Ok(Bench { url, store, app, trigger, flowed, token })
     }
 }
 
-/// The collection of the ordered trigger: no other scenario writes to it.
-pub const ORDERED_COLLECTION: &str = "lanes";
+/// The collection of the flowed trigger: no other scenario writes to it.
+pub const FLOWED_COLLECTION: &str = "flowed";
 
 /// `url` with its database name replaced.
 fn replace_database(url: &str, database: &str) -> String {
@@ -114,13 +114,21 @@ pub struct Bench {
     pub store: PgStore,
     pub app: App,
     pub trigger: Trigger,
-    /// The trigger with `flow.ordering: key`, on [`ORDERED_COLLECTION`].
-    pub ordered: Trigger,
+    /// The trigger on [`FLOWED_COLLECTION`], with the flow a scenario gives it
+    /// ([`Bench::set_flow`]).
+    pub flowed: Trigger,
     /// An admin token of the app, for the HTTP API.
     pub token: String,
 }
 
 impl Bench {
+    /// Gives the flowed trigger `flow`.
+    pub async fn set_flow(&mut self, flow: picloud_core::Flow) -> anyhow::Result<()> {
+        let patch = picloud_store::TriggerPatch { flow: Some(Some(flow)), ..Default::default() };
+        self.flowed = self.store.update_trigger(self.app.id, "flowed", &patch).await?;
+        Ok(())
+    }
+
     /// `VACUUM ANALYZE; CHECKPOINT;`
     pub async fn settle(&self) -> anyhow::Result<()> {
         Ok(self.store.settle().await?)

@@ -4,8 +4,11 @@
 //! With no `--database-url` / `--nats-url` it starts its own throwaway PostgreSQL (every setting
 //! at its default: fsync and synchronous commit on) and nats-server.
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 
+mod debounce;
 mod drain;
 mod env;
 mod latency;
@@ -38,13 +41,17 @@ enum Scenario {
         /// Deliveries in the backlog.
         #[arg(long, default_value_t = 100_000)]
         n: usize,
-        /// `key`: each repetition drains the backlog twice, unordered and then through a
-        /// trigger with `flow.ordering: key`, its rows spread over `--keys` ordering keys.
-        #[arg(long, value_parser = ["key"])]
+        /// `key`: each repetition drains the backlog twice, plain and then through a trigger
+        /// with `flow.ordering: key`, its rows spread over `--keys` ordering keys.
+        #[arg(long, value_parser = ["key"], conflicts_with = "concurrency")]
         ordering: Option<String>,
         /// Ordering keys of the ordered backlog.
         #[arg(long, default_value_t = 10_000)]
         keys: usize,
+        /// Each repetition drains the backlog twice, plain and then through a trigger with
+        /// this `flow.concurrency`.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: Option<u32>,
     },
     /// Latency at a steady rate, from a separate producer process.
     Latency {
@@ -57,6 +64,22 @@ enum Scenario {
         /// Write through the store's single-event write instead of the HTTP KV API.
         #[arg(long)]
         via_store: bool,
+    },
+    /// Bursts of writes to a few keys through a trigger with `flow.debounce_ms`: how often the
+    /// handler runs, and whether each key's last run has its last value.
+    Debounce {
+        /// Keys written.
+        #[arg(long, default_value_t = 100)]
+        keys: usize,
+        /// Writes to each key.
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+        /// Over how many milliseconds each key's writes are spread.
+        #[arg(long, default_value_t = 1000)]
+        spread_ms: u64,
+        /// The trigger's `flow.debounce_ms`.
+        #[arg(long, default_value_t = 200)]
+        debounce_ms: u32,
     },
     /// Sync invoke round trips, and bare NATS request-replies in the same run.
     Sync {
@@ -101,14 +124,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Handler(args) => roles::handler(args).await,
         Scenario::Relay(args) => roles::relay(args).await,
         Scenario::Api(args) => roles::api(args).await,
-        Scenario::Drain { n, ordering, keys } => {
+        Scenario::Drain { n, ordering, keys, concurrency } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
-            let keys = ordering.is_some().then_some(keys.max(1));
-            drain::run(&servers, n, keys, cli.reps).await
+            let flowed = match (ordering, concurrency) {
+                (Some(_), _) => Some(drain::Flowed::Ordered { keys: keys.max(1) }),
+                (None, Some(concurrency)) => Some(drain::Flowed::Limited { concurrency }),
+                (None, None) => None,
+            };
+            drain::run(&servers, n, flowed, cli.reps).await
         }
         Scenario::Latency { rate, seconds, via_store } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
             latency::run(&servers, rate, seconds, cli.reps, via_store).await
+        }
+        Scenario::Debounce { keys, writes, spread_ms, debounce_ms } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            let shape =
+                debounce::Shape { keys, writes, debounce_ms, spread: Duration::from_millis(spread_ms) };
+            debounce::run(&servers, shape, cli.reps).await
         }
         Scenario::Sync { calls } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
