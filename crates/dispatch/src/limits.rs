@@ -71,25 +71,44 @@ impl Limits {
         Ok(claimed)
     }
 
-    /// Counts completed deliveries out; whether any was limited (its slot is free now).
-    pub(crate) fn finished(&self, batch: &[Done]) -> bool {
+    /// Counts answered deliveries out (a slot is free once its handler answered or its deadline
+    /// passed): whether any was limited, and the triggers of which none is left in flight.
+    pub(crate) fn finished(&self, batch: &[Done]) -> (bool, Vec<TriggerId>) {
         let mut busy = self.busy.lock().expect("limits lock");
-        let mut any = false;
+        let (mut any, mut idle) = (false, Vec::new());
         for trigger in batch.iter().filter(|d| d.gated).filter_map(|d| d.trigger_id) {
             any = true;
             if let Some(n) = busy.get_mut(&trigger) {
                 *n -= 1;
                 if *n == 0 {
                     busy.remove(&trigger);
+                    idle.push(trigger);
                 }
             }
         }
-        any
+        (any, idle)
+    }
+
+    /// Gives back the slots this run holds of `triggers` that it still has nothing in flight of:
+    /// its last claim of them counted deliveries that have ended since, and until it claims
+    /// again, other relays would count them as in flight.
+    pub(crate) async fn give_back(&self, store: &impl OutboxRepo, triggers: Vec<TriggerId>) {
+        let _round = self.round.lock().await;
+        let idle: Vec<TriggerId> = {
+            let busy = self.busy.lock().expect("limits lock");
+            triggers.into_iter().filter(|t| !busy.contains_key(t)).collect()
+        };
+        if idle.is_empty() {
+            return;
+        }
+        if let Err(e) = store.release_slots(self.holder, Some(&idle)).await {
+            tracing::warn!(error = %e, "giving back idle slots failed; they are free when their lease ends");
+        }
     }
 
     /// Gives back this run's slots (the relay stops, nothing of it in flight).
     pub(crate) async fn release(&self, store: &impl OutboxRepo) {
-        if let Err(e) = store.release_slots(self.holder).await {
+        if let Err(e) = store.release_slots(self.holder, None).await {
             tracing::warn!(error = %e, "giving back the relay's slots failed; they are free when their lease ends");
         }
     }

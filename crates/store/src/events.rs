@@ -96,7 +96,7 @@ impl Event<'_> {
             lane: None,
             front_of_lane: false,
             gated: false,
-            debounce: None,
+            debounced: false,
         }
     }
 
@@ -419,17 +419,20 @@ pub async fn enqueue<S: Store>(
         let dead = too_deep(s, tx, cx, std::slice::from_ref(&trigger), &event).await?;
         return Ok(Enqueued::TooDeep(dead[0].delivery_id));
     }
+    let row = event.delivery_to(cx.app_id, &trigger, cx.config);
     let row = NewDelivery {
-        delay: job.delay,
+        delay: row.delay.max(job.delay),
         idempotency_key: job.idempotency_key.map(str::to_owned),
-        ..event.delivery_to(cx.app_id, &trigger, cx.config)
+        // A job with an idempotency key is a delivery of its own: its key names it.
+        debounced: row.debounced && job.idempotency_key.is_none(),
+        ..row
     };
     if row.idempotency_key.is_some() {
         let (id, created) = s.insert_idempotent(tx, &row).await?;
         return Ok(if created { Enqueued::Created(id) } else { Enqueued::Existing(id) });
     }
-    s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
-    Ok(Enqueued::Created(row.id))
+    let landed = s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
+    Ok(Enqueued::Created(landed[0]))
 }
 
 /// Where a sync call's caller waits, and the API node that waits with it and delivers the call.
@@ -589,7 +592,8 @@ pub async fn replay<S: Store>(
     // The replay of a dead letter that held its lane goes first, before the deliveries it held
     // back; the resolution below then releases the lane to it.
     let front_of_lane = dead.held_lane.is_some() && dead.held_lane == row.lane;
-    let row = NewDelivery { event_time: Some(dead.headers.time), front_of_lane, ..row };
+    // A replay is a delivery of its own, never debounced into a newer event's.
+    let row = NewDelivery { event_time: Some(dead.headers.time), front_of_lane, debounced: false, ..row };
     s.insert_deliveries(tx, std::slice::from_ref(&row)).await?;
     let replayed = s
         .resolve(tx, dead.app_id, dead.id, Resolution::Replayed, false)

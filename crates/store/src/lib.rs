@@ -329,12 +329,14 @@ pub trait OutboxRepo: Transactional {
     /// writer holds stays noted for the next call. Returns how many lanes it released.
     fn release_lanes(&self, batch: u32) -> impl Future<Output = Result<u64>> + Send;
     /// Inserts deliveries in the caller's transaction. A repeated idempotency key fails with
-    /// [`Error::DuplicateIdempotencyKey`].
+    /// [`Error::DuplicateIdempotencyKey`]. Returns the delivery each row is, in the order given:
+    /// its own id, or, for a row that replaced the event of its lane's newest delivery
+    /// ([`model::NewDelivery::replaces_newest`]), that delivery's.
     fn insert_deliveries(
         &self,
         tx: &mut Self::Tx,
         rows: &[model::NewDelivery],
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
     /// Inserts one delivery that carries an idempotency key, unless its trigger has a delivery
     /// with that key already: returns the id that holds the key and whether it is the new row.
     fn insert_idempotent(
@@ -353,11 +355,12 @@ pub trait OutboxRepo: Transactional {
         node: &str,
     ) -> impl Future<Output = Result<Claim>> + Send;
     /// Claims up to `want` due, unleased deliveries of limited triggers (DESIGN §13), oldest due
-    /// first per trigger, within each trigger's limits, cluster-wide: no more than its
-    /// `concurrency` less the slots other holders hold (until their lease ends) and less the
-    /// holder's own `busy`; no more than its rate's tokens, one spent per row. Then the holder
-    /// holds `busy` plus what it claimed of each trigger with a `concurrency`, for `lease`. A
-    /// trigger another relay claims for at this moment is skipped, never waited for.
+    /// first per trigger and the triggers taking turns, within each trigger's limits,
+    /// cluster-wide: no more than its `concurrency` less the slots other holders hold (until
+    /// their lease ends) and less the holder's own `busy`; no more than its rate's tokens, one
+    /// spent per row. Then, of each trigger it looked at (one with claimable rows), the holder
+    /// holds `busy` plus what it claimed, for `lease`. A trigger another relay claims for at
+    /// this moment is skipped, never waited for.
     fn claim_limited(
         &self,
         want: u32,
@@ -366,8 +369,13 @@ pub trait OutboxRepo: Transactional {
     ) -> impl Future<Output = Result<LimitedClaim>> + Send;
     /// Whether any trigger limits its deliveries: a relay claims limited rows only then.
     fn limits_exist(&self) -> impl Future<Output = Result<bool>> + Send;
-    /// Gives back every slot `holder` holds (a relay that stops).
-    fn release_slots(&self, holder: Uuid) -> impl Future<Output = Result<()>> + Send;
+    /// Gives back the slots `holder` holds of `triggers` (`None`: of every trigger, a relay that
+    /// stops).
+    fn release_slots(
+        &self,
+        holder: Uuid,
+        triggers: Option<&[TriggerId]>,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Looks up the trigger `call` names and, if it is an enabled `http` trigger, writes the
     /// call's row already claimed by `node` (attempt 1, leased), so the API node that waits on
     /// the call delivers it without a second round trip, and any relay delivers it after the

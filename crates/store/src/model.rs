@@ -292,10 +292,9 @@ pub struct NewDelivery {
     /// Whether its trigger limits its deliveries ([`picloud_core::Flow::is_limited`]): then only
     /// [`crate::OutboxRepo::claim_limited`] claims it, within the trigger's limits.
     pub gated: bool,
-    /// Its trigger's `debounce_ms`, when it is in a lane (DESIGN §13): it replaces the event of
-    /// its lane's newest delivery if that one has not started yet, and is due this long after
-    /// its write.
-    pub debounce: Option<std::time::Duration>,
+    /// Whether its trigger debounces it (DESIGN §13, `debounce_ms`; its `delay` is the debounce
+    /// at least): see [`NewDelivery::replaces_newest`].
+    pub debounced: bool,
 }
 
 impl NewDelivery {
@@ -313,9 +312,16 @@ impl NewDelivery {
             delay: debounce.map_or(self.delay, |d| d.max(self.delay)),
             lane,
             gated: flow.is_limited(),
-            debounce,
+            debounced: debounce.is_some(),
             ..self
         }
+    }
+
+    /// Whether, written, it gives its event to its lane's newest delivery when that one has not
+    /// started (no attempt, no lease) and no idempotency key names it, instead of being a
+    /// delivery of its own: a debounced row in a lane, unless it goes to the front of it.
+    pub fn replaces_newest(&self) -> bool {
+        self.debounced && !self.front_of_lane && self.trigger_id.is_some() && self.lane.is_some()
     }
 }
 
@@ -775,7 +781,7 @@ pub fn kv_event_data(
 
 /// The event data of a debounced delivery whose event `newest` replaces the event data
 /// `replaced` (DESIGN §13): the newest event's, except that a KV event keeps the `previous` of
-/// the oldest event it replaced. (Postgres does the same in `pg/outbox.rs`'s `DEBOUNCE`.)
+/// the oldest event it replaced. (Postgres does the same in `pg/outbox.rs`'s `debounce`.)
 pub fn debounced_data(kind: EventKind, newest: &RawValue, replaced: &RawValue) -> Box<RawValue> {
     if kind != EventKind::Kv {
         return newest.to_owned();

@@ -184,7 +184,7 @@ async fn a_running_janitor_sweeps_at_start_and_stops_when_told() {
 }
 
 #[tokio::test]
-async fn rows_left_in_the_lanes_of_a_trigger_that_is_gone_are_let_out_for_the_relay_to_drop() {
+async fn rows_left_in_lanes_or_gated_where_nothing_claims_them_are_let_free() {
     let w = World::new().await;
     let store = manual_store(&w);
     let live = w.kv_trigger("live", "orders", "h").await;
@@ -203,8 +203,11 @@ async fn rows_left_in_the_lanes_of_a_trigger_that_is_gone_are_let_out_for_the_re
     };
     // A writer that saw a trigger being deleted put rows in its lane: nothing makes them heads.
     let gone = picloud_core::TriggerId::new();
-    let gated = NewDelivery { lane: None, gated: true, ..in_lane(gone) };
-    let rows = [in_lane(gone), in_lane(gone), in_lane(live.id), in_lane(live.id), gated];
+    // And a writer that read a trigger's limits as they were being removed wrote a gated row
+    // that no claim within limits would take.
+    let gated = |trigger| NewDelivery { lane: None, gated: true, ..in_lane(trigger) };
+    let rows =
+        [in_lane(gone), in_lane(gone), in_lane(live.id), in_lane(live.id), gated(gone), gated(live.id)];
     let mut tx = store.begin().await.unwrap();
     store.insert_deliveries(&mut tx, &rows).await.unwrap();
     store.commit(tx).await.unwrap();
@@ -213,13 +216,13 @@ async fn rows_left_in_the_lanes_of_a_trigger_that_is_gone_are_let_out_for_the_re
 
     let swept = janitor(&store, "node-a", 100).sweep_once().await.unwrap().unwrap();
     assert_eq!(
-        swept.orphaned_in_lanes, 3,
-        "both rows of the gone trigger's lane and its gated row, none of the live one's"
+        swept.orphaned_in_lanes, 4,
+        "both rows of the gone trigger's lane, its gated row and the live trigger's, none of the live lane's"
     );
     let mut freed: Vec<Uuid> =
         store.claim_due(10, Duration::from_secs(30), "n").await.unwrap().rows.iter().map(|r| r.id).collect();
     freed.sort_unstable();
-    let mut orphans = vec![rows[1].id, rows[4].id];
+    let mut orphans = vec![rows[1].id, rows[4].id, rows[5].id];
     orphans.sort_unstable();
-    assert_eq!(freed, orphans, "the waiting and the gated orphan are claimable");
+    assert_eq!(freed, orphans, "the waiting and the gated orphans are claimable");
 }

@@ -71,7 +71,7 @@ fn check_concurrency(log: &[Attempt]) -> usize {
 
 /// The most a relay sends an attempt after the claim that took it spent its token: a window of
 /// sends holds the claims of a window this much longer.
-const CLAIM_TO_SEND: f64 = 0.05;
+const CLAIM_TO_SEND: f64 = 0.1;
 
 /// Over every window, no more attempts started than the burst plus the rate over the window
 /// (lengthened by [`CLAIM_TO_SEND`]).

@@ -40,7 +40,7 @@ async fn backlog(w: &World, trigger: &Trigger, n: usize) -> HashSet<Uuid> {
                 lane: None,
                 front_of_lane: false,
                 gated: false,
-                debounce: None,
+                debounced: false,
             })
             .collect();
         ids.extend(rows.iter().map(|r| r.id));

@@ -87,7 +87,7 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
             lane: None,
             front_of_lane: false,
             gated: false,
-            debounce: None,
+            debounced: false,
         })
         .collect();
     let mut tx = store.begin().await.unwrap();

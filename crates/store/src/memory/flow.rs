@@ -1,8 +1,13 @@
 //! Flow limits in memory: what `pg/flow.rs` does, under the one lock.
 
 use picloud_core::Flow;
+use picloud_core::flow::Rate;
 
 use super::*;
+
+/// One limited trigger in a claim: its flow, the holder's busy count, its rate and refilled
+/// tokens, and the rows it may claim, oldest first.
+type Turn = (TriggerId, Flow, u32, Option<(Rate, f64)>, Vec<Uuid>);
 
 impl State {
     /// Keeps a trigger's limits in step with its new `flow` (`pg::flow::set_limits`).
@@ -16,11 +21,7 @@ impl State {
         let limited = flow.is_some_and(Flow::is_limited);
         if limited {
             let burst = flow.and_then(|f| f.rate).map(|rate| f64::from(rate.burst));
-            let tokens = match (self.flow_state.get(&trigger), burst) {
-                (Some((Some(held), _)), Some(burst)) => Some(held.min(burst)),
-                (_, burst) => burst,
-            };
-            self.flow_state.insert(trigger, (tokens, now));
+            self.flow_state.insert(trigger, (burst, now));
         } else if changed {
             self.flow_state.remove(&trigger);
             self.flow_slots.retain(|(t, _), _| *t != trigger);
@@ -50,13 +51,20 @@ impl State {
     ) -> LimitedClaim {
         let mut triggers: Vec<TriggerId> = self.flow_state.keys().copied().collect();
         triggers.sort_unstable();
-        let mut rows = Vec::new();
-        let mut next_token_in: Option<Duration> = None;
+        // Each trigger's allowance, and its claimable rows oldest first within it.
+        let mut turns: Vec<Turn> = Vec::new();
         for trigger in triggers {
-            if !self.outbox.values().any(|r| Self::claimable(r, trigger, now)) {
+            let Some(flow) = self.triggers.get(&trigger).and_then(|t| t.flow) else { continue };
+            let mut due: Vec<(OffsetDateTime, Uuid)> = self
+                .outbox
+                .values()
+                .filter(|r| Self::claimable(r, trigger, now))
+                .map(|r| (r.due_at, r.new.id))
+                .collect();
+            if due.is_empty() {
                 continue;
             }
-            let Some(flow) = self.triggers.get(&trigger).and_then(|t| t.flow) else { continue };
+            due.sort();
             let busy = holder.busy.iter().find(|(t, _)| *t == trigger).map_or(0, |(_, n)| *n);
             let others: u32 = self
                 .flow_slots
@@ -65,43 +73,54 @@ impl State {
                 .map(|(_, (held, _))| *held)
                 .sum();
             let (tokens, refilled_at) = self.flow_state[&trigger];
-            let tokens = flow
-                .rate
-                .zip(tokens)
-                .map(|(rate, tokens)| (rate, rate.refill(tokens, (now - refilled_at).unsigned_abs())));
-            let mut n = want.saturating_sub(rows.len() as u32);
+            let elapsed = (now - refilled_at).max(time::Duration::ZERO).unsigned_abs();
+            let tokens = flow.rate.zip(tokens).map(|(rate, tokens)| (rate, rate.refill(tokens, elapsed)));
+            let mut n = want;
             if let Some(limit) = flow.concurrency {
                 n = n.min(limit.saturating_sub(others + busy));
             }
             if let Some((_, tokens)) = tokens {
                 n = n.min(tokens.floor() as u32);
             }
-            let mut due: Vec<(OffsetDateTime, Uuid)> = self
-                .outbox
-                .values()
-                .filter(|r| Self::claimable(r, trigger, now))
-                .map(|r| (r.due_at, r.new.id))
-                .collect();
-            due.sort();
             due.truncate(n as usize);
-            let claimed = due.len() as u32;
-            for (_, id) in due {
-                rows.push(lease_row(self.outbox.get_mut(&id).expect("row just listed"), now, lease));
+            turns.push((trigger, flow, busy, tokens, due.into_iter().map(|(_, id)| id).collect()));
+        }
+        // Turn by turn across the triggers, as Postgres orders them.
+        let mut picked: Vec<Uuid> = Vec::new();
+        let longest = turns.iter().map(|t| t.4.len()).max().unwrap_or(0);
+        for turn in 0..longest {
+            for (.., ids) in &turns {
+                if let Some(id) = ids.get(turn) {
+                    picked.push(*id);
+                }
             }
-            if let Some((rate, tokens)) = tokens {
-                let left = tokens - f64::from(claimed);
+        }
+        picked.truncate(want as usize);
+        let rows: Vec<ClaimedDelivery> = picked
+            .iter()
+            .map(|id| lease_row(self.outbox.get_mut(id).expect("row just listed"), now, lease))
+            .collect();
+        let mut next_token_in: Option<Duration> = None;
+        for (trigger, flow, busy, tokens, _) in turns {
+            let claimed = rows.iter().filter(|r| r.trigger_id == Some(trigger)).count() as u32;
+            let left = tokens.map(|(rate, tokens)| (rate, tokens - f64::from(claimed)));
+            if let Some((rate, left)) = left.filter(|(_, left)| *left < 1.0) {
+                let wait = rate.until_one(left);
+                next_token_in = Some(next_token_in.map_or(wait, |w| w.min(wait)));
+            }
+            let recorded = self.flow_slots.get(&(trigger, holder.id)).map_or(0, |(held, _)| *held);
+            if claimed == 0 && recorded == busy {
+                // As Postgres: nothing claimed and the holder's slots as recorded.
+                continue;
+            }
+            if let Some((_, left)) = left {
                 self.flow_state.insert(trigger, (Some(left), now));
-                if left < 1.0 {
-                    let wait = rate.until_one(left);
-                    next_token_in = Some(next_token_in.map_or(wait, |w| w.min(wait)));
-                }
             }
-            if flow.concurrency.is_some() {
-                self.flow_slots
-                    .retain(|(t, h), (_, until)| *t != trigger || (*h != holder.id && *until > now));
-                if busy + claimed > 0 {
-                    self.flow_slots.insert((trigger, holder.id), (busy + claimed, now + lease));
-                }
+            let keep = flow.concurrency.is_some();
+            self.flow_slots
+                .retain(|(t, h), (_, until)| *t != trigger || (keep && *h != holder.id && *until > now));
+            if keep && busy + claimed > 0 {
+                self.flow_slots.insert((trigger, holder.id), (busy + claimed, now + lease));
             }
         }
         let config_epoch = (!rows.is_empty()).then_some(self.config_epoch);

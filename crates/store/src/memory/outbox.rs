@@ -18,17 +18,17 @@ impl State {
     }
 
     /// Gives the newest delivery of the lane of `row` the event of `row`, if it has not started
-    /// (`debounce` of Postgres). Whether it did.
-    fn debounce(&mut self, row: &NewDelivery, now: OffsetDateTime) -> bool {
-        let (Some(trigger), Some(lane)) = (row.trigger_id, row.lane.as_deref()) else { return false };
+    /// (`debounce` of Postgres): the delivery it replaced the event of, if it did.
+    fn debounce(&mut self, row: &NewDelivery, now: OffsetDateTime) -> Option<Uuid> {
+        let (Some(trigger), Some(lane)) = (row.trigger_id, row.lane.as_deref()) else { return None };
         let newest = self
             .outbox
             .values()
             .filter(|r| r.new.trigger_id == Some(trigger) && r.new.lane.as_deref() == Some(lane))
             .max_by_key(|r| r.lane_seq)
-            .filter(|r| r.attempts == 0 && r.leased_until.is_none())
+            .filter(|r| r.attempts == 0 && r.leased_until.is_none() && r.new.idempotency_key.is_none())
             .map(|r| r.new.id);
-        let Some(old) = newest.and_then(|id| self.outbox.get_mut(&id)) else { return false };
+        let old = self.outbox.get_mut(&newest?)?;
         old.new.payload = debounced_data(old.new.kind, &row.payload, &old.new.payload);
         old.new.event_type.clone_from(&row.event_type);
         old.new.subject.clone_from(&row.subject);
@@ -36,13 +36,15 @@ impl State {
         old.new.depth = row.depth;
         old.due_at = now + row.delay;
         old.created_at = row.event_time.unwrap_or(now);
-        true
+        Some(old.new.id)
     }
 
-    /// Writes a delivery, in its lane as `insert_deliveries` of Postgres does.
-    fn insert_row(&mut self, row: &NewDelivery, now: OffsetDateTime) {
-        if row.debounce.is_some() && !row.front_of_lane && self.debounce(row, now) {
-            return;
+    /// Writes a delivery, in its lane as `insert_deliveries` of Postgres does: the delivery it is.
+    fn insert_row(&mut self, row: &NewDelivery, now: OffsetDateTime) -> Uuid {
+        if row.replaces_newest()
+            && let Some(replaced) = self.debounce(row, now)
+        {
+            return replaced;
         }
         let (lane_seq, waiting) = match (row.trigger_id, row.lane.as_deref()) {
             (Some(trigger), Some(lane)) => {
@@ -72,6 +74,7 @@ impl State {
                 waiting,
             },
         );
+        row.id
     }
 
     fn next_lane_seq(&mut self) -> i64 {
@@ -132,8 +135,9 @@ impl OutboxRepo for MemStore {
         Ok(0)
     }
 
-    async fn insert_deliveries(&self, tx: &mut MemTx, rows: &[NewDelivery]) -> Result<()> {
+    async fn insert_deliveries(&self, tx: &mut MemTx, rows: &[NewDelivery]) -> Result<Vec<Uuid>> {
         let now = self.now();
+        let mut landed = Vec::with_capacity(rows.len());
         for row in rows {
             if let Some(key) = &row.idempotency_key {
                 let taken = tx.state.outbox.values().any(|r| {
@@ -143,9 +147,9 @@ impl OutboxRepo for MemStore {
                     return Err(Error::DuplicateIdempotencyKey(key.clone()));
                 }
             }
-            tx.state.insert_row(row, now);
+            landed.push(tx.state.insert_row(row, now));
         }
-        Ok(())
+        Ok(landed)
     }
 
     async fn insert_idempotent(&self, tx: &mut MemTx, row: &NewDelivery) -> Result<(Uuid, bool)> {
@@ -185,16 +189,19 @@ impl OutboxRepo for MemStore {
     }
 
     async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {
+        let mut s = self.lock().await;
+        // The clock is read under the lock: claims spend tokens in the order of their times.
         let now = self.now();
-        Ok(self.lock().await.claim_limited(want, lease, holder, now))
+        Ok(s.claim_limited(want, lease, holder, now))
     }
 
     async fn limits_exist(&self) -> Result<bool> {
         Ok(!self.lock().await.flow_state.is_empty())
     }
 
-    async fn release_slots(&self, holder: Uuid) -> Result<()> {
-        self.lock().await.flow_slots.retain(|(_, h), _| *h != holder);
+    async fn release_slots(&self, holder: Uuid, triggers: Option<&[TriggerId]>) -> Result<()> {
+        let of = |t: &TriggerId| triggers.is_none_or(|ts| ts.contains(t));
+        self.lock().await.flow_slots.retain(|(t, h), _| *h != holder || !of(t));
         Ok(())
     }
 

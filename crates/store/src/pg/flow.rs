@@ -56,9 +56,11 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                FROM limits l),
          picked AS (
              SELECT p.ctid FROM allowed x CROSS JOIN LATERAL (
-                 SELECT o.ctid FROM outbox o WHERE {CLAIMABLE}
-                  ORDER BY o.due_at LIMIT x.n
-                    FOR UPDATE SKIP LOCKED) p
+                 SELECT q.ctid, row_number() OVER () AS turn FROM (
+                     SELECT o.ctid FROM outbox o WHERE {CLAIMABLE}
+                      ORDER BY o.due_at LIMIT x.n
+                        FOR UPDATE SKIP LOCKED) q) p
+              ORDER BY p.turn, x.trigger_id
               LIMIT $1),
          claimed AS (
              UPDATE outbox o
@@ -83,7 +85,10 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                                          c.busy + c.claimed, clock.now_s + $2 / 1000.0))
                                 ELSE '{{}}'::jsonb END
                     END
-               FROM counted c, clock WHERE f.trigger_id = c.trigger_id),
+               FROM counted c, clock
+              WHERE f.trigger_id = c.trigger_id
+                -- Nothing claimed and the holder's slots as recorded: the row stays as it is.
+                AND (c.claimed > 0 OR coalesce((c.slots -> $4::text ->> 0)::int, 0) <> c.busy)),
          waits AS (
              SELECT min((1 - (c.tokens - c.claimed)) / c.per_second) AS next_token_s
                FROM counted c WHERE c.tokens - c.claimed < 1)
@@ -136,18 +141,27 @@ pub(super) async fn limits_exist(store: &PgStore) -> Result<bool> {
     Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM flow_state)").fetch_one(&store.pool).await?)
 }
 
-pub(super) async fn release_slots(store: &PgStore, holder: Uuid) -> Result<()> {
-    sqlx::query("UPDATE flow_state SET slots = slots - $1::text WHERE slots ? $1::text")
-        .bind(holder.to_string())
-        .execute(&store.pool)
-        .await?;
+pub(super) async fn release_slots(
+    store: &PgStore,
+    holder: Uuid,
+    triggers: Option<&[TriggerId]>,
+) -> Result<()> {
+    let triggers: Option<Vec<Uuid>> = triggers.map(|t| t.iter().map(|t| t.as_uuid()).collect());
+    sqlx::query(
+        "UPDATE flow_state SET slots = slots - $1::text
+          WHERE slots ? $1::text AND ($2::uuid[] IS NULL OR trigger_id = ANY ($2))",
+    )
+    .bind(holder.to_string())
+    .bind(triggers)
+    .execute(&store.pool)
+    .await?;
     Ok(())
 }
 
 /// Keeps a trigger's limits in step with its new `flow`, in the transaction that writes it: a
-/// limited trigger has a state row (a full bucket when it has a rate; a bucket that shrank keeps
-/// no more tokens than its new burst), and its rows not in flight are gated; an unlimited one
-/// has neither. `changed`: the trigger existed before (its rows are gated or let free again).
+/// limited trigger has a state row (its bucket full: a new flow starts a new bucket), and its
+/// rows are gated; an unlimited one has neither. `changed`: the trigger existed before (its rows
+/// are gated or let free again).
 pub(super) async fn set_limits(
     conn: &mut PgConnection,
     trigger: TriggerId,
@@ -160,9 +174,7 @@ pub(super) async fn set_limits(
         let burst = flow.and_then(|f| f.rate).map(|rate| f64::from(rate.burst));
         sqlx::query(
             "INSERT INTO flow_state (trigger_id, tokens, refilled_at) VALUES ($1, $2, coalesce($3, now()))
-             ON CONFLICT (trigger_id) DO UPDATE
-                SET tokens = least(coalesce(flow_state.tokens, excluded.tokens), excluded.tokens),
-                    refilled_at = excluded.refilled_at",
+             ON CONFLICT (trigger_id) DO UPDATE SET tokens = excluded.tokens, refilled_at = excluded.refilled_at",
         )
         .bind(trigger.as_uuid())
         .bind(burst)

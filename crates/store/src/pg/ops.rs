@@ -65,22 +65,42 @@ impl PgStore {
         Ok(Gauges { due, oldest_due_age_s, unresolved_dead_letters, abandoned_executions })
     }
 
-    /// Lets free up to `batch` rows in lanes or gated whose trigger is gone (rows a writer put
-    /// there while the trigger or its app was being deleted, which nothing would ever make a
-    /// head or claim within limits): claimable, they are dropped by the relay that claims them.
-    /// How many it let free.
+    /// Lets free up to `batch` rows that nothing would ever claim: rows in the lanes of a trigger
+    /// that is gone (a writer put them there while the trigger or its app was being deleted,
+    /// and nothing makes them heads), and gated rows of a trigger without limits (gone, or its
+    /// limits removed while a writer that read them was writing). Claimable, they are dropped
+    /// by the relay that claims them, or delivered. How many it let free.
     pub async fn free_orphaned_lanes(&self, batch: u32) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false, gated = false
+        let in_lanes = sqlx::query(
+            "UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false
               WHERE id IN (SELECT o.id FROM outbox o
-                            WHERE (o.lane IS NOT NULL OR (o.gated AND NOT o.waiting))
+                            WHERE o.lane IS NOT NULL
                               AND NOT EXISTS (SELECT 1 FROM triggers t WHERE t.id = o.trigger_id)
                             LIMIT $1)",
         )
         .bind(i64::from(batch))
         .execute(self.pool())
         .await?;
-        Ok(done.rows_affected())
+        // The triggers with gated rows, one index probe each (a skip scan of `outbox_gated`),
+        // rather than every gated row of a limited trigger's backlog.
+        let ungated = sqlx::query(
+            "WITH RECURSIVE gated(trigger_id) AS (
+                 (SELECT trigger_id FROM outbox WHERE gated AND NOT waiting ORDER BY trigger_id LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT o.trigger_id FROM outbox o
+                          WHERE o.gated AND NOT o.waiting AND o.trigger_id > g.trigger_id
+                          ORDER BY o.trigger_id LIMIT 1)
+                   FROM gated g WHERE g.trigger_id IS NOT NULL)
+             UPDATE outbox SET gated = false
+              WHERE id IN (SELECT o.id FROM gated g JOIN outbox o ON o.trigger_id = g.trigger_id
+                            WHERE o.gated AND NOT o.waiting
+                              AND NOT EXISTS (SELECT 1 FROM flow_state f WHERE f.trigger_id = g.trigger_id)
+                            LIMIT $1)",
+        )
+        .bind(i64::from(batch))
+        .execute(self.pool())
+        .await?;
+        Ok(in_lanes.rows_affected() + ungated.rows_affected())
     }
 
     /// Whether any email row is in the outbox: one probe of the partial index `outbox_email`,

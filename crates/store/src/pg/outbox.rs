@@ -92,57 +92,60 @@ pub(super) fn millis(d: Duration) -> i64 {
 
 /// Inserts deliveries on the caller's connection, in its transaction, so the rows commit with
 /// the data that caused them. `now` is the time to count delays from (`None`: the database's
-/// `now()`).
+/// `now()`). Returns the delivery each row is ([`OutboxRepo::insert_deliveries`]).
 pub async fn insert_deliveries(
     conn: &mut PgConnection,
     rows: &[NewDelivery],
     now: Option<OffsetDateTime>,
-) -> Result<()> {
+) -> Result<Vec<Uuid>> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     lock_lanes(conn, rows.iter().filter_map(lane_of)).await?;
-    if !rows.iter().any(debounces) {
+    let mut landed: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    if !rows.iter().any(NewDelivery::replaces_newest) {
         insert_query(rows, now, insert_sql(rows))
             .execute(conn)
             .await
             .map_err(|e| map_insert_error(e, rows))?;
-        return Ok(());
+        return Ok(landed);
     }
     // Debounced rows one at a time, each seeing the one before in its lane; the others at once.
-    let (debounced, plain): (Vec<NewDelivery>, Vec<NewDelivery>) = rows.iter().cloned().partition(debounces);
+    let plain: Vec<NewDelivery> = rows.iter().filter(|r| !r.replaces_newest()).cloned().collect();
     if !plain.is_empty() {
         insert_query(&plain, now, insert_sql(&plain))
             .execute(&mut *conn)
             .await
             .map_err(|e| map_insert_error(e, &plain))?;
     }
-    for row in &debounced {
-        if !debounce(conn, row, now).await? {
-            let one = std::slice::from_ref(row);
-            insert_query(one, now, &INSERT_IN_LANES)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| map_insert_error(e, one))?;
+    for (row, landed) in rows.iter().zip(&mut landed).filter(|(r, _)| r.replaces_newest()) {
+        match debounce(conn, row, now).await? {
+            Some(replaced) => *landed = replaced,
+            None => {
+                let one = std::slice::from_ref(row);
+                insert_query(one, now, &INSERT_IN_LANES)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| map_insert_error(e, one))?;
+            }
         }
     }
-    Ok(())
-}
-
-/// Whether `row` may replace the event of its lane's newest delivery (not the replay of a held
-/// dead letter, which goes to the front).
-fn debounces(row: &NewDelivery) -> bool {
-    row.debounce.is_some() && !row.front_of_lane && lane_of(row).is_some()
+    Ok(landed)
 }
 
 /// Gives the newest delivery of the lane of `row` the event of `row` and moves it to `row`'s due
-/// time, if it has not started (no attempt, no lease); a KV event keeps the `previous` of the
-/// oldest event it replaces (`model::debounced_data`). Whether it did. The caller holds the lane's
+/// time, if it has not started (no attempt, no lease) and no idempotency key names it; a KV event keeps the `previous` of the
+/// oldest event it replaces (`model::debounced_data`): the delivery it replaced the event of, if
+/// it did. The caller holds the lane's
 /// lock, so the newest row stays the newest; a relay claiming it at the same moment wins or
 /// loses the row lock, and the update sees which.
-async fn debounce(conn: &mut PgConnection, row: &NewDelivery, now: Option<OffsetDateTime>) -> Result<bool> {
+async fn debounce(
+    conn: &mut PgConnection,
+    row: &NewDelivery,
+    now: Option<OffsetDateTime>,
+) -> Result<Option<Uuid>> {
     let (trigger, lane) = lane_of(row).expect("a debounced row is in a lane");
-    let done = sqlx::query(
+    let replaced: Option<Uuid> = sqlx::query_scalar(
         "UPDATE outbox o
             SET payload = CASE WHEN o.kind = $11
                                THEN jsonb_set($1::jsonb, '{previous}', coalesce(o.payload::jsonb -> 'previous', 'null'))::json
@@ -152,7 +155,8 @@ async fn debounce(conn: &mut PgConnection, row: &NewDelivery, now: Option<Offset
                 created_at = coalesce($7, $6, now())
           WHERE o.id = (SELECT h.id FROM outbox h WHERE h.trigger_id = $9 AND h.lane = $10
                          ORDER BY h.lane_seq DESC LIMIT 1)
-            AND o.attempts = 0 AND o.leased_until IS NULL",
+            AND o.attempts = 0 AND o.leased_until IS NULL AND o.idempotency_key IS NULL
+      RETURNING o.id",
     )
     .bind(row.payload.get())
     .bind(&row.event_type)
@@ -165,9 +169,9 @@ async fn debounce(conn: &mut PgConnection, row: &NewDelivery, now: Option<Offset
     .bind(trigger)
     .bind(lane)
     .bind(EventKind::Kv.as_str())
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(replaced)
 }
 
 fn lane_of(row: &NewDelivery) -> Option<(Uuid, &str)> {
@@ -458,7 +462,7 @@ impl OutboxRepo for PgStore {
         Ok(millis.map(|m| Duration::from_millis(m.max(0) as u64)))
     }
 
-    async fn insert_deliveries(&self, tx: &mut Self::Tx, rows: &[NewDelivery]) -> Result<()> {
+    async fn insert_deliveries(&self, tx: &mut Self::Tx, rows: &[NewDelivery]) -> Result<Vec<Uuid>> {
         insert_deliveries(tx, rows, self.now()).await
     }
 
@@ -508,8 +512,8 @@ impl OutboxRepo for PgStore {
         super::flow::limits_exist(self).await
     }
 
-    async fn release_slots(&self, holder: Uuid) -> Result<()> {
-        super::flow::release_slots(self, holder).await
+    async fn release_slots(&self, holder: Uuid, triggers: Option<&[TriggerId]>) -> Result<()> {
+        super::flow::release_slots(self, holder, triggers).await
     }
 
     async fn insert_sync_call(

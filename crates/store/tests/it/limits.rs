@@ -15,7 +15,9 @@ conformance!(
     concurrency_is_counted_across_holders_and_a_dead_holders_slots_come_back_when_its_lease_ends,
     a_rate_spends_a_token_per_claimed_row_and_refills_at_its_rate_up_to_its_burst,
     a_patch_gates_or_frees_the_rows_already_written_and_deleting_the_trigger_frees_them,
-    a_stopped_holder_gives_its_slots_back_at_once,
+    a_holder_gives_its_slots_back_of_the_triggers_it_names_or_of_all,
+    limited_triggers_take_turns_in_a_claim,
+    a_new_rate_starts_a_full_bucket,
 );
 
 /// A pubsub trigger named `name` on topic `t` with `flow`.
@@ -132,12 +134,40 @@ async fn a_patch_gates_or_frees_the_rows_already_written_and_deleting_the_trigge
     assert!(!s.limits_exist().await.unwrap());
 }
 
-async fn a_stopped_holder_gives_its_slots_back_at_once<S: Store>(s: S) {
+async fn a_holder_gives_its_slots_back_of_the_triggers_it_names_or_of_all<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
-    limited(&s, &t, "limited", concurrency(2)).await;
+    let one = limited(&s, &t, "one", concurrency(2)).await;
+    let two = limited(&s, &t, "two", concurrency(2)).await;
     publish(&s, &t, 5).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    assert_eq!(claim(&s, a, &[]).await.len(), 2);
-    s.release_slots(a).await.unwrap();
-    assert_eq!(claim(&s, b, &[]).await.len(), 2);
+    assert_eq!(claim(&s, a, &[]).await.len(), 4);
+    s.release_slots(a, Some(&[one.id])).await.unwrap();
+    let taken = claim(&s, b, &[]).await;
+    assert_eq!(taken.len(), 2);
+    assert!(taken.iter().all(|r| r.trigger_id == Some(one.id)), "a holds two's slots still");
+    s.release_slots(a, None).await.unwrap();
+    assert!(claim(&s, b, &[(one.id, 2)]).await.iter().all(|r| r.trigger_id == Some(two.id)));
+}
+
+async fn limited_triggers_take_turns_in_a_claim<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let one = limited(&s, &t, "one", concurrency(10)).await;
+    limited(&s, &t, "two", concurrency(10)).await;
+    publish(&s, &t, 5).await;
+    let rows = s.claim_limited(4, LEASE, Holder { id: Uuid::now_v7(), node: "n", busy: &[] }).await.unwrap();
+    let of_one = rows.claim.rows.iter().filter(|r| r.trigger_id == Some(one.id)).count();
+    assert_eq!((rows.claim.rows.len(), of_one), (4, 2), "two rows of each, not four of the first");
+}
+
+async fn a_new_rate_starts_a_full_bucket<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let rate = |burst| Some(Flow { rate: Some(Rate { per_second: 1, burst }), ..Flow::default() });
+    limited(&s, &t, "limited", rate(2)).await;
+    publish(&s, &t, 10).await;
+    let holder = Uuid::now_v7();
+    assert_eq!(claim(&s, holder, &[]).await.len(), 2);
+    assert!(claim(&s, holder, &[]).await.is_empty());
+    let patch = TriggerPatch { flow: Some(rate(3)), ..TriggerPatch::default() };
+    s.update_trigger(t.app.id, "limited", &patch).await.unwrap();
+    assert_eq!(claim(&s, holder, &[]).await.len(), 3);
 }

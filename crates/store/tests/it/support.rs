@@ -91,7 +91,7 @@ pub fn delivery(t: &Tenant, trigger: &Trigger, delay: Duration) -> NewDelivery {
         lane: None,
         front_of_lane: false,
         gated: false,
-        debounce: None,
+        debounced: false,
     }
 }
 

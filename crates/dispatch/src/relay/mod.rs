@@ -13,7 +13,7 @@
 //! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,7 +36,10 @@ use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::limits::Limits;
+
+mod claim;
 use crate::metrics::RelayMetrics;
+use claim::{Claimable, claim_loop};
 
 /// Claim loops per relay: while one publishes its batch, the other claims the next.
 const CLAIMERS: usize = 2;
@@ -120,6 +123,8 @@ struct Shared<S> {
     connection: ConnectionWatch,
     /// The slots of limited triggers this relay holds.
     limits: Limits,
+    /// What may be claimable that the claimer has not looked for since.
+    claimable: Claimable,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +166,7 @@ impl<S: Store> Relay<S> {
             metrics,
             connection,
             limits: Limits::new(),
+            claimable: Claimable::new(),
         });
         tracing::info!(node = %shared.config.node.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -210,10 +216,12 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
         match wakeups.next().await {
             Some(Ok(())) => {
                 failures = 0;
+                shared.claimable.all();
                 shared.wake.notify_one();
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "outbox notifications interrupted; polling meanwhile");
+                shared.claimable.all();
                 shared.wake.notify_one();
             }
             None => {
@@ -223,6 +231,7 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
                     Ok(fresh) => wakeups = fresh,
                     Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling meanwhile"),
                 }
+                shared.claimable.all();
                 shared.wake.notify_one();
             }
         }
@@ -231,124 +240,6 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
 
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100 * 2u64.pow(failures.min(6)))
-}
-
-async fn claim_loop<S: Store>(
-    shared: Arc<Shared<S>>,
-    done: mpsc::UnboundedSender<Done>,
-    mut shutdown: Shutdown,
-) {
-    let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
-    let lease = shared.config.node.lease();
-    let mut failures = 0u32;
-    let mut next_due = None;
-    let mut lanes_swept = Instant::now();
-    loop {
-        if shutdown.is_shutdown() {
-            return;
-        }
-        let slots = tokio::select! {
-            slots = shared.slots.clone().acquire_many_owned(batch) => slots.expect("the slot semaphore is never closed"),
-            () = shutdown.recv() => return,
-        };
-        slots.forget();
-        // Limited rows first, within their limits; the plain claim fills what is left.
-        let (limited, next_token) = if shared.limits.exist(&shared.store, shared.config.poll_interval).await {
-            claim_limited(&shared, batch, &done).await
-        } else {
-            (0, None)
-        };
-        let free = batch - limited as u32;
-        let plain = match free {
-            0 => Ok(Claim { rows: Vec::new(), config_epoch: None }),
-            free => shared.store.claim_due(free, lease, &shared.config.node.node_id).await,
-        };
-        match plain {
-            Ok(claim) => {
-                failures = 0;
-                let claimed = limited + claim.rows.len();
-                if !claim.rows.is_empty() {
-                    shared.metrics.claimed(claim.rows.len());
-                    deliver(&shared, claim, &done).await;
-                }
-                shared.slots.add_permits(batch as usize - claimed);
-                // Lanes noted because a writer held them, by this relay or by one that died
-                // before it released them: at most a poll interval late, however busy the relay.
-                if lanes_swept.elapsed() >= shared.config.poll_interval {
-                    lanes_swept = Instant::now();
-                    if release_lanes(&shared).await {
-                        continue;
-                    }
-                }
-                if claimed < batch as usize {
-                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token).await;
-                }
-            }
-            Err(e) => {
-                shared.slots.add_permits(free as usize);
-                failures += 1;
-                let pause = backoff(failures);
-                tracing::warn!(error = %e, ?pause, "claiming failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    () = shutdown.recv() => {}
-                }
-            }
-        }
-    }
-}
-
-/// Claims up to `want` rows of limited triggers and delivers them: how many it claimed, and
-/// when a trigger that ran out of rate tokens has one again. A failure is logged; the next
-/// round tries again.
-async fn claim_limited<S: Store>(
-    shared: &Shared<S>,
-    want: u32,
-    done: &mpsc::UnboundedSender<Done>,
-) -> (usize, Option<Instant>) {
-    let node = &shared.config.node;
-    match shared.limits.claim(&shared.store, want, node.lease(), &node.node_id).await {
-        Ok(limited) => {
-            let claimed = limited.claim.rows.len();
-            if claimed > 0 {
-                shared.metrics.claimed(claimed);
-                deliver(shared, limited.claim, done).await;
-            }
-            (claimed, limited.next_token_in.map(|d| Instant::now() + d))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "claiming within flow limits failed");
-            (0, None)
-        }
-    }
-}
-
-/// Waits for a notification, the next delayed row, a rate token, the poll interval, or the stop
-/// signal.
-///
-/// `next_due` remembers when the earliest delayed row comes due. It is asked of the store only
-/// after a claim found nothing: while claims find rows, wake-ups keep coming and every claim
-/// takes the delayed rows that came due, so the query would only cost a round trip per event.
-async fn idle<S: Store>(
-    shared: &Shared<S>,
-    shutdown: &mut Shutdown,
-    found_nothing: bool,
-    next_due: &mut Option<Instant>,
-    next_token: Option<Instant>,
-) {
-    if found_nothing {
-        *next_due = match shared.store.next_due_in().await {
-            Ok(due) => due.map(|d| Instant::now() + d),
-            Err(_) => None,
-        };
-    }
-    let poll = Instant::now() + shared.config.poll_interval;
-    let until = [*next_due, next_token].into_iter().flatten().fold(poll, Instant::min);
-    tokio::select! {
-        _ = shared.wake.notified() => {}
-        _ = tokio::time::sleep_until(until) => {}
-        () = shutdown.recv() => {}
-    }
 }
 
 /// Where the rows of one trigger (or one app's emails) at one depth go, worked out once per
@@ -720,15 +611,21 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
             abandoned
                 .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
         }
+        let (freed, idle) = shared.limits.finished(&batch);
+        if freed {
+            // Slots of limited triggers are free: claim within them again.
+            shared.claimable.limited();
+            shared.wake.notify_one();
+        }
+        if !idle.is_empty() {
+            let shared = shared.clone();
+            abandoned.spawn(async move { shared.limits.give_back(&shared.store, idle).await });
+        }
         let permit = flushes.clone().acquire_owned().await.expect("the flush semaphore is never closed");
         let shared = shared.clone();
         running.spawn(async move {
             flush(&shared, &batch).await;
             shared.slots.add_permits(batch.len());
-            if shared.limits.finished(&batch) {
-                // Slots of limited triggers are free: claim within them again.
-                shared.wake.notify_one();
-            }
             drop(permit);
         });
         while running.try_join_next().is_some() {}
@@ -774,6 +671,7 @@ async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
                     // are free again by now.
                     release_lanes(shared).await;
                     // The next row of each lane is due now: claim it without waiting for a poll.
+                    shared.claimable.plain();
                     shared.wake.notify_one();
                 }
                 return;

@@ -1,0 +1,175 @@
+//! The claimer: claims limited rows and plain rows in turns, delivers them, and idles until
+//! something may have become claimable.
+
+use super::*;
+
+/// Which claims may find rows: set by whatever may have made rows claimable (a notification,
+/// a completion, a timer), cleared by the claim that looks. A claimer skips a claim that has
+/// found nothing since, so a relay busy with limited rows does not ask for plain ones on every
+/// round, nor the other way round.
+#[derive(Debug)]
+pub(super) struct Claimable {
+    plain: AtomicBool,
+    limited: AtomicBool,
+}
+
+impl Claimable {
+    /// Everything may be claimable: a relay that starts looks.
+    pub(super) fn new() -> Self {
+        Self { plain: AtomicBool::new(true), limited: AtomicBool::new(true) }
+    }
+
+    pub(super) fn all(&self) {
+        self.plain.store(true, Ordering::Release);
+        self.limited.store(true, Ordering::Release);
+    }
+
+    /// Plain rows may have become due (lanes released their next rows).
+    pub(super) fn plain(&self) {
+        self.plain.store(true, Ordering::Release);
+    }
+
+    /// Limited rows may be claimable (slots were freed).
+    pub(super) fn limited(&self) {
+        self.limited.store(true, Ordering::Release);
+    }
+
+    pub(super) fn any(&self) -> bool {
+        self.plain.load(Ordering::Acquire) || self.limited.load(Ordering::Acquire)
+    }
+}
+
+pub(super) async fn claim_loop<S: Store>(
+    shared: Arc<Shared<S>>,
+    done: mpsc::UnboundedSender<Done>,
+    mut shutdown: Shutdown,
+) {
+    let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
+    let lease = shared.config.node.lease();
+    let mut failures = 0u32;
+    let mut next_due = None;
+    let mut lanes_swept = Instant::now();
+    loop {
+        if shutdown.is_shutdown() {
+            return;
+        }
+        let slots = tokio::select! {
+            slots = shared.slots.clone().acquire_many_owned(batch) => slots.expect("the slot semaphore is never closed"),
+            () = shutdown.recv() => return,
+        };
+        slots.forget();
+        // Limited rows first, within their limits and half the batch at most; the plain claim
+        // fills what is left, so that neither kind starves the other.
+        let claimable = &shared.claimable;
+        let limited_turn = claimable.limited.swap(false, Ordering::AcqRel)
+            && shared.limits.exist(&shared.store, shared.config.poll_interval).await;
+        let (limited, next_token) =
+            if limited_turn { claim_limited(&shared, batch.div_ceil(2), &done).await } else { (0, None) };
+        let free = batch - limited as u32;
+        let plain_turn = claimable.plain.swap(false, Ordering::AcqRel);
+        let plain = if plain_turn && free > 0 {
+            shared.store.claim_due(free, lease, &shared.config.node.node_id).await
+        } else {
+            // No free slot left this round: the plain claim's turn stays.
+            claimable.plain.fetch_or(plain_turn, Ordering::AcqRel);
+            Ok(Claim { rows: Vec::new(), config_epoch: None })
+        };
+        match plain {
+            Ok(claim) => {
+                failures = 0;
+                if claim.rows.len() == free as usize && plain_turn {
+                    // A full claim: more rows may be due.
+                    claimable.plain.store(true, Ordering::Release);
+                }
+                let claimed = limited + claim.rows.len();
+                if !claim.rows.is_empty() {
+                    shared.metrics.claimed(claim.rows.len());
+                    deliver(&shared, claim, &done).await;
+                }
+                shared.slots.add_permits(batch as usize - claimed);
+                // Lanes noted because a writer held them, by this relay or by one that died
+                // before it released them: at most a poll interval late, however busy the relay.
+                if lanes_swept.elapsed() >= shared.config.poll_interval {
+                    lanes_swept = Instant::now();
+                    if release_lanes(&shared).await {
+                        claimable.plain.store(true, Ordering::Release);
+                        continue;
+                    }
+                }
+                if !claimable.any() {
+                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token).await;
+                }
+            }
+            Err(e) => {
+                claimable.plain.store(true, Ordering::Release);
+                shared.slots.add_permits(free as usize);
+                failures += 1;
+                let pause = backoff(failures);
+                tracing::warn!(error = %e, ?pause, "claiming failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    () = shutdown.recv() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Claims up to `want` rows of limited triggers and delivers them: how many it claimed, and
+/// when a trigger that ran out of rate tokens has one again. A failure is logged; the next
+/// round tries again.
+async fn claim_limited<S: Store>(
+    shared: &Shared<S>,
+    want: u32,
+    done: &mpsc::UnboundedSender<Done>,
+) -> (usize, Option<Instant>) {
+    let node = &shared.config.node;
+    match shared.limits.claim(&shared.store, want, node.lease(), &node.node_id).await {
+        Ok(limited) => {
+            let claimed = limited.claim.rows.len();
+            if claimed == want as usize {
+                // A full claim: more rows may be claimable.
+                shared.claimable.limited.store(true, Ordering::Release);
+            }
+            if claimed > 0 {
+                shared.metrics.claimed(claimed);
+                deliver(shared, limited.claim, done).await;
+            }
+            (claimed, limited.next_token_in.map(|d| Instant::now() + d))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "claiming within flow limits failed");
+            shared.claimable.limited.store(true, Ordering::Release);
+            (0, None)
+        }
+    }
+}
+
+/// Waits for a notification, the next delayed row, a rate token, the poll interval, or the stop
+/// signal.
+///
+/// `next_due` remembers when the earliest delayed row comes due. It is asked of the store only
+/// after a claim found nothing: while claims find rows, wake-ups keep coming and every claim
+/// takes the delayed rows that came due, so the query would only cost a round trip per event.
+async fn idle<S: Store>(
+    shared: &Shared<S>,
+    shutdown: &mut Shutdown,
+    found_nothing: bool,
+    next_due: &mut Option<Instant>,
+    next_token: Option<Instant>,
+) {
+    if found_nothing {
+        *next_due = match shared.store.next_due_in().await {
+            Ok(due) => due.map(|d| Instant::now() + d),
+            Err(_) => None,
+        };
+    }
+    let poll = Instant::now() + shared.config.poll_interval;
+    let until = [*next_due, next_token].into_iter().flatten().fold(poll, Instant::min);
+    tokio::select! {
+        _ = shared.wake.notified() => {}
+        // Rows came due, a token is there, or it is time to look anyway.
+        _ = tokio::time::sleep_until(until) => shared.claimable.all(),
+        () = shutdown.recv() => {}
+    }
+}
