@@ -407,7 +407,7 @@ pub struct ClaimedDelivery {
     /// outbox.
     pub in_lane: bool,
     /// Whether it was claimed within its trigger's limits: it holds one of the relay's slots of
-    /// the trigger until its completion commits.
+    /// the trigger until its answer (or its deadline) reaches the relay's completer.
     pub gated: bool,
 }
 
