@@ -123,9 +123,14 @@ impl OutboxRepo for MemStore {
     async fn next_due_in(&self) -> Result<Option<Duration>> {
         let now = self.now();
         let s = self.lock().await;
+        // As Postgres: a gated row counts only while its trigger has limits (the claim within
+        // them is the only one that takes it).
+        let claimable = |r: &OutboxRow| {
+            !r.waiting && (!r.new.gated || r.new.trigger_id.is_some_and(|t| s.flow_state.contains_key(&t)))
+        };
         Ok(s.outbox
             .values()
-            .filter(|r| r.due_at > now && !r.waiting)
+            .filter(|r| r.due_at > now && claimable(r))
             .map(|r| r.due_at)
             .min()
             .map(|due| (due - now).unsigned_abs()))

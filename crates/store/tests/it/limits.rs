@@ -18,6 +18,7 @@ conformance!(
     a_holder_gives_its_slots_back_of_the_triggers_it_names_or_of_all,
     limited_triggers_take_turns_in_a_claim,
     a_new_rate_starts_a_full_bucket,
+    a_relay_waits_for_gated_rows_only_of_triggers_with_limits,
 );
 
 /// A pubsub trigger named `name` on topic `t` with `flow`.
@@ -170,4 +171,15 @@ async fn a_new_rate_starts_a_full_bucket<S: Store>(s: S) {
     let patch = TriggerPatch { flow: Some(rate(3)), ..TriggerPatch::default() };
     s.update_trigger(t.app.id, "limited", &patch).await.unwrap();
     assert_eq!(claim(&s, holder, &[]).await.len(), 3);
+}
+
+async fn a_relay_waits_for_gated_rows_only_of_triggers_with_limits<S: Store>(s: S) {
+    let (t, free) = tenant_with_trigger(&s, "shop").await;
+    // A gated row of a trigger without limits (a writer raced their removal): no claim takes it
+    // until the janitor frees it, so no relay wakes for it.
+    insert(&s, &[NewDelivery { gated: true, ..delivery(&t, &free, Duration::from_secs(10)) }]).await;
+    assert_eq!(s.next_due_in().await.unwrap(), None);
+    let limited = limited(&s, &t, "limited", concurrency(1)).await;
+    insert(&s, &[NewDelivery { gated: true, ..delivery(&t, &limited, Duration::from_secs(5)) }]).await;
+    assert_eq!(s.next_due_in().await.unwrap(), Some(Duration::from_secs(5)));
 }
