@@ -56,9 +56,9 @@ pub struct Swept {
     pub dead_letters: u64,
     /// Abandoned executions.
     pub abandoned: u64,
-    /// Outbox rows let out of the lanes or gates of a trigger that is gone (DESIGN §13), for
-    /// the relay to drop.
-    pub orphaned_in_lanes: u64,
+    /// Outbox rows nothing would have claimed, let free (DESIGN §13): rows in the lanes of a
+    /// trigger that is gone, gated rows of a trigger without limits.
+    pub unclaimable_freed: u64,
 }
 
 /// Deletes what outlived its retention; see the module documentation.
@@ -149,7 +149,7 @@ impl SweepLock<'_> {
                 node = %config.node_id,
                 dead_letters = swept.dead_letters,
                 abandoned_executions = swept.abandoned,
-                orphaned_in_lanes = swept.orphaned_in_lanes,
+                unclaimable_freed = swept.unclaimable_freed,
                 "janitor deleted rows past their retention"
             );
         }
@@ -183,8 +183,8 @@ impl SweepLock<'_> {
             }
         }
         loop {
-            let freed = store.free_orphaned_lanes(batch).await?;
-            swept.orphaned_in_lanes += freed;
+            let freed = store.free_unclaimable(batch).await?;
+            swept.unclaimable_freed += freed;
             if freed < u64::from(batch) || !go_on() {
                 return Ok(swept);
             }

@@ -70,7 +70,7 @@ impl PgStore {
     /// and nothing makes them heads), and gated rows of a trigger without limits (gone, or its
     /// limits removed while a writer that read them was writing). Claimable, they are dropped
     /// by the relay that claims them, or delivered. How many it let free.
-    pub async fn free_orphaned_lanes(&self, batch: u32) -> Result<u64> {
+    pub async fn free_unclaimable(&self, batch: u32) -> Result<u64> {
         let in_lanes = sqlx::query(
             "UPDATE outbox SET lane = NULL, lane_seq = NULL, waiting = false
               WHERE id IN (SELECT o.id FROM outbox o
