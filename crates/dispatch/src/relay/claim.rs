@@ -70,8 +70,10 @@ pub(super) async fn claim_loop<S: Store>(
         let plain = if plain_turn && free > 0 {
             shared.store.claim_due(free, lease, &shared.config.node.node_id).await
         } else {
-            // No free slot left this round: the plain claim's turn stays.
-            claimable.plain.fetch_or(plain_turn, Ordering::AcqRel);
+            if plain_turn {
+                // No free slot left this round: the plain claim's turn stays.
+                claimable.plain();
+            }
             Ok(Claim { rows: Vec::new(), config_epoch: None })
         };
         match plain {
@@ -79,7 +81,7 @@ pub(super) async fn claim_loop<S: Store>(
                 failures = 0;
                 if claim.rows.len() == free as usize && plain_turn {
                     // A full claim: more rows may be due.
-                    claimable.plain.store(true, Ordering::Release);
+                    claimable.plain();
                 }
                 let claimed = limited + claim.rows.len();
                 if !claim.rows.is_empty() {
@@ -92,7 +94,7 @@ pub(super) async fn claim_loop<S: Store>(
                 if lanes_swept.elapsed() >= shared.config.poll_interval {
                     lanes_swept = Instant::now();
                     if release_lanes(&shared).await {
-                        claimable.plain.store(true, Ordering::Release);
+                        claimable.plain();
                         continue;
                     }
                 }
@@ -101,7 +103,7 @@ pub(super) async fn claim_loop<S: Store>(
                 }
             }
             Err(e) => {
-                claimable.plain.store(true, Ordering::Release);
+                claimable.plain();
                 shared.slots.add_permits(free as usize);
                 failures += 1;
                 let pause = backoff(failures);
@@ -129,7 +131,7 @@ async fn claim_limited<S: Store>(
             let claimed = limited.claim.rows.len();
             if claimed == want as usize {
                 // A full claim: more rows may be claimable.
-                shared.claimable.limited.store(true, Ordering::Release);
+                shared.claimable.limited();
             }
             if claimed > 0 {
                 shared.metrics.claimed(claimed);
@@ -139,7 +141,7 @@ async fn claim_limited<S: Store>(
         }
         Err(e) => {
             tracing::warn!(error = %e, "claiming within flow limits failed");
-            shared.claimable.limited.store(true, Ordering::Release);
+            shared.claimable.limited();
             (0, None)
         }
     }

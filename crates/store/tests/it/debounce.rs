@@ -126,11 +126,7 @@ async fn jobs_with_an_idempotency_key_and_replays_are_deliveries_of_their_own<S:
     s.clock().advance(DEBOUNCE);
     let rows = claim(&s).await;
     assert_eq!(rows.len(), 1, "one at a time in the lane");
-    let mut tx = s.begin().await.unwrap();
-    let bury =
-        Bury { id: rows[0].id, attempt: rows[0].attempt, reason: DeadLetterReason::Rejected, error: None };
-    let dead = s.bury(&mut tx, &[bury]).await.unwrap().pop().unwrap();
-    s.commit(tx).await.unwrap();
+    let dead = bury(&s, &rows[0]).await;
     enqueue(&s, &t, 3, None).await;
     let mut tx = s.begin().await.unwrap();
     let (replayed, _) = events::replay(&s, &mut tx, &dead, &TriggerConfig::default()).await.unwrap();

@@ -73,14 +73,6 @@ async fn delivered<S: Store>(s: &S, rows: &[ClaimedDelivery]) {
     s.delete_delivered(&rows.iter().map(|r| r.id).collect::<Vec<_>>()).await.unwrap();
 }
 
-async fn bury<S: Store>(s: &S, row: &ClaimedDelivery) -> DeadLetter {
-    let mut tx = s.begin().await.unwrap();
-    let bury = Bury { id: row.id, attempt: row.attempt, reason: DeadLetterReason::Rejected, error: None };
-    let dead = s.bury(&mut tx, &[bury]).await.unwrap().pop().unwrap();
-    s.commit(tx).await.unwrap();
-    dead
-}
-
 async fn a_lane_hands_out_one_delivery_at_a_time_in_write_order<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
     ordered(&s, &t, flow(Ordering::Key, false)).await;

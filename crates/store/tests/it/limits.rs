@@ -147,7 +147,9 @@ async fn a_holder_gives_its_slots_back_of_the_triggers_it_names_or_of_all<S: Sto
     assert_eq!(taken.len(), 2);
     assert!(taken.iter().all(|r| r.trigger_id == Some(one.id)), "a holds two's slots still");
     s.release_slots(a, None).await.unwrap();
-    assert!(claim(&s, b, &[(one.id, 2)]).await.iter().all(|r| r.trigger_id == Some(two.id)));
+    let taken = claim(&s, b, &[(one.id, 2)]).await;
+    assert_eq!(taken.len(), 2, "two's slots are free now, and one's are b's");
+    assert!(taken.iter().all(|r| r.trigger_id == Some(two.id)));
 }
 
 async fn limited_triggers_take_turns_in_a_claim<S: Store>(s: S) {

@@ -126,3 +126,12 @@ macro_rules! conformance {
         }
     };
 }
+
+/// Moves a claimed row to the dead letters as `rejected`, in a transaction of its own.
+pub async fn bury<S: Store>(s: &S, row: &ClaimedDelivery) -> DeadLetter {
+    let mut tx = s.begin().await.unwrap();
+    let bury = Bury { id: row.id, attempt: row.attempt, reason: DeadLetterReason::Rejected, error: None };
+    let dead = s.bury(&mut tx, &[bury]).await.unwrap().pop().unwrap();
+    s.commit(tx).await.unwrap();
+    dead
+}
