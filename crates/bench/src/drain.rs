@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use picloud_core::flow::{Flow, Ordering, kv_ordering_key};
 use picloud_core::protocol::{EventKind, event_type, source};
 use picloud_store::events::Event;
-use picloud_store::{NewDelivery, OutboxRepo, Transactional};
+use picloud_store::{App, NewDelivery, OutboxRepo, PgStore, Transactional, Trigger};
 use serde_json::value::to_raw_value;
 
 use crate::env::{Bench, FLOWED_COLLECTION, Servers, payload};
@@ -100,7 +100,19 @@ async fn backlog(bench: &Bench, n: usize, flowed: Option<Flowed>) -> anyhow::Res
         None => ("bench", &bench.trigger),
         Some(_) => (FLOWED_COLLECTION, &bench.flowed),
     };
-    let source = source::kv(bench.app.slug.as_str(), collection);
+    backlog_to(&bench.store, &bench.app, trigger, collection, n, flowed).await
+}
+
+/// [`backlog`] to any app's kv `trigger` on `collection`.
+pub async fn backlog_to(
+    store: &PgStore,
+    app: &App,
+    trigger: &Trigger,
+    collection: &str,
+    n: usize,
+    flowed: Option<Flowed>,
+) -> anyhow::Result<()> {
+    let source = source::kv(app.slug.as_str(), collection);
     let config = picloud_core::TriggerConfig::default();
     for start in (0..n).step_by(1000) {
         let rows: Vec<NewDelivery> = (start..n.min(start + 1000))
@@ -117,12 +129,12 @@ async fn backlog(bench: &Bench, n: usize, flowed: Option<Flowed>) -> anyhow::Res
                     depth: 0,
                     ordering_key: Some(&ordering_key),
                 };
-                NewDelivery { max_attempts: 8, ..event.delivery_to(bench.app.id, trigger, &config) }
+                NewDelivery { max_attempts: 8, ..event.delivery_to(app.id, trigger, &config) }
             })
             .collect();
-        let mut tx = bench.store.begin().await?;
-        bench.store.insert_deliveries(&mut tx, &rows).await?;
-        bench.store.commit(tx).await?;
+        let mut tx = store.begin().await?;
+        store.insert_deliveries(&mut tx, &rows).await?;
+        store.commit(tx).await?;
     }
     Ok(())
 }

@@ -129,6 +129,32 @@ impl Bench {
         Ok(())
     }
 
+    /// Another app, `slug`, with an admin and a `kv` trigger on `bench*` to the same handler
+    /// name, registered by that admin.
+    pub async fn other_app(&self, slug: &str) -> anyhow::Result<(App, Trigger)> {
+        let app = self.store.create_app(&picloud_core::AppSlug::parse(slug)?).await?;
+        let admin = self.store.create_principal(&format!("{slug}-admin"), false).await?;
+        self.store.set_role(app.id, admin.id, picloud_core::Role::Admin).await?;
+        let trigger = self
+            .store
+            .create_trigger(&picloud_store::NewTrigger {
+                id: picloud_core::TriggerId::new(),
+                app_id: app.id,
+                name: picloud_core::TriggerName::parse("bench")?,
+                spec: picloud_store::TriggerSpec::Kv {
+                    collection: picloud_core::CollectionPattern::parse("bench*")?,
+                    ops: vec![picloud_store::KvOp::Put],
+                },
+                handler: picloud_store::Handler::Function(picloud_core::HandlerName::parse(HANDLER)?),
+                retry: picloud_core::RetryOverrides::default(),
+                flow: None,
+                enabled: true,
+                registered_by: admin.id,
+            })
+            .await?;
+        Ok((app, trigger))
+    }
+
     /// `VACUUM ANALYZE; CHECKPOINT;`
     pub async fn settle(&self) -> anyhow::Result<()> {
         Ok(self.store.settle().await?)

@@ -9,7 +9,7 @@ use picloud_core::{AppId, TriggerConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::{AuthRepo, PgStore};
 
-use crate::env::{Servers, monotonic_us, payload};
+use crate::env::{Bench, Servers, monotonic_us, payload};
 use crate::proc::Role;
 use crate::roles::Handled;
 use crate::stats::{percentile, summary};
@@ -35,10 +35,10 @@ pub struct ProduceArgs {
 
 /// What the producer reports on its last line of stdout.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Produced {
-    written: usize,
-    write_p50_ms: f64,
-    write_p99_ms: f64,
+pub struct Produced {
+    pub written: usize,
+    pub write_p50_ms: f64,
+    pub write_p99_ms: f64,
 }
 
 #[allow(clippy::print_stdout)]
@@ -74,26 +74,9 @@ pub async fn run(
         tokio::time::sleep(Duration::from_secs(2)).await;
         eprintln!("latency rep {rep}: producing");
 
-        let mut producer = tokio::process::Command::new(std::env::current_exe()?);
-        producer.args(["produce", "--url", &bench.url, "--app-id", &bench.app.id.to_string()]).args([
-            "--rate",
-            &rate.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ]);
-        if !via_store {
-            producer.args(["--api", &format!("http://127.0.0.1:{port}"), "--token", &bench.token]);
-        }
-        let out = producer.output().await.context("running the producer")?;
-        anyhow::ensure!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
-        let produced: Produced = serde_json::from_str(
-            String::from_utf8(out.stdout)?.lines().last().context("the producer printed nothing")?,
-        )?;
-        let done = tokio::time::timeout(Duration::from_secs(120), handler.line())
-            .await
-            .context("not every event reached the handler")??;
-        let handled: Handled =
-            serde_json::from_str(done.strip_prefix("done ").context("the handler did not say done")?)?;
+        let through = (!via_store).then(|| (format!("http://127.0.0.1:{port}"), bench.token.clone()));
+        let produced = produce_in_process(&bench, rate, seconds, through).await?;
+        let handled = Handled::by(&mut handler).await?;
         relay.stop().await?;
         handler.stop().await?;
         api.stop().await?;
@@ -120,6 +103,31 @@ pub async fn run(
     println!("(writes through {through})");
     println!("RESULT picloud latency_p50_ms={p50:.2} latency_p99_ms={p99:.2}");
     Ok(())
+}
+
+/// Runs the producer process against `bench`'s app, through the store, or through the HTTP API
+/// at `api` (its URL and token): what it reports.
+pub async fn produce_in_process(
+    bench: &Bench,
+    rate: u64,
+    seconds: u64,
+    api: Option<(String, String)>,
+) -> anyhow::Result<Produced> {
+    let mut producer = tokio::process::Command::new(std::env::current_exe()?);
+    producer.args(["produce", "--url", &bench.url, "--app-id", &bench.app.id.to_string()]).args([
+        "--rate",
+        &rate.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ]);
+    if let Some((api, token)) = &api {
+        producer.args(["--api", api, "--token", token]);
+    }
+    let out = producer.output().await.context("running the producer")?;
+    anyhow::ensure!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_str(
+        String::from_utf8(out.stdout)?.lines().last().context("the producer printed nothing")?,
+    )?)
 }
 
 /// The producer: `rate` events per second for `seconds`, open loop (event i at start + i/rate

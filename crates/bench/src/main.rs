@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod debounce;
 mod drain;
 mod env;
+mod fairness;
 mod latency;
 mod proc;
 mod roles;
@@ -81,6 +82,22 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         debounce_ms: u32,
     },
+    /// One app's steady stream of events, alone and beside another app's backlog to a slow
+    /// handler: the stream's p99 latency in each.
+    Fairness {
+        /// The other app's backlog.
+        #[arg(long, default_value_t = 200_000)]
+        backlog: usize,
+        /// Milliseconds the other app's handler takes to answer.
+        #[arg(long, default_value_t = 50)]
+        answer_after_ms: u64,
+        /// Events per second of the stream.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Seconds of the stream.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Sync invoke round trips, and bare NATS request-replies in the same run.
     Sync {
         /// Sequential calls of each kind.
@@ -142,6 +159,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let shape =
                 debounce::Shape { keys, writes, debounce_ms, spread: Duration::from_millis(spread_ms) };
             debounce::run(&servers, shape, cli.reps).await
+        }
+        Scenario::Fairness { backlog, answer_after_ms, rate, seconds } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            let shape = fairness::Shape {
+                backlog,
+                answer_after: Duration::from_millis(answer_after_ms),
+                rate,
+                seconds,
+            };
+            fairness::run(&servers, shape, cli.reps).await
         }
         Scenario::Sync { calls } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;

@@ -28,6 +28,9 @@ pub struct HandlerArgs {
     /// Measure each delivery's latency from the `t_us` of its KV value.
     #[arg(long)]
     latency: bool,
+    /// Answer each delivery this many milliseconds after it arrives.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
     /// Also answer bare NATS requests on `bench.echo` (queue group `bench`), for comparison.
     #[arg(long)]
     echo: bool,
@@ -61,6 +64,17 @@ pub struct Handled {
     pub max_ms: f64,
 }
 
+impl Handled {
+    /// Waits up to two minutes for `handler`'s `done` line: what it was handed.
+    pub async fn by(handler: &mut crate::proc::Role) -> anyhow::Result<Handled> {
+        use anyhow::Context as _;
+        let done = tokio::time::timeout(std::time::Duration::from_secs(120), handler.line())
+            .await
+            .context("not every event reached the handler")??;
+        Ok(serde_json::from_str(done.strip_prefix("done ").context("the handler did not say done")?)?)
+    }
+}
+
 /// Lines from stdin: the orchestrator's commands.
 async fn command(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Option<String> {
     lines.next_line().await.ok().flatten()
@@ -70,11 +84,7 @@ async fn command(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> O
 fn stop_on_command(mut lines: tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Shutdown {
     let (stop, shutdown) = Shutdown::new();
     tokio::spawn(async move {
-        while let Some(line) = command(&mut lines).await {
-            if line == "stop" {
-                break;
-            }
-        }
+        until_stop(&mut lines).await;
         stop.send();
     });
     shutdown
@@ -90,6 +100,7 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         Arc::new(Mutex::new(Vec::<f64>::with_capacity(if args.latency { args.expect } else { 0 })));
     let all = Arc::new(Notify::new());
     let (expect, latency) = (args.expect, args.latency);
+    let delay = std::time::Duration::from_millis(args.delay_ms);
     let running = Worker::new(async_nats::connect(&args.nats_url).await?, &args.app)
         .concurrency(1024)
         .handle(HANDLER, {
@@ -101,6 +112,9 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
                     if latency {
                         let t_us = d.data::<serde_json::Value>()?["value"]["t_us"].as_i64().unwrap_or(now_us);
                         latencies.lock().await.push((now_us - t_us) as f64 / 1000.0);
+                    }
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
                     }
                     if count.fetch_add(1, Ordering::Relaxed) + 1 == expect {
                         all.notify_one();
@@ -127,7 +141,33 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
     });
     picloud_worker::round_trip(&client).await.map_err(anyhow::Error::msg)?;
     println!("started");
-    all.notified().await;
+    let finished = tokio::select! {
+        () = all.notified() => true,
+        () = until_stop(&mut lines) => false,
+    };
+    if finished {
+        report(&count, &latencies).await?;
+        until_stop(&mut lines).await;
+    }
+    running.shutdown().await;
+    if let Some(echoing) = echoing {
+        echoing.abort();
+    }
+    Ok(())
+}
+
+/// Returns at `stop` or at the end of input.
+async fn until_stop(lines: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) {
+    while let Some(line) = command(lines).await {
+        if line == "stop" {
+            break;
+        }
+    }
+}
+
+/// Prints `done <json>`: how many deliveries the handler was handed, and their latencies.
+#[allow(clippy::print_stdout)]
+async fn report(count: &AtomicUsize, latencies: &Mutex<Vec<f64>>) -> anyhow::Result<()> {
     let mut seen = latencies.lock().await.clone();
     seen.sort_by(f64::total_cmp);
     let handled = Handled {
@@ -138,15 +178,6 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         max_ms: seen.last().copied().unwrap_or(f64::NAN),
     };
     println!("done {}", serde_json::to_string(&handled)?);
-    while let Some(line) = command(&mut lines).await {
-        if line == "stop" {
-            break;
-        }
-    }
-    running.shutdown().await;
-    if let Some(echoing) = echoing {
-        echoing.abort();
-    }
     Ok(())
 }
 

@@ -161,6 +161,10 @@ pub struct RelayConfig {
     pub batch_size: u32,
     /// Deliveries published and not yet completed, at most.
     pub max_in_flight: usize,
+    /// Deliveries of one app published and not yet completed, at most (`None`: half of
+    /// `max_in_flight`): another app's rows find free slots whatever one app's backlog or
+    /// hanging handler holds.
+    pub app_share: Option<usize>,
     /// How often to look for due rows when no notification came.
     pub poll_interval: Duration,
 }
@@ -168,11 +172,24 @@ pub struct RelayConfig {
 impl RelayConfig {
     /// The relay's default tuning around `node`.
     pub fn new(node: NodeConfig) -> Self {
-        Self { node, batch_size: 500, max_in_flight: 4000, poll_interval: Duration::from_secs(1) }
+        Self {
+            node,
+            batch_size: 500,
+            max_in_flight: 4000,
+            app_share: None,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// The most deliveries of one app in flight at once: [`RelayConfig::app_share`], or half of
+    /// `max_in_flight`, and one at least.
+    pub fn app_share(&self) -> u32 {
+        let share = self.app_share.unwrap_or(self.max_in_flight / 2).clamp(1, self.max_in_flight.max(1));
+        u32::try_from(share).unwrap_or(u32::MAX)
     }
 
     /// Parses the relay's tuning around `node`: `PICLOUD_RELAY_BATCH`,
-    /// `PICLOUD_RELAY_MAX_IN_FLIGHT` and `PICLOUD_RELAY_POLL_MS`.
+    /// `PICLOUD_RELAY_MAX_IN_FLIGHT`, `PICLOUD_RELAY_APP_SHARE` and `PICLOUD_RELAY_POLL_MS`.
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>, node: NodeConfig) -> Result<Self, ConfigError> {
         let lookup: &dyn Fn(&str) -> Option<String> = &lookup;
         let mut config = Self::new(node);
@@ -188,6 +205,13 @@ impl RelayConfig {
             "an integer from PICLOUD_RELAY_BATCH to 1000000",
             |v| (config.batch_size as usize..=1_000_000).contains(v),
         )?;
+        config.app_share = Some(parse_var(
+            lookup,
+            "PICLOUD_RELAY_APP_SHARE",
+            config.max_in_flight / 2,
+            "an integer from 1 to PICLOUD_RELAY_MAX_IN_FLIGHT",
+            |v| (1..=config.max_in_flight).contains(v),
+        )?);
         Ok(config)
     }
 }
@@ -228,6 +252,8 @@ mod tests {
             ("PICLOUD_HANDLER_TIMEOUT_MS", "0"),
             ("PICLOUD_RELAY_BATCH", "x"),
             ("PICLOUD_RELAY_MAX_IN_FLIGHT", "1"),
+            ("PICLOUD_RELAY_APP_SHARE", "0"),
+            ("PICLOUD_RELAY_APP_SHARE", "4001"),
             ("PICLOUD_SUBJECT_PREFIX", "a.*"),
             ("PICLOUD_MAX_TRIGGER_DEPTH", "0"),
         ] {
@@ -238,5 +264,20 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.variable, var);
         }
+    }
+
+    #[test]
+    fn one_app_may_hold_half_the_relay_slots_unless_told_otherwise() {
+        let node = || NodeConfig::from_env(env(&[SECRET]), "n").unwrap();
+        let half = RelayConfig::from_env(env(&[("PICLOUD_RELAY_MAX_IN_FLIGHT", "1000")]), node()).unwrap();
+        assert_eq!(half.app_share(), 500);
+        let told = RelayConfig::from_env(
+            env(&[("PICLOUD_RELAY_MAX_IN_FLIGHT", "1000"), ("PICLOUD_RELAY_APP_SHARE", "1000")]),
+            node(),
+        )
+        .unwrap();
+        assert_eq!(told.app_share(), 1000);
+        let built = RelayConfig { max_in_flight: 10, ..RelayConfig::new(node()) };
+        assert_eq!(built.app_share(), 5, "a config built in code shares half of its own slots");
     }
 }

@@ -22,6 +22,7 @@ mod limits;
 pub mod metrics;
 mod relay;
 mod scheduler;
+mod shares;
 mod sync;
 
 pub use answer::Answer;

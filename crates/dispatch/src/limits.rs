@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use picloud_core::TriggerId;
-use picloud_store::{Holder, LimitedClaim, OutboxRepo};
+use picloud_store::{AppShare, Holder, LimitedClaim, OutboxRepo};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -51,19 +51,21 @@ impl Limits {
         exist
     }
 
-    /// Claims up to `want` limited rows, counting them as in flight before another claim may
-    /// count.
+    /// Claims up to `want` limited rows, each app within its room in `share`, counting them as
+    /// in flight before another claim may count.
     pub(crate) async fn claim(
         &self,
         store: &impl OutboxRepo,
         want: u32,
         lease: Duration,
         node: &str,
+        share: AppShare<'_>,
     ) -> picloud_store::Result<LimitedClaim> {
         let _round = self.round.lock().await;
         let busy: Vec<(TriggerId, u32)> =
             self.busy.lock().expect("limits lock").iter().map(|(t, n)| (*t, *n)).collect();
-        let claimed = store.claim_limited(want, lease, Holder { id: self.holder, node, busy: &busy }).await?;
+        let claimed =
+            store.claim_limited(want, lease, Holder { id: self.holder, node, busy: &busy, share }).await?;
         let mut busy = self.busy.lock().expect("limits lock");
         for trigger in claimed.claim.rows.iter().filter_map(|r| r.trigger_id) {
             *busy.entry(trigger).or_default() += 1;

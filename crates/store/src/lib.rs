@@ -235,6 +235,74 @@ pub struct Holder<'a> {
     pub node: &'a str,
     /// Its deliveries in flight per trigger, claimed by earlier claims and not completed yet.
     pub busy: &'a [(TriggerId, u32)],
+    /// How many rows of each app it may take.
+    pub share: AppShare<'a>,
+}
+
+/// Apps one claim visits at most: a claim costs the same however many apps have rows, and the
+/// next claim goes on where it stopped ([`SharedClaim::resume_at`]).
+pub const APPS_PER_CLAIM: u32 = 64;
+
+/// A relay's in-flight slots per app (DESIGN §13): how many deliveries one app may have in
+/// flight at the relay, and how many each app has.
+#[derive(Debug, Clone, Copy)]
+pub struct AppShare<'a> {
+    /// The most deliveries of one app in flight at the relay (`PICLOUD_RELAY_APP_SHARE`).
+    pub share: u32,
+    /// The relay's deliveries in flight per app, claimed and not completed yet.
+    pub held: &'a [(AppId, u32)],
+}
+
+impl AppShare<'_> {
+    /// No app bounded.
+    pub const UNBOUNDED: AppShare<'static> = AppShare { share: u32::MAX, held: &[] };
+
+    /// How many more deliveries of `app` the relay may have in flight.
+    pub fn room(&self, app: AppId) -> u32 {
+        let held = self.held.iter().find(|(a, _)| *a == app).map_or(0, |(_, n)| *n);
+        self.share.saturating_sub(held)
+    }
+}
+
+/// Where a claim shared among apps starts, and how much of each app it may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Walk<'a> {
+    /// The first app id the walk visits (`None`: from the lowest).
+    pub from: Option<AppId>,
+    /// The relay's slots per app.
+    pub share: AppShare<'a>,
+}
+
+/// What one claim shared among apps took ([`OutboxRepo::claim_shared`]).
+#[derive(Debug, Clone)]
+pub struct SharedClaim {
+    /// The claimed deliveries.
+    pub claim: Claim,
+    /// Whether more rows of the apps it visited may be due: an app gave all its part, or the
+    /// claim took all it wanted.
+    pub more: bool,
+    /// Where the next claim's walk starts: just past the last app this one visited, when it
+    /// stopped at [`APPS_PER_CLAIM`] apps and apps past them were not visited (`None`: it
+    /// visited the last app; the next walk starts from the first).
+    pub resume_at: Option<AppId>,
+}
+
+impl SharedClaim {
+    /// Where the walk after one that stopped at `last` starts: the next id up (`None` past the
+    /// highest id, which is the same as starting over).
+    pub fn past(last: AppId) -> Option<AppId> {
+        last.as_uuid().as_u128().checked_add(1).map(|next| AppId::from_uuid(Uuid::from_u128(next)))
+    }
+}
+
+/// One claim's part of each app it visited, in the order given: `(room, due)` per app, where
+/// `room` is what the app may still have in flight and `due` whether it has a due row. Every
+/// due app with room gets an equal part of `want`, rounded up, and no more than its room; the
+/// others get nothing. (The Postgres claim computes the same in its statement.)
+pub fn quotas(want: u32, apps: &[(u32, bool)]) -> Vec<u32> {
+    let sharing = apps.iter().filter(|(room, due)| *due && *room > 0).count().max(1) as u32;
+    let part = want.div_ceil(sharing);
+    apps.iter().map(|&(room, due)| if due { room.min(part) } else { 0 }).collect()
 }
 
 /// Triggers: CRUD and the matching that writes use.
@@ -344,16 +412,33 @@ pub trait OutboxRepo: Transactional {
         tx: &mut Self::Tx,
         row: &model::NewDelivery,
     ) -> impl Future<Output = Result<(Uuid, bool)>> + Send;
-    /// Claims up to `batch` due, unleased deliveries, oldest due first, in one statement: counts
-    /// the attempt and leases them to `node` for `lease`. Rows locked by a concurrent claim are
-    /// skipped, never waited for. Reports the configuration epoch too (any change to apps,
-    /// principals, memberships or triggers moves it).
+    /// Claims up to `want` due, unleased deliveries, in one statement, sharing the claim among
+    /// apps (DESIGN §13): it walks the apps with rows in order of their ids, starting at
+    /// `walk.from` and visiting [`APPS_PER_CLAIM`] at most, and takes of each app with due rows
+    /// its oldest due first, as many as [`quotas`] gives it: an equal part of `want`, and no
+    /// more than its room in `walk.share`. Counts the attempt and leases the rows to `node` for
+    /// `lease`. Rows locked by a concurrent claim are skipped, never waited for. Reports the
+    /// configuration epoch too (any change to apps, principals, memberships or triggers moves
+    /// it), whether more rows may be due, and where the next claim's walk goes on.
+    fn claim_shared(
+        &self,
+        want: u32,
+        lease: Duration,
+        node: &str,
+        walk: Walk<'_>,
+    ) -> impl Future<Output = Result<SharedClaim>> + Send;
+    /// [`OutboxRepo::claim_shared`] of every app from the first, without bounds on any.
     fn claim_due(
         &self,
         batch: u32,
         lease: Duration,
         node: &str,
-    ) -> impl Future<Output = Result<Claim>> + Send;
+    ) -> impl Future<Output = Result<Claim>> + Send {
+        async move {
+            let walk = Walk { from: None, share: AppShare::UNBOUNDED };
+            Ok(self.claim_shared(batch, lease, node, walk).await?.claim)
+        }
+    }
     /// Claims up to `want` due, unleased deliveries of limited triggers (DESIGN §13), oldest due
     /// first per trigger and the triggers taking turns, within each trigger's limits,
     /// cluster-wide: no more than its `concurrency` less the slots other holders hold (until

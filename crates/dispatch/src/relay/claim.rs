@@ -59,35 +59,43 @@ pub(super) async fn claim_loop<S: Store>(
         };
         slots.forget();
         // Limited rows first, within their limits and half the batch at most; the plain claim
-        // fills what is left, so that neither kind starves the other.
+        // fills what is left, so that neither kind starves the other. Both within each app's
+        // share, counted in before the other claimer's round counts.
         let claimable = &shared.claimable;
+        let mut round = shared.shares.round().await;
         let limited_turn = claimable.limited.swap(false, Ordering::AcqRel)
             && shared.limits.exist(&shared.store, shared.config.poll_interval).await;
-        let (limited, next_token) =
-            if limited_turn { claim_limited(&shared, batch.div_ceil(2), &done).await } else { (0, None) };
-        let free = batch - limited as u32;
+        let (limited, next_token) = if limited_turn {
+            claim_limited(&shared, &round, batch.div_ceil(2)).await
+        } else {
+            (Claim { rows: Vec::new(), config_epoch: None }, None)
+        };
+        let free = batch - limited.rows.len() as u32;
         let plain_turn = claimable.plain.swap(false, Ordering::AcqRel);
         let plain = if plain_turn && free > 0 {
-            shared.store.claim_due(free, lease, &shared.config.node.node_id).await
+            round.claim_plain(&shared.store, free, lease, &shared.config.node.node_id).await
         } else {
             if plain_turn {
                 // No free slot left this round: the plain claim's turn stays.
                 claimable.plain();
             }
-            Ok(Claim { rows: Vec::new(), config_epoch: None })
+            Ok(SharedClaim {
+                claim: Claim { rows: Vec::new(), config_epoch: None },
+                more: false,
+                resume_at: None,
+            })
         };
+        drop(round);
+        let limited = deliver_claimed(&shared, limited, &done).await;
         match plain {
-            Ok(claim) => {
+            Ok(claimed) => {
                 failures = 0;
-                if claim.rows.len() == free as usize && plain_turn {
-                    // A full claim: more rows may be due.
+                if claimed.more || claimed.resume_at.is_some() {
+                    // Rows of the apps it visited, or apps it did not visit, may be due: the
+                    // walk goes on to the last app before the claimer idles.
                     claimable.plain();
                 }
-                let claimed = limited + claim.rows.len();
-                if !claim.rows.is_empty() {
-                    shared.metrics.claimed(claim.rows.len());
-                    deliver(&shared, claim, &done).await;
-                }
+                let claimed = limited + deliver_claimed(&shared, claimed.claim, &done).await;
                 shared.slots.add_permits(batch as usize - claimed);
                 // Lanes noted because a writer held them, by this relay or by one that died
                 // before it released them: at most a poll interval late, however busy the relay.
@@ -117,32 +125,43 @@ pub(super) async fn claim_loop<S: Store>(
     }
 }
 
-/// Claims up to `want` rows of limited triggers and delivers them: how many it claimed, and
-/// when a trigger that ran out of rate tokens has one again. A failure is logged; the next
+/// Delivers the rows a claim took: how many.
+async fn deliver_claimed<S: Store>(
+    shared: &Shared<S>,
+    claim: Claim,
+    done: &mpsc::UnboundedSender<Done>,
+) -> usize {
+    let claimed = claim.rows.len();
+    if claimed > 0 {
+        shared.metrics.claimed(claimed);
+        deliver(shared, claim, done).await;
+    }
+    claimed
+}
+
+/// Claims up to `want` rows of limited triggers within the round's shares: the claimed rows,
+/// and when a trigger that ran out of rate tokens has one again. A failure is logged; the next
 /// round tries again.
 async fn claim_limited<S: Store>(
     shared: &Shared<S>,
+    round: &Round<'_>,
     want: u32,
-    done: &mpsc::UnboundedSender<Done>,
-) -> (usize, Option<Instant>) {
+) -> (Claim, Option<Instant>) {
     let node = &shared.config.node;
-    match shared.limits.claim(&shared.store, want, node.lease(), &node.node_id).await {
+    let held = round.held();
+    match shared.limits.claim(&shared.store, want, node.lease(), &node.node_id, round.share(&held)).await {
         Ok(limited) => {
-            let claimed = limited.claim.rows.len();
-            if claimed == want as usize {
+            round.took(&limited.claim.rows);
+            if limited.claim.rows.len() == want as usize {
                 // A full claim: more rows may be claimable.
                 shared.claimable.limited();
             }
-            if claimed > 0 {
-                shared.metrics.claimed(claimed);
-                deliver(shared, limited.claim, done).await;
-            }
-            (claimed, limited.next_token_in.map(|d| Instant::now() + d))
+            (limited.claim, limited.next_token_in.map(|d| Instant::now() + d))
         }
         Err(e) => {
             tracing::warn!(error = %e, "claiming within flow limits failed");
             shared.claimable.limited();
-            (0, None)
+            (Claim { rows: Vec::new(), config_epoch: None }, None)
         }
     }
 }

@@ -23,7 +23,9 @@ use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
-use picloud_store::{AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
+use picloud_store::{
+    AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, SharedClaim, Store, Wakeups,
+};
 use picloud_worker::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -36,6 +38,7 @@ use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::limits::Limits;
+use crate::shares::{Round, Shares};
 
 mod claim;
 use crate::metrics::RelayMetrics;
@@ -123,6 +126,8 @@ struct Shared<S> {
     connection: ConnectionWatch,
     /// The slots of limited triggers this relay holds.
     limits: Limits,
+    /// Its deliveries in flight per app, each app within its share.
+    shares: Shares,
     /// What may be claimable that the claimer has not looked for since.
     claimable: Claimable,
 }
@@ -150,6 +155,7 @@ impl<S: Store> Relay<S> {
         let max_in_flight = self.config.max_in_flight.max(1);
         let metrics = RelayMetrics::new(&self.config.node.node_id);
         let connection = ConnectionWatch::spawn(&self.nats);
+        let shares = Shares::new(self.config.app_share());
         let shared = Arc::new(Shared {
             store: self.store,
             nats: self.nats,
@@ -166,6 +172,7 @@ impl<S: Store> Relay<S> {
             metrics,
             connection,
             limits: Limits::new(),
+            shares,
             claimable: Claimable::new(),
         });
         tracing::info!(node = %shared.config.node.node_id, "relay started");
@@ -610,6 +617,11 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
                 (shared.store.clone(), done.clone(), shared.config.node.handler_timeout);
             abandoned
                 .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
+        }
+        if shared.shares.finished(&batch) {
+            // An app that held its whole share has room again: its rows are claimable.
+            shared.claimable.plain();
+            shared.wake.notify_one();
         }
         let (freed, idle) = shared.limits.finished(&batch);
         if freed {

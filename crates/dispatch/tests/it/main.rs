@@ -3,6 +3,7 @@
 mod cron;
 mod delivery;
 mod executors;
+mod fairness;
 mod flow;
 mod janitor;
 mod limits;

@@ -152,20 +152,7 @@ impl World {
     }
 
     pub async fn trigger(&self, name: &str, spec: TriggerSpec, handler: &str) -> Trigger {
-        self.store
-            .create_trigger(&NewTrigger {
-                id: TriggerId::new(),
-                app_id: self.app.id,
-                name: TriggerName::parse(name).unwrap(),
-                spec,
-                handler: Handler::Function(HandlerName::parse(handler).unwrap()),
-                retry: RetryOverrides::default(),
-                flow: None,
-                enabled: true,
-                registered_by: self.admin.id,
-            })
-            .await
-            .unwrap()
+        register(&self.store, &self.app, &self.admin, name, spec, handler).await
     }
 
     pub async fn kv_trigger(&self, name: &str, pattern: &str, handler: &str) -> Trigger {
@@ -242,6 +229,31 @@ impl World {
         })
         .await;
     }
+}
+
+/// Registers a trigger of `app` to its function `handler`, as `admin`.
+pub async fn register(
+    store: &PgStore,
+    app: &App,
+    admin: &Principal,
+    name: &str,
+    spec: TriggerSpec,
+    handler: &str,
+) -> Trigger {
+    store
+        .create_trigger(&NewTrigger {
+            id: TriggerId::new(),
+            app_id: app.id,
+            name: TriggerName::parse(name).unwrap(),
+            spec,
+            handler: Handler::Function(HandlerName::parse(handler).unwrap()),
+            retry: RetryOverrides::default(),
+            flow: None,
+            enabled: true,
+            registered_by: admin.id,
+        })
+        .await
+        .unwrap()
 }
 
 /// The wall clock in unix milliseconds, as handlers record attempts.

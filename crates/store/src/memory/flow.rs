@@ -85,12 +85,17 @@ impl State {
             due.truncate(n as usize);
             turns.push((trigger, flow, busy, tokens, due.into_iter().map(|(_, id)| id).collect()));
         }
-        // Turn by turn across the triggers, as Postgres orders them.
+        // Turn by turn across the triggers, as Postgres orders them, each app within its room.
         let mut picked: Vec<Uuid> = Vec::new();
+        let mut taken: HashMap<AppId, u32> = HashMap::new();
         let longest = turns.iter().map(|t| t.4.len()).max().unwrap_or(0);
         for turn in 0..longest {
-            for (.., ids) in &turns {
-                if let Some(id) = ids.get(turn) {
+            for (trigger, .., ids) in &turns {
+                let Some(id) = ids.get(turn) else { continue };
+                let app = self.triggers[trigger].app_id;
+                let taken = taken.entry(app).or_default();
+                if *taken < holder.share.room(app) {
+                    *taken += 1;
                     picked.push(*id);
                 }
             }

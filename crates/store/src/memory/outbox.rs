@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// An app a claim's walk visits: whether it has a due row, and its claimable rows.
+type WalkedApp = (bool, Vec<(OffsetDateTime, Uuid)>);
+
 impl State {
     /// The first row of a lane: its head, or the row that becomes head next.
     fn lane_first(&self, trigger: TriggerId, lane: &str) -> Option<&OutboxRow> {
@@ -172,25 +175,52 @@ impl OutboxRepo for MemStore {
         Ok((row.id, true))
     }
 
-    async fn claim_due(&self, batch: u32, lease: Duration, _node: &str) -> Result<Claim> {
+    async fn claim_shared(
+        &self,
+        want: u32,
+        lease: Duration,
+        _node: &str,
+        walk: Walk<'_>,
+    ) -> Result<SharedClaim> {
         let now = self.now();
         let mut s = self.lock().await;
-        let mut due: Vec<(OffsetDateTime, Uuid)> = s
-            .outbox
-            .values()
-            .filter(|r| {
-                r.due_at <= now && !r.waiting && !r.new.gated && r.leased_until.is_none_or(|l| l <= now)
-            })
-            .map(|r| (r.due_at, r.new.id))
-            .collect();
-        due.sort();
-        due.truncate(batch as usize);
-        let claimed: Vec<ClaimedDelivery> = due
-            .into_iter()
-            .map(|(_, id)| lease_row(s.outbox.get_mut(&id).expect("row just listed"), now, lease))
+        // Each app with rows in the plain claim's index, from `walk.from`, and its due rows
+        // oldest first: what the walk of Postgres visits.
+        let mut apps: BTreeMap<AppId, WalkedApp> = BTreeMap::new();
+        for r in s.outbox.values().filter(|r| !r.waiting && !r.new.gated) {
+            if walk.from.is_some_and(|from| r.new.app_id < from) {
+                continue;
+            }
+            let (due, rows) = apps.entry(r.new.app_id).or_default();
+            *due |= r.due_at <= now;
+            if r.due_at <= now && r.leased_until.is_none_or(|l| l <= now) {
+                rows.push((r.due_at, r.new.id));
+            }
+        }
+        let visited: Vec<(AppId, WalkedApp)> = apps.into_iter().take(APPS_PER_CLAIM as usize).collect();
+        let rooms: Vec<(u32, bool)> =
+            visited.iter().map(|(app, (due, _))| (walk.share.room(*app), *due)).collect();
+        let quotas = quotas(want, &rooms);
+        let mut picked = Vec::new();
+        let mut more = false;
+        for ((_, (_, mut rows)), quota) in visited.iter().cloned().zip(quotas) {
+            rows.sort();
+            if quota > 0 && rows.len() >= quota as usize {
+                more = true;
+            }
+            picked.extend(rows.into_iter().take(quota as usize).map(|(_, id)| id));
+        }
+        picked.truncate(want as usize);
+        let resume_at = (visited.len() == APPS_PER_CLAIM as usize)
+            .then(|| visited.last().and_then(|(app, _)| SharedClaim::past(*app)))
+            .flatten();
+        more |= picked.len() >= want as usize;
+        let claimed: Vec<ClaimedDelivery> = picked
+            .iter()
+            .map(|id| lease_row(s.outbox.get_mut(id).expect("row just listed"), now, lease))
             .collect();
         let config_epoch = (!claimed.is_empty()).then_some(s.config_epoch);
-        Ok(Claim { rows: claimed, config_epoch })
+        Ok(SharedClaim { claim: Claim { rows: claimed, config_epoch }, more, resume_at })
     }
 
     async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {

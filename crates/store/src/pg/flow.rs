@@ -11,7 +11,7 @@ use uuid::Uuid;
 use picloud_core::{Flow, TriggerId};
 
 use super::PgStore;
-use super::outbox::{CLAIMED, claimed_row, millis};
+use super::outbox::{claimed_row, lease_picked, millis};
 use crate::{Claim, Holder, LimitedClaim, Result};
 
 /// A gated row of the trigger `x` that may be claimed now (`$3`: the store's clock, if any).
@@ -26,20 +26,24 @@ const CLAIMABLE: &str = "o.trigger_id = x.trigger_id AND o.gated AND NOT o.waiti
 /// claims at most `concurrency − others' live slots − busy` and `⌊tokens⌋` rows per trigger,
 /// spends the tokens, and writes the holder's slots (busy plus claimed, until now + lease),
 /// dropping the slots whose lease ran out.
+/// No app takes more than its room in the holder's share (rows of one app's triggers count
+/// together, taken in turns).
 /// `$1` want, `$2` lease (ms), `$3` now, `$4` holder, `$5`/`$6` the holder's busy triggers and
-/// counts, `$7` node.
+/// counts, `$7` node, `$8` the share, `$9`/`$10` the holder's apps and their held slots.
 static CLAIM: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH clock AS MATERIALIZED (
              SELECT coalesce($3, now()) AS now, extract(epoch FROM coalesce($3, now()))::float8 AS now_s),
          state AS MATERIALIZED (
-             SELECT x.trigger_id, x.tokens, x.refilled_at, x.slots, t.flow
+             SELECT x.trigger_id, t.app_id, x.tokens, x.refilled_at, x.slots, t.flow
                FROM flow_state x JOIN triggers t ON t.id = x.trigger_id
               WHERE EXISTS (SELECT 1 FROM outbox o WHERE {CLAIMABLE})
               ORDER BY x.trigger_id
                 FOR UPDATE OF x SKIP LOCKED),
          limits AS MATERIALIZED (
-             SELECT s.trigger_id, s.slots,
+             SELECT s.trigger_id, s.app_id, s.slots,
+                    greatest(0, $8::int8 - coalesce((SELECT h.held FROM UNNEST($9::uuid[], $10::int8[]) AS h(app_id, held)
+                                                     WHERE h.app_id = s.app_id), 0)) AS room,
                     (s.flow->>'concurrency')::int AS concurrency,
                     (s.flow->'rate'->>'per_second')::float8 AS per_second,
                     least((s.flow->'rate'->>'burst')::float8,
@@ -51,24 +55,22 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                       WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)::int AS others
                FROM state s, clock),
          allowed AS MATERIALIZED (
-             SELECT l.*, greatest(0, least($1, coalesce(l.concurrency - l.others - l.busy, $1),
+             SELECT l.*, greatest(0, least($1, l.room, coalesce(l.concurrency - l.others - l.busy, $1),
                                            coalesce(floor(l.tokens)::int, $1))) AS n
                FROM limits l),
          picked AS (
-             SELECT p.ctid FROM allowed x CROSS JOIN LATERAL (
-                 SELECT q.ctid, row_number() OVER () AS turn FROM (
-                     SELECT o.ctid FROM outbox o WHERE {CLAIMABLE}
-                      ORDER BY o.due_at LIMIT x.n
-                        FOR UPDATE SKIP LOCKED) q) p
-              ORDER BY p.turn, x.trigger_id
+             SELECT r.ctid FROM (
+                 SELECT p.ctid, p.turn, x.trigger_id, x.room,
+                        row_number() OVER (PARTITION BY x.app_id ORDER BY p.turn, x.trigger_id) AS nth
+                   FROM allowed x CROSS JOIN LATERAL (
+                     SELECT q.ctid, row_number() OVER () AS turn FROM (
+                         SELECT o.ctid FROM outbox o WHERE {CLAIMABLE}
+                          ORDER BY o.due_at LIMIT x.n
+                            FOR UPDATE SKIP LOCKED) q) p) r
+              WHERE r.nth <= r.room
+              ORDER BY r.turn, r.trigger_id
               LIMIT $1),
-         claimed AS (
-             UPDATE outbox o
-                SET attempts = o.attempts + 1,
-                    leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
-                    leased_by = $7
-              WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
-          RETURNING {CLAIMED}),
+         claimed AS ({lease}),
          counted AS (
              SELECT a.*, (SELECT count(*) FROM claimed c WHERE c.trigger_id = a.trigger_id)::int AS claimed
                FROM allowed a),
@@ -93,7 +95,8 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
              SELECT min((1 - (c.tokens - c.claimed)) / c.per_second) AS next_token_s
                FROM counted c WHERE c.tokens - c.claimed < 1)
          SELECT w.next_token_s, (SELECT epoch FROM config_epoch) AS config_epoch, c.*
-           FROM waits w LEFT JOIN claimed c ON true"
+           FROM waits w LEFT JOIN claimed c ON true",
+        lease = lease_picked("$7"),
     )
 });
 
@@ -111,6 +114,8 @@ pub(super) async fn claim_limited(
     }
     let (busy_triggers, busy): (Vec<Uuid>, Vec<i32>) =
         holder.busy.iter().map(|(trigger, n)| (trigger.as_uuid(), *n as i32)).unzip();
+    let (held_apps, held): (Vec<Uuid>, Vec<i64>) =
+        holder.share.held.iter().map(|(app, n)| (app.as_uuid(), i64::from(*n))).unzip();
     let found = sqlx::query(&CLAIM)
         .bind(i32::try_from(want).unwrap_or(i32::MAX))
         .bind(millis(lease))
@@ -119,6 +124,9 @@ pub(super) async fn claim_limited(
         .bind(busy_triggers)
         .bind(busy)
         .bind(holder.node)
+        .bind(i64::from(holder.share.share))
+        .bind(held_apps)
+        .bind(held)
         .fetch_all(&store.pool)
         .await?;
     let next_token_in = found

@@ -40,7 +40,7 @@ impl AdvisoryLock {
 }
 
 impl PgStore {
-    /// The gauges, in one round trip: the due rows come off the claims' indexes (`outbox_due`,
+    /// The gauges, in one round trip: the due rows come off the claims' indexes (`outbox_app_due`,
     /// `outbox_gated`; rows waiting in a lane are not due),
     /// the unresolved dead letters off their partial index; abandoned executions are bounded by
     /// their retention.

@@ -9,14 +9,17 @@ use sqlx::{PgConnection, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use picloud_core::TriggerId;
 use picloud_core::protocol::{EventKind, TriggerKind, event_type};
+use picloud_core::{AppId, TriggerId};
 
 use super::rows::{self, event_kind, raw_json, trigger_from};
 use super::triggers::{delivery_target, target_columns};
 use super::{PgStore, violated};
 use crate::model::*;
-use crate::{Claim, Error, Holder, LimitedClaim, OutboxRepo, Result, SyncCallWrite, Wakeups};
+use crate::{
+    APPS_PER_CLAIM, Claim, Error, Holder, LimitedClaim, OutboxRepo, Result, SharedClaim, SyncCallWrite,
+    Wakeups, Walk,
+};
 
 /// The columns every insert of deliveries writes.
 const INSERT_INTO: &str = "
@@ -408,25 +411,79 @@ pub(super) fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery
     })
 }
 
-/// The statement of [`OutboxRepo::claim_due`] (public for the tests that explain and time it):
-/// `$1` the batch, `$2` the lease in milliseconds, `$3` the store's clock (NULL: `now()`), `$4`
-/// the node.
+/// The statement of [`OutboxRepo::claim_shared`] (public for the tests that explain and time
+/// it): `$1` want, `$2` the lease in milliseconds, `$3` the store's clock (NULL: `now()`), `$4`
+/// the node, `$5` the first app id to visit, `$6` the share, `$7`/`$8` the apps' held slots.
+///
+/// The walk finds each next app with a probe of `outbox_app_due`, whatever its rows; an app's
+/// first row says whether it has a due one. Then each app's oldest due rows are taken from the
+/// same index, the apps in turn, as many as its quota.
 pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH RECURSIVE {walk},
+         apps AS MATERIALIZED (
+             SELECT w.app_id, w.n,
+                    greatest(0, $6::int8 - coalesce((SELECT h.held FROM UNNEST($7::uuid[], $8::int8[]) AS h(app_id, held)
+                                                     WHERE h.app_id = w.app_id), 0)) AS room,
+                    (SELECT o.due_at FROM outbox o
+                      WHERE o.app_id = w.app_id AND NOT o.waiting AND NOT o.gated
+                      ORDER BY o.due_at LIMIT 1) <= coalesce($3, now()) AS due
+               FROM walk w WHERE w.app_id IS NOT NULL),
+         quotas AS MATERIALIZED (
+             SELECT a.app_id, a.n,
+                    CASE WHEN a.due THEN least(a.room, ceil($1::float8 / greatest(1,
+                        count(*) FILTER (WHERE a.due AND a.room > 0) OVER ()))::int8) ELSE 0 END AS quota
+               FROM apps a),
+         picked AS (
+             SELECT p.ctid FROM quotas x CROSS JOIN LATERAL (
+                 SELECT o.ctid FROM outbox o
+                  WHERE o.app_id = x.app_id AND o.due_at <= coalesce($3, now()) AND NOT o.waiting AND NOT o.gated
+                    AND (o.leased_until IS NULL OR o.leased_until <= coalesce($3, now()))
+                  ORDER BY o.due_at LIMIT x.quota
+                    FOR UPDATE SKIP LOCKED) p
+              LIMIT $1),
+         claimed AS ({lease})
+         SELECT s.*, (SELECT epoch FROM config_epoch) AS config_epoch, c.*
+           FROM (SELECT (SELECT q.app_id FROM quotas q WHERE q.n = {APPS_PER_CLAIM}) AS walked_to,
+                        array_agg(q.app_id ORDER BY q.n) FILTER (WHERE q.quota > 0) AS quota_apps,
+                        array_agg(q.quota ORDER BY q.n) FILTER (WHERE q.quota > 0) AS quotas
+                   FROM quotas q) s
+           LEFT JOIN claimed c ON true",
+        walk = app_walk("$5", Some(APPS_PER_CLAIM)),
+        lease = lease_picked("$4"),
+    )
+});
+
+/// The lease of the rows of a claim's CTE `picked` (their `ctid`s) to the node `node`: the
+/// attempt counted, `leased_until` now (`$3`, the store's clock) + the lease (`$2`, ms).
+pub(super) fn lease_picked(node: &str) -> String {
     format!(
         "UPDATE outbox o
             SET attempts = o.attempts + 1,
                 leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
-                leased_by = $4
-          WHERE o.ctid = ANY (ARRAY(
-                SELECT ctid FROM outbox
-                 WHERE due_at <= coalesce($3, now()) AND NOT waiting AND NOT gated
-                   AND (leased_until IS NULL OR leased_until <= coalesce($3, now()))
-                 ORDER BY due_at
-                 LIMIT $1
-                   FOR UPDATE SKIP LOCKED))
-      RETURNING {CLAIMED}, (SELECT epoch FROM config_epoch) AS config_epoch"
+                leased_by = {node}
+          WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
+      RETURNING {CLAIMED}"
     )
-});
+}
+
+/// The recursive CTE `walk (app_id, n)`: the apps with rows in `outbox_app_due`, from the id
+/// `start` on, in order, one index probe each, `limit` at most. Its last row is NULL when it
+/// ran out of apps.
+fn app_walk(start: &str, limit: Option<u32>) -> String {
+    let within = limit.map(|limit| format!("AND w.n < {limit}")).unwrap_or_default();
+    format!(
+        "walk (app_id, n) AS (
+             (SELECT o.app_id, 1 FROM outbox o
+               WHERE NOT o.waiting AND NOT o.gated AND o.app_id >= {start}
+               ORDER BY o.app_id LIMIT 1)
+           UNION ALL
+             SELECT (SELECT o.app_id FROM outbox o
+                      WHERE NOT o.waiting AND NOT o.gated AND o.app_id > w.app_id
+                      ORDER BY o.app_id LIMIT 1), w.n + 1
+               FROM walk w WHERE w.app_id IS NOT NULL {within})"
+    )
+}
 
 /// The channel relays listen on.
 pub(super) const CHANNEL: &str = "picloud_outbox";
@@ -444,21 +501,28 @@ impl OutboxRepo for PgStore {
     }
 
     async fn next_due_in(&self) -> Result<Option<Duration>> {
-        // Off the claims' indexes: the free rows' one, and the gated rows' per limited trigger.
-        let millis: Option<i64> = sqlx::query_scalar(
-            "SELECT ceil(extract(epoch FROM least(
-                        (SELECT min(due_at) FROM outbox
-                          WHERE due_at > coalesce($1, now()) AND NOT waiting AND NOT gated),
-                        (SELECT min(g.due_at) FROM flow_state f CROSS JOIN LATERAL (
-                             SELECT o.due_at FROM outbox o
-                              WHERE o.trigger_id = f.trigger_id AND o.gated AND NOT o.waiting
-                                AND o.due_at > coalesce($1, now())
-                              ORDER BY o.due_at LIMIT 1) g))
-                    - coalesce($1, now())) * 1000)::int8",
-        )
-        .bind(self.now())
-        .fetch_one(&self.pool)
-        .await?;
+        // Off the claims' indexes: the free rows' per app, and the gated rows' per limited
+        // trigger. One probe per app: asked after a claim found nothing, not per row.
+        static NEXT_DUE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH RECURSIVE {walk}
+                 SELECT ceil(extract(epoch FROM least(
+                            (SELECT min(d.due_at) FROM walk w CROSS JOIN LATERAL (
+                                 SELECT o.due_at FROM outbox o
+                                  WHERE o.app_id = w.app_id AND NOT o.waiting AND NOT o.gated
+                                    AND o.due_at > coalesce($1, now())
+                                  ORDER BY o.due_at LIMIT 1) d),
+                            (SELECT min(g.due_at) FROM flow_state f CROSS JOIN LATERAL (
+                                 SELECT o.due_at FROM outbox o
+                                  WHERE o.trigger_id = f.trigger_id AND o.gated AND NOT o.waiting
+                                    AND o.due_at > coalesce($1, now())
+                                  ORDER BY o.due_at LIMIT 1) g))
+                        - coalesce($1, now())) * 1000)::int8",
+                walk = app_walk("'00000000-0000-0000-0000-000000000000'::uuid", None),
+            )
+        });
+        let millis: Option<i64> =
+            sqlx::query_scalar(&NEXT_DUE).bind(self.now()).fetch_one(&self.pool).await?;
         Ok(millis.map(|m| Duration::from_millis(m.max(0) as u64)))
     }
 
@@ -491,17 +555,45 @@ impl OutboxRepo for PgStore {
         Ok((existing, false))
     }
 
-    async fn claim_due(&self, batch: u32, lease: Duration, node: &str) -> Result<Claim> {
-        let claimed = sqlx::query(&CLAIM_DUE)
-            .bind(i64::from(batch))
+    async fn claim_shared(
+        &self,
+        want: u32,
+        lease: Duration,
+        node: &str,
+        walk: Walk<'_>,
+    ) -> Result<SharedClaim> {
+        let (apps, held): (Vec<Uuid>, Vec<i64>) =
+            walk.share.held.iter().map(|(app, n)| (app.as_uuid(), i64::from(*n))).unzip();
+        let found = sqlx::query(&CLAIM_DUE)
+            .bind(i64::from(want))
             .bind(millis(lease))
             .bind(self.now())
             .bind(node)
+            .bind(walk.from.map_or(Uuid::nil(), AppId::as_uuid))
+            .bind(i64::from(walk.share.share))
+            .bind(apps)
+            .bind(held)
             .fetch_all(&self.pool)
             .await?;
-        let config_epoch = claimed.first().map(|row| row.try_get("config_epoch")).transpose()?;
-        let rows = claimed.iter().map(claimed_row).collect::<Result<Vec<_>>>()?;
-        Ok(Claim { rows, config_epoch })
+        let outcome = found.first().expect("the claim answers one row at least");
+        let mut rows = Vec::with_capacity(found.len());
+        for row in &found {
+            if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                rows.push(claimed_row(row)?);
+            }
+        }
+        let config_epoch = if rows.is_empty() { None } else { outcome.try_get("config_epoch")? };
+        let quota_apps: Vec<Uuid> = outcome.try_get::<Option<_>, _>("quota_apps")?.unwrap_or_default();
+        let quotas: Vec<i64> = outcome.try_get::<Option<_>, _>("quotas")?.unwrap_or_default();
+        let resume_at = outcome
+            .try_get::<Option<Uuid>, _>("walked_to")?
+            .map(AppId::from_uuid)
+            .and_then(SharedClaim::past);
+        let more = rows.len() >= want as usize
+            || quota_apps.iter().zip(&quotas).any(|(app, quota)| {
+                rows.iter().filter(|r| r.app_id.as_uuid() == *app).count() as i64 >= *quota
+            });
+        Ok(SharedClaim { claim: Claim { rows, config_epoch }, more, resume_at })
     }
 
     async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {

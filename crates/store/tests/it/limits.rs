@@ -42,7 +42,10 @@ async fn publish<S: Store>(s: &S, t: &Tenant, count: u32) {
 
 /// Claims within the limits as `holder` with `busy` in flight: how many rows it got.
 async fn claim<S: Store>(s: &S, holder: Uuid, busy: &[(TriggerId, u32)]) -> Vec<ClaimedDelivery> {
-    let claimed = s.claim_limited(100, LEASE, Holder { id: holder, node: "n", busy }).await.unwrap();
+    let claimed = s
+        .claim_limited(100, LEASE, Holder { id: holder, node: "n", busy, share: AppShare::UNBOUNDED })
+        .await
+        .unwrap();
     assert!(claimed.claim.rows.iter().all(|r| r.gated));
     claimed.claim.rows
 }
@@ -83,7 +86,7 @@ async fn a_rate_spends_a_token_per_claimed_row_and_refills_at_its_rate_up_to_its
     let rate = Rate { per_second: 10, burst: 5 };
     limited(&s, &t, "limited", Some(Flow { rate: Some(rate), ..Flow::default() })).await;
     publish(&s, &t, 30).await;
-    let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[] };
+    let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[], share: AppShare::UNBOUNDED };
     let burst = s.claim_limited(100, LEASE, holder).await.unwrap();
     assert_eq!(burst.claim.rows.len(), 5, "a full bucket: the burst");
     assert_eq!(burst.next_token_in, Some(Duration::from_millis(100)));
@@ -157,7 +160,14 @@ async fn limited_triggers_take_turns_in_a_claim<S: Store>(s: S) {
     let one = limited(&s, &t, "one", concurrency(10)).await;
     limited(&s, &t, "two", concurrency(10)).await;
     publish(&s, &t, 5).await;
-    let rows = s.claim_limited(4, LEASE, Holder { id: Uuid::now_v7(), node: "n", busy: &[] }).await.unwrap();
+    let rows = s
+        .claim_limited(
+            4,
+            LEASE,
+            Holder { id: Uuid::now_v7(), node: "n", busy: &[], share: AppShare::UNBOUNDED },
+        )
+        .await
+        .unwrap();
     let of_one = rows.claim.rows.iter().filter(|r| r.trigger_id == Some(one.id)).count();
     assert_eq!((rows.claim.rows.len(), of_one), (4, 2), "two rows of each, not four of the first");
 }

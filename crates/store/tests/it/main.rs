@@ -8,6 +8,7 @@ mod support;
 mod conformance;
 mod cron;
 mod debounce;
+mod fairness;
 mod lanes;
 mod limits;
 mod postgres;

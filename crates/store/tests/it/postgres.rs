@@ -40,12 +40,21 @@ async fn two_connections_claiming_at_the_same_time_never_get_the_same_row() {
     assert!(!a.is_empty() && !b.is_empty(), "both claimers made progress: a={} b={}", a.len(), b.len());
 }
 
-/// The claim of `PgStore::claim_due` of 100 rows, as `EXPLAIN` when `explain`.
+/// The claim of `PgStore::claim_due` of 100 rows, every app from the first and unbounded, as
+/// `EXPLAIN` when `explain`.
 fn claim(explain: bool) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
     static EXPLAIN: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| format!("EXPLAIN {}", *pg::CLAIM_DUE));
     let sql: &'static str = if explain { &EXPLAIN } else { &pg::CLAIM_DUE };
-    sqlx::query(sql).bind(100i64).bind(30_000i64).bind(None::<time::OffsetDateTime>).bind("bench")
+    sqlx::query(sql)
+        .bind(100i64)
+        .bind(30_000i64)
+        .bind(None::<time::OffsetDateTime>)
+        .bind("bench")
+        .bind(uuid::Uuid::nil())
+        .bind(i64::from(u32::MAX))
+        .bind(Vec::<uuid::Uuid>::new())
+        .bind(Vec::<i64>::new())
 }
 
 /// The median time of `runs` claims of 100 rows, each in a transaction that is rolled back, so
@@ -90,8 +99,8 @@ async fn the_claim_on_a_million_pending_rows_uses_the_index_and_stays_within_a_f
         claim(true).fetch_all(s.pool()).await.unwrap().iter().map(|row| row.get(0)).collect();
     let plan = plan.join("\n");
     assert!(
-        plan.contains("Index Scan using outbox_due on outbox"),
-        "the claim must walk the due index:\n{plan}"
+        plan.contains("Index Scan using outbox_app_due on outbox"),
+        "the claim must walk the apps' due index:\n{plan}"
     );
     assert!(!plan.contains("Seq Scan on outbox"), "the claim must not scan the table:\n{plan}");
     assert!(!plan.contains("Sort"), "the index gives the order, no sort:\n{plan}");

@@ -1,0 +1,100 @@
+//! The fairness scenario: app B writes a steady stream of events to a fast handler, once with
+//! nothing else to deliver and once while app A's backlog drains to a handler that answers
+//! after 50 ms; B's p99 write → handler latency in each, and their ratio.
+
+use std::time::Duration;
+
+use crate::drain::backlog_to;
+use crate::env::Servers;
+use crate::latency::produce_in_process;
+use crate::proc::Role;
+use crate::roles::Handled;
+use crate::stats::summary;
+
+/// The scenario's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// App A's backlog.
+    pub backlog: usize,
+    /// How long A's handler takes to answer.
+    pub answer_after: Duration,
+    /// B's events per second.
+    pub rate: u64,
+    /// Seconds of B's events.
+    pub seconds: u64,
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn run(servers: &Servers, shape: Shape, reps: usize) -> anyhow::Result<()> {
+    let (mut alone, mut beside) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for rep in 1..=reps {
+        for with_backlog in [false, true] {
+            let handled = one(servers, shape, with_backlog, rep).await?;
+            let what = if with_backlog { "beside A's backlog" } else { "alone" };
+            println!(
+                "fairness rep {rep}: B {what}: {} events: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                handled.handled, handled.p50_ms, handled.p99_ms, handled.max_ms
+            );
+            if with_backlog { &mut beside } else { &mut alone }.push(handled.p99_ms);
+        }
+    }
+    let (b, b_min, b_max) = summary(&beside);
+    let (b_alone, alone_min, alone_max) = summary(&alone);
+    let ratios: Vec<f64> = beside.iter().zip(&alone).map(|(b, a)| b / a).collect();
+    let (ratio, ratio_min, ratio_max) = summary(&ratios);
+    println!(
+        "fairness: B's p99 {b:.2} ms [{b_min:.2}..{b_max:.2}] beside A's backlog of {}, \
+         {b_alone:.2} ms [{alone_min:.2}..{alone_max:.2}] alone; ratio {ratio:.2} [{ratio_min:.2}..{ratio_max:.2}]",
+        shape.backlog
+    );
+    println!("RESULT picloud-fairness b_p99_ms={b:.2} b_alone_p99_ms={b_alone:.2} ratio={ratio:.2}");
+    Ok(())
+}
+
+/// One run of B's events, with A's backlog beside them or not: what B's handler measured.
+async fn one(servers: &Servers, shape: Shape, with_backlog: bool, rep: usize) -> anyhow::Result<Handled> {
+    let bench = servers.fresh().await?;
+    let (busy, busy_trigger) = bench.other_app("busy").await?;
+    if with_backlog {
+        backlog_to(&bench.store, &busy, &busy_trigger, "bench", shape.backlog, None).await?;
+    }
+    bench.settle().await?;
+    let total = (shape.rate * shape.seconds).to_string();
+    let nats = servers.nats_url.as_str();
+    let mut quick = Role::spawn(
+        "handler",
+        &["handler", "--nats-url", nats, "--app", bench.app.slug.as_str(), "--expect", &total, "--latency"],
+    )
+    .await?;
+    let (backlog, answer_after) = (shape.backlog.to_string(), shape.answer_after.as_millis().to_string());
+    let mut slow = Role::spawn(
+        "handler",
+        &[
+            "handler",
+            "--nats-url",
+            nats,
+            "--app",
+            busy.slug.as_str(),
+            "--expect",
+            &backlog,
+            "--delay-ms",
+            &answer_after,
+        ],
+    )
+    .await?;
+    for handler in [&mut quick, &mut slow] {
+        handler.send("start").await?;
+        let started = handler.line().await?;
+        anyhow::ensure!(started == "started", "a handler said {started:?}");
+    }
+    let mut relay = Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", nats]).await?;
+    relay.send("start").await?;
+    let what = if with_backlog { "beside A's backlog" } else { "alone" };
+    eprintln!("fairness rep {rep}: B producing {what}");
+    produce_in_process(&bench, shape.rate, shape.seconds, None).await?;
+    let handled = Handled::by(&mut quick).await?;
+    relay.stop().await?;
+    quick.stop().await?;
+    slow.stop().await?;
+    Ok(handled)
+}
