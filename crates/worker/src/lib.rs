@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 mod queue;
+mod record;
 mod shutdown;
 
 use std::future::Future;
@@ -54,6 +55,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 pub use queue::{Queue, Serving, round_trip, serve_queues};
+pub use record::{Handed, Record};
 pub use shutdown::{Shutdown, ShutdownSender};
 
 /// What can go wrong running a worker, or serving queues with [`serve_queues`].
@@ -188,6 +190,7 @@ pub struct Worker {
     subjects: Result<Subjects, String>,
     handlers: Vec<(Result<HandlerName, NameError>, HandlerFn)>,
     concurrency: usize,
+    record: Option<Record>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -211,6 +214,7 @@ impl Worker {
             subjects: Ok(Subjects::default()),
             handlers: Vec::new(),
             concurrency: 256,
+            record: None,
         }
     }
 
@@ -223,6 +227,13 @@ impl Worker {
     /// How many deliveries each handler processes at once (default 256).
     pub fn concurrency(mut self, n: usize) -> Worker {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// Keeps every delivery handed to a handler in `record`: when it started and ended, for
+    /// its handler's in-flight counts and its key's order.
+    pub fn record(mut self, record: &Record) -> Worker {
+        self.record = Some(record.clone());
         self
     }
 
@@ -254,6 +265,10 @@ impl Worker {
         let mut queues = Vec::with_capacity(self.handlers.len());
         for (name, f) in self.handlers {
             let name = name?;
+            let f = match &self.record {
+                Some(record) => recorded(record.clone(), name.as_str().to_owned(), f),
+                None => f,
+            };
             let client = self.client.clone();
             queues.push(Queue::new(
                 subjects.handle(app.as_str(), name.as_str()),
@@ -284,6 +299,19 @@ impl Running {
         self.stop.send();
         self.serving.finished().await;
     }
+}
+
+/// `f`, noting in `record` when each delivery of `handler` starts and is answered.
+fn recorded(record: Record, handler: String, f: HandlerFn) -> HandlerFn {
+    Arc::new(move |d: Delivery| {
+        let place = record.started(&handler, &d);
+        let (record, answering) = (record.clone(), f(d));
+        Box::pin(async move {
+            let answered = answering.await;
+            record.ended(place);
+            answered
+        })
+    })
 }
 
 async fn answer(client: &Client, msg: Message, f: &HandlerFn) {

@@ -1,16 +1,18 @@
 //! Ordered deliveries across several relays (DESIGN §13): generated runs of writes to a few keys,
 //! answered ok, retry, fail or too late, while one relay loses its database for good (it dies for
-//! the store: what it holds comes back when the leases run out). The handler records every
-//! attempt; the invariants are checked on the record.
+//! the store: what it holds comes back when the leases run out). The invariants are checked on
+//! the workers' record of every attempt (`picloud_worker::Record`: per key, in the order handed,
+//! with when each started and ended), joined with what the handler did with it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use picloud_core::CollectionPattern;
 use picloud_core::flow::{Flow, Ordering};
 use picloud_store::*;
-use picloud_worker::{Delivery, HandlerResult, Reply};
+use picloud_worker::{Delivery, HandlerResult, Record, Reply, Worker};
+use uuid::Uuid;
 
 use crate::support::*;
 
@@ -24,7 +26,16 @@ enum Act {
     Late,
 }
 
-/// One attempt as the handler saw it, in unix milliseconds.
+/// What the handler did with one attempt.
+#[derive(Debug, Clone, Copy)]
+struct Acted {
+    id: Uuid,
+    attempt: u32,
+    write: u32,
+    act: Act,
+}
+
+/// One attempt as the workers recorded it, in unix milliseconds, with what the handler did.
 #[derive(Debug, Clone)]
 struct Attempt {
     key: String,
@@ -52,11 +63,10 @@ fn act(seed: u64, key: &str, write: u32, attempt: u32) -> Act {
 
 async fn handle(
     seed: u64,
-    log: Arc<Mutex<Vec<Attempt>>>,
+    log: Arc<Mutex<Vec<Acted>>>,
     handler_timeout: Duration,
     d: Delivery,
 ) -> HandlerResult {
-    let start_ms = now_ms();
     let key = d.ordering_key().expect("every message has a key").to_owned();
     let write = d.data::<serde_json::Value>().unwrap()["write"].as_u64().unwrap() as u32;
     let act = act(seed, &key, write, d.attempt);
@@ -64,13 +74,34 @@ async fn handle(
     if act == Act::Late {
         tokio::time::sleep(handler_timeout + Duration::from_millis(200)).await;
     }
-    let end_ms = now_ms().min(d.deadline_ms);
-    log.lock().unwrap().push(Attempt { key, write, attempt: d.attempt, start_ms, end_ms, act });
+    log.lock().unwrap().push(Acted { id: d.id, attempt: d.attempt, write, act });
     Ok(match act {
         Act::Ok | Act::Late => Reply::ok(serde_json::json!({})),
         Act::Retry => Reply::retry("generated retry"),
         Act::Fail => Reply::fail("generated failure"),
     })
+}
+
+/// The workers' record of every attempt, each with what the handler did with it.
+fn attempts(record: &Record, acted: &[Acted]) -> Vec<Attempt> {
+    let acted: HashMap<(Uuid, u32), Acted> = acted.iter().map(|a| ((a.id, a.attempt), *a)).collect();
+    record
+        .by_key("h")
+        .into_iter()
+        .flat_map(|(key, handed)| handed.into_iter().map(move |h| (key.clone(), h)))
+        .map(|(key, h)| {
+            let did = acted[&(h.id, h.attempt)];
+            let end_ms = h.ended_ms.expect("every attempt was answered");
+            Attempt {
+                key,
+                write: did.write,
+                attempt: h.attempt,
+                start_ms: h.started_ms,
+                end_ms,
+                act: did.act,
+            }
+        })
+        .collect()
 }
 
 /// Checks the invariants of an ordered trigger on the record: per key, no attempt of a write
@@ -126,14 +157,15 @@ async fn one_run(seed: u64) {
     assert!(trigger.flow.is_some());
 
     let handler_timeout = run_config("r").node.handler_timeout;
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let (log, record) = (Arc::new(Mutex::new(Vec::new())), Record::new());
     let mut workers = Vec::new();
     for _ in 0..2 {
         let log = log.clone();
-        let (worker, _) =
-            start_worker(&w.nats_url(), "shop", "h", move |d| handle(seed, log.clone(), handler_timeout, d))
-                .await;
-        workers.push(worker);
+        let client = async_nats::connect(w.nats_url()).await.unwrap();
+        let worker = Worker::new(client, "shop")
+            .record(&record)
+            .handle("h", move |d| handle(seed, log.clone(), handler_timeout, d));
+        workers.push(worker.start().await.unwrap());
     }
     let (proxy, doomed, relays) = three_relays_one_doomed(&w).await;
 
@@ -154,9 +186,9 @@ async fn one_run(seed: u64) {
     }
     doomed.signal_stop();
     for worker in workers {
-        worker.stop().await;
+        worker.shutdown().await;
     }
-    let log = log.lock().unwrap().clone();
+    let log = attempts(&record, &log.lock().unwrap());
     check(&log, writes, dead as usize);
     assert!(log.iter().any(|a| a.act == Act::Late), "seed {seed} timed an attempt out");
 }

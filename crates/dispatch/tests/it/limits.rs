@@ -1,7 +1,8 @@
 //! Flow limits across several relays (DESIGN §13): generated runs of messages to a trigger with a
 //! `concurrency` and one with a `rate`, answered ok, retry, fail or too late, while one relay
-//! loses its database for good (what it holds comes back when its leases run out). The handlers
-//! record every attempt; the limits are checked on the record.
+//! loses its database for good (what it holds comes back when its leases run out). The limits are
+//! checked on the record of every attempt: the workers' own (`picloud_worker::Record`) for the
+//! concurrency, the send times the rated handler reads off its deliveries for the rate.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,27 +10,23 @@ use std::time::Duration;
 use picloud_core::CollectionPattern;
 use picloud_core::flow::{Flow, Rate};
 use picloud_store::*;
-use picloud_worker::{Delivery, HandlerResult, Reply};
+use picloud_worker::{Delivery, HandlerResult, Record, Reply, Worker};
 
 use crate::support::*;
 
 const CONCURRENCY: u32 = 3;
 const RATE: Rate = Rate { per_second: 40, burst: 4 };
 
-/// One attempt as a handler saw it, in unix milliseconds: its start, and its end for the relay
-/// (the answer, or the deadline if that came first).
+/// One attempt of the rated handler: when the relay sent it (unix milliseconds), and its message.
 #[derive(Debug, Clone, Copy)]
-struct Attempt {
-    start_ms: i64,
-    end_ms: i64,
-    /// The message.
+struct Sent {
+    at_ms: i64,
     n: u64,
 }
 
 /// The concurrency handler: works 5–40 ms, then mostly answers ok, sometimes retry or fail, and
 /// on some first attempts answers after the deadline.
-async fn limited(seed: u64, log: Arc<Mutex<Vec<Attempt>>>, timeout: Duration, d: Delivery) -> HandlerResult {
-    let start_ms = now_ms();
+async fn limited(seed: u64, timeout: Duration, d: Delivery) -> HandlerResult {
     let n = d.data::<serde_json::Value>().unwrap()["n"].as_u64().unwrap();
     let roll = mix(seed ^ (n << 8) ^ u64::from(d.attempt));
     tokio::time::sleep(Duration::from_millis(5 + roll % 36)).await;
@@ -37,7 +34,6 @@ async fn limited(seed: u64, log: Arc<Mutex<Vec<Attempt>>>, timeout: Duration, d:
     if late {
         tokio::time::sleep(timeout + Duration::from_millis(200)).await;
     }
-    log.lock().unwrap().push(Attempt { start_ms, end_ms: now_ms().min(d.deadline_ms), n });
     Ok(match (roll >> 8) % 100 {
         _ if late => Reply::ok(serde_json::json!({})),
         0..=14 => Reply::retry("generated retry"),
@@ -48,25 +44,11 @@ async fn limited(seed: u64, log: Arc<Mutex<Vec<Attempt>>>, timeout: Duration, d:
 
 /// The rate handler: records when the relay sent the attempt (its deadline less the handler
 /// timeout: the relay sets it right after the claim, where a token was spent) and answers ok.
-async fn rated(log: Arc<Mutex<Vec<Attempt>>>, timeout: Duration, d: Delivery) -> HandlerResult {
-    let sent = d.deadline_ms - timeout.as_millis() as i64;
+async fn rated(log: Arc<Mutex<Vec<Sent>>>, timeout: Duration, d: Delivery) -> HandlerResult {
+    let at_ms = d.deadline_ms - timeout.as_millis() as i64;
     let n = d.data::<serde_json::Value>().unwrap()["n"].as_u64().unwrap();
-    log.lock().unwrap().push(Attempt { start_ms: sent, end_ms: sent, n });
+    log.lock().unwrap().push(Sent { at_ms, n });
     Ok(Reply::ok(serde_json::json!({})))
-}
-
-/// At no instant were more than `CONCURRENCY` attempts in flight.
-fn check_concurrency(log: &[Attempt]) -> usize {
-    let mut edges: Vec<(i64, i32)> = log.iter().flat_map(|a| [(a.start_ms, 1), (a.end_ms, -1)]).collect();
-    // At one millisecond, ends before starts: an attempt that ended then freed its slot.
-    edges.sort();
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, step) in edges {
-        now += step;
-        most = most.max(now);
-    }
-    assert!(most <= CONCURRENCY as i32, "{most} attempts were in flight at once: {log:?}");
-    most as usize
 }
 
 /// The most a relay sends an attempt after the claim that took it spent its token: a window of
@@ -75,8 +57,8 @@ const CLAIM_TO_SEND: f64 = 0.1;
 
 /// Over every window, no more attempts started than the burst plus the rate over the window
 /// (lengthened by [`CLAIM_TO_SEND`]).
-fn check_rate(log: &[Attempt]) {
-    let mut starts: Vec<i64> = log.iter().map(|a| a.start_ms).collect();
+fn check_rate(log: &[Sent]) {
+    let mut starts: Vec<i64> = log.iter().map(|a| a.at_ms).collect();
     starts.sort_unstable();
     for i in 0..starts.len() {
         for j in i..starts.len() {
@@ -100,17 +82,15 @@ async fn one_run(seed: u64) {
         w.store.update_trigger(w.app.id, name, &patch).await.unwrap();
     }
     let timeout = run_config("r").node.handler_timeout;
-    let (limited_log, rated_log) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-    let mut workers = Vec::new();
+    let (record, rated_log) = (Record::new(), Arc::new(Mutex::new(Vec::new())));
+    let (mut workers, mut rated_workers) = (Vec::new(), Vec::new());
     for _ in 0..2 {
-        let log = limited_log.clone();
-        workers.push(
-            start_worker(&w.nats_url(), "shop", "limited", move |d| limited(seed, log.clone(), timeout, d))
-                .await
-                .0,
-        );
+        let client = async_nats::connect(w.nats_url()).await.unwrap();
+        let worker =
+            Worker::new(client, "shop").record(&record).handle("limited", move |d| limited(seed, timeout, d));
+        workers.push(worker.start().await.unwrap());
         let log = rated_log.clone();
-        workers.push(
+        rated_workers.push(
             start_worker(&w.nats_url(), "shop", "rated", move |d| rated(log.clone(), timeout, d)).await.0,
         );
     }
@@ -129,9 +109,17 @@ async fn one_run(seed: u64) {
     }
     doomed.signal_stop();
     for worker in workers {
+        worker.shutdown().await;
+    }
+    for worker in rated_workers {
         worker.stop().await;
     }
-    let most = check_concurrency(&limited_log.lock().unwrap());
+    let most = record.peak_in_flight("limited");
+    assert!(
+        most <= CONCURRENCY as usize,
+        "seed {seed}: {most} attempts were in flight at once: {:?}",
+        record.handed()
+    );
     assert!(most > 1, "seed {seed}: the limit let deliveries run side by side");
     let rated_log = rated_log.lock().unwrap().clone();
     let reached: std::collections::BTreeSet<u64> = rated_log.iter().map(|a| a.n).collect();

@@ -1,7 +1,7 @@
 //! A relay, a store and workers wired together for one test.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use picloud_core::names::{CollectionName, KvKey};
 use picloud_core::{
@@ -254,11 +254,6 @@ pub async fn register(
         })
         .await
         .unwrap()
-}
-
-/// The wall clock in unix milliseconds, as handlers record attempts.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// A small deterministic generator (splitmix64), so that a failing seed of a generated run

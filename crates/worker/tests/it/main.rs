@@ -148,3 +148,66 @@ async fn shutdown_finishes_the_delivery_in_hand_and_takes_nothing_new() {
     assert_eq!(status(&answered).as_deref(), Some("ok"), "the delivery in hand was finished");
     stopping.await.unwrap();
 }
+
+/// A delivery with ordering key `key`, due for an answer a minute from now.
+fn keyed(id: Uuid, attempt: u32, key: &str) -> Bytes {
+    let mut envelope: serde_json::Value = serde_json::from_slice(&envelope(id, attempt)).unwrap();
+    let deadline =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 60_000;
+    envelope["piclouddeadline"] = serde_json::json!(deadline as i64);
+    envelope["picloudorderingkey"] = serde_json::json!(key);
+    Bytes::from(envelope.to_string())
+}
+
+#[tokio::test]
+async fn a_record_counts_each_handlers_deliveries_in_flight_and_orders_them_per_key() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let record = picloud_worker::Record::new();
+    let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .record(&record)
+        .handle("held", {
+            let release = release.clone();
+            move |_| {
+                let release = release.clone();
+                async move {
+                    release.acquire().await?.forget();
+                    Ok(Reply::ok(serde_json::json!({})))
+                }
+            }
+        })
+        .handle("quick", |_| async { Ok(Reply::ok(serde_json::json!({}))) })
+        .start()
+        .await
+        .unwrap();
+
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let mut answers = Vec::new();
+    for (id, key) in ids.iter().zip(["a", "b", "a"]) {
+        let client = client.clone();
+        let body = keyed(*id, 1, key);
+        answers.push(tokio::spawn(async move { request(&client, "held", body).await }));
+        let handed = record.handed().len();
+        picloud_testkit::eventually("the delivery to be handed", || async {
+            (record.handed().len() > handed).then_some(())
+        })
+        .await;
+    }
+    request(&client, "quick", keyed(Uuid::now_v7(), 2, "a")).await;
+    assert_eq!(record.in_flight("held"), 3, "three handed, none answered");
+    assert_eq!(record.in_flight("quick"), 0);
+
+    release.add_permits(3);
+    for answer in answers {
+        assert_eq!(status(&answer.await.unwrap()).as_deref(), Some("ok"));
+    }
+    assert_eq!(record.in_flight("held"), 0);
+    assert_eq!(record.peak_in_flight("held"), 3);
+    let by_key = record.by_key("held");
+    let a: Vec<Uuid> = by_key["a"].iter().map(|h| h.id).collect();
+    assert_eq!(a, [ids[0], ids[2]], "key a's deliveries in the order handed");
+    assert_eq!(by_key["b"].iter().map(|h| h.id).collect::<Vec<_>>(), [ids[1]]);
+    assert_eq!(record.by_key("quick")["a"][0].attempt, 2);
+    worker.shutdown().await;
+}
