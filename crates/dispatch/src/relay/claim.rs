@@ -60,9 +60,9 @@ pub(super) async fn claim_loop<S: Store>(
         slots.forget();
         // Limited rows first, within their limits and half the batch at most; the plain claim
         // fills what is left, so that neither kind starves the other. Both within each app's
-        // share, counted in before the other claimer's round counts.
+        // share, less what the other claimer's round may take meanwhile.
         let claimable = &shared.claimable;
-        let mut round = shared.shares.round().await;
+        let round = shared.shares.round(batch);
         let limited_turn = claimable.limited.swap(false, Ordering::AcqRel)
             && shared.limits.exist(&shared.store, shared.config.poll_interval).await;
         let (limited, next_token) = if limited_turn {

@@ -618,7 +618,7 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
             abandoned
                 .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
         }
-        if shared.shares.finished(&batch) {
+        if shared.shares.finished(&batch, shared.config.batch_size) {
             // An app that held its whole share has room again: its rows are claimable.
             shared.claimable.plain();
             shared.wake.notify_one();

@@ -415,8 +415,8 @@ pub(super) fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery
 /// it): `$1` want, `$2` the lease in milliseconds, `$3` the store's clock (NULL: `now()`), `$4`
 /// the node, `$5` the first app id to visit, `$6` the share, `$7`/`$8` the apps' held slots.
 ///
-/// The walk finds each next app with a probe of `outbox_app_due`, whatever its rows; an app's
-/// first row says whether it has a due one. Then each app's oldest due rows are taken from the
+/// The walk finds each next app with a probe of `outbox_app_due`, whatever its rows; the app's
+/// first row there says whether it has a due one. Then each app's oldest due rows are taken from the
 /// same index, the apps in turn, as many as its quota.
 pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -425,10 +425,8 @@ pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
              SELECT w.app_id, w.n,
                     greatest(0, $6::int8 - coalesce((SELECT h.held FROM UNNEST($7::uuid[], $8::int8[]) AS h(app_id, held)
                                                      WHERE h.app_id = w.app_id), 0)) AS room,
-                    (SELECT o.due_at FROM outbox o
-                      WHERE o.app_id = w.app_id AND NOT o.waiting AND NOT o.gated
-                      ORDER BY o.due_at LIMIT 1) <= coalesce($3, now()) AS due
-               FROM walk w WHERE w.app_id IS NOT NULL),
+                    w.first_due <= coalesce($3, now()) AS due
+               FROM walk w),
          quotas AS MATERIALIZED (
              SELECT a.app_id, a.n,
                     CASE WHEN a.due THEN least(a.room, ceil($1::float8 / greatest(1,
@@ -467,21 +465,24 @@ pub(super) fn lease_picked(node: &str) -> String {
     )
 }
 
-/// The recursive CTE `walk (app_id, n)`: the apps with rows in `outbox_app_due`, from the id
-/// `start` on, in order, one index probe each, `limit` at most. Its last row is NULL when it
+/// The recursive CTE `walk (app_id, first_due, n)`: the apps with rows in `outbox_app_due`, from
+/// the id `start` on, in order, one index probe each (which also finds the app's earliest due
+/// time: the index orders an app's rows by it), `limit` at most. Its last row is NULL when it
 /// ran out of apps.
 fn app_walk(start: &str, limit: Option<u32>) -> String {
     let within = limit.map(|limit| format!("AND w.n < {limit}")).unwrap_or_default();
     format!(
-        "walk (app_id, n) AS (
-             (SELECT o.app_id, 1 FROM outbox o
+        "walk (app_id, first_due, n) AS (
+             (SELECT o.app_id, o.due_at, 1 FROM outbox o
                WHERE NOT o.waiting AND NOT o.gated AND o.app_id >= {start}
-               ORDER BY o.app_id LIMIT 1)
+               ORDER BY o.app_id, o.due_at LIMIT 1)
            UNION ALL
-             SELECT (SELECT o.app_id FROM outbox o
-                      WHERE NOT o.waiting AND NOT o.gated AND o.app_id > w.app_id
-                      ORDER BY o.app_id LIMIT 1), w.n + 1
-               FROM walk w WHERE w.app_id IS NOT NULL {within})"
+             SELECT f.app_id, f.due_at, w.n + 1
+               FROM walk w CROSS JOIN LATERAL (
+                   SELECT o.app_id, o.due_at FROM outbox o
+                    WHERE NOT o.waiting AND NOT o.gated AND o.app_id > w.app_id
+                    ORDER BY o.app_id, o.due_at LIMIT 1) f
+              WHERE true {within})"
     )
 }
 
