@@ -96,7 +96,7 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                FROM counted c WHERE c.tokens - c.claimed < 1)
          SELECT w.next_token_s, (SELECT epoch FROM config_epoch) AS config_epoch, c.*
            FROM waits w LEFT JOIN claimed c ON true",
-        lease = lease_picked("$7"),
+        lease = lease_picked("$7", "SELECT ctid FROM picked", ""),
     )
 });
 

@@ -1,5 +1,6 @@
 //! The outbox in Postgres: batch inserts into the caller's transaction, the claim, completions.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -416,52 +417,65 @@ pub(super) fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery
 /// the node, `$5` the first app id to visit, `$6` the share, `$7`/`$8` the apps' held slots.
 ///
 /// The walk finds each next app with a probe of `outbox_app_due`, whatever its rows; the app's
-/// first row there says whether it has a due one. Then each app's oldest due rows are taken from the
+/// first row there says whether it has a due one, and where its part is taken from (the index
+/// entries before it are of rows the statement cannot see: it does not walk them twice). Then each app's oldest due rows are taken from the
 /// same index, the apps in turn, as many as its quota.
 pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH RECURSIVE {walk},
          apps AS MATERIALIZED (
-             SELECT w.app_id, w.n,
+             SELECT w.app_id, w.n, w.first_due,
                     greatest(0, $6::int8 - coalesce((SELECT h.held FROM UNNEST($7::uuid[], $8::int8[]) AS h(app_id, held)
                                                      WHERE h.app_id = w.app_id), 0)) AS room,
                     w.first_due <= coalesce($3, now()) AS due
                FROM walk w),
          quotas AS MATERIALIZED (
-             SELECT a.app_id, a.n,
+             SELECT a.app_id, a.n, a.first_due,
                     CASE WHEN a.due THEN least(a.room, ceil($1::float8 / greatest(1,
                         count(*) FILTER (WHERE a.due AND a.room > 0) OVER ()))::int8) ELSE 0 END AS quota
-               FROM apps a),
-         picked AS (
-             SELECT p.ctid FROM quotas x CROSS JOIN LATERAL (
+               FROM apps a)
+         {lease}",
+        walk = app_walk("$5", Some(APPS_PER_CLAIM)),
+        lease = lease_picked(
+            "$4",
+            "SELECT p.ctid FROM quotas x CROSS JOIN LATERAL (
                  SELECT o.ctid FROM outbox o
-                  WHERE o.app_id = x.app_id AND o.due_at <= coalesce($3, now()) AND NOT o.waiting AND NOT o.gated
+                  WHERE o.app_id = x.app_id AND o.due_at >= x.first_due AND o.due_at <= coalesce($3, now())
+                    AND NOT o.waiting AND NOT o.gated
                     AND (o.leased_until IS NULL OR o.leased_until <= coalesce($3, now()))
                   ORDER BY o.due_at LIMIT x.quota
                     FOR UPDATE SKIP LOCKED) p
-              LIMIT $1),
-         claimed AS ({lease})
-         SELECT s.*, (SELECT epoch FROM config_epoch) AS config_epoch, c.*
-           FROM (SELECT (SELECT q.app_id FROM quotas q WHERE q.n = {APPS_PER_CLAIM}) AS walked_to,
-                        array_agg(q.app_id ORDER BY q.n) FILTER (WHERE q.quota > 0) AS quota_apps,
-                        array_agg(q.quota ORDER BY q.n) FILTER (WHERE q.quota > 0) AS quotas
-                   FROM quotas q) s
-           LEFT JOIN claimed c ON true",
-        walk = app_walk("$5", Some(APPS_PER_CLAIM)),
-        lease = lease_picked("$4"),
+              LIMIT $1",
+            &format!(
+                ", (SELECT q.app_id FROM quotas q WHERE q.n = {APPS_PER_CLAIM}) AS walked_to,
+                   (SELECT epoch FROM config_epoch) AS config_epoch,
+                   (SELECT q.quota FROM quotas q WHERE q.app_id = o.app_id) AS quota"
+            ),
+        ),
     )
 });
 
-/// The lease of the rows of a claim's CTE `picked` (their `ctid`s) to the node `node`: the
-/// attempt counted, `leased_until` now (`$3`, the store's clock) + the lease (`$2`, ms).
-pub(super) fn lease_picked(node: &str) -> String {
+/// Where the walk of a claim that took nothing stopped: the 64th app from `$1`, if there is one
+/// (a claim that took rows says it itself).
+static WALKED_TO: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH RECURSIVE {walk} SELECT app_id FROM walk WHERE n = {APPS_PER_CLAIM}",
+        walk = app_walk("$1", Some(APPS_PER_CLAIM)),
+    )
+});
+
+/// The lease of the rows `rows` selects (their `ctid`s, locked by the statement) to the node
+/// `node`: the attempt counted, `leased_until` now (`$3`, the store's clock) + the lease (`$2`,
+/// ms); it returns the claimed columns and `also`. One top-level statement: a claim that runs
+/// it in a CTE and joins its rows costs a fifth more.
+pub(super) fn lease_picked(node: &str, rows: &str, also: &str) -> String {
     format!(
         "UPDATE outbox o
             SET attempts = o.attempts + 1,
                 leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
                 leased_by = {node}
-          WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM picked))
-      RETURNING {CLAIMED}"
+          WHERE o.ctid = ANY (ARRAY({rows}))
+      RETURNING {CLAIMED}{also}"
     )
 }
 
@@ -565,35 +579,31 @@ impl OutboxRepo for PgStore {
     ) -> Result<SharedClaim> {
         let (apps, held): (Vec<Uuid>, Vec<i64>) =
             walk.share.held.iter().map(|(app, n)| (app.as_uuid(), i64::from(*n))).unzip();
+        let from = walk.from.map_or(Uuid::nil(), AppId::as_uuid);
         let found = sqlx::query(&CLAIM_DUE)
             .bind(i64::from(want))
             .bind(millis(lease))
             .bind(self.now())
             .bind(node)
-            .bind(walk.from.map_or(Uuid::nil(), AppId::as_uuid))
+            .bind(from)
             .bind(i64::from(walk.share.share))
             .bind(apps)
             .bind(held)
             .fetch_all(&self.pool)
             .await?;
-        let outcome = found.first().expect("the claim answers one row at least");
-        let mut rows = Vec::with_capacity(found.len());
-        for row in &found {
-            if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
-                rows.push(claimed_row(row)?);
-            }
+        let rows = found.iter().map(claimed_row).collect::<Result<Vec<_>>>()?;
+        let (config_epoch, walked_to) = match found.first() {
+            Some(first) => (first.try_get("config_epoch")?, first.try_get::<Option<Uuid>, _>("walked_to")?),
+            None => (None, sqlx::query_scalar(&WALKED_TO).bind(from).fetch_optional(&self.pool).await?),
+        };
+        let resume_at = walked_to.map(AppId::from_uuid).and_then(SharedClaim::past);
+        // Per app, what it gave and its part: an app that gave all of it may have more rows.
+        let mut parts: HashMap<AppId, (i64, i64)> = HashMap::new();
+        for (row, found) in rows.iter().zip(&found) {
+            let part = parts.entry(row.app_id).or_insert((0, found.try_get("quota")?));
+            part.0 += 1;
         }
-        let config_epoch = if rows.is_empty() { None } else { outcome.try_get("config_epoch")? };
-        let quota_apps: Vec<Uuid> = outcome.try_get::<Option<_>, _>("quota_apps")?.unwrap_or_default();
-        let quotas: Vec<i64> = outcome.try_get::<Option<_>, _>("quotas")?.unwrap_or_default();
-        let resume_at = outcome
-            .try_get::<Option<Uuid>, _>("walked_to")?
-            .map(AppId::from_uuid)
-            .and_then(SharedClaim::past);
-        let more = rows.len() >= want as usize
-            || quota_apps.iter().zip(&quotas).any(|(app, quota)| {
-                rows.iter().filter(|r| r.app_id.as_uuid() == *app).count() as i64 >= *quota
-            });
+        let more = rows.len() >= want as usize || parts.values().any(|(gave, part)| gave >= part);
         Ok(SharedClaim { claim: Claim { rows, config_epoch }, more, resume_at })
     }
 
