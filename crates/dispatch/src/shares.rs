@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use picloud_core::AppId;
-use picloud_store::{AppShare, ClaimedDelivery, OutboxRepo, SharedClaim, Walk};
+use picloud_store::{AppShare, Claim, ClaimedDelivery, OutboxRepo, Walk};
 
 use crate::complete::Done;
 
@@ -21,8 +21,19 @@ pub(crate) struct Shares {
     /// The rows the claiming rounds under way may still take, all told: a round may take that
     /// many of one app, so each round leaves room for the others' ([`Shares::round`]).
     claiming: Mutex<u32>,
-    /// Where the next walk over the apps starts.
-    walk_from: Mutex<Option<AppId>>,
+    /// Where the next walk over the apps starts, and what the pass of walks under way (from
+    /// the first app to the last) has seen.
+    walk: Mutex<Pass>,
+}
+
+/// A pass of walks over the apps, from the first app to the last, one claim at a time.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Where the next claim's walk starts (`None`: a new pass, from the first app).
+    from: Option<AppId>,
+    /// Whether a claim of this pass took rows or left some, or rows were written meanwhile:
+    /// the apps before where the pass started may have rows due, so the next pass looks.
+    found: bool,
 }
 
 /// One claiming round ([`Shares::round`]): the claims of one claimer, up to `most` rows.
@@ -46,7 +57,7 @@ impl Shares {
             share: share.max(1),
             held: Mutex::default(),
             claiming: Mutex::default(),
-            walk_from: Mutex::default(),
+            walk: Mutex::default(),
         }
     }
 
@@ -60,16 +71,22 @@ impl Shares {
         Round { shares: self, most, others }
     }
 
+    /// Rows were written: the pass under way looks at the apps before its start again when it
+    /// ends.
+    pub(crate) fn written(&self) {
+        self.walk.lock().expect("shares lock").found = true;
+    }
+
     /// Counts answered deliveries out: whether an app that may have been left out of a claim
     /// for want of room has more room now (nothing else may say its rows are claimable). A
-    /// round leaves room for another's `most`, so an app within `most` of its share may have
-    /// had none.
-    pub(crate) fn finished(&self, batch: &[Done], most: u32) -> bool {
+    /// round leaves room for what the other rounds may take (`others_most` at most), so an app
+    /// within that of its share may have had none.
+    pub(crate) fn finished(&self, batch: &[Done], others_most: u32) -> bool {
         let mut held = self.held.lock().expect("shares lock");
         let mut freed = false;
         for done in batch {
             if let Some(n) = held.get_mut(&done.app_id) {
-                freed |= *n + most >= self.share;
+                freed |= *n + others_most >= self.share;
                 *n -= 1;
                 if *n == 0 {
                     held.remove(&done.app_id);
@@ -88,7 +105,7 @@ impl Round<'_> {
 
     /// The relay's share over `held`, less what the other rounds under way may take.
     pub(crate) fn share<'h>(&self, held: &'h [(AppId, u32)]) -> AppShare<'h> {
-        AppShare { share: self.shares.share.saturating_sub(self.others), held }
+        AppShare { per_app: self.shares.share.saturating_sub(self.others), held }
     }
 
     /// Counts claimed deliveries in.
@@ -100,19 +117,107 @@ impl Round<'_> {
     }
 
     /// Claims up to `want` plain rows shared among the apps, each within its room, going on
-    /// with the walk where the last claim left it; counts them in.
+    /// with the walk where the last claim left it; counts them in. Says too whether to claim
+    /// again at once: rows of the apps it visited may be left, the walk stopped before the last
+    /// app, or it reached the last app of a pass that did not start at the first and found rows.
     pub(crate) async fn claim_plain(
         &self,
         store: &impl OutboxRepo,
         want: u32,
         lease: Duration,
         node: &str,
-    ) -> picloud_store::Result<SharedClaim> {
+    ) -> picloud_store::Result<(Claim, bool)> {
         let held = self.held();
-        let from = *self.shares.walk_from.lock().expect("shares lock");
+        let from = self.shares.walk.lock().expect("shares lock").from;
         let claimed = store.claim_shared(want, lease, node, Walk { from, share: self.share(&held) }).await?;
-        *self.shares.walk_from.lock().expect("shares lock") = claimed.resume_at;
         self.took(&claimed.claim.rows);
-        Ok(claimed)
+        let mut pass = self.shares.walk.lock().expect("shares lock");
+        pass.found |= claimed.more || !claimed.claim.rows.is_empty();
+        let wrapped = from.is_some() && claimed.resume_at.is_none() && pass.found;
+        if claimed.resume_at.is_none() {
+            pass.found = false;
+        }
+        pass.from = claimed.resume_at;
+        Ok((claimed.claim, claimed.more || claimed.resume_at.is_some() || wrapped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use picloud_core::{
+        AppSlug, CollectionPattern, HandlerName, RetryOverrides, Role, TopicName, TriggerConfig, TriggerId,
+        TriggerName,
+    };
+    use picloud_store::events::{self, EventContext};
+    use picloud_store::{
+        APPS_PER_CLAIM, AuthRepo as _, Handler, MemStore, NewTrigger, Transactional as _, TriggerRepo as _,
+        TriggerSpec,
+    };
+
+    use super::*;
+
+    /// `apps` apps with `rows` due messages each.
+    async fn apps_with_rows(apps: usize, rows: usize) -> MemStore {
+        let store = MemStore::new();
+        let config = TriggerConfig::default();
+        for n in 0..apps {
+            let app = store.create_app(&AppSlug::parse(format!("app-{n}")).unwrap()).await.unwrap();
+            let admin = store.create_principal(&format!("admin-{n}"), false).await.unwrap();
+            store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
+            let trigger = NewTrigger {
+                id: TriggerId::new(),
+                app_id: app.id,
+                name: TriggerName::parse("t").unwrap(),
+                spec: TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() },
+                handler: Handler::Function(HandlerName::parse("h").unwrap()),
+                retry: RetryOverrides::default(),
+                flow: None,
+                enabled: true,
+                registered_by: admin.id,
+            };
+            store.create_trigger(&trigger).await.unwrap();
+            let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
+            let mut tx = store.begin().await.unwrap();
+            for _ in 0..rows {
+                let message = serde_json::value::to_raw_value(&serde_json::json!({})).unwrap();
+                events::publish(&store, &mut tx, &cx, &TopicName::parse("t").unwrap(), &message, None)
+                    .await
+                    .unwrap();
+            }
+            store.commit(tx).await.unwrap();
+        }
+        store
+    }
+
+    #[tokio::test]
+    async fn a_pass_over_more_apps_than_a_walk_takes_comes_back_for_the_rows_it_left_behind() {
+        let apps = APPS_PER_CLAIM as usize + 2;
+        let store = apps_with_rows(apps, 3).await;
+        let shares = Shares::new(u32::MAX);
+        let want = APPS_PER_CLAIM;
+        let mut claimed = 0;
+        let mut claims = 0;
+        loop {
+            let round = shares.round(want);
+            let (claim, again) = round.claim_plain(&store, want, Duration::from_secs(30), "n").await.unwrap();
+            claimed += claim.rows.len();
+            claims += 1;
+            if !again {
+                break;
+            }
+            assert!(claims < 20, "the claims go on and on");
+        }
+        assert_eq!(claimed, apps * 3, "every row was claimed before the claimer would idle");
+        // Everything is in flight: the claimer finishes the pass it starts, and stops.
+        for pass in 1.. {
+            let round = shares.round(want);
+            let (claim, again) = round.claim_plain(&store, want, Duration::from_secs(30), "n").await.unwrap();
+            assert!(claim.rows.is_empty());
+            if !again {
+                assert_eq!(pass, 2, "one walk of the first apps, one of the rest");
+                break;
+            }
+            assert!(pass < 2, "a pass that found nothing is not walked again");
+        }
     }
 }

@@ -248,19 +248,19 @@ pub const APPS_PER_CLAIM: u32 = 64;
 #[derive(Debug, Clone, Copy)]
 pub struct AppShare<'a> {
     /// The most deliveries of one app in flight at the relay (`PICLOUD_RELAY_APP_SHARE`).
-    pub share: u32,
+    pub per_app: u32,
     /// The relay's deliveries in flight per app, claimed and not completed yet.
     pub held: &'a [(AppId, u32)],
 }
 
 impl AppShare<'_> {
     /// No app bounded.
-    pub const UNBOUNDED: AppShare<'static> = AppShare { share: u32::MAX, held: &[] };
+    pub const UNBOUNDED: AppShare<'static> = AppShare { per_app: u32::MAX, held: &[] };
 
     /// How many more deliveries of `app` the relay may have in flight.
     pub fn room(&self, app: AppId) -> u32 {
         let held = self.held.iter().find(|(a, _)| *a == app).map_or(0, |(_, n)| *n);
-        self.share.saturating_sub(held)
+        self.per_app.saturating_sub(held)
     }
 }
 
@@ -281,17 +281,29 @@ pub struct SharedClaim {
     /// Whether more rows of the apps it visited may be due: an app gave all its part, or the
     /// claim took all it wanted.
     pub more: bool,
-    /// Where the next claim's walk starts: just past the last app this one visited, when it
-    /// stopped at [`APPS_PER_CLAIM`] apps and apps past them were not visited (`None`: it
-    /// visited the last app; the next walk starts from the first).
+    /// Where the next claim's walk starts ([`SharedClaim::resume_at`]; `None`: from the first
+    /// app).
     pub resume_at: Option<AppId>,
 }
 
 impl SharedClaim {
-    /// Where the walk after one that stopped at `last` starts: the next id up (`None` past the
-    /// highest id, which is the same as starting over).
-    pub fn past(last: AppId) -> Option<AppId> {
-        last.as_uuid().as_u128().checked_add(1).map(|next| AppId::from_uuid(Uuid::from_u128(next)))
+    /// Where the walk after this claim starts, from what the claim saw: how many apps it
+    /// visited and the last of them, and the last app it took rows of if it took all it
+    /// wanted. A walk cut at [`APPS_PER_CLAIM`] goes on past its last app; a full claim that
+    /// left visited apps without their turn goes on past the last app it took rows of (the
+    /// apps after it take their turn first next time); otherwise the next walk starts over.
+    pub fn resume_at(
+        visited: u32,
+        last_visited: Option<AppId>,
+        last_taken_of_full: Option<AppId>,
+    ) -> Option<AppId> {
+        let past = |last: AppId| {
+            last.as_uuid().as_u128().checked_add(1).map(|n| AppId::from_uuid(Uuid::from_u128(n)))
+        };
+        if visited >= APPS_PER_CLAIM {
+            return last_visited.and_then(past);
+        }
+        last_taken_of_full.filter(|taken| Some(*taken) != last_visited).and_then(past)
     }
 }
 
@@ -427,7 +439,8 @@ pub trait OutboxRepo: Transactional {
         node: &str,
         walk: Walk<'_>,
     ) -> impl Future<Output = Result<SharedClaim>> + Send;
-    /// [`OutboxRepo::claim_shared`] of every app from the first, without bounds on any.
+    /// [`OutboxRepo::claim_shared`] of every app from the first, without bounds on any (for
+    /// tests and tools: a relay claims with its shares).
     fn claim_due(
         &self,
         batch: u32,

@@ -23,7 +23,8 @@ pub struct Handed {
     pub started_ms: i64,
     /// When it ended for the router, in unix milliseconds: the handler's answer, or the
     /// delivery's deadline if that came first (the router no longer counts it in flight then,
-    /// whatever the handler does). `None` while the handler works and the deadline is ahead.
+    /// whatever the handler does). `None` until the handler answers, even past the deadline
+    /// ([`Record::in_flight`] and [`Record::peak_in_flight`] count it out at the deadline).
     pub ended_ms: Option<i64>,
     /// The delivery's deadline, in unix milliseconds.
     pub deadline_ms: i64,

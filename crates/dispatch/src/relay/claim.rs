@@ -39,12 +39,17 @@ impl Claimable {
     }
 }
 
+/// The rows one claiming round takes at most: the batch, within the relay's slots.
+pub(super) fn batch(config: &RelayConfig) -> u32 {
+    config.batch_size.clamp(1, config.max_in_flight.max(1) as u32)
+}
+
 pub(super) async fn claim_loop<S: Store>(
     shared: Arc<Shared<S>>,
     done: mpsc::UnboundedSender<Done>,
     mut shutdown: Shutdown,
 ) {
-    let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
+    let batch = batch(&shared.config);
     let lease = shared.config.node.lease();
     let mut failures = 0u32;
     let mut next_due = None;
@@ -79,23 +84,17 @@ pub(super) async fn claim_loop<S: Store>(
                 // No free slot left this round: the plain claim's turn stays.
                 claimable.plain();
             }
-            Ok(SharedClaim {
-                claim: Claim { rows: Vec::new(), config_epoch: None },
-                more: false,
-                resume_at: None,
-            })
+            Ok((Claim { rows: Vec::new(), config_epoch: None }, false))
         };
         drop(round);
         let limited = deliver_claimed(&shared, limited, &done).await;
         match plain {
-            Ok(claimed) => {
+            Ok((claim, again)) => {
                 failures = 0;
-                if claimed.more || claimed.resume_at.is_some() {
-                    // Rows of the apps it visited, or apps it did not visit, may be due: the
-                    // walk goes on to the last app before the claimer idles.
+                if again {
                     claimable.plain();
                 }
-                let claimed = limited + deliver_claimed(&shared, claimed.claim, &done).await;
+                let claimed = limited + deliver_claimed(&shared, claim, &done).await;
                 shared.slots.add_permits(batch as usize - claimed);
                 // Lanes noted because a writer held them, by this relay or by one that died
                 // before it released them: at most a poll interval late, however busy the relay.

@@ -23,9 +23,7 @@ use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
-use picloud_store::{
-    AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, SharedClaim, Store, Wakeups,
-};
+use picloud_store::{AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
 use picloud_worker::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -223,6 +221,7 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
         match wakeups.next().await {
             Some(Ok(())) => {
                 failures = 0;
+                shared.shares.written();
                 shared.claimable.all();
                 shared.wake.notify_one();
             }
@@ -618,9 +617,10 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
             abandoned
                 .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
         }
-        if shared.shares.finished(&batch, shared.config.batch_size) {
-            // An app that held its whole share has room again: its rows are claimable.
+        if shared.shares.finished(&batch, claim::batch(&shared.config) * (CLAIMERS as u32 - 1)) {
+            // An app that may have had no room has some again: its rows are claimable.
             shared.claimable.plain();
+            shared.claimable.limited();
             shared.wake.notify_one();
         }
         let (freed, idle) = shared.limits.finished(&batch);

@@ -67,6 +67,8 @@ async fn a_hanging_apps_backlog_holds_its_share_of_the_slots_and_another_app_goe
     config.node.handler_timeout = Duration::from_secs(30);
     config.batch_size = 10;
     config.max_in_flight = 20;
+    // No poll to fall back on: the relay must wake itself when the busy app's slots come back.
+    config.poll_interval = Duration::from_secs(60);
     let share = config.app_share() as usize;
     assert_eq!(share, 10, "half the slots by default");
     let relay = start_relay(world.store.clone(), &world.nats_url(), config).await;

@@ -211,10 +211,11 @@ impl OutboxRepo for MemStore {
             picked.extend(rows.into_iter().take(quota as usize).map(|(_, id)| id));
         }
         picked.truncate(want as usize);
-        let resume_at = (visited.len() == APPS_PER_CLAIM as usize)
-            .then(|| visited.last().and_then(|(app, _)| SharedClaim::past(*app)))
-            .flatten();
-        more |= picked.len() >= want as usize;
+        let full = picked.len() >= want as usize;
+        more |= full;
+        let last_visited = visited.last().map(|(app, _)| *app);
+        let last_taken = picked.last().and_then(|id| s.outbox.get(id)).map(|r| r.new.app_id).filter(|_| full);
+        let resume_at = SharedClaim::resume_at(visited.len() as u32, last_visited, last_taken);
         let claimed: Vec<ClaimedDelivery> = picked
             .iter()
             .map(|id| lease_row(s.outbox.get_mut(id).expect("row just listed"), now, lease))

@@ -124,7 +124,7 @@ pub(super) async fn claim_limited(
         .bind(busy_triggers)
         .bind(busy)
         .bind(holder.node)
-        .bind(i64::from(holder.share.share))
+        .bind(i64::from(holder.share.per_app))
         .bind(held_apps)
         .bind(held)
         .fetch_all(&store.pool)

@@ -21,7 +21,7 @@ mod rows;
 mod triggers;
 
 pub use ops::{AdvisoryLock, Gauges};
-pub use outbox::{CLAIM_DUE, insert_deliveries};
+pub use outbox::{CLAIM_SHARED, insert_deliveries};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -41,7 +41,7 @@ impl AdvisoryLock {
 
 impl PgStore {
     /// The gauges, in one round trip: the due rows come off the claims' indexes (`outbox_app_due`,
-    /// `outbox_gated`; rows waiting in a lane are not due),
+    /// read whole: it is ordered by app first; `outbox_gated`; rows waiting in a lane are not due),
     /// the unresolved dead letters off their partial index; abandoned executions are bounded by
     /// their retention.
     pub async fn gauges(&self) -> Result<Gauges> {

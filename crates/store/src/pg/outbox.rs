@@ -420,7 +420,7 @@ pub(super) fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery
 /// first row there says whether it has a due one, and where its part is taken from (the index
 /// entries before it are of rows the statement cannot see: it does not walk them twice). Then each app's oldest due rows are taken from the
 /// same index, the apps in turn, as many as its quota.
-pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
+pub static CLAIM_SHARED: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH RECURSIVE {walk},
          apps AS MATERIALIZED (
@@ -446,20 +446,20 @@ pub static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
                   ORDER BY o.due_at LIMIT x.quota
                     FOR UPDATE SKIP LOCKED) p
               LIMIT $1",
-            &format!(
-                ", (SELECT q.app_id FROM quotas q WHERE q.n = {APPS_PER_CLAIM}) AS walked_to,
+            ", (SELECT max(q.n) FROM quotas q) AS visited,
+                   (SELECT q.app_id FROM quotas q WHERE q.n = (SELECT max(n) FROM quotas)) AS last_visited,
                    (SELECT epoch FROM config_epoch) AS config_epoch,
-                   (SELECT q.quota FROM quotas q WHERE q.app_id = o.app_id) AS quota"
-            ),
+                   (SELECT q.quota FROM quotas q WHERE q.app_id = o.app_id) AS quota",
         ),
     )
 });
 
-/// Where the walk of a claim that took nothing stopped: the 64th app from `$1`, if there is one
-/// (a claim that took rows says it itself).
-static WALKED_TO: LazyLock<String> = LazyLock::new(|| {
+/// How far the walk of a claim that took nothing went: how many apps from `$1` it visited, and
+/// the last (a claim that took rows says it itself).
+static WALKED: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH RECURSIVE {walk} SELECT app_id FROM walk WHERE n = {APPS_PER_CLAIM}",
+        "WITH RECURSIVE {walk}
+         SELECT max(n) AS visited, (SELECT w.app_id FROM walk w WHERE w.n = (SELECT max(n) FROM walk)) AS last_visited FROM walk",
         walk = app_walk("$1", Some(APPS_PER_CLAIM)),
     )
 });
@@ -481,8 +481,7 @@ pub(super) fn lease_picked(node: &str, rows: &str, also: &str) -> String {
 
 /// The recursive CTE `walk (app_id, first_due, n)`: the apps with rows in `outbox_app_due`, from
 /// the id `start` on, in order, one index probe each (which also finds the app's earliest due
-/// time: the index orders an app's rows by it), `limit` at most. Its last row is NULL when it
-/// ran out of apps.
+/// time: the index orders an app's rows by it), `limit` at most.
 fn app_walk(start: &str, limit: Option<u32>) -> String {
     let within = limit.map(|limit| format!("AND w.n < {limit}")).unwrap_or_default();
     format!(
@@ -580,30 +579,39 @@ impl OutboxRepo for PgStore {
         let (apps, held): (Vec<Uuid>, Vec<i64>) =
             walk.share.held.iter().map(|(app, n)| (app.as_uuid(), i64::from(*n))).unzip();
         let from = walk.from.map_or(Uuid::nil(), AppId::as_uuid);
-        let found = sqlx::query(&CLAIM_DUE)
+        let found = sqlx::query(&CLAIM_SHARED)
             .bind(i64::from(want))
             .bind(millis(lease))
             .bind(self.now())
             .bind(node)
             .bind(from)
-            .bind(i64::from(walk.share.share))
+            .bind(i64::from(walk.share.per_app))
             .bind(apps)
             .bind(held)
             .fetch_all(&self.pool)
             .await?;
         let rows = found.iter().map(claimed_row).collect::<Result<Vec<_>>>()?;
-        let (config_epoch, walked_to) = match found.first() {
-            Some(first) => (first.try_get("config_epoch")?, first.try_get::<Option<Uuid>, _>("walked_to")?),
-            None => (None, sqlx::query_scalar(&WALKED_TO).bind(from).fetch_optional(&self.pool).await?),
+        let asked;
+        let walked = match found.first() {
+            Some(first) => first,
+            None => {
+                asked = sqlx::query(&WALKED).bind(from).fetch_one(&self.pool).await?;
+                &asked
+            }
         };
-        let resume_at = walked_to.map(AppId::from_uuid).and_then(SharedClaim::past);
+        let visited = walked.try_get::<Option<i32>, _>("visited")?.unwrap_or(0) as u32;
+        let last_visited = walked.try_get::<Option<Uuid>, _>("last_visited")?.map(AppId::from_uuid);
+        let config_epoch = if rows.is_empty() { None } else { walked.try_get("config_epoch")? };
         // Per app, what it gave and its part: an app that gave all of it may have more rows.
         let mut parts: HashMap<AppId, (i64, i64)> = HashMap::new();
         for (row, found) in rows.iter().zip(&found) {
             let part = parts.entry(row.app_id).or_insert((0, found.try_get("quota")?));
             part.0 += 1;
         }
-        let more = rows.len() >= want as usize || parts.values().any(|(gave, part)| gave >= part);
+        let full = rows.len() >= want as usize;
+        let more = full || parts.values().any(|(gave, part)| gave >= part);
+        let last_taken = rows.iter().map(|r| r.app_id).max().filter(|_| full);
+        let resume_at = SharedClaim::resume_at(visited, last_visited, last_taken);
         Ok(SharedClaim { claim: Claim { rows, config_epoch }, more, resume_at })
     }
 

@@ -18,6 +18,7 @@ conformance!(
     an_app_that_holds_its_share_gets_nothing_and_one_near_it_gets_its_room,
     apps_with_only_later_rows_take_no_part_of_a_claim,
     a_claim_walks_a_bounded_number_of_apps_and_the_next_goes_on_where_it_stopped,
+    a_claim_smaller_than_the_apps_due_leaves_the_next_apps_their_turn_first,
     the_claim_of_limited_rows_keeps_each_app_within_its_room,
 );
 
@@ -42,7 +43,7 @@ fn per_app(rows: &[ClaimedDelivery]) -> HashMap<AppId, usize> {
 }
 
 fn walk<'a>(from: Option<AppId>, share: u32, held: &'a [(AppId, u32)]) -> Walk<'a> {
-    Walk { from, share: AppShare { share, held } }
+    Walk { from, share: AppShare { per_app: share, held } }
 }
 
 async fn a_claim_shares_its_rows_among_the_apps_with_due_rows_oldest_first_within_each<S: Store>(s: S) {
@@ -125,6 +126,31 @@ async fn a_claim_walks_a_bounded_number_of_apps_and_the_next_goes_on_where_it_st
     assert!(again.claim.rows.is_empty() && !again.more, "every row is in flight");
 }
 
+async fn a_claim_smaller_than_the_apps_due_leaves_the_next_apps_their_turn_first<S: Store>(s: S) {
+    let mut apps = Vec::new();
+    for slug in ["one", "two", "three"] {
+        let (t, trigger) = tenant_with_trigger(&s, slug).await;
+        backlog(&s, &t, &trigger, 4).await;
+        apps.push(t.app.id);
+    }
+    apps.sort();
+
+    let mut from = None;
+    let mut turns = Vec::new();
+    for _ in 0..3 {
+        let claimed = s.claim_shared(2, LEASE, "n", walk(from, u32::MAX, &[])).await.unwrap();
+        assert_eq!(claimed.claim.rows.len(), 2);
+        assert!(claimed.more);
+        let mut took: Vec<AppId> = claimed.claim.rows.iter().map(|r| r.app_id).collect();
+        took.sort();
+        turns.push(took);
+        from = claimed.resume_at;
+    }
+    assert_eq!(turns[0], [apps[0], apps[1]], "one row each of the first apps, as many as the claim takes");
+    assert_eq!(turns[1], [apps[2], apps[2]], "the next claim starts with the app left without a turn");
+    assert_eq!(turns[2], [apps[0], apps[1]], "then the walk starts over");
+}
+
 async fn the_claim_of_limited_rows_keeps_each_app_within_its_room<S: Store>(s: S) {
     let t = tenant(&s, "limited").await;
     let flow = Some(Flow { concurrency: Some(100), ..Flow::default() });
@@ -144,7 +170,7 @@ async fn the_claim_of_limited_rows_keeps_each_app_within_its_room<S: Store>(s: S
     s.commit(tx).await.unwrap();
 
     let held = [(t.app.id, 2)];
-    let share = AppShare { share: 5, held: &held };
+    let share = AppShare { per_app: 5, held: &held };
     let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[], share };
     let claimed = s.claim_limited(100, LEASE, holder).await.unwrap().claim.rows;
     assert_eq!(claimed.len(), 3, "two triggers of one app share the app's room of 3");

@@ -44,8 +44,8 @@ async fn two_connections_claiming_at_the_same_time_never_get_the_same_row() {
 /// `EXPLAIN` when `explain`.
 fn claim(explain: bool) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
     static EXPLAIN: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| format!("EXPLAIN {}", *pg::CLAIM_DUE));
-    let sql: &'static str = if explain { &EXPLAIN } else { &pg::CLAIM_DUE };
+        std::sync::LazyLock::new(|| format!("EXPLAIN {}", *pg::CLAIM_SHARED));
+    let sql: &'static str = if explain { &EXPLAIN } else { &pg::CLAIM_SHARED };
     sqlx::query(sql)
         .bind(100i64)
         .bind(30_000i64)
