@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use picloud_core::AppId;
@@ -18,12 +19,12 @@ pub(crate) struct Shares {
     share: u32,
     /// Deliveries of each app claimed and not answered yet.
     held: Mutex<HashMap<AppId, u32>>,
-    /// The rows the claiming rounds under way may still take, all told: a round may take that
-    /// many of one app, so each round leaves room for the others' ([`Shares::round`]).
-    claiming: Mutex<u32>,
-    /// Where the next walk over the apps starts, and what the pass of walks under way (from
-    /// the first app to the last) has seen.
-    walk: Mutex<Pass>,
+    /// One claiming round at a time (the limited claim, then the plain one): a round counts
+    /// what the round before it took, so no app passes its share. It keeps the pass of walks
+    /// over the apps under way.
+    round: tokio::sync::Mutex<Pass>,
+    /// Rows were written since the pass under way last looked.
+    written: AtomicBool,
 }
 
 /// A pass of walks over the apps, from the first app to the last, one claim at a time.
@@ -36,19 +37,10 @@ struct Pass {
     found: bool,
 }
 
-/// One claiming round ([`Shares::round`]): the claims of one claimer, up to `most` rows.
+/// One claiming round ([`Shares::round`]).
 pub(crate) struct Round<'a> {
     shares: &'a Shares,
-    /// The rows this round may take.
-    most: u32,
-    /// The rows other rounds under way may take when this one started.
-    others: u32,
-}
-
-impl Drop for Round<'_> {
-    fn drop(&mut self) {
-        *self.shares.claiming.lock().expect("shares lock") -= self.most;
-    }
+    pass: tokio::sync::MutexGuard<'a, Pass>,
 }
 
 impl Shares {
@@ -56,37 +48,30 @@ impl Shares {
         Self {
             share: share.max(1),
             held: Mutex::default(),
-            claiming: Mutex::default(),
-            walk: Mutex::default(),
+            round: tokio::sync::Mutex::default(),
+            written: AtomicBool::new(false),
         }
     }
 
-    /// Starts a claiming round of up to `most` rows. Rounds run side by side, and none waits for
-    /// another: each leaves room in every app for what the rounds under way may take, so that
-    /// together they never take an app past its share.
-    pub(crate) fn round(&self, most: u32) -> Round<'_> {
-        let mut claiming = self.claiming.lock().expect("shares lock");
-        let others = *claiming;
-        *claiming += most;
-        Round { shares: self, most, others }
+    /// Starts a claiming round, once the round before it has counted what it took.
+    pub(crate) async fn round(&self) -> Round<'_> {
+        Round { shares: self, pass: self.round.lock().await }
     }
 
     /// Rows were written: the pass under way looks at the apps before its start again when it
     /// ends.
     pub(crate) fn written(&self) {
-        self.walk.lock().expect("shares lock").found = true;
+        self.written.store(true, Ordering::Release);
     }
 
-    /// Counts answered deliveries out: whether an app that may have been left out of a claim
-    /// for want of room has more room now (nothing else may say its rows are claimable). A
-    /// round leaves room for what the other rounds may take (`others_most` at most), so an app
-    /// within that of its share may have had none.
-    pub(crate) fn finished(&self, batch: &[Done], others_most: u32) -> bool {
+    /// Counts answered deliveries out: whether an app that held its whole share has room again
+    /// (its rows were left out of claims, and nothing else may say they are claimable).
+    pub(crate) fn finished(&self, batch: &[Done]) -> bool {
         let mut held = self.held.lock().expect("shares lock");
         let mut freed = false;
         for done in batch {
             if let Some(n) = held.get_mut(&done.app_id) {
-                freed |= *n + others_most >= self.share;
+                freed |= *n >= self.share;
                 *n -= 1;
                 if *n == 0 {
                     held.remove(&done.app_id);
@@ -103,9 +88,9 @@ impl Round<'_> {
         self.shares.held.lock().expect("shares lock").iter().map(|(app, n)| (*app, *n)).collect()
     }
 
-    /// The relay's share over `held`, less what the other rounds under way may take.
+    /// The relay's share over `held`.
     pub(crate) fn share<'h>(&self, held: &'h [(AppId, u32)]) -> AppShare<'h> {
-        AppShare { per_app: self.shares.share.saturating_sub(self.others), held }
+        AppShare { per_app: self.shares.share, held }
     }
 
     /// Counts claimed deliveries in.
@@ -121,18 +106,20 @@ impl Round<'_> {
     /// again at once: rows of the apps it visited may be left, the walk stopped before the last
     /// app, or it reached the last app of a pass that did not start at the first and found rows.
     pub(crate) async fn claim_plain(
-        &self,
+        &mut self,
         store: &impl OutboxRepo,
         want: u32,
         lease: Duration,
         node: &str,
     ) -> picloud_store::Result<(Claim, bool)> {
         let held = self.held();
-        let from = self.shares.walk.lock().expect("shares lock").from;
+        let from = self.pass.from;
         let claimed = store.claim_shared(want, lease, node, Walk { from, share: self.share(&held) }).await?;
         self.took(&claimed.claim.rows);
-        let mut pass = self.shares.walk.lock().expect("shares lock");
-        pass.found |= claimed.more || !claimed.claim.rows.is_empty();
+        let pass = &mut self.pass;
+        pass.found |= self.shares.written.swap(false, Ordering::AcqRel)
+            || claimed.more
+            || !claimed.claim.rows.is_empty();
         let wrapped = from.is_some() && claimed.resume_at.is_none() && pass.found;
         if claimed.resume_at.is_none() {
             pass.found = false;
@@ -198,7 +185,7 @@ mod tests {
         let mut claimed = 0;
         let mut claims = 0;
         loop {
-            let round = shares.round(want);
+            let mut round = shares.round().await;
             let (claim, again) = round.claim_plain(&store, want, Duration::from_secs(30), "n").await.unwrap();
             claimed += claim.rows.len();
             claims += 1;
@@ -210,7 +197,7 @@ mod tests {
         assert_eq!(claimed, apps * 3, "every row was claimed before the claimer would idle");
         // Everything is in flight: the claimer finishes the pass it starts, and stops.
         for pass in 1.. {
-            let round = shares.round(want);
+            let mut round = shares.round().await;
             let (claim, again) = round.claim_plain(&store, want, Duration::from_secs(30), "n").await.unwrap();
             assert!(claim.rows.is_empty());
             if !again {

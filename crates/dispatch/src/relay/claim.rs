@@ -39,17 +39,12 @@ impl Claimable {
     }
 }
 
-/// The rows one claiming round takes at most: the batch, within the relay's slots.
-pub(super) fn batch(config: &RelayConfig) -> u32 {
-    config.batch_size.clamp(1, config.max_in_flight.max(1) as u32)
-}
-
 pub(super) async fn claim_loop<S: Store>(
     shared: Arc<Shared<S>>,
     done: mpsc::UnboundedSender<Done>,
     mut shutdown: Shutdown,
 ) {
-    let batch = batch(&shared.config);
+    let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
     let lease = shared.config.node.lease();
     let mut failures = 0u32;
     let mut next_due = None;
@@ -65,9 +60,9 @@ pub(super) async fn claim_loop<S: Store>(
         slots.forget();
         // Limited rows first, within their limits and half the batch at most; the plain claim
         // fills what is left, so that neither kind starves the other. Both within each app's
-        // share, less what the other claimer's round may take meanwhile.
+        // share, counted in before the other claimer's round counts.
         let claimable = &shared.claimable;
-        let round = shared.shares.round(batch);
+        let mut round = shared.shares.round().await;
         let limited_turn = claimable.limited.swap(false, Ordering::AcqRel)
             && shared.limits.exist(&shared.store, shared.config.poll_interval).await;
         let (limited, next_token) = if limited_turn {

@@ -617,8 +617,8 @@ async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::Unbo
             abandoned
                 .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
         }
-        if shared.shares.finished(&batch, claim::batch(&shared.config) * (CLAIMERS as u32 - 1)) {
-            // An app that may have had no room has some again: its rows are claimable.
+        if shared.shares.finished(&batch) {
+            // An app that held its whole share has room again: its rows are claimable.
             shared.claimable.plain();
             shared.claimable.limited();
             shared.wake.notify_one();
