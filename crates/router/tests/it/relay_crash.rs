@@ -35,6 +35,8 @@ impl RouterProcess {
             .env("PICLOUD_RELAY_POLL_MS", "100")
             .env("PICLOUD_RELAY_BATCH", "50")
             .env("PICLOUD_RELAY_MAX_IN_FLIGHT", "50")
+            // One app: it may hold every slot, so that the relay holds one whole batch.
+            .env("PICLOUD_RELAY_APP_SHARE", "50")
             .env("PICLOUD_HTTP_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .spawn()
