@@ -62,27 +62,12 @@ impl Servers {
         let store = PgStore::connect(&url, 20).await?;
         pg::migrate(store.pool()).await?;
         let ops = Ops::new(store, TriggerConfig::default(), AllowNets::default());
-        let operator = Caller::operator(None);
-        ops.create_app(&operator, "bench".to_owned()).await?;
-        let app = ops.store().app_by_slug("bench").await?.context("the bench app is gone")?;
-        let operator = Caller::operator(Some(app.clone()));
-        let admin = ops.create_principal(&operator, "bench-admin", false).await?;
-        ops.set_member(&operator, &admin.id.to_string(), "admin").await?;
-        let mint = CreateToken { principal_id: Some(admin.id), app: None, scopes: None, expires_in_s: None };
-        let token = ops.mint_token(&operator, &mint).await?.token;
-        // The triggers run as the app's admin, as if it had registered them over HTTP.
-        let admin = ops
-            .store()
-            .principal(PrincipalId::from_uuid(admin.id))
-            .await?
-            .context("the bench admin is gone")?;
-        let admin = Caller::operator_as(admin, Some(app.clone()));
+        let (app, admin, token) = tenant(&ops, "bench").await?;
         let handler = json!({"function": HANDLER});
         let call = json!({"name": "call", "kind": "http", "handler": handler});
-        let bench = json!({"name": "bench", "kind": "kv", "collection": "bench*", "ops": ["put"], "handler": handler});
         let flowed = json!({"name": "flowed", "kind": "kv", "collection": FLOWED_COLLECTION, "ops": ["put"],
                             "handler": handler});
-        for trigger in [call, bench, flowed] {
+        for trigger in [call, bench_trigger(), flowed] {
             ops.register_trigger(&admin, serde_json::from_value::<RegisterTrigger>(trigger)?).await?;
         }
         let trigger = ops.store().trigger(app.id, "bench").await?.context("the bench trigger is gone")?;
@@ -90,6 +75,26 @@ impl Servers {
         let store = ops.store().clone();
         Ok(Bench { url, store, app, trigger, flowed, token })
     }
+}
+
+/// App `slug` with its admin `<slug>-admin`: the app, the admin as the caller that registers
+/// triggers (they run as the admin, as if registered over HTTP), and an admin token.
+async fn tenant(ops: &Ops, slug: &str) -> anyhow::Result<(App, Caller, String)> {
+    ops.create_app(&Caller::operator(None), slug.to_owned()).await?;
+    let app = ops.store().app_by_slug(slug).await?.context("the app is gone")?;
+    let operator = Caller::operator(Some(app.clone()));
+    let admin = ops.create_principal(&operator, &format!("{slug}-admin"), false).await?;
+    ops.set_member(&operator, &admin.id.to_string(), "admin").await?;
+    let mint = CreateToken { principal_id: Some(admin.id), app: None, scopes: None, expires_in_s: None };
+    let token = ops.mint_token(&operator, &mint).await?.token;
+    let admin =
+        ops.store().principal(PrincipalId::from_uuid(admin.id)).await?.context("the admin is gone")?;
+    Ok((app.clone(), Caller::operator_as(admin, Some(app)), token))
+}
+
+/// The `bench` trigger: KV puts to the `bench*` collections, to the benchmark's handler.
+fn bench_trigger() -> serde_json::Value {
+    json!({"name": "bench", "kind": "kv", "collection": "bench*", "ops": ["put"], "handler": {"function": HANDLER}})
 }
 
 /// The collection of the flowed trigger: no other scenario writes to it.
@@ -129,29 +134,13 @@ impl Bench {
         Ok(())
     }
 
-    /// Another app, `slug`, with an admin and a `kv` trigger on `bench*` to the same handler
-    /// name, registered by that admin.
+    /// Another app, `slug`, with an admin and the `bench` trigger, registered as the `bench`
+    /// app's is.
     pub async fn other_app(&self, slug: &str) -> anyhow::Result<(App, Trigger)> {
-        let app = self.store.create_app(&picloud_core::AppSlug::parse(slug)?).await?;
-        let admin = self.store.create_principal(&format!("{slug}-admin"), false).await?;
-        self.store.set_role(app.id, admin.id, picloud_core::Role::Admin).await?;
-        let trigger = self
-            .store
-            .create_trigger(&picloud_store::NewTrigger {
-                id: picloud_core::TriggerId::new(),
-                app_id: app.id,
-                name: picloud_core::TriggerName::parse("bench")?,
-                spec: picloud_store::TriggerSpec::Kv {
-                    collection: picloud_core::CollectionPattern::parse("bench*")?,
-                    ops: vec![picloud_store::KvOp::Put],
-                },
-                handler: picloud_store::Handler::Function(picloud_core::HandlerName::parse(HANDLER)?),
-                retry: picloud_core::RetryOverrides::default(),
-                flow: None,
-                enabled: true,
-                registered_by: admin.id,
-            })
-            .await?;
+        let ops = Ops::new(self.store.clone(), TriggerConfig::default(), AllowNets::default());
+        let (app, admin, _) = tenant(&ops, slug).await?;
+        ops.register_trigger(&admin, serde_json::from_value::<RegisterTrigger>(bench_trigger())?).await?;
+        let trigger = self.store.trigger(app.id, "bench").await?.context("the bench trigger is gone")?;
         Ok((app, trigger))
     }
 

@@ -36,10 +36,10 @@ use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::limits::Limits;
+use crate::metrics::RelayMetrics;
 use crate::shares::{Round, Shares};
 
 mod claim;
-use crate::metrics::RelayMetrics;
 use claim::{Claimable, claim_loop};
 
 /// Claim loops per relay: while one publishes its batch, the other claims the next.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use picloud_core::{AppSlug, CollectionPattern, Role};
+use picloud_core::CollectionPattern;
 use picloud_store::*;
 use picloud_worker::Reply;
 
@@ -14,30 +14,17 @@ use crate::support::*;
 
 /// A pubsub trigger on topic `t` of a new app `slug`, to `handler`, registered by its admin.
 async fn app_with_trigger(world: &World, slug: &str, handler: &str) -> App {
-    let store = &world.store;
-    let app = store.create_app(&AppSlug::parse(slug).unwrap()).await.unwrap();
-    let admin = store.create_principal(&format!("{slug}-admin"), false).await.unwrap();
-    store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
+    let (app, admin) = tenant(&world.store, slug).await;
     let topic = TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() };
-    register(store, &app, &admin, "t", topic, handler).await;
+    register(&world.store, &app, &admin, "t", topic, handler).await;
     app
 }
 
 /// Publishes `count` messages on topic `t` of `app`.
 async fn publish(world: &World, app: &App, count: usize) {
-    let cx = picloud_store::events::EventContext {
-        app_id: app.id,
-        app_slug: &app.slug,
-        depth: 0,
-        config: &world.config,
-    };
-    let mut tx = world.store.begin().await.unwrap();
     for n in 0..count {
-        let message = serde_json::value::to_raw_value(&serde_json::json!({ "n": n })).unwrap();
-        let topic = picloud_core::TopicName::parse("t").unwrap();
-        picloud_store::events::publish(&world.store, &mut tx, &cx, &topic, &message, None).await.unwrap();
+        world.publish_to(app, "t", serde_json::json!({ "n": n }), None).await;
     }
-    picloud_store::events::commit_and_wake(&world.store, tx).await.unwrap();
 }
 
 #[tokio::test]

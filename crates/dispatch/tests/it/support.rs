@@ -137,9 +137,7 @@ impl World {
         let store = PgStore::connect(db.url(), 10).await.unwrap();
         pg::migrate(store.pool()).await.unwrap();
         let nats = NatsServer::start().await.unwrap();
-        let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
-        let admin = store.create_principal("shop-admin", false).await.unwrap();
-        store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
+        let (app, admin) = tenant(&store, "shop").await;
         World { store, nats, app, admin, config: relay_config("x").node.triggers, db }
     }
 
@@ -205,8 +203,12 @@ impl World {
 
     /// Publishes `data` on `topic` with the ordering key `key`, and wakes the relays.
     pub async fn publish(&self, topic: &str, data: serde_json::Value, key: Option<&str>) {
-        let cx =
-            EventContext { app_id: self.app.id, app_slug: &self.app.slug, depth: 0, config: &self.config };
+        self.publish_to(&self.app, topic, data, key).await;
+    }
+
+    /// [`World::publish`] in `app`.
+    pub async fn publish_to(&self, app: &App, topic: &str, data: serde_json::Value, key: Option<&str>) {
+        let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &self.config };
         let message = serde_json::value::to_raw_value(&data).unwrap();
         let mut tx = self.store.begin().await.unwrap();
         events::publish(
@@ -229,6 +231,14 @@ impl World {
         })
         .await;
     }
+}
+
+/// App `slug` and its admin `<slug>-admin`.
+pub async fn tenant(store: &PgStore, slug: &str) -> (App, Principal) {
+    let app = store.create_app(&AppSlug::parse(slug).unwrap()).await.unwrap();
+    let admin = store.create_principal(&format!("{slug}-admin"), false).await.unwrap();
+    store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
+    (app, admin)
 }
 
 /// Registers a trigger of `app` to its function `handler`, as `admin`.

@@ -201,9 +201,10 @@ impl OutboxRepo for MemStore {
         let rooms: Vec<(u32, bool)> =
             visited.iter().map(|(app, (due, _))| (walk.share.room(*app), *due)).collect();
         let quotas = quotas(want, &rooms);
+        let (visits, last_visited) = (visited.len() as u32, visited.last().map(|(app, _)| *app));
         let mut picked = Vec::new();
         let mut more = false;
-        for ((_, (_, mut rows)), quota) in visited.iter().cloned().zip(quotas) {
+        for ((_, (_, mut rows)), quota) in visited.into_iter().zip(quotas) {
             rows.sort();
             if quota > 0 && rows.len() >= quota as usize {
                 more = true;
@@ -213,9 +214,8 @@ impl OutboxRepo for MemStore {
         picked.truncate(want as usize);
         let full = picked.len() >= want as usize;
         more |= full;
-        let last_visited = visited.last().map(|(app, _)| *app);
         let last_taken = picked.last().and_then(|id| s.outbox.get(id)).map(|r| r.new.app_id).filter(|_| full);
-        let resume_at = SharedClaim::resume_at(visited.len() as u32, last_visited, last_taken);
+        let resume_at = SharedClaim::resume_at(visits, last_visited, last_taken);
         let claimed: Vec<ClaimedDelivery> = picked
             .iter()
             .map(|id| lease_row(s.outbox.get_mut(id).expect("row just listed"), now, lease))

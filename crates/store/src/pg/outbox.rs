@@ -138,11 +138,11 @@ pub async fn insert_deliveries(
 }
 
 /// Gives the newest delivery of the lane of `row` the event of `row` and moves it to `row`'s due
-/// time, if it has not started (no attempt, no lease) and no idempotency key names it; a KV event keeps the `previous` of the
-/// oldest event it replaces (`model::debounced_data`): the delivery it replaced the event of, if
-/// it did. The caller holds the lane's
-/// lock, so the newest row stays the newest; a relay claiming it at the same moment wins or
-/// loses the row lock, and the update sees which.
+/// time, if it has not started (no attempt, no lease) and no idempotency key names it; a KV
+/// event keeps the `previous` of the oldest event it replaces (`model::debounced_data`). Returns
+/// the delivery it replaced the event of, if it did. The caller holds the lane's lock, so the
+/// newest row stays the newest; a relay claiming it at the same moment wins or loses the row
+/// lock, and the update sees which.
 async fn debounce(
     conn: &mut PgConnection,
     row: &NewDelivery,
@@ -418,8 +418,8 @@ pub(super) fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<ClaimedDelivery
 ///
 /// The walk finds each next app with a probe of `outbox_app_due`, whatever its rows; the app's
 /// first row there says whether it has a due one, and where its part is taken from (the index
-/// entries before it are of rows the statement cannot see: it does not walk them twice). Then each app's oldest due rows are taken from the
-/// same index, the apps in turn, as many as its quota.
+/// entries before it are of rows the statement cannot see: it does not walk them twice). Then
+/// each app's oldest due rows are taken from the same index, as many as its quota.
 pub static CLAIM_SHARED: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH RECURSIVE {walk},

@@ -81,8 +81,7 @@ async fn a_write_after_the_delivery_started_is_a_delivery_of_its_own_behind_it<S
     assert_eq!((&data["value"], &data["previous"]), (&json!({"n": 3}), &json!({"n": 1})));
 }
 
-/// A queue trigger on `q` ordering by key with a debounce, and a way to enqueue `{"n": n}` with
-/// an ordering key (and an idempotency key).
+/// A queue trigger `jobs` on queue `q`, ordering by key with a debounce.
 async fn jobs<S: Store>(s: &S, t: &Tenant) {
     let queue = picloud_core::QueueName::parse("q").unwrap();
     let mut new = new_trigger(t, "jobs", TriggerSpec::Queue { queue });
@@ -90,6 +89,7 @@ async fn jobs<S: Store>(s: &S, t: &Tenant) {
     s.create_trigger(&new).await.unwrap();
 }
 
+/// Enqueues `{"n": n}` on `q` with the ordering key `k` (and `idempotency_key`).
 async fn enqueue<S: Store>(s: &S, t: &Tenant, n: u32, idempotency_key: Option<&str>) -> events::Enqueued {
     let config = TriggerConfig::default();
     let cx = EventContext { app_id: t.app.id, app_slug: &t.app.slug, depth: 0, config: &config };
