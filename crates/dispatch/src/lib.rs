@@ -24,6 +24,8 @@ mod relay;
 mod scheduler;
 mod shares;
 mod sync;
+#[cfg(test)]
+mod testing;
 
 pub use answer::Answer;
 pub use complete::{Completed, Done, complete};

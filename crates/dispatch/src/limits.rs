@@ -1,13 +1,20 @@
-//! A relay's share of the flow limits (DESIGN §13): the slots of limited triggers it has in
-//! flight, counted for [`OutboxRepo::claim_limited`], and whether it needs to claim limited rows
-//! at all.
+//! A relay's share of the flow limits (DESIGN §13): the slots of limited triggers it holds, the
+//! deliveries it has in flight in them, the rows it claimed ahead of a slot, and whether it needs
+//! to claim limited rows at all.
+//!
+//! A claim may take more rows of a trigger with a `concurrency` than the relay has slots
+//! ([`picloud_store::Slots::claimable`]): those wait here, and each starts as soon as one of the
+//! trigger's deliveries ends, without a claim's round trip in between. A row waits at most as
+//! long as its lease allows beyond the handler's timeout (the lease margin), so that it, and the
+//! slot it runs in, never outlive their leases; one that cannot start in time is given back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use picloud_core::TriggerId;
-use picloud_store::{AppShare, Holder, LimitedClaim, OutboxRepo};
+use picloud_store::{AHEAD_PER_SLOT, AppShare, Claim, ClaimedDelivery, Holder, OutboxRepo};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -18,21 +25,118 @@ use crate::complete::Done;
 pub(crate) struct Limits {
     /// This run, as the holder of its slots.
     holder: Uuid,
-    /// One claim of limited rows at a time: what it reports as in flight must include what the
+    /// How long a row claimed ahead of a slot may wait for one.
+    start_within: Duration,
+    /// One claim of limited rows at a time: what it reports as claimed must include what the
     /// claim before it took.
     round: tokio::sync::Mutex<()>,
-    /// Deliveries of each limited trigger claimed and not completed yet.
-    busy: Mutex<HashMap<TriggerId, u32>>,
+    /// What the run holds of each limited trigger it claimed rows of.
+    held: Mutex<Held>,
+    /// Rows taken from the queues ahead that are being delivered (see [`Limits::starting`]).
+    starting: AtomicUsize,
     /// Whether any trigger is limited, and when that was last asked.
     known: Mutex<Option<(Instant, bool)>>,
 }
 
+#[derive(Debug, Default)]
+struct Held {
+    triggers: HashMap<TriggerId, Trigger>,
+    /// The relay stops: no row starts from a queue any more.
+    closed: bool,
+}
+
+/// One limited trigger's rows at this run.
+#[derive(Debug, Default)]
+struct Trigger {
+    /// Claimed and not completed: in flight, or waiting ahead.
+    claimed: u32,
+    /// In flight.
+    running: u32,
+    /// The slots the run holds, as its last claim of the trigger recorded them (`None`: the
+    /// trigger has no `concurrency`, and its rows start as soon as they are claimed).
+    slots: Option<u32>,
+    /// Rows claimed ahead of a slot, oldest first.
+    ahead: VecDeque<Ahead>,
+}
+
+#[derive(Debug)]
+struct Ahead {
+    row: ClaimedDelivery,
+    /// The configuration epoch its claim saw.
+    epoch: Option<i64>,
+    /// The latest it may start.
+    start_by: Instant,
+}
+
+/// Rows of limited triggers that may start now, and rows that waited too long to.
+#[derive(Debug, Default)]
+pub(crate) struct Started {
+    /// To deliver, in claims of one configuration epoch each.
+    pub(crate) start: Vec<Claim>,
+    /// To give back: claimed ahead of a slot, they can no longer start within their lease.
+    pub(crate) expired: Vec<ClaimedDelivery>,
+}
+
+/// What a claim of limited rows came to.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    /// Rows it took.
+    pub(crate) rows: usize,
+    /// When a trigger that ran out of rate tokens has one again.
+    pub(crate) next_token_in: Option<Duration>,
+    /// What starts now.
+    pub(crate) started: Started,
+}
+
+/// What ended deliveries of limited triggers came to.
+#[derive(Debug, Default)]
+pub(crate) struct Finished {
+    /// Whether to claim limited rows again: slots are free of a trigger with few or no rows
+    /// waiting ahead of them.
+    pub(crate) claim_more: bool,
+    /// Triggers of which the run has nothing claimed any more.
+    pub(crate) idle: Vec<TriggerId>,
+    /// What starts in the slots they left.
+    pub(crate) started: Started,
+}
+
+impl Trigger {
+    /// Whether its rows ahead of the slots are running low (half of what it may hold ahead, or
+    /// fewer): a claim now refills them before the slots run dry, and takes many rows at once.
+    fn running_low(&self) -> bool {
+        self.slots.is_none_or(|slots| self.claimed <= slots + slots * AHEAD_PER_SLOT / 2)
+    }
+
+    /// Takes the rows ahead that have a slot now, oldest first, into `started`.
+    fn start(&mut self, now: Instant, closed: bool, started: &mut Started, epochs: &mut Vec<Option<i64>>) {
+        while self.slots.is_none_or(|slots| self.running < slots) {
+            let Some(ahead) = self.ahead.pop_front() else { return };
+            if closed || now > ahead.start_by {
+                self.claimed -= 1;
+                started.expired.push(ahead.row);
+                continue;
+            }
+            self.running += 1;
+            match started.start.iter_mut().zip(epochs.iter()).find(|(_, epoch)| **epoch == ahead.epoch) {
+                Some((claim, _)) => claim.rows.push(ahead.row),
+                None => {
+                    epochs.push(ahead.epoch);
+                    started.start.push(Claim { rows: vec![ahead.row], config_epoch: ahead.epoch });
+                }
+            }
+        }
+    }
+}
+
 impl Limits {
-    pub(crate) fn new() -> Self {
+    /// `start_within`: how long a row claimed ahead of a slot may wait for one (the lease margin).
+    pub(crate) fn new(start_within: Duration) -> Self {
         Self {
             holder: Uuid::now_v7(),
+            start_within,
             round: tokio::sync::Mutex::new(()),
-            busy: Mutex::default(),
+            held: Mutex::default(),
+            starting: AtomicUsize::new(0),
             known: Mutex::default(),
         }
     }
@@ -51,8 +155,9 @@ impl Limits {
         exist
     }
 
-    /// Claims up to `want` limited rows, each app within its room in `share`, counting them as
-    /// in flight before another claim may count.
+    /// Claims up to `want` limited rows, each app within its room in `share`, and counts them
+    /// before another claim may count (`took` sees every row claimed). The rows with a slot
+    /// start; the others wait ahead.
     pub(crate) async fn claim(
         &self,
         store: &impl OutboxRepo,
@@ -60,45 +165,122 @@ impl Limits {
         lease: Duration,
         node: &str,
         share: AppShare<'_>,
-    ) -> picloud_store::Result<LimitedClaim> {
+        took: impl FnOnce(&[ClaimedDelivery]),
+    ) -> picloud_store::Result<Claimed> {
         let _round = self.round.lock().await;
-        let busy: Vec<(TriggerId, u32)> =
-            self.busy.lock().expect("limits lock").iter().map(|(t, n)| (*t, *n)).collect();
+        let asked = Instant::now();
+        let busy: Vec<(TriggerId, u32)> = self
+            .held
+            .lock()
+            .expect("limits lock")
+            .triggers
+            .iter()
+            .map(|(t, held)| (*t, held.claimed))
+            .collect();
         let claimed =
             store.claim_limited(want, lease, Holder { id: self.holder, node, busy: &busy, share }).await?;
-        let mut busy = self.busy.lock().expect("limits lock");
-        for trigger in claimed.claim.rows.iter().filter_map(|r| r.trigger_id) {
-            *busy.entry(trigger).or_default() += 1;
+        took(&claimed.claim.rows);
+        let rows = claimed.claim.rows.len();
+        let mut held = self.held.lock().expect("limits lock");
+        let closed = held.closed;
+        for (trigger, slots) in claimed.slots {
+            held.triggers.entry(trigger).or_default().slots = Some(slots);
         }
-        Ok(claimed)
+        let mut touched = Vec::new();
+        for row in claimed.claim.rows {
+            let Some(trigger) = row.trigger_id else { continue };
+            let entry = held.triggers.entry(trigger).or_default();
+            entry.claimed += 1;
+            entry.ahead.push_back(Ahead {
+                row,
+                epoch: claimed.claim.config_epoch,
+                start_by: asked + self.start_within,
+            });
+            if !touched.contains(&trigger) {
+                touched.push(trigger);
+            }
+        }
+        let (mut started, mut epochs) = (Started::default(), Vec::new());
+        let now = Instant::now();
+        for trigger in touched {
+            if let Some(entry) = held.triggers.get_mut(&trigger) {
+                entry.start(now, closed, &mut started, &mut epochs);
+            }
+        }
+        self.count_starting(&started);
+        Ok(Claimed { rows, next_token_in: claimed.next_token_in, started })
     }
 
-    /// Counts answered deliveries out (a slot is free once its handler answered or its deadline
-    /// passed): whether any was limited, and the triggers of which none is left in flight.
-    pub(crate) fn finished(&self, batch: &[Done]) -> (bool, Vec<TriggerId>) {
-        let mut busy = self.busy.lock().expect("limits lock");
-        let (mut any, mut idle) = (false, Vec::new());
+    /// Counts ended deliveries out (a slot is free once its handler answered or its deadline
+    /// passed) and starts the rows ahead that have a slot now.
+    pub(crate) fn finished(&self, batch: &[Done]) -> Finished {
+        self.finished_at(batch, Instant::now())
+    }
+
+    fn finished_at(&self, batch: &[Done], now: Instant) -> Finished {
+        let mut held = self.held.lock().expect("limits lock");
+        let closed = held.closed;
+        let mut finished = Finished::default();
+        let mut ended = Vec::new();
         for trigger in batch.iter().filter(|d| d.gated).filter_map(|d| d.trigger_id) {
-            any = true;
-            if let Some(n) = busy.get_mut(&trigger) {
-                *n -= 1;
-                if *n == 0 {
-                    busy.remove(&trigger);
-                    idle.push(trigger);
+            if let Some(entry) = held.triggers.get_mut(&trigger) {
+                entry.claimed -= 1;
+                entry.running -= 1;
+                if !ended.contains(&trigger) {
+                    ended.push(trigger);
                 }
             }
         }
-        (any, idle)
+        let mut epochs = Vec::new();
+        for trigger in ended {
+            let Some(entry) = held.triggers.get_mut(&trigger) else { continue };
+            entry.start(now, closed, &mut finished.started, &mut epochs);
+            finished.claim_more |= entry.running_low();
+            if entry.claimed == 0 {
+                held.triggers.remove(&trigger);
+                finished.idle.push(trigger);
+            }
+        }
+        self.count_starting(&finished.started);
+        finished
     }
 
-    /// Gives back the slots this run holds of `triggers` that it still has nothing in flight of:
+    fn count_starting(&self, started: &Started) {
+        let n: usize = started.start.iter().map(|c| c.rows.len()).sum();
+        self.starting.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `rows` taken from the queues ahead were delivered (in flight now, or answered for good).
+    pub(crate) fn delivered(&self, rows: usize) {
+        self.starting.fetch_sub(rows, Ordering::AcqRel);
+    }
+
+    /// Whether rows taken from the queues ahead are still on their way to the in-flight table.
+    pub(crate) fn starting(&self) -> bool {
+        self.starting.load(Ordering::Acquire) > 0
+    }
+
+    /// The relay stops claiming: every row waiting ahead, to give back, and none starts from
+    /// now on.
+    pub(crate) fn close(&self) -> Vec<ClaimedDelivery> {
+        let mut held = self.held.lock().expect("limits lock");
+        held.closed = true;
+        let mut rows = Vec::new();
+        for entry in held.triggers.values_mut() {
+            entry.claimed -= entry.ahead.len() as u32;
+            rows.extend(entry.ahead.drain(..).map(|ahead| ahead.row));
+        }
+        rows
+    }
+
+    /// Gives back the slots this run holds of `triggers` that it still has nothing claimed of:
     /// its last claim of them counted deliveries that have ended since, and until it claims
     /// again, other relays would count them as in flight.
     pub(crate) async fn give_back(&self, store: &impl OutboxRepo, triggers: Vec<TriggerId>) {
         let _round = self.round.lock().await;
         let idle: Vec<TriggerId> = {
-            let busy = self.busy.lock().expect("limits lock");
-            triggers.into_iter().filter(|t| !busy.contains_key(t)).collect()
+            let held = self.held.lock().expect("limits lock");
+            triggers.into_iter().filter(|t| !held.triggers.contains_key(t)).collect()
         };
         if idle.is_empty() {
             return;
@@ -113,5 +295,84 @@ impl Limits {
         if let Err(e) = store.release_slots(self.holder, None).await {
             tracing::warn!(error = %e, "giving back the relay's slots failed; they are free when their lease ends");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use picloud_core::TriggerConfig;
+    use picloud_core::flow::Flow;
+    use picloud_store::MemStore;
+
+    use super::*;
+    use crate::Answer;
+    use crate::relay::done_for;
+    use crate::testing::apps_with_rows;
+
+    const MARGIN: Duration = Duration::from_secs(10);
+
+    /// A trigger with `concurrency: 1` and three due rows, claimed: the limits, the store, the
+    /// trigger and the row in the slot (the other two wait ahead of it).
+    async fn one_slot() -> (Limits, MemStore, TriggerId, ClaimedDelivery) {
+        let flow = Flow { concurrency: Some(1), ..Flow::default() };
+        let (store, triggers) = apps_with_rows(1, 3, Some(flow)).await;
+        let limits = Limits::new(MARGIN);
+        let claimed = limits
+            .claim(&store, 10, Duration::from_secs(30), "n", AppShare::UNBOUNDED, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(claimed.rows, 3, "one for the slot, the others ahead of it");
+        assert!(claimed.started.expired.is_empty());
+        let mut started: Vec<ClaimedDelivery> =
+            claimed.started.start.into_iter().flat_map(|c| c.rows).collect();
+        assert_eq!(started.len(), 1, "only the slot's row starts");
+        limits.delivered(1);
+        (limits, store, triggers[0], started.remove(0))
+    }
+
+    fn ended(row: &ClaimedDelivery) -> Done {
+        done_for(row, TriggerConfig::default().retry, Answer::Ok(Default::default()))
+    }
+
+    #[tokio::test]
+    async fn a_row_ahead_starts_when_the_slot_is_free_and_the_trigger_is_idle_once_nothing_is_claimed() {
+        let (limits, _store, trigger, first) = one_slot().await;
+        let mut running = first;
+        let mut seen = vec![running.id];
+        for left_ahead in [1, 0] {
+            let finished = limits.finished_at(&[ended(&running)], Instant::now());
+            assert!(finished.claim_more, "few rows are left ahead");
+            assert!(finished.idle.is_empty(), "a row is claimed still");
+            let mut next: Vec<ClaimedDelivery> =
+                finished.started.start.into_iter().flat_map(|c| c.rows).collect();
+            assert_eq!(next.len(), 1, "one slot, one row in it ({left_ahead} left ahead)");
+            running = next.remove(0);
+            assert!(!seen.contains(&running.id));
+            seen.push(running.id);
+            assert!(limits.starting(), "on its way until delivered");
+            limits.delivered(1);
+        }
+        let finished = limits.finished_at(&[ended(&running)], Instant::now());
+        assert!(finished.started.start.is_empty());
+        assert_eq!(finished.idle, vec![trigger], "nothing of it claimed any more");
+    }
+
+    #[tokio::test]
+    async fn a_row_ahead_that_cannot_start_within_its_lease_is_given_back() {
+        let (limits, _store, trigger, first) = one_slot().await;
+        let late = Instant::now() + MARGIN + Duration::from_millis(1);
+        let finished = limits.finished_at(&[ended(&first)], late);
+        assert!(finished.started.start.is_empty(), "it would outlive its lease");
+        assert_eq!(finished.started.expired.len(), 2);
+        assert_eq!(finished.idle, vec![trigger]);
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_stops_gives_back_its_rows_ahead_and_starts_none() {
+        let (limits, _store, _trigger, first) = one_slot().await;
+        assert_eq!(limits.close().len(), 2);
+        let finished = limits.finished_at(&[ended(&first)], Instant::now());
+        assert!(finished.started.start.is_empty() && finished.started.expired.is_empty());
+        assert!(!limits.starting());
     }
 }

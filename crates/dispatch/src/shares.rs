@@ -131,55 +131,15 @@ impl Round<'_> {
 
 #[cfg(test)]
 mod tests {
-    use picloud_core::{
-        AppSlug, CollectionPattern, HandlerName, RetryOverrides, Role, TopicName, TriggerConfig, TriggerId,
-        TriggerName,
-    };
-    use picloud_store::events::{self, EventContext};
-    use picloud_store::{
-        APPS_PER_CLAIM, AuthRepo as _, Handler, MemStore, NewTrigger, Transactional as _, TriggerRepo as _,
-        TriggerSpec,
-    };
+    use picloud_store::APPS_PER_CLAIM;
 
     use super::*;
-
-    /// `apps` apps with `rows` due messages each.
-    async fn apps_with_rows(apps: usize, rows: usize) -> MemStore {
-        let store = MemStore::new();
-        let config = TriggerConfig::default();
-        for n in 0..apps {
-            let app = store.create_app(&AppSlug::parse(format!("app-{n}")).unwrap()).await.unwrap();
-            let admin = store.create_principal(&format!("admin-{n}"), false).await.unwrap();
-            store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
-            let trigger = NewTrigger {
-                id: TriggerId::new(),
-                app_id: app.id,
-                name: TriggerName::parse("t").unwrap(),
-                spec: TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() },
-                handler: Handler::Function(HandlerName::parse("h").unwrap()),
-                retry: RetryOverrides::default(),
-                flow: None,
-                enabled: true,
-                registered_by: admin.id,
-            };
-            store.create_trigger(&trigger).await.unwrap();
-            let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
-            let mut tx = store.begin().await.unwrap();
-            for _ in 0..rows {
-                let message = serde_json::value::to_raw_value(&serde_json::json!({})).unwrap();
-                events::publish(&store, &mut tx, &cx, &TopicName::parse("t").unwrap(), &message, None)
-                    .await
-                    .unwrap();
-            }
-            store.commit(tx).await.unwrap();
-        }
-        store
-    }
+    use crate::testing::apps_with_rows;
 
     #[tokio::test]
     async fn a_pass_over_more_apps_than_a_walk_takes_comes_back_for_the_rows_it_left_behind() {
         let apps = APPS_PER_CLAIM as usize + 2;
-        let store = apps_with_rows(apps, 3).await;
+        let (store, _) = apps_with_rows(apps, 3, None).await;
         let shares = Shares::new(u32::MAX);
         let want = APPS_PER_CLAIM;
         let mut claimed = 0;

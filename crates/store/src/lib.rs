@@ -223,6 +223,50 @@ pub struct LimitedClaim {
     pub claim: Claim,
     /// When a trigger with due rows ran out of rate tokens: how long until it has one again.
     pub next_token_in: Option<Duration>,
+    /// The slots the holder holds after the claim of each trigger with a `concurrency` that
+    /// had claimable rows ([`Slots::held`]): how many of its deliveries it may have in flight.
+    /// Rows claimed beyond them wait at the holder for its deliveries to end.
+    pub slots: Vec<(TriggerId, u32)>,
+}
+
+/// Rows a holder may claim ahead of each of its slots of a trigger with a `concurrency` and no
+/// `rate` ([`Slots::claimable`]). Three: a claim then refills the rows ahead while they last
+/// (a claim per slot freed would cost a statement per delivery), and a row waits about three
+/// of its trigger's deliveries for a slot.
+pub const AHEAD_PER_SLOT: u32 = 3;
+
+/// A holder's slots of one trigger with a `concurrency`, at one claim: the rule both stores
+/// claim by (the Postgres claim computes the same in its statement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// The trigger's `concurrency`.
+    pub concurrency: u32,
+    /// The slots other holders hold, unexpired.
+    pub others: u32,
+    /// The holder's rows of the trigger claimed and not completed.
+    pub busy: u32,
+}
+
+impl Slots {
+    /// The slots nobody else holds.
+    fn open(self) -> u32 {
+        self.concurrency.saturating_sub(self.others)
+    }
+
+    /// How many rows the holder may claim: as many as it has open slots, and, unless the trigger
+    /// has a `rate` (whose tokens are spent at the claim, so its rows start at once),
+    /// [`AHEAD_PER_SLOT`] more per slot, to start as its deliveries end without a claim's round
+    /// trip between them.
+    pub fn claimable(self, rated: bool) -> u32 {
+        let ahead = if rated { 0 } else { self.open().saturating_mul(AHEAD_PER_SLOT) };
+        (self.open().saturating_add(ahead)).saturating_sub(self.busy)
+    }
+
+    /// The slots the holder holds after claiming `claimed` rows: one for each row it has, as
+    /// far as the open slots go.
+    pub fn held(self, claimed: u32) -> u32 {
+        self.open().min(self.busy + claimed)
+    }
 }
 
 /// The slots of limited triggers one relay has in flight: what [`OutboxRepo::claim_limited`]

@@ -65,12 +65,12 @@ pub(super) async fn claim_loop<S: Store>(
         let mut round = shared.shares.round().await;
         let limited_turn = claimable.limited.swap(false, Ordering::AcqRel)
             && shared.limits.exist(&shared.store, shared.config.poll_interval).await;
-        let (limited, next_token) = if limited_turn {
+        let (limited, next_token, started) = if limited_turn {
             claim_limited(&shared, &round, batch.div_ceil(2)).await
         } else {
-            (Claim { rows: Vec::new(), config_epoch: None }, None)
+            (0, None, Started::default())
         };
-        let free = batch - limited.rows.len() as u32;
+        let free = batch - limited as u32;
         let plain_turn = claimable.plain.swap(false, Ordering::AcqRel);
         let plain = if plain_turn && free > 0 {
             round.claim_plain(&shared.store, free, lease, &shared.config.node.node_id).await
@@ -82,7 +82,7 @@ pub(super) async fn claim_loop<S: Store>(
             Ok((Claim { rows: Vec::new(), config_epoch: None }, false))
         };
         drop(round);
-        let limited = deliver_claimed(&shared, limited, &done).await;
+        start(&shared, started, &done).await;
         match plain {
             Ok((claim, again)) => {
                 failures = 0;
@@ -133,29 +133,33 @@ async fn deliver_claimed<S: Store>(
     claimed
 }
 
-/// Claims up to `want` rows of limited triggers within the round's shares: the claimed rows,
-/// and when a trigger that ran out of rate tokens has one again. A failure is logged; the next
-/// round tries again.
+/// Claims up to `want` rows of limited triggers within the round's shares: how many rows it
+/// claimed, when a trigger that ran out of rate tokens has one again, and the rows that start
+/// now (the others wait ahead of a slot). A failure is logged; the next round tries again.
 async fn claim_limited<S: Store>(
     shared: &Shared<S>,
     round: &Round<'_>,
     want: u32,
-) -> (Claim, Option<Instant>) {
+) -> (usize, Option<Instant>, Started) {
     let node = &shared.config.node;
     let held = round.held();
-    match shared.limits.claim(&shared.store, want, node.lease(), &node.node_id, round.share(&held)).await {
-        Ok(limited) => {
-            round.took(&limited.claim.rows);
-            if limited.claim.rows.len() == want as usize {
+    let claimed = shared
+        .limits
+        .claim(&shared.store, want, node.lease(), &node.node_id, round.share(&held), |rows| round.took(rows))
+        .await;
+    match claimed {
+        Ok(claimed) => {
+            if claimed.rows == want as usize {
                 // A full claim: more rows may be claimable.
                 shared.claimable.limited();
             }
-            (limited.claim, limited.next_token_in.map(|d| Instant::now() + d))
+            shared.metrics.claimed(claimed.rows);
+            (claimed.rows, claimed.next_token_in.map(|d| Instant::now() + d), claimed.started)
         }
         Err(e) => {
             tracing::warn!(error = %e, "claiming within flow limits failed");
             shared.claimable.limited();
-            (Claim { rows: Vec::new(), config_epoch: None }, None)
+            (0, None, Started::default())
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::complete::{Done, complete};
 use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
-use crate::limits::Limits;
+use crate::limits::{Finished, Limits, Started};
 use crate::metrics::RelayMetrics;
 use crate::shares::{Round, Shares};
 
@@ -154,6 +154,7 @@ impl<S: Store> Relay<S> {
         let metrics = RelayMetrics::new(&self.config.node.node_id);
         let connection = ConnectionWatch::spawn(&self.nats);
         let shares = Shares::new(self.config.app_share());
+        let lease_margin = self.config.node.lease_margin;
         let shared = Arc::new(Shared {
             store: self.store,
             nats: self.nats,
@@ -169,7 +170,7 @@ impl<S: Store> Relay<S> {
             targets: Mutex::default(),
             metrics,
             connection,
-            limits: Limits::new(),
+            limits: Limits::new(lease_margin),
             shares,
             claimable: Claimable::new(),
         });
@@ -179,17 +180,20 @@ impl<S: Store> Relay<S> {
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
-        let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
+        let completer = tokio::spawn(complete_loop(shared.clone(), done_rx, done_tx.downgrade()));
         let claimers: Vec<_> = (0..CLAIMERS)
             .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), shutdown.clone())))
             .collect();
-        drop(done_tx);
 
         shutdown.recv().await;
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
         for claimer in claimers {
             let _ = claimer.await;
         }
+        for row in shared.limits.close() {
+            let _ = done_tx.send(given_back(&shared.config, &row, "the relay stopped"));
+        }
+        drop(done_tx);
         wait_drained(&shared).await;
         shared.limits.release(&shared.store).await;
         listener.abort();
@@ -208,7 +212,7 @@ async fn wait_drained<S>(shared: &Shared<S>) {
         let drained = shared.drained.notified();
         tokio::pin!(drained);
         drained.as_mut().enable();
-        if shared.in_flight.lock().expect("in-flight lock").pending.is_empty() {
+        if shared.in_flight.lock().expect("in-flight lock").pending.is_empty() && !shared.limits.starting() {
             return;
         }
         drained.await;
@@ -598,53 +602,114 @@ async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSe
     }
 }
 
-async fn complete_loop<S: Store>(shared: Arc<Shared<S>>, mut answers: mpsc::UnboundedReceiver<Done>) {
-    let flushes = Arc::new(Semaphore::new(CONCURRENT_FLUSHES));
+async fn complete_loop<S: Store>(
+    shared: Arc<Shared<S>>,
+    mut answers: mpsc::UnboundedReceiver<Done>,
+    done_tx: mpsc::WeakUnboundedSender<Done>,
+) {
     let mut running = JoinSet::new();
     let mut abandoned = JoinSet::new();
-    while let Some(first) = answers.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_COMPLETION_BATCH {
-            match answers.try_recv() {
-                Ok(done) => batch.push(done),
-                Err(_) => break,
-            }
+    // Answers received and not completed yet: taken in one batch by the next transaction once
+    // the one under way committed.
+    let mut waiting: Vec<Done> = Vec::new();
+    let mut open = true;
+    while open || !waiting.is_empty() || !running.is_empty() {
+        tokio::select! {
+            received = answers.recv(), if open => match received {
+                Some(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_COMPLETION_BATCH {
+                        match answers.try_recv() {
+                            Ok(done) => batch.push(done),
+                            Err(_) => break,
+                        }
+                    }
+                    ended(&shared, &mut batch, &done_tx, &mut abandoned).await;
+                    waiting.append(&mut batch);
+                }
+                None => open = false,
+            },
+            Some(_) = running.join_next(), if !running.is_empty() => {}
         }
-        // The only sync rows a relay completes are those that outlived their lease.
-        for done in batch.iter().filter(|d| d.reply_to.is_some()) {
-            let (store, done, timeout) =
-                (shared.store.clone(), done.clone(), shared.config.node.handler_timeout);
-            abandoned
-                .spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
-        }
-        if shared.shares.finished(&batch) {
-            // An app that held its whole share has room again: its rows are claimable.
-            shared.claimable.plain();
-            shared.claimable.limited();
-            shared.wake.notify_one();
-        }
-        let (freed, idle) = shared.limits.finished(&batch);
-        if freed {
-            // Slots of limited triggers are free: claim within them again.
-            shared.claimable.limited();
-            shared.wake.notify_one();
-        }
-        if !idle.is_empty() {
+        if running.len() < CONCURRENT_FLUSHES && !waiting.is_empty() {
+            let batch: Vec<Done> = waiting.drain(..waiting.len().min(MAX_COMPLETION_BATCH)).collect();
             let shared = shared.clone();
-            abandoned.spawn(async move { shared.limits.give_back(&shared.store, idle).await });
+            running.spawn(async move {
+                flush(&shared, &batch).await;
+                shared.slots.add_permits(batch.len());
+            });
         }
-        let permit = flushes.clone().acquire_owned().await.expect("the flush semaphore is never closed");
-        let shared = shared.clone();
-        running.spawn(async move {
-            flush(&shared, &batch).await;
-            shared.slots.add_permits(batch.len());
-            drop(permit);
-        });
-        while running.try_join_next().is_some() {}
         while abandoned.try_join_next().is_some() {}
     }
-    while running.join_next().await.is_some() {}
     while abandoned.join_next().await.is_some() {}
+}
+
+/// Accounts for attempts that ended, as soon as they are received (their completion waits for
+/// the transaction under way): the slots of their apps and limited triggers are free, and the
+/// rows waiting ahead of those slots start.
+async fn ended<S: Store>(
+    shared: &Arc<Shared<S>>,
+    batch: &mut Vec<Done>,
+    done_tx: &mpsc::WeakUnboundedSender<Done>,
+    abandoned: &mut JoinSet<()>,
+) {
+    // The only sync rows a relay completes are those that outlived their lease.
+    for done in batch.iter().filter(|d| d.reply_to.is_some()) {
+        let (store, done, timeout) = (shared.store.clone(), done.clone(), shared.config.node.handler_timeout);
+        abandoned.spawn(async move { abandon(&store, &done, AbandonReason::LeaseExpired, timeout).await });
+    }
+    let Finished { claim_more, idle, started } = shared.limits.finished(batch);
+    if claim_more {
+        shared.claimable.limited();
+        shared.wake.notify_one();
+    }
+    if !idle.is_empty() {
+        let shared = shared.clone();
+        abandoned.spawn(async move { shared.limits.give_back(&shared.store, idle).await });
+    }
+    match done_tx.upgrade() {
+        Some(done_tx) => start(shared, started, &done_tx).await,
+        // Only once the relay stopped, when no row starts any more: given back all the same.
+        None => {
+            let Started { start, expired } = started;
+            let rows = expired.iter().chain(start.iter().flat_map(|claim| claim.rows.iter()));
+            batch.extend(rows.map(|row| given_back(&shared.config, row, "the relay stopped")));
+        }
+    }
+    if shared.shares.finished(batch) {
+        // An app that held its whole share has room again: its rows are claimable.
+        shared.claimable.plain();
+        shared.claimable.limited();
+        shared.wake.notify_one();
+    }
+}
+
+/// Delivers the rows of limited triggers that start now, and gives back those that waited
+/// too long for a slot.
+async fn start<S: Store>(shared: &Shared<S>, started: Started, done_tx: &mpsc::UnboundedSender<Done>) {
+    let Started { start, expired } = started;
+    for row in &expired {
+        let reason = "it waited for a slot of its trigger longer than its lease allows";
+        let _ = done_tx.send(given_back(&shared.config, row, reason));
+    }
+    let rows = start.iter().map(|claim| claim.rows.len()).sum();
+    if rows == 0 {
+        return;
+    }
+    for claim in start {
+        deliver(shared, claim, done_tx).await;
+    }
+    shared.limits.delivered(rows);
+    if shared.in_flight.lock().expect("in-flight lock").pending.is_empty() {
+        shared.drained.notify_waiters();
+    }
+}
+
+/// A row claimed ahead of a slot that goes back without having started: due again within a
+/// second, without spending an attempt, holding no slot.
+fn given_back(config: &RelayConfig, row: &ClaimedDelivery, why: &str) -> Done {
+    let answer = Answer::Interrupted(format!("claimed ahead of a slot and given back: {why}"));
+    Done { gated: false, ..done_for(row, config.node.triggers.retry, answer) }
 }
 
 /// Lanes released per statement.

@@ -5,9 +5,9 @@ use picloud_core::flow::Rate;
 
 use super::*;
 
-/// One limited trigger in a claim: its flow, the holder's busy count, its rate and refilled
-/// tokens, and the rows it may claim, oldest first.
-type Turn = (TriggerId, Flow, u32, Option<(Rate, f64)>, Vec<Uuid>);
+/// One limited trigger in a claim: its flow, the holder's slots (with a `concurrency`), its rate
+/// and refilled tokens, and the rows it may claim, oldest first.
+type Turn = (TriggerId, Flow, Option<Slots>, Option<(Rate, f64)>, Vec<Uuid>);
 
 impl State {
     /// Keeps a trigger's limits in step with its new `flow` (`pg::flow::set_limits`).
@@ -75,15 +75,16 @@ impl State {
             let (tokens, refilled_at) = self.flow_state[&trigger];
             let elapsed = (now - refilled_at).max(time::Duration::ZERO).unsigned_abs();
             let tokens = flow.rate.zip(tokens).map(|(rate, tokens)| (rate, rate.refill(tokens, elapsed)));
+            let slots = flow.concurrency.map(|concurrency| Slots { concurrency, others, busy });
             let mut n = want;
-            if let Some(limit) = flow.concurrency {
-                n = n.min(limit.saturating_sub(others + busy));
+            if let Some(slots) = slots {
+                n = n.min(slots.claimable(flow.rate.is_some()));
             }
             if let Some((_, tokens)) = tokens {
                 n = n.min(tokens.floor() as u32);
             }
             due.truncate(n as usize);
-            turns.push((trigger, flow, busy, tokens, due.into_iter().map(|(_, id)| id).collect()));
+            turns.push((trigger, flow, slots, tokens, due.into_iter().map(|(_, id)| id).collect()));
         }
         // Turn by turn across the triggers, as Postgres orders them, each app within its room.
         let mut picked: Vec<Uuid> = Vec::new();
@@ -106,29 +107,34 @@ impl State {
             .map(|id| lease_row(self.outbox.get_mut(id).expect("row just listed"), now, lease))
             .collect();
         let mut next_token_in: Option<Duration> = None;
-        for (trigger, flow, busy, tokens, _) in turns {
+        let mut held_slots = Vec::new();
+        for (trigger, _, slots, tokens, _) in turns {
             let claimed = rows.iter().filter(|r| r.trigger_id == Some(trigger)).count() as u32;
             let left = tokens.map(|(rate, tokens)| (rate, tokens - f64::from(claimed)));
             if let Some((rate, left)) = left.filter(|(_, left)| *left < 1.0) {
                 let wait = rate.until_one(left);
                 next_token_in = Some(next_token_in.map_or(wait, |w| w.min(wait)));
             }
+            let held = slots.map(|slots| slots.held(claimed));
+            if let Some(held) = held {
+                held_slots.push((trigger, held));
+            }
             let recorded = self.flow_slots.get(&(trigger, holder.id)).map_or(0, |(held, _)| *held);
-            if claimed == 0 && recorded == busy {
+            if claimed == 0 && recorded == held.unwrap_or(0) {
                 // As Postgres: nothing claimed and the holder's slots as recorded.
                 continue;
             }
             if let Some((_, left)) = left {
                 self.flow_state.insert(trigger, (Some(left), now));
             }
-            let keep = flow.concurrency.is_some();
+            let keep = held.is_some();
             self.flow_slots
                 .retain(|(t, h), (_, until)| *t != trigger || (keep && *h != holder.id && *until > now));
-            if keep && busy + claimed > 0 {
-                self.flow_slots.insert((trigger, holder.id), (busy + claimed, now + lease));
+            if let Some(held) = held.filter(|held| *held > 0) {
+                self.flow_slots.insert((trigger, holder.id), (held, now + lease));
             }
         }
         let config_epoch = (!rows.is_empty()).then_some(self.config_epoch);
-        LimitedClaim { claim: Claim { rows, config_epoch }, next_token_in }
+        LimitedClaim { claim: Claim { rows, config_epoch }, next_token_in, slots: held_slots }
     }
 }

@@ -21,8 +21,8 @@ use crate::events::Event;
 use crate::model::*;
 use crate::{
     APPS_PER_CLAIM, AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget,
-    Error, Holder, KvRepo, LimitedClaim, OutboxRepo, Result, SharedClaim, Standing, SyncCallWrite, Targets,
-    Transactional, TriggerRepo, Wakeups, Walk, quotas,
+    Error, Holder, KvRepo, LimitedClaim, OutboxRepo, Result, SharedClaim, Slots, Standing, SyncCallWrite,
+    Targets, Transactional, TriggerRepo, Wakeups, Walk, quotas,
 };
 
 mod abandoned;

@@ -12,7 +12,7 @@ use picloud_core::{Flow, TriggerId};
 
 use super::PgStore;
 use super::outbox::{claimed_row, lease_picked, millis};
-use crate::{Claim, Holder, LimitedClaim, Result};
+use crate::{AHEAD_PER_SLOT, Claim, Holder, LimitedClaim, Result};
 
 /// A gated row of the trigger `x` that may be claimed now (`$3`: the store's clock, if any).
 const CLAIMABLE: &str = "o.trigger_id = x.trigger_id AND o.gated AND NOT o.waiting
@@ -23,9 +23,9 @@ const CLAIMABLE: &str = "o.trigger_id = x.trigger_id AND o.gated AND NOT o.waiti
 /// have claimable rows, skipping those another relay holds (one relay counts and spends a
 /// trigger's slots and tokens at a time); `FOR UPDATE` reads the newest version of each, so the
 /// slots and tokens are those the last claim committed, whatever the statement's snapshot. It
-/// claims at most `concurrency − others' live slots − busy` and `⌊tokens⌋` rows per trigger,
-/// spends the tokens, and writes the holder's slots (busy plus claimed, until now + lease),
-/// dropping the slots whose lease ran out.
+/// claims at most [`crate::Slots::claimable`] and `⌊tokens⌋` rows per trigger, spends the tokens, and
+/// writes the holder's slots ([`crate::Slots::held`], until now + lease), dropping the slots whose
+/// lease ran out.
 /// No app takes more than its room in the holder's share (rows of one app's triggers count
 /// together, taken in turns).
 /// `$1` want, `$2` lease (ms), `$3` now, `$4` holder, `$5`/`$6` the holder's busy triggers and
@@ -54,10 +54,16 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                     (SELECT coalesce(sum((e.value->>0)::int), 0) FROM jsonb_each(s.slots) e
                       WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)::int AS others
                FROM state s, clock),
-         allowed AS MATERIALIZED (
-             SELECT l.*, greatest(0, least($1, l.room, coalesce(l.concurrency - l.others - l.busy, $1),
-                                           coalesce(floor(l.tokens)::int, $1))) AS n
+         open AS MATERIALIZED (
+             SELECT l.*, CASE WHEN l.concurrency IS NOT NULL THEN greatest(0, l.concurrency - l.others) END AS open
                FROM limits l),
+         allowed AS MATERIALIZED (
+             SELECT o.*, greatest(0, least($1, o.room,
+                                           coalesce(o.open * CASE WHEN o.per_second IS NULL THEN 1 + {AHEAD_PER_SLOT}
+                                                                  ELSE 1 END
+                                                    - o.busy, $1),
+                                           coalesce(floor(o.tokens)::int, $1))) AS n
+               FROM open o),
          picked AS (
              SELECT r.ctid FROM (
                  SELECT p.ctid, p.turn, x.trigger_id, x.room,
@@ -72,8 +78,9 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
               LIMIT $1),
          claimed AS ({lease}),
          counted AS (
-             SELECT a.*, (SELECT count(*) FROM claimed c WHERE c.trigger_id = a.trigger_id)::int AS claimed
-               FROM allowed a),
+             SELECT a.*, x.claimed, CASE WHEN a.open IS NOT NULL THEN least(a.open, a.busy + x.claimed) END AS held
+               FROM allowed a CROSS JOIN LATERAL (
+                 SELECT count(*)::int AS claimed FROM claimed c WHERE c.trigger_id = a.trigger_id) x),
          spent AS (
              UPDATE flow_state f
                 SET tokens = CASE WHEN c.tokens IS NULL THEN f.tokens ELSE c.tokens - c.claimed END,
@@ -82,19 +89,23 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                         (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb)
                            FROM jsonb_each(c.slots) e
                           WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)
-                        || CASE WHEN c.busy + c.claimed > 0
+                        || CASE WHEN c.held > 0
                                 THEN jsonb_build_object($4::text, jsonb_build_array(
-                                         c.busy + c.claimed, clock.now_s + $2 / 1000.0))
+                                         c.held, clock.now_s + $2 / 1000.0))
                                 ELSE '{{}}'::jsonb END
                     END
                FROM counted c, clock
               WHERE f.trigger_id = c.trigger_id
                 -- Nothing claimed and the holder's slots as recorded: the row stays as it is.
-                AND (c.claimed > 0 OR coalesce((c.slots -> $4::text ->> 0)::int, 0) <> c.busy)),
+                AND (c.claimed > 0 OR coalesce((c.slots -> $4::text ->> 0)::int, 0) <> coalesce(c.held, 0))),
          waits AS (
-             SELECT min((1 - (c.tokens - c.claimed)) / c.per_second) AS next_token_s
-               FROM counted c WHERE c.tokens - c.claimed < 1)
-         SELECT w.next_token_s, (SELECT epoch FROM config_epoch) AS config_epoch, c.*
+             SELECT min((1 - (c.tokens - c.claimed)) / c.per_second) FILTER (WHERE c.tokens - c.claimed < 1)
+                        AS next_token_s,
+                    array_agg(c.trigger_id) FILTER (WHERE c.held IS NOT NULL) AS slot_triggers,
+                    array_agg(c.held) FILTER (WHERE c.held IS NOT NULL) AS slot_counts
+               FROM counted c)
+         SELECT w.next_token_s, w.slot_triggers, w.slot_counts,
+                (SELECT epoch FROM config_epoch) AS config_epoch, c.*
            FROM waits w LEFT JOIN claimed c ON true",
         lease = lease_picked("$7", "SELECT ctid FROM picked", ""),
     )
@@ -110,6 +121,7 @@ pub(super) async fn claim_limited(
         return Ok(LimitedClaim {
             claim: Claim { rows: Vec::new(), config_epoch: None },
             next_token_in: None,
+            slots: Vec::new(),
         });
     }
     let (busy_triggers, busy): (Vec<Uuid>, Vec<i32>) =
@@ -135,6 +147,19 @@ pub(super) async fn claim_limited(
         .transpose()?
         .flatten()
         .map(|s| Duration::from_secs_f64(s.max(0.0)));
+    let slots = match found.first() {
+        Some(row) => {
+            let triggers: Option<Vec<Uuid>> = row.try_get("slot_triggers")?;
+            let counts: Option<Vec<i32>> = row.try_get("slot_counts")?;
+            triggers
+                .unwrap_or_default()
+                .into_iter()
+                .zip(counts.unwrap_or_default())
+                .map(|(trigger, n)| (TriggerId::from_uuid(trigger), n.max(0) as u32))
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let mut rows = Vec::with_capacity(found.len());
     for row in &found {
         if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
@@ -142,7 +167,7 @@ pub(super) async fn claim_limited(
         }
     }
     let config_epoch = if rows.is_empty() { None } else { found[0].try_get("config_epoch")? };
-    Ok(LimitedClaim { claim: Claim { rows, config_epoch }, next_token_in })
+    Ok(LimitedClaim { claim: Claim { rows, config_epoch }, next_token_in, slots })
 }
 
 pub(super) async fn limits_exist(store: &PgStore) -> Result<bool> {

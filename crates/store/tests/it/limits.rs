@@ -19,6 +19,7 @@ conformance!(
     limited_triggers_take_turns_in_a_claim,
     a_new_rate_starts_a_full_bucket,
     a_relay_waits_for_gated_rows_only_of_triggers_with_limits,
+    a_holder_claims_rows_ahead_of_its_slots_unless_the_trigger_has_a_rate,
 );
 
 /// A pubsub trigger named `name` on topic `t` with `flow`.
@@ -63,21 +64,21 @@ async fn concurrency_is_counted_across_holders_and_a_dead_holders_slots_come_bac
     assert!(!s.limits_exist().await.unwrap());
     let trigger = limited(&s, &t, "limited", concurrency(3)).await;
     assert!(s.limits_exist().await.unwrap());
-    publish(&s, &t, 10).await;
+    publish(&s, &t, 20).await;
     assert!(
         s.claim_due(100, LEASE, "n").await.unwrap().rows.is_empty(),
         "the plain claim never takes gated rows"
     );
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     let first = claim(&s, a, &[]).await;
-    assert_eq!(first.len(), 3);
+    assert_eq!(first.len(), 12, "three slots, and three rows ahead of each");
     assert!(claim(&s, b, &[]).await.is_empty(), "a holds every slot");
     s.delete_delivered(&[first[0].id]).await.unwrap();
     assert!(claim(&s, b, &[]).await.is_empty(), "a's slot is a's until a claims again");
-    assert_eq!(claim(&s, a, &[(trigger.id, 2)]).await.len(), 1, "a counts what it has in flight");
-    assert_eq!(claim(&s, a, &[(trigger.id, 3)]).await.len(), 0);
+    assert_eq!(claim(&s, a, &[(trigger.id, 11)]).await.len(), 1, "a counts what it has claimed");
+    assert_eq!(claim(&s, a, &[(trigger.id, 12)]).await.len(), 0);
     s.clock().advance(LEASE);
-    assert_eq!(claim(&s, b, &[]).await.len(), 3, "a died: its slots are free when its lease ends");
+    assert_eq!(claim(&s, b, &[]).await.len(), 12, "a died: its slots are free when its lease ends");
     assert!(claim(&s, a, &[]).await.is_empty(), "b holds them now, even against a come back");
 }
 
@@ -116,12 +117,12 @@ async fn a_rate_spends_a_token_per_claimed_row_and_refills_at_its_rate_up_to_its
 async fn a_patch_gates_or_frees_the_rows_already_written_and_deleting_the_trigger_frees_them<S: Store>(s: S) {
     let t = tenant(&s, "shop").await;
     let trigger = limited(&s, &t, "later", None).await;
-    publish(&s, &t, 3).await;
+    publish(&s, &t, 6).await;
     let patch = |flow| TriggerPatch { flow: Some(flow), ..TriggerPatch::default() };
     s.update_trigger(t.app.id, "later", &patch(concurrency(1))).await.unwrap();
     assert!(s.claim_due(100, LEASE, "n").await.unwrap().rows.is_empty(), "written before, gated now");
     let holder = Uuid::now_v7();
-    assert_eq!(claim(&s, holder, &[]).await.len(), 1);
+    assert_eq!(claim(&s, holder, &[]).await.len(), 4, "one in the slot, three ahead of it");
     s.update_trigger(t.app.id, "later", &patch(None)).await.unwrap();
     assert!(!s.limits_exist().await.unwrap());
     assert_eq!(s.claim_due(100, LEASE, "n").await.unwrap().rows.len(), 2, "free again");
@@ -142,16 +143,16 @@ async fn a_holder_gives_its_slots_back_of_the_triggers_it_names_or_of_all<S: Sto
     let t = tenant(&s, "shop").await;
     let one = limited(&s, &t, "one", concurrency(2)).await;
     let two = limited(&s, &t, "two", concurrency(2)).await;
-    publish(&s, &t, 5).await;
+    publish(&s, &t, 20).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    assert_eq!(claim(&s, a, &[]).await.len(), 4);
+    assert_eq!(claim(&s, a, &[]).await.len(), 16);
     s.release_slots(a, Some(&[one.id])).await.unwrap();
     let taken = claim(&s, b, &[]).await;
-    assert_eq!(taken.len(), 2);
+    assert_eq!(taken.len(), 8);
     assert!(taken.iter().all(|r| r.trigger_id == Some(one.id)), "a holds two's slots still");
     s.release_slots(a, None).await.unwrap();
-    let taken = claim(&s, b, &[(one.id, 2)]).await;
-    assert_eq!(taken.len(), 2, "two's slots are free now, and one's are b's");
+    let taken = claim(&s, b, &[(one.id, 8)]).await;
+    assert_eq!(taken.len(), 8, "two's slots are free now, and one's are b's");
     assert!(taken.iter().all(|r| r.trigger_id == Some(two.id)));
 }
 
@@ -194,4 +195,41 @@ async fn a_relay_waits_for_gated_rows_only_of_triggers_with_limits<S: Store>(s: 
     let limited = limited(&s, &t, "limited", concurrency(1)).await;
     insert(&s, &[NewDelivery { gated: true, ..delivery(&t, &limited, Duration::from_secs(5)) }]).await;
     assert_eq!(s.next_due_in().await.unwrap(), Some(Duration::from_secs(5)));
+}
+
+async fn a_holder_claims_rows_ahead_of_its_slots_unless_the_trigger_has_a_rate<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let plain = limited(&s, &t, "plain", concurrency(3)).await;
+    let rate = Rate { per_second: 1000, burst: 1000 };
+    let rated =
+        limited(&s, &t, "rated", Some(Flow { concurrency: Some(3), rate: Some(rate), ..Flow::default() }))
+            .await;
+    publish(&s, &t, 16).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let holder = |id, busy| Holder { id, node: "n", busy, share: AppShare::UNBOUNDED };
+    let slots = |claim: &LimitedClaim, trigger: &Trigger| {
+        claim.slots.iter().find(|(t, _)| *t == trigger.id).map(|(_, n)| *n)
+    };
+    let count = |claim: &LimitedClaim, trigger: &Trigger| {
+        claim.claim.rows.iter().filter(|r| r.trigger_id == Some(trigger.id)).count()
+    };
+
+    let first = s.claim_limited(100, LEASE, holder(a, &[])).await.unwrap();
+    assert_eq!(count(&first, &plain), 12, "three rows for its slots, three ahead of each");
+    assert_eq!(count(&first, &rated), 3, "a rate's rows start at once: none ahead");
+    assert_eq!((slots(&first, &plain), slots(&first, &rated)), (Some(3), Some(3)));
+
+    let other = s.claim_limited(100, LEASE, holder(b, &[])).await.unwrap();
+    assert!(other.claim.rows.is_empty(), "a holds every slot");
+    assert_eq!((slots(&other, &plain), slots(&other, &rated)), (Some(0), Some(0)));
+
+    let busy = [(plain.id, 1), (rated.id, 1)];
+    let again = s.claim_limited(100, LEASE, holder(a, &busy)).await.unwrap();
+    assert_eq!(count(&again, &plain), 4, "as many as were left");
+    assert_eq!(slots(&again, &plain), Some(3), "one for each row it has, up to its slots");
+    assert_eq!(count(&again, &rated), 2);
+    s.release_slots(a, None).await.unwrap();
+    let last = s.claim_limited(100, LEASE, holder(b, &[])).await.unwrap();
+    assert_eq!(count(&last, &rated), 3, "a gave its slots back: b takes the last rows");
+    assert_eq!(slots(&last, &plain), None, "no row of plain is claimable: its slots are not looked at");
 }
