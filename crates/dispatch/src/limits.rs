@@ -4,9 +4,9 @@
 //!
 //! A claim may take more rows of a trigger with a `concurrency` than the relay has slots
 //! ([`picloud_store::Slots::claimable`]): those wait here, and each starts as soon as one of the
-//! trigger's deliveries ends, without a claim's round trip in between. A row waits at most as
-//! long as its lease allows beyond the handler's timeout (the lease margin), so that it, and the
-//! slot it runs in, never outlive their leases; one that cannot start in time is given back.
+//! trigger's deliveries ends, without a claim's round trip in between. A row waits at most half
+//! of what its lease allows beyond the handler's timeout (the lease margin), so that it and the
+//! slot it runs in end before their leases do; one that cannot start in time is given back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -19,6 +19,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::complete::Done;
+
+/// A count per trigger.
+type Counts = Vec<(TriggerId, u32)>;
 
 /// What one relay run holds of the triggers' limits.
 #[derive(Debug)]
@@ -86,6 +89,8 @@ pub(crate) struct Claimed {
     pub(crate) next_token_in: Option<Duration>,
     /// What starts now.
     pub(crate) started: Started,
+    /// Triggers of which the run has nothing claimed (their slots to give back).
+    pub(crate) idle: Vec<TriggerId>,
 }
 
 /// What ended deliveries of limited triggers came to.
@@ -101,35 +106,72 @@ pub(crate) struct Finished {
 }
 
 impl Trigger {
-    /// Whether its rows ahead of the slots are running low (half of what it may hold ahead, or
-    /// fewer): a claim now refills them before the slots run dry, and takes many rows at once.
+    /// Whether its rows ahead of the slots are running low (no more than half of what it may
+    /// hold ahead of its slots): a claim now refills them before the slots run dry, and takes
+    /// many rows at once.
     fn running_low(&self) -> bool {
-        self.slots.is_none_or(|slots| self.claimed <= slots + slots * AHEAD_PER_SLOT / 2)
+        self.slots.is_none_or(|slots| self.ahead.len() as u32 <= slots * AHEAD_PER_SLOT / 2)
     }
 
-    /// Takes the rows ahead that have a slot now, oldest first, into `started`.
+    /// Gives back the rows ahead that can no longer start in time (all of them once the relay
+    /// stops), whether or not a slot is free, and takes the rows that have a slot now, oldest
+    /// first, into `started`.
     fn start(&mut self, now: Instant, closed: bool, started: &mut Started, epochs: &mut Vec<Option<i64>>) {
+        // Rows ahead are in claim order, so the late ones are at the front.
+        while self.ahead.front().is_some_and(|ahead| closed || now > ahead.start_by) {
+            let ahead = self.ahead.pop_front().expect("a row is ahead");
+            self.claimed -= 1;
+            started.expired.push(ahead.row);
+        }
         while self.slots.is_none_or(|slots| self.running < slots) {
             let Some(ahead) = self.ahead.pop_front() else { return };
-            if closed || now > ahead.start_by {
-                self.claimed -= 1;
-                started.expired.push(ahead.row);
-                continue;
-            }
             self.running += 1;
-            match started.start.iter_mut().zip(epochs.iter()).find(|(_, epoch)| **epoch == ahead.epoch) {
-                Some((claim, _)) => claim.rows.push(ahead.row),
-                None => {
-                    epochs.push(ahead.epoch);
-                    started.start.push(Claim { rows: vec![ahead.row], config_epoch: ahead.epoch });
-                }
+            started.add(ahead.row, ahead.epoch, epochs);
+        }
+    }
+}
+
+impl Held {
+    /// Goes over every trigger (after a claim: its slots may have changed, and rows ahead may
+    /// have waited too long while none of its deliveries ended): what starts now, what is given
+    /// back, and the triggers of which nothing is claimed any more, forgotten.
+    fn settle(
+        &mut self,
+        now: Instant,
+        started: &mut Started,
+        epochs: &mut Vec<Option<i64>>,
+    ) -> Vec<TriggerId> {
+        let mut idle = Vec::new();
+        for (trigger, entry) in &mut self.triggers {
+            entry.start(now, self.closed, started, epochs);
+            if entry.claimed == 0 {
+                idle.push(*trigger);
+            }
+        }
+        for trigger in &idle {
+            self.triggers.remove(trigger);
+        }
+        idle
+    }
+}
+
+impl Started {
+    /// Adds a row to start, to the claim of its configuration epoch.
+    fn add(&mut self, row: ClaimedDelivery, epoch: Option<i64>, epochs: &mut Vec<Option<i64>>) {
+        match self.start.iter_mut().zip(epochs.iter()).find(|(_, e)| **e == epoch) {
+            Some((claim, _)) => claim.rows.push(row),
+            None => {
+                epochs.push(epoch);
+                self.start.push(Claim { rows: vec![row], config_epoch: epoch });
             }
         }
     }
 }
 
 impl Limits {
-    /// `start_within`: how long a row claimed ahead of a slot may wait for one (the lease margin).
+    /// `start_within`: how long a row claimed ahead of a slot may wait for one (less than the
+    /// lease margin, so that the row, sent at the end of it, is answered or timed out before its
+    /// lease ends).
     pub(crate) fn new(start_within: Duration) -> Self {
         Self {
             holder: Uuid::now_v7(),
@@ -169,26 +211,30 @@ impl Limits {
     ) -> picloud_store::Result<Claimed> {
         let _round = self.round.lock().await;
         let asked = Instant::now();
-        let busy: Vec<(TriggerId, u32)> = self
+        let (busy, running): (Counts, Counts) = self
             .held
             .lock()
             .expect("limits lock")
             .triggers
             .iter()
-            .map(|(t, held)| (*t, held.claimed))
-            .collect();
-        let claimed =
-            store.claim_limited(want, lease, Holder { id: self.holder, node, busy: &busy, share }).await?;
+            .map(|(t, held)| ((*t, held.claimed), (*t, held.running)))
+            .unzip();
+        let holder = Holder { id: self.holder, node, busy: &busy, running: &running, share };
+        let claimed = store.claim_limited(want, lease, holder).await?;
         took(&claimed.claim.rows);
         let rows = claimed.claim.rows.len();
         let mut held = self.held.lock().expect("limits lock");
         let closed = held.closed;
+        let (mut started, mut epochs) = (Started::default(), Vec::new());
         for (trigger, slots) in claimed.slots {
             held.triggers.entry(trigger).or_default().slots = Some(slots);
         }
-        let mut touched = Vec::new();
         for row in claimed.claim.rows {
-            let Some(trigger) = row.trigger_id else { continue };
+            let Some(trigger) = row.trigger_id else {
+                // Not a limited row after all (none is without a trigger): it starts.
+                started.add(row, claimed.claim.config_epoch, &mut epochs);
+                continue;
+            };
             let entry = held.triggers.entry(trigger).or_default();
             entry.claimed += 1;
             entry.ahead.push_back(Ahead {
@@ -196,19 +242,10 @@ impl Limits {
                 epoch: claimed.claim.config_epoch,
                 start_by: asked + self.start_within,
             });
-            if !touched.contains(&trigger) {
-                touched.push(trigger);
-            }
         }
-        let (mut started, mut epochs) = (Started::default(), Vec::new());
-        let now = Instant::now();
-        for trigger in touched {
-            if let Some(entry) = held.triggers.get_mut(&trigger) {
-                entry.start(now, closed, &mut started, &mut epochs);
-            }
-        }
+        let idle = held.settle(Instant::now(), &mut started, &mut epochs);
         self.count_starting(&started);
-        Ok(Claimed { rows, next_token_in: claimed.next_token_in, started })
+        Ok(Claimed { rows, next_token_in: claimed.next_token_in, started, idle })
     }
 
     /// Counts ended deliveries out (a slot is free once its handler answered or its deadline
@@ -364,6 +401,19 @@ mod tests {
         let finished = limits.finished_at(&[ended(&first)], late);
         assert!(finished.started.start.is_empty(), "it would outlive its lease");
         assert_eq!(finished.started.expired.len(), 2);
+        assert_eq!(finished.idle, vec![trigger]);
+    }
+
+    #[tokio::test]
+    async fn rows_ahead_that_waited_too_long_are_given_back_though_no_slot_freed() {
+        let (limits, _store, trigger, first) = one_slot().await;
+        let late = Instant::now() + MARGIN + Duration::from_millis(1);
+        let mut started = Started::default();
+        let idle = limits.held.lock().unwrap().settle(late, &mut started, &mut Vec::new());
+        assert!(started.start.is_empty(), "the slot is taken");
+        assert_eq!(started.expired.len(), 2);
+        assert!(idle.is_empty(), "the row in the slot is claimed still");
+        let finished = limits.finished_at(&[ended(&first)], late);
         assert_eq!(finished.idle, vec![trigger]);
     }
 

@@ -245,6 +245,8 @@ pub struct Slots {
     pub others: u32,
     /// The holder's rows of the trigger claimed and not completed.
     pub busy: u32,
+    /// Of those, the ones in flight.
+    pub running: u32,
 }
 
 impl Slots {
@@ -263,9 +265,10 @@ impl Slots {
     }
 
     /// The slots the holder holds after claiming `claimed` rows: one for each row it has, as
-    /// far as the open slots go.
+    /// far as the open slots go, and never fewer than it has in flight (when the trigger's
+    /// `concurrency` was lowered, other holders must go on counting those).
     pub fn held(self, claimed: u32) -> u32 {
-        self.open().min(self.busy + claimed)
+        self.running.max(self.open().min(self.busy + claimed))
     }
 }
 
@@ -277,8 +280,11 @@ pub struct Holder<'a> {
     pub id: Uuid,
     /// The node, for `leased_by`.
     pub node: &'a str,
-    /// Its deliveries in flight per trigger, claimed by earlier claims and not completed yet.
+    /// Its rows of each trigger claimed by earlier claims and not completed yet: in flight, or
+    /// waiting ahead of a slot.
     pub busy: &'a [(TriggerId, u32)],
+    /// Its deliveries of each trigger in flight.
+    pub running: &'a [(TriggerId, u32)],
     /// How many rows of each app it may take.
     pub share: AppShare<'a>,
 }
@@ -498,11 +504,11 @@ pub trait OutboxRepo: Transactional {
     }
     /// Claims up to `want` due, unleased deliveries of limited triggers (DESIGN §13), oldest due
     /// first per trigger and the triggers taking turns, within each trigger's limits,
-    /// cluster-wide: no more than its `concurrency` less the slots other holders hold (until
-    /// their lease ends) and less the holder's own `busy`; no more than its rate's tokens, one
-    /// spent per row. Then, of each trigger it looked at (one with claimable rows), the holder
-    /// holds `busy` plus what it claimed, for `lease`. A trigger another relay claims for at
-    /// this moment is skipped, never waited for.
+    /// cluster-wide: no more than [`Slots::claimable`] (its `concurrency` less the slots other
+    /// holders hold until their lease ends, rows ahead of them, less the holder's own `busy`);
+    /// no more than its rate's tokens, one spent per row. Then, of each trigger it looked at
+    /// (one with claimable rows), the holder holds [`Slots::held`] slots, for `lease`. A
+    /// trigger another relay claims for at this moment is skipped, never waited for.
     fn claim_limited(
         &self,
         want: u32,

@@ -154,6 +154,9 @@ async fn claim_limited<S: Store>(
                 shared.claimable.limited();
             }
             shared.metrics.claimed(claimed.rows);
+            if !claimed.idle.is_empty() {
+                shared.limits.give_back(&shared.store, claimed.idle).await;
+            }
             (claimed.rows, claimed.next_token_in.map(|d| Instant::now() + d), claimed.started)
         }
         Err(e) => {

@@ -8,8 +8,10 @@
 //! - the **watchman** gives back the deliveries in flight on a NATS connection that was lost:
 //!   their answers cannot arrive any more, so they are tried again within a second without spending an
 //!   attempt;
-//! - the **completer** batches answers into one transaction each (a few at a time) and gives the
-//!   slots back; it also forwards sync results to their callers;
+//! - the **completer** counts each answer out of its app's share and its trigger's slots as it
+//!   arrives (starting, in a task, the rows of limited triggers that waited ahead of a slot),
+//!   batches the answers into one transaction at a time and gives the relay's slots back once it
+//!   commits; it also forwards sync results to their callers;
 //! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
 
 use std::collections::{HashMap, VecDeque};
@@ -170,7 +172,7 @@ impl<S: Store> Relay<S> {
             targets: Mutex::default(),
             metrics,
             connection,
-            limits: Limits::new(lease_margin),
+            limits: Limits::new(lease_margin / 2),
             shares,
             claimable: Claimable::new(),
         });
@@ -668,7 +670,11 @@ async fn ended<S: Store>(
         abandoned.spawn(async move { shared.limits.give_back(&shared.store, idle).await });
     }
     match done_tx.upgrade() {
-        Some(done_tx) => start(shared, started, &done_tx).await,
+        // In a task of its own: a slow publish or target read never holds up completions.
+        Some(done_tx) => {
+            let shared = shared.clone();
+            tokio::spawn(async move { start(&shared, started, &done_tx).await });
+        }
         // Only once the relay stopped, when no row starts any more: given back all the same.
         None => {
             let Started { start, expired } = started;

@@ -75,7 +75,8 @@ impl State {
             let (tokens, refilled_at) = self.flow_state[&trigger];
             let elapsed = (now - refilled_at).max(time::Duration::ZERO).unsigned_abs();
             let tokens = flow.rate.zip(tokens).map(|(rate, tokens)| (rate, rate.refill(tokens, elapsed)));
-            let slots = flow.concurrency.map(|concurrency| Slots { concurrency, others, busy });
+            let running = holder.running.iter().find(|(t, _)| *t == trigger).map_or(0, |(_, n)| *n);
+            let slots = flow.concurrency.map(|concurrency| Slots { concurrency, others, busy, running });
             let mut n = want;
             if let Some(slots) = slots {
                 n = n.min(slots.claimable(flow.rate.is_some()));

@@ -29,7 +29,8 @@ const CLAIMABLE: &str = "o.trigger_id = x.trigger_id AND o.gated AND NOT o.waiti
 /// No app takes more than its room in the holder's share (rows of one app's triggers count
 /// together, taken in turns).
 /// `$1` want, `$2` lease (ms), `$3` now, `$4` holder, `$5`/`$6` the holder's busy triggers and
-/// counts, `$7` node, `$8` the share, `$9`/`$10` the holder's apps and their held slots.
+/// counts, `$7` node, `$8` the share, `$9`/`$10` the holder's apps and their held slots,
+/// `$11`/`$12` its triggers with deliveries in flight and their counts.
 static CLAIM: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH clock AS MATERIALIZED (
@@ -51,6 +52,8 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                                      * extract(epoch FROM clock.now - s.refilled_at)) AS tokens,
                     coalesce((SELECT b.n FROM UNNEST($5::uuid[], $6::int4[]) AS b(trigger_id, n)
                                WHERE b.trigger_id = s.trigger_id), 0) AS busy,
+                    coalesce((SELECT r.n FROM UNNEST($11::uuid[], $12::int4[]) AS r(trigger_id, n)
+                               WHERE r.trigger_id = s.trigger_id), 0) AS running,
                     (SELECT coalesce(sum((e.value->>0)::int), 0) FROM jsonb_each(s.slots) e
                       WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)::int AS others
                FROM state s, clock),
@@ -78,7 +81,7 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
               LIMIT $1),
          claimed AS ({lease}),
          counted AS (
-             SELECT a.*, x.claimed, CASE WHEN a.open IS NOT NULL THEN least(a.open, a.busy + x.claimed) END AS held
+             SELECT a.*, x.claimed, CASE WHEN a.open IS NOT NULL THEN greatest(a.running, least(a.open, a.busy + x.claimed)) END AS held
                FROM allowed a CROSS JOIN LATERAL (
                  SELECT count(*)::int AS claimed FROM claimed c WHERE c.trigger_id = a.trigger_id) x),
          spent AS (
@@ -101,8 +104,8 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
          waits AS (
              SELECT min((1 - (c.tokens - c.claimed)) / c.per_second) FILTER (WHERE c.tokens - c.claimed < 1)
                         AS next_token_s,
-                    array_agg(c.trigger_id) FILTER (WHERE c.held IS NOT NULL) AS slot_triggers,
-                    array_agg(c.held) FILTER (WHERE c.held IS NOT NULL) AS slot_counts
+                    array_agg(c.trigger_id ORDER BY c.trigger_id) FILTER (WHERE c.held IS NOT NULL) AS slot_triggers,
+                    array_agg(c.held ORDER BY c.trigger_id) FILTER (WHERE c.held IS NOT NULL) AS slot_counts
                FROM counted c)
          SELECT w.next_token_s, w.slot_triggers, w.slot_counts,
                 (SELECT epoch FROM config_epoch) AS config_epoch, c.*
@@ -126,6 +129,8 @@ pub(super) async fn claim_limited(
     }
     let (busy_triggers, busy): (Vec<Uuid>, Vec<i32>) =
         holder.busy.iter().map(|(trigger, n)| (trigger.as_uuid(), *n as i32)).unzip();
+    let (running_triggers, running): (Vec<Uuid>, Vec<i32>) =
+        holder.running.iter().map(|(trigger, n)| (trigger.as_uuid(), *n as i32)).unzip();
     let (held_apps, held): (Vec<Uuid>, Vec<i64>) =
         holder.share.held.iter().map(|(app, n)| (app.as_uuid(), i64::from(*n))).unzip();
     let found = sqlx::query(&CLAIM)
@@ -139,6 +144,8 @@ pub(super) async fn claim_limited(
         .bind(i64::from(holder.share.per_app))
         .bind(held_apps)
         .bind(held)
+        .bind(running_triggers)
+        .bind(running)
         .fetch_all(&store.pool)
         .await?;
     let next_token_in = found

@@ -171,7 +171,7 @@ async fn the_claim_of_limited_rows_keeps_each_app_within_its_room<S: Store>(s: S
 
     let held = [(t.app.id, 2)];
     let share = AppShare { per_app: 5, held: &held };
-    let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[], share };
+    let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[], running: &[], share };
     let claimed = s.claim_limited(100, LEASE, holder).await.unwrap().claim.rows;
     assert_eq!(claimed.len(), 3, "two triggers of one app share the app's room of 3");
     let triggers: Vec<_> = claimed.iter().filter_map(|r| r.trigger_id).collect();
