@@ -224,7 +224,6 @@ impl Limits {
         took(&claimed.claim.rows);
         let rows = claimed.claim.rows.len();
         let mut held = self.held.lock().expect("limits lock");
-        let closed = held.closed;
         let (mut started, mut epochs) = (Started::default(), Vec::new());
         for (trigger, slots) in claimed.slots {
             held.triggers.entry(trigger).or_default().slots = Some(slots);
@@ -352,7 +351,7 @@ mod tests {
     /// trigger and the row in the slot (the other two wait ahead of it).
     async fn one_slot() -> (Limits, MemStore, TriggerId, ClaimedDelivery) {
         let flow = Flow { concurrency: Some(1), ..Flow::default() };
-        let (store, triggers) = apps_with_rows(1, 3, Some(flow)).await;
+        let (store, triggers) = apps_with_rows(&[3], Some(flow)).await;
         let limits = Limits::new(MARGIN);
         let claimed = limits
             .claim(&store, 10, Duration::from_secs(30), "n", AppShare::UNBOUNDED, |_| {})

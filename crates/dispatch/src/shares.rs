@@ -139,7 +139,7 @@ mod tests {
     #[tokio::test]
     async fn a_pass_over_more_apps_than_a_walk_takes_comes_back_for_the_rows_it_left_behind() {
         let apps = APPS_PER_CLAIM as usize + 2;
-        let (store, _) = apps_with_rows(apps, 3, None).await;
+        let (store, _) = apps_with_rows(&vec![3; apps], None).await;
         let shares = Shares::new(u32::MAX);
         let want = APPS_PER_CLAIM;
         let mut claimed = 0;

@@ -10,17 +10,13 @@ use picloud_store::{
     AuthRepo as _, Handler, MemStore, NewTrigger, Transactional as _, TriggerRepo as _, TriggerSpec,
 };
 
-/// `apps` apps with a pubsub trigger each (with `flow`) and `rows` due messages for it: the store
-/// and the triggers.
-pub(crate) async fn apps_with_rows(
-    apps: usize,
-    rows: usize,
-    flow: Option<Flow>,
-) -> (MemStore, Vec<TriggerId>) {
+/// An app for each of `rows`, with a pubsub trigger (with `flow`) and that many due messages for
+/// it: the store and the triggers.
+pub(crate) async fn apps_with_rows(rows: &[usize], flow: Option<Flow>) -> (MemStore, Vec<TriggerId>) {
     let store = MemStore::new();
     let config = TriggerConfig::default();
-    let mut triggers = Vec::with_capacity(apps);
-    for n in 0..apps {
+    let mut triggers = Vec::with_capacity(rows.len());
+    for (n, &rows) in rows.iter().enumerate() {
         let app = store.create_app(&AppSlug::parse(format!("app-{n}")).unwrap()).await.unwrap();
         let admin = store.create_principal(&format!("admin-{n}"), false).await.unwrap();
         store.set_role(app.id, admin.id, Role::Admin).await.unwrap();

@@ -670,6 +670,7 @@ async fn ended<S: Store>(
         abandoned.spawn(async move { shared.limits.give_back(&shared.store, idle).await });
     }
     match done_tx.upgrade() {
+        _ if started.start.is_empty() && started.expired.is_empty() => {}
         // In a task of its own: a slow publish or target read never holds up completions.
         Some(done_tx) => {
             let shared = shared.clone();
@@ -678,6 +679,7 @@ async fn ended<S: Store>(
         // Only once the relay stopped, when no row starts any more: given back all the same.
         None => {
             let Started { start, expired } = started;
+            shared.limits.delivered(start.iter().map(|claim| claim.rows.len()).sum());
             let rows = expired.iter().chain(start.iter().flat_map(|claim| claim.rows.iter()));
             batch.extend(rows.map(|row| given_back(&shared.config, row, "the relay stopped")));
         }
