@@ -135,3 +135,57 @@ async fn concurrency_and_rate_hold_across_relays_through_retries_failures_timeou
             .unwrap_or_else(|_| panic!("the run of seed {seed} did not end within two minutes"));
     }
 }
+
+/// The rows a relay claimed ahead of its one slot go back when it stops, their attempt not
+/// spent: the next relay delivers each as its first attempt.
+#[tokio::test]
+async fn a_relay_that_stops_gives_back_its_rows_ahead_of_a_slot_with_their_attempts() {
+    tokio::time::timeout(Duration::from_secs(60), rows_ahead_of_a_stopped_relay_come_back())
+        .await
+        .expect("the rows ahead came back within a minute");
+}
+
+async fn rows_ahead_of_a_stopped_relay_come_back() {
+    let w = World::new().await;
+    w.trigger("limited", TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() }, "limited")
+        .await;
+    let flow = Flow { concurrency: Some(1), ..Flow::default() };
+    let patch = TriggerPatch { flow: Some(Some(flow)), ..TriggerPatch::default() };
+    w.store.update_trigger(w.app.id, "limited", &patch).await.unwrap();
+    for n in 0..3 {
+        w.publish("t", serde_json::json!({"n": n}), None).await;
+    }
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    let (worker, mut handed) = start_worker(&w.nats_url(), "shop", "limited", move |_| {
+        let held = held.clone();
+        async move {
+            held.notified().await;
+            Ok(Reply::ok(serde_json::json!({})))
+        }
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("r")).await;
+    let first = next(&mut handed, "the first delivery").await;
+    // The one claim took all three rows: one in the slot, two ahead of it.
+    let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased_until IS NOT NULL")
+        .fetch_one(w.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(leased, 3);
+    relay.signal_stop();
+    release.notify_one();
+    relay.stop().await;
+    worker.stop().await;
+
+    let (worker, mut handed) = start_worker(&w.nats_url(), "shop", "limited", ok).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("r2")).await;
+    for _ in 0..2 {
+        let d = next(&mut handed, "a row given back").await;
+        assert_ne!(d.id, first.id);
+        assert_eq!(d.attempt, 1, "giving a row back spends no attempt");
+    }
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
