@@ -137,7 +137,8 @@ async fn concurrency_and_rate_hold_across_relays_through_retries_failures_timeou
 }
 
 /// The rows a relay claimed ahead of its one slot go back when it stops, their attempt not
-/// spent: the next relay delivers each as its first attempt.
+/// spent: the next relay delivers each as its first attempt (and the delivery the stopping relay
+/// had in flight, which timed out, as its second).
 #[tokio::test]
 async fn a_relay_that_stops_gives_back_its_rows_ahead_of_a_slot_with_their_attempts() {
     tokio::time::timeout(Duration::from_secs(60), rows_ahead_of_a_stopped_relay_come_back())
@@ -165,7 +166,10 @@ async fn rows_ahead_of_a_stopped_relay_come_back() {
         }
     })
     .await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("r")).await;
+    // A timeout long enough that the stop below begins well before the first delivery ends.
+    let mut config = relay_config("r");
+    config.node.handler_timeout = Duration::from_secs(3);
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     let first = next(&mut handed, "the first delivery").await;
     // The one claim took all three rows: one in the slot, two ahead of it.
     let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased_until IS NOT NULL")
@@ -173,17 +177,21 @@ async fn rows_ahead_of_a_stopped_relay_come_back() {
         .await
         .unwrap();
     assert_eq!(leased, 3);
-    relay.signal_stop();
-    release.notify_one();
+    // The handler holds its delivery until the stopping relay timed it out: no slot frees
+    // while the relay stops, so nothing ahead starts.
     relay.stop().await;
+    release.notify_one();
     worker.stop().await;
 
     let (worker, mut handed) = start_worker(&w.nats_url(), "shop", "limited", ok).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("r2")).await;
-    for _ in 0..2 {
+    for _ in 0..3 {
         let d = next(&mut handed, "a row given back").await;
-        assert_ne!(d.id, first.id);
-        assert_eq!(d.attempt, 1, "giving a row back spends no attempt");
+        if d.id == first.id {
+            assert_eq!(d.attempt, 2, "the delivery in flight timed out");
+        } else {
+            assert_eq!(d.attempt, 1, "giving a row back spends no attempt");
+        }
     }
     w.drained().await;
     relay.stop().await;
