@@ -189,13 +189,15 @@ impl<S: Store> Relay<S> {
 
         shutdown.recv().await;
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
-        for claimer in claimers {
-            let _ = claimer.await;
-        }
+        // Nothing starts from the queues ahead any more; a claim under way gives back what it
+        // takes.
         for row in shared.limits.close() {
             let _ = done_tx.send(given_back(&shared.config, &row, "the relay stopped"));
         }
         drop(done_tx);
+        for claimer in claimers {
+            let _ = claimer.await;
+        }
         wait_drained(&shared).await;
         shared.limits.release(&shared.store).await;
         listener.abort();
@@ -697,7 +699,7 @@ async fn ended<S: Store>(
 async fn start<S: Store>(shared: &Shared<S>, started: Started, done_tx: &mpsc::UnboundedSender<Done>) {
     let Started { start, expired } = started;
     for row in &expired {
-        let reason = "it waited for a slot of its trigger longer than its lease allows";
+        let reason = "it could not start within its lease, or the relay stopped";
         let _ = done_tx.send(given_back(&shared.config, row, reason));
     }
     let rows = start.iter().map(|claim| claim.rows.len()).sum();
