@@ -14,14 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use picloud_core::TriggerId;
-use picloud_store::{AHEAD_PER_SLOT, AppShare, Claim, ClaimedDelivery, Holder, OutboxRepo};
+use picloud_store::{AHEAD_PER_SLOT, AppShare, Busy, Claim, ClaimedDelivery, Holder, OutboxRepo};
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::complete::Done;
-
-/// A count per trigger.
-type Counts = Vec<(TriggerId, u32)>;
 
 /// What one relay run holds of the triggers' limits.
 #[derive(Debug)]
@@ -116,7 +113,7 @@ impl Trigger {
     /// Gives back the rows ahead that can no longer start in time (all of them once the relay
     /// stops), whether or not a slot is free, and takes the rows that have a slot now, oldest
     /// first, into `started`.
-    fn start(&mut self, now: Instant, closed: bool, started: &mut Started, epochs: &mut Vec<Option<i64>>) {
+    fn start(&mut self, now: Instant, closed: bool, started: &mut Started) {
         // Rows ahead are in claim order, so the late ones are at the front.
         while self.ahead.front().is_some_and(|ahead| closed || now > ahead.start_by) {
             let ahead = self.ahead.pop_front().expect("a row is ahead");
@@ -126,7 +123,7 @@ impl Trigger {
         while self.slots.is_none_or(|slots| self.running < slots) {
             let Some(ahead) = self.ahead.pop_front() else { return };
             self.running += 1;
-            started.add(ahead.row, ahead.epoch, epochs);
+            started.add(ahead.row, ahead.epoch);
         }
     }
 }
@@ -135,15 +132,10 @@ impl Held {
     /// Goes over every trigger (after a claim: its slots may have changed, and rows ahead may
     /// have waited too long while none of its deliveries ended): what starts now, what is given
     /// back, and the triggers of which nothing is claimed any more, forgotten.
-    fn settle(
-        &mut self,
-        now: Instant,
-        started: &mut Started,
-        epochs: &mut Vec<Option<i64>>,
-    ) -> Vec<TriggerId> {
+    fn settle(&mut self, now: Instant, started: &mut Started) -> Vec<TriggerId> {
         let mut idle = Vec::new();
         for (trigger, entry) in &mut self.triggers {
-            entry.start(now, self.closed, started, epochs);
+            entry.start(now, self.closed, started);
             if entry.claimed == 0 {
                 idle.push(*trigger);
             }
@@ -157,13 +149,10 @@ impl Held {
 
 impl Started {
     /// Adds a row to start, to the claim of its configuration epoch.
-    fn add(&mut self, row: ClaimedDelivery, epoch: Option<i64>, epochs: &mut Vec<Option<i64>>) {
-        match self.start.iter_mut().zip(epochs.iter()).find(|(_, e)| **e == epoch) {
-            Some((claim, _)) => claim.rows.push(row),
-            None => {
-                epochs.push(epoch);
-                self.start.push(Claim { rows: vec![row], config_epoch: epoch });
-            }
+    fn add(&mut self, row: ClaimedDelivery, epoch: Option<i64>) {
+        match self.start.iter_mut().find(|claim| claim.config_epoch == epoch) {
+            Some(claim) => claim.rows.push(row),
+            None => self.start.push(Claim { rows: vec![row], config_epoch: epoch }),
         }
     }
 }
@@ -211,27 +200,27 @@ impl Limits {
     ) -> picloud_store::Result<Claimed> {
         let _round = self.round.lock().await;
         let asked = Instant::now();
-        let (busy, running): (Counts, Counts) = self
+        let busy: Vec<(TriggerId, Busy)> = self
             .held
             .lock()
             .expect("limits lock")
             .triggers
             .iter()
-            .map(|(t, held)| ((*t, held.claimed), (*t, held.running)))
-            .unzip();
-        let holder = Holder { id: self.holder, node, busy: &busy, running: &running, share };
+            .map(|(t, held)| (*t, Busy { claimed: held.claimed, running: held.running }))
+            .collect();
+        let holder = Holder { id: self.holder, node, busy: &busy, share };
         let claimed = store.claim_limited(want, lease, holder).await?;
         took(&claimed.claim.rows);
         let rows = claimed.claim.rows.len();
         let mut held = self.held.lock().expect("limits lock");
-        let (mut started, mut epochs) = (Started::default(), Vec::new());
+        let mut started = Started::default();
         for (trigger, slots) in claimed.slots {
             held.triggers.entry(trigger).or_default().slots = Some(slots);
         }
         for row in claimed.claim.rows {
             let Some(trigger) = row.trigger_id else {
                 // Not a limited row after all (none is without a trigger): it starts.
-                started.add(row, claimed.claim.config_epoch, &mut epochs);
+                started.add(row, claimed.claim.config_epoch);
                 continue;
             };
             let entry = held.triggers.entry(trigger).or_default();
@@ -242,7 +231,7 @@ impl Limits {
                 start_by: asked + self.start_within,
             });
         }
-        let idle = held.settle(Instant::now(), &mut started, &mut epochs);
+        let idle = held.settle(Instant::now(), &mut started);
         self.count_starting(&started);
         Ok(Claimed { rows, next_token_in: claimed.next_token_in, started, idle })
     }
@@ -267,10 +256,9 @@ impl Limits {
                 }
             }
         }
-        let mut epochs = Vec::new();
         for trigger in ended {
             let Some(entry) = held.triggers.get_mut(&trigger) else { continue };
-            entry.start(now, closed, &mut finished.started, &mut epochs);
+            entry.start(now, closed, &mut finished.started);
             finished.claim_more |= entry.running_low();
             if entry.claimed == 0 {
                 held.triggers.remove(&trigger);
@@ -408,7 +396,7 @@ mod tests {
         let (limits, _store, trigger, first) = one_slot().await;
         let late = Instant::now() + MARGIN + Duration::from_millis(1);
         let mut started = Started::default();
-        let idle = limits.held.lock().unwrap().settle(late, &mut started, &mut Vec::new());
+        let idle = limits.held.lock().unwrap().settle(late, &mut started);
         assert!(started.start.is_empty(), "the slot is taken");
         assert_eq!(started.expired.len(), 2);
         assert!(idle.is_empty(), "the row in the slot is claimed still");
@@ -418,8 +406,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_relay_that_stops_gives_back_its_rows_ahead_and_starts_none() {
-        let (limits, _store, _trigger, first) = one_slot().await;
-        assert_eq!(limits.close().len(), 2);
+        let flow = Flow { concurrency: Some(1), ..Flow::default() };
+        let (store, _) = apps_with_rows(&[6], Some(flow)).await;
+        let limits = Limits::new(MARGIN);
+        let lease = Duration::from_secs(30);
+        let claimed = limits.claim(&store, 2, lease, "n", AppShare::UNBOUNDED, |_| {}).await.unwrap();
+        let first = claimed.started.start.into_iter().flat_map(|c| c.rows).next().unwrap();
+        limits.delivered(1);
+        assert_eq!(limits.close().len(), 1, "the row ahead");
+        let late = limits.claim(&store, 10, lease, "n", AppShare::UNBOUNDED, |_| {}).await.unwrap();
+        assert_eq!(late.rows, 3, "a claim under way as the relay stops");
+        assert!(late.started.start.is_empty(), "what it took does not start");
+        assert_eq!(late.started.expired.len(), 3, "it goes back");
         let finished = limits.finished_at(&[ended(&first)], Instant::now());
         assert!(finished.started.start.is_empty() && finished.started.expired.is_empty());
         assert!(!limits.starting());

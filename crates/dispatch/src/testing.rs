@@ -2,8 +2,7 @@
 
 use picloud_core::flow::Flow;
 use picloud_core::{
-    AppSlug, CollectionPattern, HandlerName, RetryOverrides, Role, TopicName, TriggerConfig, TriggerId,
-    TriggerName,
+    AppSlug, CollectionPattern, HandlerName, Role, TopicName, TriggerConfig, TriggerId, TriggerName,
 };
 use picloud_store::events::{self, EventContext};
 use picloud_store::{
@@ -21,15 +20,14 @@ pub(crate) async fn apps_with_rows(rows: &[usize], flow: Option<Flow>) -> (MemSt
         let admin = store.create_principal(&format!("admin-{n}"), false).await.unwrap();
         store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
         let trigger = NewTrigger {
-            id: TriggerId::new(),
-            app_id: app.id,
-            name: TriggerName::parse("t").unwrap(),
-            spec: TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() },
-            handler: Handler::Function(HandlerName::parse("h").unwrap()),
-            retry: RetryOverrides::default(),
             flow,
-            enabled: true,
-            registered_by: admin.id,
+            ..NewTrigger::new(
+                app.id,
+                TriggerName::parse("t").unwrap(),
+                TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() },
+                Handler::Function(HandlerName::parse("h").unwrap()),
+                admin.id,
+            )
         };
         triggers.push(store.create_trigger(&trigger).await.unwrap().id);
         let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };

@@ -272,6 +272,15 @@ impl Slots {
     }
 }
 
+/// What a holder has of one limited trigger from earlier claims.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Busy {
+    /// Rows claimed and not completed yet: in flight, or waiting ahead of a slot.
+    pub claimed: u32,
+    /// Of those, the deliveries in flight.
+    pub running: u32,
+}
+
 /// The slots of limited triggers one relay has in flight: what [`OutboxRepo::claim_limited`]
 /// counts as the holder's own.
 #[derive(Debug, Clone, Copy)]
@@ -280,11 +289,8 @@ pub struct Holder<'a> {
     pub id: Uuid,
     /// The node, for `leased_by`.
     pub node: &'a str,
-    /// Its rows of each trigger claimed by earlier claims and not completed yet: in flight, or
-    /// waiting ahead of a slot.
-    pub busy: &'a [(TriggerId, u32)],
-    /// Its deliveries of each trigger in flight.
-    pub running: &'a [(TriggerId, u32)],
+    /// What it has of each trigger from earlier claims.
+    pub busy: &'a [(TriggerId, Busy)],
     /// How many rows of each app it may take.
     pub share: AppShare<'a>,
 }

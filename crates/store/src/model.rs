@@ -207,6 +207,30 @@ pub struct NewTrigger {
     pub registered_by: PrincipalId,
 }
 
+impl NewTrigger {
+    /// A trigger of `app_id` named `name`, fired by `spec`, delivered to `handler`, run as
+    /// `registered_by`: enabled, with a fresh id, no retry overrides and no `flow`.
+    pub fn new(
+        app_id: AppId,
+        name: TriggerName,
+        spec: TriggerSpec,
+        handler: Handler,
+        registered_by: PrincipalId,
+    ) -> Self {
+        Self {
+            id: TriggerId::new(),
+            app_id,
+            name,
+            spec,
+            handler,
+            retry: RetryOverrides::default(),
+            flow: None,
+            enabled: true,
+            registered_by,
+        }
+    }
+}
+
 /// A registered trigger.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trigger {

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use picloud_core::{CollectionPattern, RetryOverrides, TriggerId, TriggerName};
+use picloud_core::{CollectionPattern, RetryOverrides, TriggerName};
 use picloud_dispatch::executors::{self, ExecutorConfig, SmtpConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
@@ -175,23 +175,11 @@ async fn start_executors_allowing(w: &World, smtp_url: Option<&str>, allow_nets:
 
 /// A `kv` trigger on collection `orders` whose handler is the webhook at `url`.
 async fn webhook_trigger(w: &World, url: &str, retry: RetryOverrides) -> Trigger {
-    w.store
-        .create_trigger(&NewTrigger {
-            id: TriggerId::new(),
-            app_id: w.app.id,
-            name: TriggerName::parse("to-hook").unwrap(),
-            spec: TriggerSpec::Kv {
-                collection: CollectionPattern::parse("orders").unwrap(),
-                ops: vec![KvOp::Put],
-            },
-            handler: Handler::Webhook { url: url.into(), secret: WEBHOOK_SECRET.into() },
-            retry,
-            flow: None,
-            enabled: true,
-            registered_by: w.admin.id,
-        })
-        .await
-        .unwrap()
+    let spec =
+        TriggerSpec::Kv { collection: CollectionPattern::parse("orders").unwrap(), ops: vec![KvOp::Put] };
+    let handler = Handler::Webhook { url: url.into(), secret: WEBHOOK_SECRET.into() };
+    let new = NewTrigger::new(w.app.id, TriggerName::parse("to-hook").unwrap(), spec, handler, w.admin.id);
+    w.store.create_trigger(&NewTrigger { retry, ..new }).await.unwrap()
 }
 
 #[tokio::test]

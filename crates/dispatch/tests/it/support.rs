@@ -4,10 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use picloud_core::names::{CollectionName, KvKey};
-use picloud_core::{
-    AppSlug, CollectionPattern, HandlerName, RetryOverrides, RetryPolicy, Role, TriggerConfig, TriggerId,
-    TriggerName,
-};
+use picloud_core::{AppSlug, CollectionPattern, HandlerName, RetryPolicy, Role, TriggerConfig, TriggerName};
 use picloud_dispatch::{NodeConfig, Relay, RelayConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
@@ -250,20 +247,9 @@ pub async fn register(
     spec: TriggerSpec,
     handler: &str,
 ) -> Trigger {
-    store
-        .create_trigger(&NewTrigger {
-            id: TriggerId::new(),
-            app_id: app.id,
-            name: TriggerName::parse(name).unwrap(),
-            spec,
-            handler: Handler::Function(HandlerName::parse(handler).unwrap()),
-            retry: RetryOverrides::default(),
-            flow: None,
-            enabled: true,
-            registered_by: admin.id,
-        })
-        .await
-        .unwrap()
+    let handler = Handler::Function(HandlerName::parse(handler).unwrap());
+    let new = NewTrigger::new(app.id, TriggerName::parse(name).unwrap(), spec, handler, admin.id);
+    store.create_trigger(&new).await.unwrap()
 }
 
 /// A small deterministic generator (splitmix64), so that a failing seed of a generated run

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use picloud_core::token::{generate_api_token, hash_api_token};
-use picloud_core::{CollectionPattern, HandlerName, QueueName, RetryOverrides, TriggerId, TriggerName};
+use picloud_core::{CollectionPattern, HandlerName, QueueName, TriggerName};
 use picloud_store::*;
 use picloud_testkit::{CaughtMail, MailCatcher, NatsServer, PgOptions, PgServer, PgShutdown, TcpProxy};
 use picloud_worker::{Delivery, Reply, Worker};
@@ -169,20 +169,9 @@ impl Rig {
             ("call", TriggerSpec::Http),
         ];
         for (name, spec) in others {
-            store
-                .create_trigger(&NewTrigger {
-                    id: TriggerId::new(),
-                    app_id: app.id,
-                    name: TriggerName::parse(name).unwrap(),
-                    spec,
-                    handler: Handler::Function(HandlerName::parse(HANDLER).unwrap()),
-                    retry: RetryOverrides::default(),
-                    flow: None,
-                    enabled: true,
-                    registered_by: admin.id,
-                })
-                .await
-                .unwrap();
+            let handler = Handler::Function(HandlerName::parse(HANDLER).unwrap());
+            let new = NewTrigger::new(app.id, TriggerName::parse(name).unwrap(), spec, handler, admin.id);
+            store.create_trigger(&new).await.unwrap();
         }
         let token = generate_api_token();
         store

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use picloud_core::{AppSlug, HandlerName, RetryOverrides, Role, TriggerId, TriggerName};
+use picloud_core::{AppSlug, HandlerName, Role, TriggerName};
 use picloud_store::*;
 use picloud_testkit::NatsServer;
 
@@ -22,20 +22,9 @@ pub async fn shop_with_trigger(store: &PgStore, name: &str, spec: TriggerSpec, h
     let app = store.create_app(&AppSlug::parse("shop").unwrap()).await.unwrap();
     let admin = store.create_principal("shop-admin", false).await.unwrap();
     store.set_role(app.id, admin.id, Role::Admin).await.unwrap();
-    let trigger = store
-        .create_trigger(&NewTrigger {
-            id: TriggerId::new(),
-            app_id: app.id,
-            name: TriggerName::parse(name).unwrap(),
-            spec,
-            handler: Handler::Function(HandlerName::parse(handler).unwrap()),
-            retry: RetryOverrides::default(),
-            flow: None,
-            enabled: true,
-            registered_by: admin.id,
-        })
-        .await
-        .unwrap();
+    let handler = Handler::Function(HandlerName::parse(handler).unwrap());
+    let new = NewTrigger::new(app.id, TriggerName::parse(name).unwrap(), spec, handler, admin.id);
+    let trigger = store.create_trigger(&new).await.unwrap();
     Shop { app, admin, trigger }
 }
 

@@ -5,9 +5,9 @@ use picloud_core::flow::Rate;
 
 use super::*;
 
-/// One limited trigger in a claim: its flow, the holder's slots (with a `concurrency`), its rate
-/// and refilled tokens, and the rows it may claim, oldest first.
-type Turn = (TriggerId, Flow, Option<Slots>, Option<(Rate, f64)>, Vec<Uuid>);
+/// One limited trigger in a claim: the holder's slots (with a `concurrency`), its rate and
+/// refilled tokens, and the rows it may claim, oldest first.
+type Turn = (TriggerId, Option<Slots>, Option<(Rate, f64)>, Vec<Uuid>);
 
 impl State {
     /// Keeps a trigger's limits in step with its new `flow` (`pg::flow::set_limits`).
@@ -65,7 +65,7 @@ impl State {
                 continue;
             }
             due.sort();
-            let busy = holder.busy.iter().find(|(t, _)| *t == trigger).map_or(0, |(_, n)| *n);
+            let busy = holder.busy.iter().find(|(t, _)| *t == trigger).map_or(Busy::default(), |(_, b)| *b);
             let others: u32 = self
                 .flow_slots
                 .iter()
@@ -75,8 +75,12 @@ impl State {
             let (tokens, refilled_at) = self.flow_state[&trigger];
             let elapsed = (now - refilled_at).max(time::Duration::ZERO).unsigned_abs();
             let tokens = flow.rate.zip(tokens).map(|(rate, tokens)| (rate, rate.refill(tokens, elapsed)));
-            let running = holder.running.iter().find(|(t, _)| *t == trigger).map_or(0, |(_, n)| *n);
-            let slots = flow.concurrency.map(|concurrency| Slots { concurrency, others, busy, running });
+            let slots = flow.concurrency.map(|concurrency| Slots {
+                concurrency,
+                others,
+                busy: busy.claimed,
+                running: busy.running,
+            });
             let mut n = want;
             if let Some(slots) = slots {
                 n = n.min(slots.claimable(flow.rate.is_some()));
@@ -85,12 +89,12 @@ impl State {
                 n = n.min(tokens.floor() as u32);
             }
             due.truncate(n as usize);
-            turns.push((trigger, flow, slots, tokens, due.into_iter().map(|(_, id)| id).collect()));
+            turns.push((trigger, slots, tokens, due.into_iter().map(|(_, id)| id).collect()));
         }
         // Turn by turn across the triggers, as Postgres orders them, each app within its room.
         let mut picked: Vec<Uuid> = Vec::new();
         let mut taken: HashMap<AppId, u32> = HashMap::new();
-        let longest = turns.iter().map(|t| t.4.len()).max().unwrap_or(0);
+        let longest = turns.iter().map(|t| t.3.len()).max().unwrap_or(0);
         for turn in 0..longest {
             for (trigger, .., ids) in &turns {
                 let Some(id) = ids.get(turn) else { continue };
@@ -109,7 +113,7 @@ impl State {
             .collect();
         let mut next_token_in: Option<Duration> = None;
         let mut held_slots = Vec::new();
-        for (trigger, _, slots, tokens, _) in turns {
+        for (trigger, slots, tokens, _) in turns {
             let claimed = rows.iter().filter(|r| r.trigger_id == Some(trigger)).count() as u32;
             let left = tokens.map(|(rate, tokens)| (rate, tokens - f64::from(claimed)));
             if let Some((rate, left)) = left.filter(|(_, left)| *left < 1.0) {

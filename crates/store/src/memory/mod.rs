@@ -20,9 +20,9 @@ use crate::cron::NextTick;
 use crate::events::Event;
 use crate::model::*;
 use crate::{
-    APPS_PER_CLAIM, AbandonedRepo, AuthRepo, Authenticated, Claim, Clock, DeadLetterRepo, DeliveryTarget,
-    Error, Holder, KvRepo, LimitedClaim, OutboxRepo, Result, SharedClaim, Slots, Standing, SyncCallWrite,
-    Targets, Transactional, TriggerRepo, Wakeups, Walk, quotas,
+    APPS_PER_CLAIM, AbandonedRepo, AuthRepo, Authenticated, Busy, Claim, Clock, DeadLetterRepo,
+    DeliveryTarget, Error, Holder, KvRepo, LimitedClaim, OutboxRepo, Result, SharedClaim, Slots, Standing,
+    SyncCallWrite, Targets, Transactional, TriggerRepo, Wakeups, Walk, quotas,
 };
 
 mod abandoned;

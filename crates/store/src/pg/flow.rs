@@ -28,9 +28,9 @@ const CLAIMABLE: &str = "o.trigger_id = x.trigger_id AND o.gated AND NOT o.waiti
 /// lease ran out.
 /// No app takes more than its room in the holder's share (rows of one app's triggers count
 /// together, taken in turns).
-/// `$1` want, `$2` lease (ms), `$3` now, `$4` holder, `$5`/`$6` the holder's busy triggers and
-/// counts, `$7` node, `$8` the share, `$9`/`$10` the holder's apps and their held slots,
-/// `$11`/`$12` its triggers with deliveries in flight and their counts.
+/// `$1` want, `$2` lease (ms), `$3` now, `$4` holder, `$5`/`$6`/`$11` the holder's busy triggers,
+/// their rows claimed and of those in flight, `$7` node, `$8` the share, `$9`/`$10` the holder's
+/// apps and their held slots.
 static CLAIM: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH clock AS MATERIALIZED (
@@ -52,7 +52,7 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
                                      * extract(epoch FROM clock.now - s.refilled_at)) AS tokens,
                     coalesce((SELECT b.n FROM UNNEST($5::uuid[], $6::int4[]) AS b(trigger_id, n)
                                WHERE b.trigger_id = s.trigger_id), 0) AS busy,
-                    coalesce((SELECT r.n FROM UNNEST($11::uuid[], $12::int4[]) AS r(trigger_id, n)
+                    coalesce((SELECT r.n FROM UNNEST($5::uuid[], $11::int4[]) AS r(trigger_id, n)
                                WHERE r.trigger_id = s.trigger_id), 0) AS running,
                     (SELECT coalesce(sum((e.value->>0)::int), 0) FROM jsonb_each(s.slots) e
                       WHERE e.key <> $4::text AND (e.value->>1)::float8 > clock.now_s)::int AS others
@@ -127,10 +127,9 @@ pub(super) async fn claim_limited(
             slots: Vec::new(),
         });
     }
-    let (busy_triggers, busy): (Vec<Uuid>, Vec<i32>) =
-        holder.busy.iter().map(|(trigger, n)| (trigger.as_uuid(), *n as i32)).unzip();
-    let (running_triggers, running): (Vec<Uuid>, Vec<i32>) =
-        holder.running.iter().map(|(trigger, n)| (trigger.as_uuid(), *n as i32)).unzip();
+    let busy_triggers: Vec<Uuid> = holder.busy.iter().map(|(trigger, _)| trigger.as_uuid()).collect();
+    let claimed: Vec<i32> = holder.busy.iter().map(|(_, busy)| busy.claimed as i32).collect();
+    let running: Vec<i32> = holder.busy.iter().map(|(_, busy)| busy.running as i32).collect();
     let (held_apps, held): (Vec<Uuid>, Vec<i64>) =
         holder.share.held.iter().map(|(app, n)| (app.as_uuid(), i64::from(*n))).unzip();
     let found = sqlx::query(&CLAIM)
@@ -139,12 +138,11 @@ pub(super) async fn claim_limited(
         .bind(store.now())
         .bind(holder.id)
         .bind(busy_triggers)
-        .bind(busy)
+        .bind(claimed)
         .bind(holder.node)
         .bind(i64::from(holder.share.per_app))
         .bind(held_apps)
         .bind(held)
-        .bind(running_triggers)
         .bind(running)
         .fetch_all(&store.pool)
         .await?;

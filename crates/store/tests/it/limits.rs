@@ -42,14 +42,14 @@ async fn publish<S: Store>(s: &S, t: &Tenant, count: u32) {
     s.commit(tx).await.unwrap();
 }
 
-/// Claims within the limits as `holder` with `busy` in flight: how many rows it got.
-async fn claim<S: Store>(s: &S, holder: Uuid, busy: &[(TriggerId, u32)]) -> Vec<ClaimedDelivery> {
+/// Claims within the limits as `holder` with `claimed` rows of earlier claims not completed (none
+/// in flight): the rows it got.
+async fn claim<S: Store>(s: &S, holder: Uuid, claimed: &[(TriggerId, u32)]) -> Vec<ClaimedDelivery> {
+    let busy: Vec<(TriggerId, Busy)> =
+        claimed.iter().map(|(t, n)| (*t, Busy { claimed: *n, running: 0 })).collect();
+    let busy = busy.as_slice();
     let claimed = s
-        .claim_limited(
-            100,
-            LEASE,
-            Holder { id: holder, node: "n", busy, running: &[], share: AppShare::UNBOUNDED },
-        )
+        .claim_limited(100, LEASE, Holder { id: holder, node: "n", busy, share: AppShare::UNBOUNDED })
         .await
         .unwrap();
     assert!(claimed.claim.rows.iter().all(|r| r.gated));
@@ -92,8 +92,7 @@ async fn a_rate_spends_a_token_per_claimed_row_and_refills_at_its_rate_up_to_its
     let rate = Rate { per_second: 10, burst: 5 };
     limited(&s, &t, "limited", Some(Flow { rate: Some(rate), ..Flow::default() })).await;
     publish(&s, &t, 30).await;
-    let holder =
-        Holder { id: Uuid::now_v7(), node: "n", busy: &[], running: &[], share: AppShare::UNBOUNDED };
+    let holder = Holder { id: Uuid::now_v7(), node: "n", busy: &[], share: AppShare::UNBOUNDED };
     let burst = s.claim_limited(100, LEASE, holder).await.unwrap();
     assert_eq!(burst.claim.rows.len(), 5, "a full bucket: the burst");
     assert_eq!(burst.next_token_in, Some(Duration::from_millis(100)));
@@ -171,7 +170,7 @@ async fn limited_triggers_take_turns_in_a_claim<S: Store>(s: S) {
         .claim_limited(
             4,
             LEASE,
-            Holder { id: Uuid::now_v7(), node: "n", busy: &[], running: &[], share: AppShare::UNBOUNDED },
+            Holder { id: Uuid::now_v7(), node: "n", busy: &[], share: AppShare::UNBOUNDED },
         )
         .await
         .unwrap();
@@ -212,7 +211,7 @@ async fn a_holder_claims_rows_ahead_of_its_slots_unless_the_trigger_has_a_rate<S
             .await;
     publish(&s, &t, 16).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let holder = |id, busy, running| Holder { id, node: "n", busy, running, share: AppShare::UNBOUNDED };
+    let holder = |id, busy| Holder { id, node: "n", busy, share: AppShare::UNBOUNDED };
     let slots = |claim: &LimitedClaim, trigger: &Trigger| {
         claim.slots.iter().find(|(t, _)| *t == trigger.id).map(|(_, n)| *n)
     };
@@ -220,22 +219,23 @@ async fn a_holder_claims_rows_ahead_of_its_slots_unless_the_trigger_has_a_rate<S
         claim.claim.rows.iter().filter(|r| r.trigger_id == Some(trigger.id)).count()
     };
 
-    let first = s.claim_limited(100, LEASE, holder(a, &[], &[])).await.unwrap();
+    let first = s.claim_limited(100, LEASE, holder(a, &[])).await.unwrap();
     assert_eq!(count(&first, &plain), 12, "three rows for its slots, three ahead of each");
     assert_eq!(count(&first, &rated), 3, "a rate's rows start at once: none ahead");
     assert_eq!((slots(&first, &plain), slots(&first, &rated)), (Some(3), Some(3)));
 
-    let other = s.claim_limited(100, LEASE, holder(b, &[], &[])).await.unwrap();
+    let other = s.claim_limited(100, LEASE, holder(b, &[])).await.unwrap();
     assert!(other.claim.rows.is_empty(), "a holds every slot");
     assert_eq!((slots(&other, &plain), slots(&other, &rated)), (Some(0), Some(0)));
 
-    let busy = [(plain.id, 1), (rated.id, 1)];
-    let again = s.claim_limited(100, LEASE, holder(a, &busy, &[])).await.unwrap();
+    let one = Busy { claimed: 1, running: 0 };
+    let busy = [(plain.id, one), (rated.id, one)];
+    let again = s.claim_limited(100, LEASE, holder(a, &busy)).await.unwrap();
     assert_eq!(count(&again, &plain), 4, "as many as were left");
     assert_eq!(slots(&again, &plain), Some(3), "one for each row it has, up to its slots");
     assert_eq!(count(&again, &rated), 2);
     s.release_slots(a, None).await.unwrap();
-    let last = s.claim_limited(100, LEASE, holder(b, &[], &[])).await.unwrap();
+    let last = s.claim_limited(100, LEASE, holder(b, &[])).await.unwrap();
     assert_eq!(count(&last, &rated), 3, "a gave its slots back: b takes the last rows");
     assert_eq!(slots(&last, &plain), None, "no row of plain is claimable: its slots are not looked at");
 }
@@ -249,15 +249,16 @@ async fn a_holder_never_records_fewer_slots_than_it_has_in_flight_when_the_concu
     let trigger = limited(&s, &t, "limited", concurrency(4)).await;
     publish(&s, &t, 20).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let holder = |id, busy, running| Holder { id, node: "n", busy, running, share: AppShare::UNBOUNDED };
+    let holder = |id, busy| Holder { id, node: "n", busy, share: AppShare::UNBOUNDED };
     let slots = |claim: &LimitedClaim| claim.slots.iter().find(|(t, _)| *t == trigger.id).map(|(_, n)| *n);
-    let two = [(trigger.id, 2)];
-    assert_eq!(s.claim_limited(2, LEASE, holder(a, &[], &[])).await.unwrap().claim.rows.len(), 2);
-    assert_eq!(s.claim_limited(2, LEASE, holder(b, &[], &[])).await.unwrap().claim.rows.len(), 2);
+    assert_eq!(s.claim_limited(2, LEASE, holder(a, &[])).await.unwrap().claim.rows.len(), 2);
+    assert_eq!(s.claim_limited(2, LEASE, holder(b, &[])).await.unwrap().claim.rows.len(), 2);
     let patch = TriggerPatch { flow: Some(concurrency(3)), ..TriggerPatch::default() };
     s.update_trigger(t.app.id, "limited", &patch).await.unwrap();
-    let again = s.claim_limited(100, LEASE, holder(a, &two, &two)).await.unwrap();
+    let running = [(trigger.id, Busy { claimed: 2, running: 2 })];
+    let again = s.claim_limited(100, LEASE, holder(a, &running)).await.unwrap();
     assert_eq!(slots(&again), Some(2), "a runs two: b goes on counting them, though one slot is open to a");
-    let other = s.claim_limited(100, LEASE, holder(b, &two, &[])).await.unwrap();
+    let ahead = [(trigger.id, Busy { claimed: 2, running: 0 })];
+    let other = s.claim_limited(100, LEASE, holder(b, &ahead)).await.unwrap();
     assert_eq!(slots(&other), Some(1), "b has the one slot a left");
 }

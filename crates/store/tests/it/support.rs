@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use picloud_core::protocol::{EventKind, event_type, source};
-use picloud_core::{AppSlug, CollectionPattern, RetryOverrides, TriggerId, TriggerName};
+use picloud_core::{AppSlug, CollectionPattern, TriggerName};
 use picloud_store::*;
 use picloud_testkit::TestDatabase;
 use serde_json::value::RawValue;
@@ -46,17 +46,8 @@ pub async fn tenant<S: Store>(store: &S, slug: &str) -> Tenant {
 }
 
 pub fn new_trigger(t: &Tenant, name: &str, spec: TriggerSpec) -> NewTrigger {
-    NewTrigger {
-        id: TriggerId::new(),
-        app_id: t.app.id,
-        name: TriggerName::parse(name).unwrap(),
-        spec,
-        handler: Handler::Function(picloud_core::HandlerName::parse("handle").unwrap()),
-        retry: RetryOverrides::default(),
-        flow: None,
-        enabled: true,
-        registered_by: t.admin.id,
-    }
+    let handler = Handler::Function(picloud_core::HandlerName::parse("handle").unwrap());
+    NewTrigger::new(t.app.id, TriggerName::parse(name).unwrap(), spec, handler, t.admin.id)
 }
 
 pub fn kv_spec(pattern: &str, ops: &[KvOp]) -> TriggerSpec {
