@@ -29,8 +29,10 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
                  -- nothing.
                  SELECT NOT EXISTS (SELECT 1 FROM matched WHERE flow IS NOT NULL) AS yes
              ), prev AS (
+                 -- Locked only when this statement writes: a lock is a write, and would make the
+                 -- statement that writes nothing wait for a WAL flush of its own at its commit.
                  SELECT value, version FROM kv_entries
-                  WHERE app_id = $1 AND collection = $2 AND key = $3
+                  WHERE app_id = $1 AND collection = $2 AND key = $3 AND (SELECT yes FROM free)
                     FOR UPDATE
              ), up AS (
                  -- Reading `prev` here makes it run (and lock) before the upsert: read after it,

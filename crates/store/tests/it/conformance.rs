@@ -875,17 +875,7 @@ async fn a_put_whose_event_would_be_too_large_writes_nothing_unless_nothing_fire
     let big = j!({"pad": "x".repeat(600)});
     let put = |collection: &'static str, value: &serde_json::Value| {
         let value: &'static serde_json::Value = Box::leak(Box::new(value.clone()));
-        FiringPut {
-            app_id: t.app.id,
-            source: "/apps/shop/kv/orders",
-            collection,
-            key: "o-1",
-            ordering_key: "orders/o-1",
-            value,
-            depth: 0,
-            default_max_attempts: 7,
-            max_data_bytes: 1000,
-        }
+        FiringPut { collection, max_data_bytes: 1000, ..orders_put(&t, value) }
     };
     s.kv_put_firing(None, &put("orders", &big)).await.unwrap();
     // Each value alone fits; with the previous value beside it the event does not.
@@ -906,17 +896,7 @@ async fn a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger
     let retrying = s.create_trigger(&retrying).await.unwrap();
     s.create_trigger(&new_trigger(&t, "deletes-only", kv_spec("*", &[KvOp::Delete]))).await.unwrap();
     s.create_trigger(&new_trigger(&t, "elsewhere", kv_spec("users", &[KvOp::Put]))).await.unwrap();
-    let put = |value: &'static serde_json::Value| FiringPut {
-        app_id: t.app.id,
-        source: "/apps/shop/kv/orders",
-        collection: "orders",
-        key: "o-1",
-        ordering_key: "orders/o-1",
-        value,
-        depth: 2,
-        default_max_attempts: 7,
-        max_data_bytes: 1 << 20,
-    };
+    let put = |value: &'static serde_json::Value| FiringPut { depth: 2, ..orders_put(&t, value) };
     let (first_value, second_value) = (Box::leak(Box::new(j!({"n": 1}))), Box::leak(Box::new(j!({"n": 2}))));
     let (result, fired) = s.kv_put_firing(None, &put(first_value)).await.unwrap().unwrap();
     assert_eq!((result, fired), (KvPutResult { version: 1, previous: None }, 2));

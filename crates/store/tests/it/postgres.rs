@@ -201,3 +201,35 @@ async fn the_gauges_count_rows_waiting_in_a_lane_as_not_due() {
     assert_eq!(gauges.due, 1, "the head is due; the two behind it wait");
     assert!((gauges.oldest_due_age_s - 60.0).abs() < 1.0, "{}", gauges.oldest_due_age_s);
 }
+
+#[tokio::test]
+async fn a_put_the_one_statement_leaves_to_the_slower_path_writes_and_locks_nothing() {
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone());
+    let (t, mut trigger) = tenant_with_trigger(&s, "shop").await;
+    let first = serde_json::json!({"n": 1});
+    assert!(
+        s.kv_put_firing(None, &orders_put(&t, &first)).await.unwrap().is_some(),
+        "no flow yet: one statement"
+    );
+    let ordered = picloud_core::Flow { ordering: picloud_core::flow::Ordering::Key, ..Default::default() };
+    let patch = TriggerPatch { flow: Some(Some(ordered)), ..TriggerPatch::default() };
+    trigger = s.update_trigger(t.app.id, trigger.name.as_str(), &patch).await.unwrap();
+    assert!(trigger.flow.is_some());
+
+    let mut tx = s.begin().await.unwrap();
+    let second = serde_json::json!({"n": 2});
+    let fell_back = s.kv_put_firing(Some(&mut tx), &orders_put(&t, &second)).await.unwrap();
+    assert!(fell_back.is_none(), "a flow: the slower path");
+    // A row lock is a write: it would give the transaction an id, and its commit a WAL flush.
+    let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(xid, None, "the statement that wrote nothing locked the entry");
+    s.commit(tx).await.unwrap();
+    assert_eq!(
+        s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value,
+        serde_json::json!({"n": 1})
+    );
+}

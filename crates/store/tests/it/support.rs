@@ -32,6 +32,21 @@ pub fn mem_store() -> MemStore {
     MemStore::new().with_clock(Clock::manual(START))
 }
 
+/// A put of `value` to `orders/o-1` of `t`'s app (`shop`) for [`KvRepo::kv_put_firing`].
+pub fn orders_put<'a>(t: &Tenant, value: &'a serde_json::Value) -> FiringPut<'a> {
+    FiringPut {
+        app_id: t.app.id,
+        source: "/apps/shop/kv/orders",
+        collection: "orders",
+        key: "o-1",
+        ordering_key: "orders/o-1",
+        value,
+        depth: 0,
+        default_max_attempts: 7,
+        max_data_bytes: 1 << 20,
+    }
+}
+
 /// An app, a platform-admin-less principal who is the app's admin.
 pub struct Tenant {
     pub app: App,
