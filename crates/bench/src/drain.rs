@@ -40,7 +40,7 @@ impl Flowed {
     /// What the drain is called in the output, and its `RESULT` name.
     fn names(self) -> (String, &'static str) {
         match self {
-            Flowed::Ordered { keys } => (format!("drain ordered by {keys} keys"), "ordered"),
+            Flowed::Ordered { keys } => (format!("drain ordered by {keys} keys"), "ordering"),
             Flowed::Limited { concurrency } => (format!("drain at concurrency {concurrency}"), "concurrency"),
         }
     }
@@ -72,7 +72,8 @@ pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usiz
         "{what} median {rate:.0}/s [{rate_min:.0}..{rate_max:.0}], \
          {ratio:.2} [{ratio_min:.2}..{ratio_max:.2}] of the plain drain of the same repetition"
     );
-    println!("RESULT picloud drain_per_s={median:.0} drain_{name}_per_s={rate:.0} {name}_ratio={ratio:.2}");
+    println!("RESULT picloud drain_per_s={median:.0}");
+    println!("RESULT picloud-drain-{name} drain_per_s={rate:.0} ratio={ratio:.2}");
     Ok(())
 }
 

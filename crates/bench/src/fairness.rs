@@ -11,6 +11,10 @@ use crate::proc::Role;
 use crate::roles::Handled;
 use crate::stats::summary;
 
+/// How long the relay runs before B writes: its start (connections, the first claims of A's
+/// backlog, the handlers' first answers) is not what B's figure is about.
+const WARM_UP: Duration = Duration::from_secs(2);
+
 /// The scenario's shape.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -89,6 +93,7 @@ async fn one(servers: &Servers, shape: Shape, with_backlog: bool, rep: usize) ->
     }
     let mut relay = Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", nats]).await?;
     relay.send("start").await?;
+    tokio::time::sleep(WARM_UP).await;
     let what = if with_backlog { "beside A's backlog" } else { "alone" };
     eprintln!("fairness rep {rep}: B producing {what}");
     produce_in_process(&bench, shape.rate, shape.seconds, None).await?;
