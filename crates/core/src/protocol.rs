@@ -14,6 +14,10 @@ pub const DEFAULT_PREFIX: &str = "picloud";
 
 /// Header with a handler's answer: `ok`, `retry` or `fail` (ingest answers `ok` or `error`).
 pub const STATUS_HEADER: &str = "Picloud-Status";
+/// Header of a `working` reply: how far the handler got, 0–100 (DESIGN §14).
+pub const PROGRESS_HEADER: &str = "Picloud-Progress";
+/// The status of a reply that is not an answer yet: the handler is still at work (DESIGN §14).
+pub const WORKING_STATUS: &str = "working";
 /// Header with a handler's error text.
 pub const ERROR_HEADER: &str = "Picloud-Error";
 /// Header with the delay a handler asks for before the next attempt, in milliseconds.
@@ -333,6 +337,36 @@ impl AnswerHead {
             Some(ReplyStatus::Fail) => Ok(AnswerHead::Fail { error: error() }),
             None => Err(NotAnAnswer::UnknownStatus(status)),
         }
+    }
+}
+
+/// A handler's `working` reply (DESIGN §14): not an answer, but word that the attempt goes on,
+/// with how far it got. Written by the worker SDK, read by the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Working {
+    /// `Picloud-Progress`, 0–100; a value that is not a whole number in that range is none.
+    pub progress: Option<u8>,
+}
+
+impl Working {
+    /// Hands `put` the headers of the reply.
+    pub fn write_headers(&self, mut put: impl FnMut(&'static str, &str)) {
+        put(STATUS_HEADER, WORKING_STATUS);
+        if let Some(progress) = self.progress {
+            put(PROGRESS_HEADER, &progress.min(100).to_string());
+        }
+    }
+
+    /// Reads a reply's headers (`header` looks one up by name): `Some` when its status is
+    /// `working` (without regard to case or surrounding space).
+    pub fn read(header: impl Fn(&str) -> Option<String>) -> Option<Working> {
+        let status = header(STATUS_HEADER)?;
+        if !status.trim().eq_ignore_ascii_case(WORKING_STATUS) {
+            return None;
+        }
+        let progress =
+            header(PROGRESS_HEADER).and_then(|p| p.trim().parse::<u8>().ok()).filter(|p| *p <= 100);
+        Some(Working { progress })
     }
 }
 
@@ -656,6 +690,28 @@ mod tests {
             [(STATUS_HEADER, "fail".to_owned())],
             "an error that is empty once kept to one line is not sent"
         );
+    }
+
+    #[test]
+    fn a_working_reply_reads_back_with_its_progress_and_is_no_answer() {
+        let read = |headers: &[(&str, String)]| {
+            Working::read(|name| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()))
+        };
+        for progress in [None, Some(0), Some(42), Some(100)] {
+            let mut headers = Vec::new();
+            Working { progress }.write_headers(|name, value| headers.push((name, value.to_owned())));
+            assert_eq!(read(&headers), Some(Working { progress }));
+            let answer =
+                AnswerHead::read(|name| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()));
+            assert_eq!(answer, Err(NotAnAnswer::UnknownStatus("working".into())), "working is not an answer");
+        }
+        let status = (STATUS_HEADER, " WORKING ".to_owned());
+        for junk in ["101", "-1", "half", "4.5", ""] {
+            let headers = [status.clone(), (PROGRESS_HEADER, junk.to_owned())];
+            assert_eq!(read(&headers), Some(Working { progress: None }), "progress {junk:?}");
+        }
+        assert_eq!(read(&[(STATUS_HEADER, "ok".to_owned())]), None);
+        assert_eq!(read(&[]), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::{Message, StatusCode};
 use bytes::Bytes;
-use picloud_core::protocol::{AnswerHead, NotAnAnswer, error_text};
+use picloud_core::protocol::{AnswerHead, NotAnAnswer, Working, error_text};
 use picloud_store::HandlerStatus;
 
 /// What became of one attempt.
@@ -43,15 +43,23 @@ pub enum Answer {
     LeaseExpired,
 }
 
+/// A reply's header `name`.
+fn header(msg: &Message, name: &str) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
+}
+
+/// A `working` reply (DESIGN §14): no answer yet, but word that the attempt goes on.
+pub fn working(msg: &Message) -> Option<Working> {
+    Working::read(|name| header(msg, name))
+}
+
 impl Answer {
     /// Reads a reply message.
     pub fn from_message(msg: &Message) -> Answer {
         if msg.status == Some(StatusCode::NO_RESPONDERS) {
             return Answer::NoResponders;
         }
-        let header =
-            |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-        match AnswerHead::read(header) {
+        match AnswerHead::read(|name| header(msg, name)) {
             Ok(AnswerHead::Ok) => Answer::Ok(msg.payload.clone()),
             Ok(AnswerHead::Retry { after, error }) => Answer::Retry { after, error },
             Ok(AnswerHead::Fail { error }) => Answer::Fail(error),

@@ -7,9 +7,9 @@ use picloud_core::config::{ConfigError, Secret, parse_var};
 use picloud_core::protocol::Subjects;
 use picloud_core::token::TokenKey;
 
-/// The longest `PICLOUD_HANDLER_TIMEOUT_MS` a node accepts, in milliseconds: the shipped NATS
-/// configs let a handler answer that long after its request (`allow_responses` in
-/// `nats/tenants.conf`).
+/// The longest `PICLOUD_HANDLER_TIMEOUT_MS` and `PICLOUD_MAX_WORKING_MS` a node accepts, in
+/// milliseconds: no attempt lasts longer, and the shipped NATS configs let a handler answer that
+/// long after its request (`allow_responses` in `nats/tenants.conf`).
 pub const MAX_HANDLER_TIMEOUT_MS: u64 = 3_600_000;
 
 /// How a node connects to NATS (`PICLOUD_NATS_URL`, `PICLOUD_NATS_CREDS`, `PICLOUD_NATS_USER`,
@@ -90,6 +90,9 @@ pub struct NodeConfig {
     pub handler_timeout: Duration,
     /// Added to the handler timeout to make the lease: time to publish and to complete.
     pub lease_margin: Duration,
+    /// How long `working` replies may keep extending one attempt, from its start
+    /// (`PICLOUD_MAX_WORKING_MS`, DESIGN §14).
+    pub max_working: Duration,
 }
 
 impl NodeConfig {
@@ -102,6 +105,7 @@ impl NodeConfig {
             triggers: TriggerConfig::default(),
             handler_timeout: Duration::from_secs(30),
             lease_margin: Duration::from_secs(10),
+            max_working: Duration::from_secs(3600),
         }
     }
 
@@ -111,8 +115,8 @@ impl NodeConfig {
     }
 
     /// Parses `PICLOUD_TOKEN_SECRET` (required), `PICLOUD_NODE_ID` (else `default_node_id`),
-    /// `PICLOUD_SUBJECT_PREFIX`, `PICLOUD_HANDLER_TIMEOUT_MS`, `PICLOUD_LEASE_MARGIN_MS` and the
-    /// trigger variables of [`TriggerConfig::from_env`].
+    /// `PICLOUD_SUBJECT_PREFIX`, `PICLOUD_HANDLER_TIMEOUT_MS`, `PICLOUD_LEASE_MARGIN_MS`,
+    /// `PICLOUD_MAX_WORKING_MS` and the trigger variables of [`TriggerConfig::from_env`].
     pub fn from_env(
         lookup: impl Fn(&str) -> Option<String>,
         default_node_id: &str,
@@ -134,6 +138,7 @@ impl NodeConfig {
         config.handler_timeout =
             ms(lookup, "PICLOUD_HANDLER_TIMEOUT_MS", 30_000, 10, MAX_HANDLER_TIMEOUT_MS)?;
         config.lease_margin = ms(lookup, "PICLOUD_LEASE_MARGIN_MS", 10_000, 100, 3_600_000)?;
+        config.max_working = ms(lookup, "PICLOUD_MAX_WORKING_MS", 3_600_000, 0, MAX_HANDLER_TIMEOUT_MS)?;
         Ok(config)
     }
 }
@@ -242,6 +247,7 @@ mod tests {
         assert_eq!(c.node_id, "host-1");
         assert_eq!(c.handler_timeout, Duration::from_secs(30));
         assert_eq!(c.lease(), Duration::from_secs(40));
+        assert_eq!(c.max_working, Duration::from_secs(3600));
         assert_eq!(c.subjects.prefix(), "picloud");
         assert_eq!(c.triggers, TriggerConfig::default());
     }
@@ -256,6 +262,7 @@ mod tests {
             ("PICLOUD_RELAY_APP_SHARE", "4001"),
             ("PICLOUD_SUBJECT_PREFIX", "a.*"),
             ("PICLOUD_MAX_TRIGGER_DEPTH", "0"),
+            ("PICLOUD_MAX_WORKING_MS", "3600001"),
         ] {
             let pairs = [SECRET, (var, value)];
             let lookup = env(&pairs);

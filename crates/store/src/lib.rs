@@ -554,6 +554,14 @@ pub trait OutboxRepo: Transactional {
         tx: &mut Self::Tx,
         rows: &[model::Reschedule],
     ) -> impl Future<Output = Result<u64>> + Send;
+    /// Moves the leases of rows in flight whose handlers said `working` (DESIGN §14), in one
+    /// statement: only a row still leased by `node` with the attempt given is touched. Returns
+    /// the ids whose lease it moved.
+    fn extend_leases(
+        &self,
+        node: &str,
+        rows: &[model::LeaseExtension],
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
     /// How many deliveries still report `dead_letter_id`, other than `except`.
     fn pending_for_dead_letter(
         &self,

@@ -451,6 +451,17 @@ pub struct Reschedule {
     pub refund_attempt: bool,
 }
 
+/// A row in flight whose handler said `working` (DESIGN §14): its lease to move on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseExtension {
+    /// The delivery.
+    pub id: Uuid,
+    /// The attempt in flight; the row is only touched if it still has this attempt count.
+    pub attempt: u32,
+    /// The lease from now on: leased until the store's now plus this, never earlier than it was.
+    pub lease: std::time::Duration,
+}
+
 /// Why a delivery became a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

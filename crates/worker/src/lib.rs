@@ -48,7 +48,7 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use picloud_core::protocol::{AnswerHead, Envelope, Subjects};
+use picloud_core::protocol::{AnswerHead, Envelope, Subjects, Working};
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -98,6 +98,8 @@ pub struct Delivery {
     pub deadline_ms: i64,
     /// The whole CloudEvents envelope.
     pub event: Envelope,
+    /// Where its `working` replies go: the request's reply subject, on the worker's connection.
+    reply: Option<(Client, async_nats::Subject)>,
 }
 
 impl Delivery {
@@ -111,7 +113,43 @@ impl Delivery {
             token: event.picloudtoken.clone(),
             deadline_ms: event.piclouddeadline,
             event,
+            reply: None,
         })
+    }
+
+    /// Tells the relay that this attempt goes on (DESIGN §14, `Picloud-Status: working`, with
+    /// `Picloud-Progress` when `progress` is given, 0–100): its deadline moves to the handler
+    /// timeout from now, up to `PICLOUD_MAX_WORKING_MS` after the attempt started. Say it well
+    /// before the deadline, as often as you like; [`Delivery::long_running`] does it for you.
+    ///
+    /// A sync call (`picloudkind` `http`) keeps its caller's deadline, and a delivery read with
+    /// [`Delivery::from_json`] has no reply subject: for those it sends nothing.
+    pub async fn working(&self, progress: Option<u8>) -> Result<(), async_nats::PublishError> {
+        let Some((client, subject)) = self.reply.as_ref().filter(|_| self.event.picloudkind != "http") else {
+            return Ok(());
+        };
+        let mut headers = HeaderMap::new();
+        Working { progress }.write_headers(|name, value| headers.insert(name, value));
+        client.publish_with_headers(subject.clone(), headers, Bytes::new()).await
+    }
+
+    /// Runs `work`, telling the relay the attempt goes on ([`Delivery::working`]) every third of
+    /// the time its deadline left when `work` began (at least every 100 ms), until `work` ends.
+    pub async fn long_running<F: Future>(&self, work: F) -> F::Output {
+        let left = u64::try_from(self.deadline_ms - unix_millis_now()).unwrap_or(0);
+        let every = Duration::from_millis(left / 3).max(Duration::from_millis(100));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = ticks.tick() => {
+                    if let Err(e) = self.working(None).await {
+                        tracing::warn!(delivery_id = %self.id, error = %e, "could not say the delivery is working");
+                    }
+                }
+            }
+        }
     }
 
     /// The event data, deserialized.
@@ -314,10 +352,17 @@ fn recorded(record: Record, handler: String, f: HandlerFn) -> HandlerFn {
     })
 }
 
+/// Now in unix milliseconds.
+fn unix_millis_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
 async fn answer(client: &Client, msg: Message, f: &HandlerFn) {
     let Some(reply_to) = msg.reply.clone() else { return };
     let reply = match Delivery::from_json(&msg.payload) {
-        Ok(delivery) => {
+        Ok(mut delivery) => {
+            delivery.reply = Some((client.clone(), reply_to.clone()));
             let id = delivery.id;
             match f(delivery).await {
                 Ok(reply) => reply,

@@ -14,7 +14,7 @@
 //!   commits; it also forwards sync results to their callers;
 //! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,14 +25,17 @@ use futures::StreamExt as _;
 use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
-use picloud_store::{AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, Store, Wakeups};
+use picloud_store::{
+    AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, LeaseExtension, Store, Wakeups,
+};
 use picloud_worker::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::abandoned::abandon;
-use crate::answer::Answer;
+use crate::answer::{self, Answer};
 use crate::complete::{Done, complete};
 use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
@@ -53,6 +56,12 @@ const MAX_COMPLETION_BATCH: usize = 2000;
 const CONCURRENT_FLUSHES: usize = 1;
 /// Tries of one completion transaction before its rows are left to their leases.
 const FLUSH_TRIES: u32 = 6;
+/// How often a delivery's lease moves for its handler's `working` replies, at most (or a quarter
+/// of the handler timeout, if that is shorter): one write per delivery however often it says so.
+const EXTEND_EVERY: Duration = Duration::from_secs(1);
+/// How soon the timer looks again at a delivery whose deadline came while its longer lease was
+/// being written.
+const EXTENDING_RECHECK: Duration = Duration::from_millis(20);
 
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +91,11 @@ struct InFlight {
     /// Deadlines in the order they were set; every delivery has the same timeout, so this is
     /// also deadline order. Entries of answered deliveries stay until they come due.
     deadlines: VecDeque<(Instant, u64)>,
+    /// Deadlines that `working` replies moved, in deadline order: a delivery whose first deadline
+    /// comes finds its later one here.
+    extended: BTreeSet<(Instant, u64)>,
+    /// Deliveries whose handlers asked for a longer lease that is not written yet.
+    to_extend: Vec<u64>,
 }
 
 /// One delivery in flight.
@@ -94,6 +108,13 @@ struct Sent {
     losses: u64,
     /// How to complete it.
     done: Done,
+    /// When its answer is due: the deadline it was published with, or a later one that a
+    /// `working` reply asked for, once its lease moved with it.
+    deadline: Instant,
+    /// When a `working` reply last asked for a longer lease.
+    extended_at: Option<Instant>,
+    /// Its longer lease is being written: its deadline waits for the write.
+    extending: bool,
 }
 
 #[derive(Debug)]
@@ -113,6 +134,8 @@ struct Shared<S> {
     wake: Notify,
     /// Nudges the timer: a deadline was queued while none was.
     timer: Notify,
+    /// Nudges the lease extender: a handler said `working`.
+    extend: Notify,
     /// Signalled whenever the in-flight table becomes empty (shutdown waits on it).
     drained: Notify,
     /// The one header of every delivery.
@@ -167,6 +190,7 @@ impl<S: Store> Relay<S> {
             slots: Arc::new(Semaphore::new(max_in_flight)),
             wake: Notify::new(),
             timer: Notify::new(),
+            extend: Notify::new(),
             drained: Notify::new(),
             headers,
             targets: Mutex::default(),
@@ -182,6 +206,7 @@ impl<S: Store> Relay<S> {
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
+        let extender = tokio::spawn(extend_leases(shared.clone()));
         let completer = tokio::spawn(complete_loop(shared.clone(), done_rx, done_tx.downgrade()));
         let claimers: Vec<_> = (0..CLAIMERS)
             .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), shutdown.clone())))
@@ -204,7 +229,8 @@ impl<S: Store> Relay<S> {
         responder.abort();
         timer.abort();
         watchman.abort();
-        let _ = (responder.await, timer.await, watchman.await);
+        extender.abort();
+        let _ = (responder.await, timer.await, watchman.await, extender.await);
         let _ = completer.await;
         tracing::info!("relay stopped");
         Ok(())
@@ -461,7 +487,9 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
         for (seq, done) in in_flight {
             table.deadlines.push_back((deadline, seq));
-            table.pending.insert(seq, Sent { at: sent, losses, done });
+            table
+                .pending
+                .insert(seq, Sent { at: sent, losses, done, deadline, extended_at: None, extending: false });
         }
     }
     for (seq, subject, body) in outgoing {
@@ -522,6 +550,10 @@ fn take<S>(shared: &Shared<S>, seq: u64) -> Option<Sent> {
 async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mpsc::UnboundedSender<Done>) {
     while let Some(msg) = replies.next().await {
         let Some(seq) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
+        if answer::working(&msg).is_some() {
+            working(&shared, seq);
+            continue;
+        }
         match take(&shared, seq) {
             Some(Sent { at, mut done, .. }) => {
                 done.answer = Answer::from_message(&msg);
@@ -538,24 +570,46 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
         let mut expired = Vec::new();
         let next = {
             let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+            let InFlight { pending, deadlines, extended, .. } = &mut *in_flight;
             let now = Instant::now();
-            while let Some(&(deadline, seq)) = in_flight.deadlines.front() {
+            let mut due = Vec::new();
+            while let Some(&(deadline, seq)) = deadlines.front() {
                 if deadline > now {
                     break;
                 }
-                in_flight.deadlines.pop_front();
-                if let Some(pending) = in_flight.pending.remove(&seq) {
-                    expired.push(pending);
+                deadlines.pop_front();
+                due.push(seq);
+            }
+            while let Some(&(deadline, seq)) = extended.first() {
+                if deadline > now {
+                    break;
+                }
+                extended.pop_first();
+                due.push(seq);
+            }
+            for seq in due {
+                match pending.get(&seq) {
+                    None => {}
+                    Some(sent) if sent.deadline > now => {
+                        extended.insert((sent.deadline, seq));
+                    }
+                    Some(sent) if sent.extending => {
+                        extended.insert((now + EXTENDING_RECHECK, seq));
+                    }
+                    Some(_) => expired.extend(pending.remove(&seq)),
                 }
             }
-            if in_flight.deadlines.len() > 2 * in_flight.pending.len() + 4096 {
-                let InFlight { pending, deadlines } = &mut *in_flight;
+            if deadlines.len() > 2 * pending.len() + 4096 {
                 deadlines.retain(|(_, seq)| pending.contains_key(seq));
             }
-            if !expired.is_empty() && in_flight.pending.is_empty() {
+            if !expired.is_empty() && pending.is_empty() {
                 shared.drained.notify_waiters();
             }
-            in_flight.deadlines.front().map(|&(deadline, _)| deadline)
+            let first = |entry: Option<&(Instant, u64)>| entry.map(|&(deadline, _)| deadline);
+            match (first(deadlines.front()), first(extended.first())) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
         for Sent { at, mut done, .. } in expired {
             tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
@@ -571,6 +625,89 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
                 }
             }
             None => shared.timer.notified().await,
+        }
+    }
+}
+
+/// A handler said `working` (DESIGN §14): its delivery asks for a longer lease, unless it asked
+/// within [`EXTEND_EVERY`], its lease is being written, or its attempt has worked as long as it
+/// may (`PICLOUD_MAX_WORKING_MS`). A delivery that was answered or timed out already is left
+/// alone.
+fn working<S>(shared: &Shared<S>, seq: u64) {
+    let node = &shared.config.node;
+    let every = EXTEND_EVERY.min(node.handler_timeout / 4);
+    let now = Instant::now();
+    {
+        let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+        let InFlight { pending, to_extend, .. } = &mut *in_flight;
+        let Some(sent) = pending.get_mut(&seq) else { return };
+        let recent = sent.extended_at.is_some_and(|at| now < at + every);
+        if sent.extending || recent || now >= sent.at + node.max_working {
+            return;
+        }
+        sent.extended_at = Some(now);
+        sent.extending = true;
+        to_extend.push(seq);
+    }
+    shared.extend.notify_one();
+}
+
+/// Writes the longer leases that `working` replies asked for, a batch at a time, and moves each
+/// delivery's deadline once its lease moved: a deadline never outlives the lease under it. The new
+/// deadline is the handler timeout from now, within `PICLOUD_MAX_WORKING_MS` of the attempt's
+/// start; the lease ends the lease margin after it. A write that fails or takes longer than half
+/// the margin moves no deadline; the handler's next `working` asks again.
+async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
+    let node = &shared.config.node;
+    loop {
+        shared.extend.notified().await;
+        let now = Instant::now();
+        let wanted: Vec<(u64, Instant, LeaseExtension)> = {
+            let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+            let InFlight { pending, to_extend, .. } = &mut *in_flight;
+            std::mem::take(to_extend)
+                .into_iter()
+                .filter_map(|seq| {
+                    let sent = pending.get_mut(&seq)?;
+                    let deadline = (now + node.handler_timeout).min(sent.at + node.max_working);
+                    if deadline <= sent.deadline {
+                        sent.extending = false;
+                        return None;
+                    }
+                    let lease = deadline - now + node.lease_margin;
+                    Some((
+                        seq,
+                        deadline,
+                        LeaseExtension { id: sent.done.id, attempt: sent.done.attempt, lease },
+                    ))
+                })
+                .collect()
+        };
+        if wanted.is_empty() {
+            continue;
+        }
+        let rows: Vec<LeaseExtension> = wanted.iter().map(|(_, _, row)| row.clone()).collect();
+        let written =
+            tokio::time::timeout(node.lease_margin / 2, shared.store.extend_leases(&node.node_id, &rows));
+        let extended: HashSet<Uuid> = match written.await {
+            Ok(Ok(ids)) => ids.into_iter().collect(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, rows = rows.len(), "extending the leases of working deliveries failed");
+                HashSet::new()
+            }
+            Err(_) => {
+                tracing::warn!(rows = rows.len(), "extending the leases of working deliveries took too long");
+                HashSet::new()
+            }
+        };
+        let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+        for (seq, deadline, row) in wanted {
+            if let Some(sent) = in_flight.pending.get_mut(&seq) {
+                sent.extending = false;
+                if extended.contains(&row.id) {
+                    sent.deadline = deadline;
+                }
+            }
         }
     }
 }

@@ -12,3 +12,4 @@ mod outages;
 mod resilience;
 mod support;
 mod tenancy;
+mod working;

@@ -271,17 +271,22 @@ pub fn run_config(node: &str) -> RelayConfig {
     c
 }
 
-/// Three relays of [`run_config`] (`r`, `r1`, `r2`): the first reaches the database through a
-/// proxy, so that cutting it off for good makes it a relay that died for the store.
-pub async fn three_relays_one_doomed(
-    w: &World,
-) -> (picloud_testkit::TcpProxy, RelayHandle, Vec<RelayHandle>) {
+/// A relay of `config` that reaches the database through a proxy, so that cutting the proxy off
+/// for good makes it a relay that died for the store (it is still there for NATS).
+pub async fn doomed_relay(w: &World, config: RelayConfig) -> (picloud_testkit::TcpProxy, RelayHandle) {
     use sqlx::postgres::PgConnectOptions;
     let port = w.db_url().parse::<PgConnectOptions>().unwrap().get_port();
     let proxy = picloud_testkit::TcpProxy::start(([127, 0, 0, 1], port).into()).await.unwrap();
     let proxied = w.db_url().replace(&format!(":{port}/"), &format!(":{}/", proxy.port()));
-    let doomed =
-        start_relay(PgStore::connect_relay(&proxied, 4).await.unwrap(), &w.nats_url(), run_config("r")).await;
+    let relay = start_relay(PgStore::connect_relay(&proxied, 4).await.unwrap(), &w.nats_url(), config).await;
+    (proxy, relay)
+}
+
+/// Three relays of [`run_config`] (`r`, `r1`, `r2`): the first a [`doomed_relay`].
+pub async fn three_relays_one_doomed(
+    w: &World,
+) -> (picloud_testkit::TcpProxy, RelayHandle, Vec<RelayHandle>) {
+    let (proxy, doomed) = doomed_relay(w, run_config("r")).await;
     let mut relays = Vec::new();
     for node in ["r1", "r2"] {
         relays.push(start_relay(w.store.clone(), &w.nats_url(), run_config(node)).await);

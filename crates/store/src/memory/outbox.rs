@@ -300,6 +300,20 @@ impl OutboxRepo for MemStore {
         Ok(done)
     }
 
+    async fn extend_leases(&self, _node: &str, rows: &[LeaseExtension]) -> Result<Vec<Uuid>> {
+        let now = self.now();
+        let mut state = self.lock().await;
+        let mut extended = Vec::with_capacity(rows.len());
+        for r in rows {
+            let row = state.outbox.get_mut(&r.id).filter(|row| row.attempts == r.attempt);
+            if let Some(until) = row.and_then(|row| row.leased_until.as_mut()) {
+                *until = (*until).max(now + r.lease);
+                extended.push(r.id);
+            }
+        }
+        Ok(extended)
+    }
+
     async fn pending_for_dead_letter(
         &self,
         tx: &mut MemTx,

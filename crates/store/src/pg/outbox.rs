@@ -796,6 +796,30 @@ impl OutboxRepo for PgStore {
         Ok(locked.len() as u64)
     }
 
+    async fn extend_leases(&self, node: &str, rows: &[LeaseExtension]) -> Result<Vec<Uuid>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let attempts: Vec<i32> = rows.iter().map(|r| r.attempt as i32).collect();
+        let leases: Vec<i64> = rows.iter().map(|r| millis(r.lease)).collect();
+        let extended = sqlx::query_scalar(
+            "UPDATE outbox o
+                SET leased_until = greatest(o.leased_until, coalesce($5, now()) + u.lease_ms * interval '1 millisecond')
+               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[]) AS u(id, attempt, lease_ms)
+              WHERE o.id = u.id AND o.attempts = u.attempt AND o.leased_by = $4 AND o.leased_until IS NOT NULL
+          RETURNING o.id",
+        )
+        .bind(ids)
+        .bind(attempts)
+        .bind(leases)
+        .bind(node)
+        .bind(self.now())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(extended)
+    }
+
     async fn pending_for_dead_letter(
         &self,
         tx: &mut Self::Tx,

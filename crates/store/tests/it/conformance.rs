@@ -41,6 +41,7 @@ conformance!(
     a_delayed_delivery_is_not_claimed_before_it_is_due,
     claims_take_the_oldest_due_first_up_to_the_batch,
     a_claimed_row_is_claimable_again_after_its_lease_and_not_before,
+    a_lease_extended_for_a_working_handler_keeps_the_row_until_the_new_end,
     a_sync_call_is_written_claimed_by_its_node_and_leased_like_any_claim,
     a_sync_call_to_a_missing_disabled_or_non_http_trigger_writes_nothing,
     a_sync_call_authorized_at_an_older_epoch_writes_nothing,
@@ -605,6 +606,25 @@ async fn a_claimed_row_is_claimable_again_after_its_lease_and_not_before<S: Stor
     let again = s.claim_due(10, LEASE, "n").await.unwrap().rows;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempt, 2, "the new claim counts another attempt");
+}
+
+async fn a_lease_extended_for_a_working_handler_keeps_the_row_until_the_new_end<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
+    let row = s.claim_due(10, LEASE, "n").await.unwrap().rows.remove(0);
+    s.clock().advance(LEASE / 2);
+    let extend = |attempt, lease| LeaseExtension { id: row.id, attempt, lease };
+    assert!(s.extend_leases("n", &[extend(2, LEASE * 2)]).await.unwrap().is_empty(), "another attempt's");
+    assert_eq!(s.extend_leases("n", &[extend(1, LEASE)]).await.unwrap(), [row.id]);
+    assert_eq!(
+        s.extend_leases("n", &[extend(1, Duration::ZERO)]).await.unwrap(),
+        [row.id],
+        "never shortened"
+    );
+    s.clock().advance(LEASE - Duration::from_millis(1));
+    assert!(s.claim_due(10, LEASE, "m").await.unwrap().rows.is_empty(), "not before the new end");
+    s.clock().advance(Duration::from_millis(1));
+    assert_eq!(s.claim_due(10, LEASE, "m").await.unwrap().rows[0].attempt, 2);
 }
 
 fn sync_call(t: &Tenant, trigger_name: &str) -> NewSyncCall {

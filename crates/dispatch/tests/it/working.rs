@@ -1,0 +1,113 @@
+//! Long work (DESIGN §14): a handler that says `working` keeps its attempt, and its row's lease,
+//! past the handler timeout.
+
+use std::time::{Duration, Instant};
+
+use picloud_worker::{Delivery, Reply};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// The row's lease end, as Postgres has it.
+async fn lease_of(w: &World, id: Uuid) -> time::OffsetDateTime {
+    sqlx::query_scalar("SELECT leased_until FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(w.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_handler_that_works_three_times_its_timeout_while_saying_so_runs_once() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "slow").await;
+    let config = relay_config("n");
+    let work = config.node.handler_timeout * 3;
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "slow", move |d: Delivery| async move {
+        d.long_running(tokio::time::sleep(work)).await;
+        Ok(Reply::ok(json!({})))
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+
+    let first = next(&mut rx, "the delivery").await;
+    assert_eq!(first.attempt, 1);
+    picloud_testkit::eventually_within("the delivery completes", work * 3, || async {
+        (w.outbox_len().await == 0).then_some(())
+    })
+    .await;
+    assert!(rx.try_recv().is_err(), "one attempt, though it took three handler timeouts");
+    assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_that_stops_saying_working_is_timed_out_a_handler_timeout_after_it_last_did() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "stalls").await;
+    let config = relay_config("n");
+    let timeout = config.node.handler_timeout;
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "stalls", move |d: Delivery| async move {
+        if d.attempt == 1 {
+            // Well before the deadline, once; then not a word until long after it.
+            tokio::time::sleep(timeout * 2 / 3).await;
+            d.working(Some(40)).await.unwrap();
+            tokio::time::sleep(timeout * 3).await;
+        }
+        Ok(Reply::ok(json!({})))
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+
+    let first = next(&mut rx, "the first attempt").await;
+    let started = Instant::now();
+    let second = next(&mut rx, "the attempt after the timeout").await;
+    assert_eq!((first.id, second.attempt), (second.id, 2));
+    // Timed out the handler timeout after the `working`, not after the start.
+    let waited = started.elapsed();
+    assert!(waited >= timeout * 2 / 3 + timeout - Duration::from_millis(100), "timed out after {waited:?}");
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_cut_off_while_its_handler_works_leaves_the_row_until_the_extended_lease_ends() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "long").await;
+    let timeout = relay_config("n").node.handler_timeout;
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "long", move |d: Delivery| async move {
+        if d.attempt == 1 {
+            d.long_running(tokio::time::sleep(timeout * 4)).await;
+        }
+        Ok(Reply::ok(json!({})))
+    })
+    .await;
+    let (proxy, _doomed) = doomed_relay(&w, relay_config("doomed")).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+
+    let first = next(&mut rx, "the first attempt").await;
+    let claimed_until = lease_of(&w, first.id).await;
+    let extended_until = picloud_testkit::eventually("the lease to move", || async {
+        let until = lease_of(&w, first.id).await;
+        (until > claimed_until).then_some(until)
+    })
+    .await;
+    proxy.cut().await;
+    let until = lease_of(&w, first.id).await;
+    assert!(until >= extended_until);
+
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    let second = next(&mut rx, "the attempt after the extended lease").await;
+    let now: time::OffsetDateTime =
+        sqlx::query_scalar("SELECT now()").fetch_one(w.store.pool()).await.unwrap();
+    assert_eq!(second.attempt, 2);
+    assert!(now >= until, "claimed again at {now}, before the extended lease ended at {until}");
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
