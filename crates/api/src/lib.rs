@@ -49,6 +49,8 @@ pub struct ApiState {
     invokers: Arc<InvokeAuthorizations>,
     /// Losses of the NATS connection: a sync call in flight on a lost connection answers at once.
     connection: picloud_dispatch::ConnectionWatch,
+    /// Where the answers to this node's sync calls come back.
+    sync_answers: picloud_dispatch::SyncAnswers,
     /// Requests in flight on the HTTP API.
     http_limits: Arc<limits::HttpLimits>,
     /// Sync calls in flight, by app.
@@ -65,6 +67,7 @@ impl ApiState {
         ApiState {
             ops: Ops::new(store, config.node.triggers, config.webhook_allow_nets.clone()),
             connection: picloud_dispatch::ConnectionWatch::spawn(&nats),
+            sync_answers: picloud_dispatch::SyncAnswers::new(nats.clone()),
             nats,
             sync_calls: TaskTracker::new(),
             invokers: Arc::default(),

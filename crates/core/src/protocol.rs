@@ -340,6 +340,40 @@ impl AnswerHead {
     }
 }
 
+/// The inbox a node's answers come back to (DESIGN §6): a delivery's reply subject is
+/// `<inbox>.<app>.<seq>`. An app's NATS user may publish to `_INBOX.*.<app>.*` and nowhere else
+/// under `_INBOX.>`, so it answers its own app's deliveries (and says `working` for them as often as
+/// it likes) without a per-request response permission, and no other app's: the node takes an
+/// answer only when the app in its subject is the delivery's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerInbox {
+    inbox: String,
+}
+
+impl AnswerInbox {
+    /// Answers under `inbox` (a NATS client's `new_inbox()`, `_INBOX.<unique>`).
+    pub fn new(inbox: String) -> AnswerInbox {
+        AnswerInbox { inbox }
+    }
+
+    /// The subscription that reads every answer: `<inbox>.*.*`.
+    pub fn subscription(&self) -> String {
+        format!("{}.*.*", self.inbox)
+    }
+
+    /// The reply subject of delivery `seq` to `app`.
+    pub fn reply_to(&self, app: &str, seq: u64) -> String {
+        format!("{}.{app}.{seq}", self.inbox)
+    }
+
+    /// The app and the sequence number of an answer's subject.
+    pub fn parse(subject: &str) -> Option<(&str, u64)> {
+        let (rest, seq) = subject.rsplit_once('.')?;
+        let (_, app) = rest.rsplit_once('.')?;
+        Some((app, seq.parse().ok()?))
+    }
+}
+
 /// A handler's `working` reply (DESIGN §14): not an answer, but word that the attempt goes on,
 /// with how far it got. Written by the worker SDK, read by the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -690,6 +724,17 @@ mod tests {
             [(STATUS_HEADER, "fail".to_owned())],
             "an error that is empty once kept to one line is not sent"
         );
+    }
+
+    #[test]
+    fn an_answer_subject_names_the_app_and_the_delivery_under_the_inbox() {
+        let inbox = AnswerInbox::new("_INBOX.abc".into());
+        assert_eq!(inbox.subscription(), "_INBOX.abc.*.*");
+        let reply = inbox.reply_to("shop", 42);
+        assert_eq!(reply, "_INBOX.abc.shop.42");
+        assert_eq!(AnswerInbox::parse(&reply), Some(("shop", 42)));
+        assert_eq!(AnswerInbox::parse("_INBOX.abc.shop.x"), None);
+        assert_eq!(AnswerInbox::parse("42"), None);
     }
 
     #[test]

@@ -36,4 +36,4 @@ pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
 pub use relay::{Relay, RelayError};
 pub use scheduler::{Scheduler, SchedulerConfig};
-pub use sync::{NoAnswer, SyncCaller, SyncReply, deliver_sync, sync_call};
+pub use sync::{NoAnswer, SyncAnswers, SyncCaller, SyncReply, deliver_sync, sync_call};

@@ -4,14 +4,16 @@
 //! or could not complete it) is found by a relay, which logs it `lease_expired` and never runs
 //! the call again.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, Request, RequestErrorKind};
-use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER};
+use async_nats::{Client, HeaderMap, Message};
+use futures::StreamExt as _;
+use picloud_core::protocol::{AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER};
 use picloud_store::{AbandonReason, ClaimedDelivery, DeliveryTarget, Store};
-use tokio::sync::oneshot;
+use tokio::sync::{OnceCell, oneshot};
 
 use crate::abandoned::abandon;
 use crate::answer::Answer;
@@ -113,13 +115,86 @@ impl Drop for SyncCaller {
     }
 }
 
+/// The answers to a node's sync calls: one subscription to an [`AnswerInbox`] of the node's
+/// connection, taken at the first call, from which each answer goes to the call waiting for it,
+/// and only from the call's own app. A `working` reply is no answer: a sync call keeps its
+/// caller's deadline.
+#[derive(Debug, Clone)]
+pub struct SyncAnswers {
+    nats: Client,
+    inbox: Arc<OnceCell<Inbox>>,
+}
+
+/// The calls waiting for answers, by sequence number: each call's app and where its answer goes.
+type Waiting = Arc<Mutex<HashMap<u64, (String, oneshot::Sender<Message>)>>>;
+
+/// The subscription's inbox and the calls waiting on it.
+#[derive(Debug)]
+struct Inbox {
+    answers: AnswerInbox,
+    next_seq: AtomicU64,
+    waiting: Waiting,
+}
+
+/// One call's wait for its answer; dropping it stops waiting.
+struct Expected {
+    answer: oneshot::Receiver<Message>,
+    seq: u64,
+    waiting: Waiting,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.waiting.lock().expect("sync answers lock").remove(&self.seq);
+    }
+}
+
+impl SyncAnswers {
+    /// The answers of `nats`'s sync calls; nothing is subscribed before the first call.
+    pub fn new(nats: Client) -> SyncAnswers {
+        SyncAnswers { nats, inbox: Arc::default() }
+    }
+
+    /// A reply subject for a call to `app`, and the wait for its answer.
+    async fn expect(&self, app: &str) -> Result<(String, Expected), async_nats::SubscribeError> {
+        let inbox = self.inbox.get_or_try_init(|| self.subscribe()).await?;
+        let seq = inbox.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, answer) = oneshot::channel();
+        inbox.waiting.lock().expect("sync answers lock").insert(seq, (app.to_owned(), tx));
+        let expected = Expected { answer, seq, waiting: inbox.waiting.clone() };
+        Ok((inbox.answers.reply_to(app, seq), expected))
+    }
+
+    async fn subscribe(&self) -> Result<Inbox, async_nats::SubscribeError> {
+        let answers = AnswerInbox::new(self.nats.new_inbox());
+        let mut replies = self.nats.subscribe(answers.subscription()).await?;
+        let waiting = Waiting::default();
+        let handing = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = replies.next().await {
+                let Some((app, seq)) = AnswerInbox::parse(&msg.subject) else { continue };
+                if crate::answer::working(&msg).is_some() {
+                    continue;
+                }
+                let mut waiting = handing.lock().expect("sync answers lock");
+                if waiting.get(&seq).is_some_and(|(of, _)| of == app)
+                    && let Some((_, answer)) = waiting.remove(&seq)
+                {
+                    let _ = answer.send(msg);
+                }
+            }
+        });
+        Ok(Inbox { answers, next_seq: AtomicU64::new(0), waiting })
+    }
+}
+
 /// Delivers sync call `row` to `target`, both as [`picloud_store::events::invoke`] wrote them
 /// (already claimed by this node), hands the answer to the caller waiting on `reply` or records
 /// it as abandoned, and completes the row. Runs to the end of the handler's deadline whatever
 /// the caller does.
 pub async fn deliver_sync<S: Store>(
     store: S,
-    nats: Client,
+    answers: SyncAnswers,
     connection: ConnectionWatch,
     config: NodeConfig,
     row: ClaimedDelivery,
@@ -127,7 +202,7 @@ pub async fn deliver_sync<S: Store>(
     reply: SyncReply,
 ) {
     let started = std::time::Instant::now();
-    let (answer, mut done) = attempt(&nats, &connection, &config, &row, &target).await;
+    let (answer, mut done) = attempt(&answers, &connection, &config, &row, &target).await;
     RelayMetrics::new(&config.node_id).sync_call(&answer, started.elapsed());
     done.answer = answer.clone();
     if let Err(reason) = reply.send(answer).await {
@@ -141,7 +216,7 @@ pub async fn deliver_sync<S: Store>(
 /// One attempt: the handler's answer, and the completion record to resolve it with. A lost
 /// connection ends the wait at once: the answer cannot arrive on it.
 async fn attempt(
-    nats: &Client,
+    answers: &SyncAnswers,
     connection: &ConnectionWatch,
     config: &NodeConfig,
     row: &ClaimedDelivery,
@@ -158,18 +233,23 @@ async fn attempt(
     let body = envelope(row, plan.app.as_str(), plan.run_as.as_ref(), deadline_ms);
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
-    // The client's shared request inbox: no subscription of its own per call, and "no
-    // responders" still comes back as such.
-    let request = Request::new().headers(headers).payload(body.into()).timeout(Some(config.handler_timeout));
+    // The node's one subscription to its answer inbox: no subscription of its own per call,
+    // and "no responders" still comes back there as such.
     let losses = connection.losses();
+    let (reply_to, mut expected) = match answers.expect(plan.app.as_str()).await {
+        Ok(expected) => expected,
+        Err(e) => return (Answer::Failed(format!("subscribing to the answer inbox failed: {e}")), done),
+    };
+    let published =
+        answers.nats.publish_with_reply_and_headers(plan.subject.clone(), reply_to, headers, body.into());
+    if let Err(e) = published.await {
+        return (Answer::Failed(format!("the request failed: {e}")), done);
+    }
     let answer = tokio::select! {
-        answered = nats.send_request(plan.subject.clone(), request) => match answered {
-            Ok(msg) => Answer::from_message(&msg),
-            Err(e) => match e.kind() {
-                RequestErrorKind::NoResponders => Answer::NoResponders,
-                RequestErrorKind::TimedOut => Answer::Timeout,
-                _ => Answer::Failed(format!("the request failed: {e}")),
-            },
+        answered = tokio::time::timeout(config.handler_timeout, &mut expected.answer) => match answered {
+            Ok(Ok(msg)) => Answer::from_message(&msg),
+            Ok(Err(_)) => Answer::Failed("the node's answer inbox closed".into()),
+            Err(_) => Answer::Timeout,
         },
         _ = connection.lost_since(losses) => Answer::Interrupted(
             "the NATS connection was lost while the handler worked on the call; its answer cannot arrive".into(),

@@ -120,7 +120,7 @@ pub async fn invoke(
     let (reply, waiting) = picloud_dispatch::sync_call();
     let delivering = picloud_dispatch::deliver_sync(
         state.ops.store().clone(),
-        state.nats.clone(),
+        state.sync_answers.clone(),
         state.connection.clone(),
         node.clone(),
         row,

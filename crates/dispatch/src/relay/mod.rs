@@ -3,7 +3,9 @@
 //! Tasks, all sharing one [`Shared`]:
 //! - two **claimers** each take a batch of free slots, claims up to that many due rows, checks each
 //!   row's registering principal, publishes the envelopes and records them as in flight;
-//! - the **responder** reads the relay's own inbox (`<inbox>.<seq>`) and turns replies into answers;
+//! - the **responder** reads the relay's own inbox (`<inbox>.<app>.<seq>`) and turns replies into
+//!   answers, each taken only from the delivery's own app; a `working` reply asks for a longer lease;
+//! - the **lease extender** writes those longer leases and then moves the deliveries' deadlines;
 //! - the **timer** turns in-flight deliveries past their deadline into timeouts;
 //! - the **watchman** gives back the deliveries in flight on a NATS connection that was lost:
 //!   their answers cannot arrive any more, so they are tried again within a second without spending an
@@ -22,7 +24,7 @@ use std::time::Duration;
 use async_nats::client::PublishErrorKind;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt as _;
-use picloud_core::protocol::{CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
+use picloud_core::protocol::{AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
 use picloud_store::{
@@ -122,8 +124,8 @@ struct Shared<S> {
     store: S,
     nats: Client,
     config: RelayConfig,
-    /// Reply subjects are `<inbox>.<seq>`; the responder subscribes to `<inbox>.*`.
-    inbox: String,
+    /// Reply subjects are `<inbox>.<app>.<seq>`; the responder subscribes to `<inbox>.*.*`.
+    inbox: AnswerInbox,
     next_seq: AtomicU64,
     in_flight: Mutex<InFlight>,
     /// Free delivery slots (`max_in_flight` in all): the claimer takes one per claimed row, the
@@ -170,8 +172,8 @@ impl<S: Store> Relay<S> {
     /// Runs until `shutdown`, then stops claiming, waits for every delivery in flight to be
     /// answered or to time out, completes them, and returns.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), RelayError> {
-        let inbox = self.nats.new_inbox();
-        let replies = self.nats.subscribe(format!("{inbox}.*")).await?;
+        let inbox = AnswerInbox::new(self.nats.new_inbox());
+        let replies = self.nats.subscribe(inbox.subscription()).await?;
         let wakeups = self.store.listen().await.map_err(RelayError::Listen)?;
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
@@ -475,7 +477,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         done.app_slug = Some(plan.app.clone());
         done.trigger_name = plan.trigger_name.clone();
         in_flight.push((seq, done));
-        outgoing.push((seq, plan.subject.clone(), body));
+        outgoing.push((seq, plan.subject.clone(), shared.inbox.reply_to(plan.app.as_str(), seq), body));
     }
     {
         let mut table = shared.in_flight.lock().expect("in-flight lock");
@@ -492,15 +494,14 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                 .insert(seq, Sent { at: sent, losses, done, deadline, extended_at: None, extending: false });
         }
     }
-    for (seq, subject, body) in outgoing {
+    for (seq, subject, reply, body) in outgoing {
         let bytes = body.len();
-        let reply = format!("{}.{seq}", shared.inbox);
         let published = shared
             .nats
             .publish_with_reply_and_headers(subject, reply, shared.headers.clone(), body.into())
             .await;
         if let Err(e) = published
-            && let Some(Sent { mut done, .. }) = take(shared, seq)
+            && let Some(Sent { mut done, .. }) = take(shared, seq, None)
         {
             tracing::warn!(delivery_id = %done.id, error = %e, "publishing a delivery failed");
             done.answer = match e.kind() {
@@ -537,9 +538,19 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
     }
 }
 
-/// Removes a delivery from the in-flight table, signalling `drained` when it empties.
-fn take<S>(shared: &Shared<S>, seq: u64) -> Option<Sent> {
+/// Whether an answer that names `app` (`None`: the relay's own) may speak for `sent`: an app
+/// answers its own deliveries only.
+fn answers_for(sent: &Sent, app: Option<&str>) -> bool {
+    app.is_none_or(|app| sent.done.app_slug.as_ref().is_some_and(|slug| slug.as_str() == app))
+}
+
+/// Removes a delivery from the in-flight table, if `app` may answer it ([`answers_for`]),
+/// signalling `drained` when the table empties.
+fn take<S>(shared: &Shared<S>, seq: u64, app: Option<&str>) -> Option<Sent> {
     let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+    if !in_flight.pending.get(&seq).is_some_and(|sent| answers_for(sent, app)) {
+        return None;
+    }
     let done = in_flight.pending.remove(&seq);
     if in_flight.pending.is_empty() {
         shared.drained.notify_waiters();
@@ -549,18 +560,22 @@ fn take<S>(shared: &Shared<S>, seq: u64) -> Option<Sent> {
 
 async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mpsc::UnboundedSender<Done>) {
     while let Some(msg) = replies.next().await {
-        let Some(seq) = msg.subject.rsplit('.').next().and_then(|s| s.parse::<u64>().ok()) else { continue };
+        let Some((app, seq)) = AnswerInbox::parse(&msg.subject) else { continue };
         if answer::working(&msg).is_some() {
-            working(&shared, seq);
+            working(&shared, seq, app);
             continue;
         }
-        match take(&shared, seq) {
+        match take(&shared, seq, Some(app)) {
             Some(Sent { at, mut done, .. }) => {
                 done.answer = Answer::from_message(&msg);
                 shared.metrics.answered(&done.answer, at.elapsed());
                 let _ = done_tx.send(done);
             }
-            None => tracing::debug!(seq, "late reply ignored: the delivery timed out already"),
+            None => tracing::debug!(
+                seq,
+                app,
+                "reply ignored: the delivery timed out already, or is not of the app that answered"
+            ),
         }
     }
 }
@@ -632,15 +647,22 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 /// A handler said `working` (DESIGN §14): its delivery asks for a longer lease, unless it asked
 /// within [`EXTEND_EVERY`], its lease is being written, or its attempt has worked as long as it
 /// may (`PICLOUD_MAX_WORKING_MS`). A delivery that was answered or timed out already is left
-/// alone.
-fn working<S>(shared: &Shared<S>, seq: u64) {
+/// alone, and so is a reply from another app than the delivery's, and one for a trigger with a
+/// `concurrency` or `rate` (its slot is not extended yet).
+fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
     let node = &shared.config.node;
     let every = EXTEND_EVERY.min(node.handler_timeout / 4);
     let now = Instant::now();
     {
         let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
         let InFlight { pending, to_extend, .. } = &mut *in_flight;
-        let Some(sent) = pending.get_mut(&seq) else { return };
+        let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
+        // A limited trigger's slot is recorded until the lease its claim took: a longer lease
+        // would outlive the record, and other relays would count the slot free.
+        if sent.done.gated {
+            tracing::debug!(delivery_id = %sent.done.id, "working ignored: the trigger limits its deliveries");
+            return;
+        }
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
         if sent.extending || recent || now >= sent.at + node.max_working {
             return;

@@ -208,7 +208,7 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
     let connection = picloud_dispatch::ConnectionWatch::spawn(&nats);
     let delivering = tokio::spawn(picloud_dispatch::deliver_sync(
         w.store.clone(),
-        nats,
+        picloud_dispatch::SyncAnswers::new(nats),
         connection,
         config.node,
         row,

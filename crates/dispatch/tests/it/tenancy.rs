@@ -145,11 +145,11 @@ async fn app_b_cannot_read_app_as_deliveries_nor_publish_to_app_as_ingest_while_
     let (b, mut b_errors) =
         server.connect("app-shop", "PICLOUD_NATS_APP_SHOP_PASSWORD", Some("_INBOX_shop")).await;
 
-    // The router, as the relay does: its replies come to `<inbox>.<seq>`; as the ingest does:
-    // a queue group on every app's ingest subjects.
+    // The router, as the relay does: its replies come to `<inbox>.<app>.<seq>`; as the ingest
+    // does: a queue group on every app's ingest subjects.
     let relay_inbox = router.new_inbox();
     assert!(relay_inbox.starts_with("_INBOX."), "{relay_inbox}");
-    let mut answers = router.subscribe(format!("{relay_inbox}.*")).await.unwrap();
+    let mut answers = router.subscribe(format!("{relay_inbox}.*.*")).await.unwrap();
     let mut ingest = router.queue_subscribe("picloud.v1.ingest.>", "picloud.ingest".into()).await.unwrap();
     round_trip(&router).await;
 
@@ -164,7 +164,7 @@ async fn app_b_cannot_read_app_as_deliveries_nor_publish_to_app_as_ingest_while_
     // A delivery to A's handler reaches A, and A's answer reaches the relay.
     let mut ce = HeaderMap::new();
     ce.insert("Content-Type", "application/cloudevents+json");
-    let reply_to = format!("{relay_inbox}.1");
+    let reply_to = format!("{relay_inbox}.demo.1");
     router
         .publish_with_reply_and_headers(
             "picloud.v1.handle.demo.h",
@@ -258,13 +258,19 @@ async fn the_relay_as_router_user_delivers_to_a_worker_logged_in_as_its_app() {
     w.kv_trigger("on-order", "orders:*", "process-order").await;
     let server = TenantServer::start().await;
 
-    let (worker_client, _) =
+    let (worker_client, mut worker_errors) =
         server.connect("app-shop", "PICLOUD_NATS_APP_SHOP_PASSWORD", Some("_INBOX_shop")).await;
     let (tx, mut deliveries) = mpsc::unbounded_channel();
     let worker = Worker::new(worker_client, "shop")
         .handle("process-order", move |d: Delivery| {
             let _ = tx.send(d.clone());
-            async move { Ok(Reply::ok(json!({"processed": d.id}))) }
+            async move {
+                // As often as it likes: no response permission runs out.
+                for progress in [10, 50, 90] {
+                    d.working(Some(progress)).await?;
+                }
+                Ok(Reply::ok(json!({"processed": d.id})))
+            }
         })
         .start()
         .await
@@ -284,8 +290,44 @@ async fn the_relay_as_router_user_delivers_to_a_worker_logged_in_as_its_app() {
     assert_eq!(delivery.event.picloudapp, "shop");
     w.drained().await;
     assert!(w.dead_letters().await.is_empty(), "the answer was accepted: {:?}", w.dead_letters().await);
+    assert!(worker_errors.try_recv().is_err(), "the server refused the worker something");
 
     stop.send();
     relay.await.unwrap().unwrap();
     worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_answer_from_another_app_under_its_own_name_is_ignored_by_the_relay() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "process-order").await;
+    let server = TenantServer::start().await;
+    let (shop, _) = server.connect("app-shop", "PICLOUD_NATS_APP_SHOP_PASSWORD", Some("_INBOX_shop")).await;
+    let (demo, mut demo_errors) =
+        server.connect("app-demo", "PICLOUD_NATS_APP_DEMO_PASSWORD", Some("_INBOX_demo")).await;
+    let mut handler = shop
+        .queue_subscribe("picloud.v1.handle.shop.process-order", "picloud.shop.process-order".into())
+        .await
+        .unwrap();
+    round_trip(&shop).await;
+    let (router, _) = server.connect("router", "PICLOUD_NATS_ROUTER_PASSWORD", None).await;
+    let (stop, shutdown) = picloud_worker::Shutdown::new();
+    let relay =
+        tokio::spawn(picloud_dispatch::Relay::new(w.store.clone(), router, relay_config("r")).run(shutdown));
+
+    w.put("orders", "o-1", json!(1), 0).await;
+    let delivery = next(&mut handler, "shop's delivery").await;
+    let reply = delivery.reply.clone().expect("a delivery is a request").to_string();
+    assert!(reply.contains(".shop."), "{reply}");
+    // demo may publish where its own name stands: the server lets the forgery through, the
+    // relay must not take it. shop's answer, sent after the server handled it, is the real one.
+    demo.publish_with_headers(reply.replace(".shop.", ".demo."), status("fail"), Bytes::new()).await.unwrap();
+    round_trip(&demo).await;
+    assert!(demo_errors.try_recv().is_err(), "the server refused demo's publish");
+    shop.publish_with_headers(reply, status("ok"), Bytes::from_static(b"{}")).await.unwrap();
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty(), "the forged fail was taken: {:?}", w.dead_letters().await);
+
+    stop.send();
+    relay.await.unwrap().unwrap();
 }

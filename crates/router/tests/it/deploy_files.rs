@@ -687,22 +687,33 @@ fn go_duration(text: &str) -> Duration {
 }
 
 #[test]
-fn every_user_may_answer_a_request_for_as_long_as_the_longest_handler_timeout_a_router_accepts() {
+fn the_router_may_answer_a_request_for_the_longest_handler_timeout_and_apps_answer_by_subject_only() {
     let tenants = read("nats/tenants.conf");
-    let code: Vec<&str> = tenants.lines().map(|l| l.split('#').next().unwrap()).collect();
-    let users = code.iter().filter(|l| l.trim_start().starts_with("user:")).count();
-    let expires: Vec<Duration> = code
-        .iter()
-        .filter_map(|l| l.split("expires:").nth(1))
-        .map(|v| go_duration(v.trim().trim_end_matches('}').trim().trim_matches('"')))
-        .collect();
-    assert_eq!(expires.len(), users, "every user has allow_responses with an expiry");
-    assert!(users >= 3, "router, app-demo and app-shop");
+    let code = tenants.lines().map(|l| l.split('#').next().unwrap()).collect::<Vec<_>>().join("\n");
+    let users: Vec<&str> = code.split("user:").skip(1).collect();
+    assert!(users.len() >= 3, "router, app-demo and app-shop");
     let longest = Duration::from_millis(picloud_dispatch::MAX_HANDLER_TIMEOUT_MS);
-    for expiry in expires {
-        assert!(
-            expiry >= longest,
-            "allow_responses expires after {expiry:?}, before the longest handler timeout {longest:?}"
-        );
+    for user in users {
+        let name = user.split_whitespace().next().unwrap();
+        let expires = user
+            .split("expires:")
+            .nth(1)
+            .map(|v| go_duration(v.split('}').next().unwrap().trim().trim_matches('"')));
+        match name.strip_prefix("app-") {
+            None => {
+                assert_eq!(name, "router");
+                let expiry = expires.expect("the router has allow_responses with an expiry");
+                assert!(
+                    expiry >= longest,
+                    "allow_responses expires after {expiry:?}, before the longest handler timeout {longest:?}"
+                );
+            }
+            Some(slug) => {
+                assert_eq!(expires, None, "{name} has allow_responses");
+                assert!(!user.contains("allow_responses"), "{name} has allow_responses");
+                let answers = format!("\"_INBOX.*.{slug}.*\"");
+                assert!(user.contains(&answers), "{name} may not publish its answers on {answers}");
+            }
+        }
     }
 }
