@@ -314,6 +314,17 @@ impl Limits {
         }
     }
 
+    /// Keeps this run's slots of `triggers` until now + `lease` at least: deliveries of theirs
+    /// work longer (DESIGN §14).
+    pub(crate) async fn extend(
+        &self,
+        store: &impl OutboxRepo,
+        triggers: &[TriggerId],
+        lease: Duration,
+    ) -> picloud_store::Result<()> {
+        store.extend_slots(self.holder, triggers, lease).await
+    }
+
     /// Gives back this run's slots (the relay stops, nothing of it in flight).
     pub(crate) async fn release(&self, store: &impl OutboxRepo) {
         if let Err(e) = store.release_slots(self.holder, None).await {

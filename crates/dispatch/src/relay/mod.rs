@@ -647,8 +647,7 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 /// A handler said `working` (DESIGN §14): its delivery asks for a longer lease, unless it asked
 /// within [`EXTEND_EVERY`], its lease is being written, or its attempt has worked as long as it
 /// may (`PICLOUD_MAX_WORKING_MS`). A delivery that was answered or timed out already is left
-/// alone, and so is a reply from another app than the delivery's, and one for a trigger with a
-/// `concurrency` or `rate` (its slot is not extended yet).
+/// alone, and so is a reply from another app than the delivery's.
 fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
     let node = &shared.config.node;
     let every = EXTEND_EVERY.min(node.handler_timeout / 4);
@@ -657,12 +656,6 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
         let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
         let InFlight { pending, to_extend, .. } = &mut *in_flight;
         let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
-        // A limited trigger's slot is recorded until the lease its claim took: a longer lease
-        // would outlive the record, and other relays would count the slot free.
-        if sent.done.gated {
-            tracing::debug!(delivery_id = %sent.done.id, "working ignored: the trigger limits its deliveries");
-            return;
-        }
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
         if sent.extending || recent || now >= sent.at + node.max_working {
             return;
@@ -677,14 +670,16 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
 /// Writes the longer leases that `working` replies asked for, a batch at a time, and moves each
 /// delivery's deadline once its lease moved: a deadline never outlives the lease under it. The new
 /// deadline is the handler timeout from now, within `PICLOUD_MAX_WORKING_MS` of the attempt's
-/// start; the lease ends the lease margin after it. A write that fails or takes longer than half
-/// the margin moves no deadline; the handler's next `working` asks again.
+/// start; the lease ends the lease margin after it, and so does the relay's slot of a limited
+/// trigger, which must not come free under a delivery that still works. A write that fails or
+/// takes longer than half the margin moves no deadline; the handler's next `working` asks again.
 async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
     let node = &shared.config.node;
     loop {
         shared.extend.notified().await;
         let now = Instant::now();
-        let wanted: Vec<(u64, Instant, LeaseExtension)> = {
+        // Each: the delivery, its new deadline, its longer lease, and its trigger if limited.
+        let wanted: Vec<(u64, Instant, LeaseExtension, Option<TriggerId>)> = {
             let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
             let InFlight { pending, to_extend, .. } = &mut *in_flight;
             std::mem::take(to_extend)
@@ -697,20 +692,22 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
                         return None;
                     }
                     let lease = deadline - now + node.lease_margin;
-                    Some((
-                        seq,
-                        deadline,
-                        LeaseExtension { id: sent.done.id, attempt: sent.done.attempt, lease },
-                    ))
+                    let row = LeaseExtension { id: sent.done.id, attempt: sent.done.attempt, lease };
+                    Some((seq, deadline, row, sent.done.trigger_id.filter(|_| sent.done.gated)))
                 })
                 .collect()
         };
         if wanted.is_empty() {
             continue;
         }
-        let rows: Vec<LeaseExtension> = wanted.iter().map(|(_, _, row)| row.clone()).collect();
-        let written =
-            tokio::time::timeout(node.lease_margin / 2, shared.store.extend_leases(&node.node_id, &rows));
+        let rows: Vec<LeaseExtension> = wanted.iter().map(|(_, _, row, _)| row.clone()).collect();
+        let limited: Vec<TriggerId> = wanted.iter().filter_map(|(_, _, _, limited)| *limited).collect();
+        let longest = rows.iter().map(|row| row.lease).max().unwrap_or_default();
+        let written = tokio::time::timeout(node.lease_margin / 2, async {
+            // The slots first: a lease never outlives the slot under it.
+            shared.limits.extend(&shared.store, &limited, longest).await?;
+            shared.store.extend_leases(&node.node_id, &rows).await
+        });
         let extended: HashSet<Uuid> = match written.await {
             Ok(Ok(ids)) => ids.into_iter().collect(),
             Ok(Err(e)) => {
@@ -723,7 +720,7 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
             }
         };
         let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
-        for (seq, deadline, row) in wanted {
+        for (seq, deadline, row, _) in wanted {
             if let Some(sent) = in_flight.pending.get_mut(&seq) {
                 sent.extending = false;
                 if extended.contains(&row.id) {

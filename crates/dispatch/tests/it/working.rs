@@ -111,3 +111,59 @@ async fn a_relay_cut_off_while_its_handler_works_leaves_the_row_until_the_extend
     relay.stop().await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_limited_trigger_keeps_its_slot_while_a_delivery_works_so_no_other_relay_starts_one_beside_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use picloud_core::CollectionPattern;
+    use picloud_core::flow::{Flow, Rate};
+    use picloud_store::{TriggerPatch, TriggerRepo as _, TriggerSpec};
+
+    let w = World::new().await;
+    w.trigger("limited", TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() }, "limited")
+        .await;
+    // With a rate a relay claims no rows ahead of its slot: nothing but the longer lease keeps the
+    // slot of the delivery that works.
+    let rate = Rate { per_second: 100, burst: 100 };
+    let flow = Flow { concurrency: Some(1), rate: Some(rate), ..Flow::default() };
+    let patch = TriggerPatch { flow: Some(Some(flow)), ..TriggerPatch::default() };
+    w.store.update_trigger(w.app.id, "limited", &patch).await.unwrap();
+    let timeout = relay_config("n").node.handler_timeout;
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (now_running, seen_most) = (running.clone(), most.clone());
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "limited", move |d: Delivery| {
+        let (running, most) = (now_running.clone(), seen_most.clone());
+        async move {
+            most.fetch_max(running.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            // The first works past two leases; the other answers at once.
+            if d.data::<serde_json::Value>()?["n"] == 0 {
+                d.long_running(tokio::time::sleep(timeout * 3)).await;
+            }
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(Reply::ok(json!({})))
+        }
+    })
+    .await;
+    w.publish("t", json!({"n": 0}), None).await;
+    let relays = [
+        start_relay(w.store.clone(), &w.nats_url(), relay_config("a")).await,
+        start_relay(w.store.clone(), &w.nats_url(), relay_config("b")).await,
+    ];
+    let first = next(&mut rx, "the long delivery").await;
+    assert_eq!(first.data::<serde_json::Value>().unwrap()["n"], 0);
+    w.publish("t", json!({"n": 1}), None).await;
+    picloud_testkit::eventually_within("both deliveries complete", timeout * 8, || async {
+        (w.outbox_len().await == 0).then_some(())
+    })
+    .await;
+    let second = next(&mut rx, "the other delivery").await;
+    assert_eq!((second.data::<serde_json::Value>().unwrap()["n"].clone(), second.attempt), (json!(1), 1));
+    assert!(rx.try_recv().is_err(), "each delivered once");
+    assert_eq!(most.load(Ordering::SeqCst), 1, "concurrency 1 held while the first delivery worked");
+    for relay in relays {
+        relay.stop().await;
+    }
+    worker.stop().await;
+}

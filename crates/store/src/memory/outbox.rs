@@ -241,6 +241,16 @@ impl OutboxRepo for MemStore {
         Ok(())
     }
 
+    async fn extend_slots(&self, holder: Uuid, triggers: &[TriggerId], lease: Duration) -> Result<()> {
+        let until = self.now() + lease;
+        for ((trigger, h), (_, end)) in self.lock().await.flow_slots.iter_mut() {
+            if *h == holder && triggers.contains(trigger) {
+                *end = (*end).max(until);
+            }
+        }
+        Ok(())
+    }
+
     async fn insert_sync_call(
         &self,
         call: &NewSyncCall,

@@ -196,6 +196,35 @@ pub(super) async fn release_slots(
     Ok(())
 }
 
+/// [`crate::OutboxRepo::extend_slots`]: the holder's entry of each trigger's `slots` (`[held, until
+/// in epoch seconds]`) ends no sooner than now + `lease`.
+pub(super) async fn extend_slots(
+    store: &PgStore,
+    holder: Uuid,
+    triggers: &[TriggerId],
+    lease: Duration,
+) -> Result<()> {
+    if triggers.is_empty() {
+        return Ok(());
+    }
+    let triggers: Vec<Uuid> = triggers.iter().map(|t| t.as_uuid()).collect();
+    sqlx::query(
+        "UPDATE flow_state
+            SET slots = jsonb_set(slots, ARRAY[$1::text], jsonb_build_array(
+                    slots -> $1::text -> 0,
+                    greatest((slots -> $1::text ->> 1)::float8,
+                             extract(epoch FROM coalesce($3, now()))::float8 + $4 / 1000.0)))
+          WHERE slots ? $1::text AND trigger_id = ANY ($2)",
+    )
+    .bind(holder.to_string())
+    .bind(triggers)
+    .bind(store.now())
+    .bind(millis(lease))
+    .execute(&store.pool)
+    .await?;
+    Ok(())
+}
+
 /// Keeps a trigger's limits in step with its new `flow`, in the transaction that writes it: a
 /// limited trigger has a state row (its bucket full: a new flow starts a new bucket), and its
 /// rows are gated; an unlimited one has neither. `changed`: the trigger existed before (its rows

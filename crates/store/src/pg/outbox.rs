@@ -627,6 +627,10 @@ impl OutboxRepo for PgStore {
         super::flow::release_slots(self, holder, triggers).await
     }
 
+    async fn extend_slots(&self, holder: Uuid, triggers: &[TriggerId], lease: Duration) -> Result<()> {
+        super::flow::extend_slots(self, holder, triggers, lease).await
+    }
+
     async fn insert_sync_call(
         &self,
         call: &NewSyncCall,

@@ -21,6 +21,7 @@ conformance!(
     a_relay_waits_for_gated_rows_only_of_triggers_with_limits,
     a_holder_claims_rows_ahead_of_its_slots_unless_the_trigger_has_a_rate,
     a_holder_never_records_fewer_slots_than_it_has_in_flight_when_the_concurrency_is_lowered,
+    a_holder_whose_deliveries_work_longer_keeps_its_slots_until_the_longer_lease_ends,
 );
 
 /// A pubsub trigger named `name` on topic `t` with `flow`.
@@ -261,4 +262,22 @@ async fn a_holder_never_records_fewer_slots_than_it_has_in_flight_when_the_concu
     let ahead = [(trigger.id, Busy { claimed: 2, running: 0 })];
     let other = s.claim_limited(100, LEASE, holder(b, &ahead)).await.unwrap();
     assert_eq!(slots(&other), Some(1), "b has the one slot a left");
+}
+
+async fn a_holder_whose_deliveries_work_longer_keeps_its_slots_until_the_longer_lease_ends<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let trigger = limited(&s, &t, "limited", concurrency(1)).await;
+    publish(&s, &t, 10).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    assert_eq!(claim(&s, a, &[]).await.len(), 4, "one slot, and three rows ahead of it");
+    s.extend_slots(b, &[trigger.id], LEASE * 3).await.unwrap();
+    s.extend_slots(a, &[trigger.id], LEASE * 3).await.unwrap();
+    s.extend_slots(a, &[trigger.id], LEASE).await.unwrap();
+    s.clock().advance(LEASE * 3 - Duration::from_millis(1));
+    assert!(
+        claim(&s, b, &[]).await.is_empty(),
+        "a's slot holds until its longer lease ends, never shortened"
+    );
+    s.clock().advance(Duration::from_millis(1));
+    assert_eq!(claim(&s, b, &[]).await.len(), 4, "then it is free");
 }
