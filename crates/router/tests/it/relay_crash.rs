@@ -57,6 +57,32 @@ impl Drop for RouterProcess {
     }
 }
 
+/// Job `i` for `trigger` of `app`, due now.
+fn job(app: &App, trigger: &Trigger, i: usize) -> NewDelivery {
+    NewDelivery {
+        id: Uuid::now_v7(),
+        app_id: app.id,
+        trigger_id: Some(trigger.id),
+        kind: EventKind::Queue,
+        event_type: "picloud.queue.job".into(),
+        source: "/apps/shop/queues/q".into(),
+        subject: None,
+        payload: RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap(),
+        depth: 0,
+        max_attempts: 5,
+        delay: Duration::ZERO,
+        reply_to: None,
+        idempotency_key: None,
+        dead_letter_id: None,
+        event_time: None,
+        ordering_key: None,
+        lane: None,
+        front_of_lane: false,
+        gated: false,
+        debounced: false,
+    }
+}
+
 /// What the handler saw: per delivery id, each attempt and when it arrived.
 type Seen = Arc<Mutex<HashMap<Uuid, Vec<(u32, OffsetDateTime)>>>>;
 
@@ -68,30 +94,7 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
     let nats_dir = tempfile::tempdir().unwrap();
     let nats = nats_for_serve(nats_dir.path()).await;
     let Shop { app, trigger, .. } = shop_with_trigger(&store, "hold", TriggerSpec::Http, "hold").await;
-    let rows: Vec<NewDelivery> = (0..120)
-        .map(|i| NewDelivery {
-            id: Uuid::now_v7(),
-            app_id: app.id,
-            trigger_id: Some(trigger.id),
-            kind: EventKind::Queue,
-            event_type: "picloud.queue.job".into(),
-            source: "/apps/shop/queues/q".into(),
-            subject: None,
-            payload: RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap(),
-            depth: 0,
-            max_attempts: 5,
-            delay: Duration::ZERO,
-            reply_to: None,
-            idempotency_key: None,
-            dead_letter_id: None,
-            event_time: None,
-            ordering_key: None,
-            lane: None,
-            front_of_lane: false,
-            gated: false,
-            debounced: false,
-        })
-        .collect();
+    let rows: Vec<NewDelivery> = (0..120).map(|i| job(&app, &trigger, i)).collect();
     let mut tx = store.begin().await.unwrap();
     store.insert_deliveries(&mut tx, &rows).await.unwrap();
     store.commit(tx).await.unwrap();
@@ -161,5 +164,96 @@ async fn a_relay_killed_mid_batch_leaves_rows_that_another_relay_delivers_after_
     let dead: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(store.pool()).await.unwrap();
     assert_eq!(dead, 0);
+    handler.abort();
+}
+
+#[tokio::test]
+async fn a_relay_killed_while_its_handler_works_leaves_the_row_until_the_extended_lease_ends() {
+    let db = TestDatabase::create().await.unwrap();
+    let store = PgStore::connect(db.url(), 4).await.unwrap();
+    pg::migrate(store.pool()).await.unwrap();
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = nats_for_serve(nats_dir.path()).await;
+    let Shop { app, trigger, .. } = shop_with_trigger(&store, "long", TriggerSpec::Http, "long").await;
+    let row = job(&app, &trigger, 0);
+    let mut tx = store.begin().await.unwrap();
+    store.insert_deliveries(&mut tx, std::slice::from_ref(&row)).await.unwrap();
+    store.commit(tx).await.unwrap();
+    let lease_end = || async {
+        let until: OffsetDateTime = sqlx::query_scalar("SELECT leased_until FROM outbox WHERE id = $1")
+            .bind(row.id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        until
+    };
+
+    // The handler says `working` every half second on its first attempt, and answers `ok` on the
+    // next; it notes when each attempt arrived.
+    let seen: Seen = Arc::default();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut sub =
+        client.queue_subscribe("picloud.v1.handle.shop.long", "picloud.shop.long".into()).await.unwrap();
+    client.flush().await.unwrap();
+    let handler = tokio::spawn({
+        let (seen, client) = (seen.clone(), client.clone());
+        async move {
+            while let Some(msg) = sub.next().await {
+                let e: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+                let attempt = e["picloudattempt"].as_u64().unwrap() as u32;
+                seen.lock()
+                    .unwrap()
+                    .entry(row.id)
+                    .or_default()
+                    .push((attempt, OffsetDateTime::from(SystemTime::now())));
+                let (reply, client) = (msg.reply.unwrap(), client.clone());
+                let mut headers = async_nats::HeaderMap::new();
+                if attempt == 1 {
+                    headers.insert("Picloud-Status", "working");
+                    tokio::spawn(async move {
+                        let mut every = tokio::time::interval(Duration::from_millis(500));
+                        loop {
+                            every.tick().await;
+                            client
+                                .publish_with_headers(reply.clone(), headers.clone(), "".into())
+                                .await
+                                .unwrap();
+                        }
+                    });
+                } else {
+                    headers.insert("Picloud-Status", "ok");
+                    client.publish_with_headers(reply, headers, "{}".into()).await.unwrap();
+                }
+            }
+        }
+    });
+
+    let mut relay_a = RouterProcess::serve("relay-a", db.url(), &nats.url());
+    eventually_within("the first attempt to reach the handler", WAIT, || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let claimed_until = lease_end().await;
+    eventually_within("relay-a to extend the lease", WAIT, || async {
+        (lease_end().await > claimed_until).then_some(())
+    })
+    .await;
+    relay_a.kill_9();
+    let extended_until = lease_end().await;
+
+    let _relay_b = RouterProcess::serve("relay-b", db.url(), &nats.url());
+    eventually_within("the row to be delivered again and completed", WAIT, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(store.pool()).await.unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    let attempts = seen.lock().unwrap()[&row.id].clone();
+    let (_, again) = attempts.iter().find(|(a, _)| *a == 2).expect("delivered again");
+    let tolerance = time::Duration::milliseconds(50);
+    assert!(
+        *again + tolerance >= extended_until,
+        "delivered again at {again}, before the extended lease ended at {extended_until} (claimed until {claimed_until})"
+    );
     handler.abort();
 }
