@@ -1,7 +1,8 @@
 """The README tour's handler in Python, with the stock nats-py client (pip install nats-py).
 
 Serves `on-note` for the app of `picloud-router dev`; a note whose text is "fail" is refused,
-so it becomes a dead letter. Run it with the values `dev` wrote:
+so it becomes a dead letter, and one whose text is "slow" takes its `seconds`, longer than the
+handler timeout, saying that it is still working. Run it with the values `dev` wrote:
 
     set -a; . .picloud/dev.env; set +a
     python3 examples/notes.py
@@ -11,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 import nats
 
@@ -48,12 +50,28 @@ async def main():
         )
     connected = True
 
+    async def work_long(msg, event, seconds):
+        # Until the answer, `working` on the reply subject moves the deadline to the handler
+        # timeout from then: say it every third of the time the first deadline left.
+        every = max(0.1, (event["piclouddeadline"] / 1000 - time.time()) / 3)
+        started = time.monotonic()
+        while (done := time.monotonic() - started) < seconds:
+            progress = str(int(100 * done / seconds))
+            await nc.publish(msg.reply, b"", headers={"Picloud-Status": "working", "Picloud-Progress": progress})
+            await asyncio.sleep(min(every, seconds - done))
+        print(event["id"], f"done after {seconds} s", flush=True)
+        await nc.publish(msg.reply, b"{}", headers={"Picloud-Status": "ok"})
+
     async def on_note(msg):
         event = json.loads(msg.data)  # the CloudEvents envelope
         note = event["data"]["value"]
         print(event["id"], "attempt", event["picloudattempt"], note, flush=True)
         # Answer on the request's reply subject; the Picloud-Status header says how it went.
-        if note.get("text") == "fail":
+        if note.get("text") == "slow":
+            # In a task of its own: this callback takes the subscription's next message only
+            # once it returns.
+            asyncio.create_task(work_long(msg, event, int(note.get("seconds", 40))))
+        elif note.get("text") == "fail":
             headers = {"Picloud-Status": "fail", "Picloud-Error": "this note asked to fail"}
             await nc.publish(msg.reply, b"", headers=headers)
         else:

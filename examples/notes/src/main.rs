@@ -1,5 +1,6 @@
-//! The README tour's handler: serves `on-note` for app `demo` of `picloud-router dev`, and
-//! refuses notes whose text is "fail" so that they become dead letters.
+//! The README tour's handler: serves `on-note` for app `demo` of `picloud-router dev`, refuses
+//! notes whose text is "fail" so that they become dead letters, and works on a note whose text
+//! is "slow" for its `seconds`, longer than the handler timeout, saying that it is still working.
 //!
 //! ```sh
 //! set -a; . .picloud/dev.env; set +a
@@ -7,6 +8,7 @@
 //! ```
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use picloud_worker::{Delivery, Reply, Worker};
 
@@ -45,6 +47,12 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         .handle("on-note", |delivery: Delivery| async move {
             let event: serde_json::Value = delivery.data()?;
             println!("{} (attempt {}): {}", delivery.id, delivery.attempt, event["value"]);
+            if event["value"]["text"] == "slow" {
+                let seconds = event["value"]["seconds"].as_u64().unwrap_or(40);
+                // Tells the relay every few seconds that the attempt goes on (`working`).
+                delivery.long_running(tokio::time::sleep(Duration::from_secs(seconds))).await;
+                println!("{}: done after {seconds} s", delivery.id);
+            }
             Ok(if event["value"]["text"] == "fail" {
                 Reply::fail("this note asked to fail")
             } else {
