@@ -62,6 +62,8 @@ async def main():
         print(event["id"], f"done after {seconds} s", flush=True)
         await nc.publish(msg.reply, b"{}", headers={"Picloud-Status": "ok"})
 
+    working = set()  # the long tasks, held until they end (asyncio keeps only weak references)
+
     async def on_note(msg):
         event = json.loads(msg.data)  # the CloudEvents envelope
         note = event["data"]["value"]
@@ -70,7 +72,9 @@ async def main():
         if note.get("text") == "slow":
             # In a task of its own: this callback takes the subscription's next message only
             # once it returns.
-            asyncio.create_task(work_long(msg, event, int(note.get("seconds", 40))))
+            task = asyncio.create_task(work_long(msg, event, int(note.get("seconds", 40))))
+            working.add(task)
+            task.add_done_callback(working.discard)
         elif note.get("text") == "fail":
             headers = {"Picloud-Status": "fail", "Picloud-Error": "this note asked to fail"}
             await nc.publish(msg.reply, b"", headers=headers)

@@ -107,7 +107,10 @@ impl Answer {
             Answer::Invalid(e) | Answer::Failed(e) | Answer::Interrupted(e) | Answer::Unauthorized(e) => {
                 Some(e.clone())
             }
-            Answer::Timeout => Some(format!("no answer within {} ms", handler_timeout.as_millis())),
+            Answer::Timeout => Some(format!(
+                "no answer within {} ms of the attempt's start or of its last `working`",
+                handler_timeout.as_millis()
+            )),
             Answer::NoResponders => Some("no handler is subscribed (no responders)".into()),
             Answer::Orphaned => Some("the trigger or app no longer exists".into()),
             Answer::LeaseExpired => Some(

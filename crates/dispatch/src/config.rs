@@ -8,8 +8,7 @@ use picloud_core::protocol::Subjects;
 use picloud_core::token::TokenKey;
 
 /// The longest `PICLOUD_HANDLER_TIMEOUT_MS` and `PICLOUD_MAX_WORKING_MS` a node accepts, in
-/// milliseconds: no attempt lasts longer, and the shipped NATS configs let a handler answer that
-/// long after its request (`allow_responses` in `nats/tenants.conf`).
+/// milliseconds: no attempt lasts longer.
 pub const MAX_HANDLER_TIMEOUT_MS: u64 = 3_600_000;
 
 /// How a node connects to NATS (`PICLOUD_NATS_URL`, `PICLOUD_NATS_CREDS`, `PICLOUD_NATS_USER`,

@@ -315,13 +315,13 @@ impl Limits {
     }
 
     /// Keeps this run's slots of `triggers` until now + `lease` at least: deliveries of theirs
-    /// work longer (DESIGN §14).
+    /// work longer (DESIGN §14). Returns the triggers whose slots it kept.
     pub(crate) async fn extend(
         &self,
         store: &impl OutboxRepo,
         triggers: &[TriggerId],
         lease: Duration,
-    ) -> picloud_store::Result<()> {
+    ) -> picloud_store::Result<Vec<TriggerId>> {
         store.extend_slots(self.holder, triggers, lease).await
     }
 

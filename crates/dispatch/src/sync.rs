@@ -118,7 +118,7 @@ impl Drop for SyncCaller {
 /// The answers to a node's sync calls: one subscription to an [`AnswerInbox`] of the node's
 /// connection, taken at the first call, from which each answer goes to the call waiting for it,
 /// and only from the call's own app. A `working` reply is no answer: a sync call keeps its
-/// caller's deadline.
+/// deadline (the handler timeout: its caller waits).
 #[derive(Debug, Clone)]
 pub struct SyncAnswers {
     nats: Client,

@@ -531,13 +531,14 @@ pub trait OutboxRepo: Transactional {
         triggers: Option<&[TriggerId]>,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Keeps the slots `holder` holds of `triggers` until now + `lease` at least: its deliveries
-    /// of them work longer (DESIGN §14), and the slots must not come free under them.
+    /// of them work longer (DESIGN §14), and the slots must not come free under them. Returns
+    /// the triggers whose slots it kept (a slot already gone is not taken back).
     fn extend_slots(
         &self,
         holder: Uuid,
         triggers: &[TriggerId],
         lease: Duration,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<Vec<TriggerId>>> + Send;
     /// Looks up the trigger `call` names and, if it is an enabled `http` trigger, writes the
     /// call's row already claimed by `node` (attempt 1, leased), so the API node that waits on
     /// the call delivers it without a second round trip, and any relay delivers it after the

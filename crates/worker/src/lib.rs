@@ -48,7 +48,7 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use picloud_core::protocol::{AnswerHead, Envelope, Subjects, Working};
+use picloud_core::protocol::{AnswerHead, Envelope, EventKind, Subjects, Working};
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -122,10 +122,13 @@ impl Delivery {
     /// timeout from now, up to `PICLOUD_MAX_WORKING_MS` after the attempt started. Say it well
     /// before the deadline, as often as you like; [`Delivery::long_running`] does it for you.
     ///
-    /// A sync call (`picloudkind` `http`) keeps its caller's deadline, and a delivery read with
-    /// [`Delivery::from_json`] has no reply subject: for those it sends nothing.
+    /// A sync call (`picloudkind` `http`) keeps its deadline (the handler timeout: its caller
+    /// waits), and a delivery read with [`Delivery::from_json`] has no reply subject: for those it
+    /// sends nothing. The delivery token ([`Delivery::token`]) still expires at the first deadline.
     pub async fn working(&self, progress: Option<u8>) -> Result<(), async_nats::PublishError> {
-        let Some((client, subject)) = self.reply.as_ref().filter(|_| self.event.picloudkind != "http") else {
+        let Some((client, subject)) =
+            self.reply.as_ref().filter(|_| self.event.picloudkind != EventKind::Http.as_str())
+        else {
             return Ok(());
         };
         let mut headers = HeaderMap::new();

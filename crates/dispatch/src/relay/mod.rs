@@ -138,6 +138,9 @@ struct Shared<S> {
     timer: Notify,
     /// Nudges the lease extender: a handler said `working`.
     extend: Notify,
+    /// Set once the relay was told to stop: no deadline moves any more, so that what is in flight
+    /// ends within the handler timeout.
+    stopping: AtomicBool,
     /// Signalled whenever the in-flight table becomes empty (shutdown waits on it).
     drained: Notify,
     /// The one header of every delivery.
@@ -193,6 +196,7 @@ impl<S: Store> Relay<S> {
             wake: Notify::new(),
             timer: Notify::new(),
             extend: Notify::new(),
+            stopping: AtomicBool::new(false),
             drained: Notify::new(),
             headers,
             targets: Mutex::default(),
@@ -215,6 +219,7 @@ impl<S: Store> Relay<S> {
             .collect();
 
         shutdown.recv().await;
+        shared.stopping.store(true, Ordering::SeqCst);
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
         // Nothing starts from the queues ahead any more; a claim under way gives back what it
         // takes.
@@ -608,7 +613,11 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
                     Some(sent) if sent.deadline > now => {
                         extended.insert((sent.deadline, seq));
                     }
-                    Some(sent) if sent.extending => {
+                    // Its longer lease is being written: it waits for the write, but no longer than
+                    // half the lease margin past its deadline, well within the lease it has.
+                    Some(sent)
+                        if sent.extending && now < sent.deadline + shared.config.node.lease_margin / 2 =>
+                    {
                         extended.insert((now + EXTENDING_RECHECK, seq));
                     }
                     Some(_) => expired.extend(pending.remove(&seq)),
@@ -646,8 +655,9 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 
 /// A handler said `working` (DESIGN §14): its delivery asks for a longer lease, unless it asked
 /// within [`EXTEND_EVERY`], its lease is being written, or its attempt has worked as long as it
-/// may (`PICLOUD_MAX_WORKING_MS`). A delivery that was answered or timed out already is left
-/// alone, and so is a reply from another app than the delivery's.
+/// may (`PICLOUD_MAX_WORKING_MS`), or the relay is stopping (its deliveries in flight end within
+/// their deadlines). A delivery that was answered or timed out already is left alone, and so is a
+/// reply from another app than the delivery's.
 fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
     let node = &shared.config.node;
     let every = EXTEND_EVERY.min(node.handler_timeout / 4);
@@ -657,7 +667,8 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
         let InFlight { pending, to_extend, .. } = &mut *in_flight;
         let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
-        if sent.extending || recent || now >= sent.at + node.max_working {
+        let stopping = shared.stopping.load(Ordering::SeqCst);
+        if stopping || sent.extending || recent || now >= sent.at + node.max_working {
             return;
         }
         sent.extended_at = Some(now);
@@ -672,7 +683,8 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
 /// deadline is the handler timeout from now, within `PICLOUD_MAX_WORKING_MS` of the attempt's
 /// start; the lease ends the lease margin after it, and so does the relay's slot of a limited
 /// trigger, which must not come free under a delivery that still works. A write that fails or
-/// takes longer than half the margin moves no deadline; the handler's next `working` asks again.
+/// takes longer than half the margin (or of the handler timeout) moves no deadline; the handler's
+/// next `working` asks again.
 async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
     let node = &shared.config.node;
     loop {
@@ -700,22 +712,33 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
         if wanted.is_empty() {
             continue;
         }
-        let rows: Vec<LeaseExtension> = wanted.iter().map(|(_, _, row, _)| row.clone()).collect();
-        let limited: Vec<TriggerId> = wanted.iter().filter_map(|(_, _, _, limited)| *limited).collect();
-        let longest = rows.iter().map(|row| row.lease).max().unwrap_or_default();
-        let written = tokio::time::timeout(node.lease_margin / 2, async {
-            // The slots first: a lease never outlives the slot under it.
-            shared.limits.extend(&shared.store, &limited, longest).await?;
+        let mut limited: Vec<TriggerId> = wanted.iter().filter_map(|(_, _, _, limited)| *limited).collect();
+        limited.sort_unstable();
+        limited.dedup();
+        let longest = wanted.iter().map(|(_, _, row, _)| row.lease).max().unwrap_or_default();
+        let within = (node.lease_margin / 2).min(node.handler_timeout / 2);
+        let written = tokio::time::timeout(within, async {
+            // The slots first: a lease never outlives the slot under it, and a row whose slot is
+            // gone keeps the lease it has.
+            let kept = shared.limits.extend(&shared.store, &limited, longest).await?;
+            let rows: Vec<LeaseExtension> = wanted
+                .iter()
+                .filter(|(_, _, _, limited)| limited.is_none_or(|trigger| kept.contains(&trigger)))
+                .map(|(_, _, row, _)| row.clone())
+                .collect();
             shared.store.extend_leases(&node.node_id, &rows).await
         });
         let extended: HashSet<Uuid> = match written.await {
             Ok(Ok(ids)) => ids.into_iter().collect(),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, rows = rows.len(), "extending the leases of working deliveries failed");
+                tracing::warn!(error = %e, rows = wanted.len(), "extending the leases of working deliveries failed");
                 HashSet::new()
             }
             Err(_) => {
-                tracing::warn!(rows = rows.len(), "extending the leases of working deliveries took too long");
+                tracing::warn!(
+                    rows = wanted.len(),
+                    "extending the leases of working deliveries took too long"
+                );
                 HashSet::new()
             }
         };

@@ -167,3 +167,22 @@ async fn a_limited_trigger_keeps_its_slot_while_a_delivery_works_so_no_other_rel
     }
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_stopping_relay_moves_no_deadline_so_it_stops_within_the_handler_timeout() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "long").await;
+    let config = relay_config("n");
+    let timeout = config.node.handler_timeout;
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "long", move |d: Delivery| async move {
+        d.long_running(tokio::time::sleep(timeout * 6)).await;
+        Ok(Reply::ok(json!({})))
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+    next(&mut rx, "the delivery").await;
+    let stopped = tokio::time::timeout(timeout * 3, relay.stop()).await;
+    assert!(stopped.is_ok(), "the relay waited for a handler that kept saying working");
+    worker.stop().await;
+}

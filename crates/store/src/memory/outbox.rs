@@ -241,14 +241,21 @@ impl OutboxRepo for MemStore {
         Ok(())
     }
 
-    async fn extend_slots(&self, holder: Uuid, triggers: &[TriggerId], lease: Duration) -> Result<()> {
-        let until = self.now() + lease;
+    async fn extend_slots(
+        &self,
+        holder: Uuid,
+        triggers: &[TriggerId],
+        lease: Duration,
+    ) -> Result<Vec<TriggerId>> {
+        let now = self.now();
+        let mut kept = Vec::new();
         for ((trigger, h), (_, end)) in self.lock().await.flow_slots.iter_mut() {
-            if *h == holder && triggers.contains(trigger) {
-                *end = (*end).max(until);
+            if *h == holder && triggers.contains(trigger) && *end > now {
+                *end = (*end).max(now + lease);
+                kept.push(*trigger);
             }
         }
-        Ok(())
+        Ok(kept)
     }
 
     async fn insert_sync_call(

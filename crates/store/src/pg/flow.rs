@@ -197,32 +197,43 @@ pub(super) async fn release_slots(
 }
 
 /// [`crate::OutboxRepo::extend_slots`]: the holder's entry of each trigger's `slots` (`[held, until
-/// in epoch seconds]`) ends no sooner than now + `lease`.
+/// in epoch seconds]`), if it has not ended, ends no sooner than now + `lease`. Rows are updated in
+/// trigger order, as the claim locks them.
 pub(super) async fn extend_slots(
     store: &PgStore,
     holder: Uuid,
     triggers: &[TriggerId],
     lease: Duration,
-) -> Result<()> {
+) -> Result<Vec<TriggerId>> {
     if triggers.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let triggers: Vec<Uuid> = triggers.iter().map(|t| t.as_uuid()).collect();
-    sqlx::query(
-        "UPDATE flow_state
-            SET slots = jsonb_set(slots, ARRAY[$1::text], jsonb_build_array(
-                    slots -> $1::text -> 0,
-                    greatest((slots -> $1::text ->> 1)::float8,
-                             extract(epoch FROM coalesce($3, now()))::float8 + $4 / 1000.0)))
-          WHERE slots ? $1::text AND trigger_id = ANY ($2)",
+    let mut triggers: Vec<Uuid> = triggers.iter().map(|t| t.as_uuid()).collect();
+    triggers.sort_unstable();
+    triggers.dedup();
+    let kept: Vec<Uuid> = sqlx::query_scalar(
+        "WITH clock AS (SELECT extract(epoch FROM coalesce($3, now()))::float8 AS now_s),
+              locked AS (
+                  SELECT f.trigger_id FROM flow_state f, clock
+                   WHERE f.trigger_id = ANY ($2) AND f.slots ? $1::text
+                     AND (f.slots -> $1::text ->> 1)::float8 > clock.now_s
+                   ORDER BY f.trigger_id
+                     FOR UPDATE OF f)
+         UPDATE flow_state f
+            SET slots = jsonb_set(f.slots, ARRAY[$1::text], jsonb_build_array(
+                    f.slots -> $1::text -> 0,
+                    greatest((f.slots -> $1::text ->> 1)::float8, clock.now_s + $4 / 1000.0)))
+           FROM locked, clock
+          WHERE f.trigger_id = locked.trigger_id
+      RETURNING f.trigger_id",
     )
     .bind(holder.to_string())
     .bind(triggers)
     .bind(store.now())
     .bind(millis(lease))
-    .execute(&store.pool)
+    .fetch_all(&store.pool)
     .await?;
-    Ok(())
+    Ok(kept.into_iter().map(TriggerId::from_uuid).collect())
 }
 
 /// Keeps a trigger's limits in step with its new `flow`, in the transaction that writes it: a

@@ -627,7 +627,12 @@ impl OutboxRepo for PgStore {
         super::flow::release_slots(self, holder, triggers).await
     }
 
-    async fn extend_slots(&self, holder: Uuid, triggers: &[TriggerId], lease: Duration) -> Result<()> {
+    async fn extend_slots(
+        &self,
+        holder: Uuid,
+        triggers: &[TriggerId],
+        lease: Duration,
+    ) -> Result<Vec<TriggerId>> {
         super::flow::extend_slots(self, holder, triggers, lease).await
     }
 

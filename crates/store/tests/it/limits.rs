@@ -270,14 +270,18 @@ async fn a_holder_whose_deliveries_work_longer_keeps_its_slots_until_the_longer_
     publish(&s, &t, 10).await;
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     assert_eq!(claim(&s, a, &[]).await.len(), 4, "one slot, and three rows ahead of it");
-    s.extend_slots(b, &[trigger.id], LEASE * 3).await.unwrap();
-    s.extend_slots(a, &[trigger.id], LEASE * 3).await.unwrap();
-    s.extend_slots(a, &[trigger.id], LEASE).await.unwrap();
+    assert!(s.extend_slots(b, &[trigger.id], LEASE * 3).await.unwrap().is_empty(), "b holds no slot");
+    assert_eq!(s.extend_slots(a, &[trigger.id], LEASE * 3).await.unwrap(), [trigger.id]);
+    assert_eq!(s.extend_slots(a, &[trigger.id], LEASE).await.unwrap(), [trigger.id]);
     s.clock().advance(LEASE * 3 - Duration::from_millis(1));
     assert!(
         claim(&s, b, &[]).await.is_empty(),
         "a's slot holds until its longer lease ends, never shortened"
     );
     s.clock().advance(Duration::from_millis(1));
+    assert!(
+        s.extend_slots(a, &[trigger.id], LEASE).await.unwrap().is_empty(),
+        "a slot that ended stays ended"
+    );
     assert_eq!(claim(&s, b, &[]).await.len(), 4, "then it is free");
 }
