@@ -653,10 +653,9 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
     }
 }
 
-/// A handler said `working` (DESIGN §14): its delivery asks for a longer lease, unless it asked
-/// within [`EXTEND_EVERY`], its lease is being written, or its attempt has worked as long as it
-/// may (`PICLOUD_MAX_WORKING_MS`), or the relay is stopping (its deliveries in flight end within
-/// their deadlines). A delivery that was answered or timed out already is left alone, and so is a
+/// A handler said `working` (DESIGN §14): its delivery asks for a longer lease (the extender
+/// holds it to `PICLOUD_MAX_WORKING_MS`), unless it asked within [`EXTEND_EVERY`], its lease is
+/// being written, or the relay is stopping (its deliveries in flight end within their deadlines). A delivery that was answered or timed out already is left alone, and so is a
 /// reply from another app than the delivery's.
 fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
     let node = &shared.config.node;
@@ -668,7 +667,7 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
         let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
         let stopping = shared.stopping.load(Ordering::SeqCst);
-        if stopping || sent.extending || recent || now >= sent.at + node.max_working {
+        if stopping || sent.extending || recent {
             return;
         }
         sent.extended_at = Some(now);

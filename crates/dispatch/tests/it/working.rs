@@ -186,3 +186,34 @@ async fn a_stopping_relay_moves_no_deadline_so_it_stops_within_the_handler_timeo
     assert!(stopped.is_ok(), "the relay waited for a handler that kept saying working");
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn working_moves_no_deadline_past_the_longest_working_time_from_the_attempts_start() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "endless").await;
+    let mut config = relay_config("n");
+    config.node.max_working = config.node.handler_timeout * 2;
+    let (timeout, longest) = (config.node.handler_timeout, config.node.max_working);
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "endless", move |d: Delivery| async move {
+        if d.attempt == 1 {
+            d.long_running(tokio::time::sleep(longest * 3)).await;
+        }
+        Ok(Reply::ok(json!({})))
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+
+    next(&mut rx, "the first attempt").await;
+    let started = Instant::now();
+    let second = next(&mut rx, "the attempt after the longest working time").await;
+    assert_eq!(second.attempt, 2);
+    let waited = started.elapsed();
+    assert!(
+        waited >= longest - Duration::from_millis(100) && waited < longest + timeout * 2,
+        "the first attempt ended after {waited:?}; it may work {longest:?} from its start"
+    );
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
