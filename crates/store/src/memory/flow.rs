@@ -109,7 +109,7 @@ impl State {
         picked.truncate(want as usize);
         let rows: Vec<ClaimedDelivery> = picked
             .iter()
-            .map(|id| lease_row(self.outbox.get_mut(id).expect("row just listed"), now, lease))
+            .map(|id| lease_row(self.outbox.get_mut(id).expect("row just listed"), now, lease, holder.node))
             .collect();
         let mut next_token_in: Option<Duration> = None;
         let mut held_slots = Vec::new();

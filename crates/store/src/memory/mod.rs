@@ -41,6 +41,8 @@ struct OutboxRow {
     attempts: u32,
     due_at: OffsetDateTime,
     leased_until: Option<OffsetDateTime>,
+    /// The node its lease is of (Postgres: `leased_by`).
+    leased_by: Option<String>,
     last_error: Option<String>,
     created_at: OffsetDateTime,
     /// Its place in its lane (Postgres: `lane_seq`), when it is in one.
@@ -155,10 +157,11 @@ impl Transactional for MemStore {
     }
 }
 
-/// Counts an attempt and leases the row, as a claim does.
-fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration) -> ClaimedDelivery {
+/// Counts an attempt and leases the row to `node`, as a claim does.
+fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration, node: &str) -> ClaimedDelivery {
     r.attempts += 1;
     r.leased_until = Some(now + lease);
+    r.leased_by = Some(node.to_owned());
     ClaimedDelivery {
         id: r.new.id,
         app_id: r.new.app_id,

@@ -71,6 +71,7 @@ impl State {
                 attempts: 0,
                 due_at: now + row.delay,
                 leased_until: None,
+                leased_by: None,
                 last_error: None,
                 created_at: row.event_time.unwrap_or(now),
                 lane_seq,
@@ -179,7 +180,7 @@ impl OutboxRepo for MemStore {
         &self,
         want: u32,
         lease: Duration,
-        _node: &str,
+        node: &str,
         walk: Walk<'_>,
     ) -> Result<SharedClaim> {
         let now = self.now();
@@ -218,7 +219,7 @@ impl OutboxRepo for MemStore {
         let resume_at = SharedClaim::resume_at(visits, last_visited, last_taken);
         let claimed: Vec<ClaimedDelivery> = picked
             .iter()
-            .map(|id| lease_row(s.outbox.get_mut(id).expect("row just listed"), now, lease))
+            .map(|id| lease_row(s.outbox.get_mut(id).expect("row just listed"), now, lease, node))
             .collect();
         let config_epoch = (!claimed.is_empty()).then_some(s.config_epoch);
         Ok(SharedClaim { claim: Claim { rows: claimed, config_epoch }, more, resume_at })
@@ -262,7 +263,7 @@ impl OutboxRepo for MemStore {
         &self,
         call: &NewSyncCall,
         lease: Duration,
-        _node: &str,
+        node: &str,
     ) -> Result<SyncCallWrite> {
         let now = self.now();
         let mut s = self.lock().await;
@@ -284,12 +285,13 @@ impl OutboxRepo for MemStore {
             attempts: 0,
             due_at: now,
             leased_until: None,
+            leased_by: None,
             last_error: None,
             created_at: now,
             lane_seq: None,
             waiting: false,
         };
-        let claimed = lease_row(&mut stored, now, lease);
+        let claimed = lease_row(&mut stored, now, lease, node);
         s.outbox.insert(call.id, stored);
         Ok(SyncCallWrite::Written { row: claimed, target: Box::new(target) })
     }
@@ -309,6 +311,7 @@ impl OutboxRepo for MemStore {
             if let Some(row) = tx.state.outbox.get_mut(&r.id).filter(|row| row.attempts == r.attempt) {
                 row.due_at = now + r.delay;
                 row.leased_until = None;
+                row.leased_by = None;
                 row.last_error = Some(r.error.clone());
                 row.attempts -= u32::from(r.refund_attempt);
                 done += 1;
@@ -317,12 +320,15 @@ impl OutboxRepo for MemStore {
         Ok(done)
     }
 
-    async fn extend_leases(&self, _node: &str, rows: &[LeaseExtension]) -> Result<Vec<Uuid>> {
+    async fn extend_leases(&self, node: &str, rows: &[LeaseExtension]) -> Result<Vec<Uuid>> {
         let now = self.now();
         let mut state = self.lock().await;
         let mut extended = Vec::with_capacity(rows.len());
         for r in rows {
-            let row = state.outbox.get_mut(&r.id).filter(|row| row.attempts == r.attempt);
+            let row = state
+                .outbox
+                .get_mut(&r.id)
+                .filter(|row| row.attempts == r.attempt && row.leased_by.as_deref() == Some(node));
             if let Some(until) = row.and_then(|row| row.leased_until.as_mut()) {
                 *until = (*until).max(now + r.lease);
                 extended.push(r.id);

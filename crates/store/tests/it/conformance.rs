@@ -615,6 +615,7 @@ async fn a_lease_extended_for_a_working_handler_keeps_the_row_until_the_new_end<
     s.clock().advance(LEASE / 2);
     let extend = |attempt, lease| LeaseExtension { id: row.id, attempt, lease };
     assert!(s.extend_leases("n", &[extend(2, LEASE * 2)]).await.unwrap().is_empty(), "another attempt's");
+    assert!(s.extend_leases("m", &[extend(1, LEASE * 2)]).await.unwrap().is_empty(), "another node's");
     assert_eq!(s.extend_leases("n", &[extend(1, LEASE)]).await.unwrap(), [row.id]);
     assert_eq!(
         s.extend_leases("n", &[extend(1, Duration::ZERO)]).await.unwrap(),

@@ -233,15 +233,3 @@ async fn a_put_the_one_statement_leaves_to_the_slower_path_writes_and_locks_noth
         serde_json::json!({"n": 1})
     );
 }
-
-#[tokio::test]
-async fn only_the_node_that_holds_a_lease_extends_it() {
-    let fixture = pg_store().await;
-    let s = fixture.store.clone();
-    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
-    insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
-    let row = s.claim_due(10, LEASE, "n").await.unwrap().rows.remove(0);
-    let extension = [LeaseExtension { id: row.id, attempt: 1, lease: LEASE * 2 }];
-    assert!(s.extend_leases("m", &extension).await.unwrap().is_empty());
-    assert_eq!(s.extend_leases("n", &extension).await.unwrap(), [row.id]);
-}
