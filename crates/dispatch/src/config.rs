@@ -110,7 +110,13 @@ impl NodeConfig {
 
     /// The lease a claim takes: the handler timeout plus the margin.
     pub fn lease(&self) -> Duration {
-        self.handler_timeout + self.lease_margin
+        self.lease_until(self.handler_timeout)
+    }
+
+    /// The lease of an attempt whose deadline is `to_deadline` away: that plus the margin, the
+    /// time to publish and to complete.
+    pub fn lease_until(&self, to_deadline: Duration) -> Duration {
+        to_deadline + self.lease_margin
     }
 
     /// Parses `PICLOUD_TOKEN_SECRET` (required), `PICLOUD_NODE_ID` (else `default_node_id`),

@@ -139,7 +139,7 @@ impl Delivery {
     /// Runs `work`, telling the relay the attempt goes on ([`Delivery::working`]) every third of
     /// the time its deadline left when `work` began (at least every 100 ms), until `work` ends.
     pub async fn long_running<F: Future>(&self, work: F) -> F::Output {
-        let left = u64::try_from(self.deadline_ms - unix_millis_now()).unwrap_or(0);
+        let left = u64::try_from(self.deadline_ms - record::now_ms()).unwrap_or(0);
         let every = Duration::from_millis(left / 3).max(Duration::from_millis(100));
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tokio::pin!(work);
@@ -353,12 +353,6 @@ fn recorded(record: Record, handler: String, f: HandlerFn) -> HandlerFn {
             answered
         })
     })
-}
-
-/// Now in unix milliseconds.
-fn unix_millis_now() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
 async fn answer(client: &Client, msg: Message, f: &HandlerFn) {

@@ -116,6 +116,7 @@ impl Record {
     }
 }
 
-fn now_ms() -> i64 {
+/// Now in unix milliseconds, as deadlines are given.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

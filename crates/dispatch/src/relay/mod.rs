@@ -16,6 +16,7 @@
 //!   commits; it also forwards sync results to their callers;
 //! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -553,10 +554,11 @@ fn answers_for(sent: &Sent, app: Option<&str>) -> bool {
 /// signalling `drained` when the table empties.
 fn take<S>(shared: &Shared<S>, seq: u64, app: Option<&str>) -> Option<Sent> {
     let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
-    if !in_flight.pending.get(&seq).is_some_and(|sent| answers_for(sent, app)) {
+    let Entry::Occupied(sent) = in_flight.pending.entry(seq) else { return None };
+    if !answers_for(sent.get(), app) {
         return None;
     }
-    let done = in_flight.pending.remove(&seq);
+    let done = Some(sent.remove());
     if in_flight.pending.is_empty() {
         shared.drained.notify_waiters();
     }
@@ -655,7 +657,8 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 
 /// A handler said `working` (DESIGN §14): its delivery asks for a longer lease (the extender
 /// holds it to `PICLOUD_MAX_WORKING_MS`), unless it asked within [`EXTEND_EVERY`], its lease is
-/// being written, or the relay is stopping (its deliveries in flight end within their deadlines). A delivery that was answered or timed out already is left alone, and so is a
+/// being written, or the relay is stopping (its deliveries in flight end within their
+/// deadlines). A delivery that was answered or timed out already is left alone, and so is a
 /// reply from another app than the delivery's.
 fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
     let node = &shared.config.node;
@@ -702,7 +705,7 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
                         sent.extending = false;
                         return None;
                     }
-                    let lease = deadline - now + node.lease_margin;
+                    let lease = node.lease_until(deadline - now);
                     let row = LeaseExtension { id: sent.done.id, attempt: sent.done.attempt, lease };
                     Some((seq, deadline, row, sent.done.trigger_id.filter(|_| sent.done.gated)))
                 })

@@ -20,27 +20,19 @@ async fn backlog(w: &World, trigger: &Trigger, n: usize) -> HashSet<Uuid> {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let rows: Vec<NewDelivery> = chunk
             .iter()
-            .map(|i| NewDelivery {
-                id: Uuid::now_v7(),
-                app_id: w.app.id,
-                trigger_id: Some(trigger.id),
-                kind: EventKind::Kv,
-                event_type: event_type::KV_PUT.into(),
-                source: "/apps/shop/kv/bench".into(),
-                subject: Some(format!("k{i}")),
-                payload: RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap(),
-                depth: 0,
-                max_attempts: 50,
-                delay: Duration::ZERO,
-                reply_to: None,
-                idempotency_key: None,
-                dead_letter_id: None,
-                event_time: None,
-                ordering_key: None,
-                lane: None,
-                front_of_lane: false,
-                gated: false,
-                debounced: false,
+            .map(|i| {
+                let (subject, payload) =
+                    (format!("k{i}"), RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap());
+                let event = events::Event {
+                    kind: EventKind::Kv,
+                    event_type: event_type::KV_PUT,
+                    source: "/apps/shop/kv/bench".into(),
+                    subject: Some(&subject),
+                    payload: &payload,
+                    depth: 0,
+                    ordering_key: None,
+                };
+                event.delivery(w.app.id, Some(trigger.id), 50)
             })
             .collect();
         ids.extend(rows.iter().map(|r| r.id));

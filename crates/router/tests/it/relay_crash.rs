@@ -59,28 +59,17 @@ impl Drop for RouterProcess {
 
 /// Job `i` for `trigger` of `app`, due now.
 fn job(app: &App, trigger: &Trigger, i: usize) -> NewDelivery {
-    NewDelivery {
-        id: Uuid::now_v7(),
-        app_id: app.id,
-        trigger_id: Some(trigger.id),
+    let payload = RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap();
+    let event = events::Event {
         kind: EventKind::Queue,
-        event_type: "picloud.queue.job".into(),
+        event_type: "picloud.queue.job",
         source: "/apps/shop/queues/q".into(),
         subject: None,
-        payload: RawValue::from_string(format!("{{\"i\":{i}}}")).unwrap(),
+        payload: &payload,
         depth: 0,
-        max_attempts: 5,
-        delay: Duration::ZERO,
-        reply_to: None,
-        idempotency_key: None,
-        dead_letter_id: None,
-        event_time: None,
         ordering_key: None,
-        lane: None,
-        front_of_lane: false,
-        gated: false,
-        debounced: false,
-    }
+    };
+    event.delivery(app.id, Some(trigger.id), 5)
 }
 
 /// What the handler saw: per delivery id, each attempt and when it arrived.

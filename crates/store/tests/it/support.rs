@@ -9,7 +9,6 @@ use picloud_testkit::TestDatabase;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::macros::datetime;
-use uuid::Uuid;
 
 /// Where every manual clock starts.
 pub const START: OffsetDateTime = datetime!(2026-01-01 00:00:00 UTC);
@@ -75,30 +74,18 @@ pub fn json(text: &str) -> Box<RawValue> {
 
 /// A KV-put delivery of `trigger`, due after `delay`.
 pub fn delivery(t: &Tenant, trigger: &Trigger, delay: Duration) -> NewDelivery {
-    NewDelivery {
-        id: Uuid::now_v7(),
-        app_id: t.app.id,
-        trigger_id: Some(trigger.id),
+    let payload =
+        json(r#"{"collection":"orders","key":"o-1","op":"put","value":{"n":1},"previous":null,"version":1}"#);
+    let event = events::Event {
         kind: EventKind::Kv,
-        event_type: event_type::KV_PUT.to_owned(),
+        event_type: event_type::KV_PUT,
         source: source::kv(t.app.slug.as_str(), "orders"),
-        subject: Some("o-1".to_owned()),
-        payload: json(
-            r#"{"collection":"orders","key":"o-1","op":"put","value":{"n":1},"previous":null,"version":1}"#,
-        ),
+        subject: Some("o-1"),
+        payload: &payload,
         depth: 0,
-        max_attempts: 3,
-        delay,
-        reply_to: None,
-        idempotency_key: None,
-        dead_letter_id: None,
-        event_time: None,
         ordering_key: None,
-        lane: None,
-        front_of_lane: false,
-        gated: false,
-        debounced: false,
-    }
+    };
+    NewDelivery { delay, ..event.delivery(t.app.id, Some(trigger.id), 3) }
 }
 
 /// Inserts rows in a transaction of their own.
