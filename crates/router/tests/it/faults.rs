@@ -9,7 +9,7 @@
 //! `cargo test -p picloud-router --test it faults -- --nocapture` prints one `FAULT` line per
 //! scenario: the figures of docs/reliability.md, which also says what each figure means.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -765,14 +765,24 @@ async fn a_router_node_killed_with_kill_9_loses_no_acknowledged_event_and_its_ro
     let load = Load::start(vec![killed.base.clone(), survivor.base.clone()], rig.token.clone());
 
     load.schedule.reach(FAULT_AT).await;
+    // A fast handler answers within a millisecond, and the node's completions may all commit
+    // between seeing a lease and the kill: the kill waits until the node holds a row the handler
+    // hangs on, which it holds until the handler's deadline.
+    rig.hanging.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + DEADLINE;
-    while leases_of(&rig.check, killed.name).await.is_empty() {
-        assert!(Instant::now() < deadline, "the node to kill never held a lease");
+    loop {
+        let hung: HashSet<Uuid> =
+            rig.handlings().into_values().flatten().filter(|h| h.hung).map(|h| h.delivery).collect();
+        if leases_of(&rig.check, killed.name).await.iter().any(|(id, _, _)| hung.contains(id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node to kill never held a row its handler hung on");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let start = Instant::now();
     killed.serving.child.kill().unwrap();
     killed.serving.child.wait().unwrap();
+    rig.hanging.store(false, Ordering::SeqCst);
     let fault = Fault { name: "router-node-killed", start, end: Instant::now(), redelivers: true };
     // A COMMIT the node sent just before it died still lands: read its leases once Postgres
     // has ended its sessions.
