@@ -41,6 +41,8 @@ pub enum ErrorCode {
     DatabaseUnavailable,
     /// `dead_letter_not_found`
     DeadLetterNotFound,
+    /// `delivery_not_found`
+    DeliveryNotFound,
     /// `duplicate_idempotency_key`
     DuplicateIdempotencyKey,
     /// `forbidden`
@@ -89,6 +91,8 @@ pub enum ErrorCode {
     NoSuchQueue,
     /// `not_an_http_trigger`
     NotAnHttpTrigger,
+    /// `not_cancellable`
+    NotCancellable,
     /// `not_found`
     NotFound,
     /// `overloaded`
@@ -140,6 +144,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::DatabaseUnavailable => "database_unavailable",
             ErrorCode::DeadLetterNotFound => "dead_letter_not_found",
+            ErrorCode::DeliveryNotFound => "delivery_not_found",
             ErrorCode::DuplicateIdempotencyKey => "duplicate_idempotency_key",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::HandlerFailed => "handler_failed",
@@ -164,6 +169,7 @@ impl ErrorCode {
             ErrorCode::NoHandler => "no_handler",
             ErrorCode::NoSuchQueue => "no_such_queue",
             ErrorCode::NotAnHttpTrigger => "not_an_http_trigger",
+            ErrorCode::NotCancellable => "not_cancellable",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::PayloadTooLarge => "payload_too_large",
@@ -196,6 +202,7 @@ impl ErrorCode {
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::DeadLetterNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::DeliveryNotFound => StatusCode::NOT_FOUND,
             ErrorCode::DuplicateIdempotencyKey => StatusCode::CONFLICT,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::HandlerFailed => StatusCode::BAD_GATEWAY,
@@ -220,6 +227,7 @@ impl ErrorCode {
             ErrorCode::NoHandler => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::NoSuchQueue => StatusCode::NOT_FOUND,
             ErrorCode::NotAnHttpTrigger => StatusCode::CONFLICT,
+            ErrorCode::NotCancellable => StatusCode::CONFLICT,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -552,7 +552,7 @@ pub struct DeadLetterView {
     pub kind: String,
     /// The delivery that died.
     pub delivery_id: Uuid,
-    /// `exhausted`, `rejected`, `max_depth` or `unauthorized`.
+    /// `exhausted`, `rejected`, `max_depth`, `unauthorized` or `cancelled`.
     pub reason: String,
     /// Attempts made.
     pub attempts: u32,

@@ -404,6 +404,15 @@ impl Working {
     }
 }
 
+/// The body of a cancel notice (DESIGN §14) on [`Subjects::cancel`]: the delivery whose
+/// attempt in flight is to stop. Written by the API node that cancelled it, read by the worker
+/// SDK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelNotice {
+    /// The delivery.
+    pub id: Uuid,
+}
+
 /// What an ingest request asks for, parsed from its subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestOp {
@@ -462,6 +471,13 @@ impl Subjects {
     /// `<prefix>.v1.handle.<app>.>`: every delivery of one app (for tenant permissions).
     pub fn handle_app_wildcard(&self, app: &str) -> String {
         format!("{}.v1.handle.{app}.>", self.prefix)
+    }
+
+    /// `<prefix>.v1.cancel.<app>.<handler>`: where a handler's workers are told to stop a
+    /// delivery in flight (DESIGN §14). Every worker of the handler subscribes: the one running
+    /// the delivery stops it.
+    pub fn cancel(&self, app: &str, handler: &str) -> String {
+        format!("{}.v1.cancel.{app}.{handler}", self.prefix)
     }
 
     /// `<prefix>.v1.builtin.webhook`, also its queue group.
@@ -763,6 +779,7 @@ mod tests {
     fn subjects_and_queue_groups_follow_the_design() {
         let s = Subjects::default();
         assert_eq!(s.handle("shop", "process-order"), "picloud.v1.handle.shop.process-order");
+        assert_eq!(s.cancel("shop", "process-order"), "picloud.v1.cancel.shop.process-order");
         assert_eq!(s.handle_queue_group("shop", "process-order"), "picloud.shop.process-order");
         assert_eq!(s.builtin_webhook(), "picloud.v1.builtin.webhook");
         assert_eq!(s.builtin_email(), "picloud.v1.builtin.email");

@@ -601,3 +601,47 @@ pub async fn replay<S: Store>(
         .ok_or(Error::DeadLetterNotFound(dead.id))?;
     Ok((row.id, replayed))
 }
+
+/// What [`cancel`] did.
+#[derive(Debug, Clone)]
+pub enum Cancel {
+    /// The app has no such delivery in the outbox: it finished, or never was.
+    NotFound,
+    /// A sync call (its caller waits on it) or a delivery of a `dead_letter` trigger (which
+    /// never becomes a dead letter): it is left as it is.
+    NotCancellable(Delivery),
+    /// It became `dead_letter`, resolved `ignored`; `in_flight` is the function handler whose
+    /// attempt was running, to be told to stop.
+    Cancelled {
+        /// The dead letter it became.
+        dead_letter: DeadLetter,
+        /// The handler running it, when an attempt was in flight and its handler is a function.
+        in_flight: Option<picloud_core::HandlerName>,
+    },
+}
+
+/// Cancels a delivery of the app that has not finished (DESIGN §14), in `tx`: it leaves the
+/// outbox for a dead letter with reason `cancelled`, resolved `ignored`, so nothing delivers it
+/// again and whatever its running attempt answers finds no row to retry. Its lane, if it headed
+/// one, goes to the next delivery.
+pub async fn cancel<S: Store>(s: &S, tx: &mut S::Tx, app_id: AppId, id: Uuid) -> Result<Cancel> {
+    let Some(delivery) = s.lock_delivery(tx, app_id, id).await? else { return Ok(Cancel::NotFound) };
+    if delivery.sync || delivery.kind == EventKind::DeadLetter {
+        return Ok(Cancel::NotCancellable(delivery));
+    }
+    let in_flight = delivery.state(s.clock().now()) == DeliveryState::InFlight;
+    let handler = match delivery.trigger_id {
+        Some(trigger) if in_flight => match s.trigger_by_id(tx, app_id, trigger).await? {
+            Some(Trigger { handler: Handler::Function(name), .. }) => Some(name),
+            _ => None,
+        },
+        _ => None,
+    };
+    let bury = Bury { id, attempt: delivery.attempts, reason: DeadLetterReason::Cancelled, error: None };
+    // The row is locked with this attempt count: it moves, and its new dead letter resolves.
+    let changed = || Error::Conflict(format!("delivery {id}"));
+    let buried = s.bury(tx, std::slice::from_ref(&bury)).await?;
+    let dead = buried.first().ok_or_else(changed)?;
+    let dead_letter = s.resolve(tx, app_id, dead.id, Resolution::Ignored, true).await?.ok_or_else(changed)?;
+    Ok(Cancel::Cancelled { dead_letter, in_flight: handler })
+}

@@ -571,6 +571,14 @@ pub trait OutboxRepo: Transactional {
         node: &str,
         rows: &[model::LeaseExtension],
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+    /// One delivery of the app, locked until `tx` ends: a claim skips it meanwhile, and a
+    /// completion of it waits.
+    fn lock_delivery(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: AppId,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<model::Delivery>>> + Send;
     /// How many deliveries still report `dead_letter_id`, other than `except`.
     fn pending_for_dead_letter(
         &self,

@@ -462,6 +462,68 @@ pub struct LeaseExtension {
     pub lease: std::time::Duration,
 }
 
+/// Where a delivery in the outbox stands (DESIGN §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Due, and not leased: the next claim may take it.
+    Pending,
+    /// Not due yet: a first attempt delayed, or a retry in its backoff.
+    Scheduled,
+    /// Leased to a relay: an attempt runs.
+    InFlight,
+    /// Held by flow control: its lane's deliveries before it go first.
+    Waiting,
+}
+
+/// A delivery in the outbox, without its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The delivery id.
+    pub id: Uuid,
+    /// The app.
+    pub app_id: AppId,
+    /// The trigger (None only for emails).
+    pub trigger_id: Option<TriggerId>,
+    /// The event kind.
+    pub kind: EventKind,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// When it is due.
+    pub due_at: OffsetDateTime,
+    /// The end of the lease of the relay that holds it.
+    pub leased_until: Option<OffsetDateTime>,
+    /// The node that holds it.
+    pub leased_by: Option<String>,
+    /// Not its lane's head yet.
+    pub waiting: bool,
+    /// A sync call: its caller waits on it.
+    pub sync: bool,
+    /// The event's ordering key.
+    pub ordering_key: Option<String>,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When its event happened.
+    pub created_at: OffsetDateTime,
+}
+
+impl Delivery {
+    /// Where it stands at `now`: a lease that ran out no longer counts.
+    pub fn state(&self, now: OffsetDateTime) -> DeliveryState {
+        if self.waiting {
+            DeliveryState::Waiting
+        } else if self.leased_until.is_some_and(|until| until > now) {
+            DeliveryState::InFlight
+        } else if self.due_at > now {
+            DeliveryState::Scheduled
+        } else {
+            DeliveryState::Pending
+        }
+    }
+}
+
 /// Why a delivery became a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -474,6 +536,8 @@ pub enum DeadLetterReason {
     MaxDepth,
     /// Its registering principal lost the right.
     Unauthorized,
+    /// Someone cancelled it (DESIGN §14); such a dead letter is resolved `ignored` at once.
+    Cancelled,
 }
 
 impl DeadLetterReason {
@@ -484,12 +548,13 @@ impl DeadLetterReason {
             DeadLetterReason::Rejected => "rejected",
             DeadLetterReason::MaxDepth => "max_depth",
             DeadLetterReason::Unauthorized => "unauthorized",
+            DeadLetterReason::Cancelled => "cancelled",
         }
     }
 
     /// Parses the stored name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Exhausted, Self::Rejected, Self::MaxDepth, Self::Unauthorized]
+        [Self::Exhausted, Self::Rejected, Self::MaxDepth, Self::Unauthorized, Self::Cancelled]
             .into_iter()
             .find(|r| r.as_str() == s)
     }

@@ -3,8 +3,10 @@
 //! A [`Worker`] subscribes to `picloud.v1.handle.<app>.<handler>` in the queue group
 //! `picloud.<app>.<handler>` for each handler, so every delivery goes to one instance wherever it
 //! runs; it hands each delivery to your function as a typed [`Delivery`] and sends back the
-//! [`Reply`]. On shutdown it stops taking deliveries, finishes the ones in hand and flushes the
-//! replies.
+//! [`Reply`]. A delivery cancelled while it runs (DESIGN §14: a notice on
+//! `picloud.v1.cancel.<app>.<handler>`) has its future dropped and its
+//! [`Delivery::cancellation`] fired. On shutdown it stops taking deliveries, finishes the ones in
+//! hand and flushes the replies.
 //!
 //! ```no_run
 //! use picloud_worker::{Delivery, Reply, Worker};
@@ -37,6 +39,7 @@
 //! (the store, the relay, the API): this crate is what a handler process compiles.
 #![warn(missing_docs)]
 
+mod cancel;
 mod queue;
 mod record;
 mod shutdown;
@@ -47,6 +50,7 @@ use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
+use cancel::Cancels;
 use futures::future::BoxFuture;
 use picloud_core::protocol::{AnswerHead, Envelope, EventKind, Subjects, Working};
 use picloud_core::{AppSlug, HandlerName, NameError};
@@ -57,6 +61,7 @@ use uuid::Uuid;
 pub use queue::{Queue, Serving, round_trip, serve_queues};
 pub use record::{Handed, Record};
 pub use shutdown::{Shutdown, ShutdownSender};
+pub use tokio_util::sync::CancellationToken;
 
 /// What can go wrong running a worker, or serving queues with [`serve_queues`].
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +105,8 @@ pub struct Delivery {
     pub event: Envelope,
     /// Where its `working` replies go: the request's reply subject, on the worker's connection.
     reply: Option<(Client, async_nats::Subject)>,
+    /// Fired when the delivery is cancelled.
+    cancellation: CancellationToken,
 }
 
 impl Delivery {
@@ -114,6 +121,7 @@ impl Delivery {
             deadline_ms: event.piclouddeadline,
             event,
             reply: None,
+            cancellation: CancellationToken::new(),
         })
     }
 
@@ -153,6 +161,14 @@ impl Delivery {
                 }
             }
         }
+    }
+
+    /// Fires when the delivery is cancelled (DESIGN §14, `POST …/deliveries/{id}/cancel`): the
+    /// worker then drops the handler's future and answers `fail`, which retries nothing. Hand it
+    /// to work the handler spawned, which dropping the future does not stop. A delivery read with
+    /// [`Delivery::from_json`] is never cancelled.
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancellation.clone()
     }
 
     /// The event data, deserialized.
@@ -304,25 +320,30 @@ impl Worker {
         let app = self.app?;
         let subjects = self.subjects.map_err(Error::Prefix)?;
         let mut queues = Vec::with_capacity(self.handlers.len());
+        let mut cancel_subjects = Vec::with_capacity(self.handlers.len());
+        let cancels = Cancels::default();
         for (name, f) in self.handlers {
             let name = name?;
+            cancel_subjects.push(subjects.cancel(app.as_str(), name.as_str()));
             let f = match &self.record {
                 Some(record) => recorded(record.clone(), name.as_str().to_owned(), f),
                 None => f,
             };
-            let client = self.client.clone();
+            let (client, cancels) = (self.client.clone(), cancels.clone());
             queues.push(Queue::new(
                 subjects.handle(app.as_str(), name.as_str()),
                 subjects.handle_queue_group(app.as_str(), name.as_str()),
                 move |msg| {
-                    let (client, f) = (client.clone(), f.clone());
-                    async move { answer(&client, msg, &f).await }
+                    let (client, cancels, f) = (client.clone(), cancels.clone(), f.clone());
+                    async move { answer(&client, &cancels, msg, &f).await }
                 },
             ));
         }
+        // Confirmed by the queues' round trip.
+        let listening = cancels.listen(&self.client, cancel_subjects).await?;
         let (stop, shutdown) = Shutdown::new();
         let serving = serve_queues(&self.client, queues, self.concurrency, shutdown).await?;
-        Ok(Running { stop, serving })
+        Ok(Running { stop, serving, listening })
     }
 }
 
@@ -332,41 +353,51 @@ pub struct Running {
     /// Tells every handler's loop to drain.
     stop: ShutdownSender,
     serving: Serving,
+    /// Reads the cancel notices until the deliveries in hand are finished.
+    listening: tokio::task::JoinSet<()>,
 }
 
 impl Running {
     /// Stops taking deliveries, finishes those in hand and flushes their replies.
     pub async fn shutdown(self) {
-        self.stop.send();
-        self.serving.finished().await;
+        let Running { stop, serving, mut listening } = self;
+        stop.send();
+        serving.finished().await;
+        listening.shutdown().await;
     }
 }
 
-/// `f`, noting in `record` when each delivery of `handler` starts and is answered.
+/// `f`, noting in `record` when each delivery of `handler` starts and ends: answered, or
+/// cancelled (its future dropped).
 fn recorded(record: Record, handler: String, f: HandlerFn) -> HandlerFn {
     Arc::new(move |d: Delivery| {
-        let place = record.started(&handler, &d);
-        let (record, answering) = (record.clone(), f(d));
+        let ending = record::Ending::new(&record, record.started(&handler, &d));
+        let answering = f(d);
         Box::pin(async move {
             let answered = answering.await;
-            record.ended(place);
+            drop(ending);
             answered
         })
     })
 }
 
-async fn answer(client: &Client, msg: Message, f: &HandlerFn) {
+async fn answer(client: &Client, cancels: &Cancels, msg: Message, f: &HandlerFn) {
     let Some(reply_to) = msg.reply.clone() else { return };
     let reply = match Delivery::from_json(&msg.payload) {
         Ok(mut delivery) => {
             delivery.reply = Some((client.clone(), reply_to.clone()));
             let id = delivery.id;
-            match f(delivery).await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
-                    Reply::retry(e.to_string())
-                }
+            let registered = cancels.register(id);
+            delivery.cancellation = registered.token.clone();
+            tokio::select! {
+                () = registered.token.cancelled() => Reply::fail("cancelled"),
+                answered = f(delivery) => match answered {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
+                        Reply::retry(e.to_string())
+                    }
+                },
             }
         }
         Err(e) => Reply::fail(format!("malformed delivery: {e}")),

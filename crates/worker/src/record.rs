@@ -108,11 +108,31 @@ impl Record {
         handed.len() - 1
     }
 
-    /// Notes that the delivery at `place` was answered.
-    pub(crate) fn ended(&self, place: usize) {
+    /// Notes that the delivery at `place` ended.
+    fn ended(&self, place: usize) {
         let mut handed = self.handed.lock().expect("record lock");
         let h = &mut handed[place];
         h.ended_ms = Some(now_ms().min(h.deadline_ms));
+    }
+}
+
+/// Notes the end of the delivery at its place in a record when dropped: after its answer, or
+/// with its handler's future when it is cancelled.
+pub(crate) struct Ending {
+    record: Record,
+    place: usize,
+}
+
+impl Ending {
+    /// The end of the delivery at `place` of `record`, noted on drop.
+    pub(crate) fn new(record: &Record, place: usize) -> Ending {
+        Ending { record: record.clone(), place }
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.record.ended(self.place);
     }
 }
 

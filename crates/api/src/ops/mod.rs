@@ -19,6 +19,7 @@ use crate::auth::Caller;
 
 pub mod apps;
 pub mod dead_letters;
+pub mod deliveries;
 pub mod events;
 pub mod invoke;
 pub mod kv;

@@ -19,6 +19,7 @@ use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub mod admin;
 pub mod dead_letters;
+pub mod deliveries;
 pub mod events;
 pub mod health;
 pub mod invoke;
@@ -216,6 +217,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .routes(routes!(dead_letters::replay))
         .routes(routes!(dead_letters::ignore))
         .routes(routes!(dead_letters::abandoned))
+        .routes(routes!(deliveries::cancel))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))

@@ -190,6 +190,13 @@ fn routes(api: &Api) -> Vec<Route> {
             None,
         ),
         (
+            Method::POST,
+            "/v1/apps/{app}/deliveries/{id}/cancel",
+            format!("/v1/apps/shop/deliveries/{some_id}/cancel"),
+            Needs::Cap(AppDeadLetterManage),
+            None,
+        ),
+        (
             Method::GET,
             "/v1/apps/{app}/abandoned-executions",
             "/v1/apps/shop/abandoned-executions".into(),

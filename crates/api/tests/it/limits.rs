@@ -44,14 +44,8 @@ async fn calls_in_flight(
 ) -> Vec<tokio::task::JoinHandle<StatusCode>> {
     let calls = (0..n)
         .map(|_| {
-            let (router, token) = (api.router.clone(), api.developer.clone());
-            tokio::spawn(async move {
-                let request = axum::http::Request::post("/v1/apps/shop/invoke/slow")
-                    .header("Authorization", format!("Bearer {token}"))
-                    .body(axum::body::Body::from("{}"))
-                    .unwrap();
-                tower::ServiceExt::oneshot(router, request).await.unwrap().status()
-            })
+            let call = api.invoke_in_background("slow", &[]);
+            tokio::spawn(async move { call.await.unwrap().status() })
         })
         .collect();
     for _ in 0..n {

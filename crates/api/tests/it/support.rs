@@ -194,6 +194,22 @@ impl Api {
         Reply { status, body }
     }
 
+    /// Starts a sync call of `trigger` with `{}` as the developer, with `headers`, in a task of
+    /// its own: it ends with the call's answer.
+    pub fn invoke_in_background(
+        &self,
+        trigger: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> tokio::task::JoinHandle<axum::response::Response> {
+        let mut request = Request::post(format!("/v1/apps/shop/invoke/{trigger}"))
+            .header("Authorization", format!("Bearer {}", self.developer));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (router, request) = (self.router.clone(), request.body(Body::from("{}")).unwrap());
+        tokio::spawn(async move { router.oneshot(request).await.unwrap() })
+    }
+
     /// Registers a trigger as the shop admin; panics unless 201.
     pub async fn trigger(&self, body: Value) -> Value {
         let reply = self.call(Method::POST, "/v1/apps/shop/triggers", Some(&self.admin), Some(body)).await;

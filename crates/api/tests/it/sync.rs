@@ -188,16 +188,7 @@ async fn a_caller_that_hangs_up_leaves_its_result_abandoned_as_caller_gone() {
         .start()
         .await
         .unwrap();
-    let call = tokio::spawn({
-        let (router, token) = (api.router.clone(), api.developer.clone());
-        async move {
-            let request = axum::http::Request::post("/v1/apps/shop/invoke/slow")
-                .header("Authorization", format!("Bearer {token}"))
-                .body(axum::body::Body::from("{}"))
-                .unwrap();
-            tower::ServiceExt::oneshot(router, request).await
-        }
-    });
+    let call = api.invoke_in_background("slow", &[]);
     started.notified().await;
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled(), "the caller hung up");
@@ -233,17 +224,7 @@ async fn a_call_in_flight_when_nats_restarts_answers_503_at_once_instead_of_wait
         .await
         .unwrap();
     // Without watching the connection, the call would wait out the handler's deadline: 504.
-    let call = tokio::spawn({
-        let (router, token) = (api.router.clone(), api.developer.clone());
-        async move {
-            let request = axum::http::Request::post("/v1/apps/shop/invoke/slow")
-                .header("Authorization", format!("Bearer {token}"))
-                .header("Picloud-Timeout-Ms", "60000")
-                .body(axum::body::Body::from("{}"))
-                .unwrap();
-            tower::ServiceExt::oneshot(router, request).await.unwrap()
-        }
-    });
+    let call = api.invoke_in_background("slow", &[("Picloud-Timeout-Ms", "60000")]);
     started.notified().await;
 
     api.nats.restart().await.unwrap();

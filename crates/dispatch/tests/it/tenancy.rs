@@ -80,6 +80,16 @@ impl TenantServer {
         let client = options.connect(self.url()).await.unwrap_or_else(|e| panic!("connect as {user}: {e}"));
         (client, rx)
     }
+
+    /// The router, app `demo` (A) and app `shop` (B) connected, each app with its inbox prefix,
+    /// and the errors the server reports to B.
+    async fn router_a_and_b(&self) -> (Client, Client, Client, mpsc::UnboundedReceiver<String>) {
+        let (router, _) = self.connect("router", "PICLOUD_NATS_ROUTER_PASSWORD", None).await;
+        let (a, _) = self.connect("app-demo", "PICLOUD_NATS_APP_DEMO_PASSWORD", Some("_INBOX_demo")).await;
+        let (b, b_errors) =
+            self.connect("app-shop", "PICLOUD_NATS_APP_SHOP_PASSWORD", Some("_INBOX_shop")).await;
+        (router, a, b, b_errors)
+    }
 }
 
 /// Waits until the server has handled everything `client` sent so far: a message to a fresh
@@ -139,11 +149,7 @@ fn status_of(msg: &Message) -> Option<String> {
 #[tokio::test]
 async fn app_b_cannot_read_app_as_deliveries_nor_publish_to_app_as_ingest_while_app_a_can() {
     let server = TenantServer::start().await;
-    let (router, _router_errors) = server.connect("router", "PICLOUD_NATS_ROUTER_PASSWORD", None).await;
-    let (a, _a_errors) =
-        server.connect("app-demo", "PICLOUD_NATS_APP_DEMO_PASSWORD", Some("_INBOX_demo")).await;
-    let (b, mut b_errors) =
-        server.connect("app-shop", "PICLOUD_NATS_APP_SHOP_PASSWORD", Some("_INBOX_shop")).await;
+    let (router, a, b, mut b_errors) = server.router_a_and_b().await;
 
     // The router, as the relay does: its replies come to `<inbox>.<app>.<seq>`; as the ingest
     // does: a queue group on every app's ingest subjects.
@@ -248,6 +254,23 @@ async fn app_b_cannot_read_app_as_deliveries_nor_publish_to_app_as_ingest_while_
         ],
     )
     .await;
+}
+
+#[tokio::test]
+async fn an_apps_workers_hear_their_own_cancel_notices_and_no_other_apps() {
+    let server = TenantServer::start().await;
+    let (router, a, b, mut b_errors) = server.router_a_and_b().await;
+    let mut own = a.subscribe("picloud.v1.cancel.demo.h").await.unwrap();
+    round_trip(&a).await;
+    let mut snoop = b.subscribe("picloud.v1.cancel.demo.>").await.unwrap();
+    round_trip(&b).await;
+
+    let notice = Bytes::from_static(br#"{"id":"0193a7c0-0000-7000-8000-000000000001"}"#);
+    router.publish("picloud.v1.cancel.demo.h", notice.clone()).await.unwrap();
+    assert_eq!(next(&mut own, "A's cancel notice").await.payload, notice);
+    round_trip(&b).await;
+    assert!(nothing_waiting(&mut snoop), "B heard a cancel notice of A");
+    violations(&mut b_errors, &[("Subscription", "picloud.v1.cancel.demo.>")]).await;
 }
 
 #[tokio::test]

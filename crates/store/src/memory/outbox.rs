@@ -337,6 +337,26 @@ impl OutboxRepo for MemStore {
         Ok(extended)
     }
 
+    async fn lock_delivery(&self, tx: &mut MemTx, app_id: AppId, id: Uuid) -> Result<Option<Delivery>> {
+        let Some(row) = tx.state.outbox.get(&id).filter(|r| r.new.app_id == app_id) else { return Ok(None) };
+        Ok(Some(Delivery {
+            id,
+            app_id,
+            trigger_id: row.new.trigger_id,
+            kind: row.new.kind,
+            attempts: row.attempts,
+            max_attempts: row.new.max_attempts,
+            due_at: row.due_at,
+            leased_until: row.leased_until,
+            leased_by: row.leased_by.clone(),
+            waiting: row.waiting,
+            sync: row.new.reply_to.is_some(),
+            ordering_key: row.new.ordering_key.clone(),
+            last_error: row.last_error.clone(),
+            created_at: row.created_at,
+        }))
+    }
+
     async fn pending_for_dead_letter(
         &self,
         tx: &mut MemTx,

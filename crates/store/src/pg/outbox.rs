@@ -829,6 +829,18 @@ impl OutboxRepo for PgStore {
         Ok(extended)
     }
 
+    async fn lock_delivery(&self, tx: &mut Self::Tx, app_id: AppId, id: Uuid) -> Result<Option<Delivery>> {
+        let row = sqlx::query(&format!(
+            "SELECT {} FROM outbox WHERE app_id = $1 AND id = $2 FOR UPDATE",
+            rows::DELIVERY_COLUMNS
+        ))
+        .bind(app_id.as_uuid())
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.as_ref().map(rows::delivery).transpose()
+    }
+
     async fn pending_for_dead_letter(
         &self,
         tx: &mut Self::Tx,

@@ -238,6 +238,29 @@ pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
     })
 }
 
+/// The columns [`delivery`] reads.
+pub(super) const DELIVERY_COLUMNS: &str = "id, app_id, trigger_id, kind, attempts, max_attempts, due_at, \
+     leased_until, leased_by, waiting, reply_to IS NOT NULL AS sync, ordering_key, last_error, created_at";
+
+pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
+    Ok(Delivery {
+        id: row.try_get("id")?,
+        app_id: id(row, "app_id")?,
+        trigger_id: opt_id(row, "trigger_id")?,
+        kind: event_kind("outbox", row.try_get::<&str, _>("kind")?)?,
+        attempts: row.try_get::<i32, _>("attempts")? as u32,
+        max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
+        due_at: row.try_get("due_at")?,
+        leased_until: row.try_get("leased_until")?,
+        leased_by: row.try_get("leased_by")?,
+        waiting: row.try_get("waiting")?,
+        sync: row.try_get("sync")?,
+        ordering_key: row.try_get("ordering_key")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
 /// A trigger's `flow` column.
 pub(super) fn flow(row: &PgRow) -> Result<Option<Flow>> {
     let flow: Option<serde_json::Value> = row.try_get("flow")?;

@@ -5,6 +5,7 @@
 #[macro_use]
 mod support;
 
+mod cancel;
 mod conformance;
 mod cron;
 mod debounce;
