@@ -5,7 +5,8 @@ use picloud_core::flow::{MAX_CONCURRENCY, MAX_DEBOUNCE_MS, MAX_RATE};
 use picloud_core::retry::{MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 use picloud_core::{RetryOverrides, Role, Scope, TriggerId};
 use picloud_store::{
-    AbandonedExecution, ApiToken, App, DeadLetter, Handler, Principal, Trigger, TriggerSpec,
+    AbandonedExecution, ApiToken, App, DeadLetter, Delivery, DeliveryDetail, DeliveryState, EventHeaders,
+    Handler, Principal, Trigger, TriggerSpec,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -520,7 +521,7 @@ impl From<Trigger> for TriggerView {
     }
 }
 
-/// The event a dead letter keeps.
+/// The event a dead letter or a delivery carries.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeadEvent {
     /// CloudEvents type.
@@ -582,14 +583,127 @@ impl From<DeadLetter> for DeadLetterView {
             created_at: rfc3339(d.created_at),
             resolution: d.resolution.map(|r| r.as_str().to_owned()),
             resolved_at: d.resolved_at.map(rfc3339),
-            event: DeadEvent {
-                event_type: d.headers.event_type,
-                source: d.headers.source,
-                subject: d.headers.subject,
-                time: rfc3339(d.headers.time),
-                depth: d.headers.depth,
-                data: d.payload,
-            },
+            event: DeadEvent::new(d.headers, d.payload),
+        }
+    }
+}
+
+impl DeadEvent {
+    fn new(headers: EventHeaders, data: Box<RawValue>) -> Self {
+        DeadEvent {
+            event_type: headers.event_type,
+            source: headers.source,
+            subject: headers.subject,
+            time: rfc3339(headers.time),
+            depth: headers.depth,
+            data,
+        }
+    }
+}
+
+/// A delivery in the outbox (DESIGN §15), without its event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryView {
+    /// Its id, stable across attempts.
+    pub id: Uuid,
+    /// The trigger's name, while it exists (null for emails).
+    pub trigger: Option<String>,
+    /// The trigger's id (null for emails).
+    pub trigger_id: Option<Uuid>,
+    /// The event kind.
+    pub kind: String,
+    /// `pending` (due), `scheduled` (not due yet), `in_flight` (an attempt runs) or `waiting`
+    /// (held by flow control behind its lane's earlier deliveries).
+    pub state: String,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// When it is, or was, due.
+    pub due_at: String,
+    /// While in flight: when its lease ends.
+    pub leased_until: Option<String>,
+    /// While in flight: the progress its handler last reported (0–100).
+    pub progress: Option<u8>,
+    /// The event's ordering key.
+    pub ordering_key: Option<String>,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When its event happened.
+    pub created_at: String,
+}
+
+impl DeliveryView {
+    /// `d` as it stands at `now`.
+    pub fn at(d: Delivery, now: OffsetDateTime) -> Self {
+        let state = d.state(now);
+        let in_flight = state == DeliveryState::InFlight;
+        DeliveryView {
+            id: d.id,
+            trigger: d.trigger_name,
+            trigger_id: d.trigger_id.map(TriggerId::as_uuid),
+            kind: d.kind.as_str().to_owned(),
+            state: state.as_str().to_owned(),
+            attempts: d.attempts,
+            max_attempts: d.max_attempts,
+            due_at: rfc3339(d.due_at),
+            leased_until: d.leased_until.filter(|_| in_flight).map(rfc3339),
+            progress: d.progress.filter(|_| in_flight),
+            ordering_key: d.ordering_key,
+            last_error: d.last_error,
+            created_at: rfc3339(d.created_at),
+        }
+    }
+}
+
+/// One finished attempt of a delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    /// Its number, from 1.
+    pub attempt: u32,
+    /// When the relay sent it.
+    pub started_at: String,
+    /// When its outcome reached the relay.
+    pub ended_at: String,
+    /// `retry`, `timeout`, `no_responders`, `invalid`, `error` or `interrupted`.
+    pub outcome: String,
+    /// Its error.
+    pub error: Option<String>,
+    /// The node whose relay sent it.
+    pub node: String,
+}
+
+/// A delivery in the outbox with its event and its history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryDetailView {
+    /// The delivery.
+    #[serde(flatten)]
+    pub delivery: DeliveryView,
+    /// Its event.
+    pub event: DeadEvent,
+    /// Its last finished attempts (at most 20), oldest first; an attempt in flight is not among
+    /// them.
+    pub attempt_history: Vec<AttemptView>,
+}
+
+impl DeliveryDetailView {
+    /// `d` as it stands at `now`.
+    pub fn at(d: DeliveryDetail, now: OffsetDateTime) -> Self {
+        DeliveryDetailView {
+            delivery: DeliveryView::at(d.delivery, now),
+            event: DeadEvent::new(d.headers, d.payload),
+            attempt_history: d
+                .attempts
+                .into_iter()
+                .map(|a| AttemptView {
+                    attempt: a.attempt,
+                    started_at: rfc3339(a.started_at),
+                    ended_at: rfc3339(a.ended_at),
+                    outcome: a.outcome,
+                    error: a.error,
+                    node: a.node,
+                })
+                .collect(),
         }
     }
 }

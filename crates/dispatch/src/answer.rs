@@ -54,6 +54,23 @@ pub fn working(msg: &Message) -> Option<Working> {
 }
 
 impl Answer {
+    /// What the attempt came to, as metrics label it and the attempt history names it.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Answer::Ok(_) => "ok",
+            Answer::Retry { .. } => "retry",
+            Answer::Fail(_) => "fail",
+            Answer::Invalid(_) => "invalid",
+            Answer::Timeout => "timeout",
+            Answer::NoResponders => "no_responders",
+            Answer::Failed(_) => "error",
+            Answer::Interrupted(_) => "interrupted",
+            Answer::Unauthorized(_) => "unauthorized",
+            Answer::Orphaned => "orphaned",
+            Answer::LeaseExpired => "lease_expired",
+        }
+    }
+
     /// Reads a reply message.
     pub fn from_message(msg: &Message) -> Answer {
         if msg.status == Some(StatusCode::NO_RESPONDERS) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use picloud_core::protocol::EventKind;
 use picloud_core::{AppId, AppSlug, RetryPolicy, TriggerConfig, TriggerId};
 use picloud_store::events::fan_out_dead_letters;
-use picloud_store::{Bury, DeadLetterReason, Reschedule, Resolution, Store};
+use picloud_store::{AttemptRecord, Bury, DeadLetterReason, Reschedule, Resolution, Store};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -48,6 +48,8 @@ pub struct Done {
     pub in_lane: bool,
     /// Whether it was claimed within its trigger's limits (it holds one of the relay's slots).
     pub gated: bool,
+    /// When the attempt was sent.
+    pub started_at: OffsetDateTime,
 }
 
 /// What one completion batch did.
@@ -130,10 +132,12 @@ fn email_wait(policy: &RetryPolicy, waited: Duration) -> Duration {
 /// An email that met "no responders" waits for a node that sends email (DESIGN §10: emails wait
 /// while `PICLOUD_SMTP_URL` is unset) and never becomes an exhausted dead letter for it: it is
 /// rescheduled with the attempt it was claimed with given back (`Reschedule::refund_attempt`).
+/// A rescheduled attempt goes into its delivery's history, noted as made by `node`.
 pub async fn complete<S: Store>(
     store: &S,
     config: &TriggerConfig,
     handler_timeout: Duration,
+    node: &str,
     batch: &[Done],
 ) -> picloud_store::Result<Completed> {
     let mut stats = Completed::default();
@@ -163,12 +167,21 @@ pub async fn complete<S: Store>(
                 }
             }
             (Fate::Retry { delay, refund }, _) => {
+                let record = AttemptRecord {
+                    attempt: d.attempt,
+                    started_at: d.started_at,
+                    ended_at: now,
+                    outcome: d.answer.outcome().to_owned(),
+                    error: error(),
+                    node: node.to_owned(),
+                };
                 retries.push(Reschedule {
                     id: d.id,
                     attempt: d.attempt,
                     delay,
                     error: error().unwrap_or_default(),
                     refund_attempt: refund,
+                    record: Some(record),
                 });
             }
             (Fate::Wait(written), _) => {
@@ -186,6 +199,7 @@ pub async fn complete<S: Store>(
                     delay,
                     error: error().unwrap_or_default(),
                     refund_attempt: true,
+                    record: None,
                 });
             }
             (Fate::Bury(_), EventKind::DeadLetter) => {

@@ -208,23 +208,6 @@ fn describe() {
     describe_counter!(JANITOR_DELETED, "Rows the janitor deleted past their retention.");
 }
 
-/// The label of what an attempt came to.
-fn outcome(answer: &Answer) -> &'static str {
-    match answer {
-        Answer::Ok(_) => "ok",
-        Answer::Retry { .. } => "retry",
-        Answer::Fail(_) => "fail",
-        Answer::Invalid(_) => "invalid",
-        Answer::Timeout => "timeout",
-        Answer::NoResponders => "no_responders",
-        Answer::Failed(_) => "error",
-        Answer::Interrupted(_) => "interrupted",
-        Answer::Unauthorized(_) => "unauthorized",
-        Answer::Orphaned => "orphaned",
-        Answer::LeaseExpired => "lease_expired",
-    }
-}
-
 /// What one relay records, labelled with its node.
 #[derive(Debug, Clone)]
 pub(crate) struct RelayMetrics {
@@ -243,7 +226,7 @@ impl RelayMetrics {
 
     /// A published delivery got `answer` (or its deadline passed) `after` publishing.
     pub(crate) fn answered(&self, answer: &Answer, after: Duration) {
-        metrics::histogram!(ATTEMPT_DURATION, "node" => self.node.clone(), "outcome" => outcome(answer))
+        metrics::histogram!(ATTEMPT_DURATION, "node" => self.node.clone(), "outcome" => answer.outcome())
             .record(after.as_secs_f64());
     }
 
@@ -251,7 +234,7 @@ impl RelayMetrics {
     /// its result was resolved (to the caller, or to the abandoned log).
     pub(crate) fn sync_call(&self, answer: &Answer, after: Duration) {
         self.answered(answer, after);
-        let label = outcome(answer);
+        let label = answer.outcome();
         metrics::counter!(DELIVERY_ATTEMPTS, "node" => self.node.clone(), "outcome" => label).increment(1);
         metrics::counter!(COMPLETIONS, "node" => self.node.clone(), "result" => "answered").increment(1);
     }
@@ -261,7 +244,7 @@ impl RelayMetrics {
         metrics::histogram!(COMPLETION_BATCH, "node" => self.node.clone()).record(batch.len() as f64);
         let mut by_outcome: Vec<(&'static str, u64)> = Vec::new();
         for done in batch {
-            let label = outcome(&done.answer);
+            let label = done.answer.outcome();
             match by_outcome.iter_mut().find(|(l, _)| *l == label) {
                 Some((_, n)) => *n += 1,
                 None => by_outcome.push((label, 1)),

@@ -571,6 +571,21 @@ pub trait OutboxRepo: Transactional {
         node: &str,
         rows: &[model::LeaseExtension],
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+    /// The app's deliveries in the outbox that `filter` lets through, oldest first (by id), after
+    /// the cursor id, without their events (DESIGN §15).
+    fn list_deliveries(
+        &self,
+        app_id: AppId,
+        filter: &model::DeliveryFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> impl Future<Output = Result<model::Page<model::Delivery>>> + Send;
+    /// One delivery of the app in the outbox, with its event and its finished attempts.
+    fn delivery(
+        &self,
+        app_id: AppId,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<model::DeliveryDetail>>> + Send;
     /// One delivery of the app, locked until `tx` ends: a claim skips it meanwhile, and a
     /// completion of it waits.
     fn lock_delivery(

@@ -449,6 +449,31 @@ pub struct Reschedule {
     /// Give the attempt back (the count goes down by one): the attempt was not a try, as for an
     /// email that waits while no node sends email.
     pub refund_attempt: bool,
+    /// The attempt, for the delivery's history (the last [`ATTEMPTS_KEPT`] are kept); `None`
+    /// for a wait that was no attempt.
+    pub record: Option<AttemptRecord>,
+}
+
+/// How many of a delivery's attempts its history keeps: the last ones.
+pub const ATTEMPTS_KEPT: usize = 20;
+
+/// One finished attempt of a delivery that is still in the outbox (DESIGN §15).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Its number, from 1.
+    pub attempt: u32,
+    /// When the relay sent it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// When its outcome reached the relay.
+    #[serde(with = "time::serde::rfc3339")]
+    pub ended_at: OffsetDateTime,
+    /// What it came to: `retry`, `timeout`, `no_responders`, `invalid`, `error`, `interrupted`.
+    pub outcome: String,
+    /// Its error.
+    pub error: Option<String>,
+    /// The node whose relay sent it.
+    pub node: String,
 }
 
 /// A row in flight whose handler said `working` (DESIGN §14): its lease to move on.
@@ -460,6 +485,8 @@ pub struct LeaseExtension {
     pub attempt: u32,
     /// The lease from now on: leased until the store's now plus this, never earlier than it was.
     pub lease: std::time::Duration,
+    /// The progress the handler last reported (0–100), if any: kept until another is.
+    pub progress: Option<u8>,
 }
 
 /// Where a delivery in the outbox stands (DESIGN §15).
@@ -476,6 +503,27 @@ pub enum DeliveryState {
     Waiting,
 }
 
+impl DeliveryState {
+    /// Every state, in the order a delivery usually passes them.
+    pub const ALL: [DeliveryState; 4] =
+        [DeliveryState::Waiting, DeliveryState::Scheduled, DeliveryState::Pending, DeliveryState::InFlight];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Scheduled => "scheduled",
+            DeliveryState::InFlight => "in_flight",
+            DeliveryState::Waiting => "waiting",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+}
+
 /// A delivery in the outbox, without its event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -485,6 +533,8 @@ pub struct Delivery {
     pub app_id: AppId,
     /// The trigger (None only for emails).
     pub trigger_id: Option<TriggerId>,
+    /// The trigger's name, while it exists.
+    pub trigger_name: Option<String>,
     /// The event kind.
     pub kind: EventKind,
     /// Attempts started.
@@ -507,10 +557,35 @@ pub struct Delivery {
     pub last_error: Option<String>,
     /// When its event happened.
     pub created_at: OffsetDateTime,
+    /// The progress its handler last reported in this attempt (DESIGN §14).
+    pub progress: Option<u8>,
+}
+
+/// A delivery with its event and its finished attempts.
+#[derive(Debug, Clone)]
+pub struct DeliveryDetail {
+    /// The delivery.
+    pub delivery: Delivery,
+    /// The event's CloudEvents context.
+    pub headers: EventHeaders,
+    /// The event data.
+    pub payload: Box<RawValue>,
+    /// Its last finished attempts that did not end it, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Which deliveries a list shows.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// Only those of this trigger.
+    pub trigger_id: Option<TriggerId>,
+    /// Only those in this state.
+    pub state: Option<DeliveryState>,
 }
 
 impl Delivery {
-    /// Where it stands at `now`: a lease that ran out no longer counts.
+    /// Where it stands at `now`: a lease that ran out no longer counts. (Postgres lists by the
+    /// same rule: `pg::rows::in_state`.)
     pub fn state(&self, now: OffsetDateTime) -> DeliveryState {
         if self.waiting {
             DeliveryState::Waiting

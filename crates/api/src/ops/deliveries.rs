@@ -1,14 +1,24 @@
-//! Deliveries in the outbox (DESIGN §14, §15): cancel.
+//! Deliveries in the outbox (DESIGN §14, §15): list, get with history, cancel.
 
-use picloud_core::{AppSlug, Capability, HandlerName};
-use picloud_store::Store;
+use picloud_core::{AppSlug, Capability, HandlerName, TriggerName};
 use picloud_store::events::{self, Cancel};
+use picloud_store::{DeliveryFilter, DeliveryState, Store};
 use uuid::Uuid;
 
 use super::Ops;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
-use crate::views::DeadLetterView;
+use crate::extract::{Page, PageQuery};
+use crate::views::{DeadLetterView, DeliveryDetailView, DeliveryView};
+
+/// Which deliveries a list shows.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    /// Only those of this trigger (by name).
+    pub trigger: Option<String>,
+    /// Only those in this state: `pending`, `scheduled`, `in_flight` or `waiting`.
+    pub state: Option<String>,
+}
 
 /// A cancelled delivery.
 #[derive(Debug)]
@@ -34,6 +44,45 @@ fn not_found(id: impl std::fmt::Display) -> ApiError {
 }
 
 impl<S: Store> Ops<S> {
+    /// A page of the app's deliveries in the outbox, oldest first, without their events.
+    pub async fn list_deliveries(
+        &self,
+        caller: &Caller,
+        query: DeliveryQuery,
+        page: &PageQuery,
+    ) -> Result<Page<DeliveryView>, ApiError> {
+        let app = caller.require_app(Capability::AppRead)?;
+        let state = query
+            .state
+            .map(|s| {
+                DeliveryState::parse(&s).ok_or_else(|| {
+                    ApiError::invalid("state", "expected pending, scheduled, in_flight or waiting")
+                })
+            })
+            .transpose()?;
+        let trigger_id = match query.trigger {
+            None => None,
+            Some(name) => {
+                let name = TriggerName::parse(name).map_err(|e| ApiError::invalid("trigger", e))?;
+                let trigger = self.store.trigger(app.id, name.as_str()).await?;
+                let trigger =
+                    trigger.ok_or_else(|| picloud_store::Error::TriggerNotFound(name.to_string()))?;
+                Some(trigger.id)
+            }
+        };
+        let filter = DeliveryFilter { trigger_id, state };
+        let found = self.store.list_deliveries(app.id, &filter, page.after_id()?, page.limit()).await?;
+        let now = self.store.clock().now();
+        Ok(Page::from_store(found, |d| d.id.to_string(), |d| DeliveryView::at(d, now)))
+    }
+
+    /// One delivery in the outbox, with its event and its finished attempts.
+    pub async fn delivery(&self, caller: &Caller, id: &str) -> Result<DeliveryDetailView, ApiError> {
+        let app = caller.require_app(Capability::AppRead)?;
+        let found = self.store.delivery(app.id, delivery_id(id)?).await?.ok_or_else(|| not_found(id))?;
+        Ok(DeliveryDetailView::at(found, self.store.clock().now()))
+    }
+
     /// Cancels a delivery that has not finished (DESIGN §14): it becomes a dead letter with
     /// reason `cancelled`, resolved `ignored`, and is never delivered again. Sync calls (their
     /// callers wait) and deliveries of `dead_letter` triggers cannot be cancelled.

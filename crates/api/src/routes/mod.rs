@@ -217,6 +217,8 @@ pub fn router(state: ApiState) -> axum::Router {
         .routes(routes!(dead_letters::replay))
         .routes(routes!(dead_letters::ignore))
         .routes(routes!(dead_letters::abandoned))
+        .routes(routes!(deliveries::list))
+        .routes(routes!(deliveries::get))
         .routes(routes!(deliveries::cancel))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))

@@ -190,6 +190,20 @@ fn routes(api: &Api) -> Vec<Route> {
             None,
         ),
         (
+            Method::GET,
+            "/v1/apps/{app}/deliveries",
+            "/v1/apps/shop/deliveries".into(),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/apps/{app}/deliveries/{id}",
+            format!("/v1/apps/shop/deliveries/{some_id}"),
+            Needs::Cap(AppRead),
+            None,
+        ),
+        (
             Method::POST,
             "/v1/apps/{app}/deliveries/{id}/cancel",
             format!("/v1/apps/shop/deliveries/{some_id}/cancel"),

@@ -2,6 +2,7 @@
 
 mod authz;
 mod cancel;
+mod deliveries;
 mod flow;
 mod invalid;
 mod limits;

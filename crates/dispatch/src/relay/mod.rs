@@ -118,6 +118,8 @@ struct Sent {
     extended_at: Option<Instant>,
     /// Its longer lease is being written: its deadline waits for the write.
     extending: bool,
+    /// The progress its handler last reported, written with its next longer lease.
+    progress: Option<u8>,
 }
 
 #[derive(Debug)]
@@ -495,9 +497,18 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         }
         for (seq, done) in in_flight {
             table.deadlines.push_back((deadline, seq));
-            table
-                .pending
-                .insert(seq, Sent { at: sent, losses, done, deadline, extended_at: None, extending: false });
+            table.pending.insert(
+                seq,
+                Sent {
+                    at: sent,
+                    losses,
+                    done,
+                    deadline,
+                    extended_at: None,
+                    extending: false,
+                    progress: None,
+                },
+            );
         }
     }
     for (seq, subject, reply, body) in outgoing {
@@ -541,6 +552,7 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
         email_written_at: (row.kind == EventKind::Email).then_some(row.created_at),
         in_lane: row.in_lane,
         gated: row.gated,
+        started_at: time::OffsetDateTime::now_utc(),
     }
 }
 
@@ -568,8 +580,8 @@ fn take<S>(shared: &Shared<S>, seq: u64, app: Option<&str>) -> Option<Sent> {
 async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mpsc::UnboundedSender<Done>) {
     while let Some(msg) = replies.next().await {
         let Some((app, seq)) = AnswerInbox::parse(&msg.subject) else { continue };
-        if answer::working(&msg).is_some() {
-            working(&shared, seq, app);
+        if let Some(said) = answer::working(&msg) {
+            working(&shared, seq, app, said.progress);
             continue;
         }
         match take(&shared, seq, Some(app)) {
@@ -659,8 +671,9 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 /// holds it to `PICLOUD_MAX_WORKING_MS`), unless it asked within [`EXTEND_EVERY`], its lease is
 /// being written, or the relay is stopping (its deliveries in flight end within their
 /// deadlines). A delivery that was answered or timed out already is left alone, and so is a
-/// reply from another app than the delivery's.
-fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
+/// reply from another app than the delivery's. Its `progress`, if given, is kept either way, for
+/// the next longer lease to write.
+fn working<S>(shared: &Shared<S>, seq: u64, app: &str, progress: Option<u8>) {
     let node = &shared.config.node;
     let every = EXTEND_EVERY.min(node.handler_timeout / 4);
     let now = Instant::now();
@@ -668,6 +681,7 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str) {
         let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
         let InFlight { pending, to_extend, .. } = &mut *in_flight;
         let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
+        sent.progress = progress.or(sent.progress);
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
         let stopping = shared.stopping.load(Ordering::SeqCst);
         if stopping || sent.extending || recent {
@@ -706,7 +720,8 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
                         return None;
                     }
                     let lease = node.lease_until(deadline - now);
-                    let row = LeaseExtension { id: sent.done.id, attempt: sent.done.attempt, lease };
+                    let (id, attempt, progress) = (sent.done.id, sent.done.attempt, sent.progress);
+                    let row = LeaseExtension { id, attempt, lease, progress };
                     Some((seq, deadline, row, sent.done.trigger_id.filter(|_| sent.done.gated)))
                 })
                 .collect()
@@ -930,7 +945,15 @@ async fn release_lanes<S: Store>(shared: &Shared<S>) -> bool {
 async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
     let config = &shared.config;
     for tries in 1..=FLUSH_TRIES {
-        match complete(&shared.store, &config.node.triggers, config.node.handler_timeout, batch).await {
+        match complete(
+            &shared.store,
+            &config.node.triggers,
+            config.node.handler_timeout,
+            &config.node.node_id,
+            batch,
+        )
+        .await
+        {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
                 shared.metrics.completed(batch, &stats);

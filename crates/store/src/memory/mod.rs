@@ -49,6 +49,10 @@ struct OutboxRow {
     lane_seq: Option<i64>,
     /// Not its lane's head yet.
     waiting: bool,
+    /// The progress its handler last reported in this attempt.
+    progress: Option<u8>,
+    /// Its finished attempts that did not end it, the last [`ATTEMPTS_KEPT`].
+    attempt_log: Vec<AttemptRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +166,7 @@ fn lease_row(r: &mut OutboxRow, now: OffsetDateTime, lease: Duration, node: &str
     r.attempts += 1;
     r.leased_until = Some(now + lease);
     r.leased_by = Some(node.to_owned());
+    r.progress = None;
     ClaimedDelivery {
         id: r.new.id,
         app_id: r.new.app_id,

@@ -6,6 +6,28 @@ use super::*;
 type WalkedApp = (bool, Vec<(OffsetDateTime, Uuid)>);
 
 impl State {
+    /// `row` as the deliveries API shows it.
+    fn delivery_of(&self, row: &OutboxRow) -> Delivery {
+        Delivery {
+            id: row.new.id,
+            app_id: row.new.app_id,
+            trigger_id: row.new.trigger_id,
+            trigger_name: row.new.trigger_id.and_then(|t| self.triggers.get(&t)).map(|t| t.name.to_string()),
+            kind: row.new.kind,
+            attempts: row.attempts,
+            max_attempts: row.new.max_attempts,
+            due_at: row.due_at,
+            leased_until: row.leased_until,
+            leased_by: row.leased_by.clone(),
+            waiting: row.waiting,
+            sync: row.new.reply_to.is_some(),
+            ordering_key: row.new.ordering_key.clone(),
+            last_error: row.last_error.clone(),
+            created_at: row.created_at,
+            progress: row.progress,
+        }
+    }
+
     /// The first row of a lane: its head, or the row that becomes head next.
     fn lane_first(&self, trigger: TriggerId, lane: &str) -> Option<&OutboxRow> {
         self.outbox
@@ -76,6 +98,8 @@ impl State {
                 created_at: row.event_time.unwrap_or(now),
                 lane_seq,
                 waiting,
+                progress: None,
+                attempt_log: Vec::new(),
             },
         );
         row.id
@@ -290,6 +314,8 @@ impl OutboxRepo for MemStore {
             created_at: now,
             lane_seq: None,
             waiting: false,
+            progress: None,
+            attempt_log: Vec::new(),
         };
         let claimed = lease_row(&mut stored, now, lease, node);
         s.outbox.insert(call.id, stored);
@@ -314,6 +340,12 @@ impl OutboxRepo for MemStore {
                 row.leased_by = None;
                 row.last_error = Some(r.error.clone());
                 row.attempts -= u32::from(r.refund_attempt);
+                if let Some(record) = &r.record {
+                    if row.attempt_log.len() >= ATTEMPTS_KEPT {
+                        row.attempt_log.remove(0);
+                    }
+                    row.attempt_log.push(record.clone());
+                }
                 done += 1;
             }
         }
@@ -329,32 +361,58 @@ impl OutboxRepo for MemStore {
                 .outbox
                 .get_mut(&r.id)
                 .filter(|row| row.attempts == r.attempt && row.leased_by.as_deref() == Some(node));
-            if let Some(until) = row.and_then(|row| row.leased_until.as_mut()) {
-                *until = (*until).max(now + r.lease);
+            if let Some(row) = row.filter(|row| row.leased_until.is_some()) {
+                row.leased_until = row.leased_until.map(|until| until.max(now + r.lease));
+                row.progress = r.progress.or(row.progress);
                 extended.push(r.id);
             }
         }
         Ok(extended)
     }
 
-    async fn lock_delivery(&self, tx: &mut MemTx, app_id: AppId, id: Uuid) -> Result<Option<Delivery>> {
-        let Some(row) = tx.state.outbox.get(&id).filter(|r| r.new.app_id == app_id) else { return Ok(None) };
-        Ok(Some(Delivery {
-            id,
-            app_id,
-            trigger_id: row.new.trigger_id,
-            kind: row.new.kind,
-            attempts: row.attempts,
-            max_attempts: row.new.max_attempts,
-            due_at: row.due_at,
-            leased_until: row.leased_until,
-            leased_by: row.leased_by.clone(),
-            waiting: row.waiting,
-            sync: row.new.reply_to.is_some(),
-            ordering_key: row.new.ordering_key.clone(),
-            last_error: row.last_error.clone(),
-            created_at: row.created_at,
+    async fn list_deliveries(
+        &self,
+        app_id: AppId,
+        filter: &DeliveryFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Page<Delivery>> {
+        let now = self.now();
+        let s = self.lock().await;
+        let mut found: Vec<Delivery> = s
+            .outbox
+            .values()
+            .filter(|r| r.new.app_id == app_id && after.is_none_or(|a| r.new.id > a))
+            .filter(|r| filter.trigger_id.is_none_or(|t| r.new.trigger_id == Some(t)))
+            .map(|r| s.delivery_of(r))
+            .filter(|d| filter.state.is_none_or(|state| d.state(now) == state))
+            .collect();
+        found.sort_by_key(|d| d.id);
+        found.truncate(limit as usize + 1);
+        Ok(Page::of(found, limit))
+    }
+
+    async fn delivery(&self, app_id: AppId, id: Uuid) -> Result<Option<DeliveryDetail>> {
+        let s = self.lock().await;
+        let Some(row) = s.outbox.get(&id).filter(|r| r.new.app_id == app_id) else { return Ok(None) };
+        Ok(Some(DeliveryDetail {
+            delivery: s.delivery_of(row),
+            headers: EventHeaders {
+                event_type: row.new.event_type.clone(),
+                source: row.new.source.clone(),
+                subject: row.new.subject.clone(),
+                time: row.created_at,
+                depth: row.new.depth,
+                ordering_key: row.new.ordering_key.clone(),
+            },
+            payload: payload_clone(&row.new.payload),
+            attempts: row.attempt_log.clone(),
         }))
+    }
+
+    async fn lock_delivery(&self, tx: &mut MemTx, app_id: AppId, id: Uuid) -> Result<Option<Delivery>> {
+        let row = tx.state.outbox.get(&id).filter(|r| r.new.app_id == app_id);
+        Ok(row.map(|row| tx.state.delivery_of(row)))
     }
 
     async fn pending_for_dead_letter(

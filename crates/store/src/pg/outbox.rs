@@ -473,7 +473,8 @@ pub(super) fn lease_picked(node: &str, rows: &str, also: &str) -> String {
         "UPDATE outbox o
             SET attempts = o.attempts + 1,
                 leased_until = coalesce($3, now()) + $2 * interval '1 millisecond',
-                leased_by = {node}
+                leased_by = {node},
+                progress = NULL
           WHERE o.ctid = ANY (ARRAY({rows}))
       RETURNING {CLAIMED}{also}"
     )
@@ -755,21 +756,30 @@ impl OutboxRepo for PgStore {
         let delays: Vec<i64> = rows.iter().map(|r| millis(r.delay)).collect();
         let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
         let refunds: Vec<bool> = rows.iter().map(|r| r.refund_attempt).collect();
-        let done = sqlx::query(
+        let records: Vec<Option<sqlx::types::Json<&AttemptRecord>>> =
+            rows.iter().map(|r| r.record.as_ref().map(sqlx::types::Json)).collect();
+        // The history keeps the last ATTEMPTS_KEPT: one is appended at a time, so at most the
+        // first goes.
+        let done = sqlx::query(&format!(
             "UPDATE outbox o
                 SET due_at = coalesce($6, now()) + u.delay_ms * interval '1 millisecond',
                     leased_until = NULL, leased_by = NULL, last_error = u.error,
-                    attempts = o.attempts - u.refund::int
-               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::bool[])
-                    AS u(id, attempt, delay_ms, error, refund)
+                    attempts = o.attempts - u.refund::int,
+                    attempt_log = CASE WHEN u.record IS NULL THEN o.attempt_log
+                                       WHEN jsonb_array_length(coalesce(o.attempt_log, '[]')) >= {ATTEMPTS_KEPT}
+                                       THEN (o.attempt_log - 0) || jsonb_build_array(u.record)
+                                       ELSE coalesce(o.attempt_log, '[]') || jsonb_build_array(u.record) END
+               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::text[], $5::bool[], $7::jsonb[])
+                    AS u(id, attempt, delay_ms, error, refund, record)
               WHERE o.id = u.id AND o.attempts = u.attempt",
-        )
+        ))
         .bind(ids)
         .bind(attempts)
         .bind(delays)
         .bind(errors)
         .bind(refunds)
         .bind(self.now())
+        .bind(records)
         .execute(&mut **tx)
         .await?;
         Ok(done.rows_affected())
@@ -812,10 +822,12 @@ impl OutboxRepo for PgStore {
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let attempts: Vec<i32> = rows.iter().map(|r| r.attempt as i32).collect();
         let leases: Vec<i64> = rows.iter().map(|r| millis(r.lease)).collect();
+        let progress: Vec<Option<i16>> = rows.iter().map(|r| r.progress.map(i16::from)).collect();
         let extended = sqlx::query_scalar(
             "UPDATE outbox o
-                SET leased_until = greatest(o.leased_until, coalesce($5, now()) + u.lease_ms * interval '1 millisecond')
-               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[]) AS u(id, attempt, lease_ms)
+                SET leased_until = greatest(o.leased_until, coalesce($5, now()) + u.lease_ms * interval '1 millisecond'),
+                    progress = coalesce(u.progress, o.progress)
+               FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $6::int2[]) AS u(id, attempt, lease_ms, progress)
               WHERE o.id = u.id AND o.attempts = u.attempt AND o.leased_by = $4 AND o.leased_until IS NOT NULL
           RETURNING o.id",
         )
@@ -824,14 +836,71 @@ impl OutboxRepo for PgStore {
         .bind(leases)
         .bind(node)
         .bind(self.now())
+        .bind(progress)
         .fetch_all(&self.pool)
         .await?;
         Ok(extended)
     }
 
+    async fn list_deliveries(
+        &self,
+        app_id: AppId,
+        filter: &DeliveryFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Page<Delivery>> {
+        let state = filter.state.map(|s| format!("AND {}", rows::in_state(s, "coalesce($5, now())")));
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM outbox o LEFT JOIN triggers t ON t.id = o.trigger_id
+              WHERE o.app_id = $1 AND ($2::uuid IS NULL OR o.id > $2) AND ($3::uuid IS NULL OR o.trigger_id = $3)
+                    {}
+              ORDER BY o.id LIMIT $4",
+            rows::DELIVERY_COLUMNS,
+            state.unwrap_or_default(),
+        ))
+        .bind(app_id.as_uuid())
+        .bind(after)
+        .bind(filter.trigger_id.map(TriggerId::as_uuid))
+        .bind(i64::from(limit) + 1)
+        .bind(self.now())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Page::of(rows.iter().map(rows::delivery).collect::<Result<_>>()?, limit))
+    }
+
+    async fn delivery(&self, app_id: AppId, id: Uuid) -> Result<Option<DeliveryDetail>> {
+        let row = sqlx::query(&format!(
+            "SELECT {}, o.event_type, o.source, o.subject, o.depth, o.payload::text AS payload, o.attempt_log
+               FROM outbox o LEFT JOIN triggers t ON t.id = o.trigger_id
+              WHERE o.app_id = $1 AND o.id = $2",
+            rows::DELIVERY_COLUMNS
+        ))
+        .bind(app_id.as_uuid())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let delivery = rows::delivery(&row)?;
+        let log: Option<sqlx::types::Json<Vec<AttemptRecord>>> = row.try_get("attempt_log")?;
+        Ok(Some(DeliveryDetail {
+            headers: EventHeaders {
+                event_type: row.try_get("event_type")?,
+                source: row.try_get("source")?,
+                subject: row.try_get("subject")?,
+                time: delivery.created_at,
+                depth: row.try_get::<i32, _>("depth")? as u32,
+                ordering_key: delivery.ordering_key.clone(),
+            },
+            payload: raw_json("outbox", row.try_get("payload")?)?,
+            attempts: log.map(|l| l.0).unwrap_or_default(),
+            delivery,
+        }))
+    }
+
     async fn lock_delivery(&self, tx: &mut Self::Tx, app_id: AppId, id: Uuid) -> Result<Option<Delivery>> {
         let row = sqlx::query(&format!(
-            "SELECT {} FROM outbox WHERE app_id = $1 AND id = $2 FOR UPDATE",
+            "SELECT {} FROM outbox o LEFT JOIN triggers t ON t.id = o.trigger_id
+              WHERE o.app_id = $1 AND o.id = $2 FOR UPDATE OF o",
             rows::DELIVERY_COLUMNS
         ))
         .bind(app_id.as_uuid())

@@ -238,15 +238,17 @@ pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
     })
 }
 
-/// The columns [`delivery`] reads.
-pub(super) const DELIVERY_COLUMNS: &str = "id, app_id, trigger_id, kind, attempts, max_attempts, due_at, \
-     leased_until, leased_by, waiting, reply_to IS NOT NULL AS sync, ordering_key, last_error, created_at";
+/// The columns [`delivery`] reads, of `outbox o LEFT JOIN triggers t ON t.id = o.trigger_id`.
+pub(super) const DELIVERY_COLUMNS: &str = "o.id, o.app_id, o.trigger_id, t.name AS trigger_name, o.kind, \
+     o.attempts, o.max_attempts, o.due_at, o.leased_until, o.leased_by, o.waiting, \
+     o.reply_to IS NOT NULL AS sync, o.ordering_key, o.last_error, o.created_at, o.progress";
 
 pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
     Ok(Delivery {
         id: row.try_get("id")?,
         app_id: id(row, "app_id")?,
         trigger_id: opt_id(row, "trigger_id")?,
+        trigger_name: row.try_get("trigger_name")?,
         kind: event_kind("outbox", row.try_get::<&str, _>("kind")?)?,
         attempts: row.try_get::<i32, _>("attempts")? as u32,
         max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
@@ -258,7 +260,20 @@ pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
         ordering_key: row.try_get("ordering_key")?,
         last_error: row.try_get("last_error")?,
         created_at: row.try_get("created_at")?,
+        progress: row.try_get::<Option<i16>, _>("progress")?.map(|p| p.clamp(0, 100) as u8),
     })
+}
+
+/// The SQL condition on `outbox o` that a row is in `state` at `now` (a parameter or `now()`):
+/// the rule of [`Delivery::state`].
+pub(super) fn in_state(state: DeliveryState, now: &str) -> String {
+    let leased = format!("(o.leased_until IS NOT NULL AND o.leased_until > {now})");
+    match state {
+        DeliveryState::Waiting => "o.waiting".to_owned(),
+        DeliveryState::InFlight => format!("NOT o.waiting AND {leased}"),
+        DeliveryState::Scheduled => format!("NOT o.waiting AND NOT {leased} AND o.due_at > {now}"),
+        DeliveryState::Pending => format!("NOT o.waiting AND NOT {leased} AND o.due_at <= {now}"),
+    }
 }
 
 /// A trigger's `flow` column.

@@ -124,6 +124,7 @@ async fn the_answer_of_a_cancelled_attempt_retries_nothing_and_buries_nothing<S:
         delay: Duration::ZERO,
         error: "late retry".into(),
         refund_attempt: false,
+        record: None,
     };
     assert_eq!(s.reschedule(&mut tx, &[retry]).await.unwrap(), 0, "a retry finds no row");
     let fail = Bury {

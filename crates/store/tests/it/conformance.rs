@@ -613,7 +613,7 @@ async fn a_lease_extended_for_a_working_handler_keeps_the_row_until_the_new_end<
     insert(&s, &[delivery(&t, &trigger, Duration::ZERO)]).await;
     let row = s.claim_due(10, LEASE, "n").await.unwrap().rows.remove(0);
     s.clock().advance(LEASE / 2);
-    let extend = |attempt, lease| LeaseExtension { id: row.id, attempt, lease };
+    let extend = |attempt, lease| LeaseExtension { id: row.id, attempt, lease, progress: None };
     assert!(s.extend_leases("n", &[extend(2, LEASE * 2)]).await.unwrap().is_empty(), "another attempt's");
     assert!(s.extend_leases("m", &[extend(1, LEASE * 2)]).await.unwrap().is_empty(), "another node's");
     assert_eq!(s.extend_leases("n", &[extend(1, LEASE)]).await.unwrap(), [row.id]);
@@ -746,6 +746,7 @@ async fn a_refunded_attempt_is_not_counted_when_the_row_comes_back<S: Store>(s: 
             delay: Duration::ZERO,
             error: "waits".into(),
             refund_attempt: true,
+            record: None,
         };
         assert_eq!(s.reschedule(&mut tx, &[waiting]).await.unwrap(), 1);
         s.commit(tx).await.unwrap();
@@ -766,6 +767,7 @@ async fn a_rescheduled_row_comes_back_after_its_delay_with_its_error<S: Store>(s
                 delay: Duration::from_secs(2),
                 error: "boom".into(),
                 refund_attempt: false,
+                record: None,
             }],
         )
         .await
@@ -793,6 +795,7 @@ async fn completions_for_a_stale_attempt_change_nothing<S: Store>(s: S) {
         delay: Duration::ZERO,
         error: "late".into(),
         refund_attempt: false,
+        record: None,
     };
     assert_eq!(s.reschedule(&mut tx, &[stale]).await.unwrap(), 0);
     let buried = s
@@ -983,6 +986,7 @@ async fn burying_moves_a_delivery_into_the_dead_letters_with_its_event<S: Store>
             delay: Duration::ZERO,
             error: "first".into(),
             refund_attempt: false,
+            record: None,
         }],
     )
     .await

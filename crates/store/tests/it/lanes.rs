@@ -109,6 +109,7 @@ async fn a_retry_keeps_its_place_through_its_backoff<S: Store>(s: S) {
         delay: Duration::from_secs(10),
         error: "later".into(),
         refund_attempt: false,
+        record: None,
     };
     let mut tx = s.begin().await.unwrap();
     s.reschedule(&mut tx, &[retry]).await.unwrap();

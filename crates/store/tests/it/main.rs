@@ -9,6 +9,7 @@ mod cancel;
 mod conformance;
 mod cron;
 mod debounce;
+mod deliveries;
 mod fairness;
 mod lanes;
 mod limits;
