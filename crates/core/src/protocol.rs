@@ -413,6 +413,18 @@ pub struct CancelNotice {
     pub id: Uuid,
 }
 
+/// The relay's answer to a `working` reply that carried a reply subject of its own, once the
+/// attempt's deadline moved (DESIGN §14): a delivery token for the new deadline, which the first
+/// one (`picloudtoken`, valid until the first deadline) does not reach. Written by the relay,
+/// read by the worker SDK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    /// The delivery token, valid until `piclouddeadline`.
+    pub picloudtoken: String,
+    /// The attempt's deadline now, in Unix milliseconds.
+    pub piclouddeadline: i64,
+}
+
 /// What an ingest request asks for, parsed from its subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestOp {

@@ -1,16 +1,18 @@
 //! The body of one delivery: the CloudEvents envelope of DESIGN §6, serialized once per attempt.
 
+use picloud_core::TriggerId;
 use picloud_core::protocol::{EnvelopeRef, rfc3339_millis};
-use picloud_core::{PrincipalId, TriggerId};
+use picloud_core::token::DeliveryToken;
 use picloud_store::ClaimedDelivery;
 
-/// Who a delivery runs as, as its envelope says: the trigger, its registering principal and the
-/// delivery token acting for them (absent for emails).
+/// Who a delivery runs as, as its envelope says: the trigger, and the delivery token acting for
+/// its registering principal (absent for emails), with what the token says, to sign it again for
+/// a later deadline.
 #[derive(Debug, Clone)]
 pub(crate) struct RunAs {
     pub trigger: String,
     pub trigger_id: TriggerId,
-    pub principal: PrincipalId,
+    pub claims: DeliveryToken,
     pub token: String,
 }
 
@@ -37,7 +39,7 @@ pub(crate) fn envelope(
         picloudtrigger: run_as.map(|r| r.trigger.as_str()),
         picloudtriggerid: run_as.map(|r| r.trigger_id.as_uuid()),
         piclouddepth: row.depth,
-        picloudprincipal: run_as.map(|r| r.principal.as_uuid()),
+        picloudprincipal: run_as.map(|r| r.claims.principal.as_uuid()),
         picloudorderingkey: row.ordering_key.as_deref(),
         picloudtoken: run_as.map(|r| r.token.as_str()),
         piclouddeadline: deadline_ms,
@@ -50,8 +52,8 @@ pub(crate) fn envelope(
 #[cfg(test)]
 mod tests {
     use picloud_core::protocol::{ENVELOPE_FRAME_BYTES, EventKind, MAX_ERROR_BYTES, event_type, source};
-    use picloud_core::token::{DeliveryToken, TokenKey};
-    use picloud_core::{AppId, Role, ScopeSet};
+    use picloud_core::token::TokenKey;
+    use picloud_core::{AppId, PrincipalId, Role, ScopeSet};
     use picloud_store::{DeadLetter, DeadLetterReason, EventHeaders};
     use serde_json::value::RawValue;
     use time::OffsetDateTime;
@@ -134,19 +136,15 @@ mod tests {
         };
         let payload =
             serde_json::value::to_raw_value(&picloud_store::events::dead_letter_data(&dead)).unwrap();
-        let token = TokenKey::new(b"0123456789abcdef").sign(&DeliveryToken {
+        let claims = DeliveryToken {
             principal: PrincipalId::new(),
             app: AppId::new(),
             depth: u32::MAX,
             deadline_ms: i64::MAX,
             scopes: ScopeSet::for_role(Role::Admin),
-        });
-        let run_as = RunAs {
-            trigger: "t".repeat(63),
-            trigger_id: TriggerId::new(),
-            principal: PrincipalId::new(),
-            token,
         };
+        let token = TokenKey::new(b"0123456789abcdef").sign(&claims);
+        let run_as = RunAs { trigger: "t".repeat(63), trigger_id: TriggerId::new(), claims, token };
         let body = envelope(&row(source::dead_letters(&app), payload), &app, Some(&run_as), i64::MAX);
         let frame = body.len() - data.len();
         assert!(frame <= ENVELOPE_FRAME_BYTES, "a frame of {frame} bytes");

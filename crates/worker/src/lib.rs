@@ -39,7 +39,7 @@
 //! (the store, the relay, the API): this crate is what a handler process compiles.
 #![warn(missing_docs)]
 
-mod cancel;
+mod in_hand;
 mod queue;
 mod record;
 mod shutdown;
@@ -50,8 +50,8 @@ use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
-use cancel::Cancels;
 use futures::future::BoxFuture;
+use in_hand::{InHand, Renewed};
 use picloud_core::protocol::{AnswerHead, Envelope, EventKind, Subjects, Working};
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
@@ -107,6 +107,9 @@ pub struct Delivery {
     reply: Option<(Client, async_nats::Subject)>,
     /// Fired when the delivery is cancelled.
     cancellation: CancellationToken,
+    /// Where its renewed token comes (the reply subject of its `working` replies), and where it
+    /// is kept.
+    renewal: Option<(async_nats::Subject, Renewed)>,
 }
 
 impl Delivery {
@@ -122,6 +125,7 @@ impl Delivery {
             event,
             reply: None,
             cancellation: CancellationToken::new(),
+            renewal: None,
         })
     }
 
@@ -130,9 +134,13 @@ impl Delivery {
     /// timeout from now, up to `PICLOUD_MAX_WORKING_MS` after the attempt started. Say it well
     /// before the deadline, as often as you like; [`Delivery::long_running`] does it for you.
     ///
+    /// Once the relay moved the deadline, it sends back a delivery token for the new one:
+    /// [`Delivery::current_token`] and [`Delivery::current_deadline_ms`] then give it
+    /// ([`Delivery::token`] expires at the first deadline).
+    ///
     /// A sync call (`picloudkind` `http`) keeps its deadline (the handler timeout: its caller
     /// waits), and a delivery read with [`Delivery::from_json`] has no reply subject: for those it
-    /// sends nothing. The delivery token ([`Delivery::token`]) still expires at the first deadline.
+    /// sends nothing.
     pub async fn working(&self, progress: Option<u8>) -> Result<(), async_nats::PublishError> {
         let Some((client, subject)) =
             self.reply.as_ref().filter(|_| self.event.picloudkind != EventKind::Http.as_str())
@@ -141,7 +149,31 @@ impl Delivery {
         };
         let mut headers = HeaderMap::new();
         Working { progress }.write_headers(|name, value| headers.insert(name, value));
-        client.publish_with_headers(subject.clone(), headers, Bytes::new()).await
+        match &self.renewal {
+            Some((renew_to, _)) => {
+                client
+                    .publish_with_reply_and_headers(subject.clone(), renew_to.clone(), headers, Bytes::new())
+                    .await
+            }
+            None => client.publish_with_headers(subject.clone(), headers, Bytes::new()).await,
+        }
+    }
+
+    /// The delivery token valid now: the one the relay sent for the deadline a
+    /// [`Delivery::working`] moved, or else [`Delivery::token`].
+    pub fn current_token(&self) -> Option<String> {
+        self.renewed().map(|r| r.picloudtoken).or_else(|| self.token.clone())
+    }
+
+    /// The attempt's deadline now, in Unix milliseconds: the one a [`Delivery::working`] moved
+    /// it to, once the relay confirmed it, or else [`Delivery::deadline_ms`].
+    pub fn current_deadline_ms(&self) -> i64 {
+        self.renewed().map_or(self.deadline_ms, |r| r.piclouddeadline)
+    }
+
+    fn renewed(&self) -> Option<picloud_core::protocol::Renewal> {
+        let (_, renewed) = self.renewal.as_ref()?;
+        renewed.lock().expect("renewal lock").clone()
     }
 
     /// Runs `work`, telling the relay the attempt goes on ([`Delivery::working`]) every third of
@@ -321,7 +353,7 @@ impl Worker {
         let subjects = self.subjects.map_err(Error::Prefix)?;
         let mut queues = Vec::with_capacity(self.handlers.len());
         let mut cancel_subjects = Vec::with_capacity(self.handlers.len());
-        let cancels = Cancels::default();
+        let in_hand = InHand::new(&self.client);
         for (name, f) in self.handlers {
             let name = name?;
             cancel_subjects.push(subjects.cancel(app.as_str(), name.as_str()));
@@ -329,18 +361,18 @@ impl Worker {
                 Some(record) => recorded(record.clone(), name.as_str().to_owned(), f),
                 None => f,
             };
-            let (client, cancels) = (self.client.clone(), cancels.clone());
+            let (client, in_hand) = (self.client.clone(), in_hand.clone());
             queues.push(Queue::new(
                 subjects.handle(app.as_str(), name.as_str()),
                 subjects.handle_queue_group(app.as_str(), name.as_str()),
                 move |msg| {
-                    let (client, cancels, f) = (client.clone(), cancels.clone(), f.clone());
-                    async move { answer(&client, &cancels, msg, &f).await }
+                    let (client, in_hand, f) = (client.clone(), in_hand.clone(), f.clone());
+                    async move { answer(&client, &in_hand, msg, &f).await }
                 },
             ));
         }
         // Confirmed by the queues' round trip.
-        let listening = cancels.listen(&self.client, cancel_subjects).await?;
+        let listening = in_hand.listen(&self.client, cancel_subjects).await?;
         let (stop, shutdown) = Shutdown::new();
         let serving = serve_queues(&self.client, queues, self.concurrency, shutdown).await?;
         Ok(Running { stop, serving, listening })
@@ -353,7 +385,7 @@ pub struct Running {
     /// Tells every handler's loop to drain.
     stop: ShutdownSender,
     serving: Serving,
-    /// Reads the cancel notices until the deliveries in hand are finished.
+    /// Reads the cancel notices and renewals until the deliveries in hand are finished.
     listening: tokio::task::JoinSet<()>,
 }
 
@@ -381,16 +413,17 @@ fn recorded(record: Record, handler: String, f: HandlerFn) -> HandlerFn {
     })
 }
 
-async fn answer(client: &Client, cancels: &Cancels, msg: Message, f: &HandlerFn) {
+async fn answer(client: &Client, in_hand: &InHand, msg: Message, f: &HandlerFn) {
     let Some(reply_to) = msg.reply.clone() else { return };
     let reply = match Delivery::from_json(&msg.payload) {
         Ok(mut delivery) => {
             delivery.reply = Some((client.clone(), reply_to.clone()));
             let id = delivery.id;
-            let registered = cancels.register(id);
-            delivery.cancellation = registered.token.clone();
+            let taken = in_hand.take(id);
+            delivery.cancellation = taken.cancellation.clone();
+            delivery.renewal = Some((taken.renew_to.clone(), taken.renewed.clone()));
             tokio::select! {
-                () = registered.token.cancelled() => Reply::fail("cancelled"),
+                () = taken.cancellation.cancelled() => Reply::fail("cancelled"),
                 answered = f(delivery) => match answered {
                     Ok(reply) => reply,
                     Err(e) => {

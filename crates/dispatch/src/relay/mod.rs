@@ -25,7 +25,9 @@ use std::time::Duration;
 use async_nats::client::PublishErrorKind;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt as _;
-use picloud_core::protocol::{AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind};
+use picloud_core::protocol::{
+    AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind, Renewal,
+};
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
 use picloud_store::{
@@ -120,6 +122,10 @@ struct Sent {
     extending: bool,
     /// The progress its handler last reported, written with its next longer lease.
     progress: Option<u8>,
+    /// What its delivery token says (absent for emails): signed again for a moved deadline.
+    claims: Option<DeliveryToken>,
+    /// Where the handler's last `working` asked for the token of its moved deadline.
+    renew_to: Option<async_nats::Subject>,
 }
 
 #[derive(Debug)]
@@ -339,24 +345,20 @@ pub(crate) fn plan(
         Handler::Function(name) => config.subjects.handle(app, name.as_str()),
         Handler::Webhook { .. } => config.subjects.builtin_webhook(),
     };
-    let token = config.token_key.sign(&DeliveryToken {
+    let claims = DeliveryToken {
         principal: trigger.registered_by,
         app: row.app_id,
         depth: row.depth + 1,
         deadline_ms,
         scopes: access.delivery_scopes(),
-    });
+    };
+    let token = config.token_key.sign(&claims);
     Ok(Plan {
         subject: subject.into(),
         app: target.app_slug.clone(),
         trigger_name: Some(trigger.name.to_string()),
         policy: config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry),
-        run_as: Some(RunAs {
-            trigger: trigger.name.to_string(),
-            trigger_id,
-            principal: trigger.registered_by,
-            token,
-        }),
+        run_as: Some(RunAs { trigger: trigger.name.to_string(), trigger_id, claims, token }),
     })
 }
 
@@ -484,7 +486,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         let mut done = done_for(&row, plan.policy, Answer::Timeout);
         done.app_slug = Some(plan.app.clone());
         done.trigger_name = plan.trigger_name.clone();
-        in_flight.push((seq, done));
+        in_flight.push((seq, done, plan.run_as.as_ref().map(|r| r.claims)));
         outgoing.push((seq, plan.subject.clone(), shared.inbox.reply_to(plan.app.as_str(), seq), body));
     }
     {
@@ -495,7 +497,7 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
         if table.deadlines.is_empty() && !in_flight.is_empty() {
             shared.timer.notify_one();
         }
-        for (seq, done) in in_flight {
+        for (seq, done, claims) in in_flight {
             table.deadlines.push_back((deadline, seq));
             table.pending.insert(
                 seq,
@@ -507,6 +509,8 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                     extended_at: None,
                     extending: false,
                     progress: None,
+                    claims,
+                    renew_to: None,
                 },
             );
         }
@@ -581,7 +585,7 @@ async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mp
     while let Some(msg) = replies.next().await {
         let Some((app, seq)) = AnswerInbox::parse(&msg.subject) else { continue };
         if let Some(said) = answer::working(&msg) {
-            working(&shared, seq, app, said.progress);
+            working(&shared, seq, app, said.progress, msg.reply);
             continue;
         }
         match take(&shared, seq, Some(app)) {
@@ -672,8 +676,15 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
 /// being written, or the relay is stopping (its deliveries in flight end within their
 /// deadlines). A delivery that was answered or timed out already is left alone, and so is a
 /// reply from another app than the delivery's. Its `progress`, if given, is kept either way, for
-/// the next longer lease to write.
-fn working<S>(shared: &Shared<S>, seq: u64, app: &str, progress: Option<u8>) {
+/// the next longer lease to write, and so is its reply subject, where the next moved deadline's
+/// token goes ([`picloud_core::protocol::Renewal`]).
+fn working<S>(
+    shared: &Shared<S>,
+    seq: u64,
+    app: &str,
+    progress: Option<u8>,
+    reply: Option<async_nats::Subject>,
+) {
     let node = &shared.config.node;
     let every = EXTEND_EVERY.min(node.handler_timeout / 4);
     let now = Instant::now();
@@ -682,6 +693,9 @@ fn working<S>(shared: &Shared<S>, seq: u64, app: &str, progress: Option<u8>) {
         let InFlight { pending, to_extend, .. } = &mut *in_flight;
         let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
         sent.progress = progress.or(sent.progress);
+        if reply.is_some() {
+            sent.renew_to = reply;
+        }
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
         let stopping = shared.stopping.load(Ordering::SeqCst);
         if stopping || sent.extending || recent {
@@ -759,13 +773,30 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
                 HashSet::new()
             }
         };
-        let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
-        for (seq, deadline, row, _) in wanted {
-            if let Some(sent) = in_flight.pending.get_mut(&seq) {
-                sent.extending = false;
-                if extended.contains(&row.id) {
-                    sent.deadline = deadline;
+        let mut renewals = Vec::new();
+        {
+            let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
+            for (seq, deadline, row, _) in wanted {
+                if let Some(sent) = in_flight.pending.get_mut(&seq) {
+                    sent.extending = false;
+                    if extended.contains(&row.id) {
+                        sent.deadline = deadline;
+                        if let (Some(claims), Some(to)) = (sent.claims, sent.renew_to.take()) {
+                            renewals.push((to, claims, deadline));
+                        }
+                    }
                 }
+            }
+        }
+        for (to, claims, deadline) in renewals {
+            let deadline_ms = unix_millis_after(deadline.saturating_duration_since(Instant::now()));
+            let renewal = Renewal {
+                picloudtoken: node.token_key.sign(&DeliveryToken { deadline_ms, ..claims }),
+                piclouddeadline: deadline_ms,
+            };
+            let body = serde_json::to_vec(&renewal).expect("a renewal serializes");
+            if let Err(e) = shared.nats.publish(to, body.into()).await {
+                tracing::warn!(error = %e, "could not send a working delivery the token of its moved deadline");
             }
         }
     }

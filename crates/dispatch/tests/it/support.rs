@@ -110,8 +110,8 @@ pub async fn ok(_: Delivery) -> HandlerResult {
     Ok(Reply::ok(serde_json::json!({"ok": true})))
 }
 
-/// The next delivery, or a panic naming what was awaited.
-pub async fn next(rx: &mut mpsc::UnboundedReceiver<Delivery>, what: &str) -> Delivery {
+/// The next delivery (or whatever else `rx` carries), or a panic naming what was awaited.
+pub async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
     tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))

@@ -284,14 +284,25 @@ async fn the_relay_as_router_user_delivers_to_a_worker_logged_in_as_its_app() {
     let (worker_client, mut worker_errors) =
         server.connect("app-shop", "PICLOUD_NATS_APP_SHOP_PASSWORD", Some("_INBOX_shop")).await;
     let (tx, mut deliveries) = mpsc::unbounded_channel();
+    let (renewed_tx, mut renewed) = mpsc::unbounded_channel();
     let worker = Worker::new(worker_client, "shop")
         .handle("process-order", move |d: Delivery| {
             let _ = tx.send(d.clone());
+            let renewed = renewed_tx.clone();
             async move {
+                // Some work first, so that the deadline `working` asks for is a later one.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 // As often as it likes: no response permission runs out.
                 for progress in [10, 50, 90] {
                     d.working(Some(progress)).await?;
                 }
+                // The relay's token for the moved deadline reaches the app's own inbox.
+                let waited = tokio::time::timeout(WAIT, async {
+                    while d.current_deadline_ms() == d.deadline_ms {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                });
+                let _ = renewed.send(waited.await.is_ok() && d.current_token() != d.token);
                 Ok(Reply::ok(json!({"processed": d.id})))
             }
         })
@@ -311,6 +322,8 @@ async fn the_relay_as_router_user_delivers_to_a_worker_logged_in_as_its_app() {
         .expect("worker gone");
     assert_eq!(delivery.attempt, 1);
     assert_eq!(delivery.event.picloudapp, "shop");
+    let renewal = tokio::time::timeout(WAIT, renewed.recv()).await.expect("the handler's answer").unwrap();
+    assert!(renewal, "the relay's token for the moved deadline reached the worker");
     w.drained().await;
     assert!(w.dead_letters().await.is_empty(), "the answer was accepted: {:?}", w.dead_letters().await);
     assert!(worker_errors.try_recv().is_err(), "the server refused the worker something");

@@ -3,11 +3,16 @@
 
 use std::time::{Duration, Instant};
 
+use picloud_core::token::{TokenError, TokenKey};
 use picloud_worker::{Delivery, Reply};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::support::*;
+
+fn unix_now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
 
 /// The row's lease end, as Postgres has it.
 async fn lease_of(w: &World, id: Uuid) -> time::OffsetDateTime {
@@ -40,6 +45,40 @@ async fn a_handler_that_works_three_times_its_timeout_while_saying_so_runs_once(
     .await;
     assert!(rx.try_recv().is_err(), "one attempt, though it took three handler timeouts");
     assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_working_handler_gets_a_delivery_token_for_its_moved_deadline_and_the_first_one_expires() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "slow").await;
+    let config = relay_config("n");
+    let work = config.node.handler_timeout * 3;
+    let (checked, mut checks) = tokio::sync::mpsc::unbounded_channel();
+    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "slow", move |d: Delivery| {
+        let checked = checked.clone();
+        async move {
+            d.long_running(tokio::time::sleep(work)).await;
+            let now = unix_now_ms();
+            let key = TokenKey::new(SECRET);
+            let first = key.verify(d.token.as_deref().unwrap(), now);
+            let current = key.verify(&d.current_token().unwrap(), now);
+            checked.send((first, current, d.deadline_ms, d.current_deadline_ms(), now)).ok();
+            Ok(Reply::ok(json!({})))
+        }
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+
+    next(&mut rx, "the delivery").await;
+    let (first, current, deadline, moved_to, now) = next(&mut checks, "the handler's check").await;
+    assert_eq!(first, Err(TokenError::Expired), "the envelope's token ends at the first deadline");
+    let current = current.expect("the renewed token is valid past the first deadline");
+    assert!(moved_to > now && moved_to > deadline, "the deadline moved: {deadline} → {moved_to} (now {now})");
+    assert_eq!(current.deadline_ms, moved_to, "the token is the moved deadline's");
+    assert_eq!(current.depth, 1);
     relay.stop().await;
     worker.stop().await;
 }
