@@ -75,18 +75,15 @@ impl Ingest {
     }
 }
 
-/// Whether `reply` is in the inbox namespace of the app the request names (`_INBOX_<app>.`).
-/// Nothing else may be answered: the router's NATS user can publish on `_INBOX.>`, where relays
-/// read every tenant's answers, so answering any reply subject would let an app forge answers to
-/// other tenants' deliveries.
+/// Whether `reply` is in the inbox namespace of the app the request names
+/// ([`picloud_core::protocol::in_app_inbox`]).
 fn reply_allowed(state: &ApiState, subject: &str, reply: &str) -> bool {
     state
         .config
         .node
         .subjects
         .parse_ingest(subject)
-        .and_then(|(app, _)| reply.strip_prefix("_INBOX_")?.strip_prefix(app)?.strip_prefix('.'))
-        .is_some_and(|rest| !rest.is_empty())
+        .is_some_and(|(app, _)| picloud_core::protocol::in_app_inbox(app, reply))
 }
 
 /// How often a node logs the ingest requests it drops for their reply subject.

@@ -413,6 +413,19 @@ pub struct CancelNotice {
     pub id: Uuid,
 }
 
+/// Whether `reply` is in the inbox namespace of app `app` (`_INBOX_<app>.`, the prefix its
+/// workers must use): the only reply subjects the router answers for an app (its ingest requests,
+/// the token renewals of its working deliveries). The router's NATS user may publish on
+/// `_INBOX.>`, where relays read every tenant's answers, and on `picloud.>`: answering any other
+/// reply subject would let an app aim the router's message at another tenant's delivery.
+pub fn in_app_inbox(app: &str, reply: &str) -> bool {
+    reply
+        .strip_prefix("_INBOX_")
+        .and_then(|r| r.strip_prefix(app))
+        .and_then(|r| r.strip_prefix('.'))
+        .is_some_and(|rest| !rest.is_empty())
+}
+
 /// The relay's answer to a `working` reply that carried a reply subject of its own, once the
 /// attempt's deadline moved (DESIGN §14): a delivery token for the new deadline, which the first
 /// one (`picloudtoken`, valid until the first deadline) does not reach. Written by the relay,
@@ -800,6 +813,21 @@ mod tests {
         assert_eq!(s.ingest_pubsub("shop", "news"), "picloud.v1.ingest.shop.pubsub.news");
         assert_eq!(s.ingest_queue("shop", "mail"), "picloud.v1.ingest.shop.queue.mail");
         assert_eq!(Subjects::new("acme.prod").unwrap().handle("a", "h"), "acme.prod.v1.handle.a.h");
+    }
+
+    #[test]
+    fn only_the_apps_own_inbox_namespace_is_its_inbox() {
+        assert!(in_app_inbox("shop", "_INBOX_shop.abc.renew.1"));
+        for other in [
+            "_INBOX_shop",
+            "_INBOX_shop.",
+            "_INBOX_shopping.x",
+            "_INBOX_demo.x",
+            "_INBOX.n.shop.1",
+            "picloud.v1.handle.shop.h",
+        ] {
+            assert!(!in_app_inbox("shop", other), "{other}");
+        }
     }
 
     #[test]

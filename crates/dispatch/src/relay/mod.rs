@@ -26,7 +26,7 @@ use async_nats::client::PublishErrorKind;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt as _;
 use picloud_core::protocol::{
-    AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind, Renewal,
+    AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind, Renewal, in_app_inbox,
 };
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
@@ -693,8 +693,12 @@ fn working<S>(
         let InFlight { pending, to_extend, .. } = &mut *in_flight;
         let Some(sent) = pending.get_mut(&seq).filter(|sent| answers_for(sent, Some(app))) else { return };
         sent.progress = progress.or(sent.progress);
-        if reply.is_some() {
-            sent.renew_to = reply;
+        match reply {
+            Some(reply) if in_app_inbox(app, &reply) => sent.renew_to = Some(reply),
+            Some(reply) => {
+                tracing::warn!(%app, %reply, "a working reply asked for its token outside its app's inbox; ignored");
+            }
+            None => {}
         }
         let recent = sent.extended_at.is_some_and(|at| now < at + every);
         let stopping = shared.stopping.load(Ordering::SeqCst);

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use picloud_core::token::{TokenError, TokenKey};
 use picloud_worker::{Delivery, Reply};
 use serde_json::json;
@@ -56,7 +57,13 @@ async fn a_working_handler_gets_a_delivery_token_for_its_moved_deadline_and_the_
     let config = relay_config("n");
     let work = config.node.handler_timeout * 3;
     let (checked, mut checks) = tokio::sync::mpsc::unbounded_channel();
-    let (worker, mut rx) = start_worker(&w.nats_url(), "shop", "slow", move |d: Delivery| {
+    // Workers use their app's inbox prefix: the relay sends renewals nowhere else.
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_shop")
+        .connect(w.nats_url())
+        .await
+        .unwrap();
+    let (worker, mut rx) = start_worker_on(client, "shop", "slow", move |d: Delivery| {
         let checked = checked.clone();
         async move {
             d.long_running(tokio::time::sleep(work)).await;
@@ -81,6 +88,68 @@ async fn a_working_handler_gets_a_delivery_token_for_its_moved_deadline_and_the_
     assert_eq!(current.depth, 1);
     relay.stop().await;
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_renewal_goes_only_to_the_apps_own_inbox_whatever_reply_subject_a_working_names() {
+    let w = World::new().await;
+    w.kv_trigger("on-order", "orders", "slow").await;
+    let handler = async_nats::connect(w.nats_url()).await.unwrap();
+    let mut deliveries = handler.subscribe("picloud.v1.handle.shop.slow").await.unwrap();
+    let watcher = async_nats::connect(w.nats_url()).await.unwrap();
+    let mut aimed = watcher.subscribe("_INBOX.elsewhere.>").await.unwrap();
+    let mut own = watcher.subscribe("_INBOX_shop.mine").await.unwrap();
+    picloud_worker::round_trip(&watcher).await.unwrap();
+    picloud_worker::round_trip(&handler).await.unwrap();
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    w.put("orders", "o-1", json!(1), 0).await;
+
+    let delivery = tokio::time::timeout(Duration::from_secs(20), deliveries.next()).await.unwrap().unwrap();
+    let reply_to = delivery.reply.unwrap();
+    let id: Uuid = serde_json::from_slice::<serde_json::Value>(&delivery.payload).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let first_lease = lease_of(&w, id).await;
+    let mut working = async_nats::HeaderMap::new();
+    working.insert("Picloud-Status", "working");
+    // The first working moves the deadline, but names a reply subject outside the app's inbox.
+    handler
+        .publish_with_reply_and_headers(reply_to.clone(), "_INBOX.elsewhere.x", working.clone(), "".into())
+        .await
+        .unwrap();
+    picloud_testkit::eventually("the first working's longer lease", || async {
+        (lease_of(&w, id).await > first_lease).then_some(())
+    })
+    .await;
+    // Later ones name the app's own inbox; the first the relay does not coalesce gets a renewal.
+    let renewal = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            handler
+                .publish_with_reply_and_headers(
+                    reply_to.clone(),
+                    "_INBOX_shop.mine",
+                    working.clone(),
+                    "".into(),
+                )
+                .await
+                .unwrap();
+            if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), own.next()).await {
+                return msg;
+            }
+        }
+    })
+    .await
+    .expect("a renewal in the app's own inbox");
+    let renewal: picloud_core::protocol::Renewal = serde_json::from_slice(&renewal.payload).unwrap();
+    assert!(TokenKey::new(SECRET).verify(&renewal.picloudtoken, unix_now_ms()).is_ok());
+    // Both went out on the relay's one connection, in order: one aimed elsewhere would be here.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), aimed.next()).await.is_err(),
+        "the relay sent a renewal outside the app's inbox"
+    );
+    relay.stop().await;
 }
 
 #[tokio::test]
