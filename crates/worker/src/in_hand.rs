@@ -4,8 +4,9 @@
 //! that a `working` reply moved ([`Renewal`]), which the relay sends to the worker's renewal
 //! inbox under the delivery's id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use futures::StreamExt as _;
@@ -29,10 +30,45 @@ struct Held {
     holders: usize,
 }
 
-/// The deliveries in hand, and the inbox renewals come to.
+/// How long a cancel notice for a delivery not in hand is kept, and how many such notices at
+/// most: the notice may overtake its delivery (they come from different nodes), or the delivery
+/// may wait for a free slot of its handler.
+const NOTICE_KEPT_FOR: Duration = Duration::from_secs(600);
+const NOTICES_KEPT: usize = 4096;
+
+/// Cancel notices that came before their delivery, with when they came, oldest first.
+#[derive(Debug, Default)]
+struct Early {
+    by_id: HashMap<Uuid, Instant>,
+    order: VecDeque<Uuid>,
+}
+
+impl Early {
+    fn note(&mut self, id: Uuid, now: Instant) {
+        while let Some(oldest) = self.order.front().copied() {
+            let stale = self.by_id.get(&oldest).is_none_or(|at| now.duration_since(*at) > NOTICE_KEPT_FOR);
+            if !stale && self.order.len() < NOTICES_KEPT {
+                break;
+            }
+            self.order.pop_front();
+            self.by_id.remove(&oldest);
+        }
+        if self.by_id.insert(id, now).is_none() {
+            self.order.push_back(id);
+        }
+    }
+
+    fn has(&self, id: Uuid, now: Instant) -> bool {
+        self.by_id.get(&id).is_some_and(|at| now.duration_since(*at) <= NOTICE_KEPT_FOR)
+    }
+}
+
+/// The deliveries in hand, the cancel notices that came before theirs, and the inbox renewals
+/// come to.
 #[derive(Debug, Clone)]
 pub(crate) struct InHand {
     held: Arc<Mutex<HashMap<Uuid, Held>>>,
+    early: Arc<Mutex<Early>>,
     /// `<a fresh inbox of the worker>.renew`: a delivery's renewals come to `<this>.<id>`.
     renewals: String,
 }
@@ -40,16 +76,23 @@ pub(crate) struct InHand {
 impl InHand {
     /// Nothing in hand yet; renewals come to a fresh inbox of `client`.
     pub(crate) fn new(client: &Client) -> InHand {
-        InHand { held: Arc::default(), renewals: format!("{}.renew", client.new_inbox()) }
+        InHand {
+            held: Arc::default(),
+            early: Arc::default(),
+            renewals: format!("{}.renew", client.new_inbox()),
+        }
     }
 
-    /// Takes delivery `id` in hand until the returned guard drops.
+    /// Takes delivery `id` in hand until the returned guard drops; cancelled already when its
+    /// cancel notice came first.
     pub(crate) fn take(&self, id: Uuid) -> Taken {
         let mut held = self.held.lock().expect("in-hand lock");
-        let entry = held.entry(id).or_insert_with(|| Held {
-            cancellation: CancellationToken::new(),
-            renewed: Renewed::default(),
-            holders: 0,
+        let entry = held.entry(id).or_insert_with(|| {
+            let cancellation = CancellationToken::new();
+            if self.early.lock().expect("early notices lock").has(id, Instant::now()) {
+                cancellation.cancel();
+            }
+            Held { cancellation, renewed: Renewed::default(), holders: 0 }
         });
         entry.holders += 1;
         Taken {
@@ -76,7 +119,7 @@ impl InHand {
             listening.spawn(async move {
                 while let Some(msg) = notices.next().await {
                     match serde_json::from_slice::<CancelNotice>(&msg.payload) {
-                        Ok(notice) => in_hand.with(notice.id, |held| held.cancellation.cancel()),
+                        Ok(notice) => in_hand.cancel(notice.id),
                         Err(e) => {
                             tracing::warn!(subject = %msg.subject, error = %e, "malformed cancel notice");
                         }
@@ -102,6 +145,15 @@ impl InHand {
             }
         });
         Ok(listening)
+    }
+
+    /// Cancels delivery `id` if it is in hand, or else when it comes.
+    fn cancel(&self, id: Uuid) {
+        let held = self.held.lock().expect("in-hand lock");
+        match held.get(&id) {
+            Some(entry) => entry.cancellation.cancel(),
+            None => self.early.lock().expect("early notices lock").note(id, Instant::now()),
+        }
     }
 
     fn with(&self, id: Uuid, f: impl FnOnce(&Held)) {

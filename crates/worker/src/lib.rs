@@ -171,9 +171,11 @@ impl Delivery {
         self.renewed().map_or(self.deadline_ms, |r| r.piclouddeadline)
     }
 
+    /// The renewal kept for this delivery, if it is later than this attempt's own deadline (one
+    /// of an earlier attempt still running here is not).
     fn renewed(&self) -> Option<picloud_core::protocol::Renewal> {
         let (_, renewed) = self.renewal.as_ref()?;
-        renewed.lock().expect("renewal lock").clone()
+        renewed.lock().expect("renewal lock").clone().filter(|r| r.piclouddeadline > self.deadline_ms)
     }
 
     /// Runs `work`, telling the relay the attempt goes on ([`Delivery::working`]) every third of

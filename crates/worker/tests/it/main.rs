@@ -211,3 +211,42 @@ async fn a_record_counts_each_handlers_deliveries_in_flight_and_orders_them_per_
     assert_eq!(record.by_key("quick")["a"][0].attempt, 2);
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_cancel_notice_stops_its_delivery_in_hand_and_one_that_comes_before_it() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (started_tx, mut started) = mpsc::unbounded_channel::<Uuid>();
+    let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .handle("long", move |d: Delivery| {
+            let _ = started_tx.send(d.id);
+            async move {
+                std::future::pending::<()>().await;
+                Ok(Reply::ok(serde_json::json!({})))
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let notice = |id: Uuid| Bytes::from(serde_json::json!({ "id": id }).to_string());
+
+    // In hand: the notice drops the handler's future, and the delivery is answered `fail`.
+    let running = Uuid::now_v7();
+    let answer = tokio::spawn({
+        let client = client.clone();
+        async move { request(&client, "long", envelope(running, 1)).await }
+    });
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), started.recv()).await.unwrap(), Some(running));
+    client.publish("picloud.v1.cancel.shop.long", notice(running)).await.unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(status(&answer).as_deref(), Some("fail"));
+    assert_eq!(answer.headers.as_ref().unwrap().get("Picloud-Error").unwrap().as_str(), "cancelled");
+
+    // Before it: the notice is kept, and the delivery is cancelled when it comes.
+    let early = Uuid::now_v7();
+    client.publish("picloud.v1.cancel.shop.long", notice(early)).await.unwrap();
+    picloud_worker::round_trip(&client).await.unwrap();
+    let answer = request(&client, "long", envelope(early, 1)).await;
+    assert_eq!(status(&answer).as_deref(), Some("fail"), "cancelled before it ran to its end");
+    worker.shutdown().await;
+}
