@@ -613,7 +613,8 @@ pub struct DeliveryView {
     /// The event kind.
     pub kind: String,
     /// `pending` (due), `scheduled` (not due yet), `in_flight` (an attempt runs) or `waiting`
-    /// (held by flow control behind its lane's earlier deliveries).
+    /// (held by flow control: behind its lane's earlier deliveries, or due and waiting for its
+    /// trigger's `concurrency` or `rate`).
     pub state: String,
     /// Attempts started.
     pub attempts: u32,

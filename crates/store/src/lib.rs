@@ -586,8 +586,9 @@ pub trait OutboxRepo: Transactional {
         app_id: AppId,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<model::DeliveryDetail>>> + Send;
-    /// One delivery of the app, locked until `tx` ends: a claim skips it meanwhile, and a
-    /// completion of it waits.
+    /// One delivery of the app, locked until `tx` ends, with its lane (taken first, as writers
+    /// take it): a claim skips it meanwhile, a completion of it waits, and no sweep releases its
+    /// lane under it.
     fn lock_delivery(
         &self,
         tx: &mut Self::Tx,

@@ -499,7 +499,8 @@ pub enum DeliveryState {
     Scheduled,
     /// Leased to a relay: an attempt runs.
     InFlight,
-    /// Held by flow control: its lane's deliveries before it go first.
+    /// Held by flow control: its lane's deliveries before it go first, or, due, it waits for its
+    /// trigger's `concurrency` or `rate` to let it start.
     Waiting,
 }
 
@@ -549,6 +550,8 @@ pub struct Delivery {
     pub leased_by: Option<String>,
     /// Not its lane's head yet.
     pub waiting: bool,
+    /// Its trigger limits its deliveries: it starts only within them.
+    pub gated: bool,
     /// A sync call: its caller waits on it.
     pub sync: bool,
     /// The event's ordering key.
@@ -593,6 +596,8 @@ impl Delivery {
             DeliveryState::InFlight
         } else if self.due_at > now {
             DeliveryState::Scheduled
+        } else if self.gated {
+            DeliveryState::Waiting
         } else {
             DeliveryState::Pending
         }

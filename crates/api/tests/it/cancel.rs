@@ -92,12 +92,13 @@ async fn a_delivery_in_flight_is_cancelled_its_handler_stopped_and_it_is_never_d
     let second = enqueue(&api, "long", json!({"payload": {"n": 2}})).await;
     assert_eq!(next(&mut heard).await, "started");
     assert_cancelled(&cancel(&api, &second).await, &second);
+    // Once the relay stopped, it has completed the worker's `fail` answers too.
+    relay.stop().await;
     let dead = api.call(Method::GET, "/v1/apps/shop/dead-letters", Some(&api.viewer), None).await;
     let reasons: Vec<&Value> = dead.body["items"].as_array().unwrap().iter().map(|d| &d["reason"]).collect();
     assert_eq!(reasons, [&json!("cancelled"), &json!("cancelled")], "one dead letter per cancel, no other");
     let count = api.call(Method::GET, "/v1/apps/shop/dead-letters/count", Some(&api.viewer), None).await;
     assert_eq!(count.body["count"], 0, "cancelled dead letters are resolved");
-    relay.stop().await;
     worker.shutdown().await;
 }
 

@@ -20,6 +20,7 @@ impl State {
             leased_until: row.leased_until,
             leased_by: row.leased_by.clone(),
             waiting: row.waiting,
+            gated: row.new.gated,
             sync: row.new.reply_to.is_some(),
             ordering_key: row.new.ordering_key.clone(),
             last_error: row.last_error.clone(),

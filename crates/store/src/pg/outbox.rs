@@ -898,6 +898,17 @@ impl OutboxRepo for PgStore {
     }
 
     async fn lock_delivery(&self, tx: &mut Self::Tx, app_id: AppId, id: Uuid) -> Result<Option<Delivery>> {
+        // The lane's lock first, as writers take it: a sweep releasing the lane (which would
+        // make this row head, and so wait for its lock) then leaves the lane to this transaction.
+        let lane: Option<(Option<Uuid>, Option<String>)> =
+            sqlx::query_as("SELECT trigger_id, lane FROM outbox WHERE app_id = $1 AND id = $2")
+                .bind(app_id.as_uuid())
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if let Some((Some(trigger), Some(lane))) = &lane {
+            lock_lanes(tx, std::iter::once((*trigger, lane.as_str()))).await?;
+        }
         let row = sqlx::query(&format!(
             "SELECT {} FROM outbox o LEFT JOIN triggers t ON t.id = o.trigger_id
               WHERE o.app_id = $1 AND o.id = $2 FOR UPDATE OF o",

@@ -240,7 +240,7 @@ pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
 
 /// The columns [`delivery`] reads, of `outbox o LEFT JOIN triggers t ON t.id = o.trigger_id`.
 pub(super) const DELIVERY_COLUMNS: &str = "o.id, o.app_id, o.trigger_id, t.name AS trigger_name, o.kind, \
-     o.attempts, o.max_attempts, o.due_at, o.leased_until, o.leased_by, o.waiting, \
+     o.attempts, o.max_attempts, o.due_at, o.leased_until, o.leased_by, o.waiting, o.gated, \
      o.reply_to IS NOT NULL AS sync, o.ordering_key, o.last_error, o.created_at, o.progress";
 
 pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
@@ -256,6 +256,7 @@ pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
         leased_until: row.try_get("leased_until")?,
         leased_by: row.try_get("leased_by")?,
         waiting: row.try_get("waiting")?,
+        gated: row.try_get("gated")?,
         sync: row.try_get("sync")?,
         ordering_key: row.try_get("ordering_key")?,
         last_error: row.try_get("last_error")?,
@@ -269,10 +270,12 @@ pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
 pub(super) fn in_state(state: DeliveryState, now: &str) -> String {
     let leased = format!("(o.leased_until IS NOT NULL AND o.leased_until > {now})");
     match state {
-        DeliveryState::Waiting => "o.waiting".to_owned(),
+        DeliveryState::Waiting => format!("(o.waiting OR (o.gated AND NOT {leased} AND o.due_at <= {now}))"),
         DeliveryState::InFlight => format!("NOT o.waiting AND {leased}"),
         DeliveryState::Scheduled => format!("NOT o.waiting AND NOT {leased} AND o.due_at > {now}"),
-        DeliveryState::Pending => format!("NOT o.waiting AND NOT {leased} AND o.due_at <= {now}"),
+        DeliveryState::Pending => {
+            format!("NOT o.waiting AND NOT o.gated AND NOT {leased} AND o.due_at <= {now}")
+        }
     }
 }
 

@@ -39,17 +39,22 @@ async fn deliveries_are_listed_oldest_first_by_state_and_trigger_in_pages<S: Sto
     let pending = delivery(&t, &trigger, Duration::ZERO);
     let scheduled = delivery(&t, &trigger, Duration::from_secs(60));
     let of_other = delivery(&t, &other_trigger, Duration::ZERO);
-    insert(&s, &[pending.clone(), scheduled.clone(), of_other.clone()]).await;
+    let limited = NewDelivery { gated: true, ..delivery(&t, &other_trigger, Duration::ZERO) };
+    insert(&s, &[pending.clone(), scheduled.clone(), of_other.clone(), limited.clone()]).await;
     insert(&s, &[delivery(&elsewhere, &elsewhere_trigger, Duration::ZERO)]).await;
 
     let all = listed(&s, &t.app, DeliveryFilter::default()).await;
-    assert_eq!(all, [leased.id, pending.id, scheduled.id, of_other.id], "the app's own, oldest first");
+    assert_eq!(
+        all,
+        [leased.id, pending.id, scheduled.id, of_other.id, limited.id],
+        "the app's own, oldest first"
+    );
     let now = s.clock().now();
     for (state, expected) in [
         (DeliveryState::InFlight, vec![leased.id]),
         (DeliveryState::Pending, vec![pending.id, of_other.id]),
         (DeliveryState::Scheduled, vec![scheduled.id]),
-        (DeliveryState::Waiting, vec![]),
+        (DeliveryState::Waiting, vec![limited.id]),
     ] {
         let filter = DeliveryFilter { state: Some(state), ..DeliveryFilter::default() };
         let page = s.list_deliveries(t.app.id, &filter, None, 100).await.unwrap().items;
@@ -60,7 +65,7 @@ async fn deliveries_are_listed_oldest_first_by_state_and_trigger_in_pages<S: Sto
         );
     }
     let of_trigger = DeliveryFilter { trigger_id: Some(other_trigger.id), ..DeliveryFilter::default() };
-    assert_eq!(listed(&s, &t.app, of_trigger).await, [of_other.id]);
+    assert_eq!(listed(&s, &t.app, of_trigger).await, [of_other.id, limited.id]);
 
     let first = s.list_deliveries(t.app.id, &DeliveryFilter::default(), None, 3).await.unwrap();
     assert_eq!((first.items.len(), first.has_more), (3, true));
@@ -68,7 +73,7 @@ async fn deliveries_are_listed_oldest_first_by_state_and_trigger_in_pages<S: Sto
         s.list_deliveries(t.app.id, &DeliveryFilter::default(), Some(first.items[2].id), 3).await.unwrap();
     assert_eq!(
         (rest.items.iter().map(|d| d.id).collect::<Vec<_>>(), rest.has_more),
-        (vec![of_other.id], false)
+        (vec![of_other.id, limited.id], false)
     );
 
     s.clock().advance(LEASE);
