@@ -329,12 +329,7 @@ pub(crate) fn plan(
     };
     let target = target.filter(|t| t.trigger.app_id == row.app_id).ok_or(Answer::Orphaned)?;
     let trigger = &target.trigger;
-    let access = target.standing.map(|s| Access {
-        platform_admin: s.platform_admin,
-        role: s.role,
-        token_scopes: None,
-    });
-    let Some(access) = access.filter(|a| a.allows(Capability::AppManageTriggers)) else {
+    let Some(access) = run_as_access(target) else {
         return Err(Answer::Unauthorized(format!(
             "principal {} no longer holds app_admin on app {}; the trigger runs as that principal",
             trigger.registered_by, target.app_slug
@@ -360,6 +355,14 @@ pub(crate) fn plan(
         policy: config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry),
         run_as: Some(RunAs { trigger: trigger.name.to_string(), trigger_id, claims, token }),
     })
+}
+
+/// What the trigger's registering principal may do on its app now, if it may still run the
+/// trigger (DESIGN §4: it holds `AppManageTriggers`): the delivery token acts with that.
+fn run_as_access(target: &DeliveryTarget) -> Option<Access> {
+    let standing = target.standing?;
+    let access = Access { platform_admin: standing.platform_admin, role: standing.role, token_scopes: None };
+    access.allows(Capability::AppManageTriggers).then_some(access)
 }
 
 pub(crate) fn unix_millis_after(d: Duration) -> i64 {
@@ -785,19 +788,41 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
                     sent.extending = false;
                     if extended.contains(&row.id) {
                         sent.deadline = deadline;
-                        if let (Some(claims), Some(to)) = (sent.claims, sent.renew_to.take()) {
-                            renewals.push((to, claims, deadline));
+                        if let (Some(claims), Some(to), Some(trigger)) =
+                            (sent.claims, sent.renew_to.take(), sent.done.trigger_id)
+                        {
+                            renewals.push((to, claims, deadline, trigger));
                         }
                     }
                 }
             }
         }
-        for (to, claims, deadline) in renewals {
-            let deadline_ms = unix_millis_after(deadline.saturating_duration_since(Instant::now()));
-            let renewal = Renewal {
-                picloudtoken: node.token_key.sign(&DeliveryToken { deadline_ms, ..claims }),
-                piclouddeadline: deadline_ms,
+        if renewals.is_empty() {
+            continue;
+        }
+        // The principal is checked again, as before a delivery: one that lost the right to run the
+        // trigger gets no token past the deadline it had, and one whose role changed gets its
+        // scopes now.
+        let mut triggers: Vec<TriggerId> = renewals.iter().map(|(_, _, _, trigger)| *trigger).collect();
+        triggers.sort_unstable();
+        triggers.dedup();
+        let targets = match shared.store.delivery_targets(&triggers).await {
+            Ok(read) => read.targets,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the principals of working deliveries; no token renewed");
+                Vec::new()
+            }
+        };
+        for (to, claims, deadline, trigger) in renewals {
+            let target = targets.iter().find(|t| t.trigger.id == trigger && t.trigger.app_id == claims.app);
+            let Some(access) = target.and_then(run_as_access) else {
+                tracing::info!(%trigger, "a working delivery's principal may no longer run its trigger; no token renewed");
+                continue;
             };
+            let deadline_ms = unix_millis_after(deadline.saturating_duration_since(Instant::now()));
+            let claims = DeliveryToken { deadline_ms, scopes: access.delivery_scopes(), ..claims };
+            let renewal =
+                Renewal { picloudtoken: node.token_key.sign(&claims), piclouddeadline: deadline_ms };
             let body = serde_json::to_vec(&renewal).expect("a renewal serializes");
             if let Err(e) = shared.nats.publish(to, body.into()).await {
                 tracing::warn!(error = %e, "could not send a working delivery the token of its moved deadline");

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use picloud_core::token::{TokenError, TokenKey};
+use picloud_store::AuthRepo as _;
 use picloud_worker::{Delivery, Reply};
 use serde_json::json;
 use uuid::Uuid;
@@ -90,51 +91,84 @@ async fn a_working_handler_gets_a_delivery_token_for_its_moved_deadline_and_the_
     worker.stop().await;
 }
 
+/// A handler played by hand on `picloud.v1.handle.shop.slow`: it holds one delivery and says
+/// `working` on its reply subject, naming the reply subject it likes.
+struct HandHeld {
+    client: async_nats::Client,
+    reply_to: async_nats::Subject,
+    id: Uuid,
+}
+
+impl HandHeld {
+    /// Waits for the delivery of the put `orders/o-1` (a relay runs on `w`).
+    async fn take(w: &World, client: async_nats::Client, mut deliveries: async_nats::Subscriber) -> HandHeld {
+        w.put("orders", "o-1", json!(1), 0).await;
+        let delivery =
+            tokio::time::timeout(Duration::from_secs(20), deliveries.next()).await.unwrap().unwrap();
+        let id = serde_json::from_slice::<serde_json::Value>(&delivery.payload).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        HandHeld { client, reply_to: delivery.reply.unwrap(), id }
+    }
+
+    async fn working(&self, renew_to: &str) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Picloud-Status", "working");
+        self.client
+            .publish_with_reply_and_headers(self.reply_to.clone(), renew_to.to_owned(), headers, "".into())
+            .await
+            .unwrap();
+    }
+
+    /// Says `working` every 50 ms until the row's lease moves past `lease`: the lease it moved to.
+    async fn until_the_lease_passes(
+        &self,
+        w: &World,
+        lease: time::OffsetDateTime,
+        renew_to: &str,
+    ) -> time::OffsetDateTime {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                self.working(renew_to).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = lease_of(w, self.id).await;
+                if now > lease {
+                    return now;
+                }
+            }
+        })
+        .await
+        .expect("the lease to move")
+    }
+}
+
+async fn hand_held(w: &World) -> HandHeld {
+    w.kv_trigger("on-order", "orders", "slow").await;
+    let client = async_nats::connect(w.nats_url()).await.unwrap();
+    let deliveries = client.subscribe("picloud.v1.handle.shop.slow").await.unwrap();
+    picloud_worker::round_trip(&client).await.unwrap();
+    HandHeld::take(w, client, deliveries).await
+}
+
 #[tokio::test]
 async fn a_renewal_goes_only_to_the_apps_own_inbox_whatever_reply_subject_a_working_names() {
     let w = World::new().await;
-    w.kv_trigger("on-order", "orders", "slow").await;
-    let handler = async_nats::connect(w.nats_url()).await.unwrap();
-    let mut deliveries = handler.subscribe("picloud.v1.handle.shop.slow").await.unwrap();
     let watcher = async_nats::connect(w.nats_url()).await.unwrap();
     let mut aimed = watcher.subscribe("_INBOX.elsewhere.>").await.unwrap();
     let mut own = watcher.subscribe("_INBOX_shop.mine").await.unwrap();
     picloud_worker::round_trip(&watcher).await.unwrap();
-    picloud_worker::round_trip(&handler).await.unwrap();
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
-    w.put("orders", "o-1", json!(1), 0).await;
+    let held = hand_held(&w).await;
 
-    let delivery = tokio::time::timeout(Duration::from_secs(20), deliveries.next()).await.unwrap().unwrap();
-    let reply_to = delivery.reply.unwrap();
-    let id: Uuid = serde_json::from_slice::<serde_json::Value>(&delivery.payload).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let first_lease = lease_of(&w, id).await;
-    let mut working = async_nats::HeaderMap::new();
-    working.insert("Picloud-Status", "working");
-    // The first working moves the deadline, but names a reply subject outside the app's inbox.
-    handler
-        .publish_with_reply_and_headers(reply_to.clone(), "_INBOX.elsewhere.x", working.clone(), "".into())
-        .await
-        .unwrap();
-    picloud_testkit::eventually("the first working's longer lease", || async {
-        (lease_of(&w, id).await > first_lease).then_some(())
-    })
-    .await;
+    // The first longer lease is asked for with a reply subject outside the app's inbox.
+    let first = lease_of(&w, held.id).await;
+    held.until_the_lease_passes(&w, first, "_INBOX.elsewhere.x").await;
     // Later ones name the app's own inbox; the first the relay does not coalesce gets a renewal.
     let renewal = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            handler
-                .publish_with_reply_and_headers(
-                    reply_to.clone(),
-                    "_INBOX_shop.mine",
-                    working.clone(),
-                    "".into(),
-                )
-                .await
-                .unwrap();
+            held.working("_INBOX_shop.mine").await;
             if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), own.next()).await {
                 return msg;
             }
@@ -148,6 +182,28 @@ async fn a_renewal_goes_only_to_the_apps_own_inbox_whatever_reply_subject_a_work
     assert!(
         tokio::time::timeout(Duration::from_millis(1), aimed.next()).await.is_err(),
         "the relay sent a renewal outside the app's inbox"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_principal_that_may_no_longer_run_the_trigger_gets_no_renewed_token() {
+    let w = World::new().await;
+    let watcher = async_nats::connect(w.nats_url()).await.unwrap();
+    let mut own = watcher.subscribe("_INBOX_shop.mine").await.unwrap();
+    picloud_worker::round_trip(&watcher).await.unwrap();
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    let held = hand_held(&w).await;
+    let lease = held.until_the_lease_passes(&w, lease_of(&w, held.id).await, "_INBOX_shop.mine").await;
+    tokio::time::timeout(Duration::from_secs(20), own.next()).await.expect("a renewal while it may").unwrap();
+
+    w.store.remove_member(w.app.id, w.admin.id).await.unwrap();
+    // Two more longer leases: the relay sends a renewal before it writes the next lease.
+    let lease = held.until_the_lease_passes(&w, lease, "_INBOX_shop.mine").await;
+    held.until_the_lease_passes(&w, lease, "_INBOX_shop.mine").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), own.next()).await.is_err(),
+        "a token renewed for a principal that lost the right to run the trigger"
     );
     relay.stop().await;
 }
