@@ -86,6 +86,27 @@ impl ApiState {
         }
         self.sync_calls.wait().await;
     }
+
+    /// Cancels a delivery ([`Ops::cancel_delivery`]) and, when an attempt of it was in flight,
+    /// tells its handler's workers on `picloud.v1.cancel.<app>.<handler>` (DESIGN §14), after the
+    /// cancel committed: the dead letter it became.
+    pub async fn cancel_delivery(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<views::DeadLetterView, ApiError> {
+        let cancelled = self.ops.cancel_delivery(caller, id).await?;
+        if let Some(handler) = &cancelled.in_flight {
+            let subject = self.config.node.subjects.cancel(cancelled.app.as_str(), handler.as_str());
+            let notice = picloud_core::protocol::CancelNotice { id: cancelled.dead_letter.delivery_id };
+            let body = serde_json::to_vec(&notice).expect("a notice serializes");
+            // The cancel is committed: a handler not told only runs on, and its answer retries nothing.
+            if let Err(e) = self.nats.publish(subject, body.into()).await {
+                tracing::warn!(delivery_id = %notice.id, error = %e, "cancelled, but telling its handler failed");
+            }
+        }
+        Ok(cancelled.dead_letter)
+    }
 }
 
 /// Serves the API on `listener` until `shutdown`; requests in progress are finished, and so are

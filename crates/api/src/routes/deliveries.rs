@@ -2,8 +2,6 @@
 
 use axum::Json;
 use axum::extract::State;
-use bytes::Bytes;
-use picloud_core::protocol::CancelNotice;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -74,15 +72,5 @@ pub async fn cancel(
     caller: Caller,
     PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
-    let cancelled = state.ops.cancel_delivery(&caller, &id).await?;
-    if let Some(handler) = &cancelled.in_flight {
-        let subject = state.config.node.subjects.cancel(cancelled.app.as_str(), handler.as_str());
-        let notice = CancelNotice { id: cancelled.dead_letter.delivery_id };
-        let body = Bytes::from(serde_json::to_vec(&notice).expect("a notice serializes"));
-        // The cancel is committed: a handler not told only runs on, and its answer retries nothing.
-        if let Err(e) = state.nats.publish(subject, body).await {
-            tracing::warn!(delivery_id = %notice.id, error = %e, "cancelled, but telling its handler failed");
-        }
-    }
-    Ok(Json(cancelled.dead_letter))
+    Ok(Json(state.cancel_delivery(&caller, &id).await?))
 }
