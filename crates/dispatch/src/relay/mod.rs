@@ -835,13 +835,21 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
 /// lost: their answers cannot arrive on it, and waiting out their deadlines would only delay
 /// them. Each is rescheduled within a second without spending an attempt; one still running in its
 /// handler may then run twice, which at-least-once delivery allows.
+///
+/// A delivery whose handler said `working` is kept: long work run twice is what `working` is
+/// there to prevent (DESIGN §14). Its handler says so again once reconnected, and an answer lost
+/// with the connection costs at most one handler timeout, after which it is timed out as usual.
 async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
     let mut seen = shared.connection.losses();
     loop {
         seen = shared.connection.lost_since(seen).await;
         let lost: Vec<Sent> = {
             let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
-            let lost = in_flight.pending.extract_if(|_, sent| sent.losses < seen).map(|(_, s)| s).collect();
+            let lost = in_flight
+                .pending
+                .extract_if(|_, sent| sent.losses < seen && sent.extended_at.is_none())
+                .map(|(_, s)| s)
+                .collect();
             if in_flight.pending.is_empty() {
                 shared.drained.notify_waiters();
             }

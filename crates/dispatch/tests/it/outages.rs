@@ -136,3 +136,61 @@ async fn a_delivery_in_flight_when_nats_restarts_is_given_back_at_once_without_s
     release.notify_one();
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_delivery_whose_handler_works_is_kept_through_a_nats_restart_and_runs_once() {
+    let mut w = World::new().await;
+    w.kv_trigger("slow", "orders", "slow").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let worker_client = async_nats::connect(w.nats_url()).await.unwrap();
+    let (worker, mut seen) = start_worker_on(worker_client.clone(), "shop", "slow", {
+        let (calls, release) = (calls.clone(), release.clone());
+        move |d: picloud_worker::Delivery| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let release = release.clone();
+            async move {
+                d.long_running(release.notified()).await;
+                Ok(picloud_worker::Reply::ok(json!({})))
+            }
+        }
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    w.put("orders", "o-1", json!({"n": 1}), 0).await;
+    let first = next(&mut seen, "the delivery").await;
+    let lease = |w: &World| {
+        let pool = w.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, Option<time::OffsetDateTime>>(
+                "SELECT leased_until FROM outbox WHERE id = $1",
+            )
+            .bind(first.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let claimed = lease(&w).await;
+    picloud_testkit::eventually("the handler's working to move the lease", || async {
+        (lease(&w).await > claimed).then_some(())
+    })
+    .await;
+
+    w.nats.restart().await.unwrap();
+    // Its workings after the restart move the lease again, twice (the first might have been
+    // written from one said before): the relay hears it, so the final answer will reach it.
+    for _ in 0..2 {
+        let before = lease(&w).await;
+        picloud_testkit::eventually("a working heard after the restart", || async {
+            (lease(&w).await > before).then_some(())
+        })
+        .await;
+    }
+    release.notify_one();
+    w.drained().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the working delivery was not given back and run again");
+    assert!(w.dead_letters().await.is_empty());
+    relay.stop().await;
+    worker.stop().await;
+}
