@@ -279,3 +279,35 @@ async fn when_the_waiting_node_dies_a_relay_records_the_call_abandoned_and_never
     echo.shutdown().await;
     assert!(seen.try_recv().is_err(), "the handler was not called again");
 }
+
+#[tokio::test]
+async fn a_sync_calls_answer_is_taken_only_from_its_own_app() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "call", "kind": "http", "handler": {"function": "call"}})).await;
+    let handler = async_nats::connect(api.nats.url()).await.unwrap();
+    let mut calls = handler.subscribe("picloud.v1.handle.shop.call").await.unwrap();
+    picloud_worker::round_trip(&handler).await.unwrap();
+    let call = api.invoke_in_background("call", &[]);
+    let delivery = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut calls))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = delivery.reply.unwrap().to_string();
+    assert!(reply.contains(".shop."), "{reply}");
+    let ok = |body: &'static [u8]| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Picloud-Status", "ok");
+        (headers, bytes::Bytes::from_static(body))
+    };
+    // Another app answers first, under its own name where the app stands; then the real one, on
+    // the same connection, so in that order.
+    let (headers, body) = ok(br#"{"forged": true}"#);
+    handler.publish_with_headers(reply.replace(".shop.", ".other."), headers, body).await.unwrap();
+    let (headers, body) = ok(br#"{"real": true}"#);
+    handler.publish_with_headers(reply, headers, body).await.unwrap();
+    let answer = call.await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let body: Value =
+        serde_json::from_slice(&axum::body::to_bytes(answer.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(body, json!({"real": true}), "the other app's answer was taken");
+}

@@ -355,11 +355,36 @@ async fn an_answer_from_another_app_under_its_own_name_is_ignored_by_the_relay()
     let delivery = next(&mut handler, "shop's delivery").await;
     let reply = delivery.reply.clone().expect("a delivery is a request").to_string();
     assert!(reply.contains(".shop."), "{reply}");
-    // demo may publish where its own name stands: the server lets the forgery through, the
-    // relay must not take it. shop's answer, sent after the server handled it, is the real one.
-    demo.publish_with_headers(reply.replace(".shop.", ".demo."), status("fail"), Bytes::new()).await.unwrap();
+    // demo may publish where its own name stands: the server lets the forgeries through, the
+    // relay must take neither. shop's replies, sent after the server handled them, are the real
+    // ones.
+    let mut forged_working = status("working");
+    forged_working.insert("Picloud-Progress", "13");
+    let forged = reply.replace(".shop.", ".demo.");
+    demo.publish_with_headers(forged.clone(), forged_working, Bytes::new()).await.unwrap();
+    demo.publish_with_headers(forged, status("fail"), Bytes::new()).await.unwrap();
     round_trip(&demo).await;
     assert!(demo_errors.try_recv().is_err(), "the server refused demo's publish");
+    // shop's own working moves the lease; had demo's been taken, its progress would be there.
+    let leased = |w: &World| {
+        let pool = w.store.pool().clone();
+        async move {
+            sqlx::query_as::<_, (Option<time::OffsetDateTime>, Option<i16>)>(
+                "SELECT leased_until, progress FROM outbox",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (claimed, _) = leased(&w).await;
+    shop.publish_with_headers(reply.clone(), status("working"), Bytes::new()).await.unwrap();
+    let progress = picloud_testkit::eventually("shop's working to move the lease", || async {
+        let (lease, progress) = leased(&w).await;
+        (lease > claimed).then_some(progress)
+    })
+    .await;
+    assert_eq!(progress, None, "demo's working was taken for shop's delivery");
     shop.publish_with_headers(reply, status("ok"), Bytes::from_static(b"{}")).await.unwrap();
     w.drained().await;
     assert!(w.dead_letters().await.is_empty(), "the forged fail was taken: {:?}", w.dead_letters().await);
