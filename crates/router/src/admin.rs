@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Subcommand;
 use picloud_api::ops::dead_letters::DeadLetterQuery;
+use picloud_api::ops::deliveries::DeliveryQuery;
 use picloud_api::views::CreateToken;
 use picloud_api::{ApiError, Caller, Ops, Page, PageQuery};
 use picloud_core::token::{LifetimeOutOfRange, token_lifetime};
@@ -48,6 +49,9 @@ pub enum AdminCommand {
     /// Dead letters.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Deliveries in the outbox.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
 }
 
 /// `admin apps …`
@@ -118,6 +122,23 @@ pub enum DeadLettersCommand {
     Replay { app: String, id: Uuid },
     /// Mark an unresolved dead letter ignored.
     Ignore { app: String, id: Uuid },
+}
+
+/// `admin deliveries …` (cancelling one is the API's: it tells the handler over NATS).
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List an app's deliveries in the outbox, oldest first.
+    List {
+        app: String,
+        /// Only those in this state: pending, scheduled, in_flight or waiting.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only those of this trigger.
+        #[arg(long)]
+        trigger: Option<String>,
+    },
+    /// One delivery, with its event and its last attempts.
+    Show { app: String, id: Uuid },
 }
 
 /// `--expires-in`: `3600`, `90s`, `15m`, `12h` or `30d`, within the lifetime `POST /v1/tokens`
@@ -250,6 +271,18 @@ async fn execute(ops: &Ops, command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::DeadLetters(DeadLettersCommand::Ignore { app, id }) => {
             print(&ops.ignore_dead_letter(&operator(ops, Some(&app)).await?, &id.to_string()).await?)
+        }
+        AdminCommand::Deliveries(DeliveriesCommand::List { app, state, trigger }) => {
+            let operator = &operator(ops, Some(&app)).await?;
+            let query = DeliveryQuery { trigger, state };
+            print_all(|page| {
+                let query = query.clone();
+                async move { ops.list_deliveries(operator, query, &page).await }
+            })
+            .await
+        }
+        AdminCommand::Deliveries(DeliveriesCommand::Show { app, id }) => {
+            print(&ops.delivery(&operator(ops, Some(&app)).await?, &id.to_string()).await?)
         }
     }
 }

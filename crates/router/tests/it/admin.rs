@@ -52,6 +52,7 @@ async fn admin_bootstraps_a_platform_admin_manages_apps_members_and_tokens_and_l
     assert_eq!(listed.iter().map(|a| a["slug"].clone()).collect::<Vec<_>>(), ["shop"]);
     assert!(router(url, &["admin", "dead-letters", "list", "shop", "--unresolved"]).unwrap().is_empty());
     assert!(router(url, &["admin", "triggers", "list", "shop"]).unwrap().is_empty());
+    assert!(router(url, &["admin", "deliveries", "list", "shop", "--state", "pending"]).unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -73,6 +74,11 @@ async fn admin_refuses_bad_input_with_a_clear_message_and_changes_nothing() {
         router(url, &["admin", "dead-letters", "replay", "shop", &uuid::Uuid::now_v7().to_string()])
             .unwrap_err();
     assert!(unknown.contains("dead_letter_not_found") || unknown.contains("not found"), "{unknown}");
+    let bad_state = router(url, &["admin", "deliveries", "list", "shop", "--state", "done"]).unwrap_err();
+    assert!(bad_state.contains("pending, scheduled, in_flight or waiting"), "{bad_state}");
+    let no_delivery =
+        router(url, &["admin", "deliveries", "show", "shop", &uuid::Uuid::now_v7().to_string()]).unwrap_err();
+    assert!(no_delivery.contains("no delivery"), "{no_delivery}");
     assert_eq!(
         router(url, &["admin", "apps", "list"]).unwrap().len(),
         1,
