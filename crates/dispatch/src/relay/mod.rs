@@ -5,11 +5,13 @@
 //!   row's registering principal, publishes the envelopes and records them as in flight;
 //! - the **responder** reads the relay's own inbox (`<inbox>.<app>.<seq>`) and turns replies into
 //!   answers, each taken only from the delivery's own app; a `working` reply asks for a longer lease;
-//! - the **lease extender** writes those longer leases and then moves the deliveries' deadlines;
+//! - the **lease extender** writes those longer leases and then moves the deliveries' deadlines,
+//!   and sends a handler that asked for it the delivery token of its moved deadline (after
+//!   checking its principal again, in a task of its own);
 //! - the **timer** turns in-flight deliveries past their deadline into timeouts;
 //! - the **watchman** gives back the deliveries in flight on a NATS connection that was lost:
 //!   their answers cannot arrive any more, so they are tried again within a second without spending an
-//!   attempt;
+//!   attempt (one whose handler said `working` is kept, and given back at its deadline);
 //! - the **completer** counts each answer out of its app's share and its trigger's slots as it
 //!   arrives (starting, in a task, the rows of limited triggers that waited ahead of a slot),
 //!   batches the answers into one transaction at a time and gives the relay's slots back once it
@@ -656,9 +658,16 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
                 (a, b) => a.or(b),
             }
         };
-        for Sent { at, mut done, .. } in expired {
+        let losses = shared.connection.losses();
+        for Sent { at, mut done, losses: published_at, .. } in expired {
             tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
-            done.answer = Answer::Timeout;
+            // One kept through a lost connection (its handler said `working`) may have answered
+            // into the outage: the platform cut it short, so the attempt is given back.
+            done.answer = if published_at < losses {
+                Answer::Interrupted("the NATS connection was lost while the delivery worked; its answer may have been lost with it".into())
+            } else {
+                Answer::Timeout
+            };
             shared.metrics.answered(&done.answer, at.elapsed());
             let _ = done_tx.send(done);
         }
@@ -699,7 +708,7 @@ fn working<S>(
         match reply {
             Some(reply) if in_app_inbox(app, &reply) => sent.renew_to = Some(reply),
             Some(reply) => {
-                tracing::warn!(%app, %reply, "a working reply asked for its token outside its app's inbox; ignored");
+                tracing::debug!(%app, %reply, "a working reply asked for its token outside its app's inbox; ignored");
             }
             None => {}
         }
@@ -797,36 +806,45 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
                 }
             }
         }
-        if renewals.is_empty() {
-            continue;
+        if !renewals.is_empty() {
+            // In a task of its own: the next longer leases never wait for a slow read or send.
+            tokio::spawn(renew(shared.clone(), renewals));
         }
-        // The principal is checked again, as before a delivery: one that lost the right to run the
-        // trigger gets no token past the deadline it had, and one whose role changed gets its
-        // scopes now.
-        let mut triggers: Vec<TriggerId> = renewals.iter().map(|(_, _, _, trigger)| *trigger).collect();
-        triggers.sort_unstable();
-        triggers.dedup();
-        let targets = match shared.store.delivery_targets(&triggers).await {
-            Ok(read) => read.targets,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not check the principals of working deliveries; no token renewed");
-                Vec::new()
-            }
+    }
+}
+
+/// Sends working deliveries the delivery token of their moved deadline: `(where, what the token
+/// said, the new deadline, the trigger)` each, for a principal that may still run the trigger.
+async fn renew<S: Store>(
+    shared: Arc<Shared<S>>,
+    renewals: Vec<(async_nats::Subject, DeliveryToken, Instant, TriggerId)>,
+) {
+    let node = &shared.config.node;
+    // The principal is checked again, as before a delivery: one that lost the right to run the
+    // trigger gets no token past the deadline it had, and one whose role changed gets its
+    // scopes now.
+    let mut triggers: Vec<TriggerId> = renewals.iter().map(|(_, _, _, trigger)| *trigger).collect();
+    triggers.sort_unstable();
+    triggers.dedup();
+    let targets = match shared.store.delivery_targets(&triggers).await {
+        Ok(read) => read.targets,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the principals of working deliveries; no token renewed");
+            Vec::new()
+        }
+    };
+    for (to, claims, deadline, trigger) in renewals {
+        let target = targets.iter().find(|t| t.trigger.id == trigger && t.trigger.app_id == claims.app);
+        let Some(access) = target.and_then(run_as_access) else {
+            tracing::info!(%trigger, "a working delivery's principal may no longer run its trigger; no token renewed");
+            continue;
         };
-        for (to, claims, deadline, trigger) in renewals {
-            let target = targets.iter().find(|t| t.trigger.id == trigger && t.trigger.app_id == claims.app);
-            let Some(access) = target.and_then(run_as_access) else {
-                tracing::info!(%trigger, "a working delivery's principal may no longer run its trigger; no token renewed");
-                continue;
-            };
-            let deadline_ms = unix_millis_after(deadline.saturating_duration_since(Instant::now()));
-            let claims = DeliveryToken { deadline_ms, scopes: access.delivery_scopes(), ..claims };
-            let renewal =
-                Renewal { picloudtoken: node.token_key.sign(&claims), piclouddeadline: deadline_ms };
-            let body = serde_json::to_vec(&renewal).expect("a renewal serializes");
-            if let Err(e) = shared.nats.publish(to, body.into()).await {
-                tracing::warn!(error = %e, "could not send a working delivery the token of its moved deadline");
-            }
+        let deadline_ms = unix_millis_after(deadline.saturating_duration_since(Instant::now()));
+        let claims = DeliveryToken { deadline_ms, scopes: access.delivery_scopes(), ..claims };
+        let renewal = Renewal { picloudtoken: node.token_key.sign(&claims), piclouddeadline: deadline_ms };
+        let body = serde_json::to_vec(&renewal).expect("a renewal serializes");
+        if let Err(e) = shared.nats.publish(to, body.into()).await {
+            tracing::warn!(error = %e, "could not send a working delivery the token of its moved deadline");
         }
     }
 }
@@ -837,8 +855,9 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
 /// handler may then run twice, which at-least-once delivery allows.
 ///
 /// A delivery whose handler said `working` is kept: long work run twice is what `working` is
-/// there to prevent (DESIGN §14). Its handler says so again once reconnected, and an answer lost
-/// with the connection costs at most one handler timeout, after which it is timed out as usual.
+/// there to prevent (DESIGN §14). Its handler says so again once reconnected; an answer lost with
+/// the connection costs at most one handler timeout, and the timer then gives its attempt back
+/// rather than spending it.
 async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
     let mut seen = shared.connection.losses();
     loop {

@@ -198,7 +198,8 @@ async fn a_principal_that_may_no_longer_run_the_trigger_gets_no_renewed_token() 
     tokio::time::timeout(Duration::from_secs(20), own.next()).await.expect("a renewal while it may").unwrap();
 
     w.store.remove_member(w.app.id, w.admin.id).await.unwrap();
-    // Two more longer leases: the relay sends a renewal before it writes the next lease.
+    // Two more longer leases: a renewal goes out within moments of its lease, long before the
+    // next one (a quarter of the handler timeout later at least).
     let lease = held.until_the_lease_passes(&w, lease, "_INBOX_shop.mine").await;
     held.until_the_lease_passes(&w, lease, "_INBOX_shop.mine").await;
     assert!(
