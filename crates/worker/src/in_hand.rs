@@ -10,23 +10,24 @@ use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use futures::StreamExt as _;
-use picloud_core::protocol::{CancelNotice, Renewal};
+use picloud_core::protocol::{CancelNotice, Renewal, in_app_inbox};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::Error;
 
-/// The token of a delivery's moved deadline, when the relay sent one.
+/// The token of an attempt's moved deadline, when the relay sent one.
 pub(crate) type Renewed = Arc<Mutex<Option<Renewal>>>;
 
 /// What a worker keeps of one delivery in hand.
 #[derive(Debug)]
 struct Held {
     cancellation: CancellationToken,
-    renewed: Renewed,
+    /// By attempt: each attempt's deadline moves on its own.
+    renewed: HashMap<u32, Renewed>,
     /// How many attempts of it are in hand (a delivery timed out and retried may run twice here
-    /// at once: a notice stops both, and both see a renewal).
+    /// at once: a notice stops both).
     holders: usize,
 }
 
@@ -69,38 +70,50 @@ impl Early {
 pub(crate) struct InHand {
     held: Arc<Mutex<HashMap<Uuid, Held>>>,
     early: Arc<Mutex<Early>>,
-    /// `<a fresh inbox of the worker>.renew`: a delivery's renewals come to `<this>.<id>`.
-    renewals: String,
+    /// `<a fresh inbox of the worker>.renew`: an attempt's renewals come to
+    /// `<this>.<id>.<attempt>`. `None` when the worker's inboxes are not in its app's namespace
+    /// (`_INBOX_<app>`): the relay sends renewals nowhere else, so none is asked for.
+    renewals: Option<String>,
 }
 
 impl InHand {
-    /// Nothing in hand yet; renewals come to a fresh inbox of `client`.
-    pub(crate) fn new(client: &Client) -> InHand {
+    /// Nothing in hand yet; renewals come to a fresh inbox of `client`, if it is in `app`'s
+    /// inbox namespace.
+    pub(crate) fn new(client: &Client, app: &str) -> InHand {
+        let renewals = format!("{}.renew", client.new_inbox());
+        if !in_app_inbox(app, &renewals) {
+            tracing::info!(
+                %app,
+                "the connection's inbox prefix is not _INBOX_{app}: working deliveries get no token for their moved deadline"
+            );
+        }
         InHand {
             held: Arc::default(),
             early: Arc::default(),
-            renewals: format!("{}.renew", client.new_inbox()),
+            renewals: in_app_inbox(app, &renewals).then_some(renewals),
         }
     }
 
-    /// Takes delivery `id` in hand until the returned guard drops; cancelled already when its
-    /// cancel notice came first.
-    pub(crate) fn take(&self, id: Uuid) -> Taken {
+    /// Takes attempt `attempt` of delivery `id` in hand until the returned guard drops; cancelled
+    /// already when its cancel notice came first.
+    pub(crate) fn take(&self, id: Uuid, attempt: u32) -> Taken {
         let mut held = self.held.lock().expect("in-hand lock");
         let entry = held.entry(id).or_insert_with(|| {
             let cancellation = CancellationToken::new();
             if self.early.lock().expect("early notices lock").has(id, Instant::now()) {
                 cancellation.cancel();
             }
-            Held { cancellation, renewed: Renewed::default(), holders: 0 }
+            Held { cancellation, renewed: HashMap::new(), holders: 0 }
         });
         entry.holders += 1;
         Taken {
             in_hand: self.clone(),
             id,
             cancellation: entry.cancellation.clone(),
-            renewed: entry.renewed.clone(),
-            renew_to: format!("{}.{id}", self.renewals).into(),
+            renewal: self.renewals.as_ref().map(|renewals| {
+                let renewed = entry.renewed.entry(attempt).or_default().clone();
+                (format!("{renewals}.{id}.{attempt}").into(), renewed)
+            }),
         }
     }
 
@@ -127,14 +140,18 @@ impl InHand {
                 }
             });
         }
-        let mut renewals = client.subscribe(format!("{}.*", self.renewals)).await?;
+        let Some(prefix) = &self.renewals else { return Ok(listening) };
+        let mut renewals = client.subscribe(format!("{prefix}.*.*")).await?;
         let in_hand = self.clone();
         listening.spawn(async move {
             while let Some(msg) = renewals.next().await {
-                let id = msg.subject.rsplit('.').next().and_then(|id| id.parse::<Uuid>().ok());
-                match (id, serde_json::from_slice::<Renewal>(&msg.payload)) {
-                    (Some(id), Ok(renewal)) => in_hand.with(id, |held| {
-                        let mut renewed = held.renewed.lock().expect("renewal lock");
+                let mut tokens = msg.subject.rsplit('.');
+                let attempt = tokens.next().and_then(|a| a.parse::<u32>().ok());
+                let id = tokens.next().and_then(|id| id.parse::<Uuid>().ok());
+                match (id, attempt, serde_json::from_slice::<Renewal>(&msg.payload)) {
+                    (Some(id), Some(attempt), Ok(renewal)) => in_hand.with(id, |held| {
+                        let Some(renewed) = held.renewed.get(&attempt) else { return };
+                        let mut renewed = renewed.lock().expect("renewal lock");
                         // Renewals may cross on the wire: the latest deadline wins.
                         if renewed.as_ref().is_none_or(|r| r.piclouddeadline < renewal.piclouddeadline) {
                             *renewed = Some(renewal);
@@ -171,10 +188,9 @@ pub(crate) struct Taken {
     id: Uuid,
     /// Fired when a notice names the delivery.
     pub(crate) cancellation: CancellationToken,
-    /// The token of its moved deadline.
-    pub(crate) renewed: Renewed,
-    /// The reply subject of its `working` replies: where the relay sends that token.
-    pub(crate) renew_to: async_nats::Subject,
+    /// The reply subject of its `working` replies, where the relay sends the token of its moved
+    /// deadline, and where that token is kept (`None` when the worker gets no renewals).
+    pub(crate) renewal: Option<(async_nats::Subject, Renewed)>,
 }
 
 impl Drop for Taken {

@@ -291,13 +291,20 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Connects to NATS (`url` may list several servers, comma-separated) for `app`.
+    /// Connects to NATS (`url` may list several servers, comma-separated) for `app`, with the
+    /// app's inbox prefix `_INBOX_<app>`.
     pub async fn connect(url: &str, app: &str) -> Result<Worker, Error> {
-        let client = async_nats::connect(url).await?;
+        let client = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(format!("_INBOX_{app}"))
+            .connect(url)
+            .await?;
         Ok(Worker::new(client, app))
     }
 
-    /// A worker over an existing connection.
+    /// A worker over an existing connection. Connect it with the app's inbox prefix
+    /// (`ConnectOptions::custom_inbox_prefix("_INBOX_<app>")`, as [`Worker::connect`] does): the
+    /// shipped NATS permissions require it, and a working delivery gets the token of its moved
+    /// deadline only there.
     pub fn new(client: Client, app: &str) -> Worker {
         Worker {
             client,
@@ -355,7 +362,7 @@ impl Worker {
         let subjects = self.subjects.map_err(Error::Prefix)?;
         let mut queues = Vec::with_capacity(self.handlers.len());
         let mut cancel_subjects = Vec::with_capacity(self.handlers.len());
-        let in_hand = InHand::new(&self.client);
+        let in_hand = InHand::new(&self.client, app.as_str());
         for (name, f) in self.handlers {
             let name = name?;
             cancel_subjects.push(subjects.cancel(app.as_str(), name.as_str()));
@@ -421,18 +428,23 @@ async fn answer(client: &Client, in_hand: &InHand, msg: Message, f: &HandlerFn) 
         Ok(mut delivery) => {
             delivery.reply = Some((client.clone(), reply_to.clone()));
             let id = delivery.id;
-            let taken = in_hand.take(id);
+            let taken = in_hand.take(id, delivery.attempt);
             delivery.cancellation = taken.cancellation.clone();
-            delivery.renewal = Some((taken.renew_to.clone(), taken.renewed.clone()));
-            tokio::select! {
-                () = taken.cancellation.cancelled() => Reply::fail("cancelled"),
-                answered = f(delivery) => match answered {
-                    Ok(reply) => reply,
-                    Err(e) => {
-                        tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
-                        Reply::retry(e.to_string())
-                    }
-                },
+            delivery.renewal = taken.renewal.clone();
+            if taken.cancellation.is_cancelled() {
+                // Its notice came first: the handler never sees it.
+                Reply::fail("cancelled")
+            } else {
+                tokio::select! {
+                    () = taken.cancellation.cancelled() => Reply::fail("cancelled"),
+                    answered = f(delivery) => match answered {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
+                            Reply::retry(e.to_string())
+                        }
+                    },
+                }
             }
         }
         Err(e) => Reply::fail(format!("malformed delivery: {e}")),

@@ -217,7 +217,9 @@ async fn a_cancel_notice_stops_its_delivery_in_hand_and_one_that_comes_before_it
     let nats = NatsServer::start().await.unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let (started_tx, mut started) = mpsc::unbounded_channel::<Uuid>();
+    // One delivery at a time: the second waits for the first's slot, taken after its notice.
     let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .concurrency(1)
         .handle("long", move |d: Delivery| {
             let _ = started_tx.send(d.id);
             async move {
@@ -229,24 +231,28 @@ async fn a_cancel_notice_stops_its_delivery_in_hand_and_one_that_comes_before_it
         .await
         .unwrap();
     let notice = |id: Uuid| Bytes::from(serde_json::json!({ "id": id }).to_string());
-
-    // In hand: the notice drops the handler's future, and the delivery is answered `fail`.
-    let running = Uuid::now_v7();
-    let answer = tokio::spawn({
+    let send = |id: Uuid| {
         let client = client.clone();
-        async move { request(&client, "long", envelope(running, 1)).await }
-    });
-    assert_eq!(tokio::time::timeout(Duration::from_secs(10), started.recv()).await.unwrap(), Some(running));
-    client.publish("picloud.v1.cancel.shop.long", notice(running)).await.unwrap();
-    let answer = answer.await.unwrap();
-    assert_eq!(status(&answer).as_deref(), Some("fail"));
-    assert_eq!(answer.headers.as_ref().unwrap().get("Picloud-Error").unwrap().as_str(), "cancelled");
+        tokio::spawn(async move { request(&client, "long", envelope(id, 1)).await })
+    };
 
-    // Before it: the notice is kept, and the delivery is cancelled when it comes.
+    let running = Uuid::now_v7();
+    let first = send(running);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), started.recv()).await.unwrap(), Some(running));
     let early = Uuid::now_v7();
     client.publish("picloud.v1.cancel.shop.long", notice(early)).await.unwrap();
     picloud_worker::round_trip(&client).await.unwrap();
-    let answer = request(&client, "long", envelope(early, 1)).await;
-    assert_eq!(status(&answer).as_deref(), Some("fail"), "cancelled before it ran to its end");
+    let second = send(early);
+    picloud_worker::round_trip(&client).await.unwrap();
+
+    // In hand: the notice drops the handler's future, and the delivery is answered `fail`.
+    client.publish("picloud.v1.cancel.shop.long", notice(running)).await.unwrap();
+    let answer = first.await.unwrap();
+    assert_eq!(status(&answer).as_deref(), Some("fail"));
+    assert_eq!(answer.headers.as_ref().unwrap().get("Picloud-Error").unwrap().as_str(), "cancelled");
+    // Before it: the notice was kept, and the delivery is cancelled as it is taken, never run.
+    let answer = second.await.unwrap();
+    assert_eq!(status(&answer).as_deref(), Some("fail"));
+    assert!(started.try_recv().is_err(), "the early-cancelled delivery ran");
     worker.shutdown().await;
 }
