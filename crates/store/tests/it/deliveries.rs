@@ -40,20 +40,25 @@ async fn deliveries_are_listed_oldest_first_by_state_and_trigger_in_pages<S: Sto
     let scheduled = delivery(&t, &trigger, Duration::from_secs(60));
     let of_other = delivery(&t, &other_trigger, Duration::ZERO);
     let limited = NewDelivery { gated: true, ..delivery(&t, &other_trigger, Duration::ZERO) };
-    insert(&s, &[pending.clone(), scheduled.clone(), of_other.clone(), limited.clone()]).await;
+    let limited_later = NewDelivery { gated: true, ..delivery(&t, &other_trigger, Duration::from_secs(60)) };
+    insert(
+        &s,
+        &[pending.clone(), scheduled.clone(), of_other.clone(), limited.clone(), limited_later.clone()],
+    )
+    .await;
     insert(&s, &[delivery(&elsewhere, &elsewhere_trigger, Duration::ZERO)]).await;
 
     let all = listed(&s, &t.app, DeliveryFilter::default()).await;
     assert_eq!(
         all,
-        [leased.id, pending.id, scheduled.id, of_other.id, limited.id],
+        [leased.id, pending.id, scheduled.id, of_other.id, limited.id, limited_later.id],
         "the app's own, oldest first"
     );
     let now = s.clock().now();
     for (state, expected) in [
         (DeliveryState::InFlight, vec![leased.id]),
         (DeliveryState::Pending, vec![pending.id, of_other.id]),
-        (DeliveryState::Scheduled, vec![scheduled.id]),
+        (DeliveryState::Scheduled, vec![scheduled.id, limited_later.id]),
         (DeliveryState::Waiting, vec![limited.id]),
     ] {
         let filter = DeliveryFilter { state: Some(state), ..DeliveryFilter::default() };
@@ -65,7 +70,7 @@ async fn deliveries_are_listed_oldest_first_by_state_and_trigger_in_pages<S: Sto
         );
     }
     let of_trigger = DeliveryFilter { trigger_id: Some(other_trigger.id), ..DeliveryFilter::default() };
-    assert_eq!(listed(&s, &t.app, of_trigger).await, [of_other.id, limited.id]);
+    assert_eq!(listed(&s, &t.app, of_trigger).await, [of_other.id, limited.id, limited_later.id]);
 
     let first = s.list_deliveries(t.app.id, &DeliveryFilter::default(), None, 3).await.unwrap();
     assert_eq!((first.items.len(), first.has_more), (3, true));
@@ -73,7 +78,7 @@ async fn deliveries_are_listed_oldest_first_by_state_and_trigger_in_pages<S: Sto
         s.list_deliveries(t.app.id, &DeliveryFilter::default(), Some(first.items[2].id), 3).await.unwrap();
     assert_eq!(
         (rest.items.iter().map(|d| d.id).collect::<Vec<_>>(), rest.has_more),
-        (vec![of_other.id, limited.id], false)
+        (vec![of_other.id, limited.id, limited_later.id], false)
     );
 
     s.clock().advance(LEASE);
