@@ -194,3 +194,55 @@ async fn a_delivery_whose_handler_works_is_kept_through_a_nats_restart_and_runs_
     relay.stop().await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_kept_working_delivery_whose_deadline_passes_after_a_nats_restart_gets_its_attempt_back() {
+    let mut w = World::new().await;
+    w.kv_trigger("slow", "orders", "slow").await;
+    let worker_client = async_nats::connect(w.nats_url()).await.unwrap();
+    // The first attempt says working once, then never answers (its answer lost with the
+    // connection, as far as the relay can tell); the next one answers.
+    let release = Arc::new(Notify::new());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (worker, mut seen) = start_worker_on(worker_client.clone(), "shop", "slow", {
+        let release = release.clone();
+        move |d: picloud_worker::Delivery| {
+            let (release, first) = (release.clone(), calls.fetch_add(1, Ordering::SeqCst) == 0);
+            async move {
+                if first && d.working(None).await.is_ok() {
+                    release.notified().await;
+                }
+                Ok(picloud_worker::Reply::ok(json!({})))
+            }
+        }
+    })
+    .await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    w.put("orders", "o-1", json!({"n": 1}), 0).await;
+    let first = next(&mut seen, "the delivery").await;
+    let lease = || async {
+        sqlx::query_scalar::<_, Option<time::OffsetDateTime>>("SELECT leased_until FROM outbox WHERE id = $1")
+            .bind(first.id)
+            .fetch_one(w.store.pool())
+            .await
+            .unwrap()
+    };
+    let claimed = lease().await;
+    picloud_testkit::eventually("its working to move the lease", || async {
+        (lease().await > claimed).then_some(())
+    })
+    .await;
+    let connects = worker_client.statistics().connects.load(Ordering::SeqCst);
+    w.nats.restart().await.unwrap();
+    picloud_testkit::eventually("the worker connected to the restarted server", || async {
+        (worker_client.statistics().connects.load(Ordering::SeqCst) > connects).then_some(())
+    })
+    .await;
+
+    let again = next(&mut seen, "the delivery again, after its deadline").await;
+    assert_eq!((again.id, again.attempt), (first.id, first.attempt), "the attempt is given back, not spent");
+    w.drained().await;
+    relay.stop().await;
+    release.notify_one();
+    worker.stop().await;
+}
