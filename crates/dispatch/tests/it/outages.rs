@@ -156,7 +156,10 @@ async fn a_delivery_whose_handler_works_is_kept_through_a_nats_restart_and_runs_
         }
     })
     .await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    // A deadline that outlasts the restart: the delivery is kept, not timed out, through it.
+    let mut config = relay_config("n");
+    config.node.handler_timeout = std::time::Duration::from_secs(5);
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     w.put("orders", "o-1", json!({"n": 1}), 0).await;
     let first = next(&mut seen, "the delivery").await;
     let lease = |w: &World| {
@@ -217,7 +220,10 @@ async fn a_kept_working_delivery_whose_deadline_passes_after_a_nats_restart_gets
         }
     })
     .await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    // A deadline well after the restart: the relay has seen its connection lost by then.
+    let mut config = relay_config("n");
+    config.node.handler_timeout = std::time::Duration::from_secs(5);
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     w.put("orders", "o-1", json!({"n": 1}), 0).await;
     let first = next(&mut seen, "the delivery").await;
     let lease = || async {
