@@ -2,7 +2,11 @@
 
 use std::process::Command;
 
-use picloud_store::{AuthRepo, PgStore};
+use std::time::Duration;
+
+use picloud_core::{HandlerName, QueueName, TriggerConfig, TriggerName};
+use picloud_store::events::{self, EventContext};
+use picloud_store::{AuthRepo, Handler, NewTrigger, PgStore, Transactional, TriggerRepo, TriggerSpec};
 use picloud_testkit::TestDatabase;
 use serde_json::Value;
 
@@ -52,7 +56,45 @@ async fn admin_bootstraps_a_platform_admin_manages_apps_members_and_tokens_and_l
     assert_eq!(listed.iter().map(|a| a["slug"].clone()).collect::<Vec<_>>(), ["shop"]);
     assert!(router(url, &["admin", "dead-letters", "list", "shop", "--unresolved"]).unwrap().is_empty());
     assert!(router(url, &["admin", "triggers", "list", "shop"]).unwrap().is_empty());
-    assert!(router(url, &["admin", "deliveries", "list", "shop", "--state", "pending"]).unwrap().is_empty());
+    assert!(router(url, &["admin", "deliveries", "list", "shop"]).unwrap().is_empty());
+
+    // A job on a queue trigger: listed by state and trigger, and shown with its event.
+    let app = store.app_by_slug("shop").await.unwrap().unwrap();
+    let queue = QueueName::parse("jobs").unwrap();
+    let new = NewTrigger::new(
+        app.id,
+        TriggerName::parse("jobs").unwrap(),
+        TriggerSpec::Queue { queue: queue.clone() },
+        Handler::Function(HandlerName::parse("h").unwrap()),
+        principal.id,
+    );
+    store.create_trigger(&new).await.unwrap();
+    let config = TriggerConfig::default();
+    let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
+    let payload = serde_json::value::to_raw_value(&serde_json::json!({"n": 1})).unwrap();
+    let job =
+        events::Job { payload: &payload, delay: Duration::ZERO, idempotency_key: None, ordering_key: None };
+    let mut tx = store.begin().await.unwrap();
+    let events::Enqueued::Created(id) = events::enqueue(&store, &mut tx, &cx, &queue, job).await.unwrap()
+    else {
+        panic!("the job was not enqueued")
+    };
+    store.commit(tx).await.unwrap();
+    let pending =
+        router(url, &["admin", "deliveries", "list", "shop", "--state", "pending", "--trigger", "jobs"])
+            .unwrap();
+    assert_eq!(
+        pending.iter().map(|d| (d["id"].clone(), d["trigger"].clone())).collect::<Vec<_>>(),
+        [(serde_json::json!(id), serde_json::json!("jobs"))]
+    );
+    assert!(
+        router(url, &["admin", "deliveries", "list", "shop", "--state", "scheduled"]).unwrap().is_empty()
+    );
+    let shown = router(url, &["admin", "deliveries", "show", "shop", &id.to_string()]).unwrap().remove(0);
+    assert_eq!(
+        (shown["state"].clone(), shown["event"]["data"].clone()),
+        (serde_json::json!("pending"), serde_json::json!({"n": 1}))
+    );
 }
 
 #[tokio::test]
