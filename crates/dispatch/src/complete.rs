@@ -167,21 +167,21 @@ pub async fn complete<S: Store>(
                 }
             }
             (Fate::Retry { delay, refund }, _) => {
-                let record = AttemptRecord {
-                    attempt: d.attempt,
-                    started_at: d.started_at,
-                    ended_at: now,
-                    outcome: d.answer.outcome().to_owned(),
-                    error: error(),
-                    node: node.to_owned(),
-                };
+                let error = error();
                 retries.push(Reschedule {
                     id: d.id,
                     attempt: d.attempt,
                     delay,
-                    error: error().unwrap_or_default(),
+                    error: error.clone().unwrap_or_default(),
                     refund_attempt: refund,
-                    record: Some(record),
+                    record: Some(AttemptRecord {
+                        attempt: d.attempt,
+                        started_at: d.started_at,
+                        ended_at: now,
+                        outcome: d.answer.outcome().to_owned(),
+                        error,
+                        node: node.to_owned(),
+                    }),
                 });
             }
             (Fate::Wait(written), _) => {

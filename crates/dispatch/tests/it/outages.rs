@@ -162,33 +162,13 @@ async fn a_delivery_whose_handler_works_is_kept_through_a_nats_restart_and_runs_
     let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     w.put("orders", "o-1", json!({"n": 1}), 0).await;
     let first = next(&mut seen, "the delivery").await;
-    let lease = |w: &World| {
-        let pool = w.store.pool().clone();
-        async move {
-            sqlx::query_scalar::<_, Option<time::OffsetDateTime>>(
-                "SELECT leased_until FROM outbox WHERE id = $1",
-            )
-            .bind(first.id)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
-    let claimed = lease(&w).await;
-    picloud_testkit::eventually("the handler's working to move the lease", || async {
-        (lease(&w).await > claimed).then_some(())
-    })
-    .await;
+    w.lease_past(first.id, w.lease_of(first.id).await, "the handler's working to move the lease").await;
 
     w.nats.restart().await.unwrap();
     // Its workings after the restart move the lease again, twice (the first might have been
     // written from one said before): the relay hears it, so the final answer will reach it.
     for _ in 0..2 {
-        let before = lease(&w).await;
-        picloud_testkit::eventually("a working heard after the restart", || async {
-            (lease(&w).await > before).then_some(())
-        })
-        .await;
+        w.lease_past(first.id, w.lease_of(first.id).await, "a working heard after the restart").await;
     }
     release.notify_one();
     w.drained().await;
@@ -203,16 +183,18 @@ async fn a_kept_working_delivery_whose_deadline_passes_after_a_nats_restart_gets
     let mut w = World::new().await;
     w.kv_trigger("slow", "orders", "slow").await;
     let worker_client = async_nats::connect(w.nats_url()).await.unwrap();
-    // The first attempt says working once, then never answers (its answer lost with the
-    // connection, as far as the relay can tell); the next one answers.
-    let release = Arc::new(Notify::new());
+    // The first attempt says working until its lease moved, then goes quiet and never answers
+    // (its answer lost with the connection, as far as the relay can tell); the next one answers.
+    let (quiet, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let calls = Arc::new(AtomicUsize::new(0));
     let (worker, mut seen) = start_worker_on(worker_client.clone(), "shop", "slow", {
-        let release = release.clone();
+        let (quiet, release) = (quiet.clone(), release.clone());
         move |d: picloud_worker::Delivery| {
-            let (release, first) = (release.clone(), calls.fetch_add(1, Ordering::SeqCst) == 0);
+            let (quiet, release) = (quiet.clone(), release.clone());
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
             async move {
-                if first && d.working(None).await.is_ok() {
+                if first {
+                    d.long_running(quiet.notified()).await;
                     release.notified().await;
                 }
                 Ok(picloud_worker::Reply::ok(json!({})))
@@ -226,18 +208,8 @@ async fn a_kept_working_delivery_whose_deadline_passes_after_a_nats_restart_gets
     let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     w.put("orders", "o-1", json!({"n": 1}), 0).await;
     let first = next(&mut seen, "the delivery").await;
-    let lease = || async {
-        sqlx::query_scalar::<_, Option<time::OffsetDateTime>>("SELECT leased_until FROM outbox WHERE id = $1")
-            .bind(first.id)
-            .fetch_one(w.store.pool())
-            .await
-            .unwrap()
-    };
-    let claimed = lease().await;
-    picloud_testkit::eventually("its working to move the lease", || async {
-        (lease().await > claimed).then_some(())
-    })
-    .await;
+    w.lease_past(first.id, w.lease_of(first.id).await, "its working to move the lease").await;
+    quiet.notify_one();
     let connects = worker_client.statistics().connects.load(Ordering::SeqCst);
     w.nats.restart().await.unwrap();
     picloud_testkit::eventually("the worker connected to the restarted server", || async {

@@ -181,6 +181,30 @@ impl World {
         fired
     }
 
+    /// The end of delivery `id`'s lease, as Postgres has it (`None`: not leased).
+    pub async fn lease_of(&self, id: uuid::Uuid) -> Option<time::OffsetDateTime> {
+        sqlx::query_scalar("SELECT leased_until FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Waits until delivery `id`'s lease ends later than `before` (`what` names why it should):
+    /// the new end.
+    pub async fn lease_past(
+        &self,
+        id: uuid::Uuid,
+        before: Option<time::OffsetDateTime>,
+        what: &str,
+    ) -> Option<time::OffsetDateTime> {
+        picloud_testkit::eventually(what, || async {
+            let until = self.lease_of(id).await;
+            (until > before).then_some(until)
+        })
+        .await
+    }
+
     pub async fn outbox_len(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(self.store.pool()).await.unwrap()
     }

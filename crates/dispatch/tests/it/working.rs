@@ -16,15 +16,6 @@ fn unix_now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// The row's lease end, as Postgres has it.
-async fn lease_of(w: &World, id: Uuid) -> time::OffsetDateTime {
-    sqlx::query_scalar("SELECT leased_until FROM outbox WHERE id = $1")
-        .bind(id)
-        .fetch_one(w.store.pool())
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_handler_that_works_three_times_its_timeout_while_saying_so_runs_once() {
     let w = World::new().await;
@@ -126,14 +117,14 @@ impl HandHeld {
     async fn until_the_lease_passes(
         &self,
         w: &World,
-        lease: time::OffsetDateTime,
+        lease: Option<time::OffsetDateTime>,
         renew_to: &str,
-    ) -> time::OffsetDateTime {
+    ) -> Option<time::OffsetDateTime> {
         tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 self.working(renew_to).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let now = lease_of(w, self.id).await;
+                let now = w.lease_of(self.id).await;
                 if now > lease {
                     return now;
                 }
@@ -163,7 +154,7 @@ async fn a_renewal_goes_only_to_the_apps_own_inbox_whatever_reply_subject_a_work
     let held = hand_held(&w).await;
 
     // The first longer lease is asked for with a reply subject outside the app's inbox.
-    let first = lease_of(&w, held.id).await;
+    let first = w.lease_of(held.id).await;
     held.until_the_lease_passes(&w, first, "_INBOX.elsewhere.x").await;
     // Later ones name the app's own inbox; the first the relay does not coalesce gets a renewal.
     let renewal = tokio::time::timeout(Duration::from_secs(20), async {
@@ -194,7 +185,7 @@ async fn a_principal_that_may_no_longer_run_the_trigger_gets_no_renewed_token() 
     picloud_worker::round_trip(&watcher).await.unwrap();
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     let held = hand_held(&w).await;
-    let lease = held.until_the_lease_passes(&w, lease_of(&w, held.id).await, "_INBOX_shop.mine").await;
+    let lease = held.until_the_lease_passes(&w, w.lease_of(held.id).await, "_INBOX_shop.mine").await;
     tokio::time::timeout(Duration::from_secs(20), own.next()).await.expect("a renewal while it may").unwrap();
 
     w.store.remove_member(w.app.id, w.admin.id).await.unwrap();
@@ -256,15 +247,11 @@ async fn a_relay_cut_off_while_its_handler_works_leaves_the_row_until_the_extend
     w.put("orders", "o-1", json!(1), 0).await;
 
     let first = next(&mut rx, "the first attempt").await;
-    let claimed_until = lease_of(&w, first.id).await;
-    let extended_until = picloud_testkit::eventually("the lease to move", || async {
-        let until = lease_of(&w, first.id).await;
-        (until > claimed_until).then_some(until)
-    })
-    .await;
+    let extended_until = w.lease_past(first.id, w.lease_of(first.id).await, "the lease to move").await;
     proxy.cut().await;
-    let until = lease_of(&w, first.id).await;
+    let until = w.lease_of(first.id).await;
     assert!(until >= extended_until);
+    let until = until.expect("leased until the extended lease ends");
 
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     let second = next(&mut rx, "the attempt after the extended lease").await;
