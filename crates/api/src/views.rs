@@ -1,9 +1,9 @@
 //! The JSON shapes of the API: what routes answer, and the bodies they take.
 
-use picloud_core::Flow;
+use picloud_core::batch::{MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS, MIN_BATCH_SIZE};
 use picloud_core::flow::{MAX_CONCURRENCY, MAX_DEBOUNCE_MS, MAX_RATE};
 use picloud_core::retry::{MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
-use picloud_core::{RetryOverrides, Role, Scope, TriggerId};
+use picloud_core::{Batch, Flow, RetryOverrides, Role, Scope, TriggerId};
 use picloud_store::{
     AbandonedExecution, ApiToken, App, DeadLetter, Delivery, DeliveryDetail, DeliveryState, EventHeaders,
     Handler, Principal, Trigger, TriggerSpec,
@@ -267,15 +267,17 @@ fn retry_overrides() -> Schema {
         .into()
 }
 
+/// An integer from `min` to `max`, of a trigger's `flow` or `batch`.
+fn integer(min: u32, max: u32, description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(min))
+        .maximum(Some(max))
+        .description(Some(description))
+}
+
 /// The schema of a trigger's `flow` ([`Flow`], DESIGN §13).
 fn flow() -> Schema {
-    let integer = |min: u32, max: u32, description: &str| {
-        ObjectBuilder::new()
-            .schema_type(Type::Integer)
-            .minimum(Some(min))
-            .maximum(Some(max))
-            .description(Some(description))
-    };
     ObjectBuilder::new()
         .property(
             "ordering",
@@ -306,6 +308,24 @@ fn flow() -> Schema {
         )
         .additional_properties(Some(AdditionalProperties::FreeForm(false)))
         .description(Some("How the trigger's deliveries flow (DESIGN §13)."))
+        .build()
+        .into()
+}
+
+/// The schema of a trigger's `batch` ([`Batch`], DESIGN §14).
+fn batch() -> Schema {
+    ObjectBuilder::new()
+        .property("max_size", integer(MIN_BATCH_SIZE, MAX_BATCH_SIZE, "Deliveries in one request, at most."))
+        .required("max_size")
+        .property(
+            "max_wait_ms",
+            integer(0, MAX_BATCH_WAIT_MS, "How long the oldest delivery of an unfilled batch waits for more."),
+        )
+        .required("max_wait_ms")
+        .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        .description(Some(
+            "The trigger's deliveries go to its function handler as batches: one request of up to max_size, sent when that many are due or the oldest has waited max_wait_ms (DESIGN §14). Not for http triggers or webhook handlers.",
+        ))
         .build()
         .into()
 }
@@ -375,6 +395,9 @@ pub struct RegisterTrigger {
     /// How deliveries flow (DESIGN §13); checked field by field, so that a refusal names the field.
     #[schema(schema_with = flow)]
     pub flow: Option<serde_json::Value>,
+    /// How deliveries batch (DESIGN §14); checked field by field, so that a refusal names the field.
+    #[schema(schema_with = batch)]
+    pub batch: Option<serde_json::Value>,
     /// Whether it fires (default true).
     pub enabled: Option<bool>,
 }
@@ -394,6 +417,10 @@ pub struct PatchTrigger {
     #[serde(default, deserialize_with = "present")]
     #[schema(schema_with = flow)]
     pub flow: Option<serde_json::Value>,
+    /// A new batch (replacing the old one); `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(schema_with = batch)]
+    pub batch: Option<serde_json::Value>,
 }
 
 /// A field that may be `null`: given (`Some`, `null` included) or absent (`None`, by default).
@@ -443,6 +470,10 @@ pub struct TriggerView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = flow)]
     pub flow: Option<Flow>,
+    /// How deliveries batch; absent when one at a time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = batch)]
+    pub batch: Option<Batch>,
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
@@ -495,6 +526,7 @@ impl From<Trigger> for TriggerView {
             },
             retry: t.retry,
             flow: t.flow,
+            batch: t.batch,
             enabled: t.enabled,
             registered_by: t.registered_by.as_uuid(),
             created_at: rfc3339(t.created_at),

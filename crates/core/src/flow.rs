@@ -58,11 +58,12 @@ impl Rate {
     }
 }
 
-/// Why a `flow` was refused: the field (`flow.rate.per_second`, …) and the rule.
+/// Why a trigger's `flow` or `batch` was refused: the field (`flow.rate.per_second`,
+/// `batch.max_size`, …) and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
-pub struct FlowError {
-    /// The field's path, from `flow`.
+pub struct FieldError {
+    /// The field's path, from `flow` or `batch`.
     pub field: String,
     /// The rule it broke.
     pub message: String,
@@ -81,28 +82,54 @@ pub const MAX_ORDERING_KEY_BYTES: usize = 200;
 pub const TRIGGER_LANE: &str = "";
 
 /// A refusal of `flow.<field>` (of `flow` itself when `field` is empty).
-fn refuse(field: &str, message: impl Into<String>) -> FlowError {
-    let field = if field.is_empty() { "flow".to_owned() } else { format!("flow.{field}") };
-    FlowError { field, message: message.into() }
+fn refuse(field: &str, message: impl Into<String>) -> FieldError {
+    refuse_in("flow", field, message)
 }
 
-fn integer(value: &Value, field: &str, min: u32, max: u32) -> Result<u32, FlowError> {
+/// A refusal of `<root>.<field>` (of `<root>` itself when `field` is empty).
+pub(crate) fn refuse_in(root: &str, field: &str, message: impl Into<String>) -> FieldError {
+    let field = if field.is_empty() { root.to_owned() } else { format!("{root}.{field}") };
+    FieldError { field, message: message.into() }
+}
+
+fn integer(value: &Value, field: &str, min: u32, max: u32) -> Result<u32, FieldError> {
+    integer_in("flow", value, field, min, max)
+}
+
+/// `<root>.<field>`, an integer from `min` to `max`.
+pub(crate) fn integer_in(
+    root: &str,
+    value: &Value,
+    field: &str,
+    min: u32,
+    max: u32,
+) -> Result<u32, FieldError> {
     value
         .as_u64()
         .filter(|n| (u64::from(min)..=u64::from(max)).contains(n))
         .map(|n| n as u32)
-        .ok_or_else(|| refuse(field, format!("expected an integer from {min} to {max}")))
+        .ok_or_else(|| refuse_in(root, field, format!("expected an integer from {min} to {max}")))
 }
 
 fn object<'a>(
     value: &'a Value,
     field: &str,
     known: &[&str],
-) -> Result<&'a serde_json::Map<String, Value>, FlowError> {
-    let map = value.as_object().ok_or_else(|| refuse(field, "expected an object"))?;
+) -> Result<&'a serde_json::Map<String, Value>, FieldError> {
+    object_in("flow", value, field, known)
+}
+
+/// `<root>.<field>`, an object with no field but `known`.
+pub(crate) fn object_in<'a>(
+    root: &str,
+    value: &'a Value,
+    field: &str,
+    known: &[&str],
+) -> Result<&'a serde_json::Map<String, Value>, FieldError> {
+    let map = value.as_object().ok_or_else(|| refuse_in(root, field, "expected an object"))?;
     if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
         let at = if field.is_empty() { unknown.clone() } else { format!("{field}.{unknown}") };
-        return Err(refuse(&at, format!("unknown field; expected one of {}", known.join(", "))));
+        return Err(refuse_in(root, &at, format!("unknown field; expected one of {}", known.join(", "))));
     }
     Ok(map)
 }
@@ -110,7 +137,7 @@ fn object<'a>(
 impl Flow {
     /// Parses and checks a `flow` object as a client sends it; `null` is no flow. Every refusal
     /// names its field.
-    pub fn from_json(value: &Value) -> Result<Option<Flow>, FlowError> {
+    pub fn from_json(value: &Value) -> Result<Option<Flow>, FieldError> {
         if value.is_null() {
             return Ok(None);
         }

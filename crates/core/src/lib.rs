@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod cron;
 pub mod flow;
@@ -19,9 +20,10 @@ pub mod token;
 pub mod webhook;
 
 pub use auth::{Access, Capability, Role, Scope, ScopeSet, role_satisfies};
+pub use batch::Batch;
 pub use config::{ConfigError, Secret, TriggerConfig};
 pub use cron::{CronError, CronSchedule};
-pub use flow::{Flow, FlowError};
+pub use flow::{FieldError, Flow};
 pub use ids::{AppId, PrincipalId, TriggerId};
 pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueName, TopicName, TriggerName};
 pub use net::{AllowNets, Refusal};

@@ -3,7 +3,8 @@
 use picloud_core::names::{AppSlug, CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
-    AppId, CollectionPattern, CronSchedule, Flow, PrincipalId, RetryOverrides, Role, ScopeSet, TriggerId,
+    AppId, Batch, CollectionPattern, CronSchedule, Flow, PrincipalId, RetryOverrides, Role, ScopeSet,
+    TriggerId,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -201,6 +202,8 @@ pub struct NewTrigger {
     pub retry: RetryOverrides,
     /// How its deliveries flow (DESIGN §13); `None`: freely.
     pub flow: Option<Flow>,
+    /// How many of its deliveries go to the handler at once (DESIGN §14); `None`: one at a time.
+    pub batch: Option<Batch>,
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
@@ -209,7 +212,7 @@ pub struct NewTrigger {
 
 impl NewTrigger {
     /// A trigger of `app_id` named `name`, fired by `spec`, delivered to `handler`, run as
-    /// `registered_by`: enabled, with a fresh id, no retry overrides and no `flow`.
+    /// `registered_by`: enabled, with a fresh id, no retry overrides, no `flow` and no `batch`.
     pub fn new(
         app_id: AppId,
         name: TriggerName,
@@ -225,6 +228,7 @@ impl NewTrigger {
             handler,
             retry: RetryOverrides::default(),
             flow: None,
+            batch: None,
             enabled: true,
             registered_by,
         }
@@ -248,6 +252,8 @@ pub struct Trigger {
     pub retry: RetryOverrides,
     /// How its deliveries flow (DESIGN §13); `None`: freely.
     pub flow: Option<Flow>,
+    /// How many of its deliveries go to the handler at once (DESIGN §14); `None`: one at a time.
+    pub batch: Option<Batch>,
     /// Whether it fires.
     pub enabled: bool,
     /// The principal it runs as.
@@ -270,6 +276,8 @@ pub struct TriggerPatch {
     /// A new flow (`Some(None)` removes it). Deliveries written before keep the lane they were
     /// written in.
     pub flow: Option<Option<Flow>>,
+    /// A new batch (`Some(None)` removes it).
+    pub batch: Option<Option<Batch>>,
 }
 
 /// A delivery to write into the outbox.

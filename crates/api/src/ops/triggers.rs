@@ -5,8 +5,8 @@ use picloud_core::cron::DEFAULT_TIMEZONE;
 use picloud_core::net::AllowNets;
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
-    Capability, CollectionPattern, CronSchedule, Flow, HandlerName, QueueName, RetryOverrides, TriggerConfig,
-    TriggerId, TriggerName,
+    Batch, Capability, CollectionPattern, CronSchedule, Flow, HandlerName, QueueName, RetryOverrides,
+    TriggerConfig, TriggerId, TriggerName,
 };
 use picloud_store::{Handler, KvOp, NewTrigger, Store, TriggerPatch, TriggerSpec};
 
@@ -76,6 +76,31 @@ fn flow(kind: TriggerKind, given: &serde_json::Value) -> Result<Option<Flow>, Ap
         ));
     }
     Ok(flow)
+}
+
+/// A `batch` as given (`null`: none), checked for a trigger of `kind`. `http` triggers take none:
+/// each call has a caller waiting for its own answer.
+fn batch(kind: TriggerKind, given: &serde_json::Value) -> Result<Option<Batch>, ApiError> {
+    let batch = Batch::from_json(given).map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    if batch.is_some() && kind == TriggerKind::Http {
+        return Err(ApiError::invalid(
+            "batch",
+            "http triggers are called synchronously; their calls cannot batch",
+        ));
+    }
+    Ok(batch)
+}
+
+/// Refuses a trigger that would batch into a webhook: a webhook request carries one delivery
+/// (DESIGN §11), and the batch is only ever sent to a function handler.
+fn batch_fits(batch: Option<&Batch>, handler: &Handler) -> Result<(), ApiError> {
+    if batch.is_some() && matches!(handler, Handler::Webhook { .. }) {
+        return Err(ApiError::invalid(
+            "batch",
+            "webhook handlers take one delivery per request; batch needs a function handler",
+        ));
+    }
+    Ok(())
 }
 
 /// The kind-specific fields, checked against the kind.
@@ -178,14 +203,18 @@ impl<S: Store> Ops<S> {
         let name = TriggerName::parse(body.name.clone()).map_err(|e| ApiError::invalid("name", e))?;
         let spec = spec(&body)?;
         let flow = flow(spec.kind(), body.flow.as_ref().unwrap_or(&serde_json::Value::Null))?;
+        let batch = batch(spec.kind(), body.batch.as_ref().unwrap_or(&serde_json::Value::Null))?;
+        let handler = handler(&self.webhook_allow_nets, body.handler)?;
+        batch_fits(batch.as_ref(), &handler)?;
         let new = NewTrigger {
             id: TriggerId::new(),
             app_id: app.id,
             name,
             spec,
-            handler: handler(&self.webhook_allow_nets, body.handler)?,
+            handler,
             retry: retry(&self.triggers, body.retry.unwrap_or_default())?,
             flow,
+            batch,
             enabled: body.enabled.unwrap_or(true),
             registered_by: caller.principal.id,
         };
@@ -213,9 +242,9 @@ impl<S: Store> Ops<S> {
         Ok(TriggerView::shown_to(trigger, sees_webhook_urls(caller)))
     }
 
-    /// Enables or disables a trigger, or changes its handler, retry overrides or flow. A new flow
-    /// applies to deliveries written after it: those written before keep the lane they were
-    /// written in, and dead letters that hold a lane hold it until they are resolved.
+    /// Enables or disables a trigger, or changes its handler, retry overrides, flow or batch. A
+    /// new flow applies to deliveries written after it: those written before keep the lane they
+    /// were written in, and dead letters that hold a lane hold it until they are resolved.
     pub async fn patch_trigger(
         &self,
         caller: &Caller,
@@ -223,18 +252,28 @@ impl<S: Store> Ops<S> {
         body: PatchTrigger,
     ) -> Result<TriggerView, ApiError> {
         let app = caller.require_app(Capability::AppManageTriggers)?;
-        let flow = match &body.flow {
-            None => None,
-            Some(given) => {
-                let trigger = self.store.trigger(app.id, name).await?.ok_or_else(|| not_found(name))?;
-                Some(flow(trigger.spec.kind(), given)?)
-            }
+        let handler = body.handler.map(|h| handler(&self.webhook_allow_nets, h)).transpose()?;
+        // A new flow or batch is checked against the trigger's kind, and a batch against the
+        // handler it will have: the new one, or the one it keeps (so does a new webhook handler,
+        // against the batch the trigger keeps).
+        let webhook = matches!(handler, Some(Handler::Webhook { .. }));
+        let (flow, batch) = if body.flow.is_some() || body.batch.is_some() || webhook {
+            let trigger = self.store.trigger(app.id, name).await?.ok_or_else(|| not_found(name))?;
+            let kind = trigger.spec.kind();
+            let new_flow = body.flow.as_ref().map(|given| flow(kind, given)).transpose()?;
+            let new_batch = body.batch.as_ref().map(|given| batch(kind, given)).transpose()?;
+            let batch_after = new_batch.unwrap_or(trigger.batch);
+            batch_fits(batch_after.as_ref(), handler.as_ref().unwrap_or(&trigger.handler))?;
+            (new_flow, new_batch)
+        } else {
+            (None, None)
         };
         let patch = TriggerPatch {
             enabled: body.enabled,
-            handler: body.handler.map(|h| handler(&self.webhook_allow_nets, h)).transpose()?,
+            handler,
             retry: body.retry.map(|r| retry(&self.triggers, r)).transpose()?,
             flow,
+            batch,
         };
         let trigger = self.store.update_trigger(app.id, name, &patch).await?;
         Ok(TriggerView::shown_to(trigger, sees_webhook_urls(caller)))

@@ -1,6 +1,7 @@
 //! The HTTP API and the NATS ingest against a real Postgres and nats-server.
 
 mod authz;
+mod batch;
 mod cancel;
 mod deliveries;
 mod flow;

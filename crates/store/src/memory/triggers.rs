@@ -36,6 +36,7 @@ impl TriggerRepo for MemStore {
             handler: new.handler.clone(),
             retry: new.retry,
             flow: new.flow,
+            batch: new.batch,
             enabled: new.enabled,
             registered_by: new.registered_by,
             created_at: now,
@@ -89,6 +90,9 @@ impl TriggerRepo for MemStore {
         }
         if let Some(flow) = patch.flow {
             trigger.flow = flow;
+        }
+        if let Some(batch) = patch.batch {
+            trigger.batch = batch;
         }
         trigger.updated_at = now;
         let updated = trigger.clone();

@@ -3,7 +3,9 @@
 use picloud_core::ids::Id;
 use picloud_core::names::{CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppSlug, CollectionPattern, CronSchedule, Flow, RetryOverrides, Role, Scope, ScopeSet};
+use picloud_core::{
+    AppSlug, Batch, CollectionPattern, CronSchedule, Flow, RetryOverrides, Role, Scope, ScopeSet,
+};
 use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -88,7 +90,7 @@ macro_rules! trigger_columns {
     () => {
         "t.id, t.app_id, t.name, t.kind, t.handler_function, t.webhook_url, t.webhook_secret,
          t.retry_max_attempts, t.retry_backoff_base_ms, t.retry_backoff_max_ms, t.enabled,
-         t.registered_by_principal, t.created_at, t.updated_at, t.flow,
+         t.registered_by_principal, t.created_at, t.updated_at, t.flow, t.batch,
          kv.collection_stem, kv.collection_is_prefix, kv.ops,
          ps.topic_stem, ps.topic_is_prefix, q.queue, c.schedule, c.timezone,
          dl.source_trigger, dl.source_kinds"
@@ -187,6 +189,7 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
     let base: Option<i64> = row.try_get("retry_backoff_base_ms")?;
     let max: Option<i64> = row.try_get("retry_backoff_max_ms")?;
     let flow = flow(row)?;
+    let batch = batch(row)?;
     Ok(Trigger {
         id: id(row, "id")?,
         app_id: id(row, "app_id")?,
@@ -199,6 +202,7 @@ pub(super) fn trigger(row: &PgRow) -> Result<Trigger> {
             backoff_max_ms: max.map(|v| v as u64),
         },
         flow,
+        batch,
         enabled: row.try_get("enabled")?,
         registered_by: id(row, "registered_by_principal")?,
         created_at: row.try_get("created_at")?,
@@ -284,6 +288,15 @@ pub(super) fn flow(row: &PgRow) -> Result<Option<Flow>> {
     let flow: Option<serde_json::Value> = row.try_get("flow")?;
     match flow {
         Some(flow) => Flow::from_json(&flow).map_err(|e| corrupt("triggers", format!("flow: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// A trigger's `batch` column.
+pub(super) fn batch(row: &PgRow) -> Result<Option<Batch>> {
+    let batch: Option<serde_json::Value> = row.try_get("batch")?;
+    match batch {
+        Some(batch) => Batch::from_json(&batch).map_err(|e| corrupt("triggers", format!("batch: {e}"))),
         None => Ok(None),
     }
 }

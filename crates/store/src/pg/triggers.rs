@@ -1,7 +1,7 @@
 //! Triggers and their detail tables in Postgres, and the matching that writes use.
 
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppId, Flow, TriggerId};
+use picloud_core::{AppId, Batch, Flow, TriggerId};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -107,6 +107,11 @@ fn flow_column(flow: Flow) -> sqlx::types::Json<Flow> {
     sqlx::types::Json(flow)
 }
 
+/// A batch as its column holds it: the object the API shows.
+fn batch_column(batch: Batch) -> sqlx::types::Json<Batch> {
+    sqlx::types::Json(batch)
+}
+
 async fn fetch_one(conn: &mut PgConnection, id: TriggerId) -> Result<Trigger> {
     let row =
         sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.id = $1")).bind(id.as_uuid()).fetch_one(conn).await?;
@@ -120,9 +125,9 @@ impl TriggerRepo for PgStore {
         sqlx::query(
             "INSERT INTO triggers (id, app_id, name, kind, handler_function, webhook_url, webhook_secret,
                                    retry_max_attempts, retry_backoff_base_ms, retry_backoff_max_ms, enabled,
-                                   registered_by_principal, created_at, updated_at, flow)
+                                   registered_by_principal, created_at, updated_at, flow, batch)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, coalesce($13, now()), coalesce($13, now()),
-                     $14)",
+                     $14, $15)",
         )
         .bind(new.id.as_uuid())
         .bind(new.app_id.as_uuid())
@@ -138,6 +143,7 @@ impl TriggerRepo for PgStore {
         .bind(new.registered_by.as_uuid())
         .bind(self.now())
         .bind(new.flow.map(flow_column))
+        .bind(new.batch.map(batch_column))
         .execute(&mut *tx)
         .await
         .map_err(|e| map_trigger_error(e, new))?;
@@ -197,6 +203,7 @@ impl TriggerRepo for PgStore {
                  retry_backoff_base_ms = CASE WHEN $8 THEN $10 ELSE retry_backoff_base_ms END,
                  retry_backoff_max_ms = CASE WHEN $8 THEN $11 ELSE retry_backoff_max_ms END,
                  flow = CASE WHEN $13 THEN $14 ELSE flow END,
+                 batch = CASE WHEN $15 THEN $16 ELSE batch END,
                  updated_at = coalesce($12, now())
              WHERE app_id = $1 AND name = $2
              RETURNING id",
@@ -215,6 +222,8 @@ impl TriggerRepo for PgStore {
         .bind(self.now())
         .bind(patch.flow.is_some())
         .bind(patch.flow.flatten().map(flow_column))
+        .bind(patch.batch.is_some())
+        .bind(patch.batch.flatten().map(batch_column))
         .fetch_optional(&mut *tx)
         .await?;
         let id = TriggerId::from_uuid(id.ok_or_else(|| Error::TriggerNotFound(name.to_owned()))?);

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use picloud_core::protocol::EventKind;
 use picloud_core::{
-    AppId, AppSlug, CollectionPattern, HandlerName, PrincipalId, QueueName, RetryOverrides, Role, Scope,
-    ScopeSet, TriggerId, TriggerName,
+    AppId, AppSlug, Batch, CollectionPattern, HandlerName, PrincipalId, QueueName, RetryOverrides, Role,
+    Scope, ScopeSet, TriggerId, TriggerName,
 };
 use picloud_store::*;
 use serde_json::json as j;
@@ -31,6 +31,7 @@ conformance!(
     a_trigger_needs_an_existing_principal_and_app,
     triggers_are_listed_by_name_in_keyset_pages,
     a_patch_changes_only_the_fields_given,
+    a_batch_reads_back_also_to_the_relay_and_a_patch_changes_keeps_or_removes_it,
     kv_matching_follows_patterns_ops_and_the_enabled_flag,
     pubsub_matching_follows_patterns_and_the_enabled_flag,
     the_queue_trigger_is_found_by_queue_name,
@@ -399,7 +400,13 @@ async fn a_patch_changes_only_the_fields_given<S: Store>(s: S) {
         .update_trigger(
             t.app.id,
             "on-order",
-            &TriggerPatch { enabled: None, handler: Some(hook.clone()), retry: Some(retry), flow: None },
+            &TriggerPatch {
+                enabled: None,
+                handler: Some(hook.clone()),
+                retry: Some(retry),
+                flow: None,
+                batch: None,
+            },
         )
         .await
         .unwrap();
@@ -417,6 +424,34 @@ async fn a_patch_changes_only_the_fields_given<S: Store>(s: S) {
     assert_eq!(back_again.handler, back);
     let missing = s.update_trigger(t.app.id, "nope", &TriggerPatch::default()).await;
     assert!(matches!(missing, Err(Error::TriggerNotFound(_))));
+}
+
+async fn a_batch_reads_back_also_to_the_relay_and_a_patch_changes_keeps_or_removes_it<S: Store>(s: S) {
+    let t = tenant(&s, "shop").await;
+    let batch = Batch { max_size: 100, max_wait_ms: 1_000 };
+    let new =
+        NewTrigger { batch: Some(batch), ..new_trigger(&t, "batched", kv_spec("orders", &[KvOp::Put])) };
+    let created = s.create_trigger(&new).await.unwrap();
+    assert_eq!(created.batch, Some(batch));
+    assert_eq!(s.trigger(t.app.id, "batched").await.unwrap().unwrap().batch, Some(batch));
+    let targets = s.delivery_targets(&[created.id]).await.unwrap();
+    assert_eq!(targets.targets[0].trigger.batch, Some(batch), "the relay reads it with the trigger");
+
+    // The relay keeps what it read for as long as the epoch stays: a new batch must move it.
+    let bigger = Batch { max_size: 1_000, max_wait_ms: 0 };
+    let patch = TriggerPatch { batch: Some(Some(bigger)), ..TriggerPatch::default() };
+    assert_eq!(s.update_trigger(t.app.id, "batched", &patch).await.unwrap().batch, Some(bigger));
+    let changed = s.delivery_targets(&[created.id]).await.unwrap();
+    assert_eq!(changed.targets[0].trigger.batch, Some(bigger));
+    assert_ne!(changed.config_epoch, targets.config_epoch, "a new batch moves the epoch");
+
+    let unrelated = TriggerPatch { enabled: Some(false), ..TriggerPatch::default() };
+    let kept = s.update_trigger(t.app.id, "batched", &unrelated).await.unwrap();
+    assert_eq!(kept.batch, Some(bigger), "a patch without a batch keeps it");
+    let removed = TriggerPatch { batch: Some(None), ..TriggerPatch::default() };
+    assert_eq!(s.update_trigger(t.app.id, "batched", &removed).await.unwrap().batch, None);
+    assert_eq!(s.trigger(t.app.id, "batched").await.unwrap().unwrap().batch, None);
+    assert_eq!(s.delivery_targets(&[created.id]).await.unwrap().targets[0].trigger.batch, None);
 }
 
 async fn names_of<S: Store>(triggers: Vec<Trigger>, _s: &S) -> Vec<String> {
