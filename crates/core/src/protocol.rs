@@ -28,6 +28,8 @@ pub const ORDERING_KEY_HEADER: &str = "Picloud-Ordering-Key";
 pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 /// The content type of a delivery: structured-mode CloudEvents.
 pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// The content type of a batch of deliveries (DESIGN §14): a JSON array of envelopes.
+pub const CLOUDEVENTS_BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 /// The header that carries the bearer token of an ingest request.
 pub const AUTHORIZATION_HEADER: &str = "Authorization";
 
@@ -228,8 +230,9 @@ pub mod source {
     }
 }
 
-/// A handler's answer (`Picloud-Status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A handler's answer (`Picloud-Status`, and the values of a batch's `results`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ReplyStatus {
     /// Done: the delivery is deleted (a sync caller gets the body).
     Ok,
@@ -401,6 +404,33 @@ impl Working {
         let progress =
             header(PROGRESS_HEADER).and_then(|p| p.trim().parse::<u8>().ok()).filter(|p| *p <= 100);
         Some(Working { progress })
+    }
+}
+
+/// The body of a batch's answer that overrides its `Picloud-Status` per delivery (DESIGN §14):
+/// `{"results": {"<delivery id>": "ok" | "retry" | "fail", …}}`; a delivery it does not name takes
+/// the header's status. Written by the worker SDK, read by the relay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResults {
+    /// The status of each delivery named.
+    pub results: std::collections::BTreeMap<Uuid, ReplyStatus>,
+}
+
+impl BatchResults {
+    /// Reads a batch answer's body: `None` when it is not a JSON object with `results` (the
+    /// header then speaks for every delivery), an error when its `results` cannot be read.
+    pub fn read(body: &[u8]) -> Result<Option<BatchResults>, String> {
+        #[derive(Deserialize)]
+        struct Body<'a> {
+            #[serde(borrow)]
+            results: Option<&'a RawValue>,
+        }
+        let Ok(Body { results: Some(results) }) = serde_json::from_slice::<Body<'_>>(body) else {
+            return Ok(None);
+        };
+        serde_json::from_str(results.get()).map(|results| Some(BatchResults { results })).map_err(|e| {
+            format!("the batch's results are not a map of delivery ids to ok, retry or fail: {e}")
+        })
     }
 }
 

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use async_nats::{Message, StatusCode};
 use bytes::Bytes;
-use picloud_core::protocol::{AnswerHead, NotAnAnswer, Working, error_text};
+use picloud_core::protocol::{AnswerHead, BatchResults, NotAnAnswer, ReplyStatus, Working, error_text};
 use picloud_store::HandlerStatus;
+use uuid::Uuid;
 
 /// What became of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,16 @@ impl Answer {
             Answer::Unauthorized(_) => "unauthorized",
             Answer::Orphaned => "orphaned",
             Answer::LeaseExpired => "lease_expired",
+        }
+    }
+
+    /// The handler's own status, if the handler answered.
+    fn reply_status(&self) -> Option<ReplyStatus> {
+        match self {
+            Answer::Ok(_) => Some(ReplyStatus::Ok),
+            Answer::Retry { .. } => Some(ReplyStatus::Retry),
+            Answer::Fail(_) => Some(ReplyStatus::Fail),
+            _ => None,
         }
     }
 
@@ -139,6 +150,45 @@ impl Answer {
     }
 }
 
+/// A batch's answer (DESIGN §14): what its reply says of every delivery, and the `results`
+/// that override it per delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchAnswer {
+    /// The answer of every delivery the results do not name.
+    pub all: Answer,
+    /// The deliveries the results name.
+    pub results: BatchResults,
+}
+
+impl BatchAnswer {
+    /// Reads a batch's reply: its status header, and its body's `results` if it has them. A body
+    /// that is not an object with `results` leaves the header to speak for every delivery; one
+    /// whose `results` cannot be read makes the whole answer invalid (tried again, like any reply
+    /// the relay cannot understand).
+    pub fn from_message(msg: &Message) -> BatchAnswer {
+        let all = Answer::from_message(msg);
+        if all.reply_status().is_none() {
+            return BatchAnswer { all, results: BatchResults::default() };
+        }
+        match BatchResults::read(&msg.payload) {
+            Ok(results) => BatchAnswer { all, results: results.unwrap_or_default() },
+            Err(why) => BatchAnswer { all: Answer::Invalid(why), results: BatchResults::default() },
+        }
+    }
+
+    /// The answer of delivery `id`: the header's, unless the results name another status (the
+    /// header's error text and delay go only with its own status).
+    pub fn of(&self, id: Uuid) -> Answer {
+        match self.results.results.get(&id) {
+            None => self.all.clone(),
+            Some(&status) if Some(status) == self.all.reply_status() => self.all.clone(),
+            Some(ReplyStatus::Ok) => Answer::Ok(Bytes::new()),
+            Some(ReplyStatus::Retry) => Answer::Retry { after: None, error: None },
+            Some(ReplyStatus::Fail) => Answer::Fail(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use async_nats::HeaderMap;
@@ -205,6 +255,51 @@ mod tests {
             Answer::from_message(&reply(&[("Picloud-Status", "maybe")], None)),
             Answer::Invalid(e) if e.contains("maybe")
         ));
+    }
+
+    fn batch_reply(status: &str, body: &'static str) -> Message {
+        Message {
+            payload: Bytes::from_static(body.as_bytes()),
+            ..reply(&[("Picloud-Status", status), ("Picloud-Error", "busy")], None)
+        }
+    }
+
+    #[test]
+    fn a_batchs_results_override_its_status_per_delivery_and_the_rest_take_the_header() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let body: &'static str =
+            format!(r#"{{"results": {{"{a}": "ok", "{b}": "fail", "{c}": "retry"}}}}"#).leak();
+        let answer = BatchAnswer::from_message(&batch_reply("retry", body));
+        assert_eq!(answer.of(a), Answer::Ok(Bytes::new()));
+        assert_eq!(answer.of(b), Answer::Fail(None));
+        let kept = Answer::Retry { after: None, error: Some("busy".into()) };
+        assert_eq!((answer.of(c), answer.of(Uuid::now_v7())), (kept.clone(), kept));
+    }
+
+    #[test]
+    fn a_batch_without_results_answers_by_its_header_and_unreadable_results_are_invalid() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            BatchAnswer::from_message(&batch_reply("ok", r#"{"done": 3}"#)).of(id),
+            Answer::Ok(Bytes::from_static(br#"{"done": 3}"#))
+        );
+        assert_eq!(
+            BatchAnswer::from_message(&batch_reply("fail", "")).of(id),
+            Answer::Fail(Some("busy".into()))
+        );
+        for bad in [
+            r#"{"results": {"x": "ok"}}"#,
+            r#"{"results": {"0193a0c4-0000-7000-8000-000000000000": "maybe"}}"#,
+            r#"{"results": []}"#,
+        ] {
+            assert!(
+                matches!(BatchAnswer::from_message(&batch_reply("ok", bad)).of(id), Answer::Invalid(e) if e.contains("results")),
+                "{bad}"
+            );
+        }
+        let silent =
+            Message { status: Some(StatusCode::NO_RESPONDERS), ..batch_reply("ok", r#"{"results": {}}"#) };
+        assert_eq!(BatchAnswer::from_message(&silent).of(id), Answer::NoResponders);
     }
 
     /// A header name: mostly the protocol's own, in any case, else anything NATS allows.

@@ -8,6 +8,10 @@
 //! [`Delivery::cancellation`] fired. On shutdown it stops taking deliveries, finishes the ones in
 //! hand and flushes the replies.
 //!
+//! A trigger with `batch` (DESIGN §14) sends its deliveries many to a request: a handler served
+//! with [`Worker::handle_batch`] gets them together and answers them with one [`BatchReply`]; a
+//! handler served with [`Worker::handle`] gets each of them by itself all the same.
+//!
 //! ```no_run
 //! use picloud_worker::{Delivery, Reply, Worker};
 //! use serde::Deserialize;
@@ -44,6 +48,7 @@ mod queue;
 mod record;
 mod shutdown;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,12 +57,16 @@ use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use in_hand::{InHand, Renewed};
-use picloud_core::protocol::{AnswerHead, Envelope, EventKind, Subjects, Working};
+use picloud_core::protocol::{
+    AnswerHead, BatchResults, CLOUDEVENTS_BATCH_CONTENT_TYPE, CONTENT_TYPE_HEADER, Envelope, EventKind,
+    Subjects, Working,
+};
 use picloud_core::{AppSlug, HandlerName, NameError};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+pub use picloud_core::protocol::ReplyStatus;
 pub use queue::{Queue, Serving, round_trip, serve_queues};
 pub use record::{Handed, Record};
 pub use shutdown::{Shutdown, ShutdownSender};
@@ -87,6 +96,10 @@ pub enum Error {
 /// What a handler function returns: a reply, or an error that is answered as `retry`.
 pub type HandlerResult = Result<Reply, Box<dyn std::error::Error + Send + Sync>>;
 
+/// What a batch handler returns: a reply for the batch, or an error that is answered as `retry`
+/// for every delivery in it.
+pub type BatchResult = Result<BatchReply, Box<dyn std::error::Error + Send + Sync>>;
+
 /// One delivery, as your handler receives it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -115,8 +128,17 @@ pub struct Delivery {
 impl Delivery {
     /// Parses a delivery body (the CloudEvents envelope).
     pub fn from_json(body: &[u8]) -> Result<Delivery, serde_json::Error> {
-        let event: Envelope = serde_json::from_slice(body)?;
-        Ok(Delivery {
+        serde_json::from_slice(body).map(Delivery::from_envelope)
+    }
+
+    /// Parses a batch's body (a JSON array of envelopes, DESIGN §14).
+    pub fn batch_from_json(body: &[u8]) -> Result<Vec<Delivery>, serde_json::Error> {
+        serde_json::from_slice::<Vec<Envelope>>(body)
+            .map(|events| events.into_iter().map(Delivery::from_envelope).collect())
+    }
+
+    fn from_envelope(event: Envelope) -> Delivery {
+        Delivery {
             id: event.id,
             attempt: event.picloudattempt,
             depth: event.piclouddepth,
@@ -126,7 +148,7 @@ impl Delivery {
             reply: None,
             cancellation: CancellationToken::new(),
             renewal: None,
-        })
+        }
     }
 
     /// Tells the relay that this attempt goes on (DESIGN §14, `Picloud-Status: working`, with
@@ -137,6 +159,9 @@ impl Delivery {
     /// Once the relay moved the deadline, it sends back a delivery token for the new one:
     /// [`Delivery::current_token`] and [`Delivery::current_deadline_ms`] then give it
     /// ([`Delivery::token`] expires at the first deadline).
+    ///
+    /// The deliveries of a batch share one request: `working` on any of them moves the deadline
+    /// of all, and the token of the moved deadline comes to the one that said it.
     ///
     /// A sync call (`picloudkind` `http`) keeps its deadline (the handler timeout: its caller
     /// waits), and a delivery read with [`Delivery::from_json`] has no reply subject: for those it
@@ -259,6 +284,15 @@ impl Reply {
         Reply::Fail(error.into())
     }
 
+    /// Its status.
+    pub fn status(&self) -> ReplyStatus {
+        match self {
+            Reply::Ok(_) => ReplyStatus::Ok,
+            Reply::Retry { .. } => ReplyStatus::Retry,
+            Reply::Fail(_) => ReplyStatus::Fail,
+        }
+    }
+
     /// The headers and body of this answer on the wire.
     pub fn into_message(self) -> (HeaderMap, Bytes) {
         let (head, body) = match self {
@@ -272,14 +306,85 @@ impl Reply {
     }
 }
 
+/// A batch handler's answer (DESIGN §14): one reply for every delivery of the batch, but those
+/// given a status of their own.
+///
+/// ```
+/// use picloud_worker::{BatchReply, Reply, ReplyStatus};
+/// # let (stored, rejected) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+/// let mut reply = BatchReply::ok();
+/// reply.set(rejected, ReplyStatus::Fail);
+/// let all_busy = BatchReply::all(Reply::retry("the database is busy"));
+/// # let _ = (stored, all_busy);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchReply {
+    all: Reply,
+    results: BTreeMap<Uuid, ReplyStatus>,
+}
+
+impl BatchReply {
+    /// `ok` for every delivery.
+    pub fn ok() -> BatchReply {
+        BatchReply::all(Reply::Ok(Bytes::new()))
+    }
+
+    /// `reply` for every delivery: its status, error text and delay.
+    pub fn all(reply: Reply) -> BatchReply {
+        BatchReply { all: reply, results: BTreeMap::new() }
+    }
+
+    /// `status` for delivery `id`, whatever the others get (without the error text or delay of
+    /// the reply for all: a batch's results carry statuses only).
+    pub fn set(&mut self, id: Uuid, status: ReplyStatus) -> &mut BatchReply {
+        self.results.insert(id, status);
+        self
+    }
+
+    /// The reply delivery `id` gets.
+    fn of(&self, id: Uuid) -> Reply {
+        match self.results.get(&id) {
+            None => self.all.clone(),
+            Some(&status) if status == self.all.status() => self.all.clone(),
+            Some(ReplyStatus::Ok) => Reply::Ok(Bytes::new()),
+            Some(ReplyStatus::Retry) => {
+                Reply::Retry { after: None, error: "the batch's results ask to retry".into() }
+            }
+            Some(ReplyStatus::Fail) => Reply::Fail("the batch's results fail it".into()),
+        }
+    }
+
+    /// The headers and body of this answer on the wire: the reply for all in the headers, and
+    /// the statuses of their own in a `{"results": …}` body.
+    pub fn into_message(self) -> (HeaderMap, Bytes) {
+        let (headers, body) = self.all.into_message();
+        if self.results.is_empty() {
+            return (headers, body);
+        }
+        let results =
+            serde_json::to_vec(&BatchResults { results: self.results }).expect("batch results serialize");
+        (headers, Bytes::from(results))
+    }
+}
+
 type HandlerFn = Arc<dyn Fn(Delivery) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+type BatchFn = Arc<dyn Fn(Vec<Delivery>) -> BoxFuture<'static, BatchResult> + Send + Sync>;
+
+/// How a handler takes its deliveries.
+#[derive(Clone)]
+enum Serve {
+    /// One at a time.
+    One(HandlerFn),
+    /// A batch at a time.
+    Batch(BatchFn),
+}
 
 /// Handlers of one app, served over one NATS connection.
 pub struct Worker {
     client: Client,
     app: Result<AppSlug, NameError>,
     subjects: Result<Subjects, String>,
-    handlers: Vec<(Result<HandlerName, NameError>, HandlerFn)>,
+    handlers: Vec<(Result<HandlerName, NameError>, Serve)>,
     concurrency: usize,
     record: Option<Record>,
 }
@@ -342,7 +447,21 @@ impl Worker {
         Fut: Future<Output = HandlerResult> + Send + 'static,
     {
         let f: HandlerFn = Arc::new(move |d| Box::pin(f(d)));
-        self.handlers.push((HandlerName::parse(name), f));
+        self.handlers.push((HandlerName::parse(name), Serve::One(f)));
+        self
+    }
+
+    /// Serves handler `name` with `f`, which takes the deliveries of a batch together (DESIGN
+    /// §14: a trigger with `batch`), in their order; a delivery that comes alone is a batch of
+    /// one. An `Err` from `f` is answered as `retry` for the whole batch. A delivery cancelled
+    /// while its batch runs fires its [`Delivery::cancellation`]; the batch goes on.
+    pub fn handle_batch<F, Fut>(mut self, name: &str, f: F) -> Worker
+    where
+        F: Fn(Vec<Delivery>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = BatchResult> + Send + 'static,
+    {
+        let f: BatchFn = Arc::new(move |d| Box::pin(f(d)));
+        self.handlers.push((HandlerName::parse(name), Serve::Batch(f)));
         self
     }
 
@@ -410,47 +529,146 @@ impl Running {
 
 /// `f`, noting in `record` when each delivery of `handler` starts and ends: answered, or
 /// cancelled (its future dropped).
-fn recorded(record: Record, handler: String, f: HandlerFn) -> HandlerFn {
-    Arc::new(move |d: Delivery| {
-        let ending = record::Ending::new(&record, record.started(&handler, &d));
-        let answering = f(d);
-        Box::pin(async move {
-            let answered = answering.await;
-            drop(ending);
-            answered
-        })
-    })
+fn recorded(record: Record, handler: String, f: Serve) -> Serve {
+    match f {
+        Serve::One(f) => Serve::One(Arc::new(move |d: Delivery| {
+            let ending = record::Ending::new(&record, record.started(&handler, &d));
+            let answering = f(d);
+            Box::pin(async move {
+                let answered = answering.await;
+                drop(ending);
+                answered
+            })
+        })),
+        Serve::Batch(f) => Serve::Batch(Arc::new(move |batch: Vec<Delivery>| {
+            let endings: Vec<_> =
+                batch.iter().map(|d| record::Ending::new(&record, record.started(&handler, d))).collect();
+            let answering = f(batch);
+            Box::pin(async move {
+                let answered = answering.await;
+                drop(endings);
+                answered
+            })
+        })),
+    }
 }
 
-async fn answer(client: &Client, in_hand: &InHand, msg: Message, f: &HandlerFn) {
+async fn answer(client: &Client, in_hand: &InHand, msg: Message, f: &Serve) {
     let Some(reply_to) = msg.reply.clone() else { return };
-    let reply = match Delivery::from_json(&msg.payload) {
-        Ok(mut delivery) => {
-            delivery.reply = Some((client.clone(), reply_to.clone()));
-            let id = delivery.id;
-            let taken = in_hand.take(id, delivery.attempt);
-            delivery.cancellation = taken.cancellation.clone();
-            delivery.renewal = taken.renewal.clone();
-            if taken.cancellation.is_cancelled() {
-                // Its notice came first: the handler never sees it.
-                Reply::fail("cancelled")
-            } else {
-                tokio::select! {
-                    () = taken.cancellation.cancelled() => Reply::fail("cancelled"),
-                    answered = f(delivery) => match answered {
-                        Ok(reply) => reply,
-                        Err(e) => {
-                            tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
-                            Reply::retry(e.to_string())
-                        }
-                    },
-                }
-            }
+    let batch = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(CONTENT_TYPE_HEADER))
+        .is_some_and(|v| v.as_str() == CLOUDEVENTS_BATCH_CONTENT_TYPE);
+    let (headers, body) = if batch {
+        match Delivery::batch_from_json(&msg.payload) {
+            Ok(deliveries) => answer_batch(client, in_hand, &reply_to, deliveries, f).await.into_message(),
+            Err(e) => Reply::fail(format!("malformed batch: {e}")).into_message(),
         }
-        Err(e) => Reply::fail(format!("malformed delivery: {e}")),
+    } else {
+        match Delivery::from_json(&msg.payload) {
+            Ok(delivery) => answer_one(client, in_hand, &reply_to, delivery, f).await.into_message(),
+            Err(e) => Reply::fail(format!("malformed delivery: {e}")).into_message(),
+        }
     };
-    let (headers, body) = reply.into_message();
     if let Err(e) = client.publish_with_headers(reply_to, headers, body).await {
         tracing::warn!(error = %e, "could not send a reply");
     }
+}
+
+/// Takes `delivery` in hand until the guard returned drops: its `working` replies go to
+/// `reply_to`, and its cancellation and renewals are its own.
+fn in_hand_for(
+    client: &Client,
+    in_hand: &InHand,
+    reply_to: &async_nats::Subject,
+    delivery: &mut Delivery,
+) -> in_hand::Taken {
+    delivery.reply = Some((client.clone(), reply_to.clone()));
+    let taken = in_hand.take(delivery.id, delivery.attempt);
+    delivery.cancellation = taken.cancellation.clone();
+    delivery.renewal = taken.renewal.clone();
+    taken
+}
+
+/// A delivery that came alone: its handler's reply, or `fail` once it is cancelled.
+async fn answer_one(
+    client: &Client,
+    in_hand: &InHand,
+    reply_to: &async_nats::Subject,
+    mut delivery: Delivery,
+    f: &Serve,
+) -> Reply {
+    let id = delivery.id;
+    let taken = in_hand_for(client, in_hand, reply_to, &mut delivery);
+    if taken.cancellation.is_cancelled() {
+        // Its notice came first: the handler never sees it.
+        return Reply::fail("cancelled");
+    }
+    let answering = async {
+        match f {
+            Serve::One(f) => f(delivery).await,
+            Serve::Batch(f) => f(vec![delivery]).await.map(|batch| batch.of(id)),
+        }
+    };
+    tokio::select! {
+        () = taken.cancellation.cancelled() => Reply::fail("cancelled"),
+        answered = answering => answered.unwrap_or_else(|e| {
+            tracing::warn!(delivery_id = %id, error = %e, "handler error; answering retry");
+            Reply::retry(e.to_string())
+        }),
+    }
+}
+
+/// The deliveries of a batch: a batch handler's reply (those cancelled before it began are
+/// failed and not handed to it), or, for a handler of one delivery at a time, each one's reply
+/// as its status.
+async fn answer_batch(
+    client: &Client,
+    in_hand: &InHand,
+    reply_to: &async_nats::Subject,
+    deliveries: Vec<Delivery>,
+    f: &Serve,
+) -> BatchReply {
+    let f = match f {
+        Serve::Batch(f) => f,
+        Serve::One(_) => {
+            let replies = futures::future::join_all(
+                deliveries
+                    .into_iter()
+                    .map(|d| async move { (d.id, answer_one(client, in_hand, reply_to, d, f).await) }),
+            )
+            .await;
+            let mut reply = BatchReply::ok();
+            for (id, answered) in replies {
+                reply.set(id, answered.status());
+            }
+            return reply;
+        }
+    };
+    let mut taken = Vec::with_capacity(deliveries.len());
+    let mut handed = Vec::with_capacity(deliveries.len());
+    let mut cancelled = Vec::new();
+    for mut delivery in deliveries {
+        let held = in_hand_for(client, in_hand, reply_to, &mut delivery);
+        if held.cancellation.is_cancelled() {
+            cancelled.push(delivery.id);
+        } else {
+            handed.push(delivery);
+        }
+        taken.push(held);
+    }
+    let mut reply = if handed.is_empty() {
+        BatchReply::all(Reply::fail("cancelled"))
+    } else {
+        f(handed).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "batch handler error; answering retry");
+            BatchReply::all(Reply::retry(e.to_string()))
+        })
+    };
+    for id in cancelled {
+        reply.set(id, ReplyStatus::Fail);
+    }
+    drop(taken);
+    reply
 }

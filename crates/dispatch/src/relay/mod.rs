@@ -16,7 +16,9 @@
 //!   arrives (starting, in a task, the rows of limited triggers that waited ahead of a slot),
 //!   batches the answers into one transaction at a time and gives the relay's slots back once it
 //!   commits; it also forwards sync results to their callers;
-//! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer.
+//! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer;
+//! - the **batcher** sends the batches (DESIGN §14) whose first row has waited long enough
+//!   (`batch.rs`).
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -28,10 +30,11 @@ use async_nats::client::PublishErrorKind;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt as _;
 use picloud_core::protocol::{
-    AnswerInbox, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind, Renewal, in_app_inbox,
+    AnswerInbox, CLOUDEVENTS_BATCH_CONTENT_TYPE, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE_HEADER, EventKind,
+    Renewal, in_app_inbox,
 };
 use picloud_core::token::DeliveryToken;
-use picloud_core::{Access, AppId, AppSlug, Capability, RetryPolicy, TriggerId};
+use picloud_core::{Access, AppId, AppSlug, Batch, Capability, RetryPolicy, TriggerId};
 use picloud_store::{
     AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, LeaseExtension, Store, Wakeups,
 };
@@ -42,7 +45,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::abandoned::abandon;
-use crate::answer::{self, Answer};
+use crate::answer::{self, Answer, BatchAnswer};
 use crate::complete::{Done, complete};
 use crate::config::{NodeConfig, RelayConfig};
 use crate::connection::ConnectionWatch;
@@ -51,7 +54,9 @@ use crate::limits::{Finished, Limits, Started};
 use crate::metrics::RelayMetrics;
 use crate::shares::{Round, Shares};
 
+mod batch;
 mod claim;
+use batch::{BatchKey, Gathering, Ready};
 use claim::{Claimable, claim_loop};
 
 /// Claim loops per relay: while one publishes its batch, the other claims the next.
@@ -128,6 +133,21 @@ struct Sent {
     claims: Option<DeliveryToken>,
     /// Where the handler's last `working` asked for the token of its moved deadline.
     renew_to: Option<async_nats::Subject>,
+    /// When it went as a batch (DESIGN §14): the batch's other deliveries, which share its
+    /// request, deadline and lease moves.
+    batch: Option<Vec<Done>>,
+}
+
+impl Sent {
+    /// Every delivery it carries.
+    fn deliveries(&self) -> impl Iterator<Item = &Done> {
+        std::iter::once(&self.done).chain(self.batch.iter().flatten())
+    }
+
+    /// Every delivery it carries, to complete.
+    fn into_deliveries(self) -> impl Iterator<Item = Done> {
+        std::iter::once(self.done).chain(self.batch.into_iter().flatten())
+    }
 }
 
 #[derive(Debug)]
@@ -156,6 +176,12 @@ struct Shared<S> {
     drained: Notify,
     /// The one header of every delivery.
     headers: HeaderMap,
+    /// The one header of every batch.
+    batch_headers: HeaderMap,
+    /// Rows of batch triggers waiting for their batch to fill.
+    gathering: Mutex<Gathering>,
+    /// Nudges the batcher: a row waits for its batch.
+    gathered: Notify,
     /// Triggers and principals' standing as read at one configuration epoch; valid for every
     /// claim that reports the same epoch.
     targets: Mutex<TargetCache>,
@@ -191,6 +217,8 @@ impl<S: Store> Relay<S> {
         let wakeups = self.store.listen().await.map_err(RelayError::Listen)?;
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_CONTENT_TYPE);
+        let mut batch_headers = HeaderMap::new();
+        batch_headers.insert(CONTENT_TYPE_HEADER, CLOUDEVENTS_BATCH_CONTENT_TYPE);
         let max_in_flight = self.config.max_in_flight.max(1);
         let metrics = RelayMetrics::new(&self.config.node.node_id);
         let connection = ConnectionWatch::spawn(&self.nats);
@@ -210,6 +238,9 @@ impl<S: Store> Relay<S> {
             stopping: AtomicBool::new(false),
             drained: Notify::new(),
             headers,
+            batch_headers,
+            gathering: Mutex::default(),
+            gathered: Notify::new(),
             targets: Mutex::default(),
             metrics,
             connection,
@@ -224,6 +255,7 @@ impl<S: Store> Relay<S> {
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
         let extender = tokio::spawn(extend_leases(shared.clone()));
+        let batcher = tokio::spawn(send_gathered(shared.clone(), done_tx.clone()));
         let completer = tokio::spawn(complete_loop(shared.clone(), done_rx, done_tx.downgrade()));
         let claimers: Vec<_> = (0..CLAIMERS)
             .map(|_| tokio::spawn(claim_loop(shared.clone(), done_tx.clone(), shutdown.clone())))
@@ -237,10 +269,13 @@ impl<S: Store> Relay<S> {
         for row in shared.limits.close() {
             let _ = done_tx.send(given_back(&shared.config, &row, "the relay stopped"));
         }
-        drop(done_tx);
         for claimer in claimers {
             let _ = claimer.await;
         }
+        // The batches still filling go now; rows claimed from here on go at once.
+        let last = shared.gathering.lock().expect("gathering lock").close();
+        send_ready(&shared, last, &done_tx).await;
+        drop(done_tx);
         wait_drained(&shared).await;
         shared.limits.release(&shared.store).await;
         listener.abort();
@@ -248,7 +283,8 @@ impl<S: Store> Relay<S> {
         timer.abort();
         watchman.abort();
         extender.abort();
-        let _ = (responder.await, timer.await, watchman.await, extender.await);
+        batcher.abort();
+        let _ = (responder.await, timer.await, watchman.await, extender.await, batcher.await);
         let _ = completer.await;
         tracing::info!("relay stopped");
         Ok(())
@@ -309,6 +345,8 @@ pub(crate) struct Plan {
     pub(crate) policy: RetryPolicy,
     /// Who the deliveries run as (absent for emails).
     pub(crate) run_as: Option<RunAs>,
+    /// How the trigger batches its deliveries, if it does.
+    pub(crate) batch: Option<Batch>,
 }
 
 /// Decides where rows like `row` go, or the answer they get without being sent.
@@ -327,6 +365,7 @@ pub(crate) fn plan(
             trigger_name: None,
             policy: config.triggers.retry,
             run_as: None,
+            batch: None,
         });
     };
     let target = target.filter(|t| t.trigger.app_id == row.app_id).ok_or(Answer::Orphaned)?;
@@ -356,6 +395,9 @@ pub(crate) fn plan(
         trigger_name: Some(trigger.name.to_string()),
         policy: config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry),
         run_as: Some(RunAs { trigger: trigger.name.to_string(), trigger_id, claims, token }),
+        // Only a function takes batches: the API refuses `batch` with a webhook handler, and a
+        // trigger that got both anyway (two PATCHes racing) goes one delivery at a time.
+        batch: trigger.batch.filter(|_| matches!(trigger.handler, Handler::Function(_))),
     })
 }
 
@@ -429,9 +471,21 @@ async fn read_targets<S: Store>(
     Ok((targets, email_apps))
 }
 
+/// One request to publish, and the deliveries it carries.
+struct Request {
+    seq: u64,
+    subject: async_nats::Subject,
+    reply: String,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    done: Done,
+    batch: Option<Vec<Done>>,
+    claims: Option<DeliveryToken>,
+}
+
 /// Delivers a claimed batch: works out each trigger's plan once, builds every envelope, records
 /// them all as in flight under one lock, then publishes them back to back (so the connection
-/// writes them in few syscalls).
+/// writes them in few syscalls). The rows of batch triggers join their gatherings instead.
 async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::UnboundedSender<Done>) {
     let config = &shared.config;
     let rows = claim.rows;
@@ -454,8 +508,8 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
     let deadline = sent + config.node.handler_timeout;
     let deadline_ms = unix_millis_after(config.node.handler_timeout);
     let mut plans: HashMap<(Option<TriggerId>, AppId, u32), Result<Plan, Answer>> = HashMap::new();
-    let mut outgoing = Vec::with_capacity(rows.len());
-    let mut in_flight = Vec::with_capacity(rows.len());
+    let mut requests = Vec::with_capacity(rows.len());
+    let mut batched: HashMap<BatchKey, (Batch, Vec<ClaimedDelivery>)> = HashMap::new();
     for row in rows {
         let key = (row.trigger_id, row.app_id, row.depth);
         if row.reply_to.is_some() {
@@ -486,23 +540,56 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                 continue;
             }
         };
+        if let (Some(batch), Some(trigger_id)) = (plan.batch, row.trigger_id) {
+            batched
+                .entry((trigger_id, row.app_id, row.depth))
+                .or_insert_with(|| (batch, Vec::new()))
+                .1
+                .push(row);
+            continue;
+        }
         let body = envelope(&row, plan.app.as_str(), plan.run_as.as_ref(), deadline_ms);
         let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut done = done_for(&row, plan.policy, Answer::Timeout);
         done.app_slug = Some(plan.app.clone());
         done.trigger_name = plan.trigger_name.clone();
-        in_flight.push((seq, done, plan.run_as.as_ref().map(|r| r.claims)));
-        outgoing.push((seq, plan.subject.clone(), shared.inbox.reply_to(plan.app.as_str(), seq), body));
+        requests.push(Request {
+            seq,
+            subject: plan.subject.clone(),
+            reply: shared.inbox.reply_to(plan.app.as_str(), seq),
+            headers: shared.headers.clone(),
+            body,
+            done,
+            batch: None,
+            claims: plan.run_as.as_ref().map(|r| r.claims),
+        });
     }
+    launch(shared, requests, sent, deadline, done_tx).await;
+    for (key, (batch, rows)) in batched {
+        let target = targets.get(&key.0).expect("a batch row's plan was made from its target");
+        gather(shared, key, target, batch, rows, done_tx).await;
+    }
+}
+
+/// Records `requests` as in flight under one lock, then publishes them back to back; a request
+/// that cannot be published is answered at once, for every delivery it carries.
+async fn launch<S>(
+    shared: &Shared<S>,
+    requests: Vec<Request>,
+    sent: Instant,
+    deadline: Instant,
+    done_tx: &mpsc::UnboundedSender<Done>,
+) {
+    let mut outgoing = Vec::with_capacity(requests.len());
     {
         let mut table = shared.in_flight.lock().expect("in-flight lock");
         // Read under the lock the watchman takes: a loss counted before this is seen here, one
         // counted after finds these deliveries in the table.
         let losses = shared.connection.losses();
-        if table.deadlines.is_empty() && !in_flight.is_empty() {
+        if table.deadlines.is_empty() && !requests.is_empty() {
             shared.timer.notify_one();
         }
-        for (seq, done, claims) in in_flight {
+        for Request { seq, subject, reply, headers, body, done, batch, claims } in requests {
             table.deadlines.push_back((deadline, seq));
             table.pending.insert(
                 seq,
@@ -516,21 +603,21 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                     progress: None,
                     claims,
                     renew_to: None,
+                    batch,
                 },
             );
+            outgoing.push((seq, subject, reply, headers, body));
         }
     }
-    for (seq, subject, reply, body) in outgoing {
+    for (seq, subject, reply, headers, body) in outgoing {
         let bytes = body.len();
-        let published = shared
-            .nats
-            .publish_with_reply_and_headers(subject, reply, shared.headers.clone(), body.into())
-            .await;
+        let published =
+            shared.nats.publish_with_reply_and_headers(subject, reply, headers, body.into()).await;
         if let Err(e) = published
-            && let Some(Sent { mut done, .. }) = take(shared, seq, None)
+            && let Some(sent) = take(shared, seq, None)
         {
-            tracing::warn!(delivery_id = %done.id, error = %e, "publishing a delivery failed");
-            done.answer = match e.kind() {
+            tracing::warn!(delivery_id = %sent.done.id, error = %e, "publishing a delivery failed");
+            let answer = match e.kind() {
                 // No attempt can ever carry it: a permanent failure, not one to retry.
                 PublishErrorKind::MaxPayloadExceeded => Answer::Fail(Some(format!(
                     "the delivery's envelope is {bytes} bytes, more than the NATS server's max_payload \
@@ -539,7 +626,138 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                 ))),
                 _ => Answer::Failed(format!("publishing failed: {e}")),
             };
-            let _ = done_tx.send(done);
+            for mut done in sent.into_deliveries() {
+                done.answer = answer.clone();
+                let _ = done_tx.send(done);
+            }
+        }
+    }
+}
+
+/// Adds claimed rows of a batch trigger to its gathering, and sends what is ready. Rows that
+/// could wait longer than half the lease margin (beyond which their lease would not outlast the
+/// handler timeout once sent) have their leases moved first to cover the wait; those whose
+/// lease could not move go at once.
+async fn gather<S: Store>(
+    shared: &Shared<S>,
+    key: BatchKey,
+    target: &DeliveryTarget,
+    batch: Batch,
+    mut rows: Vec<ClaimedDelivery>,
+    done_tx: &mpsc::UnboundedSender<Done>,
+) {
+    let node = &shared.config.node;
+    let mut ready = Vec::new();
+    if batch.max_wait() >= node.lease_margin / 2 && !shared.stopping.load(Ordering::SeqCst) {
+        let lease = node.lease_until(batch.max_wait() + node.handler_timeout);
+        let limited = target.trigger.id;
+        let wanted: Vec<(LeaseExtension, Option<TriggerId>)> = rows
+            .iter()
+            .map(|row| {
+                let extension = LeaseExtension { id: row.id, attempt: row.attempt, lease, progress: None };
+                (extension, row.gated.then_some(limited))
+            })
+            .collect();
+        let kept = lengthen(shared, &wanted).await;
+        let (waiting, now): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| kept.contains(&row.id));
+        if !now.is_empty() {
+            ready.push(Ready { target: target.clone(), rows: now });
+        }
+        rows = waiting;
+    }
+    if !rows.is_empty() {
+        let no_more = shared.slots.available_permits() == 0;
+        let (full, waits) = shared.gathering.lock().expect("gathering lock").add(
+            key,
+            target,
+            batch,
+            rows,
+            Instant::now(),
+            no_more,
+        );
+        ready.extend(full);
+        if waits {
+            shared.gathered.notify_one();
+        }
+    }
+    send_ready(shared, ready, done_tx).await;
+}
+
+/// Sends batches: each as one request, or as several when their envelopes together would
+/// exceed the NATS server's `max_payload`.
+async fn send_ready<S>(shared: &Shared<S>, ready: Vec<Ready>, done_tx: &mpsc::UnboundedSender<Done>) {
+    for Ready { target, rows } in ready {
+        let node = &shared.config.node;
+        let sent = Instant::now();
+        let deadline = sent + node.handler_timeout;
+        let deadline_ms = unix_millis_after(node.handler_timeout);
+        let plan = match plan(node, &rows[0], Some(&target), None, deadline_ms) {
+            Ok(plan) => plan,
+            Err(answer) => {
+                for row in &rows {
+                    let _ = done_tx.send(done_for(row, node.triggers.retry, answer.clone()));
+                }
+                continue;
+            }
+        };
+        let max_payload = shared.nats.server_info().max_payload;
+        let mut requests = Vec::new();
+        let (mut body, mut carried) = (Vec::new(), Vec::new());
+        for row in rows {
+            let envelope = envelope(&row, plan.app.as_str(), plan.run_as.as_ref(), deadline_ms);
+            if !carried.is_empty() && body.len() + envelope.len() + 1 >= max_payload {
+                requests.push(batch_request(
+                    shared,
+                    &plan,
+                    std::mem::take(&mut body),
+                    std::mem::take(&mut carried),
+                ));
+            }
+            body.push(if body.is_empty() { b'[' } else { b',' });
+            body.extend_from_slice(&envelope);
+            let mut done = done_for(&row, plan.policy, Answer::Timeout);
+            done.app_slug = Some(plan.app.clone());
+            done.trigger_name = plan.trigger_name.clone();
+            carried.push(done);
+        }
+        if !carried.is_empty() {
+            requests.push(batch_request(shared, &plan, body, carried));
+        }
+        launch(shared, requests, sent, deadline, done_tx).await;
+    }
+}
+
+/// The request of one batch: `body` holds its envelopes, comma-separated after an opening `[`.
+fn batch_request<S>(shared: &Shared<S>, plan: &Plan, mut body: Vec<u8>, carried: Vec<Done>) -> Request {
+    body.push(b']');
+    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+    let mut carried = carried.into_iter();
+    let done = carried.next().expect("a batch carries a delivery");
+    Request {
+        seq,
+        subject: plan.subject.clone(),
+        reply: shared.inbox.reply_to(plan.app.as_str(), seq),
+        headers: shared.batch_headers.clone(),
+        body,
+        done,
+        batch: Some(carried.collect()),
+        claims: plan.run_as.as_ref().map(|r| r.claims),
+    }
+}
+
+/// Sends the batches whose first row has waited `max_wait_ms`.
+async fn send_gathered<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
+    loop {
+        let (ready, next) = shared.gathering.lock().expect("gathering lock").due(Instant::now());
+        send_ready(&shared, ready, &done_tx).await;
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = shared.gathered.notified() => {}
+                }
+            }
+            None => shared.gathered.notified().await,
         }
     }
 }
@@ -594,10 +812,19 @@ async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mp
             continue;
         }
         match take(&shared, seq, Some(app)) {
-            Some(Sent { at, mut done, .. }) => {
-                done.answer = Answer::from_message(&msg);
-                shared.metrics.answered(&done.answer, at.elapsed());
-                let _ = done_tx.send(done);
+            Some(sent) => {
+                let at = sent.at;
+                let batch = sent.batch.is_some().then(|| BatchAnswer::from_message(&msg));
+                let single = batch.is_none().then(|| Answer::from_message(&msg));
+                for mut done in sent.into_deliveries() {
+                    done.answer = match (&batch, &single) {
+                        (Some(batch), _) => batch.of(done.id),
+                        (None, Some(single)) => single.clone(),
+                        (None, None) => unreachable!("an answer is read as a batch's or a single one's"),
+                    };
+                    shared.metrics.answered(&done.answer, at.elapsed());
+                    let _ = done_tx.send(done);
+                }
             }
             None => tracing::debug!(
                 seq,
@@ -659,17 +886,20 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
             }
         };
         let losses = shared.connection.losses();
-        for Sent { at, mut done, losses: published_at, .. } in expired {
-            tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
-            // One kept through a lost connection (its handler said `working`) may have answered
-            // into the outage: the platform cut it short, so the attempt is given back.
-            done.answer = if published_at < losses {
-                Answer::Interrupted("the NATS connection was lost while the delivery worked; its answer may have been lost with it".into())
-            } else {
-                Answer::Timeout
-            };
-            shared.metrics.answered(&done.answer, at.elapsed());
-            let _ = done_tx.send(done);
+        for sent in expired {
+            let (at, published_at) = (sent.at, sent.losses);
+            for mut done in sent.into_deliveries() {
+                tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
+                // One kept through a lost connection (its handler said `working`) may have answered
+                // into the outage: the platform cut it short, so the attempt is given back.
+                done.answer = if published_at < losses {
+                    Answer::Interrupted("the NATS connection was lost while the delivery worked; its answer may have been lost with it".into())
+                } else {
+                    Answer::Timeout
+                };
+                shared.metrics.answered(&done.answer, at.elapsed());
+                let _ = done_tx.send(done);
+            }
         }
         match next {
             Some(deadline) => {
@@ -740,55 +970,30 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
         let wanted: Vec<(u64, Instant, LeaseExtension, Option<TriggerId>)> = {
             let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
             let InFlight { pending, to_extend, .. } = &mut *in_flight;
-            std::mem::take(to_extend)
-                .into_iter()
-                .filter_map(|seq| {
-                    let sent = pending.get_mut(&seq)?;
-                    let deadline = (now + node.handler_timeout).min(sent.at + node.max_working);
-                    if deadline <= sent.deadline {
-                        sent.extending = false;
-                        return None;
-                    }
-                    let lease = node.lease_until(deadline - now);
-                    let (id, attempt, progress) = (sent.done.id, sent.done.attempt, sent.progress);
-                    let row = LeaseExtension { id, attempt, lease, progress };
-                    Some((seq, deadline, row, sent.done.trigger_id.filter(|_| sent.done.gated)))
-                })
-                .collect()
+            let mut wanted = Vec::new();
+            for seq in std::mem::take(to_extend) {
+                let Some(sent) = pending.get_mut(&seq) else { continue };
+                let deadline = (now + node.handler_timeout).min(sent.at + node.max_working);
+                if deadline <= sent.deadline {
+                    sent.extending = false;
+                    continue;
+                }
+                let lease = node.lease_until(deadline - now);
+                // A batch's deliveries move together.
+                for done in sent.deliveries() {
+                    let row =
+                        LeaseExtension { id: done.id, attempt: done.attempt, lease, progress: sent.progress };
+                    wanted.push((seq, deadline, row, done.trigger_id.filter(|_| done.gated)));
+                }
+            }
+            wanted
         };
         if wanted.is_empty() {
             continue;
         }
-        let mut limited: Vec<TriggerId> = wanted.iter().filter_map(|(_, _, _, limited)| *limited).collect();
-        limited.sort_unstable();
-        limited.dedup();
-        let longest = wanted.iter().map(|(_, _, row, _)| row.lease).max().unwrap_or_default();
-        let within = (node.lease_margin / 2).min(node.handler_timeout / 2);
-        let written = tokio::time::timeout(within, async {
-            // The slots first: a lease never outlives the slot under it, and a row whose slot is
-            // gone keeps the lease it has.
-            let kept = shared.limits.extend(&shared.store, &limited, longest).await?;
-            let rows: Vec<LeaseExtension> = wanted
-                .iter()
-                .filter(|(_, _, _, limited)| limited.is_none_or(|trigger| kept.contains(&trigger)))
-                .map(|(_, _, row, _)| row.clone())
-                .collect();
-            shared.store.extend_leases(&node.node_id, &rows).await
-        });
-        let extended: HashSet<Uuid> = match written.await {
-            Ok(Ok(ids)) => ids.into_iter().collect(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, rows = wanted.len(), "extending the leases of working deliveries failed");
-                HashSet::new()
-            }
-            Err(_) => {
-                tracing::warn!(
-                    rows = wanted.len(),
-                    "extending the leases of working deliveries took too long"
-                );
-                HashSet::new()
-            }
-        };
+        let rows: Vec<(LeaseExtension, Option<TriggerId>)> =
+            wanted.iter().map(|(_, _, row, limited)| (row.clone(), *limited)).collect();
+        let extended = lengthen(&shared, &rows).await;
         let mut renewals = Vec::new();
         {
             let mut in_flight = shared.in_flight.lock().expect("in-flight lock");
@@ -809,6 +1014,42 @@ async fn extend_leases<S: Store>(shared: Arc<Shared<S>>) {
         if !renewals.is_empty() {
             // In a task of its own: the next longer leases never wait for a slow read or send.
             tokio::spawn(renew(shared.clone(), renewals));
+        }
+    }
+}
+
+/// Moves the leases of claimed rows, each with its trigger if limited: the relay's slots of
+/// those triggers first, since a lease never outlives the slot under it (a row whose slot is gone
+/// keeps the lease it has). Returns the rows whose lease moved: none when the write fails or takes
+/// longer than half the lease margin (or of the handler timeout), which is logged.
+async fn lengthen<S: Store>(
+    shared: &Shared<S>,
+    wanted: &[(LeaseExtension, Option<TriggerId>)],
+) -> HashSet<Uuid> {
+    let node = &shared.config.node;
+    let mut limited: Vec<TriggerId> = wanted.iter().filter_map(|(_, limited)| *limited).collect();
+    limited.sort_unstable();
+    limited.dedup();
+    let longest = wanted.iter().map(|(row, _)| row.lease).max().unwrap_or_default();
+    let within = (node.lease_margin / 2).min(node.handler_timeout / 2);
+    let written = tokio::time::timeout(within, async {
+        let kept = shared.limits.extend(&shared.store, &limited, longest).await?;
+        let rows: Vec<LeaseExtension> = wanted
+            .iter()
+            .filter(|(_, limited)| limited.is_none_or(|trigger| kept.contains(&trigger)))
+            .map(|(row, _)| row.clone())
+            .collect();
+        shared.store.extend_leases(&node.node_id, &rows).await
+    });
+    match written.await {
+        Ok(Ok(ids)) => ids.into_iter().collect(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, rows = wanted.len(), "moving the leases of claimed rows failed");
+            HashSet::new()
+        }
+        Err(_) => {
+            tracing::warn!(rows = wanted.len(), "moving the leases of claimed rows took too long");
+            HashSet::new()
         }
     }
 }
@@ -878,13 +1119,16 @@ async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSe
             deliveries = lost.len(),
             "the NATS connection was lost: the deliveries in flight on it are given back, without spending an attempt"
         );
-        for Sent { at, mut done, .. } in lost {
-            done.answer = Answer::Interrupted(
-                "the NATS connection was lost while the delivery was in flight; its answer cannot arrive"
-                    .into(),
-            );
-            shared.metrics.answered(&done.answer, at.elapsed());
-            let _ = done_tx.send(done);
+        for sent in lost {
+            let at = sent.at;
+            for mut done in sent.into_deliveries() {
+                done.answer = Answer::Interrupted(
+                    "the NATS connection was lost while the delivery was in flight; its answer cannot arrive"
+                        .into(),
+                );
+                shared.metrics.answered(&done.answer, at.elapsed());
+                let _ = done_tx.send(done);
+            }
         }
     }
 }

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use picloud_core::CollectionPattern;
 use picloud_core::flow::{Flow, Ordering};
+use picloud_core::{Batch, CollectionPattern};
 use picloud_store::*;
-use picloud_worker::{Delivery, HandlerResult, Record, Reply, Worker};
+use picloud_worker::{BatchReply, BatchResult, Delivery, HandlerResult, Record, Reply, Worker};
 use uuid::Uuid;
 
 use crate::support::*;
@@ -33,6 +33,8 @@ struct Acted {
     attempt: u32,
     write: u32,
     act: Act,
+    /// The deliveries in its request: 1, or its batch's.
+    in_request: usize,
 }
 
 /// One attempt as the workers recorded it, in unix milliseconds, with what the handler did.
@@ -61,25 +63,63 @@ fn act(seed: u64, key: &str, write: u32, attempt: u32) -> Act {
     }
 }
 
+/// The write delivery `d` carries and what the handler does with it in run `seed`.
+fn acting(seed: u64, d: &Delivery) -> (u32, Act) {
+    let key = d.ordering_key().expect("every message has a key");
+    let write = d.data::<serde_json::Value>().unwrap()["write"].as_u64().unwrap() as u32;
+    (write, act(seed, key, write, d.attempt))
+}
+
+fn reply(act: Act) -> Reply {
+    match act {
+        Act::Ok | Act::Late => Reply::ok(serde_json::json!({})),
+        Act::Retry => Reply::retry("generated retry"),
+        Act::Fail => Reply::fail("generated failure"),
+    }
+}
+
 async fn handle(
     seed: u64,
     log: Arc<Mutex<Vec<Acted>>>,
     handler_timeout: Duration,
     d: Delivery,
 ) -> HandlerResult {
-    let key = d.ordering_key().expect("every message has a key").to_owned();
-    let write = d.data::<serde_json::Value>().unwrap()["write"].as_u64().unwrap() as u32;
-    let act = act(seed, &key, write, d.attempt);
+    let (write, act) = acting(seed, &d);
     tokio::time::sleep(Duration::from_millis(5)).await;
     if act == Act::Late {
         tokio::time::sleep(handler_timeout + Duration::from_millis(200)).await;
     }
-    log.lock().unwrap().push(Acted { id: d.id, attempt: d.attempt, write, act });
-    Ok(match act {
-        Act::Ok | Act::Late => Reply::ok(serde_json::json!({})),
-        Act::Retry => Reply::retry("generated retry"),
-        Act::Fail => Reply::fail("generated failure"),
-    })
+    log.lock().unwrap().push(Acted { id: d.id, attempt: d.attempt, write, act, in_request: 1 });
+    Ok(reply(act))
+}
+
+/// [`handle`] for a batch: each delivery is answered by its act in the batch's results, but a
+/// late answer is the whole batch's. It comes late only when every delivery in it is on its
+/// first attempt, so that every write still ends on an act of its own within its attempts.
+async fn handle_batch(
+    seed: u64,
+    log: Arc<Mutex<Vec<Acted>>>,
+    handler_timeout: Duration,
+    batch: Vec<Delivery>,
+) -> BatchResult {
+    let acts: Vec<(u32, Act)> = batch.iter().map(|d| acting(seed, d)).collect();
+    let late = acts.iter().any(|&(_, act)| act == Act::Late) && batch.iter().all(|d| d.attempt == 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    if late {
+        tokio::time::sleep(handler_timeout + Duration::from_millis(200)).await;
+    }
+    let mut answer = BatchReply::ok();
+    let mut log = log.lock().unwrap();
+    for (d, (write, act)) in batch.iter().zip(acts) {
+        let act = match act {
+            _ if late => Act::Late,
+            Act::Late => Act::Ok,
+            act => act,
+        };
+        log.push(Acted { id: d.id, attempt: d.attempt, write, act, in_request: batch.len() });
+        answer.set(d.id, reply(act).status());
+    }
+    Ok(answer)
 }
 
 /// The workers' record of every attempt, each with what the handler did with it.
@@ -144,17 +184,20 @@ fn check(log: &[Attempt], writes: u32, dead_letters: usize) {
     assert_eq!(dead_letters, failed, "a dead letter for each write that ended without an ok");
 }
 
-async fn one_run(seed: u64) {
+/// One generated run of seed `seed`, its trigger batching as `batch` if given.
+async fn one_run(seed: u64, batch: Option<Batch>) {
     let w = World::new().await;
     let mut trigger = w
         .trigger("ordered", TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() }, "h")
         .await;
     let patch = TriggerPatch {
         flow: Some(Some(Flow { ordering: Ordering::Key, ..Flow::default() })),
+        batch: Some(batch),
         ..TriggerPatch::default()
     };
     trigger = w.store.update_trigger(w.app.id, trigger.name.as_str(), &patch).await.unwrap();
     assert!(trigger.flow.is_some());
+    assert_eq!(trigger.batch, batch);
 
     let handler_timeout = run_config("r").node.handler_timeout;
     let (log, record) = (Arc::new(Mutex::new(Vec::new())), Record::new());
@@ -162,9 +205,11 @@ async fn one_run(seed: u64) {
     for _ in 0..2 {
         let log = log.clone();
         let client = async_nats::connect(w.nats_url()).await.unwrap();
-        let worker = Worker::new(client, "shop")
-            .record(&record)
-            .handle("h", move |d| handle(seed, log.clone(), handler_timeout, d));
+        let worker = Worker::new(client, "shop").record(&record);
+        let worker = match batch {
+            None => worker.handle("h", move |d| handle(seed, log.clone(), handler_timeout, d)),
+            Some(_) => worker.handle_batch("h", move |b| handle_batch(seed, log.clone(), handler_timeout, b)),
+        };
         workers.push(worker.start().await.unwrap());
     }
     let (proxy, doomed, relays) = three_relays_one_doomed(&w).await;
@@ -188,7 +233,11 @@ async fn one_run(seed: u64) {
     for worker in workers {
         worker.shutdown().await;
     }
-    let log = attempts(&record, &log.lock().unwrap());
+    let acted = log.lock().unwrap().clone();
+    if batch.is_some() {
+        assert!(acted.iter().any(|a| a.in_request > 1), "seed {seed} sent several keys in one batch");
+    }
+    let log = attempts(&record, &acted);
     check(&log, writes, dead as usize);
     assert!(log.iter().any(|a| a.act == Act::Late), "seed {seed} timed an attempt out");
 }
@@ -197,8 +246,20 @@ async fn one_run(seed: u64) {
 async fn ordered_keys_go_one_at_a_time_in_write_order_across_relays_through_retries_failures_timeouts_and_a_dead_relay()
  {
     for seed in [1, 2] {
-        tokio::time::timeout(Duration::from_secs(120), one_run(seed))
+        tokio::time::timeout(Duration::from_secs(120), one_run(seed, None))
             .await
             .unwrap_or_else(|_| panic!("the run of seed {seed} did not end within two minutes"));
+    }
+}
+
+#[tokio::test]
+async fn ordered_keys_in_batches_keep_their_order_across_relays_through_retries_failures_timeouts_and_a_dead_relay()
+ {
+    // Batches of up to four of the six keys' heads, sent once the first has waited 20 ms.
+    let batch = Batch { max_size: 4, max_wait_ms: 20 };
+    for seed in [3, 4] {
+        tokio::time::timeout(Duration::from_secs(120), one_run(seed, Some(batch)))
+            .await
+            .unwrap_or_else(|_| panic!("the batched run of seed {seed} did not end within two minutes"));
     }
 }

@@ -1,5 +1,6 @@
 //! The relay end to end, against a real Postgres and a real nats-server.
 
+mod batch;
 mod cron;
 mod delivery;
 mod executors;

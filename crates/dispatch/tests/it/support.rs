@@ -10,7 +10,7 @@ use picloud_store::events::{self, EventContext};
 use picloud_store::*;
 pub use picloud_testkit::eventually;
 use picloud_testkit::{NatsServer, TestDatabase};
-use picloud_worker::{Delivery, HandlerResult, Reply, Shutdown, ShutdownSender, Worker};
+use picloud_worker::{BatchResult, Delivery, HandlerResult, Reply, Shutdown, ShutdownSender, Worker};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -99,6 +99,32 @@ where
             let _ = tx.send(d.clone());
             let reply = reply.clone();
             async move { reply(d).await }
+        })
+        .start()
+        .await
+        .unwrap();
+    (WorkerHandle { running }, rx)
+}
+
+/// Serves `handler` of `app` a batch at a time with `reply`, reporting every batch it is handed.
+pub async fn start_batch_worker<F, Fut>(
+    nats_url: &str,
+    app: &str,
+    handler: &str,
+    reply: F,
+) -> (WorkerHandle, mpsc::UnboundedReceiver<Vec<Delivery>>)
+where
+    F: Fn(Vec<Delivery>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = BatchResult> + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reply = std::sync::Arc::new(reply);
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let running = Worker::new(client, app)
+        .handle_batch(handler, move |batch: Vec<Delivery>| {
+            let _ = tx.send(batch.clone());
+            let reply = reply.clone();
+            async move { reply(batch).await }
         })
         .start()
         .await

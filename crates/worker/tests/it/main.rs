@@ -9,7 +9,7 @@ use async_nats::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use picloud_testkit::NatsServer;
-use picloud_worker::{Delivery, Reply, Worker};
+use picloud_worker::{BatchReply, Delivery, Reply, ReplyStatus, Worker};
 use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
@@ -37,6 +37,40 @@ async fn request(client: &async_nats::Client, handler: &str, body: Bytes) -> asy
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().unwrap()
+}
+
+/// Sends `envelopes` as one batch (DESIGN §14) to `handler` and returns the reply.
+async fn request_batch(
+    client: &async_nats::Client,
+    handler: &str,
+    envelopes: &[Bytes],
+) -> async_nats::Message {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", "application/cloudevents-batch+json");
+    let body = format!(
+        "[{}]",
+        envelopes.iter().map(|e| std::str::from_utf8(e).unwrap()).collect::<Vec<_>>().join(",")
+    );
+    client
+        .publish_with_reply_and_headers(
+            format!("picloud.v1.handle.shop.{handler}"),
+            inbox,
+            headers,
+            body.into(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), replies.next()).await.unwrap().unwrap()
+}
+
+/// A batch answer's `results` (`null` when its body is empty).
+fn results(msg: &async_nats::Message) -> serde_json::Value {
+    if msg.payload.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice::<serde_json::Value>(&msg.payload).unwrap()["results"].clone()
 }
 
 fn status(msg: &async_nats::Message) -> Option<String> {
@@ -254,5 +288,81 @@ async fn a_cancel_notice_stops_its_delivery_in_hand_and_one_that_comes_before_it
     let answer = second.await.unwrap();
     assert_eq!(status(&answer).as_deref(), Some("fail"));
     assert!(started.try_recv().is_err(), "the early-cancelled delivery ran");
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_batch_handler_gets_the_batch_in_order_and_its_results_answer_each_delivery() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<Uuid>>();
+    let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .handle_batch("many", move |batch: Vec<Delivery>| {
+            let _ = seen_tx.send(batch.iter().map(|d| d.id).collect());
+            async move {
+                let mut reply = BatchReply::ok();
+                if let [_, second, third, ..] = &batch[..] {
+                    reply.set(second.id, ReplyStatus::Fail).set(third.id, ReplyStatus::Retry);
+                }
+                Ok(reply)
+            }
+        })
+        .handle_batch("busy", |_| async { Ok(BatchReply::all(Reply::retry("the database is busy"))) })
+        .handle_batch("broken", |_| async { Err("database down".into()) })
+        .start()
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let envelopes: Vec<Bytes> = ids.iter().map(|&id| envelope(id, 1)).collect();
+
+    let answer = request_batch(&client, "many", &envelopes).await;
+    assert_eq!(seen.recv().await.unwrap(), ids, "the whole batch, in its order");
+    assert_eq!(status(&answer).as_deref(), Some("ok"), "the status of those the results do not name");
+    assert_eq!(
+        results(&answer),
+        serde_json::json!({ids[1].to_string(): "fail", ids[2].to_string(): "retry"})
+    );
+
+    let busy = request_batch(&client, "busy", &envelopes).await;
+    assert_eq!(status(&busy).as_deref(), Some("retry"));
+    assert_eq!(
+        busy.headers.as_ref().unwrap().get("Picloud-Error").map(|v| v.as_str()),
+        Some("the database is busy")
+    );
+    assert_eq!(results(&busy), serde_json::Value::Null, "no results: the header speaks for all");
+    let broken = request_batch(&client, "broken", &envelopes).await;
+    assert_eq!(status(&broken).as_deref(), Some("retry"), "a handler error retries the batch");
+
+    let alone = request(&client, "many", envelope(ids[0], 2)).await;
+    assert_eq!(seen.recv().await.unwrap(), [ids[0]], "a delivery alone is a batch of one");
+    assert_eq!(status(&alone).as_deref(), Some("ok"));
+    let garbage = request_batch(&client, "many", &[Bytes::from_static(b"{}")]).await;
+    assert_eq!(status(&garbage).as_deref(), Some("fail"), "a malformed batch will not improve by retrying");
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handler_of_one_delivery_at_a_time_answers_a_batch_with_each_ones_status() {
+    let nats = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let worker = Worker::new(async_nats::connect(nats.url()).await.unwrap(), "shop")
+        .handle("one", |d: Delivery| async move {
+            Ok(match d.attempt {
+                1 => Reply::ok(serde_json::json!({})),
+                2 => Reply::retry("later"),
+                _ => Reply::fail("never"),
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let envelopes: Vec<Bytes> = ids.iter().zip(1..).map(|(&id, attempt)| envelope(id, attempt)).collect();
+    let answer = request_batch(&client, "one", &envelopes).await;
+    assert_eq!(status(&answer).as_deref(), Some("ok"));
+    assert_eq!(
+        results(&answer),
+        serde_json::json!({ids[0].to_string(): "ok", ids[1].to_string(): "retry", ids[2].to_string(): "fail"})
+    );
     worker.shutdown().await;
 }
