@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use picloud_core::Batch;
 use picloud_core::flow::{Flow, Ordering, kv_ordering_key};
 use picloud_core::protocol::{EventKind, event_type, source};
 use picloud_store::events::Event;
@@ -19,13 +20,26 @@ pub enum Flowed {
     Ordered { keys: usize },
     /// `flow.concurrency`.
     Limited { concurrency: u32 },
+    /// `batch` of this `max_size` (DESIGN §14), to a handler that takes batches.
+    Batched { size: u32 },
 }
 
+/// The `max_wait_ms` of the batched drain: only its last, unfilled batch waits.
+const BATCH_WAIT_MS: u32 = 20;
+
 impl Flowed {
-    fn flow(self) -> Flow {
+    /// Gives the flowed trigger this flow, or batch.
+    async fn apply(self, bench: &mut Bench) -> anyhow::Result<()> {
         match self {
-            Flowed::Ordered { .. } => Flow { ordering: Ordering::Key, ..Flow::default() },
-            Flowed::Limited { concurrency } => Flow { concurrency: Some(concurrency), ..Flow::default() },
+            Flowed::Ordered { .. } => {
+                bench.set_flow(Flow { ordering: Ordering::Key, ..Flow::default() }).await
+            }
+            Flowed::Limited { concurrency } => {
+                bench.set_flow(Flow { concurrency: Some(concurrency), ..Flow::default() }).await
+            }
+            Flowed::Batched { size } => {
+                bench.set_batch(Batch { max_size: size, max_wait_ms: BATCH_WAIT_MS }).await
+            }
         }
     }
 
@@ -33,7 +47,7 @@ impl Flowed {
     fn key(self, i: usize) -> usize {
         match self {
             Flowed::Ordered { keys } => i % keys,
-            Flowed::Limited { .. } => i,
+            Flowed::Limited { .. } | Flowed::Batched { .. } => i,
         }
     }
 
@@ -42,6 +56,7 @@ impl Flowed {
         match self {
             Flowed::Ordered { keys } => (format!("drain ordered by {keys} keys"), "ordering"),
             Flowed::Limited { concurrency } => (format!("drain at concurrency {concurrency}"), "concurrency"),
+            Flowed::Batched { size } => (format!("drain in batches of {size}"), "batch"),
         }
     }
 }
@@ -82,13 +97,14 @@ pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usiz
 async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<f64> {
     let mut bench = servers.fresh().await?;
     if let Some(flowed) = flowed {
-        bench.set_flow(flowed.flow()).await?;
+        flowed.apply(&mut bench).await?;
     }
     backlog(&bench, n, flowed).await?;
     bench.settle().await?;
     let what = flowed.map_or_else(|| "drain".to_owned(), |f| f.names().0);
     eprintln!("{what} rep {rep}: backlog of {n} written; draining");
-    let elapsed = drain(servers, &bench, n).await?;
+    let batched = matches!(flowed, Some(Flowed::Batched { .. }));
+    let elapsed = drain(servers, &bench, n, batched).await?;
     let rate = n as f64 / elapsed.as_secs_f64();
     println!("{what} rep {rep}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
     Ok(rate)
@@ -140,15 +156,23 @@ pub async fn backlog_to(
     Ok(())
 }
 
-/// From "start" (connecting and LISTEN included) until the handler ran N times and the outbox
-/// holds none of the rows.
-async fn drain(servers: &Servers, bench: &Bench, n: usize) -> anyhow::Result<Duration> {
+/// From "start" (connecting and LISTEN included) until the handler was handed N deliveries
+/// (`batched`: a batch at a time) and the outbox holds none of the rows.
+async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> anyhow::Result<Duration> {
     let expect = n.to_string();
-    let mut handler = Role::spawn(
+    let mut args = vec![
         "handler",
-        &["handler", "--nats-url", &servers.nats_url, "--app", bench.app.slug.as_str(), "--expect", &expect],
-    )
-    .await?;
+        "--nats-url",
+        &servers.nats_url,
+        "--app",
+        bench.app.slug.as_str(),
+        "--expect",
+        &expect,
+    ];
+    if batched {
+        args.push("--batch");
+    }
+    let mut handler = Role::spawn("handler", &args).await?;
     let mut relay =
         Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
     let t0 = Instant::now();

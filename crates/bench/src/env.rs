@@ -134,6 +134,13 @@ impl Bench {
         Ok(())
     }
 
+    /// Gives the flowed trigger `batch`.
+    pub async fn set_batch(&mut self, batch: picloud_core::Batch) -> anyhow::Result<()> {
+        let patch = picloud_store::TriggerPatch { batch: Some(Some(batch)), ..Default::default() };
+        self.flowed = self.store.update_trigger(self.app.id, "flowed", &patch).await?;
+        Ok(())
+    }
+
     /// Another app, `slug`, with an admin and the `bench` trigger, registered as the `bench`
     /// app's is.
     pub async fn other_app(&self, slug: &str) -> anyhow::Result<(App, Trigger)> {

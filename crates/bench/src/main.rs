@@ -51,8 +51,12 @@ enum Scenario {
         keys: usize,
         /// Each repetition drains the backlog twice, plain and then through a trigger with
         /// this `flow.concurrency`.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000), conflicts_with = "batch")]
         concurrency: Option<u32>,
+        /// Each repetition drains the backlog twice, plain and then through a trigger with
+        /// `batch` of this `max_size`, to a handler that takes batches.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=1_000), conflicts_with = "ordering")]
+        batch: Option<u32>,
     },
     /// Latency at a steady rate, from a separate producer process.
     Latency {
@@ -141,12 +145,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Handler(args) => roles::handler(args).await,
         Scenario::Relay(args) => roles::relay(args).await,
         Scenario::Api(args) => roles::api(args).await,
-        Scenario::Drain { n, ordering, keys, concurrency } => {
+        Scenario::Drain { n, ordering, keys, concurrency, batch } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
-            let flowed = match (ordering, concurrency) {
-                (Some(_), _) => Some(drain::Flowed::Ordered { keys: keys.max(1) }),
-                (None, Some(concurrency)) => Some(drain::Flowed::Limited { concurrency }),
-                (None, None) => None,
+            let flowed = match (ordering, concurrency, batch) {
+                (Some(_), _, _) => Some(drain::Flowed::Ordered { keys: keys.max(1) }),
+                (None, Some(concurrency), _) => Some(drain::Flowed::Limited { concurrency }),
+                (None, None, Some(size)) => Some(drain::Flowed::Batched { size }),
+                (None, None, None) => None,
             };
             drain::run(&servers, n, flowed, cli.reps).await
         }

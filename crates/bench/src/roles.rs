@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use picloud_dispatch::Relay;
 use picloud_store::PgStore;
-use picloud_worker::{Delivery, Reply, Shutdown, Worker};
+use picloud_worker::{BatchReply, Delivery, Reply, Shutdown, Worker};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Mutex, Notify};
 
@@ -34,6 +34,10 @@ pub struct HandlerArgs {
     /// Also answer bare NATS requests on `bench.echo` (queue group `bench`), for comparison.
     #[arg(long)]
     echo: bool,
+    /// Take the deliveries a batch at a time ([`Worker::handle_batch`]): for a trigger with
+    /// `batch`.
+    #[arg(long)]
+    batch: bool,
 }
 
 /// The relay process's arguments.
@@ -95,36 +99,39 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     println!("ready");
     anyhow::ensure!(command(&mut lines).await.as_deref() == Some("start"), "expected start");
-    let count = Arc::new(AtomicUsize::new(0));
-    let latencies =
-        Arc::new(Mutex::new(Vec::<f64>::with_capacity(if args.latency { args.expect } else { 0 })));
-    let all = Arc::new(Notify::new());
-    let (expect, latency) = (args.expect, args.latency);
+    let tally = Arc::new(Tally {
+        count: AtomicUsize::new(0),
+        latencies: Mutex::new(Vec::with_capacity(if args.latency { args.expect } else { 0 })),
+        all: Notify::new(),
+        expect: args.expect,
+        latency: args.latency,
+    });
     let delay = std::time::Duration::from_millis(args.delay_ms);
-    let running = Worker::new(async_nats::connect(&args.nats_url).await?, &args.app)
-        .concurrency(1024)
-        .handle(HANDLER, {
-            let (count, latencies, all) = (count.clone(), latencies.clone(), all.clone());
-            move |d: Delivery| {
-                let now_us = monotonic_us();
-                let (count, latencies, all) = (count.clone(), latencies.clone(), all.clone());
+    let worker = Worker::new(async_nats::connect(&args.nats_url).await?, &args.app).concurrency(1024);
+    let worker = if args.batch {
+        worker.handle_batch(HANDLER, {
+            let tally = tally.clone();
+            move |batch: Vec<Delivery>| {
+                let (now_us, tally) = (monotonic_us(), tally.clone());
                 async move {
-                    if latency {
-                        let t_us = d.data::<serde_json::Value>()?["value"]["t_us"].as_i64().unwrap_or(now_us);
-                        latencies.lock().await.push((now_us - t_us) as f64 / 1000.0);
-                    }
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    if count.fetch_add(1, Ordering::Relaxed) + 1 == expect {
-                        all.notify_one();
-                    }
+                    tally.handed(&batch, now_us, delay).await?;
+                    Ok(BatchReply::ok())
+                }
+            }
+        })
+    } else {
+        worker.handle(HANDLER, {
+            let tally = tally.clone();
+            move |d: Delivery| {
+                let (now_us, tally) = (monotonic_us(), tally.clone());
+                async move {
+                    tally.handed(std::slice::from_ref(&d), now_us, delay).await?;
                     Ok(Reply::Ok(Default::default()))
                 }
             }
         })
-        .start()
-        .await?;
+    };
+    let running = worker.start().await?;
     let client = async_nats::connect(&args.nats_url).await?;
     let echo =
         if args.echo { Some(client.queue_subscribe("bench.echo", "bench".into()).await?) } else { None };
@@ -142,11 +149,11 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
     picloud_worker::round_trip(&client).await.map_err(anyhow::Error::msg)?;
     println!("started");
     let finished = tokio::select! {
-        () = all.notified() => true,
+        () = tally.all.notified() => true,
         () = until_stop(&mut lines) => false,
     };
     if finished {
-        report(&count, &latencies).await?;
+        report(&tally.count, &tally.latencies).await?;
         until_stop(&mut lines).await;
     }
     running.shutdown().await;
@@ -154,6 +161,43 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         echoing.abort();
     }
     Ok(())
+}
+
+/// What the handler was handed.
+struct Tally {
+    count: AtomicUsize,
+    latencies: Mutex<Vec<f64>>,
+    /// Signalled once `expect` deliveries were handed.
+    all: Notify,
+    expect: usize,
+    /// Whether to keep each delivery's latency.
+    latency: bool,
+}
+
+impl Tally {
+    /// Notes `deliveries` handed at `now_us`, and answers them after `delay`.
+    async fn handed(
+        &self,
+        deliveries: &[Delivery],
+        now_us: i64,
+        delay: std::time::Duration,
+    ) -> serde_json::Result<()> {
+        if self.latency {
+            let mut latencies = self.latencies.lock().await;
+            for d in deliveries {
+                let t_us = d.data::<serde_json::Value>()?["value"]["t_us"].as_i64().unwrap_or(now_us);
+                latencies.push((now_us - t_us) as f64 / 1000.0);
+            }
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let before = self.count.fetch_add(deliveries.len(), Ordering::Relaxed);
+        if before < self.expect && before + deliveries.len() >= self.expect {
+            self.all.notify_one();
+        }
+        Ok(())
+    }
 }
 
 /// Returns at `stop` or at the end of input.
