@@ -2,7 +2,8 @@
 
 Serves `on-note` for the app of `picloud-router dev`; a note whose text is "fail" is refused,
 so it becomes a dead letter, and one whose text is "slow" takes its `seconds`, longer than the
-handler timeout, saying that it is still working. Run it with the values `dev` wrote:
+handler timeout, saying that it is still working. It answers the batches of a trigger with
+`batch` too. Run it with the values `dev` wrote:
 
     set -a; . .picloud/dev.env; set +a
     python3 examples/notes.py
@@ -64,7 +65,21 @@ async def main():
 
     working = set()  # the long tasks, held until they end (asyncio keeps only weak references)
 
+    async def on_batch(msg):
+        # A trigger with `batch` sends many envelopes in one request: one answer, whose header
+        # speaks for every delivery but those its `results` name.
+        results = {}
+        for event in json.loads(msg.data):
+            note = event["data"]["value"]
+            print(event["id"], "attempt", event["picloudattempt"], "in a batch:", note, flush=True)
+            if note.get("text") == "fail":
+                results[event["id"]] = "fail"
+        await nc.publish(msg.reply, json.dumps({"results": results}).encode(), headers={"Picloud-Status": "ok"})
+
     async def on_note(msg):
+        if (msg.headers or {}).get("Content-Type") == "application/cloudevents-batch+json":
+            await on_batch(msg)
+            return
         event = json.loads(msg.data)  # the CloudEvents envelope
         note = event["data"]["value"]
         print(event["id"], "attempt", event["picloudattempt"], note, flush=True)
