@@ -658,6 +658,12 @@ async fn answer_batch(
         }
         taken.push(held);
     }
+    // One request, one deadline: the token a `working` of any of them brings back is every one's.
+    if let Some(renewal) = handed.first().and_then(|d| d.renewal.clone()) {
+        for delivery in &mut handed {
+            delivery.renewal = Some(renewal.clone());
+        }
+    }
     let mut reply = if handed.is_empty() {
         BatchReply::all(Reply::fail("cancelled"))
     } else {

@@ -3,8 +3,8 @@
 //!
 //! The claimed rows of such a trigger wait in a gathering per trigger, app and depth (rows that
 //! share a plan and a delivery token) until `max_size` of them are there, the first of them has
-//! waited `max_wait_ms`, or the relay has no free slot to claim more with; then they go as one
-//! batch. They are claimed rows all along: they hold their leases (moved first when the wait
+//! waited `max_wait_ms`, the relay has too few free slots for a claim to add to them, or no row
+//! could join them (a trigger ordered as a whole); then they go as one batch. They are claimed rows all along: they hold their leases (moved first when the wait
 //! could outlast them) and their slots, so nothing else delivers them meanwhile. Rows in lanes
 //! are claimed one per lane at a time, so a batch holds at most one delivery of each ordering
 //! key and a key's next delivery waits for the batch's answer: order holds within and across
@@ -45,8 +45,11 @@ pub(super) struct Ready {
 
 impl Gathering {
     /// Adds claimed `rows` of `key`, whose trigger batches as `batch`: returns the batches that
-    /// go now, and whether a row now waits that no timer knew of. With `no_more` (the relay
-    /// has no free slot to claim more with) nothing waits.
+    /// go now, and whether rows now wait for a time no timer knew of (a new wait, or one made
+    /// shorter by a shorter `max_wait_ms`). With `no_more` (no row could
+    /// join them: the trigger orders all its deliveries) nothing waits. A row never waits longer
+    /// than its trigger's `max_wait_ms` as it was when the row was claimed, and a batch goes with
+    /// the target read last.
     pub(super) fn add(
         &mut self,
         key: BatchKey,
@@ -58,7 +61,14 @@ impl Gathering {
     ) -> (Vec<Ready>, bool) {
         let size = batch.max_size.max(1) as usize;
         let (gathered, new) = match self.waiting.entry(key) {
-            Entry::Occupied(entry) => (entry.into_mut(), false),
+            Entry::Occupied(entry) => {
+                let gathered = entry.into_mut();
+                let send_at = now + batch.max_wait();
+                let sooner = send_at < gathered.send_at;
+                gathered.send_at = gathered.send_at.min(send_at);
+                gathered.target = target.clone();
+                (gathered, sooner)
+            }
             Entry::Vacant(entry) => {
                 let send_at = now + batch.max_wait();
                 (
@@ -91,20 +101,27 @@ impl Gathering {
     }
 
     /// Takes the batches whose first row has waited long enough by `now`; returns them and when
-    /// the next one is due.
-    pub(super) fn due(&mut self, now: Instant) -> (Vec<Ready>, Option<Instant>) {
+    /// the next one is due, or `None` once the gathering is closed (nothing waits in it any
+    /// more).
+    pub(super) fn due(&mut self, now: Instant) -> (Vec<Ready>, Option<Option<Instant>>) {
         let ready = self
             .waiting
             .extract_if(|_, gathered| gathered.send_at <= now)
             .map(|(_, Gathered { target, rows, .. })| Ready { target, rows })
             .collect();
-        (ready, self.waiting.values().map(|g| g.send_at).min())
+        let next = (!self.closed).then(|| self.waiting.values().map(|g| g.send_at).min());
+        (ready, next)
+    }
+
+    /// Takes every batch, full or not: no claim can add to them until slots come free.
+    pub(super) fn take_all(&mut self) -> Vec<Ready> {
+        self.waiting.drain().map(|(_, Gathered { target, rows, .. })| Ready { target, rows }).collect()
     }
 
     /// Closes the gathering (the relay stops) and takes every batch: from now on, rows added go
     /// at once.
     pub(super) fn close(&mut self) -> Vec<Ready> {
         self.closed = true;
-        self.waiting.drain().map(|(_, Gathered { target, rows, .. })| Ready { target, rows }).collect()
+        self.take_all()
     }
 }

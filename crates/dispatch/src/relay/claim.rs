@@ -53,6 +53,11 @@ pub(super) async fn claim_loop<S: Store>(
         if shutdown.is_shutdown() {
             return;
         }
+        if shared.slots.available_permits() < batch as usize {
+            // No claim can add to the batches filling until slots come free: they go now.
+            let waiting = shared.gathering.lock().expect("gathering lock").take_all();
+            send_ready(&shared, waiting, &done).await;
+        }
         let slots = tokio::select! {
             slots = shared.slots.clone().acquire_many_owned(batch) => slots.expect("the slot semaphore is never closed"),
             () = shutdown.recv() => return,

@@ -71,6 +71,9 @@ const FLUSH_TRIES: u32 = 6;
 /// How often a delivery's lease moves for its handler's `working` replies, at most (or a quarter
 /// of the handler timeout, if that is shorter): one write per delivery however often it says so.
 const EXTEND_EVERY: Duration = Duration::from_secs(1);
+/// Bytes of a batch's `max_payload` kept for its header: a batch is split before its envelopes
+/// and the header together could exceed the server's limit.
+const BATCH_HEADER_ROOM: usize = 1024;
 /// How soon the timer looks again at a delivery whose deadline came while its longer lease was
 /// being written.
 const EXTENDING_RECHECK: Duration = Duration::from_millis(20);
@@ -272,8 +275,11 @@ impl<S: Store> Relay<S> {
         for claimer in claimers {
             let _ = claimer.await;
         }
-        // The batches still filling go now; rows claimed from here on go at once.
+        // The batches still filling go now; rows claimed from here on go at once. The batcher
+        // ends first, once what it took is in flight, so that the wait below sees it.
         let last = shared.gathering.lock().expect("gathering lock").close();
+        shared.gathered.notify_one();
+        let _ = batcher.await;
         send_ready(&shared, last, &done_tx).await;
         drop(done_tx);
         wait_drained(&shared).await;
@@ -283,8 +289,7 @@ impl<S: Store> Relay<S> {
         timer.abort();
         watchman.abort();
         extender.abort();
-        batcher.abort();
-        let _ = (responder.await, timer.await, watchman.await, extender.await, batcher.await);
+        let _ = (responder.await, timer.await, watchman.await, extender.await);
         let _ = completer.await;
         tracing::info!("relay stopped");
         Ok(())
@@ -635,9 +640,9 @@ async fn launch<S>(
 }
 
 /// Adds claimed rows of a batch trigger to its gathering, and sends what is ready. Rows that
-/// could wait longer than half the lease margin (beyond which their lease would not outlast the
-/// handler timeout once sent) have their leases moved first to cover the wait; those whose
-/// lease could not move go at once.
+/// could wait longer than their lease allows (half the lease margin; none for a limited trigger's
+/// rows) have their leases moved first to cover the wait; those whose lease could not move go at
+/// once.
 async fn gather<S: Store>(
     shared: &Shared<S>,
     key: BatchKey,
@@ -648,7 +653,14 @@ async fn gather<S: Store>(
 ) {
     let node = &shared.config.node;
     let mut ready = Vec::new();
-    if batch.max_wait() >= node.lease_margin / 2 && !shared.stopping.load(Ordering::SeqCst) {
+    // A claimed row has half the lease margin to start in (the other half covers the deadline's
+    // grace while a longer lease is written); a row of a limited trigger may have spent it waiting
+    // ahead of a slot already.
+    let limited = rows.iter().any(|row| row.gated);
+    let within = if limited { Duration::ZERO } else { node.lease_margin / 2 };
+    let no_more =
+        target.trigger.flow.is_some_and(|flow| flow.ordering == picloud_core::flow::Ordering::Trigger);
+    if !no_more && batch.max_wait() > within && !shared.stopping.load(Ordering::SeqCst) {
         let lease = node.lease_until(batch.max_wait() + node.handler_timeout);
         let limited = target.trigger.id;
         let wanted: Vec<(LeaseExtension, Option<TriggerId>)> = rows
@@ -666,7 +678,6 @@ async fn gather<S: Store>(
         rows = waiting;
     }
     if !rows.is_empty() {
-        let no_more = shared.slots.available_permits() == 0;
         let (full, waits) = shared.gathering.lock().expect("gathering lock").add(
             key,
             target,
@@ -700,7 +711,8 @@ async fn send_ready<S>(shared: &Shared<S>, ready: Vec<Ready>, done_tx: &mpsc::Un
                 continue;
             }
         };
-        let max_payload = shared.nats.server_info().max_payload;
+        // The server's limit covers the headers too: the batch's one header has room to spare.
+        let max_payload = shared.nats.server_info().max_payload.saturating_sub(BATCH_HEADER_ROOM);
         let mut requests = Vec::new();
         let (mut body, mut carried) = (Vec::new(), Vec::new());
         for row in rows {
@@ -745,11 +757,12 @@ fn batch_request<S>(shared: &Shared<S>, plan: &Plan, mut body: Vec<u8>, carried:
     }
 }
 
-/// Sends the batches whose first row has waited `max_wait_ms`.
+/// Sends the batches whose first row has waited `max_wait_ms`, until the gathering closes.
 async fn send_gathered<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>) {
     loop {
         let (ready, next) = shared.gathering.lock().expect("gathering lock").due(Instant::now());
         send_ready(&shared, ready, &done_tx).await;
+        let Some(next) = next else { return };
         match next {
             Some(at) => {
                 tokio::select! {

@@ -56,7 +56,6 @@ async fn a_full_batch_goes_in_one_request_and_its_results_answer_each_delivery()
             Ok(reply)
         })
         .await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     let mut written = Vec::new();
     for i in 0..10 {
         let value = match i {
@@ -67,6 +66,8 @@ async fn a_full_batch_goes_in_one_request_and_its_results_answer_each_delivery()
         w.put("orders", &format!("o-{i}"), json!({"value": value}), 0).await;
         written.push(value);
     }
+    // Written before the relay starts: one claim takes them all.
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
 
     let first = next(&mut batches, "the full batch").await;
     let mut sent = values(&first);
@@ -93,16 +94,16 @@ async fn an_unfilled_batch_goes_once_its_first_delivery_has_waited_max_wait() {
     batched_trigger(&w, "many", Batch { max_size: 100, max_wait_ms: wait.as_millis() as u32 }).await;
     let (worker, mut batches) =
         start_batch_worker(&w.nats_url(), "shop", "many", |_| async { Ok(BatchReply::ok()) }).await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
-    let written = Instant::now();
     for i in 0..3 {
         w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
     }
+    let started = Instant::now();
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     let batch = next(&mut batches, "the batch").await;
     let mut sent = values(&batch);
     sent.sort_unstable();
     assert_eq!(sent, ["v0", "v1", "v2"], "the three wait for each other");
-    assert!(written.elapsed() >= wait, "it went after {:?}, before its wait of {wait:?}", written.elapsed());
+    assert!(started.elapsed() >= wait, "it went after {:?}, before its wait of {wait:?}", started.elapsed());
     w.drained().await;
     relay.stop().await;
     worker.stop().await;
@@ -124,16 +125,22 @@ async fn a_batch_whose_answer_comes_too_late_is_tried_again_whole_and_its_status
             }
         })
         .await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     for i in 0..3 {
         w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
     }
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     let first = next(&mut batches, "the first attempt").await;
     let second = next(&mut batches, "the second attempt").await;
     assert_eq!(first.len(), 3);
+    let attempts = |batch: &[Delivery], attempt: Option<u32>| {
+        let mut ids: Vec<_> = batch.iter().map(|d| (d.id, attempt.unwrap_or(d.attempt))).collect();
+        ids.sort_unstable();
+        ids
+    };
     assert_eq!(
-        second.iter().map(|d| (d.id, d.attempt)).collect::<Vec<_>>(),
-        first.iter().map(|d| (d.id, 2)).collect::<Vec<_>>()
+        attempts(&second, None),
+        attempts(&first, Some(2)),
+        "the same three, each on its second attempt"
     );
     w.drained().await;
     let dead = w.dead_letters().await;
@@ -146,7 +153,8 @@ async fn a_batch_whose_answer_comes_too_late_is_tried_again_whole_and_its_status
 #[tokio::test]
 async fn a_batch_that_works_three_times_its_timeout_while_saying_so_runs_once() {
     let w = World::new().await;
-    batched_trigger(&w, "many", Batch { max_size: 4, max_wait_ms: 5000 }).await;
+    // A short wait (their claim's lease covers it): only `working` keeps the rows' leases.
+    batched_trigger(&w, "many", Batch { max_size: 4, max_wait_ms: 100 }).await;
     let config = relay_config("n");
     let work = config.node.handler_timeout * 3;
     let (worker, mut batches) =
@@ -155,10 +163,10 @@ async fn a_batch_that_works_three_times_its_timeout_while_saying_so_runs_once() 
             Ok(BatchReply::ok())
         })
         .await;
-    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     for i in 0..4 {
         w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
     }
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
     let batch = next(&mut batches, "the batch").await;
     assert_eq!(batch.len(), 4);
     picloud_testkit::eventually_within("the batch completes", work * 3, || async {
@@ -209,14 +217,7 @@ async fn a_relay_that_stops_sends_its_unfilled_batches_at_once_and_completes_the
     for i in 0..2 {
         w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
     }
-    eventually("both rows are claimed", || async {
-        let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased_until > now()")
-            .fetch_one(w.store.pool())
-            .await
-            .unwrap();
-        (claimed == 2).then_some(())
-    })
-    .await;
+    claimed(&w, 2).await;
     assert!(batches.try_recv().is_err(), "the batch waits for more");
     let stopped = Instant::now();
     relay.stop().await;
@@ -253,6 +254,113 @@ async fn a_row_that_waits_for_its_batch_longer_than_its_lease_has_its_lease_move
     .await;
     let batch = next(&mut batches, "the batch").await;
     assert_eq!((values(&batch), batch[0].attempt), (vec!["v".to_owned()], 1));
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_nats_carries_goes_as_several_requests_each_within_max_payload() {
+    let w = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("small.conf");
+    std::fs::write(&conf, "max_payload: 8192\n").unwrap();
+    let nats = picloud_testkit::NatsServer::start_with_config(&conf).await.unwrap();
+    batched_trigger(&w, "many", Batch { max_size: 10, max_wait_ms: 5000 }).await;
+    let (worker, mut batches) =
+        start_batch_worker(&nats.url(), "shop", "many", |_| async { Ok(BatchReply::ok()) }).await;
+    let relay = start_relay(w.store.clone(), &nats.url(), relay_config("n")).await;
+    for i in 0..10 {
+        w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}"), "pad": "x".repeat(1000)}), 0)
+            .await;
+    }
+    let mut sizes = Vec::new();
+    while sizes.iter().sum::<usize>() < 10 {
+        sizes.push(next(&mut batches, "a part of the batch").await.len());
+    }
+    assert!(sizes.len() > 1 && sizes.iter().all(|&n| n > 1), "one batch of ten, split: {sizes:?}");
+    w.drained().await;
+    assert!(w.dead_letters().await.is_empty(), "none was too large to carry");
+    relay.stop().await;
+    worker.stop().await;
+}
+
+/// Waits until `n` rows are claimed.
+async fn claimed(w: &World, n: i64) {
+    eventually("the rows are claimed", || async {
+        let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased_until > now()")
+            .fetch_one(w.store.pool())
+            .await
+            .unwrap();
+        (claimed == n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_shorter_max_wait_applies_to_the_batch_already_filling() {
+    let w = World::new().await;
+    let trigger = batched_trigger(&w, "many", Batch { max_size: 100, max_wait_ms: 60_000 }).await;
+    let (worker, mut batches) =
+        start_batch_worker(&w.nats_url(), "shop", "many", |_| async { Ok(BatchReply::ok()) }).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    w.put("orders", "o-1", json!({"value": "v1"}), 0).await;
+    claimed(&w, 1).await;
+    let patch = TriggerPatch {
+        batch: Some(Some(Batch { max_size: 100, max_wait_ms: 100 })),
+        ..TriggerPatch::default()
+    };
+    w.store.update_trigger(w.app.id, trigger.name.as_str(), &patch).await.unwrap();
+    w.put("orders", "o-2", json!({"value": "v2"}), 0).await;
+    let batch = next(&mut batches, "the batch, well before the first wait of a minute").await;
+    assert!(batch.iter().all(|d| d.attempt == 1), "sent within the first claim's lease");
+    let mut sent = values(&batch);
+    sent.sort_unstable();
+    assert_eq!(sent, ["v1", "v2"]);
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_that_no_claim_can_add_to_goes_at_once() {
+    let w = World::new().await;
+    batched_trigger(&w, "many", Batch { max_size: 100, max_wait_ms: 60_000 }).await;
+    let (worker, mut batches) =
+        start_batch_worker(&w.nats_url(), "shop", "many", |_| async { Ok(BatchReply::ok()) }).await;
+    // A relay of four slots: four rows claimed, and no claim can follow until they are answered.
+    let mut config = relay_config("n");
+    config.max_in_flight = 4;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), config).await;
+    for i in 0..4 {
+        w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
+    }
+    let mut sent = Vec::new();
+    while sent.len() < 4 {
+        sent.extend(values(&next(&mut batches, "the batch, well before its wait of a minute").await));
+    }
+    sent.sort_unstable();
+    assert_eq!(sent, ["v0", "v1", "v2", "v3"]);
+    w.drained().await;
+
+    w.drained().await;
+    relay.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_a_trigger_ordered_as_a_whole_goes_at_once() {
+    let w = World::new().await;
+    let trigger = batched_trigger(&w, "many", Batch { max_size: 100, max_wait_ms: 60_000 }).await;
+    let (worker, mut batches) =
+        start_batch_worker(&w.nats_url(), "shop", "many", |_| async { Ok(BatchReply::ok()) }).await;
+    let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    // No other delivery can join its batch while one is in flight.
+    let flow = picloud_core::Flow { ordering: picloud_core::flow::Ordering::Trigger, ..Default::default() };
+    let patch = TriggerPatch { flow: Some(Some(flow)), ..TriggerPatch::default() };
+    w.store.update_trigger(w.app.id, trigger.name.as_str(), &patch).await.unwrap();
+    w.put("orders", "o-9", json!({"value": "v9"}), 0).await;
+    assert_eq!(values(&next(&mut batches, "the ordered delivery, without a wait").await), ["v9"]);
     w.drained().await;
     relay.stop().await;
     worker.stop().await;
