@@ -70,9 +70,12 @@ mod tests {
         assert_eq!(refused(&json!(5)), "batch");
         assert_eq!(refused(&json!({"max_wait_ms": 10})), "batch.max_size");
         assert_eq!(refused(&json!({"max_size": 10})), "batch.max_wait_ms");
-        assert_eq!(refused(&json!({"max_size": 1, "max_wait_ms": 10})), "batch.max_size");
-        assert_eq!(refused(&json!({"max_size": 1001, "max_wait_ms": 10})), "batch.max_size");
-        assert_eq!(refused(&json!({"max_size": 10, "max_wait_ms": 60_001})), "batch.max_wait_ms");
+        assert_eq!(refused(&json!({"max_size": MIN_BATCH_SIZE - 1, "max_wait_ms": 10})), "batch.max_size");
+        assert_eq!(refused(&json!({"max_size": MAX_BATCH_SIZE + 1, "max_wait_ms": 10})), "batch.max_size");
+        assert_eq!(
+            refused(&json!({"max_size": 10, "max_wait_ms": MAX_BATCH_WAIT_MS + 1})),
+            "batch.max_wait_ms"
+        );
         assert_eq!(refused(&json!({"max_size": 10, "max_wait_ms": -1})), "batch.max_wait_ms");
         assert_eq!(refused(&json!({"max_size": 10, "max_wait_ms": 5, "size": 3})), "batch.size");
     }

@@ -161,11 +161,21 @@ pub struct BatchAnswer {
 }
 
 impl BatchAnswer {
+    /// Reads the reply to a request: a batch's (`batched`), or a single delivery's, which has no
+    /// `results` (its body goes to a sync caller).
+    pub fn read(msg: &Message, batched: bool) -> BatchAnswer {
+        if batched {
+            BatchAnswer::from_message(msg)
+        } else {
+            BatchAnswer { all: Answer::from_message(msg), results: BatchResults::default() }
+        }
+    }
+
     /// Reads a batch's reply: its status header, and its body's `results` if it has them. A body
     /// that is not an object with `results` leaves the header to speak for every delivery; one
     /// whose `results` cannot be read makes the whole answer invalid (tried again, like any reply
     /// the relay cannot understand).
-    pub fn from_message(msg: &Message) -> BatchAnswer {
+    fn from_message(msg: &Message) -> BatchAnswer {
         let all = Answer::from_message(msg);
         if all.reply_status().is_none() {
             return BatchAnswer { all, results: BatchResults::default() };
@@ -297,6 +307,12 @@ mod tests {
                 "{bad}"
             );
         }
+        let alone: &'static str = format!(r#"{{"results": {{"{id}": "fail"}}}}"#).leak();
+        assert_eq!(
+            BatchAnswer::read(&batch_reply("ok", alone), false).of(id),
+            Answer::Ok(Bytes::from_static(alone.as_bytes())),
+            "a single delivery's body is its answer's, never results"
+        );
         let silent =
             Message { status: Some(StatusCode::NO_RESPONDERS), ..batch_reply("ok", r#"{"results": {}}"#) };
         assert_eq!(BatchAnswer::from_message(&silent).of(id), Answer::NoResponders);

@@ -554,8 +554,6 @@ pub struct Delivery {
     pub due_at: OffsetDateTime,
     /// The end of the lease of the relay that holds it.
     pub leased_until: Option<OffsetDateTime>,
-    /// The node that holds it.
-    pub leased_by: Option<String>,
     /// Not its lane's head yet.
     pub waiting: bool,
     /// Its trigger limits its deliveries: it starts only within them.

@@ -65,9 +65,7 @@ impl<S: Store> Ops<S> {
             Some(name) => {
                 let name = TriggerName::parse(name).map_err(|e| ApiError::invalid("trigger", e))?;
                 let trigger = self.store.trigger(app.id, name.as_str()).await?;
-                let trigger =
-                    trigger.ok_or_else(|| picloud_store::Error::TriggerNotFound(name.to_string()))?;
-                Some(trigger.id)
+                Some(trigger.ok_or_else(|| super::triggers::not_found(name.as_str()))?.id)
             }
         };
         let filter = DeliveryFilter { trigger_id, state };

@@ -188,7 +188,8 @@ fn spec(body: &RegisterTrigger) -> Result<TriggerSpec, ApiError> {
     })
 }
 
-fn not_found(name: &str) -> ApiError {
+/// The refusal of a trigger `name` the app does not have.
+pub(super) fn not_found(name: &str) -> ApiError {
     picloud_store::Error::TriggerNotFound(name.to_owned()).into()
 }
 

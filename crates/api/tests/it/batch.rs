@@ -76,11 +76,11 @@ async fn a_batch_is_registered_read_changed_kept_and_removed() {
 async fn a_batch_that_cannot_hold_is_refused_at_registration_naming_its_field_and_nothing_is_written() {
     let api = Api::start().await;
     let refused = [
-        (json!({"max_size": 1, "max_wait_ms": 10}), "batch.max_size"),
-        (json!({"max_size": 1001, "max_wait_ms": 10}), "batch.max_size"),
+        (json!({"max_size": MIN_BATCH_SIZE - 1, "max_wait_ms": 10}), "batch.max_size"),
+        (json!({"max_size": MAX_BATCH_SIZE + 1, "max_wait_ms": 10}), "batch.max_size"),
         (json!({"max_wait_ms": 10}), "batch.max_size"),
         (json!({"max_size": 10}), "batch.max_wait_ms"),
-        (json!({"max_size": 10, "max_wait_ms": 60_001}), "batch.max_wait_ms"),
+        (json!({"max_size": 10, "max_wait_ms": MAX_BATCH_WAIT_MS + 1}), "batch.max_wait_ms"),
         (json!({"max_size": 10, "max_wait_ms": 5, "size": 3}), "batch.size"),
         (json!(100), "batch"),
     ];

@@ -74,7 +74,7 @@ async fn a_delivery_shows_its_earlier_attempts_and_the_progress_of_the_one_that_
             (json!(2), json!("retry"), json!("not yet at attempt 2"), json!("relay")),
         ]
     );
-    assert!(history.iter().all(|a| a["started_at"].as_str() <= a["ended_at"].as_str()));
+    assert!(history.iter().all(|a| a["started_at"].as_str().unwrap() <= a["ended_at"].as_str().unwrap()));
 
     let in_flight = get(&api, "/v1/apps/shop/deliveries?state=in_flight&trigger=jobs").await;
     assert_eq!(in_flight.body["items"].as_array().unwrap().len(), 1);

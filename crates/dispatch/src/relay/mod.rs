@@ -147,9 +147,20 @@ impl Sent {
         std::iter::once(&self.done).chain(self.batch.iter().flatten())
     }
 
-    /// Every delivery it carries, to complete.
-    fn into_deliveries(self) -> impl Iterator<Item = Done> {
-        std::iter::once(self.done).chain(self.batch.into_iter().flatten())
+    /// Hands every delivery it carries to the completer, each with its `answer`, timed in the
+    /// metrics from its publishing.
+    fn answered(
+        self,
+        metrics: &RelayMetrics,
+        answer: impl Fn(&Done) -> Answer,
+        done_tx: &mpsc::UnboundedSender<Done>,
+    ) {
+        let after = self.at.elapsed();
+        for mut done in std::iter::once(self.done).chain(self.batch.into_iter().flatten()) {
+            done.answer = answer(&done);
+            metrics.answered(&done.answer, after);
+            let _ = done_tx.send(done);
+        }
     }
 }
 
@@ -350,8 +361,6 @@ pub(crate) struct Plan {
     pub(crate) policy: RetryPolicy,
     /// Who the deliveries run as (absent for emails).
     pub(crate) run_as: Option<RunAs>,
-    /// How the trigger batches its deliveries, if it does.
-    pub(crate) batch: Option<Batch>,
 }
 
 /// Decides where rows like `row` go, or the answer they get without being sent.
@@ -370,7 +379,6 @@ pub(crate) fn plan(
             trigger_name: None,
             policy: config.triggers.retry,
             run_as: None,
-            batch: None,
         });
     };
     let target = target.filter(|t| t.trigger.app_id == row.app_id).ok_or(Answer::Orphaned)?;
@@ -400,10 +408,14 @@ pub(crate) fn plan(
         trigger_name: Some(trigger.name.to_string()),
         policy: config.triggers.retry.with_overrides(&trigger.retry).unwrap_or(config.triggers.retry),
         run_as: Some(RunAs { trigger: trigger.name.to_string(), trigger_id, claims, token }),
-        // Only a function takes batches: the API refuses `batch` with a webhook handler, and a
-        // trigger that got both anyway (two PATCHes racing) goes one delivery at a time.
-        batch: trigger.batch.filter(|_| matches!(trigger.handler, Handler::Function(_))),
     })
+}
+
+/// How the deliveries of `target`'s trigger go in batches, if they do. Only a function takes
+/// batches: the API refuses `batch` with a webhook handler, and a trigger that got both anyway
+/// (two PATCHes racing) goes one delivery at a time.
+fn batching(target: &DeliveryTarget) -> Option<Batch> {
+    target.trigger.batch.filter(|_| matches!(target.trigger.handler, Handler::Function(_)))
 }
 
 /// What the trigger's registering principal may do on its app now, if it may still run the
@@ -527,8 +539,18 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
             let _ = done_tx.send(done);
             continue;
         }
+        let target =
+            row.trigger_id.and_then(|id| targets.get(&id)).filter(|t| t.trigger.app_id == row.app_id);
+        if let (Some(batch), Some(target)) = (target.and_then(batching), target) {
+            // Planned when its batch goes (a plan that refuses it refuses it then).
+            batched
+                .entry((target.trigger.id, row.app_id, row.depth))
+                .or_insert_with(|| (batch, Vec::new()))
+                .1
+                .push(row);
+            continue;
+        }
         let plan = plans.entry(key).or_insert_with(|| {
-            let target = row.trigger_id.and_then(|id| targets.get(&id));
             plan(
                 &config.node,
                 &row,
@@ -545,14 +567,6 @@ async fn deliver<S: Store>(shared: &Shared<S>, claim: Claim, done_tx: &mpsc::Unb
                 continue;
             }
         };
-        if let (Some(batch), Some(trigger_id)) = (plan.batch, row.trigger_id) {
-            batched
-                .entry((trigger_id, row.app_id, row.depth))
-                .or_insert_with(|| (batch, Vec::new()))
-                .1
-                .push(row);
-            continue;
-        }
         let body = envelope(&row, plan.app.as_str(), plan.run_as.as_ref(), deadline_ms);
         let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut done = done_for(&row, plan.policy, Answer::Timeout);
@@ -631,10 +645,7 @@ async fn launch<S>(
                 ))),
                 _ => Answer::Failed(format!("publishing failed: {e}")),
             };
-            for mut done in sent.into_deliveries() {
-                done.answer = answer.clone();
-                let _ = done_tx.send(done);
-            }
+            sent.answered(&shared.metrics, |_| answer.clone(), done_tx);
         }
     }
 }
@@ -826,18 +837,8 @@ async fn respond<S>(shared: Arc<Shared<S>>, mut replies: Subscriber, done_tx: mp
         }
         match take(&shared, seq, Some(app)) {
             Some(sent) => {
-                let at = sent.at;
-                let batch = sent.batch.is_some().then(|| BatchAnswer::from_message(&msg));
-                let single = batch.is_none().then(|| Answer::from_message(&msg));
-                for mut done in sent.into_deliveries() {
-                    done.answer = match (&batch, &single) {
-                        (Some(batch), _) => batch.of(done.id),
-                        (None, Some(single)) => single.clone(),
-                        (None, None) => unreachable!("an answer is read as a batch's or a single one's"),
-                    };
-                    shared.metrics.answered(&done.answer, at.elapsed());
-                    let _ = done_tx.send(done);
-                }
+                let answer = BatchAnswer::read(&msg, sent.batch.is_some());
+                sent.answered(&shared.metrics, |done| answer.of(done.id), &done_tx);
             }
             None => tracing::debug!(
                 seq,
@@ -900,19 +901,21 @@ async fn expire<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSender<Done>)
         };
         let losses = shared.connection.losses();
         for sent in expired {
-            let (at, published_at) = (sent.at, sent.losses);
-            for mut done in sent.into_deliveries() {
-                tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
-                // One kept through a lost connection (its handler said `working`) may have answered
-                // into the outage: the platform cut it short, so the attempt is given back.
-                done.answer = if published_at < losses {
-                    Answer::Interrupted("the NATS connection was lost while the delivery worked; its answer may have been lost with it".into())
-                } else {
-                    Answer::Timeout
-                };
-                shared.metrics.answered(&done.answer, at.elapsed());
-                let _ = done_tx.send(done);
-            }
+            // One kept through a lost connection (its handler said `working`) may have answered
+            // into the outage: the platform cut it short, so the attempt is given back.
+            let answer = if sent.losses < losses {
+                Answer::Interrupted("the NATS connection was lost while the delivery worked; its answer may have been lost with it".into())
+            } else {
+                Answer::Timeout
+            };
+            sent.answered(
+                &shared.metrics,
+                |done| {
+                    tracing::info!(delivery_id = %done.id, attempt = done.attempt, "no answer before the deadline");
+                    answer.clone()
+                },
+                &done_tx,
+            );
         }
         match next {
             Some(deadline) => {
@@ -1132,16 +1135,11 @@ async fn give_back_on_loss<S>(shared: Arc<Shared<S>>, done_tx: mpsc::UnboundedSe
             deliveries = lost.len(),
             "the NATS connection was lost: the deliveries in flight on it are given back, without spending an attempt"
         );
+        let answer = Answer::Interrupted(
+            "the NATS connection was lost while the delivery was in flight; its answer cannot arrive".into(),
+        );
         for sent in lost {
-            let at = sent.at;
-            for mut done in sent.into_deliveries() {
-                done.answer = Answer::Interrupted(
-                    "the NATS connection was lost while the delivery was in flight; its answer cannot arrive"
-                        .into(),
-                );
-                shared.metrics.answered(&done.answer, at.elapsed());
-                let _ = done_tx.send(done);
-            }
+            sent.answered(&shared.metrics, |_| answer.clone(), &done_tx);
         }
     }
 }

@@ -42,7 +42,8 @@ fn keys(dead: &[DeadLetter]) -> Vec<String> {
 async fn a_full_batch_goes_in_one_request_and_its_results_answer_each_delivery() {
     let w = World::new().await;
     // A long wait: only a full batch goes at once (and the rows' leases move to cover the wait).
-    batched_trigger(&w, "many", Batch { max_size: 10, max_wait_ms: 3000 }).await;
+    let wait = Duration::from_secs(10);
+    batched_trigger(&w, "many", Batch { max_size: 10, max_wait_ms: wait.as_millis() as u32 }).await;
     let (worker, mut batches) =
         start_batch_worker(&w.nats_url(), "shop", "many", |batch: Vec<Delivery>| async move {
             let mut reply = BatchReply::ok();
@@ -68,8 +69,10 @@ async fn a_full_batch_goes_in_one_request_and_its_results_answer_each_delivery()
     }
     // Written before the relay starts: one claim takes them all.
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    let started = Instant::now();
 
     let first = next(&mut batches, "the full batch").await;
+    assert!(started.elapsed() < wait, "a full batch goes without waiting out max_wait_ms");
     let mut sent = values(&first);
     sent.sort_unstable();
     written.sort_unstable();
@@ -97,8 +100,9 @@ async fn an_unfilled_batch_goes_once_its_first_delivery_has_waited_max_wait() {
     for i in 0..3 {
         w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
     }
-    let started = Instant::now();
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
+    // The relay's tasks have not run yet: the wait starts after this.
+    let started = Instant::now();
     let batch = next(&mut batches, "the batch").await;
     let mut sent = values(&batch);
     sent.sort_unstable();
@@ -118,7 +122,7 @@ async fn a_batch_whose_answer_comes_too_late_is_tried_again_whole_and_its_status
         start_batch_worker(&w.nats_url(), "shop", "many", move |batch: Vec<Delivery>| async move {
             match batch[0].attempt {
                 1 => {
-                    tokio::time::sleep(timeout + Duration::from_millis(300)).await;
+                    tokio::time::sleep(timeout * 2).await;
                     Ok(BatchReply::ok())
                 }
                 _ => Ok(BatchReply::all(Reply::fail("no more"))),
@@ -217,7 +221,8 @@ async fn a_relay_that_stops_sends_its_unfilled_batches_at_once_and_completes_the
     for i in 0..2 {
         w.put("orders", &format!("o-{i}"), json!({"value": format!("v{i}")}), 0).await;
     }
-    claimed(&w, 2).await;
+    // Their leases moved to cover the minute's wait: they wait in the batch.
+    claimed(&w, 2, Duration::from_secs(30)).await;
     assert!(batches.try_recv().is_err(), "the batch waits for more");
     let stopped = Instant::now();
     relay.stop().await;
@@ -243,8 +248,8 @@ async fn a_row_that_waits_for_its_batch_longer_than_its_lease_has_its_lease_move
     let covered = config.node.handler_timeout + wait;
     eventually("the row's lease covers its wait and the handler timeout after it", || async {
         let leased: Option<bool> =
-            sqlx::query_scalar("SELECT leased_until > now() + make_interval(secs => $1) FROM outbox")
-                .bind(covered.as_secs_f64() * 0.9)
+            sqlx::query_scalar("SELECT leased_until >= due_at + make_interval(secs => $1) FROM outbox")
+                .bind(covered.as_secs_f64())
                 .fetch_optional(w.store.pool())
                 .await
                 .unwrap()
@@ -285,13 +290,16 @@ async fn a_batch_larger_than_nats_carries_goes_as_several_requests_each_within_m
     worker.stop().await;
 }
 
-/// Waits until `n` rows are claimed.
-async fn claimed(w: &World, n: i64) {
+/// Waits until `n` rows are claimed with leases beyond `beyond` from now.
+async fn claimed(w: &World, n: i64, beyond: Duration) {
     eventually("the rows are claimed", || async {
-        let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE leased_until > now()")
-            .fetch_one(w.store.pool())
-            .await
-            .unwrap();
+        let claimed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE leased_until > now() + make_interval(secs => $1)",
+        )
+        .bind(beyond.as_secs_f64())
+        .fetch_one(w.store.pool())
+        .await
+        .unwrap();
         (claimed == n).then_some(())
     })
     .await;
@@ -305,7 +313,7 @@ async fn a_shorter_max_wait_applies_to_the_batch_already_filling() {
         start_batch_worker(&w.nats_url(), "shop", "many", |_| async { Ok(BatchReply::ok()) }).await;
     let relay = start_relay(w.store.clone(), &w.nats_url(), relay_config("n")).await;
     w.put("orders", "o-1", json!({"value": "v1"}), 0).await;
-    claimed(&w, 1).await;
+    claimed(&w, 1, Duration::ZERO).await;
     let patch = TriggerPatch {
         batch: Some(Some(Batch { max_size: 100, max_wait_ms: 100 })),
         ..TriggerPatch::default()
@@ -341,8 +349,6 @@ async fn a_batch_that_no_claim_can_add_to_goes_at_once() {
     }
     sent.sort_unstable();
     assert_eq!(sent, ["v0", "v1", "v2", "v3"]);
-    w.drained().await;
-
     w.drained().await;
     relay.stop().await;
     worker.stop().await;

@@ -118,12 +118,7 @@ async fn a_delivery_in_flight_when_nats_restarts_is_given_back_at_once_without_s
         .execute(&mut *hold)
         .await
         .unwrap();
-    let connects = worker_client.statistics().connects.load(Ordering::SeqCst);
-    w.nats.restart().await.unwrap();
-    picloud_testkit::eventually("the worker connected to the restarted server", || async {
-        (worker_client.statistics().connects.load(Ordering::SeqCst) > connects).then_some(())
-    })
-    .await;
+    w.restart_nats_for(&worker_client).await;
     worker_client.flush().await.unwrap();
     hold.rollback().await.unwrap();
 
@@ -210,12 +205,7 @@ async fn a_kept_working_delivery_whose_deadline_passes_after_a_nats_restart_gets
     let first = next(&mut seen, "the delivery").await;
     w.lease_past(first.id, w.lease_of(first.id).await, "its working to move the lease").await;
     quiet.notify_one();
-    let connects = worker_client.statistics().connects.load(Ordering::SeqCst);
-    w.nats.restart().await.unwrap();
-    picloud_testkit::eventually("the worker connected to the restarted server", || async {
-        (worker_client.statistics().connects.load(Ordering::SeqCst) > connects).then_some(())
-    })
-    .await;
+    w.restart_nats_for(&worker_client).await;
 
     let again = next(&mut seen, "the delivery again, after its deadline").await;
     assert_eq!((again.id, again.attempt), (first.id, first.attempt), "the attempt is given back, not spent");

@@ -271,6 +271,17 @@ impl World {
         events::commit_and_wake(&self.store, tx).await.unwrap();
     }
 
+    /// Restarts the nats-server on its port and waits until `client` is connected to it again.
+    pub async fn restart_nats_for(&mut self, client: &async_nats::Client) {
+        let connects = || client.statistics().connects.load(std::sync::atomic::Ordering::SeqCst);
+        let before = connects();
+        self.nats.restart().await.unwrap();
+        eventually("the client connected to the restarted server", || async {
+            (connects() > before).then_some(())
+        })
+        .await;
+    }
+
     /// Waits up to a minute for the outbox to drain (runs with relays that die take longer).
     pub async fn drained_within_a_minute(&self) {
         picloud_testkit::eventually_within("the outbox drains", Duration::from_secs(60), || async {

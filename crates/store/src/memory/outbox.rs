@@ -18,7 +18,6 @@ impl State {
             max_attempts: row.new.max_attempts,
             due_at: row.due_at,
             leased_until: row.leased_until,
-            leased_by: row.leased_by.clone(),
             waiting: row.waiting,
             gated: row.new.gated,
             sync: row.new.reply_to.is_some(),

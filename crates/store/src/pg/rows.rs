@@ -244,7 +244,7 @@ pub(super) fn dead_letter(row: &PgRow) -> Result<DeadLetter> {
 
 /// The columns [`delivery`] reads, of `outbox o LEFT JOIN triggers t ON t.id = o.trigger_id`.
 pub(super) const DELIVERY_COLUMNS: &str = "o.id, o.app_id, o.trigger_id, t.name AS trigger_name, o.kind, \
-     o.attempts, o.max_attempts, o.due_at, o.leased_until, o.leased_by, o.waiting, o.gated, \
+     o.attempts, o.max_attempts, o.due_at, o.leased_until, o.waiting, o.gated, \
      o.reply_to IS NOT NULL AS sync, o.ordering_key, o.last_error, o.created_at, o.progress";
 
 pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
@@ -258,7 +258,6 @@ pub(super) fn delivery(row: &PgRow) -> Result<Delivery> {
         max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
         due_at: row.try_get("due_at")?,
         leased_until: row.try_get("leased_until")?,
-        leased_by: row.try_get("leased_by")?,
         waiting: row.try_get("waiting")?,
         gated: row.try_get("gated")?,
         sync: row.try_get("sync")?,

@@ -1,7 +1,7 @@
 //! Triggers and their detail tables in Postgres, and the matching that writes use.
 
 use picloud_core::protocol::EventKind;
-use picloud_core::{AppId, Batch, Flow, TriggerId};
+use picloud_core::{AppId, TriggerId};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -102,16 +102,6 @@ async fn insert_details(conn: &mut PgConnection, new: &NewTrigger) -> sqlx::Resu
     Ok(())
 }
 
-/// A flow as its column holds it: the object the API shows.
-fn flow_column(flow: Flow) -> sqlx::types::Json<Flow> {
-    sqlx::types::Json(flow)
-}
-
-/// A batch as its column holds it: the object the API shows.
-fn batch_column(batch: Batch) -> sqlx::types::Json<Batch> {
-    sqlx::types::Json(batch)
-}
-
 async fn fetch_one(conn: &mut PgConnection, id: TriggerId) -> Result<Trigger> {
     let row =
         sqlx::query(&format!("{TRIGGER_SELECT} WHERE t.id = $1")).bind(id.as_uuid()).fetch_one(conn).await?;
@@ -142,8 +132,8 @@ impl TriggerRepo for PgStore {
         .bind(new.enabled)
         .bind(new.registered_by.as_uuid())
         .bind(self.now())
-        .bind(new.flow.map(flow_column))
-        .bind(new.batch.map(batch_column))
+        .bind(new.flow.map(sqlx::types::Json))
+        .bind(new.batch.map(sqlx::types::Json))
         .execute(&mut *tx)
         .await
         .map_err(|e| map_trigger_error(e, new))?;
@@ -221,9 +211,9 @@ impl TriggerRepo for PgStore {
         .bind(retry.backoff_max_ms.map(|v| v as i64))
         .bind(self.now())
         .bind(patch.flow.is_some())
-        .bind(patch.flow.flatten().map(flow_column))
+        .bind(patch.flow.flatten().map(sqlx::types::Json))
         .bind(patch.batch.is_some())
-        .bind(patch.batch.flatten().map(batch_column))
+        .bind(patch.batch.flatten().map(sqlx::types::Json))
         .fetch_optional(&mut *tx)
         .await?;
         let id = TriggerId::from_uuid(id.ok_or_else(|| Error::TriggerNotFound(name.to_owned()))?);

@@ -141,7 +141,7 @@ async fn a_delivery_reads_back_with_its_event_its_progress_and_its_last_attempts
     assert_eq!(
         numbers,
         (3..=ATTEMPTS_KEPT as u32 + 2).collect::<Vec<_>>(),
-        "the last 20, oldest first, the wait not among them"
+        "the last ATTEMPTS_KEPT, oldest first, the wait not among them"
     );
     assert_eq!(read.attempts[0], record(3, "retry"));
     s.claim_due(10, LEASE, "node-a").await.unwrap();
