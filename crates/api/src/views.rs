@@ -337,6 +337,33 @@ pub struct CountView {
     pub count: u64,
 }
 
+/// `POST /v1/apps/{app}/dead-letters/replay` and `…/ignore`: which dead letters the action
+/// takes, every field narrowing them further.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkDeadLetters {
+    /// `unresolved` (the default); a replay also takes `ignored`, `handled_by_script` or
+    /// `handler_failed` (never `replayed`: a dead letter is replayed once), an ignore only
+    /// `unresolved`.
+    #[schema(pattern = "^(unresolved|replayed|ignored|handled_by_script|handler_failed)$")]
+    pub resolution: Option<String>,
+    /// Only those of this trigger (by name; the dead letters of a deleted trigger keep its name).
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,62}$")]
+    pub trigger: Option<String>,
+    /// Only those that died for this reason.
+    #[schema(pattern = "^(exhausted|rejected|max_depth|unauthorized|cancelled)$")]
+    pub reason: Option<String>,
+    /// Only those created after this time (RFC 3339).
+    #[schema(format = DateTime)]
+    pub created_after: Option<String>,
+    /// Only those created before this time (RFC 3339), later than `created_after`.
+    #[schema(format = DateTime)]
+    pub created_before: Option<String>,
+    /// Count what the action would take, and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 /// Where a trigger delivers, as the API shows it (a webhook's secret is never shown).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

@@ -258,8 +258,10 @@ async fn execute(ops: &Ops, command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::DeadLetters(DeadLettersCommand::List { app, unresolved }) => {
             let operator = &operator(ops, Some(&app)).await?;
-            let query =
-                DeadLetterQuery { resolution: unresolved.then(|| "unresolved".to_owned()), trigger: None };
+            let query = DeadLetterQuery {
+                resolution: unresolved.then(|| "unresolved".to_owned()),
+                ..DeadLetterQuery::default()
+            };
             print_all(|page| {
                 let query = query.clone();
                 async move { ops.list_dead_letters(operator, query, &page).await }

@@ -642,6 +642,25 @@ pub trait DeadLetterRepo: Transactional {
     ) -> impl Future<Output = Result<model::Page<model::DeadLetter>>> + Send;
     /// How many of the app's dead letters are unresolved (the badge).
     fn unresolved_count(&self, app_id: AppId) -> impl Future<Output = Result<u64>> + Send;
+    /// How many of the app's dead letters `filter` takes.
+    fn count_dead_letters(
+        &self,
+        app_id: AppId,
+        filter: &model::DeadLetterFilter,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// The ids of up to `limit` of the app's dead letters that `filter` takes, oldest first,
+    /// after the cursor id, locked until `tx` ends. A dead letter another transaction holds is
+    /// waited for, not skipped, and taken only if `filter` still takes it once it is free: a bulk
+    /// action racing another, or a single replay, finds it changed, so each is acted on once.
+    /// Ids only: a batch of dead letters with their events could be too large to hold at once.
+    fn lock_dead_letters(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: AppId,
+        filter: &model::DeadLetterFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
     /// Sets a dead letter's resolution, only if it has none yet when `only_unresolved`.
     /// Returns the dead letter if it changed.
     fn resolve(

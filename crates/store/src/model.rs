@@ -775,13 +775,29 @@ pub struct DeadLetter {
     pub held_lane: Option<String>,
 }
 
-/// Which dead letters to list.
+impl DeadLetter {
+    /// Whether a replay can deliver it: an email (delivered without a trigger), or one whose
+    /// trigger still exists (`events::replay`; Postgres: `replayable` of `pg/dead_letters.rs`).
+    pub fn replayable(&self) -> bool {
+        self.kind == EventKind::Email || self.trigger_id.is_some()
+    }
+}
+
+/// Which dead letters a list, a count or a bulk action takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeadLetterFilter {
     /// `Some(None)`: unresolved only; `Some(Some(r))`: resolved as `r`; `None`: all.
     pub resolution: Option<Option<Resolution>>,
     /// Only those of the trigger with this name.
     pub trigger_name: Option<String>,
+    /// Only those that died for this reason.
+    pub reason: Option<DeadLetterReason>,
+    /// Only those created after this time.
+    pub created_after: Option<OffsetDateTime>,
+    /// Only those created before this time.
+    pub created_before: Option<OffsetDateTime>,
+    /// Only those a replay can deliver ([`DeadLetter::replayable`]).
+    pub replayable: bool,
 }
 
 /// Why a sync call's result found nobody waiting.

@@ -9,7 +9,9 @@ use picloud_core::net::AllowNets;
 use picloud_core::token::{DeliveryToken, TokenKey};
 use picloud_core::{Access, Capability, PrincipalId, Role, Scope, ScopeSet, TriggerConfig};
 use picloud_store::events::SyncWaiter;
-use picloud_store::{AuthRepo as _, MemStore, OutboxRepo as _};
+use picloud_store::{
+    AuthRepo as _, Bury, DeadLetterReason, DeadLetterRepo as _, MemStore, OutboxRepo as _, Transactional as _,
+};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -18,7 +20,7 @@ use super::Ops;
 use crate::auth::{Caller, resolve};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::PageQuery;
-use crate::ops::dead_letters::DeadLetterQuery;
+use crate::ops::dead_letters::{BulkAction, DeadLetterQuery};
 use crate::views::{CreateToken, EnqueueJob, PatchTrigger, RegisterTrigger, SendEmail};
 
 const KEY: &[u8] = b"the ops tests' delivery-token key";
@@ -156,12 +158,14 @@ enum Op {
     GetDeadLetter,
     Replay,
     Ignore,
+    BulkReplay,
+    BulkIgnore,
     ListAbandoned,
     Invoke,
 }
 
 impl Op {
-    const ALL: [Op; 26] = [
+    const ALL: [Op; 28] = [
         Op::CreateApp,
         Op::ListApps,
         Op::CreatePrincipal,
@@ -186,6 +190,8 @@ impl Op {
         Op::GetDeadLetter,
         Op::Replay,
         Op::Ignore,
+        Op::BulkReplay,
+        Op::BulkIgnore,
         Op::ListAbandoned,
         Op::Invoke,
     ];
@@ -206,7 +212,7 @@ impl Op {
             Op::RegisterTrigger | Op::PatchTrigger | Op::DeleteTrigger => AppManageTriggers,
             Op::ListTriggers | Op::GetTrigger => AppRead,
             Op::ListDeadLetters | Op::CountDeadLetters | Op::GetDeadLetter | Op::ListAbandoned => AppRead,
-            Op::Replay | Op::Ignore => AppDeadLetterManage,
+            Op::Replay | Op::Ignore | Op::BulkReplay | Op::BulkIgnore => AppDeadLetterManage,
             Op::Invoke => AppInvoke,
         })
     }
@@ -251,6 +257,8 @@ impl Op {
             Op::GetDeadLetter => o.dead_letter(c, &Uuid::now_v7().to_string()).await.map(drop),
             Op::Replay => o.replay_dead_letter(c, &Uuid::now_v7().to_string()).await.map(drop),
             Op::Ignore => o.ignore_dead_letter(c, &Uuid::now_v7().to_string()).await.map(drop),
+            Op::BulkReplay => o.bulk_dead_letters(c, BulkAction::Replay, &body(json!({}))).await.map(drop),
+            Op::BulkIgnore => o.bulk_dead_letters(c, BulkAction::Ignore, &body(json!({}))).await.map(drop),
             Op::ListAbandoned => o.list_abandoned(c, &page).await.map(drop),
             Op::Invoke => {
                 let lease = Duration::from_secs(30);
@@ -312,7 +320,18 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
         body::<RegisterTrigger>(trigger)
     };
     let hook = json!({"webhook": {"url": "ftp://x", "secret": "whsec_AAAAAAAAAAAAAAAAAAAAAA=="}});
-    let lost = DeadLetterQuery { resolution: Some("lost".into()), trigger: None };
+    let lost = DeadLetterQuery { resolution: Some("lost".into()), ..DeadLetterQuery::default() };
+    // An unresolved dead letter (an email: its replay needs no trigger) that a bulk action would
+    // replay or ignore, were it not refused.
+    ops.send_email(&admin, &body(json!({"to": "a@b.co", "subject": "s", "text": "t"}))).await.unwrap();
+    let email = ops.store().claim_due(1, Duration::from_secs(30), "test").await.unwrap().rows.remove(0);
+    let mut tx = ops.store().begin().await.unwrap();
+    let bury =
+        Bury { id: email.id, attempt: email.attempt, reason: DeadLetterReason::Exhausted, error: None };
+    ops.store().bury(&mut tx, &[bury]).await.unwrap();
+    ops.store().commit(tx).await.unwrap();
+    let bulk =
+        async |action, fields: Value| ops.bulk_dead_letters(&admin, action, &body(fields)).await.map(drop);
     let refusals: Vec<(&str, Result<(), ApiError>)> = vec![
         ("collection", ops.kv_put(&admin, "a/b".into(), "k".into(), &json!(1), None).await.map(drop)),
         ("key", ops.kv_put(&admin, "notes".into(), String::new(), &json!(1), None).await.map(drop)),
@@ -369,6 +388,20 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
         ("scopes[0]", ops.mint_token(&admin, &body(json!({"scopes": ["everything"]}))).await.map(drop)),
         ("expires_in_s", ops.mint_token(&admin, &body(json!({"expires_in_s": 0}))).await.map(drop)),
         ("resolution", ops.list_dead_letters(&admin, lost, &page).await.map(drop)),
+        ("resolution", bulk(BulkAction::Replay, json!({"resolution": "replayed"})).await),
+        ("resolution", bulk(BulkAction::Ignore, json!({"resolution": "ignored"})).await),
+        ("resolution", bulk(BulkAction::Replay, json!({"resolution": "lost"})).await),
+        ("trigger", bulk(BulkAction::Replay, json!({"trigger": "Bad Name"})).await),
+        ("reason", bulk(BulkAction::Ignore, json!({"reason": "bored"})).await),
+        ("created_after", bulk(BulkAction::Replay, json!({"created_after": "yesterday"})).await),
+        (
+            "created_before",
+            bulk(
+                BulkAction::Ignore,
+                json!({"created_after": "2026-01-02T00:00:00Z", "created_before": "2026-01-01T00:00:00Z"}),
+            )
+            .await,
+        ),
     ];
     for (field, refused) in refusals {
         let e = refused.expect_err(field);
@@ -379,6 +412,8 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
     assert!(written.rows.is_empty(), "a refused write wrote a delivery: {:?}", written.rows);
     let triggers = ops.list_triggers(&admin, &page).await.unwrap();
     assert!(triggers.items.is_empty(), "a refused registration registered a trigger");
+    let unresolved = ops.count_dead_letters(&admin, None).await.unwrap().count;
+    assert_eq!(unresolved, 1, "a refused bulk action resolved a dead letter");
 }
 
 #[tokio::test]

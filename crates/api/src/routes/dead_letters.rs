@@ -1,4 +1,5 @@
-//! Dead letters (list, count, get, replay, ignore) and the abandoned-executions log.
+//! Dead letters (list, count, get, replay, ignore, and both in bulk) and the
+//! abandoned-executions log.
 
 use axum::Json;
 use axum::extract::State;
@@ -8,8 +9,8 @@ use utoipa::IntoParams;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{Page, PageQuery, PathParams, QueryParams};
-use crate::ops::dead_letters::DeadLetterQuery as Filter;
+use crate::extract::{JsonBody, Page, PageQuery, PathParams, QueryParams};
+use crate::ops::dead_letters::{BulkAction, DeadLetterQuery as Filter};
 use crate::views::*;
 
 /// Filters of the dead-letter list.
@@ -20,6 +21,13 @@ pub struct DeadLetterQuery {
     pub resolution: Option<String>,
     /// Only dead letters of this trigger (by name).
     pub trigger: Option<String>,
+    /// Only those that died for this reason: `exhausted`, `rejected`, `max_depth`,
+    /// `unauthorized` or `cancelled`.
+    pub reason: Option<String>,
+    /// Only those created after this time (RFC 3339).
+    pub created_after: Option<String>,
+    /// Only those created before this time (RFC 3339).
+    pub created_before: Option<String>,
     /// The `next` cursor of the previous page.
     pub after: Option<String>,
     /// Items per page: default 50, at most 500.
@@ -31,14 +39,20 @@ pub struct DeadLetterQuery {
     params(("app" = String, Path), DeadLetterQuery),
     responses(
         (status = 200, body = Page<DeadLetterView>, description = "a page of dead letters, newest first"),
-        (status = 422, body = ErrorBody, description = "`invalid_field`: not a resolution")))]
+        (status = 422, body = ErrorBody, description = "`invalid_field`: not a resolution, a trigger name, a reason or a time")))]
 pub async fn list(
     State(state): State<ApiState>,
     caller: Caller,
     PathParams(_app): PathParams<String>,
     QueryParams(q): QueryParams<DeadLetterQuery>,
 ) -> Result<Json<Page<DeadLetterView>>, ApiError> {
-    let filter = Filter { resolution: q.resolution, trigger: q.trigger };
+    let filter = Filter {
+        resolution: q.resolution,
+        trigger: q.trigger,
+        reason: q.reason,
+        created_after: q.created_after,
+        created_before: q.created_before,
+    };
     let page = PageQuery { after: q.after, limit: q.limit };
     Ok(Json(state.ops.list_dead_letters(&caller, filter, &page).await?))
 }
@@ -108,6 +122,44 @@ pub async fn ignore(
     PathParams((_, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     Ok(Json(state.ops.ignore_dead_letter(&caller, &id).await?))
+}
+
+/// Replay every dead letter the body's filter takes, each once, however many replays race for
+/// it: `resolution` may be `unresolved` (the default), `ignored`, `handled_by_script` or
+/// `handler_failed`, never `replayed`. Dead letters whose trigger was deleted cannot be
+/// replayed: they are left as they are (ignore them to resolve them) and not counted. It works
+/// in batches, each committed before the next: a request that runs out of time keeps the
+/// batches it finished, and calling again replays the rest.
+#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/replay", tag = "dead letters", operation_id = "replay_dead_letters",
+    params(("app" = String, Path)), request_body = BulkDeadLetters,
+    responses(
+        (status = 200, body = CountView, description = "how many dead letters this call replayed, one new delivery each; with `dry_run`, how many it would replay"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: a field breaks its rule (the message names it), or `resolution` is `replayed`")))]
+pub async fn bulk_replay(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(_app): PathParams<String>,
+    JsonBody(body): JsonBody<BulkDeadLetters>,
+) -> Result<Json<CountView>, ApiError> {
+    Ok(Json(state.ops.bulk_dead_letters(&caller, BulkAction::Replay, &body).await?))
+}
+
+/// Mark every unresolved dead letter the body's filter takes `ignored`, each once, however many
+/// actions race for it: `resolution` may only be `unresolved` (the default). It works in batches,
+/// each committed before the next: a request that runs out of time keeps the batches it
+/// finished, and calling again ignores the rest.
+#[utoipa::path(post, path = "/v1/apps/{app}/dead-letters/ignore", tag = "dead letters", operation_id = "ignore_dead_letters",
+    params(("app" = String, Path)), request_body = BulkDeadLetters,
+    responses(
+        (status = 200, body = CountView, description = "how many dead letters this call ignored; with `dry_run`, how many it would ignore"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: a field breaks its rule (the message names it), or `resolution` is not `unresolved`")))]
+pub async fn bulk_ignore(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(_app): PathParams<String>,
+    JsonBody(body): JsonBody<BulkDeadLetters>,
+) -> Result<Json<CountView>, ApiError> {
+    Ok(Json(state.ops.bulk_dead_letters(&caller, BulkAction::Ignore, &body).await?))
 }
 
 /// Sync results nobody waited for, newest first.

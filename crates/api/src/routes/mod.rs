@@ -218,6 +218,8 @@ pub fn router(state: ApiState) -> axum::Router {
         .routes(routes!(dead_letters::ignore))
         .routes(routes!(dead_letters::abandoned))
         .routes(routes!(deliveries::list))
+        .routes(routes!(dead_letters::bulk_replay))
+        .routes(routes!(dead_letters::bulk_ignore))
         .routes(routes!(deliveries::get))
         .routes(routes!(deliveries::cancel))
         .routes(routes!(health::healthz))

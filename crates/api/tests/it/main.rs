@@ -2,6 +2,7 @@
 
 mod authz;
 mod batch;
+mod bulk;
 mod cancel;
 mod deliveries;
 mod flow;

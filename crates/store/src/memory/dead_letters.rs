@@ -1,5 +1,7 @@
 //! Dead letters in memory.
 
+use std::ops::Bound;
+
 use super::*;
 
 impl DeadLetterRepo for MemStore {
@@ -96,9 +98,7 @@ impl DeadLetterRepo for MemStore {
             .dead_letters
             .values()
             .rev()
-            .filter(|d| d.app_id == app_id && after.is_none_or(|a| d.id < a))
-            .filter(|d| filter.trigger_name.as_ref().is_none_or(|n| d.trigger_name.as_ref() == Some(n)))
-            .filter(|d| filter.resolution.is_none_or(|r| d.resolution == r))
+            .filter(|d| d.app_id == app_id && after.is_none_or(|a| d.id < a) && takes(filter, d))
             .take(limit as usize + 1)
             .cloned()
             .collect();
@@ -106,8 +106,34 @@ impl DeadLetterRepo for MemStore {
     }
 
     async fn unresolved_count(&self, app_id: AppId) -> Result<u64> {
+        self.count_dead_letters(app_id, &DeadLetterFilter { resolution: Some(None), ..Default::default() })
+            .await
+    }
+
+    async fn count_dead_letters(&self, app_id: AppId, filter: &DeadLetterFilter) -> Result<u64> {
         let s = self.lock().await;
-        Ok(s.dead_letters.values().filter(|d| d.app_id == app_id && d.resolution.is_none()).count() as u64)
+        Ok(s.dead_letters.values().filter(|d| d.app_id == app_id && takes(filter, d)).count() as u64)
+    }
+
+    async fn lock_dead_letters(
+        &self,
+        tx: &mut MemTx,
+        app_id: AppId,
+        filter: &DeadLetterFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>> {
+        // The transaction holds the whole state: nothing else changes a dead letter meanwhile.
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(tx
+            .state
+            .dead_letters
+            .range((from, Bound::Unbounded))
+            .map(|(_, d)| d)
+            .filter(|d| d.app_id == app_id && takes(filter, d))
+            .map(|d| d.id)
+            .take(limit as usize)
+            .collect())
     }
 
     async fn resolve(
@@ -148,4 +174,14 @@ impl DeadLetterRepo for MemStore {
         }
         Ok(doomed.len() as u64)
     }
+}
+
+/// Whether `filter` takes `d` (Postgres: `filter_sql` of `pg/dead_letters.rs`).
+fn takes(filter: &DeadLetterFilter, d: &DeadLetter) -> bool {
+    filter.resolution.is_none_or(|r| d.resolution == r)
+        && filter.trigger_name.as_ref().is_none_or(|n| d.trigger_name.as_ref() == Some(n))
+        && filter.reason.is_none_or(|r| d.reason == r)
+        && filter.created_after.is_none_or(|t| d.created_at > t)
+        && filter.created_before.is_none_or(|t| d.created_at < t)
+        && (!filter.replayable || d.replayable())
 }

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use picloud_core::protocol::EventKind;
 use picloud_core::{AppId, TriggerId};
+use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::query::Query;
 use uuid::Uuid;
 
 use sqlx::Row;
@@ -139,22 +142,14 @@ impl DeadLetterRepo for PgStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Page<DeadLetter>> {
-        // A literal `resolution IS NULL` lets the planner use the partial index of unresolved rows.
-        let resolution = match filter.resolution {
-            None => "",
-            Some(None) => "AND resolution IS NULL",
-            Some(Some(_)) => "AND resolution = $4",
-        };
         let select = format!(
             "SELECT {DEAD_LETTER_COLUMNS}, octet_length(payload::text) AS bytes FROM dead_letters
-              WHERE app_id = $1 AND ($2::uuid IS NULL OR id < $2) AND ($3::text IS NULL OR trigger_name = $3)
-                    {resolution}"
+              WHERE {} AND ($7::uuid IS NULL OR id < $7)",
+            filter_sql(filter)
         );
-        let fetched = sqlx::query(&rows::byte_capped(&select, "$5", "$6"))
-            .bind(app_id.as_uuid())
+        let sql = rows::byte_capped(&select, "$8", "$9");
+        let fetched = bind_filter(sqlx::query(&sql), app_id, filter)
             .bind(after)
-            .bind(filter.trigger_name.as_deref())
-            .bind(filter.resolution.flatten().map(Resolution::as_str))
             .bind(i64::from(limit) + 1)
             .bind(PAGE_PAYLOAD_BYTES as i64)
             .fetch_all(&self.pool)
@@ -163,12 +158,38 @@ impl DeadLetterRepo for PgStore {
     }
 
     async fn unresolved_count(&self, app_id: AppId) -> Result<u64> {
+        self.count_dead_letters(app_id, &DeadLetterFilter { resolution: Some(None), ..Default::default() })
+            .await
+    }
+
+    async fn count_dead_letters(&self, app_id: AppId, filter: &DeadLetterFilter) -> Result<u64> {
+        let sql = format!("SELECT count(*) FROM dead_letters WHERE {}", filter_sql(filter));
         let count: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE app_id = $1 AND resolution IS NULL")
-                .bind(app_id.as_uuid())
-                .fetch_one(&self.pool)
-                .await?;
+            bind_filter(sqlx::query(&sql), app_id, filter).fetch_one(&self.pool).await?.try_get(0)?;
         Ok(count as u64)
+    }
+
+    async fn lock_dead_letters(
+        &self,
+        tx: &mut Self::Tx,
+        app_id: AppId,
+        filter: &DeadLetterFilter,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>> {
+        // `FOR UPDATE` without `SKIP LOCKED`: a row another transaction holds is waited for, and
+        // Postgres evaluates the conditions again on the row as that transaction left it. The
+        // cursor starts at the nil id, below every other, so that it bounds the index scan.
+        let sql = format!(
+            "SELECT id FROM dead_letters WHERE {} AND id > $7 ORDER BY id LIMIT $8 FOR UPDATE",
+            filter_sql(filter)
+        );
+        let locked = bind_filter(sqlx::query(&sql), app_id, filter)
+            .bind(after.unwrap_or_default())
+            .bind(i64::from(limit))
+            .fetch_all(&mut **tx)
+            .await?;
+        Ok(locked.iter().map(|row| row.try_get("id")).collect::<Result<_, sqlx::Error>>()?)
     }
 
     async fn resolve(
@@ -222,4 +243,42 @@ impl DeadLetterRepo for PgStore {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The conditions of `filter` on `dead_letters`, whose values [`bind_filter`] binds as `$1` (the
+/// app) to `$6` (the same in every statement, unused ones included).
+fn filter_sql(filter: &DeadLetterFilter) -> String {
+    // A literal `resolution IS NULL` lets the planner use the partial index of unresolved rows.
+    let resolution = match filter.resolution {
+        None => "",
+        Some(None) => "AND resolution IS NULL",
+        Some(Some(_)) => "AND resolution = $3",
+    };
+    // `DeadLetter::replayable`: an email, or a dead letter whose trigger still exists.
+    let replayable = if filter.replayable {
+        format!("AND (kind = '{}' OR trigger_id IS NOT NULL)", EventKind::Email.as_str())
+    } else {
+        String::new()
+    };
+    format!(
+        "app_id = $1 AND ($2::text IS NULL OR trigger_name = $2) {resolution}
+         AND ($4::text IS NULL OR reason = $4)
+         AND ($5::timestamptz IS NULL OR created_at > $5) AND ($6::timestamptz IS NULL OR created_at < $6)
+         {replayable}"
+    )
+}
+
+/// Binds the values of [`filter_sql`]'s conditions.
+fn bind_filter<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    app_id: AppId,
+    filter: &'q DeadLetterFilter,
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(app_id.as_uuid())
+        .bind(filter.trigger_name.as_deref())
+        .bind(filter.resolution.flatten().map(Resolution::as_str))
+        .bind(filter.reason.map(DeadLetterReason::as_str))
+        .bind(filter.created_after)
+        .bind(filter.created_before)
 }

@@ -62,6 +62,8 @@ conformance!(
     dead_letters_written_directly_read_back,
     dead_letters_are_listed_newest_first_with_filters_in_keyset_pages,
     only_unresolved_dead_letters_count_and_resolve_respects_its_guard,
+    every_field_of_a_dead_letter_filter_narrows_lists_counts_and_locks_alike,
+    dead_letters_are_locked_oldest_first_after_the_cursor_up_to_the_limit_and_only_of_the_app,
     gc_deletes_only_resolved_dead_letters_past_retention_in_batches,
     abandoned_executions_are_recorded_listed_newest_first_and_collected,
     every_abandon_reason_and_handler_status_is_stored_and_read_back,
@@ -1172,6 +1174,105 @@ async fn only_unresolved_dead_letters_count_and_resolve_respects_its_guard<S: St
     s.commit(tx).await.unwrap();
     assert_eq!(s.unresolved_count(t.app.id).await.unwrap(), 1);
     assert_eq!(s.unresolved_count(other.app.id).await.unwrap(), 1);
+}
+
+/// Writes dead letters in a transaction of their own.
+async fn write_dead_letters<S: Store>(s: &S, rows: &[NewDeadLetter]) {
+    let mut tx = s.begin().await.unwrap();
+    s.insert_dead_letters(&mut tx, rows).await.unwrap();
+    s.commit(tx).await.unwrap();
+}
+
+async fn every_field_of_a_dead_letter_filter_narrows_lists_counts_and_locks_alike<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let minute = Duration::from_secs(60);
+    // Ids in this order, written a minute apart: r0; r1 and r2 (of a trigger); r3 (an email,
+    // which has none) and r4 (then ignored). Only r2 and r3 can be replayed.
+    let rows = [
+        new_dead_letter(&t, "a", DeadLetterReason::Exhausted),
+        new_dead_letter(&t, "a", DeadLetterReason::Rejected),
+        NewDeadLetter {
+            trigger_id: Some(trigger.id),
+            ..new_dead_letter(&t, "on-order", DeadLetterReason::Exhausted)
+        },
+        NewDeadLetter {
+            kind: EventKind::Email,
+            trigger_name: None,
+            ..new_dead_letter(&t, "x", DeadLetterReason::Exhausted)
+        },
+        new_dead_letter(&t, "a", DeadLetterReason::Exhausted),
+    ];
+    for written in [&rows[..1], &rows[1..3], &rows[3..]] {
+        write_dead_letters(&s, written).await;
+        s.clock().advance(minute);
+    }
+    let mut tx = s.begin().await.unwrap();
+    s.resolve(&mut tx, t.app.id, rows[4].id, Resolution::Ignored, true).await.unwrap();
+    s.commit(tx).await.unwrap();
+
+    let unresolved = DeadLetterFilter { resolution: Some(None), ..Default::default() };
+    let filters = [
+        (unresolved.clone(), vec![0, 1, 2, 3]),
+        (DeadLetterFilter { resolution: Some(Some(Resolution::Ignored)), ..Default::default() }, vec![4]),
+        (DeadLetterFilter { trigger_name: Some("a".into()), ..Default::default() }, vec![0, 1, 4]),
+        (DeadLetterFilter { reason: Some(DeadLetterReason::Rejected), ..Default::default() }, vec![1]),
+        (DeadLetterFilter { created_after: Some(START), ..Default::default() }, vec![1, 2, 3, 4]),
+        (DeadLetterFilter { created_before: Some(START + minute * 2), ..Default::default() }, vec![0, 1, 2]),
+        (
+            DeadLetterFilter {
+                created_after: Some(START),
+                created_before: Some(START + minute * 2),
+                ..Default::default()
+            },
+            vec![1, 2],
+        ),
+        (DeadLetterFilter { replayable: true, ..Default::default() }, vec![2, 3]),
+        (
+            DeadLetterFilter { reason: Some(DeadLetterReason::Exhausted), replayable: true, ..unresolved },
+            vec![2, 3],
+        ),
+    ];
+    for (filter, expected) in filters {
+        let oldest_first: Vec<Uuid> = expected.iter().map(|&i| rows[i].id).collect();
+        let count = s.count_dead_letters(t.app.id, &filter).await.unwrap();
+        assert_eq!(count, oldest_first.len() as u64, "{filter:?}");
+        let mut tx = s.begin().await.unwrap();
+        let locked = s.lock_dead_letters(&mut tx, t.app.id, &filter, None, 10).await.unwrap();
+        drop(tx);
+        assert_eq!(locked, oldest_first, "{filter:?}");
+        let listed = s.list_dead_letters(t.app.id, &filter, None, 10).await.unwrap().items;
+        let newest_first: Vec<Uuid> = oldest_first.into_iter().rev().collect();
+        assert_eq!(listed.iter().map(|d| d.id).collect::<Vec<_>>(), newest_first, "{filter:?}");
+    }
+}
+
+async fn dead_letters_are_locked_oldest_first_after_the_cursor_up_to_the_limit_and_only_of_the_app<
+    S: Store,
+>(
+    s: S,
+) {
+    let t = tenant(&s, "shop").await;
+    let other = tenant(&s, "other").await;
+    let rows: Vec<NewDeadLetter> =
+        (0..5).map(|_| new_dead_letter(&t, "x", DeadLetterReason::Exhausted)).collect();
+    write_dead_letters(&s, &rows).await;
+    write_dead_letters(&s, &[new_dead_letter(&other, "x", DeadLetterReason::Exhausted)]).await;
+    let all = DeadLetterFilter::default();
+
+    let mut tx = s.begin().await.unwrap();
+    let mut batches = Vec::new();
+    let mut after = None;
+    loop {
+        let batch = s.lock_dead_letters(&mut tx, t.app.id, &all, after, 2).await.unwrap();
+        let Some(&last) = batch.last() else { break };
+        after = Some(last);
+        batches.push(batch);
+    }
+    drop(tx);
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    assert_eq!(batches, [&ids[0..2], &ids[2..4], &ids[4..]]);
+    assert_eq!(s.count_dead_letters(t.app.id, &all).await.unwrap(), 5);
+    assert_eq!(s.count_dead_letters(other.app.id, &all).await.unwrap(), 1);
 }
 
 async fn gc_deletes_only_resolved_dead_letters_past_retention_in_batches<S: Store>(s: S) {

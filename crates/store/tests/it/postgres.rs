@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use picloud_store::*;
+use picloud_testkit::eventually;
 use sqlx::Row as _;
 
 use crate::support::*;
@@ -232,4 +233,44 @@ async fn a_put_the_one_statement_leaves_to_the_slower_path_writes_and_locks_noth
         s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value,
         serde_json::json!({"n": 1})
     );
+}
+
+#[tokio::test]
+async fn locking_dead_letters_waits_for_one_another_transaction_holds_and_leaves_it_once_resolved() {
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone());
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    insert(&s, &[delivery(&t, &trigger, Duration::ZERO), delivery(&t, &trigger, Duration::ZERO)]).await;
+    let mut dead = Vec::new();
+    for row in s.claim_due(2, LEASE, "n").await.unwrap().rows {
+        dead.push(bury(&s, &row).await.id);
+    }
+    dead.sort_unstable();
+
+    // A single replay holds the first dead letter while it resolves it.
+    let mut replay = s.begin().await.unwrap();
+    s.lock_dead_letter(&mut replay, t.app.id, dead[0]).await.unwrap().unwrap();
+    s.resolve(&mut replay, t.app.id, dead[0], Resolution::Replayed, false).await.unwrap();
+    let bulk = tokio::spawn({
+        let (s, app) = (s.clone(), t.app.id);
+        async move {
+            let unresolved = DeadLetterFilter { resolution: Some(None), ..Default::default() };
+            let mut tx = s.begin().await.unwrap();
+            let locked = s.lock_dead_letters(&mut tx, app, &unresolved, None, 10).await.unwrap();
+            s.commit(tx).await.unwrap();
+            locked
+        }
+    });
+    eventually("the bulk lock to wait for the replay's", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    s.commit(replay).await.unwrap();
+    assert_eq!(bulk.await.unwrap(), [dead[1]], "the replayed one is rechecked and left, the other taken");
 }
