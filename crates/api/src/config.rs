@@ -25,6 +25,9 @@ pub struct ApiConfig {
     /// the write of the call to the resolution of its result; beyond it 429
     /// `too_many_sync_calls` (DESIGN §13).
     pub sync_max_in_flight_per_app: usize,
+    /// `PICLOUD_TAIL_MAX_PER_APP`: live tails one app may have open on this node; beyond it 429
+    /// `too_many_tails` (DESIGN §15).
+    pub tail_max_per_app: usize,
     /// What the whole node shares: token key, handler timeout, subjects, trigger defaults. The
     /// API verifies delivery tokens with the same key and delivers its own sync calls.
     pub node: NodeConfig,
@@ -49,6 +52,7 @@ impl ApiConfig {
             http_timeout: Duration::from_secs(75),
             http_max_in_flight: 1024,
             sync_max_in_flight_per_app: 256,
+            tail_max_per_app: 8,
             node,
             smtp: None,
             webhook_allow_nets: AllowNets::default(),
@@ -109,6 +113,7 @@ impl ApiConfig {
                 "PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP",
                 default.sync_max_in_flight_per_app,
             )?,
+            tail_max_per_app: count("PICLOUD_TAIL_MAX_PER_APP", default.tail_max_per_app)?,
             smtp: executors.smtp.clone(),
             webhook_allow_nets: executors.webhook_allow_nets.clone(),
             ..default

@@ -117,6 +117,8 @@ pub enum ErrorCode {
     TokenRevoked,
     /// `too_many_sync_calls`
     TooManySyncCalls,
+    /// `too_many_tails`
+    TooManyTails,
     /// `trigger_disabled`
     TriggerDisabled,
     /// `trigger_exists`
@@ -182,6 +184,7 @@ impl ErrorCode {
             ErrorCode::TokenNotFound => "token_not_found",
             ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::TooManySyncCalls => "too_many_sync_calls",
+            ErrorCode::TooManyTails => "too_many_tails",
             ErrorCode::TriggerDisabled => "trigger_disabled",
             ErrorCode::TriggerExists => "trigger_exists",
             ErrorCode::TriggerGone => "trigger_gone",
@@ -240,6 +243,7 @@ impl ErrorCode {
             ErrorCode::TokenNotFound => StatusCode::NOT_FOUND,
             ErrorCode::TokenRevoked => StatusCode::UNAUTHORIZED,
             ErrorCode::TooManySyncCalls => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyTails => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TriggerDisabled => StatusCode::CONFLICT,
             ErrorCode::TriggerExists => StatusCode::CONFLICT,
             ErrorCode::TriggerGone => StatusCode::CONFLICT,

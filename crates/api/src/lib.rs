@@ -21,10 +21,11 @@ mod ingest;
 mod limits;
 pub mod ops;
 pub mod routes;
+mod tail;
 pub mod views;
 
 use auth::InvokeAuthorizations;
-pub use auth::{Caller, Via};
+pub use auth::{Caller, Via, authenticate};
 pub use config::ApiConfig;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{Page, PageQuery};
@@ -54,7 +55,9 @@ pub struct ApiState {
     /// Requests in flight on the HTTP API.
     http_limits: Arc<limits::HttpLimits>,
     /// Sync calls in flight, by app.
-    sync_slots: Arc<limits::SyncSlots>,
+    sync_slots: Arc<limits::AppSlots>,
+    /// Live tails open, by app.
+    tails: Arc<tail::Tails>,
 }
 
 impl ApiState {
@@ -72,7 +75,8 @@ impl ApiState {
             sync_calls: TaskTracker::new(),
             invokers: Arc::default(),
             http_limits: Arc::new(limits::HttpLimits::new(config.http_max_in_flight)),
-            sync_slots: Arc::new(limits::SyncSlots::new(config.sync_max_in_flight_per_app)),
+            sync_slots: Arc::new(limits::AppSlots::sync_calls(config.sync_max_in_flight_per_app)),
+            tails: Arc::new(tail::Tails::new(config.tail_max_per_app)),
             config: Arc::new(config),
         }
     }
@@ -109,15 +113,21 @@ impl ApiState {
     }
 }
 
-/// Serves the API on `listener` until `shutdown`; requests in progress are finished, and so are
-/// the sync calls they started.
+/// Serves `app` (the API's [`router`] over `state`, with whatever the node adds to it) on
+/// `listener` until `shutdown`; requests in progress are finished, and so are the sync calls they
+/// started. Live tails end at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    app: axum::Router,
     state: ApiState,
     mut shutdown: picloud_worker::Shutdown,
 ) -> std::io::Result<()> {
-    let served = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move { shutdown.recv().await })
+    let tails = state.tails.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.recv().await;
+            tails.close();
+        })
         .await;
     state.finish_sync_calls().await;
     served

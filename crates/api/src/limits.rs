@@ -1,5 +1,6 @@
 //! What one tenant may take of a node's shared capacity: requests in flight and their time on
-//! the HTTP API (a layer over every `/v1/` route), and sync calls in flight per app (DESIGN §13).
+//! the HTTP API (a layer over every `/v1/` route), sync calls in flight per app (DESIGN §13) and
+//! live tails open per app (§15).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -55,46 +56,64 @@ pub(crate) async fn within_limits(State(state): State<ApiState>, request: Reques
     }
 }
 
-/// Sync calls in flight on this node, by app.
+/// What one app holds of something this node bounds per app: sync calls in flight (DESIGN §13),
+/// live tails open (§15).
 #[derive(Debug)]
-pub(crate) struct SyncSlots {
+pub(crate) struct AppSlots {
     max_per_app: usize,
     taken: Mutex<HashMap<AppId, usize>>,
+    /// The refusal of an app that holds all of its slots.
+    refusal: fn(max_per_app: usize) -> ApiError,
 }
 
-/// One app's sync call in flight: its slot is given back when this is dropped, once the call's
-/// result is resolved (to its caller or to the abandoned log), not when the caller stops waiting.
+/// One app's slot: given back when this is dropped (for a sync call, once its result is resolved
+/// to its caller or to the abandoned log, not when the caller stops waiting).
 #[derive(Debug)]
-pub(crate) struct SyncSlot {
-    slots: Arc<SyncSlots>,
+pub(crate) struct AppSlot {
+    slots: Arc<AppSlots>,
     app: AppId,
 }
 
-impl SyncSlots {
-    pub(crate) fn new(max_per_app: usize) -> SyncSlots {
-        SyncSlots { max_per_app, taken: Mutex::default() }
+impl AppSlots {
+    /// Sync calls in flight: beyond `max_per_app`, 429 `too_many_sync_calls`.
+    pub(crate) fn sync_calls(max_per_app: usize) -> AppSlots {
+        AppSlots::new(max_per_app, |max| {
+            ApiError::new(
+                ErrorCode::TooManySyncCalls,
+                format!("this app has {max} sync calls in flight on this node (PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP)"),
+            )
+            .retry_after(1)
+        })
     }
 
-    /// A slot for one more sync call of `app`: 429 `too_many_sync_calls` when it has all of its.
-    pub(crate) fn take(self: &Arc<Self>, app: AppId) -> Result<SyncSlot, ApiError> {
+    /// Live tails open: beyond `max_per_app`, 429 `too_many_tails`.
+    pub(crate) fn tails(max_per_app: usize) -> AppSlots {
+        AppSlots::new(max_per_app, |max| {
+            ApiError::new(
+                ErrorCode::TooManyTails,
+                format!("this app has {max} live tails open on this node (PICLOUD_TAIL_MAX_PER_APP)"),
+            )
+            .retry_after(5)
+        })
+    }
+
+    fn new(max_per_app: usize, refusal: fn(usize) -> ApiError) -> AppSlots {
+        AppSlots { max_per_app, taken: Mutex::default(), refusal }
+    }
+
+    /// A slot for one more of `app`'s: refused when it has all of its.
+    pub(crate) fn take(self: &Arc<Self>, app: AppId) -> Result<AppSlot, ApiError> {
         let mut taken = self.taken.lock().unwrap_or_else(PoisonError::into_inner);
         let count = taken.entry(app).or_default();
         if *count >= self.max_per_app {
-            return Err(ApiError::new(
-                ErrorCode::TooManySyncCalls,
-                format!(
-                    "this app has {} sync calls in flight on this node (PICLOUD_SYNC_MAX_IN_FLIGHT_PER_APP)",
-                    self.max_per_app
-                ),
-            )
-            .retry_after(1));
+            return Err((self.refusal)(self.max_per_app));
         }
         *count += 1;
-        Ok(SyncSlot { slots: self.clone(), app })
+        Ok(AppSlot { slots: self.clone(), app })
     }
 }
 
-impl Drop for SyncSlot {
+impl Drop for AppSlot {
     fn drop(&mut self) {
         let mut taken = self.slots.taken.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(count) = taken.get_mut(&self.app) {
@@ -112,7 +131,7 @@ mod tests {
 
     #[test]
     fn an_apps_sync_slots_are_its_own_and_come_back_when_dropped() {
-        let slots = Arc::new(SyncSlots::new(2));
+        let slots = Arc::new(AppSlots::sync_calls(2));
         let (a, b) = (AppId::new(), AppId::new());
         let first = slots.take(a).unwrap();
         let _second = slots.take(a).unwrap();

@@ -3,10 +3,10 @@
 use picloud_core::batch::{MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS, MIN_BATCH_SIZE};
 use picloud_core::flow::{MAX_CONCURRENCY, MAX_DEBOUNCE_MS, MAX_RATE};
 use picloud_core::retry::{MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
-use picloud_core::{Batch, Flow, RetryOverrides, Role, Scope, TriggerId};
+use picloud_core::{AttemptOutcome, Batch, Flow, RetryOverrides, Role, Scope, TriggerId};
 use picloud_store::{
-    AbandonedExecution, ApiToken, App, DeadLetter, Delivery, DeliveryDetail, DeliveryState, EventHeaders,
-    Handler, Principal, Trigger, TriggerSpec,
+    AbandonedExecution, ApiToken, App, AttemptStats, DeadLetter, Delivery, DeliveryDetail, DeliveryState,
+    EventHeaders, Handler, Principal, Trigger, TriggerBacklog, TriggerSpec,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -831,6 +831,99 @@ pub struct Health {
     /// What is down, when something is.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub down: Vec<String>,
+}
+
+/// `GET /v1/apps/{app}/triggers/{name}/stats` (DESIGN §15): a trigger's attempts over a window,
+/// and where its deliveries are now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TriggerStatsView {
+    /// `1h`, `24h` or `7d`.
+    pub window: String,
+    /// The width of each bucket, in seconds: 60, 600 or 3600.
+    pub bucket_seconds: u64,
+    /// Every bucket of the window, oldest first, the current one last (empty ones too).
+    pub buckets: Vec<StatsBucketView>,
+    /// The whole window's attempts, its latency quantiles read from every bucket's histogram
+    /// merged.
+    pub total: AttemptsView,
+    /// Where the trigger's deliveries are now.
+    pub backlog: BacklogView,
+}
+
+/// One bucket of a trigger's statistics.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsBucketView {
+    /// When it starts.
+    pub start: String,
+    /// The attempts that ended in it.
+    #[serde(flatten)]
+    pub attempts: AttemptsView,
+}
+
+/// Attempts by outcome, with their latency from the delivery's publishing to its answer (or its
+/// deadline).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptsView {
+    /// The handler answered `ok`.
+    pub ok: u64,
+    /// The handler answered `retry`.
+    pub retry: u64,
+    /// The handler answered `fail`, or something that is not an answer, or the delivery could
+    /// not be sent.
+    pub fail: u64,
+    /// No answer before the deadline.
+    pub timeout: u64,
+    /// No handler was listening.
+    pub no_handler: u64,
+    /// The median latency in milliseconds (within a quarter of the true one); null without
+    /// attempts.
+    pub p50_ms: Option<f64>,
+    /// The 99th percentile of the latency in milliseconds; null without attempts.
+    pub p99_ms: Option<f64>,
+}
+
+impl From<&AttemptStats> for AttemptsView {
+    fn from(a: &AttemptStats) -> Self {
+        let count = |o: AttemptOutcome| a.outcomes[o.index()];
+        let ms = |q: f64| a.latencies.quantile(q).map(|d| (d.as_secs_f64() * 1e6).round() / 1e3);
+        AttemptsView {
+            ok: count(AttemptOutcome::Ok),
+            retry: count(AttemptOutcome::Retry),
+            fail: count(AttemptOutcome::Fail),
+            timeout: count(AttemptOutcome::Timeout),
+            no_handler: count(AttemptOutcome::NoHandler),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+        }
+    }
+}
+
+/// Where a trigger's deliveries are now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BacklogView {
+    /// Due, waiting for a relay.
+    pub pending: u64,
+    /// Due later (a backoff or a delay).
+    pub scheduled: u64,
+    /// An attempt runs.
+    pub in_flight: u64,
+    /// Held by flow control.
+    pub waiting: u64,
+    /// How long the oldest pending delivery has been due, in milliseconds; null when none is.
+    pub oldest_due_age_ms: Option<u64>,
+}
+
+impl BacklogView {
+    /// `b` as it stands at `now`.
+    pub fn at(b: TriggerBacklog, now: OffsetDateTime) -> Self {
+        BacklogView {
+            pending: b.pending,
+            scheduled: b.scheduled,
+            in_flight: b.in_flight,
+            waiting: b.waiting,
+            oldest_due_age_ms: b.oldest_due.map(|due| (now - due).whole_milliseconds().max(0) as u64),
+        }
+    }
 }
 
 #[cfg(test)]

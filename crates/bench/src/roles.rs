@@ -247,6 +247,6 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let config = picloud_api::ApiConfig::new(relay_config().node);
     let state = picloud_api::ApiState::new(store, nats, config);
     println!("ready {port}");
-    picloud_api::serve(listener, state, stop_on_command(lines)).await?;
+    picloud_api::serve(listener, picloud_api::router(state.clone()), state, stop_on_command(lines)).await?;
     Ok(())
 }

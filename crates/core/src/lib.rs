@@ -16,6 +16,7 @@ pub mod net;
 pub mod pattern;
 pub mod protocol;
 pub mod retry;
+pub mod stats;
 pub mod token;
 pub mod webhook;
 
@@ -29,3 +30,4 @@ pub use names::{AppSlug, CollectionName, HandlerName, KvKey, NameError, QueueNam
 pub use net::{AllowNets, Refusal};
 pub use pattern::{CollectionPattern, collection_matches};
 pub use retry::{RetryOverrides, RetryPolicy};
+pub use stats::{AttemptOutcome, Latencies, StatsWindow};

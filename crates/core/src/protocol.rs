@@ -112,6 +112,32 @@ impl TriggerKind {
     }
 }
 
+/// One attempt's outcome as a live tail shows it (DESIGN §15). A relay publishes the outcomes of
+/// a completion batch as one JSON array per app on [`Subjects::tail`]; the API streams each as an
+/// event of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TailOutcome {
+    /// The delivery.
+    pub delivery_id: Uuid,
+    /// Its trigger's name (none for an email).
+    pub trigger: Option<String>,
+    /// Its event kind.
+    pub kind: EventKind,
+    /// The attempt that ended.
+    pub attempt: u32,
+    /// What it came to, as the attempt history names it (`ok`, `retry`, `fail`, `timeout`, …).
+    pub outcome: String,
+    /// How long it took from its publishing, in milliseconds, when it was sent.
+    pub latency_ms: Option<f64>,
+    /// Its error, if it failed.
+    pub error: Option<String>,
+    /// The node whose relay delivered it.
+    pub node: String,
+    /// When it ended.
+    #[serde(with = "time::serde::rfc3339")]
+    pub ended_at: OffsetDateTime,
+}
+
 /// What an outbox row delivers: a trigger kind's event, or an email for the built-in executor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -533,6 +559,13 @@ impl Subjects {
     /// the delivery stops it.
     pub fn cancel(&self, app: &str, handler: &str) -> String {
         format!("{}.v1.cancel.{app}.{handler}", self.prefix)
+    }
+
+    /// `<prefix>.internal.tail.<app>`: where relays publish the outcomes of an app's attempts
+    /// for its live tails (DESIGN §15). Only the router's own NATS user may read it: tenants'
+    /// users are allowed their own subjects, none under `internal`.
+    pub fn tail(&self, app: &str) -> String {
+        format!("{}.internal.tail.{app}", self.prefix)
     }
 
     /// `<prefix>.v1.builtin.webhook`, also its queue group.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use async_nats::{Message, StatusCode};
 use bytes::Bytes;
+use picloud_core::AttemptOutcome;
 use picloud_core::protocol::{AnswerHead, BatchResults, NotAnAnswer, ReplyStatus, Working, error_text};
 use picloud_store::HandlerStatus;
 use uuid::Uuid;
@@ -69,6 +70,21 @@ impl Answer {
             Answer::Unauthorized(_) => "unauthorized",
             Answer::Orphaned => "orphaned",
             Answer::LeaseExpired => "lease_expired",
+        }
+    }
+
+    /// What the statistics count the attempt as (DESIGN §15); none for what was not an attempt
+    /// of the handler (the platform cut it short, or never sent it).
+    pub fn counted(&self) -> Option<AttemptOutcome> {
+        match self {
+            Answer::Ok(_) => Some(AttemptOutcome::Ok),
+            Answer::Retry { .. } => Some(AttemptOutcome::Retry),
+            Answer::Fail(_) | Answer::Invalid(_) | Answer::Failed(_) => Some(AttemptOutcome::Fail),
+            Answer::Timeout => Some(AttemptOutcome::Timeout),
+            Answer::NoResponders => Some(AttemptOutcome::NoHandler),
+            Answer::Interrupted(_) | Answer::Unauthorized(_) | Answer::Orphaned | Answer::LeaseExpired => {
+                None
+            }
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Done {
     pub gated: bool,
     /// When the attempt was sent.
     pub started_at: OffsetDateTime,
+    /// How long after its publishing its answer came (or its deadline passed); none for a row
+    /// that was never sent.
+    pub latency: Option<Duration>,
 }
 
 /// What one completion batch did.

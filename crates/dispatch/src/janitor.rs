@@ -1,5 +1,5 @@
-//! The janitor: deletes resolved dead letters and abandoned executions past their retention
-//! (DESIGN §7, §8), in batches, on one node at a time. Unresolved dead letters are never deleted.
+//! The janitor: deletes resolved dead letters, abandoned executions and trigger statistics past
+//! their retention (DESIGN §7, §8, §15), in batches, on one node at a time. Unresolved dead letters are never deleted.
 //! It also lets out of their lanes the rows of triggers that are gone, which a writer racing the
 //! trigger's (or its app's) deletion can leave waiting where nothing would make them heads.
 //!
@@ -9,8 +9,9 @@
 use std::time::Duration;
 
 use picloud_core::TriggerConfig;
+use picloud_core::stats::STATS_RETENTION;
 use picloud_store::pg::AdvisoryLock;
-use picloud_store::{AbandonedRepo as _, DeadLetterRepo as _, PgStore};
+use picloud_store::{AbandonedRepo as _, DeadLetterRepo as _, PgStore, StatsRepo as _};
 use picloud_worker::Shutdown;
 
 use crate::metrics;
@@ -59,6 +60,17 @@ pub struct Swept {
     /// Outbox rows nothing would have claimed, let free (DESIGN §13): rows in the lanes of a
     /// trigger that is gone, gated rows of a trigger without limits.
     pub unclaimable_freed: u64,
+    /// Minutes of trigger statistics older than the longest window (DESIGN §15).
+    pub stats: u64,
+}
+
+/// What a sweep goes through, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    DeadLetters,
+    Abandoned,
+    Stats,
+    Unclaimable,
 }
 
 /// Deletes what outlived its retention; see the module documentation.
@@ -150,6 +162,7 @@ impl SweepLock<'_> {
                 dead_letters = swept.dead_letters,
                 abandoned_executions = swept.abandoned,
                 unclaimable_freed = swept.unclaimable_freed,
+                stats = swept.stats,
                 "janitor deleted rows past their retention"
             );
         }
@@ -160,34 +173,38 @@ impl SweepLock<'_> {
         let Janitor { store, config } = self.janitor;
         let batch = config.batch_size.max(1);
         let mut swept = Swept::default();
-        loop {
-            let deleted = store.gc_dead_letters(config.dead_letter_retention, batch).await?;
-            swept.dead_letters += deleted;
-            metrics::janitor_deleted(&config.node_id, "dead_letters", deleted);
-            if deleted < u64::from(batch) {
-                break;
-            }
-            if !go_on() {
-                return Ok(swept);
+        let node = &config.node_id;
+        let tables = [
+            ("dead_letters", Table::DeadLetters),
+            ("abandoned_executions", Table::Abandoned),
+            ("trigger_stats", Table::Stats),
+            ("outbox", Table::Unclaimable),
+        ];
+        for (name, table) in tables {
+            loop {
+                let deleted = match table {
+                    Table::DeadLetters => store.gc_dead_letters(config.dead_letter_retention, batch).await?,
+                    Table::Abandoned => store.gc_abandoned(config.abandoned_retention, batch).await?,
+                    Table::Stats => store.gc_stats(STATS_RETENTION, batch).await?,
+                    Table::Unclaimable => store.free_unclaimable(batch).await?,
+                };
+                *match table {
+                    Table::DeadLetters => &mut swept.dead_letters,
+                    Table::Abandoned => &mut swept.abandoned,
+                    Table::Stats => &mut swept.stats,
+                    Table::Unclaimable => &mut swept.unclaimable_freed,
+                } += deleted;
+                if table != Table::Unclaimable {
+                    metrics::janitor_deleted(node, name, deleted);
+                }
+                if deleted < u64::from(batch) {
+                    break;
+                }
+                if !go_on() {
+                    return Ok(swept);
+                }
             }
         }
-        loop {
-            let deleted = store.gc_abandoned(config.abandoned_retention, batch).await?;
-            swept.abandoned += deleted;
-            metrics::janitor_deleted(&config.node_id, "abandoned_executions", deleted);
-            if deleted < u64::from(batch) {
-                break;
-            }
-            if !go_on() {
-                return Ok(swept);
-            }
-        }
-        loop {
-            let freed = store.free_unclaimable(batch).await?;
-            swept.unclaimable_freed += freed;
-            if freed < u64::from(batch) || !go_on() {
-                return Ok(swept);
-            }
-        }
+        Ok(swept)
     }
 }

@@ -21,6 +21,7 @@ mod janitor;
 mod limits;
 pub mod metrics;
 mod relay;
+mod report;
 mod scheduler;
 mod shares;
 mod sync;

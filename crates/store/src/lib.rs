@@ -694,6 +694,34 @@ pub trait AbandonedRepo: Transactional {
     fn gc_abandoned(&self, older_than: Duration, batch: u32) -> impl Future<Output = Result<u64>> + Send;
 }
 
+/// Statistics of the attempts of each trigger (DESIGN §15), in buckets of a minute per node.
+pub trait StatsRepo: Transactional {
+    /// Adds each trigger's attempts to its bucket of the current minute as `node` counted them:
+    /// one upsert per trigger (each trigger at most once in `stats`).
+    fn record_attempts(
+        &self,
+        node: &str,
+        stats: &[model::AttemptStats],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// The trigger's attempts from `since` on, merged into buckets `step` wide that start at
+    /// `since`, oldest first; buckets without attempts are left out.
+    fn attempt_stats(
+        &self,
+        trigger_id: TriggerId,
+        since: OffsetDateTime,
+        step: Duration,
+    ) -> impl Future<Output = Result<Vec<model::StatsBucket>>> + Send;
+    /// Where the deliveries of the app's trigger (of every trigger of the app, and its emails,
+    /// with none) are now.
+    fn trigger_backlog(
+        &self,
+        app_id: AppId,
+        trigger_id: Option<TriggerId>,
+    ) -> impl Future<Output = Result<model::TriggerBacklog>> + Send;
+    /// Deletes up to `batch` minutes of statistics older than `older_than`; returns how many.
+    fn gc_stats(&self, older_than: Duration, batch: u32) -> impl Future<Output = Result<u64>> + Send;
+}
+
 /// KV entries with a version per key.
 pub trait KvRepo: Transactional {
     /// One entry.
@@ -777,12 +805,12 @@ pub trait CronRepo: Transactional {
 
 /// Every repository at once: what the relay, the API and the tests take.
 pub trait Store:
-    AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo + CronRepo
+    AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo + CronRepo + StatsRepo
 {
 }
 
-impl<S: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo + CronRepo> Store
-    for S
+impl<S: AuthRepo + TriggerRepo + OutboxRepo + DeadLetterRepo + AbandonedRepo + KvRepo + CronRepo + StatsRepo>
+    Store for S
 {
 }
 

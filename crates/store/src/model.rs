@@ -3,8 +3,8 @@
 use picloud_core::names::{AppSlug, CollectionName, HandlerName, KvKey, QueueName, TriggerName};
 use picloud_core::protocol::{EventKind, TriggerKind};
 use picloud_core::{
-    AppId, Batch, CollectionPattern, CronSchedule, Flow, PrincipalId, RetryOverrides, Role, ScopeSet,
-    TriggerId,
+    AppId, AttemptOutcome, Batch, CollectionPattern, CronSchedule, Flow, Latencies, PrincipalId,
+    RetryOverrides, Role, ScopeSet, TriggerId,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -1041,4 +1041,62 @@ impl<T> Page<T> {
         kept.truncate(limit as usize);
         Page { items: kept, has_more }
     }
+}
+
+/// The attempts one completion batch counted for one trigger (DESIGN §15): added to the trigger's
+/// statistics bucket of the minute they are written in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptStats {
+    /// The trigger.
+    pub trigger_id: TriggerId,
+    /// How many attempts came to each outcome, in the order of `AttemptOutcome::ALL`.
+    pub outcomes: [u64; 5],
+    /// How long they took.
+    pub latencies: Latencies,
+}
+
+impl AttemptStats {
+    /// No attempts yet, of `trigger_id`.
+    pub fn new(trigger_id: TriggerId) -> Self {
+        Self { trigger_id, outcomes: [0; 5], latencies: Latencies::default() }
+    }
+
+    /// Counts one attempt.
+    pub fn record(&mut self, outcome: AttemptOutcome, latency: std::time::Duration) {
+        self.outcomes[outcome.index()] += 1;
+        self.latencies.record(latency);
+    }
+
+    /// Adds another count's attempts to these.
+    pub fn merge(&mut self, other: &AttemptStats) {
+        for (mine, theirs) in self.outcomes.iter_mut().zip(other.outcomes) {
+            *mine += theirs;
+        }
+        self.latencies.merge(&other.latencies);
+    }
+}
+
+/// One bucket of a trigger's statistics: the attempts that ended from `start` on, for the
+/// bucket's width.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsBucket {
+    /// When it starts.
+    pub start: OffsetDateTime,
+    /// Its attempts (`trigger_id` is the trigger asked about).
+    pub attempts: AttemptStats,
+}
+
+/// Where a trigger's deliveries are now (the states of [`DeliveryState`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TriggerBacklog {
+    /// Due and waiting for a relay.
+    pub pending: u64,
+    /// Due later (a backoff, a delay).
+    pub scheduled: u64,
+    /// Claimed by a relay, under a lease.
+    pub in_flight: u64,
+    /// Held by flow control.
+    pub waiting: u64,
+    /// The due time of the oldest pending delivery.
+    pub oldest_due: Option<OffsetDateTime>,
 }

@@ -23,6 +23,8 @@ pub mod deliveries;
 pub mod events;
 pub mod invoke;
 pub mod kv;
+pub mod stats;
+pub mod tail;
 pub mod tokens;
 pub mod triggers;
 

@@ -24,6 +24,7 @@ pub mod events;
 pub mod health;
 pub mod invoke;
 pub mod kv;
+pub mod tail;
 pub mod triggers;
 
 #[derive(OpenApi)]
@@ -211,17 +212,19 @@ pub fn router(state: ApiState) -> axum::Router {
         .routes(routes!(invoke::invoke))
         .routes(routes!(triggers::register, triggers::list))
         .routes(routes!(triggers::get, triggers::patch, triggers::delete))
+        .routes(routes!(triggers::stats))
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::count))
         .routes(routes!(dead_letters::get))
         .routes(routes!(dead_letters::replay))
         .routes(routes!(dead_letters::ignore))
-        .routes(routes!(dead_letters::abandoned))
-        .routes(routes!(deliveries::list))
         .routes(routes!(dead_letters::bulk_replay))
         .routes(routes!(dead_letters::bulk_ignore))
+        .routes(routes!(dead_letters::abandoned))
+        .routes(routes!(deliveries::list))
         .routes(routes!(deliveries::get))
         .routes(routes!(deliveries::cancel))
+        .routes(routes!(tail::tail))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))

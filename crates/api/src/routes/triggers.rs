@@ -3,6 +3,8 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use crate::ApiState;
 use crate::auth::Caller;
@@ -51,6 +53,30 @@ pub async fn get(
     PathParams((_, name)): PathParams<(String, String)>,
 ) -> Result<Json<TriggerView>, ApiError> {
     Ok(Json(state.ops.trigger(&caller, &name).await?))
+}
+
+/// `window` of the statistics.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatsQuery {
+    /// `1h` (by the minute, the default), `24h` (by ten minutes) or `7d` (by the hour).
+    pub window: Option<String>,
+}
+
+/// The trigger's attempts by outcome and their latency over a window, and its deliveries now.
+#[utoipa::path(get, path = "/v1/apps/{app}/triggers/{name}/stats", tag = "triggers", operation_id = "trigger_stats",
+    params(("app" = String, Path), ("name" = String, Path), StatsQuery),
+    responses(
+        (status = 200, body = TriggerStatsView, description = "every bucket of the window, and the backlog"),
+        (status = 404, body = ErrorBody, description = "`trigger_not_found`: no such trigger"),
+        (status = 422, body = ErrorBody, description = "`invalid_field`: not a window")))]
+pub async fn stats(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams((_, name)): PathParams<(String, String)>,
+    QueryParams(q): QueryParams<StatsQuery>,
+) -> Result<Json<TriggerStatsView>, ApiError> {
+    Ok(Json(state.ops.trigger_stats(&caller, &name, q.window.as_deref()).await?))
 }
 
 /// Enable or disable a trigger, or change its handler or retry overrides.

@@ -10,6 +10,8 @@ mod invalid;
 mod limits;
 mod openapi;
 mod routes;
+mod stats;
 mod support;
 mod sync;
+mod tail;
 mod webhooks;

@@ -52,6 +52,7 @@ use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::limits::{Finished, Limits, Started};
 use crate::metrics::RelayMetrics;
+use crate::report::report;
 use crate::shares::{Round, Shares};
 
 mod batch;
@@ -158,6 +159,7 @@ impl Sent {
         let after = self.at.elapsed();
         for mut done in std::iter::once(self.done).chain(self.batch.into_iter().flatten()) {
             done.answer = answer(&done);
+            done.latency = Some(after);
             metrics.answered(&done.answer, after);
             let _ = done_tx.send(done);
         }
@@ -804,6 +806,7 @@ pub(crate) fn done_for(row: &ClaimedDelivery, policy: RetryPolicy, answer: Answe
         in_lane: row.in_lane,
         gated: row.gated,
         started_at: time::OffsetDateTime::now_utc(),
+        latency: None,
     }
 }
 
@@ -1299,6 +1302,16 @@ async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
                 shared.metrics.completed(batch, &stats);
+                let node = &config.node;
+                report(
+                    &shared.store,
+                    &shared.nats,
+                    &node.subjects,
+                    &node.node_id,
+                    node.handler_timeout,
+                    batch,
+                )
+                .await;
                 if stats.lanes_moved > 0 {
                     // The completion released the lanes it could; a writer held the others, which
                     // are free again by now.

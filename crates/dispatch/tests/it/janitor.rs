@@ -118,7 +118,7 @@ async fn resolved_dead_letters_and_abandoned_executions_past_their_retention_go_
 
     let swept = janitor(&store, "node-a", 100).sweep_once().await.unwrap();
 
-    assert_eq!(swept, Some(Swept { dead_letters: 2, abandoned: 2, unclaimable_freed: 0 }));
+    assert_eq!(swept, Some(Swept { dead_letters: 2, abandoned: 2, unclaimable_freed: 0, stats: 0 }));
     assert_eq!(
         ids_in(&w, "dead_letters").await,
         sorted([old_unresolved, younger_resolved].concat()),
@@ -137,7 +137,7 @@ async fn more_rows_than_one_batch_all_go_in_one_sweep() {
 
     let swept = janitor(&store, "node-a", 10).sweep_once().await.unwrap();
 
-    assert_eq!(swept, Some(Swept { dead_letters: 25, abandoned: 23, unclaimable_freed: 0 }));
+    assert_eq!(swept, Some(Swept { dead_letters: 25, abandoned: 23, unclaimable_freed: 0, stats: 0 }));
     assert!(ids_in(&w, "dead_letters").await.is_empty());
     assert!(ids_in(&w, "abandoned_executions").await.is_empty());
 }
@@ -155,7 +155,7 @@ async fn while_one_janitor_sweeps_another_deletes_nothing() {
     assert_eq!(ids_in(&w, "dead_letters").await.len(), 3, "and deletes nothing");
     assert_eq!(
         a_sweeping.sweep().await.unwrap(),
-        Swept { dead_letters: 3, abandoned: 0, unclaimable_freed: 0 }
+        Swept { dead_letters: 3, abandoned: 0, unclaimable_freed: 0, stats: 0 }
     );
 
     assert_eq!(

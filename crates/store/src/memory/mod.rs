@@ -32,6 +32,7 @@ mod dead_letters;
 mod flow;
 mod kv;
 mod outbox;
+mod stats;
 mod triggers;
 
 /// An outbox row.
@@ -85,6 +86,8 @@ struct State {
     flow_state: HashMap<TriggerId, (Option<f64>, OffsetDateTime)>,
     /// The slots each holder holds of a trigger, and until when.
     flow_slots: HashMap<(TriggerId, Uuid), (u32, OffsetDateTime)>,
+    /// The attempts counted per trigger, minute and node.
+    stats: HashMap<(TriggerId, OffsetDateTime, String), AttemptStats>,
 }
 
 /// The in-memory store.

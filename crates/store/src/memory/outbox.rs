@@ -7,7 +7,7 @@ type WalkedApp = (bool, Vec<(OffsetDateTime, Uuid)>);
 
 impl State {
     /// `row` as the deliveries API shows it.
-    fn delivery_of(&self, row: &OutboxRow) -> Delivery {
+    pub(super) fn delivery_of(&self, row: &OutboxRow) -> Delivery {
         Delivery {
             id: row.new.id,
             app_id: row.new.app_id,

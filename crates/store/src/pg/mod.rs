@@ -18,6 +18,7 @@ mod ops;
 mod outbox;
 mod pattern;
 mod rows;
+mod stats;
 mod triggers;
 
 pub use ops::{AdvisoryLock, Gauges};

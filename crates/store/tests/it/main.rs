@@ -14,3 +14,4 @@ mod fairness;
 mod lanes;
 mod limits;
 mod postgres;
+mod stats;
