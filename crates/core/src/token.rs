@@ -118,6 +118,23 @@ impl TokenKey {
         out
     }
 
+    /// The form token (against cross-site request forgery) of the console session that holds API
+    /// token `session`: a MAC of the token's hash under this key, the same on every node.
+    pub fn form_token(&self, session: &str) -> String {
+        let mut payload = b"console-form:".to_vec();
+        payload.extend_from_slice(&hash_api_token(session));
+        URL_SAFE_NO_PAD.encode(self.mac(&payload))
+    }
+
+    /// Whether `given` is the form token of `session` (compared in constant time).
+    pub fn is_form_token(&self, session: &str, given: &str) -> bool {
+        let Ok(given) = URL_SAFE_NO_PAD.decode(given) else { return false };
+        let mut check = self.0.clone();
+        check.update(b"console-form:");
+        check.update(&hash_api_token(session));
+        check.verify_slice(&given).is_ok()
+    }
+
     /// Verifies a `pdt_…` text at `now_ms`, returning what it grants.
     pub fn verify(&self, text: &str, now_ms: i64) -> Result<DeliveryToken, TokenError> {
         let body = text.strip_prefix(DELIVERY_TOKEN_PREFIX).ok_or(TokenError::Malformed)?;
@@ -458,5 +475,16 @@ mod tests {
         );
         assert_eq!(key.sign(&token), SIGNED);
         assert_eq!(key.verify(SIGNED, 0), Ok(token));
+    }
+
+    #[test]
+    fn a_form_token_belongs_to_its_session_and_its_key() {
+        let key = TokenKey::new(b"key-one");
+        let form = key.form_token("pcr_session");
+        assert!(key.is_form_token("pcr_session", &form));
+        assert!(!key.is_form_token("pcr_other", &form), "another session's");
+        assert!(!TokenKey::new(b"key-two").is_form_token("pcr_session", &form), "another key's");
+        assert!(!key.is_form_token("pcr_session", ""), "none");
+        assert!(!key.is_form_token("pcr_session", "not base64!"));
     }
 }

@@ -363,6 +363,7 @@ fn print_banner(b: &Banner<'_>) {
     println!(
         "\npicloud-router dev is serving (Ctrl-C stops everything)\n\n  \
          API        {url}    (OpenAPI: {url}/v1/openapi.json)\n  \
+         console    {url}/console    (sign in with the token below)\n  \
          token      {token}    (platform admin, admin of app `{APP}`)\n  \
          NATS       {nats_url}    (handlers of `{APP}`: user app-{APP}, password {app_password}, inbox prefix _INBOX_{APP})\n  \
          Postgres   {database_url}\n  \

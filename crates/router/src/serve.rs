@@ -143,6 +143,8 @@ pub struct Node {
     metrics_interval: Duration,
     /// `PICLOUD_SHUTDOWN_TIMEOUT_MS`: how long everything after the stop signal may take.
     shutdown_timeout: Duration,
+    /// `PICLOUD_CONSOLE`: whether the node serves the console at `/console` (DESIGN §15).
+    console: bool,
 }
 
 impl Node {
@@ -169,6 +171,9 @@ impl Node {
             database_url: database_url(lookup)?,
             metrics_interval: ms("PICLOUD_METRICS_INTERVAL_MS", 15_000, 1_000, 3_600_000)?,
             shutdown_timeout: ms("PICLOUD_SHUTDOWN_TIMEOUT_MS", 110_000, 1_000, 3_600_000)?,
+            console: parse_var(lookup, "PICLOUD_CONSOLE", "on".to_owned(), "on or off", |v| {
+                v == "on" || v == "off"
+            })? == "on",
         })
     }
 
@@ -188,6 +193,7 @@ impl Node {
             database_url: url,
             metrics_interval,
             shutdown_timeout,
+            console,
         } = self;
         let metrics =
             Metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
@@ -230,7 +236,11 @@ impl Node {
             gauges.await;
             Ok(())
         });
-        let http = picloud_api::serve(listener, state, node_shutdown);
+        let mut app = picloud_api::router(state.clone());
+        if console {
+            app = app.merge(picloud_console::router(state.clone()));
+        }
+        let http = picloud_api::serve(listener, app, state, node_shutdown);
         parts.spawn("HTTP API", async { http.await.context("serving HTTP") });
         tracing::info!(node = %node_id, %addr, "serving");
         ready(addr);
