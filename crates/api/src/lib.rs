@@ -68,9 +68,12 @@ impl ApiState {
         config.node.triggers.max_event_data_bytes =
             picloud_core::protocol::max_event_data_bytes(config.max_payload_bytes);
         ApiState {
-            ops: Ops::new(store, config.node.triggers, config.webhook_allow_nets.clone()),
+            ops: Ops::new(store.clone(), config.node.triggers, config.webhook_allow_nets.clone()),
             connection: picloud_dispatch::ConnectionWatch::spawn(&nats),
-            sync_answers: picloud_dispatch::SyncAnswers::new(nats.clone()),
+            sync_answers: picloud_dispatch::SyncAnswers::new(
+                nats.clone(),
+                picloud_dispatch::SyncReports::spawn(store, nats.clone(), config.node.clone()),
+            ),
             nats,
             sync_calls: TaskTracker::new(),
             invokers: Arc::default(),

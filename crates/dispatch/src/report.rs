@@ -11,8 +11,10 @@ use picloud_core::protocol::{Subjects, TailOutcome};
 use picloud_core::{AppSlug, TriggerId};
 use picloud_store::{AttemptStats, Store};
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 
 use crate::complete::Done;
+use crate::config::NodeConfig;
 
 /// The attempts of `batch` its statistics count, per trigger, each trigger once.
 pub(crate) fn attempt_stats(batch: &[Done]) -> Vec<AttemptStats> {
@@ -72,5 +74,38 @@ pub(crate) async fn report<S: Store>(
         if let Err(e) = nats.publish(subjects.tail(app.as_str()), body.into()).await {
             tracing::debug!(error = %e, app = %app, "publishing outcomes to the live tail failed");
         }
+    }
+}
+
+/// How long the reports of sync calls gather before they are made together.
+const SYNC_REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// The reports of the sync calls a node delivers itself (`deliver_sync`): gathered for
+/// [`SYNC_REPORT_EVERY`] and made as one batch, so that a sync call, one statement of its own,
+/// does not become two. Reports still gathering when the node's last handle goes are made then.
+#[derive(Debug, Clone)]
+pub struct SyncReports {
+    calls: mpsc::UnboundedSender<Done>,
+}
+
+impl SyncReports {
+    /// Starts the task that makes the reports (on the current Tokio runtime).
+    pub fn spawn<S: Store>(store: S, nats: Client, config: NodeConfig) -> SyncReports {
+        let (calls, mut gathered) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while gathered.recv_many(&mut batch, 1000).await > 0 {
+                let node = &config;
+                report(&store, &nats, &node.subjects, &node.node_id, node.handler_timeout, &batch).await;
+                batch.clear();
+                tokio::time::sleep(SYNC_REPORT_EVERY).await;
+            }
+        });
+        SyncReports { calls }
+    }
+
+    /// Reports a finished sync call.
+    pub(crate) fn finished(&self, call: Done) {
+        let _ = self.calls.send(call);
     }
 }

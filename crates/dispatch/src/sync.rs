@@ -22,6 +22,7 @@ use crate::connection::ConnectionWatch;
 use crate::envelope::envelope;
 use crate::metrics::RelayMetrics;
 use crate::relay::{done_for, plan, unix_millis_after};
+use crate::report::SyncReports;
 
 /// A sync call's two ends on the node its caller waits on: [`SyncReply`] for the task that
 /// delivers the call, [`SyncCaller`] for the HTTP request waiting for the answer. The answer is
@@ -118,11 +119,13 @@ impl Drop for SyncCaller {
 /// The answers to a node's sync calls: one subscription to an [`AnswerInbox`] of the node's
 /// connection, taken at the first call, from which each answer goes to the call waiting for it,
 /// and only from the call's own app. A `working` reply is no answer: a sync call keeps its
-/// deadline (the handler timeout: its caller waits).
+/// deadline (the handler timeout: its caller waits). Each finished call is reported (its
+/// statistics and its tail) through the node's [`SyncReports`].
 #[derive(Debug, Clone)]
 pub struct SyncAnswers {
     nats: Client,
     inbox: Arc<OnceCell<Inbox>>,
+    reports: SyncReports,
 }
 
 /// The calls waiting for answers, by sequence number: each call's app and where its answer goes.
@@ -150,9 +153,10 @@ impl Drop for Expected {
 }
 
 impl SyncAnswers {
-    /// The answers of `nats`'s sync calls; nothing is subscribed before the first call.
-    pub fn new(nats: Client) -> SyncAnswers {
-        SyncAnswers { nats, inbox: Arc::default() }
+    /// The answers of `nats`'s sync calls, reported to `reports`; nothing is subscribed before
+    /// the first call.
+    pub fn new(nats: Client, reports: SyncReports) -> SyncAnswers {
+        SyncAnswers { nats, inbox: Arc::default(), reports }
     }
 
     /// A reply subject for a call to `app`, and the wait for its answer.
@@ -203,14 +207,17 @@ pub async fn deliver_sync<S: Store>(
 ) {
     let started = std::time::Instant::now();
     let (answer, mut done) = attempt(&answers, &connection, &config, &row, &target).await;
-    RelayMetrics::new(&config.node_id).sync_call(&answer, started.elapsed());
+    let took = started.elapsed();
+    RelayMetrics::new(&config.node_id).sync_call(&answer, took);
     done.answer = answer.clone();
+    done.latency = Some(took);
     if let Err(reason) = reply.send(answer).await {
         abandon(&store, &done, reason, config.handler_timeout).await;
     }
     if let Err(e) = store.delete_delivered(&[row.id]).await {
         tracing::warn!(delivery_id = %row.id, error = %e, "completing a sync call failed; its lease will run out");
     }
+    answers.reports.finished(done);
 }
 
 /// One attempt: the handler's answer, and the completion record to resolve it with. A lost

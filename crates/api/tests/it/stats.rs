@@ -100,3 +100,27 @@ async fn statistics_show_the_backlog_and_refuse_an_unknown_window_or_trigger() {
         api.call(Method::GET, "/v1/apps/shop/triggers/jobs/stats", Some(&api.other_admin), None).await;
     assert_eq!(elsewhere.status, StatusCode::NOT_FOUND, "another app's admin cannot see it");
 }
+
+#[tokio::test]
+async fn a_sync_call_the_node_delivered_itself_is_counted_too() {
+    let api = Api::start().await;
+    api.trigger(json!({"name": "call", "kind": "http", "handler": {"function": "answer"}})).await;
+    let client = async_nats::connect(api.nats.url()).await.unwrap();
+    let worker = Worker::new(client, "shop")
+        .handle("answer", |_: Delivery| async move { Ok(WorkerReply::ok(json!({"ok": true}))) })
+        .start()
+        .await
+        .unwrap();
+    let called =
+        api.call(Method::POST, "/v1/apps/shop/invoke/call", Some(&api.developer), Some(json!({}))).await;
+    assert_eq!(called.status, StatusCode::OK, "{:?}", called.body);
+
+    let path = "/v1/apps/shop/triggers/call/stats";
+    let total = eventually("the call to be counted", || async {
+        let read = api.call(Method::GET, path, Some(&api.viewer), None).await;
+        (read.body["total"]["ok"] == json!(1)).then_some(read.body["total"].clone())
+    })
+    .await;
+    assert!(total["p50_ms"].as_f64().unwrap() > 0.0, "{total}");
+    worker.shutdown().await;
+}

@@ -208,7 +208,10 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
     let connection = picloud_dispatch::ConnectionWatch::spawn(&nats);
     let delivering = tokio::spawn(picloud_dispatch::deliver_sync(
         w.store.clone(),
-        picloud_dispatch::SyncAnswers::new(nats),
+        picloud_dispatch::SyncAnswers::new(
+            nats.clone(),
+            picloud_dispatch::SyncReports::spawn(w.store.clone(), nats, config.node.clone()),
+        ),
         connection,
         config.node,
         row,
