@@ -56,7 +56,10 @@ fn line(values: &[Option<f64>], top: f64, step: f64) -> String {
             Some(v) => {
                 let x = (i as f64 + 0.5) * step;
                 let y = HEIGHT - v / top * HEIGHT;
-                path.push_str(&format!("{}{x:.1},{y:.1} ", if drawing { "L" } else { "M" }));
+                // A segment starts with a dot, so that a bucket alone shows.
+                let to = if drawing { "L" } else { "M" };
+                let dot = if drawing { "" } else { "l0.1,0 " };
+                path.push_str(&format!("{to}{x:.1},{y:.1} {dot}"));
                 drawing = true;
             }
             None => drawing = false,

@@ -31,7 +31,7 @@ function tail(list, status) {
     const link = document.createElement("a");
     link.href = `/console/apps/${list.dataset.app}/deliveries/${o.delivery_id}`;
     link.textContent = o.delivery_id;
-    item.append(`${o.ended_at} #${o.attempt} ${o.outcome}${latency} `, link, ` on ${o.node}`);
+    item.append(`${o.ended_at.slice(11, 23)} #${o.attempt} ${o.outcome}${latency} `, link, ` on ${o.node}`);
     if (o.error) {
       item.append(` — ${o.error}`);
     }
