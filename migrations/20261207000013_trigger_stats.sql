@@ -1,7 +1,7 @@
 -- Statistics of each trigger's attempts (DESIGN §15): one row per trigger, minute and relay
 -- node, to which each completion batch adds what it counted (an upsert per trigger and batch).
--- Rows of one node are written by its relay alone, so relays never wait on each other's
--- statistics. `latency` holds the counts of the fixed histogram of `picloud_core::stats`
+-- Rows of one node are written by that node alone (its relay's reports, and its own sync
+-- calls'), so nodes never wait on each other's statistics. `latency` holds the counts of the fixed histogram of `picloud_core::stats`
 -- (buckets merge by adding them). No foreign key: a check per upsert would lock the trigger row;
 -- a deleted trigger's rows are read by nobody and pruned with the rest after a week.
 CREATE TABLE trigger_stats (

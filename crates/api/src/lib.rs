@@ -72,7 +72,7 @@ impl ApiState {
             connection: picloud_dispatch::ConnectionWatch::spawn(&nats),
             sync_answers: picloud_dispatch::SyncAnswers::new(
                 nats.clone(),
-                picloud_dispatch::SyncReports::spawn(store, nats.clone(), config.node.clone()),
+                picloud_dispatch::Reporter::spawn(store, nats.clone(), config.node.clone()),
             ),
             nats,
             sync_calls: TaskTracker::new(),

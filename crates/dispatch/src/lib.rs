@@ -36,6 +36,6 @@ pub use executors::{ExecutorConfig, ExecutorError, SmtpConfig, run_executors};
 pub use janitor::{Janitor, JanitorConfig, SweepLock, Swept};
 pub use metrics::{Metrics, MetricsError};
 pub use relay::{Relay, RelayError};
-pub use report::SyncReports;
+pub use report::Reporter;
 pub use scheduler::{Scheduler, SchedulerConfig};
 pub use sync::{NoAnswer, SyncAnswers, SyncCaller, SyncReply, deliver_sync, sync_call};

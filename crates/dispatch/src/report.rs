@@ -1,20 +1,32 @@
 //! What a completion batch reports once it committed (DESIGN §15): the attempts it adds to its
-//! triggers' statistics, one upsert per trigger and batch, and the outcomes it publishes to its
-//! apps' live tails, one message per app and batch. Neither may hold up or undo a completion: a
-//! failure is logged and the batch stays completed.
+//! triggers' statistics, and the outcomes it publishes to its apps' live tails.
+//!
+//! A [`Reporter`] takes the reports of a relay's completion batches, or of the sync calls a node
+//! delivers itself: each report is computed where the batch completed (counting and encoding,
+//! no I/O) and queued, and the reporter's own task makes them, merging whatever queued meanwhile
+//! into one upsert per trigger and one message per app and chunk of outcomes. Neither a slow
+//! database nor a slow NATS holds up a completion or the slots it frees: a report that finds the
+//! queue full is dropped (and counted in the log), and a failure to make one is logged.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::Client;
-use picloud_core::protocol::{Subjects, TailOutcome};
-use picloud_core::{AppSlug, TriggerId};
+use bytes::Bytes;
+use picloud_core::TriggerId;
+use picloud_core::protocol::TailOutcome;
 use picloud_store::{AttemptStats, Store};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::complete::Done;
 use crate::config::NodeConfig;
+
+/// Reports queued and not yet made; past this, reports are dropped.
+const QUEUED_REPORTS: usize = 256;
+/// The most outcomes one tail message carries (a tail's reader queues messages, and NATS caps a
+/// message's size).
+pub(crate) const TAIL_CHUNK: usize = 256;
 
 /// The attempts of `batch` its statistics count, per trigger, each trigger once.
 pub(crate) fn attempt_stats(batch: &[Done]) -> Vec<AttemptStats> {
@@ -33,16 +45,16 @@ pub(crate) fn attempt_stats(batch: &[Done]) -> Vec<AttemptStats> {
 }
 
 /// The outcomes of `batch` a tail shows, per app: every attempt that was sent.
-pub(crate) fn tail_outcomes<'a>(
-    batch: &'a [Done],
+pub(crate) fn tail_outcomes(
+    batch: &[Done],
     node: &str,
     handler_timeout: Duration,
     ended_at: OffsetDateTime,
-) -> HashMap<&'a AppSlug, Vec<TailOutcome>> {
-    let mut per_app: HashMap<&AppSlug, Vec<TailOutcome>> = HashMap::new();
+) -> HashMap<String, Vec<TailOutcome>> {
+    let mut per_app: HashMap<String, Vec<TailOutcome>> = HashMap::new();
     for d in batch {
         let (Some(app), Some(latency)) = (&d.app_slug, d.latency) else { continue };
-        per_app.entry(app).or_default().push(TailOutcome {
+        per_app.entry(app.to_string()).or_default().push(TailOutcome {
             delivery_id: d.id,
             trigger: d.trigger_name.clone(),
             kind: d.kind,
@@ -57,55 +69,74 @@ pub(crate) fn tail_outcomes<'a>(
     per_app
 }
 
-/// Records the statistics of a completed batch and publishes its outcomes to the tails.
-pub(crate) async fn report<S: Store>(
-    store: &S,
-    nats: &Client,
-    subjects: &Subjects,
-    node: &str,
-    handler_timeout: Duration,
-    batch: &[Done],
-) {
-    if let Err(e) = store.record_attempts(node, &attempt_stats(batch)).await {
-        tracing::warn!(error = %e, rows = batch.len(), "recording attempt statistics failed; they are not counted");
-    }
-    for (app, outcomes) in tail_outcomes(batch, node, handler_timeout, OffsetDateTime::now_utc()) {
-        let body = serde_json::to_vec(&outcomes).expect("outcomes serialize");
-        if let Err(e) = nats.publish(subjects.tail(app.as_str()), body.into()).await {
-            tracing::debug!(error = %e, app = %app, "publishing outcomes to the live tail failed");
-        }
-    }
+/// One batch's report, ready to be made.
+#[derive(Debug)]
+struct Report {
+    stats: Vec<AttemptStats>,
+    /// Tail messages: subject and body.
+    tails: Vec<(String, Bytes)>,
 }
 
-/// How long the reports of sync calls gather before they are made together.
-const SYNC_REPORT_EVERY: Duration = Duration::from_millis(500);
-
-/// The reports of the sync calls a node delivers itself (`deliver_sync`): gathered for
-/// [`SYNC_REPORT_EVERY`] and made as one batch, so that a sync call, one statement of its own,
-/// does not become two. Reports still gathering when the node's last handle goes are made then.
+/// Makes the reports of completed batches on a task of its own; see the module documentation.
 #[derive(Debug, Clone)]
-pub struct SyncReports {
-    calls: mpsc::UnboundedSender<Done>,
+pub struct Reporter {
+    reports: mpsc::Sender<Report>,
+    config: NodeConfig,
 }
 
-impl SyncReports {
-    /// Starts the task that makes the reports (on the current Tokio runtime).
-    pub fn spawn<S: Store>(store: S, nats: Client, config: NodeConfig) -> SyncReports {
-        let (calls, mut gathered) = mpsc::unbounded_channel();
+impl Reporter {
+    /// Starts the reporter's task (on the current Tokio runtime); it ends once every handle is
+    /// dropped and what was queued is made.
+    pub fn spawn<S: Store>(store: S, nats: Client, config: NodeConfig) -> Reporter {
+        let (reports, mut queued) = mpsc::channel::<Report>(QUEUED_REPORTS);
+        let node = config.node_id.clone();
         tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while gathered.recv_many(&mut batch, 1000).await > 0 {
-                let node = &config;
-                report(&store, &nats, &node.subjects, &node.node_id, node.handler_timeout, &batch).await;
-                batch.clear();
-                tokio::time::sleep(SYNC_REPORT_EVERY).await;
+            while let Some(first) = queued.recv().await {
+                let mut stats: HashMap<TriggerId, AttemptStats> = HashMap::new();
+                let mut tails = Vec::new();
+                let mut next = Some(first);
+                while let Some(report) = next {
+                    for counted in report.stats {
+                        match stats.get_mut(&counted.trigger_id) {
+                            Some(merged) => merged.merge(&counted),
+                            None => drop(stats.insert(counted.trigger_id, counted)),
+                        }
+                    }
+                    tails.extend(report.tails);
+                    next = queued.try_recv().ok();
+                }
+                let stats: Vec<AttemptStats> = stats.into_values().collect();
+                if let Err(e) = store.record_attempts(&node, &stats).await {
+                    tracing::warn!(error = %e, triggers = stats.len(), "recording attempt statistics failed; they are not counted");
+                }
+                for (subject, body) in tails {
+                    if let Err(e) = nats.publish(subject, body).await {
+                        tracing::debug!(error = %e, "publishing outcomes to the live tail failed");
+                    }
+                }
             }
         });
-        SyncReports { calls }
+        Reporter { reports, config }
     }
 
-    /// Reports a finished sync call.
-    pub(crate) fn finished(&self, call: Done) {
-        let _ = self.calls.send(call);
+    /// Queues the report of a completed `batch`; never waits.
+    pub fn report(&self, batch: &[Done]) {
+        let config = &self.config;
+        let outcomes =
+            tail_outcomes(batch, &config.node_id, config.handler_timeout, OffsetDateTime::now_utc());
+        let mut tails = Vec::new();
+        for (app, outcomes) in outcomes {
+            for chunk in outcomes.chunks(TAIL_CHUNK) {
+                let body = serde_json::to_vec(chunk).expect("outcomes serialize");
+                tails.push((config.subjects.tail(&app), Bytes::from(body)));
+            }
+        }
+        let report = Report { stats: attempt_stats(batch), tails };
+        if self.reports.try_send(report).is_err() {
+            tracing::warn!(
+                rows = batch.len(),
+                "the reporter is behind: a batch's statistics and tail outcomes are dropped"
+            );
+        }
     }
 }

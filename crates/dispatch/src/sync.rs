@@ -22,7 +22,7 @@ use crate::connection::ConnectionWatch;
 use crate::envelope::envelope;
 use crate::metrics::RelayMetrics;
 use crate::relay::{done_for, plan, unix_millis_after};
-use crate::report::SyncReports;
+use crate::report::Reporter;
 
 /// A sync call's two ends on the node its caller waits on: [`SyncReply`] for the task that
 /// delivers the call, [`SyncCaller`] for the HTTP request waiting for the answer. The answer is
@@ -120,12 +120,12 @@ impl Drop for SyncCaller {
 /// connection, taken at the first call, from which each answer goes to the call waiting for it,
 /// and only from the call's own app. A `working` reply is no answer: a sync call keeps its
 /// deadline (the handler timeout: its caller waits). Each finished call is reported (its
-/// statistics and its tail) through the node's [`SyncReports`].
+/// statistics and its tail) through the node's [`Reporter`].
 #[derive(Debug, Clone)]
 pub struct SyncAnswers {
     nats: Client,
     inbox: Arc<OnceCell<Inbox>>,
-    reports: SyncReports,
+    reports: Reporter,
 }
 
 /// The calls waiting for answers, by sequence number: each call's app and where its answer goes.
@@ -155,7 +155,7 @@ impl Drop for Expected {
 impl SyncAnswers {
     /// The answers of `nats`'s sync calls, reported to `reports`; nothing is subscribed before
     /// the first call.
-    pub fn new(nats: Client, reports: SyncReports) -> SyncAnswers {
+    pub fn new(nats: Client, reports: Reporter) -> SyncAnswers {
         SyncAnswers { nats, inbox: Arc::default(), reports }
     }
 
@@ -217,7 +217,7 @@ pub async fn deliver_sync<S: Store>(
     if let Err(e) = store.delete_delivered(&[row.id]).await {
         tracing::warn!(delivery_id = %row.id, error = %e, "completing a sync call failed; its lease will run out");
     }
-    answers.reports.finished(done);
+    answers.reports.report(std::slice::from_ref(&done));
 }
 
 /// One attempt: the handler's answer, and the completion record to resolve it with. A lost

@@ -52,7 +52,7 @@ use crate::connection::ConnectionWatch;
 use crate::envelope::{RunAs, envelope};
 use crate::limits::{Finished, Limits, Started};
 use crate::metrics::RelayMetrics;
-use crate::report::report;
+use crate::report::Reporter;
 use crate::shares::{Round, Shares};
 
 mod batch;
@@ -169,6 +169,8 @@ impl Sent {
 #[derive(Debug)]
 struct Shared<S> {
     store: S,
+    /// Makes the reports of completed batches (statistics, tails) without holding them up.
+    reporter: Reporter,
     nats: Client,
     config: RelayConfig,
     /// Reply subjects are `<inbox>.<app>.<seq>`; the responder subscribes to `<inbox>.*.*`.
@@ -240,7 +242,9 @@ impl<S: Store> Relay<S> {
         let connection = ConnectionWatch::spawn(&self.nats);
         let shares = Shares::new(self.config.app_share());
         let lease_margin = self.config.node.lease_margin;
+        let reporter = Reporter::spawn(self.store.clone(), self.nats.clone(), self.config.node.clone());
         let shared = Arc::new(Shared {
+            reporter,
             store: self.store,
             nats: self.nats,
             config: self.config,
@@ -1302,16 +1306,7 @@ async fn flush<S: Store>(shared: &Shared<S>, batch: &[Done]) {
             Ok(stats) => {
                 tracing::debug!(rows = batch.len(), ?stats, "completed");
                 shared.metrics.completed(batch, &stats);
-                let node = &config.node;
-                report(
-                    &shared.store,
-                    &shared.nats,
-                    &node.subjects,
-                    &node.node_id,
-                    node.handler_timeout,
-                    batch,
-                )
-                .await;
+                shared.reporter.report(batch);
                 if stats.lanes_moved > 0 {
                     // The completion released the lanes it could; a writer held the others, which
                     // are free again by now.

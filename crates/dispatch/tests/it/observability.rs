@@ -210,7 +210,7 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
         w.store.clone(),
         picloud_dispatch::SyncAnswers::new(
             nats.clone(),
-            picloud_dispatch::SyncReports::spawn(w.store.clone(), nats, config.node.clone()),
+            picloud_dispatch::Reporter::spawn(w.store.clone(), nats, config.node.clone()),
         ),
         connection,
         config.node,

@@ -61,56 +61,51 @@ impl StatsRepo for PgStore {
         since: OffsetDateTime,
         step: Duration,
     ) -> Result<Vec<StatsBucket>> {
-        let step = step.as_secs_f64();
-        let totals = sqlx::query(
-            "SELECT date_bin($2 * interval '1 second', bucket, $3) AS start,
-                    sum(ok)::int8 AS ok, sum(retry)::int8 AS retry, sum(fail)::int8 AS fail,
-                    sum(timeout)::int8 AS timeout, sum(no_handler)::int8 AS no_handler
-               FROM trigger_stats WHERE trigger_id = $1 AND bucket >= $3
-              GROUP BY 1 ORDER BY 1",
+        // One statement, so that the counts and the latencies are of the same rows.
+        let rows = sqlx::query(
+            "WITH binned AS (
+                 SELECT date_bin($2 * interval '1 second', bucket, $3) AS start, ok, retry, fail, timeout,
+                        no_handler, latency
+                   FROM trigger_stats WHERE trigger_id = $1 AND bucket >= $3
+             ), latencies AS (
+                 SELECT start, array_agg(i ORDER BY i) AS at, array_agg(n ORDER BY i) AS counts
+                   FROM (SELECT b.start, x.i::int4 AS i, sum(x.n)::int8 AS n
+                           FROM binned b, unnest(b.latency) WITH ORDINALITY AS x(n, i)
+                          WHERE x.n > 0 GROUP BY 1, 2) AS per_bucket
+                  GROUP BY start
+             )
+             SELECT t.start, t.ok, t.retry, t.fail, t.timeout, t.no_handler, l.at, l.counts
+               FROM (SELECT start, sum(ok)::int8 AS ok, sum(retry)::int8 AS retry, sum(fail)::int8 AS fail,
+                            sum(timeout)::int8 AS timeout, sum(no_handler)::int8 AS no_handler
+                       FROM binned GROUP BY start) AS t
+               LEFT JOIN latencies l USING (start)
+              ORDER BY t.start",
         )
         .bind(trigger_id.as_uuid())
-        .bind(step)
+        .bind(step.as_secs_f64())
         .bind(since)
         .fetch_all(&self.pool)
         .await?;
-        let latencies = sqlx::query(
-            "SELECT date_bin($2 * interval '1 second', s.bucket, $3) AS start, x.i::int4 AS i, sum(x.n)::int8 AS n
-               FROM trigger_stats s, unnest(s.latency) WITH ORDINALITY AS x(n, i)
-              WHERE s.trigger_id = $1 AND s.bucket >= $3 AND x.n > 0
-              GROUP BY 1, 2",
-        )
-        .bind(trigger_id.as_uuid())
-        .bind(step)
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut buckets = totals
-            .iter()
+        rows.iter()
             .map(|row| {
+                let start: OffsetDateTime = row.try_get("start")?;
                 let mut attempts = AttemptStats::new(trigger_id);
                 for (i, column) in ["ok", "retry", "fail", "timeout", "no_handler"].into_iter().enumerate() {
                     attempts.outcomes[i] = count(row, column)?;
                 }
-                Ok((row.try_get::<OffsetDateTime, _>("start")?, (attempts, vec![0; LATENCY_BUCKETS])))
+                let at: Option<Vec<i32>> = row.try_get("at")?;
+                let counts: Option<Vec<i64>> = row.try_get("counts")?;
+                let mut histogram = vec![0; LATENCY_BUCKETS];
+                for (i, n) in at.unwrap_or_default().into_iter().zip(counts.unwrap_or_default()) {
+                    let slot = usize::try_from(i - 1).ok().and_then(|i| histogram.get_mut(i));
+                    let slot =
+                        slot.ok_or_else(|| rows::corrupt("trigger_stats", format!("latency bucket {i}")))?;
+                    *slot = n.max(0) as u64;
+                }
+                attempts.latencies = Latencies::from_counts(&histogram).expect("as many counts as buckets");
+                Ok(StatsBucket { start, attempts })
             })
-            .collect::<Result<Vec<_>>>()?;
-        for row in &latencies {
-            let start: OffsetDateTime = row.try_get("start")?;
-            let i = row.try_get::<i32, _>("i")? as usize - 1;
-            let bucket = buckets.iter_mut().find(|(s, _)| *s == start);
-            match bucket {
-                Some((_, (_, counts))) if i < LATENCY_BUCKETS => counts[i] = count(row, "n")?,
-                _ => return Err(rows::corrupt("trigger_stats", format!("latency bucket {i} of {start}"))),
-            }
-        }
-        Ok(buckets
-            .into_iter()
-            .map(|(start, (mut attempts, counts))| {
-                attempts.latencies = Latencies::from_counts(&counts).expect("as many counts as buckets");
-                StatsBucket { start, attempts }
-            })
-            .collect())
+            .collect()
     }
 
     async fn trigger_backlog(&self, app_id: AppId, trigger_id: Option<TriggerId>) -> Result<TriggerBacklog> {
