@@ -28,6 +28,9 @@ pub struct ApiConfig {
     /// `PICLOUD_TAIL_MAX_PER_APP`: live tails one app may have open on this node; beyond it 429
     /// `too_many_tails` (DESIGN §15).
     pub tail_max_per_app: usize,
+    /// How often an open live tail's credentials are checked again (a minute; not configured by
+    /// the environment).
+    pub tail_recheck: Duration,
     /// What the whole node shares: token key, handler timeout, subjects, trigger defaults. The
     /// API verifies delivery tokens with the same key and delivers its own sync calls.
     pub node: NodeConfig,
@@ -53,6 +56,7 @@ impl ApiConfig {
             http_max_in_flight: 1024,
             sync_max_in_flight_per_app: 256,
             tail_max_per_app: 8,
+            tail_recheck: Duration::from_secs(60),
             node,
             smtp: None,
             webhook_allow_nets: AllowNets::default(),

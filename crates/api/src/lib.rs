@@ -30,6 +30,7 @@ pub use config::ApiConfig;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{Page, PageQuery};
 pub use ingest::{Ingest, IngestError};
+pub use limits::within_limits;
 pub use ops::Ops;
 pub use routes::router;
 

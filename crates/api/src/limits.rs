@@ -28,12 +28,15 @@ impl HttpLimits {
     }
 }
 
-/// Serves a `/v1/` request within the node's limits: 503 `overloaded` when
+/// Serves a `/v1/` or console request within the node's limits: 503 `overloaded` when
 /// `PICLOUD_HTTP_MAX_IN_FLIGHT` requests are in flight, 503 `request_timeout` when it takes longer
 /// than `PICLOUD_HTTP_TIMEOUT_MS`. Health, readiness and metrics are never held back: a busy
 /// node must still say how it is.
-pub(crate) async fn within_limits(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if !request.uri().path().starts_with("/v1/") {
+pub async fn within_limits(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let limited =
+        path.starts_with("/v1/") || (path.starts_with("/console") && !path.starts_with("/console/static/"));
+    if !limited {
         return next.run(request).await;
     }
     let Ok(_permit) = state.http_limits.in_flight.try_acquire() else {

@@ -6,9 +6,12 @@
 //! that the response drains: a reader that falls [`BEHIND`] batches behind is disconnected
 //! (an `EventSource` reconnects), so a slow reader holds up neither the node's connection nor
 //! anybody else. An app has at most `PICLOUD_TAIL_MAX_PER_APP` tails open on a node, and every
-//! tail ends when the node stops.
+//! tail ends when the node stops. A tail's credentials are checked again every
+//! `ApiConfig::tail_recheck` (a minute): it ends within that of its token's revocation or expiry,
+//! or of its caller's losing the role.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::response::sse::Event;
 use futures::{Stream, StreamExt as _};
@@ -21,8 +24,11 @@ use crate::error::{ApiError, ErrorCode};
 use crate::limits::AppSlots;
 use crate::ops::tail::TailFilter;
 
-/// How many batches of outcomes a reader may have waiting before it is disconnected.
-pub(crate) const BEHIND: usize = 64;
+/// How many messages of outcomes (each at most `TAIL_CHUNK` of them) a reader may have waiting
+/// before it is disconnected.
+pub(crate) const BEHIND: usize = 16;
+/// How long opening a tail waits for the NATS server to confirm its subscription.
+const SUBSCRIBED_WITHIN: Duration = Duration::from_secs(5);
 
 /// The node's live tails.
 #[derive(Debug)]
@@ -45,9 +51,14 @@ impl Tails {
 }
 
 impl ApiState {
-    /// A tail of `filter`'s app: subscribed (and the subscription confirmed by the server)
-    /// before this returns, so every outcome published after it is shown.
-    pub async fn open_tail(&self, filter: TailFilter) -> Result<impl Stream<Item = Event> + use<>, ApiError> {
+    /// A tail of `filter`'s app, as asked for with `credentials`: subscribed (and the
+    /// subscription confirmed by the server) before this returns, so every outcome published
+    /// after it is shown.
+    pub async fn open_tail(
+        &self,
+        credentials: &str,
+        filter: TailFilter,
+    ) -> Result<impl Stream<Item = Event> + use<>, ApiError> {
         let slot = self.tails.slots.take(filter.app_id)?;
         let unavailable = |e: &dyn std::fmt::Display| {
             tracing::warn!(error = %e, "opening a live tail failed");
@@ -55,15 +66,27 @@ impl ApiState {
         };
         let subject = self.config.node.subjects.tail(filter.app.as_str());
         let mut outcomes = self.nats.subscribe(subject).await.map_err(|e| unavailable(&e))?;
-        self.nats.flush().await.map_err(|e| unavailable(&e))?;
+        match tokio::time::timeout(SUBSCRIBED_WITHIN, self.nats.flush()).await {
+            Ok(flushed) => flushed.map_err(|e| unavailable(&e))?,
+            Err(e) => return Err(unavailable(&e)),
+        }
         let (tx, rx) = mpsc::channel::<Vec<TailOutcome>>(BEHIND);
         let closing = self.tails.closing.clone();
+        let (state, credentials) = (self.clone(), credentials.to_owned());
         tokio::spawn(async move {
             let _slot = slot;
+            let every = state.config.tail_recheck;
+            let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 let message = tokio::select! {
                     () = closing.cancelled() => return,
                     () = tx.closed() => return,
+                    _ = recheck.tick() => {
+                        if !state.may_still_tail(&credentials, &filter).await {
+                            return;
+                        }
+                        continue;
+                    }
                     message = outcomes.next() => match message {
                         Some(message) => message,
                         None => return,
@@ -87,5 +110,16 @@ impl ApiState {
         Ok(batches.flat_map(futures::stream::iter).map(|outcome| {
             Event::default().event("outcome").json_data(&outcome).expect("an outcome serializes")
         }))
+    }
+}
+
+impl ApiState {
+    /// Whether `credentials` may still open the tail `filter` is.
+    async fn may_still_tail(&self, credentials: &str, filter: &TailFilter) -> bool {
+        let Ok(caller) = crate::auth::authenticate(self, credentials, Some(filter.app.as_str())).await else {
+            return false;
+        };
+        let (trigger, kind) = filter.asked.clone();
+        self.ops.tail_filter(&caller, trigger, kind.as_deref()).await.is_ok()
     }
 }

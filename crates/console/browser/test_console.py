@@ -9,6 +9,8 @@ matter.
 import os
 import re
 
+import pytest
+
 from conftest import ADMIN_TOKEN, APP, app_url, console_url, error_texts, wait_until
 from playwright.sync_api import expect
 
@@ -166,6 +168,28 @@ def test_an_admin_cancels_a_scheduled_delivery_from_the_trigger_page(console, ap
     assert status == 404, f"the cancelled delivery is still in the outbox ({status})"
     page.goto(app_url("/triggers/work"))
     expect(page.locator(f'table#deliveries tr[data-delivery="{job}"]')).to_have_count(0)
+
+
+def test_the_keyboard_reaches_a_cancel_button_and_keeps_it_while_the_deliveries_refresh(console, api, world):
+    job = api.enqueue("jobs", {"n": "by keyboard"}, delay_ms=3_600_000)
+    page = console.signed_in()
+    page.goto(app_url("/triggers/work"))
+    button = page.locator(f'table#deliveries tr[data-delivery="{job}"] form.cancel-delivery button')
+    expect(button).to_be_visible()
+    page.evaluate("() => { window.refreshes = 0;"
+                  " document.addEventListener('htmx:beforeRequest', () => { window.refreshes += 1; }); }")
+    for _ in range(300):
+        page.keyboard.press("Tab")
+        if button.evaluate("b => b === document.activeElement"):
+            break
+    else:
+        pytest.fail("Tab never reached the delivery's Cancel button")
+    page.wait_for_function("() => window.refreshes > 0", timeout=15_000)
+    assert button.evaluate("b => b === document.activeElement"), "a refresh of the deliveries took the focus away"
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    wait_until("the delivery cancelled by keyboard to be a dead letter",
+               lambda: [d for d in api.dead_letters("work", resolution=None) if d["delivery_id"] == job])
 
 
 def test_replaying_a_dead_letter_from_its_page_resolves_it_replayed(console, api, world):

@@ -119,6 +119,9 @@ pub(crate) async fn cancel(
     Path((app, id)): Path<(String, String)>,
     Posted(form): Posted<Plain>,
 ) -> Response {
+    if let Some(refused) = session.refuse_form(&state, &form.csrf) {
+        return refused;
+    }
     let mut to = format!("/console/apps/{app}");
     if let Ok(delivery) = state.ops.delivery(&session.caller, &id).await
         && let Some(trigger) = delivery.delivery.trigger

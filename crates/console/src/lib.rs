@@ -47,6 +47,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/console/apps/{app}/deliveries/{id}/cancel", post(actions::cancel))
         .route("/console/{*rest}", get(|| async { pages::not_found() }))
         .layer(axum::middleware::map_response(session::secure_headers))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), picloud_api::within_limits))
         .with_state(state)
 }
 

@@ -117,12 +117,12 @@ pub(crate) struct Notice {
     notice: Option<String>,
 }
 
-/// One app on the apps page.
+/// One app on the apps page; its counts only where the caller may read them.
 #[derive(Debug)]
 pub(crate) struct AppRow {
     slug: String,
-    dead_letters: u64,
-    backlog: u64,
+    dead_letters: Option<u64>,
+    backlog: Option<u64>,
 }
 
 #[derive(Template)]
@@ -141,13 +141,16 @@ pub(crate) async fn apps(State(state): State<ApiState>, session: Session) -> Res
             let mut apps = Vec::new();
             for app in listed.items {
                 let caller = authenticate(&state, session.token(), Some(&app.slug)).await?;
-                let dead_letters = state.ops.count_dead_letters(&caller, None).await?.count;
-                let backlog = state.ops.app_backlog(&caller).await?;
-                apps.push(AppRow {
-                    slug: app.slug,
-                    dead_letters,
-                    backlog: backlog.pending + backlog.scheduled,
-                });
+                let (dead_letters, backlog) = if may(&caller, Capability::AppRead) {
+                    let backlog = state.ops.app_backlog(&caller).await?;
+                    (
+                        Some(state.ops.count_dead_letters(&caller, None).await?.count),
+                        Some(backlog.pending + backlog.scheduled),
+                    )
+                } else {
+                    (None, None)
+                };
+                apps.push(AppRow { slug: app.slug, dead_letters, backlog });
             }
             Ok(AppsPage { layout: Layout::new(&state, &session, "Apps".into(), "").await?, apps })
         }
@@ -231,15 +234,9 @@ pub(crate) async fn app(
 ) -> Response {
     page(
         async {
-            let listed = state
-                .ops
-                .list_triggers(&session.caller, &PageQuery { after: None, limit: Some(500) })
-                .await?;
-            let mut triggers = Vec::new();
-            for t in &listed.items {
-                let stats = state.ops.trigger_stats(&session.caller, &t.name, Some("1h")).await?;
-                triggers.push(TriggerRow::new(t, &stats));
-            }
+            let page = PageQuery { after: None, limit: Some(500) };
+            let overview = state.ops.triggers_overview(&session.caller, &page).await?;
+            let triggers = overview.iter().map(|(t, stats)| TriggerRow::new(t, stats)).collect();
             let mut layout = Layout::new(&state, &session, "Triggers".into(), "triggers").await?;
             layout.notice = notice.notice;
             Ok(AppPage { layout, triggers, can_manage: may(&session.caller, Capability::AppManageTriggers) })
@@ -343,7 +340,7 @@ pub(crate) async fn tail(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
     let opened = async {
         let filter = state.ops.tail_filter(&session.caller, Some(name), None).await?;
-        state.open_tail(filter).await
+        state.open_tail(session.token(), filter).await
     };
     match opened.await {
         Ok(events) => Ok(Sse::new(events.map(Ok)).keep_alive(KeepAlive::default())),

@@ -81,8 +81,14 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 /// Whether the browser reached the console on a loopback address (its cookies may then go
-/// without `Secure`, which needs HTTPS).
+/// without `Secure`, which needs HTTPS); a request a proxy forwarded from HTTPS never counts,
+/// whatever `Host` the proxy sent on.
 fn on_loopback(headers: &HeaderMap) -> bool {
+    let header =
+        |name: &str| headers.get(name).and_then(|h| h.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if header("x-forwarded-proto").contains("https") || header("forwarded").contains("proto=https") {
+        return false;
+    }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
@@ -133,7 +139,8 @@ struct LoginPage {
 
 /// The sign-in form, with a fresh double-submit value.
 pub(crate) async fn login_page(headers: HeaderMap) -> Response {
-    let csrf = generate_api_token();
+    // Random, and without the prefix that would make it look like a token to secret scanners.
+    let csrf = generate_api_token().split_off(API_TOKEN_PREFIX.len());
     let cookie = set_cookie(&headers, LOGIN, &csrf, Some(600));
     let page = render(&LoginPage { csrf, error: None }, StatusCode::OK);
     ([(header::SET_COOKIE, cookie)], page).into_response()
@@ -241,6 +248,12 @@ mod tests {
                 "{loopback}"
             );
         }
+        let mut proxied = host("127.0.0.1:8080");
+        proxied.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert!(
+            set_cookie(&proxied, SESSION, "pcr_x", None).to_str().unwrap().ends_with("; Secure"),
+            "forwarded from https"
+        );
         for remote in ["console.example.com", "10.0.0.5:8080", "[2001:db8::1]:443", "localhost.example.com"] {
             let cookie = set_cookie(&host(remote), SESSION, "pcr_x", Some(0));
             assert_eq!(

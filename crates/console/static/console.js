@@ -7,6 +7,19 @@ document.addEventListener("DOMContentLoaded", () => {
   if (list) {
     tail(list, document.getElementById("tail-status"));
   }
+  // A panel htmx refreshes waits while the keyboard is in it, so that focus is not lost; and a
+  // refresh that found the session gone reloads the page, which then asks to sign in.
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    if (event.target.contains(document.activeElement)) {
+      event.preventDefault();
+    }
+  });
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    if (event.detail.xhr.responseURL.includes("/console/login")) {
+      event.preventDefault();
+      window.location.reload();
+    }
+  });
   document.addEventListener("submit", (event) => {
     const button = event.submitter;
     if (button && button.dataset.confirm && !window.confirm(button.dataset.confirm)) {
@@ -19,7 +32,9 @@ document.addEventListener("DOMContentLoaded", () => {
 function tail(list, status) {
   const source = new EventSource(list.dataset.source);
   source.onopen = () => { status.textContent = "live"; };
-  source.onerror = () => { status.textContent = "reconnecting"; };
+  source.onerror = () => {
+    status.textContent = source.readyState === EventSource.CLOSED ? "closed (reload to try again)" : "reconnecting";
+  };
   source.addEventListener("outcome", (event) => {
     const o = JSON.parse(event.data);
     const item = document.createElement("li");

@@ -711,13 +711,12 @@ pub trait StatsRepo: Transactional {
         since: OffsetDateTime,
         step: Duration,
     ) -> impl Future<Output = Result<Vec<model::StatsBucket>>> + Send;
-    /// Where the deliveries of the app's trigger (of every trigger of the app, and its emails,
-    /// with none) are now.
-    fn trigger_backlog(
+    /// Where the app's deliveries are now, per trigger (`None`: its emails), in one read: the
+    /// outbox has no index by trigger, so one read of the app's rows serves every trigger.
+    fn backlogs(
         &self,
         app_id: AppId,
-        trigger_id: Option<TriggerId>,
-    ) -> impl Future<Output = Result<model::TriggerBacklog>> + Send;
+    ) -> impl Future<Output = Result<Vec<(Option<TriggerId>, model::TriggerBacklog)>>> + Send;
     /// Deletes up to `batch` minutes of statistics older than `older_than`; returns how many.
     fn gc_stats(&self, older_than: Duration, batch: u32) -> impl Future<Output = Result<u64>> + Send;
 }

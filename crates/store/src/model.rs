@@ -1100,3 +1100,17 @@ pub struct TriggerBacklog {
     /// The due time of the oldest pending delivery.
     pub oldest_due: Option<OffsetDateTime>,
 }
+
+impl TriggerBacklog {
+    /// Adds another's deliveries to these (an app's, from its triggers').
+    pub fn add(&mut self, other: &TriggerBacklog) {
+        self.pending += other.pending;
+        self.scheduled += other.scheduled;
+        self.in_flight += other.in_flight;
+        self.waiting += other.waiting;
+        self.oldest_due = match (self.oldest_due, other.oldest_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}

@@ -12,6 +12,8 @@ use crate::error::ApiError;
 /// What a tail of one app shows.
 #[derive(Debug, Clone)]
 pub struct TailFilter {
+    /// The filter as asked for (trigger name and kind), to ask again.
+    pub asked: (Option<String>, Option<String>),
     /// The app tailed.
     pub app_id: AppId,
     /// Its slug (the subject its outcomes come on).
@@ -32,14 +34,21 @@ impl TailFilter {
 
 impl<S: Store> Ops<S> {
     /// What a tail of the caller's app shows: of `trigger` (by name, which must exist) and of
-    /// event `kind`, when given.
+    /// event `kind`, when given. Only API tokens may tail (a delivery token's caller ends with
+    /// its delivery).
     pub async fn tail_filter(
         &self,
         caller: &Caller,
         trigger: Option<String>,
         kind: Option<&str>,
     ) -> Result<TailFilter, ApiError> {
+        let asked = (trigger.clone(), kind.map(str::to_owned));
         let app = caller.require_app(Capability::AppRead)?;
+        if caller.is_delivery() {
+            return Err(ApiError::forbidden(
+                "a delivery token cannot open a live tail: the tail would outlive the delivery",
+            ));
+        }
         let kind = kind
             .map(|k| {
                 EventKind::parse(k).ok_or_else(|| {
@@ -55,6 +64,6 @@ impl<S: Store> Ops<S> {
                 Some(name)
             }
         };
-        Ok(TailFilter { app_id: app.id, app: app.slug.clone(), trigger, kind })
+        Ok(TailFilter { asked, app_id: app.id, app: app.slug.clone(), trigger, kind })
     }
 }

@@ -129,6 +129,19 @@ enum Needs {
     ApiToken,
     /// A capability on `shop`, or a platform one.
     Cap(Capability),
+    /// A capability on `shop`, held by an API token (a delivery token may not tail).
+    ApiTokenWith(Capability),
+}
+
+/// What a caller with `access` gets from an operation that needs `cap`.
+fn needs_cap(cap: Capability, access: &Access) -> &'static str {
+    if access.allows(cap) {
+        "allowed"
+    } else if cap.scope() != Scope::PlatformAdmin && !(access.platform_admin || access.role.is_some()) {
+        "404 app_not_found"
+    } else {
+        "403"
+    }
 }
 
 /// Every operation a caller may attempt on `shop`.
@@ -162,10 +175,13 @@ enum Op {
     BulkIgnore,
     ListAbandoned,
     Invoke,
+    TriggerStats,
+    AppBacklog,
+    Tail,
 }
 
 impl Op {
-    const ALL: [Op; 28] = [
+    const ALL: [Op; 31] = [
         Op::CreateApp,
         Op::ListApps,
         Op::CreatePrincipal,
@@ -194,12 +210,16 @@ impl Op {
         Op::BulkIgnore,
         Op::ListAbandoned,
         Op::Invoke,
+        Op::TriggerStats,
+        Op::AppBacklog,
+        Op::Tail,
     ];
 
     fn needs(self) -> Needs {
         use Capability::*;
         Needs::Cap(match self {
             Op::ListApps | Op::RevokeToken => return Needs::Anyone,
+            Op::Tail => return Needs::ApiTokenWith(AppRead),
             Op::MintToken => return Needs::ApiToken,
             Op::CreateApp => ManageApps,
             Op::CreatePrincipal => ManagePrincipals,
@@ -210,7 +230,7 @@ impl Op {
             Op::Enqueue => AppEnqueue,
             Op::SendEmail => AppSendEmail,
             Op::RegisterTrigger | Op::PatchTrigger | Op::DeleteTrigger => AppManageTriggers,
-            Op::ListTriggers | Op::GetTrigger => AppRead,
+            Op::ListTriggers | Op::GetTrigger | Op::TriggerStats | Op::AppBacklog => AppRead,
             Op::ListDeadLetters | Op::CountDeadLetters | Op::GetDeadLetter | Op::ListAbandoned => AppRead,
             Op::Replay | Op::Ignore | Op::BulkReplay | Op::BulkIgnore => AppDeadLetterManage,
             Op::Invoke => AppInvoke,
@@ -260,6 +280,9 @@ impl Op {
             Op::BulkReplay => o.bulk_dead_letters(c, BulkAction::Replay, &body(json!({}))).await.map(drop),
             Op::BulkIgnore => o.bulk_dead_letters(c, BulkAction::Ignore, &body(json!({}))).await.map(drop),
             Op::ListAbandoned => o.list_abandoned(c, &page).await.map(drop),
+            Op::TriggerStats => o.trigger_stats(c, "call", Some("24h")).await.map(drop),
+            Op::AppBacklog => o.app_backlog(c).await.map(drop),
+            Op::Tail => o.tail_filter(c, Some("call".into()), Some("http")).await.map(drop),
             Op::Invoke => {
                 let lease = Duration::from_secs(30);
                 let waiter = SyncWaiter { reply_to: "_INBOX.test", authorized_at: None, node: "test", lease };
@@ -286,14 +309,8 @@ async fn every_operation_answers_each_caller_as_its_capability_says() {
                 Needs::Anyone => "allowed",
                 Needs::ApiToken if *delivery => "403",
                 Needs::ApiToken => "allowed",
-                Needs::Cap(cap) if access.allows(cap) => "allowed",
-                Needs::Cap(cap)
-                    if cap.scope() != Scope::PlatformAdmin
-                        && !(access.platform_admin || access.role.is_some()) =>
-                {
-                    "404 app_not_found"
-                }
-                Needs::Cap(_) => "403",
+                Needs::ApiTokenWith(cap) if *delivery && access.allows(cap) => "403",
+                Needs::ApiTokenWith(cap) | Needs::Cap(cap) => needs_cap(cap, access),
             };
             let got = match op.attempt(&world.ops, &caller).await {
                 Err(e) if e.code() == ErrorCode::Forbidden.as_str() => "403",

@@ -71,7 +71,13 @@ async fn a_tail_shows_each_outcome_of_its_trigger_as_the_relay_completes_it() {
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
 
+    // The other trigger's outcome is reported before the jobs': a tail that let it through
+    // would show it first.
     enqueue(&api, "other", 1).await;
+    eventually("the other trigger's delivery to complete", || async {
+        (api.outbox_len().await == 0).then_some(())
+    })
+    .await;
     let first = enqueue(&api, "jobs", 1).await;
     let second = enqueue(&api, "jobs", 2).await;
     let mut buffer = String::new();
@@ -209,4 +215,26 @@ async fn open_tails_end_when_the_node_stops() {
         .await
         .expect("the tail ends")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_tail_ends_once_its_token_is_revoked_and_a_delivery_token_cannot_open_one() {
+    let api = Api::start_with(|c| c.tail_recheck = Duration::from_millis(100)).await;
+    let refused = api.call(Method::GET, "/v1/apps/shop/tail", Some(&api.delivery_token(0)), None).await;
+    assert_eq!((refused.status, refused.code()), (StatusCode::FORBIDDEN, "forbidden"));
+
+    let minted = api.call(Method::POST, "/v1/tokens", Some(&api.admin), Some(json!({"app": "shop"}))).await;
+    assert_eq!(minted.status, StatusCode::CREATED, "{:?}", minted.body);
+    let (token, id) = (minted.body["token"].as_str().unwrap(), minted.body["id"].as_str().unwrap());
+    let mut body = open(&api, "", token).await.into_body();
+    let revoked = api.call(Method::DELETE, &format!("/v1/tokens/{id}"), Some(&api.admin), None).await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT, "{:?}", revoked.body);
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the tail to end in time");
+        if frame.is_none() {
+            break;
+        }
+    }
 }

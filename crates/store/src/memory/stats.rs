@@ -1,5 +1,6 @@
 //! Trigger statistics in memory.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use picloud_core::{AppId, TriggerId};
@@ -45,27 +46,27 @@ impl StatsRepo for MemStore {
         Ok(buckets)
     }
 
-    async fn trigger_backlog(&self, app_id: AppId, trigger_id: Option<TriggerId>) -> Result<TriggerBacklog> {
+    async fn backlogs(&self, app_id: AppId) -> Result<Vec<(Option<TriggerId>, TriggerBacklog)>> {
         let now = self.now();
         let s = self.lock().await;
-        let mut backlog = TriggerBacklog::default();
-        let rows = s
-            .outbox
-            .values()
-            .filter(|r| r.new.app_id == app_id && trigger_id.is_none_or(|t| r.new.trigger_id == Some(t)));
-        for delivery in rows.map(|r| s.delivery_of(r)) {
+        let mut per_trigger: HashMap<Option<TriggerId>, TriggerBacklog> = HashMap::new();
+        for row in s.outbox.values().filter(|r| r.new.app_id == app_id) {
+            let delivery = s.delivery_of(row);
+            let backlog = per_trigger.entry(row.new.trigger_id).or_default();
             match delivery.state(now) {
                 DeliveryState::Pending => {
                     backlog.pending += 1;
-                    backlog.oldest_due =
-                        Some(backlog.oldest_due.map_or(delivery.due_at, |o| o.min(delivery.due_at)));
+                    backlog.add(&TriggerBacklog {
+                        oldest_due: Some(delivery.due_at),
+                        ..TriggerBacklog::default()
+                    });
                 }
                 DeliveryState::Scheduled => backlog.scheduled += 1,
                 DeliveryState::InFlight => backlog.in_flight += 1,
                 DeliveryState::Waiting => backlog.waiting += 1,
             }
         }
-        Ok(backlog)
+        Ok(per_trigger.into_iter().collect())
     }
 
     async fn gc_stats(&self, older_than: Duration, batch: u32) -> Result<u64> {

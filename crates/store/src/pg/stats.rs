@@ -108,32 +108,40 @@ impl StatsRepo for PgStore {
             .collect()
     }
 
-    async fn trigger_backlog(&self, app_id: AppId, trigger_id: Option<TriggerId>) -> Result<TriggerBacklog> {
-        let now = "coalesce($3, now())";
+    async fn backlogs(&self, app_id: AppId) -> Result<Vec<(Option<TriggerId>, TriggerBacklog)>> {
+        let now = "coalesce($2, now())";
         let pending = in_state(DeliveryState::Pending, now);
-        let row = sqlx::query(&format!(
-            "SELECT count(*) FILTER (WHERE {pending}) AS pending,
+        let rows = sqlx::query(&format!(
+            "SELECT o.trigger_id,
+                    count(*) FILTER (WHERE {pending}) AS pending,
                     count(*) FILTER (WHERE {}) AS scheduled,
                     count(*) FILTER (WHERE {}) AS in_flight,
                     count(*) FILTER (WHERE {}) AS waiting,
                     min(o.due_at) FILTER (WHERE {pending}) AS oldest_due
-               FROM outbox o WHERE o.app_id = $1 AND ($2::uuid IS NULL OR o.trigger_id = $2)",
+               FROM outbox o WHERE o.app_id = $1
+              GROUP BY o.trigger_id",
             in_state(DeliveryState::Scheduled, now),
             in_state(DeliveryState::InFlight, now),
             in_state(DeliveryState::Waiting, now),
         ))
         .bind(app_id.as_uuid())
-        .bind(trigger_id.map(TriggerId::as_uuid))
         .bind(self.now())
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(TriggerBacklog {
-            pending: count(&row, "pending")?,
-            scheduled: count(&row, "scheduled")?,
-            in_flight: count(&row, "in_flight")?,
-            waiting: count(&row, "waiting")?,
-            oldest_due: row.try_get("oldest_due")?,
-        })
+        rows.iter()
+            .map(|row| {
+                let trigger_id =
+                    row.try_get::<Option<uuid::Uuid>, _>("trigger_id")?.map(TriggerId::from_uuid);
+                let backlog = TriggerBacklog {
+                    pending: count(row, "pending")?,
+                    scheduled: count(row, "scheduled")?,
+                    in_flight: count(row, "in_flight")?,
+                    waiting: count(row, "waiting")?,
+                    oldest_due: row.try_get("oldest_due")?,
+                };
+                Ok((trigger_id, backlog))
+            })
+            .collect()
     }
 
     async fn gc_stats(&self, older_than: Duration, batch: u32) -> Result<u64> {
