@@ -147,6 +147,12 @@ def test_the_trigger_page_charts_each_window_and_lists_deliveries_and_failures(c
     scheduled = page.locator(f'table#deliveries tr[data-delivery="{world.scheduled}"]')
     expect(scheduled).to_be_visible()
     expect(scheduled.locator("form.cancel-delivery")).to_have_count(1)
+    by_state = page.get_by_role("navigation", name="deliveries by state")
+    by_state.get_by_role("link", name="scheduled").click()
+    expect(scheduled).to_be_visible()
+    by_state.get_by_role("link", name="in flight").click()
+    expect(page.locator(f'tr[data-delivery="{world.scheduled}"]')).to_have_count(0)
+    page.goto(app_url("/triggers/work"))
     expect(page.locator("table#failures")).to_be_visible()
     # Its newest unresolved dead letter is among its recent failures.
     newest = api.dead_letters("work")[0]["id"]

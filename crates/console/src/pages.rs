@@ -245,11 +245,18 @@ pub(crate) async fn app(
     )
 }
 
-/// `?window=` of the trigger page.
+/// `?window=&state=` of the trigger page.
 #[derive(Debug, Deserialize)]
 pub(crate) struct WindowQuery {
     window: Option<String>,
+    state: Option<String>,
     notice: Option<String>,
+}
+
+/// `?state=` of the deliveries panel: only the deliveries in that state.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StateQuery {
+    state: Option<String>,
 }
 
 /// A trigger's deliveries in the outbox, refreshed in place.
@@ -259,13 +266,22 @@ pub(crate) struct DeliveriesPanel {
     app: String,
     trigger: String,
     form_token: String,
+    /// The state shown (empty: all).
+    state: String,
     deliveries: Vec<DeliveryView>,
     can_cancel: bool,
 }
 
 impl DeliveriesPanel {
-    async fn read(state: &ApiState, session: &Session, app: &str, trigger: &str) -> Result<Self, ApiError> {
-        let query = DeliveryQuery { trigger: Some(trigger.to_owned()), state: None };
+    async fn read(
+        state: &ApiState,
+        session: &Session,
+        app: &str,
+        trigger: &str,
+        in_state: Option<String>,
+    ) -> Result<Self, ApiError> {
+        let in_state = in_state.filter(|s| !s.is_empty());
+        let query = DeliveryQuery { trigger: Some(trigger.to_owned()), state: in_state.clone() };
         let found = state
             .ops
             .list_deliveries(&session.caller, query, &PageQuery { after: None, limit: Some(100) })
@@ -274,6 +290,7 @@ impl DeliveriesPanel {
             app: app.to_owned(),
             trigger: trigger.to_owned(),
             form_token: session.form_token.clone(),
+            state: in_state.unwrap_or_default(),
             deliveries: found.items,
             can_cancel: may(&session.caller, Capability::AppDeadLetterManage),
         })
@@ -302,7 +319,7 @@ pub(crate) async fn trigger(
         async {
             let trigger = state.ops.trigger(&session.caller, &name).await?;
             let stats = state.ops.trigger_stats(&session.caller, &name, q.window.as_deref()).await?;
-            let deliveries = DeliveriesPanel::read(&state, &session, &app, &name).await?;
+            let deliveries = DeliveriesPanel::read(&state, &session, &app, &name, q.state).await?;
             let query = DeadLetterQuery { trigger: Some(name.clone()), ..DeadLetterQuery::default() };
             let failures = state
                 .ops
@@ -328,8 +345,9 @@ pub(crate) async fn trigger_deliveries(
     State(state): State<ApiState>,
     session: Session,
     PathParams((app, name)): PathParams<(String, String)>,
+    Query(q): Query<StateQuery>,
 ) -> Response {
-    page(DeliveriesPanel::read(&state, &session, &app, &name).await)
+    page(DeliveriesPanel::read(&state, &session, &app, &name, q.state).await)
 }
 
 /// The trigger's live tail, for the page's script (the API's tail, with the session's caller).
