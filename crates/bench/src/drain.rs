@@ -9,6 +9,7 @@ use picloud_store::events::Event;
 use picloud_store::{App, NewDelivery, OutboxRepo, PgStore, Transactional, Trigger};
 use serde_json::value::to_raw_value;
 
+use crate::cpu::{Cpu, PARTS};
 use crate::env::{Bench, FLOWED_COLLECTION, Servers, payload};
 use crate::proc::Role;
 use crate::stats::summary;
@@ -65,21 +66,23 @@ impl Flowed {
 /// through a trigger with that flow.
 #[allow(clippy::print_stdout)]
 pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usize) -> anyhow::Result<()> {
-    let mut rates = Vec::with_capacity(reps);
-    let mut flowed_rates = Vec::with_capacity(reps);
+    let mut plain = Vec::with_capacity(reps);
+    let mut flowed_runs = Vec::with_capacity(reps);
     for rep in 1..=reps {
-        rates.push(one(servers, n, None, rep).await?);
+        plain.push(one(servers, n, None, rep).await?);
         if let Some(flowed) = flowed {
-            flowed_rates.push(one(servers, n, Some(flowed), rep).await?);
+            flowed_runs.push(one(servers, n, Some(flowed), rep).await?);
         }
     }
+    let rates: Vec<f64> = plain.iter().map(|r| r.rate).collect();
     let (median, min, max) = summary(&rates);
     println!("drain median {median:.0}/s [{min:.0}..{max:.0}] over {reps} runs");
     let Some(flowed) = flowed else {
-        println!("RESULT picloud drain_per_s={median:.0}");
+        println!("RESULT picloud drain_per_s={median:.0} {}", cpu_fields(&plain));
         return Ok(());
     };
     let (what, name) = flowed.names();
+    let flowed_rates: Vec<f64> = flowed_runs.iter().map(|r| r.rate).collect();
     let (rate, rate_min, rate_max) = summary(&flowed_rates);
     let ratios: Vec<f64> = flowed_rates.iter().zip(&rates).map(|(f, u)| f / u).collect();
     let (ratio, ratio_min, ratio_max) = summary(&ratios);
@@ -87,14 +90,17 @@ pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usiz
         "{what} median {rate:.0}/s [{rate_min:.0}..{rate_max:.0}], \
          {ratio:.2} [{ratio_min:.2}..{ratio_max:.2}] of the plain drain of the same repetition"
     );
-    println!("RESULT picloud drain_per_s={median:.0}");
-    println!("RESULT picloud-drain-{name} drain_per_s={rate:.0} ratio={ratio:.2}");
+    println!("RESULT picloud drain_per_s={median:.0} {}", cpu_fields(&plain));
+    println!(
+        "RESULT picloud-drain-{name} drain_per_s={rate:.0} ratio={ratio:.2} {}",
+        cpu_fields(&flowed_runs)
+    );
     Ok(())
 }
 
-/// One repetition: a fresh database, the backlog, the drain; its rate.
+/// One repetition: a fresh database, the backlog, the drain; its rate and CPU.
 #[allow(clippy::print_stdout)]
-async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<f64> {
+async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<Run> {
     let mut bench = servers.fresh().await?;
     if let Some(flowed) = flowed {
         flowed.apply(&mut bench).await?;
@@ -104,10 +110,33 @@ async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) ->
     let what = flowed.map_or_else(|| "drain".to_owned(), |f| f.names().0);
     eprintln!("{what} rep {rep}: backlog of {n} written; draining");
     let batched = matches!(flowed, Some(Flowed::Batched { .. }));
-    let elapsed = drain(servers, &bench, n, batched).await?;
+    let (elapsed, used) = drain(servers, &bench, n, batched).await?;
     let rate = n as f64 / elapsed.as_secs_f64();
     println!("{what} rep {rep}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
-    Ok(rate)
+    let (parts, total) = used.per_delivery_us(n);
+    let by_part: Vec<String> = PARTS.iter().zip(&parts).map(|(part, us)| format!("{part} {us:.1}")).collect();
+    println!("{what} rep {rep}: CPU per delivery {total:.1} µs ({})", by_part.join(", "));
+    Ok(Run { rate, cpu_us: parts, cpu_total_us: total })
+}
+
+/// What one drain measured.
+struct Run {
+    rate: f64,
+    /// CPU µs per delivery of each of [`PARTS`], and in all.
+    cpu_us: Vec<f64>,
+    cpu_total_us: f64,
+}
+
+/// The `RESULT` fields of the CPU per delivery: medians over `runs`, in µs.
+fn cpu_fields(runs: &[Run]) -> String {
+    let median = |values: Vec<f64>| summary(&values).0;
+    let mut fields =
+        vec![format!("cpu_us_per_delivery={:.1}", median(runs.iter().map(|r| r.cpu_total_us).collect()))];
+    for (i, part) in PARTS.iter().enumerate() {
+        let name = part.replace('-', "_");
+        fields.push(format!("{name}_us={:.1}", median(runs.iter().map(|r| r.cpu_us[i]).collect())));
+    }
+    fields.join(" ")
 }
 
 /// N deliveries through the store's batch insert, 1,000 per transaction: to the `bench` trigger,
@@ -157,8 +186,9 @@ pub async fn backlog_to(
 }
 
 /// From "start" (connecting and LISTEN included) until the handler was handed N deliveries
-/// (`batched`: a batch at a time) and the outbox holds none of the rows.
-async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> anyhow::Result<Duration> {
+/// (`batched`: a batch at a time) and the outbox holds none of the rows; and the CPU every
+/// process used meanwhile.
+async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> anyhow::Result<(Duration, Cpu)> {
     let expect = n.to_string();
     let mut args = vec![
         "handler",
@@ -175,6 +205,9 @@ async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> any
     let mut handler = Role::spawn("handler", &args).await?;
     let mut relay =
         Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+    let (relay_pid, handler_pid) = (relay.pid(), handler.pid());
+    let cpu = || Cpu::sample(relay_pid, handler_pid);
+    let before = cpu();
     let t0 = Instant::now();
     handler.send("start").await?;
     relay.send("start").await?;
@@ -186,7 +219,8 @@ async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> any
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = t0.elapsed();
+    let used = cpu().since(&before);
     relay.stop().await?;
     handler.stop().await?;
-    Ok(elapsed)
+    Ok((elapsed, used))
 }

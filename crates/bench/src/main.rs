@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod cpu;
 mod debounce;
 mod drain;
 mod env;

@@ -40,6 +40,11 @@ impl Role {
         Ok((role, detail))
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
+
     /// Sends one command line.
     pub async fn send(&mut self, command: &str) -> anyhow::Result<()> {
         self.stdin.write_all(format!("{command}\n").as_bytes()).await?;
