@@ -2,15 +2,17 @@
 //! `/proc/<pid>/stat`, summed by the part it plays. On a shared 2-core machine the wall-clock
 //! rate moves with the neighbours; the CPU a delivery costs does not, so runs compare by it.
 //!
-//! The processes are the benchmark's own tree: the relay and the handler (children it names),
-//! PostgreSQL (every `postgres` process; a backend that exits meanwhile is counted through its
-//! postmaster's reaped-children times) and nats-server, which the servers' thread spawned.
+//! The processes are the benchmark's own tree: its role children, each named by the part it
+//! plays (relay, handler, api), PostgreSQL (every `postgres` process; a backend that exits
+//! meanwhile is counted through its postmaster's reaped-children times), nats-server, which the
+//! servers' thread spawned, and the benchmark's children that ended meanwhile (the latency
+//! scenario's producer), counted through the benchmark's own reaped-children times.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// The parts a run's CPU is told apart by, in the order they are printed.
-pub const PARTS: [&str; 5] = ["postgres", "relay", "handler", "nats-server", "bench"];
+pub const PARTS: [&str; 7] = ["postgres", "relay", "handler", "nats-server", "api", "producer", "bench"];
 
 /// CPU time by part.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,8 +42,9 @@ fn read(pid: u32) -> Option<Process> {
 }
 
 impl Cpu {
-    /// The CPU used so far by this process's tree, the relay and the handler named by pid.
-    pub fn sample(relay: u32, handler: u32) -> Cpu {
+    /// The CPU used so far by this process's tree, the role children named by pid with the
+    /// part each plays (one of [`PARTS`]).
+    pub fn sample(roles: &[(&'static str, u32)]) -> Cpu {
         let ticks = rustix::param::clock_ticks_per_second() as f64;
         let processes: HashMap<u32, Process> = std::fs::read_dir("/proc")
             .into_iter()
@@ -65,15 +68,19 @@ impl Cpu {
             if !of_tree(pid) {
                 continue;
             }
-            let (part, used) = match process.name.as_str() {
-                _ if pid == relay => ("relay", process.own),
-                _ if pid == handler => ("handler", process.own),
-                _ if pid == me => ("bench", process.own),
-                "postgres" => ("postgres", process.own + process.reaped),
-                "nats-server" => ("nats-server", process.own),
-                _ => continue,
+            let mut add = |part: &'static str, used: u64| {
+                *by_part.entry(part).or_default() += Duration::from_secs_f64(used as f64 / ticks);
             };
-            *by_part.entry(part).or_default() += Duration::from_secs_f64(used as f64 / ticks);
+            match roles.iter().find(|(_, of)| *of == pid) {
+                Some(&(part, _)) => add(part, process.own),
+                None if pid == me => {
+                    add("bench", process.own);
+                    add("producer", process.reaped);
+                }
+                None if process.name == "postgres" => add("postgres", process.own + process.reaped),
+                None if process.name == "nats-server" => add("nats-server", process.own),
+                None => {}
+            }
         }
         Cpu(by_part)
     }
@@ -90,12 +97,38 @@ impl Cpu {
     }
 
     /// Microseconds of CPU per delivery, of each part (in [`PARTS`]'s order) and in all.
-    pub fn per_delivery_us(&self, deliveries: usize) -> (Vec<f64>, f64) {
+    pub fn per_delivery_us(&self, deliveries: usize) -> PerDelivery {
         let us = |d: Duration| d.as_secs_f64() * 1e6 / deliveries.max(1) as f64;
         let parts: Vec<f64> = PARTS.iter().map(|p| us(self.0.get(p).copied().unwrap_or_default())).collect();
         let total = parts.iter().sum();
         (parts, total)
     }
+}
+
+/// One run's CPU per delivery as printed: the total and each part that used any.
+pub fn shown(parts: &[f64], total: f64) -> String {
+    let by_part: Vec<String> = PARTS
+        .iter()
+        .zip(parts)
+        .filter(|(_, us)| **us > 0.0)
+        .map(|(part, us)| format!("{part} {us:.1}"))
+        .collect();
+    format!("{total:.1} µs ({})", by_part.join(", "))
+}
+
+/// A run's CPU per delivery: each part's (in [`PARTS`]'s order) and the total, in µs.
+pub type PerDelivery = (Vec<f64>, f64);
+
+/// The `RESULT` fields of runs' CPU per delivery: their medians, in µs.
+pub fn result_fields(runs: &[PerDelivery]) -> String {
+    let median = |values: Vec<f64>| crate::stats::summary(&values).0;
+    let mut fields =
+        vec![format!("cpu_us_per_delivery={:.1}", median(runs.iter().map(|(_, total)| *total).collect()))];
+    for (i, part) in PARTS.iter().enumerate() {
+        let name = part.replace('-', "_");
+        fields.push(format!("{name}_us={:.1}", median(runs.iter().map(|(parts, _)| parts[i]).collect())));
+    }
+    fields.join(" ")
 }
 
 #[cfg(test)]
@@ -104,14 +137,15 @@ mod tests {
 
     #[test]
     fn work_done_shows_as_the_bench_s_own_cpu() {
-        let before = Cpu::sample(0, 0);
+        let before = Cpu::sample(&[]);
         let mut x = 0u64;
         for _ in 0..50_000_000u64 {
             x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
         }
-        let used = Cpu::sample(0, 0).since(&before);
+        let used = Cpu::sample(&[]).since(&before);
         let (parts, total) = used.per_delivery_us(1);
-        assert!(parts[4] > 20_000.0, "50 million multiplications took {} µs of CPU", parts[4]);
+        let bench = PARTS.iter().position(|p| *p == "bench").unwrap();
+        assert!(parts[bench] > 20_000.0, "50 million multiplications took {} µs of CPU", parts[bench]);
         assert_eq!(total, parts.iter().sum::<f64>());
     }
 }

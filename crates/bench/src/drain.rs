@@ -9,7 +9,7 @@ use picloud_store::events::Event;
 use picloud_store::{App, NewDelivery, OutboxRepo, PgStore, Transactional, Trigger};
 use serde_json::value::to_raw_value;
 
-use crate::cpu::{Cpu, PARTS};
+use crate::cpu::{Cpu, PerDelivery};
 use crate::env::{Bench, FLOWED_COLLECTION, Servers, payload};
 use crate::proc::Role;
 use crate::stats::summary;
@@ -114,29 +114,19 @@ async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) ->
     let rate = n as f64 / elapsed.as_secs_f64();
     println!("{what} rep {rep}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
     let (parts, total) = used.per_delivery_us(n);
-    let by_part: Vec<String> = PARTS.iter().zip(&parts).map(|(part, us)| format!("{part} {us:.1}")).collect();
-    println!("{what} rep {rep}: CPU per delivery {total:.1} µs ({})", by_part.join(", "));
-    Ok(Run { rate, cpu_us: parts, cpu_total_us: total })
+    println!("{what} rep {rep}: CPU per delivery {}", crate::cpu::shown(&parts, total));
+    Ok(Run { rate, cpu: (parts, total) })
 }
 
 /// What one drain measured.
 struct Run {
     rate: f64,
-    /// CPU µs per delivery of each of [`PARTS`], and in all.
-    cpu_us: Vec<f64>,
-    cpu_total_us: f64,
+    cpu: PerDelivery,
 }
 
 /// The `RESULT` fields of the CPU per delivery: medians over `runs`, in µs.
 fn cpu_fields(runs: &[Run]) -> String {
-    let median = |values: Vec<f64>| summary(&values).0;
-    let mut fields =
-        vec![format!("cpu_us_per_delivery={:.1}", median(runs.iter().map(|r| r.cpu_total_us).collect()))];
-    for (i, part) in PARTS.iter().enumerate() {
-        let name = part.replace('-', "_");
-        fields.push(format!("{name}_us={:.1}", median(runs.iter().map(|r| r.cpu_us[i]).collect())));
-    }
-    fields.join(" ")
+    crate::cpu::result_fields(&runs.iter().map(|r| r.cpu.clone()).collect::<Vec<_>>())
 }
 
 /// N deliveries through the store's batch insert, 1,000 per transaction: to the `bench` trigger,
@@ -206,7 +196,7 @@ async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> any
     let mut relay =
         Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
     let (relay_pid, handler_pid) = (relay.pid(), handler.pid());
-    let cpu = || Cpu::sample(relay_pid, handler_pid);
+    let cpu = || Cpu::sample(&[("relay", relay_pid), ("handler", handler_pid)]);
     let before = cpu();
     let t0 = Instant::now();
     handler.send("start").await?;

@@ -9,6 +9,7 @@ use picloud_core::{AppId, TriggerConfig};
 use picloud_store::events::{self, EventContext};
 use picloud_store::{AuthRepo, PgStore};
 
+use crate::cpu::Cpu;
 use crate::env::{Bench, Servers, monotonic_us, payload};
 use crate::proc::Role;
 use crate::roles::Handled;
@@ -51,6 +52,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let total = (rate * seconds).to_string();
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    let mut cpu = Vec::new();
     for rep in 1..=reps {
         let bench = servers.fresh().await?;
         bench.settle().await?;
@@ -75,8 +77,11 @@ pub async fn run(
         eprintln!("latency rep {rep}: producing");
 
         let through = (!via_store).then(|| (format!("http://127.0.0.1:{port}"), bench.token.clone()));
+        let roles = [("relay", relay.pid()), ("handler", handler.pid()), ("api", api.pid())];
+        let before = Cpu::sample(&roles);
         let produced = produce_in_process(&bench, rate, seconds, through).await?;
         let handled = Handled::by(&mut handler).await?;
+        let (parts, total) = Cpu::sample(&roles).since(&before).per_delivery_us(handled.handled);
         relay.stop().await?;
         handler.stop().await?;
         api.stop().await?;
@@ -91,8 +96,10 @@ pub async fn run(
             produced.write_p50_ms,
             produced.write_p99_ms,
         );
+        println!("latency rep {rep}: CPU per event {}", crate::cpu::shown(&parts, total));
         p50s.push(handled.p50_ms);
         p99s.push(handled.p99_ms);
+        cpu.push((parts, total));
     }
     let (p50, p50_min, p50_max) = summary(&p50s);
     let (p99, p99_min, p99_max) = summary(&p99s);
@@ -101,7 +108,8 @@ pub async fn run(
     );
     let through = if via_store { "the store's single-event write" } else { "the HTTP KV API" };
     println!("(writes through {through})");
-    println!("RESULT picloud latency_p50_ms={p50:.2} latency_p99_ms={p99:.2}");
+    let cpu_fields = crate::cpu::result_fields(&cpu);
+    println!("RESULT picloud latency_p50_ms={p50:.2} latency_p99_ms={p99:.2} {cpu_fields}");
     Ok(())
 }
 
