@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::response::sse::Event;
 use futures::{Stream, StreamExt as _};
-use picloud_core::protocol::TailOutcome;
+use picloud_core::protocol::{EventKind, TailOutcome};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,8 @@ use crate::error::{ApiError, ErrorCode};
 use crate::limits::AppSlots;
 use crate::ops::tail::TailFilter;
 
-/// How many messages of outcomes (each at most `TAIL_CHUNK` of them) a reader may have waiting
-/// before it is disconnected.
+/// How many messages of outcomes (each at most 256 of them, as the relays' `Reporter` cuts
+/// them) a reader may have waiting before it is disconnected.
 pub(crate) const BEHIND: usize = 16;
 /// How long opening a tail waits for the NATS server to confirm its subscription.
 const SUBSCRIBED_WITHIN: Duration = Duration::from_secs(5);
@@ -119,7 +119,7 @@ impl ApiState {
         let Ok(caller) = crate::auth::authenticate(self, credentials, Some(filter.app.as_str())).await else {
             return false;
         };
-        let (trigger, kind) = filter.asked.clone();
-        self.ops.tail_filter(&caller, trigger, kind.as_deref()).await.is_ok()
+        let trigger = filter.trigger.as_ref().map(|t| t.as_str().to_owned());
+        self.ops.tail_filter(&caller, trigger, filter.kind.map(EventKind::as_str)).await.is_ok()
     }
 }

@@ -30,9 +30,8 @@ pub(crate) struct Charts {
     pub p99: String,
     /// The slowest p99 (the top of the latency's scale), in milliseconds.
     pub slowest_ms: String,
-    /// When the first bucket starts and the last ends, as the axis says.
+    /// When the first bucket starts (the last ends now).
     pub from: String,
-    pub to: String,
     /// Attempts in the whole window, by outcome.
     pub total: [(&'static str, u64); 5],
     pub p50_ms: String,
@@ -108,7 +107,6 @@ impl Charts {
             p99: line(&p99, top, step),
             slowest_ms: ms(Some(slowest)),
             from: buckets.first().map(|b| b.start.clone()).unwrap_or_default(),
-            to: "now".to_owned(),
             total: counts(&stats.total),
             p50_ms: ms(stats.total.p50_ms),
             p99_ms: ms(stats.total.p99_ms),

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_nats::Client;
 use bytes::Bytes;
-use picloud_core::TriggerId;
 use picloud_core::protocol::TailOutcome;
+use picloud_core::{AppSlug, TriggerId};
 use picloud_store::{AttemptStats, Store};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -26,7 +26,7 @@ use crate::config::NodeConfig;
 const QUEUED_REPORTS: usize = 256;
 /// The most outcomes one tail message carries (a tail's reader queues messages, and NATS caps a
 /// message's size).
-pub(crate) const TAIL_CHUNK: usize = 256;
+const TAIL_CHUNK: usize = 256;
 
 /// The attempts of `batch` its statistics count, per trigger, each trigger once.
 pub(crate) fn attempt_stats(batch: &[Done]) -> Vec<AttemptStats> {
@@ -45,16 +45,16 @@ pub(crate) fn attempt_stats(batch: &[Done]) -> Vec<AttemptStats> {
 }
 
 /// The outcomes of `batch` a tail shows, per app: every attempt that was sent.
-pub(crate) fn tail_outcomes(
-    batch: &[Done],
+pub(crate) fn tail_outcomes<'a>(
+    batch: &'a [Done],
     node: &str,
     handler_timeout: Duration,
     ended_at: OffsetDateTime,
-) -> HashMap<String, Vec<TailOutcome>> {
-    let mut per_app: HashMap<String, Vec<TailOutcome>> = HashMap::new();
+) -> HashMap<&'a AppSlug, Vec<TailOutcome>> {
+    let mut per_app: HashMap<&AppSlug, Vec<TailOutcome>> = HashMap::new();
     for d in batch {
         let (Some(app), Some(latency)) = (&d.app_slug, d.latency) else { continue };
-        per_app.entry(app.to_string()).or_default().push(TailOutcome {
+        per_app.entry(app).or_default().push(TailOutcome {
             delivery_id: d.id,
             trigger: d.trigger_name.clone(),
             kind: d.kind,
@@ -128,7 +128,7 @@ impl Reporter {
         for (app, outcomes) in outcomes {
             for chunk in outcomes.chunks(TAIL_CHUNK) {
                 let body = serde_json::to_vec(chunk).expect("outcomes serialize");
-                tails.push((config.subjects.tail(&app), Bytes::from(body)));
+                tails.push((config.subjects.tail(app.as_str()), Bytes::from(body)));
             }
         }
         let report = Report { stats: attempt_stats(batch), tails };

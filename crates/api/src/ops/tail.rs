@@ -12,8 +12,6 @@ use crate::error::ApiError;
 /// What a tail of one app shows.
 #[derive(Debug, Clone)]
 pub struct TailFilter {
-    /// The filter as asked for (trigger name and kind), to ask again.
-    pub asked: (Option<String>, Option<String>),
     /// The app tailed.
     pub app_id: AppId,
     /// Its slug (the subject its outcomes come on).
@@ -42,7 +40,6 @@ impl<S: Store> Ops<S> {
         trigger: Option<String>,
         kind: Option<&str>,
     ) -> Result<TailFilter, ApiError> {
-        let asked = (trigger.clone(), kind.map(str::to_owned));
         let app = caller.require_app(Capability::AppRead)?;
         if caller.is_delivery() {
             return Err(ApiError::forbidden(
@@ -64,6 +61,6 @@ impl<S: Store> Ops<S> {
                 Some(name)
             }
         };
-        Ok(TailFilter { asked, app_id: app.id, app: app.slug.clone(), trigger, kind })
+        Ok(TailFilter { app_id: app.id, app: app.slug.clone(), trigger, kind })
     }
 }

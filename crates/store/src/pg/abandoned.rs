@@ -59,17 +59,14 @@ impl AbandonedRepo for PgStore {
     }
 
     async fn gc_abandoned(&self, older_than: Duration, batch: u32) -> Result<u64> {
-        let done = sqlx::query(
+        self.delete_past(
             "DELETE FROM abandoned_executions WHERE id IN (
                  SELECT id FROM abandoned_executions
                   WHERE created_at < coalesce($2, now()) - $1 * interval '1 millisecond'
                   LIMIT $3)",
+            older_than,
+            batch,
         )
-        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
-        .bind(self.now())
-        .bind(i64::from(batch))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        .await
     }
 }

@@ -229,19 +229,16 @@ impl DeadLetterRepo for PgStore {
     }
 
     async fn gc_dead_letters(&self, older_than: Duration, batch: u32) -> Result<u64> {
-        let done = sqlx::query(
+        self.delete_past(
             "DELETE FROM dead_letters WHERE id IN (
                  SELECT id FROM dead_letters
                   WHERE resolution IS NOT NULL
                     AND resolved_at < coalesce($2, now()) - $1 * interval '1 millisecond'
                   LIMIT $3)",
+            older_than,
+            batch,
         )
-        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
-        .bind(self.now())
-        .bind(i64::from(batch))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        .await
     }
 }
 

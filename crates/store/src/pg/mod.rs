@@ -113,6 +113,19 @@ impl Waker {
 const RELAY_IDLE_IN_TRANSACTION: &str = "10s";
 
 impl PgStore {
+    /// Runs a janitor's delete of rows past their retention, one batch: `statement`'s `$1` is the
+    /// retention in milliseconds, `$2` the store's fixed now (NULL: the database's), `$3` the
+    /// batch. Returns how many rows went.
+    async fn delete_past(&self, statement: &'static str, older_than: Duration, batch: u32) -> Result<u64> {
+        let done = sqlx::query(statement)
+            .bind(outbox::millis(older_than))
+            .bind(self.now())
+            .bind(i64::from(batch))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// A store over an existing pool, on the database's clock.
     pub fn new(pool: PgPool) -> Self {
         Self { pool, clock: Clock::system(), waker: Waker::new() }

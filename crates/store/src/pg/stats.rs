@@ -145,17 +145,14 @@ impl StatsRepo for PgStore {
     }
 
     async fn gc_stats(&self, older_than: Duration, batch: u32) -> Result<u64> {
-        let done = sqlx::query(
+        self.delete_past(
             "DELETE FROM trigger_stats WHERE (trigger_id, bucket, node) IN (
                  SELECT trigger_id, bucket, node FROM trigger_stats
                   WHERE bucket < coalesce($2, now()) - $1 * interval '1 millisecond'
                   LIMIT $3)",
+            older_than,
+            batch,
         )
-        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
-        .bind(self.now())
-        .bind(i64::from(batch))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        .await
     }
 }
