@@ -113,6 +113,27 @@ async fn the_claim_on_a_million_pending_rows_uses_the_index_and_stays_within_a_f
     );
 }
 
+/// A relay plans each statement once per connection (generic plans), often while the outbox is
+/// empty, and keeps the plan while the outbox grows and its dead rows pile up between vacuums: a
+/// plan that scans the table then reads every dead row of it in every claim (1.5 ms a claim at
+/// 500 events/s, against 0.18 ms through the index).
+#[tokio::test]
+async fn a_relay_plans_its_claim_on_the_due_index_even_on_an_empty_outbox_and_never_compiles_it() {
+    let fixture = pg_store().await;
+    sqlx::query("VACUUM ANALYZE outbox").execute(fixture.store.pool()).await.unwrap();
+    let relay = fixture.relay_store().await;
+
+    let plan: Vec<String> =
+        claim(true).fetch_all(relay.pool()).await.unwrap().iter().map(|row| row.get(0)).collect();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on outbox"), "the claim must not scan the table:\n{plan}");
+    assert!(
+        plan.contains("using outbox_app_due on outbox"),
+        "the claim must walk the apps' due index:\n{plan}"
+    );
+    assert!(!plan.contains("JIT"), "a claim is never worth compiling:\n{plan}");
+}
+
 #[tokio::test]
 async fn concurrent_first_writes_of_one_key_each_fire_with_the_value_they_replaced() {
     use picloud_core::{CollectionName, KvKey, TriggerConfig};

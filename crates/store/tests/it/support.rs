@@ -17,14 +17,22 @@ pub const START: OffsetDateTime = datetime!(2026-01-01 00:00:00 UTC);
 pub struct PgFixture {
     pub store: PgStore,
     /// Dropped (and the database with it) when the fixture goes.
-    _db: TestDatabase,
+    db: TestDatabase,
+}
+
+impl PgFixture {
+    /// A store on the same database connected as a relay connects ([`PgStore::connect_relay`]),
+    /// on one connection.
+    pub async fn relay_store(&self) -> PgStore {
+        PgStore::connect_relay(self.db.url(), 1).await.expect("connect a relay")
+    }
 }
 
 pub async fn pg_store() -> PgFixture {
     let db = TestDatabase::create().await.expect("test database");
     let store = PgStore::connect(db.url(), 8).await.expect("connect");
     pg::migrate(store.pool()).await.expect("migrate");
-    PgFixture { store: store.with_clock(Clock::manual(START)), _db: db }
+    PgFixture { store: store.with_clock(Clock::manual(START)), db }
 }
 
 pub fn mem_store() -> MemStore {
