@@ -3,8 +3,9 @@
 //!
 //! A [`Reporter`] takes the reports of a relay's completion batches, or of the sync calls a node
 //! delivers itself: each report is computed where the batch completed (counting and encoding,
-//! no I/O) and queued, and the reporter's own task makes them, merging whatever queued meanwhile
-//! into one upsert per trigger and one message per app and chunk of outcomes. Neither a slow
+//! no I/O) and queued, and the reporter's own task makes them: it publishes each report's
+//! outcomes at once, a message per app and chunk, and merges the statistics of up to a second
+//! into one upsert per trigger. Neither a slow
 //! database nor a slow NATS holds up a completion or the slots it frees: a report that finds the
 //! queue full is dropped (and counted in the log), and a failure to make one is logged.
 
@@ -24,6 +25,10 @@ use crate::config::NodeConfig;
 
 /// Reports queued and not yet made; past this, reports are dropped.
 const QUEUED_REPORTS: usize = 256;
+/// How long attempts are merged before they are written: a trigger's statistics cost a node one
+/// upsert a second at most, however many batches complete, and count each attempt in the minute
+/// it was written, up to this much after it ended.
+const STATS_EVERY: Duration = Duration::from_secs(1);
 /// The most outcomes one tail message carries (a tail's reader queues messages, and NATS caps a
 /// message's size).
 const TAIL_CHUNK: usize = 256;
@@ -69,6 +74,17 @@ pub(crate) fn tail_outcomes<'a>(
     per_app
 }
 
+/// Writes the attempts merged since the last write, one upsert for every trigger.
+async fn record<S: Store>(store: &S, node: &str, pending: &mut HashMap<TriggerId, AttemptStats>) {
+    if pending.is_empty() {
+        return;
+    }
+    let stats: Vec<AttemptStats> = pending.drain().map(|(_, counted)| counted).collect();
+    if let Err(e) = store.record_attempts(node, &stats).await {
+        tracing::warn!(error = %e, triggers = stats.len(), "recording attempt statistics failed; they are not counted");
+    }
+}
+
 /// One batch's report, ready to be made.
 #[derive(Debug)]
 struct Report {
@@ -91,30 +107,38 @@ impl Reporter {
         let (reports, mut queued) = mpsc::channel::<Report>(QUEUED_REPORTS);
         let node = config.node_id.clone();
         tokio::spawn(async move {
-            while let Some(first) = queued.recv().await {
-                let mut stats: HashMap<TriggerId, AttemptStats> = HashMap::new();
-                let mut tails = Vec::new();
-                let mut next = Some(first);
-                while let Some(report) = next {
-                    for counted in report.stats {
-                        match stats.get_mut(&counted.trigger_id) {
-                            Some(merged) => merged.merge(&counted),
-                            None => drop(stats.insert(counted.trigger_id, counted)),
-                        }
+            let mut pending: HashMap<TriggerId, AttemptStats> = HashMap::new();
+            let mut write_at = None;
+            loop {
+                let next = match write_at {
+                    Some(at) => tokio::time::timeout_at(at, queued.recv()).await,
+                    None => Ok(queued.recv().await),
+                };
+                let report = match next {
+                    Ok(Some(report)) => report,
+                    Ok(None) => break,
+                    Err(_) => {
+                        record(&store, &node, &mut pending).await;
+                        write_at = None;
+                        continue;
                     }
-                    tails.extend(report.tails);
-                    next = queued.try_recv().ok();
+                };
+                for counted in report.stats {
+                    match pending.get_mut(&counted.trigger_id) {
+                        Some(merged) => merged.merge(&counted),
+                        None => drop(pending.insert(counted.trigger_id, counted)),
+                    }
                 }
-                let stats: Vec<AttemptStats> = stats.into_values().collect();
-                if let Err(e) = store.record_attempts(&node, &stats).await {
-                    tracing::warn!(error = %e, triggers = stats.len(), "recording attempt statistics failed; they are not counted");
+                if write_at.is_none() && !pending.is_empty() {
+                    write_at = Some(tokio::time::Instant::now() + STATS_EVERY);
                 }
-                for (subject, body) in tails {
+                for (subject, body) in report.tails {
                     if let Err(e) = nats.publish(subject, body).await {
                         tracing::debug!(error = %e, "publishing outcomes to the live tail failed");
                     }
                 }
             }
+            record(&store, &node, &mut pending).await;
         });
         Reporter { reports, config }
     }
