@@ -147,7 +147,7 @@ impl PgStore {
     /// Those plans are made once per connection, often while the outbox is empty, and kept while
     /// it grows and its dead rows pile up between vacuums: the planner must not choose to scan
     /// the table then (`enable_seqscan = off`: every hot statement has its index), nor compile a
-    /// plan whose cost that setting inflated (`jit = off`: compiling a claim took 0.6 s).
+    /// plan whose cost that setting inflated (`jit = off`: a compiled claim took 0.8 s).
     /// A relay's transactions never wait on its client between statements for long: one left
     /// open by a relay that was cut off mid-transaction is ended by Postgres after
     /// `RELAY_IDLE_IN_TRANSACTION` (10 s), so the lane locks it held (DESIGN §13) come free.
