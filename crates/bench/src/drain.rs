@@ -12,6 +12,7 @@ use serde_json::value::to_raw_value;
 use crate::cpu::{Cpu, PerDelivery};
 use crate::env::{Bench, FLOWED_COLLECTION, Servers, payload};
 use crate::proc::Role;
+use crate::roles::{Serving, start_handler};
 use crate::stats::summary;
 
 /// The flow of the second drain of each repetition.
@@ -99,8 +100,7 @@ pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usiz
 }
 
 /// One repetition: a fresh database, the backlog, the drain; its rate and CPU.
-#[allow(clippy::print_stdout)]
-async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<Run> {
+pub async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<Run> {
     let mut bench = servers.fresh().await?;
     if let Some(flowed) = flowed {
         flowed.apply(&mut bench).await?;
@@ -110,52 +110,73 @@ async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) ->
     let what = flowed.map_or_else(|| "drain".to_owned(), |f| f.names().0);
     eprintln!("{what} rep {rep}: backlog of {n} written; draining");
     let batched = matches!(flowed, Some(Flowed::Batched { .. }));
-    let (elapsed, used) = drain(servers, &bench, n, batched).await?;
-    let rate = n as f64 / elapsed.as_secs_f64();
-    println!("{what} rep {rep}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
-    let (parts, total) = used.per_delivery_us(n);
-    println!("{what} rep {rep}: CPU per delivery {}", crate::cpu::shown(&parts, total));
-    Ok(Run { rate, cpu: (parts, total) })
+    let serving = Serving::bench(bench.app.slug.as_str());
+    let (elapsed, used) = drain(servers, &bench, &serving, n, batched, Until::Empty).await?;
+    Ok(Run::printed(&format!("{what} rep {rep}"), n, elapsed, &used))
 }
 
 /// What one drain measured.
-struct Run {
-    rate: f64,
-    cpu: PerDelivery,
+pub struct Run {
+    /// Deliveries per second.
+    pub rate: f64,
+    pub cpu: PerDelivery,
+}
+
+impl Run {
+    /// The figures of `n` deliveries drained in `elapsed` with `used` CPU, printed as `what`'s.
+    #[allow(clippy::print_stdout)]
+    pub fn printed(what: &str, n: usize, elapsed: Duration, used: &Cpu) -> Run {
+        let rate = n as f64 / elapsed.as_secs_f64();
+        println!("{what}: {n} deliveries in {:.3} s = {rate:.0}/s", elapsed.as_secs_f64());
+        let (parts, total) = used.per_delivery_us(n);
+        println!("{what}: CPU per delivery {}", crate::cpu::shown(&parts, total));
+        Run { rate, cpu: (parts, total) }
+    }
 }
 
 /// The `RESULT` fields of the CPU per delivery: medians over `runs`, in µs.
-fn cpu_fields(runs: &[Run]) -> String {
+pub fn cpu_fields(runs: &[Run]) -> String {
     crate::cpu::result_fields(&runs.iter().map(|r| r.cpu.clone()).collect::<Vec<_>>())
 }
 
 /// N deliveries through the store's batch insert, 1,000 per transaction: to the `bench` trigger,
 /// each of its own key, or with `flowed` to the `flowed` trigger, keyed as the flow has it.
-async fn backlog(bench: &Bench, n: usize, flowed: Option<Flowed>) -> anyhow::Result<()> {
+pub async fn backlog(bench: &Bench, n: usize, flowed: Option<Flowed>) -> anyhow::Result<()> {
     let (collection, trigger) = match flowed {
         None => ("bench", &bench.trigger),
         Some(_) => (FLOWED_COLLECTION, &bench.flowed),
     };
-    backlog_to(&bench.store, &bench.app, trigger, collection, n, flowed).await
+    let target = Target { app: &bench.app, trigger, collection };
+    backlog_to(&bench.store, &[target], n, flowed).await
 }
 
-/// [`backlog`] to any app's kv `trigger` on `collection`.
+/// Where the rows of a backlog go: KV puts to `collection`, delivered to `app`'s kv `trigger`.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub app: &'a App,
+    pub trigger: &'a Trigger,
+    pub collection: &'a str,
+}
+
+/// [`backlog`] to any apps' kv triggers: row i to `targets[i % targets.len()]`, so the rows of
+/// every transaction are spread evenly over the targets.
 pub async fn backlog_to(
     store: &PgStore,
-    app: &App,
-    trigger: &Trigger,
-    collection: &str,
+    targets: &[Target<'_>],
     n: usize,
     flowed: Option<Flowed>,
 ) -> anyhow::Result<()> {
-    let source = source::kv(app.slug.as_str(), collection);
+    anyhow::ensure!(!targets.is_empty(), "a backlog needs a target");
+    let sources: Vec<String> =
+        targets.iter().map(|t| source::kv(t.app.slug.as_str(), t.collection)).collect();
     let config = picloud_core::TriggerConfig::default();
     for start in (0..n).step_by(1000) {
         let rows: Vec<NewDelivery> = (start..n.min(start + 1000))
             .map(|i| {
+                let (target, source) = (&targets[i % targets.len()], &sources[i % targets.len()]);
                 let key = flowed.map_or(i, |f| f.key(i));
                 let (subject, data) = (format!("k{key}"), to_raw_value(&payload(i as u64, 0)).expect("json"));
-                let ordering_key = kv_ordering_key(collection, &subject);
+                let ordering_key = kv_ordering_key(target.collection, &subject);
                 let event = Event {
                     kind: EventKind::Kv,
                     event_type: event_type::KV_PUT,
@@ -165,7 +186,7 @@ pub async fn backlog_to(
                     depth: 0,
                     ordering_key: Some(&ordering_key),
                 };
-                NewDelivery { max_attempts: 8, ..event.delivery_to(app.id, trigger, &config) }
+                NewDelivery { max_attempts: 8, ..event.delivery_to(target.app.id, target.trigger, &config) }
             })
             .collect();
         let mut tx = store.begin().await?;
@@ -175,37 +196,41 @@ pub async fn backlog_to(
     Ok(())
 }
 
-/// From "start" (connecting and LISTEN included) until the handler was handed N deliveries
-/// (`batched`: a batch at a time) and the outbox holds none of the rows; and the CPU every
-/// process used meanwhile.
-async fn drain(servers: &Servers, bench: &Bench, n: usize, batched: bool) -> anyhow::Result<(Duration, Cpu)> {
-    let expect = n.to_string();
-    let mut args = vec![
-        "handler",
-        "--nats-url",
-        &servers.nats_url,
-        "--app",
-        bench.app.slug.as_str(),
-        "--expect",
-        &expect,
-    ];
-    if batched {
-        args.push("--batch");
-    }
-    let mut handler = Role::spawn("handler", &args).await?;
+/// When a drain ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The handler was handed the N deliveries and the outbox holds none of the rows.
+    Empty,
+    /// The handler was handed N deliveries; the outbox may hold more.
+    Handed,
+}
+
+/// From "start" (connecting and LISTEN included) until a handler serving `serving` was handed N
+/// deliveries (`batched`: a batch at a time), and with [`Until::Empty`] the outbox holds none of
+/// the rows; and the CPU every process used meanwhile. The relay is told to start once the
+/// handler has its subscriptions: a delivery published before would find no responders and wait
+/// out a retry's backoff (a handler of many apps takes a while to subscribe to all of them).
+pub async fn drain(
+    servers: &Servers,
+    bench: &Bench,
+    serving: &Serving,
+    n: usize,
+    batched: bool,
+    until: Until,
+) -> anyhow::Result<(Duration, Cpu)> {
+    let flags: &[&str] = if batched { &["--batch"] } else { &[] };
+    let mut handler = serving.spawn(&servers.nats_url, n, flags).await?;
     let mut relay =
         Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
     let (relay_pid, handler_pid) = (relay.pid(), handler.pid());
     let cpu = || Cpu::sample(&[("relay", relay_pid), ("handler", handler_pid)]);
     let before = cpu();
     let t0 = Instant::now();
-    handler.send("start").await?;
+    start_handler(&mut handler).await?;
     relay.send("start").await?;
-    let started = handler.line().await?;
-    anyhow::ensure!(started == "started", "the handler said {started:?}");
     let done = tokio::time::timeout(Duration::from_secs(600), handler.line()).await??;
     anyhow::ensure!(done.starts_with("done "), "the handler said {done:?}");
-    while bench.outbox_len().await? > 0 {
+    while until == Until::Empty && bench.outbox_len().await? > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = t0.elapsed();

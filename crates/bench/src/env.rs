@@ -144,11 +144,22 @@ impl Bench {
     /// Another app, `slug`, with an admin and the `bench` trigger, registered as the `bench`
     /// app's is.
     pub async fn other_app(&self, slug: &str) -> anyhow::Result<(App, Trigger)> {
+        let Tenant { app, mut triggers, .. } = self.app_with(slug, &[bench_trigger()]).await?;
+        Ok((app, triggers.remove(0)))
+    }
+
+    /// Another app, `slug`, with an admin and an admin token, and `triggers` (registration
+    /// bodies) registered by the admin, as over HTTP.
+    pub async fn app_with(&self, slug: &str, triggers: &[serde_json::Value]) -> anyhow::Result<Tenant> {
         let ops = Ops::new(self.store.clone(), TriggerConfig::default(), AllowNets::default());
-        let (app, admin, _) = tenant(&ops, slug).await?;
-        ops.register_trigger(&admin, serde_json::from_value::<RegisterTrigger>(bench_trigger())?).await?;
-        let trigger = self.store.trigger(app.id, "bench").await?.context("the bench trigger is gone")?;
-        Ok((app, trigger))
+        let (app, admin, token) = tenant(&ops, slug).await?;
+        let mut registered = Vec::with_capacity(triggers.len());
+        for trigger in triggers {
+            let body = serde_json::from_value::<RegisterTrigger>(trigger.clone())?;
+            let name = ops.register_trigger(&admin, body).await?.name;
+            registered.push(self.store.trigger(app.id, &name).await?.context("a trigger is gone")?);
+        }
+        Ok(Tenant { app, token, triggers: registered })
     }
 
     /// `VACUUM ANALYZE; CHECKPOINT;`
@@ -159,6 +170,21 @@ impl Bench {
     pub async fn outbox_len(&self) -> anyhow::Result<i64> {
         Ok(self.store.outbox_len().await?)
     }
+}
+
+/// An app beside the `bench` app ([`Bench::app_with`]).
+pub struct Tenant {
+    pub app: App,
+    /// An admin token of the app, for the HTTP API.
+    pub token: String,
+    /// Its triggers, in the order they were registered.
+    pub triggers: Vec<Trigger>,
+}
+
+/// The name of handler function `j` of a scenario whose triggers each deliver to a handler of
+/// their own.
+pub fn handler(j: usize) -> String {
+    format!("h{j}")
 }
 
 /// The relay as the benchmark runs it: the defaults.

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use crate::drain::backlog_to;
+use crate::drain::{Target, backlog_to};
 use crate::env::Servers;
-use crate::latency::produce_in_process;
+use crate::latency::{Plan, Writes, produce_in_process};
 use crate::proc::Role;
-use crate::roles::Handled;
+use crate::roles::{Handled, Serving, start_handler};
 use crate::stats::summary;
 
 /// How long the relay runs before B writes: its start (connections, the first claims of A's
@@ -60,43 +60,30 @@ async fn one(servers: &Servers, shape: Shape, with_backlog: bool, rep: usize) ->
     let bench = servers.fresh().await?;
     let (busy, busy_trigger) = bench.other_app("busy").await?;
     if with_backlog {
-        backlog_to(&bench.store, &busy, &busy_trigger, "bench", shape.backlog, None).await?;
+        let target = Target { app: &busy, trigger: &busy_trigger, collection: "bench" };
+        backlog_to(&bench.store, &[target], shape.backlog, None).await?;
     }
     bench.settle().await?;
-    let total = (shape.rate * shape.seconds).to_string();
+    let total = usize::try_from(shape.rate * shape.seconds)?;
     let nats = servers.nats_url.as_str();
-    let mut quick = Role::spawn(
-        "handler",
-        &["handler", "--nats-url", nats, "--app", bench.app.slug.as_str(), "--expect", &total, "--latency"],
-    )
-    .await?;
-    let (backlog, answer_after) = (shape.backlog.to_string(), shape.answer_after.as_millis().to_string());
-    let mut slow = Role::spawn(
-        "handler",
-        &[
-            "handler",
-            "--nats-url",
-            nats,
-            "--app",
-            busy.slug.as_str(),
-            "--expect",
-            &backlog,
-            "--delay-ms",
-            &answer_after,
-        ],
-    )
-    .await?;
+    let mut quick = Serving::bench(bench.app.slug.as_str()).spawn(nats, total, &["--latency"]).await?;
+    let answer_after = shape.answer_after.as_millis().to_string();
+    let mut slow =
+        Serving::bench(busy.slug.as_str()).spawn(nats, shape.backlog, &["--delay-ms", &answer_after]).await?;
     for handler in [&mut quick, &mut slow] {
-        handler.send("start").await?;
-        let started = handler.line().await?;
-        anyhow::ensure!(started == "started", "a handler said {started:?}");
+        start_handler(handler).await?;
     }
     let mut relay = Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", nats]).await?;
     relay.send("start").await?;
     tokio::time::sleep(WARM_UP).await;
     let what = if with_backlog { "beside A's backlog" } else { "alone" };
     eprintln!("fairness rep {rep}: B producing {what}");
-    produce_in_process(&bench, shape.rate, shape.seconds, None).await?;
+    let plan = Plan {
+        rate: shape.rate,
+        seconds: shape.seconds,
+        writes: Writes::Store { url: bench.url.clone(), app_id: bench.app.id },
+    };
+    produce_in_process(&plan).await?;
     let handled = Handled::by(&mut quick).await?;
     relay.stop().await?;
     quick.stop().await?;

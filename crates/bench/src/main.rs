@@ -1,5 +1,8 @@
 //! `picloud-bench`: the workloads of WORKLOAD.md, end to end. Each scenario runs three times,
-//! each from a fresh database, and ends with one `RESULT` line of medians.
+//! each from a fresh database, and ends with one `RESULT` line of medians: `drain`, `latency` and
+//! `sync` (§1–3), `backlog` (§4), the flow-control runs `drain --ordering key`,
+//! `drain --concurrency`, `fairness` and `debounce` (§5), and `drain --batch`, `tenants` and
+//! `fanout` (§6).
 //!
 //! With no `--database-url` / `--nats-url` it starts its own throwaway PostgreSQL (every setting
 //! at its default: fsync and synchronous commit on) and nats-server.
@@ -8,16 +11,19 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod backlog;
 mod cpu;
 mod debounce;
 mod drain;
 mod env;
 mod fairness;
+mod fanout;
 mod latency;
 mod proc;
 mod roles;
 mod stats;
 mod sync;
+mod tenants;
 
 /// End-to-end benchmarks of picloud-router.
 #[derive(Debug, Parser)]
@@ -103,15 +109,57 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// The first deliveries of a deep backlog, against the plain drain in the same repetition:
+    /// the ratio of their rates.
+    Backlog {
+        /// Deliveries in the backlog.
+        #[arg(long, default_value_t = 1_000_000)]
+        n: usize,
+        /// How many of them to drain, and the size of the plain drain.
+        #[arg(long, default_value_t = 100_000)]
+        drain: usize,
+    },
+    /// Many apps of many triggers: the drain's backlog and the latency scenario's events spread
+    /// over them, each against the same with one app in the same repetition.
+    Tenants {
+        /// Apps.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        apps: u32,
+        /// Triggers of each app, each to a handler of its own.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        triggers: u32,
+        /// Deliveries of the drains.
+        #[arg(long, default_value_t = 100_000)]
+        n: usize,
+        /// Events per second of the latency runs.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: u64,
+        /// Seconds of the latency runs.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Publishes to a topic matched by many pubsub triggers, and by one in the same repetition:
+    /// the publish round trip, its ratio to the one trigger's, and the latency of every delivery.
+    Fanout {
+        /// Triggers on the topic, each to a handler of its own.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        triggers: u32,
+        /// Publishes per second.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: u64,
+        /// Seconds of publishes.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Sync invoke round trips, and bare NATS request-replies in the same run.
     Sync {
         /// Sequential calls of each kind.
         #[arg(long, default_value_t = 2000)]
         calls: usize,
     },
-    /// (internal) The latency scenario's producer process.
+    /// (internal) The producer process of the latency, tenants and fan-out scenarios.
     #[command(hide = true)]
-    Produce(latency::ProduceArgs),
+    Produce,
     /// (internal) The handler process.
     #[command(hide = true)]
     Handler(roles::HandlerArgs),
@@ -142,7 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.scenario {
-        Scenario::Produce(args) => latency::produce(args).await,
+        Scenario::Produce => latency::produce().await,
         Scenario::Handler(args) => roles::handler(args).await,
         Scenario::Relay(args) => roles::relay(args).await,
         Scenario::Api(args) => roles::api(args).await,
@@ -175,6 +223,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 seconds,
             };
             fairness::run(&servers, shape, cli.reps).await
+        }
+        Scenario::Backlog { n, drain } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            backlog::run(&servers, n, drain, cli.reps).await
+        }
+        Scenario::Tenants { apps, triggers, n, rate, seconds } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            let shape = tenants::Shape { apps: apps as usize, triggers: triggers as usize, n, rate, seconds };
+            tenants::run(&servers, shape, cli.reps).await
+        }
+        Scenario::Fanout { triggers, rate, seconds } => {
+            let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;
+            fanout::run(&servers, fanout::Shape { triggers: triggers as usize, rate, seconds }, cli.reps)
+                .await
         }
         Scenario::Sync { calls } => {
             let servers = env::Servers::start(cli.database_url, cli.nats_url).await?;

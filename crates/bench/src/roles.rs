@@ -1,18 +1,22 @@
-//! The benchmark's relay and handler, each its own process, as they run in production. A role
-//! prints `ready`, waits for `start` on stdin (connecting counts as part of the run), works, and
-//! stops cleanly on `stop` or end of input. The handler prints `done <json>` once it has been
-//! handed the number of deliveries it expects.
+//! The benchmark's relay, handler and HTTP API, each its own process, as they run in production.
+//! A role prints `ready`, waits for `start` on stdin (connecting counts as part of the run),
+//! works, and stops cleanly on `stop` or end of input. The handler serves one or more handler
+//! functions of one or more apps over one NATS connection, as the worker SDK subscribes them (a
+//! queue group per app and handler); it prints `started` once it has its subscriptions, and
+//! `done <json>` once it has been handed the number of deliveries it expects.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use picloud_core::protocol::EventKind;
 use picloud_dispatch::Relay;
 use picloud_store::PgStore;
-use picloud_worker::{BatchReply, Delivery, Reply, Shutdown, Worker};
+use picloud_worker::{BatchReply, Delivery, Reply, Running, Shutdown, Worker};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Mutex, Notify};
 
 use crate::env::{HANDLER, monotonic_us, relay_config};
+use crate::proc::Role;
 use crate::stats::percentile;
 
 /// The handler process's arguments.
@@ -20,12 +24,16 @@ use crate::stats::percentile;
 pub struct HandlerArgs {
     #[arg(long)]
     nats_url: String,
-    #[arg(long)]
-    app: String,
+    /// The apps served, comma-separated: each with every handler of `--handler`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    app: Vec<String>,
+    /// The handler functions served, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = HANDLER)]
+    handler: Vec<String>,
     /// Deliveries to wait for before printing `done`.
     #[arg(long)]
     expect: usize,
-    /// Measure each delivery's latency from the `t_us` of its KV value.
+    /// Measure each delivery's latency from the `t_us` of its KV value or pubsub message.
     #[arg(long)]
     latency: bool,
     /// Answer each delivery this many milliseconds after it arrives.
@@ -38,6 +46,47 @@ pub struct HandlerArgs {
     /// `batch`.
     #[arg(long)]
     batch: bool,
+}
+
+/// What a handler process serves: each of these handler functions of each of these apps.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    pub apps: Vec<String>,
+    pub handlers: Vec<String>,
+}
+
+impl Serving {
+    /// The benchmark's handler ([`HANDLER`]) of `app`.
+    pub fn bench(app: &str) -> Serving {
+        Serving { apps: vec![app.to_owned()], handlers: vec![HANDLER.to_owned()] }
+    }
+
+    /// Starts a handler process serving these, which says `done` once it was handed `expect`
+    /// deliveries; `flags` are more of its arguments (`--latency`, `--batch`, …).
+    pub async fn spawn(&self, nats_url: &str, expect: usize, flags: &[&str]) -> anyhow::Result<Role> {
+        let (apps, handlers, expect) = (self.apps.join(","), self.handlers.join(","), expect.to_string());
+        let mut args = vec![
+            "handler",
+            "--nats-url",
+            nats_url,
+            "--app",
+            &apps,
+            "--handler",
+            &handlers,
+            "--expect",
+            &expect,
+        ];
+        args.extend_from_slice(flags);
+        Role::spawn("handler", &args).await
+    }
+}
+
+/// Tells a handler process to start, and waits until it has its subscriptions.
+pub async fn start_handler(handler: &mut Role) -> anyhow::Result<()> {
+    handler.send("start").await?;
+    let started = handler.line().await?;
+    anyhow::ensure!(started == "started", "the handler said {started:?}");
+    Ok(())
 }
 
 /// The relay process's arguments.
@@ -70,7 +119,7 @@ pub struct Handled {
 
 impl Handled {
     /// Waits up to two minutes for `handler`'s `done` line: what it was handed.
-    pub async fn by(handler: &mut crate::proc::Role) -> anyhow::Result<Handled> {
+    pub async fn by(handler: &mut Role) -> anyhow::Result<Handled> {
         use anyhow::Context as _;
         let done = tokio::time::timeout(std::time::Duration::from_secs(120), handler.line())
             .await
@@ -107,31 +156,14 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         latency: args.latency,
     });
     let delay = std::time::Duration::from_millis(args.delay_ms);
-    let worker = Worker::new(async_nats::connect(&args.nats_url).await?, &args.app).concurrency(1024);
-    let worker = if args.batch {
-        worker.handle_batch(HANDLER, {
-            let tally = tally.clone();
-            move |batch: Vec<Delivery>| {
-                let (now_us, tally) = (monotonic_us(), tally.clone());
-                async move {
-                    tally.handed(&batch, now_us, delay).await?;
-                    Ok(BatchReply::ok())
-                }
-            }
-        })
-    } else {
-        worker.handle(HANDLER, {
-            let tally = tally.clone();
-            move |d: Delivery| {
-                let (now_us, tally) = (monotonic_us(), tally.clone());
-                async move {
-                    tally.handed(std::slice::from_ref(&d), now_us, delay).await?;
-                    Ok(Reply::Ok(Default::default()))
-                }
-            }
-        })
-    };
-    let running = worker.start().await?;
+    // One connection serves every app: a worker per app, each serving every handler. (Its inbox
+    // prefix is no app's, so a `working` reply would get no renewed token: none is sent here.)
+    let nats = async_nats::connect(&args.nats_url).await?;
+    let workers = args.app.iter().map(|app| {
+        let worker = Worker::new(nats.clone(), app).concurrency(1024);
+        args.handler.iter().fold(worker, |worker, name| serve(worker, name, &tally, delay, args.batch))
+    });
+    let running = futures::future::try_join_all(workers.map(Worker::start)).await?;
     let client = async_nats::connect(&args.nats_url).await?;
     let echo =
         if args.echo { Some(client.queue_subscribe("bench.echo", "bench".into()).await?) } else { None };
@@ -156,11 +188,34 @@ pub async fn handler(args: HandlerArgs) -> anyhow::Result<()> {
         report(&tally.count, &tally.latencies).await?;
         until_stop(&mut lines).await;
     }
-    running.shutdown().await;
+    futures::future::join_all(running.into_iter().map(Running::shutdown)).await;
     if let Some(echoing) = echoing {
         echoing.abort();
     }
     Ok(())
+}
+
+/// `worker` serving handler `name`: each delivery noted in `tally` and answered `ok` after
+/// `delay`, one at a time, or with `batch` a batch at a time ([`Worker::handle_batch`]).
+fn serve(worker: Worker, name: &str, tally: &Arc<Tally>, delay: std::time::Duration, batch: bool) -> Worker {
+    let tally = tally.clone();
+    if batch {
+        worker.handle_batch(name, move |batch: Vec<Delivery>| {
+            let (now_us, tally) = (monotonic_us(), tally.clone());
+            async move {
+                tally.handed(&batch, now_us, delay).await?;
+                Ok(BatchReply::ok())
+            }
+        })
+    } else {
+        worker.handle(name, move |d: Delivery| {
+            let (now_us, tally) = (monotonic_us(), tally.clone());
+            async move {
+                tally.handed(std::slice::from_ref(&d), now_us, delay).await?;
+                Ok(Reply::Ok(Default::default()))
+            }
+        })
+    }
 }
 
 /// What the handler was handed.
@@ -185,7 +240,11 @@ impl Tally {
         if self.latency {
             let mut latencies = self.latencies.lock().await;
             for d in deliveries {
-                let t_us = d.data::<serde_json::Value>()?["value"]["t_us"].as_i64().unwrap_or(now_us);
+                let data = d.data::<serde_json::Value>()?;
+                // A KV event carries the value written; a pubsub message is the data itself.
+                let written =
+                    if d.event.picloudkind == EventKind::Kv.as_str() { &data["value"] } else { &data };
+                let t_us = written["t_us"].as_i64().unwrap_or(now_us);
                 latencies.push((now_us - t_us) as f64 / 1000.0);
             }
         }

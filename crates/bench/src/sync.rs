@@ -8,6 +8,7 @@ use anyhow::Context as _;
 
 use crate::env::Servers;
 use crate::proc::Role;
+use crate::roles::{Serving, start_handler};
 use crate::stats::{percentile, summary};
 
 #[allow(clippy::print_stdout)]
@@ -17,24 +18,9 @@ pub async fn run(servers: &Servers, calls: usize, reps: usize) -> anyhow::Result
         let bench = servers.fresh().await?;
         bench.settle().await?;
         let app = bench.app.slug.as_str();
-        let mut handler = Role::spawn(
-            "handler",
-            &[
-                "handler",
-                "--nats-url",
-                &servers.nats_url,
-                "--app",
-                app,
-                "--expect",
-                &calls.to_string(),
-                "--echo",
-            ],
-        )
-        .await?;
+        let mut handler = Serving::bench(app).spawn(&servers.nats_url, calls, &["--echo"]).await?;
         eprintln!("sync rep {rep}: starting the handler");
-        handler.send("start").await?;
-        let started = handler.line().await?;
-        anyhow::ensure!(started == "started", "the handler said {started:?}");
+        start_handler(&mut handler).await?;
         let (api, port) =
             Role::spawn_reporting("api", &["api", "--url", &bench.url, "--nats-url", &servers.nats_url])
                 .await?;
