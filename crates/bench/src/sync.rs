@@ -1,11 +1,13 @@
 //! Scenario 3, sync: sequential `POST /v1/apps/{app}/invoke/{trigger}` calls to a handler that
 //! answers at once, and in the same run sequential bare NATS request-replies to a queue-group
-//! responder: the invoke's overhead over the transport it rides on.
+//! responder: the invoke's overhead over the transport it rides on, and the CPU an invoke costs
+//! (the benchmark process is the HTTP client).
 
 use std::time::Instant;
 
 use anyhow::Context as _;
 
+use crate::cpu::{self, Cpu, PerDelivery};
 use crate::env::Servers;
 use crate::proc::Role;
 use crate::roles::{Serving, start_handler};
@@ -14,6 +16,7 @@ use crate::stats::{percentile, summary};
 #[allow(clippy::print_stdout)]
 pub async fn run(servers: &Servers, calls: usize, reps: usize) -> anyhow::Result<()> {
     let (mut invoke_p50s, mut invoke_p99s, mut nats_p50s, mut nats_p99s) = (vec![], vec![], vec![], vec![]);
+    let mut cpus: Vec<PerDelivery> = Vec::with_capacity(reps);
     for rep in 1..=reps {
         let bench = servers.fresh().await?;
         bench.settle().await?;
@@ -27,6 +30,8 @@ pub async fn run(servers: &Servers, calls: usize, reps: usize) -> anyhow::Result
         let client = reqwest::Client::new();
         let nats = async_nats::connect(&servers.nats_url).await?;
         let url = format!("http://127.0.0.1:{port}/v1/apps/{app}/invoke/call");
+        let roles = [("handler", handler.pid()), ("api", api.pid())];
+        let before = Cpu::sample(&roles);
         let mut invoke = Vec::with_capacity(calls);
         for _ in 0..calls {
             let t = Instant::now();
@@ -34,6 +39,9 @@ pub async fn run(servers: &Servers, calls: usize, reps: usize) -> anyhow::Result
             invoke.push(t.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(status.is_success(), "invoke answered {status}");
         }
+        let (parts, total) = Cpu::sample(&roles).since(&before).per_delivery_us(calls);
+        println!("sync rep {rep}: CPU per invoke {}", cpu::shown(&parts, total));
+        cpus.push((parts, total));
         let mut bare = Vec::with_capacity(calls);
         for _ in 0..calls {
             let t = Instant::now();
@@ -67,7 +75,8 @@ pub async fn run(servers: &Servers, calls: usize, reps: usize) -> anyhow::Result
         "invoke p50 {i50:.3} ms [{i50_min:.3}..{i50_max:.3}], bare NATS p50 {n50:.3} ms [{n50_min:.3}..{n50_max:.3}]"
     );
     println!(
-        "RESULT picloud-sync invoke_p50_ms={i50:.2} invoke_p99_ms={i99:.2} nats_p50_ms={n50:.2} nats_p99_ms={n99:.2}"
+        "RESULT picloud-sync invoke_p50_ms={i50:.2} invoke_p99_ms={i99:.2} nats_p50_ms={n50:.2} nats_p99_ms={n99:.2} {}",
+        cpu::result_fields(&cpus)
     );
     Ok(())
 }
