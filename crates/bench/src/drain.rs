@@ -70,9 +70,9 @@ pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usiz
     let mut plain = Vec::with_capacity(reps);
     let mut flowed_runs = Vec::with_capacity(reps);
     for rep in 1..=reps {
-        plain.push(one(servers, n, None, rep).await?);
+        plain.push(one(servers, n, None, Until::Empty, rep).await?);
         if let Some(flowed) = flowed {
-            flowed_runs.push(one(servers, n, Some(flowed), rep).await?);
+            flowed_runs.push(one(servers, n, Some(flowed), Until::Empty, rep).await?);
         }
     }
     let rates: Vec<f64> = plain.iter().map(|r| r.rate).collect();
@@ -99,8 +99,14 @@ pub async fn run(servers: &Servers, n: usize, flowed: Option<Flowed>, reps: usiz
     Ok(())
 }
 
-/// One repetition: a fresh database, the backlog, the drain; its rate and CPU.
-pub async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize) -> anyhow::Result<Run> {
+/// One repetition: a fresh database, the backlog, the drain until `until`; its rate and CPU.
+pub async fn one(
+    servers: &Servers,
+    n: usize,
+    flowed: Option<Flowed>,
+    until: Until,
+    rep: usize,
+) -> anyhow::Result<Run> {
     let mut bench = servers.fresh().await?;
     if let Some(flowed) = flowed {
         flowed.apply(&mut bench).await?;
@@ -111,7 +117,7 @@ pub async fn one(servers: &Servers, n: usize, flowed: Option<Flowed>, rep: usize
     eprintln!("{what} rep {rep}: backlog of {n} written; draining");
     let batched = matches!(flowed, Some(Flowed::Batched { .. }));
     let serving = Serving::bench(bench.app.slug.as_str());
-    let (elapsed, used) = drain(servers, &bench, &serving, n, batched, Until::Empty).await?;
+    let (elapsed, used) = drain(servers, &bench, &serving, n, batched, until).await?;
     Ok(Run::printed(&format!("{what} rep {rep}"), n, elapsed, &used))
 }
 

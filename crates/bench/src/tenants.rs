@@ -53,7 +53,7 @@ pub async fn run(servers: &Servers, shape: Shape, reps: usize) -> anyhow::Result
     anyhow::ensure!(shape.apps > 0 && shape.triggers > 0, "the tenants need an app and a trigger");
     let mut runs = Vec::with_capacity(reps);
     for rep in 1..=reps {
-        let one_app_drain = drain::one(servers, shape.n, None, rep).await?;
+        let one_app_drain = drain::one(servers, shape.n, None, Until::Empty, rep).await?;
         let drain = spread_drain(servers, shape, rep).await?;
         let one_app_latency = latency::one(servers, shape.rate, shape.seconds, false, rep).await?;
         let latency = spread_latency(servers, shape, rep).await?;
