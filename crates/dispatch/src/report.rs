@@ -4,8 +4,8 @@
 //! A [`Reporter`] takes the reports of a relay's completion batches, or of the sync calls a node
 //! delivers itself: each report is computed where the batch completed (counting and encoding,
 //! no I/O) and queued, and the reporter's own task makes them: it publishes each report's
-//! outcomes at once, a message per app and chunk, and merges the statistics of up to a second
-//! into one upsert per trigger. Neither a slow
+//! outcomes as it takes the report (between its statistics' writes), a message per app and
+//! chunk, and merges the statistics of up to a second into one upsert per trigger. Neither a slow
 //! database nor a slow NATS holds up a completion or the slots it frees: a report that finds the
 //! queue full is dropped (and counted in the log), and a failure to make one is logged.
 
@@ -25,8 +25,8 @@ use crate::config::NodeConfig;
 
 /// Reports queued and not yet made; past this, reports are dropped.
 const QUEUED_REPORTS: usize = 256;
-/// How long attempts are merged before they are written: a trigger's statistics cost a node one
-/// upsert a second at most, however many batches complete, and count each attempt in the minute
+/// How long attempts are merged before they are written: a trigger's statistics cost a reporter
+/// one upsert a second at most, however many batches complete, and count each attempt in the minute
 /// it was written, up to this much after it ended.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// The most outcomes one tail message carries (a tail's reader queues messages, and NATS caps a
