@@ -13,12 +13,14 @@ use crate::stats::summary;
 #[allow(clippy::print_stdout)]
 pub async fn run(servers: &Servers, n: usize, drained: usize, reps: usize) -> anyhow::Result<()> {
     anyhow::ensure!(drained <= n, "cannot drain {drained} of a backlog of {n}");
-    let (mut plain, mut deep) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    let (mut plain, mut deep, mut ratios) = (Vec::with_capacity(reps), Vec::with_capacity(reps), Vec::new());
     for rep in 1..=reps {
         // Both drains end alike: once the handler was handed their rows.
         let alone = drain::one(servers, drained, None, Until::Handed, rep).await?;
         let head = head_of(servers, n, drained, rep).await?;
-        println!("backlog rep {rep}: {:.2} of the plain drain's rate", head.rate / alone.rate);
+        let ratio = head.rate / alone.rate;
+        println!("backlog rep {rep}: {ratio:.2} of the plain drain's rate");
+        ratios.push(ratio);
         plain.push(alone);
         deep.push(head);
     }
@@ -26,7 +28,6 @@ pub async fn run(servers: &Servers, n: usize, drained: usize, reps: usize) -> an
     let (plain_rates, deep_rates) = (rates(&plain), rates(&deep));
     let (drain, drain_min, drain_max) = summary(&plain_rates);
     let (backlog, backlog_min, backlog_max) = summary(&deep_rates);
-    let ratios: Vec<f64> = deep_rates.iter().zip(&plain_rates).map(|(d, p)| d / p).collect();
     let (ratio, ratio_min, ratio_max) = summary(&ratios);
     println!(
         "backlog: the first {drained} of {n} median {backlog:.0}/s [{backlog_min:.0}..{backlog_max:.0}], \

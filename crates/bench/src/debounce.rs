@@ -13,7 +13,7 @@ use picloud_store::events::{self, EventContext};
 use picloud_worker::{Delivery, Reply, Worker};
 
 use crate::env::{FLOWED_COLLECTION, HANDLER, Servers};
-use crate::proc::Role;
+use crate::roles::spawn_relay;
 use crate::stats::summary;
 
 /// The scenario's shape.
@@ -78,8 +78,7 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
         })
         .start()
         .await?;
-    let mut relay =
-        Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+    let mut relay = spawn_relay(&bench.url, &servers.nats_url).await?;
     relay.send("start").await?;
     eprintln!("debounce rep {rep}: writing");
     let config = picloud_core::TriggerConfig::default();

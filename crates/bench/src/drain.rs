@@ -11,8 +11,7 @@ use serde_json::value::to_raw_value;
 
 use crate::cpu::{Cpu, PerDelivery};
 use crate::env::{Bench, FLOWED_COLLECTION, Servers, payload};
-use crate::proc::Role;
-use crate::roles::{Serving, start_handler};
+use crate::roles::{Serving, spawn_relay, start_handler};
 use crate::stats::summary;
 
 /// The flow of the second drain of each repetition.
@@ -226,8 +225,7 @@ pub async fn drain(
 ) -> anyhow::Result<(Duration, Cpu)> {
     let flags: &[&str] = if batched { &["--batch"] } else { &[] };
     let mut handler = serving.spawn(&servers.nats_url, n, flags).await?;
-    let mut relay =
-        Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+    let mut relay = spawn_relay(&bench.url, &servers.nats_url).await?;
     let (relay_pid, handler_pid) = (relay.pid(), handler.pid());
     let cpu = || Cpu::sample(&[("relay", relay_pid), ("handler", handler_pid)]);
     let before = cpu();

@@ -7,8 +7,7 @@ use std::time::Duration;
 use crate::drain::{Target, backlog_to};
 use crate::env::Servers;
 use crate::latency::{Plan, Writes, produce_in_process};
-use crate::proc::Role;
-use crate::roles::{Handled, Serving, start_handler};
+use crate::roles::{Handled, Serving, spawn_relay, start_handler};
 use crate::stats::summary;
 
 /// How long the relay runs before B writes: its start (connections, the first claims of A's
@@ -73,7 +72,7 @@ async fn one(servers: &Servers, shape: Shape, with_backlog: bool, rep: usize) ->
     for handler in [&mut quick, &mut slow] {
         start_handler(handler).await?;
     }
-    let mut relay = Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", nats]).await?;
+    let mut relay = spawn_relay(&bench.url, nats).await?;
     relay.send("start").await?;
     tokio::time::sleep(WARM_UP).await;
     let what = if with_backlog { "beside A's backlog" } else { "alone" };

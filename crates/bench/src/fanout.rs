@@ -30,20 +30,18 @@ const TOPIC: &str = "fan";
 /// `shape.triggers`; the write and delivery latencies of each and the ratio of the write p50s.
 #[allow(clippy::print_stdout)]
 pub async fn run(servers: &Servers, shape: Shape, reps: usize) -> anyhow::Result<()> {
-    let (mut single, mut fanned) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    let (mut single, mut fanned, mut ratios) =
+        (Vec::with_capacity(reps), Vec::with_capacity(reps), Vec::new());
     for rep in 1..=reps {
         let one = with_triggers(servers, shape, 1, rep).await?;
         let many = with_triggers(servers, shape, shape.triggers, rep).await?;
-        println!(
-            "fanout rep {rep}: publish p50 {:.2} of the one trigger's",
-            many.produced.write_p50_ms / one.produced.write_p50_ms
-        );
+        let ratio = many.produced.write_p50_ms / one.produced.write_p50_ms;
+        println!("fanout rep {rep}: publish p50 {ratio:.2} of the one trigger's");
+        ratios.push(ratio);
         single.push(one);
         fanned.push(many);
     }
     let median = |runs: &[Steady], f: fn(&Steady) -> f64| summary(&runs.iter().map(f).collect::<Vec<_>>());
-    let ratios: Vec<f64> =
-        fanned.iter().zip(&single).map(|(m, o)| m.produced.write_p50_ms / o.produced.write_p50_ms).collect();
     let (ratio, ratio_min, ratio_max) = summary(&ratios);
     let (write_p50, write_p50_min, write_p50_max) = median(&fanned, |s| s.produced.write_p50_ms);
     let write_p99 = median(&fanned, |s| s.produced.write_p99_ms).0;

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use crate::cpu::{Cpu, PerDelivery};
 use crate::env::{Bench, Servers, monotonic_us, payload};
 use crate::proc::Role;
-use crate::roles::{Handled, Serving, start_handler};
+use crate::roles::{Handled, Serving, spawn_relay, start_handler};
 use crate::stats::{percentile, summary};
 
 /// What the producer process writes: its one line of stdin, as JSON.
@@ -169,8 +169,7 @@ pub async fn steady(
 ) -> anyhow::Result<Steady> {
     let expect = usize::try_from(load.rate * load.seconds)? * load.fan;
     let mut handler = serving.spawn(&servers.nats_url, expect, &["--latency"]).await?;
-    let mut relay =
-        Role::spawn("relay", &["relay", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+    let mut relay = spawn_relay(&bench.url, &servers.nats_url).await?;
     let (api, port) =
         Role::spawn_reporting("api", &["api", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
     start_handler(&mut handler).await?;

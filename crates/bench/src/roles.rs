@@ -244,7 +244,9 @@ impl Tally {
                 // A KV event carries the value written; a pubsub message is the data itself.
                 let written =
                     if d.event.picloudkind == EventKind::Kv.as_str() { &data["value"] } else { &data };
-                let t_us = written["t_us"].as_i64().unwrap_or(now_us);
+                let t_us = written["t_us"].as_i64().ok_or_else(|| {
+                    <serde_json::Error as serde::de::Error>::custom("a delivery's event has no `t_us`")
+                })?;
                 latencies.push((now_us - t_us) as f64 / 1000.0);
             }
         }
@@ -282,6 +284,11 @@ async fn report(count: &AtomicUsize, latencies: &Mutex<Vec<f64>>) -> anyhow::Res
     };
     println!("done {}", serde_json::to_string(&handled)?);
     Ok(())
+}
+
+/// The relay process on database `url`, waiting to be told `start`.
+pub async fn spawn_relay(url: &str, nats_url: &str) -> anyhow::Result<Role> {
+    Role::spawn("relay", &["relay", "--url", url, "--nats-url", nats_url]).await
 }
 
 #[allow(clippy::print_stdout)]
