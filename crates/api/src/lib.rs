@@ -86,13 +86,15 @@ impl ApiState {
     }
 
     /// Waits until every sync call this node started has resolved its result — to its caller or
-    /// to the abandoned log — and completed its row. Call it once no more requests come in.
+    /// to the abandoned log — completed its row and had its statistics written. Call it once no
+    /// more requests come in.
     pub async fn finish_sync_calls(&self) {
         self.sync_calls.close();
         if !self.sync_calls.is_empty() {
             tracing::info!(calls = self.sync_calls.len(), "waiting for sync calls to resolve their results");
         }
         self.sync_calls.wait().await;
+        self.sync_answers.flush_reports().await;
     }
 
     /// Cancels a delivery ([`Ops::cancel_delivery`]) and, when an attempt of it was in flight,

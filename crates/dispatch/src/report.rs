@@ -7,7 +7,9 @@
 //! outcomes as it takes the report (between its statistics' writes), a message per app and
 //! chunk, and merges the statistics of up to a second into one upsert per trigger. Neither a slow
 //! database nor a slow NATS holds up a completion or the slots it frees: a report that finds the
-//! queue full is dropped (and counted in the log), and a failure to make one is logged.
+//! queue full is dropped (and counted in the log), and a failure to make one is logged. A node
+//! that stops cleanly [flushes](Reporter::flush) its reporter, so that the statistics it merged
+//! are written before it exits.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use picloud_core::protocol::TailOutcome;
 use picloud_core::{AppSlug, TriggerId};
 use picloud_store::{AttemptStats, Store};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::complete::Done;
 use crate::config::NodeConfig;
@@ -93,10 +95,18 @@ struct Report {
     tails: Vec<(String, Bytes)>,
 }
 
+/// What a reporter's task is handed.
+#[derive(Debug)]
+enum Queued {
+    Report(Report),
+    /// Write what is merged, then say so.
+    Flush(oneshot::Sender<()>),
+}
+
 /// Makes the reports of completed batches on a task of its own; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct Reporter {
-    reports: mpsc::Sender<Report>,
+    reports: mpsc::Sender<Queued>,
     config: NodeConfig,
 }
 
@@ -104,7 +114,7 @@ impl Reporter {
     /// Starts the reporter's task (on the current Tokio runtime); it ends once every handle is
     /// dropped and what was queued is made.
     pub fn spawn<S: Store>(store: S, nats: Client, config: NodeConfig) -> Reporter {
-        let (reports, mut queued) = mpsc::channel::<Report>(QUEUED_REPORTS);
+        let (reports, mut queued) = mpsc::channel::<Queued>(QUEUED_REPORTS);
         let node = config.node_id.clone();
         tokio::spawn(async move {
             let mut pending: HashMap<TriggerId, AttemptStats> = HashMap::new();
@@ -115,7 +125,13 @@ impl Reporter {
                     None => Ok(queued.recv().await),
                 };
                 let report = match next {
-                    Ok(Some(report)) => report,
+                    Ok(Some(Queued::Report(report))) => report,
+                    Ok(Some(Queued::Flush(done))) => {
+                        record(&store, &node, &mut pending).await;
+                        write_at = None;
+                        let _ = done.send(());
+                        continue;
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         record(&store, &node, &mut pending).await;
@@ -156,11 +172,21 @@ impl Reporter {
             }
         }
         let report = Report { stats: attempt_stats(batch), tails };
-        if self.reports.try_send(report).is_err() {
+        if self.reports.try_send(Queued::Report(report)).is_err() {
             tracing::warn!(
                 rows = batch.len(),
                 "the reporter is behind: a batch's statistics and tail outcomes are dropped"
             );
+        }
+    }
+
+    /// Waits until every report queued before this call is made, and the statistics merged so
+    /// far are written (or their write failed and was logged). A node calls it once its last
+    /// batch completed, before it exits.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.reports.send(Queued::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
         }
     }
 }

@@ -159,6 +159,12 @@ impl SyncAnswers {
         SyncAnswers { nats, inbox: Arc::default(), reports }
     }
 
+    /// Waits until the calls reported so far are written to the statistics
+    /// ([`Reporter::flush`]): once the last call finished, before the node exits.
+    pub async fn flush_reports(&self) {
+        self.reports.flush().await;
+    }
+
     /// A reply subject for a call to `app`, and the wait for its answer.
     async fn expect(&self, app: &str) -> Result<(String, Expected), async_nats::SubscribeError> {
         let inbox = self.inbox.get_or_try_init(|| self.subscribe()).await?;

@@ -228,7 +228,8 @@ impl<S: Store> Relay<S> {
     }
 
     /// Runs until `shutdown`, then stops claiming, waits for every delivery in flight to be
-    /// answered or to time out, completes them, and returns.
+    /// answered or to time out, completes them, writes the statistics it has merged, and
+    /// returns.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<(), RelayError> {
         let inbox = AnswerInbox::new(self.nats.new_inbox());
         let replies = self.nats.subscribe(inbox.subscription()).await?;
@@ -308,6 +309,7 @@ impl<S: Store> Relay<S> {
         extender.abort();
         let _ = (responder.await, timer.await, watchman.await, extender.await);
         let _ = completer.await;
+        shared.reporter.flush().await;
         tracing::info!("relay stopped");
         Ok(())
     }

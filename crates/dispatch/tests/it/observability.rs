@@ -1,8 +1,10 @@
 //! What a node tells about its work: the relay's metrics, the database gauges read once per
-//! refresh, and emails that wait (without using up attempts) while no node sends email.
+//! refresh, emails that wait (without using up attempts) while no node sends email, and the
+//! statistics a stopping relay writes before it returns.
 
 use std::time::Duration;
 
+use picloud_core::stats::AttemptOutcome;
 use picloud_dispatch::Metrics;
 use picloud_store::events::{self, EventContext};
 use picloud_store::*;
@@ -228,5 +230,46 @@ async fn a_sync_call_delivered_by_its_api_node_is_counted_like_a_relays_attempts
     assert_eq!(series("picloud_delivery_attempts_total", &[("outcome", "ok")]), Some(1.0));
     assert_eq!(series("picloud_delivery_completions_total", &[("result", "answered")]), Some(1.0));
     assert_eq!(series("picloud_delivery_attempt_duration_seconds_count", &[("outcome", "ok")]), Some(1.0));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_that_stops_cleanly_has_written_the_statistics_of_its_last_attempts_when_it_returns() {
+    let w = World::new().await;
+    let trigger = w.kv_trigger("counted", "orders", "count").await;
+    let (worker, mut handed) = start_worker(&w.nats_url(), "shop", "count", ok).await;
+    // The relay runs as in a node's process: on a runtime of its own, dropped as soon as the
+    // relay returns, which ends every task it left behind.
+    let (stop, shutdown) = picloud_worker::Shutdown::new();
+    let node = {
+        let (db_url, nats_url) = (w.db_url().to_owned(), w.nats_url());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let store = PgStore::connect(&db_url, 2).await.unwrap();
+                let nats = async_nats::connect(nats_url).await.unwrap();
+                picloud_dispatch::Relay::new(store, nats, relay_config("obs-stop"))
+                    .run(shutdown)
+                    .await
+                    .unwrap();
+            });
+        })
+    };
+    let since = OffsetDateTime::now_utc() - Duration::from_secs(60);
+    for key in ["a", "b", "c"] {
+        w.put("orders", key, json!(key), 0).await;
+    }
+    for _ in 0..3 {
+        next(&mut handed, "a delivery").await;
+    }
+    w.drained().await;
+
+    // The reporter merges a second of statistics before it writes them: a relay that returned
+    // before they were written would leave them to a task the process's end cancels.
+    stop.send();
+    tokio::task::spawn_blocking(move || node.join()).await.unwrap().unwrap();
+    let buckets = w.store.attempt_stats(trigger.id, since, Duration::from_secs(3600)).await.unwrap();
+    let ok: u64 = buckets.iter().map(|b| b.attempts.outcomes[AttemptOutcome::Ok.index()]).sum();
+    assert_eq!(ok, 3);
     worker.stop().await;
 }
