@@ -274,6 +274,7 @@ pub async fn kv_put_now<S: Store>(
             Err(Error::Conflict(_)) if tries < 5 => tries += 1,
             Err(e) => return Err(e),
             Ok(written) => {
+                tracing::trace!(key = key.as_str(), deliveries = written.1.deliveries, "kv put committed");
                 if written.1.deliveries > 0 {
                     s.wake_relays().await?;
                 }

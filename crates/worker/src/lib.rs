@@ -567,7 +567,10 @@ async fn answer(client: &Client, in_hand: &InHand, msg: Message, f: &Serve) {
         }
     } else {
         match Delivery::from_json(&msg.payload) {
-            Ok(delivery) => answer_one(client, in_hand, &reply_to, delivery, f).await.into_message(),
+            Ok(delivery) => {
+                tracing::trace!(delivery_id = %delivery.id, "delivery received");
+                answer_one(client, in_hand, &reply_to, delivery, f).await.into_message()
+            }
             Err(e) => Reply::fail(format!("malformed delivery: {e}")).into_message(),
         }
     };

@@ -78,7 +78,19 @@ pub(super) async fn claim_loop<S: Store>(
         let free = batch - limited as u32;
         let plain_turn = claimable.plain.swap(false, Ordering::AcqRel);
         let plain = if plain_turn && free > 0 {
-            round.claim_plain(&shared.store, free, lease, &shared.config.node.node_id).await
+            let claiming = Instant::now();
+            let plain = round.claim_plain(&shared.store, free, lease, &shared.config.node.node_id).await;
+            if let Ok((claim, _)) = &plain
+                && !claim.rows.is_empty()
+            {
+                tracing::trace!(
+                    took_us = claiming.elapsed().as_micros() as u64,
+                    ids = ?claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+                    subjects = ?claim.rows.iter().map(|r| r.subject.as_deref()).collect::<Vec<_>>(),
+                    "claimed"
+                );
+            }
+            plain
         } else {
             if plain_turn {
                 // No free slot left this round: the plain claim's turn stays.

@@ -332,6 +332,7 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
     loop {
         match wakeups.next().await {
             Some(Ok(())) => {
+                tracing::trace!("woken by a notification");
                 failures = 0;
                 shared.shares.written();
                 shared.claimable.all();
@@ -608,6 +609,8 @@ async fn launch<S>(
     done_tx: &mpsc::UnboundedSender<Done>,
 ) {
     let mut outgoing = Vec::with_capacity(requests.len());
+    // Only for the trace of what went out (see docs/benchmarks.md, "The async path, timed").
+    let mut ids = tracing::enabled!(tracing::Level::TRACE).then(Vec::new);
     {
         let mut table = shared.in_flight.lock().expect("in-flight lock");
         // Read under the lock the watchman takes: a loss counted before this is seen here, one
@@ -617,6 +620,9 @@ async fn launch<S>(
             shared.timer.notify_one();
         }
         for Request { seq, subject, reply, headers, body, done, batch, claims } in requests {
+            if let Some(ids) = &mut ids {
+                ids.push(done.id);
+            }
             table.deadlines.push_back((deadline, seq));
             table.pending.insert(
                 seq,
@@ -655,6 +661,9 @@ async fn launch<S>(
             };
             sent.answered(&shared.metrics, |_| answer.clone(), done_tx);
         }
+    }
+    if let Some(ids) = ids {
+        tracing::trace!(?ids, "published");
     }
 }
 

@@ -90,6 +90,7 @@ impl Waker {
                             .ok();
                     }
                     let Some(c) = conn.as_mut() else { continue };
+                    tracing::trace!("notifying relays");
                     // The notification carries no data, so it need not wait for the WAL flush.
                     let sent = sqlx::query(
                         "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
@@ -97,9 +98,12 @@ impl Waker {
                     .bind(outbox::CHANNEL)
                     .execute(&mut *c)
                     .await;
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "waking the relays failed; they will poll");
-                        conn = None;
+                    match sent {
+                        Ok(_) => tracing::trace!("relays notified"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "waking the relays failed; they will poll");
+                            conn = None;
+                        }
                     }
                 }
             });
