@@ -1,6 +1,6 @@
 //! The debounce scenario: bursts of writes to a few keys through a trigger with
 //! `flow.debounce_ms`; how many times the handler ran, and whether each key's last run carried
-//! its last value.
+//! its last value; and the CPU a handler run costs, and a write.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,7 @@ use picloud_store::PgStore;
 use picloud_store::events::{self, EventContext};
 use picloud_worker::{Delivery, Reply, Worker};
 
+use crate::cpu::{self, Cpu};
 use crate::env::{FLOWED_COLLECTION, HANDLER, Servers};
 use crate::roles::spawn_relay;
 use crate::stats::summary;
@@ -26,12 +27,19 @@ pub struct Shape {
     pub spread: Duration,
 }
 
+/// The scenario: `reps` repetitions; the handler runs, the keys whose last run had their last
+/// value, and the CPU every process used from the first write until the outbox was empty. The
+/// CPU figure is per handler run, each run being one delivery (`cpu_us_per_delivery` and the
+/// parts' fields of the `RESULT` line); the total per write, of which the debounce runs the
+/// handler for few, is `cpu_us_per_write`. The handler runs in the benchmark's process, so its
+/// CPU is counted under `bench`, with the writers'.
 #[allow(clippy::print_stdout)]
 pub async fn run(servers: &Servers, shape: Shape, reps: usize) -> anyhow::Result<()> {
     let mut runs = Vec::with_capacity(reps);
     let mut last_values = Vec::with_capacity(reps);
+    let (mut per_run, mut per_write) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for rep in 1..=reps {
-        let (ran, last_ok, took) = one(servers, shape, rep).await?;
+        let (ran, last_ok, took, used) = one(servers, shape, rep).await?;
         println!(
             "debounce rep {rep}: {} writes to {} keys in {:.2} s; the handler ran {ran} times, \
              {last_ok} of {} keys last with their last value",
@@ -40,6 +48,14 @@ pub async fn run(servers: &Servers, shape: Shape, reps: usize) -> anyhow::Result
             took.as_secs_f64(),
             shape.keys
         );
+        let (parts, total) = used.per_delivery_us(ran);
+        let write = used.per_delivery_us(shape.keys * shape.writes).1;
+        println!(
+            "debounce rep {rep}: CPU per handler run {}; per write {write:.1} µs",
+            cpu::shown(&parts, total)
+        );
+        per_run.push((parts, total));
+        per_write.push(write);
         runs.push(ran as f64);
         last_values.push(last_ok as f64);
     }
@@ -51,13 +67,17 @@ pub async fn run(servers: &Servers, shape: Shape, reps: usize) -> anyhow::Result
         shape.keys
     );
     let (last_ok, _, _) = summary(&last_values);
-    println!("RESULT picloud-debounce runs={median:.0} last_value_ok={last_ok:.0}");
+    println!(
+        "RESULT picloud-debounce runs={median:.0} last_value_ok={last_ok:.0} {} cpu_us_per_write={:.1}",
+        cpu::result_fields(&per_run),
+        summary(&per_write).0
+    );
     Ok(())
 }
 
-/// One repetition: the handler runs, whether each key's last run had its last value, and how
-/// long the writes took.
-async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usize, usize, Duration)> {
+/// One repetition: the handler runs, whether each key's last run had its last value, how long
+/// the writes took, and the CPU used from the first write until the outbox was empty.
+async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usize, usize, Duration, Cpu)> {
     let mut bench = servers.fresh().await?;
     bench
         .set_flow(Flow { ordering: Ordering::Key, debounce_ms: Some(shape.debounce_ms), ..Flow::default() })
@@ -90,6 +110,8 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
     // `spread / writes`: no key waits for another's write.
     let store = PgStore::connect(&bench.url, u32::try_from(shape.keys.max(1))?).await?;
     let pause = shape.spread / u32::try_from(shape.writes.max(1))?;
+    let roles = [("relay", relay.pid())];
+    let before = Cpu::sample(&roles);
     let started = Instant::now();
     let writers = keys.iter().map(|key| {
         let (cx, collection, store) = (&cx, &collection, &store);
@@ -121,6 +143,7 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
     while bench.outbox_len().await? > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let used = Cpu::sample(&roles).since(&before);
     relay.stop().await?;
     worker.shutdown().await;
     let seen = seen.lock().expect("log lock").clone();
@@ -129,5 +152,5 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
         last.insert(key.clone(), *n);
     }
     let last_ok = last.values().filter(|n| **n == shape.writes as u64 - 1).count();
-    Ok((seen.len(), last_ok, took))
+    Ok((seen.len(), last_ok, took, used))
 }
