@@ -11,7 +11,7 @@ use picloud_core::token::{
     DELIVERY_TOKEN_PREFIX, DeliveryToken, TokenError, TokenKey, TokenLimits, hash_api_token,
 };
 use picloud_core::{Access, AppId, Capability, PrincipalId, Role, ScopeSet};
-use picloud_store::{ApiToken, App, Principal, Store};
+use picloud_store::{ApiToken, App, Principal, Store, Transactional as _};
 
 use crate::ApiState;
 use crate::error::{ApiError, ErrorCode};
@@ -272,18 +272,19 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
         })
 }
 
-/// Most authorizations [`InvokeAuthorizations`] keeps; past that it starts over.
+/// Most authorizations [`KeptAuthorizations`] keeps; past that it starts over.
 const KEPT_AUTHORIZATIONS: usize = 4096;
 
-/// API-token callers found allowed to invoke an app's triggers, by token hash and app, each as
-/// read at a configuration epoch. Only sync invocations use it, and each guards its write with
-/// that epoch (`picloud_store::events::SyncWaiter::authorized_at`): an authorization is used
-/// only while it is exactly as fresh as reading it again, and a write that finds the epoch moved
-/// authenticates afresh.
+/// API-token callers by token hash and app, each as read at a configuration epoch, for the
+/// routes whose write guards itself with that epoch: sync invocations
+/// (`picloud_store::events::SyncWaiter::authorized_at`) and KV puts
+/// (`picloud_store::FiringPut::authorized_at`). An authorization is used only while it is exactly
+/// as fresh as reading it again: a write that finds the epoch moved writes nothing, and the route
+/// authenticates afresh ([`kept_caller`], [`fresh_caller`], [`confirmed`]).
 #[derive(Debug, Default)]
-pub struct InvokeAuthorizations(std::sync::Mutex<HashMap<([u8; 32], String), Caller>>);
+pub struct KeptAuthorizations(std::sync::Mutex<HashMap<([u8; 32], String), Caller>>);
 
-impl InvokeAuthorizations {
+impl KeptAuthorizations {
     /// The caller `credentials` authenticate as on `app`, if kept and its token has not expired
     /// at `now` (the store's clock).
     pub fn get(&self, credentials: &str, app: &str, now: time::OffsetDateTime) -> Option<Caller> {
@@ -295,8 +296,7 @@ impl InvokeAuthorizations {
         }
     }
 
-    /// Keeps `caller`, just authenticated with API-token `credentials` and allowed to invoke
-    /// `app`'s triggers.
+    /// Keeps `caller`, just authenticated on `app` with API-token `credentials`.
     pub fn keep(&self, credentials: &str, app: &str, caller: &Caller) {
         if !matches!(caller.via, Via::Token(_)) {
             return;
@@ -315,4 +315,109 @@ impl InvokeAuthorizations {
             .expect("authorization cache lock")
             .remove(&(hash_api_token(credentials), app.to_owned()));
     }
+}
+
+/// Authenticates `credentials` afresh on `app` and checks that they hold `capability` there:
+/// kept for the next request when they do, forgotten when not.
+pub async fn fresh_caller(
+    state: &ApiState,
+    credentials: &str,
+    app: &str,
+    capability: Capability,
+) -> Result<Caller, ApiError> {
+    let caller = authenticate(state, credentials, Some(app)).await.and_then(|caller| {
+        caller.require_app(capability)?;
+        Ok(caller)
+    });
+    match &caller {
+        Ok(caller) => state.kept.keep(credentials, app, caller),
+        Err(_) => state.kept.forget(credentials, app),
+    }
+    caller
+}
+
+/// The caller `credentials` authenticate as on `app`, holding `capability` there: the one kept
+/// from an earlier request, with the configuration epoch its write must still find (`Some`), or
+/// one read afresh by [`fresh_caller`], whose write needs no guard (`None`).
+pub async fn kept_caller(
+    state: &ApiState,
+    credentials: &str,
+    app: &str,
+    capability: Capability,
+) -> Result<(Caller, Option<i64>), ApiError> {
+    if let Some(caller) = state.kept.get(credentials, app, state.ops.store().clock().now())
+        && caller.require_app(capability).is_ok()
+    {
+        let epoch = caller.authorized_at();
+        return Ok((caller, Some(epoch)));
+    }
+    Ok((fresh_caller(state, credentials, app, capability).await?, None))
+}
+
+/// A write made on an authorization that may have been kept from an earlier request.
+#[derive(Debug)]
+pub enum Guarded<T> {
+    /// Written.
+    Written(T),
+    /// Not written: the authorization was kept, and the configuration changed since it was read.
+    Stale,
+}
+
+impl<T> Guarded<T> {
+    /// What a write made without a kept authorization wrote: such a write is never stale.
+    pub fn unguarded(self) -> Result<T, ApiError> {
+        match self {
+            Guarded::Written(written) => Ok(written),
+            Guarded::Stale => Err(ApiError::internal("an unguarded write was found stale")),
+        }
+    }
+}
+
+/// Makes `write` as `authorized` (what [`kept_caller`] gave for `credentials` on `app` and
+/// `capability`): a write found [stale](Guarded::Stale) is made again, unguarded, as the caller
+/// authenticated afresh, and an error met on a kept authorization is told once it is
+/// [confirmed].
+pub async fn write_as<T, Fut>(
+    state: &ApiState,
+    credentials: &str,
+    app: &str,
+    capability: Capability,
+    authorized: (Caller, Option<i64>),
+    mut write: impl FnMut(Caller, Option<i64>) -> Fut,
+) -> Result<T, ApiError>
+where
+    Fut: Future<Output = Result<Guarded<T>, ApiError>>,
+{
+    let (mut caller, mut authorized_at) = authorized;
+    loop {
+        match write(caller.clone(), authorized_at).await {
+            Ok(Guarded::Stale) if authorized_at.is_some() => {
+                caller = fresh_caller(state, credentials, app, capability).await?;
+                authorized_at = None;
+            }
+            Ok(written) => return written.unguarded(),
+            Err(refused) => {
+                return Err(confirmed(state, credentials, app, capability, authorized_at, refused).await);
+            }
+        }
+    }
+}
+
+/// `refused`, the answer to a request made on a kept authorization (`authorized_at` is `Some`),
+/// once the authorization is confirmed: a node that had not kept it would have refused the caller
+/// first.
+pub async fn confirmed(
+    state: &ApiState,
+    credentials: &str,
+    app: &str,
+    capability: Capability,
+    authorized_at: Option<i64>,
+    refused: ApiError,
+) -> ApiError {
+    if authorized_at.is_some()
+        && let Err(unauthorized) = fresh_caller(state, credentials, app, capability).await
+    {
+        return unauthorized;
+    }
+    refused
 }

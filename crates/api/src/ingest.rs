@@ -166,7 +166,11 @@ async fn handle(state: &ApiState, msg: &Message) -> Result<Bytes, ApiError> {
     match op {
         IngestOp::KvPut => {
             let put: KvPut = parse_json(&msg.payload)?;
-            let version = state.ops.kv_put(&caller, put.collection, put.key, &put.value, None).await?;
+            let version = state
+                .ops
+                .kv_put(&caller, &put.collection, &put.key, &put.value, None, None)
+                .await?
+                .unguarded()?;
             Ok(to_json(&version))
         }
         IngestOp::KvDelete => {

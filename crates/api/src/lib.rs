@@ -24,7 +24,7 @@ pub mod routes;
 mod tail;
 pub mod views;
 
-use auth::InvokeAuthorizations;
+use auth::KeptAuthorizations;
 pub use auth::{Caller, Via, authenticate};
 pub use config::ApiConfig;
 pub use error::{ApiError, ErrorBody, ErrorCode};
@@ -47,8 +47,9 @@ pub struct ApiState {
     /// The sync calls this node delivers: they run past their HTTP request when the caller gives
     /// up first, and shutdown waits for them ([`ApiState::finish_sync_calls`]).
     sync_calls: TaskTracker,
-    /// Callers allowed to invoke, for the sync path's epoch-guarded writes.
-    invokers: Arc<InvokeAuthorizations>,
+    /// Callers' authorizations, for the writes that guard themselves with the epoch they were
+    /// read at (sync invocations, KV puts).
+    kept: Arc<KeptAuthorizations>,
     /// Losses of the NATS connection: a sync call in flight on a lost connection answers at once.
     connection: picloud_dispatch::ConnectionWatch,
     /// Where the answers to this node's sync calls come back.
@@ -77,7 +78,7 @@ impl ApiState {
             ),
             nats,
             sync_calls: TaskTracker::new(),
-            invokers: Arc::default(),
+            kept: Arc::default(),
             http_limits: Arc::new(limits::HttpLimits::new(config.http_max_in_flight)),
             sync_slots: Arc::new(limits::AppSlots::sync_calls(config.sync_max_in_flight_per_app)),
             tails: Arc::new(tail::Tails::new(config.tail_max_per_app)),

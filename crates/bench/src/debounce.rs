@@ -120,7 +120,8 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
             let (mut longest, mut last_end) = (Duration::ZERO, None::<Instant>);
             for n in 0..shape.writes {
                 let write = Instant::now();
-                events::kv_put_now(store, cx, collection, key, &serde_json::json!({"n": n}), None).await?;
+                events::kv_put_now(store, cx, collection, key, &serde_json::json!({"n": n}), None, None)
+                    .await?;
                 let end = Instant::now();
                 longest = longest.max(last_end.map_or(Duration::ZERO, |last| end - last));
                 last_end = Some(end);

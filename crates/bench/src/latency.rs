@@ -283,7 +283,7 @@ impl Write {
             Write::Store { store, app, collection, config } => {
                 let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config };
                 let key = KvKey::parse(format!("k{i}"))?;
-                events::kv_put_now(store, &cx, collection, &key, &payload(i, t_us), None).await?;
+                events::kv_put_now(store, &cx, collection, &key, &payload(i, t_us), None, None).await?;
             }
             Write::Http { client, connections, api, requests } => {
                 let _connection = connections.acquire().await?;

@@ -73,6 +73,10 @@ pub enum Error {
     /// A dead letter cannot be replayed because its trigger was deleted.
     #[error("trigger {0:?} of this dead letter no longer exists")]
     TriggerGone(String),
+    /// The write was made on an authorization read at a configuration epoch that has moved
+    /// since: it wrote nothing, and is made again once the caller is authorized afresh.
+    #[error("the configuration changed since the caller was authorized")]
+    Stale,
     /// A concurrent writer changed what this write depended on; trying again succeeds.
     #[error("{0} changed concurrently; try again")]
     Conflict(String),

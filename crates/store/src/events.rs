@@ -205,7 +205,8 @@ pub async fn kv_put<S: Store>(
     kv_put_matching(s, tx, cx, &put, expected).await
 }
 
-/// [`kv_put`] as separate statements: the upsert, the trigger match, the deliveries.
+/// [`kv_put`] as separate statements: the epoch's check (for a put `authorized_at` one), the
+/// upsert, the trigger match, the deliveries.
 async fn kv_put_matching<S: Store>(
     s: &S,
     tx: &mut S::Tx,
@@ -213,6 +214,11 @@ async fn kv_put_matching<S: Store>(
     put: &FiringPut<'_>,
     expected: Option<i64>,
 ) -> Result<(KvPutResult, Fired)> {
+    if let Some(epoch) = put.authorized_at
+        && s.config_epoch(tx).await? != epoch
+    {
+        return Err(Error::Stale);
+    }
     let result = s.kv_put(tx, put.app_id, put.collection, put.key, put.value, expected).await?;
     let triggers = s.list_matching_kv(tx, put.app_id, put.collection, KvOp::Put).await?;
     let data = kv_event_data(
@@ -238,7 +244,9 @@ async fn kv_put_matching<S: Store>(
 
 /// [`kv_put`] committed on its own, and the relays woken: the write path of one KV put. Without
 /// an expected version, below the depth limit and when no trigger it fires orders its
-/// deliveries, it is a single statement (one round trip).
+/// deliveries, it is a single statement (one round trip). A put `authorized_at` a configuration
+/// epoch (its caller's authorization was kept from an earlier request) writes nothing and fails
+/// with [`Error::Stale`] once the epoch has moved.
 pub async fn kv_put_now<S: Store>(
     s: &S,
     cx: &EventContext<'_>,
@@ -246,10 +254,11 @@ pub async fn kv_put_now<S: Store>(
     key: &KvKey,
     value: &serde_json::Value,
     expected: Option<i64>,
+    authorized_at: Option<i64>,
 ) -> Result<(KvPutResult, Fired)> {
     let source = source::kv(cx.app_slug.as_str(), collection.as_str());
     let ordering_key = kv_ordering_key(collection.as_str(), key.as_str());
-    let put = firing_put(cx, &source, &ordering_key, collection, key, value);
+    let put = FiringPut { authorized_at, ..firing_put(cx, &source, &ordering_key, collection, key, value) };
     let mut tries = 0;
     loop {
         let fast = if expected.is_none() && cx.depth < cx.config.max_depth {
@@ -302,6 +311,7 @@ fn firing_put<'a>(
         depth: cx.depth,
         default_max_attempts: cx.config.retry.max_attempts,
         max_data_bytes: cx.config.max_event_data_bytes,
+        authorized_at: None,
     }
 }
 

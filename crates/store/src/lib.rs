@@ -98,6 +98,9 @@ pub trait AuthRepo: Transactional {
         principal: PrincipalId,
         app: Option<&str>,
     ) -> impl Future<Output = Result<Option<Authenticated>>> + Send;
+    /// The configuration epoch as `tx` sees it ([`Authenticated::config_epoch`]): a write made
+    /// on an authorization read earlier checks it first.
+    fn config_epoch(&self, tx: &mut Self::Tx) -> impl Future<Output = Result<i64>> + Send;
     /// Creates an app. Fails with [`Error::DuplicateApp`] if the slug is taken.
     fn create_app(&self, slug: &AppSlug) -> impl Future<Output = Result<model::App>> + Send;
     /// The app with this slug.
@@ -747,7 +750,9 @@ pub trait KvRepo: Transactional {
     /// `None` (for Postgres one round trip: the write path of a single KV put). A concurrent
     /// first write of the same key fails with [`Error::Conflict`]; try again. Returns the put and
     /// how many deliveries it wrote; `None`, having written nothing, when a trigger it fires has
-    /// a `flow` (lanes and gated rows are written by [`OutboxRepo::insert_deliveries`]).
+    /// a `flow` (lanes and gated rows are written by [`OutboxRepo::insert_deliveries`]); and
+    /// [`Error::Stale`], having written nothing, when the configuration epoch is no longer the
+    /// put's `authorized_at`.
     fn kv_put_firing(
         &self,
         tx: Option<&mut Self::Tx>,

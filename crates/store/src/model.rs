@@ -963,6 +963,10 @@ pub struct FiringPut<'a> {
     /// The largest event data it may fire with ([`Error::TooLarge`](crate::Error::TooLarge)
     /// beyond, writing nothing).
     pub max_data_bytes: usize,
+    /// The configuration epoch the writer was authorized at, when its authorization was kept
+    /// from an earlier request: the put writes nothing and fails with
+    /// [`Error::Stale`](crate::Error::Stale) once the epoch has moved.
+    pub authorized_at: Option<i64>,
 }
 
 /// The event data of a KV change (DESIGN §3): `{collection, key, op, value, previous, version}`.

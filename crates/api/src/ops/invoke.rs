@@ -12,33 +12,25 @@ use picloud_store::{ClaimedDelivery, DeliveryTarget, Store, SyncCallWrite};
 use serde_json::value::RawValue;
 
 use super::Ops;
-use crate::auth::Caller;
+use crate::auth::{Caller, Guarded};
 use crate::error::{ApiError, ErrorCode};
-
-/// A sync call's row, written claimed by the node that waits on it.
-#[derive(Debug)]
-pub enum SyncCall {
-    /// Written: the row and where it goes.
-    Written(Box<ClaimedDelivery>, Box<DeliveryTarget>),
-    /// Not written: the caller's authorization was kept from an earlier request and the
-    /// configuration changed since. Read it again and write unguarded.
-    Stale,
-}
 
 impl<S: Store> Ops<S> {
     /// Writes a sync call of the `http` trigger `name` with `body`, to be answered on `waiter`'s
-    /// inbox: refused when there is no such trigger, or it is not an enabled `http` trigger.
+    /// inbox: the row and where it goes; refused when there is no such trigger, or it is not an
+    /// enabled `http` trigger; [stale](Guarded::Stale) when `waiter` was authorized at an epoch
+    /// that has moved since.
     pub async fn write_sync_call(
         &self,
         caller: &Caller,
         name: &str,
         body: &RawValue,
         waiter: SyncWaiter<'_>,
-    ) -> Result<SyncCall, ApiError> {
+    ) -> Result<Guarded<(Box<ClaimedDelivery>, Box<DeliveryTarget>)>, ApiError> {
         let cx = self.event_context(caller.require_app(Capability::AppInvoke)?, caller);
         match events::invoke(&self.store, &cx, name, body, waiter).await? {
-            SyncCallWrite::Written { row, target } => Ok(SyncCall::Written(Box::new(row), target)),
-            SyncCallWrite::Stale => Ok(SyncCall::Stale),
+            SyncCallWrite::Written { row, target } => Ok(Guarded::Written((Box::new(row), target))),
+            SyncCallWrite::Stale => Ok(Guarded::Stale),
             SyncCallWrite::NoTrigger => Err(picloud_store::Error::TriggerNotFound(name.to_owned()).into()),
             SyncCallWrite::Refused(trigger) if trigger.spec.kind() != TriggerKind::Http => {
                 Err(ApiError::new(

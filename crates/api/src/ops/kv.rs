@@ -4,7 +4,7 @@ use picloud_core::{Capability, CollectionName, KvKey};
 use picloud_store::{Store, events};
 
 use super::Ops;
-use crate::auth::Caller;
+use crate::auth::{Caller, Guarded};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{Page, PageQuery};
 use crate::views::{KvKeyView, KvValue, VersionView};
@@ -21,20 +21,26 @@ fn key_not_found(collection: &str, key: &str) -> ApiError {
 }
 
 impl<S: Store> Ops<S> {
-    /// Upserts an entry, only while it has version `expected` when one is given: the new version.
+    /// Upserts an entry, only while it has version `expected` when one is given: the new version;
+    /// [stale](Guarded::Stale), having written nothing, when the caller was authorized at a
+    /// configuration epoch (`authorized_at`) that has moved since.
     pub async fn kv_put(
         &self,
         caller: &Caller,
-        collection: String,
-        key: String,
+        collection: &str,
+        key: &str,
         value: &serde_json::Value,
         expected: Option<i64>,
-    ) -> Result<VersionView, ApiError> {
+        authorized_at: Option<i64>,
+    ) -> Result<Guarded<VersionView>, ApiError> {
         let app = caller.require_app(Capability::AppWriteKv)?;
-        let (collection, key) = names(collection, key)?;
+        let (collection, key) = names(collection.to_owned(), key.to_owned())?;
         let cx = self.event_context(app, caller);
-        let (put, _) = events::kv_put_now(&self.store, &cx, &collection, &key, value, expected).await?;
-        Ok(VersionView { version: put.version })
+        match events::kv_put_now(&self.store, &cx, &collection, &key, value, expected, authorized_at).await {
+            Ok((put, _)) => Ok(Guarded::Written(VersionView { version: put.version })),
+            Err(picloud_store::Error::Stale) => Ok(Guarded::Stale),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// An entry's value and version.

@@ -249,7 +249,7 @@ impl Op {
             Op::RemoveMember => o.remove_member(c, &Uuid::now_v7().to_string()).await.map(drop),
             Op::MintToken => o.mint_token(c, &body(json!({"scopes": ["app_read"]}))).await.map(drop),
             Op::RevokeToken => o.revoke_token(c, &Uuid::now_v7().to_string()).await.map(drop),
-            Op::Put => o.kv_put(c, "notes".into(), "k".into(), &json!(1), None).await.map(drop),
+            Op::Put => o.kv_put(c, "notes", "k", &json!(1), None, None).await.map(drop),
             Op::Get => o.kv_get(c, "notes", "k").await.map(drop),
             Op::Delete => o.kv_delete(c, "notes".into(), "k".into(), None).await.map(drop),
             Op::ListKeys => o.kv_list(c, "notes", "", &page).await.map(drop),
@@ -350,8 +350,8 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_written() {
     let bulk =
         async |action, fields: Value| ops.bulk_dead_letters(&admin, action, &body(fields)).await.map(drop);
     let refusals: Vec<(&str, Result<(), ApiError>)> = vec![
-        ("collection", ops.kv_put(&admin, "a/b".into(), "k".into(), &json!(1), None).await.map(drop)),
-        ("key", ops.kv_put(&admin, "notes".into(), String::new(), &json!(1), None).await.map(drop)),
+        ("collection", ops.kv_put(&admin, "a/b", "k", &json!(1), None, None).await.map(drop)),
+        ("key", ops.kv_put(&admin, "notes", "", &json!(1), None, None).await.map(drop)),
         ("topic", ops.publish(&admin, "a/b".into(), &raw(&json!(1)), None).await.map(drop)),
         (
             "Picloud-Ordering-Key",

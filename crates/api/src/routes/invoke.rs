@@ -9,32 +9,17 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use picloud_core::Capability;
 use picloud_dispatch::NoAnswer;
-use picloud_store::Transactional as _;
 use picloud_store::events::SyncWaiter;
 use serde_json::value::RawValue;
 
 use crate::ApiState;
-use crate::auth::{Caller, authenticate, bearer};
+use crate::auth::{bearer, confirmed, kept_caller, write_as};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{PathParams, body_bytes, parse_json};
-use crate::ops::invoke::{SyncCall, sync_result};
+use crate::ops::invoke::sync_result;
 
 /// The header a sync caller sets its timeout with, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "Picloud-Timeout-Ms";
-
-/// Authenticates `credentials` afresh on `app` and checks it may invoke there: kept for the next
-/// call when it may, forgotten when not.
-async fn authorized_caller(state: &ApiState, credentials: &str, app: &str) -> Result<Caller, ApiError> {
-    let caller = authenticate(state, credentials, Some(app)).await.and_then(|caller| {
-        caller.require_app(Capability::AppInvoke)?;
-        Ok(caller)
-    });
-    match &caller {
-        Ok(caller) => state.invokers.keep(credentials, app, caller),
-        Err(_) => state.invokers.forget(credentials, app),
-    }
-    caller
-}
 
 fn caller_timeout(headers: &HeaderMap, state: &ApiState) -> Result<Duration, ApiError> {
     let max = state.config.sync_timeout_max;
@@ -77,14 +62,8 @@ pub async fn invoke(
     request: Request,
 ) -> Result<Response, ApiError> {
     let credentials = bearer(&headers)?;
-    let (mut caller, mut authorized_at) =
-        match state.invokers.get(credentials, &app, state.ops.store().clock().now()) {
-            Some(caller) => {
-                let epoch = caller.authorized_at();
-                (caller, Some(epoch))
-            }
-            None => (authorized_caller(&state, credentials, &app).await?, None),
-        };
+    let invoke = Capability::AppInvoke;
+    let (caller, authorized_at) = kept_caller(&state, credentials, &app, invoke).await?;
     let read = async {
         let wait = caller_timeout(&headers, &state)?;
         let body: Box<RawValue> = parse_json(&body_bytes(request, &state).await?)?;
@@ -92,31 +71,20 @@ pub async fn invoke(
     };
     let (wait, body) = match read.await {
         Ok(read) => read,
-        // A kept authorization is confirmed before a bad request is told so: a node that has
-        // not kept it would have refused the caller first.
-        Err(bad) if authorized_at.is_some() => {
-            authorized_caller(&state, credentials, &app).await?;
-            return Err(bad);
-        }
-        Err(bad) => return Err(bad),
+        Err(bad) => return Err(confirmed(&state, credentials, &app, invoke, authorized_at, bad).await),
     };
     // Held until the call's result is resolved, which may outlast this request.
-    let slot = state.sync_slots.take(caller.require_app(Capability::AppInvoke)?.id)?;
+    let slot = state.sync_slots.take(caller.require_app(invoke)?.id)?;
     let node = &state.config.node;
     let reply_to = state.nats.new_inbox();
-    let (row, target) = loop {
-        let waiter =
-            SyncWaiter { reply_to: &reply_to, authorized_at, node: &node.node_id, lease: node.lease() };
-        match state.ops.write_sync_call(&caller, &name, &body, waiter).await? {
-            SyncCall::Written(row, target) => break (*row, target),
-            // The kept authorization may be out of date: read it again, and write unguarded.
-            SyncCall::Stale if authorized_at.is_some() => {
-                caller = authorized_caller(&state, credentials, &app).await?;
-                authorized_at = None;
-            }
-            SyncCall::Stale => return Err(ApiError::internal("an unguarded write was found stale")),
-        }
-    };
+    let authorized = (caller, authorized_at);
+    let (ops, name, body, reply_to) = (&state.ops, &name, &body, &reply_to);
+    let (row, target) = write_as(&state, credentials, &app, invoke, authorized, |caller, authorized_at| {
+        let waiter = SyncWaiter { reply_to, authorized_at, node: &node.node_id, lease: node.lease() };
+        async move { ops.write_sync_call(&caller, name, body, waiter).await }
+    })
+    .await?;
+    let row = *row;
     let (reply, waiting) = picloud_dispatch::sync_call();
     let delivering = picloud_dispatch::deliver_sync(
         state.ops.store().clone(),
@@ -141,6 +109,6 @@ pub async fn invoke(
         }
         Err(NoAnswer::Lost) => return Err(ApiError::internal("the call's delivery ended without an answer")),
     };
-    let result = sync_result(answer, &name, node.handler_timeout)?;
+    let result = sync_result(answer, name, node.handler_timeout)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], result).into_response())
 }

@@ -1,15 +1,16 @@
 //! KV entries: put (with `If-Match`), get, delete, list by prefix.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use picloud_core::Capability;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::ApiState;
-use crate::auth::Caller;
+use crate::auth::{Caller, bearer, confirmed, kept_caller, write_as};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
-use crate::extract::{JsonBody, Page, PageQuery, PathParams, QueryParams};
+use crate::extract::{Page, PageQuery, PathParams, QueryParams, body_bytes, parse_json};
 use crate::views::*;
 
 /// The `If-Match` version, if given: 400 when it is not a whole number.
@@ -27,7 +28,9 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
-/// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch).
+/// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch). The caller's
+/// authorization is kept for its next put, guarded by the configuration epoch it was read at
+/// (`auth::KeptAuthorizations`).
 #[utoipa::path(put, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv", operation_id = "put_kv_entry",
     params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
            ("If-Match" = Option<i64>, Header, nullable = false, minimum = 1, description = "the version the entry must have")),
@@ -40,13 +43,28 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         (status = 422, body = ErrorBody, description = "`invalid_field`: the collection or key breaks the name rule")))]
 pub async fn put(
     State(state): State<ApiState>,
-    caller: Caller,
     headers: HeaderMap,
-    PathParams((_, collection, key)): PathParams<(String, String, String)>,
-    JsonBody(value): JsonBody<serde_json::Value>,
+    PathParams((app, collection, key)): PathParams<(String, String, String)>,
+    request: Request,
 ) -> Result<Json<VersionView>, ApiError> {
-    let expected = if_match(&headers)?;
-    Ok(Json(state.ops.kv_put(&caller, collection, key, &value, expected).await?))
+    let credentials = bearer(&headers)?;
+    let write = Capability::AppWriteKv;
+    let authorized = kept_caller(&state, credentials, &app, write).await?;
+    let read = async {
+        let value: serde_json::Value = parse_json(&body_bytes(request, &state).await?)?;
+        Ok::<_, ApiError>((if_match(&headers)?, value))
+    };
+    let (expected, value) = match read.await {
+        Ok(read) => read,
+        Err(bad) => return Err(confirmed(&state, credentials, &app, write, authorized.1, bad).await),
+    };
+    let (ops, collection, key, value) = (&state.ops, &collection, &key, &value);
+    let version =
+        write_as(&state, credentials, &app, write, authorized, |caller, authorized_at| async move {
+            ops.kv_put(&caller, collection, key, value, expected, authorized_at).await
+        })
+        .await?;
+    Ok(Json(version))
 }
 
 /// Read an entry.

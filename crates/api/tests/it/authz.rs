@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::http::{Method, StatusCode};
 use picloud_core::{Access, Capability, Role, Scope};
-use picloud_store::AuthRepo as _;
+use picloud_store::{AuthRepo as _, KvRepo as _};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -384,4 +384,72 @@ async fn an_app_the_caller_has_no_role_on_answers_exactly_like_an_app_that_does_
     // A member sees the app, and is told what it lacks.
     let viewer = api.call(Method::PUT, "/v1/apps/shop/kv/c/k", Some(&api.viewer), Some(json!(1))).await;
     assert_eq!(viewer.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_kv_writer_whose_authorization_was_kept_is_refused_once_its_token_is_revoked_expired_or_its_role_lowered()
+ {
+    let clock = picloud_store::Clock::manual(time::OffsetDateTime::now_utc());
+    let api = Api::start_on(clock.clone(), |_| {}).await;
+    let put = |token: String, body: &'static [u8]| {
+        let api = &api;
+        async move {
+            api.call_with(Method::PUT, "/v1/apps/shop/kv/notes/k", Some(&token), Some(body.to_vec()), &[])
+                .await
+        }
+    };
+    let short_lived = picloud_core::token::generate_api_token();
+    api.store()
+        .create_token(&picloud_store::NewApiToken {
+            id: Uuid::now_v7(),
+            principal_id: api.admin_principal.id,
+            token_hash: picloud_core::token::hash_api_token(&short_lived),
+            app_id: None,
+            scopes: None,
+            expires_at: Some(clock.now() + std::time::Duration::from_secs(3)),
+        })
+        .await
+        .unwrap();
+    let mut written = 0;
+    for _ in 0..2 {
+        for token in [&api.developer, &api.admin, &short_lived] {
+            assert_eq!(put(token.clone(), b"1").await.status, StatusCode::OK);
+            written += 1;
+        }
+    }
+
+    let (token, _) = api
+        .store()
+        .token_by_hash(&picloud_core::token::hash_api_token(&api.developer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(api.store().revoke_token(token.id).await.unwrap());
+    let revoked = put(api.developer.clone(), b"1").await;
+    assert_eq!((revoked.status, revoked.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
+    // A bad request on a kept authorization is told only once the authorization holds.
+    assert_eq!(put(api.admin.clone(), b"1").await.status, StatusCode::OK);
+    written += 1;
+    let (token, _) =
+        api.store().token_by_hash(&picloud_core::token::hash_api_token(&api.admin)).await.unwrap().unwrap();
+    assert!(api.store().revoke_token(token.id).await.unwrap());
+    let malformed = put(api.admin.clone(), b"{").await;
+    assert_eq!((malformed.status, malformed.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
+
+    // Kept again at the epoch the revocations moved to, then refused once the role is lowered.
+    assert_eq!(put(short_lived.clone(), b"1").await.status, StatusCode::OK);
+    written += 1;
+    api.store().set_role(api.app.id, api.admin_principal.id, Role::Viewer).await.unwrap();
+    let lowered = put(short_lived.clone(), b"1").await;
+    assert_eq!(lowered.status, StatusCode::FORBIDDEN, "{:?}", lowered.body);
+    api.store().set_role(api.app.id, api.admin_principal.id, Role::Admin).await.unwrap();
+
+    // Nothing moves the epoch when a token expires: the kept token's own expiry is checked.
+    assert_eq!(put(short_lived.clone(), b"1").await.status, StatusCode::OK);
+    written += 1;
+    clock.advance(std::time::Duration::from_secs(3));
+    let expired = put(short_lived.clone(), b"1").await;
+    assert_eq!((expired.status, expired.code()), (StatusCode::UNAUTHORIZED, "token_expired"));
+    let entry = api.store().kv_get(api.app.id, "notes", "k").await.unwrap().unwrap();
+    assert_eq!(entry.version, written, "every refused put wrote nothing");
 }

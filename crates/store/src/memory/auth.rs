@@ -19,6 +19,10 @@ impl AuthRepo for MemStore {
         Ok(s.principals.get(&principal).map(|p| s.authenticated(p, None, app)))
     }
 
+    async fn config_epoch(&self, tx: &mut MemTx) -> Result<i64> {
+        Ok(tx.state.config_epoch)
+    }
+
     async fn create_app(&self, slug: &AppSlug) -> Result<App> {
         let mut s = self.lock().await;
         if s.apps.values().any(|a| a.slug == *slug) {

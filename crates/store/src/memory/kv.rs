@@ -16,6 +16,9 @@ fn kv_entry(collection: &str, key: &str, row: &KvRow) -> Result<KvEntry> {
 impl MemStore {
     /// [`KvRepo::kv_put_firing`] inside a transaction.
     async fn put_firing(&self, tx: &mut MemTx, put: &FiringPut<'_>) -> Result<Option<(KvPutResult, usize)>> {
+        if put.authorized_at.is_some_and(|epoch| epoch != tx.state.config_epoch) {
+            return Err(Error::Stale);
+        }
         let triggers = self.list_matching_kv(tx, put.app_id, put.collection, KvOp::Put).await?;
         if triggers.iter().any(|t| t.flow.is_some()) {
             return Ok(None);

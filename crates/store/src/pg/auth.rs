@@ -88,6 +88,10 @@ impl AuthRepo for PgStore {
         row.map(|r| authenticated(&r, None)).transpose()
     }
 
+    async fn config_epoch(&self, tx: &mut Self::Tx) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT epoch FROM config_epoch").fetch_one(&mut **tx).await?)
+    }
+
     async fn create_app(&self, slug: &AppSlug) -> Result<App> {
         let row = sqlx::query(
             "INSERT INTO apps (id, slug, created_at) VALUES ($1, $2, coalesce($3, now()))

@@ -18,7 +18,8 @@ const COLUMNS: &str = "collection, key, value, version, updated_at";
 /// since the trigger match is the shared predicate of `pattern`.
 static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH matched AS MATERIALIZED (
+        "WITH epoch_now AS MATERIALIZED (SELECT epoch FROM config_epoch),
+             matched AS MATERIALIZED (
                  SELECT t.id, t.retry_max_attempts, t.flow
                    FROM kv_trigger_details d JOIN triggers t ON t.id = d.trigger_id
                   WHERE d.app_id = $1 AND t.enabled AND 'put' = ANY (d.ops)
@@ -26,8 +27,9 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
              ), free AS (
                  -- Deliveries of a trigger with a flow go in lanes or are gated, which takes
                  -- statements of their own (`NewDelivery::flowing`): then this statement writes
-                 -- nothing.
-                 SELECT NOT EXISTS (SELECT 1 FROM matched WHERE flow IS NOT NULL) AS yes
+                 -- nothing. Neither does it on an authorization read at an epoch since moved.
+                 SELECT NOT EXISTS (SELECT 1 FROM matched WHERE flow IS NOT NULL)
+                        AND ($11::bigint IS NULL OR (SELECT epoch FROM epoch_now) = $11) AS yes
              ), prev AS (
                  -- Locked only when this statement writes: a lock is a write, and would make the
                  -- statement that writes nothing wait for a WAL flush of its own at its commit.
@@ -58,10 +60,11 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
                   WHERE free.yes
                  RETURNING 1
              )
-             SELECT up.version, prev.value AS previous, (SELECT count(*) FROM fired) AS fired,
-                    CASE WHEN up.version = coalesce(prev.version, 0) + 1 THEN true
+             SELECT epoch_now.epoch AS config_epoch, up.version, prev.value AS previous,
+                    (SELECT count(*) FROM fired) AS fired,
+                    CASE WHEN up.version IS NULL OR up.version = coalesce(prev.version, 0) + 1 THEN true
                          ELSE picloud_raced('kv entry') END AS consistent
-               FROM up LEFT JOIN prev ON true",
+               FROM epoch_now LEFT JOIN up ON true LEFT JOIN prev ON true",
         matches = pattern_matches("d.collection_stem", "d.collection_is_prefix", "$2")
     )
 });
@@ -158,23 +161,24 @@ impl KvRepo for PgStore {
             .bind(put.default_max_attempts as i32)
             .bind(self.now())
             .bind(i64::try_from(put.max_data_bytes).unwrap_or(i64::MAX))
-            .bind(put.ordering_key);
+            .bind(put.ordering_key)
+            .bind(put.authorized_at);
         let row = match tx {
-            Some(tx) => query.fetch_optional(&mut **tx).await,
-            None => query.fetch_optional(&self.pool).await,
+            Some(tx) => query.fetch_one(&mut **tx).await,
+            None => query.fetch_one(&self.pool).await,
         }
         .map_err(|e| match super::violated(&e) {
             Some((code, _)) if code == "40001" => Error::Conflict(format!("{}/{}", put.collection, put.key)),
             Some((code, _)) if code == "54000" => Error::TooLarge { max: put.max_data_bytes },
             _ => e.into(),
         })?;
-        let Some(row) = row else { return Ok(None) };
+        if put.authorized_at.is_some_and(|epoch| row.try_get::<i64, _>("config_epoch").ok() != Some(epoch)) {
+            return Err(Error::Stale);
+        }
+        let Some(version) = row.try_get("version")? else { return Ok(None) };
         let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;
         let fired: i64 = row.try_get("fired")?;
-        Ok(Some((
-            KvPutResult { version: row.try_get("version")?, previous: previous.map(|p| p.0) },
-            fired as usize,
-        )))
+        Ok(Some((KvPutResult { version, previous: previous.map(|p| p.0) }, fired as usize)))
     }
 
     async fn kv_delete(

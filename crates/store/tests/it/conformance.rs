@@ -1492,6 +1492,7 @@ mod events_on_both {
         an_event_at_the_depth_limit_becomes_max_depth_dead_letters_that_fan_out_below_it_only,
         a_sync_invocation_at_the_depth_limit_is_refused,
         a_kv_delete_fires_with_the_deleted_value,
+        a_kv_put_authorized_at_an_older_epoch_writes_nothing_on_either_path,
         a_replayed_dead_letter_is_delivered_again_to_its_trigger,
     );
 
@@ -1645,6 +1646,35 @@ mod events_on_both {
             data,
             j!({"collection": "orders", "key": "o-1", "op": "delete", "value": null, "previous": {"n": 1}, "version": 1})
         );
+    }
+
+    async fn a_kv_put_authorized_at_an_older_epoch_writes_nothing_on_either_path<S: Store>(s: S) {
+        let t = tenant(&s, "shop").await;
+        s.create_trigger(&new_trigger(&t, "orders", kv_spec("orders", &[KvOp::Put]))).await.unwrap();
+        let config = TriggerConfig::default();
+        let (collection, key) = (CollectionName::parse("orders").unwrap(), KvKey::parse("o-1").unwrap());
+        let put = |value: serde_json::Value, expected: Option<i64>, epoch: i64| {
+            let (s, t, config, collection, key) = (&s, &t, &config, &collection, &key);
+            async move {
+                events::kv_put_now(s, &cx(t, 0, config), collection, key, &value, expected, Some(epoch)).await
+            }
+        };
+        let read = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap().config_epoch;
+        let (written, fired) = put(j!(1), None, read).await.unwrap();
+        assert_eq!((written.version, fired.deliveries), (1, 1), "written while the epoch holds");
+
+        s.create_trigger(&new_trigger(&t, "later", kv_spec("users", &[KvOp::Put]))).await.unwrap();
+        // The one statement, and the separate statements an If-Match takes.
+        let stale = put(j!(2), None, read).await;
+        assert!(matches!(stale, Err(Error::Stale)), "{stale:?}");
+        let stale = put(j!(2), Some(1), read).await;
+        assert!(matches!(stale, Err(Error::Stale)), "{stale:?}");
+        assert_eq!(s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value, j!(1));
+        assert_eq!(s.claim_due(10, LEASE, "n").await.unwrap().rows.len(), 1, "no delivery of a stale put");
+
+        let again = s.authenticate_principal(t.admin.id, Some("shop")).await.unwrap().unwrap().config_epoch;
+        assert_eq!(put(j!(2), Some(1), again).await.unwrap().0.version, 2);
+        assert_eq!(put(j!(3), None, again).await.unwrap().0.version, 3);
     }
 
     async fn a_replayed_dead_letter_is_delivered_again_to_its_trigger<S: Store>(s: S) {

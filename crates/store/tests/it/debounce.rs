@@ -30,7 +30,7 @@ async fn put<S: Store>(s: &S, t: &Tenant, key: &str, n: u32) {
     let config = TriggerConfig::default();
     let cx = EventContext { app_id: t.app.id, app_slug: &t.app.slug, depth: 0, config: &config };
     let (collection, key) = (CollectionName::parse("notes").unwrap(), KvKey::parse(key).unwrap());
-    events::kv_put_now(s, &cx, &collection, &key, &json!({"n": n}), None).await.unwrap();
+    events::kv_put_now(s, &cx, &collection, &key, &json!({"n": n}), None, None).await.unwrap();
 }
 
 fn data(row: &ClaimedDelivery) -> Value {

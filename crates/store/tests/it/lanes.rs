@@ -219,6 +219,7 @@ async fn kv_puts_carry_the_entry_as_their_ordering_key_and_ordered_triggers_take
                 &key,
                 &serde_json::json!({"n": version}),
                 None,
+                None,
             )
             .await
             .unwrap();

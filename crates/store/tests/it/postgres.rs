@@ -150,7 +150,9 @@ async fn concurrent_first_writes_of_one_key_each_fire_with_the_value_they_replac
                 let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
                 let (collection, key) =
                     (CollectionName::parse("orders").unwrap(), KvKey::parse("same").unwrap());
-                events::kv_put_now(&s, &cx, &collection, &key, &serde_json::json!(i), None).await.unwrap()
+                events::kv_put_now(&s, &cx, &collection, &key, &serde_json::json!(i), None, None)
+                    .await
+                    .unwrap()
             })
         })
         .collect();

@@ -51,6 +51,7 @@ pub fn orders_put<'a>(t: &Tenant, value: &'a serde_json::Value) -> FiringPut<'a>
         depth: 0,
         default_max_attempts: 7,
         max_data_bytes: 1 << 20,
+        authorized_at: None,
     }
 }
 
