@@ -193,7 +193,7 @@ impl FromRequestParts<ApiState> for Caller {
 }
 
 /// Resolves credentials (the text after `Bearer `) and the named app on the node of `state`.
-/// Shared with the ingest and the sync path.
+/// Shared with the ingest, and with the routes that keep authorizations ([`fresh_caller`]).
 pub async fn authenticate(
     state: &ApiState,
     credentials: &str,
@@ -317,23 +317,26 @@ impl KeptAuthorizations {
     }
 }
 
-/// Authenticates `credentials` afresh on `app` and checks that they hold `capability` there:
-/// kept for the next request when they do, forgotten when not.
+/// Authenticates `credentials` afresh on `app` and checks that they hold `capability` there.
+/// What they authenticate as is kept for the next request, whatever capability that one needs
+/// ([`kept_caller`] checks it); credentials that do not authenticate are forgotten.
 pub async fn fresh_caller(
     state: &ApiState,
     credentials: &str,
     app: &str,
     capability: Capability,
 ) -> Result<Caller, ApiError> {
-    let caller = authenticate(state, credentials, Some(app)).await.and_then(|caller| {
-        caller.require_app(capability)?;
-        Ok(caller)
-    });
-    match &caller {
-        Ok(caller) => state.kept.keep(credentials, app, caller),
-        Err(_) => state.kept.forget(credentials, app),
+    match authenticate(state, credentials, Some(app)).await {
+        Ok(caller) => {
+            state.kept.keep(credentials, app, &caller);
+            caller.require_app(capability)?;
+            Ok(caller)
+        }
+        Err(refused) => {
+            state.kept.forget(credentials, app);
+            Err(refused)
+        }
     }
-    caller
 }
 
 /// The caller `credentials` authenticate as on `app`, holding `capability` there: the one kept

@@ -31,6 +31,9 @@ const QUEUED_REPORTS: usize = 256;
 /// one upsert a second at most, however many batches complete, and count each attempt in the minute
 /// it was written, up to this much after it ended.
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// The longest a stopping node waits for its reporter ([`Reporter::flush`]): a NATS or a
+/// database that does not answer must not hold up the node's exit.
+const FLUSH_WITHIN: Duration = Duration::from_secs(5);
 /// The most outcomes one tail message carries (a tail's reader queues messages, and NATS caps a
 /// message's size).
 const TAIL_CHUNK: usize = 256;
@@ -181,12 +184,19 @@ impl Reporter {
     }
 
     /// Waits until every report queued before this call is made, and the statistics merged so
-    /// far are written (or their write failed and was logged). A node calls it once its last
-    /// batch completed, before it exits.
+    /// far are written (or their write failed and was logged), for [`FLUSH_WITHIN`] at most. A
+    /// node calls it once its last batch completed, before it exits.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
-        if self.reports.send(Queued::Flush(done)).await.is_ok() {
-            let _ = flushed.await;
+        let flushing = async {
+            if self.reports.send(Queued::Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        };
+        if tokio::time::timeout(FLUSH_WITHIN, flushing).await.is_err() {
+            tracing::warn!(
+                "the reporter did not finish in time: the last statistics and tail outcomes are dropped"
+            );
         }
     }
 }

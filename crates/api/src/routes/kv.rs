@@ -28,9 +28,9 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
-/// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch). The caller's
-/// authorization is kept for its next put, guarded by the configuration epoch it was read at
-/// (`auth::KeptAuthorizations`).
+/// Upsert an entry; `If-Match: <version>` makes it conditional (412 on mismatch).
+// The caller's authorization is kept for its next put, guarded by the configuration epoch it was
+// read at (`auth::KeptAuthorizations`).
 #[utoipa::path(put, path = "/v1/apps/{app}/kv/{collection}/{key}", tag = "kv", operation_id = "put_kv_entry",
     params(("app" = String, Path), ("collection" = String, Path), ("key" = String, Path),
            ("If-Match" = Option<i64>, Header, nullable = false, minimum = 1, description = "the version the entry must have")),

@@ -391,48 +391,65 @@ async fn a_kv_writer_whose_authorization_was_kept_is_refused_once_its_token_is_r
  {
     let clock = picloud_store::Clock::manual(time::OffsetDateTime::now_utc());
     let api = Api::start_on(clock.clone(), |_| {}).await;
-    let put = |token: String, body: &'static [u8]| {
+    let put_if = |token: String, body: &'static [u8], if_match: &'static [(&'static str, &'static str)]| {
         let api = &api;
         async move {
-            api.call_with(Method::PUT, "/v1/apps/shop/kv/notes/k", Some(&token), Some(body.to_vec()), &[])
-                .await
+            let path = "/v1/apps/shop/kv/notes/k";
+            api.call_with(Method::PUT, path, Some(&token), Some(body.to_vec()), if_match).await
         }
     };
-    let short_lived = picloud_core::token::generate_api_token();
-    api.store()
-        .create_token(&picloud_store::NewApiToken {
-            id: Uuid::now_v7(),
-            principal_id: api.admin_principal.id,
-            token_hash: picloud_core::token::hash_api_token(&short_lived),
-            app_id: None,
-            scopes: None,
-            expires_at: Some(clock.now() + std::time::Duration::from_secs(3)),
-        })
-        .await
-        .unwrap();
+    let put = |token: String, body: &'static [u8]| put_if(token, body, &[]);
+    let mint = |expires_at: Option<time::OffsetDateTime>| {
+        let api = &api;
+        async move {
+            let token = picloud_core::token::generate_api_token();
+            api.store()
+                .create_token(&picloud_store::NewApiToken {
+                    id: Uuid::now_v7(),
+                    principal_id: api.admin_principal.id,
+                    token_hash: picloud_core::token::hash_api_token(&token),
+                    app_id: None,
+                    scopes: None,
+                    expires_at,
+                })
+                .await
+                .unwrap();
+            token
+        }
+    };
+    let revoke = |token: String| {
+        let api = &api;
+        async move {
+            let hash = picloud_core::token::hash_api_token(&token);
+            let (token, _) = api.store().token_by_hash(&hash).await.unwrap().unwrap();
+            assert!(api.store().revoke_token(token.id).await.unwrap());
+        }
+    };
+    let short_lived = mint(Some(clock.now() + std::time::Duration::from_secs(3))).await;
+    let conditional = mint(None).await;
     let mut written = 0;
     for _ in 0..2 {
-        for token in [&api.developer, &api.admin, &short_lived] {
+        for token in [&api.developer, &api.admin, &short_lived, &conditional] {
             assert_eq!(put(token.clone(), b"1").await.status, StatusCode::OK);
             written += 1;
         }
     }
 
-    let (token, _) = api
-        .store()
-        .token_by_hash(&picloud_core::token::hash_api_token(&api.developer))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(api.store().revoke_token(token.id).await.unwrap());
+    revoke(api.developer.clone()).await;
     let revoked = put(api.developer.clone(), b"1").await;
     assert_eq!((revoked.status, revoked.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
+    // An If-Match put takes the separate statements, which check the epoch too: with the
+    // entry's current version it would write.
+    assert_eq!(put(conditional.clone(), b"1").await.status, StatusCode::OK);
+    written += 1;
+    revoke(conditional.clone()).await;
+    let current: &'static str = Box::leak(written.to_string().into_boxed_str());
+    let stale = put_if(conditional.clone(), b"1", Box::leak(Box::new([("If-Match", current)]))).await;
+    assert_eq!((stale.status, stale.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
     // A bad request on a kept authorization is told only once the authorization holds.
     assert_eq!(put(api.admin.clone(), b"1").await.status, StatusCode::OK);
     written += 1;
-    let (token, _) =
-        api.store().token_by_hash(&picloud_core::token::hash_api_token(&api.admin)).await.unwrap().unwrap();
-    assert!(api.store().revoke_token(token.id).await.unwrap());
+    revoke(api.admin.clone()).await;
     let malformed = put(api.admin.clone(), b"{").await;
     assert_eq!((malformed.status, malformed.code()), (StatusCode::UNAUTHORIZED, "token_revoked"));
 

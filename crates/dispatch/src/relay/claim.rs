@@ -78,9 +78,9 @@ pub(super) async fn claim_loop<S: Store>(
         let free = batch - limited as u32;
         let plain_turn = claimable.plain.swap(false, Ordering::AcqRel);
         let plain = if plain_turn && free > 0 {
-            let claiming = Instant::now();
+            let claiming = tracing::enabled!(tracing::Level::TRACE).then(Instant::now);
             let plain = round.claim_plain(&shared.store, free, lease, &shared.config.node.node_id).await;
-            if let Ok((claim, _)) = &plain
+            if let (Some(claiming), Ok((claim, _))) = (claiming, &plain)
                 && !claim.rows.is_empty()
             {
                 tracing::trace!(
