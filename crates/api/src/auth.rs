@@ -393,7 +393,7 @@ where
 {
     let (mut caller, mut authorized_at) = authorized;
     loop {
-        match write(caller.clone(), authorized_at).await {
+        match write(caller, authorized_at).await {
             Ok(Guarded::Stale) if authorized_at.is_some() => {
                 caller = fresh_caller(state, credentials, app, capability).await?;
                 authorized_at = None;

@@ -98,12 +98,9 @@ impl Waker {
                     .bind(outbox::CHANNEL)
                     .execute(&mut *c)
                     .await;
-                    match sent {
-                        Ok(_) => tracing::trace!("relays notified"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "waking the relays failed; they will poll");
-                            conn = None;
-                        }
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "waking the relays failed; they will poll");
+                        conn = None;
                     }
                 }
             });
