@@ -10,6 +10,8 @@ use std::time::Duration;
 use picloud_core::AppId;
 use picloud_store::{AppShare, Claim, ClaimedDelivery, OutboxRepo, Walk};
 
+use uuid::Uuid;
+
 use crate::complete::Done;
 
 /// What one relay run holds of each app.
@@ -101,6 +103,27 @@ impl Round<'_> {
         }
     }
 
+    /// Whether `more` deliveries of whatever apps keep every app within its share: the relay
+    /// holds fewer than one app's share in all. A claim that does not look at apps (the rows
+    /// notifications named) is made only then.
+    pub(crate) fn room_for_any(&self, more: usize) -> bool {
+        let held: u64 = self.shares.held.lock().expect("shares lock").values().map(|n| u64::from(*n)).sum();
+        held + more as u64 <= u64::from(self.shares.share)
+    }
+
+    /// Claims those of `rows` that are claimable, by their ids, and counts them in.
+    pub(crate) async fn claim_written(
+        &self,
+        store: &impl OutboxRepo,
+        rows: &[Uuid],
+        lease: Duration,
+        node: &str,
+    ) -> picloud_store::Result<Claim> {
+        let claim = store.claim_written(rows, lease, node).await?;
+        self.took(&claim.rows);
+        Ok(claim)
+    }
+
     /// Claims up to `want` plain rows shared among the apps, each within its room, going on
     /// with the walk where the last claim left it; counts them in. Says too whether to claim
     /// again at once: rows of the apps it visited may be left, the walk stopped before the last
@@ -135,6 +158,18 @@ mod tests {
 
     use super::*;
     use crate::testing::apps_with_rows;
+
+    #[tokio::test]
+    async fn rows_are_claimed_without_looking_at_their_apps_only_while_no_app_could_pass_its_share() {
+        let (store, _) = apps_with_rows(&[3], None).await;
+        let shares = Shares::new(4);
+        let mut round = shares.round().await;
+        assert!(round.room_for_any(4), "a relay that holds nothing");
+        let (claim, _) = round.claim_plain(&store, 10, Duration::from_secs(30), "n").await.unwrap();
+        assert_eq!(claim.rows.len(), 3);
+        assert!(round.room_for_any(1));
+        assert!(!round.room_for_any(2), "two more rows of the app would pass its share");
+    }
 
     #[tokio::test]
     async fn a_pass_over_more_apps_than_a_walk_takes_comes_back_for_the_rows_it_left_behind() {

@@ -198,9 +198,9 @@ pub async fn kv_put<S: Store>(
     let put = firing_put(cx, &source, &ordering_key, collection, key, value);
     if expected.is_none()
         && cx.depth < cx.config.max_depth
-        && let Some((result, deliveries)) = s.kv_put_firing(Some(tx), &put).await?
+        && let Some((result, written)) = s.kv_put_firing(Some(tx), &put).await?
     {
-        return Ok((result, Fired { deliveries, too_deep: 0 }));
+        return Ok((result, Fired { deliveries: written.len(), too_deep: 0 }));
     }
     kv_put_matching(s, tx, cx, &put, expected).await
 }
@@ -262,18 +262,20 @@ pub async fn kv_put_now<S: Store>(
     let mut tries = 0;
     loop {
         let fast = if expected.is_none() && cx.depth < cx.config.max_depth {
-            s.kv_put_firing(None, &put)
-                .await
-                .map(|w| w.map(|(result, deliveries)| (result, Fired { deliveries, too_deep: 0 })))
+            s.kv_put_firing(None, &put).await
         } else {
             Ok(None)
         };
+        // The single statement's rows are due at once, outside lanes and gates: the wake-up
+        // names them. The separate statements' may not be.
         let written = match fast {
-            Ok(Some(written)) => Ok(written),
+            Ok(Some((result, rows))) => {
+                Ok((result, Fired { deliveries: rows.len(), too_deep: 0 }, Some(rows)))
+            }
             Ok(None) => {
                 let mut tx = s.begin().await?;
                 match kv_put_matching(s, &mut tx, cx, &put, expected).await {
-                    Ok(written) => s.commit(tx).await.map(|()| written),
+                    Ok((result, fired)) => s.commit(tx).await.map(|()| (result, fired, None)),
                     Err(e) => Err(e),
                 }
             }
@@ -282,12 +284,15 @@ pub async fn kv_put_now<S: Store>(
         match written {
             Err(Error::Conflict(_)) if tries < 5 => tries += 1,
             Err(e) => return Err(e),
-            Ok(written) => {
-                tracing::trace!(key = key.as_str(), deliveries = written.1.deliveries, "kv put committed");
-                if written.1.deliveries > 0 {
-                    s.wake_relays().await?;
+            Ok((result, fired, named)) => {
+                tracing::trace!(key = key.as_str(), deliveries = fired.deliveries, "kv put committed");
+                if fired.deliveries > 0 {
+                    match named {
+                        Some(rows) => s.wake_relays_for(rows).await?,
+                        None => s.wake_relays().await?,
+                    }
                 }
-                return Ok(written);
+                return Ok((result, fired));
             }
         }
     }

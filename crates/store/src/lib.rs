@@ -447,7 +447,17 @@ pub trait TriggerRepo: Transactional {
 
 /// Wake-ups of a relay: an item whenever deliveries may have been written (an error when the
 /// notification channel broke; the relay then polls).
-pub type Wakeups = futures::stream::BoxStream<'static, Result<()>>;
+pub type Wakeups = futures::stream::BoxStream<'static, Result<Wakeup>>;
+
+/// What a wake-up says was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakeup {
+    /// Deliveries may have been written, of any app and in any state.
+    Any,
+    /// These deliveries were written, due at once, outside lanes and gates: a relay may claim
+    /// them by their ids ([`OutboxRepo::claim_written`]) rather than walk the apps for them.
+    Written(Vec<Uuid>),
+}
 
 /// The outbox: one row per delivery.
 pub trait OutboxRepo: Transactional {
@@ -459,6 +469,10 @@ pub trait OutboxRepo: Transactional {
     /// writer's transaction would hold Postgres' global notify lock through that transaction's
     /// commit and so serialize every writer's commit.
     fn wake_relays(&self) -> impl Future<Output = Result<()>> + Send;
+    /// [`OutboxRepo::wake_relays`] for `written`, deliveries just committed, due at once, outside
+    /// lanes and gates: the wake-up names them ([`Wakeup::Written`]) when it names nothing else,
+    /// and is [`Wakeup::Any`] otherwise (as the in-memory store's always are).
+    fn wake_relays_for(&self, written: Vec<Uuid>) -> impl Future<Output = Result<()>> + Send;
     /// How long until the earliest delivery that is not due yet becomes due, if there is one.
     fn next_due_in(&self) -> impl Future<Output = Result<Option<Duration>>> + Send;
     /// Releases up to `batch` of the lanes that completions and resolutions noted because a
@@ -498,6 +512,16 @@ pub trait OutboxRepo: Transactional {
         node: &str,
         walk: Walk<'_>,
     ) -> impl Future<Output = Result<SharedClaim>> + Send;
+    /// Claims those of the deliveries `ids` that are claimable now (due, unleased, outside lanes
+    /// and gates), as [`OutboxRepo::claim_shared`] claims a row, in one statement; rows locked
+    /// by a concurrent claim are skipped. No app's share is looked at: a relay claims so only
+    /// while it holds too little for any app to pass its share.
+    fn claim_written(
+        &self,
+        ids: &[Uuid],
+        lease: Duration,
+        node: &str,
+    ) -> impl Future<Output = Result<Claim>> + Send;
     /// [`OutboxRepo::claim_shared`] of every app from the first, without bounds on any (for
     /// tests and tools: a relay claims with its shares).
     fn claim_due(
@@ -749,7 +773,7 @@ pub trait KvRepo: Transactional {
     /// with the event data of DESIGN §3. In `tx`, or in a statement of its own when `tx` is
     /// `None` (for Postgres one round trip: the write path of a single KV put). A concurrent
     /// first write of the same key fails with [`Error::Conflict`]; try again. Returns the put and
-    /// how many deliveries it wrote; `None`, having written nothing, when a trigger it fires has
+    /// the ids of the deliveries it wrote; `None`, having written nothing, when a trigger it fires has
     /// a `flow` (lanes and gated rows are written by [`OutboxRepo::insert_deliveries`]); and
     /// [`Error::Stale`], having written nothing, when the configuration epoch is no longer the
     /// put's `authorized_at`.
@@ -757,7 +781,7 @@ pub trait KvRepo: Transactional {
         &self,
         tx: Option<&mut Self::Tx>,
         put: &model::FiringPut<'_>,
-    ) -> impl Future<Output = Result<Option<(model::KvPutResult, usize)>>> + Send;
+    ) -> impl Future<Output = Result<Option<(model::KvPutResult, Vec<Uuid>)>>> + Send;
     /// Deletes an entry, returning it; `None` if it did not exist. With `expected`, only if its
     /// version is that.
     fn kv_delete(

@@ -11,12 +11,37 @@ use super::*;
 pub(super) struct Claimable {
     plain: AtomicBool,
     limited: AtomicBool,
+    /// Rows the notifications named ([`Wakeup::Written`]) since the last plain claim: while no
+    /// other rows may be claimable, the plain claim takes these by their ids.
+    written: Mutex<Vec<Uuid>>,
 }
 
 impl Claimable {
     /// Everything may be claimable: a relay that starts looks.
     pub(super) fn new() -> Self {
-        Self { plain: AtomicBool::new(true), limited: AtomicBool::new(true) }
+        Self { plain: AtomicBool::new(true), limited: AtomicBool::new(true), written: Mutex::default() }
+    }
+
+    /// These plain rows were written.
+    pub(super) fn written(&self, rows: Vec<Uuid>) {
+        self.written.lock().expect("claimable lock").extend(rows);
+    }
+
+    /// The plain claim's turn, and what it takes: a walk over the apps when anything but the
+    /// rows notifications named may be claimable (it finds those too: they were committed before
+    /// their notification came); otherwise up to `want` of those rows (`None`: no turn).
+    fn plain_turn(&self, want: u32) -> Option<PlainTurn> {
+        let mut written = self.written.lock().expect("claimable lock");
+        if self.plain.swap(false, Ordering::AcqRel) {
+            written.clear();
+            return Some(PlainTurn::Walk);
+        }
+        if written.is_empty() {
+            return None;
+        }
+        let taken = written.len().min(want as usize);
+        let rest = written.split_off(taken);
+        Some(PlainTurn::Written(std::mem::replace(&mut *written, rest)))
     }
 
     pub(super) fn all(&self) {
@@ -35,8 +60,18 @@ impl Claimable {
     }
 
     pub(super) fn any(&self) -> bool {
-        self.plain.load(Ordering::Acquire) || self.limited.load(Ordering::Acquire)
+        self.plain.load(Ordering::Acquire)
+            || self.limited.load(Ordering::Acquire)
+            || !self.written.lock().expect("claimable lock").is_empty()
     }
+}
+
+/// What a round's plain claim takes.
+enum PlainTurn {
+    /// Whatever is due, walking the apps.
+    Walk,
+    /// These rows, by their ids.
+    Written(Vec<Uuid>),
 }
 
 pub(super) async fn claim_loop<S: Store>(
@@ -76,20 +111,31 @@ pub(super) async fn claim_loop<S: Store>(
             (0, None, Started::default())
         };
         let free = batch - limited as u32;
-        let plain_turn = claimable.plain.swap(false, Ordering::AcqRel);
-        let plain = if plain_turn && free > 0 {
-            let claiming = tracing::enabled!(tracing::Level::TRACE).then(Instant::now);
-            let plain = round.claim_plain(&shared.store, free, lease, &shared.config.node.node_id).await;
-            if let (Some(claiming), Ok((claim, _))) = (claiming, &plain) {
-                trace_claimed(claiming, claim);
-            }
-            plain
-        } else {
-            if plain_turn {
+        let plain = match (free, claimable.plain_turn(free)) {
+            (0, Some(turn)) => {
                 // No free slot left this round: the plain claim's turn stays.
-                claimable.plain();
+                match turn {
+                    PlainTurn::Walk => claimable.plain(),
+                    PlainTurn::Written(rows) => claimable.written(rows),
+                }
+                Ok((Claim { rows: Vec::new(), config_epoch: None }, false))
             }
-            Ok((Claim { rows: Vec::new(), config_epoch: None }, false))
+            (_, Some(turn)) => {
+                let claiming = tracing::enabled!(tracing::Level::TRACE).then(Instant::now);
+                let node = &shared.config.node.node_id;
+                let plain = match turn {
+                    PlainTurn::Written(rows) if round.room_for_any(rows.len()) => round
+                        .claim_written(&shared.store, &rows, lease, node)
+                        .await
+                        .map(|claim| (claim, false)),
+                    _ => round.claim_plain(&shared.store, free, lease, node).await,
+                };
+                if let (Some(claiming), Ok((claim, _))) = (claiming, &plain) {
+                    trace_claimed(claiming, claim);
+                }
+                plain
+            }
+            (_, None) => Ok((Claim { rows: Vec::new(), config_epoch: None }, false)),
         };
         drop(round);
         start(&shared, started, &done).await;
@@ -216,5 +262,27 @@ fn trace_claimed(claiming: Instant, claim: &Claim) {
             subjects = ?claim.rows.iter().map(|r| r.subject.as_deref()).collect::<Vec<_>>(),
             "claimed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_turn_takes_the_rows_named_up_to_its_want_unless_a_walk_is_due_which_finds_them_too() {
+        let claimable = Claimable::new();
+        let rows: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        claimable.written(rows.clone());
+        assert!(matches!(claimable.plain_turn(8), Some(PlainTurn::Walk)), "a relay that starts walks");
+        assert!(claimable.plain_turn(8).is_none(), "the walk was to find the rows named before it");
+
+        claimable.written(rows.clone());
+        let Some(PlainTurn::Written(first)) = claimable.plain_turn(3) else { panic!("the rows named") };
+        assert_eq!(first, rows[..3]);
+        assert!(claimable.any(), "rows named are left");
+        let Some(PlainTurn::Written(rest)) = claimable.plain_turn(3) else { panic!("the rows named") };
+        assert_eq!(rest, rows[3..]);
+        assert!(claimable.plain_turn(3).is_none());
     }
 }

@@ -36,7 +36,7 @@ use picloud_core::protocol::{
 use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Batch, Capability, RetryPolicy, TriggerId};
 use picloud_store::{
-    AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, LeaseExtension, Store, Wakeups,
+    AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, LeaseExtension, Store, Wakeup, Wakeups,
 };
 use picloud_worker::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -331,11 +331,14 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
     let mut failures = 0u32;
     loop {
         match wakeups.next().await {
-            Some(Ok(())) => {
+            Some(Ok(wakeup)) => {
                 tracing::trace!("woken by a notification");
                 failures = 0;
                 shared.shares.written();
-                shared.claimable.all();
+                match wakeup {
+                    Wakeup::Written(rows) => shared.claimable.written(rows),
+                    Wakeup::Any => shared.claimable.all(),
+                }
                 shared.wake.notify_one();
             }
             Some(Err(e)) => {

@@ -15,7 +15,11 @@ fn kv_entry(collection: &str, key: &str, row: &KvRow) -> Result<KvEntry> {
 
 impl MemStore {
     /// [`KvRepo::kv_put_firing`] inside a transaction.
-    async fn put_firing(&self, tx: &mut MemTx, put: &FiringPut<'_>) -> Result<Option<(KvPutResult, usize)>> {
+    async fn put_firing(
+        &self,
+        tx: &mut MemTx,
+        put: &FiringPut<'_>,
+    ) -> Result<Option<(KvPutResult, Vec<Uuid>)>> {
         if put.authorized_at.is_some_and(|epoch| epoch != tx.state.config_epoch) {
             return Err(Error::Stale);
         }
@@ -54,8 +58,8 @@ impl MemStore {
                 )
             })
             .collect();
-        self.insert_deliveries(tx, &rows).await?;
-        Ok(Some((result, rows.len())))
+        let written = self.insert_deliveries(tx, &rows).await?;
+        Ok(Some((result, written)))
     }
 }
 
@@ -94,7 +98,7 @@ impl KvRepo for MemStore {
         &self,
         tx: Option<&mut MemTx>,
         put: &FiringPut<'_>,
-    ) -> Result<Option<(KvPutResult, usize)>> {
+    ) -> Result<Option<(KvPutResult, Vec<Uuid>)>> {
         match tx {
             Some(tx) => self.put_firing(tx, put).await,
             None => {

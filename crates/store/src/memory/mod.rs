@@ -22,7 +22,7 @@ use crate::model::*;
 use crate::{
     APPS_PER_CLAIM, AbandonedRepo, AuthRepo, Authenticated, Busy, Claim, Clock, DeadLetterRepo,
     DeliveryTarget, Error, Holder, KvRepo, LimitedClaim, OutboxRepo, Result, SharedClaim, Slots, Standing,
-    SyncCallWrite, Targets, Transactional, TriggerRepo, Wakeups, Walk, quotas,
+    SyncCallWrite, Targets, Transactional, TriggerRepo, Wakeup, Wakeups, Walk, quotas,
 };
 
 mod abandoned;

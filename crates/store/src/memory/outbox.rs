@@ -138,7 +138,7 @@ impl OutboxRepo for MemStore {
         let rx = self.wake.subscribe();
         Ok(futures::stream::unfold(rx, |mut rx| async move {
             rx.changed().await.ok()?;
-            Some((Ok(()), rx))
+            Some((Ok(Wakeup::Any), rx))
         })
         .boxed())
     }
@@ -146,6 +146,10 @@ impl OutboxRepo for MemStore {
     async fn wake_relays(&self) -> Result<()> {
         self.wake.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    async fn wake_relays_for(&self, _written: Vec<Uuid>) -> Result<()> {
+        self.wake_relays().await
     }
 
     async fn next_due_in(&self) -> Result<Option<Duration>> {
@@ -247,6 +251,22 @@ impl OutboxRepo for MemStore {
             .collect();
         let config_epoch = (!claimed.is_empty()).then_some(s.config_epoch);
         Ok(SharedClaim { claim: Claim { rows: claimed, config_epoch }, more, resume_at })
+    }
+
+    async fn claim_written(&self, ids: &[Uuid], lease: Duration, node: &str) -> Result<Claim> {
+        let now = self.now();
+        let mut s = self.lock().await;
+        let claimable = |r: &OutboxRow| {
+            !r.waiting && !r.new.gated && r.due_at <= now && r.leased_until.is_none_or(|l| l <= now)
+        };
+        let rows: Vec<ClaimedDelivery> = ids
+            .iter()
+            .filter_map(|id| {
+                s.outbox.get_mut(id).filter(|r| claimable(r)).map(|r| lease_row(r, now, lease, node))
+            })
+            .collect();
+        let config_epoch = (!rows.is_empty()).then_some(s.config_epoch);
+        Ok(Claim { rows, config_epoch })
     }
 
     async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {

@@ -58,10 +58,10 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
                                                            'value', $4::jsonb, 'previous', (SELECT value FROM prev),
                                                            'version', (SELECT version FROM up))::json AS data) e
                   WHERE free.yes
-                 RETURNING 1
+                 RETURNING id
              )
              SELECT epoch_now.epoch AS config_epoch, up.version, prev.value AS previous,
-                    (SELECT count(*) FROM fired) AS fired,
+                    (SELECT array_agg(id) FROM fired) AS fired,
                     CASE WHEN up.version IS NULL OR up.version = coalesce(prev.version, 0) + 1 THEN true
                          ELSE picloud_raced('kv entry') END AS consistent
                FROM epoch_now LEFT JOIN up ON true LEFT JOIN prev ON true",
@@ -150,7 +150,7 @@ impl KvRepo for PgStore {
         &self,
         tx: Option<&mut Self::Tx>,
         put: &FiringPut<'_>,
-    ) -> Result<Option<(KvPutResult, usize)>> {
+    ) -> Result<Option<(KvPutResult, Vec<uuid::Uuid>)>> {
         let query = sqlx::query(&KV_PUT_FIRING)
             .bind(put.app_id.as_uuid())
             .bind(put.collection)
@@ -177,8 +177,8 @@ impl KvRepo for PgStore {
         }
         let Some(version) = row.try_get("version")? else { return Ok(None) };
         let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;
-        let fired: i64 = row.try_get("fired")?;
-        Ok(Some((KvPutResult { version, previous: previous.map(|p| p.0) }, fired as usize)))
+        let fired: Option<Vec<uuid::Uuid>> = row.try_get("fired")?;
+        Ok(Some((KvPutResult { version, previous: previous.map(|p| p.0) }, fired.unwrap_or_default())))
     }
 
     async fn kv_delete(

@@ -5,8 +5,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use time::OffsetDateTime;
+use uuid::Uuid;
 
-use crate::{Clock, Result, Transactional};
+use crate::{Clock, Result, Transactional, Wakeup};
 
 mod abandoned;
 mod auth;
@@ -60,24 +61,79 @@ pub struct PgStore {
 /// are folded into the next, and no writer waits on Postgres' global notify lock.
 #[derive(Debug, Clone)]
 struct Waker {
+    /// What the next notification says was written.
+    next: std::sync::Arc<std::sync::Mutex<Written>>,
     /// Capacity one: a full channel means a wake-up is already due.
     due: tokio::sync::mpsc::Sender<()>,
     /// The receiving end, until the first wake-up starts the task that owns it.
     pending: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<()>>>>,
 }
 
+/// The rows the wake-ups folded into one notification named, while they named nothing else.
+#[derive(Debug, Default)]
+struct Written {
+    any: bool,
+    rows: Vec<Uuid>,
+}
+
+/// The most rows one notification names: their ids, 37 bytes each with a separator, within
+/// Postgres' 8000-byte payload. A notification that would name more names none.
+const NAMED_PER_NOTIFICATION: usize = 200;
+
+impl Written {
+    /// The notification's payload: the ids, comma-separated, or nothing ([`Wakeup::Any`]).
+    fn payload(self) -> String {
+        if self.any || self.rows.len() > NAMED_PER_NOTIFICATION {
+            return String::new();
+        }
+        let mut payload = String::with_capacity(self.rows.len() * 37);
+        for (i, id) in self.rows.iter().enumerate() {
+            if i > 0 {
+                payload.push(',');
+            }
+            payload.push_str(id.as_hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        }
+        payload
+    }
+}
+
+/// What a notification's payload says was written: [`Written::payload`] read back, or
+/// [`Wakeup::Any`] for anything else.
+pub(super) fn wakeup(payload: &str) -> Wakeup {
+    if payload.is_empty() {
+        return Wakeup::Any;
+    }
+    payload
+        .split(',')
+        .map(Uuid::parse_str)
+        .collect::<std::result::Result<_, _>>()
+        .map_or(Wakeup::Any, Wakeup::Written)
+}
+
 impl Waker {
     fn new() -> Self {
         let (due, pending) = tokio::sync::mpsc::channel(1);
-        Self { due, pending: std::sync::Arc::new(std::sync::Mutex::new(Some(pending))) }
+        Self {
+            next: std::sync::Arc::default(),
+            due,
+            pending: std::sync::Arc::new(std::sync::Mutex::new(Some(pending))),
+        }
     }
 
-    /// Flags a wake-up, starting the sending task on first use. The task sends on a connection
-    /// of its own (a wake-up must not queue behind the writes for a pooled connection), and ends
-    /// once every clone of the store is dropped.
-    fn wake(&self, pool: &PgPool) {
+    /// Flags a wake-up for `written` (`None`: for anything), starting the sending task on first
+    /// use. The task sends on a connection of its own (a wake-up must not queue behind the
+    /// writes for a pooled connection), and ends once every clone of the store is dropped.
+    fn wake(&self, pool: &PgPool, written: Option<Vec<Uuid>>) {
+        {
+            let mut next = self.next.lock().expect("waker lock");
+            match written {
+                Some(rows) if !next.any => next.rows.extend(rows),
+                _ => next.any = true,
+            }
+        }
         if let Some(mut due) = self.pending.lock().expect("waker lock").take() {
             let options = pool.connect_options().as_ref().clone();
+            let next = self.next.clone();
             tokio::spawn(async move {
                 let mut conn: Option<sqlx::PgConnection> = None;
                 while due.recv().await.is_some() {
@@ -90,12 +146,19 @@ impl Waker {
                             .ok();
                     }
                     let Some(c) = conn.as_mut() else { continue };
+                    let written = std::mem::take(&mut *next.lock().expect("waker lock"));
+                    if !written.any && written.rows.is_empty() {
+                        // Folded into the notification before.
+                        continue;
+                    }
                     tracing::trace!("notifying relays");
-                    // The notification carries no data, so it need not wait for the WAL flush.
+                    // The notification writes nothing (it names rows already committed), so it
+                    // need not wait for the WAL flush.
                     let sent = sqlx::query(
-                        "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+                        "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)",
                     )
                     .bind(outbox::CHANNEL)
+                    .bind(written.payload())
                     .execute(&mut *c)
                     .await;
                     if let Err(e) = sent {

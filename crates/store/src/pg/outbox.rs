@@ -507,11 +507,16 @@ impl OutboxRepo for PgStore {
     async fn listen(&self) -> Result<Wakeups> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;
-        Ok(listener.into_stream().map(|n| n.map(|_| ()).map_err(Error::from)).boxed())
+        Ok(listener.into_stream().map(|n| n.map(|n| super::wakeup(n.payload())).map_err(Error::from)).boxed())
     }
 
     async fn wake_relays(&self) -> Result<()> {
-        self.waker.wake(&self.pool);
+        self.waker.wake(&self.pool, None);
+        Ok(())
+    }
+
+    async fn wake_relays_for(&self, written: Vec<Uuid>) -> Result<()> {
+        self.waker.wake(&self.pool, Some(written));
         Ok(())
     }
 
@@ -614,6 +619,29 @@ impl OutboxRepo for PgStore {
         let last_taken = rows.iter().map(|r| r.app_id).max().filter(|_| full);
         let resume_at = SharedClaim::resume_at(visited, last_visited, last_taken);
         Ok(SharedClaim { claim: Claim { rows, config_epoch }, more, resume_at })
+    }
+
+    async fn claim_written(&self, ids: &[Uuid], lease: Duration, node: &str) -> Result<Claim> {
+        static CLAIM_WRITTEN: LazyLock<String> = LazyLock::new(|| {
+            lease_picked(
+                "$4",
+                "SELECT o.ctid FROM outbox o
+                  WHERE o.id = ANY ($1) AND o.due_at <= coalesce($3, now()) AND NOT o.waiting AND NOT o.gated
+                    AND (o.leased_until IS NULL OR o.leased_until <= coalesce($3, now()))
+                    FOR UPDATE SKIP LOCKED",
+                ", (SELECT epoch FROM config_epoch) AS config_epoch",
+            )
+        });
+        let found = sqlx::query(&CLAIM_WRITTEN)
+            .bind(ids)
+            .bind(millis(lease))
+            .bind(self.now())
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
+        let rows = found.iter().map(claimed_row).collect::<Result<Vec<_>>>()?;
+        let config_epoch = found.first().map(|r| r.try_get("config_epoch")).transpose()?;
+        Ok(Claim { rows, config_epoch })
     }
 
     async fn claim_limited(&self, want: u32, lease: Duration, holder: Holder<'_>) -> Result<LimitedClaim> {

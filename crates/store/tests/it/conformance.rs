@@ -54,6 +54,7 @@ conformance!(
     a_repeated_idempotency_key_returns_the_first_id,
     pending_for_dead_letter_counts_the_other_reporting_deliveries,
     a_wake_up_reaches_every_listener,
+    a_claim_of_written_rows_takes_those_of_them_claimable_now,
     a_configuration_change_moves_the_epoch_claims_and_targets_report,
     a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger,
     a_put_whose_event_would_be_too_large_writes_nothing_unless_nothing_fires,
@@ -959,16 +960,19 @@ async fn a_put_that_fires_writes_the_entry_and_one_delivery_per_matching_trigger
     s.create_trigger(&new_trigger(&t, "elsewhere", kv_spec("users", &[KvOp::Put]))).await.unwrap();
     let put = |value: &'static serde_json::Value| FiringPut { depth: 2, ..orders_put(&t, value) };
     let (first_value, second_value) = (Box::leak(Box::new(j!({"n": 1}))), Box::leak(Box::new(j!({"n": 2}))));
-    let (result, fired) = s.kv_put_firing(None, &put(first_value)).await.unwrap().unwrap();
-    assert_eq!((result, fired), (KvPutResult { version: 1, previous: None }, 2));
+    let (result, first) = s.kv_put_firing(None, &put(first_value)).await.unwrap().unwrap();
+    assert_eq!((result, first.len()), (KvPutResult { version: 1, previous: None }, 2));
     let mut tx = s.begin().await.unwrap();
-    let (result, fired) = s.kv_put_firing(Some(&mut tx), &put(second_value)).await.unwrap().unwrap();
+    let (result, second) = s.kv_put_firing(Some(&mut tx), &put(second_value)).await.unwrap().unwrap();
     s.commit(tx).await.unwrap();
-    assert_eq!((result, fired), (KvPutResult { version: 2, previous: Some(j!({"n": 1})) }, 2));
+    assert_eq!((result, second.len()), (KvPutResult { version: 2, previous: Some(j!({"n": 1})) }, 2));
     assert_eq!(s.kv_get(t.app.id, "orders", "o-1").await.unwrap().unwrap().value, j!({"n": 2}));
 
-    let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
+    // The ids it returns are the rows it wrote.
+    let written: Vec<Uuid> = first.into_iter().chain(second).collect();
+    let claimed = s.claim_written(&written, LEASE, "n").await.unwrap().rows;
     assert_eq!(claimed.len(), 4);
+    assert!(s.claim_due(10, LEASE, "n").await.unwrap().rows.is_empty(), "the put wrote no other row");
     for c in &claimed {
         assert_eq!(
             (c.kind, c.event_type.as_str(), c.source.as_str()),
@@ -993,8 +997,49 @@ async fn a_wake_up_reaches_every_listener<S: Store>(s: S) {
     for listener in [&mut first, &mut second] {
         let woke =
             tokio::time::timeout(Duration::from_secs(10), listener.next()).await.expect("woken in time");
-        assert!(matches!(woke, Some(Ok(()))));
+        assert!(matches!(woke, Some(Ok(_))));
     }
+}
+
+async fn a_claim_of_written_rows_takes_those_of_them_claimable_now<S: Store>(s: S) {
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let now = || delivery(&t, &trigger, Duration::ZERO);
+    let in_lane = || NewDelivery { lane: Some("k".into()), ..now() };
+    let mut tx = s.begin().await.unwrap();
+    let leased = s.insert_deliveries(&mut tx, &[now()]).await.unwrap();
+    s.commit(tx).await.unwrap();
+    assert_eq!(s.claim_due(10, LEASE, "other").await.unwrap().rows.len(), 1);
+    let mut tx = s.begin().await.unwrap();
+    let [due, later, gated, head, behind] = s
+        .insert_deliveries(
+            &mut tx,
+            &[
+                now(),
+                delivery(&t, &trigger, Duration::from_secs(5)),
+                NewDelivery { gated: true, ..now() },
+                in_lane(),
+                in_lane(),
+            ],
+        )
+        .await
+        .unwrap()[..]
+    else {
+        panic!("five rows")
+    };
+    s.commit(tx).await.unwrap();
+    let named = [leased[0], due, later, gated, head, behind, Uuid::now_v7()];
+
+    let claim = s.claim_written(&named, LEASE, "n").await.unwrap();
+    let mut claimed: Vec<(Uuid, u32)> = claim.rows.iter().map(|r| (r.id, r.attempt)).collect();
+    claimed.sort();
+    let mut expected = vec![(due, 1), (head, 1)];
+    expected.sort();
+    assert_eq!(claimed, expected, "due, unleased, neither gated nor waiting in a lane");
+    assert!(claim.config_epoch.is_some(), "a claim that took rows reports the epoch");
+    assert!(s.claim_written(&named, LEASE, "n").await.unwrap().rows.is_empty(), "claimed rows are leased");
+    s.clock().advance(Duration::from_secs(5));
+    let later_claim = s.claim_written(&named, LEASE, "n").await.unwrap().rows;
+    assert_eq!(later_claim.iter().map(|r| r.id).collect::<Vec<_>>(), [later], "once due");
 }
 
 async fn next_due_in_tells_how_long_until_the_earliest_delayed_delivery<S: Store>(s: S) {

@@ -297,3 +297,29 @@ async fn locking_dead_letters_waits_for_one_another_transaction_holds_and_leaves
     s.commit(replay).await.unwrap();
     assert_eq!(bulk.await.unwrap(), [dead[1]], "the replayed one is rechecked and left, the other taken");
 }
+
+#[tokio::test]
+async fn a_wake_up_for_written_rows_names_them_to_every_listener_and_any_other_names_none() {
+    async fn next(listener: &mut Wakeups) -> Wakeup {
+        use futures::StreamExt as _;
+        tokio::time::timeout(Duration::from_secs(10), listener.next())
+            .await
+            .expect("woken in time")
+            .expect("listening")
+            .unwrap()
+    }
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone());
+    let mut first = s.listen().await.unwrap();
+    let mut second = s.listen().await.unwrap();
+    let written = vec![uuid::Uuid::now_v7(), uuid::Uuid::now_v7()];
+    s.wake_relays_for(written.clone()).await.unwrap();
+    for listener in [&mut first, &mut second] {
+        assert_eq!(next(listener).await, Wakeup::Written(written.clone()));
+    }
+    s.wake_relays().await.unwrap();
+    assert_eq!(next(&mut first).await, Wakeup::Any);
+    // More than one notification names: it names none.
+    s.wake_relays_for((0..201).map(|_| uuid::Uuid::now_v7()).collect()).await.unwrap();
+    assert_eq!(next(&mut first).await, Wakeup::Any);
+}
