@@ -3,7 +3,7 @@
 //! rate moves with the neighbours; the CPU a delivery costs does not, so runs compare by it.
 //!
 //! The processes are the benchmark's own tree: its role children, each named by the part it
-//! plays (relay, handler, api), PostgreSQL (every `postgres` process; a backend that exits
+//! plays (relay, handler, api, or node for the API and the relay in one process), PostgreSQL (every `postgres` process; a backend that exits
 //! meanwhile is counted through its postmaster's reaped-children times), nats-server, which the
 //! servers' thread spawned, and the benchmark's children that ended meanwhile (the latency
 //! scenario's producer), counted through the benchmark's own reaped-children times.
@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// The parts a run's CPU is told apart by, in the order they are printed.
-pub const PARTS: [&str; 7] = ["postgres", "relay", "handler", "nats-server", "api", "producer", "bench"];
+/// A `node` is the HTTP API and the relay in one process, as `serve` runs them.
+pub const PARTS: [&str; 8] =
+    ["postgres", "relay", "handler", "nats-server", "api", "node", "producer", "bench"];
 
 /// CPU time by part.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -155,8 +155,9 @@ pub struct Load {
     pub fan: usize,
 }
 
-/// A steady run on `bench`'s database: a handler process serving `serving`, the relay and the
-/// HTTP API, idle for 2 s; then the producer's `requests` to the API (`None`: the store's
+/// A steady run on `bench`'s database: a handler process serving `serving`, and a router node
+/// (the HTTP API and the relay in one process), or for the store's writes the relay and the
+/// HTTP API apart, idle for 2 s; then the producer's `requests` to the API (`None`: the store's
 /// single-event write to `bench`'s app instead) at the `load`, until the handler was handed
 /// every delivery they make. `what` names the run in the log.
 pub async fn steady(
@@ -169,16 +170,31 @@ pub async fn steady(
 ) -> anyhow::Result<Steady> {
     let expect = usize::try_from(load.rate * load.seconds)? * load.fan;
     let mut handler = serving.spawn(&servers.nats_url, expect, &["--latency"]).await?;
-    let mut relay = spawn_relay(&bench.url, &servers.nats_url).await?;
-    let (api, port) =
-        Role::spawn_reporting("api", &["api", "--url", &bench.url, "--nats-url", &servers.nats_url]).await?;
+    // Writes through the HTTP API go to a router node (the API and the relay in one process, as
+    // `serve` runs them); the store's writes come from outside any node, so the relay is a
+    // process of its own.
+    let mut relay = match requests {
+        Some(_) => None,
+        None => Some(spawn_relay(&bench.url, &servers.nats_url).await?),
+    };
+    let api_args = ["api", "--url", &bench.url, "--nats-url", &servers.nats_url, "--relay"];
+    let (api, port) = match relay {
+        Some(_) => Role::spawn_reporting("api", &api_args[..5]).await?,
+        None => Role::spawn_reporting("node", &api_args).await?,
+    };
     start_handler(&mut handler).await?;
-    relay.send("start").await?;
+    if let Some(relay) = &mut relay {
+        relay.send("start").await?;
+    }
     // Warm-up, not synchronisation: the relay opens its pool and LISTENs before the first
     // event, so the figures measure steady state.
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("{what}: producing");
-    let roles = [("relay", relay.pid()), ("handler", handler.pid()), ("api", api.pid())];
+    let mut roles = vec![("handler", handler.pid())];
+    match &relay {
+        Some(relay) => roles.extend([("relay", relay.pid()), ("api", api.pid())]),
+        None => roles.push(("node", api.pid())),
+    }
     let before = Cpu::sample(&roles);
     let writes = match requests {
         Some(requests) => Writes::Http { api: format!("http://127.0.0.1:{port}"), requests },
@@ -188,7 +204,9 @@ pub async fn steady(
     let produced = produce_in_process(&plan).await?;
     let handled = Handled::by(&mut handler).await?;
     let cpu = Cpu::sample(&roles).since(&before).per_delivery_us(handled.handled);
-    relay.stop().await?;
+    if let Some(relay) = relay {
+        relay.stop().await?;
+    }
     handler.stop().await?;
     api.stop().await?;
     Ok(Steady { handled, produced, cpu })

@@ -105,6 +105,10 @@ pub struct ApiArgs {
     url: String,
     #[arg(long)]
     nats_url: String,
+    /// Run the relay in the same process, as a router node does (`serve`): the rows the API's
+    /// writes name are handed to it in memory.
+    #[arg(long)]
+    relay: bool,
 }
 
 /// What the handler reports.
@@ -302,7 +306,8 @@ pub async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HTTP API and its node's sync deliveries; prints `ready <port>`, serves until `stop`.
+/// The HTTP API and its node's sync deliveries, and with `--relay` the node's relay too; prints
+/// `ready <port>`, serves until `stop`.
 #[allow(clippy::print_stdout)]
 pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let lines = BufReader::new(tokio::io::stdin()).lines();
@@ -310,9 +315,21 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let nats = async_nats::connect(&args.nats_url).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
+    let stop = stop_on_command(lines);
+    let relay = if args.relay {
+        let relay_store = PgStore::connect_relay(&args.url, 20).await?;
+        let relay =
+            Relay::new(relay_store, nats.clone(), relay_config()).taking_written(store.hand_written());
+        Some(tokio::spawn(relay.run(stop.clone())))
+    } else {
+        None
+    };
     let config = picloud_api::ApiConfig::new(relay_config().node);
     let state = picloud_api::ApiState::new(store, nats, config);
     println!("ready {port}");
-    picloud_api::serve(listener, picloud_api::router(state.clone()), state, stop_on_command(lines)).await?;
+    picloud_api::serve(listener, picloud_api::router(state.clone()), state, stop).await?;
+    if let Some(relay) = relay {
+        relay.await??;
+    }
     Ok(())
 }

@@ -66,6 +66,14 @@ impl Shares {
         self.written.store(true, Ordering::Release);
     }
 
+    /// Whether `more` deliveries of whatever apps keep every app within its share: the relay
+    /// holds fewer than one app's share in all. A claim that does not look at apps (the rows
+    /// notifications named) is made only then.
+    pub(crate) fn room_for_any(&self, more: usize) -> bool {
+        let held: u64 = self.held.lock().expect("shares lock").values().map(|n| u64::from(*n)).sum();
+        held + more as u64 <= u64::from(self.share)
+    }
+
     /// Counts answered deliveries out: whether an app that held its whole share has room again
     /// (its rows were left out of claims, and nothing else may say they are claimable).
     pub(crate) fn finished(&self, batch: &[Done]) -> bool {
@@ -101,14 +109,6 @@ impl Round<'_> {
         for row in rows {
             *held.entry(row.app_id).or_default() += 1;
         }
-    }
-
-    /// Whether `more` deliveries of whatever apps keep every app within its share: the relay
-    /// holds fewer than one app's share in all. A claim that does not look at apps (the rows
-    /// notifications named) is made only then.
-    pub(crate) fn room_for_any(&self, more: usize) -> bool {
-        let held: u64 = self.shares.held.lock().expect("shares lock").values().map(|n| u64::from(*n)).sum();
-        held + more as u64 <= u64::from(self.shares.share)
     }
 
     /// Claims those of `rows` that are claimable, by their ids, and counts them in.
@@ -163,12 +163,12 @@ mod tests {
     async fn rows_are_claimed_without_looking_at_their_apps_only_while_no_app_could_pass_its_share() {
         let (store, _) = apps_with_rows(&[3], None).await;
         let shares = Shares::new(4);
-        let mut round = shares.round().await;
-        assert!(round.room_for_any(4), "a relay that holds nothing");
-        let (claim, _) = round.claim_plain(&store, 10, Duration::from_secs(30), "n").await.unwrap();
+        assert!(shares.room_for_any(4), "a relay that holds nothing");
+        let (claim, _) =
+            shares.round().await.claim_plain(&store, 10, Duration::from_secs(30), "n").await.unwrap();
         assert_eq!(claim.rows.len(), 3);
-        assert!(round.room_for_any(1));
-        assert!(!round.room_for_any(2), "two more rows of the app would pass its share");
+        assert!(shares.room_for_any(1));
+        assert!(!shares.room_for_any(2), "two more rows of the app would pass its share");
     }
 
     #[tokio::test]

@@ -216,7 +216,10 @@ impl Node {
             picloud_dispatch::executors::start(store.clone(), nats.clone(), executors, executors_shutdown)
                 .await?;
         let mut parts = Parts::default();
-        let relay = Relay::new(relay_store, nats.clone(), relay_config).run(node_shutdown.clone());
+        // The rows this node's writes name go to its own relay, without the `NOTIFY` hop.
+        let relay = Relay::new(relay_store, nats.clone(), relay_config)
+            .taking_written(store.hand_written())
+            .run(node_shutdown.clone());
         parts.spawn("relay", async { relay.await.map_err(Into::into) });
         let scheduler =
             Scheduler::new(store.clone(), SchedulerConfig::new(node_id.clone(), &config.node.triggers))

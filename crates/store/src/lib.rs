@@ -449,6 +449,10 @@ pub trait TriggerRepo: Transactional {
 /// notification channel broke; the relay then polls).
 pub type Wakeups = futures::stream::BoxStream<'static, Result<Wakeup>>;
 
+/// The rows a node's writers wrote, handed to the node's relay in memory
+/// ([`PgStore::hand_written`]): the ids of each write's rows, as [`Wakeup::Written`] names them.
+pub type WrittenHere = tokio::sync::mpsc::UnboundedReceiver<Vec<Uuid>>;
+
 /// What a wake-up says was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wakeup {

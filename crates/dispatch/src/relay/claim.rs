@@ -124,7 +124,7 @@ pub(super) async fn claim_loop<S: Store>(
                 let claiming = tracing::enabled!(tracing::Level::TRACE).then(Instant::now);
                 let node = &shared.config.node.node_id;
                 let plain = match turn {
-                    PlainTurn::Written(rows) if round.room_for_any(rows.len()) => round
+                    PlainTurn::Written(rows) if shared.shares.room_for_any(rows.len()) => round
                         .claim_written(&shared.store, &rows, lease, node)
                         .await
                         .map(|claim| (claim, false)),

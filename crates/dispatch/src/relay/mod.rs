@@ -37,6 +37,7 @@ use picloud_core::token::DeliveryToken;
 use picloud_core::{Access, AppId, AppSlug, Batch, Capability, RetryPolicy, TriggerId};
 use picloud_store::{
     AbandonReason, Claim, ClaimedDelivery, DeliveryTarget, Handler, LeaseExtension, Store, Wakeup, Wakeups,
+    WrittenHere,
 };
 use picloud_worker::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -97,6 +98,8 @@ pub struct Relay<S> {
     store: S,
     nats: Client,
     config: RelayConfig,
+    /// The rows this node's writers wrote, handed over in memory.
+    written_here: Option<WrittenHere>,
 }
 
 /// The deliveries published and not answered yet.
@@ -224,7 +227,14 @@ struct TargetCache {
 impl<S: Store> Relay<S> {
     /// A relay; nothing runs until [`Relay::run`].
     pub fn new(store: S, nats: Client, config: RelayConfig) -> Self {
-        Self { store, nats, config }
+        Self { store, nats, config, written_here: None }
+    }
+
+    /// The relay takes the rows this node's writers wrote as they hand them over
+    /// ([`picloud_store::PgStore::hand_written`]): at once while it has room for them (a claim
+    /// by their ids, without the `NOTIFY` hop), and otherwise it wakes every relay for them.
+    pub fn taking_written(self, written_here: WrittenHere) -> Self {
+        Self { written_here: Some(written_here), ..self }
     }
 
     /// Runs until `shutdown`, then stops claiming, waits for every delivery in flight to be
@@ -271,7 +281,7 @@ impl<S: Store> Relay<S> {
         });
         tracing::info!(node = %shared.config.node.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let listener = tokio::spawn(listen(shared.clone(), wakeups));
+        let listener = tokio::spawn(listen(shared.clone(), wakeups, self.written_here));
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
@@ -327,10 +337,21 @@ async fn wait_drained<S>(shared: &Shared<S>) {
     }
 }
 
-async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
+async fn listen<S: Store>(
+    shared: Arc<Shared<S>>,
+    mut wakeups: Wakeups,
+    mut written_here: Option<WrittenHere>,
+) {
     let mut failures = 0u32;
     loop {
-        match wakeups.next().await {
+        let woken = tokio::select! {
+            woken = wakeups.next() => woken,
+            Some(rows) = async { written_here.as_mut()?.recv().await } => {
+                take_written_here(&shared, rows).await;
+                continue;
+            }
+        };
+        match woken {
             Some(Ok(wakeup)) => {
                 tracing::trace!("woken by a notification");
                 failures = 0;
@@ -358,6 +379,22 @@ async fn listen<S: Store>(shared: Arc<Shared<S>>, mut wakeups: Wakeups) {
             }
         }
     }
+}
+
+/// Rows written on this node, handed over: claimed by their ids at once while the relay has room
+/// for them; otherwise every relay is woken for them (this one walks for them too).
+async fn take_written_here<S: Store>(shared: &Shared<S>, rows: Vec<Uuid>) {
+    tracing::trace!(ids = ?rows, "handed rows written on this node");
+    shared.shares.written();
+    if shared.shares.room_for_any(rows.len()) && shared.slots.available_permits() >= rows.len() {
+        shared.claimable.written(rows);
+    } else {
+        if let Err(e) = shared.store.wake_relays().await {
+            tracing::warn!(error = %e, "waking the relays failed; they will poll");
+        }
+        shared.claimable.plain();
+    }
+    shared.wake.notify_one();
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -6,6 +6,7 @@ mod delivery;
 mod executors;
 mod fairness;
 mod flow;
+mod handover;
 mod janitor;
 mod limits;
 mod observability;

@@ -50,8 +50,12 @@ impl RelayHandle {
 
 pub async fn start_relay<S: Store>(store: S, nats_url: &str, config: RelayConfig) -> RelayHandle {
     let client = async_nats::connect(nats_url).await.unwrap();
+    run_relay(Relay::new(store, client, config))
+}
+
+/// Runs `relay` until the handle stops it.
+fn run_relay<S: Store>(relay: Relay<S>) -> RelayHandle {
     let (stop, shutdown) = Shutdown::new();
-    let relay = Relay::new(store, client, config);
     let task = tokio::spawn(async move { relay.run(shutdown).await.unwrap() });
     RelayHandle { stop, task }
 }
@@ -205,6 +209,24 @@ impl World {
         .unwrap();
         events::commit_and_wake(&self.store, tx).await.unwrap();
         fired
+    }
+
+    /// Writes a KV entry as the API's KV put does, on its own ([`events::kv_put_now`]): its wake-up
+    /// names the rows it wrote.
+    pub async fn put_now(&self, collection: &str, key: &str, value: serde_json::Value) -> events::Fired {
+        let cx =
+            EventContext { app_id: self.app.id, app_slug: &self.app.slug, depth: 0, config: &self.config };
+        let collection = CollectionName::parse(collection).unwrap();
+        let key = KvKey::parse(key).unwrap();
+        events::kv_put_now(&self.store, &cx, &collection, &key, &value, None, None).await.unwrap().1
+    }
+
+    /// The relay of the node `self.store` writes for, as `serve` runs it: on a store of its own,
+    /// taking the rows the writes name ([`PgStore::hand_written`]).
+    pub async fn node_relay(&self, config: RelayConfig) -> RelayHandle {
+        let store = PgStore::connect_relay(self.db_url(), 4).await.unwrap();
+        let client = async_nats::connect(&self.nats_url()).await.unwrap();
+        run_relay(Relay::new(store, client, config).taking_written(self.store.hand_written()))
     }
 
     /// The end of delivery `id`'s lease, as Postgres has it (`None`: not leased).

@@ -7,7 +7,7 @@ use sqlx::{PgPool, Postgres};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{Clock, Result, Transactional, Wakeup};
+use crate::{Clock, Result, Transactional, Wakeup, WrittenHere};
 
 mod abandoned;
 mod auth;
@@ -61,6 +61,9 @@ pub struct PgStore {
 /// are folded into the next, and no writer waits on Postgres' global notify lock.
 #[derive(Debug, Clone)]
 struct Waker {
+    /// Where the rows a wake-up names go instead of a notification: the relay of this node
+    /// ([`PgStore::hand_written`]).
+    local: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Vec<Uuid>>>>>,
     /// What the next notification says was written.
     next: std::sync::Arc<std::sync::Mutex<Written>>,
     /// Capacity one: a full channel means a wake-up is already due.
@@ -114,6 +117,7 @@ impl Waker {
     fn new() -> Self {
         let (due, pending) = tokio::sync::mpsc::channel(1);
         Self {
+            local: std::sync::Arc::default(),
             next: std::sync::Arc::default(),
             due,
             pending: std::sync::Arc::new(std::sync::Mutex::new(Some(pending))),
@@ -123,7 +127,16 @@ impl Waker {
     /// Flags a wake-up for `written` (`None`: for anything), starting the sending task on first
     /// use. The task sends on a connection of its own (a wake-up must not queue behind the
     /// writes for a pooled connection), and ends once every clone of the store is dropped.
-    fn wake(&self, pool: &PgPool, written: Option<Vec<Uuid>>) {
+    /// Rows named go to this node's relay instead, while it takes them.
+    fn wake(&self, pool: &PgPool, mut written: Option<Vec<Uuid>>) {
+        if let Some(local) = &*self.local.lock().expect("waker lock")
+            && let Some(rows) = written.take()
+        {
+            match local.send(rows) {
+                Ok(()) => return,
+                Err(gone) => written = Some(gone.0),
+            }
+        }
         {
             let mut next = self.next.lock().expect("waker lock");
             match written {
@@ -246,6 +259,17 @@ impl PgStore {
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Hands the rows this store's writes name ([`crate::OutboxRepo::wake_relays_for`]) to the relay of
+    /// the same node, in memory, instead of naming them to every relay by `NOTIFY`: the relay
+    /// takes them at once, or wakes every relay when it has no room for them. Once the relay is
+    /// gone (the receiving end dropped) they are named by `NOTIFY` again. Every clone of this
+    /// store hands its rows over.
+    pub fn hand_written(&self) -> WrittenHere {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        *self.waker.local.lock().expect("waker lock") = Some(sender);
+        receiver
     }
 
     /// The pool.
