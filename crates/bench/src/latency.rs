@@ -177,10 +177,10 @@ pub async fn steady(
         Some(_) => None,
         None => Some(spawn_relay(&bench.url, &servers.nats_url).await?),
     };
-    let api_args = ["api", "--url", &bench.url, "--nats-url", &servers.nats_url, "--relay"];
+    let api_args = ["api", "--url", &bench.url, "--nats-url", &servers.nats_url];
     let (api, port) = match relay {
-        Some(_) => Role::spawn_reporting("api", &api_args[..5]).await?,
-        None => Role::spawn_reporting("node", &api_args).await?,
+        Some(_) => Role::spawn_reporting("api", &api_args).await?,
+        None => Role::spawn_reporting("node", &[&api_args[..], &["--relay"]].concat()).await?,
     };
     start_handler(&mut handler).await?;
     if let Some(relay) = &mut relay {

@@ -161,14 +161,14 @@ mod tests {
 
     #[tokio::test]
     async fn rows_are_claimed_without_looking_at_their_apps_only_while_no_app_could_pass_its_share() {
-        let (store, _) = apps_with_rows(&[3], None).await;
+        let (store, _) = apps_with_rows(&[2, 1], None).await;
         let shares = Shares::new(4);
         assert!(shares.room_for_any(4), "a relay that holds nothing");
         let (claim, _) =
             shares.round().await.claim_plain(&store, 10, Duration::from_secs(30), "n").await.unwrap();
         assert_eq!(claim.rows.len(), 3);
         assert!(shares.room_for_any(1));
-        assert!(!shares.room_for_any(2), "two more rows of the app would pass its share");
+        assert!(!shares.room_for_any(2), "two more rows of one app could take it past its share");
     }
 
     #[tokio::test]

@@ -475,7 +475,8 @@ pub trait OutboxRepo: Transactional {
     fn wake_relays(&self) -> impl Future<Output = Result<()>> + Send;
     /// [`OutboxRepo::wake_relays`] for `written`, deliveries just committed, due at once, outside
     /// lanes and gates: the wake-up names them ([`Wakeup::Written`]) when it names nothing else,
-    /// and is [`Wakeup::Any`] otherwise (as the in-memory store's always are).
+    /// and is [`Wakeup::Any`] otherwise (as the in-memory store's always are). No rows, no
+    /// wake-up.
     fn wake_relays_for(&self, written: Vec<Uuid>) -> impl Future<Output = Result<()>> + Send;
     /// How long until the earliest delivery that is not due yet becomes due, if there is one.
     fn next_due_in(&self) -> impl Future<Output = Result<Option<Duration>>> + Send;
@@ -516,8 +517,8 @@ pub trait OutboxRepo: Transactional {
         node: &str,
         walk: Walk<'_>,
     ) -> impl Future<Output = Result<SharedClaim>> + Send;
-    /// Claims those of the deliveries `ids` that are claimable now (due, unleased, outside lanes
-    /// and gates), as [`OutboxRepo::claim_shared`] claims a row, in one statement; rows locked
+    /// Claims those of the deliveries `ids` that are claimable now (due, unleased, not waiting
+    /// in a lane, not gated), as [`OutboxRepo::claim_shared`] claims a row, in one statement; rows locked
     /// by a concurrent claim are skipped. No app's share is looked at: a relay claims so only
     /// while it holds too little for any app to pass its share.
     fn claim_written(

@@ -11,37 +11,55 @@ use super::*;
 pub(super) struct Claimable {
     plain: AtomicBool,
     limited: AtomicBool,
-    /// Rows the notifications named ([`Wakeup::Written`]) since the last plain claim: while no
-    /// other rows may be claimable, the plain claim takes these by their ids.
-    written: Mutex<Vec<Uuid>>,
+    /// Rows named since the last plain claim (by notifications, [`Wakeup::Written`], or handed
+    /// over by this node's writers): while no other rows may be claimable, the plain claim takes
+    /// these by their ids.
+    named: Mutex<Vec<Uuid>>,
 }
+
+/// The most rows [`Claimable::named`] keeps: beyond them the relay walks instead (it claims
+/// slower than rows are named, and a walk finds them all).
+const NAMED_AT_MOST: usize = 4096;
 
 impl Claimable {
     /// Everything may be claimable: a relay that starts looks.
     pub(super) fn new() -> Self {
-        Self { plain: AtomicBool::new(true), limited: AtomicBool::new(true), written: Mutex::default() }
+        Self { plain: AtomicBool::new(true), limited: AtomicBool::new(true), named: Mutex::default() }
     }
 
-    /// These plain rows were written.
-    pub(super) fn written(&self, rows: Vec<Uuid>) {
-        self.written.lock().expect("claimable lock").extend(rows);
+    /// These plain rows were written, due at once, outside lanes and gates.
+    pub(super) fn named(&self, rows: Vec<Uuid>) {
+        let mut named = self.named.lock().expect("claimable lock");
+        named.extend(rows);
+        if named.len() > NAMED_AT_MOST {
+            named.clear();
+            self.plain();
+        }
+    }
+
+    /// Forgets the rows named: whether there were any.
+    pub(super) fn forget_named(&self) -> bool {
+        let mut named = self.named.lock().expect("claimable lock");
+        let any = !named.is_empty();
+        named.clear();
+        any
     }
 
     /// The plain claim's turn, and what it takes: a walk over the apps when anything but the
     /// rows notifications named may be claimable (it finds those too: they were committed before
     /// their notification came); otherwise up to `want` of those rows (`None`: no turn).
     fn plain_turn(&self, want: u32) -> Option<PlainTurn> {
-        let mut written = self.written.lock().expect("claimable lock");
+        let mut named = self.named.lock().expect("claimable lock");
         if self.plain.swap(false, Ordering::AcqRel) {
-            written.clear();
+            named.clear();
             return Some(PlainTurn::Walk);
         }
-        if written.is_empty() {
+        if named.is_empty() {
             return None;
         }
-        let taken = written.len().min(want as usize);
-        let rest = written.split_off(taken);
-        Some(PlainTurn::Written(std::mem::replace(&mut *written, rest)))
+        let taken = named.len().min(want as usize);
+        let rest = named.split_off(taken);
+        Some(PlainTurn::Named(std::mem::replace(&mut *named, rest)))
     }
 
     pub(super) fn all(&self) {
@@ -62,7 +80,7 @@ impl Claimable {
     pub(super) fn any(&self) -> bool {
         self.plain.load(Ordering::Acquire)
             || self.limited.load(Ordering::Acquire)
-            || !self.written.lock().expect("claimable lock").is_empty()
+            || !self.named.lock().expect("claimable lock").is_empty()
     }
 }
 
@@ -71,7 +89,7 @@ enum PlainTurn {
     /// Whatever is due, walking the apps.
     Walk,
     /// These rows, by their ids.
-    Written(Vec<Uuid>),
+    Named(Vec<Uuid>),
 }
 
 pub(super) async fn claim_loop<S: Store>(
@@ -79,11 +97,15 @@ pub(super) async fn claim_loop<S: Store>(
     done: mpsc::UnboundedSender<Done>,
     mut shutdown: Shutdown,
 ) {
-    let batch = shared.config.batch_size.clamp(1, shared.config.max_in_flight.max(1) as u32);
+    let batch = claim_batch(&shared.config);
     let lease = shared.config.node.lease();
     let mut failures = 0u32;
     let mut next_due = None;
     let mut lanes_swept = Instant::now();
+    // When this claimer last walked the apps: claims of the rows wake-ups name find nothing
+    // else (rows come due, leases run out), so it walks once a poll interval at least however
+    // often it is woken.
+    let mut walked = Instant::now();
     loop {
         if shutdown.is_shutdown() {
             return;
@@ -98,6 +120,9 @@ pub(super) async fn claim_loop<S: Store>(
             () = shutdown.recv() => return,
         };
         slots.forget();
+        if walked.elapsed() >= shared.config.poll_interval {
+            shared.claimable.all();
+        }
         // Limited rows first, within their limits and half the batch at most; the plain claim
         // fills what is left, so that neither kind starves the other. Both within each app's
         // share, counted in before the other claimer's round counts.
@@ -116,15 +141,18 @@ pub(super) async fn claim_loop<S: Store>(
                 // No free slot left this round: the plain claim's turn stays.
                 match turn {
                     PlainTurn::Walk => claimable.plain(),
-                    PlainTurn::Written(rows) => claimable.written(rows),
+                    PlainTurn::Named(rows) => claimable.named(rows),
                 }
                 Ok((Claim { rows: Vec::new(), config_epoch: None }, false))
             }
             (_, Some(turn)) => {
+                if matches!(turn, PlainTurn::Walk) {
+                    walked = Instant::now();
+                }
                 let claiming = tracing::enabled!(tracing::Level::TRACE).then(Instant::now);
                 let node = &shared.config.node.node_id;
                 let plain = match turn {
-                    PlainTurn::Written(rows) if shared.shares.room_for_any(rows.len()) => round
+                    PlainTurn::Named(rows) if shared.shares.room_for_any(rows.len()) => round
                         .claim_written(&shared.store, &rows, lease, node)
                         .await
                         .map(|claim| (claim, false)),
@@ -157,7 +185,7 @@ pub(super) async fn claim_loop<S: Store>(
                     }
                 }
                 if !claimable.any() {
-                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token).await;
+                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token, walked).await;
                 }
             }
             Err(e) => {
@@ -173,6 +201,12 @@ pub(super) async fn claim_loop<S: Store>(
             }
         }
     }
+}
+
+/// How many slots a claimer takes for one round, and so how many free slots a relay needs to
+/// claim at once.
+pub(super) fn claim_batch(config: &RelayConfig) -> u32 {
+    config.batch_size.clamp(1, config.max_in_flight.max(1) as u32)
 }
 
 /// Delivers the rows a claim took: how many.
@@ -223,8 +257,8 @@ async fn claim_limited<S: Store>(
     }
 }
 
-/// Waits for a notification, the next delayed row, a rate token, the poll interval, or the stop
-/// signal.
+/// Waits for a notification, the next delayed row, a rate token, the poll interval since the
+/// last walk (`walked`), or the stop signal.
 ///
 /// `next_due` remembers when the earliest delayed row comes due. It is asked of the store only
 /// after a claim found nothing: while claims find rows, wake-ups keep coming and every claim
@@ -235,6 +269,7 @@ async fn idle<S: Store>(
     found_nothing: bool,
     next_due: &mut Option<Instant>,
     next_token: Option<Instant>,
+    walked: Instant,
 ) {
     if found_nothing {
         *next_due = match shared.store.next_due_in().await {
@@ -242,7 +277,7 @@ async fn idle<S: Store>(
             Err(_) => None,
         };
     }
-    let poll = Instant::now() + shared.config.poll_interval;
+    let poll = walked + shared.config.poll_interval;
     let until = [*next_due, next_token].into_iter().flatten().fold(poll, Instant::min);
     tokio::select! {
         _ = shared.wake.notified() => {}
@@ -273,15 +308,15 @@ mod tests {
     fn a_plain_turn_takes_the_rows_named_up_to_its_want_unless_a_walk_is_due_which_finds_them_too() {
         let claimable = Claimable::new();
         let rows: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
-        claimable.written(rows.clone());
+        claimable.named(rows.clone());
         assert!(matches!(claimable.plain_turn(8), Some(PlainTurn::Walk)), "a relay that starts walks");
         assert!(claimable.plain_turn(8).is_none(), "the walk was to find the rows named before it");
 
-        claimable.written(rows.clone());
-        let Some(PlainTurn::Written(first)) = claimable.plain_turn(3) else { panic!("the rows named") };
+        claimable.named(rows.clone());
+        let Some(PlainTurn::Named(first)) = claimable.plain_turn(3) else { panic!("the rows named") };
         assert_eq!(first, rows[..3]);
         assert!(claimable.any(), "rows named are left");
-        let Some(PlainTurn::Written(rest)) = claimable.plain_turn(3) else { panic!("the rows named") };
+        let Some(PlainTurn::Named(rest)) = claimable.plain_turn(3) else { panic!("the rows named") };
         assert_eq!(rest, rows[3..]);
         assert!(claimable.plain_turn(3).is_none());
     }

@@ -16,7 +16,8 @@
 //!   arrives (starting, in a task, the rows of limited triggers that waited ahead of a slot),
 //!   batches the answers into one transaction at a time and gives the relay's slots back once it
 //!   commits; it also forwards sync results to their callers;
-//! - the **listener** turns `LISTEN/NOTIFY` wake-ups into a nudge for the claimer;
+//! - the **listener** turns `LISTEN/NOTIFY` wake-ups, and the rows this node's writers hand
+//!   over, into a nudge for the claimer (with the rows they name, to claim by id);
 //! - the **batcher** sends the batches (DESIGN §14) whose first row has waited long enough
 //!   (`batch.rs`).
 
@@ -295,6 +296,12 @@ impl<S: Store> Relay<S> {
         shutdown.recv().await;
         shared.stopping.store(true, Ordering::SeqCst);
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
+        // Rows named and not claimed yet go to the other relays.
+        if shared.claimable.forget_named()
+            && let Err(e) = shared.store.wake_relays().await
+        {
+            tracing::warn!(error = %e, "waking the relays failed; they will poll");
+        }
         // Nothing starts from the queues ahead any more; a claim under way gives back what it
         // takes.
         for row in shared.limits.close() {
@@ -357,7 +364,7 @@ async fn listen<S: Store>(
                 failures = 0;
                 shared.shares.written();
                 match wakeup {
-                    Wakeup::Written(rows) => shared.claimable.written(rows),
+                    Wakeup::Written(rows) => shared.claimable.named(rows),
                     Wakeup::Any => shared.claimable.all(),
                 }
                 shared.wake.notify_one();
@@ -382,12 +389,15 @@ async fn listen<S: Store>(
 }
 
 /// Rows written on this node, handed over: claimed by their ids at once while the relay has room
-/// for them; otherwise every relay is woken for them (this one walks for them too).
+/// for them (a claimer can start a round, and no app can pass its share); otherwise, and once
+/// it is stopping, every relay is woken for them (this one walks for them too).
 async fn take_written_here<S: Store>(shared: &Shared<S>, rows: Vec<Uuid>) {
     tracing::trace!(ids = ?rows, "handed rows written on this node");
     shared.shares.written();
-    if shared.shares.room_for_any(rows.len()) && shared.slots.available_permits() >= rows.len() {
-        shared.claimable.written(rows);
+    let room = shared.slots.available_permits() >= claim::claim_batch(&shared.config) as usize
+        && shared.shares.room_for_any(rows.len());
+    if room && !shared.stopping.load(Ordering::SeqCst) {
+        shared.claimable.named(rows);
     } else {
         if let Err(e) = shared.store.wake_relays().await {
             tracing::warn!(error = %e, "waking the relays failed; they will poll");

@@ -28,13 +28,17 @@ async fn rows_written_on_a_node_go_to_its_relay_and_wake_no_other() {
     let relay = world.node_relay(config).await;
     let mut other_relays = world.store.listen().await.unwrap();
 
-    let fired = world.put_now("orders", "o-1", serde_json::json!({"n": 1})).await;
-    assert_eq!(fired.deliveries, 1);
-    let delivery = next(&mut delivered, "the put's delivery").await;
-    assert_eq!(delivery.data::<serde_json::Value>().unwrap()["value"], serde_json::json!({"n": 1}));
-    // The first notification since is this one: the put sent none.
-    world.store.wake_relays().await.unwrap();
-    assert_eq!(woken(&mut other_relays).await, Wakeup::Any);
+    for n in 1..=2 {
+        let fired = world.put_now("orders", &format!("o-{n}"), serde_json::json!({"n": n})).await;
+        assert_eq!(fired.deliveries, 1);
+        let delivery = next(&mut delivered, "the put's delivery").await;
+        assert_eq!(delivery.data::<serde_json::Value>().unwrap()["value"], serde_json::json!({"n": n}));
+    }
+    // The first notification since is this one, sent by a writer of no node: the puts sent
+    // none, and the relay woke no other for them.
+    let marker = uuid::Uuid::now_v7();
+    PgStore::new(world.store.pool().clone()).wake_relays_for(vec![marker]).await.unwrap();
+    assert_eq!(woken(&mut other_relays).await, Wakeup::Written(vec![marker]));
 
     world.drained().await;
     relay.stop().await;
@@ -80,4 +84,46 @@ async fn a_node_whose_relay_has_no_room_wakes_every_relay_for_the_rows_written_o
     other.stop().await;
     hanging.stop().await;
     answering.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_handed_rows_without_pause_still_walks_once_a_poll_interval() {
+    let world = World::new().await;
+    world.kv_trigger("streamed", "s", "fast").await;
+    world.kv_trigger("stranded", "d", "stranded").await;
+    let (fast, mut streamed) = start_worker(&world.nats_url(), "shop", "fast", ok).await;
+    let (stranded_worker, mut stranded) = start_worker(&world.nats_url(), "shop", "stranded", ok).await;
+    // A row a node that died had claimed: only a walk finds it once its lease has run out.
+    world.put("d", "left", serde_json::json!({}), 0).await;
+    let left = world.store.claim_due(10, Duration::from_secs(60), "dead").await.unwrap().rows;
+    assert_eq!(left.len(), 1);
+    let mut config = relay_config("node");
+    config.poll_interval = Duration::from_millis(200);
+    let relay = world.node_relay(config).await;
+
+    // Rows handed over one after another, each claimed by its id, far more often than the poll.
+    let writes = async {
+        for n in 0.. {
+            world.put_now("s", &format!("k{n}"), serde_json::json!({})).await;
+        }
+    };
+    let stranded_delivered = async {
+        // The relay has walked once as it started, and claims by id since.
+        next(&mut streamed, "a row handed over").await;
+        sqlx::query("UPDATE outbox SET leased_until = now() - interval '1 second' WHERE id = $1")
+            .bind(left[0].id)
+            .execute(world.store.pool())
+            .await
+            .unwrap();
+        next(&mut stranded, "the row whose lease ran out").await
+    };
+    tokio::select! {
+        delivery = stranded_delivered => assert_eq!(delivery.id, left[0].id),
+        () = writes => unreachable!("the writes go on"),
+    }
+
+    world.drained().await;
+    relay.stop().await;
+    fast.stop().await;
+    stranded_worker.stop().await;
 }

@@ -148,7 +148,10 @@ impl OutboxRepo for MemStore {
         Ok(())
     }
 
-    async fn wake_relays_for(&self, _written: Vec<Uuid>) -> Result<()> {
+    async fn wake_relays_for(&self, written: Vec<Uuid>) -> Result<()> {
+        if written.is_empty() {
+            return Ok(());
+        }
         self.wake_relays().await
     }
 

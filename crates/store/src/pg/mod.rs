@@ -72,10 +72,12 @@ struct Waker {
     pending: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<()>>>>,
 }
 
-/// The rows the wake-ups folded into one notification named, while they named nothing else.
-#[derive(Debug, Default)]
+/// What the wake-ups folded into one notification say was written.
+#[derive(Debug, Default, PartialEq)]
 struct Written {
+    /// One of them named nothing, or they named too many rows: the notification names none.
     any: bool,
+    /// The rows they named, while `any` is not set.
     rows: Vec<Uuid>,
 }
 
@@ -84,9 +86,22 @@ struct Written {
 const NAMED_PER_NOTIFICATION: usize = 200;
 
 impl Written {
+    /// Folds in a wake-up for `written` (`None`: for anything).
+    fn add(&mut self, written: Option<Vec<Uuid>>) {
+        match written {
+            Some(rows) if !self.any && self.rows.len() + rows.len() <= NAMED_PER_NOTIFICATION => {
+                self.rows.extend(rows);
+            }
+            _ => {
+                self.any = true;
+                self.rows = Vec::new();
+            }
+        }
+    }
+
     /// The notification's payload: the ids, comma-separated, or nothing ([`Wakeup::Any`]).
     fn payload(self) -> String {
-        if self.any || self.rows.len() > NAMED_PER_NOTIFICATION {
+        if self.any {
             return String::new();
         }
         let mut payload = String::with_capacity(self.rows.len() * 37);
@@ -129,6 +144,9 @@ impl Waker {
     /// writes for a pooled connection), and ends once every clone of the store is dropped.
     /// Rows named go to this node's relay instead, while it takes them.
     fn wake(&self, pool: &PgPool, mut written: Option<Vec<Uuid>>) {
+        if written.as_ref().is_some_and(Vec::is_empty) {
+            return;
+        }
         if let Some(local) = &*self.local.lock().expect("waker lock")
             && let Some(rows) = written.take()
         {
@@ -137,13 +155,7 @@ impl Waker {
                 Err(gone) => written = Some(gone.0),
             }
         }
-        {
-            let mut next = self.next.lock().expect("waker lock");
-            match written {
-                Some(rows) if !next.any => next.rows.extend(rows),
-                _ => next.any = true,
-            }
-        }
+        self.next.lock().expect("waker lock").add(written);
         if let Some(mut due) = self.pending.lock().expect("waker lock").take() {
             let options = pool.connect_options().as_ref().clone();
             let next = self.next.clone();
@@ -307,5 +319,49 @@ fn violated(err: &sqlx::Error) -> Option<(String, String)> {
             db.constraint().unwrap_or_default().to_owned(),
         )),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<Uuid> {
+        (0..n).map(|_| Uuid::now_v7()).collect()
+    }
+
+    #[test]
+    fn folded_wake_ups_name_their_rows_together_unless_one_names_nothing_or_they_name_too_many() {
+        let (first, second) = (ids(2), ids(3));
+        let mut named = Written::default();
+        named.add(Some(first.clone()));
+        named.add(Some(second.clone()));
+        let both: Vec<Uuid> = first.iter().chain(&second).copied().collect();
+        assert_eq!(wakeup(&named.payload()), Wakeup::Written(both));
+
+        let mut with_any = Written::default();
+        with_any.add(Some(ids(2)));
+        with_any.add(None);
+        with_any.add(Some(ids(2)));
+        assert_eq!(wakeup(&with_any.payload()), Wakeup::Any);
+
+        let mut most = Written::default();
+        most.add(Some(ids(NAMED_PER_NOTIFICATION)));
+        assert!(
+            matches!(wakeup(&most.payload()), Wakeup::Written(rows) if rows.len() == NAMED_PER_NOTIFICATION)
+        );
+        let mut too_many = Written::default();
+        too_many.add(Some(ids(NAMED_PER_NOTIFICATION)));
+        too_many.add(Some(ids(1)));
+        assert_eq!(too_many.payload(), "", "named beyond one notification: it names none");
+    }
+
+    #[test]
+    fn a_payload_that_is_not_ids_wakes_for_anything() {
+        assert_eq!(wakeup(""), Wakeup::Any);
+        assert_eq!(wakeup("not-an-id"), Wakeup::Any);
+        let id = Uuid::now_v7();
+        assert_eq!(wakeup(&format!("{id},x")), Wakeup::Any);
+        assert_eq!(wakeup(&id.to_string()), Wakeup::Written(vec![id]));
     }
 }
