@@ -1,7 +1,8 @@
 //! Writing events: the functions the API, the NATS ingest and a Rust app sharing the database
 //! call inside their own transaction. Each records the change, looks up the enabled triggers it
 //! fires and inserts one outbox row per trigger. Commit with [`commit_and_wake`] (or commit, then
-//! call `wake_relays`) so relays `NOTIFY`-wake at once instead of at their next poll. An event at
+//! call `wake_relays`) so relays `NOTIFY`-wake at once instead of at their next poll;
+//! [`commit_and_wake_for`] names the rows a write fired when a relay may claim them all at once. An event at
 //! depth ≥ the configured maximum fires nothing: each trigger it would have fired gets a
 //! `max_depth` dead letter instead.
 //!
@@ -24,10 +25,32 @@ use crate::{Error, Result, Store, SyncCallWrite};
 /// (relays poll too): its failure is logged, not returned, because the events are committed.
 pub async fn commit_and_wake<S: Store>(s: &S, tx: S::Tx) -> Result<()> {
     s.commit(tx).await?;
-    if let Err(e) = s.wake_relays().await {
+    logged(s.wake_relays().await);
+    Ok(())
+}
+
+/// [`commit_and_wake`] for a transaction whose only writes are what `fired` says: the wake-up
+/// names its deliveries when every one of them is claimable at once, and there is none when it
+/// wrote nothing.
+pub async fn commit_and_wake_for<S: Store>(s: &S, tx: S::Tx, fired: &Fired) -> Result<()> {
+    s.commit(tx).await?;
+    wake_for(s, fired).await;
+    Ok(())
+}
+
+/// Wakes the relays for what `fired` wrote, once it is committed.
+async fn wake_for<S: Store>(s: &S, fired: &Fired) {
+    if fired.too_deep > 0 || fired.claimable.len() < fired.deliveries {
+        logged(s.wake_relays().await);
+    } else if fired.deliveries > 0 {
+        logged(s.wake_relays_for(fired.claimable.clone()).await);
+    }
+}
+
+fn logged(woken: Result<()>) {
+    if let Err(e) = woken {
         tracing::warn!(error = %e, "committed, but waking the relays failed; they will poll");
     }
-    Ok(())
 }
 
 /// Where and how deep an event is written.
@@ -44,12 +67,15 @@ pub struct EventContext<'a> {
 }
 
 /// What an event fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Fired {
     /// Outbox rows written.
     pub deliveries: usize,
     /// `max_depth` dead letters written instead of deliveries.
     pub too_deep: usize,
+    /// The ids of the rows written that a relay may claim as soon as they are committed
+    /// ([`NewDelivery::claimable_at_once`]).
+    pub claimable: Vec<Uuid>,
 }
 
 /// An event as its deliveries carry it: the CloudEvents attributes, the data and the depth.
@@ -128,12 +154,14 @@ async fn fire<S: Store>(
     }
     if cx.depth >= cx.config.max_depth {
         let written = too_deep(s, tx, cx, triggers, &event).await?;
-        return Ok(Fired { deliveries: 0, too_deep: written.len() });
+        return Ok(Fired { too_deep: written.len(), ..Fired::default() });
     }
     let rows: Vec<NewDelivery> =
         triggers.iter().map(|t| event.delivery_to(cx.app_id, t, cx.config)).collect();
-    s.insert_deliveries(tx, &rows).await?;
-    Ok(Fired { deliveries: rows.len(), too_deep: 0 })
+    let ids = s.insert_deliveries(tx, &rows).await?;
+    let claimable =
+        rows.iter().zip(ids).filter(|(row, _)| row.claimable_at_once()).map(|(_, id)| id).collect();
+    Ok(Fired { deliveries: rows.len(), too_deep: 0, claimable })
 }
 
 /// Writes a `max_depth` dead letter for each trigger an event too deep would have fired, and
@@ -200,7 +228,7 @@ pub async fn kv_put<S: Store>(
         && cx.depth < cx.config.max_depth
         && let Some((result, written)) = s.kv_put_firing(Some(tx), &put).await?
     {
-        return Ok((result, Fired { deliveries: written.len(), too_deep: 0 }));
+        return Ok((result, Fired { deliveries: written.len(), too_deep: 0, claimable: written }));
     }
     kv_put_matching(s, tx, cx, &put, expected).await
 }
@@ -266,16 +294,15 @@ pub async fn kv_put_now<S: Store>(
         } else {
             Ok(None)
         };
-        // The single statement's rows are due at once, outside lanes and gates: the wake-up
-        // names them. The separate statements' may not be.
         let written = match fast {
+            // The single statement's rows are due at once, outside lanes and gates.
             Ok(Some((result, rows))) => {
-                Ok((result, Fired { deliveries: rows.len(), too_deep: 0 }, Some(rows)))
+                Ok((result, Fired { deliveries: rows.len(), too_deep: 0, claimable: rows }))
             }
             Ok(None) => {
                 let mut tx = s.begin().await?;
                 match kv_put_matching(s, &mut tx, cx, &put, expected).await {
-                    Ok((result, fired)) => s.commit(tx).await.map(|()| (result, fired, None)),
+                    Ok(written) => s.commit(tx).await.map(|()| written),
                     Err(e) => Err(e),
                 }
             }
@@ -284,14 +311,9 @@ pub async fn kv_put_now<S: Store>(
         match written {
             Err(Error::Conflict(_)) if tries < 5 => tries += 1,
             Err(e) => return Err(e),
-            Ok((result, fired, named)) => {
+            Ok((result, fired)) => {
                 tracing::trace!(key = key.as_str(), deliveries = fired.deliveries, "kv put committed");
-                if fired.deliveries > 0 {
-                    match named {
-                        Some(rows) => s.wake_relays_for(rows).await?,
-                        None => s.wake_relays().await?,
-                    }
-                }
+                wake_for(s, &fired).await;
                 return Ok((result, fired));
             }
         }

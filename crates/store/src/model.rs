@@ -330,6 +330,12 @@ pub struct NewDelivery {
 }
 
 impl NewDelivery {
+    /// Whether a relay may claim it as soon as it is committed: due at once, outside lanes and
+    /// gates (what a wake-up may name, [`crate::Wakeup::Written`]).
+    pub fn claimable_at_once(&self) -> bool {
+        self.delay.is_zero() && self.lane.is_none() && !self.gated
+    }
+
     /// The delivery as its trigger's `flow` has it flow: in the lane of its ordering key when the
     /// trigger orders deliveries, gated when it limits them, debounced (and due no sooner than
     /// the debounce) when it debounces them.

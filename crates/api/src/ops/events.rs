@@ -47,7 +47,7 @@ impl<S: Store> Ops<S> {
         let cx = self.event_context(app, caller);
         let mut tx = self.store.begin().await?;
         let (id, fired) = events::publish(&self.store, &mut tx, &cx, &topic, message, ordering_key).await?;
-        events::commit_and_wake(&self.store, tx).await?;
+        events::commit_and_wake_for(&self.store, tx, &fired).await?;
         Ok(Published { id, deliveries: fired.deliveries })
     }
 

@@ -67,8 +67,8 @@ impl<S: Store> Ops<S> {
         let cx = self.event_context(app, caller);
         let mut tx = self.store.begin().await?;
         match events::kv_delete(&self.store, &mut tx, &cx, &collection, &key, expected).await? {
-            Some((deleted, _)) => {
-                events::commit_and_wake(&self.store, tx).await?;
+            Some((deleted, fired)) => {
+                events::commit_and_wake_for(&self.store, tx, &fired).await?;
                 Ok(VersionView { version: deleted.version })
             }
             None => Err(key_not_found(collection.as_str(), key.as_str())),

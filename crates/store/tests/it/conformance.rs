@@ -1539,10 +1539,39 @@ mod events_on_both {
         a_kv_delete_fires_with_the_deleted_value,
         a_kv_put_authorized_at_an_older_epoch_writes_nothing_on_either_path,
         a_replayed_dead_letter_is_delivered_again_to_its_trigger,
+        what_fired_names_the_rows_a_relay_may_claim_as_soon_as_they_are_committed,
     );
 
     fn cx<'a>(t: &'a Tenant, depth: u32, config: &'a TriggerConfig) -> EventContext<'a> {
         EventContext { app_id: t.app.id, app_slug: &t.app.slug, depth, config }
+    }
+
+    async fn what_fired_names_the_rows_a_relay_may_claim_as_soon_as_they_are_committed<S: Store>(s: S) {
+        use picloud_core::flow::{Flow, Ordering};
+        let t = tenant(&s, "shop").await;
+        let flows = [
+            ("plain", None),
+            ("ordered", Some(Flow { ordering: Ordering::Key, ..Flow::default() })),
+            ("limited", Some(Flow { concurrency: Some(2), ..Flow::default() })),
+        ];
+        let mut plain = None;
+        for (name, flow) in flows {
+            let mut new =
+                new_trigger(&t, name, TriggerSpec::Pubsub { topic: CollectionPattern::parse("t").unwrap() });
+            new.flow = flow;
+            let trigger = s.create_trigger(&new).await.unwrap();
+            plain = plain.or(Some(trigger.id));
+        }
+        let config = TriggerConfig::default();
+        let mut tx = s.begin().await.unwrap();
+        let topic = TopicName::parse("t").unwrap();
+        let (_, fired) =
+            events::publish(&s, &mut tx, &cx(&t, 0, &config), &topic, &json("{}"), Some("k")).await.unwrap();
+        s.commit(tx).await.unwrap();
+        assert_eq!(fired.deliveries, 3);
+        let claimed = s.claim_written(&fired.claimable, LEASE, "n").await.unwrap().rows;
+        assert_eq!(fired.claimable.len(), 1, "in a lane or gated, a row is not claimable at once");
+        assert_eq!(claimed.iter().map(|c| c.trigger_id).collect::<Vec<_>>(), [plain]);
     }
 
     async fn a_message_fans_out_to_every_matching_pubsub_trigger<S: Store>(s: S) {
@@ -1558,7 +1587,7 @@ mod events_on_both {
         let (_, fired) =
             events::publish(&s, &mut tx, &cx(&t, 0, &config), &topic, &message, None).await.unwrap();
         events::commit_and_wake(&s, tx).await.unwrap();
-        assert_eq!(fired, events::Fired { deliveries: 2, too_deep: 0 });
+        assert_eq!((fired.deliveries, fired.too_deep, fired.claimable.len()), (2, 0, 2));
         let claimed = s.claim_due(10, LEASE, "n").await.unwrap().rows;
         assert_eq!(claimed.len(), 2);
         assert!(claimed.iter().all(|c| c.payload.get() == r#"{"headline":"hi"}"#
@@ -1627,7 +1656,7 @@ mod events_on_both {
         let (_, fired) =
             events::kv_put(&s, &mut tx, &cx(&t, 3, &config), &collection, &key, &j!(1), None).await.unwrap();
         s.commit(tx).await.unwrap();
-        assert_eq!(fired, events::Fired { deliveries: 0, too_deep: 1 });
+        assert_eq!((fired.deliveries, fired.too_deep), (0, 1));
         let dead = s.list_dead_letters(t.app.id, &DeadLetterFilter::default(), None, 10).await.unwrap().items;
         assert_eq!(dead.len(), 1);
         assert_eq!(
