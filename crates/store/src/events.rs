@@ -31,7 +31,8 @@ pub async fn commit_and_wake<S: Store>(s: &S, tx: S::Tx) -> Result<()> {
 
 /// [`commit_and_wake`] for a transaction whose only writes are what `fired` says: the wake-up
 /// names its deliveries when every one of them is claimable at once, and there is none when it
-/// wrote nothing.
+/// wrote nothing. Rows of another write in the transaction, left out of `fired`, would wait
+/// for a relay's walk (its poll at the latest): use [`commit_and_wake`] for such a transaction.
 pub async fn commit_and_wake_for<S: Store>(s: &S, tx: S::Tx, fired: &Fired) -> Result<()> {
     s.commit(tx).await?;
     wake_for(s, fired).await;

@@ -15,6 +15,10 @@ pub(super) struct Claimable {
     /// over by this node's writers): while no other rows may be claimable, the plain claim takes
     /// these by their ids.
     named: Mutex<Vec<Uuid>>,
+    /// When a claimer last walked the apps: claims of named rows find nothing else (rows coming
+    /// due, leases running out), so the relay walks once a poll interval at least however often
+    /// it is woken.
+    walked: Mutex<Instant>,
 }
 
 /// The most rows [`Claimable::named`] keeps: beyond them the relay walks instead (it claims
@@ -24,7 +28,22 @@ const NAMED_AT_MOST: usize = 4096;
 impl Claimable {
     /// Everything may be claimable: a relay that starts looks.
     pub(super) fn new() -> Self {
-        Self { plain: AtomicBool::new(true), limited: AtomicBool::new(true), named: Mutex::default() }
+        Self {
+            plain: AtomicBool::new(true),
+            limited: AtomicBool::new(true),
+            named: Mutex::default(),
+            walked: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// A claimer walks the apps now.
+    fn walking(&self) {
+        *self.walked.lock().expect("claimable lock") = Instant::now();
+    }
+
+    /// When a claimer last walked the apps.
+    fn walked(&self) -> Instant {
+        *self.walked.lock().expect("claimable lock")
     }
 
     /// These plain rows were written, due at once, outside lanes and gates.
@@ -52,6 +71,7 @@ impl Claimable {
         let mut named = self.named.lock().expect("claimable lock");
         if self.plain.swap(false, Ordering::AcqRel) {
             named.clear();
+            self.walking();
             return Some(PlainTurn::Walk);
         }
         if named.is_empty() {
@@ -102,10 +122,6 @@ pub(super) async fn claim_loop<S: Store>(
     let mut failures = 0u32;
     let mut next_due = None;
     let mut lanes_swept = Instant::now();
-    // When this claimer last walked the apps: claims of the rows wake-ups name find nothing
-    // else (rows come due, leases run out), so it walks once a poll interval at least however
-    // often it is woken.
-    let mut walked = Instant::now();
     loop {
         if shutdown.is_shutdown() {
             return;
@@ -120,7 +136,7 @@ pub(super) async fn claim_loop<S: Store>(
             () = shutdown.recv() => return,
         };
         slots.forget();
-        if walked.elapsed() >= shared.config.poll_interval {
+        if shared.claimable.walked().elapsed() >= shared.config.poll_interval {
             shared.claimable.all();
         }
         // Limited rows first, within their limits and half the batch at most; the plain claim
@@ -146,9 +162,6 @@ pub(super) async fn claim_loop<S: Store>(
                 Ok((Claim { rows: Vec::new(), config_epoch: None }, false))
             }
             (_, Some(turn)) => {
-                if matches!(turn, PlainTurn::Walk) {
-                    walked = Instant::now();
-                }
                 let claiming = tracing::enabled!(tracing::Level::TRACE).then(Instant::now);
                 let node = &shared.config.node.node_id;
                 let plain = match turn {
@@ -156,7 +169,10 @@ pub(super) async fn claim_loop<S: Store>(
                         .claim_written(&shared.store, &rows, lease, node)
                         .await
                         .map(|claim| (claim, false)),
-                    _ => round.claim_plain(&shared.store, free, lease, node).await,
+                    _ => {
+                        claimable.walking();
+                        round.claim_plain(&shared.store, free, lease, node).await
+                    }
                 };
                 if let (Some(claiming), Ok((claim, _))) = (claiming, &plain) {
                     trace_claimed(claiming, claim);
@@ -185,7 +201,7 @@ pub(super) async fn claim_loop<S: Store>(
                     }
                 }
                 if !claimable.any() {
-                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token, walked).await;
+                    idle(&shared, &mut shutdown, claimed == 0, &mut next_due, next_token).await;
                 }
             }
             Err(e) => {
@@ -258,7 +274,7 @@ async fn claim_limited<S: Store>(
 }
 
 /// Waits for a notification, the next delayed row, a rate token, the poll interval since the
-/// last walk (`walked`), or the stop signal.
+/// last walk, or the stop signal.
 ///
 /// `next_due` remembers when the earliest delayed row comes due. It is asked of the store only
 /// after a claim found nothing: while claims find rows, wake-ups keep coming and every claim
@@ -269,7 +285,6 @@ async fn idle<S: Store>(
     found_nothing: bool,
     next_due: &mut Option<Instant>,
     next_token: Option<Instant>,
-    walked: Instant,
 ) {
     if found_nothing {
         *next_due = match shared.store.next_due_in().await {
@@ -277,7 +292,7 @@ async fn idle<S: Store>(
             Err(_) => None,
         };
     }
-    let poll = walked + shared.config.poll_interval;
+    let poll = shared.claimable.walked() + shared.config.poll_interval;
     let until = [*next_due, next_token].into_iter().flatten().fold(poll, Instant::min);
     tokio::select! {
         _ = shared.wake.notified() => {}

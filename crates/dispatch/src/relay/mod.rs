@@ -282,7 +282,7 @@ impl<S: Store> Relay<S> {
         });
         tracing::info!(node = %shared.config.node.node_id, "relay started");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let listener = tokio::spawn(listen(shared.clone(), wakeups, self.written_here));
+        let listener = tokio::spawn(listen(shared.clone(), wakeups, self.written_here, shutdown.clone()));
         let responder = tokio::spawn(respond(shared.clone(), replies, done_tx.clone()));
         let timer = tokio::spawn(expire(shared.clone(), done_tx.clone()));
         let watchman = tokio::spawn(give_back_on_loss(shared.clone(), done_tx.clone()));
@@ -296,12 +296,6 @@ impl<S: Store> Relay<S> {
         shutdown.recv().await;
         shared.stopping.store(true, Ordering::SeqCst);
         tracing::info!("relay stopping: no new claims; waiting for deliveries in flight");
-        // Rows named and not claimed yet go to the other relays.
-        if shared.claimable.forget_named()
-            && let Err(e) = shared.store.wake_relays().await
-        {
-            tracing::warn!(error = %e, "waking the relays failed; they will poll");
-        }
         // Nothing starts from the queues ahead any more; a claim under way gives back what it
         // takes.
         for row in shared.limits.close() {
@@ -309,6 +303,19 @@ impl<S: Store> Relay<S> {
         }
         for claimer in claimers {
             let _ = claimer.await;
+        }
+        // No claimer takes rows by id any more: those named to this relay and not claimed, and
+        // those handed over since the listener stopped, go to the other relays; the writers
+        // name theirs by `NOTIFY` from now on.
+        let mut left = shared.claimable.forget_named();
+        if let Ok(Some(mut written_here)) = listener.await {
+            written_here.close();
+            while written_here.try_recv().is_ok() {
+                left = true;
+            }
+        }
+        if left && let Err(e) = shared.store.wake_relays().await {
+            tracing::warn!(error = %e, "waking the relays failed; they will poll");
         }
         // The batches still filling go now; rows claimed from here on go at once. The batcher
         // ends first, once what it took is in flight, so that the wait below sees it.
@@ -319,7 +326,6 @@ impl<S: Store> Relay<S> {
         drop(done_tx);
         wait_drained(&shared).await;
         shared.limits.release(&shared.store).await;
-        listener.abort();
         responder.abort();
         timer.abort();
         watchman.abort();
@@ -344,11 +350,14 @@ async fn wait_drained<S>(shared: &Shared<S>) {
     }
 }
 
+/// Turns wake-ups and the rows handed over into work for the claimers, until the relay stops:
+/// then it returns the rows' receiver (what is left in it goes to the other relays).
 async fn listen<S: Store>(
     shared: Arc<Shared<S>>,
     mut wakeups: Wakeups,
     mut written_here: Option<WrittenHere>,
-) {
+    mut shutdown: Shutdown,
+) -> Option<WrittenHere> {
     let mut failures = 0u32;
     loop {
         let woken = tokio::select! {
@@ -357,6 +366,7 @@ async fn listen<S: Store>(
                 take_written_here(&shared, rows).await;
                 continue;
             }
+            () = shutdown.recv() => return written_here,
         };
         match woken {
             Some(Ok(wakeup)) => {
@@ -376,7 +386,10 @@ async fn listen<S: Store>(
             }
             None => {
                 failures += 1;
-                tokio::time::sleep(backoff(failures)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                    () = shutdown.recv() => return written_here,
+                }
                 match shared.store.listen().await {
                     Ok(fresh) => wakeups = fresh,
                     Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling meanwhile"),
@@ -389,14 +402,14 @@ async fn listen<S: Store>(
 }
 
 /// Rows written on this node, handed over: claimed by their ids at once while the relay has room
-/// for them (a claimer can start a round, and no app can pass its share); otherwise, and once
-/// it is stopping, every relay is woken for them (this one walks for them too).
+/// for them (a claimer can start a round, and no app can pass its share); otherwise every relay
+/// is woken for them (this one walks for them too).
 async fn take_written_here<S: Store>(shared: &Shared<S>, rows: Vec<Uuid>) {
     tracing::trace!(ids = ?rows, "handed rows written on this node");
     shared.shares.written();
     let room = shared.slots.available_permits() >= claim::claim_batch(&shared.config) as usize
         && shared.shares.room_for_any(rows.len());
-    if room && !shared.stopping.load(Ordering::SeqCst) {
+    if room {
         shared.claimable.named(rows);
     } else {
         if let Err(e) = shared.store.wake_relays().await {

@@ -1570,7 +1570,7 @@ mod events_on_both {
         s.commit(tx).await.unwrap();
         assert_eq!(fired.deliveries, 3);
         let claimed = s.claim_written(&fired.claimable, LEASE, "n").await.unwrap().rows;
-        assert_eq!(fired.claimable.len(), 1, "in a lane or gated, a row is not claimable at once");
+        assert_eq!(fired.claimable.len(), 1, "a row in a lane or gated is not named");
         assert_eq!(claimed.iter().map(|c| c.trigger_id).collect::<Vec<_>>(), [plain]);
     }
 
