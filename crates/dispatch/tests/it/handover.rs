@@ -22,6 +22,8 @@ async fn woken(listener: &mut Wakeups) -> Wakeup {
 async fn rows_written_on_a_node_go_to_its_relay_and_wake_no_other() {
     let world = World::new().await;
     world.kv_trigger("on-order", "orders", "h").await;
+    let news = TriggerSpec::Pubsub { topic: picloud_core::CollectionPattern::parse("news").unwrap() };
+    world.trigger("on-news", news, "h").await;
     let (worker, mut delivered) = start_worker(&world.nats_url(), "shop", "h", ok).await;
     let mut config = relay_config("node");
     config.poll_interval = Duration::from_secs(60);
@@ -33,9 +35,12 @@ async fn rows_written_on_a_node_go_to_its_relay_and_wake_no_other() {
         assert_eq!(fired.deliveries, 1);
         let delivery = next(&mut delivered, "the put's delivery").await;
         assert_eq!(delivery.data::<serde_json::Value>().unwrap()["value"], serde_json::json!({"n": n}));
+        world.publish("news", serde_json::json!({"n": n}), None).await;
+        let delivery = next(&mut delivered, "the message's delivery").await;
+        assert_eq!(delivery.data::<serde_json::Value>().unwrap(), serde_json::json!({"n": n}));
     }
-    // The first notification since is this one, sent by a writer of no node: the puts sent
-    // none, and the relay woke no other for them.
+    // The first notification since is a marker sent by a writer of no node: the writes before
+    // it sent none, and the relay woke no other for them.
     let marker = uuid::Uuid::now_v7();
     PgStore::new(world.store.pool().clone()).wake_relays_for(vec![marker]).await.unwrap();
     assert_eq!(woken(&mut other_relays).await, Wakeup::Written(vec![marker]));

@@ -280,7 +280,7 @@ impl World {
         let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &self.config };
         let message = serde_json::value::to_raw_value(&data).unwrap();
         let mut tx = self.store.begin().await.unwrap();
-        events::publish(
+        let (_, fired) = events::publish(
             &self.store,
             &mut tx,
             &cx,
@@ -290,7 +290,7 @@ impl World {
         )
         .await
         .unwrap();
-        events::commit_and_wake(&self.store, tx).await.unwrap();
+        events::commit_and_wake_for(&self.store, tx, &fired).await.unwrap();
     }
 
     /// Restarts the nats-server on its port and waits until `client` is connected to it again.
