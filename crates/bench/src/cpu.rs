@@ -3,10 +3,11 @@
 //! rate moves with the neighbours; the CPU a delivery costs does not, so runs compare by it.
 //!
 //! The processes are the benchmark's own tree: its role children, each named by the part it
-//! plays (relay, handler, api, or node for the API and the relay in one process), PostgreSQL (every `postgres` process; a backend that exits
-//! meanwhile is counted through its postmaster's reaped-children times), nats-server, which the
-//! servers' thread spawned, and the benchmark's children that ended meanwhile (the latency
-//! scenario's producer), counted through the benchmark's own reaped-children times.
+//! plays (relay, handler, api, or node for the API and the relay in one process), PostgreSQL
+//! (every `postgres` process; a backend that exits meanwhile is counted through its
+//! postmaster's reaped-children times), nats-server, which the servers' thread spawned, and the
+//! benchmark's children that ended meanwhile (the latency scenario's producer), counted through
+//! the benchmark's own reaped-children times.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

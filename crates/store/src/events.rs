@@ -2,9 +2,9 @@
 //! call inside their own transaction. Each records the change, looks up the enabled triggers it
 //! fires and inserts one outbox row per trigger. Commit with [`commit_and_wake`] (or commit, then
 //! call `wake_relays`) so relays `NOTIFY`-wake at once instead of at their next poll;
-//! [`commit_and_wake_for`] names the rows a write fired when a relay may claim them all at once. An event at
-//! depth ≥ the configured maximum fires nothing: each trigger it would have fired gets a
-//! `max_depth` dead letter instead.
+//! [`commit_and_wake_for`] names the rows a write fired when a relay may claim them all at once.
+//! An event at depth ≥ the configured maximum fires nothing: each trigger it would have fired
+//! gets a `max_depth` dead letter instead.
 //!
 //! Dead letters fan out here too ([`fan_out_dead_letters`]), in the transaction that creates them.
 
@@ -77,6 +77,14 @@ pub struct Fired {
     /// The ids of the rows written that a relay may claim as soon as they are committed
     /// ([`NewDelivery::claimable_at_once`]).
     pub claimable: Vec<Uuid>,
+}
+
+impl Fired {
+    /// What a write fired whose rows `written` are all claimable at once (the KV put's single
+    /// statement writes no other).
+    fn claimable_at_once(written: Vec<Uuid>) -> Self {
+        Fired { deliveries: written.len(), too_deep: 0, claimable: written }
+    }
 }
 
 /// An event as its deliveries carry it: the CloudEvents attributes, the data and the depth.
@@ -229,7 +237,7 @@ pub async fn kv_put<S: Store>(
         && cx.depth < cx.config.max_depth
         && let Some((result, written)) = s.kv_put_firing(Some(tx), &put).await?
     {
-        return Ok((result, Fired { deliveries: written.len(), too_deep: 0, claimable: written }));
+        return Ok((result, Fired::claimable_at_once(written)));
     }
     kv_put_matching(s, tx, cx, &put, expected).await
 }
@@ -296,10 +304,7 @@ pub async fn kv_put_now<S: Store>(
             Ok(None)
         };
         let written = match fast {
-            // The single statement's rows are due at once, outside lanes and gates.
-            Ok(Some((result, rows))) => {
-                Ok((result, Fired { deliveries: rows.len(), too_deep: 0, claimable: rows }))
-            }
+            Ok(Some((result, rows))) => Ok((result, Fired::claimable_at_once(rows))),
             Ok(None) => {
                 let mut tx = s.begin().await?;
                 match kv_put_matching(s, &mut tx, cx, &put, expected).await {

@@ -314,8 +314,8 @@ impl<S: Store> Relay<S> {
                 left = true;
             }
         }
-        if left && let Err(e) = shared.store.wake_relays().await {
-            tracing::warn!(error = %e, "waking the relays failed; they will poll");
+        if left {
+            wake_other_relays(&shared).await;
         }
         // The batches still filling go now; rows claimed from here on go at once. The batcher
         // ends first, once what it took is in flight, so that the wait below sees it.
@@ -412,12 +412,18 @@ async fn take_written_here<S: Store>(shared: &Shared<S>, rows: Vec<Uuid>) {
     if room {
         shared.claimable.named(rows);
     } else {
-        if let Err(e) = shared.store.wake_relays().await {
-            tracing::warn!(error = %e, "waking the relays failed; they will poll");
-        }
+        wake_other_relays(shared).await;
         shared.claimable.plain();
     }
     shared.wake.notify_one();
+}
+
+/// Wakes every relay (this one too) for rows this relay will not claim by id; best effort, as
+/// relays poll.
+async fn wake_other_relays<S: Store>(shared: &Shared<S>) {
+    if let Err(e) = shared.store.wake_relays().await {
+        tracing::warn!(error = %e, "waking the relays failed; they will poll");
+    }
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -18,6 +18,13 @@ async fn woken(listener: &mut Wakeups) -> Wakeup {
         .unwrap()
 }
 
+/// A relay of `node` that never polls within a test: only wake-ups move it.
+fn polling_rarely(node: &str) -> picloud_dispatch::RelayConfig {
+    let mut config = relay_config(node);
+    config.poll_interval = Duration::from_secs(60);
+    config
+}
+
 #[tokio::test]
 async fn rows_written_on_a_node_go_to_its_relay_and_wake_no_other() {
     let world = World::new().await;
@@ -25,8 +32,7 @@ async fn rows_written_on_a_node_go_to_its_relay_and_wake_no_other() {
     let news = TriggerSpec::Pubsub { topic: picloud_core::CollectionPattern::parse("news").unwrap() };
     world.trigger("on-news", news, "h").await;
     let (worker, mut delivered) = start_worker(&world.nats_url(), "shop", "h", ok).await;
-    let mut config = relay_config("node");
-    config.poll_interval = Duration::from_secs(60);
+    let config = polling_rarely("node");
     let relay = world.node_relay(config).await;
     let mut other_relays = world.store.listen().await.unwrap();
 
@@ -66,8 +72,7 @@ async fn a_node_whose_relay_has_no_room_wakes_every_relay_for_the_rows_written_o
     .await;
     let (answering, mut answered) = start_worker(&world.nats_url(), "shop", "answers", ok).await;
     // Neither relay polls within the test: only a wake-up moves them.
-    let mut config = relay_config("other");
-    config.poll_interval = Duration::from_secs(60);
+    let mut config = polling_rarely("other");
     config.node.handler_timeout = Duration::from_secs(30);
     let other = start_relay(world.store.clone(), &world.nats_url(), config.clone()).await;
     // Once the other relay delivered a row, it idles until woken.

@@ -273,8 +273,9 @@ impl PgStore {
         self
     }
 
-    /// Hands the rows this store's writes name ([`crate::OutboxRepo::wake_relays_for`]) to the relay of
-    /// the same node, in memory, instead of naming them to every relay by `NOTIFY`: the relay
+    /// Hands the rows this store's writes name ([`crate::OutboxRepo::wake_relays_for`]) to the
+    /// relay of the same node, in memory, instead of naming them to every relay by `NOTIFY`: the
+    /// relay
     /// takes them at once, or wakes every relay when it has no room for them. Once the relay is
     /// gone (the receiving end dropped) they are named by `NOTIFY` again. Every clone of this
     /// store hands its rows over.
