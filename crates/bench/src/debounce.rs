@@ -101,26 +101,26 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
     let mut relay = spawn_relay(&bench.url, &servers.nats_url).await?;
     relay.send("start").await?;
     eprintln!("debounce rep {rep}: writing");
-    let config = picloud_core::TriggerConfig::default();
-    let cx = EventContext { app_id: bench.app.id, app_slug: &bench.app.slug, depth: 0, config: &config };
     let collection = CollectionName::parse(FLOWED_COLLECTION)?;
-    let keys: Vec<KvKey> =
-        (0..shape.keys).map(|k| KvKey::parse(format!("k{k}"))).collect::<Result<_, _>>()?;
-    // Each key is written by a writer of its own on a connection of its own, a write every
-    // `spread / writes`: no key waits for another's write.
+    // Each key is written by a writer of its own, a task on a connection of its own, a write
+    // every `spread / writes`: no key waits for another's write.
     let store = PgStore::connect(&bench.url, u32::try_from(shape.keys.max(1))?).await?;
     let pause = shape.spread / u32::try_from(shape.writes.max(1))?;
     let roles = [("relay", relay.pid())];
     let before = Cpu::sample(&roles);
     let started = Instant::now();
-    let writers = keys.iter().map(|key| {
-        let (cx, collection, store) = (&cx, &collection, &store);
-        async move {
+    let mut writers = tokio::task::JoinSet::new();
+    for k in 0..shape.keys {
+        let key = KvKey::parse(format!("k{k}"))?;
+        let (store, collection, app) = (store.clone(), collection.clone(), bench.app.clone());
+        writers.spawn(async move {
+            let config = picloud_core::TriggerConfig::default();
+            let cx = EventContext { app_id: app.id, app_slug: &app.slug, depth: 0, config: &config };
             // The longest time between the ends of two writes of this key.
             let (mut longest, mut last_end) = (Duration::ZERO, None::<Instant>);
             for n in 0..shape.writes {
                 let write = Instant::now();
-                events::kv_put_now(store, cx, collection, key, &serde_json::json!({"n": n}), None, None)
+                events::kv_put_now(&store, &cx, &collection, &key, &serde_json::json!({"n": n}), None, None)
                     .await?;
                 let end = Instant::now();
                 longest = longest.max(last_end.map_or(Duration::ZERO, |last| end - last));
@@ -128,11 +128,11 @@ async fn one(servers: &Servers, shape: Shape, rep: usize) -> anyhow::Result<(usi
                 tokio::time::sleep(pause.saturating_sub(write.elapsed())).await;
             }
             anyhow::Ok(longest)
-        }
-    });
+        });
+    }
     let mut gaps = Vec::with_capacity(shape.keys);
-    for written in futures::future::join_all(writers).await {
-        gaps.push(written?.as_secs_f64() * 1e3);
+    while let Some(written) = writers.join_next().await {
+        gaps.push(written??.as_secs_f64() * 1e3);
     }
     let took = started.elapsed();
     let (gap, gap_min, gap_max) = summary(&gaps);
