@@ -1,10 +1,12 @@
 //! KV entries in Postgres, with a version per key.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use picloud_core::AppId;
 use sqlx::Row;
 use sqlx::types::Json;
+use time::{Duration, OffsetDateTime};
 
 use super::PgStore;
 use super::pattern::pattern_matches;
@@ -68,6 +70,54 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
         matches = pattern_matches("d.collection_stem", "d.collection_is_prefix", "$2")
     )
 });
+
+/// The collections, by app, whose puts [`KV_PUT_FIRING`] refused lately because a trigger they
+/// fire has a flow: for a moment after a refusal, their puts go the way of several statements at
+/// once instead of trying the one statement first (a round trip, and the largest statement to
+/// start, for nothing). Only a put's speed depends on it: the other way writes what any put must,
+/// and the statement refuses by itself whatever is remembered here, so a flow added is never
+/// missed, and a flow removed makes puts one statement again within [`REFUSAL_REMEMBERED`].
+#[derive(Debug, Clone, Default)]
+pub(super) struct Refused(Arc<Mutex<HashMap<AppId, HashMap<String, OffsetDateTime>>>>);
+
+/// How long a refusal is remembered, by the store's clock.
+const REFUSAL_REMEMBERED: Duration = Duration::SECOND;
+
+/// The most refusals remembered: beyond it, those past [`REFUSAL_REMEMBERED`] are forgotten, and
+/// all of them if that is not enough.
+const REFUSALS_AT_MOST: usize = 4096;
+
+/// Whether a refusal at `at` is still remembered at `now` (one from a later time, the clock having
+/// gone back, is not).
+fn remembered(at: OffsetDateTime, now: OffsetDateTime) -> bool {
+    (Duration::ZERO..REFUSAL_REMEMBERED).contains(&(now - at))
+}
+
+impl Refused {
+    /// Whether puts to `collection` of `app` were refused within [`REFUSAL_REMEMBERED`] of `now`.
+    fn lately(&self, app: AppId, collection: &str, now: OffsetDateTime) -> bool {
+        let refused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        refused
+            .get(&app)
+            .and_then(|collections| collections.get(collection))
+            .is_some_and(|at| remembered(*at, now))
+    }
+
+    /// Remembers that a put to `collection` of `app` was refused at `now`.
+    fn note(&self, app: AppId, collection: &str, now: OffsetDateTime) {
+        let mut refused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if refused.values().map(HashMap::len).sum::<usize>() >= REFUSALS_AT_MOST {
+            for collections in refused.values_mut() {
+                collections.retain(|_, at| remembered(*at, now));
+            }
+            refused.retain(|_, collections| !collections.is_empty());
+            if refused.values().map(HashMap::len).sum::<usize>() >= REFUSALS_AT_MOST {
+                refused.clear();
+            }
+        }
+        refused.entry(app).or_default().insert(collection.to_owned(), now);
+    }
+}
 
 impl KvRepo for PgStore {
     async fn kv_get(&self, app_id: AppId, collection: &str, key: &str) -> Result<Option<KvEntry>> {
@@ -151,6 +201,9 @@ impl KvRepo for PgStore {
         tx: Option<&mut Self::Tx>,
         put: &FiringPut<'_>,
     ) -> Result<Option<(KvPutResult, Vec<uuid::Uuid>)>> {
+        if self.refused.lately(put.app_id, put.collection, self.clock.now()) {
+            return Ok(None);
+        }
         let query = sqlx::query(&KV_PUT_FIRING)
             .bind(put.app_id.as_uuid())
             .bind(put.collection)
@@ -175,7 +228,10 @@ impl KvRepo for PgStore {
         if put.authorized_at.is_some_and(|epoch| row.try_get::<i64, _>("config_epoch").ok() != Some(epoch)) {
             return Err(Error::Stale);
         }
-        let Some(version) = row.try_get("version")? else { return Ok(None) };
+        let Some(version) = row.try_get("version")? else {
+            self.refused.note(put.app_id, put.collection, self.clock.now());
+            return Ok(None);
+        };
         let previous: Option<Json<serde_json::Value>> = row.try_get("previous")?;
         let fired: Option<Vec<uuid::Uuid>> = row.try_get("fired")?;
         Ok(Some((KvPutResult { version, previous: previous.map(|p| p.0) }, fired.unwrap_or_default())))
@@ -240,5 +296,34 @@ impl KvRepo for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(Page::of(fetched.iter().map(rows::kv_key).collect::<Result<_>>()?, limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_remembered_for_a_moment_by_app_and_collection_and_a_full_memory_forgets_the_old() {
+        let refused = Refused::default();
+        let (app, other) = (AppId::new(), AppId::new());
+        let at = OffsetDateTime::UNIX_EPOCH;
+        refused.note(app, "orders", at);
+        assert!(refused.lately(app, "orders", at + Duration::milliseconds(999)));
+        assert!(!refused.lately(app, "orders", at + REFUSAL_REMEMBERED), "forgotten after the moment");
+        assert!(!refused.lately(app, "orders", at - Duration::SECOND), "the clock went back");
+        assert!(!refused.lately(app, "users", at), "another collection");
+        assert!(!refused.lately(other, "orders", at), "another app");
+
+        for n in 1..REFUSALS_AT_MOST {
+            refused.note(other, &format!("c{n}"), at + REFUSAL_REMEMBERED);
+        }
+        refused.note(other, "full", at + REFUSAL_REMEMBERED);
+        assert!(refused.lately(other, "c1", at + REFUSAL_REMEMBERED), "a refusal of the moment stays");
+        assert!(!refused.lately(app, "orders", at), "a full memory forgot the old refusal");
+
+        refused.note(app, "one more", at + REFUSAL_REMEMBERED);
+        assert!(refused.lately(app, "one more", at + REFUSAL_REMEMBERED));
+        assert!(!refused.lately(other, "c1", at + REFUSAL_REMEMBERED), "all of the moment: all forgotten");
     }
 }

@@ -54,6 +54,8 @@ pub struct PgStore {
     pool: PgPool,
     clock: Clock,
     waker: Waker,
+    /// The collections whose puts the one statement refused lately.
+    refused: kv::Refused,
 }
 
 /// Sends this process's wake-ups for the relays: `wake_relays` only flags that one is due, and a
@@ -217,7 +219,7 @@ impl PgStore {
 
     /// A store over an existing pool, on the database's clock.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, clock: Clock::system(), waker: Waker::new() }
+        Self { pool, clock: Clock::system(), waker: Waker::new(), refused: kv::Refused::default() }
     }
 
     /// Connects a pool of up to `max_connections` to `url`.

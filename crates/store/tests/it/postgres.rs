@@ -259,6 +259,27 @@ async fn a_put_the_one_statement_leaves_to_the_slower_path_writes_and_locks_noth
 }
 
 #[tokio::test]
+async fn a_collection_refused_for_its_flow_goes_the_slower_way_without_asking_for_a_moment() {
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone()).with_clock(Clock::manual(START));
+    let (t, trigger) = tenant_with_trigger(&s, "shop").await;
+    let ordered = picloud_core::Flow { ordering: picloud_core::flow::Ordering::Key, ..Default::default() };
+    let flow = |flow| TriggerPatch { flow: Some(flow), ..TriggerPatch::default() };
+    s.update_trigger(t.app.id, trigger.name.as_str(), &flow(Some(ordered))).await.unwrap();
+    let value = serde_json::json!({"n": 1});
+    assert!(s.kv_put_firing(None, &orders_put(&t, &value)).await.unwrap().is_none(), "a flow: refused");
+
+    s.update_trigger(t.app.id, trigger.name.as_str(), &flow(None)).await.unwrap();
+    assert!(
+        s.kv_put_firing(None, &orders_put(&t, &value)).await.unwrap().is_none(),
+        "refused a moment ago: the statement is not asked again yet"
+    );
+    s.clock().advance(Duration::from_secs(1));
+    let (put, fired) = s.kv_put_firing(None, &orders_put(&t, &value)).await.unwrap().expect("asked again");
+    assert_eq!((put.version, fired.len()), (1, 1), "no flow any more: one statement writes the put");
+}
+
+#[tokio::test]
 async fn locking_dead_letters_waits_for_one_another_transaction_holds_and_leaves_it_once_resolved() {
     let fixture = pg_store().await;
     let s = PgStore::new(fixture.store.pool().clone());
