@@ -7,7 +7,10 @@ use uuid::Uuid;
 
 use super::flow::set_limits;
 use super::pattern::pattern_matches;
-use super::rows::{self, TRIGGER_SELECT};
+use super::rows::{
+    self, DEAD_LETTER_TRIGGER_SELECT, KV_TRIGGER_SELECT, PUBSUB_TRIGGER_SELECT, QUEUE_TRIGGER_SELECT,
+    TRIGGER_SELECT,
+};
 use super::{PgStore, violated};
 use crate::model::*;
 use crate::{DeliveryTarget, Error, Result, Standing, Targets, TriggerRepo};
@@ -259,7 +262,7 @@ impl TriggerRepo for PgStore {
         op: KvOp,
     ) -> Result<Vec<Trigger>> {
         let fetched = sqlx::query(&format!(
-            "{TRIGGER_SELECT}
+            "{KV_TRIGGER_SELECT}
               WHERE kv.app_id = $1 AND t.enabled AND $3 = ANY (kv.ops) AND {}
               ORDER BY t.name",
             pattern_matches("kv.collection_stem", "kv.collection_is_prefix", "$2")
@@ -279,7 +282,7 @@ impl TriggerRepo for PgStore {
         topic: &str,
     ) -> Result<Vec<Trigger>> {
         let fetched = sqlx::query(&format!(
-            "{TRIGGER_SELECT}
+            "{PUBSUB_TRIGGER_SELECT}
               WHERE ps.app_id = $1 AND t.enabled AND {}
               ORDER BY t.name",
             pattern_matches("ps.topic_stem", "ps.topic_is_prefix", "$2")
@@ -292,7 +295,7 @@ impl TriggerRepo for PgStore {
     }
 
     async fn queue_trigger(&self, tx: &mut Self::Tx, app_id: AppId, queue: &str) -> Result<Option<Trigger>> {
-        let row = sqlx::query(&format!("{TRIGGER_SELECT} WHERE q.app_id = $1 AND q.queue = $2"))
+        let row = sqlx::query(&format!("{QUEUE_TRIGGER_SELECT} WHERE q.app_id = $1 AND q.queue = $2"))
             .bind(app_id.as_uuid())
             .bind(queue)
             .fetch_optional(&mut **tx)
@@ -308,7 +311,7 @@ impl TriggerRepo for PgStore {
         kind: EventKind,
     ) -> Result<Vec<Trigger>> {
         let fetched = sqlx::query(&format!(
-            "{TRIGGER_SELECT}
+            "{DEAD_LETTER_TRIGGER_SELECT}
               WHERE dl.app_id = $1 AND t.enabled
                 AND (dl.source_trigger IS NULL OR dl.source_trigger = $2)
                 AND (dl.source_kinds IS NULL OR $3 = ANY (dl.source_kinds))
