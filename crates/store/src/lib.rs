@@ -781,7 +781,10 @@ pub trait KvRepo: Transactional {
     /// the ids of the deliveries it wrote; `None`, having written nothing, when a trigger it fires has
     /// a `flow` (lanes and gated rows are written by [`OutboxRepo::insert_deliveries`]); and
     /// [`Error::Stale`], having written nothing, when the configuration epoch is no longer the
-    /// put's `authorized_at`.
+    /// put's `authorized_at`. Postgres also answers `None` without asking the database for a
+    /// second (by the store's clock) after refusing a put to the collection for a flow, and then
+    /// checks no epoch: a caller given `None` writes the put in several statements, which check
+    /// it ([`crate::events::kv_put_now`] does).
     fn kv_put_firing(
         &self,
         tx: Option<&mut Self::Tx>,

@@ -76,9 +76,17 @@ static KV_PUT_FIRING: LazyLock<String> = LazyLock::new(|| {
 /// once instead of trying the one statement first (a round trip, and the largest statement to
 /// start, for nothing). Only a put's speed depends on it: the other way writes what any put must,
 /// and the statement refuses by itself whatever is remembered here, so a flow added is never
-/// missed, and a flow removed makes puts one statement again within [`REFUSAL_REMEMBERED`].
+/// missed, and a flow removed makes puts one statement again within [`REFUSAL_REMEMBERED`] (by
+/// the store's clock: a manual clock that is not moved keeps a refusal).
 #[derive(Debug, Clone, Default)]
-pub(super) struct Refused(Arc<Mutex<HashMap<AppId, HashMap<String, OffsetDateTime>>>>);
+pub(super) struct Refused(Arc<Mutex<Refusals>>);
+
+/// What [`Refused`] remembers: when each collection was refused, and how many are remembered.
+#[derive(Debug, Default)]
+struct Refusals {
+    by_app: HashMap<AppId, HashMap<String, OffsetDateTime>>,
+    count: usize,
+}
 
 /// How long a refusal is remembered, by the store's clock.
 const REFUSAL_REMEMBERED: Duration = Duration::SECOND;
@@ -98,6 +106,7 @@ impl Refused {
     fn lately(&self, app: AppId, collection: &str, now: OffsetDateTime) -> bool {
         let refused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         refused
+            .by_app
             .get(&app)
             .and_then(|collections| collections.get(collection))
             .is_some_and(|at| remembered(*at, now))
@@ -106,16 +115,24 @@ impl Refused {
     /// Remembers that a put to `collection` of `app` was refused at `now`.
     fn note(&self, app: AppId, collection: &str, now: OffsetDateTime) {
         let mut refused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if refused.values().map(HashMap::len).sum::<usize>() >= REFUSALS_AT_MOST {
-            for collections in refused.values_mut() {
-                collections.retain(|_, at| remembered(*at, now));
-            }
-            refused.retain(|_, collections| !collections.is_empty());
-            if refused.values().map(HashMap::len).sum::<usize>() >= REFUSALS_AT_MOST {
-                refused.clear();
+        if let Some(at) = refused.by_app.get_mut(&app).and_then(|collections| collections.get_mut(collection))
+        {
+            *at = now;
+            return;
+        }
+        if refused.count >= REFUSALS_AT_MOST {
+            refused
+                .by_app
+                .values_mut()
+                .for_each(|collections| collections.retain(|_, at| remembered(*at, now)));
+            refused.by_app.retain(|_, collections| !collections.is_empty());
+            refused.count = refused.by_app.values().map(HashMap::len).sum();
+            if refused.count >= REFUSALS_AT_MOST {
+                *refused = Refusals::default();
             }
         }
-        refused.entry(app).or_default().insert(collection.to_owned(), now);
+        refused.by_app.entry(app).or_default().insert(collection.to_owned(), now);
+        refused.count += 1;
     }
 }
 
@@ -321,6 +338,8 @@ mod tests {
         refused.note(other, "full", at + REFUSAL_REMEMBERED);
         assert!(refused.lately(other, "c1", at + REFUSAL_REMEMBERED), "a refusal of the moment stays");
         assert!(!refused.lately(app, "orders", at), "a full memory forgot the old refusal");
+        refused.note(other, "c1", at + REFUSAL_REMEMBERED);
+        assert!(refused.lately(other, "c2", at + REFUSAL_REMEMBERED), "noted again, nothing is forgotten");
 
         refused.note(app, "one more", at + REFUSAL_REMEMBERED);
         assert!(refused.lately(app, "one more", at + REFUSAL_REMEMBERED));
