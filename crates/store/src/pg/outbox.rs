@@ -138,7 +138,9 @@ pub async fn insert_deliveries(
 }
 
 /// Gives the newest delivery of the lane of `row` the event of `row` and moves it to `row`'s due
-/// time, if it has not started (no attempt, no lease) and no idempotency key names it; a KV
+/// time, counted from this statement rather than from the start of its transaction (which may
+/// have waited on locks and a busy server: the debounce would shrink by that wait), if it has
+/// not started (no attempt, no lease) and no idempotency key names it; a KV
 /// event keeps the `previous` of the oldest event it replaces (`model::debounced_data`). Returns
 /// the delivery it replaced the event of, if it did. The caller holds the lane's lock, so the
 /// newest row stays the newest; a relay claiming it at the same moment wins or loses the row
@@ -155,7 +157,7 @@ async fn debounce(
                                THEN jsonb_set($1::jsonb, '{previous}', coalesce(o.payload::jsonb -> 'previous', 'null'))::json
                                ELSE $1::json END,
                 event_type = $2, subject = $3, source = $4, depth = $8,
-                due_at = coalesce($6, now()) + $5 * interval '1 millisecond',
+                due_at = coalesce($6, statement_timestamp()) + $5 * interval '1 millisecond',
                 created_at = coalesce($7, $6, now())
           WHERE o.id = (SELECT h.id FROM outbox h WHERE h.trigger_id = $9 AND h.lane = $10
                          ORDER BY h.lane_seq DESC LIMIT 1)

@@ -280,6 +280,50 @@ async fn a_collection_refused_for_its_flow_goes_the_slower_way_without_asking_fo
 }
 
 #[tokio::test]
+async fn a_debounce_counts_from_its_own_write_not_from_the_start_of_a_transaction_that_waited() {
+    let fixture = pg_store().await;
+    let s = PgStore::new(fixture.store.pool().clone());
+    let t = tenant(&s, "shop").await;
+    let mut new = new_trigger(&t, "debounced", kv_spec("notes", &[KvOp::Put]));
+    let debounce = picloud_core::Flow {
+        ordering: picloud_core::flow::Ordering::Key,
+        debounce_ms: Some(200),
+        ..Default::default()
+    };
+    new.flow = Some(debounce);
+    s.create_trigger(&new).await.unwrap();
+    let config = picloud_core::TriggerConfig::default();
+    let cx = picloud_store::events::EventContext {
+        app_id: t.app.id,
+        app_slug: &t.app.slug,
+        depth: 0,
+        config: &config,
+    };
+    let (collection, key) =
+        (picloud_core::CollectionName::parse("notes").unwrap(), picloud_core::KvKey::parse("a").unwrap());
+    let put = |n| serde_json::json!({"n": n});
+    let mut tx = s.begin().await.unwrap();
+    picloud_store::events::kv_put(&s, &mut tx, &cx, &collection, &key, &put(1), None).await.unwrap();
+    s.commit(tx).await.unwrap();
+
+    // A transaction that waits half a second before its write replaces the delivery's event.
+    let mut tx = s.begin().await.unwrap();
+    let started: time::OffsetDateTime =
+        sqlx::query_scalar("SELECT now() FROM pg_sleep(0.5)").fetch_one(&mut *tx).await.unwrap();
+    picloud_store::events::kv_put(&s, &mut tx, &cx, &collection, &key, &put(2), None).await.unwrap();
+    s.commit(tx).await.unwrap();
+    let due: Vec<time::OffsetDateTime> =
+        sqlx::query_scalar("SELECT due_at FROM outbox").fetch_all(s.pool()).await.unwrap();
+    assert_eq!(due.len(), 1, "the second write replaced the first's event");
+    assert!(
+        due[0] >= started + time::Duration::milliseconds(700),
+        "due {} only {} after the transaction started",
+        due[0],
+        due[0] - started
+    );
+}
+
+#[tokio::test]
 async fn locking_dead_letters_waits_for_one_another_transaction_holds_and_leaves_it_once_resolved() {
     let fixture = pg_store().await;
     let s = PgStore::new(fixture.store.pool().clone());
