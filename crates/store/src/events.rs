@@ -282,9 +282,9 @@ async fn kv_put_matching<S: Store>(
 /// [`kv_put`] committed on its own, and the relays woken: the write path of one KV put. Without
 /// an expected version, below the depth limit and when no trigger it fires orders its
 /// deliveries, it is a single statement (one round trip); Postgres skips trying that statement
-/// for a second after it refused the collection for a flow ([`KvRepo::kv_put_firing`]). A put `authorized_at` a configuration
-/// epoch (its caller's authorization was kept from an earlier request) writes nothing and fails
-/// with [`Error::Stale`] once the epoch has moved.
+/// for a second after it refused the collection for a flow ([`crate::KvRepo::kv_put_firing`]). A put
+/// `authorized_at` a configuration epoch (its caller's authorization was kept from an earlier
+/// request) writes nothing and fails with [`Error::Stale`] once the epoch has moved.
 pub async fn kv_put_now<S: Store>(
     s: &S,
     cx: &EventContext<'_>,
